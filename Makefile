@@ -1,0 +1,33 @@
+# Two commands for a fresh clone: `make demo` and `make test`. Both create and use .venv.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test bench lint clean venv
+
+venv: $(STAMP)
+
+# Host install (torch pinned to the CPU build 2.13.0) plus test tools; editable, so edits take effect.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[host,test]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/edge demo --json demo.json
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+# Long runs: real pretrained models and benchmarks. Writes JSON and updates BENCHMARKS.md.
+bench: $(STAMP)
+	$(BIN)/python -m pytest -q -m slow
+	$(BIN)/edge bench switch --json bench-switch.json --md BENCHMARKS.md
+
+lint: $(STAMP)
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+clean:
+	rm -rf $(VENV) .pytest_cache demo.json bench-*.json

@@ -1,0 +1,218 @@
+"""The adapter file format and the SHiRA sparse adapter.
+
+An adapter file is one safetensors file. For every target tensor ``P`` (named as the
+source parameter, e.g. ``blocks.0.attn.q.weight``) it holds
+
+* ``P.indices``: int32, shape ``[ndim, N]`` (for a matrix: row, col), in the source
+  (torch) layout, as HF PEFT stores ``shira_indices``;
+* ``P.values``: float32, shape ``[N]``: the trained deltas (merged ``W = W + scatter(values)``).
+
+The safetensors header's ``__metadata__["edge"]`` is a JSON object: ``format``
+(``"edge.adapter"``), ``version``, ``method``, ``name``, ``base_fingerprint`` (see
+:func:`edge.modelinfo.fingerprint`), ``dtype``, ``targets`` (name -> source shape) and
+free-form ``info`` (mask kind, density, training figures).
+
+Files are read with ``safetensors`` and ``json`` only; every structural problem is a
+:class:`~edge.errors.FormatError`, every misfit to a model an
+:class:`~edge.errors.AdapterMismatchError`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from edge._io import atomic_write_bytes
+from edge.errors import AdapterMismatchError, FormatError
+from edge.modelinfo import ModelInfo
+from edge.registry import Registry
+
+__all__ = ["Adapter", "SparseDelta", "METHODS", "ADAPTER_FORMAT", "ADAPTER_VERSION", "load_adapter"]
+
+ADAPTER_FORMAT = "edge.adapter"
+ADAPTER_VERSION = 1
+MAX_HEADER_BYTES = 16 * 1024 * 1024  # a SHiRA header lists names and shapes, never megabytes
+MAX_NAME_LEN = 512
+
+#: Adapter methods by name. A method is fusable when it only rewrites existing weights.
+METHODS: Registry[dict] = Registry("adapter method")
+METHODS.add("shira", {"fusable": True, "doc": "sparse high-rank adapter: deltas at chosen weight entries"})
+
+
+@dataclass(frozen=True)
+class SparseDelta:
+    """Deltas at given entries of one tensor, in the tensor's source layout."""
+
+    indices: np.ndarray  # int32 [ndim, N]
+    values: np.ndarray  # float32 [N]
+
+    @property
+    def nnz(self) -> int:
+        return int(self.values.shape[0])
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """A sparse adapter: which entries of which base tensors change, and by how much."""
+
+    name: str
+    base_fingerprint: str
+    tensors: Mapping[str, SparseDelta]
+    shapes: Mapping[str, tuple[int, ...]]
+    method: str = "shira"
+    info: Mapping[str, object] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _validate(self)
+
+    @property
+    def nnz(self) -> int:
+        return sum(d.nnz for d in self.tensors.values())
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the adapter atomically (a crash leaves the previous file intact)."""
+        from safetensors.numpy import save
+
+        arrays: dict[str, np.ndarray] = {}
+        for tname, d in self.tensors.items():
+            arrays[f"{tname}.indices"] = np.ascontiguousarray(d.indices, dtype=np.int32)
+            arrays[f"{tname}.values"] = np.ascontiguousarray(d.values, dtype=np.float32)
+        meta = {
+            "format": ADAPTER_FORMAT,
+            "version": ADAPTER_VERSION,
+            "method": self.method,
+            "name": self.name,
+            "base_fingerprint": self.base_fingerprint,
+            "dtype": "float32",
+            "targets": {k: list(v) for k, v in self.shapes.items()},
+            "info": dict(self.info),
+        }
+        return atomic_write_bytes(path, save(arrays, metadata={"edge": json.dumps(meta, sort_keys=True)}))
+
+    def check_against(self, info: ModelInfo) -> None:
+        """Raise :class:`AdapterMismatchError` unless this adapter fits the model ``info``."""
+        if self.base_fingerprint != info.fingerprint:
+            raise AdapterMismatchError(
+                f"adapter {self.name!r} was trained on base {self.base_fingerprint}, but the loaded model "
+                f"{info.name!r} is {info.fingerprint}; train or convert the adapter for this model"
+            )
+        for tname, shape in self.shapes.items():
+            if tname not in info.tensors:
+                known = ", ".join(sorted(info.tensors)[:8])
+                raise AdapterMismatchError(
+                    f"adapter {self.name!r} targets {tname!r}, which model {info.name!r} does not have "
+                    f"(its tensors include: {known}, ...)"
+                )
+            if tuple(info.tensors[tname].shape) != tuple(shape):
+                raise AdapterMismatchError(
+                    f"adapter {self.name!r} expects {tname!r} of shape {tuple(shape)}, model has "
+                    f"{tuple(info.tensors[tname].shape)}"
+                )
+
+
+def load_adapter(path: str | os.PathLike, *, max_bytes: int = 1 << 31) -> Adapter:
+    """Read and validate an adapter file. Raises :class:`FormatError` for anything malformed."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        if size > max_bytes:
+            raise FormatError(f"{path}: {size} bytes exceeds the limit of {max_bytes}; not an adapter file?")
+        data = path.read_bytes()
+    except OSError as e:
+        raise FormatError(f"cannot read adapter file {path}: {e}") from e
+    return adapter_from_bytes(data, source=str(path))
+
+
+def adapter_from_bytes(data: bytes, *, source: str = "<bytes>") -> Adapter:
+    """Parse an adapter from the bytes of a safetensors file (see the module doc)."""
+    meta = _read_metadata(data, source)
+    from safetensors.numpy import load
+
+    try:
+        arrays = load(data)
+    except Exception as e:  # safetensors raises its own SafetensorError and others on corrupt data
+        raise FormatError(f"{source}: corrupt safetensors payload: {e}") from e
+    targets = meta.get("targets")
+    if not isinstance(targets, dict) or not targets:
+        raise FormatError(f"{source}: metadata 'targets' must be a non-empty object of name -> shape")
+    expected = {f"{t}.{part}" for t in targets for part in ("indices", "values")}
+    if set(arrays) != expected:
+        extra, missing = sorted(set(arrays) - expected), sorted(expected - set(arrays))
+        raise FormatError(f"{source}: tensors do not match metadata targets (missing: {missing}, unexpected: {extra})")
+    try:
+        shapes = {str(t): tuple(int(s) for s in shape) for t, shape in targets.items()}
+    except (TypeError, ValueError) as e:
+        raise FormatError(f"{source}: malformed target shapes: {e}") from e
+    tensors = {t: SparseDelta(arrays[f"{t}.indices"], arrays[f"{t}.values"]) for t in targets}
+    info = meta.get("info", {})
+    try:
+        return Adapter(
+            name=str(meta.get("name", Path(source).stem)),
+            base_fingerprint=str(meta["base_fingerprint"]),
+            tensors=tensors,
+            shapes=shapes,
+            method=str(meta["method"]),
+            info=info if isinstance(info, dict) else {},
+        )
+    except KeyError as e:
+        raise FormatError(f"{source}: metadata lacks the field {e}") from e
+    except AdapterMismatchError as e:  # self-inconsistent file: a format problem, not a model misfit
+        raise FormatError(f"{source}: {e}") from e
+
+
+def _read_metadata(data: bytes, source: str) -> dict:
+    if len(data) < 8:
+        raise FormatError(f"{source}: {len(data)} bytes is too short for a safetensors file (truncated?)")
+    (hlen,) = struct.unpack("<Q", data[:8])
+    if hlen > MAX_HEADER_BYTES or hlen > len(data) - 8:
+        raise FormatError(f"{source}: header length {hlen} is larger than allowed or than the file (truncated?)")
+    try:
+        header = json.loads(data[8 : 8 + hlen])
+        meta = json.loads(header["__metadata__"]["edge"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise FormatError(f"{source}: no readable edge metadata in the safetensors header: {e!r}") from e
+    if not isinstance(meta, dict) or meta.get("format") != ADAPTER_FORMAT:
+        got = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise FormatError(f"{source}: format is {got!r}, expected {ADAPTER_FORMAT!r}")
+    if meta.get("version") != ADAPTER_VERSION:
+        raise FormatError(
+            f"{source}: adapter format version {meta.get('version')!r} is not supported "
+            f"(this runtime reads version {ADAPTER_VERSION}); upgrade the runtime or re-save the adapter"
+        )
+    if meta.get("dtype", "float32") != "float32":
+        raise FormatError(f"{source}: dtype {meta.get('dtype')!r} is not supported; allowed: 'float32'")
+    return meta
+
+
+def _validate(a: Adapter) -> None:
+    """Self-consistency of an adapter (no model needed). Raises AdapterMismatchError."""
+    if a.method not in METHODS:
+        raise AdapterMismatchError(f"adapter method {a.method!r} is unknown; known: {METHODS.names()}")
+    if set(a.tensors) != set(a.shapes):
+        raise AdapterMismatchError("adapter tensors and shapes name different targets")
+    for tname, d in a.tensors.items():
+        if not tname or len(tname) > MAX_NAME_LEN or any(c in tname for c in "\0/\\") or ".." in tname:
+            raise AdapterMismatchError(f"target name {tname[:80]!r} is not a parameter name")
+        shape = tuple(a.shapes[tname])
+        idx, val = d.indices, d.values
+        if not isinstance(idx, np.ndarray) or idx.dtype != np.int32:
+            raise AdapterMismatchError(f"{tname}: indices must be int32, got {getattr(idx, 'dtype', type(idx))}")
+        if not isinstance(val, np.ndarray) or val.dtype != np.float32:
+            raise AdapterMismatchError(f"{tname}: values must be float32, got {getattr(val, 'dtype', type(val))}")
+        if any(s <= 0 for s in shape) or idx.ndim != 2 or idx.shape[0] != len(shape):
+            raise AdapterMismatchError(f"{tname}: indices shape {idx.shape} does not fit a tensor of shape {shape}")
+        if val.ndim != 1 or val.shape[0] != idx.shape[1]:
+            raise AdapterMismatchError(f"{tname}: {val.shape} values for {idx.shape[1]} indices")
+        if idx.size and (idx.min() < 0 or np.any(idx.max(axis=1) >= np.asarray(shape))):
+            raise AdapterMismatchError(f"{tname}: indices out of range for shape {shape}")
+        if not np.all(np.isfinite(val)):
+            raise AdapterMismatchError(f"{tname}: values contain NaN or Inf")
+        flat = np.ravel_multi_index(tuple(idx.astype(np.int64)), shape) if idx.size else idx[0]
+        if np.unique(flat).size != flat.size:
+            raise AdapterMismatchError(f"{tname}: duplicated indices")

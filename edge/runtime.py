@@ -1,0 +1,256 @@
+"""The device-side runtime: one model, many sparse adapters, fused-mode switching.
+
+    rt = Runtime("model.onnx")                 # onnxruntime, strategy picked for you
+    rt.load_adapter("rotate.safetensors")      # validated against the model, prepared
+    rt.switch("rotate")                        # overwrite the adapter's entries in place
+    rt.switch({"rotate": 1.0, "noise": 0.5})   # W + 1.0*S_rotate + 0.5*S_noise
+    rt.switch(None)                            # bit-exact base weights again
+    out = rt.run({"pixels": x})
+
+Merge semantics, used everywhere (runtime, tests, reference models): for each
+touched entry, ``w = base + sum_i(alpha_i * delta_i)``, the sum taken in float32 in
+the order the adapters are given, then added to the base value once. Switching back
+writes the saved base values, never subtracts, so undo is bit-exact.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edge.adapters import Adapter, load_adapter
+from edge.errors import AdapterMismatchError, ConfigError, FormatError
+from edge.modelinfo import ModelInfo
+
+__all__ = ["Runtime", "merge_weights"]
+
+log = logging.getLogger("edge.runtime")
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    """An adapter resolved against the model: stored-layout flat positions per stored tensor."""
+
+    adapter: Adapter
+    index: Mapping[str, np.ndarray]  # stored tensor -> sorted int64 flat positions
+    delta: Mapping[str, np.ndarray]  # stored tensor -> float32 deltas aligned with index
+    base: Mapping[str, np.ndarray]  # stored tensor -> base values at index
+    merged: Mapping[str, np.ndarray]  # stored tensor -> base + delta (the alpha = 1 fast path)
+
+
+class Runtime:
+    """Run one exported model and switch sparse adapters into its weights in place."""
+
+    def __init__(
+        self,
+        model: str | os.PathLike,
+        *,
+        backend: str = "onnxruntime",
+        strategy: str = "auto",
+        threads: int | None = None,
+        providers: Iterable[str] = (),
+        verify: bool = True,
+    ) -> None:
+        from runtimes import BackendOptions, get_backend
+
+        path = Path(model)
+        try:
+            data = path.read_bytes()
+        except OSError as e:
+            raise FormatError(f"cannot read model file {path}: {e}") from e
+        options = BackendOptions(
+            threads=threads, strategy=strategy, providers=tuple(providers), extra={"verify": verify}
+        )
+        self.backend = get_backend(backend)(data, options)
+        self.info: ModelInfo = self.backend.info
+        self.model_path = path
+        self._adapters: dict[str, _Prepared] = {}
+        self._active: dict[str, float] = {}
+        self._touched: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # stored -> (positions, base values)
+        self._lock = threading.Lock()
+        log.info("loaded %s on %s (strategy %s, providers %s)", path.name, backend, self.strategy, self.providers)
+
+    # -- what is running ---------------------------------------------------------------------
+    @property
+    def strategy(self) -> str:
+        """The weight-update strategy the backend uses (``auto`` resolved)."""
+        return self.backend.strategy
+
+    @property
+    def providers(self) -> list[str]:
+        return self.backend.providers
+
+    @property
+    def adapters(self) -> list[str]:
+        return sorted(self._adapters)
+
+    @property
+    def active(self) -> dict[str, float]:
+        """The adapters fused into the weights now, with their weights (empty = base model)."""
+        return dict(self._active)
+
+    # -- adapters ----------------------------------------------------------------------------
+    def load_adapter(self, adapter: Adapter | str | os.PathLike, name: str | None = None) -> str:
+        """Validate an adapter against this model and keep it ready to switch. Returns its name.
+
+        Nothing about the running model changes; a bad adapter raises
+        :class:`~edge.errors.FormatError` or :class:`~edge.errors.AdapterMismatchError`.
+        """
+        if not isinstance(adapter, Adapter):
+            adapter = load_adapter(adapter)
+        adapter.check_against(self.info)
+        name = name or adapter.name
+        index, delta, base, merged = {}, {}, {}, {}
+        for tname, d in adapter.tensors.items():
+            t = self.info.tensors[tname]
+            rows = d.indices.astype(np.int64)
+            if t.transposed:
+                if len(t.shape) != 2:
+                    raise AdapterMismatchError(f"{tname}: only 2-D tensors can be stored transposed")
+                flat = rows[1] * t.shape[0] + rows[0]
+            else:
+                flat = np.ravel_multi_index(tuple(rows), t.shape)
+            order = np.argsort(flat, kind="stable")
+            stored = self.backend.read(t.initializer)
+            if stored.size != int(np.prod(t.shape)) or stored.dtype != np.float32:
+                raise AdapterMismatchError(f"{tname}: stored tensor {stored.shape} {stored.dtype} does not fit")
+            index[t.initializer] = flat[order]
+            delta[t.initializer] = d.values[order]
+        with self._lock:
+            for tname, pos in index.items():
+                base[tname] = self._base_at(tname, pos)
+                merged[tname] = base[tname] + (np.float32(0) + delta[tname])
+            self._adapters[name] = _Prepared(adapter, index, delta, base, merged)
+        return name
+
+    def unload_adapter(self, name: str) -> None:
+        with self._lock:
+            if name in self._active:
+                raise ConfigError(f"adapter {name!r} is active; switch away from it before unloading")
+            self._adapters.pop(name, None)
+
+    # -- switching ---------------------------------------------------------------------------
+    def switch(self, spec: str | Mapping[str, float] | Iterable[str] | None) -> None:
+        """Fuse the given adapters into the weights, replacing whatever was fused before.
+
+        ``None`` or ``{}`` restores the base model; a name fuses one adapter; a mapping
+        fuses several with weights (``W + a1*S1 + a2*S2``). The switch either completes
+        or changes nothing: all checks and arithmetic happen before the first write.
+        """
+        from runtimes import WeightWrite
+
+        target = _normalise(spec)
+        with self._lock:
+            unknown = [n for n in target if n not in self._adapters]
+            if unknown:
+                raise ConfigError(f"adapter(s) {unknown} are not loaded; loaded: {sorted(self._adapters) or 'none'}")
+            new_touched: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+            new_values: dict[str, np.ndarray] = {}
+            if len(target) == 1 and next(iter(target.values())) == 1.0:  # fast path: precomputed values
+                p = self._adapters[next(iter(target))]
+                for tname, pos in p.index.items():
+                    new_touched[tname] = (pos, p.base[tname])
+                    new_values[tname] = p.merged[tname]
+            else:
+                parts: dict[str, list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = {}
+                for name, alpha in target.items():
+                    p = self._adapters[name]
+                    for tname, idx in p.index.items():
+                        parts.setdefault(tname, []).append((idx, np.float32(alpha) * p.delta[tname], p.base[tname]))
+                for tname, plist in parts.items():
+                    allpos = np.concatenate([q for q, _, _ in plist])
+                    pos, first, inv = np.unique(allpos, return_index=True, return_inverse=True)
+                    acc = np.zeros(pos.shape, np.float32)
+                    np.add.at(acc, inv, np.concatenate([v for _, v, _ in plist]))
+                    base = np.concatenate([b for _, _, b in plist])[first]
+                    new_touched[tname] = (pos, base)
+                    new_values[tname] = base + acc
+            writes = [WeightWrite(t, pos, base) for t, (pos, base) in self._touched.items()]
+            writes += [WeightWrite(t, new_touched[t][0], v) for t, v in new_values.items()]
+            self.backend.write(writes)
+            self._touched = new_touched
+            self._active = target
+
+    def wait_settled(self, timeout: float | None = None) -> bool:
+        """Wait for any background work the strategy does after a switch (True when done)."""
+        return self.backend.wait_settled(timeout)
+
+    def _base_at(self, tname: str, pos: np.ndarray) -> np.ndarray:
+        base = self.backend.read(tname).reshape(-1)[pos].astype(np.float32, copy=True)
+        if tname in self._touched:
+            tpos, tbase = self._touched[tname]
+            where = np.searchsorted(tpos, pos)
+            where[where >= tpos.size] = 0
+            hit = tpos[where] == pos if tpos.size else np.zeros(pos.shape, bool)
+            base[hit] = tbase[where[hit]]
+        return base
+
+    # -- inference ---------------------------------------------------------------------------
+    def run(self, feeds: Mapping[str, np.ndarray] | np.ndarray) -> dict[str, np.ndarray]:
+        """Run the model on a dict of named inputs (or one array for a one-input model)."""
+        if isinstance(feeds, np.ndarray):
+            if len(self.info.inputs) != 1:
+                raise ConfigError(f"model takes inputs {list(self.info.inputs)}; pass a dict of them")
+            feeds = {self.info.inputs[0]: feeds}
+        missing = [n for n in self.info.inputs if n not in feeds]
+        if missing:
+            raise ConfigError(f"missing model input(s) {missing}; the model takes {list(self.info.inputs)}")
+        return self.backend.run(feeds)
+
+    def weights(self, param: str) -> np.ndarray:
+        """Current value of a source parameter in its source layout (a copy)."""
+        t = self.info.tensors[param]
+        w = np.array(self.backend.read(t.initializer))
+        return w.T.copy() if t.transposed else w.reshape(t.shape)
+
+    def close(self) -> None:
+        self.backend.close()
+
+    def __enter__(self) -> Runtime:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _normalise(spec) -> dict[str, float]:
+    if spec is None:
+        return {}
+    if isinstance(spec, str):
+        return {spec: 1.0}
+    if isinstance(spec, Mapping):
+        out = {}
+        for k, v in spec.items():
+            a = float(v)
+            if not np.isfinite(a):
+                raise ConfigError(f"adapter weight for {k!r} must be finite, got {v!r}")
+            out[str(k)] = a
+        return out
+    return {str(k): 1.0 for k in spec}
+
+
+def merge_weights(base: Mapping[str, np.ndarray], adapters: Iterable[tuple[Adapter, float]]) -> dict[str, np.ndarray]:
+    """Reference merge in source layout: ``W + sum_i alpha_i * S_i`` with the runtime's semantics.
+
+    ``base`` maps parameter names to arrays; returns new arrays for every parameter.
+    """
+    acc: dict[str, np.ndarray] = {}
+    touched: dict[str, np.ndarray] = {}
+    for adapter, alpha in adapters:
+        for tname, d in adapter.tensors.items():
+            a = acc.setdefault(tname, np.zeros(base[tname].shape, np.float32))
+            m = touched.setdefault(tname, np.zeros(base[tname].shape, bool))
+            where = tuple(d.indices.astype(np.int64))
+            a[where] += np.float32(alpha) * d.values
+            m[where] = True
+    out = {k: np.array(v, copy=True) for k, v in base.items()}
+    for tname, a in acc.items():
+        m = touched[tname]
+        out[tname][m] = base[tname][m] + a[m]
+    return out

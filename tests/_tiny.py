@@ -1,0 +1,79 @@
+"""Tiny ONNX models and adapters built with numpy and onnx only (no torch), for device-side tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from edge.adapters import Adapter, SparseDelta
+from edge.modelinfo import META_KEY, ModelInfo, TensorInfo, fingerprint
+
+
+def make_mlp(path: Path, seed: int = 0, sizes=(10, 20, 2), name: str = "tiny-mlp") -> ModelInfo:
+    """x[B,10] -> Linear -> ReLU -> Linear -> logits[B,2]; first weight stored transposed (as a folded export)."""
+    rng = np.random.default_rng(seed)
+    d_in, d_hid, d_out = sizes
+    w1 = rng.standard_normal((d_hid, d_in)).astype(np.float32) * 0.5  # torch layout [out, in]
+    b1 = rng.standard_normal(d_hid).astype(np.float32) * 0.1
+    w2 = rng.standard_normal((d_out, d_hid)).astype(np.float32) * 0.5
+    b2 = rng.standard_normal(d_out).astype(np.float32) * 0.1
+    stored = {"fc1.weight": w1.T.copy(), "fc1.bias": b1, "fc2.weight": w2, "fc2.bias": b2}
+    nodes = [
+        helper.make_node("MatMul", ["x", "fc1.weight"], ["h0"]),
+        helper.make_node("Add", ["h0", "fc1.bias"], ["h1"]),
+        helper.make_node("Relu", ["h1"], ["h2"]),
+        helper.make_node("Gemm", ["h2", "fc2.weight", "fc2.bias"], ["logits"], transB=1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        name,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", d_in])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", d_out])],
+        [numpy_helper.from_array(v, k) for k, v in stored.items()],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    info = ModelInfo(
+        name=name,
+        fingerprint=fingerprint(stored),
+        tensors={
+            "fc1.weight": TensorInfo("fc1.weight", (d_hid, d_in), transposed=True),
+            "fc2.weight": TensorInfo("fc2.weight", (d_out, d_hid), transposed=False),
+        },
+        inputs=("x",),
+        outputs=("logits",),
+    )
+    helper.set_model_props(model, {META_KEY: info.to_json()})
+    onnx.save(model, str(path))
+    return info
+
+
+def random_adapter(info: ModelInfo, seed: int, density: float = 0.2, name: str | None = None) -> Adapter:
+    rng = np.random.default_rng(seed)
+    tensors, shapes = {}, {}
+    for tname, t in info.tensors.items():
+        n = max(1, int(round(density * int(np.prod(t.shape)))))
+        flat = np.sort(rng.choice(int(np.prod(t.shape)), n, replace=False))
+        idx = np.stack(np.unravel_index(flat, t.shape)).astype(np.int32)
+        tensors[tname] = SparseDelta(idx, rng.standard_normal(n).astype(np.float32))
+        shapes[tname] = tuple(t.shape)
+    return Adapter(name or f"a{seed}", info.fingerprint, tensors, shapes, info={"seed": seed})
+
+
+def base_weights(path: Path, info: ModelInfo) -> dict[str, np.ndarray]:
+    """Source-layout base weights of the targets, read from the file."""
+    inits = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer}
+    return {k: (inits[t.initializer].T if t.transposed else inits[t.initializer]).copy() for k, t in info.tensors.items()}
+
+
+def write_merged(path: Path, info: ModelInfo, merged: dict[str, np.ndarray], out: Path) -> None:
+    """A fresh model file with ``merged`` (source layout) written in, metadata kept as is."""
+    model = onnx.load(str(path))
+    stored = {t.initializer: (merged[k].T.copy() if t.transposed else merged[k]) for k, t in info.tensors.items()}
+    for init in model.graph.initializer:
+        if init.name in stored:
+            init.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(stored[init.name]), init.name))
+    onnx.save(model, str(out))
