@@ -153,8 +153,8 @@ def _rotate(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 @register_shift("noise")
 def _noise(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Additive gaussian noise, sigma 0.45, clipped to [0, 1]."""
-    return np.clip(x + rng.normal(0.0, 0.45, x.shape).astype(np.float32), 0.0, 1.0)
+    """Additive gaussian noise, sigma 0.35, clipped to [0, 1]."""
+    return np.clip(x + rng.normal(0.0, 0.35, x.shape).astype(np.float32), 0.0, 1.0)
 
 
 @register_shift("invert")

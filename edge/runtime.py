@@ -41,7 +41,8 @@ class _Prepared:
     index: Mapping[str, np.ndarray]  # stored tensor -> sorted int64 flat positions
     delta: Mapping[str, np.ndarray]  # stored tensor -> float32 deltas aligned with index
     base: Mapping[str, np.ndarray]  # stored tensor -> base values at index
-    merged: Mapping[str, np.ndarray]  # stored tensor -> base + delta (the alpha = 1 fast path)
+    apply: object  # backend-prepared write of base + delta (the alpha = 1 fast path)
+    restore: object  # backend-prepared write of the base values (undo)
 
 
 class Runtime:
@@ -73,6 +74,7 @@ class Runtime:
         self._adapters: dict[str, _Prepared] = {}
         self._active: dict[str, float] = {}
         self._touched: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # stored -> (positions, base values)
+        self._restore: object = self.backend.prepare([])  # undoes the current state
         self._lock = threading.Lock()
         log.info("loaded %s on %s (strategy %s, providers %s)", path.name, backend, self.strategy, self.providers)
 
@@ -122,11 +124,15 @@ class Runtime:
                 raise AdapterMismatchError(f"{tname}: stored tensor {stored.shape} {stored.dtype} does not fit")
             index[t.initializer] = flat[order]
             delta[t.initializer] = d.values[order]
+        from runtimes import WeightWrite
+
         with self._lock:
             for tname, pos in index.items():
                 base[tname] = self._base_at(tname, pos)
                 merged[tname] = base[tname] + (np.float32(0) + delta[tname])
-            self._adapters[name] = _Prepared(adapter, index, delta, base, merged)
+            apply = self.backend.prepare([WeightWrite(t, index[t], merged[t]) for t in index])
+            restore = self.backend.prepare([WeightWrite(t, index[t], base[t]) for t in index])
+            self._adapters[name] = _Prepared(adapter, index, delta, base, apply, restore)
         return name
 
     def unload_adapter(self, name: str) -> None:
@@ -150,32 +156,35 @@ class Runtime:
             unknown = [n for n in target if n not in self._adapters]
             if unknown:
                 raise ConfigError(f"adapter(s) {unknown} are not loaded; loaded: {sorted(self._adapters) or 'none'}")
-            new_touched: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-            new_values: dict[str, np.ndarray] = {}
-            if len(target) == 1 and next(iter(target.values())) == 1.0:  # fast path: precomputed values
+            if len(target) == 1 and next(iter(target.values())) == 1.0:  # fast path: prepared at load
                 p = self._adapters[next(iter(target))]
-                for tname, pos in p.index.items():
-                    new_touched[tname] = (pos, p.base[tname])
-                    new_values[tname] = p.merged[tname]
+                apply, restore = p.apply, p.restore
+                touched = {t: (pos, p.base[t]) for t, pos in p.index.items()}
             else:
-                parts: dict[str, list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = {}
-                for name, alpha in target.items():
-                    p = self._adapters[name]
-                    for tname, idx in p.index.items():
-                        parts.setdefault(tname, []).append((idx, np.float32(alpha) * p.delta[tname], p.base[tname]))
-                for tname, plist in parts.items():
-                    allpos = np.concatenate([q for q, _, _ in plist])
-                    pos, first, inv = np.unique(allpos, return_index=True, return_inverse=True)
-                    acc = np.zeros(pos.shape, np.float32)
-                    np.add.at(acc, inv, np.concatenate([v for _, v, _ in plist]))
-                    base = np.concatenate([b for _, _, b in plist])[first]
-                    new_touched[tname] = (pos, base)
-                    new_values[tname] = base + acc
-            writes = [WeightWrite(t, pos, base) for t, (pos, base) in self._touched.items()]
-            writes += [WeightWrite(t, new_touched[t][0], v) for t, v in new_values.items()]
-            self.backend.write(writes)
-            self._touched = new_touched
-            self._active = target
+                touched, new_values = self._fuse(target)
+                apply = self.backend.prepare([WeightWrite(t, touched[t][0], v) for t, v in new_values.items()])
+                restore = self.backend.prepare([WeightWrite(t, pos, b) for t, (pos, b) in touched.items()])
+            self.backend.write(self._restore, apply)
+            self._restore, self._touched, self._active = restore, touched, target
+
+    def _fuse(self, target: Mapping[str, float]):
+        """Positions, base values and fused values per stored tensor for several weighted adapters."""
+        touched: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        values: dict[str, np.ndarray] = {}
+        parts: dict[str, list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = {}
+        for name, alpha in target.items():
+            p = self._adapters[name]
+            for tname, idx in p.index.items():
+                parts.setdefault(tname, []).append((idx, np.float32(alpha) * p.delta[tname], p.base[tname]))
+        for tname, plist in parts.items():
+            allpos = np.concatenate([q for q, _, _ in plist])
+            pos, first, inv = np.unique(allpos, return_index=True, return_inverse=True)
+            acc = np.zeros(pos.shape, np.float32)
+            np.add.at(acc, inv, np.concatenate([v for _, v, _ in plist]))
+            base = np.concatenate([b for _, _, b in plist])[first]
+            touched[tname] = (pos, base)
+            values[tname] = base + acc
+        return touched, values
 
     def wait_settled(self, timeout: float | None = None) -> bool:
         """Wait for any background work the strategy does after a switch (True when done)."""

@@ -158,7 +158,7 @@ def train_shira(
     y: np.ndarray,
     *,
     epochs: int = 30,
-    lr: float = 1e-2,
+    lr: float = 2e-2,
     batch_size: int = 64,
     weight_decay: float = 0.0,
     seed: int = 0,

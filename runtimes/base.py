@@ -62,11 +62,18 @@ class Backend(ABC):
     def read(self, tensor: str) -> np.ndarray:
         """The current contents of a writable stored tensor (read-only view; do not modify)."""
 
-    @abstractmethod
-    def write(self, writes: Sequence[WeightWrite]) -> None:
-        """Apply all writes, in order, atomically with respect to :meth:`run`.
+    def prepare(self, writes: Sequence[WeightWrite]) -> object:
+        """Compile writes into the backend's fastest form (done once per adapter, ahead of switching).
 
         Inputs are already validated by the caller (indices in range, dtypes right).
+        The default keeps the list as is.
+        """
+        return list(writes)
+
+    @abstractmethod
+    def write(self, *prepared: object) -> None:
+        """Apply prepared writes, in order, atomically with respect to :meth:`run`.
+
         When this returns, the next :meth:`run` uses the new weights.
         """
 

@@ -18,8 +18,9 @@ of an initializer is never seen (shared ANCHORS.md section 2). Strategies:
     again). Fast switch, full steady-state speed; the window in between runs at
     ``bound`` speed.
 
-Memory: the writable tensors exist once as numpy arrays, plus onnxruntime's prepacked
-copy (and transiently a second one while a rebuild runs).
+Memory: the writable tensors live once, in one contiguous float32 arena (so a switch
+is two numpy scatters whatever the tensor count), plus onnxruntime's prepacked copy
+(and transiently a second one while a rebuild runs).
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ class OrtBackend(Backend):
             raise FormatError(f"not a readable ONNX model: {e}") from e
         self.info = read_info(proto)
         writable = sorted({t.initializer for t in self.info.tensors.values()})
-        self._live = self._take_writable(proto, writable)
+        self._arena, self._offset, self._live = self._take_writable(proto, writable)
         if options.extra.get("verify", True):
             _verify_fingerprint(proto, self.info, self._live)
         self._output_names = [o.name for o in proto.graph.output]
@@ -84,7 +85,9 @@ class OrtBackend(Backend):
         self._static_gen = -1
         self._bound = None
         self._binding = None
-        self._builder: threading.Thread | None = None
+        self._wake = threading.Condition(self._lock)  # tells the rebuild thread a write happened
+        self._closed = False
+        self._rebuild_delay = float(options.extra.get("rebuild_delay_ms", 2.0)) / 1e3
         self._settled = threading.Event()
         self._settled.set()
         self.last_build_ms: float | None = None
@@ -94,6 +97,8 @@ class OrtBackend(Backend):
         if strategy in ("rebuild", "hybrid"):
             self._static = self._build_static()
             self._static_gen = 0
+        if strategy == "hybrid":
+            threading.Thread(target=self._rebuild_loop, name="edge-ort-rebuild", daemon=True).start()
 
     # -- contract ---------------------------------------------------------------------------
     @property
@@ -128,26 +133,33 @@ class OrtBackend(Backend):
             self._bound.run_with_iobinding(b)
             return dict(zip(self._output_names, b.copy_outputs_to_cpu()))
 
-    def write(self, writes: Sequence[WeightWrite]) -> None:
+    def prepare(self, writes: Sequence[WeightWrite]) -> tuple[np.ndarray, np.ndarray]:
+        """Arena positions and values of all writes, concatenated in order."""
+        if not writes:
+            return np.empty(0, np.int64), np.empty(0, self._arena.dtype)
+        pos = np.concatenate([self._offset[w.tensor] + np.asarray(w.index, np.int64) for w in writes])
+        val = np.concatenate([np.asarray(w.values, self._arena.dtype) for w in writes])
+        return pos, val
+
+    def write(self, *prepared: tuple[np.ndarray, np.ndarray]) -> None:
         with self._lock:
-            for w in writes:
-                self._live[w.tensor].reshape(-1)[w.index] = w.values
+            for pos, val in prepared:
+                self._arena[pos] = val
             self._generation += 1
             if self._strategy == "rebuild":
                 self._static = self._build_static()
                 self._static_gen = self._generation
             elif self._strategy == "hybrid":
                 self._settled.clear()
-                if self._builder is None or not self._builder.is_alive():
-                    self._builder = threading.Thread(target=self._rebuild_loop, name="edge-ort-rebuild", daemon=True)
-                    self._builder.start()
+                self._wake.notify()
 
     def wait_settled(self, timeout: float | None = None) -> bool:
         return self._settled.wait(timeout)
 
     def close(self) -> None:
-        self.wait_settled(30)
         with self._lock:
+            self._closed = True
+            self._wake.notify()
             self._static = self._bound = self._binding = None
 
     # -- sessions ---------------------------------------------------------------------------
@@ -179,36 +191,57 @@ class OrtBackend(Backend):
         return sess
 
     def _rebuild_loop(self) -> None:
+        """Hybrid: after each write, build a prepacked session from the arena and swap it in."""
         while True:
+            with self._lock:
+                while not self._closed and self._static_gen == self._generation:
+                    self._wake.wait()
+                if self._closed:
+                    return
+            # Debounce: let the switching thread return and bursts of switches coalesce into one build.
+            time.sleep(self._rebuild_delay)
             with self._lock:
                 gen = self._generation
             try:
                 sess = self._build_static()
-            except Exception:  # keep serving on the bound session; say so
+            except Exception:  # keep serving on the bound session, and say so
                 log.exception("background session rebuild failed; staying on the bound session")
+                with self._lock:
+                    self._static_gen = self._generation  # do not retry in a loop
+                    self._static = None
                 self._settled.set()
-                return
+                continue
             with self._lock:
-                if gen == self._generation:
+                if self._closed:
+                    return
+                if gen == self._generation:  # no write while building: the prepacked copy is current
                     self._static, self._static_gen = sess, gen
                     self._settled.set()
-                    return
-            # a write arrived while building (it may have touched the buffers mid-prepack): build again
+            # otherwise a write came while building (it may have hit the buffers mid-prepack): go again
 
     # -- model surgery ----------------------------------------------------------------------
     @staticmethod
-    def _take_writable(proto, writable: Sequence[str]) -> dict[str, np.ndarray]:
+    def _take_writable(proto, writable: Sequence[str]):
+        """Copy the writable initializers into one float32 arena; return it, offsets and per-tensor views."""
         from onnx import numpy_helper
 
         inits = {t.name: t for t in proto.graph.initializer}
         missing = [w for w in writable if w not in inits]
         if missing:
             raise FormatError(f"model has no initializer(s) {missing[:5]} named in its metadata")
-        live = {}
-        for name in writable:
-            arr = numpy_helper.to_array(inits[name])
-            live[name] = np.array(arr, dtype=arr.dtype, order="C", copy=True)
-        return live
+        arrays = {name: numpy_helper.to_array(inits[name]) for name in writable}
+        bad = {k: str(a.dtype) for k, a in arrays.items() if a.dtype != np.float32}
+        if bad:
+            raise FormatError(f"writable tensors must be float32; got {bad}")
+        arena = np.empty(sum(a.size for a in arrays.values()), np.float32)
+        offset, live, at = {}, {}, 0
+        for name, a in arrays.items():
+            view = arena[at : at + a.size]
+            view[:] = a.reshape(-1)
+            offset[name] = at
+            live[name] = view.reshape(a.shape)
+            at += a.size
+        return arena, offset, live
 
     def _bound_model(self, proto) -> bytes:
         import onnx
