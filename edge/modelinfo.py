@@ -47,6 +47,7 @@ class TensorInfo:
     initializer: str  # name of the stored tensor
     shape: tuple[int, ...]  # source (torch) shape, in which adapter indices are given
     transposed: bool = False  # stored as the 2-D transpose of the source layout
+    slot: bool = False  # an adapter-branch tensor: fed at run time, never prepacked, zero when no adapter is active
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,7 @@ class ModelInfo:
                 "fingerprint": self.fingerprint,
                 "tensors": {
                     k: {"initializer": t.initializer, "shape": list(t.shape), "transposed": t.transposed}
+                    | ({"slot": True} if t.slot else {})
                     for k, t in self.tensors.items()
                 },
                 "inputs": list(self.inputs),
@@ -95,7 +97,12 @@ class ModelInfo:
             )
         try:
             tensors = {
-                k: TensorInfo(str(t["initializer"]), tuple(int(s) for s in t["shape"]), bool(t["transposed"]))
+                k: TensorInfo(
+                    str(t["initializer"]),
+                    tuple(int(s) for s in t["shape"]),
+                    bool(t["transposed"]),
+                    bool(t.get("slot", False)),
+                )
                 for k, t in d["tensors"].items()
             }
             return cls(

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edge.adapters import Adapter, load_adapter
+from edge.adapters import Adapter, DenseDelta, load_adapter
 from edge.errors import AdapterMismatchError, ConfigError, FormatError
 from edge.modelinfo import ModelInfo
 
@@ -111,17 +111,18 @@ class Runtime:
         index, delta, base, merged = {}, {}, {}, {}
         for tname, d in adapter.tensors.items():
             t = self.info.tensors[tname]
-            rows = d.indices.astype(np.int64)
-            if t.transposed:
-                if len(t.shape) != 2:
-                    raise AdapterMismatchError(f"{tname}: only 2-D tensors can be stored transposed")
-                flat = rows[1] * t.shape[0] + rows[0]
-            else:
-                flat = np.ravel_multi_index(tuple(rows), t.shape)
-            order = np.argsort(flat, kind="stable")
+            if t.transposed and len(t.shape) != 2:
+                raise AdapterMismatchError(f"{tname}: only 2-D tensors can be stored transposed")
             stored = self.backend.read(t.initializer)
             if stored.size != int(np.prod(t.shape)) or stored.dtype != np.float32:
                 raise AdapterMismatchError(f"{tname}: stored tensor {stored.shape} {stored.dtype} does not fit")
+            if isinstance(d, DenseDelta):  # the whole slot tensor, in stored layout
+                index[t.initializer] = np.arange(stored.size, dtype=np.int64)
+                delta[t.initializer] = np.ascontiguousarray(d.values.T if t.transposed else d.values).reshape(-1)
+                continue
+            rows = d.indices.astype(np.int64)
+            flat = rows[1] * t.shape[0] + rows[0] if t.transposed else np.ravel_multi_index(tuple(rows), t.shape)
+            order = np.argsort(flat, kind="stable")
             index[t.initializer] = flat[order]
             delta[t.initializer] = d.values[order]
         from runtimes import WeightWrite
@@ -169,6 +170,18 @@ class Runtime:
 
     def _fuse(self, target: Mapping[str, float]):
         """Positions, base values and fused values per stored tensor for several weighted adapters."""
+        owner: dict[str, str] = {}
+        for name in target:
+            p = self._adapters[name]
+            if p.adapter.fusable:
+                continue
+            for tname in p.index:
+                if tname in owner:
+                    raise ConfigError(
+                        f"adapters {owner[tname]!r} and {name!r} both write slot {tname!r}; branch adapters "
+                        "(bottleneck, LoRA) cannot share slots. Fuse SHiRA adapters, or one branch adapter per slot"
+                    )
+                owner[tname] = name
         touched: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         values: dict[str, np.ndarray] = {}
         parts: dict[str, list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = {}
@@ -255,7 +268,7 @@ def merge_weights(base: Mapping[str, np.ndarray], adapters: Iterable[tuple[Adapt
         for tname, d in adapter.tensors.items():
             a = acc.setdefault(tname, np.zeros(base[tname].shape, np.float32))
             m = touched.setdefault(tname, np.zeros(base[tname].shape, bool))
-            where = tuple(d.indices.astype(np.int64))
+            where = ... if isinstance(d, DenseDelta) else tuple(d.indices.astype(np.int64))
             a[where] += np.float32(alpha) * d.values
             m[where] = True
     out = {k: np.array(v, copy=True) for k, v in base.items()}

@@ -19,6 +19,7 @@ import os
 import tempfile
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +51,7 @@ def export_onnx(
     dynamic_batch: bool = True,
     dynamic_axes: Mapping[str, Mapping[int, str]] | None = None,
     extra: Mapping[str, object] | None = None,
+    slots: Sequence[str] = (),
     atol: float = 1e-4,
     rtol: float = 1e-3,
     validate: bool = True,
@@ -67,6 +69,8 @@ def export_onnx(
         dynamic_axes: further dynamic axes, ``{input_name: {axis: dim_name}}``; axes that share
             a ``dim_name`` must be equal (e.g. ``{"input_ids": {1: "seq"}, "attention_mask": {1: "seq"}}``).
         extra: JSON-serialisable values stored in ``ModelInfo.extra`` (labels, preprocessing...).
+        slots: parameter names of adapter branches (bottleneck, LoRA): recorded with ``slot=True``
+            so runtimes feed them at run time and switch them in place; export them at zero.
         atol, rtol: validation tolerance, ``np.allclose`` semantics with torch as reference.
         validate: run the file on onnxruntime (CPU) against torch before writing it.
         progress: show a progress bar over the export steps.
@@ -91,6 +95,10 @@ def export_onnx(
 
         steps.set_postfix_str("post-process")
         tensors = _fold_weight_transposes(proto, model)
+        unknown = [s for s in slots if s not in tensors]
+        if unknown:
+            raise ConfigError(f"slots {unknown} are not 2-D+ parameters of the model; known: {sorted(tensors)[:10]}")
+        tensors = {k: replace(t, slot=k in slots) for k, t in tensors.items()}
         stored = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
         info = ModelInfo(
             name=name,

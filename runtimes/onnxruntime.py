@@ -29,6 +29,7 @@ import logging
 import threading
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -41,6 +42,13 @@ __all__ = ["OrtBackend", "read_info"]
 log = logging.getLogger("edge.runtimes.onnxruntime")
 
 _EXTERNAL_LOCATION = "edge-live-weights.bin"  # never read: data comes from memory
+
+
+@dataclass(frozen=True)
+class _Write:
+    pos: np.ndarray  # arena positions
+    val: np.ndarray  # values, same order
+    weights: bool  # touches prepackable weights (not only slots)
 
 
 @BACKENDS.register("onnxruntime")
@@ -72,12 +80,14 @@ class OrtBackend(Backend):
         self.info = read_info(proto)
         writable = sorted({t.initializer for t in self.info.tensors.values()})
         self._arena, self._offset, self._live = self._take_writable(proto, writable)
+        self._slots = {t.initializer for t in self.info.tensors.values() if t.slot}
         if options.extra.get("verify", True):
             _verify_fingerprint(proto, self.info, self._live)
         self._output_names = [o.name for o in proto.graph.output]
         self._bound_bytes = self._bound_model(proto)
         self._static_bytes = self._static_model(proto)
         del proto
+        self._slot_feeds = {k: self._live[k] for k in self._slots}
 
         self._lock = threading.RLock()  # guards run vs write and the active session
         self._generation = 0  # bumped by every write
@@ -123,7 +133,7 @@ class OrtBackend(Backend):
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         with self._lock:
             if self._static is not None and self._static_gen == self._generation:
-                outs = self._static.run(self._output_names, dict(feeds))
+                outs = self._static.run(self._output_names, {**feeds, **self._slot_feeds})
                 return dict(zip(self._output_names, outs))
             b = self._binding
             for k, v in feeds.items():
@@ -133,18 +143,21 @@ class OrtBackend(Backend):
             self._bound.run_with_iobinding(b)
             return dict(zip(self._output_names, b.copy_outputs_to_cpu()))
 
-    def prepare(self, writes: Sequence[WeightWrite]) -> tuple[np.ndarray, np.ndarray]:
+    def prepare(self, writes: Sequence[WeightWrite]) -> _Write:
         """Arena positions and values of all writes, concatenated in order."""
+        writes = [w for w in writes if len(w.index)]
         if not writes:
-            return np.empty(0, np.int64), np.empty(0, self._arena.dtype)
+            return _Write(np.empty(0, np.int64), np.empty(0, self._arena.dtype), False)
         pos = np.concatenate([self._offset[w.tensor] + np.asarray(w.index, np.int64) for w in writes])
         val = np.concatenate([np.asarray(w.values, self._arena.dtype) for w in writes])
-        return pos, val
+        return _Write(pos, val, any(w.tensor not in self._slots for w in writes))
 
-    def write(self, *prepared: tuple[np.ndarray, np.ndarray]) -> None:
+    def write(self, *prepared: _Write) -> None:
         with self._lock:
-            for pos, val in prepared:
-                self._arena[pos] = val
+            for w in prepared:
+                self._arena[w.pos] = w.val
+            if not any(w.weights for w in prepared):
+                return  # only slot tensors changed: both sessions read them at run time
             self._generation += 1
             if self._strategy == "rebuild":
                 self._static = self._build_static()
@@ -182,7 +195,7 @@ class OrtBackend(Backend):
         ort = self._ort
         t0 = time.perf_counter()
         so = self._session_options()
-        names = list(self._live)
+        names = [k for k in self._live if k not in self._slots]
         values = [ort.OrtValue.ortvalue_from_numpy(self._live[k]) for k in names]
         so.add_external_initializers(names, values)
         sess = ort.InferenceSession(self._static_bytes, so, providers=self._providers)
@@ -245,17 +258,23 @@ class OrtBackend(Backend):
 
     def _bound_model(self, proto) -> bytes:
         import onnx
-        from onnx import helper
 
         m = onnx.ModelProto()
         m.CopyFrom(proto)
-        keep = [t for t in m.graph.initializer if t.name not in self._live]
+        self._inputs_from_initializers(m, set(self._live))
+        return m.SerializeToString()
+
+    def _inputs_from_initializers(self, m, names: set[str]) -> None:
+        """Turn the initializers ``names`` into graph inputs of the same shape and dtype."""
+        from onnx import helper
+
+        keep = [t for t in m.graph.initializer if t.name not in names]
         del m.graph.initializer[:]
         m.graph.initializer.extend(keep)
-        for name, arr in self._live.items():
+        for name in sorted(names):
+            arr = self._live[name]
             elem = helper.np_dtype_to_tensor_dtype(arr.dtype)
             m.graph.input.append(helper.make_tensor_value_info(name, elem, list(arr.shape)))
-        return m.SerializeToString()
 
     def _static_model(self, proto) -> bytes:
         import onnx
@@ -263,6 +282,7 @@ class OrtBackend(Backend):
 
         m = onnx.ModelProto()
         m.CopyFrom(proto)
+        self._inputs_from_initializers(m, self._slots)
         for t in m.graph.initializer:
             if t.name in self._live:
                 set_external_data(t, location=_EXTERNAL_LOCATION)
