@@ -157,8 +157,16 @@ class Adapter:
                 )
 
 
-def load_adapter(path: str | os.PathLike, *, max_bytes: int = 1 << 31) -> Adapter:
-    """Read and validate an adapter file. Raises :class:`FormatError` for anything malformed."""
+def load_adapter(
+    path: str | os.PathLike, *, trusted_keys: list[bytes] | None = None, max_bytes: int = 1 << 31
+) -> Adapter:
+    """Read and validate an adapter file. Raises :class:`FormatError` for anything malformed.
+
+    With ``trusted_keys`` (raw Ed25519 public keys), the file's detached signature
+    (``PATH.sig``, see :mod:`edge.signing`) is verified over the exact bytes read, before
+    they are parsed; an unsigned or wrongly signed file raises
+    :class:`~edge.errors.SignatureError`.
+    """
     path = Path(path)
     try:
         size = path.stat().st_size
@@ -167,6 +175,15 @@ def load_adapter(path: str | os.PathLike, *, max_bytes: int = 1 << 31) -> Adapte
         data = path.read_bytes()
     except OSError as e:
         raise FormatError(f"cannot read adapter file {path}: {e}") from e
+    if trusted_keys is not None:
+        from edge.signing import signature_path, verify_bytes
+
+        sig_path = signature_path(path)
+        try:
+            sig = sig_path.read_bytes() if sig_path.exists() else None
+        except OSError as e:
+            raise FormatError(f"cannot read signature file {sig_path}: {e}") from e
+        verify_bytes(data, sig, list(trusted_keys), source=str(path))
     return adapter_from_bytes(data, source=str(path))
 
 
@@ -287,9 +304,11 @@ def _validate(a: Adapter) -> None:
     if set(a.tensors) != set(a.shapes):
         raise AdapterMismatchError("adapter tensors and shapes name different targets")
     for tname, d in a.tensors.items():
+        shape = tuple(a.shapes[tname])
+        if not 1 <= len(shape) <= 8 or any(int(n) <= 0 for n in shape) or int(np.prod(shape, dtype=object)) > 1 << 40:
+            raise AdapterMismatchError(f"{tname}: shape {shape} is not a plausible tensor shape")
         if not tname or len(tname) > MAX_NAME_LEN or any(c in tname for c in "\0/\\") or ".." in tname:
             raise AdapterMismatchError(f"target name {tname[:80]!r} is not a parameter name")
-        shape = tuple(a.shapes[tname])
         if isinstance(d, DenseDelta) == a.fusable:
             kind = "sparse (SparseDelta)" if a.fusable else "dense (DenseDelta)"
             raise AdapterMismatchError(f"{tname}: method {a.method!r} takes {kind} tensors")

@@ -14,6 +14,9 @@ COMMAND_MODULES = (
     "edge.commands.demo",
     "edge.commands.bench",
     "edge.commands.inspect",
+    "edge.commands.devices",
+    "edge.commands.profile",
+    "edge.commands.sign",
 )
 
 

@@ -15,6 +15,7 @@ __all__ = [
     "BackendUnavailableError",
     "ExportValidationError",
     "RegistryError",
+    "SignatureError",
 ]
 
 
@@ -47,3 +48,7 @@ class RegistryError(EdgeError, KeyError):
 
     def __str__(self) -> str:  # KeyError quotes its message; keep it readable
         return str(self.args[0]) if self.args else ""
+
+
+class SignatureError(EdgeError, PermissionError):
+    """An adapter's signature is missing, malformed, or not from a trusted key."""

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from edge.adapters import Adapter, DenseDelta, load_adapter
-from edge.errors import AdapterMismatchError, ConfigError, FormatError
+from edge.errors import AdapterMismatchError, ConfigError, FormatError, SignatureError
 from edge.modelinfo import ModelInfo
 
 __all__ = ["Runtime", "merge_weights"]
@@ -57,6 +57,7 @@ class Runtime:
         threads: int | None = None,
         providers: Iterable[str] = (),
         verify: bool = True,
+        trusted_keys: Iterable[str | bytes] | None = None,
     ) -> None:
         from runtimes import BackendOptions, get_backend
 
@@ -71,6 +72,11 @@ class Runtime:
         self.backend = get_backend(backend)(data, options)
         self.info: ModelInfo = self.backend.info
         self.model_path = path
+        self._trusted: list[bytes] | None = None
+        if trusted_keys is not None:
+            from edge.signing import load_public_key
+
+            self._trusted = [load_public_key(k) for k in trusted_keys]
         self._adapters: dict[str, _Prepared] = {}
         self._active: dict[str, float] = {}
         self._touched: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # stored -> (positions, base values)
@@ -102,10 +108,18 @@ class Runtime:
         """Validate an adapter against this model and keep it ready to switch. Returns its name.
 
         Nothing about the running model changes; a bad adapter raises
-        :class:`~edge.errors.FormatError` or :class:`~edge.errors.AdapterMismatchError`.
+        :class:`~edge.errors.FormatError` or :class:`~edge.errors.AdapterMismatchError`, and, when
+        the runtime was given ``trusted_keys``, an unsigned or wrongly signed file raises
+        :class:`~edge.errors.SignatureError` before any of its bytes is parsed.
         """
-        if not isinstance(adapter, Adapter):
-            adapter = load_adapter(adapter)
+        if isinstance(adapter, Adapter):
+            if self._trusted is not None:
+                raise SignatureError(
+                    f"this runtime requires signed adapter files; an in-memory Adapter ({adapter.name!r}) "
+                    "cannot be verified: save and sign it, then load the file"
+                )
+        else:
+            adapter = load_adapter(adapter, trusted_keys=self._trusted)
         adapter.check_against(self.info)
         name = name or adapter.name
         index, delta, base, merged = {}, {}, {}, {}
