@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test bench lint clean venv
+.PHONY: demo test bench lint clean venv test-arm
 
 venv: $(STAMP)
 
@@ -25,6 +25,12 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
 	$(BIN)/edge bench switch --json bench-switch.json --md BENCHMARKS.md
+	$(BIN)/edge bench update --json bench-update.json --md BENCHMARKS.md
+	$(BIN)/edge bench ood --json bench-ood.json --md BENCHMARKS.md
+
+# Device-side tests on aarch64 under qemu-user (needs root; builds and caches a Debian arm64 root in .arm-root/).
+test-arm:
+	bash scripts/arm/test-arm.sh
 
 lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

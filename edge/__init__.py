@@ -40,6 +40,7 @@ __all__ = [
     "Runtime",
     "SparseDelta",
     "TensorInfo",
+    "Updater",
     "fingerprint",
     "load_adapter",
     "merge_weights",
@@ -51,4 +52,8 @@ def __getattr__(name: str):
         from edge import runtime
 
         return getattr(runtime, name)
+    if name == "Updater":
+        from edge.update import Updater
+
+        return Updater
     raise AttributeError(f"module 'edge' has no attribute {name!r}")

@@ -12,11 +12,14 @@ from edge.errors import EdgeError
 #: One module per subcommand (see edge/commands/__init__.py); add a line to add a command.
 COMMAND_MODULES = (
     "edge.commands.demo",
+    "edge.commands.train",
     "edge.commands.bench",
     "edge.commands.inspect",
+    "edge.commands.update",
     "edge.commands.devices",
     "edge.commands.profile",
     "edge.commands.sign",
+    "edge.commands.import_peft",
 )
 
 

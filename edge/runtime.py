@@ -150,6 +150,13 @@ class Runtime:
             self._adapters[name] = _Prepared(adapter, index, delta, base, apply, restore)
         return name
 
+    def adapter(self, name: str) -> Adapter:
+        """The loaded adapter called ``name``."""
+        try:
+            return self._adapters[name].adapter
+        except KeyError:
+            raise ConfigError(f"adapter {name!r} is not loaded; loaded: {sorted(self._adapters) or 'none'}") from None
+
     def unload_adapter(self, name: str) -> None:
         with self._lock:
             if name in self._active:

@@ -48,7 +48,10 @@ class DemoArtifacts:
     adapters: dict[str, Path] = field(default_factory=dict)
 
 
-def prepare_demo(cache: Path, cfg: DemoConfig = DemoConfig(), progress: bool = True) -> DemoArtifacts:
+def prepare_demo(
+    cache: Path, cfg: DemoConfig = DemoConfig(), progress: bool = True, backend: str = "onnxruntime"
+) -> DemoArtifacts:
+    """Artifacts for ``backend``: the ONNX model, or with ``"tflite"`` also a ``.tflite`` export and its adapters."""
     import torch
 
     from edge.datasets import load_domains
@@ -116,7 +119,46 @@ def prepare_demo(cache: Path, cfg: DemoConfig = DemoConfig(), progress: bool = T
                 trained, info, name, {"mask": cfg.mask, "density": cfg.density, "domain": name, "host_acc": acc}
             ).save(path)
         adapters[name] = path
+    if backend == "tflite":
+        return _tflite_artifacts(root, model, domains["clean"].x_test[:1], info, adapters, progress)
     return DemoArtifacts(onnx_path, info, adapters)
+
+
+def _tflite_artifacts(root: Path, model, example: np.ndarray, info: ModelInfo, adapters: dict, progress: bool):
+    """Export the encoder to ``.tflite`` (fixed batch 1) and give each adapter the TFLite file's fingerprint.
+
+    The adapters' indices and values are unchanged: only ``base_fingerprint`` differs, because
+    each exported file hashes its own stored tensors.
+    """
+    import dataclasses
+
+    import torch
+
+    from edge.adapters import load_adapter
+    from exporters.tflite import export_tflite, load_model_info
+
+    path = root / "encoder.tflite"
+    if path.exists():
+        tinfo = load_model_info(path)
+    else:
+        _say(progress, "exporting the encoder to TFLite (litert-torch) and validating it on LiteRT")
+        tinfo = export_tflite(
+            model,
+            (torch.as_tensor(example),),
+            path,
+            input_names=["pixels"],
+            output_names=["logits", "features"],
+            name="digits-vit",
+            extra=dict(info.extra),
+            dynamic_batch=False,
+        )
+    out = {}
+    for name, onnx_adapter in adapters.items():
+        out[name] = root / f"shira-{name}.tflite.safetensors"
+        if not out[name].exists():
+            a = load_adapter(onnx_adapter)
+            dataclasses.replace(a, base_fingerprint=tinfo.fingerprint).save(out[name])
+    return DemoArtifacts(path, tinfo, out)
 
 
 def to_adapter(trained: dict, info: ModelInfo, name: str, meta: dict) -> Adapter:

@@ -14,6 +14,7 @@ __all__ = ["BACKENDS", "Backend", "BackendOptions", "WeightWrite", "get_backend"
 
 _MODULES = {
     "onnxruntime": "runtimes.onnxruntime",
+    "tflite": "runtimes.litert",
 }
 
 

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import threading
 
+import _tiny
+import _tiny_tflite
 import numpy as np
 import pytest
-from _tiny import make_mlp, random_adapter
+from _tiny import random_adapter
 
 from edge.runtime import Runtime
 from runtimes import backend_names, get_backend
 
 CASES = [(b, s) for b in backend_names() for s in get_backend(b).STRATEGIES]
 STATES = [None, "a", "b", {"a": 0.5, "b": 0.5}]
+TINY = {"onnxruntime": _tiny, "tflite": _tiny_tflite}  # tiny-model builders with the same API, per backend
 
 
 def _key(state) -> str:
@@ -21,8 +24,9 @@ def _key(state) -> str:
 
 @pytest.mark.parametrize("backend,strategy", CASES)
 def test_mixed_inference_and_switching(tmp_path, backend, strategy):
-    path = tmp_path / "m.onnx"
-    info = make_mlp(path, sizes=(10, 64, 4))
+    tiny = TINY[backend]
+    path = tmp_path / f"m{getattr(tiny, 'SUFFIX', '.onnx')}"
+    info = tiny.make_mlp(path, sizes=(10, 64, 4))
     x = np.random.default_rng(0).standard_normal((3, 10)).astype(np.float32)
     with Runtime(path, backend=backend, strategy=strategy) as rt:
         rt.load_adapter(random_adapter(info, 1, density=0.5, name="a"))
@@ -77,8 +81,9 @@ def test_mixed_inference_and_switching(tmp_path, backend, strategy):
 
 @pytest.mark.parametrize("backend,strategy", CASES)
 def test_switching_does_not_grow_memory(tmp_path, backend, strategy):
-    path = tmp_path / "m.onnx"
-    info = make_mlp(path, sizes=(64, 256, 8))
+    tiny = TINY[backend]
+    path = tmp_path / f"m{getattr(tiny, 'SUFFIX', '.onnx')}"
+    info = tiny.make_mlp(path, sizes=(64, 256, 8))
     x = np.zeros((1, 64), np.float32)
     with Runtime(path, backend=backend, strategy=strategy) as rt:
         for i in range(4):

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import itertools
 
+import _tiny
+import _tiny_tflite
 import numpy as np
 import pytest
-from _tiny import base_weights, make_mlp, random_adapter, write_merged
+from _tiny import make_mlp, random_adapter
 
 from edge.adapters import Adapter, SparseDelta
 from edge.errors import AdapterMismatchError, ConfigError, EdgeError, FormatError
@@ -14,7 +16,8 @@ from edge.runtime import Runtime, merge_weights
 from runtimes import backend_names, get_backend
 
 CASES = [(b, s) for b in backend_names() for s in get_backend(b).STRATEGIES]
-TESTED_BACKENDS = {"onnxruntime"}
+TESTED_BACKENDS = {"onnxruntime", "tflite"}
+TINY = {"onnxruntime": _tiny, "tflite": _tiny_tflite}  # tiny-model builders with the same API, per backend
 
 
 def test_every_backend_has_cases():
@@ -22,9 +25,19 @@ def test_every_backend_has_cases():
 
 
 @pytest.fixture
-def model(tmp_path):
-    path = tmp_path / "m.onnx"
-    info = make_mlp(path)
+def backend():
+    return "onnxruntime"  # tests parametrized over backends override this
+
+
+@pytest.fixture
+def tiny(backend):
+    return TINY[backend]
+
+
+@pytest.fixture
+def model(tmp_path, tiny):
+    path = tmp_path / f"m{getattr(tiny, 'SUFFIX', '.onnx')}"
+    info = tiny.make_mlp(path)
     return path, info
 
 
@@ -40,10 +53,10 @@ SEQUENCES = [
 
 @pytest.mark.parametrize("backend,strategy", CASES)
 @pytest.mark.parametrize("seq", SEQUENCES, ids=lambda s: "-".join(map(str, s)))
-def test_switch_sequence_equals_fresh_merged_model(model, tmp_path, backend, strategy, seq):
+def test_switch_sequence_equals_fresh_merged_model(model, tiny, tmp_path, backend, strategy, seq):
     path, info = model
     adapters = {n: random_adapter(info, seed, name=n) for seed, n in enumerate("abc", start=1)}
-    base = base_weights(path, info)
+    base = tiny.base_weights(path, info)
     with Runtime(path, backend=backend, strategy=strategy) as rt:
         assert rt.strategy == strategy
         for a in adapters.values():
@@ -55,16 +68,16 @@ def test_switch_sequence_equals_fresh_merged_model(model, tmp_path, backend, str
         ref = merge_weights(base, [(adapters[n], w) for n, w in spec.items()])
         for k in ref:  # the weights themselves are bit-exact
             np.testing.assert_array_equal(rt.weights(k), ref[k])
-        write_merged(path, info, ref, tmp_path / "ref.onnx")
-        with Runtime(tmp_path / "ref.onnx", backend=backend, strategy=strategy, verify=False) as fresh:
+        tiny.write_merged(path, info, ref, tmp_path / f"ref{path.suffix}")
+        with Runtime(tmp_path / f"ref{path.suffix}", backend=backend, strategy=strategy, verify=False) as fresh:
             np.testing.assert_array_equal(rt.run(X)["logits"], fresh.run(X)["logits"])
         assert rt.active == spec
 
 
 @pytest.mark.parametrize("backend,strategy", CASES)
-def test_switch_back_to_base_is_bit_exact(model, backend, strategy):
+def test_switch_back_to_base_is_bit_exact(model, tiny, backend, strategy):
     path, info = model
-    base = base_weights(path, info)
+    base = tiny.base_weights(path, info)
     with Runtime(path, backend=backend, strategy=strategy) as rt:
         y0 = rt.run(X)["logits"]
         for seed in range(1, 4):

@@ -202,7 +202,9 @@ def test_merge_rejects_mismatched_adapters():
 @pytest.fixture(scope="module")
 def tiny_encoder():
     domains = load_domains(("rotate",), seed=0)
-    model = pretrain(domains["clean"], epochs=10, lr=1e-2, dim=32, depth=1, heads=2, seed=0, progress=False)
+    model = pretrain(
+        domains["clean"], epochs=10, lr=1e-2, batch_size=32, dim=32, depth=1, heads=2, seed=0, progress=False
+    )
     return model, domains
 
 

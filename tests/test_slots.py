@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import _tiny
+import _tiny_tflite
 import numpy as np
 import pytest
-from _tiny import base_weights, make_branch_mlp, random_adapter, reference_branch
+from _tiny import make_branch_mlp, random_adapter
 
 from edge.adapters import Adapter, DenseDelta, load_adapter
 from edge.errors import AdapterMismatchError, ConfigError
@@ -14,6 +16,7 @@ from runtimes import backend_names, get_backend
 CASES = [(b, s) for b in backend_names() for s in get_backend(b).STRATEGIES]
 X = np.random.default_rng(1).standard_normal((5, 10)).astype(np.float32)
 SLOTS = ("branch.down.weight", "branch.up.weight")
+TINY = {"onnxruntime": _tiny, "tflite": _tiny_tflite}  # tiny-model builders with the same API, per backend
 
 
 def dense_adapter(info, seed: int, name: str, method: str = "adapter") -> Adapter:
@@ -30,15 +33,16 @@ def shira_only(info, seed, name):
 
 @pytest.mark.parametrize("backend,strategy", CASES)
 def test_dense_adapters_switch_in_place(tmp_path, backend, strategy):
-    path = tmp_path / "m.onnx"
-    info = make_branch_mlp(path)
+    tiny = TINY[backend]
+    path = tmp_path / f"m{getattr(tiny, 'SUFFIX', '.onnx')}"
+    info = tiny.make_branch_mlp(path)
     a, b = dense_adapter(info, 1, "a"), dense_adapter(info, 2, "b", method="lora")
     s = shira_only(info, 3, "s")
     a.save(tmp_path / "a.safetensors")
-    base = base_weights(path, info)
+    base = tiny.base_weights(path, info)
     with Runtime(path, backend=backend, strategy=strategy) as rt:
         y0 = rt.run(X)["logits"]
-        np.testing.assert_allclose(y0, reference_branch(path, info, {}, X), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(y0, tiny.reference_branch(path, info, {}, X), rtol=1e-5, atol=1e-5)
         rt.load_adapter(tmp_path / "a.safetensors")
         rt.load_adapter(b)
         rt.load_adapter(s)
@@ -48,7 +52,8 @@ def test_dense_adapters_switch_in_place(tmp_path, backend, strategy):
             ref = merge_weights(base, parts)
             for k in ref:
                 np.testing.assert_array_equal(rt.weights(k), ref[k])
-            np.testing.assert_allclose(rt.run(X)["logits"], reference_branch(path, info, ref, X), rtol=1e-5, atol=1e-5)
+            want = tiny.reference_branch(path, info, ref, X)
+            np.testing.assert_allclose(rt.run(X)["logits"], want, rtol=1e-5, atol=1e-5)
         rt.switch(None)
         rt.wait_settled(30)
         np.testing.assert_array_equal(rt.run(X)["logits"], y0)
@@ -56,8 +61,9 @@ def test_dense_adapters_switch_in_place(tmp_path, backend, strategy):
 
 @pytest.mark.parametrize("backend,strategy", CASES)
 def test_slot_only_switch_needs_no_rebuild(tmp_path, backend, strategy):
-    path = tmp_path / "m.onnx"
-    info = make_branch_mlp(path)
+    tiny = TINY[backend]
+    path = tmp_path / f"m{getattr(tiny, 'SUFFIX', '.onnx')}"
+    info = tiny.make_branch_mlp(path)
     with Runtime(path, backend=backend, strategy=strategy) as rt:
         rt.load_adapter(dense_adapter(info, 1, "a"))
         rt.switch("a")

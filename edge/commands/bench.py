@@ -10,6 +10,9 @@ from edge.commands import runtime_flags
 #: benchmark name -> "module:function"; the module also has ``add_arguments(parser)``.
 BENCHES = {
     "switch": "edge.bench_switch:cli",
+    "ood": "edge.bench_ood:cli",
+    "update": "edge.bench_update:cli",
+    "lowbit": "edge.bench_lowbit:cli",
 }
 
 

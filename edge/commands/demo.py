@@ -13,10 +13,18 @@ def register(sub) -> None:
     d.add_argument("--strategy", default="auto", help="weight-update strategy (default: the backend's best)")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--json", type=Path, help="write the results as JSON here")
+    d.add_argument(
+        "--stream", action="store_true", help="drifting stream: OOD detection, routing and growing a new adaptor"
+    )
+    d.add_argument("--grow-device", help="with --stream: device profile whose budgets the grown adaptor must fit")
     d.set_defaults(func=run)
 
 
 def run(args) -> int:
+    if args.stream:
+        from edge.stream import cli
+
+        return cli(args)
     from edge.datasets import load_domains
     from edge.demo import evaluate_demo, format_table, write_json
 
@@ -24,7 +32,7 @@ def run(args) -> int:
     from exporters.pipeline import DemoConfig, prepare_demo
 
     cfg = DemoConfig(seed=args.seed)
-    art = prepare_demo(args.cache, cfg, progress=not args.quiet)
+    art = prepare_demo(args.cache, cfg, progress=not args.quiet, backend=args.backend)
     domains = load_domains(cfg.domains, seed=cfg.seed)
     result = evaluate_demo(
         art.model, art.adapters, domains, backend=args.backend, strategy=args.strategy, threads=args.threads

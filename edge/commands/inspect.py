@@ -26,6 +26,11 @@ def run(args) -> int:
             raise FormatError(f"{path} is not a readable ONNX file: {e}") from e
         print(json.dumps(json.loads(read_info(proto).to_json()), indent=1))
         return 0
+    if path.suffix == ".tflite":
+        from runtimes.litert import read_info
+
+        print(json.dumps(json.loads(read_info(path.read_bytes()).to_json()), indent=1))
+        return 0
     from edge.adapters import load_adapter
 
     a = load_adapter(path)

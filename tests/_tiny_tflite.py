@@ -1,0 +1,174 @@
+"""Tiny ``.tflite`` models written with the flatbuffer object API (no torch, no converter).
+
+Same math, names, seeds and helper signatures as :mod:`_tiny` (the ONNX versions), so
+table-driven tests pick a module per backend. ``FULLY_CONNECTED`` stores weights
+``[out, in]``, the torch layout, so no tensor is stored transposed here. Slots are
+subgraph inputs without data, as ``exporters.tflite`` writes them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+from ai_edge_litert import schema_py_generated as s
+
+from edge.modelinfo import META_KEY, ModelInfo, TensorInfo, fingerprint
+from exporters.tflite import aligned_buffer, pack_model, set_metadata
+from runtimes._tflite_file import read_tflite, stored_arrays
+
+SUFFIX = ".tflite"
+_FC, _ADD = s.BuiltinOperator.FULLY_CONNECTED, s.BuiltinOperator.ADD
+
+
+class _Graph:
+    def __init__(self) -> None:
+        self.m = s.ModelT()
+        self.m.version = 3
+        self.m.buffers = [aligned_buffer(None)]
+        self.m.operatorCodes = []
+        self.sg = s.SubGraphT()
+        self.sg.tensors, self.sg.operators, self.sg.inputs, self.sg.outputs = [], [], [], []
+        self.m.subgraphs = [self.sg]
+
+    def tensor(self, name: str, shape, data: np.ndarray | None = None, batch: bool = False) -> int:
+        t = s.TensorT()
+        t.name, t.type, t.shape = name.encode(), s.TensorType.FLOAT32, list(shape)
+        if batch:
+            t.shapeSignature = [-1, *shape[1:]]
+        t.buffer = 0
+        if data is not None:
+            raw = np.ascontiguousarray(data, np.float32).reshape(-1).view(np.uint8)
+            self.m.buffers.append(aligned_buffer(raw))
+            t.buffer = len(self.m.buffers) - 1
+        self.sg.tensors.append(t)
+        return len(self.sg.tensors) - 1
+
+    def op(self, code: int, inputs, outputs, relu: bool = False) -> None:
+        codes = [c.builtinCode for c in self.m.operatorCodes]
+        if code not in codes:
+            c = s.OperatorCodeT()
+            c.builtinCode, c.deprecatedBuiltinCode, c.version = code, code, 1
+            self.m.operatorCodes.append(c)
+            codes.append(code)
+        o = s.OperatorT()
+        o.opcodeIndex, o.inputs, o.outputs = codes.index(code), list(inputs), list(outputs)
+        act = s.ActivationFunctionType.RELU if relu else s.ActivationFunctionType.NONE
+        if code == _FC:
+            o.builtinOptionsType, o.builtinOptions = s.BuiltinOptions.FullyConnectedOptions, s.FullyConnectedOptionsT()
+        else:
+            o.builtinOptionsType, o.builtinOptions = s.BuiltinOptions.AddOptions, s.AddOptionsT()
+        o.builtinOptions.fusedActivationFunction = act
+        self.sg.operators.append(o)
+
+    def save(self, path: Path, info: ModelInfo) -> ModelInfo:
+        data = pack_model(self.m)
+        info = replace(info, fingerprint=fingerprint(stored_arrays(data, read_tflite(data))))
+        set_metadata(self.m, META_KEY, info.to_json().encode())
+        Path(path).write_bytes(pack_model(self.m))
+        return info
+
+
+def make_mlp(path: Path, seed: int = 0, sizes=(10, 20, 2), name: str = "tiny-mlp") -> ModelInfo:
+    """x[B,10] -> Linear -> ReLU -> Linear -> logits[B,2], the weights of ``_tiny.make_mlp`` (same seed)."""
+    rng = np.random.default_rng(seed)
+    d_in, d_hid, d_out = sizes
+    w1 = rng.standard_normal((d_hid, d_in)).astype(np.float32) * 0.5
+    b1 = rng.standard_normal(d_hid).astype(np.float32) * 0.1
+    w2 = rng.standard_normal((d_out, d_hid)).astype(np.float32) * 0.5
+    b2 = rng.standard_normal(d_out).astype(np.float32) * 0.1
+    g = _Graph()
+    x = g.tensor("x", (1, d_in), batch=True)
+    h = g.tensor("h", (1, d_hid), batch=True)
+    y = g.tensor("logits", (1, d_out), batch=True)
+    g.op(_FC, [x, g.tensor("fc1.weight", w1.shape, w1), g.tensor("fc1.bias", b1.shape, b1)], [h], relu=True)
+    g.op(_FC, [h, g.tensor("fc2.weight", w2.shape, w2), g.tensor("fc2.bias", b2.shape, b2)], [y])
+    g.sg.inputs, g.sg.outputs = [x], [y]
+    info = ModelInfo(
+        name=name,
+        fingerprint="",
+        tensors={
+            "fc1.weight": TensorInfo("fc1.weight", (d_hid, d_in)),
+            "fc2.weight": TensorInfo("fc2.weight", (d_out, d_hid)),
+        },
+        inputs=("x",),
+        outputs=("logits",),
+    )
+    return g.save(path, info)
+
+
+def make_branch_mlp(path: Path, seed: int = 0, d_in: int = 10, d_hid: int = 16, r: int = 4) -> ModelInfo:
+    """``_tiny.make_branch_mlp``'s math; the branch weights are slots (subgraph inputs, zero = no adapter)."""
+    rng = np.random.default_rng(seed)
+    w1 = rng.standard_normal((d_hid, d_in)).astype(np.float32) * 0.5
+    b1 = rng.standard_normal(d_hid).astype(np.float32) * 0.1
+    w2 = rng.standard_normal((2, d_hid)).astype(np.float32) * 0.5
+    g = _Graph()
+    x = g.tensor("x", (1, d_in), batch=True)
+    down = g.tensor("branch.down.weight", (r, d_in))
+    up = g.tensor("branch.up.weight", (d_hid, r))
+    h2, d1, u0, h3 = (
+        g.tensor(n, (1, k), batch=True) for n, k in (("h2", d_hid), ("d1", r), ("u0", d_hid), ("h3", d_hid))
+    )
+    y = g.tensor("logits", (1, 2), batch=True)
+    g.op(_FC, [x, g.tensor("fc1.weight", w1.shape, w1), g.tensor("fc1.bias", b1.shape, b1)], [h2], relu=True)
+    g.op(_FC, [x, down, -1], [d1], relu=True)
+    g.op(_FC, [d1, up, -1], [u0])
+    g.op(_ADD, [h2, u0], [h3])
+    g.op(_FC, [h3, g.tensor("fc2.weight", w2.shape, w2), -1], [y])
+    g.sg.inputs, g.sg.outputs = [x, down, up], [y]
+    info = ModelInfo(
+        name="branch-mlp",
+        fingerprint="",
+        tensors={
+            "fc1.weight": TensorInfo("fc1.weight", (d_hid, d_in)),
+            "fc2.weight": TensorInfo("fc2.weight", (2, d_hid)),
+            "branch.down.weight": TensorInfo("branch.down.weight", (r, d_in), slot=True),
+            "branch.up.weight": TensorInfo("branch.up.weight", (d_hid, r), slot=True),
+        },
+        inputs=("x",),
+        outputs=("logits",),
+    )
+    return g.save(path, info)
+
+
+def _stored(path: Path) -> dict[str, np.ndarray]:
+    data = Path(path).read_bytes()
+    return {k: np.array(v) for k, v in stored_arrays(data, read_tflite(data)).items()}
+
+
+def base_weights(path: Path, info: ModelInfo) -> dict[str, np.ndarray]:
+    """Source-layout base weights of the targets, read from the file (slots: zeros)."""
+    stored = _stored(path)
+    out = {}
+    for k, t in info.tensors.items():
+        w = stored[t.initializer] if not t.slot else np.zeros(t.shape, np.float32)
+        out[k] = (w.T if t.transposed else w).copy()
+    return out
+
+
+def write_merged(path: Path, info: ModelInfo, merged: dict[str, np.ndarray], out: Path) -> None:
+    """A copy of the model file with ``merged`` (source layout) written into its stored tensors."""
+    data = bytearray(Path(path).read_bytes())
+    by_name = {t.name: t for t in read_tflite(bytes(data)).tensors}
+    for k, t in info.tensors.items():
+        if t.slot:
+            continue
+        w = np.ascontiguousarray(merged[k].T if t.transposed else merged[k], np.float32).tobytes()
+        at = by_name[t.initializer].start
+        data[at : at + len(w)] = w
+    Path(out).write_bytes(bytes(data))
+
+
+def reference_branch(path: Path, info: ModelInfo, weights: dict[str, np.ndarray], x: np.ndarray) -> np.ndarray:
+    """numpy forward of make_branch_mlp with source-layout ``weights`` overriding the stored ones."""
+    w = base_weights(path, info)
+    w.update(weights)
+    stored = _stored(path)  # a converted file names the bias after the op: take the one 1-D [d_hid] tensor
+    b1 = stored.get("fc1.bias", next((v for v in stored.values() if v.shape == (w["fc1.weight"].shape[0],)), None))
+    h = (
+        np.maximum(x @ w["fc1.weight"].T + b1, 0)
+        + np.maximum(x @ w["branch.down.weight"].T, 0) @ w["branch.up.weight"].T
+    )
+    return h @ w["fc2.weight"].T
