@@ -21,6 +21,7 @@ __all__ = ["DemoConfig", "DemoArtifacts", "prepare_demo"]
 
 log = logging.getLogger("edge.demo")
 PIPELINE_VERSION = 1  # bump when a change makes old cached artifacts wrong
+LOWBIT_DIM = 256  # width of the demo's 1-bit bottleneck adapter (1-bit within 1 point of fp32 from ~200 up)
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,8 @@ class DemoArtifacts:
     model: Path
     info: ModelInfo
     adapters: dict[str, Path] = field(default_factory=dict)
+    lowbit_model: Path | None = None  # the encoder with an empty 1-bit bottleneck branch (slots)
+    lowbit_adapters: dict[str, Path] = field(default_factory=dict)
 
 
 def prepare_demo(
@@ -121,7 +124,26 @@ def prepare_demo(
         adapters[name] = path
     if backend == "tflite":
         return _tflite_artifacts(root, model, domains["clean"].x_test[:1], info, adapters, progress)
-    return DemoArtifacts(onnx_path, info, adapters)
+    lowbit_model, lowbit_adapters = _lowbit_artifacts(root, model, domains, cfg, progress)
+    return DemoArtifacts(onnx_path, info, adapters, lowbit_model, lowbit_adapters)
+
+
+def _lowbit_artifacts(root: Path, model, domains: dict, cfg: DemoConfig, progress: bool):
+    """The encoder with an empty 1-bit bottleneck branch (slots), and one 1-bit adapter per domain."""
+    import torch
+
+    from exporters import lowbit
+
+    lcfg = lowbit.LowbitConfig(method="adapter", bits=1, dim=LOWBIT_DIM, seed=cfg.seed)
+    example = torch.as_tensor(domains["clean"].x_test[:4])
+    path, info = lowbit.slot_model(root / "lowbit", model, lcfg, example, progress=progress)
+    adapters = {}
+    for name in cfg.domains:
+        stem = root / "lowbit" / f"{lowbit.adapter_stem(lcfg, name)}.safetensors"
+        if not stem.exists():
+            _say(progress, f"training a 1-bit bottleneck adapter for '{name}' (width {LOWBIT_DIM})")
+        adapters[name], _ = lowbit.train_domain(root / "lowbit", model, lcfg, domains[name], info, progress=progress)
+    return path, adapters
 
 
 def _tflite_artifacts(root: Path, model, example: np.ndarray, info: ModelInfo, adapters: dict, progress: bool):

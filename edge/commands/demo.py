@@ -35,7 +35,14 @@ def run(args) -> int:
     art = prepare_demo(args.cache, cfg, progress=not args.quiet, backend=args.backend)
     domains = load_domains(cfg.domains, seed=cfg.seed)
     result = evaluate_demo(
-        art.model, art.adapters, domains, backend=args.backend, strategy=args.strategy, threads=args.threads
+        art.model,
+        art.adapters,
+        domains,
+        backend=args.backend,
+        strategy=args.strategy,
+        threads=args.threads,
+        lowbit_model=getattr(art, "lowbit_model", None),
+        lowbit_adapters=getattr(art, "lowbit_adapters", None),
     )
     result["artifacts"] = {"model": str(art.model), "adapters": {k: str(v) for k, v in art.adapters.items()}}
     print(format_table(result))
