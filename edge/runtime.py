@@ -58,17 +58,39 @@ class Runtime:
         providers: Iterable[str] = (),
         verify: bool = True,
         trusted_keys: Iterable[str | bytes] | None = None,
+        device=None,
     ) -> None:
+        """Load ``model`` on ``backend``.
+
+        ``device`` (a profile name, a YAML path or an ``edge.devices.DeviceProfile``) supplies
+        threads, execution providers with their options, and the fallback policy: a missing
+        provider raises (``fallback: error``) or runs on CPU with a logged warning, recorded in
+        :attr:`fallback_warning`. Explicit ``threads``/``providers``/``strategy`` win over it.
+        """
         from runtimes import BackendOptions, get_backend
 
+        self.device = None
+        self.fallback_warning: str | None = None
+        extra: dict = {"verify": verify}
+        if device is not None:
+            from edge.devices import DeviceProfile, load_profile
+
+            self.device = device if isinstance(device, DeviceProfile) else load_profile(device)
+            opts = self.device.backend_options(backend)
+            threads = threads if threads is not None else opts.threads
+            providers = tuple(providers) or opts.providers
+            strategy = strategy if strategy != "auto" else opts.strategy
+            extra.update(opts.extra)
+            self.fallback_warning = opts.extra.get("fallback_warning")
+            keys = getattr(self.device, "trusted_keys", ()) or ()
+            if keys and trusted_keys is None:
+                trusted_keys = keys
         path = Path(model)
         try:
             data = path.read_bytes()
         except OSError as e:
             raise FormatError(f"cannot read model file {path}: {e}") from e
-        options = BackendOptions(
-            threads=threads, strategy=strategy, providers=tuple(providers), extra={"verify": verify}
-        )
+        options = BackendOptions(threads=threads, strategy=strategy, providers=tuple(providers), extra=extra)
         self.backend = get_backend(backend)(data, options)
         self.info: ModelInfo = self.backend.info
         self.model_path = path

@@ -71,6 +71,8 @@ class OrtBackend(Backend):
             )
         self._strategy = strategy
         self._providers = self._check_providers(options.providers)
+        popts = options.extra.get("provider_options")
+        self._provider_options = [dict(o) for o in popts] if popts and len(popts) == len(self._providers) else None
         self._threads = options.threads
 
         try:
@@ -185,7 +187,12 @@ class OrtBackend(Backend):
 
     def _make_bound(self) -> None:
         ort = self._ort
-        self._bound = ort.InferenceSession(self._bound_bytes, self._session_options(), providers=self._providers)
+        self._bound = ort.InferenceSession(
+            self._bound_bytes,
+            self._session_options(),
+            providers=self._providers,
+            provider_options=self._provider_options,
+        )
         self._binding = self._bound.io_binding()
         self._bound_values = {k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in self._live.items()}
         for k, v in self._bound_values.items():
@@ -198,7 +205,9 @@ class OrtBackend(Backend):
         names = [k for k in self._live if k not in self._slots]
         values = [ort.OrtValue.ortvalue_from_numpy(self._live[k]) for k in names]
         so.add_external_initializers(names, values)
-        sess = ort.InferenceSession(self._static_bytes, so, providers=self._providers)
+        sess = ort.InferenceSession(
+            self._static_bytes, so, providers=self._providers, provider_options=self._provider_options
+        )
         sess._edge_keepalive = values  # onnxruntime may reference these buffers
         self.last_build_ms = (time.perf_counter() - t0) * 1e3
         return sess
