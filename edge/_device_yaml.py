@@ -67,11 +67,13 @@ def from_dict(data: object, source: Path | None = None) -> DeviceProfile:
         raise ConfigError(
             f"trusted_keys must be a list of Ed25519 public keys (64 hex digits or .pub paths), got {keys!r}"
         )
+    if source is not None:  # relative .pub paths are relative to the profile's folder
+        keys = [str(source.parent / k) if (source.parent / k).is_file() else k for k in keys]
     if keys:
         from edge.signing import load_public_key
 
         for k in keys:  # fail at profile load, not at the first adapter
-            load_public_key(k if len(k) == 64 or source is None else str((source.parent / k).resolve()))
+            load_public_key(k)
     name = d["name"]
     if not isinstance(name, str) or not name:
         raise ConfigError(f"name must be a non-empty string, got {name!r}")
@@ -85,7 +87,7 @@ def from_dict(data: object, source: Path | None = None) -> DeviceProfile:
         fallback=fallback,
         description=str(d.get("description") or ""),
         source=source,
-        trusted_keys=tuple(k if len(k) == 64 or source is None else str((source.parent / k).resolve()) for k in keys),
+        trusted_keys=tuple(keys),
     )
 
 

@@ -63,7 +63,7 @@ def load_public_key(spec: str | os.PathLike | bytes) -> bytes:
     if isinstance(spec, bytes) and len(spec) == 32:
         return spec
     text = str(spec)
-    if len(text) != 64 and Path(text).is_file():
+    if Path(text).is_file():  # a path first: a path can be 64 characters long too
         text = Path(text).read_text().strip()
     try:
         raw = bytes.fromhex(text.strip())

@@ -1,0 +1,34 @@
+"""``edge`` subcommands. One module per command, each with ``register(subparsers)``.
+
+Add a command: write ``edge/commands/NAME.py`` and add its module path to
+:data:`edge.cli.COMMAND_MODULES`. Add a benchmark: add one line to
+:data:`edge.commands.bench.BENCHES`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+DEFAULT_CACHE = Path(os.environ.get("EDGE_CACHE", Path.home() / ".cache" / "edge"))
+
+
+def host_needed(what: str) -> None:
+    """Raise a clear error when a host-side command runs without torch."""
+    from edge.errors import EdgeError
+
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        raise EdgeError(
+            f"{what} trains or exports models on the host and needs torch: pip install 'edge-adapt[host]' "
+            "(device-only installs run exported models and adapters; see README)"
+        ) from None
+
+
+def runtime_flags(sp, *, cache: bool = True) -> None:
+    sp.add_argument("--backend", default="onnxruntime", help="inference backend (default: onnxruntime)")
+    sp.add_argument("--threads", type=int, default=None, help="intra-op threads (default: all cores)")
+    if cache:
+        sp.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help=f"artifact cache (default {DEFAULT_CACHE})")
+    sp.add_argument("-q", "--quiet", action="store_true", help="no progress bars")

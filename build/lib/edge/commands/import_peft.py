@@ -1,0 +1,46 @@
+"""``edge import-peft PATH --base MODEL.onnx --out ADAPTER.safetensors``: convert a Hugging Face PEFT adapter."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "import-peft",
+        help="convert a PEFT adapter folder (SHiRA or LoRA, adapter_model.safetensors) for an exported model",
+    )
+    p.add_argument("path", type=Path, help="PEFT adapter folder (adapter_config.json + adapter_model.safetensors)")
+    p.add_argument(
+        "--base", type=Path, required=True, help="the exported model (.onnx or .tflite) the adapter will run on"
+    )
+    p.add_argument("--out", type=Path, required=True, help="adapter file to write (.safetensors)")
+    p.add_argument(
+        "--lora-as",
+        default="auto",
+        choices=["auto", "merged", "branch"],
+        help="LoRA: merged into the weights as a dense delta, or a branch in the model's LoRA slots "
+        "(auto: branch when the model has slots for every module)",
+    )
+    p.add_argument("--name", help="adapter name (default: the folder name)")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from edge.peft import import_peft
+
+    adapter = import_peft(args.path, args.base, lora_as=args.lora_as, name=args.name)
+    adapter.save(args.out)
+    summary = {
+        "out": str(args.out),
+        "name": adapter.name,
+        "method": adapter.method,
+        "base_fingerprint": adapter.base_fingerprint,
+        "targets": len(adapter.shapes),
+        "nnz": adapter.nnz,
+        "bytes": args.out.stat().st_size,
+        "info": adapter.info,
+    }
+    print(json.dumps(summary, indent=1))
+    return 0

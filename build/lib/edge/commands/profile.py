@@ -1,0 +1,70 @@
+"""``edge profile MODEL --device NAME``: load, latency, switch and memory figures measured on this machine."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from edge.commands.devices import devices_dir_flag
+
+__all__ = ["register", "run"]
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "profile",
+        help="measure load, latency (p50/p95/p99), switch time and peak memory of a model on this machine",
+    )
+    p.add_argument("model", type=Path, help="exported model (.onnx, or .tflite with --inputs)")
+    p.add_argument("--device", required=True, help="device profile name (see `edge devices`) or path to a .yaml")
+    devices_dir_flag(p)
+    p.add_argument("--adapters", nargs="*", type=Path, default=[], metavar="A.safetensors", help="adapters to switch")
+    p.add_argument("--runs", type=int, default=200, help="timed inference runs (default 200)")
+    p.add_argument("--warmup", type=int, default=20, help="untimed runs before timing (default 20)")
+    p.add_argument("--switches", type=int, default=20, help="timed switches per adapter (default 20)")
+    p.add_argument("--inputs", type=Path, help=".npz with one array per model input (default: generated)")
+    p.add_argument("--batch", type=int, default=1, help="size of symbolic dimensions in generated inputs (default 1)")
+    p.add_argument("--backend", default=None, help="backend (default: from the model file's suffix)")
+    p.add_argument("--json", type=Path, help="write the results as JSON here")
+    p.add_argument("--md", type=Path, help="write a Markdown summary here")
+    p.add_argument("--png", type=Path, help="write a plot here (needs matplotlib)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from edge.errors import ConfigError
+    from edge.profile import ProfileConfig, format_markdown, plot, profile_model, write_json
+
+    for flag in ("runs", "switches", "batch"):
+        if getattr(args, flag) < 1:
+            raise ConfigError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
+    if args.warmup < 0:
+        raise ConfigError(f"--warmup must be 0 or more, got {args.warmup}")
+    cfg = ProfileConfig(
+        runs=args.runs, warmup=args.warmup, switches=args.switches, batch=args.batch, progress=not args.quiet
+    )
+    result = profile_model(
+        args.model,
+        args.device,
+        adapters=args.adapters,
+        inputs=args.inputs,
+        backend=args.backend,
+        config=cfg,
+        devices_dir=args.devices_dir,
+    )
+    md = format_markdown(result)
+    print(md)
+    if args.json:
+        write_json(args.json, result)
+        print(f"wrote {args.json}")
+    if args.md:
+        from edge._io import atomic_write_bytes
+
+        atomic_write_bytes(args.md, md.encode())
+        print(f"wrote {args.md}")
+    if args.png:
+        if plot(result, args.png):
+            print(f"wrote {args.png}")
+        else:
+            print(f"skipped {args.png}: matplotlib is not installed (pip install matplotlib)")
+    return 0

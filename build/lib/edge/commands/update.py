@@ -1,0 +1,106 @@
+"""``edge update``: learn from labelled samples on the device (numpy only) and save the state crash-safely."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from edge.commands import runtime_flags
+
+
+def register(sub) -> None:
+    u = sub.add_parser("update", help="on-device update from labelled samples (no torch); resumable state")
+    u.add_argument("--model", required=True, type=Path, help="exported model (.onnx) with a 'features' output")
+    u.add_argument("--data", required=True, type=Path, help=".npz with 'x' and 'y', or a folder of them (in order)")
+    u.add_argument("--method", default="slda", help="ncm, slda (default), ranpac or shira-head")
+    u.add_argument("--state", type=Path, help="state file: resumed if it exists, then saved (default: none kept)")
+    u.add_argument("--memory-mb", type=float, help="memory budget of the update (default: device profile, or 64)")
+    u.add_argument("--device", help="device profile whose budget applies (see `edge devices`)")
+    u.add_argument("--domain", help="where the samples come from; ncm/slda/ranpac keep per-domain prototypes")
+    u.add_argument("-o", "--option", action="append", default=[], metavar="KEY=VALUE", help="method option")
+    u.add_argument("--adapter-out", type=Path, help="shira-head: also write the learned adapter file here")
+    u.add_argument("--eval", type=Path, help=".npz with 'x' and 'y' to report accuracy on after the update")
+    u.add_argument("--json", type=Path, help="write the report as JSON here")
+    runtime_flags(u, cache=False)
+    u.set_defaults(func=run)
+
+
+def run(args) -> int:
+    import json
+
+    import numpy as np
+
+    from edge.runtime import Runtime
+    from edge.update import Updater, limit_blas_threads, load_samples
+
+    budget, source = _budget(args)
+    options = dict(_option(o) for o in args.option)
+    rt = Runtime(args.model, backend=args.backend, threads=args.threads)
+    with limit_blas_threads(args.threads) as blas, rt:
+        chunks = load_samples(args.data, rt.info.inputs)
+        if args.state is not None and args.state.exists():
+            up = Updater.load(args.state, rt, memory_mb=budget)
+            if up.method_name != args.method:
+                from edge.errors import ConfigError
+
+                raise ConfigError(
+                    f"state {args.state} holds a {up.method_name!r} update, not {args.method!r}; "
+                    f"pass --method {up.method_name} or another --state"
+                )
+        else:
+            up = Updater(rt, args.method, memory_mb=budget, **options)
+        reports = [{"data": name, **up.partial_fit(x, y, domain=args.domain).as_dict()} for name, x, y in chunks]
+        result = {
+            "model": str(args.model),
+            "method": up.method_name,
+            "budget_mb": budget,
+            "budget_from": source,
+            "blas_threads": blas,
+            "updates": reports,
+            "classes": list(up.classes),
+            "domains": list(up.domains),
+            "samples_seen": up.samples_seen,
+        }
+        if args.eval is not None:
+            ((_, x, y),) = load_samples(args.eval, rt.info.inputs)
+            result["eval_acc"] = float((up.predict(x) == np.asarray(y)).mean())
+        if args.state is not None:
+            result["state"] = str(up.save(args.state))
+        if args.adapter_out is not None:
+            result["adapter"] = str(up.to_adapter(args.adapter_out.stem).save(args.adapter_out))
+    print(json.dumps(result, indent=1))
+    if args.json:
+        from edge.demo import write_json
+
+        write_json(args.json, result)
+    return 0
+
+
+def _budget(args) -> tuple[float, str]:
+    """The update's memory budget: the flag, else the device profile's, else the default."""
+    from edge.update import DEFAULT_MEMORY_MB
+
+    if args.memory_mb is not None:
+        return args.memory_mb, "--memory-mb"
+    if args.device:
+        from edge.devices import load_profile
+
+        budgets = load_profile(args.device).budgets
+        own = getattr(budgets, "update_mb", None)
+        if own:
+            return float(own), f"device {args.device}: budgets.update_mb"
+        return min(DEFAULT_MEMORY_MB, float(budgets.memory_mb)), f"device {args.device}: default within memory_mb"
+    return DEFAULT_MEMORY_MB, "default"
+
+
+def _option(text: str) -> tuple[str, object]:
+    from edge.errors import ConfigError
+
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"method option {text!r} must look like KEY=VALUE (e.g. -o features=256)")
+    for cast in (int, float):
+        try:
+            return key, cast(value)
+        except ValueError:
+            pass
+    return key, value

@@ -1,0 +1,365 @@
+"""The reconfigurator: route a stream to the adapter of the domain it comes from, with no task label.
+
+    tapped = tap_model("encoder.onnx", "encoder.tapped.onnx")
+    rt = Runtime(tapped.path)                         # + load the known domains' adapters
+    router = Reconfigurator(rt, tapped)
+    router.add_domain("clean", None, x0, y0)          # the base model serves the source domain
+    router.add_domain("rotate", "rotate", x1, y1)     # adapter "rotate" is loaded in rt
+    router.fit()                                      # per-state detectors, calibrated
+    for x, y in stream:                               # batches; labels optional, never used to route
+        step = router.process(x, y)                   # logits served now; may switch for the next batch
+        if router.growth_ready: ...                   # persistent novel inputs: see edge.growth
+
+**Features depend on the active adapter.** In fused mode an adapter rewrites the
+encoder's own weights, so the same input has different features under each state
+(base or adapter). Running a second, adapter-free pass per input would double the cost,
+so the router keeps one HDC detector *per state*, fitted on the features every known
+domain produces *under that state* (each domain keeps a small reservoir of inputs for
+this). A batch is served by the active state and the same pass's features are scored by
+that state's detector: the ID score says whether the input belongs to any known domain,
+the domain prototypes say which. No probing pass is needed; refitting (after a domain is
+added) runs every reservoir through every state once.
+
+**Window policy** (``RouterConfig``). Decisions use the last ``window`` inputs' votes
+(a domain, or OOD when the ID score is below the calibrated threshold), taken at batch
+boundaries, so the batch that triggers a switch is still served by the old state:
+
+* OOD share >= ``novel_share``: the stream is in an unknown domain. Route to the base
+  model and collect OOD inputs; with ``novel_buffer`` of them, :attr:`growth_ready`.
+  The buffer is dropped when the OOD share falls below ``novel_share / 2``.
+* else another domain holds >= ``switch_share`` of the in-distribution votes (OOD share
+  is below ``novel_share``, so they are at least half the window): switch to it.
+* Hysteresis: after a switch the window restarts (its votes came from the other
+  state's features) and no switch happens for ``dwell`` inputs, so a mixed stream
+  settles on its majority domain instead of thrashing.
+
+**Incremental prototypes.** With ``learn``, inputs routed to the active domain are
+bundled into that state's prototypes, with their labels when given, else with the
+model's prediction when the ID score is above the ``confident_quantile`` of held-out
+ID scores; pending inputs are folded in every ``learn_every`` inputs and the threshold
+is recalibrated then. Labelled inputs also refresh the domain's reservoir.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from edge.errors import ConfigError
+from edge.ood import HDC
+from edge.taps import Tapped
+
+__all__ = ["Reconfigurator", "RouterConfig", "Step"]
+
+log = logging.getLogger("edge.router")
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    """Window policy, detector and memory settings of a :class:`Reconfigurator` (module doc)."""
+
+    window: int = 32
+    switch_share: float = 0.75
+    novel_share: float = 0.5
+    dwell: int = 64
+    tpr: float = 0.95
+    learn: bool = True
+    learn_every: int = 512
+    confident_quantile: float = 0.5
+    reservoir: int = 1024
+    novel_buffer: int = 256
+    hdc_dim: int = 4096
+    hdc_bias: float = 2.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("switch_share", "novel_share", "tpr", "confident_quantile"):
+            v = getattr(self, name)
+            if not 0.0 < v <= 1.0:
+                raise ConfigError(f"RouterConfig.{name} must be in (0, 1], got {v}")
+        for name in ("window", "learn_every", "reservoir", "novel_buffer"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"RouterConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.dwell < 0 or self.reservoir < 4:
+            raise ConfigError(f"need dwell >= 0 and reservoir >= 4, got {self.dwell}, {self.reservoir}")
+
+
+@dataclass(frozen=True)
+class Step:
+    """What :meth:`Reconfigurator.process` did with one batch."""
+
+    served_by: str  # domain whose state (adapter or base) produced these outputs
+    logits: np.ndarray
+    scores: np.ndarray  # ID score per input (higher = in-distribution)
+    ood: np.ndarray  # bool per input
+    codes: np.ndarray  # routed domain index per input (into ``names``), -1 when OOD
+    names: tuple[str, ...]  # the known domains when this batch was scored
+    event: str | None = None  # "switch:<domain>", "novel", "known" when the policy acted
+
+    @property
+    def votes(self) -> list[str | None]:
+        """Routed domain name per input, ``None`` when OOD."""
+        return [None if c < 0 else self.names[c] for c in self.codes.tolist()]
+
+
+@dataclass
+class _Domain:
+    name: str
+    adapter: str | None
+    x: np.ndarray
+    y: np.ndarray
+    seen: int = 0
+
+
+@dataclass
+class _State:
+    detector: HDC
+    confident: float
+    pending: list = field(default_factory=list)  # (features, labels) waiting to be bundled
+    waiting: int = 0
+
+
+class _Window:
+    """The last ``size`` votes (domain index, -1 = OOD) in a ring buffer."""
+
+    def __init__(self, size: int) -> None:
+        self.codes = np.zeros(size, np.int64)
+        self.seen = 0
+
+    @property
+    def full(self) -> bool:
+        return self.seen >= len(self.codes)
+
+    def add(self, codes: np.ndarray) -> None:
+        codes = codes[-len(self.codes) :]
+        at = (self.seen + np.arange(len(codes))) % len(self.codes)
+        self.codes[at] = codes
+        self.seen += len(codes)
+
+    def counts(self, domains: int) -> np.ndarray:
+        return np.bincount(self.codes + 1, minlength=domains + 1)
+
+    def clear(self) -> None:
+        self.seen = 0
+
+
+class Reconfigurator:
+    """Route inputs to known domains' adapters by per-state HDC detectors; flag persistent novelty."""
+
+    def __init__(self, runtime, tapped: Tapped, config: RouterConfig = RouterConfig(), logits: str = "logits"):
+        if len(runtime.info.inputs) != 1:
+            raise ConfigError(f"the router feeds one input; model takes {list(runtime.info.inputs)}")
+        self.rt, self.tapped, self.config, self._logits = runtime, tapped, config, logits
+        self._input = runtime.info.inputs[0]
+        self._domains: dict[str, _Domain] = {}
+        self._states: dict[str | None, _State] = {}
+        self._rng = np.random.default_rng(config.seed)
+        self.active: str | None = None
+        self.novel = False
+        self._window = _Window(config.window)
+        self._since_switch = 0
+        self._buffer_x: list[np.ndarray] = []
+        self._buffer_y: list[np.ndarray] = []
+        self.stats = {"inputs": 0, "switches": 0, "infer_s": 0.0, "detect_s": 0.0, "learn_s": 0.0}
+
+    # -- domains ---------------------------------------------------------------------------
+    @property
+    def domains(self) -> list[str]:
+        return list(self._domains)
+
+    def adapter_of(self, domain: str) -> str | None:
+        return self._domains[domain].adapter
+
+    def add_domain(self, name: str, adapter: str | None, x: np.ndarray, y: np.ndarray) -> None:
+        """A known domain served by ``adapter`` (loaded in the runtime; ``None`` = base) with labelled inputs.
+
+        Up to ``config.reservoir`` inputs are kept (half fit the prototypes, half calibrate).
+        Call :meth:`fit` afterwards.
+        """
+        if name in self._domains:
+            raise ConfigError(f"domain {name!r} is already known; known: {self.domains}")
+        if adapter is not None and adapter not in self.rt.adapters:
+            raise ConfigError(f"adapter {adapter!r} is not loaded in the runtime; loaded: {self.rt.adapters}")
+        x, y = np.asarray(x, np.float32), np.asarray(y, np.int64)
+        if len(x) != len(y) or len(x) < 4:
+            raise ConfigError(f"domain {name!r} needs >= 4 labelled inputs with one label each, got {len(x)}/{len(y)}")
+        keep = self._rng.permutation(len(x))[: self.config.reservoir]
+        self._domains[name] = _Domain(name, adapter, x[keep], y[keep], seen=len(x))
+        if self.active is None:
+            self.active = name
+
+    def fit(self, batch: int = 256) -> None:
+        """(Re)build every state's detector from the reservoirs; leaves the active state switched in."""
+        if not self._domains:
+            raise ConfigError("no domains: add_domain(...) first")
+        names = list(self._domains)
+        for adapter in dict.fromkeys(d.adapter for d in self._domains.values()):
+            self.rt.switch(adapter)
+            self.rt.wait_settled()  # bulk runs go faster on the settled (prepacked) session
+            fit, cal = [], []
+            for i, name in enumerate(names):
+                d = self._domains[name]
+                feats, logits = self.features(d.x, batch)
+                half = np.arange(len(d.x)) % 2 == 0
+                fit.append((feats[half], logits[half], d.y[half], np.full(half.sum(), i)))
+                cal.append((feats[~half], logits[~half]))
+            det = HDC(dim=self.config.hdc_dim, bias=self.config.hdc_bias, seed=self.config.seed)
+            det.fit(*(np.concatenate(parts) for parts in zip(*fit)))
+            f_cal, l_cal = (np.concatenate(parts) for parts in zip(*cal))
+            det.calibrate(f_cal, l_cal, self.config.tpr)
+            confident = float(np.quantile(det.score(f_cal), self.config.confident_quantile))
+            self._states[adapter] = _State(det, confident)
+        self.rt.switch(self.adapter_of(self.active))
+        self._window.clear()
+
+    def features(self, x: np.ndarray, batch: int = 256) -> tuple[np.ndarray, np.ndarray]:
+        """Tapped features and logits of ``x`` under the runtime's current state (no routing)."""
+        feats, logits = [], []
+        for s in range(0, len(x), batch):
+            out = self.rt.run({self._input: x[s : s + batch]})
+            feats.append(out[self.tapped.features])
+            logits.append(out[self._logits])
+        return np.concatenate(feats), np.concatenate(logits)
+
+    # -- streaming -------------------------------------------------------------------------
+    def process(self, x: np.ndarray, labels: np.ndarray | None = None) -> Step:
+        """Serve one batch with the active state, score it on the same pass, and apply the window policy.
+
+        ``labels`` (class labels, optional) only feed prototype updates and the growth
+        buffer; routing never reads them.
+        """
+        if not self._states:
+            raise ConfigError("the router is not fitted: call fit() after add_domain(...)")
+        t0 = time.perf_counter()
+        out = self.rt.run({self._input: x})
+        t1 = time.perf_counter()
+        served = self.active
+        step = self.observe(out[self.tapped.features], out[self._logits], x, labels)
+        self.stats["infer_s"] += t1 - t0
+        self.stats["detect_s"] += time.perf_counter() - t1
+        self.stats["inputs"] += len(x)
+        return Step(served, out[self._logits], *step)
+
+    def observe(self, feats: np.ndarray, logits: np.ndarray, x: np.ndarray, labels=None):
+        """The detection half of :meth:`process`, on features computed under the active state.
+
+        Returns ``(scores, ood, codes, names, event)`` (the fields of :class:`Step` after ``logits``).
+        """
+        score, dom = self._states[self.adapter_of(self.active)].detector.route(feats)
+        return self._observe(score, dom, feats, logits, x, labels)
+
+    def _observe(self, score, dom, feats, logits, x, labels):
+        state = self._states[self.adapter_of(self.active)]
+        ood = score < state.detector.threshold
+        codes = np.where(ood, -1, dom)
+        self._window.add(codes)
+        self._since_switch += len(codes)
+        if self.config.learn:
+            self._learn(state, feats, logits, labels, ood, dom, score, x)
+        if ood.any():
+            self._buffer_x.append(np.asarray(x)[ood])
+            self._buffer_y.append(np.full(int(ood.sum()), -1) if labels is None else np.asarray(labels)[ood])
+        return score, ood, codes, tuple(self._domains), self._decide()
+
+    def _decide(self) -> str | None:
+        cfg, w = self.config, self._window
+        if not w.full:
+            return None
+        counts = w.counts(len(self._domains))  # [OOD, domain 0, domain 1, ...]
+        ood_share = counts[0] / cfg.window
+        if ood_share < cfg.novel_share / 2 and self._buffer_x:
+            self._buffer_x, self._buffer_y = [], []
+        if ood_share >= cfg.novel_share:
+            event = None if self.novel else "novel"
+            self.novel = True
+            base = self._base_domain()
+            if base is not None and self.active != base and self._since_switch >= cfg.dwell:
+                self._switch(base)
+                event = f"switch:{base}"
+            return event
+        event = "known" if self.novel else None
+        self.novel = False
+        top, count = list(self._domains)[int(counts[1:].argmax())], int(counts[1:].max())
+        known = cfg.window - counts[0]  # OOD flags are the novelty rule's business, not votes against a switch
+        if top != self.active and count >= cfg.switch_share * known and self._since_switch >= cfg.dwell:
+            self._switch(top)
+            return f"switch:{top}"
+        return event
+
+    def switch_to(self, domain: str) -> None:
+        """Serve ``domain`` now (its adapter, or the base model), as the policy would; restarts the window."""
+        if domain not in self._domains:
+            raise ConfigError(f"unknown domain {domain!r}; known: {self.domains}")
+        self._switch(domain)
+
+    def _base_domain(self) -> str | None:
+        return next((n for n, d in self._domains.items() if d.adapter is None), None)
+
+    def _switch(self, domain: str) -> None:
+        log.info("switch %s -> %s", self.active, domain)
+        self.rt.switch(self.adapter_of(domain))
+        self.active = domain
+        self.stats["switches"] += 1
+        self._window.clear()
+        self._since_switch = 0
+
+    def _learn(self, state: _State, feats, logits, labels, ood, dom, score, x) -> None:
+        t0 = time.perf_counter()
+        mine = (dom == list(self._domains).index(self.active)) & ~ood
+        if labels is not None:
+            labels = np.asarray(labels, np.int64)
+            self._reservoir(self._domains[self.active], np.asarray(x)[mine], labels[mine])
+        else:
+            mine &= score >= state.confident
+        if mine.any():
+            y = logits[mine].argmax(1) if labels is None else labels[mine]
+            state.pending.append((feats[mine], y))
+            state.waiting += int(mine.sum())
+        if state.waiting >= self.config.learn_every:
+            f, y = (np.concatenate(p) for p in zip(*state.pending))
+            state.detector.update(f, labels=y, domains=np.full(len(f), list(self._domains).index(self.active)))
+            state.pending.clear()
+            state.waiting = 0
+        self.stats["learn_s"] += time.perf_counter() - t0
+
+    def _reservoir(self, d: _Domain, x: np.ndarray, y: np.ndarray) -> None:
+        """Reservoir sampling (algorithm R), vectorised over a batch: a uniform sample of all seen inputs."""
+        if not len(x):
+            return
+        room = max(0, self.config.reservoir - len(d.x))
+        if room:
+            d.x, d.y = np.concatenate([d.x, x[:room]]), np.concatenate([d.y, y[:room]])
+            d.seen += min(room, len(x))
+            x, y = x[room:], y[room:]
+        slots = self._rng.integers(0, d.seen + 1 + np.arange(len(x)))  # item i replaces slot j < size
+        d.seen += len(x)
+        keep = slots < len(d.x)
+        d.x[slots[keep]], d.y[slots[keep]] = x[keep], y[keep]
+
+    # -- growth ----------------------------------------------------------------------------
+    @property
+    def growth_ready(self) -> bool:
+        """The stream has been novel long enough to collect ``novel_buffer`` OOD inputs."""
+        return self.novel and sum(len(b) for b in self._buffer_x) >= self.config.novel_buffer
+
+    def take_buffer(self) -> tuple[np.ndarray, np.ndarray]:
+        """The collected novel inputs and their labels (-1 where none were given); empties the buffer."""
+        if not self._buffer_x:
+            return np.zeros((0,), np.float32), np.zeros(0, np.int64)
+        x, y = np.concatenate(self._buffer_x), np.concatenate(self._buffer_y).astype(np.int64)
+        self._buffer_x, self._buffer_y = [], []
+        return x, y
+
+    def add_grown(self, name: str, adapter: str, x: np.ndarray, y: np.ndarray) -> None:
+        """Register a grown domain (its adapter loaded in the runtime), refit every state, and route to it."""
+        self.add_domain(name, adapter, x, y)
+        self.fit()
+        self._switch(name)
+        self.novel = False
+
+    def detector(self, domain: str) -> HDC:
+        """The detector of the state that serves ``domain``."""
+        return self._states[self.adapter_of(domain)].detector

@@ -1,0 +1,321 @@
+"""The device-side runtime: one model, many sparse adapters, fused-mode switching.
+
+    rt = Runtime("model.onnx")                 # onnxruntime, strategy picked for you
+    rt.load_adapter("rotate.safetensors")      # validated against the model, prepared
+    rt.switch("rotate")                        # overwrite the adapter's entries in place
+    rt.switch({"rotate": 1.0, "noise": 0.5})   # W + 1.0*S_rotate + 0.5*S_noise
+    rt.switch(None)                            # bit-exact base weights again
+    out = rt.run({"pixels": x})
+
+Merge semantics, used everywhere (runtime, tests, reference models): for each
+touched entry, ``w = base + sum_i(alpha_i * delta_i)``, the sum taken in float32 in
+the order the adapters are given, then added to the base value once. Switching back
+writes the saved base values, never subtracts, so undo is bit-exact.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edge.adapters import Adapter, DenseDelta, load_adapter
+from edge.errors import AdapterMismatchError, ConfigError, FormatError, SignatureError
+from edge.modelinfo import ModelInfo
+
+__all__ = ["Runtime", "merge_weights"]
+
+log = logging.getLogger("edge.runtime")
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    """An adapter resolved against the model: stored-layout flat positions per stored tensor."""
+
+    adapter: Adapter
+    index: Mapping[str, np.ndarray]  # stored tensor -> sorted int64 flat positions
+    delta: Mapping[str, np.ndarray]  # stored tensor -> float32 deltas aligned with index
+    base: Mapping[str, np.ndarray]  # stored tensor -> base values at index
+    apply: object  # backend-prepared write of base + delta (the alpha = 1 fast path)
+    restore: object  # backend-prepared write of the base values (undo)
+
+
+class Runtime:
+    """Run one exported model and switch sparse adapters into its weights in place."""
+
+    def __init__(
+        self,
+        model: str | os.PathLike,
+        *,
+        backend: str = "onnxruntime",
+        strategy: str = "auto",
+        threads: int | None = None,
+        providers: Iterable[str] = (),
+        verify: bool = True,
+        trusted_keys: Iterable[str | bytes] | None = None,
+        device=None,
+    ) -> None:
+        """Load ``model`` on ``backend``.
+
+        ``device`` (a profile name, a YAML path or an ``edge.devices.DeviceProfile``) supplies
+        threads, execution providers with their options, and the fallback policy: a missing
+        provider raises (``fallback: error``) or runs on CPU with a logged warning, recorded in
+        :attr:`fallback_warning`. Explicit ``threads``/``providers``/``strategy`` win over it.
+        """
+        from runtimes import BackendOptions, get_backend
+
+        self.device = None
+        self.fallback_warning: str | None = None
+        extra: dict = {"verify": verify}
+        if device is not None:
+            from edge.devices import DeviceProfile, load_profile
+
+            self.device = device if isinstance(device, DeviceProfile) else load_profile(device)
+            opts = self.device.backend_options(backend)
+            threads = threads if threads is not None else opts.threads
+            providers = tuple(providers) or opts.providers
+            strategy = strategy if strategy != "auto" else opts.strategy
+            extra.update(opts.extra)
+            self.fallback_warning = opts.extra.get("fallback_warning")
+            keys = getattr(self.device, "trusted_keys", ()) or ()
+            if keys and trusted_keys is None:
+                trusted_keys = keys
+        path = Path(model)
+        try:
+            data = path.read_bytes()
+        except OSError as e:
+            raise FormatError(f"cannot read model file {path}: {e}") from e
+        options = BackendOptions(threads=threads, strategy=strategy, providers=tuple(providers), extra=extra)
+        self.backend = get_backend(backend)(data, options)
+        self.info: ModelInfo = self.backend.info
+        self.model_path = path
+        self._trusted: list[bytes] | None = None
+        if trusted_keys is not None:
+            from edge.signing import load_public_key
+
+            self._trusted = [load_public_key(k) for k in trusted_keys]
+        self._adapters: dict[str, _Prepared] = {}
+        self._active: dict[str, float] = {}
+        self._touched: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # stored -> (positions, base values)
+        self._restore: object = self.backend.prepare([])  # undoes the current state
+        self._lock = threading.Lock()
+        log.info("loaded %s on %s (strategy %s, providers %s)", path.name, backend, self.strategy, self.providers)
+
+    # -- what is running ---------------------------------------------------------------------
+    @property
+    def strategy(self) -> str:
+        """The weight-update strategy the backend uses (``auto`` resolved)."""
+        return self.backend.strategy
+
+    @property
+    def providers(self) -> list[str]:
+        return self.backend.providers
+
+    @property
+    def adapters(self) -> list[str]:
+        return sorted(self._adapters)
+
+    @property
+    def active(self) -> dict[str, float]:
+        """The adapters fused into the weights now, with their weights (empty = base model)."""
+        return dict(self._active)
+
+    # -- adapters ----------------------------------------------------------------------------
+    def load_adapter(self, adapter: Adapter | str | os.PathLike, name: str | None = None) -> str:
+        """Validate an adapter against this model and keep it ready to switch. Returns its name.
+
+        Nothing about the running model changes; a bad adapter raises
+        :class:`~edge.errors.FormatError` or :class:`~edge.errors.AdapterMismatchError`, and, when
+        the runtime was given ``trusted_keys``, an unsigned or wrongly signed file raises
+        :class:`~edge.errors.SignatureError` before any of its bytes is parsed.
+        """
+        if isinstance(adapter, Adapter):
+            if self._trusted is not None:
+                raise SignatureError(
+                    f"this runtime requires signed adapter files; an in-memory Adapter ({adapter.name!r}) "
+                    "cannot be verified: save and sign it, then load the file"
+                )
+        else:
+            adapter = load_adapter(adapter, trusted_keys=self._trusted)
+        adapter.check_against(self.info)
+        name = name or adapter.name
+        index, delta, base, merged = {}, {}, {}, {}
+        for tname, d in adapter.tensors.items():
+            t = self.info.tensors[tname]
+            if t.transposed and len(t.shape) != 2:
+                raise AdapterMismatchError(f"{tname}: only 2-D tensors can be stored transposed")
+            stored = self.backend.read(t.initializer)
+            if stored.size != int(np.prod(t.shape)) or stored.dtype != np.float32:
+                raise AdapterMismatchError(f"{tname}: stored tensor {stored.shape} {stored.dtype} does not fit")
+            if isinstance(d, DenseDelta):  # the whole slot tensor, in stored layout
+                index[t.initializer] = np.arange(stored.size, dtype=np.int64)
+                delta[t.initializer] = np.ascontiguousarray(d.values.T if t.transposed else d.values).reshape(-1)
+                continue
+            rows = d.indices.astype(np.int64)
+            flat = rows[1] * t.shape[0] + rows[0] if t.transposed else np.ravel_multi_index(tuple(rows), t.shape)
+            order = np.argsort(flat, kind="stable")
+            index[t.initializer] = flat[order]
+            delta[t.initializer] = d.values[order]
+        from runtimes import WeightWrite
+
+        with self._lock:
+            for tname, pos in index.items():
+                base[tname] = self._base_at(tname, pos)
+                merged[tname] = base[tname] + (np.float32(0) + delta[tname])
+            apply = self.backend.prepare([WeightWrite(t, index[t], merged[t]) for t in index])
+            restore = self.backend.prepare([WeightWrite(t, index[t], base[t]) for t in index])
+            self._adapters[name] = _Prepared(adapter, index, delta, base, apply, restore)
+        return name
+
+    def adapter(self, name: str) -> Adapter:
+        """The loaded adapter called ``name``."""
+        try:
+            return self._adapters[name].adapter
+        except KeyError:
+            raise ConfigError(f"adapter {name!r} is not loaded; loaded: {sorted(self._adapters) or 'none'}") from None
+
+    def unload_adapter(self, name: str) -> None:
+        with self._lock:
+            if name in self._active:
+                raise ConfigError(f"adapter {name!r} is active; switch away from it before unloading")
+            self._adapters.pop(name, None)
+
+    # -- switching ---------------------------------------------------------------------------
+    def switch(self, spec: str | Mapping[str, float] | Iterable[str] | None) -> None:
+        """Fuse the given adapters into the weights, replacing whatever was fused before.
+
+        ``None`` or ``{}`` restores the base model; a name fuses one adapter; a mapping
+        fuses several with weights (``W + a1*S1 + a2*S2``). The switch either completes
+        or changes nothing: all checks and arithmetic happen before the first write.
+        """
+        from runtimes import WeightWrite
+
+        target = _normalise(spec)
+        with self._lock:
+            unknown = [n for n in target if n not in self._adapters]
+            if unknown:
+                raise ConfigError(f"adapter(s) {unknown} are not loaded; loaded: {sorted(self._adapters) or 'none'}")
+            if len(target) == 1 and next(iter(target.values())) == 1.0:  # fast path: prepared at load
+                p = self._adapters[next(iter(target))]
+                apply, restore = p.apply, p.restore
+                touched = {t: (pos, p.base[t]) for t, pos in p.index.items()}
+            else:
+                touched, new_values = self._fuse(target)
+                apply = self.backend.prepare([WeightWrite(t, touched[t][0], v) for t, v in new_values.items()])
+                restore = self.backend.prepare([WeightWrite(t, pos, b) for t, (pos, b) in touched.items()])
+            self.backend.write(self._restore, apply)
+            self._restore, self._touched, self._active = restore, touched, target
+
+    def _fuse(self, target: Mapping[str, float]):
+        """Positions, base values and fused values per stored tensor for several weighted adapters."""
+        owner: dict[str, str] = {}
+        for name in target:
+            p = self._adapters[name]
+            if p.adapter.fusable:
+                continue
+            for tname in p.index:
+                if tname in owner:
+                    raise ConfigError(
+                        f"adapters {owner[tname]!r} and {name!r} both write slot {tname!r}; branch adapters "
+                        "(bottleneck, LoRA) cannot share slots. Fuse SHiRA adapters, or one branch adapter per slot"
+                    )
+                owner[tname] = name
+        touched: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        values: dict[str, np.ndarray] = {}
+        parts: dict[str, list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = {}
+        for name, alpha in target.items():
+            p = self._adapters[name]
+            for tname, idx in p.index.items():
+                parts.setdefault(tname, []).append((idx, np.float32(alpha) * p.delta[tname], p.base[tname]))
+        for tname, plist in parts.items():
+            allpos = np.concatenate([q for q, _, _ in plist])
+            pos, first, inv = np.unique(allpos, return_index=True, return_inverse=True)
+            acc = np.zeros(pos.shape, np.float32)
+            np.add.at(acc, inv, np.concatenate([v for _, v, _ in plist]))
+            base = np.concatenate([b for _, _, b in plist])[first]
+            touched[tname] = (pos, base)
+            values[tname] = base + acc
+        return touched, values
+
+    def wait_settled(self, timeout: float | None = None) -> bool:
+        """Wait for any background work the strategy does after a switch (True when done)."""
+        return self.backend.wait_settled(timeout)
+
+    def _base_at(self, tname: str, pos: np.ndarray) -> np.ndarray:
+        base = self.backend.read(tname).reshape(-1)[pos].astype(np.float32, copy=True)
+        if tname in self._touched:
+            tpos, tbase = self._touched[tname]
+            where = np.searchsorted(tpos, pos)
+            where[where >= tpos.size] = 0
+            hit = tpos[where] == pos if tpos.size else np.zeros(pos.shape, bool)
+            base[hit] = tbase[where[hit]]
+        return base
+
+    # -- inference ---------------------------------------------------------------------------
+    def run(self, feeds: Mapping[str, np.ndarray] | np.ndarray) -> dict[str, np.ndarray]:
+        """Run the model on a dict of named inputs (or one array for a one-input model)."""
+        if isinstance(feeds, np.ndarray):
+            if len(self.info.inputs) != 1:
+                raise ConfigError(f"model takes inputs {list(self.info.inputs)}; pass a dict of them")
+            feeds = {self.info.inputs[0]: feeds}
+        missing = [n for n in self.info.inputs if n not in feeds]
+        if missing:
+            raise ConfigError(f"missing model input(s) {missing}; the model takes {list(self.info.inputs)}")
+        return self.backend.run(feeds)
+
+    def weights(self, param: str) -> np.ndarray:
+        """Current value of a source parameter in its source layout (a copy)."""
+        t = self.info.tensors[param]
+        w = np.array(self.backend.read(t.initializer))
+        return w.T.copy() if t.transposed else w.reshape(t.shape)
+
+    def close(self) -> None:
+        self.backend.close()
+
+    def __enter__(self) -> Runtime:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _normalise(spec) -> dict[str, float]:
+    if spec is None:
+        return {}
+    if isinstance(spec, str):
+        return {spec: 1.0}
+    if isinstance(spec, Mapping):
+        out = {}
+        for k, v in spec.items():
+            a = float(v)
+            if not np.isfinite(a):
+                raise ConfigError(f"adapter weight for {k!r} must be finite, got {v!r}")
+            out[str(k)] = a
+        return out
+    return {str(k): 1.0 for k in spec}
+
+
+def merge_weights(base: Mapping[str, np.ndarray], adapters: Iterable[tuple[Adapter, float]]) -> dict[str, np.ndarray]:
+    """Reference merge in source layout: ``W + sum_i alpha_i * S_i`` with the runtime's semantics.
+
+    ``base`` maps parameter names to arrays; returns new arrays for every parameter.
+    """
+    acc: dict[str, np.ndarray] = {}
+    touched: dict[str, np.ndarray] = {}
+    for adapter, alpha in adapters:
+        for tname, d in adapter.tensors.items():
+            a = acc.setdefault(tname, np.zeros(base[tname].shape, np.float32))
+            m = touched.setdefault(tname, np.zeros(base[tname].shape, bool))
+            where = ... if isinstance(d, DenseDelta) else tuple(d.indices.astype(np.int64))
+            a[where] += np.float32(alpha) * d.values
+            m[where] = True
+    out = {k: np.array(v, copy=True) for k, v in base.items()}
+    for tname, a in acc.items():
+        m = touched[tname]
+        out[tname][m] = base[tname][m] + a[m]
+    return out

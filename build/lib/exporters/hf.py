@@ -1,0 +1,333 @@
+"""Export Hugging Face encoders (BERT family, ViT, ...) as pooled embedders, validated, offline.
+
+:func:`export_hf_encoder` takes a local model directory (a ``transformers`` or
+sentence-transformers checkpoint) or an already-built ``transformers`` model, wraps it
+as :class:`PooledEncoder` (encoder -> pooling -> optional L2 normalisation, the recipe of
+sentence-transformers' ``Pooling`` and ``Normalize`` modules) and exports it with
+:func:`exporters.onnx.export_onnx`, so the file is checked against torch before it is
+written. Parameter names keep the Hugging Face names behind the model's
+``base_model_prefix`` (``bert.encoder.layer.0.attention.self.query.weight``), the same
+names HF task models use, so adapters trained with PEFT map onto them by suffix
+(:mod:`edge.peft`).
+
+A text model's ``tokenizer.json`` is copied next to the ONNX file
+(``NAME.tokenizer.json``) and named in the metadata, so :mod:`edge.text` tokenizes on the
+device with the ``tokenizers`` library only. ``lora_slots`` adds zero LoRA branches
+(``X.lora_A.weight``, ``X.lora_B.weight``) to chosen linear layers, exported as slots so
+PEFT LoRA adapters can be switched in as branches. Host side only: imports torch.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import json
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+
+from edge._io import atomic_write_bytes
+from edge.errors import ConfigError, FormatError
+from edge.modelinfo import ModelInfo
+from exporters.onnx import export_onnx
+
+__all__ = [
+    "PooledEncoder",
+    "TextEncoder",
+    "VisionEncoder",
+    "POOLINGS",
+    "export_hf_encoder",
+    "load_hf_encoder",
+    "add_lora_slots",
+    "lora_slot_names",
+]
+
+POOLINGS = ("mean", "cls", "none")
+_TEXT_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+_EXAMPLE_TEXT = "A small model adapts to new data on the edge device."
+
+
+class PooledEncoder(torch.nn.Module):
+    """A ``transformers`` encoder + pooling + optional L2 normalisation, with plain tensor inputs.
+
+    Build one with :meth:`wrap`, which picks :class:`TextEncoder` (``input_ids``,
+    ``attention_mask`` [, ``token_type_ids``]) or :class:`VisionEncoder` (``pixel_values``).
+    ``forward`` returns ``(embeddings,)``: ``[batch, hidden]`` pooled, or ``[batch, tokens,
+    hidden]`` with ``pooling="none"`` (then left for the caller to pool and normalise).
+    Mean pooling over text weighs tokens by the attention mask (sentence-transformers'
+    ``pooling_mode_mean_tokens``); over images it averages all tokens.
+    """
+
+    modality = ""
+    input_names: tuple[str, ...] = ()
+
+    def __init__(self, backbone: torch.nn.Module, *, pooling: str = "mean", normalize: bool = False) -> None:
+        super().__init__()
+        if pooling not in POOLINGS:
+            raise ConfigError(f"pooling {pooling!r} is not supported; allowed: {', '.join(POOLINGS)}")
+        self.prefix = getattr(backbone, "base_model_prefix", "") or "encoder"
+        self.add_module(self.prefix, backbone)
+        self.pooling, self.normalize = pooling, bool(normalize)
+
+    @staticmethod
+    def wrap(backbone: torch.nn.Module, **kwargs) -> PooledEncoder:
+        """A :class:`TextEncoder` or :class:`VisionEncoder`, after what ``backbone.forward`` accepts."""
+        accepted = _forward_args(backbone)
+        if "pixel_values" in accepted:
+            return VisionEncoder(backbone, **kwargs)
+        if "input_ids" in accepted:
+            enc = TextEncoder(backbone, **kwargs)
+            enc.input_names = tuple(n for n in _TEXT_INPUTS if n in accepted)
+            return enc
+        raise ConfigError(
+            f"{type(backbone).__name__}.forward takes neither input_ids nor pixel_values; "
+            "export_hf_encoder handles text and vision encoders"
+        )
+
+    def _pool(self, hidden: torch.Tensor, mask: torch.Tensor | None):
+        if self.pooling == "cls":
+            out = hidden[:, 0]
+        elif self.pooling == "mean" and mask is not None:
+            m = mask.unsqueeze(-1).to(hidden.dtype)
+            out = (hidden * m).sum(dim=1) / m.sum(dim=1).clamp(min=1e-9)
+        elif self.pooling == "mean":
+            out = hidden.mean(dim=1)
+        else:
+            return (hidden,)
+        return (torch.nn.functional.normalize(out, p=2, dim=-1) if self.normalize else out,)
+
+
+class TextEncoder(PooledEncoder):
+    modality = "text"
+    input_names = _TEXT_INPUTS
+
+    def forward(self, input_ids, attention_mask, token_type_ids=None):
+        kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if token_type_ids is not None:
+            kwargs["token_type_ids"] = token_type_ids
+        return self._pool(getattr(self, self.prefix)(**kwargs).last_hidden_state, attention_mask)
+
+
+class VisionEncoder(PooledEncoder):
+    modality = "vision"
+    input_names = ("pixel_values",)
+
+    def forward(self, pixel_values):
+        return self._pool(getattr(self, self.prefix)(pixel_values=pixel_values).last_hidden_state, None)
+
+
+class _LoraSlotLinear(torch.nn.Linear):
+    """``nn.Linear`` plus a LoRA branch ``lora_B(lora_A(x))`` whose weights start at zero (slots)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) + self.lora_B(self.lora_A(x))
+
+
+def lora_slot_names(weight: str) -> tuple[str, str]:
+    """Slot parameter names ``(A, B)`` of the LoRA branch on the linear weight ``X.weight``."""
+    stem = weight.removesuffix(".weight")
+    return f"{stem}.lora_A.weight", f"{stem}.lora_B.weight"
+
+
+def add_lora_slots(model: torch.nn.Module, targets: Sequence[str], rank: int) -> list[str]:
+    """Give every ``nn.Linear`` whose name ends with one of ``targets`` a zero LoRA branch of ``rank``.
+
+    Targets match module names as PEFT's ``target_modules`` list does (exact name or
+    ``.``-separated suffix). Returns the new slot parameter names (pass them to
+    ``export_onnx(slots=...)``). Raises :class:`ConfigError` when a target matches nothing.
+    """
+    if rank < 1:
+        raise ConfigError(f"lora rank must be >= 1, got {rank}")
+    slots, hit = [], set()
+    for name, mod in list(model.named_modules()):
+        match = [t for t in targets if name == t or name.endswith("." + t)]
+        if not match or type(mod) is not torch.nn.Linear:
+            continue
+        hit.update(match)
+        mod.__class__ = _LoraSlotLinear
+        mod.lora_A = torch.nn.Linear(mod.in_features, rank, bias=False)
+        mod.lora_B = torch.nn.Linear(rank, mod.out_features, bias=False)
+        torch.nn.init.zeros_(mod.lora_A.weight)
+        torch.nn.init.zeros_(mod.lora_B.weight)
+        slots += list(lora_slot_names(f"{name}.weight"))
+    missing = [t for t in targets if t not in hit]
+    if missing:
+        raise ConfigError(f"lora slot targets {missing} match no nn.Linear module of the model; name module suffixes")
+    return slots
+
+
+def load_hf_encoder(model_dir: str | os.PathLike) -> tuple[torch.nn.Module, dict]:
+    """Load a local ``transformers`` encoder without network access, and what sentence-transformers says of it.
+
+    Returns ``(model, settings)`` where ``settings`` may hold ``pooling``, ``normalize`` and
+    ``max_seq_length`` read from a sentence-transformers layout (``modules.json``).
+    """
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoModel
+
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise FormatError(f"{model_dir} has no config.json; give a local Hugging Face model directory")
+    model = AutoModel.from_pretrained(str(model_dir), local_files_only=True, attn_implementation="eager")
+    return model, _sentence_transformers_settings(model_dir)
+
+
+def export_hf_encoder(
+    model: str | os.PathLike | torch.nn.Module,
+    path: str | os.PathLike,
+    *,
+    pooling: str | None = None,
+    normalize: bool | None = None,
+    seq_len: int = 128,
+    dynamic_seq: bool = False,
+    image_size: int | None = None,
+    tokenizer: str | os.PathLike | None = None,
+    lora_slots: Sequence[str] = (),
+    lora_rank: int = 8,
+    name: str | None = None,
+    extra: Mapping[str, object] | None = None,
+    file_format: str = "onnx",
+    **kwargs,
+) -> ModelInfo:
+    """Export a Hugging Face encoder as a pooled embedder to ``path`` (validated on onnxruntime).
+
+    Args:
+        model: a local model directory or a ``transformers`` model (``BertModel``, ``ViTModel``...).
+        pooling: ``mean``, ``cls`` or ``none``; default: the sentence-transformers setting when the
+            directory has one, else ``mean`` for text and ``cls`` for vision.
+        normalize: L2-normalise the output; default: whether sentence-transformers does.
+        seq_len: example (and, unless ``dynamic_seq``, fixed) sequence length for text; longer texts are
+            truncated there (sentence-transformers truncates at ``max_seq_length``: use ``dynamic_seq`` to match).
+        image_size: example image side for vision (default: the model config's ``image_size``).
+        tokenizer: a ``tokenizer.json`` to ship beside the model (default: the directory's).
+        lora_slots, lora_rank: module-name suffixes that get zero LoRA branches exported as slots.
+        name: model name in the metadata (default: the directory or class name).
+        extra: more JSON metadata; other keyword arguments go to the exporter.
+        file_format: ``onnx`` (:func:`exporters.onnx.export_onnx`, the default) or ``tflite``
+            (:func:`exporters.tflite.export_tflite`, needs the litert-torch converter; fixed shapes).
+    """
+    if file_format not in _EXPORTERS:
+        raise ConfigError(f"file_format {file_format!r} is not supported; allowed: {', '.join(_EXPORTERS)}")
+    settings: dict = {}
+    if isinstance(model, (str, os.PathLike)):
+        src = Path(model)
+        model, settings = load_hf_encoder(src)
+        name = name or src.name
+        if tokenizer is None and (src / "tokenizer.json").is_file():
+            tokenizer = src / "tokenizer.json"
+    elif isinstance(model, torch.nn.Module) and hasattr(model, "config"):
+        model = copy.deepcopy(model)  # the pooler is dropped and slots are added below: leave the caller's model be
+    else:
+        raise ConfigError(f"model must be a local directory or a transformers model, got {type(model).__name__}")
+    if getattr(model, "pooler", None) is not None:
+        model.pooler = None  # BERT's and ViT's poolers are unused by embedders; unused parameters cannot be exported
+    encoder = PooledEncoder.wrap(
+        model,
+        pooling=pooling or settings.get("pooling") or ("mean" if "input_ids" in _forward_args(model) else "cls"),
+        normalize=settings.get("normalize", False) if normalize is None else normalize,
+    ).eval()
+    slots = add_lora_slots(encoder, lora_slots, lora_rank) if lora_slots else []
+    name = name or type(model).__name__
+    path = Path(path)
+    info = {
+        "source": str(getattr(model.config, "_name_or_path", "") or type(model).__name__),
+        "model_type": getattr(model.config, "model_type", None),
+        "modality": encoder.modality,
+        "pooling": encoder.pooling,
+        "normalize": "l2" if encoder.normalize else None,
+    }
+    if slots:
+        info["lora_slots"] = {"rank": int(lora_rank), "targets": list(lora_slots)}
+    dynamic_axes = None
+    if encoder.modality == "text":
+        examples = _text_examples(model, encoder.input_names, seq_len, tokenizer)
+        info["seq_len"] = None if dynamic_seq else int(seq_len)
+        info["max_seq_length"] = int(settings.get("max_seq_length") or seq_len)
+        if dynamic_seq:
+            dynamic_axes = {n: {1: "seq"} for n in encoder.input_names}
+        if tokenizer is not None:
+            info["tokenizer"] = f"{path.stem}.tokenizer.json"
+    else:
+        side = int(image_size or getattr(model.config, "image_size", 224))
+        channels = int(getattr(model.config, "num_channels", 3))
+        examples = (torch.randn(1, channels, side, side, generator=torch.Generator().manual_seed(0)),)
+        info["image_size"] = side
+    if dynamic_axes:
+        kwargs["dynamic_axes"] = dynamic_axes
+    result = _EXPORTERS[file_format]()(
+        encoder,
+        examples,
+        path,
+        input_names=encoder.input_names,
+        output_names=("embeddings",),
+        name=name,
+        extra={**info, **(extra or {})},
+        slots=slots,
+        **kwargs,
+    )
+    if tokenizer is not None and encoder.modality == "text":
+        atomic_write_bytes(path.with_name(info["tokenizer"]), Path(tokenizer).read_bytes())
+    return result
+
+
+def _tflite_exporter():
+    from exporters.tflite import export_tflite
+
+    return export_tflite
+
+
+_EXPORTERS = {"onnx": lambda: export_onnx, "tflite": _tflite_exporter}
+
+
+def _forward_args(model: torch.nn.Module) -> Mapping[str, inspect.Parameter]:
+    return inspect.signature(model.forward).parameters
+
+
+def _text_examples(model, input_names, seq_len: int, tokenizer) -> tuple[torch.Tensor, ...]:
+    """Example inputs: a real sentence through ``tokenizer`` when given, else random ids with padding."""
+    if tokenizer is not None:
+        from edge.text import Tokenizer
+
+        arrays = Tokenizer.from_file(tokenizer, seq_len=seq_len).encode([_EXAMPLE_TEXT])
+        return tuple(torch.from_numpy(arrays[n]) for n in input_names)
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, int(model.config.vocab_size), (1, seq_len), generator=gen)
+    mask = torch.ones(1, seq_len, dtype=torch.int64)
+    mask[:, seq_len - seq_len // 4 :] = 0  # some padding, so masked pooling is exercised
+    arrays = {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids)}
+    return tuple(arrays[n] for n in input_names)
+
+
+def _sentence_transformers_settings(model_dir: Path) -> dict:
+    """Pooling, normalisation and max length from a sentence-transformers layout (empty when there is none)."""
+    modules_file = model_dir / "modules.json"
+    if not modules_file.is_file():
+        return {}
+    try:
+        modules = json.loads(modules_file.read_text())
+        out: dict = {}
+        for m in modules:
+            kind = str(m.get("type", "")).rsplit(".", 1)[-1]
+            if kind == "Pooling":
+                cfg = json.loads((model_dir / m["path"] / "config.json").read_text())
+                modes = {"pooling_mode_mean_tokens": "mean", "pooling_mode_cls_token": "cls"}
+                chosen = [v for k, v in modes.items() if cfg.get(k)]
+                others = [k for k, v in cfg.items() if k.startswith("pooling_mode") and v and k not in modes]
+                if len(chosen) != 1 or others:
+                    raise ConfigError(
+                        f"{model_dir}: sentence-transformers pooling {cfg} is not supported; "
+                        "allowed: exactly one of mean or cls tokens"
+                    )
+                out["pooling"] = chosen[0]
+            elif kind == "Normalize":
+                out["normalize"] = True
+        st_cfg = model_dir / "sentence_bert_config.json"
+        if st_cfg.is_file():
+            out["max_seq_length"] = json.loads(st_cfg.read_text()).get("max_seq_length")
+        return out
+    except ConfigError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise FormatError(f"{model_dir}: unreadable sentence-transformers configuration: {e}") from e

@@ -1,0 +1,416 @@
+"""Export a torch module to ONNX in the layout the edge runtime expects, and prove it.
+
+:func:`export_onnx` runs the torch dynamo exporter without its optimizer (so every
+parameter keeps its ``named_parameters()`` name as an initializer), folds the
+``Transpose(weight) -> MatMul`` pattern into the stored weight so MatMul reads the
+initializer directly (onnxruntime can prepack it, or a runtime can bind it as a graph
+input with no per-run Transpose), writes :class:`~edge.modelinfo.ModelInfo` into the
+file's metadata, checks the result on onnxruntime against torch and only then
+replaces the file at ``path``. Host side only: this module imports torch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import tempfile
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from onnx import numpy_helper
+from tqdm.auto import tqdm
+
+from edge.errors import ConfigError, ExportValidationError, FormatError
+from edge.modelinfo import META_KEY, ModelInfo, TensorInfo, fingerprint
+
+__all__ = ["export_onnx", "load_model_info", "OPSET", "IR_VERSION"]
+
+log = logging.getLogger(__name__)
+
+OPSET = 20  # default ai.onnx opset of torch 2.13's exporter; onnxruntime >= 1.17 runs it
+IR_VERSION = 10  # onnx >= 1.17 stamps newer IR versions that older onnxruntime rejects
+_MATMUL_OPS = ("MatMul", "Gemm")
+
+
+def export_onnx(
+    model: torch.nn.Module,
+    example_inputs: tuple[torch.Tensor, ...],
+    path: str | os.PathLike,
+    *,
+    input_names: Sequence[str],
+    output_names: Sequence[str],
+    name: str,
+    dynamic_batch: bool = True,
+    dynamic_axes: Mapping[str, Mapping[int, str]] | None = None,
+    extra: Mapping[str, object] | None = None,
+    slots: Sequence[str] = (),
+    atol: float = 1e-4,
+    rtol: float = 1e-3,
+    validate: bool = True,
+    progress: bool = True,
+) -> ModelInfo:
+    """Export ``model`` to ``path`` as a single self-contained ONNX file and return its ModelInfo.
+
+    Args:
+        model: module in eval mode; ``model(*example_inputs)`` returns a tensor or a
+            (nested) tuple/list/dict of tensors, flattened in order to ``output_names``.
+        example_inputs: positional inputs used for tracing and validation; axis 0 is the batch.
+        input_names, output_names: graph input/output names, one per flattened input/output.
+        name: model name recorded in the metadata.
+        dynamic_batch: make axis 0 of every input dynamic (named ``"batch"``).
+        dynamic_axes: further dynamic axes, ``{input_name: {axis: dim_name}}``; axes that share
+            a ``dim_name`` must be equal (e.g. ``{"input_ids": {1: "seq"}, "attention_mask": {1: "seq"}}``).
+        extra: JSON-serialisable values stored in ``ModelInfo.extra`` (labels, preprocessing...).
+        slots: parameter names of adapter branches (bottleneck, LoRA): recorded with ``slot=True``
+            so runtimes feed them at run time and switch them in place; export them at zero.
+        atol, rtol: validation tolerance, ``np.allclose`` semantics with torch as reference.
+        validate: run the file on onnxruntime (CPU) against torch before writing it.
+        progress: show a progress bar over the export steps.
+
+    The file at ``path`` is replaced atomically and only once validation passed; on any
+    error a pre-existing file there is left untouched.
+
+    Raises:
+        ConfigError: inconsistent arguments, or the model is in training mode.
+        ExportValidationError: a parameter is missing from the graph, or outputs differ from torch.
+    """
+    path = Path(path)
+    example_inputs = tuple(example_inputs)
+    input_names, output_names = tuple(input_names), tuple(output_names)
+    _check_arguments(model, example_inputs, input_names, output_names, dynamic_axes, extra)
+
+    steps = tqdm(total=3 if validate else 2, desc=f"export {name}", unit="step", disable=not progress, leave=False)
+    with steps:
+        steps.set_postfix_str("torch.onnx.export")
+        proto = _torch_export(model, example_inputs, input_names, output_names, dynamic_batch, dynamic_axes)
+        steps.update()
+
+        steps.set_postfix_str("post-process")
+        tensors = _fold_weight_transposes(proto, model)
+        unknown = [s for s in slots if s not in tensors]
+        if unknown:
+            raise ConfigError(f"slots {unknown} are not 2-D+ parameters of the model; known: {sorted(tensors)[:10]}")
+        tensors = {k: replace(t, slot=k in slots) for k, t in tensors.items()}
+        stored = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
+        info = ModelInfo(
+            name=name,
+            fingerprint=fingerprint(stored),
+            tensors=tensors,
+            inputs=input_names,
+            outputs=output_names,
+            extra=dict(extra or {}),
+        )
+        _set_metadata(proto, META_KEY, info.to_json())
+        onnx.checker.check_model(proto)
+        steps.update()
+
+        with _staged_file(path, proto.SerializeToString()) as tmp:
+            if validate:
+                steps.set_postfix_str("validate on onnxruntime")
+                _validate(model, example_inputs, tmp, input_names, output_names, dynamic_batch, atol, rtol)
+                steps.update()
+    log.info("exported %s to %s (%d tensors, %s)", name, path, len(tensors), info.fingerprint)
+    return info
+
+
+def load_model_info(path: str | os.PathLike) -> ModelInfo:
+    """Read the :class:`ModelInfo` an export wrote into an ONNX file's metadata.
+
+    Raises:
+        FormatError: the file is not ONNX or carries no edge metadata.
+    """
+    try:
+        proto = onnx.load(os.fspath(path), load_external_data=False)
+    except OSError:
+        raise
+    except Exception as e:  # protobuf's DecodeError and friends
+        raise FormatError(f"{path} is not a readable ONNX file: {e}") from e
+    for prop in proto.metadata_props:
+        if prop.key == META_KEY:
+            return ModelInfo.from_json(prop.value)
+    raise FormatError(
+        f"{path} has no {META_KEY!r} metadata entry; it was not written by exporters.onnx.export_onnx. "
+        "Re-export the model with export_onnx."
+    )
+
+
+# -- export ---------------------------------------------------------------------------------------------------------
+
+
+def _check_arguments(model, example_inputs, input_names, output_names, dynamic_axes, extra) -> None:
+    if model.training:
+        raise ConfigError(
+            "model is in training mode (dropout and batch-norm updates break validation); call model.eval()"
+        )
+    if not example_inputs or not all(isinstance(x, torch.Tensor) for x in example_inputs):
+        raise ConfigError("example_inputs must be a non-empty tuple of torch tensors, one per graph input")
+    if len(input_names) != len(example_inputs):
+        raise ConfigError(
+            f"{len(input_names)} input_names {list(input_names)} for {len(example_inputs)} example inputs"
+        )
+    if len(set(input_names)) != len(input_names) or len(set(output_names)) != len(output_names):
+        raise ConfigError(f"input and output names must be unique: {list(input_names)}, {list(output_names)}")
+    unknown = sorted(set(dynamic_axes or {}) - set(input_names))
+    if unknown:
+        raise ConfigError(f"dynamic_axes names unknown inputs {unknown}; the inputs are {list(input_names)}")
+    try:
+        json.dumps(dict(extra or {}))
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"extra must be a JSON-serialisable mapping (stored as file metadata): {e}") from e
+    with torch.no_grad():
+        n_out = len(_flatten(model(*example_inputs)))
+    if n_out != len(output_names):
+        raise ConfigError(f"model returns {n_out} tensors but {len(output_names)} output_names were given")
+
+
+def _torch_export(model, example_inputs, input_names, output_names, dynamic_batch, dynamic_axes) -> onnx.ModelProto:
+    """Run the dynamo exporter, unoptimized so initializers keep their torch names."""
+    dims: dict[str, torch.export.Dim] = {}
+
+    def dim(label: str) -> torch.export.Dim:
+        return dims.setdefault(label, torch.export.Dim(label))
+
+    shapes = []
+    for input_name in input_names:
+        axes = {0: dim("batch")} if dynamic_batch else {}
+        axes.update({int(a): dim(label) for a, label in (dynamic_axes or {}).get(input_name, {}).items()})
+        shapes.append(axes or None)
+
+    program = torch.onnx.export(
+        model,
+        example_inputs,
+        dynamo=True,
+        optimize=False,
+        external_data=False,
+        verbose=False,
+        opset_version=OPSET,
+        input_names=list(input_names),
+        output_names=list(output_names),
+        dynamic_shapes=tuple(shapes) if dims else None,
+    )
+    proto = program.model_proto
+    proto.ir_version = min(proto.ir_version, IR_VERSION)
+    return proto
+
+
+# -- post-processing ------------------------------------------------------------------------------------------------
+
+
+def _fold_weight_transposes(proto: onnx.ModelProto, model: torch.nn.Module) -> dict[str, TensorInfo]:
+    """Store ``Transpose(W) -> MatMul/Gemm`` weights pre-transposed; map every parameter to its initializer.
+
+    Returns a TensorInfo for every parameter of two or more dimensions (the adapter targets).
+    """
+    graph = proto.graph
+    initializers = {t.name: t for t in graph.initializer}
+    params = dict(model.named_parameters())
+    missing = [n for n in params if n not in initializers]
+    if missing:
+        raise ExportValidationError(
+            f"{len(missing)} parameter(s) are not initializers of the exported graph: {missing[:10]}"
+            f"{' ...' if len(missing) > 10 else ''}. Parameters unused by forward() are dropped by the exporter: "
+            "remove those modules (e.g. set them to None) before exporting."
+        )
+
+    consumers = _consumers(graph)
+    protected = _subgraph_names(graph) | {o.name for o in graph.output}
+    tensors: dict[str, TensorInfo] = {}
+    folded: set[str] = set()  # outputs of the Transpose nodes to drop
+    for pname, param in params.items():
+        if param.dim() < 2:
+            continue
+        transposes = consumers.get(pname, [])
+        foldable = (
+            param.dim() == 2
+            and pname not in protected
+            and bool(transposes)
+            and all(_is_transpose_2d(n) for n in transposes)
+            and all(_only_feeds_matmul(n.output[0], consumers, protected) for n in transposes)
+        )
+        if foldable:
+            init = initializers[pname]
+            init.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(numpy_helper.to_array(init).T), pname))
+            for node in transposes:
+                _rename_input(consumers[node.output[0]], node.output[0], pname)
+                folded.add(node.output[0])
+            folded.add(pname)  # its value_info, if any, has the old shape
+        tensors[pname] = TensorInfo(initializer=pname, shape=tuple(param.shape), transposed=foldable)
+
+    # Protobuf node handles go stale once the node list is rebuilt: remove everything in one pass at the end.
+    _keep_only(graph.node, lambda n: not (n.op_type == "Transpose" and n.output[0] in folded))
+    _keep_only(graph.value_info, lambda v: v.name not in folded)
+    return tensors
+
+
+def _rename_input(nodes: list, old: str, new: str) -> None:
+    for node in nodes:
+        for i, inp in enumerate(node.input):
+            if inp == old:
+                node.input[i] = new
+
+
+def _keep_only(field, keep) -> None:
+    """Filter a repeated protobuf field in place."""
+    kept = [item for item in field if keep(item)]
+    del field[:]
+    field.extend(kept)
+
+
+def _consumers(graph: onnx.GraphProto) -> dict[str, list]:
+    users: dict[str, list] = defaultdict(list)
+    for node in graph.node:
+        for inp in dict.fromkeys(node.input):  # a node reading a value twice is one consumer
+            users[inp].append(node)
+    return users
+
+
+def _subgraph_names(graph: onnx.GraphProto) -> set[str]:
+    """Names read by nodes inside If/Loop/Scan bodies, which the main graph's consumer map does not see."""
+    names: set[str] = set()
+    for node in graph.node:
+        for attr in node.attribute:
+            for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
+                names.update(i for n in sub.node for i in n.input)
+                names |= _subgraph_names(sub)
+    return names
+
+
+def _is_transpose_2d(node: onnx.NodeProto) -> bool:
+    if node.op_type != "Transpose" or node.domain not in ("", "ai.onnx"):
+        return False
+    perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), [1, 0])  # default reverses the axes
+    return perm == [1, 0]
+
+
+def _only_feeds_matmul(value: str, consumers: dict, protected: set[str]) -> bool:
+    users = consumers.get(value, [])
+    return value not in protected and bool(users) and all(u.op_type in _MATMUL_OPS for u in users)
+
+
+def _set_metadata(proto: onnx.ModelProto, key: str, value: str) -> None:
+    _keep_only(proto.metadata_props, lambda p: p.key != key)
+    proto.metadata_props.add(key=key, value=value)
+
+
+# -- saving ---------------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _staged_file(path: Path, data: bytes):
+    """Write ``data`` durably to a temp file next to ``path`` and yield its path.
+
+    The temp file replaces ``path`` (atomically, ``os.replace``) only if the block succeeds;
+    otherwise it is removed and ``path`` is untouched.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        yield Path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make the rename durable where the platform allows syncing a directory (POSIX)."""
+    with contextlib.suppress(OSError, AttributeError):
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+# -- validation -----------------------------------------------------------------------------------------------------
+
+
+def _flatten(outputs) -> list[torch.Tensor]:
+    if isinstance(outputs, torch.Tensor):
+        return [outputs]
+    if isinstance(outputs, Mapping):
+        outputs = list(outputs.values())
+    if isinstance(outputs, (tuple, list)):
+        return [t for o in outputs for t in _flatten(o)]
+    raise ConfigError(f"model output of type {type(outputs).__name__} is not a tensor, tuple, list or dict of tensors")
+
+
+def _validate(model, example_inputs, file, input_names, output_names, dynamic_batch, atol, rtol) -> None:
+    """Compare every output of ``file`` on onnxruntime with torch, on the examples and a second batch."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # errors only: constant-folding notes are not failures
+    session = ort.InferenceSession(os.fspath(file), options, providers=["CPUExecutionProvider"])
+    got_in = tuple(i.name for i in session.get_inputs())
+    got_out = tuple(o.name for o in session.get_outputs())
+    if got_in != input_names or got_out != output_names:
+        raise ExportValidationError(
+            f"exported graph has inputs {list(got_in)} and outputs {list(got_out)}, "
+            f"expected {list(input_names)} and {list(output_names)}"
+        )
+
+    batch = example_inputs[0].shape[0] if example_inputs[0].dim() else 1
+    batches = {f"examples (batch {batch})": example_inputs}
+    second = batch + 1 if dynamic_batch else batch
+    batches[f"second batch (batch {second})"] = _second_batch(example_inputs, second)
+
+    problems = []
+    for label, inputs in batches.items():
+        with torch.no_grad():
+            expected = [t.detach().cpu().numpy() for t in _flatten(model(*inputs))]
+        feed = {n: x.detach().cpu().numpy() for n, x in zip(input_names, inputs)}
+        actual = session.run(list(output_names), feed)
+        for out_name, want, got in zip(output_names, expected, actual):
+            problem = _compare(want, got, atol, rtol)
+            if problem:
+                problems.append(f"  {out_name!r} on {label}: {problem}")
+    if problems:
+        raise ExportValidationError(
+            f"onnxruntime outputs differ from torch beyond atol={atol:g}, rtol={rtol:g} in {len(problems)} case(s):\n"
+            + "\n".join(problems)
+            + "\nThe file was not written. Check for ops that differ between torch and ONNX, or loosen the tolerance."
+        )
+
+
+def _compare(want: np.ndarray, got: np.ndarray, atol: float, rtol: float) -> str | None:
+    """Describe how ``got`` misses ``want`` (np.allclose semantics), or None when it matches."""
+    if got.shape != want.shape:
+        return f"shape {tuple(got.shape)} != torch shape {tuple(want.shape)}"
+    if got.dtype != want.dtype:
+        return f"dtype {got.dtype} != torch dtype {want.dtype}"
+    if want.dtype == np.bool_:
+        wrong = int(np.count_nonzero(got != want))
+        return f"{wrong} of {want.size} values differ" if wrong else None
+    if np.allclose(got, want, atol=atol, rtol=rtol):
+        return None
+    return f"max abs diff {float(np.max(np.abs(got.astype(np.float64) - want.astype(np.float64)))):.3g}"
+
+
+def _second_batch(example_inputs: tuple[torch.Tensor, ...], batch: int) -> tuple[torch.Tensor, ...]:
+    """Inputs of ``batch`` rows: random values for float inputs, tiled examples for the rest (ids, masks)."""
+    gen = torch.Generator().manual_seed(0)
+    out = []
+    for x in example_inputs:
+        if x.dim() == 0:
+            out.append(x)
+        elif x.is_floating_point():
+            out.append(torch.randn((batch, *x.shape[1:]), generator=gen).to(x.dtype))
+        else:
+            reps = math.ceil(batch / x.shape[0])
+            out.append(x.repeat(reps, *[1] * (x.dim() - 1))[:batch])
+    return tuple(out)

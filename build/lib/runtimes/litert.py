@@ -1,0 +1,444 @@
+"""LiteRT (TFLite) backend with fused-mode weight writes.
+
+XNNPACK, LiteRT's default CPU delegate, packs constant weights when an interpreter is
+prepared, so an in-place edit is not seen by it; LiteRT's built-in kernels read
+constant tensors straight from the model bytes (``model_content`` is not copied), so
+they see an edit at once, but run several times slower (shared ANCHORS.md section 2).
+
+The backend keeps one copy of the model as a ``bytes`` object that every interpreter
+reads, and writes adapter entries into it in place: the float32 "arena" of this
+backend *is* that buffer, viewed as float32 (every writable tensor's bytes are
+4-byte aligned in the file), so a switch is one numpy scatter whatever the tensor
+count, and no weight is ever copied. Strategies:
+
+``rebuild``
+    Every write builds a new XNNPACK interpreter over the same bytes (it packs the
+    current weights). Full speed at inference, a switch costs an interpreter build.
+``builtin``
+    One interpreter with the built-in kernels and no delegate: a write is the scatter
+    only; inference is slower (no XNNPACK).
+``hybrid`` (default)
+    A write scatters and flips inference to the ``builtin`` interpreter at once; a
+    background thread builds a fresh XNNPACK interpreter and swaps it in when done,
+    unless another write came meanwhile (then it builds again). Fast switch, full
+    steady-state speed. A run that comes in the settle window goes to the built-in
+    kernels, unless they are measured slower than an interpreter build (large models):
+    then it waits for the XNNPACK interpreter, which answers sooner.
+
+Slots (adapter-branch tensors, see :class:`~edge.modelinfo.TensorInfo`) are subgraph
+inputs of the exported file (``exporters.tflite`` makes them so); their values live
+after the model in the same buffer and are fed on every run, so a slot-only write needs
+no rebuild, as on onnxruntime.
+
+Interpreter: ``ai_edge_litert.interpreter`` (the maintained wheel), else
+``tflite_runtime.interpreter`` (last release 2.14, needs numpy<2) with a logged
+warning; neither installed raises :class:`~edge.errors.BackendUnavailableError`.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from edge.errors import BackendUnavailableError, ConfigError, FormatError
+from edge.modelinfo import META_KEY, ModelInfo, fingerprint
+from runtimes._tflite_file import TfliteModel, read_tflite, stored_arrays
+from runtimes.base import BACKENDS, Backend, BackendOptions, WeightWrite
+
+__all__ = ["LiteRTBackend", "read_info", "interpreter_module", "DELEGATES"]
+
+log = logging.getLogger("edge.runtimes.litert")
+
+#: what ``providers=`` may ask for; () means the default, XNNPACK with built-in kernels for the rest
+DELEGATES = ("XNNPACK", "CPU")
+_ALIGN = 16
+
+
+def interpreter_module():
+    """``(module, wheel name)`` of the LiteRT interpreter: ai-edge-litert, else tflite-runtime (with a warning)."""
+    try:
+        from ai_edge_litert import interpreter
+
+        return interpreter, "ai-edge-litert"
+    except ImportError as first:
+        try:
+            from tflite_runtime import interpreter
+        except ImportError:
+            raise BackendUnavailableError(
+                f"the tflite backend needs a LiteRT interpreter ({first}): pip install ai-edge-litert "
+                "(or, on old devices, tflite-runtime==2.14.0 with numpy<2 and Python <= 3.11)"
+            ) from first
+        log.warning("ai-edge-litert is not installed: using tflite-runtime's interpreter (last release, 2.14)")
+        return interpreter, "tflite-runtime"
+
+
+@dataclass(frozen=True)
+class _Write:
+    pos: np.ndarray  # arena (float32) positions
+    val: np.ndarray
+    weights: bool  # touches constant weights (not only slots)
+
+
+class _Session:
+    """One interpreter, its input/output tensor indices, and the shapes it is allocated for.
+
+    A model exported with a fixed batch (litert-torch 0.10 bakes it into reshapes) runs
+    other batch sizes in chunks of that batch, the last one zero-padded; a model with a
+    dynamic batch axis is resized instead.
+    """
+
+    def __init__(self, interp, inputs: Sequence[str], slots: Sequence[str], outputs: Sequence[str]) -> None:
+        self.interp = interp
+        by_name = {d["name"]: d for d in interp.get_input_details()}
+        missing = [n for n in [*inputs, *slots] if n not in by_name]
+        if missing:
+            raise FormatError(f"the .tflite model has no input(s) {missing}; it has {sorted(by_name)}")
+        self.inputs = {n: by_name[n]["index"] for n in [*inputs, *slots]}
+        self.shapes = {n: tuple(by_name[n]["shape"]) for n in [*inputs, *slots]}
+        self.dtypes = {n: np.dtype(by_name[n]["dtype"]) for n in [*inputs, *slots]}
+        sig = [tuple(by_name[n].get("shape_signature", by_name[n]["shape"])) for n in inputs]
+        fixed = bool(sig) and all(len(s) and s[0] > 0 for s in sig)
+        self.batch = int(by_name[inputs[0]]["shape"][0]) if fixed else None
+        outs = {d["name"]: d["index"] for d in interp.get_output_details()}
+        self.outputs = [(n, outs[n]) for n in outputs]
+        self.delegated = any(op.get("op_name") == "DELEGATE" for op in _ops(interp))
+
+    def run(self, feeds: Mapping[str, np.ndarray], slots: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        n = self.batch
+        if n is not None and feeds and len(next(iter(feeds.values()))) != n:
+            return self._chunked(feeds, slots, n)
+        return self._invoke(feeds, slots)
+
+    def _chunked(self, feeds, slots, n: int) -> dict[str, np.ndarray]:
+        """Run a batch of another size than the file's fixed batch ``n`` in chunks of ``n`` (last one zero-padded)."""
+        feeds = {k: np.asarray(v) for k, v in feeds.items()}
+        b = len(next(iter(feeds.values())))
+        parts = []
+        for i in range(0, b, n):
+            chunk = {k: v[i : i + n] for k, v in feeds.items()}
+            m = len(next(iter(chunk.values())))
+            if m < n:
+                chunk = {k: np.concatenate([v, np.zeros((n - m, *v.shape[1:]), v.dtype)]) for k, v in chunk.items()}
+            parts.append({k: v[:m] for k, v in self._invoke(chunk, slots).items()})
+        return {k: np.concatenate([p[k] for p in parts]) for k, _ in self.outputs}
+
+    def _invoke(self, feeds: Mapping[str, np.ndarray], slots: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        it = self.interp
+        ready, resized = [], False
+        for name, x in (*feeds.items(), *slots.items()):
+            idx = self.inputs.get(name)
+            if idx is None:
+                raise ConfigError(f"unknown model input {name!r}; the model takes {sorted(self.inputs)}")
+            x = np.asarray(x)
+            if x.dtype != self.dtypes[name] or not x.flags.c_contiguous:
+                x = self._cast(name, x)
+            if x.shape != self.shapes[name]:
+                it.resize_tensor_input(idx, x.shape, strict=False)
+                self.shapes[name] = x.shape
+                resized = True
+            ready.append((idx, x))
+        if resized:
+            it.allocate_tensors()
+        for idx, x in ready:
+            it.set_tensor(idx, x)
+        it.invoke()
+        return {name: it.get_tensor(idx) for name, idx in self.outputs}
+
+    def _cast(self, name: str, x: np.ndarray) -> np.ndarray:
+        """int64 ids into an int32 input (litert-torch narrows 64-bit types by default); other dtypes must match."""
+        x, want = np.ascontiguousarray(x), self.dtypes[name]
+        if x.dtype != want and x.dtype.kind in "iu" and want.kind in "iu":
+            if x.size and (x.min() < np.iinfo(want).min or x.max() > np.iinfo(want).max):
+                raise ConfigError(f"input {name!r} has values outside the model's {want} range")
+            return x.astype(want)
+        return x
+
+
+@BACKENDS.register("tflite")
+class LiteRTBackend(Backend):
+    name = "tflite"
+    STRATEGIES = ("hybrid", "rebuild", "builtin")
+    DEFAULT_STRATEGY = "hybrid"
+
+    def __init__(self, model: bytes, options: BackendOptions) -> None:
+        self._lib, self.runtime = interpreter_module()
+        strategy = self.DEFAULT_STRATEGY if options.strategy == "auto" else options.strategy
+        if strategy not in self.STRATEGIES:
+            raise ConfigError(
+                f"unknown tflite strategy {options.strategy!r}; allowed: auto, {', '.join(self.STRATEGIES)}"
+            )
+        self._strategy = strategy
+        self._want_xnnpack = _check_providers(options.providers)
+        if strategy == "builtin" and options.providers and self._want_xnnpack:
+            raise ConfigError("strategy 'builtin' runs without the XNNPACK delegate; do not ask for XNNPACK with it")
+        self._threads = int(options.threads or os.cpu_count() or 1)
+
+        fb = read_tflite(model)
+        self.info = read_info(model, fb)
+        self._model, self._arena, self._offset, self._live, self._slots = _load(model, fb, self.info)
+        if options.extra.get("verify", True):
+            _verify_fingerprint(self._model, fb, self.info)
+        self._names = [t.name for t in fb.tensors]
+        self._input_names = list(self.info.inputs) or [
+            self._names[i] for i in fb.inputs if self._names[i] not in self._slots
+        ]
+        self._output_names = list(self.info.outputs) or [self._names[i] for i in fb.outputs]
+        self._slot_feeds = {k: self._live[k] for k in self._slots}
+
+        self._lock = threading.RLock()  # guards run vs write and the active interpreter
+        self._generation = 0
+        self._static: _Session | None = None  # XNNPACK interpreter, valid while _static_gen == _generation
+        self._static_gen = -1
+        self._builtin: _Session | None = None
+        self._wake = threading.Condition(self._lock)
+        self._closed = False
+        self._rebuild_delay = float(options.extra.get("rebuild_delay_ms", 2.0)) / 1e3
+        self._settled = threading.Event()
+        self._settled.set()
+        self.last_build_ms: float | None = None
+        self._builtin_ms: float | None = None  # last run time on the built-in kernels (hybrid's wait policy)
+
+        if strategy in ("builtin", "hybrid"):
+            self._builtin = self._build(delegate=False)
+        if strategy in ("rebuild", "hybrid"):
+            self._static = self._build(delegate=self._want_xnnpack)
+            self._static_gen = 0
+        if strategy == "hybrid":
+            threading.Thread(target=self._rebuild_loop, name="edge-litert-rebuild", daemon=True).start()
+
+    # -- contract ---------------------------------------------------------------------------
+    @property
+    def strategy(self) -> str:
+        return self._strategy
+
+    @property
+    def providers(self) -> list[str]:
+        """``["XNNPACK", "CPU"]`` while the XNNPACK interpreter serves (built-in kernels for what it
+        does not take), ``["CPU"]`` while the built-in kernels alone do."""
+        with self._lock:
+            static = self._static is not None and self._static_gen == self._generation
+            sess = self._static if static else self._builtin
+        return ["XNNPACK", "CPU"] if sess is not None and sess.delegated else ["CPU"]
+
+    @property
+    def input_names(self) -> list[str]:
+        return list(self._input_names)
+
+    def read(self, tensor: str) -> np.ndarray:
+        view = self._live[tensor].view()
+        view.flags.writeable = False
+        return view
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self._strategy == "hybrid" and self._worth_waiting():
+            self._settled.wait(2 * self._builtin_ms / 1e3)  # the XNNPACK copy lands sooner than built-in kernels run
+        with self._lock:
+            sess = self._serving()
+            if sess is not self._builtin:
+                return sess.run(feeds, self._slot_feeds)
+            t0 = time.perf_counter()
+            out = sess.run(feeds, self._slot_feeds)
+            self._builtin_ms = (time.perf_counter() - t0) * 1e3
+            return out
+
+    def _worth_waiting(self) -> bool:
+        """Hybrid, mid-rebuild: is an interpreter build (measured) quicker than a built-in-kernel run (measured)?"""
+        built, slow = self.last_build_ms, self._builtin_ms
+        return not self._settled.is_set() and built is not None and slow is not None and built < slow
+
+    def prepare(self, writes: Sequence[WeightWrite]) -> _Write:
+        writes = [w for w in writes if len(w.index)]
+        if not writes:
+            return _Write(np.empty(0, np.int64), np.empty(0, np.float32), False)
+        pos = np.concatenate([self._offset[w.tensor] + np.asarray(w.index, np.int64) for w in writes])
+        val = np.concatenate([np.asarray(w.values, np.float32) for w in writes])
+        return _Write(pos, val, any(w.tensor not in self._slots for w in writes))
+
+    def write(self, *prepared: _Write) -> None:
+        with self._lock:
+            for w in prepared:
+                self._arena[w.pos] = w.val
+            if not any(w.weights for w in prepared):
+                return  # slot values are fed on every run
+            self._generation += 1
+            if self._strategy == "rebuild":
+                self._static = self._build(delegate=self._want_xnnpack)
+                self._static_gen = self._generation
+            elif self._strategy == "hybrid":
+                self._settled.clear()
+                self._wake.notify()
+
+    def wait_settled(self, timeout: float | None = None) -> bool:
+        return self._settled.wait(timeout)
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            self._wake.notify()
+            self._static = self._builtin = None
+
+    # -- interpreters -----------------------------------------------------------------------
+    def _serving(self) -> _Session:
+        if self._static is not None and self._static_gen == self._generation:
+            return self._static
+        if self._builtin is None:
+            raise BackendUnavailableError(
+                "no current LiteRT interpreter: the backend is closed, or the last rebuild failed (see the log)"
+            )
+        return self._builtin
+
+    def _build(self, *, delegate: bool) -> _Session:
+        """A new interpreter over the live model bytes (XNNPACK packs the weights it finds there now)."""
+        t0 = time.perf_counter()
+        resolver = self._lib.OpResolverType
+        kind = resolver.AUTO if delegate else resolver.BUILTIN_WITHOUT_DEFAULT_DELEGATES
+        try:
+            interp = self._lib.Interpreter(
+                model_content=self._model, num_threads=self._threads, experimental_op_resolver_type=kind
+            )
+            interp.allocate_tensors()  # applies the default delegate (XNNPACK packs here)
+        except (ValueError, RuntimeError) as e:
+            raise FormatError(f"LiteRT cannot load the model: {e}") from e
+        sess = _Session(interp, self._input_names, self._slots, self._output_names)
+        if delegate and not sess.delegated:
+            log.warning("XNNPACK took no op of %s; running on the built-in kernels", self.info.name)
+        self.last_build_ms = (time.perf_counter() - t0) * 1e3
+        return sess
+
+    def _rebuild_loop(self) -> None:
+        """Hybrid: after each write, build an XNNPACK interpreter over the current bytes and swap it in."""
+        while True:
+            with self._lock:
+                while not self._closed and self._static_gen == self._generation:
+                    self._wake.wait()
+                if self._closed:
+                    return
+                self._static = None  # stale from here on; free its packed weights before packing anew
+            time.sleep(self._rebuild_delay)  # let bursts of switches coalesce into one build
+            with self._lock:
+                gen = self._generation
+            try:
+                sess = self._build(delegate=self._want_xnnpack)
+            except Exception:  # keep serving on the built-in kernels, and say so
+                log.exception("background interpreter rebuild failed; staying on the built-in kernels")
+                with self._lock:
+                    self._static_gen = self._generation  # do not retry in a loop
+                self._settled.set()
+                continue
+            with self._lock:
+                if self._closed:
+                    return
+                if gen == self._generation:  # no write while packing: the packed copy is current
+                    self._static, self._static_gen = sess, gen
+                    self._settled.set()
+            # otherwise a write may have hit the bytes mid-pack: go again
+
+
+def read_info(model: bytes, fb: TfliteModel | None = None) -> ModelInfo:
+    """The :class:`ModelInfo` an exporter stored in a ``.tflite`` file's ``metadata`` entry ``"edge"``."""
+    fb = fb or read_tflite(model)
+    if META_KEY not in fb.metadata:
+        raise FormatError(
+            f".tflite model has no {META_KEY!r} metadata (it has {sorted(fb.metadata)}): it was not exported by "
+            "this project's exporter (use `exporters.tflite.export_tflite`)"
+        )
+    try:
+        text = fb.metadata[META_KEY].decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise FormatError(f"the .tflite {META_KEY!r} metadata is not UTF-8 JSON: {e}") from e
+    return ModelInfo.from_json(text)
+
+
+def _load(model: bytes, fb: TfliteModel, info: ModelInfo):
+    """The mutable model bytes, their float32 view, and each writable tensor's offset and view into it."""
+    by_name = {t.name: t for t in fb.tensors}
+    if len(by_name) != len(fb.tensors):
+        raise FormatError("tensor names of the .tflite model are not unique; re-export it")
+    writable = sorted({t.initializer for t in info.tensors.values()})
+    slots = sorted({t.initializer for t in info.tensors.values() if t.slot})
+    missing = [w for w in writable if w not in by_name]
+    if missing:
+        raise FormatError(f"model has no tensor(s) {missing[:5]} named in its metadata")
+    buffers: dict[int, str] = {}
+    for name in writable:
+        t = by_name[name]
+        if t.dtype is not np.float32:
+            raise FormatError(f"writable tensor {name!r} must be float32, got TensorType {t.type}")
+        if name in slots:
+            if t.nbytes or t.index not in fb.inputs:
+                raise FormatError(f"slot {name!r} must be a subgraph input without data; re-export with slots=...")
+            continue
+        if t.nbytes != 4 * int(np.prod(t.shape)) or t.start % 4:
+            raise FormatError(f"writable tensor {name!r} has {t.nbytes} bytes at offset {t.start} (unaligned?)")
+        if t.buffer in buffers:
+            raise FormatError(f"tensors {buffers[t.buffer]!r} and {name!r} share one buffer; re-export the model")
+        buffers[t.buffer] = name
+    shared = [t.name for t in fb.tensors if t.buffer in buffers and t.name != buffers[t.buffer]]
+    if shared:
+        raise FormatError(f"writable weights share their buffer with {shared[:5]}; re-export the model")
+
+    size = -(-len(model) // _ALIGN) * _ALIGN
+    slot_at = {}
+    for name in slots:
+        slot_at[name] = size
+        size += -(-4 * int(np.prod(by_name[name].shape)) // _ALIGN) * _ALIGN
+    data = bytes(model) + bytes(size - len(model))  # a fresh object only this backend references
+    raw = _writable_view(data)
+    arena = raw[: len(raw) // 4 * 4].view(np.float32)
+    offset, live = {}, {}
+    for name in writable:
+        t = by_name[name]
+        start = slot_at.get(name, t.start)
+        offset[name] = start // 4
+        live[name] = arena[start // 4 : start // 4 + int(np.prod(t.shape))].reshape(t.shape)
+    return data, arena, offset, live, slots
+
+
+def _writable_view(data: bytes) -> np.ndarray:
+    """A writable uint8 view of a ``bytes`` object's storage.
+
+    LiteRT's ``model_content`` takes only ``bytes`` and reads it in place, so the
+    weights are edited through this view. Safe here because the object is private to
+    the backend, never hashed or interned, and outlives every interpreter and view
+    (``self._model`` keeps it).
+    """
+    get = ctypes.pythonapi.PyBytes_AsString
+    get.restype, get.argtypes = ctypes.c_void_p, [ctypes.py_object]
+    ptr = get(data)
+    if ptr % _ALIGN:
+        raise FormatError("model buffer is not 16-byte aligned in memory")  # CPython aligns bytes storage
+    return np.ctypeslib.as_array((ctypes.c_uint8 * len(data)).from_address(ptr))
+
+
+def _verify_fingerprint(data: bytes, fb: TfliteModel, info: ModelInfo) -> None:
+    got = fingerprint(stored_arrays(data, fb))
+    if got != info.fingerprint:
+        raise FormatError(
+            f"model {info.name!r}: weights fingerprint {got} differs from the exported {info.fingerprint}; "
+            "the file was modified after export (re-export it)"
+        )
+
+
+def _check_providers(asked: Sequence[str]) -> bool:
+    """True when XNNPACK should be used. Anything but XNNPACK/CPU is refused: no silent fallback."""
+    unknown = [p for p in asked if p not in DELEGATES]
+    if unknown:
+        raise BackendUnavailableError(
+            f"LiteRT delegate(s) {unknown} are not available in this backend; available: {list(DELEGATES)} "
+            "(() = XNNPACK with built-in kernels; ['CPU'] = built-in kernels only)"
+        )
+    return not asked or "XNNPACK" in asked
+
+
+def _ops(interp) -> list[dict]:
+    try:
+        return interp._get_ops_details()
+    except AttributeError:  # older interpreters: no op listing, assume the delegate ran
+        return [{"op_name": "DELEGATE"}]

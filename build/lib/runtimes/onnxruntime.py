@@ -1,0 +1,339 @@
+"""onnxruntime backend with fused-mode weight writes.
+
+onnxruntime prepacks constant MatMul weights at session start, so an in-place edit
+of an initializer is never seen (shared ANCHORS.md section 2). Strategies:
+
+``rebuild``
+    Weights live in numpy arrays handed to the session as external initializers
+    (``SessionOptions.add_external_initializers``); every write rebuilds the session.
+    Full speed at inference, a switch costs a session build.
+``bound``
+    The writable tensors are graph inputs bound once through IOBinding to the same
+    numpy arrays (zero copy). A write is a numpy scatter; no prepacking, so inference
+    is slower (MLAS packs B on every call).
+``hybrid`` (default)
+    A write scatters into the arrays and flips inference to the ``bound`` session at
+    once; a background thread builds a prepacked session from the same arrays and
+    swaps it in when done, unless another write came meanwhile (then it builds
+    again). Fast switch, full steady-state speed; the window in between runs at
+    ``bound`` speed.
+
+Memory: the writable tensors live once, in one contiguous float32 arena (so a switch
+is two numpy scatters whatever the tensor count), plus onnxruntime's prepacked copy
+(and transiently a second one while a rebuild runs).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from edge.errors import BackendUnavailableError, ConfigError, FormatError
+from edge.modelinfo import META_KEY, ModelInfo, fingerprint
+from runtimes.base import BACKENDS, Backend, BackendOptions, WeightWrite
+
+__all__ = ["OrtBackend", "read_info"]
+
+log = logging.getLogger("edge.runtimes.onnxruntime")
+
+_EXTERNAL_LOCATION = "edge-live-weights.bin"  # never read: data comes from memory
+
+
+@dataclass(frozen=True)
+class _Write:
+    pos: np.ndarray  # arena positions
+    val: np.ndarray  # values, same order
+    weights: bool  # touches prepackable weights (not only slots)
+
+
+@BACKENDS.register("onnxruntime")
+class OrtBackend(Backend):
+    name = "onnxruntime"
+    STRATEGIES = ("hybrid", "bound", "rebuild")
+    DEFAULT_STRATEGY = "hybrid"
+
+    def __init__(self, model: bytes, options: BackendOptions) -> None:
+        try:
+            import onnx
+            import onnxruntime as ort
+        except ImportError as e:
+            raise BackendUnavailableError(f"the onnxruntime backend needs onnx and onnxruntime: {e}") from e
+        self._ort = ort
+        strategy = self.DEFAULT_STRATEGY if options.strategy == "auto" else options.strategy
+        if strategy not in self.STRATEGIES:
+            raise ConfigError(
+                f"unknown onnxruntime strategy {options.strategy!r}; allowed: auto, {', '.join(self.STRATEGIES)}"
+            )
+        self._strategy = strategy
+        self._providers = self._check_providers(options.providers)
+        popts = options.extra.get("provider_options")
+        self._provider_options = [dict(o) for o in popts] if popts and len(popts) == len(self._providers) else None
+        self._threads = options.threads
+
+        try:
+            proto = onnx.load_model_from_string(model)
+        except Exception as e:  # protobuf raises DecodeError and friends
+            raise FormatError(f"not a readable ONNX model: {e}") from e
+        self.info = read_info(proto)
+        writable = sorted({t.initializer for t in self.info.tensors.values()})
+        self._arena, self._offset, self._live = self._take_writable(proto, writable)
+        self._slots = {t.initializer for t in self.info.tensors.values() if t.slot}
+        if options.extra.get("verify", True):
+            _verify_fingerprint(proto, self.info, self._live)
+        self._output_names = [o.name for o in proto.graph.output]
+        self._bound_bytes = self._bound_model(proto)
+        self._static_bytes = self._static_model(proto)
+        del proto
+        self._slot_feeds = {k: self._live[k] for k in self._slots}
+
+        self._lock = threading.RLock()  # guards run vs write and the active session
+        self._generation = 0  # bumped by every write
+        self._static = None
+        self._static_gen = -1
+        self._bound = None
+        self._binding = None
+        self._wake = threading.Condition(self._lock)  # tells the rebuild thread a write happened
+        self._closed = False
+        self._rebuild_delay = float(options.extra.get("rebuild_delay_ms", 2.0)) / 1e3
+        self._settled = threading.Event()
+        self._settled.set()
+        self.last_build_ms: float | None = None
+
+        if strategy in ("bound", "hybrid"):
+            self._make_bound()
+        if strategy in ("rebuild", "hybrid"):
+            self._static = self._build_static()
+            self._static_gen = 0
+        if strategy == "hybrid":
+            threading.Thread(target=self._rebuild_loop, name="edge-ort-rebuild", daemon=True).start()
+
+    # -- contract ---------------------------------------------------------------------------
+    @property
+    def strategy(self) -> str:
+        return self._strategy
+
+    @property
+    def providers(self) -> list[str]:
+        sess = self._static or self._bound
+        return list(sess.get_providers())
+
+    @property
+    def input_names(self) -> list[str]:
+        sess = self._static or self._bound
+        return [i.name for i in sess.get_inputs() if i.name not in self._live]
+
+    def read(self, tensor: str) -> np.ndarray:
+        view = self._live[tensor].view()
+        view.flags.writeable = False
+        return view
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        with self._lock:
+            if self._static is not None and self._static_gen == self._generation:
+                outs = self._static.run(self._output_names, {**feeds, **self._slot_feeds})
+                return dict(zip(self._output_names, outs))
+            b = self._binding
+            for k, v in feeds.items():
+                b.bind_cpu_input(k, np.ascontiguousarray(v))
+            for name in self._output_names:
+                b.bind_output(name, "cpu")
+            self._bound.run_with_iobinding(b)
+            return dict(zip(self._output_names, b.copy_outputs_to_cpu()))
+
+    def prepare(self, writes: Sequence[WeightWrite]) -> _Write:
+        """Arena positions and values of all writes, concatenated in order."""
+        writes = [w for w in writes if len(w.index)]
+        if not writes:
+            return _Write(np.empty(0, np.int64), np.empty(0, self._arena.dtype), False)
+        pos = np.concatenate([self._offset[w.tensor] + np.asarray(w.index, np.int64) for w in writes])
+        val = np.concatenate([np.asarray(w.values, self._arena.dtype) for w in writes])
+        return _Write(pos, val, any(w.tensor not in self._slots for w in writes))
+
+    def write(self, *prepared: _Write) -> None:
+        with self._lock:
+            for w in prepared:
+                self._arena[w.pos] = w.val
+            if not any(w.weights for w in prepared):
+                return  # only slot tensors changed: both sessions read them at run time
+            self._generation += 1
+            if self._strategy == "rebuild":
+                self._static = self._build_static()
+                self._static_gen = self._generation
+            elif self._strategy == "hybrid":
+                self._settled.clear()
+                self._wake.notify()
+
+    def wait_settled(self, timeout: float | None = None) -> bool:
+        return self._settled.wait(timeout)
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            self._wake.notify()
+            self._static = self._bound = self._binding = None
+
+    # -- sessions ---------------------------------------------------------------------------
+    def _session_options(self):
+        so = self._ort.SessionOptions()
+        if self._threads:
+            so.intra_op_num_threads = int(self._threads)
+        so.log_severity_level = 3
+        return so
+
+    def _make_bound(self) -> None:
+        ort = self._ort
+        self._bound = ort.InferenceSession(
+            self._bound_bytes,
+            self._session_options(),
+            providers=self._providers,
+            provider_options=self._provider_options,
+        )
+        self._binding = self._bound.io_binding()
+        self._bound_values = {k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in self._live.items()}
+        for k, v in self._bound_values.items():
+            self._binding.bind_ortvalue_input(k, v)
+
+    def _build_static(self):
+        ort = self._ort
+        t0 = time.perf_counter()
+        so = self._session_options()
+        names = [k for k in self._live if k not in self._slots]
+        values = [ort.OrtValue.ortvalue_from_numpy(self._live[k]) for k in names]
+        so.add_external_initializers(names, values)
+        sess = ort.InferenceSession(
+            self._static_bytes, so, providers=self._providers, provider_options=self._provider_options
+        )
+        sess._edge_keepalive = values  # onnxruntime may reference these buffers
+        self.last_build_ms = (time.perf_counter() - t0) * 1e3
+        return sess
+
+    def _rebuild_loop(self) -> None:
+        """Hybrid: after each write, build a prepacked session from the arena and swap it in."""
+        while True:
+            with self._lock:
+                while not self._closed and self._static_gen == self._generation:
+                    self._wake.wait()
+                if self._closed:
+                    return
+            # Debounce: let the switching thread return and bursts of switches coalesce into one build.
+            time.sleep(self._rebuild_delay)
+            with self._lock:
+                gen = self._generation
+            try:
+                sess = self._build_static()
+            except Exception:  # keep serving on the bound session, and say so
+                log.exception("background session rebuild failed; staying on the bound session")
+                with self._lock:
+                    self._static_gen = self._generation  # do not retry in a loop
+                    self._static = None
+                self._settled.set()
+                continue
+            with self._lock:
+                if self._closed:
+                    return
+                if gen == self._generation:  # no write while building: the prepacked copy is current
+                    self._static, self._static_gen = sess, gen
+                    self._settled.set()
+            # otherwise a write came while building (it may have hit the buffers mid-prepack): go again
+
+    # -- model surgery ----------------------------------------------------------------------
+    @staticmethod
+    def _take_writable(proto, writable: Sequence[str]):
+        """Copy the writable initializers into one float32 arena; return it, offsets and per-tensor views."""
+        from onnx import numpy_helper
+
+        inits = {t.name: t for t in proto.graph.initializer}
+        missing = [w for w in writable if w not in inits]
+        if missing:
+            raise FormatError(f"model has no initializer(s) {missing[:5]} named in its metadata")
+        arrays = {name: numpy_helper.to_array(inits[name]) for name in writable}
+        bad = {k: str(a.dtype) for k, a in arrays.items() if a.dtype != np.float32}
+        if bad:
+            raise FormatError(f"writable tensors must be float32; got {bad}")
+        arena = np.empty(sum(a.size for a in arrays.values()), np.float32)
+        offset, live, at = {}, {}, 0
+        for name, a in arrays.items():
+            view = arena[at : at + a.size]
+            view[:] = a.reshape(-1)
+            offset[name] = at
+            live[name] = view.reshape(a.shape)
+            at += a.size
+        return arena, offset, live
+
+    def _bound_model(self, proto) -> bytes:
+        import onnx
+
+        m = onnx.ModelProto()
+        m.CopyFrom(proto)
+        self._inputs_from_initializers(m, set(self._live))
+        return m.SerializeToString()
+
+    def _inputs_from_initializers(self, m, names: set[str]) -> None:
+        """Turn the initializers ``names`` into graph inputs of the same shape and dtype."""
+        from onnx import helper
+
+        keep = [t for t in m.graph.initializer if t.name not in names]
+        del m.graph.initializer[:]
+        m.graph.initializer.extend(keep)
+        for name in sorted(names):
+            arr = self._live[name]
+            elem = helper.np_dtype_to_tensor_dtype(arr.dtype)
+            m.graph.input.append(helper.make_tensor_value_info(name, elem, list(arr.shape)))
+
+    def _static_model(self, proto) -> bytes:
+        import onnx
+        from onnx.external_data_helper import set_external_data
+
+        m = onnx.ModelProto()
+        m.CopyFrom(proto)
+        self._inputs_from_initializers(m, self._slots)
+        for t in m.graph.initializer:
+            if t.name in self._live:
+                set_external_data(t, location=_EXTERNAL_LOCATION)
+                t.ClearField("raw_data")
+                t.data_location = onnx.TensorProto.EXTERNAL
+                for f in ("float_data", "int32_data", "int64_data", "double_data"):
+                    t.ClearField(f)
+        return m.SerializeToString()
+
+    def _check_providers(self, asked: Sequence[str]) -> list[str]:
+        available = self._ort.get_available_providers()
+        asked = list(asked) or ["CPUExecutionProvider"]
+        missing = [p for p in asked if p not in available]
+        if missing:
+            raise BackendUnavailableError(
+                f"onnxruntime execution provider(s) {missing} are not available here; available: {available}. "
+                "Install the onnxruntime build that has them, or ask for CPUExecutionProvider"
+            )
+        return asked
+
+
+def read_info(proto) -> ModelInfo:
+    """The :class:`ModelInfo` an exporter stored in an ONNX model's ``metadata_props``."""
+    for p in proto.metadata_props:
+        if p.key == META_KEY:
+            return ModelInfo.from_json(p.value)
+    raise FormatError(
+        f"ONNX model has no {META_KEY!r} metadata: it was not exported by this project's exporter "
+        "(use `exporters.onnx.export_onnx`, or `edge import` for foreign models)"
+    )
+
+
+def _verify_fingerprint(proto, info: ModelInfo, live: Mapping[str, np.ndarray]) -> None:
+    from onnx import numpy_helper
+
+    tensors = dict(live)
+    for t in proto.graph.initializer:
+        if t.name not in tensors:
+            tensors[t.name] = numpy_helper.to_array(t)
+    got = fingerprint(tensors)
+    if got != info.fingerprint:
+        raise FormatError(
+            f"model {info.name!r}: weights fingerprint {got} differs from the exported {info.fingerprint}; "
+            "the file was modified after export (re-export it)"
+        )
