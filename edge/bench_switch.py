@@ -315,7 +315,7 @@ def cli(args) -> int:
         for path, feeds in models
     ]
     peers = []
-    if getattr(args, "peers", False):
+    if args.peers:
         from edge.bench_peers import bench_peers
 
         if args.backend != "onnxruntime":

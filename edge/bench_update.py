@@ -14,7 +14,6 @@ what later domains make it forget.
 
 from __future__ import annotations
 
-import math
 import zlib
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -212,30 +211,6 @@ def markdown(r: dict) -> str:
     return "\n".join(lines)
 
 
-def host_shira_reference(checkpoint: Path, domains: Mapping[str, object], cfg, threads: int | None):
-    """A function ``(domain, x, y) -> test accuracy`` of a host SHiRA fine-tune (torch; host side only)."""
-    import torch
-
-    from exporters import digits_model as dm
-    from exporters import shira
-
-    if threads:
-        torch.set_num_threads(threads)
-    model = dm.load_checkpoint(checkpoint)
-    targets = shira.select_targets(model, list(cfg.targets))
-    demo_steps = cfg.shira_epochs * math.ceil(len(domains["clean"].x_train) / 64)
-
-    def run(name: str, x: np.ndarray, y: np.ndarray) -> float:
-        torch.manual_seed(cfg.seed)
-        masks = shira.make_masks(model, targets, density=cfg.density, kind=cfg.mask, calib=(x, y), seed=cfg.seed)
-        epochs = max(1, round(demo_steps / math.ceil(len(x) / 64)))
-        trained = shira.train_shira(model, masks, x, y, epochs=epochs, lr=cfg.shira_lr, seed=cfg.seed, progress=False)
-        d = domains[name]
-        return dm.evaluate(shira.merge_shira(model, trained), d.x_test, d.y_test)
-
-    return run
-
-
 def add_arguments(sp) -> None:
     sp.add_argument("--methods", help="comma-separated update methods (default: every registered one)")
     sp.add_argument("--samples", type=int, default=100, help="labelled samples per domain (default 100)")
@@ -276,6 +251,8 @@ def cli(args) -> int:
         checkpoint = model.with_name("encoder.safetensors")
         if not checkpoint.exists():
             raise ConfigError(f"no host checkpoint {checkpoint} next to the model for the reference; pass --no-host")
+        from exporters.pipeline import host_shira_reference
+
         host = host_shira_reference(checkpoint, domains, cfg or DemoConfig(), threads)
     result = bench_update(
         model,

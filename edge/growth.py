@@ -339,35 +339,24 @@ class HostTrainer:
 
     def saliency(self, x: np.ndarray, y: np.ndarray, params: Sequence[str]) -> dict[str, np.ndarray]:
         """``|w * dL/dw|`` of each parameter on ``(x, y)`` (mean cross-entropy), at the base weights."""
-        import torch  # host only: this method runs where the trainer trains
-        from torch.nn import functional as F
+        from exporters.shira import saliency
 
-        model = self.model()
-        named = dict(model.named_parameters())
-        leaves = {p: named[p].detach().clone().requires_grad_(True) for p in params}
-        frozen = {k: v.detach() for k, v in named.items()}
-        out = torch.func.functional_call(model.eval(), {**frozen, **leaves}, (torch.as_tensor(x),))
-        loss = F.cross_entropy(out[0] if isinstance(out, tuple) else out, torch.as_tensor(y))
-        grads = torch.autograd.grad(loss, list(leaves.values()))
-        return {p: (leaves[p] * g).abs().detach().numpy() for p, g in zip(leaves, grads)}
+        return saliency(self.model(), x, y, params)
 
     def train(self, arch: Arch, x: np.ndarray, y: np.ndarray, name: str):
-        import torch  # host only, as above
-
         from exporters import shira
         from exporters.pipeline import to_adapter
 
-        model = self.model()
-        targets = arch.targets(self.info)
-        before = torch.get_num_threads()
-        try:
-            if self.threads:
-                torch.set_num_threads(self.threads)
-            masks = shira.make_masks(model, targets, density=arch.density, kind="snip", calib=(x, y), seed=self.seed)
-            trained = shira.train_shira(
-                model, masks, x, y, epochs=self.epochs, lr=self.lr, seed=self.seed, progress=False
-            )
-        finally:
-            torch.set_num_threads(before)
+        trained = shira.train_snip(
+            self.model(),
+            arch.targets(self.info),
+            x,
+            y,
+            density=arch.density,
+            epochs=self.epochs,
+            lr=self.lr,
+            seed=self.seed,
+            threads=self.threads,
+        )
         meta = {"mask": "snip", "density": arch.density, "layers": arch.layers, "grown": True, "samples": len(x)}
         return to_adapter(trained, self.info, name, meta)

@@ -82,9 +82,8 @@ class Runtime:
             strategy = strategy if strategy != "auto" else opts.strategy
             extra.update(opts.extra)
             self.fallback_warning = opts.extra.get("fallback_warning")
-            keys = getattr(self.device, "trusted_keys", ()) or ()
-            if keys and trusted_keys is None:
-                trusted_keys = keys
+            if self.device.trusted_keys and trusted_keys is None:
+                trusted_keys = self.device.trusted_keys
         path = Path(model)
         try:
             data = path.read_bytes()

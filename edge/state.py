@@ -20,15 +20,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import struct
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from edge._io import atomic_write_bytes
 from edge.errors import FormatError
 
 __all__ = ["STATE_FORMAT", "STATE_VERSION", "State", "load_state", "save_state"]
@@ -70,24 +69,7 @@ def save_state(path: str | os.PathLike, state: State) -> Path:
         blob = save(tensors, metadata={"edge": json.dumps(head, sort_keys=True)})
     except (TypeError, ValueError) as e:
         raise FormatError(f"state metadata must be JSON-serialisable: {e}") from e
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temps(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, path.stat().st_mode & 0o777 if path.exists() else 0o644)
-        with os.fdopen(fd, "wb") as f:
-            f.write(blob)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    _fsync_dir(path.parent)
-    return path
+    return atomic_write_bytes(path, blob)
 
 
 def load_state(path: str | os.PathLike, *, max_bytes: int = 1 << 31) -> State:
@@ -150,42 +132,3 @@ def _read_header(data: bytes, path: Path) -> dict:
     if missing:
         raise FormatError(f"{path}: metadata lacks the field(s) {missing}")
     return head
-
-
-def _remove_stale_temps(path: Path) -> None:
-    """Delete temp files of earlier saves to ``path`` whose writer process no longer exists."""
-    pat = re.compile(rf"^\.{re.escape(path.name)}\.(\d+)\..*\.tmp$")
-    try:
-        names = os.listdir(path.parent)
-    except OSError:
-        return
-    for name in names:
-        m = pat.match(name)
-        if m and not _alive(int(m.group(1))):
-            try:
-                os.unlink(path.parent / name)
-            except OSError:
-                pass
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

@@ -459,7 +459,7 @@ def adapter_stem(cfg: LowbitConfig, domain: str) -> str:
     return f"{structure_key(cfg)}-{codec}-{domain}-{h}"
 
 
-def slot_model(root, model: nn.Module, cfg: LowbitConfig, example: torch.Tensor, progress: bool = True):
+def slot_model(root, model: nn.Module, cfg: LowbitConfig, example, progress: bool = True):
     """``root/slots-<structure>.onnx``: the base model with ``cfg``'s empty branch, exported once and reused."""
     from exporters.onnx import load_model_info
 
@@ -468,7 +468,7 @@ def slot_model(root, model: nn.Module, cfg: LowbitConfig, example: torch.Tensor,
         return path, load_model_info(path)
     info, _ = export_with_slots(
         attach(model, cfg),
-        (example,),
+        (torch.as_tensor(example),),
         path,
         name=f"digits-vit+{structure_key(cfg)}",
         extra={"task": "digits", "labels": list(range(10)), "input": "pixels [B,1,8,8] float32 in [0,1]"},

@@ -9,6 +9,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -17,7 +19,7 @@ import numpy as np
 from edge.adapters import Adapter, SparseDelta
 from edge.modelinfo import ModelInfo
 
-__all__ = ["DemoConfig", "DemoArtifacts", "prepare_demo"]
+__all__ = ["DemoConfig", "DemoArtifacts", "host_shira_reference", "prepare_demo"]
 
 log = logging.getLogger("edge.demo")
 PIPELINE_VERSION = 1  # bump when a change makes old cached artifacts wrong
@@ -130,13 +132,10 @@ def prepare_demo(
 
 def _lowbit_artifacts(root: Path, model, domains: dict, cfg: DemoConfig, progress: bool):
     """The encoder with an empty 1-bit bottleneck branch (slots), and one 1-bit adapter per domain."""
-    import torch
-
     from exporters import lowbit
 
     lcfg = lowbit.LowbitConfig(method="adapter", bits=1, dim=LOWBIT_DIM, seed=cfg.seed)
-    example = torch.as_tensor(domains["clean"].x_test[:4])
-    path, info = lowbit.slot_model(root / "lowbit", model, lcfg, example, progress=progress)
+    path, info = lowbit.slot_model(root / "lowbit", model, lcfg, domains["clean"].x_test[:4], progress=progress)
     adapters = {}
     for name in cfg.domains:
         stem = root / "lowbit" / f"{lowbit.adapter_stem(lcfg, name)}.safetensors"
@@ -196,3 +195,27 @@ def _say(progress: bool, msg: str) -> None:
         import sys
 
         print(f"[edge] {msg}", file=sys.stderr, flush=True)
+
+
+def host_shira_reference(checkpoint: Path, domains: Mapping[str, object], cfg, threads: int | None):
+    """A function ``(domain, x, y) -> test accuracy`` of a host SHiRA fine-tune (torch; host side only)."""
+    import torch
+
+    from exporters import digits_model as dm
+    from exporters import shira
+
+    if threads:
+        torch.set_num_threads(threads)
+    model = dm.load_checkpoint(checkpoint)
+    targets = shira.select_targets(model, list(cfg.targets))
+    demo_steps = cfg.shira_epochs * math.ceil(len(domains["clean"].x_train) / 64)
+
+    def run(name: str, x: np.ndarray, y: np.ndarray) -> float:
+        torch.manual_seed(cfg.seed)
+        masks = shira.make_masks(model, targets, density=cfg.density, kind=cfg.mask, calib=(x, y), seed=cfg.seed)
+        epochs = max(1, round(demo_steps / math.ceil(len(x) / 64)))
+        trained = shira.train_shira(model, masks, x, y, epochs=epochs, lr=cfg.shira_lr, seed=cfg.seed, progress=False)
+        d = domains[name]
+        return dm.evaluate(shira.merge_shira(model, trained), d.x_test, d.y_test)
+
+    return run

@@ -28,6 +28,8 @@ from edge.errors import AdapterMismatchError, ConfigError
 
 __all__ = [
     "DEFAULT_TARGETS",
+    "saliency",
+    "train_snip",
     "MASKS",
     "MaskKind",
     "make_masks",
@@ -210,6 +212,40 @@ def train_shira(
         name: (torch.stack(index[name]).numpy().astype(np.int32), deltas[name].detach().numpy().astype(np.float32))
         for name in index
     }
+
+
+def saliency(model: nn.Module, x: np.ndarray, y: np.ndarray, params: Sequence[str]) -> dict[str, np.ndarray]:
+    """``|w * dL/dw|`` of each parameter in ``params`` on ``(x, y)`` (mean cross-entropy), at the base weights."""
+    named = dict(model.named_parameters())
+    leaves = {p: named[p].detach().clone().requires_grad_(True) for p in params}
+    frozen = {k: v.detach() for k, v in named.items()}
+    out = torch.func.functional_call(model.eval(), {**frozen, **leaves}, (torch.as_tensor(x),))
+    loss = F.cross_entropy(out[0] if isinstance(out, tuple) else out, torch.as_tensor(y))
+    grads = torch.autograd.grad(loss, list(leaves.values()))
+    return {p: (leaves[p] * g).abs().detach().numpy() for p, g in zip(leaves, grads)}
+
+
+def train_snip(
+    model: nn.Module,
+    targets: Sequence[str],
+    x: np.ndarray,
+    y: np.ndarray,
+    *,
+    density: float,
+    epochs: int,
+    lr: float,
+    seed: int = 0,
+    threads: int | None = None,
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """SNIP masks on ``(x, y)`` then :func:`train_shira`, with ``threads`` torch threads (restored after)."""
+    before = torch.get_num_threads()
+    try:
+        if threads:
+            torch.set_num_threads(threads)
+        masks = make_masks(model, targets, density=density, kind="snip", calib=(x, y), seed=seed)
+        return train_shira(model, masks, x, y, epochs=epochs, lr=lr, seed=seed, progress=False)
+    finally:
+        torch.set_num_threads(before)
 
 
 def merge_shira(model: nn.Module, adapter: dict[str, tuple[np.ndarray, np.ndarray]], alpha: float = 1.0) -> nn.Module:

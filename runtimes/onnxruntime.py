@@ -135,7 +135,8 @@ class OrtBackend(Backend):
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         with self._lock:
             if self._static is not None and self._static_gen == self._generation:
-                outs = self._static.run(self._output_names, {**feeds, **self._slot_feeds})
+                run_feeds = {**feeds, **self._slot_feeds} if self._slot_feeds else feeds
+                outs = self._static.run(self._output_names, run_feeds)
                 return dict(zip(self._output_names, outs))
             b = self._binding
             for k, v in feeds.items():

@@ -15,15 +15,19 @@ DEFAULT_CACHE = Path(os.environ.get("EDGE_CACHE", Path.home() / ".cache" / "edge
 
 def host_needed(what: str) -> None:
     """Raise a clear error when a host-side command runs without torch."""
+    import importlib.util
+
     from edge.errors import EdgeError
 
-    try:
-        import torch  # noqa: F401
-    except ImportError:
+    try:  # probe without importing torch (a finder may refuse it outright)
+        found = importlib.util.find_spec("torch") is not None
+    except (ImportError, ValueError):
+        found = False
+    if not found:
         raise EdgeError(
             f"{what} trains or exports models on the host and needs torch: pip install 'edge-adapt[host]' "
             "(device-only installs run exported models and adapters; see README)"
-        ) from None
+        )
 
 
 def runtime_flags(sp, *, cache: bool = True) -> None:

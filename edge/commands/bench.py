@@ -12,7 +12,7 @@ BENCHES = {
     "switch": "edge.bench_switch:cli",
     "ood": "edge.bench_ood:cli",
     "update": "edge.bench_update:cli",
-    "lowbit": "edge.bench_lowbit:cli",
+    "lowbit": "exporters.bench_lowbit:cli",
 }
 
 

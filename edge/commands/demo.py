@@ -41,8 +41,8 @@ def run(args) -> int:
         backend=args.backend,
         strategy=args.strategy,
         threads=args.threads,
-        lowbit_model=getattr(art, "lowbit_model", None),
-        lowbit_adapters=getattr(art, "lowbit_adapters", None),
+        lowbit_model=art.lowbit_model,
+        lowbit_adapters=art.lowbit_adapters,
     )
     result["artifacts"] = {"model": str(art.model), "adapters": {k: str(v) for k, v in art.adapters.items()}}
     print(format_table(result))

@@ -36,8 +36,6 @@ def run(args) -> int:
     from edge.errors import ConfigError
 
     host_needed("edge train")
-    import torch
-
     from edge.datasets import load_domains
     from exporters.pipeline import DemoConfig, prepare_demo
 
@@ -63,8 +61,7 @@ def run(args) -> int:
 
         root = art.model.parent / "lowbit"
         root.mkdir(exist_ok=True)
-        example = torch.as_tensor(domains["clean"].x_test[:4])
-        model_path, info = lowbit.slot_model(root, base, cfg, example, progress=not args.quiet)
+        model_path, info = lowbit.slot_model(root, base, cfg, domains["clean"].x_test[:4], progress=not args.quiet)
         path, adapter = lowbit.train_domain(root, base, cfg, d, info, progress=not args.quiet)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
