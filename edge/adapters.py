@@ -149,6 +149,11 @@ class Adapter:
                     f"adapter {self.name!r} expects {tname!r} of shape {tuple(shape)}, model has "
                     f"{tuple(info.tensors[tname].shape)}"
                 )
+            if info.tensors[tname].head:
+                raise AdapterMismatchError(
+                    f"adapter {self.name!r} targets {tname!r}, a detector-head tensor of model {info.name!r} "
+                    "(written by the router, not a weight); adapters may only target model weights and slots"
+                )
             if info.tensors[tname].slot == self.fusable:
                 want = "base weights" if self.fusable else "adapter slots (export the model with slots=...)"
                 raise AdapterMismatchError(

@@ -48,6 +48,7 @@ class TensorInfo:
     shape: tuple[int, ...]  # source (torch) shape, in which adapter indices are given
     transposed: bool = False  # stored as the 2-D transpose of the source layout
     slot: bool = False  # an adapter-branch tensor: fed at run time, never prepacked, zero when no adapter is active
+    head: bool = False  # a detector-head tensor (edge.taps): written by the runtime's owner, outside the fingerprint
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,7 @@ class ModelInfo:
                 "tensors": {
                     k: {"initializer": t.initializer, "shape": list(t.shape), "transposed": t.transposed}
                     | ({"slot": True} if t.slot else {})
+                    | ({"head": True} if t.head else {})
                     for k, t in self.tensors.items()
                 },
                 "inputs": list(self.inputs),
@@ -102,6 +104,7 @@ class ModelInfo:
                     tuple(int(s) for s in t["shape"]),
                     bool(t["transposed"]),
                     bool(t.get("slot", False)),
+                    bool(t.get("head", False)),
                 )
                 for k, t in d["tensors"].items()
             }

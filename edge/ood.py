@@ -18,9 +18,20 @@ whitened with the pooled within-domain covariance, scaled to unit mean square, e
 by a constant bias component ``bias`` and projected by a bipolar ``{-1, +1}`` matrix
 ``P`` of shape ``[d + 1, dim]`` to hypervectors ``h = x' P`` (``dim >= 4096``).
 Prototypes are bundles (sums) of hypervectors, one per (domain, class) and one per
-domain; the ID score is the largest cosine to a class prototype, and the domain with
-the most similar domain prototype is the routing vote. The bias component makes the
-cosine distance-aware: ``cos ~ 1 - |z - m|^2 / (2 bias^2)`` for large ``bias``.
+domain; the ID score is the largest cosine to a class prototype, and the routing vote
+is the domain of that most similar class prototype (class-conditional routing: on the
+demo's five digit domains 95.0 % of inputs routed right, against 94.4 % by the most
+similar domain prototype). The bias component makes the cosine distance-aware:
+``cos ~ 1 - |z - m|^2 / (2 bias^2)`` for large ``bias``.
+
+**Retraining** (:meth:`HDC.refine`, after OnlineHD): bundling alone gives centroids;
+a few passes of perceptron updates over the labelled fit data then move the class
+prototypes towards the inputs they misroute and away from the ones they wrongly win
+(batched per epoch, the best epoch kept). Measured on the demo's five domains under
+every router state, 512 fit inputs per domain: routing 95.3 -> 95.8 % (10 epochs,
+about 20 ms); on the full training split 95.0 -> 96.9 %. The AUROC against unseen
+shifts moved by less than 0.7 points either way. On isotropic Gaussian toy domains,
+where centroids are already optimal, it changes little (best epoch kept).
 
 Scoring never materialises the query hypervector. ``P``'s rows are distinct rows of a
 Sylvester-Hadamard matrix with random column signs, so ``P P^T = dim * I`` exactly;
@@ -397,13 +408,78 @@ class HDC(Detector):
                 sums = np.vstack([sums, np.zeros((len(keys) - len(sums), sums.shape[1]))])
             index = {k: i for i, k in enumerate(keys)}
             self._sums[part] = sums + _group_sum(np.array([index[k] for k in rows]), v, len(keys))
-        self._domain_ids = np.asarray(self.domain_keys, np.int64)
+        self._refresh()
+
+    def _refresh(self) -> None:
+        """Scoring matrices from the prototype sums."""
+        self._route_ids = np.asarray([dom for dom, _ in self.class_keys], np.int64)
         s = np.vstack([self._sums["class"], self._sums["domain"]])
         unit = (s / np.maximum(np.linalg.norm(s, axis=1, keepdims=True), 1e-30)).astype(np.float32)
         if self.encoding == "linear":  # cos(h, p_k) = x' . s_k / (|x'| |s_k|) because P P^T = dim I
             self._a, self._b = np.ascontiguousarray(unit[:, :-1].T), self.bias * unit[:, -1]
+            nc = len(self.class_keys)
+            self._ac, self._bc = np.ascontiguousarray(self._a[:, :nc]), self._b[:nc].copy()  # the routing columns
         else:
             self._a = np.ascontiguousarray(unit.T) / np.float32(np.sqrt(self.dim))
+
+    def refine(self, features, labels, domains, epochs: int = 10, lr: float = 1.0, check=None) -> float:
+        """Retrain the class prototypes to route ``features`` to ``domains`` (HDC retraining, module doc).
+
+        Each epoch routes every input; for the misrouted ones, the unit prototype of the
+        input's true (domain, class) moves towards the input and the one it was routed
+        by moves away, each by ``lr / n`` per input (``n`` the inputs bundled into that
+        prototype, so ``lr`` is a share of the prototype, whatever the sample count). The
+        epoch (0 = plain bundling) that routes ``check = (features, domains)`` best is
+        kept, held-out inputs if given (retraining can overfit small fit sets), else
+        these inputs; a later epoch replaces the kept one only when it routes more check
+        inputs right than wrong against it by more than one standard error. The
+        prototypes keep their norms, so later :meth:`update` bundles weigh as before.
+        Call it after :meth:`fit`. Returns the kept epoch's routing accuracy on the
+        check inputs.
+        """
+        if self.encoding != "linear":
+            raise ConfigError(f"refine works on the linear HDC encoding, not {self.encoding!r}")
+        if epochs < 0 or not lr > 0:
+            raise ConfigError(f"refine needs epochs >= 0 and lr > 0, got {epochs}, {lr}")
+        f, _, y, d = _inputs(features, np.zeros((len(features), 1), np.float32), labels, domains)
+        index = {k: i for i, k in enumerate(self.class_keys)}
+        try:
+            true = np.array([index[k] for k in zip(d.tolist(), y.tolist())])
+        except KeyError as e:
+            raise ConfigError(f"refine got (domain, class) {e.args[0]} that the detector was not fitted on") from None
+        x = self.encode(f).astype(np.float64)
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+        sums = self._sums["class"]
+        norms = np.maximum(np.linalg.norm(sums, axis=1, keepdims=True), 1e-30)
+        k = len(sums)
+        step = lr / np.maximum(np.bincount(true, minlength=k), 1)[:, None]
+        ids = self._route_ids
+        if check is None:
+            xc, dc = x, d
+        else:
+            xc = self.encode(_as2d(check[0], "check features")).astype(np.float64)
+            dc = np.asarray(check[1], np.int64).ravel()
+            if len(dc) != len(xc):
+                raise ConfigError(f"check has {len(xc)} feature rows but {len(dc)} domains")
+
+        def routed(unit: np.ndarray, rows: np.ndarray) -> np.ndarray:
+            return _unit(unit).dot(rows.T).argmax(0)
+
+        unit = sums / norms
+        best, best_ok = unit, ids[routed(unit, xc)] == dc
+        for _ in range(epochs):
+            got = routed(unit, x)
+            wrong = ids[got] != d
+            if not wrong.any():
+                break
+            unit = unit + step * (_group_sum(true[wrong], x[wrong], k) - _group_sum(got[wrong], x[wrong], k))
+            ok = ids[routed(unit, xc)] == dc
+            gains, losses = int((ok & ~best_ok).sum()), int((best_ok & ~ok).sum())
+            if gains - losses > np.sqrt(gains + losses):  # better by more than one standard error (paired)
+                best, best_ok = unit, ok
+        self._sums["class"] = _unit(best) * norms
+        self._refresh()
+        return float(best_ok.mean())
 
     # encoding -----------------------------------------------------------------------------
     def encode(self, features) -> np.ndarray:
@@ -472,29 +548,66 @@ class HDC(Detector):
         self.threshold = threshold_at_tpr((_matmul(u, self._a[:, :nc]) + self._b[:nc]).max(1) * inv, self.tpr)
 
     def assess(self, features) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """ID score, routed domain id and that domain's similarity per input, from one pass.
+        """ID score, routed domain id, and the routed domain's domain-prototype similarity per input."""
+        nc = len(self.class_keys)
+        s = self.similarities(features)
+        best = s[:, :nc].argmax(1)
+        dom = self._route_ids[best]
+        col = {k: nc + i for i, k in enumerate(self.domain_keys)}
+        rows = np.arange(len(s))
+        return s[rows, best], dom, s[rows, [col[k] for k in dom.tolist()]]
 
-        The router's hot path: whitening, prototype products, the norm, a max and an argmax.
+    def route(self, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """ID score and routed domain id per input (the domain of the most similar class prototype).
+
+        The fewest numpy calls; :mod:`edge.taps` folds the same arithmetic into the graph.
         """
         nc = len(self.class_keys)
         if self.encoding == "bipolar":
-            s = self.similarities(features)
-            best = s[:, nc:].argmax(1)
-            return s[:, :nc].max(1), self._domain_ids[best], s[np.arange(len(s)), nc + best]
-        raw, inv = self._raw(_as2d(features, "features"))
-        best = raw[:, nc:].argmax(1)
-        return raw[:, :nc].max(1) * inv, self._domain_ids[best], raw[np.arange(len(raw)), nc + best] * inv
-
-    def route(self, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """ID score and routed domain id per input: :meth:`assess` with the fewest numpy calls (router hot path)."""
-        if self.encoding == "bipolar":
-            return self.assess(features)[:2]
-        nc = len(self.class_keys)
+            s = self.similarities(features)[:, :nc]
+            best = s.argmax(1)
+            return s[np.arange(len(s)), best], self._route_ids[best]
         u = _matmul(features - self._mu, self._w)
-        raw = _matmul(u, self._a)
-        raw += self._b
-        score = raw[:, :nc].max(1) / np.sqrt(np.einsum("ij,ij->i", u, u) + self.bias**2)
-        return score, self._domain_ids[raw[:, nc:].argmax(1)]
+        raw = _matmul(u, self._ac)
+        raw += self._bc
+        best = raw.argmax(1)
+        score = raw[np.arange(len(raw)), best] / np.sqrt(np.einsum("ij,ij->i", u, u) + self.bias**2)
+        return score, self._route_ids[best]
+
+    def head_values(self, head) -> dict[str, np.ndarray]:
+        """The in-graph head tensors (:mod:`edge.taps`) that compute :meth:`route`'s score and routing column.
+
+        ``Y = f M + c`` holds ``u = [(f - mu) W, bias]``, then ``u . a_k + b_k`` for every
+        class prototype; unused columns get a bias of ``HEAD_UNUSED``. The graph's
+        ``edge.route`` is a class-prototype column: map it with :attr:`route_ids`.
+        Linear encoding only.
+        """
+        from edge.taps import HEAD_C, HEAD_M, HEAD_UNUSED
+
+        if self.encoding != "linear":
+            raise ConfigError(f"only the linear HDC encoding folds into a graph head, not {self.encoding!r}")
+        width = len(self._w)
+        nc = len(self.class_keys)
+        n_u, n_c = head.columns(width)
+        if nc > n_c or len(self.domain_keys) > head.domains:
+            raise ConfigError(
+                f"the detector has {len(self.domain_keys)} domains and {nc} class prototypes; the graph head holds "
+                f"{head.domains} and {n_c}. Tap the model with a larger Head(domains=..., classes=...)"
+            )
+        w = self._w.astype(np.float64)
+        mu_w = self._mu.astype(np.float64) @ w
+        a = self._ac.astype(np.float64)
+        m = np.zeros((width, n_u + n_c))
+        c = np.full(n_u + n_c, HEAD_UNUSED)
+        m[:, :width], c[:width], c[width] = w, -mu_w, self.bias
+        m[:, n_u : n_u + nc] = w @ a
+        c[n_u : n_u + nc] = self._bc - mu_w @ a
+        return {HEAD_M: m.astype(np.float32), HEAD_C: c.astype(np.float32)}
+
+    @property
+    def route_ids(self) -> np.ndarray:
+        """Domain id of each class prototype, in column order: what a routed column means."""
+        return self._route_ids
 
     def score(self, features, logits=None):
         if self.encoding == "bipolar":

@@ -20,6 +20,10 @@ that state's detector: the ID score says whether the input belongs to any known 
 the domain prototypes say which. No probing pass is needed; refitting (after a domain is
 added) runs every reservoir through every state once.
 
+**Routing vote.** The domain of the most similar class prototype; the class prototypes
+are retrained for routing at every :meth:`Reconfigurator.fit` (:meth:`edge.ood.HDC.refine`,
+``refine_epochs``, ``refine_lr``).
+
 **Window policy** (``RouterConfig``). Decisions use the last ``window`` inputs' votes
 (a domain, or OOD when the ID score is below the calibrated threshold), taken at batch
 boundaries, so the batch that triggers a switch is still served by the old state:
@@ -33,6 +37,18 @@ boundaries, so the batch that triggers a switch is still served by the old state
   state's features) and no switch happens for ``dwell`` inputs, so a mixed stream
   settles on its majority domain instead of thrashing.
 
+**Scoring in the graph.** When the model was tapped with a detector head
+(``tap_model(..., head=Head())``), the active state's detector is folded into the graph
+(:meth:`~edge.ood.HDC.head_values`) and written with every switch (in the same step as
+the adapter, :meth:`Runtime.switch` ``head=``) and after prototype updates, at most once
+per ``head_sync_s`` (each write makes the ``hybrid`` runtime rebuild its prepacked
+session in the background, and onnxruntime holds the GIL for part of a build: measured
+15 stalls of 1-12 ms in ten builds of the digits model), so an
+inference already returns each input's ID score and domain; only the threshold compare
+and the window policy run in numpy. Without a head, or when the known domains outgrow
+its capacity (logged as a warning, :attr:`Reconfigurator.scoring` says ``"numpy"``),
+the same score is computed in numpy from the features.
+
 **Incremental prototypes.** With ``learn``, inputs routed to the active domain are
 bundled into that state's prototypes, with their labels when given, else with the
 model's prediction when the ID score is above the ``confident_quantile`` of held-out
@@ -43,6 +59,7 @@ is recalibrated then. Labelled inputs also refresh the domain's reservoir.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -50,9 +67,9 @@ import numpy as np
 
 from edge.errors import ConfigError
 from edge.ood import HDC
-from edge.taps import Tapped
+from edge.taps import ROUTE, SCORE, Tapped
 
-__all__ = ["Reconfigurator", "RouterConfig", "Step"]
+__all__ = ["Reconfigurator", "Refit", "RouterConfig", "Step"]
 
 log = logging.getLogger("edge.router")
 
@@ -73,6 +90,9 @@ class RouterConfig:
     novel_buffer: int = 256
     hdc_dim: int = 4096
     hdc_bias: float = 2.0
+    refine_epochs: int = 10  # HDC retraining of the class prototypes for routing (edge.ood.HDC.refine); 0 = off
+    refine_lr: float = 1.0
+    head_sync_s: float = 1.0  # least time between writes of updated prototypes into the graph head
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -85,6 +105,10 @@ class RouterConfig:
                 raise ConfigError(f"RouterConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.dwell < 0 or self.reservoir < 4:
             raise ConfigError(f"need dwell >= 0 and reservoir >= 4, got {self.dwell}, {self.reservoir}")
+        if self.head_sync_s < 0:
+            raise ConfigError(f"RouterConfig.head_sync_s must be >= 0, got {self.head_sync_s}")
+        if self.refine_epochs < 0 or not self.refine_lr > 0:
+            raise ConfigError(f"need refine_epochs >= 0 and refine_lr > 0, got {self.refine_epochs}, {self.refine_lr}")
 
 
 @dataclass(frozen=True)
@@ -120,6 +144,9 @@ class _State:
     confident: float
     pending: list = field(default_factory=list)  # (features, labels) waiting to be bundled
     waiting: int = 0
+    head: dict | None = None  # the detector folded into the graph head (edge.taps), when it fits
+    head_threshold: float = 0.0  # the threshold that goes with the head as last written
+    head_dirty: bool = False  # prototypes changed since the head was written
 
 
 class _Window:
@@ -164,6 +191,15 @@ class Reconfigurator:
         self._buffer_x: list[np.ndarray] = []
         self._buffer_y: list[np.ndarray] = []
         self.stats = {"inputs": 0, "switches": 0, "infer_s": 0.0, "detect_s": 0.0, "learn_s": 0.0}
+        self._in_graph = tapped.head is not None  # False once the known domains outgrow the head
+        self._head_written = 0.0  # perf_counter of the last head write
+        if self._in_graph and not set(runtime.heads):
+            raise ConfigError(f"{tapped.path.name} was tapped with a detector head, but the runtime's model has none")
+
+    @property
+    def scoring(self) -> str:
+        """Where inputs are scored: ``"graph"`` (the detector head of :mod:`edge.taps`) or ``"numpy"``."""
+        return "graph" if self._in_graph else "numpy"
 
     # -- domains ---------------------------------------------------------------------------
     @property
@@ -191,38 +227,92 @@ class Reconfigurator:
         if self.active is None:
             self.active = name
 
-    def fit(self, batch: int = 256) -> None:
-        """(Re)build every state's detector from the reservoirs; leaves the active state switched in."""
+    def fit(self, batch: int = 256, *, runtime=None) -> None:
+        """(Re)build every state's detector from the reservoirs; leaves the active state switched in.
+
+        ``runtime`` (default: the serving one) computes the features: pass a *shadow*
+        runtime (the same model with the same adapters loaded) to leave the serving
+        runtime's weights alone until the new detectors are installed.
+        """
+        self._install(self._compute_states(runtime or self.rt, self._snapshot(), batch))
+
+    def _snapshot(self) -> list[tuple[str, str | None, np.ndarray, np.ndarray]]:
         if not self._domains:
             raise ConfigError("no domains: add_domain(...) first")
-        names = list(self._domains)
-        for adapter in dict.fromkeys(d.adapter for d in self._domains.values()):
-            self.rt.switch(adapter)
-            self.rt.wait_settled()  # bulk runs go faster on the settled (prepacked) session
+        return [(n, d.adapter, d.x.copy(), d.y.copy()) for n, d in self._domains.items()]
+
+    def _compute_states(self, runtime, domains, batch: int) -> dict:
+        """Per-state detectors from a snapshot of the domains (switches ``runtime``; mutates nothing here)."""
+        cfg = self.config
+        missing = sorted({a for _, a, _, _ in domains if a is not None} - set(runtime.adapters))
+        if missing:
+            raise ConfigError(f"adapter(s) {missing} are not loaded in the runtime used to fit the router")
+        states = {}
+        for adapter in dict.fromkeys(a for _, a, _, _ in domains):
+            runtime.switch(adapter)
+            runtime.wait_settled()  # bulk runs go faster on the settled (prepacked) session
             fit, cal = [], []
-            for i, name in enumerate(names):
-                d = self._domains[name]
-                feats, logits = self.features(d.x, batch)
-                half = np.arange(len(d.x)) % 2 == 0
-                fit.append((feats[half], logits[half], d.y[half], np.full(half.sum(), i)))
+            for i, (_, _, x, y) in enumerate(domains):
+                feats, logits = _features(runtime, self._input, self.tapped.features, self._logits, x, batch)
+                half = np.arange(len(x)) % 2 == 0
+                fit.append((feats[half], logits[half], y[half], np.full(half.sum(), i)))
                 cal.append((feats[~half], logits[~half]))
-            det = HDC(dim=self.config.hdc_dim, bias=self.config.hdc_bias, seed=self.config.seed)
-            det.fit(*(np.concatenate(parts) for parts in zip(*fit)))
+            det = HDC(dim=cfg.hdc_dim, bias=cfg.hdc_bias, seed=cfg.seed)
+            f_fit, l_fit, y_fit, d_fit = (np.concatenate(parts) for parts in zip(*fit))
+            det.fit(f_fit, l_fit, y_fit, d_fit)
             f_cal, l_cal = (np.concatenate(parts) for parts in zip(*cal))
-            det.calibrate(f_cal, l_cal, self.config.tpr)
-            confident = float(np.quantile(det.score(f_cal), self.config.confident_quantile))
-            self._states[adapter] = _State(det, confident)
-        self.rt.switch(self.adapter_of(self.active))
+            if len(domains) > 1 and cfg.refine_epochs:  # the held-out half picks the epoch
+                d_cal = np.concatenate([np.full(len(c[0]), i) for i, c in enumerate(cal)])
+                det.refine(f_fit, y_fit, d_fit, cfg.refine_epochs, cfg.refine_lr, (f_cal, d_cal))
+            det.calibrate(f_cal, l_cal, cfg.tpr)
+            states[adapter] = _State(det, float(np.quantile(det.score(f_cal), cfg.confident_quantile)))
+        return states
+
+    def _install(self, states: dict, switch_to: str | None = None) -> None:
+        """Use these detectors from now on; switch to ``switch_to`` (default: stay) with its head."""
+        for st in states.values():
+            st.head = self._fold(st.detector)
+        self._states = states
+        domain = switch_to or self.active
+        adapter = self.adapter_of(domain)
+        self.rt.switch(adapter, head=self._head_for(states[adapter]))
+        if switch_to is not None and switch_to != self.active:
+            self.active = domain
+            self.stats["switches"] += 1
+            self._since_switch = 0
         self._window.clear()
+
+    def _fold(self, det: HDC) -> dict | None:
+        """The detector as graph-head tensors, or None (numpy scoring) when there is no head or it is too small."""
+        if not self._in_graph:
+            return None
+        head = self.tapped.head
+        if len(det.domain_keys) > head.domains or len(det.class_keys) > head.domains * head.classes:
+            log.warning(
+                "%d known domains with %d class prototypes outgrow the graph head (%d domains x %d classes); "
+                "scoring in numpy from now on (slower). Tap the model with a larger Head to keep it in the graph",
+                len(det.domain_keys),
+                len(det.class_keys),
+                head.domains,
+                head.classes,
+            )
+            self._in_graph = False
+            return None
+        return det.head_values(head)
+
+    def _head_for(self, state: _State) -> dict | None:
+        """The head to write with a switch to ``state`` (None when scoring in numpy); marks it written."""
+        if not self._in_graph:
+            return None
+        if state.head_dirty:
+            state.head = self._fold(state.detector)
+        state.head_threshold, state.head_dirty = state.detector.threshold, False
+        self._head_written = time.perf_counter()
+        return state.head if self._in_graph else None
 
     def features(self, x: np.ndarray, batch: int = 256) -> tuple[np.ndarray, np.ndarray]:
         """Tapped features and logits of ``x`` under the runtime's current state (no routing)."""
-        feats, logits = [], []
-        for s in range(0, len(x), batch):
-            out = self.rt.run({self._input: x[s : s + batch]})
-            feats.append(out[self.tapped.features])
-            logits.append(out[self._logits])
-        return np.concatenate(feats), np.concatenate(logits)
+        return _features(self.rt, self._input, self.tapped.features, self._logits, x, batch)
 
     # -- streaming -------------------------------------------------------------------------
     def process(self, x: np.ndarray, labels: np.ndarray | None = None) -> Step:
@@ -237,7 +327,18 @@ class Reconfigurator:
         out = self.rt.run({self._input: x})
         t1 = time.perf_counter()
         served = self.active
-        step = self.observe(out[self.tapped.features], out[self._logits], x, labels)
+        if self._in_graph:
+            state = self._states[self.adapter_of(self.active)]
+            dom = state.detector.route_ids[out[ROUTE]]
+            step = self._observe(
+                out[SCORE], dom, out[self.tapped.features], out[self._logits], x, labels, state.head_threshold
+            )
+            if state.head_dirty and time.perf_counter() - self._head_written >= self.config.head_sync_s:
+                head = self._head_for(state)  # the prototypes learned since the last write
+                if head is not None:
+                    self.rt.set_head(head)
+        else:
+            step = self.observe(out[self.tapped.features], out[self._logits], x, labels)
         self.stats["infer_s"] += t1 - t0
         self.stats["detect_s"] += time.perf_counter() - t1
         self.stats["inputs"] += len(x)
@@ -251,9 +352,9 @@ class Reconfigurator:
         score, dom = self._states[self.adapter_of(self.active)].detector.route(feats)
         return self._observe(score, dom, feats, logits, x, labels)
 
-    def _observe(self, score, dom, feats, logits, x, labels):
+    def _observe(self, score, dom, feats, logits, x, labels, threshold=None):
         state = self._states[self.adapter_of(self.active)]
-        ood = score < state.detector.threshold
+        ood = score < (state.detector.threshold if threshold is None else threshold)
         codes = np.where(ood, -1, dom)
         self._window.add(codes)
         self._since_switch += len(codes)
@@ -300,7 +401,8 @@ class Reconfigurator:
 
     def _switch(self, domain: str) -> None:
         log.info("switch %s -> %s", self.active, domain)
-        self.rt.switch(self.adapter_of(domain))
+        adapter = self.adapter_of(domain)
+        self.rt.switch(adapter, head=self._head_for(self._states[adapter]))
         self.active = domain
         self.stats["switches"] += 1
         self._window.clear()
@@ -323,6 +425,7 @@ class Reconfigurator:
             state.detector.update(f, labels=y, domains=np.full(len(f), list(self._domains).index(self.active)))
             state.pending.clear()
             state.waiting = 0
+            state.head_dirty = self._in_graph  # written by process() within head_sync_s, or with the next switch
         self.stats["learn_s"] += time.perf_counter() - t0
 
     def _reservoir(self, d: _Domain, x: np.ndarray, y: np.ndarray) -> None:
@@ -353,13 +456,83 @@ class Reconfigurator:
         self._buffer_x, self._buffer_y = [], []
         return x, y
 
-    def add_grown(self, name: str, adapter: str, x: np.ndarray, y: np.ndarray) -> None:
-        """Register a grown domain (its adapter loaded in the runtime), refit every state, and route to it."""
+    def add_grown(self, name: str, adapter: str, x: np.ndarray, y: np.ndarray, *, shadow=None) -> None:
+        """Register a grown domain (its adapter loaded in the runtime), refit every state, and route to it.
+
+        With ``shadow`` (a second runtime of the same tapped model with the same adapters,
+        this one included), the refit's inference runs there; see :meth:`add_grown_background`
+        to keep serving meanwhile.
+        """
+        self.commit(self.add_grown_background(name, adapter, x, y, shadow=shadow, thread=False))
+
+    def add_grown_background(self, name: str, adapter: str, x, y, *, shadow=None, thread: bool = True) -> Refit:
+        """Register a grown domain now and refit every state on ``shadow`` in a thread; :meth:`commit` when done.
+
+        Until then :meth:`process` keeps serving with the current detectors (which never
+        vote for the new domain). Without a shadow runtime the refit must switch the
+        serving runtime, so it runs at once in this thread (``thread`` is ignored).
+        """
         self.add_domain(name, adapter, x, y)
-        self.fit()
-        self._switch(name)
+        refit = Refit(name, self, shadow, thread and shadow is not None)
+        return refit
+
+    def commit(self, refit: Refit) -> None:
+        """Install a finished refit's detectors and route to its grown domain (waits for the refit)."""
+        states = refit.result()
+        if refit.domains != list(self._domains):
+            raise ConfigError(
+                f"the router's domains changed while refitting for {refit.name!r} ({refit.domains} -> "
+                f"{list(self._domains)}); call fit() again"
+            )
+        self._install(states, switch_to=refit.name)
         self.novel = False
 
     def detector(self, domain: str) -> HDC:
         """The detector of the state that serves ``domain``."""
         return self._states[self.adapter_of(domain)].detector
+
+
+class Refit:
+    """A router refit for a grown domain, running on a shadow runtime in a thread (or done at once)."""
+
+    def __init__(self, name: str, router: Reconfigurator, runtime, thread: bool) -> None:
+        self.name = name
+        self.domains = list(router._domains)
+        snapshot, rt = router._snapshot(), runtime or router.rt
+        self.started = time.perf_counter()
+        self.seconds: float | None = None
+        self._states: dict | None = None
+        self._error: BaseException | None = None
+
+        def work() -> None:
+            try:
+                self._states = router._compute_states(rt, snapshot, 256)
+            except BaseException as e:  # re-raised by result() in the caller's thread
+                self._error = e
+            self.seconds = time.perf_counter() - self.started
+
+        self._thread = threading.Thread(target=work, name=f"edge-refit-{name}", daemon=True) if thread else None
+        if self._thread is None:
+            work()
+        else:
+            self._thread.start()
+
+    def done(self) -> bool:
+        return self._thread is None or not self._thread.is_alive()
+
+    def result(self) -> dict:
+        if self._thread is not None:
+            self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._states
+
+
+def _features(runtime, input_name: str, features: str, logits: str, x: np.ndarray, batch: int):
+    """Tapped features and logits of ``x`` under ``runtime``'s current state, in batches."""
+    feats, out_logits = [], []
+    for s in range(0, len(x), batch):
+        out = runtime.run({input_name: x[s : s + batch]})
+        feats.append(out[features])
+        out_logits.append(out[logits])
+    return np.concatenate(feats), np.concatenate(out_logits)

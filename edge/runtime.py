@@ -185,16 +185,21 @@ class Runtime:
             self._adapters.pop(name, None)
 
     # -- switching ---------------------------------------------------------------------------
-    def switch(self, spec: str | Mapping[str, float] | Iterable[str] | None) -> None:
+    def switch(
+        self, spec: str | Mapping[str, float] | Iterable[str] | None, *, head: Mapping[str, np.ndarray] | None = None
+    ) -> None:
         """Fuse the given adapters into the weights, replacing whatever was fused before.
 
         ``None`` or ``{}`` restores the base model; a name fuses one adapter; a mapping
-        fuses several with weights (``W + a1*S1 + a2*S2``). The switch either completes
-        or changes nothing: all checks and arithmetic happen before the first write.
+        fuses several with weights (``W + a1*S1 + a2*S2``). ``head`` also writes
+        detector-head tensors in the same step (see :meth:`set_head`), so no inference
+        sees the new weights with the old head. The switch either completes or changes
+        nothing: all checks and arithmetic happen before the first write.
         """
         from runtimes import WeightWrite
 
         target = _normalise(spec)
+        head_write = self._head_write(head) if head else None
         with self._lock:
             unknown = [n for n in target if n not in self._adapters]
             if unknown:
@@ -207,8 +212,43 @@ class Runtime:
                 touched, new_values = self._fuse(target)
                 apply = self.backend.prepare([WeightWrite(t, touched[t][0], v) for t, v in new_values.items()])
                 restore = self.backend.prepare([WeightWrite(t, pos, b) for t, (pos, b) in touched.items()])
-            self.backend.write(self._restore, apply)
+            self.backend.write(self._restore, apply, *([head_write] if head_write is not None else []))
             self._restore, self._touched, self._active = restore, touched, target
+
+    def set_head(self, values: Mapping[str, np.ndarray]) -> None:
+        """Overwrite detector-head tensors (``TensorInfo.head``, added by :func:`edge.taps.tap_model`).
+
+        ``values`` maps head tensor names to arrays of their exact shape. A head is the
+        router's scoring matrix inside the graph: written like weights (prepacked by the
+        ``hybrid`` and ``rebuild`` strategies), never touched by adapters, and outside the
+        model fingerprint.
+        """
+        write = self._head_write(values)
+        with self._lock:
+            self.backend.write(write)
+
+    @property
+    def heads(self) -> list[str]:
+        """Names of the model's detector-head tensors (empty unless tapped with a head)."""
+        return sorted(k for k, t in self.info.tensors.items() if t.head)
+
+    def _head_write(self, values: Mapping[str, np.ndarray]):
+        from runtimes import WeightWrite
+
+        writes = []
+        for name, v in values.items():
+            t = self.info.tensors.get(name)
+            if t is None or not t.head:
+                raise ConfigError(
+                    f"{name!r} is not a detector-head tensor of this model; heads: {self.heads or 'none'}"
+                )
+            a = np.asarray(v, np.float32)
+            if a.shape != tuple(t.shape):
+                raise ConfigError(f"head tensor {name!r} has shape {tuple(t.shape)}, got {a.shape}")
+            if not np.isfinite(a).all():
+                raise ConfigError(f"head tensor {name!r} has non-finite values")
+            writes.append(WeightWrite(t.initializer, np.arange(a.size, dtype=np.int64), a.reshape(-1)))
+        return self.backend.prepare(writes)
 
     def _fuse(self, target: Mapping[str, float]):
         """Positions, base values and fused values per stored tensor for several weighted adapters."""

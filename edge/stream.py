@@ -4,10 +4,19 @@ The stream visits D0 -> D1 -> D2 -> D1 -> D3 (default: clean -> rotate -> noise 
 rotate -> invert) in batches. The device starts with the base model (serving clean
 digits) and pre-trained adapters for the *known* shifts (rotate, noise, blur); D3 has
 no adapter, so the router must notice it (persistent OOD), fall back to the base model,
-buffer its inputs, and grow a new adaptor (architecture picked under the budget by the
-zero-shot proxy, trained on the host, registered with its own prototypes), then route
-to it. Labels travel with the stream: they feed prototype updates and the growth
-buffer, never routing or predictions.
+buffer its inputs, and grow a new adaptor: architecture picked under the budget by the
+zero-shot proxy, trained on the device by default (numpy, :mod:`edge.growth_device`;
+``grow_on="host"`` trains every block with torch instead), registered with its own
+prototypes, then routed to. Labels travel with the stream: they feed prototype updates
+and the growth buffer, never routing or predictions.
+
+**Growth does not pause the stream** (``background``, default): training runs in a
+child process at low priority (:class:`edge.growth.GrowthJob`) and the router's refit
+for the new domain on a shadow runtime in a thread (:meth:`Reconfigurator.add_grown_background`);
+the stream is served meanwhile (novel inputs by the base model) and pauses only to
+load the adapter and install the new detectors. ``background=False`` trains and refits
+in line, pausing the stream for seconds, as a reference. The batch latencies during
+growth are reported next to the steady ones.
 
 Accuracy is reported per segment and overall next to two references over the same
 inputs: the base model only, and an oracle that always applies the right pre-trained
@@ -18,6 +27,7 @@ unlabelled.
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -38,9 +48,11 @@ class StreamConfig:
     segment: int = 400  # inputs per segment; the last (novel) segment takes all its test inputs
     batch: int = 16
     seed: int = 0
-    grow_epochs: int = 60
+    grow_epochs: int = 60  # host trainer epochs (the device trainer has its own defaults)
     memory_mb: float = 0.25  # the grown adapter's resident memory budget
     latency_ms: float = 5.0  # first inference after switching to it
+    background: bool = True  # grow in a child process while the stream is served (False: pause the stream)
+    grow_on: str = "device"  # "device": numpy trainer (edge.growth_device), "host": torch via the checkpoint
 
 
 def run_stream(
@@ -57,12 +69,12 @@ def run_stream(
     router_config=None,
     progress: bool = True,
 ) -> dict:
-    """Run the stream on the device side (growth trains on the host via ``checkpoint``); returns a JSON-able dict."""
+    """Run the stream (``checkpoint`` is only read when ``cfg.grow_on == "host"``); returns a JSON-able dict."""
     from edge.adapters import load_adapter
-    from edge.growth import Budget, HostTrainer, grow, measure_device
+    from edge.growth import SEARCH_SPACE, Budget, GrowthJob, HostTrainer, grow, measure_device
     from edge.router import Reconfigurator, RouterConfig
     from edge.runtime import Runtime
-    from edge.taps import tap_model
+    from edge.taps import Head, tap_model
 
     if backend != "onnxruntime":
         raise ConfigError(
@@ -74,11 +86,16 @@ def run_stream(
     novel = [d for d in cfg.sequence if d != "clean" and d not in cfg.known]
     if not novel:
         raise ConfigError(f"the stream {cfg.sequence} has no domain outside the known {cfg.known}: nothing to grow")
-    tapped = tap_model(model, model.with_name(model.stem + ".tapped.onnx"))
+    head = Head(domains=len(cfg.known) + 1 + len(novel) + 2, classes=int(domains["clean"].y_train.max()) + 1)
+    tapped = tap_model(model, model.with_name(model.stem + ".tapped-head.onnx"), head=head)
     rt = Runtime(tapped.path, backend=backend, strategy=strategy, threads=threads)
     loaded = {k: load_adapter(adapters[k]) for k in cfg.known}
     for k, a in loaded.items():
         rt.load_adapter(a, name=k)
+    # the router refits on a shadow runtime, so the serving one keeps its weights while it does
+    shadow = Runtime(tapped.path, backend=backend, strategy="bound", threads=1) if cfg.background else None
+    for k, a in loaded.items() if shadow is not None else ():
+        shadow.load_adapter(a, name=k)
     router = Reconfigurator(rt, tapped, router_config or RouterConfig(seed=cfg.seed))
     router.add_domain("clean", None, domains["clean"].x_train, domains["clean"].y_train)
     for k in cfg.known:
@@ -86,12 +103,68 @@ def run_stream(
     router.fit()
     device = measure_device(rt, domains["clean"].x_test, {k: a.nnz for k, a in loaded.items()})
     budget = budget or Budget(cfg.memory_mb, cfg.latency_ms)
-    trainer = HostTrainer(checkpoint, rt.info, epochs=cfg.grow_epochs, seed=cfg.seed)
+    if cfg.grow_on == "device":
+        from edge.growth_device import DEVICE_SPACE, DeviceTrainer
+
+        trainer, space = DeviceTrainer(model, rt.info, seed=cfg.seed), DEVICE_SPACE
+    elif cfg.grow_on == "host":
+        trainer, space = HostTrainer(checkpoint, rt.info, epochs=cfg.grow_epochs, seed=cfg.seed), SEARCH_SPACE
+    else:
+        raise ConfigError(f"grow_on must be 'device' or 'host', got {cfg.grow_on!r}")
+    workdir = model.parent / "grown"  # the grown adapters' files (GrowthJob writes them there)
     refs = _References(model, adapters, backend, threads)
 
     rng = np.random.default_rng(cfg.seed)
     segments, timeline, growth, used = [], [], [], {}
+    lat = {"steady": [], "growing": []}  # seconds per batch, outside and during background growth
+    job, refit, pending = None, None, None
     pos = 0
+
+    def trained(at: int) -> None:
+        """The adapter is trained: load it, and refit the router (in the background when growing there)."""
+        nonlocal refit
+        res = job.result() if job is not None else pending["result"]  # waits only when the stream has ended
+        t0 = time.perf_counter()
+        new = pending["name"]
+        rt.load_adapter(res.adapter, name=new)
+        pending.update(result=res, trained_at=at)
+        if shadow is not None:
+            shadow.load_adapter(res.adapter, name=new)
+            refit = router.add_grown_background(new, new, pending["x"], pending["y"], shadow=shadow)
+        else:
+            router.add_grown(new, new, pending["x"], pending["y"])
+        pending["stall_s"] = time.perf_counter() - t0
+
+    def register(at: int, si: int, name: str) -> None:
+        """Use the refitted router: route to the new domain."""
+        nonlocal job, refit, pending
+        if refit is not None:
+            refit.result()  # waits only when the stream has ended
+        t0 = time.perf_counter()
+        if refit is not None:
+            router.commit(refit)
+        router.take_buffer()  # novel inputs collected meanwhile: the new domain has its own data now
+        stall = pending["stall_s"] + time.perf_counter() - t0
+        res, background = pending["result"], job is not None
+        wall = time.perf_counter() - job.started if background else res.train_s
+        growth.append(
+            {
+                "name": pending["name"],
+                "truth": pending["truth"],
+                "started_at": pending["at"],
+                "trained_at": pending["trained_at"],
+                "at": at,
+                "background": background,
+                "wall_s": round(wall, 2),
+                "refit_s": round(refit.seconds, 3) if refit is not None else None,
+                "stall_ms": round(1e3 * (stall + (0.0 if background else res.train_s)), 1),
+                "batches_while_growing": pending["batches"],
+                **res.as_dict(),
+            }
+        )
+        timeline.append({"at": at, "segment": si, "truth": name, "event": f"grow:{pending['name']}"})
+        job, refit, pending = None, None, None
+
     for si, name in enumerate(cfg.sequence):
         d = domains[name]
         order = rng.permutation(len(d.x_test))
@@ -102,22 +175,36 @@ def run_stream(
         ood = 0
         for s in range(0, len(x), cfg.batch):
             xb, yb = x[s : s + cfg.batch], y[s : s + cfg.batch]
+            t0 = time.perf_counter()
             step = router.process(xb, yb)
+            lat["growing" if pending else "steady"].append(time.perf_counter() - t0)
             served += [step.served_by] * len(xb)
             correct += list(step.logits.argmax(1) == yb)
             ood += int(step.ood.sum())
+            at = pos + s + len(xb)
             if step.event:
-                timeline.append({"at": pos + s + len(xb), "segment": si, "truth": name, "event": step.event})
-            if router.growth_ready:
+                timeline.append({"at": at, "segment": si, "truth": name, "event": step.event})
+            if pending is not None:
+                pending["batches"] += 1
+                if "result" not in pending and job.done():
+                    trained(at)
+                elif refit is not None and refit.done():
+                    register(at, si, name)
+            elif router.growth_ready:
                 bx, by = router.take_buffer()
                 new = f"new-{len(growth) + 1}"
-                _say(progress, f"growing adaptor {new} from {len(bx)} novel inputs")
-                res = grow(rt, bx, by, trainer=trainer, budget=budget, name=new, device=device)
-                rt.load_adapter(res.adapter, name=new)
-                router.add_grown(new, new, bx, by)
-                growth.append({"name": new, "truth": name, "at": pos + s + len(xb), **res.as_dict()})
-                timeline.append({"at": pos + s + len(xb), "segment": si, "truth": name, "event": f"grow:{new}"})
+                pending = {"name": new, "x": bx, "y": by, "truth": name, "at": at, "batches": 0}
                 used[name] = used.get(name, set()) | {bytes(v) for v in bx}
+                timeline.append({"at": at, "segment": si, "truth": name, "event": f"grow-start:{new}"})
+                how = {"trainer": trainer, "budget": budget, "name": new, "device": device, "space": space}
+                if cfg.background:
+                    _say(progress, f"growing adaptor {new} from {len(bx)} novel inputs in the background")
+                    job = GrowthJob(rt, bx, by, workdir=workdir, **how)
+                else:
+                    _say(progress, f"growing adaptor {new} from {len(bx)} novel inputs (stream paused)")
+                    pending["result"] = grow(rt, bx, by, **how)
+                    trained(at)
+                    register(at, si, name)
         base_acc, oracle_acc = refs.accuracy(x, y, name)
         segments.append(
             {
@@ -132,6 +219,13 @@ def run_stream(
         )
         pos += len(x)
 
+    if pending is not None:  # the stream ended while growing: wait for it, then evaluate with it
+        _say(progress, f"the stream ended while {pending['name']} grows; waiting for it")
+        t0 = time.perf_counter()
+        if "result" not in pending:
+            trained(pos)
+        register(pos, len(cfg.sequence) - 1, cfg.sequence[-1])
+        growth[-1]["waited_after_stream_s"] = round(time.perf_counter() - t0, 2)
     final = _final_eval(router, refs, domains, cfg, used)
     total = sum(s["inputs"] for s in segments)
     st = router.stats
@@ -147,6 +241,17 @@ def run_stream(
         "growth": growth,
         "final": final,
         "switches": st["switches"],
+        "batch_ms": {
+            k: {
+                "batches": len(v),
+                "p50": 1e3 * float(np.median(v)),
+                "p95": 1e3 * float(np.percentile(v, 95)),
+                "max": 1e3 * float(np.max(v)),
+            }
+            for k, v in lat.items()
+            if v
+        },
+        "scoring": router.scoring,
         "detect_pct": 100.0 * (st["detect_s"] - st["learn_s"]) / max(st["infer_s"], 1e-12),
         "learn_pct": 100.0 * st["learn_s"] / max(st["infer_s"], 1e-12),
         "domains_known_at_end": router.domains,
@@ -154,6 +259,8 @@ def run_stream(
     }
     rt.close()
     refs.close()
+    if shadow is not None:
+        shadow.close()
     return result
 
 
@@ -218,6 +325,21 @@ def format_stream(r: dict) -> str:
             f"  grew {g['name']} for {g['truth']!r}: {c['arch']} ({c['nnz']} entries, {c['memory_mb']:.3f} MB, "
             f"proxy {c['proxy']}), {fits}/{len(g['candidates'])} candidates within budget, trained in {g['train_s']} s"
         )
+        if g["background"]:
+            waited = g.get("waited_after_stream_s")
+            lines.append(
+                f"    in the background: started at input {g['started_at']}, {g['wall_s']} s wall, "
+                f"{g['batches_while_growing']} batches served meanwhile (router refit {g['refit_s']} s on a shadow "
+                f"runtime); the stream paused {g['stall_ms']} ms in all"
+                + (f"; the stream ended first and waited {waited} s for it" if waited else "")
+            )
+        else:
+            lines.append(f"    the stream paused {g['stall_ms']} ms (training and registering)")
+    for k, v in r["batch_ms"].items():
+        lines.append(
+            f"  batch latency {k}: p50 {v['p50']:.2f} ms, p95 {v['p95']:.2f} ms, max {v['max']:.2f} ms "
+            f"({v['batches']} batches)"
+        )
     lines += ["", f"{'segment':<10} {'inputs':>6} {'edge':>7} {'base':>7} {'oracle':>7} {'OOD':>6}  served by"]
     for s in r["segments"]:
         served = ", ".join(f"{k} {v:.0%}" for k, v in sorted(s["served_by"].items(), key=lambda kv: -kv[1]))
@@ -271,7 +393,9 @@ def cli(args) -> int:
 
     demo = DemoConfig(seed=args.seed)
     art = prepare_demo(args.cache, demo, progress=not args.quiet)
-    cfg = StreamConfig(seed=args.seed)
+    cfg = StreamConfig(
+        seed=args.seed, background=not getattr(args, "grow_blocking", False), grow_on=getattr(args, "grow_on", "device")
+    )
     domains = load_domains(demo.domains, seed=demo.seed)
     budget = None
     if getattr(args, "grow_device", None):

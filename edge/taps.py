@@ -8,9 +8,26 @@ tensors, each mean-pooled over every axis but the batch and the last
 that serves the input: no second run.
 
 Cost, measured on the digits encoder at batch 16: two pooled taps and the concat add
-about 1-3 % to a run. A detector head inside the graph (a ``Gemm`` fed with the
-detector's matrices every run) was tried and added ~7 %: onnxruntime packs a fed matrix
-on every call, so scoring stays in numpy.
+about 1-3 % to a run.
+
+**Detector head** (``head=Head(...)``): the HDC detector's scoring folded into the same
+graph, so an inference returns each input's ID score and routing vote too. The folded
+HDC score (:mod:`edge.ood`) is affine in the features up to one norm, so one ``Gemm``
+with a ``[d, d + 1 + K]`` matrix ``edge.head.m`` and bias ``edge.head.c`` gives the
+whitened features with the bias component (``u``) and every class prototype's
+unnormalised similarity; then ``score = max(class part) / ||u||`` and ``route =
+argmax(class part)`` (outputs ``edge.score``, ``edge.route``: the column, whose domain
+:attr:`edge.ood.HDC.route_ids` gives). The capacity ``K = classes * domains`` is fixed
+at tap time; unused columns hold a large negative bias so they never win. The two head tensors are
+ordinary initializers that the runtime writes like weights (:meth:`Runtime.set_head`),
+so the ``hybrid`` strategy prepacks them; they are marked ``head`` in the model
+metadata, excluded from the fingerprint and refused as adapter targets. Until a
+detector writes them, ``score`` is 0 and ``route`` 0. Why in the graph: scored in
+numpy right after an onnxruntime run, the same arithmetic cost 70 us per batch of 16
+instead of 30 us hot (about ten numpy calls, each paying cold caches), 11-16 % of the
+digits encoder's run; in the graph it costs about 3 % (BENCHMARKS.md). An earlier try
+fed the matrices as graph inputs every run and added ~7 %: onnxruntime packs a fed
+matrix on every call, while a constant one is packed once per session.
 
 Only nodes, graph inputs and outputs are added (constants as ``Constant`` nodes); the
 stored weights are untouched, so the copy keeps the model's fingerprint and every
@@ -27,15 +44,20 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from edge.errors import ConfigError, FormatError
+from edge.modelinfo import META_KEY
 from edge.registry import Registry
 
-__all__ = ["FEATURES", "TAP_SETS", "Tapped", "resolve_taps", "tap_model"]
+__all__ = ["FEATURES", "HEAD_M", "HEAD_C", "ROUTE", "SCORE", "TAP_SETS", "Head", "Tapped", "resolve_taps", "tap_model"]
 
 FEATURES = "edge.features"
+SCORE, ROUTE = "edge.score", "edge.route"  # detector-head outputs: [B] float32 ID score, [B] int64 domain column
+HEAD_M, HEAD_C = "edge.head.m", "edge.head.c"  # detector-head tensors: Gemm matrix and bias
+#: bias of unused head columns: never the max or the argmax
+HEAD_UNUSED = -1e30
 
 
 def _norm_inputs(model) -> list[str]:
@@ -65,21 +87,43 @@ def resolve_taps(model, taps: str | Sequence[str] = "attn") -> list[str]:
 
 
 @dataclass(frozen=True)
+class Head:
+    """Capacity of an in-graph detector head: known domains and classes per domain it can hold."""
+
+    domains: int = 8
+    classes: int = 10
+
+    def __post_init__(self) -> None:
+        if self.domains < 1 or self.classes < 1:
+            raise ConfigError(
+                f"a detector head needs domains >= 1 and classes >= 1, got {self.domains}, {self.classes}"
+            )
+
+    def columns(self, width: int) -> tuple[int, int]:
+        """Column counts of the head's Gemm output: whitened features + bias, class prototypes."""
+        return width + 1, self.classes * self.domains
+
+
+@dataclass(frozen=True)
 class Tapped:
-    """What :func:`tap_model` wrote: the file, the tapped tensors, and the feature output with its width."""
+    """What :func:`tap_model` wrote: the file, the tapped tensors, the feature output with its width, the head."""
 
     path: Path
     tensors: tuple[str, ...]  # the tapped tensors, in feature order
     width: int  # feature columns: the tapped tensors' last dimensions summed
     features: str = FEATURES  # output [B, width]
+    head: Head | None = None  # in-graph detector head (outputs SCORE and ROUTE), if any
 
 
-def tap_model(src: str | os.PathLike, dst: str | os.PathLike, taps: str | Sequence[str] = "attn") -> Tapped:
+def tap_model(
+    src: str | os.PathLike, dst: str | os.PathLike, taps: str | Sequence[str] = "attn", *, head: Head | None = None
+) -> Tapped:
     """Write ``src`` with one more output, ``edge.features`` ``[B, d]``, to ``dst``.
 
     Every tap is mean-pooled over all axes but the first and last, and the pooled taps
-    are concatenated in order. The file is rewritten only when its bytes would change,
-    so a cache can keep it.
+    are concatenated in order. With ``head``, the detector head of the module doc is
+    added too (outputs ``edge.score`` and ``edge.route``). The file is rewritten only
+    when its bytes would change, so a cache can keep it.
     """
     import onnx
     from onnx import TensorProto, helper
@@ -123,12 +167,70 @@ def tap_model(src: str | os.PathLike, dst: str | os.PathLike, taps: str | Sequen
     g = model.graph
     g.node.append(helper.make_node("Concat", pooled, [FEATURES], axis=1, name="edge.features.concat"))
     g.output.append(helper.make_tensor_value_info(FEATURES, TensorProto.FLOAT, ["batch", width]))
-    helper.set_model_props(model, {**{p.key: p.value for p in model.metadata_props}, "edge.taps": ",".join(taps)})
+    props = {p.key: p.value for p in model.metadata_props}
+    props["edge.taps"] = ",".join(taps)
+    if head is not None:
+        props[META_KEY] = _add_head(model, head, width, opset, props.get(META_KEY))
+    helper.set_model_props(model, props)
     data = model.SerializeToString()
     dst = Path(dst)
     if not (dst.exists() and dst.read_bytes() == data):
         atomic_write_bytes(dst, data)
-    return Tapped(dst, tuple(taps), width)
+    return Tapped(dst, tuple(taps), width, head=head)
+
+
+def _add_head(model, head: Head, width: int, opset: int, meta: str | None) -> str:
+    """Add the detector head's tensors, nodes and outputs; return the model metadata with the head tensors."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edge.modelinfo import ModelInfo, TensorInfo
+
+    if meta is None:
+        raise FormatError(f"model {model.graph.name!r} has no {META_KEY!r} metadata; tap a model exported by edge")
+    info = ModelInfo.from_json(meta)
+    taken = {t.name for t in model.graph.initializer} | {o.name for o in model.graph.output} | set(info.tensors)
+    clash = sorted(taken & {HEAD_M, HEAD_C, SCORE, ROUTE})
+    if clash:
+        raise ConfigError(f"model {model.graph.name!r} already has {clash}; tap the original model")
+    n_u, n_c = head.columns(width)
+    c = np.zeros(n_u + n_c, np.float32)
+    c[width] = 1.0  # the bias component: ||u|| = 1 and score = 0 until a detector is written
+    g = model.graph
+    g.initializer.extend(
+        [numpy_helper.from_array(np.zeros((width, len(c)), np.float32), HEAD_M), numpy_helper.from_array(c, HEAD_C)]
+    )
+
+    def const(name: str, values: list[int]) -> str:
+        g.node.append(
+            helper.make_node(
+                "Constant",
+                [],
+                [name],
+                value=helper.make_tensor(f"{name}.value", TensorProto.INT64, [len(values)], values),
+            )
+        )
+        return name
+
+    g.node.append(helper.make_node("Gemm", [FEATURES, HEAD_M, HEAD_C], ["edge.head.y"], name="edge.head.gemm"))
+    split = const("edge.head.split", [n_u, n_c])
+    g.node.append(helper.make_node("Split", ["edge.head.y", split], ["edge.head.u", "edge.head.cls"], axis=1))
+    if opset >= 18:
+        axis = const("edge.head.axis", [1])
+        g.node.append(helper.make_node("ReduceL2", ["edge.head.u", axis], ["edge.head.norm"], keepdims=0))
+        g.node.append(helper.make_node("ReduceMax", ["edge.head.cls", axis], ["edge.head.max"], keepdims=0))
+    else:
+        g.node.append(helper.make_node("ReduceL2", ["edge.head.u"], ["edge.head.norm"], axes=[1], keepdims=0))
+        g.node.append(helper.make_node("ReduceMax", ["edge.head.cls"], ["edge.head.max"], axes=[1], keepdims=0))
+    g.node.append(helper.make_node("Div", ["edge.head.max", "edge.head.norm"], [SCORE]))
+    g.node.append(helper.make_node("ArgMax", ["edge.head.cls"], [ROUTE], axis=1, keepdims=0))
+    g.output.append(helper.make_tensor_value_info(SCORE, TensorProto.FLOAT, ["batch"]))
+    g.output.append(helper.make_tensor_value_info(ROUTE, TensorProto.INT64, ["batch"]))
+    tensors = dict(info.tensors)
+    tensors[HEAD_M] = TensorInfo(HEAD_M, (width, len(c)), head=True)
+    tensors[HEAD_C] = TensorInfo(HEAD_C, (len(c),), head=True)
+    extra = {**info.extra, "edge.head": {"domains": head.domains, "classes": head.classes, "width": width}}
+    return replace(info, tensors=tensors, extra=extra).to_json()
 
 
 def _shapes(model) -> dict[str, tuple]:

@@ -6,6 +6,9 @@ interpreters, delegates) stay inside the backend.
 
 from __future__ import annotations
 
+import atexit
+import threading
+import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -97,3 +100,36 @@ class Backend(ABC):
 
 #: Backends by name; each backend module registers itself on import.
 BACKENDS: Registry[type[Backend]] = Registry("backend")
+
+
+#: backends with a background thread still possibly running; closed at interpreter exit
+_LIVE: weakref.WeakSet = weakref.WeakSet()
+
+
+def start_background(backend: Backend, target, name: str) -> threading.Thread:
+    """Start ``backend``'s background thread (a session rebuild loop) and close the backend at exit.
+
+    The thread is a daemon so it never keeps a process alive, but a daemon killed at
+    interpreter shutdown in the middle of building a native session aborts the process
+    ("terminate called without an active exception"): the exit hook closes every live
+    backend first, and ``close()`` waits for its thread.
+    """
+    t = threading.Thread(target=target, name=name, daemon=True)
+    _LIVE.add(backend)
+    t.start()
+    return t
+
+
+def join_background(thread: threading.Thread | None, timeout: float = 60.0) -> None:
+    """Wait for a background thread that was told to stop (no-op from the thread itself)."""
+    if thread is not None and thread is not threading.current_thread():
+        thread.join(timeout)
+
+
+@atexit.register
+def _close_live() -> None:
+    for backend in list(_LIVE):
+        try:
+            backend.close()
+        except Exception:  # exiting anyway; a failing close must not hide the others
+            pass

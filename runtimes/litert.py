@@ -50,7 +50,7 @@ import numpy as np
 from edge.errors import BackendUnavailableError, ConfigError, FormatError
 from edge.modelinfo import META_KEY, ModelInfo, fingerprint
 from runtimes._tflite_file import TfliteModel, read_tflite, stored_arrays
-from runtimes.base import BACKENDS, Backend, BackendOptions, WeightWrite
+from runtimes.base import BACKENDS, Backend, BackendOptions, WeightWrite, join_background, start_background
 
 __all__ = ["LiteRTBackend", "read_info", "interpreter_module", "DELEGATES"]
 
@@ -200,6 +200,7 @@ class LiteRTBackend(Backend):
         self._wake = threading.Condition(self._lock)
         self._closed = False
         self._rebuild_delay = float(options.extra.get("rebuild_delay_ms", 2.0)) / 1e3
+        self._rebuilder = None  # the hybrid strategy's rebuild thread
         self._settled = threading.Event()
         self._settled.set()
         self.last_build_ms: float | None = None
@@ -211,7 +212,7 @@ class LiteRTBackend(Backend):
             self._static = self._build(delegate=self._want_xnnpack)
             self._static_gen = 0
         if strategy == "hybrid":
-            threading.Thread(target=self._rebuild_loop, name="edge-litert-rebuild", daemon=True).start()
+            self._rebuilder = start_background(self, self._rebuild_loop, "edge-litert-rebuild")
 
     # -- contract ---------------------------------------------------------------------------
     @property
@@ -282,6 +283,8 @@ class LiteRTBackend(Backend):
         with self._lock:
             self._closed = True
             self._wake.notify()
+        join_background(self._rebuilder)  # a build in flight finishes first (native code must not be cut off)
+        with self._lock:
             self._static = self._builtin = None
 
     # -- interpreters -----------------------------------------------------------------------

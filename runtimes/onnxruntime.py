@@ -35,7 +35,7 @@ import numpy as np
 
 from edge.errors import BackendUnavailableError, ConfigError, FormatError
 from edge.modelinfo import META_KEY, ModelInfo, fingerprint
-from runtimes.base import BACKENDS, Backend, BackendOptions, WeightWrite
+from runtimes.base import BACKENDS, Backend, BackendOptions, WeightWrite, join_background, start_background
 
 __all__ = ["OrtBackend", "read_info"]
 
@@ -99,6 +99,7 @@ class OrtBackend(Backend):
         self._binding = None
         self._wake = threading.Condition(self._lock)  # tells the rebuild thread a write happened
         self._closed = False
+        self._rebuilder = None  # the hybrid strategy's rebuild thread
         self._rebuild_delay = float(options.extra.get("rebuild_delay_ms", 2.0)) / 1e3
         self._settled = threading.Event()
         self._settled.set()
@@ -110,7 +111,7 @@ class OrtBackend(Backend):
             self._static = self._build_static()
             self._static_gen = 0
         if strategy == "hybrid":
-            threading.Thread(target=self._rebuild_loop, name="edge-ort-rebuild", daemon=True).start()
+            self._rebuilder = start_background(self, self._rebuild_loop, "edge-ort-rebuild")
 
     # -- contract ---------------------------------------------------------------------------
     @property
@@ -176,6 +177,8 @@ class OrtBackend(Backend):
         with self._lock:
             self._closed = True
             self._wake.notify()
+        join_background(self._rebuilder)  # a build in flight finishes first (native code must not be cut off)
+        with self._lock:
             self._static = self._bound = self._binding = None
 
     # -- sessions ---------------------------------------------------------------------------
@@ -328,9 +331,10 @@ def read_info(proto) -> ModelInfo:
 def _verify_fingerprint(proto, info: ModelInfo, live: Mapping[str, np.ndarray]) -> None:
     from onnx import numpy_helper
 
-    tensors = dict(live)
+    heads = {t.initializer for t in info.tensors.values() if t.head}  # runtime-owned (edge.taps): not weights
+    tensors = {k: v for k, v in live.items() if k not in heads}
     for t in proto.graph.initializer:
-        if t.name not in tensors:
+        if t.name not in tensors and t.name not in heads:
             tensors[t.name] = numpy_helper.to_array(t)
     got = fingerprint(tensors)
     if got != info.fingerprint:

@@ -192,6 +192,32 @@ def test_update_bundles_a_new_domain_into_the_prototypes():
     assert det.threshold == pytest.approx(threshold_at_tpr(det.score(f[:100]), 0.95), rel=1e-5)
 
 
+def test_refine_retrains_class_prototypes_for_routing_and_keeps_their_norms():
+    rng = np.random.default_rng(3)
+    centres = rng.normal(0, 0.5, (2, 3, 16))  # two domains x three classes, overlapping
+    y, d = rng.integers(0, 3, 900), rng.integers(0, 2, 900)
+    f = (centres[d, y] + rng.normal(0, 1.2, (900, 16))).astype(np.float32)
+    lg = np.eye(3, dtype=np.float32)[y]
+    det = HDC().fit(f[:600], lg[:600], y[:600], d[:600])
+    before = det.prototypes.copy()
+    plain = (det.route(f[600:])[1] == d[600:]).mean()
+    norms = np.linalg.norm(det._sums["class"], axis=1)
+    kept = det.refine(f[:600], y[:600], d[:600], epochs=20, lr=3.0, check=(f[600:], d[600:]))
+    assert kept == pytest.approx((det.route(f[600:])[1] == d[600:]).mean())
+    assert kept >= plain  # epoch 0 (plain bundling) stays unless a later epoch routes the check data better
+    np.testing.assert_allclose(np.linalg.norm(det._sums["class"], axis=1), norms, rtol=1e-6)
+    np.testing.assert_array_equal(det.prototypes[len(det.class_keys) :], before[len(det.class_keys) :])
+    score, dom = det.route(f[600:])  # route, assess and the explicit similarities still agree
+    np.testing.assert_array_equal(det.assess(f[600:])[1], dom)
+    np.testing.assert_allclose(det.similarities(f[600:])[:, :6].max(1), score, rtol=1e-5)
+    fit_kept = HDC().fit(f[:600], lg[:600], y[:600], d[:600]).refine(f[:600], y[:600], d[:600], epochs=20, lr=3.0)
+    assert fit_kept >= (HDC().fit(f[:600], lg[:600], y[:600], d[:600]).route(f[:600])[1] == d[:600]).mean()
+    with pytest.raises(ConfigError, match="not fitted on"):
+        det.refine(f[:10], np.full(10, 2), np.full(10, 5))
+    with pytest.raises(ConfigError, match="epochs"):
+        det.refine(f[:10], y[:10], d[:10], epochs=-1)
+
+
 def test_bipolar_prototypes_are_stored_in_full_width():
     det, f = fitted_hdc(encoding="bipolar")
     assert det.prototypes.shape[1] == 4096

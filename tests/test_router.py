@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -12,12 +13,12 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from edge.adapters import Adapter, SparseDelta
-from edge.errors import ConfigError
-from edge.growth import SEARCH_SPACE, Arch, Budget, candidates, grow, select
+from edge.errors import AdapterMismatchError, ConfigError, FormatError
+from edge.growth import SEARCH_SPACE, Arch, Budget, GrowthJob, candidates, grow, select
 from edge.modelinfo import META_KEY, ModelInfo, TensorInfo, fingerprint
 from edge.router import Reconfigurator, RouterConfig
 from edge.runtime import Runtime
-from edge.taps import FEATURES, TAP_SETS, resolve_taps, tap_model
+from edge.taps import FEATURES, HEAD_C, HEAD_M, ROUTE, SCORE, TAP_SETS, Head, resolve_taps, tap_model
 
 T, C, CLASSES = 4, 8, 3
 WEIGHTS = ("blocks.0.attn.q.weight", "blocks.1.mlp.fc1.weight")
@@ -99,16 +100,29 @@ def domain(name: str, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return x.astype(np.float32), y
 
 
-@pytest.fixture
-def setup(tmp_path):
+def _setup(tmp_path, head):
     src = tmp_path / "m.onnx"
     info = make_prelm(src)
-    tapped = tap_model(src, tmp_path / "m.tapped.onnx", "all")
+    tapped = tap_model(src, tmp_path / "m.tapped.onnx", "all", head=head)
     rt = Runtime(tapped.path, strategy="bound")
     for i, name in enumerate(("a", "b")):
         rt.load_adapter(adapter(info, name, seed=10 + i))
-    yield src, info, tapped, rt
-    rt.close()
+    return src, info, tapped, rt
+
+
+@pytest.fixture(params=["numpy", "graph"])
+def setup(tmp_path, request):
+    """The tiny model tapped, loaded with two adapters; scored in numpy, or by an in-graph detector head."""
+    s = _setup(tmp_path, Head(domains=4, classes=CLASSES) if request.param == "graph" else None)
+    yield s
+    s[3].close()
+
+
+@pytest.fixture
+def headed(tmp_path):
+    s = _setup(tmp_path, Head(domains=4, classes=CLASSES))
+    yield s
+    s[3].close()
 
 
 def router_for(rt, tapped, **cfg) -> Reconfigurator:
@@ -217,6 +231,95 @@ def test_learning_updates_prototypes_and_threshold(setup):
     before = det.prototypes.copy()
     stream(router, ["clean"], labels=True)
     assert not np.allclose(det.prototypes[: len(before)], before)
+
+
+# -- the in-graph detector head ------------------------------------------------------------------
+def test_graph_head_matches_numpy_scoring_under_every_state_and_after_learning(headed):
+    _, _, tapped, rt = headed
+    router = router_for(rt, tapped, learn=True, learn_every=32, head_sync_s=0.0)
+    assert router.scoring == "graph"
+    x, y = domain("a", 64, seed=70)
+    for state in ("clean", "a", "b", "clean"):
+        router.switch_to(state)
+        out = rt.run({"x": x})
+        det = router.detector(state)
+        score, dom = det.route(out[FEATURES])
+        np.testing.assert_allclose(out[SCORE], score, rtol=1e-5, atol=1e-5)
+        np.testing.assert_array_equal(det.route_ids[out[ROUTE]], dom)
+    router.switch_to("a")
+    before = rt.weights(HEAD_M)
+    stream(router, ["a"], n=96, labels=True)  # prototype updates are written into the head
+    det = router.detector("a")
+    assert not np.allclose(rt.weights(HEAD_M), before)
+    out = rt.run({"x": x})
+    np.testing.assert_allclose(out[SCORE], det.route(out[FEATURES])[0], rtol=1e-5, atol=1e-5)
+
+
+def test_learned_prototypes_reach_the_head_at_most_once_per_sync_interval(headed):
+    _, _, tapped, rt = headed
+    router = router_for(rt, tapped, learn=True, learn_every=16, head_sync_s=3600.0)
+    router.switch_to("a")
+    written = rt.weights(HEAD_M)
+    stream(router, ["a"], n=96, labels=True)  # several prototype updates, none written yet
+    np.testing.assert_array_equal(rt.weights(HEAD_M), written)
+    steps = [router.process(domain("a", 8, seed=90)[0])]
+    assert steps[0].ood.dtype == bool  # scored against the threshold that goes with the written head
+    router.switch_to("b")
+    router.switch_to("a")  # a switch writes the learned prototypes
+    x, _ = domain("a", 32, seed=91)
+    out = rt.run({"x": x})
+    np.testing.assert_allclose(out[SCORE], router.detector("a").route(out[FEATURES])[0], rtol=1e-5, atol=1e-5)
+
+
+def test_head_outgrown_falls_back_to_numpy_with_a_warning(headed, caplog):
+    _, _, tapped, rt = headed
+    small = Head(domains=2, classes=CLASSES)
+    router = Reconfigurator(rt, replace(tapped, head=small), RouterConfig(window=24, dwell=32, learn=False))
+    for i, name in enumerate(("clean", "a", "b")):
+        router.add_domain(name, None if name == "clean" else name, *domain(name, 200, seed=i))
+    with caplog.at_level("WARNING", logger="edge.router"):
+        router.fit()
+    assert router.scoring == "numpy" and "outgrow the graph head" in caplog.text
+    served, _ = stream(router, ["clean", "a"])
+    assert served[-48:] == ["a"] * 48
+
+
+def test_head_tensors_are_runtime_state_not_weights(headed, tmp_path):
+    src, info, tapped, rt = headed
+    assert rt.heads == [HEAD_C, HEAD_M] and rt.info.fingerprint == info.fingerprint
+    m = rt.info.tensors[HEAD_M].shape
+    with pytest.raises(ConfigError, match="shape"):
+        rt.set_head({HEAD_M: np.zeros((1, 1), np.float32)})
+    with pytest.raises(ConfigError, match="non-finite"):
+        rt.set_head({HEAD_M: np.full(m, np.nan, np.float32)})
+    with pytest.raises(ConfigError, match="not a detector-head tensor"):
+        rt.set_head({WEIGHTS[0]: np.zeros((C, C), np.float32)})
+    with pytest.raises(ConfigError, match="non-finite"):  # a bad head leaves the switch undone
+        rt.switch("a", head={HEAD_M: np.full(m, np.inf, np.float32)})
+    assert rt.active == {}
+    idx = np.zeros((2, 1), np.int32)
+    bad = Adapter("bad", info.fingerprint, {HEAD_M: SparseDelta(idx, np.ones(1, np.float32))}, {HEAD_M: m})
+    with pytest.raises(AdapterMismatchError, match="detector-head"):
+        rt.load_adapter(bad)
+    model = onnx.load(str(tapped.path))  # the fingerprint still guards the real weights of a headed model
+    w = next(t for t in model.graph.initializer if t.name == WEIGHTS[0])
+    w.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(w) + 1, WEIGHTS[0]))
+    onnx.save(model, str(tmp_path / "tampered.onnx"))
+    with pytest.raises(FormatError, match="fingerprint"):
+        Runtime(tmp_path / "tampered.onnx")
+
+
+def test_graph_head_is_prepacked_by_the_hybrid_strategy(headed):
+    _, info, tapped, _ = headed
+    with Runtime(tapped.path, strategy="hybrid") as rt:
+        for i, name in enumerate(("a", "b")):
+            rt.load_adapter(adapter(info, name, seed=10 + i))
+        router = router_for(rt, tapped, learn=False)
+        router.switch_to("b")
+        rt.wait_settled()
+        x, _ = domain("b", 32, seed=71)
+        out = rt.run({"x": x})
+        np.testing.assert_allclose(out[SCORE], router.detector("b").route(out[FEATURES])[0], rtol=1e-5, atol=1e-5)
 
 
 # -- novelty and growth hand-off ----------------------------------------------------------------
@@ -330,6 +433,54 @@ def test_select_takes_cheapest_near_the_best_proxy():
         select([cand(0.1, 100, 2.0, fits=False)])
 
 
+def test_growth_job_trains_in_a_child_process_and_hands_back_a_file(setup, tmp_path):
+    _, info, _, rt = setup
+    x, y = domain("novel", 32, 0)
+    job = GrowthJob(rt, x, y, trainer=FakeTrainer(info), workdir=tmp_path, device=DEVICE, name="g1")
+    served = 0
+    while not job.done():  # the parent keeps serving meanwhile
+        rt.run({"x": x[:4]})
+        served += 1
+    res = job.result()
+    same = grow(rt, x, y, trainer=FakeTrainer(info), name="g1", device=DEVICE)  # the same choice in-process
+    assert res.chosen == same.chosen and [c.as_dict() for c in res.candidates] == [c.as_dict() for c in same.candidates]
+    assert job.adapter_path.exists() and res.adapter.name == "g1" and rt.load_adapter(res.adapter) == "g1"
+    for t, d in same.adapter.tensors.items():
+        np.testing.assert_array_equal(res.adapter.tensors[t].indices, d.indices)
+    assert served >= 1
+
+
+def test_growth_job_reports_the_childs_error(setup, tmp_path):
+    _, info, _, rt = setup
+    x, y = domain("novel", 16, 0)
+    job = GrowthJob(rt, x, y, trainer=FakeTrainer(info), workdir=tmp_path, device=DEVICE, budget=Budget(memory_mb=1e-9))
+    with pytest.raises(ConfigError, match="no adapter architecture fits the budget"):
+        job.result(timeout=120)
+    with pytest.raises(ConfigError, match="name"):
+        GrowthJob(rt, x, y, trainer=FakeTrainer(info), workdir=tmp_path, device=DEVICE, name="../evil")
+
+
+def test_background_refit_on_a_shadow_leaves_the_serving_runtime_alone(setup):
+    _, info, tapped, rt = setup
+    router = router_for(rt, tapped, learn=False, novel_buffer=64)
+    shadow = Runtime(tapped.path, strategy="bound")
+    for name in ("a", "b", "grown"):
+        a = adapter(info, name, seed={"a": 10, "b": 11, "grown": 30}[name])
+        shadow.load_adapter(a)
+        if name == "grown":
+            rt.load_adapter(a)
+    x, y = domain("novel", 200, seed=5)
+    refit = router.add_grown_background("novel-1", "grown", x, y, shadow=shadow)
+    while not refit.done():  # serving meanwhile: the old detectors, the base model's weights
+        step = router.process(domain("clean", 8, seed=6)[0])
+        assert step.served_by == "clean" and rt.active == {}
+    router.commit(refit)
+    assert router.active == "novel-1" and rt.active == {"grown": 1.0}
+    served, _ = stream(router, ["novel"], n=64, seed=301)
+    assert served.count("novel-1") == len(served)
+    shadow.close()
+
+
 @pytest.mark.parametrize(
     "labels, match", [(np.full(8, -1), "no label"), (np.zeros(3, np.int64), "labelled inputs")], ids=["none", "len"]
 )
@@ -373,7 +524,10 @@ def test_device_side_modules_import_without_torch():
 
 # -- end to end on the demo (needs the host side and time) --------------------------------------
 @pytest.mark.slow
-def test_stream_demo_grows_and_routes(tmp_path):
+@pytest.mark.parametrize(
+    "background, grow_on", [(True, "device"), (False, "host")], ids=["background-device", "inline-host"]
+)
+def test_stream_demo_grows_and_routes(tmp_path, background, grow_on):
     pytest.importorskip("torch")
     from edge.datasets import load_domains
     from edge.stream import StreamConfig, run_stream
@@ -383,9 +537,15 @@ def test_stream_demo_grows_and_routes(tmp_path):
     art = prepare_demo(cache, DemoConfig(), progress=False)
     domains = load_domains(DemoConfig().domains)
     r = run_stream(
-        art.model, art.adapters, art.model.parent / "encoder.safetensors", domains, StreamConfig(), progress=False
+        art.model,
+        art.adapters,
+        art.model.parent / "encoder.safetensors",
+        domains,
+        StreamConfig(background=background, grow_on=grow_on),
+        progress=False,
     )
-    assert [g["truth"] for g in r["growth"]] == ["invert"]
+    assert [g["truth"] for g in r["growth"]] == ["invert"] and r["growth"][0]["background"] == background
+    assert r["scoring"] == "graph"
     assert r["overall"]["acc"] > r["overall"]["base_acc"] + 0.15
     final = {f["domain"]: f for f in r["final"]}
     assert final["invert"]["served_mostly_by"] == "new-1"

@@ -17,6 +17,17 @@ def register(sub) -> None:
         "--stream", action="store_true", help="drifting stream: OOD detection, routing and growing a new adaptor"
     )
     d.add_argument("--grow-device", help="with --stream: device profile whose budgets the grown adaptor must fit")
+    d.add_argument(
+        "--grow-on",
+        choices=["device", "host"],
+        default="device",
+        help="with --stream: train the new adaptor with the numpy device trainer (default) or torch on the host",
+    )
+    d.add_argument(
+        "--grow-blocking",
+        action="store_true",
+        help="with --stream: pause the stream while growing (default: grow in a child process, keep serving)",
+    )
     d.set_defaults(func=run)
 
 
