@@ -26,7 +26,7 @@ bench: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
 	$(BIN)/edge bench switch --json bench-switch.json --md BENCHMARKS.md
 	$(BIN)/edge bench update --json bench-update.json --md BENCHMARKS.md
-	$(BIN)/edge bench ood --json bench-ood.json --md BENCHMARKS.md
+	$(BIN)/edge bench ood --minilm --json bench-ood.json --md BENCHMARKS.md
 	$(BIN)/edge bench lowbit --json bench-lowbit.json --md BENCHMARKS.md
 
 # Device-side tests on aarch64 under qemu-user (needs root; builds and caches a Debian arm64 root in .arm-root/).

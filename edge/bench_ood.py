@@ -31,7 +31,7 @@ from edge.errors import ConfigError
 
 __all__ = ["FAR", "GOALS", "NEAR", "add_arguments", "bench_ood", "cli", "markdown", "register_near_shifts"]
 
-HEAD_DOMAINS = 8  # domain capacity of the in-graph detector head (5 are known here)
+HEAD_SPARE = 1  # domains the in-graph detector head holds beyond the known ones (room to grow one)
 GOALS = {"hdc_vs_best_auroc_pts": -1.0, "routing_acc": 0.95, "detect_overhead_pct": 5.0}
 NEAR = ("rotate-mild", "noise-mild", "shift")
 FAR = ("rotate", "noise", "blur", "invert")
@@ -75,7 +75,7 @@ def bench_ood(
     batch: int = 16,
     backend: str = "onnxruntime",
     threads: int | None = None,
-    runs: int = 300,
+    runs: int = 600,
     seed: int = 0,
 ) -> dict:
     from edge.ood import make_detector
@@ -86,7 +86,7 @@ def bench_ood(
         raise ConfigError(
             f"feature taps edit ONNX graphs; backend {backend!r} is not supported here, use --backend onnxruntime"
         )
-    head = Head(domains=HEAD_DOMAINS, classes=int(domains["clean"].y_train.max()) + 1)
+    head = Head(domains=len(adapters) + 1 + HEAD_SPARE, classes=int(domains["clean"].y_train.max()) + 1)
     tapped = tap_model(model, model.with_name(f"{model.stem}.tapped-{taps}-head.onnx"), taps, head=head)
     rt = Runtime(tapped.path, backend=backend, threads=threads)
 
@@ -258,18 +258,17 @@ def _overhead(model, rt, tapped, domains, batch, backend, threads, runs, router)
 
 def _time_pipelines(plain, bare, headed, det, bip, x, runs) -> dict:
     from edge.benchmarks import p50, time_calls
-    from edge.taps import FEATURES, ROUTE, SCORE
+    from edge.taps import FEATURES, VOTE
 
     x = {"pixels": np.ascontiguousarray(x)}
-    ids, threshold = det.route_ids, det.threshold
+    threshold = det.threshold
 
-    def graph():  # the router's path: score and domain column from the run, compare and look up in numpy
-        out = headed.run(x)
-        return out[SCORE] < threshold, ids[out[ROUTE]]
+    def graph():  # the router's path: each input's vote (domain, or -1 = OOD) comes out of the run
+        return headed.run(x)[VOTE]
 
     def numpy_scored():  # the same detector scored in numpy after a taps-only run
         score, dom = det.route(bare.run(x)[FEATURES])
-        return score < threshold, dom
+        return np.where(score < threshold, -1, dom)
 
     def bipolar():
         return bip.score(bare.run(x)[FEATURES]) < 0
@@ -282,22 +281,71 @@ def _time_pipelines(plain, bare, headed, det, bip, x, runs) -> dict:
         "bipolar": bipolar,
     }
     t = {k: [] for k in contestants}
-    rng, rounds = np.random.default_rng(0), 10
+    per_round = {k: [] for k in contestants}
+    rng, rounds = np.random.default_rng(0), 40
     for _ in range(rounds):  # each contestant runs in a block (one session busy at a time), blocks interleaved
         for k in rng.permutation(list(contestants)):
-            t[k] += time_calls(contestants[k], max(1, runs // rounds))
+            block = time_calls(contestants[k], max(1, runs // rounds))
+            t[k] += block
+            per_round[k].append(p50(block))
     m = {k: p50(v) for k, v in t.items()}
     q = {k: float(np.percentile(v, 10)) for k, v in t.items()}  # the least disturbed runs: a quiet-machine view
+
+    def paired(k: str) -> float:
+        """Median over rounds of the contestant's block median over plain's in the same round, in %.
+
+        Two-thread onnxruntime runs on this VM switch between a fast and a slow mode
+        (0.64 vs ~0.95 ms at batch 16) for seconds at a time; ratios within a round see
+        the same mode, so this is the headline figure.
+        """
+        return 100.0 * (float(np.median(np.array(per_round[k]) / np.array(per_round["plain"]))) - 1.0)
+
     return {
         "plain_ms": m["plain"],
         "tapped_ms": m["tapped"],
         "graph_ms": m["graph"],
         "numpy_ms": m["numpy"],
-        "overhead_pct": 100.0 * (m["graph"] / m["plain"] - 1.0),
+        "overhead_pct": paired("graph"),
+        "overhead_pct_pooled_p50": 100.0 * (m["graph"] / m["plain"] - 1.0),
         "overhead_pct_p10": 100.0 * (q["graph"] / q["plain"] - 1.0),
-        "taps_pct": 100.0 * (m["tapped"] / m["plain"] - 1.0),
-        "numpy_overhead_pct": 100.0 * (m["numpy"] / m["plain"] - 1.0),
-        "bipolar_overhead_pct": 100.0 * (m["bipolar"] / m["plain"] - 1.0),
+        "taps_pct": paired("tapped"),
+        "numpy_overhead_pct": paired("numpy"),
+        "bipolar_overhead_pct": paired("bipolar"),
+    }
+
+
+def encoder_overhead(model: Path, feeds: dict, *, threads: int | None = None, runs: int = 150) -> dict:
+    """Plain run vs the same model tapped (``attn``) with a detector head, on any exported encoder.
+
+    The head is written with random values: its cost does not depend on them. For the
+    real pretrained encoder (MiniLM) this says what detection costs next to an encoder of
+    deployable size, where the digits encoder is the worst case (69 k parameters).
+    """
+    from edge.benchmarks import p50, time_calls
+    from edge.runtime import Runtime
+    from edge.taps import SCORE, Head, tap_model
+
+    tapped = tap_model(model, model.with_name(f"{model.stem}.tapped-attn-head.onnx"), "attn", head=Head(domains=6))
+    plain, headed = Runtime(model, threads=threads), Runtime(tapped.path, threads=threads)
+    rng = np.random.default_rng(0)
+    headed.set_head({n: rng.standard_normal(headed.info.tensors[n].shape).astype(np.float32) for n in headed.heads})
+    headed.wait_settled()
+    contestants = {"plain": lambda: plain.run(feeds), "headed": lambda: headed.run(feeds)[SCORE]}
+    t = {k: [] for k in contestants}
+    for _ in range(5):
+        for k in rng.permutation(list(contestants)):
+            t[k] += time_calls(contestants[k], max(1, runs // 5))
+    m = {k: p50(v) for k, v in t.items()}
+    plain.close()
+    headed.close()
+    return {
+        "model": model.name,
+        "taps": list(tapped.tensors),
+        "width": tapped.width,
+        "batch": int(next(iter(feeds.values())).shape[0]),
+        "plain_ms": m["plain"],
+        "headed_ms": m["headed"],
+        "overhead_pct": 100.0 * (m["headed"] / m["plain"] - 1.0),
     }
 
 
@@ -349,21 +397,33 @@ def markdown(r: dict) -> str:
         + ".",
         "",
         f"Detection cost per input (router scoring: {r['scoring']}). *Graph*: taps and the HDC head in the "
-        "model, threshold and domain lookup in numpy (the router's path, the goal's figure). *Numpy*: the same "
+        "model, each input's vote (domain or OOD) an output of the run (the router's path, the goal's figure). "
+        "*Numpy*: the same "
         "detector scored in numpy after a taps-only run. Bipolar: the nonlinear encoding (a `d x 4096` "
         "projection per input).",
         "",
-        "| batch | plain run ms | graph-scored run ms | overhead (p50) | from p10 times | of which taps "
+        "Overheads are medians over 40 rounds of per-round ratios (each round times every contestant in a "
+        "block, in random order); the pooled p50 and p10 of all runs are shown for comparison.",
+        "",
+        "| batch | plain run ms | graph-scored run ms | overhead | pooled p50 | pooled p10 | of which taps "
         "| numpy scoring instead | bipolar instead |",
-        "|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for b, v in o.items():
         label = b[5:].replace("-threads", ", ORT threads ")
         lines.append(
             f"| {label} | {v['plain_ms']:.3f} | {v['graph_ms']:.3f} | **{v['overhead_pct']:+.1f} %** | "
-            f"{v['overhead_pct_p10']:+.1f} % | {v['taps_pct']:+.1f} % | {v['numpy_overhead_pct']:+.1f} % | "
-            f"{v['bipolar_overhead_pct']:+.1f} % |"
+            f"{v['overhead_pct_pooled_p50']:+.1f} % | {v['overhead_pct_p10']:+.1f} % | {v['taps_pct']:+.1f} % | "
+            f"{v['numpy_overhead_pct']:+.1f} % | {v['bipolar_overhead_pct']:+.1f} % |"
         )
+    if "minilm" in r:
+        mm = r["minilm"]
+        lines += [
+            "",
+            f"The same detection on the pretrained MiniLM encoder ({len(mm['taps'])} taps, {mm['width']}-wide "
+            f"features, batch {mm['batch']}, 128 tokens): plain {mm['plain_ms']:.1f} ms, with taps and head "
+            f"{mm['headed_ms']:.1f} ms, overhead **{mm['overhead_pct']:+.2f} %**.",
+        ]
     g = r["goals"]
     lines += [
         "",
@@ -371,7 +431,13 @@ def markdown(r: dict) -> str:
         f"the best baseline (goal >= -1): **{'met' if g['met']['auroc'] else 'not met'}**; routing "
         f"{100 * r['routing_acc']:.1f} % (goal >= 95 %): **{'met' if g['met']['routing'] else 'not met'}**; "
         f"detection overhead {r['detect_overhead_pct']:.1f} % at batch {r['batch']} (goal <= 5 %): "
-        f"**{'met' if g['met']['overhead'] else 'not met'}**.",
+        f"**{'met' if g['met']['overhead'] else 'not met'}**"
+        + (
+            f" (with one onnxruntime thread: {o[one]['overhead_pct']:.1f} %)"
+            if (one := f"batch{r['batch']}-threads1") in o
+            else ""
+        )
+        + ".",
         "",
     ]
     return "\n".join(lines)
@@ -380,8 +446,11 @@ def markdown(r: dict) -> str:
 def add_arguments(sp) -> None:
     sp.add_argument("--taps", default="attn", choices=["attn", "blocks", "all"], help="tap set (default: attn)")
     sp.add_argument("--batch", type=int, default=16, help="stream batch size for routing and overhead (default 16)")
-    sp.add_argument("--runs", type=int, default=300, help="timed runs per contestant")
+    sp.add_argument("--runs", type=int, default=600, help="timed runs per contestant")
     sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument(
+        "--minilm", action="store_true", help="also time the same detection on MiniLM (exported on first use)"
+    )
 
 
 def cli(args) -> int:
@@ -411,6 +480,11 @@ def cli(args) -> int:
         runs=args.runs,
         seed=args.seed,
     )
+    if args.minilm:
+        from edge.bench_switch import _bench_model
+
+        path, feeds = _bench_model("minilm", args.cache, args.quiet)
+        r["minilm"] = encoder_overhead(path, feeds, threads=args.threads)
     r["machine"] = machine()
     print(json.dumps(r, indent=1))
     if args.json:

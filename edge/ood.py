@@ -575,38 +575,48 @@ class HDC(Detector):
         return score, self._route_ids[best]
 
     def head_values(self, head) -> dict[str, np.ndarray]:
-        """The in-graph head tensors (:mod:`edge.taps`) that compute :meth:`route`'s score and routing column.
+        """The in-graph head tensors (:mod:`edge.taps`) that compute :meth:`route` and the OOD flag.
 
-        ``Y = f M + c`` holds ``u = [(f - mu) W, bias]``, then ``u . a_k + b_k`` for every
-        class prototype; unused columns get a bias of ``HEAD_UNUSED``. The graph's
-        ``edge.route`` is a class-prototype column: map it with :attr:`route_ids`.
-        Linear encoding only.
+        ``Y = f M + c`` holds ``u = [(f - mu) W, bias]``, then ``u . a_k + b_k`` for the
+        class prototype ``(domain, class)`` in column ``domain * head.classes + class``;
+        unused columns get a bias of ``HEAD_UNUSED``. The threshold goes with them, so
+        the graph's vote is this detector's :meth:`is_ood` and :meth:`route` in one.
+        Linear encoding, calibrated, domains and classes within the head's capacity.
         """
-        from edge.taps import HEAD_C, HEAD_M, HEAD_UNUSED
+        from edge.taps import HEAD_C, HEAD_M, HEAD_T, HEAD_UNUSED
 
         if self.encoding != "linear":
             raise ConfigError(f"only the linear HDC encoding folds into a graph head, not {self.encoding!r}")
-        width = len(self._w)
-        nc = len(self.class_keys)
-        n_u, n_c = head.columns(width)
-        if nc > n_c or len(self.domain_keys) > head.domains:
+        if self.threshold is None:
             raise ConfigError(
-                f"the detector has {len(self.domain_keys)} domains and {nc} class prototypes; the graph head holds "
-                f"{head.domains} and {n_c}. Tap the model with a larger Head(domains=..., classes=...)"
+                "calibrate the detector before folding it into a graph head (the head holds its threshold)"
             )
+        if not self.fits_head(head):
+            raise ConfigError(
+                f"the detector's domains {self.domain_keys} and classes up to "
+                f"{max(k for _, k in self.class_keys)} do not fit the graph head ({head.domains} domains x "
+                f"{head.classes} classes); tap the model with a larger Head(domains=..., classes=...)"
+            )
+        width = len(self._w)
+        n_u, n_c = head.columns(width)
+        cols = np.array([n_u + d * head.classes + k for d, k in self.class_keys])
         w = self._w.astype(np.float64)
         mu_w = self._mu.astype(np.float64) @ w
         a = self._ac.astype(np.float64)
         m = np.zeros((width, n_u + n_c))
         c = np.full(n_u + n_c, HEAD_UNUSED)
         m[:, :width], c[:width], c[width] = w, -mu_w, self.bias
-        m[:, n_u : n_u + nc] = w @ a
-        c[n_u : n_u + nc] = self._bc - mu_w @ a
-        return {HEAD_M: m.astype(np.float32), HEAD_C: c.astype(np.float32)}
+        m[:, cols] = w @ a
+        c[cols] = self._bc - mu_w @ a
+        return {HEAD_M: m.astype(np.float32), HEAD_C: c.astype(np.float32), HEAD_T: np.float32([self.threshold])}
+
+    def fits_head(self, head) -> bool:
+        """Whether every (domain, class) prototype has a column in ``head`` (ids below its capacities)."""
+        return all(0 <= d < head.domains and 0 <= k < head.classes for d, k in self.class_keys)
 
     @property
     def route_ids(self) -> np.ndarray:
-        """Domain id of each class prototype, in column order: what a routed column means."""
+        """Domain id of each class prototype (:attr:`class_keys` order): what a routing argmax means."""
         return self._route_ids
 
     def score(self, features, logits=None):

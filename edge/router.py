@@ -67,7 +67,7 @@ import numpy as np
 
 from edge.errors import ConfigError
 from edge.ood import HDC
-from edge.taps import ROUTE, SCORE, Tapped
+from edge.taps import SCORE, VOTE, Tapped
 
 __all__ = ["Reconfigurator", "Refit", "RouterConfig", "Step"]
 
@@ -145,7 +145,6 @@ class _State:
     pending: list = field(default_factory=list)  # (features, labels) waiting to be bundled
     waiting: int = 0
     head: dict | None = None  # the detector folded into the graph head (edge.taps), when it fits
-    head_threshold: float = 0.0  # the threshold that goes with the head as last written
     head_dirty: bool = False  # prototypes changed since the head was written
 
 
@@ -287,7 +286,7 @@ class Reconfigurator:
         if not self._in_graph:
             return None
         head = self.tapped.head
-        if len(det.domain_keys) > head.domains or len(det.class_keys) > head.domains * head.classes:
+        if not det.fits_head(head):
             log.warning(
                 "%d known domains with %d class prototypes outgrow the graph head (%d domains x %d classes); "
                 "scoring in numpy from now on (slower). Tap the model with a larger Head to keep it in the graph",
@@ -306,7 +305,7 @@ class Reconfigurator:
             return None
         if state.head_dirty:
             state.head = self._fold(state.detector)
-        state.head_threshold, state.head_dirty = state.detector.threshold, False
+        state.head_dirty = False
         self._head_written = time.perf_counter()
         return state.head if self._in_graph else None
 
@@ -329,10 +328,7 @@ class Reconfigurator:
         served = self.active
         if self._in_graph:
             state = self._states[self.adapter_of(self.active)]
-            dom = state.detector.route_ids[out[ROUTE]]
-            step = self._observe(
-                out[SCORE], dom, out[self.tapped.features], out[self._logits], x, labels, state.head_threshold
-            )
+            step = self._observe(out[SCORE], out[VOTE], out[self.tapped.features], out[self._logits], x, labels)
             if state.head_dirty and time.perf_counter() - self._head_written >= self.config.head_sync_s:
                 head = self._head_for(state)  # the prototypes learned since the last write
                 if head is not None:
@@ -349,17 +345,18 @@ class Reconfigurator:
 
         Returns ``(scores, ood, codes, names, event)`` (the fields of :class:`Step` after ``logits``).
         """
-        score, dom = self._states[self.adapter_of(self.active)].detector.route(feats)
-        return self._observe(score, dom, feats, logits, x, labels)
+        det = self._states[self.adapter_of(self.active)].detector
+        score, dom = det.route(feats)
+        return self._observe(score, np.where(score < det.threshold, -1, dom), feats, logits, x, labels)
 
-    def _observe(self, score, dom, feats, logits, x, labels, threshold=None):
+    def _observe(self, score, codes, feats, logits, x, labels):
+        """Window, learning and growth buffer from each input's score and vote (domain index, -1 = OOD)."""
         state = self._states[self.adapter_of(self.active)]
-        ood = score < (state.detector.threshold if threshold is None else threshold)
-        codes = np.where(ood, -1, dom)
+        ood = codes < 0
         self._window.add(codes)
         self._since_switch += len(codes)
         if self.config.learn:
-            self._learn(state, feats, logits, labels, ood, dom, score, x)
+            self._learn(state, feats, logits, labels, codes, score, x)
         if ood.any():
             self._buffer_x.append(np.asarray(x)[ood])
             self._buffer_y.append(np.full(int(ood.sum()), -1) if labels is None else np.asarray(labels)[ood])
@@ -408,9 +405,9 @@ class Reconfigurator:
         self._window.clear()
         self._since_switch = 0
 
-    def _learn(self, state: _State, feats, logits, labels, ood, dom, score, x) -> None:
+    def _learn(self, state: _State, feats, logits, labels, codes, score, x) -> None:
         t0 = time.perf_counter()
-        mine = (dom == list(self._domains).index(self.active)) & ~ood
+        mine = codes == list(self._domains).index(self.active)
         if labels is not None:
             labels = np.asarray(labels, np.int64)
             self._reservoir(self._domains[self.active], np.asarray(x)[mine], labels[mine])

@@ -10,22 +10,27 @@ that serves the input: no second run.
 Cost, measured on the digits encoder at batch 16: two pooled taps and the concat add
 about 1-3 % to a run.
 
-**Detector head** (``head=Head(...)``): the HDC detector's scoring folded into the same
-graph, so an inference returns each input's ID score and routing vote too. The folded
-HDC score (:mod:`edge.ood`) is affine in the features up to one norm, so one ``Gemm``
-with a ``[d, d + 1 + K]`` matrix ``edge.head.m`` and bias ``edge.head.c`` gives the
-whitened features with the bias component (``u``) and every class prototype's
-unnormalised similarity; then ``score = max(class part) / ||u||`` and ``route =
-argmax(class part)`` (outputs ``edge.score``, ``edge.route``: the column, whose domain
-:attr:`edge.ood.HDC.route_ids` gives). The capacity ``K = classes * domains`` is fixed
-at tap time; unused columns hold a large negative bias so they never win. The two head tensors are
-ordinary initializers that the runtime writes like weights (:meth:`Runtime.set_head`),
-so the ``hybrid`` strategy prepacks them; they are marked ``head`` in the model
-metadata, excluded from the fingerprint and refused as adapter targets. Until a
-detector writes them, ``score`` is 0 and ``route`` 0. Why in the graph: scored in
-numpy right after an onnxruntime run, the same arithmetic cost 70 us per batch of 16
-instead of 30 us hot (about ten numpy calls, each paying cold caches), 11-16 % of the
-digits encoder's run; in the graph it costs about 3 % (BENCHMARKS.md). An earlier try
+**Detector head** (``head=Head(...)``): the HDC detector folded into the same graph, so
+an inference also returns each input's ID score and routing vote. The folded HDC score
+(:mod:`edge.ood`) is affine in the features up to one norm, so one ``Gemm`` with a
+``[d, d + 1 + K]`` matrix ``edge.head.m`` and bias ``edge.head.c`` gives the whitened
+features with the bias component (``u``) and every class prototype's unnormalised
+similarity; then ``score = max(class part) / ||u||`` (output ``edge.score``) and the vote
+(output ``edge.vote``): ``-1`` when ``score < edge.head.t`` (the calibrated threshold),
+else the domain of the most similar class prototype. Class prototype ``(domain,
+class)`` sits in column ``domain * classes + class``, so the domain is the argmax
+column divided by ``classes``. The capacity ``K = classes * domains`` is fixed at tap
+time; unused columns hold a large negative bias so they never win. The head tensors
+are ordinary initializers that the runtime writes like weights
+(:meth:`Runtime.set_head`), so the ``hybrid`` strategy prepacks them; they are marked
+``head`` in the model metadata, excluded from the fingerprint and refused as adapter
+targets. Until a detector writes them, every input scores 0 and votes ``-1``.
+
+Why in the graph: scored in numpy right after an onnxruntime run, the same arithmetic
+cost 70 us per batch of 16 instead of 30 us hot (about ten numpy calls, each paying
+cold caches), 9-13 % of the digits encoder's run; in the graph, taps and head together
+cost 4-6 % of it (BENCHMARKS.md), most of it onnxruntime's fixed cost per node (a few
+us each for a dozen tiny nodes; the ``Gemm`` alone is about 2.5 %). An earlier try
 fed the matrices as graph inputs every run and added ~7 %: onnxruntime packs a fed
 matrix on every call, while a constant one is packed once per session.
 
@@ -51,11 +56,23 @@ from edge.errors import ConfigError, FormatError
 from edge.modelinfo import META_KEY
 from edge.registry import Registry
 
-__all__ = ["FEATURES", "HEAD_M", "HEAD_C", "ROUTE", "SCORE", "TAP_SETS", "Head", "Tapped", "resolve_taps", "tap_model"]
+__all__ = [
+    "FEATURES",
+    "HEAD_C",
+    "HEAD_M",
+    "HEAD_T",
+    "SCORE",
+    "TAP_SETS",
+    "VOTE",
+    "Head",
+    "Tapped",
+    "resolve_taps",
+    "tap_model",
+]
 
 FEATURES = "edge.features"
-SCORE, ROUTE = "edge.score", "edge.route"  # detector-head outputs: [B] float32 ID score, [B] int64 domain column
-HEAD_M, HEAD_C = "edge.head.m", "edge.head.c"  # detector-head tensors: Gemm matrix and bias
+SCORE, VOTE = "edge.score", "edge.vote"  # detector-head outputs: [B] float32 ID score, [B] int64 domain or -1 (OOD)
+HEAD_M, HEAD_C, HEAD_T = "edge.head.m", "edge.head.c", "edge.head.t"  # head tensors: Gemm matrix, bias, threshold
 #: bias of unused head columns: never the max or the argmax
 HEAD_UNUSED = -1e30
 
@@ -190,7 +207,7 @@ def _add_head(model, head: Head, width: int, opset: int, meta: str | None) -> st
         raise FormatError(f"model {model.graph.name!r} has no {META_KEY!r} metadata; tap a model exported by edge")
     info = ModelInfo.from_json(meta)
     taken = {t.name for t in model.graph.initializer} | {o.name for o in model.graph.output} | set(info.tensors)
-    clash = sorted(taken & {HEAD_M, HEAD_C, SCORE, ROUTE})
+    clash = sorted(taken & {HEAD_M, HEAD_C, HEAD_T, SCORE, VOTE})
     if clash:
         raise ConfigError(f"model {model.graph.name!r} already has {clash}; tap the original model")
     n_u, n_c = head.columns(width)
@@ -198,37 +215,45 @@ def _add_head(model, head: Head, width: int, opset: int, meta: str | None) -> st
     c[width] = 1.0  # the bias component: ||u|| = 1 and score = 0 until a detector is written
     g = model.graph
     g.initializer.extend(
-        [numpy_helper.from_array(np.zeros((width, len(c)), np.float32), HEAD_M), numpy_helper.from_array(c, HEAD_C)]
+        [
+            numpy_helper.from_array(np.zeros((width, len(c)), np.float32), HEAD_M),
+            numpy_helper.from_array(c, HEAD_C),
+            numpy_helper.from_array(np.ones(1, np.float32), HEAD_T),  # above any score: all OOD until written
+        ]
     )
 
     def const(name: str, values: list[int]) -> str:
-        g.node.append(
-            helper.make_node(
-                "Constant",
-                [],
-                [name],
-                value=helper.make_tensor(f"{name}.value", TensorProto.INT64, [len(values)], values),
-            )
-        )
+        value = helper.make_tensor(f"{name}.value", TensorProto.INT64, [len(values)], values)
+        g.node.append(helper.make_node("Constant", [], [name], value=value))
         return name
 
-    g.node.append(helper.make_node("Gemm", [FEATURES, HEAD_M, HEAD_C], ["edge.head.y"], name="edge.head.gemm"))
+    def node(op: str, inputs: list[str], output: str, **attrs) -> str:
+        g.node.append(helper.make_node(op, inputs, [output], name=output, **attrs))
+        return output
+
+    y = node("Gemm", [FEATURES, HEAD_M, HEAD_C], "edge.head.y")
     split = const("edge.head.split", [n_u, n_c])
-    g.node.append(helper.make_node("Split", ["edge.head.y", split], ["edge.head.u", "edge.head.cls"], axis=1))
+    g.node.append(
+        helper.make_node("Split", [y, split], ["edge.head.u", "edge.head.cls"], axis=1, name="edge.head.split")
+    )
     if opset >= 18:
         axis = const("edge.head.axis", [1])
-        g.node.append(helper.make_node("ReduceL2", ["edge.head.u", axis], ["edge.head.norm"], keepdims=0))
-        g.node.append(helper.make_node("ReduceMax", ["edge.head.cls", axis], ["edge.head.max"], keepdims=0))
+        norm = node("ReduceL2", ["edge.head.u", axis], "edge.head.norm", keepdims=0)
+        best = node("ReduceMax", ["edge.head.cls", axis], "edge.head.max", keepdims=0)
     else:
-        g.node.append(helper.make_node("ReduceL2", ["edge.head.u"], ["edge.head.norm"], axes=[1], keepdims=0))
-        g.node.append(helper.make_node("ReduceMax", ["edge.head.cls"], ["edge.head.max"], axes=[1], keepdims=0))
-    g.node.append(helper.make_node("Div", ["edge.head.max", "edge.head.norm"], [SCORE]))
-    g.node.append(helper.make_node("ArgMax", ["edge.head.cls"], [ROUTE], axis=1, keepdims=0))
+        norm = node("ReduceL2", ["edge.head.u"], "edge.head.norm", axes=[1], keepdims=0)
+        best = node("ReduceMax", ["edge.head.cls"], "edge.head.max", axes=[1], keepdims=0)
+    score = node("Div", [best, norm], SCORE)
+    column = node("ArgMax", ["edge.head.cls"], "edge.head.column", axis=1, keepdims=0)
+    domain = node("Div", [column, const("edge.head.classes", [head.classes])], "edge.head.domain")
+    ood = node("Less", [score, HEAD_T], "edge.head.ood")
+    node("Where", [ood, const("edge.head.minus1", [-1]), domain], VOTE)
     g.output.append(helper.make_tensor_value_info(SCORE, TensorProto.FLOAT, ["batch"]))
-    g.output.append(helper.make_tensor_value_info(ROUTE, TensorProto.INT64, ["batch"]))
+    g.output.append(helper.make_tensor_value_info(VOTE, TensorProto.INT64, ["batch"]))
     tensors = dict(info.tensors)
     tensors[HEAD_M] = TensorInfo(HEAD_M, (width, len(c)), head=True)
     tensors[HEAD_C] = TensorInfo(HEAD_C, (len(c),), head=True)
+    tensors[HEAD_T] = TensorInfo(HEAD_T, (1,), head=True)
     extra = {**info.extra, "edge.head": {"domains": head.domains, "classes": head.classes, "width": width}}
     return replace(info, tensors=tensors, extra=extra).to_json()
 
