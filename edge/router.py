@@ -189,7 +189,7 @@ class Reconfigurator:
         self._since_switch = 0
         self._buffer_x: list[np.ndarray] = []
         self._buffer_y: list[np.ndarray] = []
-        self.stats = {"inputs": 0, "switches": 0, "infer_s": 0.0, "detect_s": 0.0, "learn_s": 0.0}
+        self.stats = {"inputs": 0, "switches": 0, "infer_s": 0.0, "detect_s": 0.0, "learn_s": 0.0, "write_s": 0.0}
         self._in_graph = tapped.head is not None  # False once the known domains outgrow the head
         self._head_written = 0.0  # perf_counter of the last head write
         if self._in_graph and not set(runtime.heads):
@@ -274,7 +274,7 @@ class Reconfigurator:
         self._states = states
         domain = switch_to or self.active
         adapter = self.adapter_of(domain)
-        self.rt.switch(adapter, head=self._head_for(states[adapter]))
+        self._write(adapter, states[adapter])
         if switch_to is not None and switch_to != self.active:
             self.active = domain
             self.stats["switches"] += 1
@@ -298,6 +298,12 @@ class Reconfigurator:
             self._in_graph = False
             return None
         return det.head_values(head)
+
+    def _write(self, adapter: str | None, state: _State) -> None:
+        """Switch the runtime to ``adapter`` with ``state``'s head (timed: ``stats["write_s"]``)."""
+        t0 = time.perf_counter()
+        self.rt.switch(adapter, head=self._head_for(state))
+        self.stats["write_s"] += time.perf_counter() - t0
 
     def _head_for(self, state: _State) -> dict | None:
         """The head to write with a switch to ``state`` (None when scoring in numpy); marks it written."""
@@ -330,9 +336,11 @@ class Reconfigurator:
             state = self._states[self.adapter_of(self.active)]
             step = self._observe(out[SCORE], out[VOTE], out[self.tapped.features], out[self._logits], x, labels)
             if state.head_dirty and time.perf_counter() - self._head_written >= self.config.head_sync_s:
+                t2 = time.perf_counter()
                 head = self._head_for(state)  # the prototypes learned since the last write
                 if head is not None:
                     self.rt.set_head(head)
+                self.stats["write_s"] += time.perf_counter() - t2
         else:
             step = self.observe(out[self.tapped.features], out[self._logits], x, labels)
         self.stats["infer_s"] += t1 - t0
@@ -399,7 +407,7 @@ class Reconfigurator:
     def _switch(self, domain: str) -> None:
         log.info("switch %s -> %s", self.active, domain)
         adapter = self.adapter_of(domain)
-        self.rt.switch(adapter, head=self._head_for(self._states[adapter]))
+        self._write(adapter, self._states[adapter])
         self.active = domain
         self.stats["switches"] += 1
         self._window.clear()

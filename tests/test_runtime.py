@@ -207,3 +207,16 @@ def test_default_strategy_is_reported(model):
     with Runtime(path) as rt:
         assert rt.strategy == get_backend("onnxruntime").DEFAULT_STRATEGY
         assert rt.providers == ["CPUExecutionProvider"]
+
+
+@pytest.mark.parametrize("backend", sorted(TESTED_BACKENDS))
+def test_close_waits_for_the_background_rebuild(model, tiny, backend):
+    """A build cut off at interpreter exit aborts the process: close() (also run at exit) joins the thread."""
+    path, info = model
+    rt = Runtime(path, backend=backend, strategy="hybrid")
+    rt.load_adapter(random_adapter(info, seed=1, name="a"))
+    rt.switch("a")  # starts a background build
+    thread = rt.backend._rebuilder
+    assert thread is not None and thread.is_alive()
+    rt.close()
+    assert not thread.is_alive()
