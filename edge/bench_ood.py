@@ -403,7 +403,11 @@ def markdown(r: dict) -> str:
         "projection per input).",
         "",
         "Overheads are medians over 40 rounds of per-round ratios (each round times every contestant in a "
-        "block, in random order); the pooled p50 and p10 of all runs are shown for comparison.",
+        "block, in random order); the pooled p50 and p10 of all runs are shown for comparison. A tap on a "
+        "tensor that onnxruntime would otherwise fuse away (e.g. the Add before the last LayerNormalization, "
+        "fused into SkipLayerNormalization) keeps that fusion out of the tapped model, which can make it faster "
+        "or slower than the plain one: with `all` taps on the digits encoder it runs about 5 % faster, so that "
+        "row understates the detector's cost; the `attn` taps leave the optimised graph unchanged.",
         "",
         "| batch | plain run ms | graph-scored run ms | overhead | pooled p50 | pooled p10 | of which taps "
         "| numpy scoring instead | bipolar instead |",
