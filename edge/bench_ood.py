@@ -323,14 +323,14 @@ def encoder_overhead(model: Path, feeds: dict, *, threads: int | None = None, ru
     """
     from edge.benchmarks import p50, time_calls
     from edge.runtime import Runtime
-    from edge.taps import SCORE, Head, tap_model
+    from edge.taps import VOTE, Head, tap_model
 
     tapped = tap_model(model, model.with_name(f"{model.stem}.tapped-attn-head.onnx"), "attn", head=Head(domains=6))
     plain, headed = Runtime(model, threads=threads), Runtime(tapped.path, threads=threads)
     rng = np.random.default_rng(0)
     headed.set_head({n: rng.standard_normal(headed.info.tensors[n].shape).astype(np.float32) for n in headed.heads})
     headed.wait_settled()
-    contestants = {"plain": lambda: plain.run(feeds), "headed": lambda: headed.run(feeds)[SCORE]}
+    contestants = {"plain": lambda: plain.run(feeds), "headed": lambda: headed.run(feeds)[VOTE]}
     t = {k: [] for k in contestants}
     for _ in range(5):
         for k in rng.permutation(list(contestants)):

@@ -575,13 +575,13 @@ class HDC(Detector):
         return score, self._route_ids[best]
 
     def head_values(self, head) -> dict[str, np.ndarray]:
-        """The in-graph head tensors (:mod:`edge.taps`) that compute :meth:`route` and the OOD flag.
+        """The in-graph head tensors (:mod:`edge.taps`) whose vote is :meth:`route` with :meth:`is_ood`.
 
-        ``Y = f M + c`` holds ``u = [(f - mu) W, bias]``, then ``u . a_k + b_k`` for the
-        class prototype ``(domain, class)`` in column ``domain * head.classes + class``;
-        unused columns get a bias of ``HEAD_UNUSED``. The threshold goes with them, so
-        the graph's vote is this detector's :meth:`is_ood` and :meth:`route` in one.
-        Linear encoding, calibrated, domains and classes within the head's capacity.
+        ``Y = f M + c`` holds ``u = [(f - mu) W, bias]``, ``classes - 1`` padding columns,
+        then ``u . a_k + b_k`` for the class prototype ``(domain, class)`` at column
+        ``domain * classes + class`` of the class part; padding and unused columns get a
+        bias of ``HEAD_UNUSED``. The threshold goes with them. Linear encoding, calibrated,
+        domains and classes within the head's capacity.
         """
         from edge.taps import HEAD_C, HEAD_M, HEAD_T, HEAD_UNUSED
 
@@ -598,13 +598,13 @@ class HDC(Detector):
                 f"{head.classes} classes); tap the model with a larger Head(domains=..., classes=...)"
             )
         width = len(self._w)
-        n_u, n_c = head.columns(width)
-        cols = np.array([n_u + d * head.classes + k for d, k in self.class_keys])
+        n_u, n_pad, n_c = head.columns(width)
+        cols = np.array([n_u + n_pad + d * head.classes + k for d, k in self.class_keys])
         w = self._w.astype(np.float64)
         mu_w = self._mu.astype(np.float64) @ w
         a = self._ac.astype(np.float64)
-        m = np.zeros((width, n_u + n_c))
-        c = np.full(n_u + n_c, HEAD_UNUSED)
+        m = np.zeros((width, n_u + n_pad + n_c))
+        c = np.full(n_u + n_pad + n_c, HEAD_UNUSED)
         m[:, :width], c[:width], c[width] = w, -mu_w, self.bias
         m[:, cols] = w @ a
         c[cols] = self._bc - mu_w @ a

@@ -67,7 +67,7 @@ import numpy as np
 
 from edge.errors import ConfigError
 from edge.ood import HDC
-from edge.taps import SCORE, VOTE, Tapped
+from edge.taps import VOTE, Tapped
 
 __all__ = ["Reconfigurator", "Refit", "RouterConfig", "Step"]
 
@@ -117,7 +117,7 @@ class Step:
 
     served_by: str  # domain whose state (adapter or base) produced these outputs
     logits: np.ndarray
-    scores: np.ndarray  # ID score per input (higher = in-distribution)
+    scores: np.ndarray | None  # ID score per input (higher = in-distribution); None when the graph head voted
     ood: np.ndarray  # bool per input
     codes: np.ndarray  # routed domain index per input (into ``names``), -1 when OOD
     names: tuple[str, ...]  # the known domains when this batch was scored
@@ -334,7 +334,7 @@ class Reconfigurator:
         served = self.active
         if self._in_graph:
             state = self._states[self.adapter_of(self.active)]
-            step = self._observe(out[SCORE], out[VOTE], out[self.tapped.features], out[self._logits], x, labels)
+            step = self._observe(None, out[VOTE], out[self.tapped.features], out[self._logits], x, labels)
             if state.head_dirty and time.perf_counter() - self._head_written >= self.config.head_sync_s:
                 t2 = time.perf_counter()
                 head = self._head_for(state)  # the prototypes learned since the last write
@@ -358,7 +358,7 @@ class Reconfigurator:
         return self._observe(score, np.where(score < det.threshold, -1, dom), feats, logits, x, labels)
 
     def _observe(self, score, codes, feats, logits, x, labels):
-        """Window, learning and growth buffer from each input's score and vote (domain index, -1 = OOD)."""
+        """Window, learning and growth buffer from each input's vote (domain index, -1 = OOD) and score (or None)."""
         state = self._states[self.adapter_of(self.active)]
         ood = codes < 0
         self._window.add(codes)
@@ -419,8 +419,8 @@ class Reconfigurator:
         if labels is not None:
             labels = np.asarray(labels, np.int64)
             self._reservoir(self._domains[self.active], np.asarray(x)[mine], labels[mine])
-        else:
-            mine &= score >= state.confident
+        else:  # confident predictions only (the graph head returns votes: score these in numpy)
+            mine &= (state.detector.score(feats) if score is None else score) >= state.confident
         if mine.any():
             y = logits[mine].argmax(1) if labels is None else labels[mine]
             state.pending.append((feats[mine], y))

@@ -11,20 +11,26 @@ Cost, measured on the digits encoder at batch 16: two pooled taps and the concat
 about 1-3 % to a run.
 
 **Detector head** (``head=Head(...)``): the HDC detector folded into the same graph, so
-an inference also returns each input's ID score and routing vote. The folded HDC score
-(:mod:`edge.ood`) is affine in the features up to one norm, so one ``Gemm`` with a
-``[d, d + 1 + K]`` matrix ``edge.head.m`` and bias ``edge.head.c`` gives the whitened
-features with the bias component (``u``) and every class prototype's unnormalised
-similarity; then ``score = max(class part) / ||u||`` (output ``edge.score``) and the vote
-(output ``edge.vote``): ``-1`` when ``score < edge.head.t`` (the calibrated threshold),
-else the domain of the most similar class prototype. Class prototype ``(domain,
-class)`` sits in column ``domain * classes + class``, so the domain is the argmax
-column divided by ``classes``. The capacity ``K = classes * domains`` is fixed at tap
-time; unused columns hold a large negative bias so they never win. The head tensors
-are ordinary initializers that the runtime writes like weights
-(:meth:`Runtime.set_head`), so the ``hybrid`` strategy prepacks them; they are marked
-``head`` in the model metadata, excluded from the fingerprint and refused as adapter
-targets. Until a detector writes them, every input scores 0 and votes ``-1``.
+an inference also returns each input's routing vote (output ``edge.vote``: the domain,
+or ``-1`` when the input is out of distribution). The folded HDC score (:mod:`edge.ood`)
+is affine in the features up to one norm: one ``Gemm`` with the matrix ``edge.head.m``
+and bias ``edge.head.c`` gives the whitened features with the bias component (``u``)
+and every class prototype's unnormalised similarity ``s_k``, and an input is in
+distribution when ``max_k s_k / ||u|| >= t``, i.e. ``max_k s_k >= t ||u||``. So the
+bar ``t ||u||`` (``t`` = ``edge.head.t``, the calibrated threshold) is put in front of
+the class columns and one ``ArgMax`` decides both: the bar wins (OOD), or the most
+similar class prototype does. Prototype ``(domain, class)`` sits at column ``(domain +
+1) * classes + class`` of that row (``classes - 1`` never-winning columns follow the
+bar), so the vote is ``column // classes - 1``. Eight nodes in all, since onnxruntime's
+fixed cost per node, not the arithmetic, is most of the head's cost on a small encoder.
+A tie between the bar and a prototype counts as OOD (numpy: ``score < t`` is OOD).
+The capacity ``classes * domains`` is fixed at tap time; unused columns hold a large
+negative bias. The head tensors are ordinary initializers that the runtime writes like
+weights (:meth:`Runtime.set_head`), so the ``hybrid`` strategy prepacks them; they are
+marked ``head`` in the model metadata, excluded from the fingerprint and refused as
+adapter targets. Until a detector writes them every input votes ``-1``. The graph
+returns votes, not scores: :meth:`edge.ood.HDC.score` on the ``edge.features`` output
+gives those.
 
 Why in the graph: scored in numpy right after an onnxruntime run, the same arithmetic
 cost 70 us per batch of 16 instead of 30 us hot (about ten numpy calls, each paying
@@ -61,7 +67,6 @@ __all__ = [
     "HEAD_C",
     "HEAD_M",
     "HEAD_T",
-    "SCORE",
     "TAP_SETS",
     "VOTE",
     "Head",
@@ -71,7 +76,7 @@ __all__ = [
 ]
 
 FEATURES = "edge.features"
-SCORE, VOTE = "edge.score", "edge.vote"  # detector-head outputs: [B] float32 ID score, [B] int64 domain or -1 (OOD)
+VOTE = "edge.vote"  # detector-head output: [B] int64, the routed domain, or -1 when the input is OOD
 HEAD_M, HEAD_C, HEAD_T = "edge.head.m", "edge.head.c", "edge.head.t"  # head tensors: Gemm matrix, bias, threshold
 #: bias of unused head columns: never the max or the argmax
 HEAD_UNUSED = -1e30
@@ -116,9 +121,9 @@ class Head:
                 f"a detector head needs domains >= 1 and classes >= 1, got {self.domains}, {self.classes}"
             )
 
-    def columns(self, width: int) -> tuple[int, int]:
-        """Column counts of the head's Gemm output: whitened features + bias, class prototypes."""
-        return width + 1, self.classes * self.domains
+    def columns(self, width: int) -> tuple[int, int, int]:
+        """Column counts of the head's Gemm output: whitened features + bias, padding, class prototypes."""
+        return width + 1, self.classes - 1, self.classes * self.domains
 
 
 @dataclass(frozen=True)
@@ -129,7 +134,7 @@ class Tapped:
     tensors: tuple[str, ...]  # the tapped tensors, in feature order
     width: int  # feature columns: the tapped tensors' last dimensions summed
     features: str = FEATURES  # output [B, width]
-    head: Head | None = None  # in-graph detector head (outputs SCORE and ROUTE), if any
+    head: Head | None = None  # in-graph detector head (output VOTE), if any
 
 
 def tap_model(
@@ -207,18 +212,20 @@ def _add_head(model, head: Head, width: int, opset: int, meta: str | None) -> st
         raise FormatError(f"model {model.graph.name!r} has no {META_KEY!r} metadata; tap a model exported by edge")
     info = ModelInfo.from_json(meta)
     taken = {t.name for t in model.graph.initializer} | {o.name for o in model.graph.output} | set(info.tensors)
-    clash = sorted(taken & {HEAD_M, HEAD_C, HEAD_T, SCORE, VOTE})
+    clash = sorted(taken & {HEAD_M, HEAD_C, HEAD_T, VOTE})
     if clash:
         raise ConfigError(f"model {model.graph.name!r} already has {clash}; tap the original model")
-    n_u, n_c = head.columns(width)
-    c = np.zeros(n_u + n_c, np.float32)
-    c[width] = 1.0  # the bias component: ||u|| = 1 and score = 0 until a detector is written
+    n_u, n_pad, n_c = head.columns(width)
+    c = np.full(n_u + n_pad + n_c, HEAD_UNUSED, np.float32)
+    c[:n_u] = 0.0
+    c[width] = 1.0  # the bias component: ||u|| = 1, every class column -1e30 < t: all OOD until written
+    c[n_u + n_pad :] = 0.0
     g = model.graph
     g.initializer.extend(
         [
             numpy_helper.from_array(np.zeros((width, len(c)), np.float32), HEAD_M),
             numpy_helper.from_array(c, HEAD_C),
-            numpy_helper.from_array(np.ones(1, np.float32), HEAD_T),  # above any score: all OOD until written
+            numpy_helper.from_array(np.ones(1, np.float32), HEAD_T),
         ]
     )
 
@@ -232,23 +239,19 @@ def _add_head(model, head: Head, width: int, opset: int, meta: str | None) -> st
         return output
 
     y = node("Gemm", [FEATURES, HEAD_M, HEAD_C], "edge.head.y")
-    split = const("edge.head.split", [n_u, n_c])
+    split = const("edge.head.split", [n_u, n_pad + n_c])
     g.node.append(
         helper.make_node("Split", [y, split], ["edge.head.u", "edge.head.cls"], axis=1, name="edge.head.split")
     )
     if opset >= 18:
-        axis = const("edge.head.axis", [1])
-        norm = node("ReduceL2", ["edge.head.u", axis], "edge.head.norm", keepdims=0)
-        best = node("ReduceMax", ["edge.head.cls", axis], "edge.head.max", keepdims=0)
+        norm = node("ReduceL2", ["edge.head.u", const("edge.head.axis", [1])], "edge.head.norm", keepdims=1)
     else:
-        norm = node("ReduceL2", ["edge.head.u"], "edge.head.norm", axes=[1], keepdims=0)
-        best = node("ReduceMax", ["edge.head.cls"], "edge.head.max", axes=[1], keepdims=0)
-    score = node("Div", [best, norm], SCORE)
-    column = node("ArgMax", ["edge.head.cls"], "edge.head.column", axis=1, keepdims=0)
-    domain = node("Div", [column, const("edge.head.classes", [head.classes])], "edge.head.domain")
-    ood = node("Less", [score, HEAD_T], "edge.head.ood")
-    node("Where", [ood, const("edge.head.minus1", [-1]), domain], VOTE)
-    g.output.append(helper.make_tensor_value_info(SCORE, TensorProto.FLOAT, ["batch"]))
+        norm = node("ReduceL2", ["edge.head.u"], "edge.head.norm", axes=[1], keepdims=1)
+    bar = node("Mul", [norm, HEAD_T], "edge.head.bar")  # t * ||u||: a class wins only with cosine >= t
+    ext = node("Concat", [bar, "edge.head.cls"], "edge.head.ext", axis=1)
+    column = node("ArgMax", [ext], "edge.head.column", axis=1, keepdims=0)
+    slot = node("Div", [column, const("edge.head.classes", [head.classes])], "edge.head.slot")
+    node("Sub", [slot, const("edge.head.one", [1])], VOTE)
     g.output.append(helper.make_tensor_value_info(VOTE, TensorProto.INT64, ["batch"]))
     tensors = dict(info.tensors)
     tensors[HEAD_M] = TensorInfo(HEAD_M, (width, len(c)), head=True)

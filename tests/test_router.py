@@ -18,7 +18,7 @@ from edge.growth import SEARCH_SPACE, Arch, Budget, GrowthJob, candidates, grow,
 from edge.modelinfo import META_KEY, ModelInfo, TensorInfo, fingerprint
 from edge.router import Reconfigurator, RouterConfig
 from edge.runtime import Runtime
-from edge.taps import FEATURES, HEAD_C, HEAD_M, HEAD_T, SCORE, TAP_SETS, VOTE, Head, resolve_taps, tap_model
+from edge.taps import FEATURES, HEAD_C, HEAD_M, HEAD_T, TAP_SETS, VOTE, Head, resolve_taps, tap_model
 
 T, C, CLASSES = 4, 8, 3
 WEIGHTS = ("blocks.0.attn.q.weight", "blocks.1.mlp.fc1.weight")
@@ -234,27 +234,31 @@ def test_learning_updates_prototypes_and_threshold(setup):
 
 
 # -- the in-graph detector head ------------------------------------------------------------------
+def assert_votes_match(out, det, tol=1e-5):
+    """The graph's votes are the numpy detector's route + threshold (inputs within float noise of it excepted)."""
+    score, dom = det.route(out[FEATURES])
+    clear = np.abs(score - det.threshold) > tol
+    np.testing.assert_array_equal(out[VOTE][clear], np.where(score < det.threshold, -1, dom)[clear])
+    assert clear.mean() > 0.9
+
+
 def test_graph_head_matches_numpy_scoring_under_every_state_and_after_learning(headed):
     _, _, tapped, rt = headed
     router = router_for(rt, tapped, learn=True, learn_every=32, head_sync_s=0.0)
     assert router.scoring == "graph"
-    x, y = domain("a", 64, seed=70)
+    x = np.concatenate([domain("a", 64, seed=70)[0], domain("novel", 64, seed=71)[0]])
     for state in ("clean", "a", "b", "clean"):
         router.switch_to(state)
         out = rt.run({"x": x})
         det = router.detector(state)
-        score, dom = det.route(out[FEATURES])
-        np.testing.assert_allclose(out[SCORE], score, rtol=1e-5, atol=1e-5)
-        clear = np.abs(score - det.threshold) > 1e-5  # inputs right at the threshold may go either way
-        np.testing.assert_array_equal(out[VOTE][clear], np.where(score < det.threshold, -1, dom)[clear])
-        assert (out[VOTE] >= 0).any()
+        assert_votes_match(out, det)
+        assert (out[VOTE][:64] == 1).mean() > 0.8 and (out[VOTE][64:] == -1).mean() > 0.8  # "a" is domain 1
     router.switch_to("a")
     before = rt.weights(HEAD_M)
     stream(router, ["a"], n=96, labels=True)  # prototype updates are written into the head
     det = router.detector("a")
     assert not np.allclose(rt.weights(HEAD_M), before)
-    out = rt.run({"x": x})
-    np.testing.assert_allclose(out[SCORE], det.route(out[FEATURES])[0], rtol=1e-5, atol=1e-5)
+    assert_votes_match(rt.run({"x": x}), det)
 
 
 def test_learned_prototypes_reach_the_head_at_most_once_per_sync_interval(headed):
@@ -269,8 +273,7 @@ def test_learned_prototypes_reach_the_head_at_most_once_per_sync_interval(headed
     router.switch_to("b")
     router.switch_to("a")  # a switch writes the learned prototypes
     x, _ = domain("a", 32, seed=91)
-    out = rt.run({"x": x})
-    np.testing.assert_allclose(out[SCORE], router.detector("a").route(out[FEATURES])[0], rtol=1e-5, atol=1e-5)
+    assert_votes_match(rt.run({"x": x}), router.detector("a"))
 
 
 def test_head_outgrown_falls_back_to_numpy_with_a_warning(headed, caplog):
@@ -320,8 +323,7 @@ def test_graph_head_is_prepacked_by_the_hybrid_strategy(headed):
         router.switch_to("b")
         rt.wait_settled()
         x, _ = domain("b", 32, seed=71)
-        out = rt.run({"x": x})
-        np.testing.assert_allclose(out[SCORE], router.detector("b").route(out[FEATURES])[0], rtol=1e-5, atol=1e-5)
+        assert_votes_match(rt.run({"x": x}), router.detector("b"))
 
 
 # -- novelty and growth hand-off ----------------------------------------------------------------
