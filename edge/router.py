@@ -38,16 +38,18 @@ boundaries, so the batch that triggers a switch is still served by the old state
   settles on its majority domain instead of thrashing.
 
 **Scoring in the graph.** When the model was tapped with a detector head
-(``tap_model(..., head=Head())``), the active state's detector is folded into the graph
-(:meth:`~edge.ood.HDC.head_values`) and written with every switch (in the same step as
-the adapter, :meth:`Runtime.switch` ``head=``) and after prototype updates, at most once
-per ``head_sync_s`` (each write makes the ``hybrid`` runtime rebuild its prepacked
-session in the background, and onnxruntime holds the GIL for part of a build: measured
-15 stalls of 1-12 ms in ten builds of the digits model), so an
-inference already returns each input's ID score and domain; only the threshold compare
-and the window policy run in numpy. Without a head, or when the known domains outgrow
-its capacity (logged as a warning, :attr:`Reconfigurator.scoring` says ``"numpy"``),
-the same score is computed in numpy from the features.
+(``tap_model(..., head=Head())``), the active state's detector, threshold included, is
+folded into the graph (:meth:`~edge.ood.HDC.head_values`), so an inference already
+returns each input's vote (its domain, or -1 when OOD) and only the window policy runs
+in numpy. The head is written with every switch (in the same step as the adapter,
+:meth:`Runtime.switch` ``head=``) and after prototype updates at most once per
+``head_sync_s``: each write makes the ``hybrid`` runtime rebuild its prepacked session
+in the background, and onnxruntime holds the GIL for much of a build (stalls of up to
+tens of ms for a thread busy in Python). :attr:`Step.scores` is ``None`` then (the graph
+votes; scores are computed in numpy only where learning needs them). Without a head, or
+when the known domains outgrow its capacity (logged as a warning,
+:attr:`Reconfigurator.scoring` says ``"numpy"``), the same vote is computed in numpy
+from the features.
 
 **Incremental prototypes.** With ``learn``, inputs routed to the active domain are
 bundled into that state's prototypes, with their labels when given, else with the

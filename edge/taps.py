@@ -34,9 +34,10 @@ gives those.
 
 Why in the graph: scored in numpy right after an onnxruntime run, the same arithmetic
 cost 70 us per batch of 16 instead of 30 us hot (about ten numpy calls, each paying
-cold caches), 9-13 % of the digits encoder's run; in the graph, taps and head together
-cost 4-6 % of it (BENCHMARKS.md), most of it onnxruntime's fixed cost per node (a few
-us each for a dozen tiny nodes; the ``Gemm`` alone is about 2.5 %). An earlier try
+cold caches), 9-13 % of the digits encoder's run at batch 16; in the graph, taps and
+head together cost about 4 % of it (BENCHMARKS.md), most of it onnxruntime's fixed cost
+per node (a few us each; the ``Gemm`` alone is about 2.5 %, and an earlier head of 12
+nodes, with separate max, divide, compare and select, cost 5-6.5 %). An earlier try
 fed the matrices as graph inputs every run and added ~7 %: onnxruntime packs a fed
 matrix on every call, while a constant one is packed once per session.
 
