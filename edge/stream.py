@@ -16,7 +16,9 @@ for the new domain on a shadow runtime in a thread (:meth:`Reconfigurator.add_gr
 the stream is served meanwhile (novel inputs by the base model) and pauses only to
 load the adapter and install the new detectors. ``background=False`` trains and refits
 in line, pausing the stream for seconds, as a reference. The batch latencies during
-growth are reported next to the steady ones.
+growth are reported next to the steady ones. By default the stream arrives as fast as it
+is served (the novel segment then ends before the adaptor is ready); ``rate`` paces it
+like a sensor (inputs per second), e.g. 40, so the grown adaptor takes over mid-segment.
 
 Accuracy is reported per segment and overall next to two references over the same
 inputs: the base model only, and an oracle that always applies the right pre-trained
@@ -53,6 +55,13 @@ class StreamConfig:
     latency_ms: float = 5.0  # first inference after switching to it
     background: bool = True  # grow in a child process while the stream is served (False: pause the stream)
     grow_on: str = "device"  # "device": numpy trainer (edge.growth_device), "host": torch via the checkpoint
+    rate: float | None = None  # inputs per second the stream arrives at (a sensor's pace); None: as fast as served
+
+    def __post_init__(self) -> None:
+        if self.rate is not None and not self.rate > 0:
+            raise ConfigError(f"rate must be > 0 inputs per second, got {self.rate}")
+        if self.grow_on not in ("device", "host"):
+            raise ConfigError(f"grow_on must be 'device' or 'host', got {self.grow_on!r}")
 
 
 def run_stream(
@@ -107,10 +116,8 @@ def run_stream(
         from edge.growth_device import DEVICE_SPACE, DeviceTrainer
 
         trainer, space = DeviceTrainer(model, rt.info, seed=cfg.seed), DEVICE_SPACE
-    elif cfg.grow_on == "host":
+    else:  # "host" (StreamConfig checks the choice)
         trainer, space = HostTrainer(checkpoint, rt.info, epochs=cfg.grow_epochs, seed=cfg.seed), SEARCH_SPACE
-    else:
-        raise ConfigError(f"grow_on must be 'device' or 'host', got {cfg.grow_on!r}")
     workdir = model.parent / "grown"  # the grown adapters' files (GrowthJob writes them there)
     refs = _References(model, adapters, backend, threads)
 
@@ -165,6 +172,7 @@ def run_stream(
         timeline.append({"at": at, "segment": si, "truth": name, "event": f"grow:{pending['name']}"})
         job, refit, pending = None, None, None
 
+    t_start = time.perf_counter()
     for si, name in enumerate(cfg.sequence):
         d = domains[name]
         order = rng.permutation(len(d.x_test))
@@ -175,6 +183,8 @@ def run_stream(
         ood = 0
         for s in range(0, len(x), cfg.batch):
             xb, yb = x[s : s + cfg.batch], y[s : s + cfg.batch]
+            if cfg.rate is not None:  # wait for the batch's last input to arrive
+                time.sleep(max(0.0, t_start + (pos + s + len(xb)) / cfg.rate - time.perf_counter()))
             t0 = time.perf_counter()
             step = router.process(xb, yb)
             lat["growing" if pending else "steady"].append(time.perf_counter() - t0)
@@ -398,7 +408,10 @@ def cli(args) -> int:
     demo = DemoConfig(seed=args.seed)
     art = prepare_demo(args.cache, demo, progress=not args.quiet)
     cfg = StreamConfig(
-        seed=args.seed, background=not getattr(args, "grow_blocking", False), grow_on=getattr(args, "grow_on", "device")
+        seed=args.seed,
+        background=not getattr(args, "grow_blocking", False),
+        grow_on=getattr(args, "grow_on", "device"),
+        rate=getattr(args, "rate", None),
     )
     domains = load_domains(demo.domains, seed=demo.seed)
     budget = None

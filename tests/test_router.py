@@ -350,6 +350,15 @@ def test_known_domain_after_false_alarms_drops_the_buffer(setup):
     assert not router.novel and len(router.take_buffer()[0]) < 16
 
 
+def test_stream_config_errors():
+    from edge.stream import StreamConfig
+
+    with pytest.raises(ConfigError, match="rate"):
+        StreamConfig(rate=0.0)
+    with pytest.raises(ConfigError, match="grow_on"):
+        StreamConfig(grow_on="cloud")
+
+
 @pytest.mark.parametrize(
     "cfg, match",
     [

@@ -24,6 +24,11 @@ def register(sub) -> None:
         help="with --stream: train the new adaptor with the numpy device trainer (default) or torch on the host",
     )
     d.add_argument(
+        "--rate",
+        type=float,
+        help="with --stream: inputs per second the stream arrives at, like a sensor (default: as fast as served)",
+    )
+    d.add_argument(
         "--grow-blocking",
         action="store_true",
         help="with --stream: pause the stream while growing (default: grow in a child process, keep serving)",
