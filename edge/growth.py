@@ -404,7 +404,6 @@ class GrowthJob:
         adapter = load_adapter(self.adapter_path)
         cands = [Candidate(**{**c, "arch": Arch(**c["arch"]), "targets": tuple(c["targets"])}) for c in report["cands"]]
         self._result = GrowthResult(adapter, cands[report["chosen"]], cands, report["train_s"], report["proxy"])
-        self.wall_s = time.perf_counter() - self.started
         return self._result
 
     def cancel(self) -> None:

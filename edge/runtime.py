@@ -247,7 +247,7 @@ class Runtime:
                 raise ConfigError(f"head tensor {name!r} has shape {tuple(t.shape)}, got {a.shape}")
             if not np.isfinite(a).all():
                 raise ConfigError(f"head tensor {name!r} has non-finite values")
-            writes.append(WeightWrite(t.initializer, np.arange(a.size, dtype=np.int64), a.reshape(-1)))
+            writes.append(WeightWrite(t.initializer, None, a))  # the whole tensor: one slice copy
         return self.backend.prepare(writes)
 
     def _fuse(self, target: Mapping[str, float]):

@@ -7,7 +7,9 @@ interpreters, delegates) stay inside the backend.
 from __future__ import annotations
 
 import atexit
+import logging
 import threading
+import time
 import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
@@ -18,7 +20,7 @@ import numpy as np
 from edge.modelinfo import ModelInfo
 from edge.registry import Registry
 
-__all__ = ["Backend", "BackendOptions", "BACKENDS", "WeightWrite"]
+__all__ = ["ArenaBackend", "ArenaWrite", "Backend", "BackendOptions", "BACKENDS", "WeightWrite"]
 
 
 @dataclass(frozen=True)
@@ -36,7 +38,7 @@ class WeightWrite:
     """Overwrite ``values`` at flat positions ``index`` of stored tensor ``tensor`` (stored layout)."""
 
     tensor: str
-    index: np.ndarray  # int64, flat positions in the stored tensor
+    index: np.ndarray | None  # int64, flat positions in the stored tensor; None: the whole tensor, in order
     values: np.ndarray  # same dtype as the stored tensor
 
 
@@ -106,24 +108,138 @@ BACKENDS: Registry[type[Backend]] = Registry("backend")
 _LIVE: weakref.WeakSet = weakref.WeakSet()
 
 
-def start_background(backend: Backend, target, name: str) -> threading.Thread:
-    """Start ``backend``'s background thread (a session rebuild loop) and close the backend at exit.
+@dataclass(frozen=True)
+class ArenaWrite:
+    """A prepared write: (arena positions or slice, values) parts in order, and whether it touches constant
+    weights (not only slots). Scattered writes are merged into one part; a whole tensor is one slice copy."""
 
-    The thread is a daemon so it never keeps a process alive, but a daemon killed at
-    interpreter shutdown in the middle of building a native session aborts the process
-    ("terminate called without an active exception"): the exit hook closes every live
-    backend first, and ``close()`` waits for its thread.
+    parts: tuple[tuple[np.ndarray | slice, np.ndarray], ...]
+    weights: bool
+
+
+class ArenaBackend(Backend):
+    """What both backends share: writable tensors in one float32 arena, and rebuilds of a fast session.
+
+    A subclass sets ``_arena``, ``_offset`` (tensor -> arena offset), ``_slots`` and
+    ``_strategy``, calls :meth:`_init_rebuilds` before building sessions, and provides
+    :meth:`_build_fresh` (a fast session over the current arena, e.g. prepacked) and
+    :meth:`_release`. ``_static`` serves while ``_static_gen == _generation``; every
+    write of constant weights bumps the generation. Strategy ``rebuild`` builds in the
+    writing thread; ``hybrid`` has :meth:`_rebuild_loop` build in the background (after
+    :meth:`_start_rebuilds`), while the subclass serves its immediately consistent session.
     """
-    t = threading.Thread(target=target, name=name, daemon=True)
-    _LIVE.add(backend)
-    t.start()
-    return t
 
+    REBUILD_FAILED = "background rebuild failed; staying on the immediately consistent session"
+    FREE_STALE_BEFORE_BUILD = False  # drop the stale fast session before building (frees its packed weights)
 
-def join_background(thread: threading.Thread | None, timeout: float = 60.0) -> None:
-    """Wait for a background thread that was told to stop (no-op from the thread itself)."""
-    if thread is not None and thread is not threading.current_thread():
-        thread.join(timeout)
+    def _init_rebuilds(self, options: BackendOptions) -> None:
+        self._lock = threading.RLock()  # guards run vs write and the serving session
+        self._generation = 0  # bumped by every write of constant weights
+        self._static = None  # the fast session, valid while _static_gen == _generation
+        self._static_gen = -1
+        self._wake = threading.Condition(self._lock)  # tells the rebuild thread a write happened
+        self._closed = False
+        self._rebuild_delay = float(options.extra.get("rebuild_delay_ms", 2.0)) / 1e3
+        self._rebuilder: threading.Thread | None = None  # the hybrid strategy's rebuild thread
+        self._settled = threading.Event()
+        self._settled.set()
+        self.last_build_ms: float | None = None
+
+    def _start_rebuilds(self, name: str) -> None:
+        """Start the rebuild thread. It is a daemon so it never keeps a process alive, but a daemon
+        killed at interpreter shutdown in the middle of building a native session aborts the process
+        ("terminate called without an active exception"): the exit hook closes every live backend
+        first, and :meth:`close` waits for the thread."""
+        self._rebuilder = threading.Thread(target=self._rebuild_loop, name=name, daemon=True)
+        _LIVE.add(self)
+        self._rebuilder.start()
+
+    def _build_fresh(self):
+        raise NotImplementedError
+
+    def _release(self) -> None:
+        """Drop the sessions (after close)."""
+
+    def prepare(self, writes: Sequence[WeightWrite]) -> ArenaWrite:
+        """Arena positions (or a slice, for a whole tensor) and values of all writes, in order."""
+        writes = [w for w in writes if w.index is None or len(w.index)]
+        parts: list[tuple[np.ndarray | slice, np.ndarray]] = []
+        run: list[WeightWrite] = []  # consecutive scattered writes, merged into one part
+
+        def flush() -> None:
+            if run:
+                pos = np.concatenate([self._offset[w.tensor] + np.asarray(w.index, np.int64) for w in run])
+                parts.append((pos, np.concatenate([np.asarray(w.values, self._arena.dtype) for w in run])))
+                run.clear()
+
+        for w in writes:
+            if w.index is not None:
+                run.append(w)
+                continue
+            flush()
+            val = np.asarray(w.values, self._arena.dtype).reshape(-1)
+            parts.append((slice(self._offset[w.tensor], self._offset[w.tensor] + val.size), val))
+        flush()
+        return ArenaWrite(tuple(parts), any(w.tensor not in self._slots for w in writes))
+
+    def write(self, *prepared: ArenaWrite) -> None:
+        with self._lock:
+            for w in prepared:
+                for pos, val in w.parts:
+                    self._arena[pos] = val
+            if not any(w.weights for w in prepared):
+                return  # only slot tensors changed: they are fed on every run
+            self._generation += 1
+            if self._strategy == "rebuild":
+                self._static = self._build_fresh()
+                self._static_gen = self._generation
+            elif self._strategy == "hybrid":
+                self._settled.clear()
+                self._wake.notify()
+
+    def wait_settled(self, timeout: float | None = None) -> bool:
+        return self._settled.wait(timeout)
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            self._wake.notify()
+        thread = self._rebuilder  # a build in flight finishes first (native code must not be cut off)
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(60.0)
+        with self._lock:
+            self._static = None
+            self._release()
+
+    def _rebuild_loop(self) -> None:
+        """Hybrid: after each write, build a fast session from the current arena and swap it in."""
+        while True:
+            with self._lock:
+                while not self._closed and self._static_gen == self._generation:
+                    self._wake.wait()
+                if self._closed:
+                    return
+                if self.FREE_STALE_BEFORE_BUILD:
+                    self._static = None
+            time.sleep(self._rebuild_delay)  # let the switching thread return and bursts coalesce into one build
+            with self._lock:
+                gen = self._generation
+            try:
+                sess = self._build_fresh()
+            except Exception:  # keep serving on the consistent session, and say so
+                logging.getLogger(f"edge.{type(self).__module__}").exception(self.REBUILD_FAILED)
+                with self._lock:
+                    self._static_gen = self._generation  # do not retry in a loop
+                    self._static = None
+                self._settled.set()
+                continue
+            with self._lock:
+                if self._closed:
+                    return
+                if gen == self._generation:  # no write while building: the fast copy is current
+                    self._static, self._static_gen = sess, gen
+                    self._settled.set()
+            # otherwise a write came while building (it may have hit the buffers mid-pack): go again
 
 
 @atexit.register

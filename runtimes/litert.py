@@ -40,17 +40,15 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
-import threading
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 
 import numpy as np
 
 from edge.errors import BackendUnavailableError, ConfigError, FormatError
 from edge.modelinfo import META_KEY, ModelInfo, fingerprint
 from runtimes._tflite_file import TfliteModel, read_tflite, stored_arrays
-from runtimes.base import BACKENDS, Backend, BackendOptions, WeightWrite, join_background, start_background
+from runtimes.base import BACKENDS, ArenaBackend, BackendOptions
 
 __all__ = ["LiteRTBackend", "read_info", "interpreter_module", "DELEGATES"]
 
@@ -77,13 +75,6 @@ def interpreter_module():
             ) from first
         log.warning("ai-edge-litert is not installed: using tflite-runtime's interpreter (last release, 2.14)")
         return interpreter, "tflite-runtime"
-
-
-@dataclass(frozen=True)
-class _Write:
-    pos: np.ndarray  # arena (float32) positions
-    val: np.ndarray
-    weights: bool  # touches constant weights (not only slots)
 
 
 class _Session:
@@ -162,10 +153,12 @@ class _Session:
 
 
 @BACKENDS.register("tflite")
-class LiteRTBackend(Backend):
+class LiteRTBackend(ArenaBackend):
     name = "tflite"
     STRATEGIES = ("hybrid", "rebuild", "builtin")
     DEFAULT_STRATEGY = "hybrid"
+    REBUILD_FAILED = "background interpreter rebuild failed; staying on the built-in kernels"
+    FREE_STALE_BEFORE_BUILD = True  # free the stale XNNPACK interpreter's packed weights before packing anew
 
     def __init__(self, model: bytes, options: BackendOptions) -> None:
         self._lib, self.runtime = interpreter_module()
@@ -192,27 +185,17 @@ class LiteRTBackend(Backend):
         self._output_names = list(self.info.outputs) or [self._names[i] for i in fb.outputs]
         self._slot_feeds = {k: self._live[k] for k in self._slots}
 
-        self._lock = threading.RLock()  # guards run vs write and the active interpreter
-        self._generation = 0
-        self._static: _Session | None = None  # XNNPACK interpreter, valid while _static_gen == _generation
-        self._static_gen = -1
+        self._init_rebuilds(options)  # _static: the XNNPACK interpreter
         self._builtin: _Session | None = None
-        self._wake = threading.Condition(self._lock)
-        self._closed = False
-        self._rebuild_delay = float(options.extra.get("rebuild_delay_ms", 2.0)) / 1e3
-        self._rebuilder = None  # the hybrid strategy's rebuild thread
-        self._settled = threading.Event()
-        self._settled.set()
-        self.last_build_ms: float | None = None
         self._builtin_ms: float | None = None  # last run time on the built-in kernels (hybrid's wait policy)
 
         if strategy in ("builtin", "hybrid"):
             self._builtin = self._build(delegate=False)
         if strategy in ("rebuild", "hybrid"):
-            self._static = self._build(delegate=self._want_xnnpack)
+            self._static = self._build_fresh()
             self._static_gen = 0
         if strategy == "hybrid":
-            self._rebuilder = start_background(self, self._rebuild_loop, "edge-litert-rebuild")
+            self._start_rebuilds("edge-litert-rebuild")
 
     # -- contract ---------------------------------------------------------------------------
     @property
@@ -254,38 +237,8 @@ class LiteRTBackend(Backend):
         built, slow = self.last_build_ms, self._builtin_ms
         return not self._settled.is_set() and built is not None and slow is not None and built < slow
 
-    def prepare(self, writes: Sequence[WeightWrite]) -> _Write:
-        writes = [w for w in writes if len(w.index)]
-        if not writes:
-            return _Write(np.empty(0, np.int64), np.empty(0, np.float32), False)
-        pos = np.concatenate([self._offset[w.tensor] + np.asarray(w.index, np.int64) for w in writes])
-        val = np.concatenate([np.asarray(w.values, np.float32) for w in writes])
-        return _Write(pos, val, any(w.tensor not in self._slots for w in writes))
-
-    def write(self, *prepared: _Write) -> None:
-        with self._lock:
-            for w in prepared:
-                self._arena[w.pos] = w.val
-            if not any(w.weights for w in prepared):
-                return  # slot values are fed on every run
-            self._generation += 1
-            if self._strategy == "rebuild":
-                self._static = self._build(delegate=self._want_xnnpack)
-                self._static_gen = self._generation
-            elif self._strategy == "hybrid":
-                self._settled.clear()
-                self._wake.notify()
-
-    def wait_settled(self, timeout: float | None = None) -> bool:
-        return self._settled.wait(timeout)
-
-    def close(self) -> None:
-        with self._lock:
-            self._closed = True
-            self._wake.notify()
-        join_background(self._rebuilder)  # a build in flight finishes first (native code must not be cut off)
-        with self._lock:
-            self._static = self._builtin = None
+    def _release(self) -> None:
+        self._builtin = None
 
     # -- interpreters -----------------------------------------------------------------------
     def _serving(self) -> _Session:
@@ -315,33 +268,8 @@ class LiteRTBackend(Backend):
         self.last_build_ms = (time.perf_counter() - t0) * 1e3
         return sess
 
-    def _rebuild_loop(self) -> None:
-        """Hybrid: after each write, build an XNNPACK interpreter over the current bytes and swap it in."""
-        while True:
-            with self._lock:
-                while not self._closed and self._static_gen == self._generation:
-                    self._wake.wait()
-                if self._closed:
-                    return
-                self._static = None  # stale from here on; free its packed weights before packing anew
-            time.sleep(self._rebuild_delay)  # let bursts of switches coalesce into one build
-            with self._lock:
-                gen = self._generation
-            try:
-                sess = self._build(delegate=self._want_xnnpack)
-            except Exception:  # keep serving on the built-in kernels, and say so
-                log.exception("background interpreter rebuild failed; staying on the built-in kernels")
-                with self._lock:
-                    self._static_gen = self._generation  # do not retry in a loop
-                self._settled.set()
-                continue
-            with self._lock:
-                if self._closed:
-                    return
-                if gen == self._generation:  # no write while packing: the packed copy is current
-                    self._static, self._static_gen = sess, gen
-                    self._settled.set()
-            # otherwise a write may have hit the bytes mid-pack: go again
+    def _build_fresh(self) -> _Session:
+        return self._build(delegate=self._want_xnnpack)
 
 
 def read_info(model: bytes, fb: TfliteModel | None = None) -> ModelInfo:

@@ -26,16 +26,14 @@ is two numpy scatters whatever the tensor count), plus onnxruntime's prepacked c
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 
 import numpy as np
 
 from edge.errors import BackendUnavailableError, ConfigError, FormatError
 from edge.modelinfo import META_KEY, ModelInfo, fingerprint
-from runtimes.base import BACKENDS, Backend, BackendOptions, WeightWrite, join_background, start_background
+from runtimes.base import BACKENDS, ArenaBackend, BackendOptions
 
 __all__ = ["OrtBackend", "read_info"]
 
@@ -44,18 +42,12 @@ log = logging.getLogger("edge.runtimes.onnxruntime")
 _EXTERNAL_LOCATION = "edge-live-weights.bin"  # never read: data comes from memory
 
 
-@dataclass(frozen=True)
-class _Write:
-    pos: np.ndarray  # arena positions
-    val: np.ndarray  # values, same order
-    weights: bool  # touches prepackable weights (not only slots)
-
-
 @BACKENDS.register("onnxruntime")
-class OrtBackend(Backend):
+class OrtBackend(ArenaBackend):
     name = "onnxruntime"
     STRATEGIES = ("hybrid", "bound", "rebuild")
     DEFAULT_STRATEGY = "hybrid"
+    REBUILD_FAILED = "background session rebuild failed; staying on the bound session"
 
     def __init__(self, model: bytes, options: BackendOptions) -> None:
         try:
@@ -91,27 +83,17 @@ class OrtBackend(Backend):
         del proto
         self._slot_feeds = {k: self._live[k] for k in self._slots}
 
-        self._lock = threading.RLock()  # guards run vs write and the active session
-        self._generation = 0  # bumped by every write
-        self._static = None
-        self._static_gen = -1
+        self._init_rebuilds(options)
         self._bound = None
         self._binding = None
-        self._wake = threading.Condition(self._lock)  # tells the rebuild thread a write happened
-        self._closed = False
-        self._rebuilder = None  # the hybrid strategy's rebuild thread
-        self._rebuild_delay = float(options.extra.get("rebuild_delay_ms", 2.0)) / 1e3
-        self._settled = threading.Event()
-        self._settled.set()
-        self.last_build_ms: float | None = None
 
         if strategy in ("bound", "hybrid"):
             self._make_bound()
         if strategy in ("rebuild", "hybrid"):
-            self._static = self._build_static()
+            self._static = self._build_fresh()
             self._static_gen = 0
         if strategy == "hybrid":
-            self._rebuilder = start_background(self, self._rebuild_loop, "edge-ort-rebuild")
+            self._start_rebuilds("edge-ort-rebuild")
 
     # -- contract ---------------------------------------------------------------------------
     @property
@@ -147,39 +129,8 @@ class OrtBackend(Backend):
             self._bound.run_with_iobinding(b)
             return dict(zip(self._output_names, b.copy_outputs_to_cpu()))
 
-    def prepare(self, writes: Sequence[WeightWrite]) -> _Write:
-        """Arena positions and values of all writes, concatenated in order."""
-        writes = [w for w in writes if len(w.index)]
-        if not writes:
-            return _Write(np.empty(0, np.int64), np.empty(0, self._arena.dtype), False)
-        pos = np.concatenate([self._offset[w.tensor] + np.asarray(w.index, np.int64) for w in writes])
-        val = np.concatenate([np.asarray(w.values, self._arena.dtype) for w in writes])
-        return _Write(pos, val, any(w.tensor not in self._slots for w in writes))
-
-    def write(self, *prepared: _Write) -> None:
-        with self._lock:
-            for w in prepared:
-                self._arena[w.pos] = w.val
-            if not any(w.weights for w in prepared):
-                return  # only slot tensors changed: both sessions read them at run time
-            self._generation += 1
-            if self._strategy == "rebuild":
-                self._static = self._build_static()
-                self._static_gen = self._generation
-            elif self._strategy == "hybrid":
-                self._settled.clear()
-                self._wake.notify()
-
-    def wait_settled(self, timeout: float | None = None) -> bool:
-        return self._settled.wait(timeout)
-
-    def close(self) -> None:
-        with self._lock:
-            self._closed = True
-            self._wake.notify()
-        join_background(self._rebuilder)  # a build in flight finishes first (native code must not be cut off)
-        with self._lock:
-            self._static = self._bound = self._binding = None
+    def _release(self) -> None:
+        self._bound = self._binding = None
 
     # -- sessions ---------------------------------------------------------------------------
     def _session_options(self):
@@ -202,7 +153,7 @@ class OrtBackend(Backend):
         for k, v in self._bound_values.items():
             self._binding.bind_ortvalue_input(k, v)
 
-    def _build_static(self):
+    def _build_fresh(self):
         ort = self._ort
         t0 = time.perf_counter()
         so = self._session_options()
@@ -215,35 +166,6 @@ class OrtBackend(Backend):
         sess._edge_keepalive = values  # onnxruntime may reference these buffers
         self.last_build_ms = (time.perf_counter() - t0) * 1e3
         return sess
-
-    def _rebuild_loop(self) -> None:
-        """Hybrid: after each write, build a prepacked session from the arena and swap it in."""
-        while True:
-            with self._lock:
-                while not self._closed and self._static_gen == self._generation:
-                    self._wake.wait()
-                if self._closed:
-                    return
-            # Debounce: let the switching thread return and bursts of switches coalesce into one build.
-            time.sleep(self._rebuild_delay)
-            with self._lock:
-                gen = self._generation
-            try:
-                sess = self._build_static()
-            except Exception:  # keep serving on the bound session, and say so
-                log.exception("background session rebuild failed; staying on the bound session")
-                with self._lock:
-                    self._static_gen = self._generation  # do not retry in a loop
-                    self._static = None
-                self._settled.set()
-                continue
-            with self._lock:
-                if self._closed:
-                    return
-                if gen == self._generation:  # no write while building: the prepacked copy is current
-                    self._static, self._static_gen = sess, gen
-                    self._settled.set()
-            # otherwise a write came while building (it may have hit the buffers mid-prepack): go again
 
     # -- model surgery ----------------------------------------------------------------------
     @staticmethod
