@@ -13,7 +13,6 @@ See README.md for the CLI, the adapter file format and device installs.
 
 from __future__ import annotations
 
-from edge.adapters import Adapter, SparseDelta, load_adapter
 from edge.errors import (
     AdapterMismatchError,
     BackendUnavailableError,
@@ -23,7 +22,8 @@ from edge.errors import (
     FormatError,
     RegistryError,
 )
-from edge.modelinfo import ModelInfo, TensorInfo, fingerprint
+from edge.format.adapter import Adapter, SparseDelta, load_adapter
+from edge.format.modelinfo import ModelInfo, TensorInfo, fingerprint
 
 __version__ = "0.1.0"
 
@@ -53,7 +53,7 @@ def __getattr__(name: str):
 
         return getattr(runtime, name)
     if name == "Updater":
-        from edge.update import Updater
+        from edge.learn.update import Updater
 
         return Updater
     raise AttributeError(f"module 'edge' has no attribute {name!r}")

@@ -1,4 +1,9 @@
-"""The ``edge`` command. Heavy imports happen inside each command, so ``edge --help`` needs only numpy."""
+"""The ``edge`` command. Heavy imports happen inside each command, so ``edge --help`` needs only numpy.
+
+Device commands are listed in :data:`COMMAND_MODULES`. Host and lab commands (``export``,
+``push``, ``demo``, ``train``, ``bench``) live outside the device package and join through
+the ``edge.commands`` entry-point group (pyproject.toml), so this module imports none of them.
+"""
 
 from __future__ import annotations
 
@@ -6,14 +11,12 @@ import argparse
 import importlib
 import logging
 import sys
+from importlib.metadata import entry_points
 
-from edge.errors import EdgeError
+from edge.errors import EdgeError, RegistryError
 
-#: One module per subcommand (see edge/commands/__init__.py); add a line to add a command.
+#: One module per device subcommand, each with ``register(subparsers)``; add a line to add a command.
 COMMAND_MODULES = (
-    "edge.commands.demo",
-    "edge.commands.train",
-    "edge.commands.bench",
     "edge.commands.inspect",
     "edge.commands.update",
     "edge.commands.devices",
@@ -22,13 +25,33 @@ COMMAND_MODULES = (
     "edge.commands.import_peft",
 )
 
+ENTRY_POINT_GROUP = "edge.commands"
+
+
+def _registrars():
+    """(name, register) for every device command, then every entry-point command (names unique)."""
+    seen: dict[str, str] = {}
+    for module in COMMAND_MODULES:
+        seen[module.rsplit(".", 1)[1]] = module
+        yield importlib.import_module(module).register
+    for ep in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
+        if ep.name in seen:
+            raise RegistryError(f"command {ep.name!r} is registered twice ({seen[ep.name]} and {ep.value})")
+        seen[ep.name] = ep.value
+        try:
+            register = ep.load()
+        except ImportError as e:  # a host/lab package this install does not carry
+            logging.getLogger("edge.cli").debug("command %s unavailable: %s", ep.name, e)
+            continue
+        yield register
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="edge", description="Edge adaptation runtime: fused-mode adapters on device.")
     p.add_argument("-v", "--verbose", action="store_true", help="log what the runtime decides")
     sub = p.add_subparsers(dest="command", required=True)
-    for name in COMMAND_MODULES:
-        importlib.import_module(name).register(sub)
+    for register in _registrars():
+        register(sub)
     return p
 
 

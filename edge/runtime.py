@@ -19,14 +19,14 @@ import logging
 import os
 import threading
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
-from edge.adapters import Adapter, DenseDelta, load_adapter
 from edge.errors import AdapterMismatchError, ConfigError, FormatError, SignatureError
-from edge.modelinfo import ModelInfo
+from edge.format.adapter import Adapter, DenseDelta, load_adapter
+from edge.format.modelinfo import ModelInfo
 
 __all__ = ["Runtime", "merge_weights"]
 
@@ -71,7 +71,7 @@ class Runtime:
 
         self.device = None
         self.fallback_warning: str | None = None
-        extra: dict = {"verify": verify}
+        profile_options = None
         if device is not None:
             from edge.devices import DeviceProfile, load_profile
 
@@ -80,8 +80,8 @@ class Runtime:
             threads = threads if threads is not None else opts.threads
             providers = tuple(providers) or opts.providers
             strategy = strategy if strategy != "auto" else opts.strategy
-            extra.update(opts.extra)
-            self.fallback_warning = opts.extra.get("fallback_warning")
+            profile_options = opts
+            self.fallback_warning = opts.fallback_warning
             if self.device.trusted_keys and trusted_keys is None:
                 trusted_keys = self.device.trusted_keys
         path = Path(model)
@@ -89,13 +89,20 @@ class Runtime:
             data = path.read_bytes()
         except OSError as e:
             raise FormatError(f"cannot read model file {path}: {e}") from e
-        options = BackendOptions(threads=threads, strategy=strategy, providers=tuple(providers), extra=extra)
+        options = BackendOptions(threads=threads, strategy=strategy, providers=tuple(providers), verify=verify)
+        if profile_options is not None:
+            options = replace(
+                options,
+                provider_options=profile_options.provider_options,
+                device=profile_options.device,
+                fallback_warning=profile_options.fallback_warning,
+            )
         self.backend = get_backend(backend)(data, options)
         self.info: ModelInfo = self.backend.info
         self.model_path = path
         self._trusted: list[bytes] | None = None
         if trusted_keys is not None:
-            from edge.signing import load_public_key
+            from edge.format.signing import load_public_key
 
             self._trusted = [load_public_key(k) for k in trusted_keys]
         self._adapters: dict[str, _Prepared] = {}
@@ -216,7 +223,7 @@ class Runtime:
             self._restore, self._touched, self._active = restore, touched, target
 
     def set_head(self, values: Mapping[str, np.ndarray]) -> None:
-        """Overwrite detector-head tensors (``TensorInfo.head``, added by :func:`edge.taps.tap_model`).
+        """Overwrite detector-head tensors (``TensorInfo.head``, added by :func:`edge.route.taps.tap_model`).
 
         ``values`` maps head tensor names to arrays of their exact shape. A head is the
         router's scoring matrix inside the graph: written like weights (prepacked by the

@@ -8,7 +8,7 @@ sentence-transformers' ``Pooling`` and ``Normalize`` modules) and exports it wit
 written. Parameter names keep the Hugging Face names behind the model's
 ``base_model_prefix`` (``bert.encoder.layer.0.attention.self.query.weight``), the same
 names HF task models use, so adapters trained with PEFT map onto them by suffix
-(:mod:`edge.peft`).
+(:mod:`edge.convert.peft`).
 
 A text model's ``tokenizer.json`` is copied next to the ONNX file
 (``NAME.tokenizer.json``) and named in the metadata, so :mod:`edge.text` tokenizes on the
@@ -28,9 +28,9 @@ from pathlib import Path
 
 import torch
 
-from edge._io import atomic_write_bytes
 from edge.errors import ConfigError, FormatError
-from edge.modelinfo import ModelInfo
+from edge.format.io import atomic_write_bytes
+from edge.format.modelinfo import ModelInfo
 from exporters.onnx import export_onnx
 
 __all__ = [

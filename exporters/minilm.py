@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from edge.errors import BackendUnavailableError, FormatError
-from edge.modelinfo import ModelInfo
+from edge.format.modelinfo import ModelInfo
 from exporters.onnx import export_onnx
 
 __all__ = [

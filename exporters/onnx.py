@@ -4,7 +4,7 @@
 parameter keeps its ``named_parameters()`` name as an initializer), folds the
 ``Transpose(weight) -> MatMul`` pattern into the stored weight so MatMul reads the
 initializer directly (onnxruntime can prepack it, or a runtime can bind it as a graph
-input with no per-run Transpose), writes :class:`~edge.modelinfo.ModelInfo` into the
+input with no per-run Transpose), writes :class:`~edge.format.modelinfo.ModelInfo` into the
 file's metadata, checks the result on onnxruntime against torch and only then
 replaces the file at ``path``. Host side only: this module imports torch.
 """
@@ -29,7 +29,7 @@ from onnx import numpy_helper
 from tqdm.auto import tqdm
 
 from edge.errors import ConfigError, ExportValidationError, FormatError
-from edge.modelinfo import META_KEY, ModelInfo, TensorInfo, fingerprint
+from edge.format.modelinfo import META_KEY, ModelInfo, TensorInfo, fingerprint, onnx_info
 
 __all__ = ["export_onnx", "load_model_info", "OPSET", "IR_VERSION"]
 
@@ -133,13 +133,7 @@ def load_model_info(path: str | os.PathLike) -> ModelInfo:
         raise
     except Exception as e:  # protobuf's DecodeError and friends
         raise FormatError(f"{path} is not a readable ONNX file: {e}") from e
-    for prop in proto.metadata_props:
-        if prop.key == META_KEY:
-            return ModelInfo.from_json(prop.value)
-    raise FormatError(
-        f"{path} has no {META_KEY!r} metadata entry; it was not written by exporters.onnx.export_onnx. "
-        "Re-export the model with export_onnx."
-    )
+    return onnx_info(proto)
 
 
 # -- export ---------------------------------------------------------------------------------------------------------

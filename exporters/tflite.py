@@ -7,12 +7,12 @@ flatbuffer with ``ai_edge_litert.schema_py_generated``'s object API:
 - every parameter of two or more dimensions is found among the stored constant
   tensors by value (as stored, or transposed), given its own buffer if the converter
   shared one, and renamed to its ``named_parameters()`` name, so
-  :class:`~edge.modelinfo.TensorInfo` maps it the same way as on ONNX
+  :class:`~edge.format.modelinfo.TensorInfo` maps it the same way as on ONNX
   (``FULLY_CONNECTED`` stores linear weights ``[out, in]``: the torch layout);
 - slots (adapter-branch parameters) are converted as extra graph inputs named after
   the parameter, so the runtime feeds them on every run and switches them in place;
 - inputs and outputs are renamed to ``input_names`` / ``output_names``;
-- every buffer is 16-byte aligned, and the :class:`~edge.modelinfo.ModelInfo` JSON is
+- every buffer is 16-byte aligned, and the :class:`~edge.format.modelinfo.ModelInfo` JSON is
   stored in the model's ``metadata`` entry ``"edge"`` (the device reads it without torch).
 
 The result is run on LiteRT through the ``tflite`` backend (XNNPACK and built-in
@@ -32,14 +32,14 @@ from pathlib import Path
 
 import numpy as np
 
-from edge.errors import BackendUnavailableError, ConfigError, ExportValidationError, FormatError
-from edge.modelinfo import META_KEY, ModelInfo, TensorInfo, fingerprint
+from edge.errors import BackendUnavailableError, ConfigError, ExportValidationError
+from edge.format.modelinfo import META_KEY, ModelInfo, TensorInfo, fingerprint
+from edge.format.tflite import aligned_buffer, pack_model, set_metadata, tensor_name, unpack_model
 
 __all__ = ["export_tflite", "load_model_info", "pack_model", "set_metadata", "unpack_model", "aligned_buffer"]
 
 log = logging.getLogger(__name__)
 
-_ALIGN = 16
 _FLOAT32 = 0
 
 
@@ -99,7 +99,7 @@ def export_tflite(
     m = unpack_model(content)
     tensors = _map_parameters(m, params, slots, len(example_inputs), targets)
     _rename_io(m, input_names, output_names, slots)
-    from runtimes._tflite_file import read_tflite, stored_arrays
+    from edge.format.tflite import read_tflite, stored_arrays
 
     data = pack_model(m)
     info = ModelInfo(
@@ -116,7 +116,7 @@ def export_tflite(
     if validate:
         with torch.no_grad():
             _validate(model, example_inputs, data, input_names, output_names, atol, rtol, _flatten)
-    from edge._io import atomic_write_bytes
+    from edge.format.io import atomic_write_bytes
 
     atomic_write_bytes(path, data)
     log.info("exported %s to %s (%d tensors, %s)", name, path, len(tensors), info.fingerprint)
@@ -125,9 +125,9 @@ def export_tflite(
 
 def load_model_info(path: str | os.PathLike) -> ModelInfo:
     """Read the :class:`ModelInfo` an export wrote into a ``.tflite`` file's metadata."""
-    from runtimes.litert import read_info
+    from runtimes import read_model_info
 
-    return read_info(Path(path).read_bytes())
+    return read_model_info(path, "tflite")
 
 
 # -- conversion -----------------------------------------------------------------------------------------------------
@@ -225,7 +225,7 @@ def _map_parameters(m, params: Mapping[str, np.ndarray], slots, n_inputs: int, t
         if not found:
             missing.append(f"{pname} {tuple(value.shape)}")
             continue
-        found.sort(key=lambda f: hint not in _name(sg.tensors[f[0]]))  # ties (equal values): prefer the named one
+        found.sort(key=lambda f: hint not in tensor_name(sg.tensors[f[0]]))  # ties (equal values): prefer the named one
         idx, transposed = found[0]
         taken.add(idx)
         t = sg.tensors[idx]
@@ -246,7 +246,7 @@ def _map_parameters(m, params: Mapping[str, np.ndarray], slots, n_inputs: int, t
             f"{' ...' if len(required) > 10 else ''}. The converter folded or transformed them (or forward() does "
             "not use them); adapters cannot target such weights. Remove unused modules, or keep the op unfused."
         )
-    names = [_name(t) for t in sg.tensors]
+    names = [tensor_name(t) for t in sg.tensors]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
         raise ExportValidationError(f"tensor names are not unique after renaming: {dup[:5]}")
@@ -272,77 +272,6 @@ def _rename_io(m, input_names, output_names, slots) -> None:
                 t.name = by_index[t.tensorIndex].encode()
 
 
-# -- flatbuffer helpers (no torch) ----------------------------------------------------------------------------------
-
-
-def _schema():
-    try:
-        from ai_edge_litert import schema_py_generated
-    except ImportError as e:
-        raise BackendUnavailableError(
-            f"editing .tflite files needs ai-edge-litert ({e}): pip install ai-edge-litert"
-        ) from e
-    return schema_py_generated
-
-
-def unpack_model(data: bytes):
-    """The object-API ``ModelT`` of a ``.tflite`` file."""
-    s = _schema()
-    if len(data) < 8 or data[4:8] != b"TFL3":
-        raise FormatError("not a .tflite flatbuffer (identifier is not TFL3)")
-    return s.ModelT.InitFromPackedBuf(bytearray(data), 0)
-
-
-def pack_model(m) -> bytes:
-    """Serialise a ``ModelT`` with every buffer's data 16-byte aligned (the runtime views weights in place)."""
-    import flatbuffers
-
-    m.buffers = [aligned_buffer(b.data, b.offset, b.size) for b in m.buffers]
-    builder = flatbuffers.Builder(1024 + sum(0 if b.data is None else len(b.data) + _ALIGN for b in m.buffers))
-    builder.Finish(m.Pack(builder), file_identifier=b"TFL3")
-    return bytes(builder.Output())
-
-
-def set_metadata(m, key: str, value: bytes) -> None:
-    """Add or replace the ``metadata`` entry ``key`` (its bytes live in a new buffer)."""
-    s = _schema()
-    m.buffers.append(aligned_buffer(np.frombuffer(value, np.uint8)))
-    entries = [e for e in (m.metadata or []) if _name(e) != key]
-    entry = s.MetadataT()
-    entry.name, entry.buffer = key.encode(), len(m.buffers) - 1
-    m.metadata = [*entries, entry]
-
-
-def aligned_buffer(data, offset: int = 0, size: int = 0):
-    """A ``BufferT`` whose data (uint8) is packed 16-byte aligned (the object API aligns to 1 byte)."""
-    s = _schema()
-
-    class _AlignedBuffer(s.BufferT):
-        def Pack(self, builder):  # noqa: N802 - the object API's name
-            vec = None
-            if self.data is not None and len(self.data):
-                raw = np.ascontiguousarray(self.data, np.uint8).tobytes()
-                builder.StartVector(1, len(raw), _ALIGN)
-                builder.head -= len(raw)
-                builder.Bytes[builder.head : builder.head + len(raw)] = raw
-                vec = builder.EndVector()
-            s.BufferStart(builder)
-            if vec is not None:
-                s.BufferAddData(builder, vec)
-            s.BufferAddOffset(builder, self.offset)
-            s.BufferAddSize(builder, self.size)
-            return s.BufferEnd(builder)
-
-    b = _AlignedBuffer()
-    b.data, b.offset, b.size = (None if data is None or not len(data) else np.asarray(data, np.uint8)), offset, size
-    return b
-
-
-def _name(obj) -> str:
-    n = obj.name
-    return n.decode() if isinstance(n, bytes) else str(n or "")
-
-
 def _has_data(m, t) -> bool:
     b = m.buffers[t.buffer]
     return b.data is not None and len(b.data) > 0
@@ -361,8 +290,8 @@ def _tensor_array(m, t) -> np.ndarray:
 
 def _validate(model, example_inputs, data, input_names, output_names, atol, rtol, flatten) -> None:
     """Run ``data`` on LiteRT (XNNPACK and built-in kernels) against torch; one error lists every mismatch."""
+    from edge.format.tflite import read_tflite
     from exporters.onnx import _compare, _second_batch
-    from runtimes._tflite_file import read_tflite
     from runtimes.base import BackendOptions
     from runtimes.litert import LiteRTBackend
 

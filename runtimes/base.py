@@ -13,11 +13,11 @@ import time
 import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
-from edge.modelinfo import ModelInfo
+from edge.format.modelinfo import ModelInfo
 from edge.registry import Registry
 
 __all__ = ["ArenaBackend", "ArenaWrite", "Backend", "BackendOptions", "BACKENDS", "WeightWrite"]
@@ -30,7 +30,11 @@ class BackendOptions:
     threads: int | None = None  # intra-op threads; None = the backend's default (all cores)
     strategy: str = "auto"  # how weight writes reach the kernels; see each backend's STRATEGIES
     providers: tuple[str, ...] = ()  # execution providers / delegates in order of preference; () = CPU
-    extra: Mapping[str, object] = field(default_factory=dict)
+    provider_options: tuple[Mapping[str, str], ...] = ()  # one dict per provider, aligned with ``providers``
+    verify: bool = True  # check the weights' fingerprint against the model's metadata at load
+    device: str | None = None  # the device profile these options came from, if any
+    fallback_warning: str | None = None  # what the profile's fallback policy dropped, if anything
+    rebuild_delay_ms: float = 2.0  # hybrid: debounce between a write and the background rebuild
 
 
 @dataclass(frozen=True)
@@ -139,7 +143,7 @@ class ArenaBackend(Backend):
         self._static_gen = -1
         self._wake = threading.Condition(self._lock)  # tells the rebuild thread a write happened
         self._closed = False
-        self._rebuild_delay = float(options.extra.get("rebuild_delay_ms", 2.0)) / 1e3
+        self._rebuild_delay = float(options.rebuild_delay_ms) / 1e3
         self._rebuilder: threading.Thread | None = None  # the hybrid strategy's rebuild thread
         self._settled = threading.Event()
         self._settled.set()

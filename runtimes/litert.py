@@ -25,7 +25,7 @@ count, and no weight is ever copied. Strategies:
     kernels, unless they are measured slower than an interpreter build (large models):
     then it waits for the XNNPACK interpreter, which answers sooner.
 
-Slots (adapter-branch tensors, see :class:`~edge.modelinfo.TensorInfo`) are subgraph
+Slots (adapter-branch tensors, see :class:`~edge.format.modelinfo.TensorInfo`) are subgraph
 inputs of the exported file (``exporters.tflite`` makes them so); their values live
 after the model in the same buffer and are fed on every run, so a slot-only write needs
 no rebuild, as on onnxruntime.
@@ -42,15 +42,17 @@ import logging
 import os
 import time
 from collections.abc import Mapping, Sequence
+from pathlib import Path
+from types import MappingProxyType
 
 import numpy as np
 
 from edge.errors import BackendUnavailableError, ConfigError, FormatError
-from edge.modelinfo import META_KEY, ModelInfo, fingerprint
-from runtimes._tflite_file import TfliteModel, read_tflite, stored_arrays
+from edge.format.modelinfo import ModelInfo, fingerprint
+from edge.format.tflite import TfliteModel, read_tflite, stored_arrays, tflite_info
 from runtimes.base import BACKENDS, ArenaBackend, BackendOptions
 
-__all__ = ["LiteRTBackend", "read_info", "interpreter_module", "DELEGATES"]
+__all__ = ["LiteRTBackend", "interpreter_module", "DELEGATES"]
 
 log = logging.getLogger("edge.runtimes.litert")
 
@@ -159,6 +161,52 @@ class LiteRTBackend(ArenaBackend):
     DEFAULT_STRATEGY = "hybrid"
     REBUILD_FAILED = "background interpreter rebuild failed; staying on the built-in kernels"
     FREE_STALE_BEFORE_BUILD = True  # free the stale XNNPACK interpreter's packed weights before packing anew
+    # XNNPACK, built-in kernels ("CPU"); the external delegates are named so that profiles for boards that
+    # have them validate, and are refused at load until this backend loads them (no silent fallback).
+    PROVIDERS = MappingProxyType(
+        {
+            "XNNPACK": frozenset(),
+            "CPU": frozenset(),
+            "EDGETPU": frozenset({"library", "device"}),
+            "GPU": None,
+            "NNAPI": frozenset(
+                {
+                    "library",
+                    "execution_preference",
+                    "accelerator_name",
+                    "cache_dir",
+                    "model_token",
+                    "disallow_nnapi_cpu",
+                    "allow_fp16",
+                    "max_number_delegated_partitions",
+                }
+            ),
+            "HEXAGON": None,
+        }
+    )
+    CPU_PROVIDER = "CPU"
+    INSTALL_HINT = "pip install ai-edge-litert"
+
+    @classmethod
+    def available_providers(cls) -> list[str] | None:
+        """What this backend can run here: XNNPACK and the built-in kernels, when a LiteRT runtime is installed."""
+        import importlib.util
+
+        for module in ("ai_edge_litert.interpreter", "tflite_runtime.interpreter"):
+            try:
+                if importlib.util.find_spec(module) is not None:
+                    return list(DELEGATES)
+            except (ImportError, ValueError):
+                continue
+        return None
+
+    @classmethod
+    def read_info(cls, path: Path) -> ModelInfo:
+        try:
+            data = Path(path).read_bytes()
+        except OSError as e:
+            raise FormatError(f"cannot read model file {path}: {e}") from e
+        return tflite_info(data)
 
     def __init__(self, model: bytes, options: BackendOptions) -> None:
         self._lib, self.runtime = interpreter_module()
@@ -174,9 +222,9 @@ class LiteRTBackend(ArenaBackend):
         self._threads = int(options.threads or os.cpu_count() or 1)
 
         fb = read_tflite(model)
-        self.info = read_info(model, fb)
+        self.info = tflite_info(model, fb)
         self._model, self._arena, self._offset, self._live, self._slots = _load(model, fb, self.info)
-        if options.extra.get("verify", True):
+        if options.verify:
             _verify_fingerprint(self._model, fb, self.info)
         self._names = [t.name for t in fb.tensors]
         self._input_names = list(self.info.inputs) or [
@@ -270,21 +318,6 @@ class LiteRTBackend(ArenaBackend):
 
     def _build_fresh(self) -> _Session:
         return self._build(delegate=self._want_xnnpack)
-
-
-def read_info(model: bytes, fb: TfliteModel | None = None) -> ModelInfo:
-    """The :class:`ModelInfo` an exporter stored in a ``.tflite`` file's ``metadata`` entry ``"edge"``."""
-    fb = fb or read_tflite(model)
-    if META_KEY not in fb.metadata:
-        raise FormatError(
-            f".tflite model has no {META_KEY!r} metadata (it has {sorted(fb.metadata)}): it was not exported by "
-            "this project's exporter (use `exporters.tflite.export_tflite`)"
-        )
-    try:
-        text = fb.metadata[META_KEY].decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise FormatError(f"the .tflite {META_KEY!r} metadata is not UTF-8 JSON: {e}") from e
-    return ModelInfo.from_json(text)
 
 
 def _load(model: bytes, fb: TfliteModel, info: ModelInfo):

@@ -28,18 +28,47 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping, Sequence
+from pathlib import Path
+from types import MappingProxyType
 
 import numpy as np
 
 from edge.errors import BackendUnavailableError, ConfigError, FormatError
-from edge.modelinfo import META_KEY, ModelInfo, fingerprint
+from edge.format.modelinfo import ModelInfo, fingerprint, onnx_info
 from runtimes.base import BACKENDS, ArenaBackend, BackendOptions
 
-__all__ = ["OrtBackend", "read_info"]
+__all__ = ["OrtBackend"]
 
 log = logging.getLogger("edge.runtimes.onnxruntime")
 
 _EXTERNAL_LOCATION = "edge-live-weights.bin"  # never read: data comes from memory
+
+
+_CUDA_OPTIONS = (
+    "device_id gpu_mem_limit arena_extend_strategy cudnn_conv_algo_search do_copy_in_default_stream "
+    "cudnn_conv_use_max_workspace cudnn_conv1d_pad_to_nc1d enable_cuda_graph enable_skip_layer_norm_strict_mode "
+    "use_tf32 prefer_nhwc use_ep_level_unified_stream tunable_op_enable tunable_op_tuning_enable "
+    "tunable_op_max_tuning_duration_ms sdpa_kernel fuse_conv_bias"
+)
+_TRT_OPTIONS = (
+    "device_id trt_max_workspace_size trt_max_partition_iterations trt_min_subgraph_size trt_fp16_enable "
+    "trt_bf16_enable trt_int8_enable trt_int8_calibration_table_name trt_int8_use_native_calibration_table "
+    "trt_dla_enable trt_dla_core trt_dump_subgraphs trt_engine_cache_enable trt_engine_cache_path "
+    "trt_engine_cache_prefix trt_engine_decryption_enable trt_engine_decryption_lib_path "
+    "trt_force_sequential_engine_build trt_context_memory_sharing_enable trt_layer_norm_fp32_fallback "
+    "trt_timing_cache_enable trt_timing_cache_path trt_force_timing_cache trt_detailed_build_log "
+    "trt_build_heuristics_enable trt_sparsity_enable trt_builder_optimization_level trt_auxiliary_streams "
+    "trt_tactic_sources trt_extra_plugin_lib_paths trt_profile_min_shapes trt_profile_max_shapes "
+    "trt_profile_opt_shapes trt_cuda_graph_enable trt_dump_ep_context_model trt_ep_context_file_path "
+    "trt_ep_context_embed_mode trt_weight_stripped_engine_enable trt_onnx_model_folder_path "
+    "trt_engine_hw_compatible trt_op_types_to_exclude"
+)
+_QNN_OPTIONS = (
+    "backend_type backend_path profiling_level profiling_file_path rpc_control_latency vtcm_mb "
+    "htp_performance_mode qnn_saver_path qnn_context_priority htp_graph_finalization_optimization_mode "
+    "soc_model htp_arch device_id enable_htp_fp16_precision enable_htp_weight_sharing "
+    "offload_graph_io_quantization op_packages enable_htp_spill_fill_buffer"
+)
 
 
 @BACKENDS.register("onnxruntime")
@@ -48,6 +77,47 @@ class OrtBackend(ArenaBackend):
     STRATEGIES = ("hybrid", "bound", "rebuild")
     DEFAULT_STRATEGY = "hybrid"
     REBUILD_FAILED = "background session rebuild failed; staying on the bound session"
+    PROVIDERS = MappingProxyType(
+        {
+            "CPUExecutionProvider": frozenset({"use_arena"}),
+            "CUDAExecutionProvider": frozenset(_CUDA_OPTIONS.split()),
+            "TensorrtExecutionProvider": frozenset(_TRT_OPTIONS.split()),
+            "QNNExecutionProvider": frozenset(_QNN_OPTIONS.split()),
+            "XnnpackExecutionProvider": frozenset({"intra_op_num_threads"}),
+            "ACLExecutionProvider": None,
+            "NnapiExecutionProvider": None,
+            "CoreMLExecutionProvider": None,
+            "OpenVINOExecutionProvider": None,
+            "ROCMExecutionProvider": None,
+            "MIGraphXExecutionProvider": None,
+            "DmlExecutionProvider": None,
+            "VitisAIExecutionProvider": None,
+            "WebGpuExecutionProvider": None,
+            "AzureExecutionProvider": None,
+        }
+    )
+    CPU_PROVIDER = "CPUExecutionProvider"
+    INSTALL_HINT = "pip install onnxruntime (or the vendor's onnxruntime build with its execution providers)"
+
+    @classmethod
+    def available_providers(cls) -> list[str] | None:
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            return None
+        return list(ort.get_available_providers())
+
+    @classmethod
+    def read_info(cls, path: Path) -> ModelInfo:
+        import onnx
+
+        try:
+            proto = onnx.load(str(path), load_external_data=False)
+        except OSError as e:
+            raise FormatError(f"cannot read model file {path}: {e}") from e
+        except Exception as e:  # protobuf's DecodeError and friends
+            raise FormatError(f"{path} is not a readable ONNX file: {e}") from e
+        return onnx_info(proto)
 
     def __init__(self, model: bytes, options: BackendOptions) -> None:
         try:
@@ -63,7 +133,7 @@ class OrtBackend(ArenaBackend):
             )
         self._strategy = strategy
         self._providers = self._check_providers(options.providers)
-        popts = options.extra.get("provider_options")
+        popts = options.provider_options
         self._provider_options = [dict(o) for o in popts] if popts and len(popts) == len(self._providers) else None
         self._threads = options.threads
 
@@ -71,11 +141,11 @@ class OrtBackend(ArenaBackend):
             proto = onnx.load_model_from_string(model)
         except Exception as e:  # protobuf raises DecodeError and friends
             raise FormatError(f"not a readable ONNX model: {e}") from e
-        self.info = read_info(proto)
+        self.info = onnx_info(proto)
         writable = sorted({t.initializer for t in self.info.tensors.values()})
         self._arena, self._offset, self._live = self._take_writable(proto, writable)
         self._slots = {t.initializer for t in self.info.tensors.values() if t.slot}
-        if options.extra.get("verify", True):
+        if options.verify:
             _verify_fingerprint(proto, self.info, self._live)
         self._output_names = [o.name for o in proto.graph.output]
         self._bound_bytes = self._bound_model(proto)
@@ -239,21 +309,10 @@ class OrtBackend(ArenaBackend):
         return asked
 
 
-def read_info(proto) -> ModelInfo:
-    """The :class:`ModelInfo` an exporter stored in an ONNX model's ``metadata_props``."""
-    for p in proto.metadata_props:
-        if p.key == META_KEY:
-            return ModelInfo.from_json(p.value)
-    raise FormatError(
-        f"ONNX model has no {META_KEY!r} metadata: it was not exported by this project's exporter "
-        "(use `exporters.onnx.export_onnx`, or `edge import` for foreign models)"
-    )
-
-
 def _verify_fingerprint(proto, info: ModelInfo, live: Mapping[str, np.ndarray]) -> None:
     from onnx import numpy_helper
 
-    heads = {t.initializer for t in info.tensors.values() if t.head}  # runtime-owned (edge.taps): not weights
+    heads = {t.initializer for t in info.tensors.values() if t.head}  # runtime-owned (edge.route.taps): not weights
     tensors = {k: v for k, v in live.items() if k not in heads}
     for t in proto.graph.initializer:
         if t.name not in tensors and t.name not in heads:

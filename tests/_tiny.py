@@ -8,8 +8,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from edge.adapters import Adapter, SparseDelta
-from edge.modelinfo import META_KEY, ModelInfo, TensorInfo, fingerprint
+from edge.format.adapter import Adapter, SparseDelta
+from edge.format.modelinfo import META_KEY, ModelInfo, TensorInfo, fingerprint
 
 
 def make_mlp(path: Path, seed: int = 0, sizes=(10, 20, 2), name: str = "tiny-mlp") -> ModelInfo:

@@ -14,9 +14,8 @@ from pathlib import Path
 import numpy as np
 from ai_edge_litert import schema_py_generated as s
 
-from edge.modelinfo import META_KEY, ModelInfo, TensorInfo, fingerprint
-from exporters.tflite import aligned_buffer, pack_model, set_metadata
-from runtimes._tflite_file import read_tflite, stored_arrays
+from edge.format.modelinfo import META_KEY, ModelInfo, TensorInfo, fingerprint
+from edge.format.tflite import aligned_buffer, pack_model, read_tflite, set_metadata, stored_arrays
 
 SUFFIX = ".tflite"
 _FC, _ADD = s.BuiltinOperator.FULLY_CONNECTED, s.BuiltinOperator.ADD

@@ -2,7 +2,7 @@
 
 Add a command: write ``edge/commands/NAME.py`` and add its module path to
 :data:`edge.cli.COMMAND_MODULES`. Add a benchmark: add one line to
-:data:`edge.commands.bench.BENCHES`.
+:data:`lab.commands.bench.BENCHES`.
 """
 
 from __future__ import annotations

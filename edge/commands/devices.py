@@ -30,14 +30,15 @@ def devices_dir_flag(parser) -> None:
 
 def rows(search=()) -> tuple[dict, list[dict]]:
     """This machine's backends, and one row per profile saying whether and how it runs here."""
-    from edge.devices import KNOWN_PROVIDERS, PROBES, backend_status, list_profiles, this_machine
+    from edge.devices import available_providers, backend_status, list_profiles, this_machine
+    from runtimes import backend_names
 
     here = {"architecture": this_machine(), "backends": {}}
-    for backend in KNOWN_PROVIDERS:
+    for backend in backend_names():
         status = backend_status(backend)
         here["backends"][backend] = {
             "status": status,
-            "providers": PROBES.get(backend)() if status == "installed" else [],
+            "providers": available_providers(backend) if status == "installed" else [],
         }
     out = []
     logging.getLogger("edge.devices").disabled = True  # fallback warnings become the "here" column instead

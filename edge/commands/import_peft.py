@@ -28,7 +28,7 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from edge.peft import import_peft
+    from edge.convert.peft import import_peft
 
     adapter = import_peft(args.path, args.base, lora_as=args.lora_as, name=args.name)
     adapter.save(args.out)

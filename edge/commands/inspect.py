@@ -14,24 +14,12 @@ def register(sub) -> None:
 
 def run(args) -> int:
     path = Path(args.file)
-    if path.suffix == ".onnx":
-        import onnx
+    if path.suffix.lower() != ".safetensors":
+        from runtimes import read_model_info
 
-        from edge.errors import FormatError
-        from runtimes.onnxruntime import read_info
-
-        try:
-            proto = onnx.load(str(path), load_external_data=False)
-        except Exception as e:  # protobuf's DecodeError and friends
-            raise FormatError(f"{path} is not a readable ONNX file: {e}") from e
-        print(json.dumps(json.loads(read_info(proto).to_json()), indent=1))
+        print(json.dumps(json.loads(read_model_info(path).to_json()), indent=1))
         return 0
-    if path.suffix == ".tflite":
-        from runtimes.litert import read_info
-
-        print(json.dumps(json.loads(read_info(path.read_bytes()).to_json()), indent=1))
-        return 0
-    from edge.adapters import load_adapter
+    from edge.format.adapter import load_adapter
 
     a = load_adapter(path)
     summary = {

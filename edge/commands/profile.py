@@ -33,7 +33,8 @@ def register(sub) -> None:
 
 def run(args) -> int:
     from edge.errors import ConfigError
-    from edge.profile import ProfileConfig, format_markdown, plot, profile_model, write_json
+    from edge.format.io import write_json
+    from edge.profiling import ProfileConfig, format_markdown, plot, profile_model
 
     for flag in ("runs", "switches", "batch"):
         if getattr(args, flag) < 1:
@@ -58,7 +59,7 @@ def run(args) -> int:
         write_json(args.json, result)
         print(f"wrote {args.json}")
     if args.md:
-        from edge._io import atomic_write_bytes
+        from edge.format.io import atomic_write_bytes
 
         atomic_write_bytes(args.md, md.encode())
         print(f"wrote {args.md}")

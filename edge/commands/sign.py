@@ -16,7 +16,7 @@ def register(sub) -> None:
 
 
 def keygen(args) -> int:
-    from edge.signing import generate_key
+    from edge.format.signing import generate_key
 
     pub = generate_key(args.out)
     print(f"private key {args.out} (keep it on the host), public key {pub}: {pub.read_text().strip()}")
@@ -24,7 +24,7 @@ def keygen(args) -> int:
 
 
 def sign(args) -> int:
-    from edge.signing import sign_file
+    from edge.format.signing import sign_file
 
     for f in args.files:
         print(f"signed {f} -> {sign_file(f, args.key)}")

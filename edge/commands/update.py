@@ -29,8 +29,8 @@ def run(args) -> int:
 
     import numpy as np
 
+    from edge.learn.update import Updater, limit_blas_threads, load_samples
     from edge.runtime import Runtime
-    from edge.update import Updater, limit_blas_threads, load_samples
 
     budget, source = _budget(args)
     options = dict(_option(o) for o in args.option)
@@ -69,7 +69,7 @@ def run(args) -> int:
             result["adapter"] = str(up.to_adapter(args.adapter_out.stem).save(args.adapter_out))
     print(json.dumps(result, indent=1))
     if args.json:
-        from edge.demo import write_json
+        from edge.format.io import write_json
 
         write_json(args.json, result)
     return 0
@@ -77,7 +77,7 @@ def run(args) -> int:
 
 def _budget(args) -> tuple[float, str]:
     """The update's memory budget: the flag, else the device profile's, else the default."""
-    from edge.update import DEFAULT_MEMORY_MB
+    from edge.learn.update import DEFAULT_MEMORY_MB
 
     if args.memory_mb is not None:
         return args.memory_mb, "--memory-mb"

@@ -25,7 +25,7 @@ def main() -> int:
     if missing:
         print(
             f"error: the installed package lacks the profiles {missing}; ship devices/*.yaml as package data "
-            "(edge/devices_data, see pyproject.toml)",
+            "(edge/devices/profiles, see pyproject.toml)",
             file=sys.stderr,
         )
         return 1

@@ -22,7 +22,7 @@ HOST_ONLY = {
     "peft": "needs peft, which pulls torch (host install)",
     "transformers": "needs transformers, which pulls torch (host install)",
     "sklearn": "needs scikit-learn (demo extra)",
-    "edge.datasets": "loads the digits data through scikit-learn (demo extra)",
+    "lab.datasets": "loads the digits data through scikit-learn (demo extra)",
 }
 #: Test modules that are not about the device at all.
 NOT_DEVICE = {"test_lint.py": "lint runs once on the host (make lint)"}

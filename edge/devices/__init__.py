@@ -1,0 +1,148 @@
+"""Device profiles: what a target board runs, with which options, within which budgets.
+
+A profile is one YAML file (``devices/NAME.yaml``) loaded into frozen dataclasses::
+
+    profile = load_profile("jetson-orin-nano")          # by name, from the search path
+    options = profile.backend_options("onnxruntime")    # runtimes.base.BackendOptions for this machine
+    providers, warning = resolve_providers(profile, "onnxruntime", ["CPUExecutionProvider"])
+
+Search path, first match wins: the ``--devices-dir`` folders (``search=``), then those in
+``$EDGE_DEVICES`` (``os.pathsep``-separated), then the profiles shipped with the package. A user adds a
+profile by dropping ``NAME.yaml`` into such a folder; its ``name`` must equal ``NAME``.
+
+Validation names what is wrong and what is allowed: unknown keys, missing fields,
+unknown backends, unknown providers (per backend) and, where the runtime documents
+them, unknown provider options. Option names are the runtimes' own (onnxruntime's
+provider options, LiteRT's delegate options); values are passed on as strings.
+
+Fallback policy when a profile's provider is missing on this machine:
+``error`` raises :class:`~edge.errors.BackendUnavailableError`; ``cpu`` drops the missing
+providers (keeping the available ones, in order, with the backend's CPU provider last),
+logs a warning, and the caller records the providers that actually ran.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+from collections.abc import Sequence
+from pathlib import Path
+
+from edge.devices.profile import (
+    ARCHITECTURES,
+    FALLBACKS,
+    BackendPreference,
+    Budgets,
+    DeviceProfile,
+    ProviderSpec,
+    Tolerances,
+    available_providers,
+    backend_status,
+    resolve_providers,
+)
+from edge.errors import ConfigError, FormatError
+
+__all__ = [
+    "ARCHITECTURES",
+    "FALLBACKS",
+    "BackendPreference",
+    "Budgets",
+    "DeviceProfile",
+    "ProviderSpec",
+    "Tolerances",
+    "available_providers",
+    "backend_status",
+    "list_profiles",
+    "load_profile",
+    "packaged_dir",
+    "resolve_providers",
+    "search_path",
+    "this_machine",
+]
+
+log = logging.getLogger("edge.devices")
+
+ENV_VAR = "EDGE_DEVICES"
+
+
+# -- finding and loading -----------------------------------------------------------------------
+def packaged_dir() -> Path | None:
+    """The profiles shipped with the package: ``edge/devices/profiles`` when installed, ``devices/`` in a checkout."""
+    here = Path(__file__).resolve().parent
+    for cand in (here / "profiles", here.parent.parent / "devices"):
+        if cand.is_dir() and any(cand.glob("*.yaml")):
+            return cand
+    return None
+
+
+def search_path(extra: Sequence[str | os.PathLike] = ()) -> list[Path]:
+    """Folders searched for profiles, first match wins: ``extra``, then ``$EDGE_DEVICES``, then the packaged ones."""
+    dirs = [Path(d) for d in extra]
+    dirs += [Path(d) for d in os.environ.get(ENV_VAR, "").split(os.pathsep) if d]
+    packaged = packaged_dir()
+    if packaged is not None:
+        dirs.append(packaged)
+    return dirs
+
+
+def list_profiles(search: Sequence[str | os.PathLike] | None = None) -> list[DeviceProfile]:
+    """Every profile on the search path (sorted by name; a name found twice: the first folder wins)."""
+    seen: dict[str, Path] = {}
+    for d in search_path(search or ()):
+        if not d.is_dir():
+            raise ConfigError(f"device profile folder {d} does not exist (from --devices-dir or ${ENV_VAR})")
+        for f in sorted(d.glob("*.yaml")):
+            seen.setdefault(f.stem, f)
+    return [_load_file(seen[n]) for n in sorted(seen)]
+
+
+def load_profile(
+    name_or_path: str | os.PathLike | DeviceProfile, search: Sequence[str | os.PathLike] | None = None
+) -> DeviceProfile:
+    """A profile by name (looked up on :func:`search_path`) or by path to a YAML file."""
+    if isinstance(name_or_path, DeviceProfile):
+        return name_or_path
+    text = str(name_or_path)
+    p = Path(text)
+    if p.suffix in (".yaml", ".yml") or os.sep in text:
+        if not p.is_file():
+            raise ConfigError(f"device profile file {p} does not exist")
+        return _load_file(p)
+    dirs = search_path(search or ())
+    for d in dirs:
+        if not d.is_dir():
+            raise ConfigError(f"device profile folder {d} does not exist (from --devices-dir or ${ENV_VAR})")
+        f = d / f"{text}.yaml"
+        if f.is_file():
+            return _load_file(f)
+    known = sorted({f.stem for d in dirs for f in d.glob("*.yaml")})
+    raise ConfigError(
+        f"unknown device profile {text!r}; known: {', '.join(known) or 'none'} "
+        f"(searched {', '.join(map(str, dirs)) or 'nothing'}; add NAME.yaml to a folder in ${ENV_VAR} "
+        "or --devices-dir)"
+    )
+
+
+def _load_file(path: Path) -> DeviceProfile:
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise FormatError(f"cannot read device profile {path}: {e}") from e
+    from edge.devices.schema import from_dict
+
+    try:
+        profile = from_dict(data, source=path)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from e
+    if profile.name != path.stem:
+        raise ConfigError(f"{path}: name {profile.name!r} differs from the file name; rename one so they match")
+    return profile
+
+
+def this_machine() -> str:
+    """``platform.machine()`` in the profiles' spelling (``arm64`` -> ``aarch64``, ``AMD64`` -> ``x86_64``)."""
+    m = platform.machine()
+    return {"arm64": "aarch64", "AMD64": "x86_64", "amd64": "x86_64"}.get(m, m)

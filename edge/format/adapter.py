@@ -1,0 +1,345 @@
+"""The adapter file format: sparse (SHiRA) and dense (bottleneck, LoRA) adapters.
+
+An adapter file is one safetensors file. For every target tensor ``P`` (named as the
+source parameter, e.g. ``blocks.0.attn.q.weight``) it holds either
+
+* sparse (method ``shira``, fused into base weights): ``P.indices``, int32 ``[ndim, N]``
+  (for a matrix: row, col) in the source (torch) layout, as HF PEFT stores
+  ``shira_indices``; and ``P.values``, float32 ``[N]``, the trained deltas (merged
+  ``W = W + scatter(values)``); or
+* dense (methods ``adapter`` and ``lora``, written into the model's adapter *slots*):
+  ``P.values``, float32 of the full source shape; or, when stored at low precision,
+  ``P.codes`` (uint8, packed codes) and ``P.stats`` (float32, per-matrix statistics)
+  decoded by :mod:`edge.format.quant` at load time.
+
+The safetensors header's ``__metadata__["edge"]`` is a JSON object: ``format``
+(``"edge.adapter"``), ``version``, ``method``, ``name``, ``base_fingerprint`` (see
+:func:`edge.format.modelinfo.fingerprint`), ``dtype``, ``targets`` (name -> source shape),
+``encodings`` (name -> ``{"scheme", "bits"}`` for low-precision dense targets) and
+free-form ``info`` (mask kind, density, training figures).
+
+Files are read with ``safetensors`` and ``json`` only; every structural problem is a
+:class:`~edge.errors.FormatError`, every misfit to a model an
+:class:`~edge.errors.AdapterMismatchError`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from edge.errors import AdapterMismatchError, FormatError
+from edge.format.io import atomic_write_bytes
+from edge.format.modelinfo import ModelInfo
+from edge.registry import Registry
+
+__all__ = ["Adapter", "SparseDelta", "DenseDelta", "METHODS", "ADAPTER_FORMAT", "ADAPTER_VERSION", "load_adapter"]
+
+ADAPTER_FORMAT = "edge.adapter"
+ADAPTER_VERSION = 1
+MAX_HEADER_BYTES = 16 * 1024 * 1024  # a SHiRA header lists names and shapes, never megabytes
+MAX_NAME_LEN = 512
+
+#: Adapter methods by name. A fusable method rewrites entries of base weights (sparse deltas);
+#: a slot method writes whole adapter-branch tensors (dense), which the model must carry as slots.
+METHODS: Registry[dict] = Registry("adapter method")
+METHODS.add("shira", {"fusable": True, "doc": "sparse high-rank adapter: deltas at chosen weight entries"})
+METHODS.add("adapter", {"fusable": False, "doc": "AdaptFormer bottleneck branch (down, ReLU, up, scale)"})
+METHODS.add("lora", {"fusable": False, "doc": "low-rank branch B @ A on chosen linear layers"})
+
+
+@dataclass(frozen=True)
+class SparseDelta:
+    """Deltas at given entries of one tensor, in the tensor's source layout."""
+
+    indices: np.ndarray  # int32 [ndim, N]
+    values: np.ndarray  # float32 [N]
+
+    @property
+    def nnz(self) -> int:
+        return int(self.values.shape[0])
+
+
+@dataclass(frozen=True)
+class DenseDelta:
+    """A whole adapter-branch tensor (source layout), written into a model slot."""
+
+    values: np.ndarray  # float32, the full source shape
+
+    @property
+    def nnz(self) -> int:
+        return int(self.values.size)
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """A sparse adapter: which entries of which base tensors change, and by how much."""
+
+    name: str
+    base_fingerprint: str
+    tensors: Mapping[str, SparseDelta | DenseDelta]
+    shapes: Mapping[str, tuple[int, ...]]
+    method: str = "shira"
+    info: Mapping[str, object] = field(default_factory=dict)
+    encodings: Mapping[str, object] = field(default_factory=dict)  # name -> edge.format.quant.Encoded (low precision)
+
+    @property
+    def fusable(self) -> bool:
+        return bool(METHODS.get(self.method)["fusable"])
+
+    def __post_init__(self) -> None:
+        _validate(self)
+
+    @property
+    def nnz(self) -> int:
+        return sum(d.nnz for d in self.tensors.values())
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the adapter atomically (a crash leaves the previous file intact)."""
+        from safetensors.numpy import save
+
+        arrays: dict[str, np.ndarray] = {}
+        encodings = {}
+        for tname, d in self.tensors.items():
+            if tname in self.encodings:
+                enc = self.encodings[tname]
+                arrays[f"{tname}.codes"] = np.ascontiguousarray(enc.codes, dtype=np.uint8)
+                arrays[f"{tname}.stats"] = np.ascontiguousarray(enc.stats, dtype=np.float32)
+                encodings[tname] = {"scheme": enc.scheme, "bits": int(enc.bits)}
+                continue
+            if isinstance(d, SparseDelta):
+                arrays[f"{tname}.indices"] = np.ascontiguousarray(d.indices, dtype=np.int32)
+            arrays[f"{tname}.values"] = np.ascontiguousarray(d.values, dtype=np.float32)
+        meta = {
+            "format": ADAPTER_FORMAT,
+            "version": ADAPTER_VERSION,
+            "method": self.method,
+            "name": self.name,
+            "base_fingerprint": self.base_fingerprint,
+            "dtype": "float32",
+            "targets": {k: list(v) for k, v in self.shapes.items()},
+            "info": dict(self.info),
+        }
+        if encodings:
+            meta["encodings"] = encodings
+        return atomic_write_bytes(path, save(arrays, metadata={"edge": json.dumps(meta, sort_keys=True)}))
+
+    def check_against(self, info: ModelInfo) -> None:
+        """Raise :class:`AdapterMismatchError` unless this adapter fits the model ``info``."""
+        if self.base_fingerprint != info.fingerprint:
+            raise AdapterMismatchError(
+                f"adapter {self.name!r} was trained on base {self.base_fingerprint}, but the loaded model "
+                f"{info.name!r} is {info.fingerprint}; train or convert the adapter for this model"
+            )
+        for tname, shape in self.shapes.items():
+            if tname not in info.tensors:
+                known = ", ".join(sorted(info.tensors)[:8])
+                raise AdapterMismatchError(
+                    f"adapter {self.name!r} targets {tname!r}, which model {info.name!r} does not have "
+                    f"(its tensors include: {known}, ...)"
+                )
+            if tuple(info.tensors[tname].shape) != tuple(shape):
+                raise AdapterMismatchError(
+                    f"adapter {self.name!r} expects {tname!r} of shape {tuple(shape)}, model has "
+                    f"{tuple(info.tensors[tname].shape)}"
+                )
+            if info.tensors[tname].head:
+                raise AdapterMismatchError(
+                    f"adapter {self.name!r} targets {tname!r}, a detector-head tensor of model {info.name!r} "
+                    "(written by the router, not a weight); adapters may only target model weights and slots"
+                )
+            if info.tensors[tname].slot == self.fusable:
+                want = "base weights" if self.fusable else "adapter slots (export the model with slots=...)"
+                raise AdapterMismatchError(
+                    f"adapter {self.name!r} ({self.method}) must target {want}, but {tname!r} is "
+                    f"{'a slot' if info.tensors[tname].slot else 'a base weight'} of model {info.name!r}"
+                )
+
+
+def load_adapter(
+    path: str | os.PathLike, *, trusted_keys: list[bytes] | None = None, max_bytes: int = 1 << 31
+) -> Adapter:
+    """Read and validate an adapter file. Raises :class:`FormatError` for anything malformed.
+
+    With ``trusted_keys`` (raw Ed25519 public keys), the file's detached signature
+    (``PATH.sig``, see :mod:`edge.format.signing`) is verified over the exact bytes read, before
+    they are parsed; an unsigned or wrongly signed file raises
+    :class:`~edge.errors.SignatureError`.
+    """
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        if size > max_bytes:
+            raise FormatError(f"{path}: {size} bytes exceeds the limit of {max_bytes}; not an adapter file?")
+        data = path.read_bytes()
+    except OSError as e:
+        raise FormatError(f"cannot read adapter file {path}: {e}") from e
+    if trusted_keys is not None:
+        from edge.format.signing import signature_path, verify_bytes
+
+        sig_path = signature_path(path)
+        try:
+            sig = sig_path.read_bytes() if sig_path.exists() else None
+        except OSError as e:
+            raise FormatError(f"cannot read signature file {sig_path}: {e}") from e
+        verify_bytes(data, sig, list(trusted_keys), source=str(path))
+    return adapter_from_bytes(data, source=str(path))
+
+
+def adapter_from_bytes(data: bytes, *, source: str = "<bytes>") -> Adapter:
+    """Parse an adapter from the bytes of a safetensors file (see the module doc)."""
+    meta = _read_metadata(data, source)
+    from safetensors.numpy import load
+
+    try:
+        arrays = load(data)
+    except Exception as e:  # safetensors raises its own SafetensorError and others on corrupt data
+        raise FormatError(f"{source}: corrupt safetensors payload: {e}") from e
+    targets = meta.get("targets")
+    if not isinstance(targets, dict) or not targets:
+        raise FormatError(f"{source}: metadata 'targets' must be a non-empty object of name -> shape")
+    method = str(meta.get("method"))
+    if method not in METHODS:
+        raise FormatError(f"{source}: adapter method {method!r} is unknown; known: {METHODS.names()}")
+    sparse = METHODS.get(method)["fusable"]
+    encodings_meta = meta.get("encodings", {})
+    if not isinstance(encodings_meta, dict) or (sparse and encodings_meta):
+        raise FormatError(f"{source}: 'encodings' must be an object, and only dense adapters have them")
+    expected = set()
+    for t in targets:
+        if t in encodings_meta:
+            expected |= {f"{t}.codes", f"{t}.stats"}
+        else:
+            expected |= {f"{t}.indices", f"{t}.values"} if sparse else {f"{t}.values"}
+    if set(arrays) != expected:
+        extra, missing = sorted(set(arrays) - expected), sorted(expected - set(arrays))
+        raise FormatError(f"{source}: tensors do not match metadata targets (missing: {missing}, unexpected: {extra})")
+    try:
+        shapes = {str(t): tuple(int(s) for s in shape) for t, shape in targets.items()}
+    except (TypeError, ValueError) as e:
+        raise FormatError(f"{source}: malformed target shapes: {e}") from e
+    encodings = {t: _decode_spec(source, t, spec, arrays, shapes[t]) for t, spec in encodings_meta.items()}
+    if sparse:
+        tensors = {t: SparseDelta(arrays[f"{t}.indices"], arrays[f"{t}.values"]) for t in targets}
+    else:
+        tensors = {
+            t: DenseDelta(_decoded(source, t, encodings[t]) if t in encodings else arrays[f"{t}.values"])
+            for t in targets
+        }
+    info = meta.get("info", {})
+    try:
+        return Adapter(
+            name=str(meta.get("name", Path(source).stem)),
+            base_fingerprint=str(meta["base_fingerprint"]),
+            tensors=tensors,
+            shapes=shapes,
+            method=method,
+            info=info if isinstance(info, dict) else {},
+            encodings=encodings,
+        )
+    except KeyError as e:
+        raise FormatError(f"{source}: metadata lacks the field {e}") from e
+    except AdapterMismatchError as e:  # self-inconsistent file: a format problem, not a model misfit
+        raise FormatError(f"{source}: {e}") from e
+
+
+def _read_metadata(data: bytes, source: str) -> dict:
+    if len(data) < 8:
+        raise FormatError(f"{source}: {len(data)} bytes is too short for a safetensors file (truncated?)")
+    (hlen,) = struct.unpack("<Q", data[:8])
+    if hlen > MAX_HEADER_BYTES or hlen > len(data) - 8:
+        raise FormatError(f"{source}: header length {hlen} is larger than allowed or than the file (truncated?)")
+    try:
+        header = json.loads(data[8 : 8 + hlen])
+        meta = json.loads(header["__metadata__"]["edge"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise FormatError(f"{source}: no readable edge metadata in the safetensors header: {e!r}") from e
+    if not isinstance(meta, dict) or meta.get("format") != ADAPTER_FORMAT:
+        got = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise FormatError(f"{source}: format is {got!r}, expected {ADAPTER_FORMAT!r}")
+    if meta.get("version") != ADAPTER_VERSION:
+        raise FormatError(
+            f"{source}: adapter format version {meta.get('version')!r} is not supported "
+            f"(this runtime reads version {ADAPTER_VERSION}); upgrade the runtime or re-save the adapter"
+        )
+    if meta.get("dtype", "float32") != "float32":
+        raise FormatError(f"{source}: dtype {meta.get('dtype')!r} is not supported; allowed: 'float32'")
+    return meta
+
+
+def _decode_spec(source: str, tname: str, spec, arrays, shape):
+    """The :class:`edge.format.quant.Encoded` of one low-precision target, checked."""
+    from edge.format import quant
+
+    if not isinstance(spec, dict) or set(spec) != {"scheme", "bits"}:
+        raise FormatError(f"{source}: encoding of {tname!r} must be {{'scheme', 'bits'}}, got {spec!r}")
+    codes, stats = arrays[f"{tname}.codes"], arrays[f"{tname}.stats"]
+    if codes.dtype != np.uint8 or stats.dtype != np.float32:
+        raise FormatError(f"{source}: {tname}: codes must be uint8 and stats float32, got {codes.dtype}, {stats.dtype}")
+    try:
+        return quant.Encoded(
+            scheme=str(spec["scheme"]), bits=int(spec["bits"]), shape=tuple(shape), codes=codes, stats=stats
+        )
+    except (TypeError, ValueError) as e:
+        raise FormatError(f"{source}: {tname}: bad encoding {spec!r}: {e}") from e
+
+
+def _decoded(source: str, tname: str, enc) -> np.ndarray:
+    from edge.format import quant
+
+    try:
+        values = quant.decode(enc)
+    except (ValueError, KeyError) as e:  # EdgeError subclasses of ValueError included
+        raise FormatError(f"{source}: {tname}: cannot decode {enc.scheme} {enc.bits}-bit codes: {e}") from e
+    return np.ascontiguousarray(values, dtype=np.float32).reshape(enc.shape)
+
+
+def _validate(a: Adapter) -> None:
+    """Self-consistency of an adapter (no model needed). Raises AdapterMismatchError."""
+    if a.method not in METHODS:
+        raise AdapterMismatchError(f"adapter method {a.method!r} is unknown; known: {METHODS.names()}")
+    if set(a.encodings) - set(a.tensors):
+        raise AdapterMismatchError(f"encodings name unknown targets: {sorted(set(a.encodings) - set(a.tensors))}")
+    if set(a.tensors) != set(a.shapes):
+        raise AdapterMismatchError("adapter tensors and shapes name different targets")
+    for tname, d in a.tensors.items():
+        shape = tuple(a.shapes[tname])
+        if not 1 <= len(shape) <= 8 or any(int(n) <= 0 for n in shape) or int(np.prod(shape, dtype=object)) > 1 << 40:
+            raise AdapterMismatchError(f"{tname}: shape {shape} is not a plausible tensor shape")
+        if not tname or len(tname) > MAX_NAME_LEN or any(c in tname for c in "\0/\\") or ".." in tname:
+            raise AdapterMismatchError(f"target name {tname[:80]!r} is not a parameter name")
+        if isinstance(d, DenseDelta) == a.fusable:
+            kind = "sparse (SparseDelta)" if a.fusable else "dense (DenseDelta)"
+            raise AdapterMismatchError(f"{tname}: method {a.method!r} takes {kind} tensors")
+        if isinstance(d, DenseDelta):
+            v = d.values
+            if not isinstance(v, np.ndarray) or v.dtype != np.float32 or tuple(v.shape) != shape:
+                raise AdapterMismatchError(
+                    f"{tname}: dense values must be float32 of shape {shape}, got "
+                    f"{getattr(v, 'dtype', type(v))} {getattr(v, 'shape', '')}"
+                )
+            if not np.all(np.isfinite(v)):
+                raise AdapterMismatchError(f"{tname}: values contain NaN or Inf")
+            continue
+        idx, val = d.indices, d.values
+        if not isinstance(idx, np.ndarray) or idx.dtype != np.int32:
+            raise AdapterMismatchError(f"{tname}: indices must be int32, got {getattr(idx, 'dtype', type(idx))}")
+        if not isinstance(val, np.ndarray) or val.dtype != np.float32:
+            raise AdapterMismatchError(f"{tname}: values must be float32, got {getattr(val, 'dtype', type(val))}")
+        if any(s <= 0 for s in shape) or idx.ndim != 2 or idx.shape[0] != len(shape):
+            raise AdapterMismatchError(f"{tname}: indices shape {idx.shape} does not fit a tensor of shape {shape}")
+        if val.ndim != 1 or val.shape[0] != idx.shape[1]:
+            raise AdapterMismatchError(f"{tname}: {val.shape} values for {idx.shape[1]} indices")
+        if idx.size and (idx.min() < 0 or np.any(idx.max(axis=1) >= np.asarray(shape))):
+            raise AdapterMismatchError(f"{tname}: indices out of range for shape {shape}")
+        if not np.all(np.isfinite(val)):
+            raise AdapterMismatchError(f"{tname}: values contain NaN or Inf")
+        flat = np.ravel_multi_index(tuple(idx.astype(np.int64)), shape) if idx.size else idx[0]
+        if np.unique(flat).size != flat.size:
+            raise AdapterMismatchError(f"{tname}: duplicated indices")

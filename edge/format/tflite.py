@@ -1,0 +1,288 @@
+"""Read the parts of a ``.tflite`` flatbuffer the runtime needs, with ``struct`` only.
+
+The device may run the old ``tflite-runtime`` wheel, which ships no schema package,
+so this reader walks the flatbuffer directly (format: flatbuffers' binary layout;
+field numbers: LiteRT's ``schema.fbs``). It returns where every constant tensor's
+bytes live in the file, so the backend can view and overwrite them in place, the
+subgraph inputs and outputs, and the ``metadata`` entries (the exporter stores
+:class:`~edge.format.modelinfo.ModelInfo` JSON under ``"edge"``).
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+
+from edge.errors import BackendUnavailableError, FormatError
+from edge.format.modelinfo import META_KEY, ModelInfo
+
+__all__ = ["TfliteTensor", "TfliteModel", "read_tflite", "stored_arrays", "DTYPES"]
+
+IDENTIFIER = b"TFL3"
+
+#: LiteRT TensorType -> numpy dtype (the types a fingerprint or a weight write can meet)
+DTYPES = {
+    0: np.float32,
+    1: np.float16,
+    2: np.int32,
+    3: np.uint8,
+    4: np.int64,
+    6: np.bool_,
+    7: np.int16,
+    9: np.int8,
+    10: np.float64,
+    12: np.uint64,
+    15: np.uint32,
+    16: np.uint16,
+}
+
+# field numbers in schema.fbs
+_MODEL_SUBGRAPHS, _MODEL_BUFFERS, _MODEL_METADATA = 2, 4, 6
+_SUBGRAPH_TENSORS, _SUBGRAPH_INPUTS, _SUBGRAPH_OUTPUTS = 0, 1, 2
+_TENSOR_SHAPE, _TENSOR_TYPE, _TENSOR_BUFFER, _TENSOR_NAME, _TENSOR_SIGNATURE = 0, 1, 2, 3, 7
+_BUFFER_DATA, _BUFFER_OFFSET, _BUFFER_SIZE = 0, 1, 2
+_METADATA_NAME, _METADATA_BUFFER = 0, 1
+
+
+@dataclass(frozen=True)
+class TfliteTensor:
+    """One tensor of a subgraph; ``start``/``nbytes`` locate its constant data in the file (``nbytes`` 0: none)."""
+
+    index: int
+    name: str
+    type: int
+    shape: tuple[int, ...]
+    signature: tuple[int, ...]  # shape with -1 for dynamic axes
+    buffer: int
+    start: int
+    nbytes: int
+
+    @property
+    def dtype(self):
+        return DTYPES.get(self.type)
+
+
+@dataclass(frozen=True)
+class TfliteModel:
+    subgraphs: tuple[tuple[TfliteTensor, ...], ...]
+    inputs: tuple[int, ...]  # tensor indices of subgraph 0
+    outputs: tuple[int, ...]
+    metadata: dict[str, bytes]
+    size: int  # bytes the flatbuffer and its appended buffers occupy
+
+    @property
+    def tensors(self) -> tuple[TfliteTensor, ...]:
+        return self.subgraphs[0]
+
+
+class _Reader:
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def u32(self, pos: int) -> int:
+        return struct.unpack_from("<I", self.data, pos)[0]
+
+    def table(self, pos: int) -> int:
+        return pos + self.u32(pos)
+
+    def field(self, table: int, number: int) -> int:
+        """Absolute position of a field of ``table``, or 0 when absent."""
+        vtable = table - struct.unpack_from("<i", self.data, table)[0]
+        vsize = struct.unpack_from("<H", self.data, vtable)[0]
+        at = 4 + 2 * number
+        if at >= vsize:
+            return 0
+        off = struct.unpack_from("<H", self.data, vtable + at)[0]
+        return table + off if off else 0
+
+    def scalar(self, table: int, number: int, fmt: str, default=0):
+        pos = self.field(table, number)
+        return struct.unpack_from(fmt, self.data, pos)[0] if pos else default
+
+    def vector(self, table: int, number: int) -> tuple[int, int]:
+        """(position of the first element, length) of a vector field; (0, 0) when absent."""
+        pos = self.field(table, number)
+        if not pos:
+            return 0, 0
+        vec = self.table(pos)
+        return vec + 4, self.u32(vec)
+
+    def tables(self, table: int, number: int) -> list[int]:
+        start, n = self.vector(table, number)
+        return [self.table(start + 4 * i) for i in range(n)]
+
+    def ints(self, table: int, number: int) -> tuple[int, ...]:
+        start, n = self.vector(table, number)
+        return struct.unpack_from(f"<{n}i", self.data, start) if n else ()
+
+    def string(self, table: int, number: int) -> str:
+        start, n = self.vector(table, number)
+        return self.data[start : start + n].decode("utf-8", "replace")
+
+
+def read_tflite(data: bytes) -> TfliteModel:
+    """Parse ``data`` (a whole ``.tflite`` file). Raises :class:`FormatError` if it is not one."""
+    if len(data) < 8 or data[4:8] != IDENTIFIER:
+        raise FormatError(f"not a .tflite file (identifier {data[4:8]!r}, expected {IDENTIFIER!r})")
+    try:
+        return _read(_Reader(data), len(data))
+    except (struct.error, IndexError, UnicodeDecodeError) as e:
+        raise FormatError(f"corrupt .tflite file: {e}") from e
+
+
+def _read(r: _Reader, size: int) -> TfliteModel:
+    root = r.table(0)
+    buffers = []
+    end = 0
+    for b in r.tables(root, _MODEL_BUFFERS):
+        start, n = r.vector(b, _BUFFER_DATA)
+        offset = r.scalar(b, _BUFFER_OFFSET, "<Q")
+        if offset > 1:  # data appended after the flatbuffer (models over 2 GB)
+            start, n = offset, r.scalar(b, _BUFFER_SIZE, "<Q")
+        if start + n > size:
+            raise FormatError(f"buffer data runs past the end of the file ({start + n} > {size} bytes)")
+        buffers.append((start, n))
+        end = max(end, start + n)
+    subgraphs = []
+    for sg in r.tables(root, _MODEL_SUBGRAPHS):
+        tensors = []
+        for i, t in enumerate(r.tables(sg, _SUBGRAPH_TENSORS)):
+            bidx = r.scalar(t, _TENSOR_BUFFER, "<I")
+            if bidx >= len(buffers):
+                raise FormatError(f"tensor {i} names buffer {bidx} of {len(buffers)}")
+            shape = r.ints(t, _TENSOR_SHAPE)
+            start, n = buffers[bidx] if bidx else (0, 0)
+            tensors.append(
+                TfliteTensor(
+                    i, r.string(t, _TENSOR_NAME), r.scalar(t, _TENSOR_TYPE, "<b"), shape,
+                    r.ints(t, _TENSOR_SIGNATURE) or shape, bidx, start, n,
+                )
+            )  # fmt: skip
+        subgraphs.append(tuple(tensors))
+    if not subgraphs:
+        raise FormatError("the .tflite file has no subgraph")
+    sg0 = r.tables(root, _MODEL_SUBGRAPHS)[0]
+    metadata = {}
+    for m in r.tables(root, _MODEL_METADATA):
+        bidx = r.scalar(m, _METADATA_BUFFER, "<I")
+        if bidx < len(buffers):
+            start, n = buffers[bidx]
+            metadata[r.string(m, _METADATA_NAME)] = bytes(r.data[start : start + n])
+    return TfliteModel(
+        tuple(subgraphs), r.ints(sg0, _SUBGRAPH_INPUTS), r.ints(sg0, _SUBGRAPH_OUTPUTS), metadata, max(end, r.u32(0))
+    )
+
+
+def tflite_info(model: bytes, fb: TfliteModel | None = None) -> ModelInfo:
+    """The :class:`ModelInfo` an exporter stored in a ``.tflite`` file's ``metadata`` entry ``"edge"``."""
+    fb = fb or read_tflite(model)
+    if META_KEY not in fb.metadata:
+        raise FormatError(
+            f".tflite model has no {META_KEY!r} metadata (it has {sorted(fb.metadata)}): it was not exported by "
+            "this project's exporter (use `exporters.export_tflite`)"
+        )
+    try:
+        text = fb.metadata[META_KEY].decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise FormatError(f"the .tflite {META_KEY!r} metadata is not UTF-8 JSON: {e}") from e
+    return ModelInfo.from_json(text)
+
+
+def stored_arrays(data: bytes, model: TfliteModel) -> dict[str, np.ndarray]:
+    """Every constant tensor of subgraph 0 as a read-only array over ``data``, by tensor name.
+
+    These are the "stored tensors" a :func:`~edge.format.modelinfo.fingerprint` covers. Types
+    numpy cannot hold (int4, strings) are given as raw bytes.
+    """
+    out: dict[str, np.ndarray] = {}
+    raw = np.frombuffer(data, np.uint8)
+    for t in model.tensors:
+        if not t.nbytes:
+            continue
+        if t.name in out:
+            raise FormatError(f"two constant tensors are named {t.name!r}; tensor names must be unique")
+        dtype = t.dtype
+        chunk = raw[t.start : t.start + t.nbytes]
+        if dtype is not None and t.nbytes == int(np.prod(t.shape, dtype=np.int64)) * np.dtype(dtype).itemsize:
+            out[t.name] = chunk.view(dtype).reshape(t.shape)
+        else:
+            out[t.name] = chunk
+    return out
+
+
+#: byte alignment of every buffer this project writes (the runtimes view weights in place)
+ALIGN = 16
+
+
+# -- writing (object API of ai-edge-litert's schema; host and tests) --------------------------------------------
+
+
+def _schema():
+    try:
+        from ai_edge_litert import schema_py_generated
+    except ImportError as e:
+        raise BackendUnavailableError(
+            f"editing .tflite files needs ai-edge-litert ({e}): pip install ai-edge-litert"
+        ) from e
+    return schema_py_generated
+
+
+def unpack_model(data: bytes):
+    """The object-API ``ModelT`` of a ``.tflite`` file."""
+    s = _schema()
+    if len(data) < 8 or data[4:8] != b"TFL3":
+        raise FormatError("not a .tflite flatbuffer (identifier is not TFL3)")
+    return s.ModelT.InitFromPackedBuf(bytearray(data), 0)
+
+
+def pack_model(m) -> bytes:
+    """Serialise a ``ModelT`` with every buffer's data 16-byte aligned (the runtime views weights in place)."""
+    import flatbuffers
+
+    m.buffers = [aligned_buffer(b.data, b.offset, b.size) for b in m.buffers]
+    builder = flatbuffers.Builder(1024 + sum(0 if b.data is None else len(b.data) + ALIGN for b in m.buffers))
+    builder.Finish(m.Pack(builder), file_identifier=b"TFL3")
+    return bytes(builder.Output())
+
+
+def set_metadata(m, key: str, value: bytes) -> None:
+    """Add or replace the ``metadata`` entry ``key`` (its bytes live in a new buffer)."""
+    s = _schema()
+    m.buffers.append(aligned_buffer(np.frombuffer(value, np.uint8)))
+    entries = [e for e in (m.metadata or []) if tensor_name(e) != key]
+    entry = s.MetadataT()
+    entry.name, entry.buffer = key.encode(), len(m.buffers) - 1
+    m.metadata = [*entries, entry]
+
+
+def aligned_buffer(data, offset: int = 0, size: int = 0):
+    """A ``BufferT`` whose data (uint8) is packed 16-byte aligned (the object API aligns to 1 byte)."""
+    s = _schema()
+
+    class _AlignedBuffer(s.BufferT):
+        def Pack(self, builder):  # noqa: N802 - the object API's name
+            vec = None
+            if self.data is not None and len(self.data):
+                raw = np.ascontiguousarray(self.data, np.uint8).tobytes()
+                builder.StartVector(1, len(raw), ALIGN)
+                builder.head -= len(raw)
+                builder.Bytes[builder.head : builder.head + len(raw)] = raw
+                vec = builder.EndVector()
+            s.BufferStart(builder)
+            if vec is not None:
+                s.BufferAddData(builder, vec)
+            s.BufferAddOffset(builder, self.offset)
+            s.BufferAddSize(builder, self.size)
+            return s.BufferEnd(builder)
+
+    b = _AlignedBuffer()
+    b.data, b.offset, b.size = (None if data is None or not len(data) else np.asarray(data, np.uint8)), offset, size
+    return b
+
+
+def tensor_name(obj) -> str:
+    """A flatbuffer object's ``name`` as text."""
+    n = obj.name
+    return n.decode() if isinstance(n, bytes) else str(n or "")

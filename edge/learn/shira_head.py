@@ -1,0 +1,150 @@
+"""The ``shira-head`` update method: SHiRA entries of a model's head, trained on device without autograd.
+
+It changes the model itself: the learned entries of the last linear layer
+(``head.weight``, reading ``features``) become a standard SHiRA
+:class:`~edge.format.adapter.Adapter` (:meth:`edge.learn.update.Updater.to_adapter`) that
+``Runtime.load_adapter``/``switch`` fuse in place. The mask is picked on device by
+SNIP (largest ``|w * dL/dw|`` on the samples); training is Adam on softmax
+cross-entropy with hand-written gradients (``dL/dW = (softmax(z) - onehot)^T f / n``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from edge.errors import ConfigError
+from edge.learn.methods import METHODS, Method, softmax
+
+__all__ = ["ShiraHead"]
+
+
+@METHODS.register("shira-head")
+class ShiraHead(Method):
+    """SHiRA entries of the head ``W [C, d]`` (``logits = f W^T + b``), trained by hand-written gradients.
+
+    The mask (``density`` of the head's entries) is picked by SNIP on the first
+    update's samples and kept afterwards; later updates continue training the same
+    entries. Adam on mean softmax cross-entropy, full batch, over the new samples
+    plus a replay buffer of up to ``replay`` feature vectors per class kept from
+    earlier updates (each sample seen so far equally likely to stay), which limits
+    forgetting of earlier domains.
+    """
+
+    name = "shira-head"
+    per_domain = False  # one head for every domain; the replay buffer keeps earlier domains
+
+    @dataclass(frozen=True)
+    class Config:
+        density: float = 0.5  # of the head's entries (the head is a tiny share of the model)
+        steps: int = 300
+        lr: float = 0.03
+        weight_decay: float = 1e-3  # pulls deltas towards 0 (the base head)
+        replay: int = 20  # feature vectors kept per class for later updates (0: none)
+
+        def __post_init__(self):
+            if not 0.0 < self.density <= 1.0:
+                raise ConfigError(f"shira-head density must be in (0, 1], got {self.density}")
+            if self.steps < 1 or self.lr <= 0 or self.weight_decay < 0 or self.replay < 0:
+                raise ConfigError(
+                    f"shira-head needs steps >= 1, lr > 0, weight_decay >= 0, replay >= 0; got {self.steps}, "
+                    f"{self.lr}, {self.weight_decay}, {self.replay}"
+                )
+
+    def initial(self):
+        c = self.ctx.head_weight.shape[0]
+        return {
+            "indices": np.zeros((2, 0), np.int32),
+            "values": np.zeros(0, np.float32),
+            "bias": np.zeros(c, np.float32),
+            "counts": np.zeros(c, np.int64),
+            "replay_features": np.zeros((0, self.ctx.dim), np.float32),
+            "replay_labels": np.zeros(0, np.int64),
+        }
+
+    def check_labels(self, y):
+        c = self.ctx.head_weight.shape[0]
+        if y.max() >= c:
+            raise ConfigError(
+                f"shira-head trains the model's head {self.ctx.head_name!r} with {c} outputs, but got label "
+                f"{int(y.max())}; use ncm, slda or ranpac to add classes"
+            )
+
+    def estimate_bytes(self, n, classes):
+        c, d = self.ctx.head_weight.shape
+        n += self.config.replay * c
+        return 8 * (8 * c * d + 6 * n * c + 2 * n * d)
+
+    def fit(self, f, y, logits, seed):
+        w0 = self.ctx.head_weight.astype(np.float64)
+        replay = self._replay(f, y, seed)
+        f_new = f
+        bias = self.tensors["bias"].astype(np.float64)
+        if not self.counts.any():  # first update: the head's bias, read off the model's own outputs
+            if logits is None:
+                raise ConfigError("the first shira-head update needs the model's logits to recover the head bias")
+            resid = logits.astype(np.float64) - f_new.astype(np.float64) @ w0.T
+            bias = resid.mean(0)
+            if np.abs(resid - bias).max() > 1e-3 * max(1.0, float(np.abs(logits).max())):
+                raise ConfigError(
+                    f"shira-head needs logits = features @ {self.ctx.head_name}^T + bias, but this model's "
+                    "logits are not that; use ncm, slda or ranpac"
+                )
+        f = np.concatenate([f_new, self.tensors["replay_features"]]).astype(np.float64)
+        y_new, y = y, np.concatenate([y, self.tensors["replay_labels"]])
+        onehot = np.eye(w0.shape[0])[y]
+        idx = self.tensors["indices"]
+        if idx.shape[1] == 0:  # SNIP: largest |w * dL/dw| on these samples
+            grad = (softmax(f @ w0.T + bias) - onehot).T @ f / len(f)
+            n = max(1, int(round(self.config.density * w0.size)))
+            flat = np.sort(np.argsort(-np.abs(w0 * grad).reshape(-1), kind="stable")[:n])
+            idx = np.stack(np.unravel_index(flat, w0.shape)).astype(np.int32)
+        rows, cols = idx.astype(np.int64)
+        values = self.tensors["values"].astype(np.float64) if self.tensors["values"].size else np.zeros(rows.size)
+        cfg = self.config
+        m1, m2 = np.zeros_like(values), np.zeros_like(values)
+        w = w0.copy()
+        for t in range(1, cfg.steps + 1):
+            w[rows, cols] = w0[rows, cols] + values
+            p = softmax(f @ w.T + bias)
+            g = ((p - onehot).T @ f)[rows, cols] / len(f) + cfg.weight_decay * values
+            m1 = 0.9 * m1 + 0.1 * g
+            m2 = 0.999 * m2 + 0.001 * g * g
+            values -= cfg.lr * (m1 / (1 - 0.9**t)) / (np.sqrt(m2 / (1 - 0.999**t)) + 1e-8)
+        return {
+            "indices": idx,
+            "values": values.astype(np.float32),
+            "bias": bias.astype(np.float32),
+            "counts": self.counts + np.bincount(y_new, minlength=w0.shape[0]),
+            **replay,
+        }
+
+    def _replay(self, f: np.ndarray, y: np.ndarray, seed: int) -> dict[str, np.ndarray]:
+        """The next replay buffer: per class, a uniform sample of every vector seen so far (reservoir)."""
+        cap = self.config.replay
+        old_f, old_y = self.tensors["replay_features"], self.tensors["replay_labels"]
+        rng = np.random.default_rng([seed, 7])
+        keep_f, keep_y = [], []
+        for c in np.union1d(np.unique(old_y), np.unique(y)):
+            old_c, new_c = np.flatnonzero(old_y == c), np.flatnonzero(y == c)
+            seen = int(self.counts[c]) if c < self.counts.size else 0
+            k_new = min(new_c.size, round(cap * new_c.size / (seen + new_c.size)))
+            k_old = min(old_c.size, cap - k_new)
+            keep_f += [old_f[rng.choice(old_c, k_old, replace=False)], f[rng.choice(new_c, k_new, replace=False)]]
+            keep_y += [np.full(k_old + k_new, c, np.int64)]
+        return {
+            "replay_features": np.concatenate(keep_f).astype(np.float32) if keep_f else old_f,
+            "replay_labels": np.concatenate(keep_y) if keep_y else old_y,
+        }
+
+    def merged_weight(self) -> np.ndarray:
+        w = self.ctx.head_weight.copy()
+        rows, cols = self.tensors["indices"].astype(np.int64)
+        w[rows, cols] = w[rows, cols] + self.tensors["values"]  # the runtime's merge, in float32
+        return w
+
+    def scores(self, f):
+        if self._cache is None:
+            self._cache = self.merged_weight()
+        return f.astype(np.float32, copy=False) @ self._cache.T + self.tensors["bias"]

@@ -1,0 +1,76 @@
+"""What machine a measurement ran on, and the small timing helpers every measurement uses."""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+__all__ = ["load_average", "machine", "p50", "peak_rss_mb", "time_calls"]
+
+
+def machine() -> dict:
+    cpu = platform.processor() or ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    info = {
+        "arch": platform.machine(),
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "os": platform.platform(terse=True),
+    }
+    try:
+        mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        info["memory_gb"] = round(mem / 2**30, 1)
+    except (ValueError, OSError, AttributeError):
+        pass
+    for mod in ("numpy", "onnxruntime", "onnx"):
+        try:
+            info[mod] = __import__(mod).__version__
+        except ImportError:
+            pass
+    return info
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far, in MB (Linux/macOS)."""
+    import resource
+    import sys
+
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return r / 2**20 if sys.platform == "darwin" else r / 1024
+
+
+def load_average() -> list[float] | None:
+    """The 1, 5 and 15 minute load averages (rounded), or None where the OS has none."""
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except (OSError, AttributeError):
+        return None
+
+
+def time_calls(fn: Callable[[], object], n: int, warmup: int = 3) -> list[float]:
+    """Wall times of ``n`` calls of ``fn`` in milliseconds, after ``warmup`` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    out = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        out.append((time.perf_counter() - t0) * 1e3)
+    return out
+
+
+def p50(xs) -> float:
+    """The median of ``xs`` (NaN when empty)."""
+    return float(np.median(np.asarray(xs))) if len(xs) else float("nan")

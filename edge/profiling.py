@@ -1,0 +1,478 @@
+"""Profile a model on the machine this runs on, under a device profile's options and budgets.
+
+    result = profile_model("encoder.onnx", "rpi5", adapters=["shira-rotate.safetensors"])
+    print(format_markdown(result))
+    plot(result, "profile.png")                 # False (and no file) without matplotlib
+
+Measures model load time, first-inference time, inference latency (p50/p95/p99 over
+``runs`` timed runs after ``warmup``), per adapter the switch time, the first run after
+a switch and the time until the backend settles, peak resident memory, file sizes and
+the providers that actually ran, and checks each against the profile's budgets.
+Device side only: numpy, the backend, and matplotlib only if a plot is asked for.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edge.errors import ConfigError, FormatError
+from edge.machine import load_average, machine, peak_rss_mb
+from edge.progress import bar
+
+__all__ = [
+    "PROFILE_FORMAT",
+    "PROFILE_VERSION",
+    "ProfileConfig",
+    "format_markdown",
+    "plot",
+    "profile_model",
+]
+
+PROFILE_FORMAT = "edge.profiling"
+PROFILE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class ProfileConfig:
+    """How much to measure."""
+
+    runs: int = 200  # timed inference runs
+    warmup: int = 20  # untimed runs before them
+    switches: int = 20  # timed switches per adapter
+    batch: int = 1  # size given to symbolic dimensions of generated inputs
+    seed: int = 0  # generated inputs
+    progress: bool = True  # progress bar on stderr (tqdm, if installed)
+
+
+def profile_model(
+    model: str | os.PathLike,
+    device,
+    *,
+    adapters: Sequence[str | os.PathLike] = (),
+    inputs: str | os.PathLike | Mapping[str, np.ndarray] | None = None,
+    backend: str | None = None,
+    config: ProfileConfig = ProfileConfig(),
+    devices_dir: Sequence[str | os.PathLike] = (),
+) -> dict:
+    """Measure ``model`` under ``device`` (profile name, YAML path or DeviceProfile); returns a JSON-able dict."""
+    from edge.devices import load_profile
+    from edge.runtime import Runtime
+
+    model = Path(model)
+    if not model.is_file():
+        raise ConfigError(f"model file {model} does not exist")
+    adapters = [Path(a) for a in adapters]
+    missing = [str(a) for a in adapters if not a.is_file()]
+    if missing:
+        raise ConfigError(f"adapter file(s) {missing} do not exist")
+    profile = load_profile(device, search=devices_dir)
+    backend = backend or _backend_for(model)
+    options = profile.backend_options(backend)  # raises per the profile's fallback policy
+
+    rss_before = _vm_kb("VmRSS")
+    t0 = time.perf_counter()
+    rt = Runtime(
+        model, backend=backend, strategy=options.strategy, threads=options.threads, providers=options.providers
+    )
+    load_ms = _ms(t0)
+    try:
+        feeds, input_source = _feeds(model, rt.info.inputs, inputs, config)
+        t0 = time.perf_counter()
+        reference = rt.run(feeds)
+        first_ms = _ms(t0)
+
+        total = config.warmup + config.runs + len(adapters) * config.switches
+        with bar(
+            total=total, desc=f"profile {model.name} ({profile.name})", unit="call", disable=not config.progress
+        ) as pb:
+            for _ in range(config.warmup):
+                rt.run(feeds)
+                pb.update()
+            latency = []
+            for _ in range(config.runs):
+                t0 = time.perf_counter()
+                rt.run(feeds)
+                latency.append(_ms(t0))
+                pb.update()
+            per_adapter, switch_all = [], []
+            for path in adapters:
+                figures, switches = _profile_adapter(rt, path, feeds, config, pb)
+                per_adapter.append(figures)
+                switch_all += switches
+        peak = peak_rss_mb()
+        providers = list(rt.providers)
+        strategy = rt.strategy
+        fingerprint = rt.info.fingerprint
+    finally:
+        rt.close()
+
+    accuracy = _check_against_cpu(model, backend, providers, profile, feeds, reference)
+    result = {
+        "format": PROFILE_FORMAT,
+        "version": PROFILE_VERSION,
+        "model": {"path": str(model), "name": model.stem, "bytes": model.stat().st_size, "fingerprint": fingerprint},
+        "device": {
+            "name": profile.name,
+            "description": profile.description,
+            "architecture": profile.architecture,
+            "source": str(profile.source),
+            "fallback": profile.fallback,
+            "fallback_warning": options.fallback_warning,
+        },
+        "machine": machine(),
+        "load_avg": load_average(),
+        "backend": backend,
+        "runtime": _runtime_version(backend),
+        "strategy": strategy,
+        "threads": options.threads,
+        "providers_requested": list(options.providers),
+        "providers": providers,
+        "inputs": {
+            k: {"shape": list(v.shape), "dtype": str(v.dtype), "source": input_source} for k, v in feeds.items()
+        },
+        "load_ms": load_ms,
+        "first_inference_ms": first_ms,
+        "latency_ms": _stats(latency, config.warmup),
+        "adapters": per_adapter,
+        "switch_p95_ms": _pct(switch_all, 95) if switch_all else None,
+        "memory": {
+            "rss_before_load_mb": rss_before / 1024 if rss_before else None,
+            "peak_rss_mb": peak,
+        },
+        "accuracy": accuracy,
+    }
+    result["budgets"] = _budgets(profile.budgets, result)
+    return result
+
+
+def _profile_adapter(rt, path: Path, feeds, config: ProfileConfig, pb) -> tuple[dict, list[float]]:
+    """Load one adapter, then ``switches`` times: switch to it, run once, wait until settled, switch back.
+
+    Returns its figures and the raw switch times (for the percentile over all adapters).
+    """
+    t0 = time.perf_counter()
+    name = rt.load_adapter(path)
+    load_ms = _ms(t0)
+    switch, first_run, settle, back = [], [], [], []
+    for _ in range(config.switches):
+        t0 = time.perf_counter()
+        rt.switch(name)
+        switch.append(_ms(t0))
+        t0 = time.perf_counter()
+        rt.run(feeds)
+        first_run.append(_ms(t0))
+        t0 = time.perf_counter()
+        rt.wait_settled(60)
+        settle.append(_ms(t0))
+        t0 = time.perf_counter()
+        rt.switch(None)
+        back.append(_ms(t0))
+        rt.wait_settled(60)
+        pb.update()
+    rt.unload_adapter(name)
+    figures = {
+        "name": name,
+        "path": str(path),
+        "bytes": path.stat().st_size,
+        "load_ms": load_ms,
+        "switch_ms": _stats(switch),
+        "first_run_after_switch_ms": _stats(first_run),
+        "settle_ms": _stats(settle),
+        "switch_back_ms": _stats(back),
+    }
+    return figures, switch
+
+
+# -- inputs -------------------------------------------------------------------------------------
+def _backend_for(model: Path) -> str:
+    from runtimes import backend_for_path
+
+    try:
+        return backend_for_path(model)
+    except ConfigError as e:
+        raise ConfigError(f"{e}; pass --backend") from None
+
+
+def _feeds(model: Path, names: Sequence[str], inputs, config: ProfileConfig) -> tuple[dict[str, np.ndarray], str]:
+    if inputs is None:
+        return generate_inputs(model, names, batch=config.batch, seed=config.seed), "generated"
+    if isinstance(inputs, Mapping):
+        feeds, source = {k: np.asarray(v) for k, v in inputs.items()}, "given"
+    else:
+        try:
+            with np.load(inputs, allow_pickle=False) as z:
+                feeds = {k: z[k] for k in z.files}
+        except (OSError, ValueError) as e:
+            raise FormatError(f"cannot read inputs {inputs}: {e} (expected an .npz with one array per input)") from e
+        source = str(inputs)
+    missing = [n for n in names if n not in feeds]
+    extra = [n for n in feeds if n not in names]
+    if missing or extra:
+        raise ConfigError(
+            f"inputs {source}: missing {missing}, unknown {extra}; the model takes {list(names)} "
+            "(save one array per input with np.savez)"
+        )
+    return feeds, source
+
+
+def generate_inputs(model: Path, names: Sequence[str], batch: int = 1, seed: int = 0) -> dict[str, np.ndarray]:
+    """Inputs made from an ONNX model's input metadata: symbolic dims set to ``batch``, floats ~ N(0, 1)."""
+    if model.suffix != ".onnx":
+        raise ConfigError(f"can generate inputs only for .onnx models; pass --inputs X.npz for {model.name}")
+    import onnx
+    from onnx import helper
+
+    try:
+        proto = onnx.load(str(model), load_external_data=False)
+    except Exception as e:  # protobuf's DecodeError and friends
+        raise FormatError(f"{model} is not a readable ONNX file: {e}") from e
+    graph_inputs = {i.name: i for i in proto.graph.input}
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for name in names:
+        if name not in graph_inputs:
+            raise FormatError(f"{model.name}: input {name!r} from its metadata is not a graph input")
+        t = graph_inputs[name].type.tensor_type
+        dtype = np.dtype(helper.tensor_dtype_to_np_dtype(t.elem_type))
+        shape = tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else batch for d in t.shape.dim)
+        if dtype.kind == "f":
+            feeds[name] = rng.standard_normal(shape).astype(dtype)
+        else:
+            feeds[name] = np.zeros(shape, dtype)
+    return feeds
+
+
+# -- checks ------------------------------------------------------------------------------------
+def _check_against_cpu(model, backend, providers, profile, feeds, outputs) -> dict | None:
+    """Outputs of the providers that ran vs the same model on the backend's CPU provider (skipped if CPU ran)."""
+    from edge.runtime import Runtime
+    from runtimes import get_backend
+
+    cpu = get_backend(backend).CPU_PROVIDER
+    if cpu is None or providers == [cpu]:
+        return None
+    with Runtime(model, backend=backend, providers=[cpu]) as ref:
+        expected = ref.run(feeds)
+    checks = {k: profile.tolerances.check(outputs[k], expected[k]) for k in expected}
+    return {
+        "reference": cpu,
+        "atol": profile.tolerances.atol,
+        "rtol": profile.tolerances.rtol,
+        "max_abs_diff": {k: d for k, (d, _) in checks.items()},
+        "ok": all(ok for _, ok in checks.values()),
+    }
+
+
+def _budgets(budgets, result: dict) -> dict:
+    measured = {
+        "memory_mb": result["memory"]["peak_rss_mb"],
+        "load_ms": result["load_ms"],
+        "latency_p95_ms": result["latency_ms"]["p95"],
+        "switch_p95_ms": result["switch_p95_ms"],
+    }
+    out = {}
+    for key, value in measured.items():
+        limit = getattr(budgets, key)
+        out[key] = {"budget": limit, "measured": value, "ok": None if value is None else bool(value <= limit)}
+    return out
+
+
+def _runtime_version(backend: str) -> str:
+    """The installed version of the library behind ``backend`` (``onnxruntime 1.31.1``)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    for dist in {"onnxruntime": ("onnxruntime", "onnxruntime-gpu"), "tflite": ("ai-edge-litert", "tflite-runtime")}.get(
+        backend, (backend,)
+    ):
+        try:
+            return f"{dist} {version(dist)}"
+        except PackageNotFoundError:
+            continue
+    return backend
+
+
+# -- numbers ------------------------------------------------------------------------------------
+def _ms(t0: float) -> float:
+    return (time.perf_counter() - t0) * 1e3
+
+
+def _pct(xs, q: float) -> float:
+    return float(np.percentile(np.asarray(xs, np.float64), q))
+
+
+def _stats(xs: Sequence[float], warmup: int | None = None) -> dict:
+    a = np.asarray(xs, np.float64)
+    out = {
+        "n": int(a.size),
+        "p50": _pct(a, 50),
+        "p95": _pct(a, 95),
+        "p99": _pct(a, 99),
+        "mean": float(a.mean()),
+        "min": float(a.min()),
+        "max": float(a.max()),
+        "samples": [round(float(x), 5) for x in a],
+    }
+    if warmup is not None:
+        out["warmup"] = warmup
+    return out
+
+
+def _vm_kb(field: str) -> int | None:
+    """A ``/proc/self/status`` field in kB (VmRSS, VmHWM), or None off Linux."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+# -- output -------------------------------------------------------------------------------------
+def _fmt(x: float | None, unit: str = "") -> str:
+    if x is None:
+        return "-"
+    return f"{x:.3g}{unit}" if abs(x) < 100 else f"{x:.0f}{unit}"
+
+
+def format_markdown(result: dict) -> str:
+    """A short Markdown report: headline figures against the budgets, then one row per adapter."""
+    m, d, lat = result["machine"], result["device"], result["latency_ms"]
+    load = result.get("load_avg")
+    lines = [
+        f"## {result['model']['name']} on device profile `{d['name']}`",
+        "",
+        f"Measured on {m['arch']}, {m['cpu'] or 'unknown CPU'}, {m['cores']} cores, Python {m['python']}, "
+        f"{result['runtime']}"
+        + (f", load average {load[0]:.2f}" if load else "")
+        + f". Strategy `{result['strategy']}`, threads {result['threads'] or 'default'}, "
+        f"providers that ran: {', '.join(result['providers'])}.",
+    ]
+    if d["fallback_warning"]:
+        lines += ["", f"**Fallback:** {d['fallback_warning']}"]
+    if d["architecture"] != m["arch"]:
+        lines += ["", f"Note: the profile is for {d['architecture']}; these figures are from {m['arch']}."]
+    lines += ["", "| figure | measured | budget | within |", "|---|---|---|---|"]
+    names = {
+        "load_ms": "model load (ms)",
+        "latency_p95_ms": "inference p95 (ms)",
+        "switch_p95_ms": "adapter switch p95 (ms)",
+        "memory_mb": "peak resident memory (MB)",
+    }
+    for key, label in names.items():
+        b = result["budgets"][key]
+        ok = {True: "yes", False: "**no**", None: "-"}[b["ok"]]
+        lines.append(f"| {label} | {_fmt(b['measured'])} | {_fmt(b['budget'])} | {ok} |")
+    lines += [
+        f"| first inference (ms) | {_fmt(result['first_inference_ms'])} | | |",
+        f"| inference p50 / p99 (ms), {lat['n']} runs after {lat['warmup']} warm-up | "
+        f"{_fmt(lat['p50'])} / {_fmt(lat['p99'])} | | |",
+        f"| model file | {result['model']['bytes'] / 1024:.1f} KiB | | |",
+    ]
+    if result["adapters"]:
+        lines += [
+            "",
+            "| adapter | size | load (ms) | switch p50 / p95 (ms) | first run after (ms) | settle p50 (ms) |",
+            "|---|---|---|---|---|---|",
+        ]
+        for a in result["adapters"]:
+            s = a["switch_ms"]
+            lines.append(
+                f"| {a['name']} | {a['bytes'] / 1024:.1f} KiB | {_fmt(a['load_ms'])} | {_fmt(s['p50'])} / "
+                f"{_fmt(s['p95'])} | {_fmt(a['first_run_after_switch_ms']['p50'])} | {_fmt(a['settle_ms']['p50'])} |"
+            )
+    acc = result.get("accuracy")
+    if acc:
+        worst = max(acc["max_abs_diff"].values(), default=0.0)
+        lines += [
+            "",
+            f"Outputs vs {acc['reference']}: max |diff| {worst:.3g} "
+            f"(atol {acc['atol']:g}, rtol {acc['rtol']:g}): {'within' if acc['ok'] else '**outside**'} tolerance.",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict, path: str | os.PathLike) -> bool:
+    """Plot latency (histogram + CDF, p50/p95/p99 marked) and per-adapter switch times; False without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    lat = result["latency_ms"]
+    samples = np.asarray(lat["samples"])
+    adapters = result["adapters"]
+    fig, axes = plt.subplots(1, 2 if adapters else 1, figsize=(13 if adapters else 7, 4.8), squeeze=False)
+    ax = axes[0][0]
+    lo, hi = max(samples.min(), 1e-4), max(samples.max(), samples.min() * 1.01, 1e-4)
+    log_x = hi / lo > 20  # a long tail (or a noisy machine): log bins keep the bulk and the tail readable
+    bins = np.geomspace(lo, hi, 60) if log_x else min(50, max(10, samples.size // 5))
+    ax.hist(samples, bins=bins, color="#4c78a8", alpha=0.85)
+    if log_x:
+        ax.set_xscale("log")
+    ax.set_xlabel("inference latency (ms)" + (", log scale" if log_x else ""))
+    ax.set_ylabel("runs")
+    cdf = ax.twinx()
+    xs = np.sort(samples)
+    cdf.plot(xs, np.arange(1, xs.size + 1) / xs.size, color="#333333", lw=1.2, label="CDF")
+    cdf.set_ylim(0, 1.02)
+    cdf.set_ylabel("fraction of runs (CDF)")
+    for q, color in (("p50", "#2ca02c"), ("p95", "#ff7f0e"), ("p99", "#d62728")):
+        ax.axvline(lat[q], color=color, ls="--", lw=1.4, label=f"{q} {lat[q]:.3g} ms")
+    budget = result["budgets"]["latency_p95_ms"]["budget"]
+    if budget <= hi * 3:
+        ax.axvline(budget, color="black", lw=1.6, label=f"p95 budget {budget:g} ms")
+    ax.legend(loc="center right", fontsize=8, framealpha=0.9)
+    ax.set_title(f"inference latency, {lat['n']} runs after {lat['warmup']} warm-up", fontsize=10)
+    if adapters:
+        ax2 = axes[0][1]
+        names = [a["name"] for a in adapters]
+        x = np.arange(len(names))
+        w = 0.27
+        series = (
+            ("switch_ms", "switch call", "#4c78a8"),
+            ("first_run_after_switch_ms", "first run after it", "#72b7b2"),
+            ("settle_ms", "settle (background rebuild)", "#bab0ac"),
+        )
+        for i, (key, label, color) in enumerate(series):
+            p50 = np.array([a[key]["p50"] for a in adapters])
+            p95 = np.array([a[key]["p95"] for a in adapters])
+            ax2.bar(x + (i - 1) * w, p50, w, color=color, label=label)
+            ax2.errorbar(x + (i - 1) * w, p50, yerr=[np.zeros_like(p50), p95 - p50], fmt="none", ecolor="#333333")
+        ax2.set_yscale("log")  # a switch is ~100x shorter than a rebuild: log keeps both visible
+        top = max(max(a[k]["p95"] for a in adapters) for k, _, _ in series)
+        ax2.set_ylim(top=max(top, result["budgets"]["switch_p95_ms"]["budget"]) * 30)  # room for the legend
+        sb = result["budgets"]["switch_p95_ms"]["budget"]
+        ax2.axhline(sb, color="black", lw=1.6, label=f"switch p95 budget {sb:g} ms")
+        ax2.set_xticks(x, names, rotation=20 if len(names) > 4 else 0)
+        ax2.set_ylabel("ms, log scale (bar p50, whisker to p95)")
+        ax2.legend(fontsize=8, loc="upper left", framealpha=0.9)
+        ax2.set_title(f"per adapter, {adapters[0]['switch_ms']['n']} switches each", fontsize=10)
+    m = result["machine"]
+    fig.suptitle(
+        f"{Path(result['model']['path']).name} ({result['model']['bytes'] / 1024:.0f} KiB) under device profile "
+        f"'{result['device']['name']}' "
+        f"({result['backend']}, {', '.join(p.removesuffix('ExecutionProvider') for p in result['providers'])}, "
+        f"strategy {result['strategy']})\nmeasured on {m['arch']} {m['cpu']}, {m['cores']} cores"
+        + (f", load average {result['load_avg'][0]:.2f}" if result.get("load_avg") else ""),
+        fontsize=10,
+    )
+    fig.tight_layout()
+    from io import BytesIO
+
+    from edge.format.io import atomic_write_bytes
+
+    buf = BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+    return True

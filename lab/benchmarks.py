@@ -1,0 +1,62 @@
+"""``edge bench``: measured side by side in one run, printed as JSON and recorded in BENCHMARKS.md."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+
+from edge.machine import machine
+
+__all__ = ["default_targets", "random_shira", "write_section"]
+
+
+def default_targets(info, pattern: str | None = None) -> list[str]:
+    """2-D weights matching ``pattern`` (default: every 2-D weight that is not an embedding table)."""
+    names = [k for k, t in info.tensors.items() if len(t.shape) == 2]
+    if pattern:
+        return [k for k in names if re.search(pattern, k)]
+    return [k for k in names if "embed" not in k]
+
+
+def random_shira(info, targets: list[str], density: float, seed: int, name: str, scale: float = 1e-2):
+    """A SHiRA adapter with a random mask and random deltas (for timing; accuracy needs training)."""
+    from edge.format.adapter import Adapter, SparseDelta
+
+    rng = np.random.default_rng(seed)
+    tensors, shapes = {}, {}
+    for t in targets:
+        shape = tuple(info.tensors[t].shape)
+        size = int(np.prod(shape))
+        n = max(1, round(density * size))
+        flat = np.sort(rng.choice(size, n, replace=False))
+        tensors[t] = SparseDelta(
+            np.stack(np.unravel_index(flat, shape)).astype(np.int32),
+            (rng.standard_normal(n) * scale).astype(np.float32),
+        )
+        shapes[t] = shape
+    return Adapter(name, info.fingerprint, tensors, shapes, info={"mask": "random", "density": density})
+
+
+def write_section(path: str | Path, key: str, title: str, body: str, data: dict | None = None) -> None:
+    """Replace (or append) the section ``key`` of BENCHMARKS.md with ``body``; keeps the others."""
+    path = Path(path)
+    text = path.read_text() if path.exists() else "# Benchmarks\n\nWritten by `make bench` (`edge bench ...`).\n"
+    m = machine()
+    block = (
+        f"<!-- bench:{key} -->\n## {title}\n\n"
+        f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {m['arch']}, {m['cpu']}, "
+        f"{m['cores']} cores, Python {m['python']}, onnxruntime {m.get('onnxruntime', '-')}, "
+        f"numpy {m.get('numpy', '-')}.\n\n{body.rstrip()}\n"
+    )
+    if data is not None:
+        block += f"\n<details><summary>JSON</summary>\n\n```json\n{json.dumps(data, indent=1)}\n```\n</details>\n"
+    block += f"<!-- /bench:{key} -->\n"
+    pat = re.compile(rf"<!-- bench:{re.escape(key)} -->.*?<!-- /bench:{re.escape(key)} -->\n", re.S)
+    text = pat.sub(lambda _: block, text) if pat.search(text) else text.rstrip() + "\n\n" + block
+    from edge.format.io import atomic_write_bytes
+
+    atomic_write_bytes(path, text.encode())

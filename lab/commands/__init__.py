@@ -1,0 +1,1 @@
+"""Lab subcommands of the ``edge`` CLI: ``demo``, ``train``, ``bench`` (registered as entry points)."""

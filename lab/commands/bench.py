@@ -1,0 +1,29 @@
+"""``edge bench NAME``: benchmarks that print JSON, and optionally write it and a BENCHMARKS.md section."""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+from edge.commands import runtime_flags
+
+#: benchmark name -> "module:function"; the module also has ``add_arguments(parser)``.
+BENCHES = {
+    "switch": "lab.bench_switch:cli",
+    "ood": "lab.bench_ood:cli",
+    "update": "lab.bench_update:cli",
+    "lowbit": "lab.bench_lowbit:cli",
+}
+
+
+def register(sub) -> None:
+    b = sub.add_parser("bench", help="benchmarks (JSON to stdout, optional --json and BENCHMARKS.md section)")
+    bsub = b.add_subparsers(dest="bench", required=True)
+    for name, target in BENCHES.items():
+        module = importlib.import_module(target.split(":")[0])
+        sp = bsub.add_parser(name, help=(module.__doc__ or "").strip().splitlines()[0])
+        runtime_flags(sp)
+        sp.add_argument("--json", type=Path, help="write the JSON here")
+        sp.add_argument("--md", type=Path, help="update this Markdown file's section (e.g. BENCHMARKS.md)")
+        module.add_arguments(sp)
+        sp.set_defaults(func=getattr(module, target.split(":")[1]))

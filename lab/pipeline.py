@@ -1,0 +1,221 @@
+"""The host half of the demo: pretrain the digits encoder, export it, train one SHiRA adapter per domain.
+
+Every artifact is cached under ``cache/<config hash>/`` and written atomically, so a
+second run (or a run after an interruption) reuses whatever is complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from edge.format.adapter import Adapter, SparseDelta
+from edge.format.modelinfo import ModelInfo
+
+__all__ = ["DemoConfig", "DemoArtifacts", "host_shira_reference", "prepare_demo"]
+
+log = logging.getLogger("lab.demo")
+PIPELINE_VERSION = 1  # bump when a change makes old cached artifacts wrong
+LOWBIT_DIM = 256  # width of the demo's 1-bit bottleneck adapter (1-bit within 1 point of fp32 from ~200 up)
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """Everything that decides the demo's artifacts (part of the cache key)."""
+
+    seed: int = 0
+    domains: tuple[str, ...] = ("rotate", "noise", "invert", "blur")
+    pretrain_epochs: int = 60
+    mask: str = "snip"
+    density: float = 0.02
+    targets: tuple[str, ...] = ("q", "k", "v", "proj", "fc1", "fc2")
+    shira_epochs: int = 30
+    shira_lr: float = 1e-2
+
+    def key(self) -> str:
+        blob = json.dumps({"v": PIPELINE_VERSION, **asdict(self)}, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:12]
+
+
+@dataclass(frozen=True)
+class DemoArtifacts:
+    model: Path
+    info: ModelInfo
+    adapters: dict[str, Path] = field(default_factory=dict)
+    lowbit_model: Path | None = None  # the encoder with an empty 1-bit bottleneck branch (slots)
+    lowbit_adapters: dict[str, Path] = field(default_factory=dict)
+
+
+def prepare_demo(
+    cache: Path, cfg: DemoConfig = DemoConfig(), progress: bool = True, backend: str = "onnxruntime"
+) -> DemoArtifacts:
+    """Artifacts for ``backend``: the ONNX model, or with ``"tflite"`` also a ``.tflite`` export and its adapters."""
+    import torch
+
+    from exporters import shira
+    from exporters.onnx import export_onnx, load_model_info
+    from lab import digits_model as dm
+    from lab.datasets import load_domains
+
+    torch.manual_seed(cfg.seed)
+    root = Path(cache) / f"digits-{cfg.key()}"
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
+    domains = load_domains(cfg.domains, seed=cfg.seed)
+
+    ckpt = root / "encoder.safetensors"
+    if ckpt.exists():
+        model = dm.load_checkpoint(ckpt)
+        log.info("reusing pretrained encoder %s", ckpt)
+    else:
+        _say(progress, f"pretraining the digits encoder on clean digits ({cfg.pretrain_epochs} epochs)")
+        model = dm.pretrain(domains["clean"], epochs=cfg.pretrain_epochs, seed=cfg.seed, progress=progress)
+        tmp = ckpt.with_suffix(".tmp")
+        dm.save_checkpoint(model, tmp)
+        tmp.replace(ckpt)
+
+    onnx_path = root / "encoder.onnx"
+    if onnx_path.exists():
+        info = load_model_info(onnx_path)
+    else:
+        _say(progress, "exporting the encoder to ONNX and validating it against torch")
+        example = (torch.as_tensor(domains["clean"].x_test[:4]),)
+        info = export_onnx(
+            model,
+            example,
+            onnx_path,
+            input_names=["pixels"],
+            output_names=["logits", "features"],
+            name="digits-vit",
+            extra={"task": "digits", "labels": list(range(10)), "input": "pixels [B,1,8,8] float32 in [0,1]"},
+            progress=progress,
+        )
+
+    adapters: dict[str, Path] = {}
+    targets = shira.select_targets(model, list(cfg.targets))
+    for name in cfg.domains:
+        path = root / f"shira-{name}.safetensors"
+        d = domains[name]
+        if not path.exists():
+            _say(progress, f"training a SHiRA adapter for '{name}' ({cfg.mask} mask, density {cfg.density:.0%})")
+            masks = shira.make_masks(
+                model, targets, density=cfg.density, kind=cfg.mask, calib=(d.x_train, d.y_train), seed=cfg.seed
+            )
+            trained = shira.train_shira(
+                model,
+                masks,
+                d.x_train,
+                d.y_train,
+                epochs=cfg.shira_epochs,
+                lr=cfg.shira_lr,
+                seed=cfg.seed,
+                progress=progress,
+            )
+            merged = shira.merge_shira(model, trained)
+            acc = {"base": dm.evaluate(model, d.x_test, d.y_test), "adapter": dm.evaluate(merged, d.x_test, d.y_test)}
+            to_adapter(
+                trained, info, name, {"mask": cfg.mask, "density": cfg.density, "domain": name, "host_acc": acc}
+            ).save(path)
+        adapters[name] = path
+    if backend == "tflite":
+        return _tflite_artifacts(root, model, domains["clean"].x_test[:1], info, adapters, progress)
+    lowbit_model, lowbit_adapters = _lowbit_artifacts(root, model, domains, cfg, progress)
+    return DemoArtifacts(onnx_path, info, adapters, lowbit_model, lowbit_adapters)
+
+
+def _lowbit_artifacts(root: Path, model, domains: dict, cfg: DemoConfig, progress: bool):
+    """The encoder with an empty 1-bit bottleneck branch (slots), and one 1-bit adapter per domain."""
+    from exporters import lowbit
+
+    lcfg = lowbit.LowbitConfig(method="adapter", bits=1, dim=LOWBIT_DIM, seed=cfg.seed)
+    path, info = lowbit.slot_model(root / "lowbit", model, lcfg, domains["clean"].x_test[:4], progress=progress)
+    adapters = {}
+    for name in cfg.domains:
+        stem = root / "lowbit" / f"{lowbit.adapter_stem(lcfg, name)}.safetensors"
+        if not stem.exists():
+            _say(progress, f"training a 1-bit bottleneck adapter for '{name}' (width {LOWBIT_DIM})")
+        adapters[name], _ = lowbit.train_domain(root / "lowbit", model, lcfg, domains[name], info, progress=progress)
+    return path, adapters
+
+
+def _tflite_artifacts(root: Path, model, example: np.ndarray, info: ModelInfo, adapters: dict, progress: bool):
+    """Export the encoder to ``.tflite`` (fixed batch 1) and give each adapter the TFLite file's fingerprint.
+
+    The adapters' indices and values are unchanged: only ``base_fingerprint`` differs, because
+    each exported file hashes its own stored tensors.
+    """
+    import dataclasses
+
+    import torch
+
+    from edge.format.adapter import load_adapter
+    from exporters.tflite import export_tflite, load_model_info
+
+    path = root / "encoder.tflite"
+    if path.exists():
+        tinfo = load_model_info(path)
+    else:
+        _say(progress, "exporting the encoder to TFLite (litert-torch) and validating it on LiteRT")
+        tinfo = export_tflite(
+            model,
+            (torch.as_tensor(example),),
+            path,
+            input_names=["pixels"],
+            output_names=["logits", "features"],
+            name="digits-vit",
+            extra=dict(info.extra),
+            dynamic_batch=False,
+        )
+    out = {}
+    for name, onnx_adapter in adapters.items():
+        out[name] = root / f"shira-{name}.tflite.safetensors"
+        if not out[name].exists():
+            a = load_adapter(onnx_adapter)
+            dataclasses.replace(a, base_fingerprint=tinfo.fingerprint).save(out[name])
+    return DemoArtifacts(path, tinfo, out)
+
+
+def to_adapter(trained: dict, info: ModelInfo, name: str, meta: dict) -> Adapter:
+    """Wrap ``train_shira`` output as an :class:`Adapter` for the exported model ``info``."""
+    tensors = {k: SparseDelta(np.asarray(i, np.int32), np.asarray(v, np.float32)) for k, (i, v) in trained.items()}
+    shapes = {k: tuple(info.tensors[k].shape) for k in trained}
+    return Adapter(name, info.fingerprint, tensors, shapes, method="shira", info=meta)
+
+
+def _say(progress: bool, msg: str) -> None:
+    log.info(msg)
+    if progress:
+        import sys
+
+        print(f"[edge] {msg}", file=sys.stderr, flush=True)
+
+
+def host_shira_reference(checkpoint: Path, domains: Mapping[str, object], cfg, threads: int | None):
+    """A function ``(domain, x, y) -> test accuracy`` of a host SHiRA fine-tune (torch; host side only)."""
+    import torch
+
+    from exporters import shira
+    from lab import digits_model as dm
+
+    if threads:
+        torch.set_num_threads(threads)
+    model = dm.load_checkpoint(checkpoint)
+    targets = shira.select_targets(model, list(cfg.targets))
+    demo_steps = cfg.shira_epochs * math.ceil(len(domains["clean"].x_train) / 64)
+
+    def run(name: str, x: np.ndarray, y: np.ndarray) -> float:
+        torch.manual_seed(cfg.seed)
+        masks = shira.make_masks(model, targets, density=cfg.density, kind=cfg.mask, calib=(x, y), seed=cfg.seed)
+        epochs = max(1, round(demo_steps / math.ceil(len(x) / 64)))
+        trained = shira.train_shira(model, masks, x, y, epochs=epochs, lr=cfg.shira_lr, seed=cfg.seed, progress=False)
+        d = domains[name]
+        return dm.evaluate(shira.merge_shira(model, trained), d.x_test, d.y_test)
+
+    return run
