@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test bench lint clean venv test-arm
+.PHONY: demo demo-tflite test bench lint clean venv test-arm registry
 
 venv: $(STAMP)
 
@@ -12,21 +12,41 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[host,test]'
+	$(BIN)/python -m pip install --quiet -e '.[host,fleet,test]'
 	touch $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/edge demo --json demo.json
 
-test: $(STAMP)
+# The TFLite path in its own venv (litert-torch pulls jax and ~90 packages, ~2 GB; torch stays pinned to CPU 2.13.0).
+TFLITE_VENV := .venv-tflite
+$(TFLITE_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(TFLITE_VENV)
+	$(TFLITE_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(TFLITE_VENV)/bin/python -m pip install --quiet -e '.[host,tflite-export]'
+	touch $@
+
+demo-tflite: $(TFLITE_VENV)/.installed
+	$(TFLITE_VENV)/bin/edge demo --backend tflite --json demo-tflite.json
+
+# The OCI registry (Debian's docker-registry) that the fleet tests start on 127.0.0.1; skipped with a message if
+# it cannot be installed here.
+registry:
+	bash scripts/install-registry.sh
+
+test: $(STAMP) registry
 	$(BIN)/python -m pytest -q
 
-# Long runs: real pretrained models and benchmarks. Writes JSON and updates BENCHMARKS.md.
-bench: $(STAMP)
+# Long runs: real pretrained models and benchmarks. Writes JSON and regenerates BENCHMARKS.md's sections.
+bench: $(STAMP) registry
 	$(BIN)/python -m pytest -q -m slow
 	$(BIN)/edge bench switch --json bench-switch.json --md BENCHMARKS.md
+	$(BIN)/edge bench memory --json bench-memory.json --md BENCHMARKS.md
+	$(BIN)/edge bench masks --json bench-masks.json --md BENCHMARKS.md
 	$(BIN)/edge bench update --json bench-update.json --md BENCHMARKS.md
 	$(BIN)/edge bench ood --minilm --json bench-ood.json --md BENCHMARKS.md
+	$(BIN)/edge bench ood --model cnn --json bench-ood-cnn.json --md BENCHMARKS.md
+	$(BIN)/edge bench fleet --json bench-fleet.json --md BENCHMARKS.md
 	$(BIN)/edge bench lowbit --json bench-lowbit.json --md BENCHMARKS.md
 
 # Device-side tests on aarch64 under qemu-user (needs root; builds and caches a Debian arm64 root in .arm-root/).
@@ -34,7 +54,7 @@ test-arm:
 	bash scripts/arm/test-arm.sh
 
 lint: $(STAMP)
-	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/lint-imports
 
 clean:
-	rm -rf $(VENV) .pytest_cache demo.json bench-*.json
+	rm -rf $(VENV) $(TFLITE_VENV) .pytest_cache demo.json demo-tflite.json bench-*.json

@@ -21,6 +21,8 @@ from edge.errors import (
     ExportValidationError,
     FormatError,
     RegistryError,
+    RuntimeClosedError,
+    SignatureError,
 )
 from edge.format.adapter import Adapter, SparseDelta, load_adapter
 from edge.format.modelinfo import ModelInfo, TensorInfo, fingerprint
@@ -37,6 +39,8 @@ __all__ = [
     "FormatError",
     "ModelInfo",
     "RegistryError",
+    "RuntimeClosedError",
+    "SignatureError",
     "Runtime",
     "SparseDelta",
     "TensorInfo",

@@ -23,6 +23,9 @@ COMMAND_MODULES = (
     "edge.commands.profile",
     "edge.commands.sign",
     "edge.commands.import_peft",
+    "edge.commands.import_onnx",
+    "edge.commands.sync",
+    "edge.commands.push",
 )
 
 ENTRY_POINT_GROUP = "edge.commands"
@@ -56,12 +59,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
+    """Run one command. Every error raised on purpose (an :class:`EdgeError`) exits 2 with one line on stderr;
+    anything else is a bug and shows its traceback."""
     try:
+        args = build_parser().parse_args(argv)
+        logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
         return args.func(args)
     except EdgeError as e:
-        print(f"edge: error: {e}", file=sys.stderr)
+        text = " ".join(str(e).split()) or type(e).__name__
+        print(f"edge: error: {text}", file=sys.stderr)
         return 2
 
 

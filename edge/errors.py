@@ -16,6 +16,7 @@ __all__ = [
     "ExportValidationError",
     "RegistryError",
     "SignatureError",
+    "RuntimeClosedError",
 ]
 
 
@@ -52,3 +53,7 @@ class RegistryError(EdgeError, KeyError):
 
 class SignatureError(EdgeError, PermissionError):
     """An adapter's signature is missing, malformed, or not from a trusted key."""
+
+
+class RuntimeClosedError(EdgeError, RuntimeError):
+    """A runtime was used after it was closed."""

@@ -21,7 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from edge.errors import ConfigError, FormatError
+from edge.errors import ConfigError
+from edge.format.feeds import generate_inputs
 from edge.machine import load_average, machine, peak_rss_mb
 from edge.progress import bar
 
@@ -30,6 +31,7 @@ __all__ = [
     "PROFILE_VERSION",
     "ProfileConfig",
     "format_markdown",
+    "generate_inputs",
     "plot",
     "profile_model",
 ]
@@ -77,8 +79,13 @@ def profile_model(
 
     rss_before = _vm_kb("VmRSS")
     t0 = time.perf_counter()
-    rt = Runtime(
-        model, backend=backend, strategy=options.strategy, threads=options.threads, providers=options.providers
+    rt = Runtime(  # device=profile: its trusted_keys apply to the adapters profiled, as on the device itself
+        model,
+        backend=backend,
+        strategy=options.strategy,
+        threads=options.threads,
+        providers=options.providers,
+        device=profile,
     )
     load_ms = _ms(t0)
     try:
@@ -205,12 +212,9 @@ def _feeds(model: Path, names: Sequence[str], inputs, config: ProfileConfig) -> 
     if isinstance(inputs, Mapping):
         feeds, source = {k: np.asarray(v) for k, v in inputs.items()}, "given"
     else:
-        try:
-            with np.load(inputs, allow_pickle=False) as z:
-                feeds = {k: z[k] for k in z.files}
-        except (OSError, ValueError) as e:
-            raise FormatError(f"cannot read inputs {inputs}: {e} (expected an .npz with one array per input)") from e
-        source = str(inputs)
+        from edge.format.samples import read_npz
+
+        feeds, source = read_npz(inputs), str(inputs)
     missing = [n for n in names if n not in feeds]
     extra = [n for n in feeds if n not in names]
     if missing or extra:
@@ -219,33 +223,6 @@ def _feeds(model: Path, names: Sequence[str], inputs, config: ProfileConfig) -> 
             "(save one array per input with np.savez)"
         )
     return feeds, source
-
-
-def generate_inputs(model: Path, names: Sequence[str], batch: int = 1, seed: int = 0) -> dict[str, np.ndarray]:
-    """Inputs made from an ONNX model's input metadata: symbolic dims set to ``batch``, floats ~ N(0, 1)."""
-    if model.suffix != ".onnx":
-        raise ConfigError(f"can generate inputs only for .onnx models; pass --inputs X.npz for {model.name}")
-    import onnx
-    from onnx import helper
-
-    try:
-        proto = onnx.load(str(model), load_external_data=False)
-    except Exception as e:  # protobuf's DecodeError and friends
-        raise FormatError(f"{model} is not a readable ONNX file: {e}") from e
-    graph_inputs = {i.name: i for i in proto.graph.input}
-    rng = np.random.default_rng(seed)
-    feeds = {}
-    for name in names:
-        if name not in graph_inputs:
-            raise FormatError(f"{model.name}: input {name!r} from its metadata is not a graph input")
-        t = graph_inputs[name].type.tensor_type
-        dtype = np.dtype(helper.tensor_dtype_to_np_dtype(t.elem_type))
-        shape = tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else batch for d in t.shape.dim)
-        if dtype.kind == "f":
-            feeds[name] = rng.standard_normal(shape).astype(dtype)
-        else:
-            feeds[name] = np.zeros(shape, dtype)
-    return feeds
 
 
 # -- checks ------------------------------------------------------------------------------------

@@ -24,13 +24,19 @@ from pathlib import Path
 
 import numpy as np
 
-from edge.errors import AdapterMismatchError, ConfigError, FormatError, SignatureError
+from edge.errors import AdapterMismatchError, ConfigError, RuntimeClosedError
 from edge.format.adapter import Adapter, DenseDelta, load_adapter
+from edge.format.feeds import check_feeds, input_specs, names_only
+from edge.format.io import read_bounded
 from edge.format.modelinfo import ModelInfo
+from edge.format.signing import SignaturePolicy
 
-__all__ = ["Runtime", "merge_weights"]
+__all__ = ["Runtime", "RuntimeClosedError", "merge_weights"]
 
 log = logging.getLogger("edge.runtime")
+
+_BASE_CHUNK = 1 << 18  # entries read per lock hold while an adapter loads
+MAX_MODEL_BYTES = 1 << 40  # model files are trusted; the limit only keeps a device file from being read forever
 
 
 @dataclass(frozen=True)
@@ -82,13 +88,10 @@ class Runtime:
             strategy = strategy if strategy != "auto" else opts.strategy
             profile_options = opts
             self.fallback_warning = opts.fallback_warning
-            if self.device.trusted_keys and trusted_keys is None:
-                trusted_keys = self.device.trusted_keys
+        self.policy = SignaturePolicy.resolve(trusted_keys, self.device)  # checked before the model is read
         path = Path(model)
-        try:
-            data = path.read_bytes()
-        except OSError as e:
-            raise FormatError(f"cannot read model file {path}: {e}") from e
+        data = read_bounded(path, MAX_MODEL_BYTES, what="model file")
+        self._inputs = input_specs(backend, data)
         options = BackendOptions(threads=threads, strategy=strategy, providers=tuple(providers), verify=verify)
         if profile_options is not None:
             options = replace(
@@ -100,11 +103,11 @@ class Runtime:
         self.backend = get_backend(backend)(data, options)
         self.info: ModelInfo = self.backend.info
         self.model_path = path
-        self._trusted: list[bytes] | None = None
-        if trusted_keys is not None:
-            from edge.format.signing import load_public_key
-
-            self._trusted = [load_public_key(k) for k in trusted_keys]
+        if not self._inputs:  # a backend with no reader here, or no inputs in the metadata: names from the backend
+            self._inputs = names_only(self.info.inputs or tuple(self.backend.input_names))
+        self._writable = frozenset(self.info.tensors) | {t.initializer for t in self.info.tensors.values()}
+        self._closed = False
+        self._max_adapter_bytes = max_adapter_bytes(self.info)
         self._adapters: dict[str, _Prepared] = {}
         self._active: dict[str, float] = {}
         self._touched: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # stored -> (positions, base values)
@@ -140,17 +143,16 @@ class Runtime:
         the runtime was given ``trusted_keys``, an unsigned or wrongly signed file raises
         :class:`~edge.errors.SignatureError` before any of its bytes is parsed.
         """
+        self._check_open()
         if isinstance(adapter, Adapter):
-            if self._trusted is not None:
-                raise SignatureError(
-                    f"this runtime requires signed adapter files; an in-memory Adapter ({adapter.name!r}) "
-                    "cannot be verified: save and sign it, then load the file"
-                )
-        else:
-            adapter = load_adapter(adapter, trusted_keys=self._trusted)
+            self.policy.check_in_memory(adapter.name)
+        else:  # signature, then every declared target against this model, before any array is decoded
+            adapter = load_adapter(adapter, policy=self.policy, model=self.info, max_bytes=self._max_adapter_bytes)
         adapter.check_against(self.info)
         name = name or adapter.name
-        index, delta, base, merged = {}, {}, {}, {}
+        if not isinstance(name, str) or not name:
+            raise ConfigError(f"adapter name must be a non-empty string, got {name!r}")
+        index, delta = {}, {}
         for tname, d in adapter.tensors.items():
             t = self.info.tensors[tname]
             if t.transposed and len(t.shape) != 2:
@@ -164,19 +166,51 @@ class Runtime:
                 continue
             rows = d.indices.astype(np.int64)
             flat = rows[1] * t.shape[0] + rows[0] if t.transposed else np.ravel_multi_index(tuple(rows), t.shape)
+            if flat.size < 2 or bool(np.all(flat[1:] > flat[:-1])):  # already sorted: no copy, no sort
+                index[t.initializer], delta[t.initializer] = flat, d.values
+                continue
             order = np.argsort(flat, kind="stable")
             index[t.initializer] = flat[order]
             delta[t.initializer] = d.values[order]
+        with self._lock:
+            self._check_open()
+            self._check_not_active(name)
+        prepared = self._prepare(adapter, name, index, delta)  # takes the lock only in short steps
+        with self._lock:
+            self._check_open()
+            self._check_not_active(name)
+            self._adapters[name] = prepared
+        return name
+
+    def _prepare(self, adapter: Adapter, name: str, index, delta) -> _Prepared:
+        """The base values at the adapter's positions and its two prepared writes.
+
+        A base value does not depend on what is switched in (``_base_at`` undoes the active
+        adapters), so it is read in steps of ``_BASE_CHUNK`` entries, each under the lock, and a
+        large adapter's load holds up a switch in another thread for one step at most.
+        """
         from runtimes import WeightWrite
 
-        with self._lock:
-            for tname, pos in index.items():
-                base[tname] = self._base_at(tname, pos)
+        base, merged = {}, {}
+        for tname, pos in index.items():
+            base[tname] = np.empty(pos.shape, np.float32)
+            for i in range(0, pos.size, _BASE_CHUNK):  # each step a consistent read: switches go on between them
+                with self._lock:
+                    self._check_open()
+                    base[tname][i : i + _BASE_CHUNK] = self._base_at(tname, pos[i : i + _BASE_CHUNK])
+            with np.errstate(over="ignore", invalid="ignore"):
                 merged[tname] = base[tname] + (np.float32(0) + delta[tname])
-            apply = self.backend.prepare([WeightWrite(t, index[t], merged[t]) for t in index])
-            restore = self.backend.prepare([WeightWrite(t, index[t], base[t]) for t in index])
-            self._adapters[name] = _Prepared(adapter, index, delta, base, apply, restore)
-        return name
+        _check_finite(merged, f"adapter {name!r} added to the base weights")
+        apply = self.backend.prepare([WeightWrite(t, index[t], merged[t]) for t in index])
+        restore = self.backend.prepare([WeightWrite(t, index[t], base[t]) for t in index])
+        return _Prepared(adapter, index, delta, base, apply, restore)
+
+    def _check_not_active(self, name: str) -> None:
+        if name in self._active:
+            raise ConfigError(
+                f"adapter {name!r} is active; switch away from it (or unload it) before loading another "
+                "adapter under that name, or pass name=... to load this one under another"
+            )
 
     def adapter(self, name: str) -> Adapter:
         """The loaded adapter called ``name``."""
@@ -205,9 +239,11 @@ class Runtime:
         """
         from runtimes import WeightWrite
 
+        self._check_open()
         target = _normalise(spec)
         head_write = self._head_write(head) if head else None
         with self._lock:
+            self._check_open()
             unknown = [n for n in target if n not in self._adapters]
             if unknown:
                 raise ConfigError(f"adapter(s) {unknown} are not loaded; loaded: {sorted(self._adapters) or 'none'}")
@@ -216,7 +252,9 @@ class Runtime:
                 apply, restore = p.apply, p.restore
                 touched = {t: (pos, p.base[t]) for t, pos in p.index.items()}
             else:
-                touched, new_values = self._fuse(target)
+                with np.errstate(over="ignore", invalid="ignore"):  # overflow is checked right after
+                    touched, new_values = self._fuse(target)
+                _check_finite(new_values, f"fusing {target}")
                 apply = self.backend.prepare([WeightWrite(t, touched[t][0], v) for t, v in new_values.items()])
                 restore = self.backend.prepare([WeightWrite(t, pos, b) for t, (pos, b) in touched.items()])
             self.backend.write(self._restore, apply, *([head_write] if head_write is not None else []))
@@ -230,8 +268,10 @@ class Runtime:
         ``hybrid`` and ``rebuild`` strategies), never touched by adapters, and outside the
         model fingerprint.
         """
+        self._check_open()
         write = self._head_write(values)
         with self._lock:
+            self._check_open()
             self.backend.write(write)
 
     @property
@@ -304,30 +344,64 @@ class Runtime:
 
     # -- inference ---------------------------------------------------------------------------
     def run(self, feeds: Mapping[str, np.ndarray] | np.ndarray) -> dict[str, np.ndarray]:
-        """Run the model on a dict of named inputs (or one array for a one-input model)."""
-        if isinstance(feeds, np.ndarray):
-            if len(self.info.inputs) != 1:
-                raise ConfigError(f"model takes inputs {list(self.info.inputs)}; pass a dict of them")
-            feeds = {self.info.inputs[0]: feeds}
-        missing = [n for n in self.info.inputs if n not in feeds]
-        if missing:
-            raise ConfigError(f"missing model input(s) {missing}; the model takes {list(self.info.inputs)}")
-        return self.backend.run(feeds)
+        """Run the model on a dict of named inputs (or one array for a one-input model).
+
+        Feeds are checked against the model's real inputs (:func:`edge.format.feeds.check_feeds`):
+        a name that is not an input (a weight, a slot) is refused, as are a wrong dtype, byte order,
+        rank or fixed dimension, so no caller can change the weights through ``run``.
+        """
+        self._check_open()
+        checked = check_feeds(feeds, self._inputs, self._writable)
+        try:
+            return self.backend.run(checked)
+        except Exception as e:
+            if type(e).__name__ == "InvalidArgument" and type(e).__module__.startswith("onnxruntime"):
+                raise ConfigError(f"onnxruntime refused the inputs: {e}") from e
+            raise
 
     def weights(self, param: str) -> np.ndarray:
         """Current value of a source parameter in its source layout (a copy)."""
-        t = self.info.tensors[param]
+        t = self.info.tensors.get(param)
+        if t is None:
+            raise ConfigError(f"{str(param)[:80]!r} is not a parameter of model {self.info.name!r}")
         w = np.array(self.backend.read(t.initializer))
         return w.T.copy() if t.transposed else w.reshape(t.shape)
 
     def close(self) -> None:
+        """Release the backend; afterwards every call raises :class:`RuntimeClosedError` (closing twice is fine)."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
         self.backend.close()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeClosedError(f"this runtime ({self.model_path.name}) is closed; create a new Runtime")
 
     def __enter__(self) -> Runtime:
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def max_adapter_bytes(info: ModelInfo) -> int:
+    """The largest adapter file that can fit ``info``: every entry of every weight and slot changed
+    (sparse: int32 indices per dimension plus a float32 value), plus a full-size header. A file
+    over it is refused before a byte of it is read, so a huge file never holds up the runtime."""
+    from edge.format.adapter import MAX_FILE_BYTES, MAX_HEADER_BYTES
+
+    entries = sum((4 * len(t.shape) + 4) * int(np.prod(t.shape, dtype=np.int64)) for t in info.tensors.values())
+    return min(MAX_FILE_BYTES, entries + 64 * len(info.tensors) + MAX_HEADER_BYTES + 8)
+
+
+def _check_finite(values: Mapping[str, np.ndarray], what: str) -> None:
+    bad = [t for t, v in values.items() if not np.isfinite(v).all()]
+    if bad:
+        raise ConfigError(
+            f"{what} gives non-finite weights in {bad[:5]} (overflow); nothing was changed. Use smaller weights"
+        )
 
 
 def _normalise(spec) -> dict[str, float]:

@@ -1,14 +1,17 @@
-"""Export Hugging Face encoders (BERT family, ViT, ...) as pooled embedders, validated, offline.
+"""Export Hugging Face encoders (BERT family, ViT, ResNet, ...) as pooled embedders, validated, offline.
 
 :func:`export_hf_encoder` takes a local model directory (a ``transformers`` or
 sentence-transformers checkpoint) or an already-built ``transformers`` model, wraps it
 as :class:`PooledEncoder` (encoder -> pooling -> optional L2 normalisation, the recipe of
 sentence-transformers' ``Pooling`` and ``Normalize`` modules) and exports it with
 :func:`exporters.onnx.export_onnx`, so the file is checked against torch before it is
-written. Parameter names keep the Hugging Face names behind the model's
-``base_model_prefix`` (``bert.encoder.layer.0.attention.self.query.weight``), the same
-names HF task models use, so adapters trained with PEFT map onto them by suffix
-(:mod:`edge.convert.peft`).
+written. Each supported architecture (:data:`ARCHITECTURES`) is pooled the way it defines
+its embedding: the model's own ``pooler_output`` for CNNs and Swin, the CLS token for ViT,
+DeiT and Dinov2, mean over the attention mask for text (or what sentence-transformers says).
+Another architecture is refused unless ``pooling`` is given, never pooled by guess.
+Parameter names keep the Hugging Face names behind the model's ``base_model_prefix``
+(``bert.encoder.layer.0.attention.self.query.weight``), the same names HF task models use,
+so adapters trained with PEFT map onto them by suffix (:mod:`edge.convert.peft`).
 
 A text model's ``tokenizer.json`` is copied next to the ONNX file
 (``NAME.tokenizer.json``) and named in the metadata, so :mod:`edge.text` tokenizes on the
@@ -28,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from edge.errors import ConfigError, FormatError
+from edge.errors import ConfigError, FormatError, RegistryError
 from edge.format.io import atomic_write_bytes
 from edge.format.modelinfo import ModelInfo
 from exporters.onnx import export_onnx
@@ -38,15 +41,43 @@ __all__ = [
     "TextEncoder",
     "VisionEncoder",
     "POOLINGS",
+    "ARCHITECTURES",
+    "register_architecture",
     "export_hf_encoder",
     "load_hf_encoder",
     "add_lora_slots",
     "lora_slot_names",
 ]
 
-POOLINGS = ("mean", "cls", "none")
+POOLINGS = ("mean", "cls", "pooler", "none")
 _TEXT_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 _EXAMPLE_TEXT = "A small model adapts to new data on the edge device."
+
+#: ``config.model_type`` -> the pooling that gives the architecture's embedding (the default ``pooling``).
+ARCHITECTURES: dict[str, str] = {}
+
+
+def register_architecture(model_type: str, pooling: str) -> None:
+    """Declare how ``model_type`` defines its embedding, so :func:`export_hf_encoder` exports it by default."""
+    if pooling not in POOLINGS:
+        raise ConfigError(f"pooling {pooling!r} is not supported; allowed: {', '.join(POOLINGS)}")
+    if model_type in ARCHITECTURES:
+        raise RegistryError(
+            f"architecture {model_type!r} is already registered (pooling {ARCHITECTURES[model_type]!r})"
+        )
+    ARCHITECTURES[model_type] = pooling
+
+
+for _types, _pooling in (
+    (("bert", "roberta", "xlm-roberta", "distilbert", "mpnet", "albert", "electra"), "mean"),  # sentence-transformers
+    (("vit", "deit", "dinov2"), "cls"),  # the CLS token after the final LayerNorm
+    (("swin", "convnext", "resnet", "regnet", "mobilenet_v2", "efficientnet", "mobilevit"), "pooler"),
+):
+    for _type in _types:
+        register_architecture(_type, _pooling)
+
+#: text models whose position ids start after the padding index (RoBERTa's ``create_position_ids_from_input_ids``)
+_PADDED_POSITIONS = ("roberta", "xlm-roberta", "mpnet", "camembert")
 
 
 class PooledEncoder(torch.nn.Module):
@@ -57,7 +88,9 @@ class PooledEncoder(torch.nn.Module):
     ``forward`` returns ``(embeddings,)``: ``[batch, hidden]`` pooled, or ``[batch, tokens,
     hidden]`` with ``pooling="none"`` (then left for the caller to pool and normalise).
     Mean pooling over text weighs tokens by the attention mask (sentence-transformers'
-    ``pooling_mode_mean_tokens``); over images it averages all tokens.
+    ``pooling_mode_mean_tokens``); over images it averages all tokens. ``pooler`` takes the
+    model's own ``pooler_output`` (flattened: ResNet's is ``[batch, C, 1, 1]``). ``mean`` and
+    ``cls`` need a token sequence; a model that returns a feature map is refused.
     """
 
     modality = ""
@@ -86,7 +119,23 @@ class PooledEncoder(torch.nn.Module):
             "export_hf_encoder handles text and vision encoders"
         )
 
-    def _pool(self, hidden: torch.Tensor, mask: torch.Tensor | None):
+    def _pool(self, outputs, mask: torch.Tensor | None):
+        if self.pooling == "pooler":
+            pooled = getattr(outputs, "pooler_output", None)
+            if pooled is None:
+                raise ConfigError(
+                    f"{type(getattr(self, self.prefix)).__name__} returns no pooler_output; "
+                    "choose pooling 'mean' or 'cls' (or a model built with its pooling layer)"
+                )
+            out = pooled.flatten(1)
+            return (torch.nn.functional.normalize(out, p=2, dim=-1) if self.normalize else out,)
+        hidden = outputs.last_hidden_state
+        if hidden.dim() != 3 and self.pooling != "none":
+            raise ConfigError(
+                f"{type(getattr(self, self.prefix)).__name__} returns a {hidden.dim()}-D feature map "
+                f"{tuple(hidden.shape)}, not a token sequence: pooling {self.pooling!r} would pool the wrong axis. "
+                "Use pooling='pooler' (the model's own pooled output)"
+            )
         if self.pooling == "cls":
             out = hidden[:, 0]
         elif self.pooling == "mean" and mask is not None:
@@ -107,7 +156,7 @@ class TextEncoder(PooledEncoder):
         kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
         if token_type_ids is not None:
             kwargs["token_type_ids"] = token_type_ids
-        return self._pool(getattr(self, self.prefix)(**kwargs).last_hidden_state, attention_mask)
+        return self._pool(getattr(self, self.prefix)(**kwargs), attention_mask)
 
 
 class VisionEncoder(PooledEncoder):
@@ -115,7 +164,7 @@ class VisionEncoder(PooledEncoder):
     input_names = ("pixel_values",)
 
     def forward(self, pixel_values):
-        return self._pool(getattr(self, self.prefix)(pixel_values=pixel_values).last_hidden_state, None)
+        return self._pool(getattr(self, self.prefix)(pixel_values=pixel_values), None)
 
 
 class _LoraSlotLinear(torch.nn.Linear):
@@ -195,18 +244,23 @@ def export_hf_encoder(
 
     Args:
         model: a local model directory or a ``transformers`` model (``BertModel``, ``ViTModel``...).
-        pooling: ``mean``, ``cls`` or ``none``; default: the sentence-transformers setting when the
-            directory has one, else ``mean`` for text and ``cls`` for vision.
+        pooling: ``mean``, ``cls``, ``pooler`` (the model's ``pooler_output``) or ``none``; default: the
+            sentence-transformers setting when the directory has one, else the architecture's own
+            (:data:`ARCHITECTURES`); an architecture not listed there needs it given.
         normalize: L2-normalise the output; default: whether sentence-transformers does.
         seq_len: example (and, unless ``dynamic_seq``, fixed) sequence length for text; longer texts are
             truncated there (sentence-transformers truncates at ``max_seq_length``: use ``dynamic_seq`` to match).
-        image_size: example image side for vision (default: the model config's ``image_size``).
+        image_size: example (and fixed) image side for vision (default: the model config's ``image_size``, else 224).
         tokenizer: a ``tokenizer.json`` to ship beside the model (default: the directory's).
         lora_slots, lora_rank: module-name suffixes that get zero LoRA branches exported as slots.
         name: model name in the metadata (default: the directory or class name).
         extra: more JSON metadata; other keyword arguments go to the exporter.
         file_format: ``onnx`` (:func:`exporters.onnx.export_onnx`, the default) or ``tflite``
             (:func:`exporters.tflite.export_tflite`, needs the litert-torch converter; fixed shapes).
+
+    Raises:
+        ConfigError: an architecture with no known pooling and none given, a pooling that does not fit
+            the model's output, or ``seq_len`` beyond the model's position embeddings.
     """
     if file_format not in _EXPORTERS:
         raise ConfigError(f"file_format {file_format!r} is not supported; allowed: {', '.join(_EXPORTERS)}")
@@ -221,12 +275,10 @@ def export_hf_encoder(
         model = copy.deepcopy(model)  # the pooler is dropped and slots are added below: leave the caller's model be
     else:
         raise ConfigError(f"model must be a local directory or a transformers model, got {type(model).__name__}")
-    if getattr(model, "pooler", None) is not None:
-        model.pooler = None  # BERT's and ViT's poolers are unused by embedders; unused parameters cannot be exported
+    pooling = pooling or settings.get("pooling") or _default_pooling(model)
+    _prepare(model, pooling)
     encoder = PooledEncoder.wrap(
-        model,
-        pooling=pooling or settings.get("pooling") or ("mean" if "input_ids" in _forward_args(model) else "cls"),
-        normalize=settings.get("normalize", False) if normalize is None else normalize,
+        model, pooling=pooling, normalize=settings.get("normalize", False) if normalize is None else normalize
     ).eval()
     slots = add_lora_slots(encoder, lora_slots, lora_rank) if lora_slots else []
     name = name or type(model).__name__
@@ -242,6 +294,7 @@ def export_hf_encoder(
         info["lora_slots"] = {"rank": int(lora_rank), "targets": list(lora_slots)}
     dynamic_axes = None
     if encoder.modality == "text":
+        _check_seq_len(model, seq_len)
         examples = _text_examples(model, encoder.input_names, seq_len, tokenizer)
         info["seq_len"] = None if dynamic_seq else int(seq_len)
         info["max_seq_length"] = int(settings.get("max_seq_length") or seq_len)
@@ -252,7 +305,8 @@ def export_hf_encoder(
     else:
         side = int(image_size or getattr(model.config, "image_size", 224))
         channels = int(getattr(model.config, "num_channels", 3))
-        examples = (torch.randn(1, channels, side, side, generator=torch.Generator().manual_seed(0)),)
+        # batch 2: with a batch of 1, torch.export guards some models (ConvNeXt) into an empty batch range
+        examples = (torch.randn(2, channels, side, side, generator=torch.Generator().manual_seed(0)),)
         info["image_size"] = side
     if dynamic_axes:
         kwargs["dynamic_axes"] = dynamic_axes
@@ -270,6 +324,46 @@ def export_hf_encoder(
     if tokenizer is not None and encoder.modality == "text":
         atomic_write_bytes(path.with_name(info["tokenizer"]), Path(tokenizer).read_bytes())
     return result
+
+
+def _default_pooling(model: torch.nn.Module) -> str:
+    model_type = getattr(model.config, "model_type", None)
+    if model_type in ARCHITECTURES:
+        return ARCHITECTURES[model_type]
+    raise ConfigError(
+        f"architecture {model_type!r} ({type(model).__name__}) is not one export_hf_encoder knows how to pool; "
+        f"supported: {', '.join(sorted(ARCHITECTURES))}. If you know how it defines its embedding, pass pooling= "
+        "('pooler' for the model's pooler_output, 'cls', 'mean' over tokens) or call "
+        "exporters.hf.register_architecture; otherwise wrap it yourself and use exporters.export_onnx"
+    )
+
+
+def _prepare(model: torch.nn.Module, pooling: str) -> None:
+    """Eager attention (what the exporter traces reliably); drop parameters the embedding does not use."""
+    if getattr(model.config, "_attn_implementation", "eager") != "eager" and hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation("eager")  # SDPA's decomposition fails on Swin's windowed attention
+    pooler = getattr(model, "pooler", None)
+    if pooling != "pooler" and pooler is not None and any(True for _ in pooler.parameters()):
+        model.pooler = None  # BERT's and ViT's dense+tanh poolers feed classifiers, not embedders
+    for module in model.modules():  # ViT, Swin and Dinov2 masked-image-modelling tokens: unused without a mask
+        token = module._parameters.get("mask_token")
+        if token is not None:
+            del module._parameters["mask_token"]
+            module.register_buffer("mask_token", token.detach(), persistent=False)
+
+
+def _check_seq_len(model: torch.nn.Module, seq_len: int) -> None:
+    config = model.config
+    limit = getattr(config, "max_position_embeddings", None)
+    if limit is None:
+        return
+    if getattr(config, "model_type", None) in _PADDED_POSITIONS:
+        limit -= int(getattr(config, "pad_token_id", 1) or 0) + 1
+    if seq_len > limit:
+        raise ConfigError(
+            f"seq_len {seq_len} is longer than {getattr(config, 'model_type', type(model).__name__)}'s "
+            f"{limit} positions (max_position_embeddings {config.max_position_embeddings}); use seq_len <= {limit}"
+        )
 
 
 def _tflite_exporter():

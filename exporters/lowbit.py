@@ -1,45 +1,48 @@
 """Low-precision, non-fusable adapters on the host: bottleneck (AdaptFormer) and LoRA, 1 to 32 bits.
 
-Mirrors JieShibo/PETL-ViT ``binary_adapter``: every adapter matrix keeps a float
-latent weight; the forward pass uses ``decode(encode(latent))`` of
-:mod:`edge.quant` (computed in torch with the same float32 operations, so the
-device decodes exactly what training saw) and gradients pass straight through the
-rounding (identity STE) and into the per-matrix statistics.
+Mirrors JieShibo/PETL-ViT ``binary_adapter``: every adapter matrix keeps a float latent
+weight; the forward pass uses ``decode(encode(latent))`` of :mod:`edge.format.quant`
+(in torch, with the same float32 operations, so the device decodes exactly what
+training saw); gradients pass straight through the rounding (identity STE).
 
-* ``"adapter"``: ``x + mlp(ln2(x)) + s * up(relu(down(x)))`` in each chosen block
-  (down ``d -> r``, up ``r -> d``, no biases, ``up`` initialised small, not zero:
-  ``gq`` standardises each matrix and an all-zero one has no spread to learn from).
-  Names: ``blocks.{i}.adapter.down.weight``, ``blocks.{i}.adapter.up.weight``.
-* ``"lora"``: ``linear(x) + (alpha / r) * B(A(x))`` on chosen attention linears
-  (``q`` and ``v`` by default). Names: ``blocks.{i}.attn.q.lora_A.weight``, ``...lora_B.weight``.
-* ``head=True`` adds a quantized delta on the classifier weight, ``head.delta.weight``
-  (no bias), the paper's "1-bit head" in delta form.
+Where branches go: ``LowbitConfig.modules``, patterns as :func:`exporters.shira.select_targets`.
+
+* ``"adapter"``: ``s * up(relu(down(.)))`` (no biases; ``up`` starts small, not zero, so
+  ``gq`` has a spread to learn from) beside each module, ``module(x) + branch(x)``
+  (``placement="parallel"``, AdaptFormer: input width = output width, e.g. an MLP or a
+  block), or after it, ``y + branch(y)`` for ``y = module(x)`` (``"serial"``). Widths come
+  from the module's first and last Linear/Conv; on conv maps the branch acts on channels.
+  Names: ``{module}.adapter.down.weight``, ``{module}.adapter.up.weight``.
+* ``"lora"``: ``base(x) + (alpha / r) * B(A(x))`` on each chosen ``nn.Linear`` or 1x1 conv
+  (default: all). Names: ``{module}.lora_A.weight``, ``{module}.lora_B.weight``.
+* ``modules=None`` on a model with a ``blocks`` ModuleList of pre-LN blocks (the demo's ViT):
+  the bottleneck reads each block's residual stream beside its MLP (``blocks.{i}.adapter...``),
+  LoRA goes on ``targets`` of ``blocks.{i}.attn``; ``layers`` picks the blocks.
+* ``head`` adds a quantized delta on the classifier, ``{head}.delta.weight`` ("1-bit head").
 
 Base parameters keep their names and stay frozen. :func:`export_with_slots` exports the
-model with the branch at zero (the base model's outputs) and the adapter parameters as
-slots the device feeds; :func:`lowbit_adapter` packs a trained branch for the device.
-:func:`slot_model` and :func:`train_domain` cache both next to the demo artifacts
-(used by ``edge train`` and ``edge bench lowbit``). Host side only: this module imports torch.
+model with the branch at zero and the adapter parameters as slots the device feeds;
+:func:`lowbit_adapter` packs a trained branch for the device. Host side only (torch).
 """
 
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from edge import quant
 from edge.errors import ConfigError
+from edge.format import quant
 from edge.registry import Registry
+from exporters.data import Loss, batches, check_reiterable, loss_value
+from exporters.fakequant import QLinear, fake_quant
+from exporters.shira import match_modules
 
 __all__ = [
     "ATTACH",
@@ -47,18 +50,14 @@ __all__ = [
     "LoRALinear",
     "LowbitConfig",
     "QLinear",
-    "adapter_nbytes",
+    "LoRAConv",
     "adapter_parameters",
-    "adapter_stem",
     "attach",
     "export_with_slots",
     "fake_quant",
     "load_values",
     "lowbit_adapter",
     "set_quantize",
-    "slot_model",
-    "structure_key",
-    "train_domain",
     "train_lowbit",
 ]
 
@@ -71,15 +70,22 @@ class LowbitConfig:
     bits: int = 1
     scheme: str = "gq"  # "gq" or "sign" (1 bit)
     dim: int = 32  # bottleneck width or LoRA rank
-    layers: tuple[int, ...] | None = None  # block indices; None: every block
-    targets: tuple[str, ...] = ("q", "v")  # LoRA: attention linears to adapt
+    layers: tuple[int, ...] | None = None  # blocks mode: block indices; None: every block
+    targets: tuple[str, ...] = ("q", "v")  # blocks mode, LoRA: attention linears to adapt
+    modules: tuple[str, ...] | str | None = None  # any model: module names/suffixes or a regex (see module doc)
+    placement: str = "parallel"  # bottleneck beside the module ("parallel") or after it ("serial")
     scale: float = 1.0  # bottleneck output scale s; LoRA alpha / r
-    head: bool = False  # also train a quantized delta on the classifier head
+    head: bool | str = False  # also train a quantized delta on the classifier ("head", or the nn.Linear named so)
     epochs: int = 30
     lr: float = 2e-2
     weight_decay: float = 1e-4
     batch_size: int = 64
     seed: int = 0
+
+    def __post_init__(self) -> None:  # lists from JSON/YAML become tuples: the config stays hashable
+        for f in ("layers", "targets", "modules"):
+            if isinstance(getattr(self, f), list):
+                object.__setattr__(self, f, tuple(getattr(self, f)))
 
     @property
     def codec(self) -> tuple[str, int]:
@@ -99,95 +105,53 @@ class LowbitConfig:
                 f"need dim, epochs, batch_size >= 1 and lr > 0; got {self.dim}, {self.epochs}, {self.batch_size}, "
                 f"{self.lr}"
             )
-
-
-# -- quantizer ------------------------------------------------------------------------------------------------------
-
-
-class _NearestCode(torch.autograd.Function):
-    """Forward: the nearest code (exactly the codebook value). Backward: identity (straight-through)."""
-
-    @staticmethod
-    def forward(ctx, w_hat: torch.Tensor, bounds: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
-        idx = torch.searchsorted(bounds, w_hat.detach().reshape(-1), right=True)
-        return codes[idx].reshape(w_hat.shape)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        return grad, None, None
-
-
-class _SignSTE(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, w: torch.Tensor) -> torch.Tensor:
-        return torch.where(w >= 0, 1.0, -1.0).to(w.dtype)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        return grad
-
-
-def fake_quant(w: torch.Tensor, scheme: str, bits: int) -> torch.Tensor:
-    """``edge.quant.decode(edge.quant.encode(w))`` in torch, with straight-through gradients.
-
-    The statistics are computed in float64 and rounded to float32 and everything else
-    runs in float32, operation for operation as :mod:`edge.quant` does.
-    """
-    if scheme == "fp32":
-        return w
-    if scheme == "gq":
-        w64 = w.double()
-        mu = w64.mean().float()
-        sigma = (w64.std() if w.numel() > 1 else w64.sum() * 0).float()
-        eps = torch.tensor(quant.EPS, dtype=torch.float32)
-        w_hat = (w - mu) / (sigma + eps)
-        codes = _NearestCode.apply(w_hat, torch.from_numpy(quant.thresholds(bits).copy()), _codebook(bits))
-        return sigma * codes + mu
-    if scheme == "sign":
-        return _SignSTE.apply(w) * w.double().abs().mean().float()
-    raise ConfigError(f"no torch quantizer for scheme {scheme!r}; known: gq, sign, fp32")
-
-
-def _codebook(bits: int) -> torch.Tensor:
-    return torch.from_numpy(quant.codebook(bits).copy())
-
-
-class QLinear(nn.Module):
-    """``y = x @ Q(W)^T``: a bias-free linear layer whose weight is fake-quantized."""
-
-    def __init__(self, in_features: int, out_features: int, scheme: str, bits: int) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(out_features, in_features))
-        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))  # nn.Linear's default
-        self.scheme, self.bits = scheme, bits
-        self.quantize = True  # off for export: the device feeds already decoded weights
-
-    def small_init_(self) -> QLinear:
-        """The reference's init for ``up``: truncated normal, std 1e-3, within +-2e-3."""
-        nn.init.trunc_normal_(self.weight, std=1e-3, a=-2e-3, b=2e-3)
-        return self
-
-    def effective_weight(self) -> torch.Tensor:
-        return fake_quant(self.weight, self.scheme, self.bits) if self.quantize else self.weight
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.effective_weight())
+        if self.placement not in ("parallel", "serial"):
+            raise ConfigError(f"placement {self.placement!r} is unknown; allowed: 'parallel', 'serial'")
+        if self.modules is not None and self.layers is not None:
+            raise ConfigError("layers selects blocks of a 'blocks' model; with modules=..., name the modules instead")
 
 
 # -- adapter modules ------------------------------------------------------------------------------------------------
 
 
 class BottleneckAdapter(nn.Module):
-    """AdaptFormer branch ``s * up(relu(down(x)))``, down ``d -> r`` and up ``r -> d`` without biases."""
+    """AdaptFormer branch ``s * up(relu(down(x)))``, down ``d -> r`` and up ``r -> d`` without biases.
 
-    def __init__(self, d: int, r: int, scale: float = 1.0, scheme: str = "gq", bits: int = 1) -> None:
+    ``channels_first``: ``x`` is a conv feature map ``[B, d, ...]`` and the branch acts on axis 1.
+    """
+
+    def __init__(
+        self, d: int, r: int, scale: float = 1.0, scheme: str = "gq", bits: int = 1, channels_first: bool = False
+    ) -> None:
         super().__init__()
         self.down = QLinear(d, r, scheme, bits)
         self.up = QLinear(r, d, scheme, bits).small_init_()
         self.scale = float(scale)
+        self.channels_first = channels_first
+        self.serial = False  # read the host module's output (serial) instead of its input (parallel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.channels_first:
+            return (self.up(F.relu(self.down(x.movedim(1, -1)))) * self.scale).movedim(-1, 1)
         return self.up(F.relu(self.down(x))) * self.scale
+
+
+def _branch_hook(module: nn.Module, args: tuple, kwargs: dict, out):
+    """Forward hook: add ``module.adapter`` of the module's input (parallel) or output (serial) to its output."""
+    first = out[0] if isinstance(out, (tuple, list)) else out
+    x = first if module.adapter.serial else (args[0] if args else next(iter(kwargs.values())))
+    y = first + module.adapter(x)
+    return (y, *out[1:]) if isinstance(out, (tuple, list)) else y
+
+
+class _SkipAdapter:
+    """For containers whose forward iterates their children (nn.Sequential): ``adapter`` is a branch, not a layer."""
+
+    def __iter__(self):
+        return (m for k, m in self._modules.items() if k != "adapter")
+
+    def __len__(self) -> int:
+        return len(self._modules) - ("adapter" in self._modules)
 
 
 class _AdaptedBlock(nn.Module):
@@ -217,6 +181,27 @@ class LoRALinear(nn.Module):
         return F.linear(x, self.weight, self.bias) + self.lora_B(self.lora_A(x)) * self.scaling
 
 
+class LoRAConv(nn.Module):
+    """LoRA on a 1x1 conv (no padding, one group): ``conv(x) + (alpha / r) * B(A(x[strided]))`` over channels.
+
+    Keeps the base ``weight``/``bias`` under their names; ``lora_A`` is ``[r, in]``, ``lora_B`` ``[out, r]``.
+    """
+
+    def __init__(self, base: nn.modules.conv._ConvNd, rank: int, scaling: float, scheme: str, bits: int) -> None:
+        super().__init__()
+        self.weight, self.bias = base.weight, base.bias
+        self.stride = tuple(base.stride)
+        self._conv = (F.conv1d, F.conv2d, F.conv3d)[len(self.stride) - 1]
+        self.lora_A = QLinear(base.in_channels, rank, scheme, bits)
+        self.lora_B = QLinear(rank, base.out_channels, scheme, bits).small_init_()
+        self.scaling = float(scaling)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        strided = x[(slice(None), slice(None), *(slice(None, None, s) for s in self.stride))]
+        branch = self.lora_B(self.lora_A(strided.movedim(1, -1))).movedim(-1, 1)
+        return self._conv(x, self.weight, self.bias, self.stride) + branch * self.scaling
+
+
 class _AdaptedHead(nn.Module):
     """``head(f) + delta(f)``: a quantized delta on the classifier, base ``weight``/``bias`` kept by name."""
 
@@ -235,28 +220,47 @@ ATTACH: Registry = Registry("low-bit adapter method")
 
 @ATTACH.register("adapter")
 def _attach_bottleneck(model: nn.Module, cfg: LowbitConfig) -> None:
-    blocks = _blocks(model)
-    for i in _layers(cfg, len(blocks)):
-        block = blocks[i]
-        if not all(hasattr(block, a) for a in ("ln1", "attn", "ln2", "mlp")):
-            raise ConfigError(f"block {i} ({type(block).__name__}) lacks ln1/attn/ln2/mlp; not a pre-LN block")
-        d = block.ln2.normalized_shape[0]
-        scheme, bits = cfg.codec
-        blocks[i] = _AdaptedBlock(block, BottleneckAdapter(d, cfg.dim, cfg.scale, scheme, bits))
+    scheme, bits = cfg.codec
+    if cfg.modules is None and _has_blocks(model):
+        blocks = model.blocks
+        for i in _layers(cfg, len(blocks)):
+            block = blocks[i]
+            if not all(hasattr(block, a) for a in ("ln1", "attn", "ln2", "mlp")):
+                raise ConfigError(f"block {i} ({type(block).__name__}) lacks ln1/attn/ln2/mlp; not a pre-LN block")
+            d = block.ln2.normalized_shape[0]
+            blocks[i] = _AdaptedBlock(block, BottleneckAdapter(d, cfg.dim, cfg.scale, scheme, bits))
+        return
+    serial = cfg.placement == "serial"
+    widths = {n: _widths(m) for n, m in model.named_modules() if n}
+    fits = [n for n, w in widths.items() if w and (serial or w[0] == w[1])]
+    if cfg.modules is None:
+        raise ConfigError(
+            f"{type(model).__name__} has no 'blocks' ModuleList: pass modules=[...] to place the bottleneck; "
+            f"modules it fits ({cfg.placement}): {fits[:20]}"
+        )
+    for name in match_modules(model, cfg.modules, fits, what=f"{cfg.placement}-bottleneck-capable"):
+        module, (_, d_out, channels_first) = model.get_submodule(name), widths[name]
+        if hasattr(module, "adapter"):
+            raise ConfigError(f"module {name!r} already has an attribute 'adapter'; attach once per module")
+        if isinstance(module, nn.Sequential):  # its forward runs every child: skip the branch
+            module.__class__ = type(type(module).__name__, (_SkipAdapter, type(module)), {})
+        module.adapter = BottleneckAdapter(d_out, cfg.dim, cfg.scale, scheme, bits, channels_first)
+        module.adapter.serial = serial
+        module.register_forward_hook(_branch_hook, with_kwargs=True)
 
 
 @ATTACH.register("lora")
 def _attach_lora(model: nn.Module, cfg: LowbitConfig) -> None:
-    blocks = _blocks(model)
-    scheme, bits = cfg.codec
-    for i in _layers(cfg, len(blocks)):
-        attn = blocks[i].attn
-        for t in cfg.targets:
-            base = getattr(attn, t, None)
-            if not isinstance(base, nn.Linear):
-                known = [n for n, m in attn.named_children() if isinstance(m, nn.Linear)]
-                raise ConfigError(f"LoRA target {t!r} is not a linear layer of blocks.{i}.attn; choose from {known}")
-            setattr(attn, t, LoRALinear(base, cfg.dim, cfg.scale, scheme, bits))
+    fits = [n for n, m in model.named_modules() if n and (isinstance(m, nn.Linear) or _is_1x1(m))]
+    if cfg.modules is None and _has_blocks(model):  # the digits ViT: targets of blocks.{i}.attn
+        names = [f"blocks.{i}.attn.{t}" for i in _layers(cfg, len(model.blocks)) for t in cfg.targets]
+        names = match_modules(model, names, fits, what="nn.Linear")
+    else:
+        names = fits if cfg.modules is None else match_modules(model, cfg.modules, fits, what="nn.Linear or 1x1 conv")
+    for name in names:
+        base = model.get_submodule(name)
+        lora = LoRALinear if isinstance(base, nn.Linear) else LoRAConv
+        _replace(model, name, lora(base, cfg.dim, cfg.scale, *cfg.codec))
 
 
 def attach(model: nn.Module, cfg: LowbitConfig) -> nn.Module:
@@ -265,6 +269,11 @@ def attach(model: nn.Module, cfg: LowbitConfig) -> nn.Module:
     The adapter starts near zero (``up``/``lora_B`` small), seeded by ``cfg.seed``.
     """
     cfg.check()
+    if cfg.layers is not None and not _has_blocks(model):
+        raise ConfigError(
+            f"layers={cfg.layers} picks blocks of a 'blocks' ModuleList, which {type(model).__name__} "
+            "lacks; name the modules with modules=[...] instead"
+        )
     adapted = copy.deepcopy(model).eval()
     for p in adapted.parameters():
         p.requires_grad_(False)
@@ -272,10 +281,11 @@ def attach(model: nn.Module, cfg: LowbitConfig) -> nn.Module:
         torch.manual_seed(cfg.seed)
         ATTACH.get(cfg.method)(adapted, cfg)
         if cfg.head:
-            head = getattr(adapted, "head", None)
+            name = "head" if cfg.head is True else str(cfg.head)
+            head = dict(adapted.named_modules()).get(name)
             if not isinstance(head, nn.Linear):
-                raise ConfigError("head=True needs the model's classifier as an nn.Linear attribute named 'head'")
-            adapted.head = _AdaptedHead(head, *cfg.codec)
+                raise ConfigError(f"head={cfg.head!r} needs the model's classifier as an nn.Linear named {name!r}")
+            _replace(adapted, name, _AdaptedHead(head, *cfg.codec))
     adapted.lowbit_config = cfg
     return adapted
 
@@ -297,11 +307,9 @@ def set_quantize(model: nn.Module, enabled: bool) -> nn.Module:
     return model
 
 
-def _blocks(model: nn.Module) -> nn.ModuleList:
+def _has_blocks(model: nn.Module) -> bool:
     blocks = getattr(model, "blocks", None)
-    if not isinstance(blocks, nn.ModuleList) or not len(blocks):
-        raise ConfigError(f"{type(model).__name__} has no 'blocks' ModuleList to attach adapters to")
-    return blocks
+    return isinstance(blocks, nn.ModuleList) and len(blocks) > 0
 
 
 def _layers(cfg: LowbitConfig, depth: int) -> list[int]:
@@ -312,14 +320,51 @@ def _layers(cfg: LowbitConfig, depth: int) -> list[int]:
     return layers
 
 
+def _widths(module: nn.Module) -> tuple[int | None, int, bool] | None:
+    """``(input width, output width, channels first)`` from the module's first and last Linear/Conv/Embedding.
+
+    None when it has none, or they disagree on the layout (conv in, linear out); an embedding has no input width.
+    """
+    layers = [m for m in module.modules() if isinstance(m, (nn.Linear, nn.Embedding, nn.modules.conv._ConvNd))]
+    conv = [isinstance(m, nn.modules.conv._ConvNd) for m in layers[:1] + layers[-1:]]
+    if not layers or conv[0] != conv[-1]:
+        return None
+    first, last = layers[0], layers[-1]
+    d_in = getattr(first, "in_features", getattr(first, "in_channels", None))
+    return (
+        d_in,
+        getattr(last, "out_features", getattr(last, "out_channels", getattr(last, "embedding_dim", 0))),
+        conv[0],
+    )
+
+
+def _is_1x1(m: nn.Module) -> bool:
+    if not isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) or isinstance(m.padding, str) or m.groups != 1:
+        return False
+    return all(k == 1 for k in m.kernel_size) and all(p == 0 for p in m.padding)
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent), child, new)
+
+
 # -- training -------------------------------------------------------------------------------------------------------
 
 
 def train_lowbit(
-    model: nn.Module, x: np.ndarray, y: np.ndarray, cfg: LowbitConfig = LowbitConfig(), progress: bool = True
+    model: nn.Module,
+    x,
+    y: np.ndarray | None = None,
+    cfg: LowbitConfig = LowbitConfig(),
+    progress: bool = True,
+    *,
+    loss: Loss | None = None,
 ) -> tuple[nn.Module, list[float]]:
-    """Attach ``cfg``'s adapter to a copy of ``model`` and train it on ``(x, y)`` with cross-entropy.
+    """Attach ``cfg``'s adapter to a copy of ``model`` and train it on ``(x, y)`` arrays or the batches ``x``.
 
+    Data and ``loss`` as :mod:`exporters.shira` takes them (arrays reshuffled every epoch;
+    batches, with ``y=None``, from a sized re-iterable such as a list or a ``DataLoader``).
     AdamW over the adapter parameters only (the base stays frozen and in eval mode),
     one-cycle cosine schedule with 10 % warm-up, quantization in every forward.
     Returns the adapted model (eval mode) and the mean loss of every epoch.
@@ -328,26 +373,28 @@ def train_lowbit(
 
     adapted = attach(model, cfg)
     params = adapter_parameters(adapted)
-    xt = torch.as_tensor(np.asarray(x, dtype=np.float32))
-    yt = torch.as_tensor(np.asarray(y, dtype=np.int64))
-    if len(xt) != len(yt) or not len(xt):
-        raise ConfigError(f"x and y must be non-empty and of equal length, got {len(xt)} and {len(yt)}")
+    check_reiterable(x, y, cfg.epochs)
+    if y is not None:
+        per_epoch = math.ceil(len(x) / cfg.batch_size)
+    elif hasattr(x, "__len__"):
+        per_epoch = len(x)
+    else:
+        raise ConfigError(f"the one-cycle schedule needs the number of batches: {type(x).__name__} has no len()")
     opt = torch.optim.AdamW(params.values(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps = cfg.epochs * math.ceil(len(xt) / cfg.batch_size)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=steps, pct_start=0.1)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.epochs * per_epoch, pct_start=0.1)
     gen = torch.Generator().manual_seed(cfg.seed)
     losses = []
     for _ in tqdm(range(cfg.epochs), desc=f"{cfg.method} {cfg.bits}-bit", disable=not progress, leave=False):
-        total = 0.0
-        for batch in torch.randperm(len(xt), generator=gen).split(cfg.batch_size):
-            out = adapted(xt[batch])
-            loss = F.cross_entropy(out[0] if isinstance(out, tuple) else out, yt[batch])
+        total, seen = 0.0, 0
+        for inputs, target, n in batches(x, y, cfg.batch_size, loss is None, gen):
+            out = adapted(**inputs) if isinstance(inputs, Mapping) else adapted(*inputs)
+            value = loss_value(loss, out, target)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            value.backward()
             opt.step()
             sched.step()
-            total += loss.item() * len(batch)
-        losses.append(total / len(xt))
+            total, seen = total + value.item() * n, seen + n
+        losses.append(total / seen)
     return adapted.eval(), losses
 
 
@@ -382,6 +429,8 @@ def export_with_slots(
     meta = dict(extra or {})
     if cfg is not None:
         meta["lowbit"] = {"method": cfg.method, "dim": cfg.dim, "layers": cfg.layers, "head": cfg.head}
+        if cfg.modules is not None:
+            meta["lowbit"].update(modules=cfg.modules, placement=cfg.placement)
     info = export_onnx(
         empty,
         tuple(example_inputs),
@@ -397,13 +446,13 @@ def export_with_slots(
 
 
 def lowbit_adapter(adapted: nn.Module, info, name: str, meta: Mapping[str, object] | None = None):
-    """The trained branch of ``adapted`` as an :class:`edge.adapters.Adapter` for the model exported as ``info``.
+    """The trained branch of ``adapted`` as an :class:`edge.format.adapter.Adapter` for the model exported as ``info``.
 
     Every adapter matrix is encoded in the config's ``(scheme, bits)``; the adapter's
     dense values are the decoded float32 tensors, exactly what the forward pass used.
     ``fp32`` targets carry no encoding (the file stores their float32 values).
     """
-    from edge.adapters import Adapter, DenseDelta
+    from edge.format.adapter import Adapter, DenseDelta
 
     cfg: LowbitConfig = adapted.lowbit_config
     scheme, bits = cfg.codec
@@ -416,14 +465,6 @@ def lowbit_adapter(adapted: nn.Module, info, name: str, meta: Mapping[str, objec
     shapes = {k: tuple(d.values.shape) for k, d in tensors.items()}
     info_meta = {"scheme": scheme, "bits": bits, "dim": cfg.dim, **dict(meta or {})}
     return Adapter(name, info.fingerprint, tensors, shapes, method=cfg.method, info=info_meta, encodings=encodings)
-
-
-def adapter_nbytes(adapter) -> int:
-    """Bytes of ``adapter`` as written by its ``save`` (the real file, header included)."""
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as tmp:
-        return adapter.save(Path(tmp) / "a.safetensors").stat().st_size
 
 
 def load_values(adapted: nn.Module, tensors: Mapping[str, np.ndarray]) -> nn.Module:
@@ -439,60 +480,3 @@ def load_values(adapted: nn.Module, tensors: Mapping[str, np.ndarray]) -> nn.Mod
         for k, v in tensors.items():
             params[k].copy_(torch.as_tensor(np.asarray(v, dtype=np.float32)).reshape(params[k].shape))
     return set_quantize(adapted, False)
-
-
-# -- cached demo pipeline (shared by `edge train` and `edge bench lowbit`) --------------------------------------------
-
-
-def structure_key(cfg: LowbitConfig) -> str:
-    """What decides the exported graph: method, width, layers, LoRA targets, head (not bits or training)."""
-    layers = "all" if cfg.layers is None else "_".join(map(str, cfg.layers))
-    targets = "-" + "_".join(cfg.targets) if cfg.method == "lora" else ""
-    return f"{cfg.method}-r{cfg.dim}-l{layers}{targets}{'-head' if cfg.head else ''}"
-
-
-def adapter_stem(cfg: LowbitConfig, domain: str) -> str:
-    """File stem of a trained adapter: readable fields plus a hash of the whole config."""
-    h = hashlib.sha256(json.dumps(asdict(cfg), sort_keys=True).encode()).hexdigest()[:8]
-    scheme, bits = cfg.codec
-    codec = scheme if scheme == "fp32" else f"{scheme}{bits}"
-    return f"{structure_key(cfg)}-{codec}-{domain}-{h}"
-
-
-def slot_model(root, model: nn.Module, cfg: LowbitConfig, example, progress: bool = True):
-    """``root/slots-<structure>.onnx``: the base model with ``cfg``'s empty branch, exported once and reused."""
-    from exporters.onnx import load_model_info
-
-    path = Path(root) / f"slots-{structure_key(cfg)}.onnx"
-    if path.exists():
-        return path, load_model_info(path)
-    info, _ = export_with_slots(
-        attach(model, cfg),
-        (torch.as_tensor(example),),
-        path,
-        name=f"digits-vit+{structure_key(cfg)}",
-        extra={"task": "digits", "labels": list(range(10)), "input": "pixels [B,1,8,8] float32 in [0,1]"},
-        progress=progress,
-    )
-    return path, info
-
-
-def train_domain(root, model: nn.Module, cfg: LowbitConfig, domain, info, progress: bool = True):
-    """Train (or reuse from ``root``) ``cfg``'s adapter on ``domain``; returns ``(path, Adapter)``.
-
-    The adapter's ``info`` records the host accuracy (fake-quantized torch forward) on the domain's test split.
-    """
-    from edge.adapters import load_adapter
-    from exporters.digits_model import evaluate
-
-    path = Path(root) / f"{adapter_stem(cfg, domain.name)}.safetensors"
-    if path.exists():
-        adapter = load_adapter(path)
-        if adapter.base_fingerprint == info.fingerprint:
-            return path, adapter
-    adapted, losses = train_lowbit(model, domain.x_train, domain.y_train, cfg, progress=progress)
-    meta = {"domain": domain.name, "host_acc": evaluate(adapted, domain.x_test, domain.y_test)}
-    meta.update(epochs=cfg.epochs, lr=cfg.lr, seed=cfg.seed, final_loss=round(losses[-1], 5))
-    adapter = lowbit_adapter(adapted, info, domain.name, meta)
-    adapter.save(path)
-    return path, adapter

@@ -12,9 +12,7 @@ replaces the file at ``path``. Host side only: this module imports torch.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
-import math
 import os
 import tempfile
 from collections import defaultdict
@@ -30,6 +28,7 @@ from tqdm.auto import tqdm
 
 from edge.errors import ConfigError, ExportValidationError, FormatError
 from edge.format.modelinfo import META_KEY, ModelInfo, TensorInfo, fingerprint, onnx_info
+from exporters.validate import check_arguments, compare, flatten_outputs, second_batch
 
 __all__ = ["export_onnx", "load_model_info", "OPSET", "IR_VERSION"]
 
@@ -85,7 +84,7 @@ def export_onnx(
     path = Path(path)
     example_inputs = tuple(example_inputs)
     input_names, output_names = tuple(input_names), tuple(output_names)
-    _check_arguments(model, example_inputs, input_names, output_names, dynamic_axes, extra)
+    check_arguments(model, example_inputs, input_names, output_names, dynamic_axes, extra)
 
     steps = tqdm(total=3 if validate else 2, desc=f"export {name}", unit="step", disable=not progress, leave=False)
     with steps:
@@ -137,32 +136,6 @@ def load_model_info(path: str | os.PathLike) -> ModelInfo:
 
 
 # -- export ---------------------------------------------------------------------------------------------------------
-
-
-def _check_arguments(model, example_inputs, input_names, output_names, dynamic_axes, extra) -> None:
-    if model.training:
-        raise ConfigError(
-            "model is in training mode (dropout and batch-norm updates break validation); call model.eval()"
-        )
-    if not example_inputs or not all(isinstance(x, torch.Tensor) for x in example_inputs):
-        raise ConfigError("example_inputs must be a non-empty tuple of torch tensors, one per graph input")
-    if len(input_names) != len(example_inputs):
-        raise ConfigError(
-            f"{len(input_names)} input_names {list(input_names)} for {len(example_inputs)} example inputs"
-        )
-    if len(set(input_names)) != len(input_names) or len(set(output_names)) != len(output_names):
-        raise ConfigError(f"input and output names must be unique: {list(input_names)}, {list(output_names)}")
-    unknown = sorted(set(dynamic_axes or {}) - set(input_names))
-    if unknown:
-        raise ConfigError(f"dynamic_axes names unknown inputs {unknown}; the inputs are {list(input_names)}")
-    try:
-        json.dumps(dict(extra or {}))
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"extra must be a JSON-serialisable mapping (stored as file metadata): {e}") from e
-    with torch.no_grad():
-        n_out = len(_flatten(model(*example_inputs)))
-    if n_out != len(output_names):
-        raise ConfigError(f"model returns {n_out} tensors but {len(output_names)} output_names were given")
 
 
 def _torch_export(model, example_inputs, input_names, output_names, dynamic_batch, dynamic_axes) -> onnx.ModelProto:
@@ -333,16 +306,6 @@ def _fsync_dir(directory: Path) -> None:
 # -- validation -----------------------------------------------------------------------------------------------------
 
 
-def _flatten(outputs) -> list[torch.Tensor]:
-    if isinstance(outputs, torch.Tensor):
-        return [outputs]
-    if isinstance(outputs, Mapping):
-        outputs = list(outputs.values())
-    if isinstance(outputs, (tuple, list)):
-        return [t for o in outputs for t in _flatten(o)]
-    raise ConfigError(f"model output of type {type(outputs).__name__} is not a tensor, tuple, list or dict of tensors")
-
-
 def _validate(model, example_inputs, file, input_names, output_names, dynamic_batch, atol, rtol) -> None:
     """Compare every output of ``file`` on onnxruntime with torch, on the examples and a second batch."""
     import onnxruntime as ort
@@ -361,16 +324,16 @@ def _validate(model, example_inputs, file, input_names, output_names, dynamic_ba
     batch = example_inputs[0].shape[0] if example_inputs[0].dim() else 1
     batches = {f"examples (batch {batch})": example_inputs}
     second = batch + 1 if dynamic_batch else batch
-    batches[f"second batch (batch {second})"] = _second_batch(example_inputs, second)
+    batches[f"second batch (batch {second})"] = second_batch(example_inputs, second)
 
     problems = []
     for label, inputs in batches.items():
         with torch.no_grad():
-            expected = [t.detach().cpu().numpy() for t in _flatten(model(*inputs))]
+            expected = [t.detach().cpu().numpy() for t in flatten_outputs(model(*inputs))]
         feed = {n: x.detach().cpu().numpy() for n, x in zip(input_names, inputs)}
         actual = session.run(list(output_names), feed)
         for out_name, want, got in zip(output_names, expected, actual):
-            problem = _compare(want, got, atol, rtol)
+            problem = compare(want, got, atol, rtol)
             if problem:
                 problems.append(f"  {out_name!r} on {label}: {problem}")
     if problems:
@@ -379,32 +342,3 @@ def _validate(model, example_inputs, file, input_names, output_names, dynamic_ba
             + "\n".join(problems)
             + "\nThe file was not written. Check for ops that differ between torch and ONNX, or loosen the tolerance."
         )
-
-
-def _compare(want: np.ndarray, got: np.ndarray, atol: float, rtol: float) -> str | None:
-    """Describe how ``got`` misses ``want`` (np.allclose semantics), or None when it matches."""
-    if got.shape != want.shape:
-        return f"shape {tuple(got.shape)} != torch shape {tuple(want.shape)}"
-    if got.dtype != want.dtype:
-        return f"dtype {got.dtype} != torch dtype {want.dtype}"
-    if want.dtype == np.bool_:
-        wrong = int(np.count_nonzero(got != want))
-        return f"{wrong} of {want.size} values differ" if wrong else None
-    if np.allclose(got, want, atol=atol, rtol=rtol):
-        return None
-    return f"max abs diff {float(np.max(np.abs(got.astype(np.float64) - want.astype(np.float64)))):.3g}"
-
-
-def _second_batch(example_inputs: tuple[torch.Tensor, ...], batch: int) -> tuple[torch.Tensor, ...]:
-    """Inputs of ``batch`` rows: random values for float inputs, tiled examples for the rest (ids, masks)."""
-    gen = torch.Generator().manual_seed(0)
-    out = []
-    for x in example_inputs:
-        if x.dim() == 0:
-            out.append(x)
-        elif x.is_floating_point():
-            out.append(torch.randn((batch, *x.shape[1:]), generator=gen).to(x.dtype))
-        else:
-            reps = math.ceil(batch / x.shape[0])
-            out.append(x.repeat(reps, *[1] * (x.dim() - 1))[:batch])
-    return tuple(out)

@@ -78,12 +78,12 @@ def export_tflite(
     """
     import torch
 
-    from exporters.onnx import _check_arguments, _flatten
+    from exporters.validate import check_arguments, flatten_outputs
 
     path = Path(path)
     example_inputs = tuple(example_inputs)
     input_names, output_names, slots = tuple(input_names), tuple(output_names), tuple(slots)
-    _check_arguments(model, example_inputs, input_names, output_names, None, extra)
+    check_arguments(model, example_inputs, input_names, output_names, None, extra)
     params = {k: v.detach().cpu().numpy() for k, v in model.named_parameters()}
     unknown = [s for s in slots if s not in params or params[s].ndim < 2]
     if unknown:
@@ -115,7 +115,7 @@ def export_tflite(
 
     if validate:
         with torch.no_grad():
-            _validate(model, example_inputs, data, input_names, output_names, atol, rtol, _flatten)
+            _validate(model, example_inputs, data, input_names, output_names, atol, rtol, flatten_outputs)
     from edge.format.io import atomic_write_bytes
 
     atomic_write_bytes(path, data)
@@ -291,7 +291,7 @@ def _tensor_array(m, t) -> np.ndarray:
 def _validate(model, example_inputs, data, input_names, output_names, atol, rtol, flatten) -> None:
     """Run ``data`` on LiteRT (XNNPACK and built-in kernels) against torch; one error lists every mismatch."""
     from edge.format.tflite import read_tflite
-    from exporters.onnx import _compare, _second_batch
+    from exporters.validate import compare, second_batch
     from runtimes.base import BackendOptions
     from runtimes.litert import LiteRTBackend
 
@@ -299,7 +299,7 @@ def _validate(model, example_inputs, data, input_names, output_names, atol, rtol
     batches = {f"examples (batch {batch})": example_inputs}
     fb = read_tflite(data)
     if all(fb.tensors[i].signature[:1] == (-1,) for i in fb.inputs[: len(input_names)]):
-        batches[f"second batch (batch {batch + 1})"] = _second_batch(example_inputs, batch + 1)
+        batches[f"second batch (batch {batch + 1})"] = second_batch(example_inputs, batch + 1)
     problems = []
     for strategy in ("rebuild", "builtin"):
         backend = LiteRTBackend(data, BackendOptions(strategy=strategy))
@@ -307,7 +307,7 @@ def _validate(model, example_inputs, data, input_names, output_names, atol, rtol
             expected = [t.detach().cpu().numpy() for t in flatten(model(*inputs))]
             got = backend.run({n: x.detach().cpu().numpy() for n, x in zip(input_names, inputs)})
             for out_name, want in zip(output_names, expected):
-                problem = _compare(want, got[out_name], atol, rtol)
+                problem = compare(want, got[out_name], atol, rtol)
                 if problem:
                     kernels = "XNNPACK" if strategy == "rebuild" else "built-in kernels"
                     problems.append(f"  {out_name!r} on {label} ({kernels}): {problem}")

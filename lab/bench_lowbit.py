@@ -66,6 +66,7 @@ def bench_lowbit(
 
     from edge.progress import bar
     from exporters import lowbit
+    from lab import lowbit_demo
     from lab.datasets import load_domains
     from lab.digits_model import load_checkpoint
     from lab.pipeline import DemoConfig, prepare_demo
@@ -98,11 +99,11 @@ def bench_lowbit(
     rows, trained, fresh = [], {}, 0
     steps = bar(total=len(plan) * len(targets), desc="bench lowbit", disable=not progress)
     for kind, lc in plan:
-        model_path, info = lowbit.slot_model(root, base, lc, example, progress=False)
+        model_path, info = lowbit_demo.slot_model(root, base, lc, example, progress=False)
         files = {}
         for d in targets:
-            fresh += not (root / f"{lowbit.adapter_stem(lc, d.name)}.safetensors").exists()
-            files[d.name] = lowbit.train_domain(root, base, lc, d, info, progress=False)
+            fresh += not (root / f"{lowbit_demo.adapter_stem(lc, d.name)}.safetensors").exists()
+            files[d.name] = lowbit_demo.train_domain(root, base, lc, d, info, progress=False)
             steps.update()
         trained[(kind, lc)] = (model_path, files)
         rows.append(_row(kind, lc, base, model_path, files, targets, cfg.ort, backend, threads))

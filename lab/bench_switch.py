@@ -22,7 +22,7 @@ from edge.machine import p50, time_calls
 from edge.runtime import Runtime, merge_weights
 from lab.benchmarks import default_targets, random_shira
 
-__all__ = ["bench_switch", "markdown", "add_arguments", "cli"]
+__all__ = ["bench_model", "bench_switch", "lora_fuse", "markdown", "add_arguments", "cli"]
 
 GOALS = {"switch_vs_lora_x": 20.0, "switch_vs_create_x": 100.0, "overhead_pct": 3.0}
 BACKEND_GOALS = {"tflite": {**GOALS, "switch_vs_create_x": 10.0}}  # issue 4: 10x faster than a new interpreter
@@ -62,7 +62,7 @@ def bench_switch(
         _write_merged(model_path, info, merge_weights(base, [(a, 1.0)]), merged_path)
         default.close()
         del default
-        lora_ms, lora_rank = _lora_fuse(base, density, info)  # before any session spins threads
+        lora_ms, lora_rank = lora_fuse(base, density, info)  # before any session spins threads
         steps.update()
         static, create_ms = _static_session(backend, merged_path, threads)
         steps.update()
@@ -231,7 +231,7 @@ def _static_session(backend: str, path: Path, threads: int | None):
     return create(), create_ms
 
 
-def _lora_fuse(base: Mapping[str, np.ndarray], density: float, info) -> tuple[float, int]:
+def lora_fuse(base: Mapping[str, np.ndarray], density: float, info) -> tuple[float, int]:
     """p50 of ``W += B @ A`` over all target tensors, rank chosen for the same trainable count."""
     rng = np.random.default_rng(0)
     mats, ranks = [], []
@@ -293,7 +293,7 @@ def cli(args) -> int:
 
                 models.append(export_bench_model(name, args.cache, quiet=args.quiet))
             else:
-                models.append(_bench_model(name, args.cache, quiet=args.quiet))
+                models.append(bench_model(name, args.cache, quiet=args.quiet))
     results = [
         bench_switch(
             path,
@@ -341,7 +341,7 @@ def cli(args) -> int:
     return 0
 
 
-def _bench_model(name: str, cache: Path, quiet: bool):
+def bench_model(name: str, cache: Path, quiet: bool):
     from edge.errors import EdgeError
 
     if name == "digits":

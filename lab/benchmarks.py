@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 import time
 from pathlib import Path
 
 import numpy as np
 
-from edge.machine import machine
+from edge.machine import load_average, machine
 
-__all__ = ["default_targets", "random_shira", "write_section"]
+__all__ = ["commit", "default_targets", "random_shira", "write_section"]
 
 
 def default_targets(info, pattern: str | None = None) -> list[str]:
@@ -41,16 +42,36 @@ def random_shira(info, targets: list[str], density: float, seed: int, name: str,
     return Adapter(name, info.fingerprint, tensors, shapes, info={"mask": "random", "density": density})
 
 
+def commit() -> str:
+    """The checked-out commit (short hash, ``+dirty`` when tracked files other than BENCHMARKS.md differ)."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True)
+        dirty = subprocess.run(  # the benchmark report itself does not count
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!BENCHMARKS.md"],
+            cwd=root,
+            capture_output=True,
+        )
+    except OSError:
+        return "unknown"
+    if head.returncode:
+        return "unknown"
+    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
 def write_section(path: str | Path, key: str, title: str, body: str, data: dict | None = None) -> None:
     """Replace (or append) the section ``key`` of BENCHMARKS.md with ``body``; keeps the others."""
     path = Path(path)
     text = path.read_text() if path.exists() else "# Benchmarks\n\nWritten by `make bench` (`edge bench ...`).\n"
     m = machine()
+    load = load_average()
     block = (
         f"<!-- bench:{key} -->\n## {title}\n\n"
-        f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {m['arch']}, {m['cpu']}, "
-        f"{m['cores']} cores, Python {m['python']}, onnxruntime {m.get('onnxruntime', '-')}, "
-        f"numpy {m.get('numpy', '-')}.\n\n{body.rstrip()}\n"
+        f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} at commit {commit()} on {m['arch']}, "
+        f"{m['cpu']}, {m['cores']} cores, Python {m['python']}, onnxruntime {m.get('onnxruntime', '-')}, "
+        f"numpy {m.get('numpy', '-')}; load average {load[0] if load else '-'} when written "
+        "(1 min).\n\n"
+        f"{body.rstrip()}\n"
     )
     if data is not None:
         block += f"\n<details><summary>JSON</summary>\n\n```json\n{json.dumps(data, indent=1)}\n```\n</details>\n"

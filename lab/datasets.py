@@ -21,7 +21,7 @@ import numpy as np
 
 from edge.errors import ConfigError
 
-__all__ = ["SHIFTS", "Domain", "Shift", "load_digits", "load_domains", "register_shift"]
+__all__ = ["SHIFTS", "Domain", "Shift", "load_digits", "load_domains", "register_shift", "warp"]
 
 Shift = Callable[[np.ndarray, np.random.Generator], np.ndarray]
 SHIFTS: dict[str, Shift] = {}
@@ -128,7 +128,7 @@ def _bilinear(x: np.ndarray, src_y: np.ndarray, src_x: np.ndarray) -> np.ndarray
     return out[:, None].astype(np.float32)
 
 
-def _warp(x: np.ndarray, angle: np.ndarray, scale: np.ndarray, dy: np.ndarray, dx: np.ndarray) -> np.ndarray:
+def warp(x: np.ndarray, angle: np.ndarray, scale: np.ndarray, dy: np.ndarray, dx: np.ndarray) -> np.ndarray:
     """Rotate (radians), scale and translate each image about its centre, per image."""
     n, _, h, w = x.shape
     cy, cx = (h - 1) / 2.0, (w - 1) / 2.0
@@ -148,7 +148,7 @@ def _rotate(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     n = len(x)
     angle = np.deg2rad(rng.uniform(35.0, 45.0, n)) * rng.choice([-1.0, 1.0], n)
     zeros = np.zeros(n)
-    return _warp(x, angle, np.ones(n), zeros, zeros)
+    return warp(x, angle, np.ones(n), zeros, zeros)
 
 
 @register_shift("noise")
@@ -179,4 +179,4 @@ def _shift(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Translate by 1 pixel in a random direction and shrink to 90 % (bilinear)."""
     n = len(x)
     theta = rng.uniform(0.0, 2 * np.pi, n)
-    return _warp(x, np.zeros(n), np.full(n, 0.9), 1.0 * np.sin(theta), 1.0 * np.cos(theta))
+    return warp(x, np.zeros(n), np.full(n, 0.9), 1.0 * np.sin(theta), 1.0 * np.cos(theta))

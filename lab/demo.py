@@ -121,8 +121,12 @@ def format_table(r: dict) -> str:
     mean_l = f"{np.mean(low):>10.1%}" if low else f"{'-':>10}"
     lines += [
         f"{'mean':<10} {mean_b:>9.1%} {mean_a:>10.1%} {mean_a - mean_b:>+7.1%} {'':>8} {mean_l}",
-        "SHiRA: sparse, fused into the weights (no inference cost). 1-bit: a width-256 bottleneck branch "
-        "(packed codes + per-matrix stats), switched in the model's slots.",
+        "SHiRA: sparse, fused into the weights (no inference cost)."
+        + (
+            " 1-bit: a width-256 bottleneck branch (packed codes + per-matrix stats), switched in the model's slots."
+            if low
+            else ""
+        ),
         "",
         f"switch latency p50 {r['switch_ms_p50']:.3f} ms; inference latency p50 (batch 1) {r['infer_ms_p50']:.3f} ms",
     ]

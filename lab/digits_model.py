@@ -6,6 +6,10 @@ transformer blocks written with plain matmul and softmax (so it exports with
 Parameter names are stable because adapters address them:
 ``embed``, ``pos``, ``blocks.{i}.attn.{q,k,v,proj}``, ``blocks.{i}.mlp.{fc1,fc2}``,
 ``norm``, ``head``.
+
+The demo's second encoder family, a small CNN, lives in :mod:`lab.digits_cnn`;
+:func:`pretrain`, :func:`evaluate` and the checkpoint functions serve both
+(:data:`ARCHITECTURES`).
 """
 
 from __future__ import annotations
@@ -21,7 +25,10 @@ from torch.nn import functional as F
 
 from edge.errors import ConfigError, FormatError
 
-__all__ = ["DigitsEncoder", "evaluate", "load_checkpoint", "pretrain", "save_checkpoint"]
+__all__ = ["ARCHITECTURES", "DigitsEncoder", "build", "evaluate", "load_checkpoint", "pretrain", "save_checkpoint"]
+
+#: the demo's encoder families: name -> (module, class), imported when built
+ARCHITECTURES = {"vit": ("lab.digits_model", "DigitsEncoder"), "cnn": ("lab.digits_cnn", "DigitsCNN")}
 
 _CHECKPOINT_FORMAT = "edge.digits_encoder"
 _CHECKPOINT_VERSION = 1
@@ -104,9 +111,24 @@ class DigitsEncoder(nn.Module):
         return self.head(features), features
 
 
+def build(arch: str = "vit", **kwargs) -> nn.Module:
+    """A fresh encoder of family ``arch`` (:data:`ARCHITECTURES`) with constructor ``kwargs``."""
+    import importlib
+
+    if arch not in ARCHITECTURES:
+        raise ConfigError(f"unknown digits encoder {arch!r}; known: {sorted(ARCHITECTURES)}")
+    module, cls = ARCHITECTURES[arch]
+    return getattr(importlib.import_module(module), cls)(**kwargs)
+
+
+def _arch(model: nn.Module) -> str:
+    return next(k for k, (_, cls) in ARCHITECTURES.items() if type(model).__name__ == cls)
+
+
 def pretrain(
     domain,
     *,
+    arch: str = "vit",
     epochs: int = 60,
     lr: float = 3e-3,
     batch_size: int = 64,
@@ -114,8 +136,10 @@ def pretrain(
     seed: int = 0,
     progress: bool = True,
     **model_kwargs,
-) -> DigitsEncoder:
-    """Train a fresh :class:`DigitsEncoder` on ``domain.x_train``/``y_train`` (AdamW, cosine schedule).
+) -> nn.Module:
+    """Train a fresh encoder of family ``arch`` (:data:`ARCHITECTURES`) on ``domain.x_train``/``y_train``.
+
+    AdamW with a one-cycle (cosine) schedule.
 
     ``domain`` is an :class:`lab.datasets.Domain` (any object with ``x_train`` and
     ``y_train``). Deterministic for a seed on one machine. Returns the model in eval mode.
@@ -124,7 +148,7 @@ def pretrain(
 
     if epochs < 1 or batch_size < 1:
         raise ConfigError(f"epochs and batch_size must be >= 1, got epochs={epochs}, batch_size={batch_size}")
-    model = DigitsEncoder(seed=seed, **model_kwargs)
+    model = build(arch, seed=seed, **model_kwargs)
     x = torch.as_tensor(np.asarray(domain.x_train, dtype=np.float32))
     y = torch.as_tensor(np.asarray(domain.y_train, dtype=np.int64))
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
@@ -160,17 +184,19 @@ def evaluate(model: nn.Module, x: np.ndarray, y: np.ndarray, batch_size: int = 5
     return correct / max(1, len(x))
 
 
-def save_checkpoint(model: DigitsEncoder, path: str | Path) -> None:
-    """Write the weights and constructor config to a safetensors file (no pickle)."""
+def save_checkpoint(model: nn.Module, path: str | Path) -> None:
+    """Write the weights, the family and the constructor config to a safetensors file (no pickle)."""
     from safetensors.torch import save_file
 
     tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     meta = {"format": _CHECKPOINT_FORMAT, "version": str(_CHECKPOINT_VERSION), "config": json.dumps(model.config)}
+    if _arch(model) != "vit":  # checkpoints without it are the ViT's (written before the CNN existed)
+        meta["arch"] = _arch(model)
     save_file(tensors, str(path), metadata=meta)
 
 
-def load_checkpoint(path: str | Path) -> DigitsEncoder:
-    """Rebuild a :class:`DigitsEncoder` from :func:`save_checkpoint` output, in eval mode."""
+def load_checkpoint(path: str | Path) -> nn.Module:
+    """Rebuild the encoder (a :class:`DigitsEncoder` or the family recorded) from :func:`save_checkpoint`."""
     from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
@@ -185,7 +211,7 @@ def load_checkpoint(path: str | Path) -> DigitsEncoder:
             f"{path} is not a {_CHECKPOINT_FORMAT} v{_CHECKPOINT_VERSION} checkpoint "
             f"(format={meta.get('format')!r}, version={meta.get('version')!r}); re-save it with save_checkpoint"
         )
-    model = DigitsEncoder(**json.loads(meta["config"]))
+    model = build(meta.get("arch", "vit"), **json.loads(meta["config"]))
     try:
         model.load_state_dict(tensors)
     except RuntimeError as exc:

@@ -1,5 +1,10 @@
 """The host half of the demo: pretrain the digits encoder, export it, train one SHiRA adapter per domain.
 
+Two encoder families (``DemoConfig.model``): the tiny ViT of :mod:`lab.digits_model`
+(``vit``, the default) and the small CNN of :mod:`lab.digits_cnn` (``cnn``), on which
+SHiRA adapts every convolution and both linear layers. The 1-bit bottleneck adapters are
+built for the ViT only.
+
 Every artifact is cached under ``cache/<config hash>/`` and written atomically, so a
 second run (or a run after an interruption) reuses whatever is complete.
 """
@@ -16,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edge.format.adapter import Adapter, SparseDelta
+from edge.errors import ConfigError
 from edge.format.modelinfo import ModelInfo
 
 __all__ = ["DemoConfig", "DemoArtifacts", "host_shira_reference", "prepare_demo"]
@@ -24,23 +29,49 @@ __all__ = ["DemoConfig", "DemoArtifacts", "host_shira_reference", "prepare_demo"
 log = logging.getLogger("lab.demo")
 PIPELINE_VERSION = 1  # bump when a change makes old cached artifacts wrong
 LOWBIT_DIM = 256  # width of the demo's 1-bit bottleneck adapter (1-bit within 1 point of fp32 from ~200 up)
+#: encoder family -> its SHiRA defaults: the modules adapted (exporters.shira.select_targets patterns) and the
+#: density. The CNN (8k weights in its targets) gets 0.15 for about as many entries as the ViT's 2 % (1.2k vs 1.3k)
+MODEL_DEFAULTS = {
+    "vit": {"targets": ("q", "k", "v", "proj", "fc1", "fc2"), "density": 0.02},
+    "cnn": {"targets": ("stem.conv", "dw1.conv", "pw1.conv", "dw2.conv", "pw2.conv", "pre", "head"), "density": 0.15},
+}
 
 
 @dataclass(frozen=True)
 class DemoConfig:
-    """Everything that decides the demo's artifacts (part of the cache key)."""
+    """Everything that decides the demo's artifacts (part of the cache key).
 
+    ``model`` is the encoder family (:data:`MODEL_DEFAULTS`); ``targets`` and ``density``
+    default to the family's (``None`` is replaced by them).
+    """
+
+    model: str = "vit"
     seed: int = 0
     domains: tuple[str, ...] = ("rotate", "noise", "invert", "blur")
     pretrain_epochs: int = 60
-    mask: str = "snip"
-    density: float = 0.02
-    targets: tuple[str, ...] = ("q", "k", "v", "proj", "fc1", "fc2")
+    mask: str = "wm"  # best measured on the demo domains (edge bench masks): ahead of random, snip, grad
+    density: float | None = None
+    targets: tuple[str, ...] | None = None
     shira_epochs: int = 30
     shira_lr: float = 1e-2
 
+    def __post_init__(self) -> None:
+        if self.model not in MODEL_DEFAULTS:
+            raise ConfigError(f"unknown demo model {self.model!r}; known: {sorted(MODEL_DEFAULTS)}")
+        for k, v in MODEL_DEFAULTS[self.model].items():
+            if getattr(self, k) is None:
+                object.__setattr__(self, k, v)
+
+    @property
+    def name(self) -> str:
+        """The exported model's name: ``digits-vit`` or ``digits-cnn``."""
+        return f"digits-{self.model}"
+
     def key(self) -> str:
-        blob = json.dumps({"v": PIPELINE_VERSION, **asdict(self)}, sort_keys=True).encode()
+        fields = asdict(self)
+        if self.model == "vit":  # the key the ViT had before the CNN existed, so its caches stay valid
+            del fields["model"]
+        blob = json.dumps({"v": PIPELINE_VERSION, **fields}, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
 
 
@@ -56,7 +87,24 @@ class DemoArtifacts:
 def prepare_demo(
     cache: Path, cfg: DemoConfig = DemoConfig(), progress: bool = True, backend: str = "onnxruntime"
 ) -> DemoArtifacts:
-    """Artifacts for ``backend``: the ONNX model, or with ``"tflite"`` also a ``.tflite`` export and its adapters."""
+    """Artifacts for ``backend``: the ONNX model, or with ``"tflite"`` also a ``.tflite`` export and its adapters.
+
+    The CNN trains on one torch thread: it is too small to gain from more, and on a busy
+    2-core machine torch's default threads made its build 9 minutes instead of 40 s.
+    """
+    import torch
+
+    if cfg.model == "vit":  # the ViT's artifacts as they always were
+        return _prepare(cache, cfg, progress, backend)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _prepare(cache, cfg, progress, backend)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _prepare(cache: Path, cfg: DemoConfig, progress: bool, backend: str) -> DemoArtifacts:
     import torch
 
     from exporters import shira
@@ -65,7 +113,7 @@ def prepare_demo(
     from lab.datasets import load_domains
 
     torch.manual_seed(cfg.seed)
-    root = Path(cache) / f"digits-{cfg.key()}"
+    root = Path(cache) / (f"digits-{cfg.key()}" if cfg.model == "vit" else f"{cfg.name}-{cfg.key()}")
     root.mkdir(parents=True, exist_ok=True)
     (root / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
     domains = load_domains(cfg.domains, seed=cfg.seed)
@@ -75,8 +123,10 @@ def prepare_demo(
         model = dm.load_checkpoint(ckpt)
         log.info("reusing pretrained encoder %s", ckpt)
     else:
-        _say(progress, f"pretraining the digits encoder on clean digits ({cfg.pretrain_epochs} epochs)")
-        model = dm.pretrain(domains["clean"], epochs=cfg.pretrain_epochs, seed=cfg.seed, progress=progress)
+        _say(progress, f"pretraining the digits {cfg.model} on clean digits ({cfg.pretrain_epochs} epochs)")
+        model = dm.pretrain(
+            domains["clean"], arch=cfg.model, epochs=cfg.pretrain_epochs, seed=cfg.seed, progress=progress
+        )
         tmp = ckpt.with_suffix(".tmp")
         dm.save_checkpoint(model, tmp)
         tmp.replace(ckpt)
@@ -87,14 +137,17 @@ def prepare_demo(
     else:
         _say(progress, "exporting the encoder to ONNX and validating it against torch")
         example = (torch.as_tensor(domains["clean"].x_test[:4]),)
+        extra = {"task": "digits", "labels": list(range(10)), "input": "pixels [B,1,8,8] float32 in [0,1]"}
+        if cfg.model == "cnn":
+            extra["taps"] = _cnn_taps(model, example, root / "encoder.taps.onnx")
         info = export_onnx(
             model,
             example,
             onnx_path,
             input_names=["pixels"],
             output_names=["logits", "features"],
-            name="digits-vit",
-            extra={"task": "digits", "labels": list(range(10)), "input": "pixels [B,1,8,8] float32 in [0,1]"},
+            name=cfg.name,
+            extra=extra,
             progress=progress,
         )
 
@@ -120,28 +173,57 @@ def prepare_demo(
             )
             merged = shira.merge_shira(model, trained)
             acc = {"base": dm.evaluate(model, d.x_test, d.y_test), "adapter": dm.evaluate(merged, d.x_test, d.y_test)}
-            to_adapter(
+            shira.shira_adapter(
                 trained, info, name, {"mask": cfg.mask, "density": cfg.density, "domain": name, "host_acc": acc}
             ).save(path)
         adapters[name] = path
     if backend == "tflite":
         return _tflite_artifacts(root, model, domains["clean"].x_test[:1], info, adapters, progress)
+    if cfg.model != "vit":
+        return DemoArtifacts(onnx_path, info, adapters)
     lowbit_model, lowbit_adapters = _lowbit_artifacts(root, model, domains, cfg, progress)
     return DemoArtifacts(onnx_path, info, adapters, lowbit_model, lowbit_adapters)
 
 
+def _cnn_taps(model, example: tuple, scratch: Path) -> list[str]:
+    """The CNN's declared feature taps: after each stage (``stages``), the last one where its own pool reads it.
+
+    The last stage's map is what the model's global average pool reads, so the pool's output
+    is the same feature already pooled: the tapped model then pools one map instead of two,
+    which is a sixth of the detection cost on a model whose whole run takes ~12 us. Tensor
+    names are the exporter's, so they come from an unvalidated export of the same module.
+    """
+    import onnx
+
+    from edge.route.taps import resolve_taps
+    from exporters.onnx import export_onnx
+
+    export_onnx(
+        model, example, scratch, input_names=["pixels"], output_names=["logits", "features"], name="scratch",
+        validate=False, progress=False,
+    )  # fmt: skip
+    proto = onnx.load(str(scratch))
+    scratch.unlink()
+    pools = {n.input[0]: n.output[0] for n in proto.graph.node if n.op_type in ("ReduceMean", "GlobalAveragePool")}
+    stages = resolve_taps(proto, "stages")
+    return [*stages[:-1], pools.get(stages[-1], stages[-1])]
+
+
 def _lowbit_artifacts(root: Path, model, domains: dict, cfg: DemoConfig, progress: bool):
-    """The encoder with an empty 1-bit bottleneck branch (slots), and one 1-bit adapter per domain."""
+    """The ViT with an empty 1-bit bottleneck branch (slots), and one 1-bit adapter per domain."""
     from exporters import lowbit
+    from lab import lowbit_demo
 
     lcfg = lowbit.LowbitConfig(method="adapter", bits=1, dim=LOWBIT_DIM, seed=cfg.seed)
-    path, info = lowbit.slot_model(root / "lowbit", model, lcfg, domains["clean"].x_test[:4], progress=progress)
+    path, info = lowbit_demo.slot_model(root / "lowbit", model, lcfg, domains["clean"].x_test[:4], progress=progress)
     adapters = {}
     for name in cfg.domains:
-        stem = root / "lowbit" / f"{lowbit.adapter_stem(lcfg, name)}.safetensors"
+        stem = root / "lowbit" / f"{lowbit_demo.adapter_stem(lcfg, name)}.safetensors"
         if not stem.exists():
             _say(progress, f"training a 1-bit bottleneck adapter for '{name}' (width {LOWBIT_DIM})")
-        adapters[name], _ = lowbit.train_domain(root / "lowbit", model, lcfg, domains[name], info, progress=progress)
+        adapters[name], _ = lowbit_demo.train_domain(
+            root / "lowbit", model, lcfg, domains[name], info, progress=progress
+        )
     return path, adapters
 
 
@@ -169,7 +251,7 @@ def _tflite_artifacts(root: Path, model, example: np.ndarray, info: ModelInfo, a
             path,
             input_names=["pixels"],
             output_names=["logits", "features"],
-            name="digits-vit",
+            name=info.name,
             extra=dict(info.extra),
             dynamic_batch=False,
         )
@@ -180,13 +262,6 @@ def _tflite_artifacts(root: Path, model, example: np.ndarray, info: ModelInfo, a
             a = load_adapter(onnx_adapter)
             dataclasses.replace(a, base_fingerprint=tinfo.fingerprint).save(out[name])
     return DemoArtifacts(path, tinfo, out)
-
-
-def to_adapter(trained: dict, info: ModelInfo, name: str, meta: dict) -> Adapter:
-    """Wrap ``train_shira`` output as an :class:`Adapter` for the exported model ``info``."""
-    tensors = {k: SparseDelta(np.asarray(i, np.int32), np.asarray(v, np.float32)) for k, (i, v) in trained.items()}
-    shapes = {k: tuple(info.tensors[k].shape) for k in trained}
-    return Adapter(name, info.fingerprint, tensors, shapes, method="shira", info=meta)
 
 
 def _say(progress: bool, msg: str) -> None:

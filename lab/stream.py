@@ -20,11 +20,19 @@ growth are reported next to the steady ones. By default the stream arrives as fa
 is served (the novel segment then ends before the adaptor is ready); ``rate`` paces it
 like a sensor (inputs per second), e.g. 40, so the grown adaptor takes over mid-segment.
 
+Any exported encoder with feature taps and a linear classifier works (``edge demo --stream
+--model cnn`` runs the demo's CNN): the taps are the model's ``auto`` set (declared, else
+after each transformer block's attention, else after each CNN stage), and growth searches
+``space``: by default the device trainer's name-based ``DEVICE_SPACE`` on a model with the
+digits ViT's ``blocks.{i}.mlp.fc2`` names, else :data:`~edge.learn.tail.TAIL_SPACE` (the tail
+found from the graph; on the CNN its pre-head and classifier).
+
 Accuracy is reported per segment and overall next to two references over the same
 inputs: the base model only, and an oracle that always applies the right pre-trained
 adapter (for D3, one trained offline on its full training split). At the end every
 seen domain's held-out test inputs (minus those used for growth) are routed again,
-unlabelled.
+unlabelled. Routing is reported as it serves (:class:`lab.stream_report.Votes`): the share of a known
+domain's inputs voted to it with the OOD threshold applied, and the share voted OOD.
 """
 
 from __future__ import annotations
@@ -38,8 +46,11 @@ import numpy as np
 
 from edge.errors import ConfigError
 from edge.machine import load_average
+from lab.stream_report import Votes, format_row, format_stream
 
 __all__ = ["StreamConfig", "cli", "format_stream", "run_stream"]
+
+_Votes, _row = Votes, format_row  # their names before lab.stream_report (tests/lab/test_bench_ood.py uses them)
 
 
 @dataclass(frozen=True)
@@ -77,12 +88,17 @@ def run_stream(
     threads: int | None = None,
     budget=None,
     router_config=None,
+    space=None,
     progress: bool = True,
 ) -> dict:
-    """Run the stream (``checkpoint`` is only read when ``cfg.grow_on == "host"``); returns a JSON-able dict."""
+    """Run the stream (``checkpoint`` is only read when ``cfg.grow_on == "host"``); returns a JSON-able dict.
+
+    ``space``: the growth search space (default: the device trainer's, see the module doc;
+    with ``grow_on="host"``, :data:`~edge.learn.space.SEARCH_SPACE`).
+    """
     from edge.format.adapter import load_adapter
     from edge.learn.growth import GrowthJob, grow
-    from edge.learn.space import SEARCH_SPACE, Budget, measure_device
+    from edge.learn.space import SEARCH_SPACE, Budget, last_fc2, measure_device
     from edge.route.router import Reconfigurator, RouterConfig
     from edge.route.taps import Head, tap_model
     from edge.runtime import Runtime
@@ -117,19 +133,19 @@ def run_stream(
     device = measure_device(rt, domains["clean"].x_test, {k: a.nnz for k, a in loaded.items()})
     budget = budget or Budget(cfg.memory_mb, cfg.latency_ms)
     if cfg.grow_on == "device":
-        from edge.learn.device_trainer import DEVICE_SPACE, DeviceTrainer
+        from edge.learn.device_trainer import DEVICE_SPACE, TAIL_SPACE, DeviceTrainer
 
-        trainer, space = DeviceTrainer(model, rt.info, seed=cfg.seed), DEVICE_SPACE
+        trainer = DeviceTrainer(model, rt.info, seed=cfg.seed)
+        space = space or (DEVICE_SPACE if last_fc2(list(rt.info.tensors)) else TAIL_SPACE)
     else:  # "host" (StreamConfig checks the choice)
-        trainer, space = (
-            HostTrainer(checkpoint, rt.info, load=load_checkpoint, epochs=cfg.grow_epochs, seed=cfg.seed),
-            SEARCH_SPACE,
-        )
+        trainer = HostTrainer(checkpoint, rt.info, load=load_checkpoint, epochs=cfg.grow_epochs, seed=cfg.seed)
+        space = space or SEARCH_SPACE
     workdir = model.parent / "grown"  # the grown adapters' files (GrowthJob writes them there)
     refs = _References(model, adapters, backend, threads)
 
     rng = np.random.default_rng(cfg.seed)
     segments, timeline, growth, used = [], [], [], {}
+    known_as: dict[str, str] = {}  # a grown domain's truth -> its name in the router
     lat = {"steady": [], "growing": []}  # seconds per batch, outside and during background growth
     job, refit, pending = None, None, None
     pos = 0
@@ -177,6 +193,7 @@ def run_stream(
             }
         )
         timeline.append({"at": at, "segment": si, "truth": name, "event": f"grow:{pending['name']}"})
+        known_as[pending["truth"]] = pending["name"]
         job, refit, pending = None, None, None
 
     t_start = time.perf_counter()
@@ -187,7 +204,7 @@ def run_stream(
             order = order[: cfg.segment]
         x, y = d.x_test[order], d.y_test[order]
         served, correct = [], []
-        ood = 0
+        ood, votes = 0, Votes()
         for s in range(0, len(x), cfg.batch):
             xb, yb = x[s : s + cfg.batch], y[s : s + cfg.batch]
             if cfg.rate is not None:  # wait for the batch's last input to arrive
@@ -198,6 +215,7 @@ def run_stream(
             served += [step.served_by] * len(xb)
             correct += list(step.logits.argmax(1) == yb)
             ood += int(step.ood.sum())
+            votes.add(step, known_as.get(name, name))
             at = pos + s + len(xb)
             if step.event:
                 timeline.append({"at": at, "segment": si, "truth": name, "event": step.event})
@@ -232,6 +250,7 @@ def run_stream(
                 "oracle_acc": oracle_acc,
                 "ood_share": ood / len(x),
                 "served_by": {k: v / len(x) for k, v in Counter(served).items()},
+                **votes.as_dict(),
             }
         )
         pos += len(x)
@@ -243,20 +262,25 @@ def run_stream(
             trained(pos)
         register(pos, len(cfg.sequence) - 1, cfg.sequence[-1])
         growth[-1]["waited_after_stream_s"] = round(time.perf_counter() - t0, 2)
-    final = _final_eval(router, refs, domains, cfg, used)
+    final = _final_eval(router, refs, domains, cfg, used, known_as)
     total = sum(s["inputs"] for s in segments)
     st = router.stats
     result = {
+        "model": rt.info.name,
         "config": asdict(cfg),
         "budget": {k: (None if v == float("inf") else v) for k, v in asdict(budget).items()},
         "router": asdict(router.config),
         "taps": list(tapped.tensors),
         "device": device,
         "segments": segments,
-        "overall": {k: sum(s[k] * s["inputs"] for s in segments) / total for k in ("acc", "base_acc", "oracle_acc")},
+        "overall": {
+            **{k: sum(s[k] * s["inputs"] for s in segments) / total for k in ("acc", "base_acc", "oracle_acc")},
+            **Votes.pooled(segments),
+        },
         "timeline": timeline,
         "growth": growth,
         "final": final,
+        "final_routing": Votes.pooled(final),
         "switches": st["switches"],
         "batch_ms": {
             k: {
@@ -303,16 +327,17 @@ class _References:
         self.rt.close()
 
 
-def _final_eval(router, refs, domains, cfg: StreamConfig, used: dict) -> list[dict]:
+def _final_eval(router, refs, domains, cfg: StreamConfig, used: dict, known_as: dict) -> list[dict]:
     """Route every seen domain's test inputs (minus growth data) again, unlabelled, domain after domain."""
     rows = []
     for name in dict.fromkeys(cfg.sequence):
         d = domains[name]
         keep = np.array([bytes(v) not in used.get(name, set()) for v in d.x_test])
         x, y = d.x_test[keep], d.y_test[keep]
-        served, correct = [], []
+        served, correct, votes = [], [], Votes()
         for s in range(0, len(x), cfg.batch):
             step = router.process(x[s : s + cfg.batch])
+            votes.add(step, known_as.get(name, name))
             served += [step.served_by] * len(step.logits)
             correct += list(step.logits.argmax(1) == y[s : s + cfg.batch])
         base_acc, oracle_acc = refs.accuracy(x, y, name)
@@ -326,65 +351,10 @@ def _final_eval(router, refs, domains, cfg: StreamConfig, used: dict) -> list[di
                 "oracle_acc": oracle_acc,
                 "served_mostly_by": top,
                 "served_share": n / len(x),
+                **votes.as_dict(),
             }
         )
     return rows
-
-
-def format_stream(r: dict) -> str:
-    """The timeline and the accuracy tables, for the terminal."""
-    lines = ["stream: " + " -> ".join(s["domain"] for s in r["segments"]), "", "timeline (input index: event):"]
-    for e in r["timeline"]:
-        lines.append(f"  {e['at']:>5}  [{e['truth']:<7}] {e['event']}")
-    for g in r["growth"]:
-        c = g["chosen"]
-        fits = sum(x["fits"] for x in g["candidates"])
-        lines.append(
-            f"  grew {g['name']} for {g['truth']!r}: {c['arch']} ({c['nnz']} entries, {c['memory_mb']:.3f} MB, "
-            f"proxy {c['proxy']}), {fits}/{len(g['candidates'])} candidates within budget, trained in {g['train_s']} s"
-        )
-        if g["background"]:
-            waited = g.get("waited_after_stream_s")
-            lines.append(
-                f"    in the background: started at input {g['started_at']}, {g['wall_s']} s wall, "
-                f"{g['batches_while_growing']} batches served meanwhile (router refit {g['refit_s']} s on a shadow "
-                f"runtime); the stream paused {g['stall_ms']} ms in all"
-                + (f"; the stream ended first and waited {waited} s for it" if waited else "")
-            )
-        else:
-            lines.append(f"    the stream paused {g['stall_ms']} ms (training and registering)")
-    for k, v in r["batch_ms"].items():
-        lines.append(
-            f"  batch latency {k}: p50 {v['p50']:.2f} ms, p95 {v['p95']:.2f} ms, max {v['max']:.2f} ms "
-            f"({v['batches']} batches)"
-        )
-    lines += ["", f"{'segment':<10} {'inputs':>6} {'edge':>7} {'base':>7} {'oracle':>7} {'OOD':>6}  served by"]
-    for s in r["segments"]:
-        served = ", ".join(f"{k} {v:.0%}" for k, v in sorted(s["served_by"].items(), key=lambda kv: -kv[1]))
-        lines.append(
-            f"{s['domain']:<10} {s['inputs']:>6} {s['acc']:>7.1%} {s['base_acc']:>7.1%} {s['oracle_acc']:>7.1%} "
-            f"{s['ood_share']:>6.1%}  {served}"
-        )
-    o = r["overall"]
-    lines.append(f"{'overall':<10} {'':>6} {o['acc']:>7.1%} {o['base_acc']:>7.1%} {o['oracle_acc']:>7.1%}")
-    lines += ["", "all seen domains afterwards (held-out test inputs, unlabelled):"]
-    lines.append(f"{'domain':<10} {'inputs':>6} {'edge':>7} {'base':>7} {'oracle':>7}  routed to")
-    for f in r["final"]:
-        lines.append(
-            f"{f['domain']:<10} {f['inputs']:>6} {f['acc']:>7.1%} {f['base_acc']:>7.1%} {f['oracle_acc']:>7.1%}  "
-            f"{f['served_mostly_by']} ({f['served_share']:.0%})"
-        )
-    mean = {k: np.mean([f[k] for f in r["final"]]) for k in ("acc", "base_acc", "oracle_acc")}
-    lines.append(f"{'mean':<10} {'':>6} {mean['acc']:>7.1%} {mean['base_acc']:>7.1%} {mean['oracle_acc']:>7.1%}")
-    lines += [
-        "",
-        f"{r['switches']} switches; the router's wall time next to inference: window policy and growth buffer "
-        f"{r['detect_pct']:.1f} %, prototype updates {r['learn_pct']:.1f} %, switches and head writes "
-        f"{r['write_pct']:.1f} % (load average {r['load_avg']}). A switch or head write makes the runtime rebuild "
-        "its session in the background, and onnxruntime holds the GIL for parts of a build, so these include "
-        "waits of a few ms; the stream is short (2,200 inputs, about 0.2 s of inference) for its 9 switches.",
-    ]
-    return "\n".join(lines)
 
 
 def _say(progress: bool, msg: str) -> None:
@@ -403,7 +373,12 @@ def cli(args) -> int:
     host_needed("edge demo --stream")
     from lab.pipeline import DemoConfig, prepare_demo
 
-    demo = DemoConfig(seed=args.seed)
+    demo = DemoConfig(model=getattr(args, "model", "vit"), seed=args.seed)
+    if demo.model != "vit" and getattr(args, "grow_on", "device") == "host":
+        raise ConfigError(
+            f"--grow-on host searches the ViT's attention and MLP layer sets, which model {demo.model!r} does not "
+            "have; grow on the device (the default), which finds the trainable tail of any model from its graph"
+        )
     art = prepare_demo(args.cache, demo, progress=not args.quiet)
     cfg = StreamConfig(
         seed=args.seed,

@@ -8,11 +8,15 @@ from __future__ import annotations
 
 import atexit
 import logging
+import mmap
+import os
+import stat
 import threading
 import time
 import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,7 +24,17 @@ import numpy as np
 from edge.format.modelinfo import ModelInfo
 from edge.registry import Registry
 
-__all__ = ["ArenaBackend", "ArenaWrite", "Backend", "BackendOptions", "BACKENDS", "WeightWrite"]
+__all__ = [
+    "ArenaBackend",
+    "ArenaWrite",
+    "Backend",
+    "BackendOptions",
+    "BACKENDS",
+    "WeightWrite",
+    "model_buffer",
+    "rss_mb",
+    "trim_heap",
+]
 
 
 @dataclass(frozen=True)
@@ -35,6 +49,7 @@ class BackendOptions:
     device: str | None = None  # the device profile these options came from, if any
     fallback_warning: str | None = None  # what the profile's fallback policy dropped, if anything
     rebuild_delay_ms: float = 2.0  # hybrid: debounce between a write and the background rebuild
+    memory_mb: float | None = None  # memory budget: strategy "auto" picks what the model's predicted footprint fits
 
 
 @dataclass(frozen=True)
@@ -56,8 +71,9 @@ class Backend(ABC):
     info: ModelInfo  # read from the model file by the backend
 
     @abstractmethod
-    def __init__(self, model: bytes, options: BackendOptions) -> None:
-        """Load ``model`` (file bytes) and its :class:`ModelInfo`; verify its fingerprint.
+    def __init__(self, model: bytes | str | os.PathLike, options: BackendOptions) -> None:
+        """Load ``model`` (the file bytes, or its path: a backend may then stream the weights without
+        holding the whole file) and its :class:`ModelInfo`; verify its fingerprint.
 
         Every stored tensor named in ``info.tensors`` must be writable afterwards.
         Raises :class:`~edge.errors.FormatError` for an unreadable or tampered file.
@@ -102,6 +118,52 @@ class Backend(ABC):
 
     def close(self) -> None:
         """Release native resources (optional)."""
+
+    # -- footprint (optional): what ``strategy="auto"`` weighs against a memory budget --------
+    AUTO_ORDER: tuple[str, ...] = ()  # strategies "auto" may pick under a budget, preferred first
+
+    def predicted_mb(self, strategy: str | None = None) -> float | None:
+        """Predicted resident memory (MB) of this model under ``strategy`` (default: the one in use)."""
+        return None
+
+    @property
+    def measured_mb(self) -> float | None:
+        """Process resident memory growth (MB) from just before loading until every session was in place
+        (for a background build, when it ended); None when not measured (e.g. off Linux). It counts
+        whatever else the process allocated or freed meanwhile."""
+        return getattr(self, "_measured", None)
+
+    def _measure_from(self) -> None:
+        """Start measuring: :meth:`_measure` then records the growth since this call."""
+        self._rss0, self._measured = rss_mb(), None
+
+    def _measure(self) -> None:
+        rss0 = getattr(self, "_rss0", None)
+        self._measured = rss_mb() - rss0 if rss0 is not None else None
+
+    @classmethod
+    def choose_strategy(
+        cls, predicted: Mapping[str, float], budget_mb: float, used_mb: float | None = 0.0, model: str = "the model"
+    ) -> str:
+        """Strategy ``auto`` under a memory budget: the first of :attr:`AUTO_ORDER` whose predicted
+        footprint plus ``used_mb`` (what else the process holds, if the caller counts it; a backend
+        loading a model passes 0) fits ``budget_mb``.
+
+        Raises :class:`~edge.errors.ConfigError` naming the figures when none fits.
+        """
+        from edge.errors import ConfigError
+
+        used = float(used_mb or 0.0)
+        order = cls.AUTO_ORDER or (cls.DEFAULT_STRATEGY,)
+        for s in order:
+            if s in predicted and used + predicted[s] <= budget_mb:
+                return s
+        needs = ", ".join(f"{s} {predicted[s]:.0f} MB" for s in order if s in predicted)
+        already = f"the process already uses {used:.0f} MB and " if used else ""
+        raise ConfigError(
+            f"no {cls.name} strategy fits the memory budget of {budget_mb:.0f} MB: {already}{model} needs {needs} "
+            "(predicted); raise budgets.memory_mb in the device profile, or load a smaller or quantized model"
+        )
 
 
 #: Backends by name; each backend module registers itself on import.
@@ -195,6 +257,8 @@ class ArenaBackend(Backend):
                 return  # only slot tensors changed: they are fed on every run
             self._generation += 1
             if self._strategy == "rebuild":
+                if self.FREE_STALE_BEFORE_BUILD:
+                    self._static = None  # stale from here on: free its packed weights before packing anew
                 self._static = self._build_fresh()
                 self._static_gen = self._generation
             elif self._strategy == "hybrid":
@@ -244,6 +308,7 @@ class ArenaBackend(Backend):
                     self._static, self._static_gen = sess, gen
                     self._settled.set()
             # otherwise a write came while building (it may have hit the buffers mid-pack): go again
+            del sess  # this frame must not keep a session alive through the next build
 
 
 @atexit.register
@@ -253,3 +318,74 @@ def _close_live() -> None:
             backend.close()
         except Exception:  # exiting anyway; a failing close must not hide the others
             pass
+
+
+# -- loading and memory helpers shared by backends ---------------------------------------------------------------------
+@contextmanager
+def model_buffer(model: bytes | bytearray | memoryview | str | os.PathLike):
+    """(buffer, read) over the model's bytes or its file. ``read(dst, offset)`` fills the writable byte
+    view ``dst`` from ``offset``; given a path it reads from the file straight into ``dst`` (the buffer
+    is then a read-only memory map: only the pages a reader touches become resident)."""
+    if isinstance(model, (bytes, bytearray, memoryview)):
+        with memoryview(model) as view:
+            view = view.cast("B") if view.format != "B" else view
+
+            def copy(dst: memoryview, at: int) -> None:
+                dst[:] = view[at : at + len(dst)]
+
+            yield view, copy
+        return
+    from edge.errors import FormatError
+
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)  # a FIFO must not hang us
+    try:
+        fd = os.open(model, flags)
+    except OSError as e:
+        raise FormatError(f"cannot read model file {model}: {e.strerror or e}") from e
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        kind = "a folder" if stat.S_ISDIR(mode) else "not a regular file (a FIFO, device or socket)"
+        raise FormatError(f"cannot read model file {model}: it is {kind}")
+    with os.fdopen(fd, "rb") as f:
+        try:
+            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        except (OSError, ValueError) as e:
+            raise FormatError(f"cannot read model file {model}: {e}") from e
+
+        def read(dst: memoryview, at: int) -> None:
+            while len(dst):
+                f.seek(at)
+                n = f.readinto(dst)
+                if not n:
+                    raise FormatError(f"model file {model} ends early (truncated)")
+                dst, at = dst[n:], at + n
+
+        with mm, memoryview(mm) as view:
+            yield view, read
+
+
+def rss_mb() -> float | None:
+    """This process's resident memory in MB (Linux; None elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * mmap.PAGESIZE / 2**20
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def trim_heap() -> None:
+    """Give freed heap memory back to the system (glibc otherwise keeps the buffers of dropped sessions)."""
+    global _MALLOC_TRIM
+    if _MALLOC_TRIM is None:
+        try:
+            import ctypes
+
+            _MALLOC_TRIM = ctypes.CDLL(None).malloc_trim
+        except (OSError, AttributeError):  # not glibc
+            _MALLOC_TRIM = False
+    if _MALLOC_TRIM:
+        _MALLOC_TRIM(0)
+
+
+_MALLOC_TRIM = None

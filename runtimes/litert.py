@@ -208,8 +208,13 @@ class LiteRTBackend(ArenaBackend):
             raise FormatError(f"cannot read model file {path}: {e}") from e
         return tflite_info(data)
 
-    def __init__(self, model: bytes, options: BackendOptions) -> None:
+    def __init__(self, model: bytes | str | os.PathLike, options: BackendOptions) -> None:
         self._lib, self.runtime = interpreter_module()
+        if not isinstance(model, (bytes, bytearray, memoryview)):  # a path: this backend's arena is the file's bytes
+            try:
+                model = Path(model).read_bytes()
+            except OSError as e:
+                raise FormatError(f"cannot read model file {model}: {e}") from e
         strategy = self.DEFAULT_STRATEGY if options.strategy == "auto" else options.strategy
         if strategy not in self.STRATEGIES:
             raise ConfigError(

@@ -4,8 +4,7 @@ onnxruntime prepacks constant MatMul weights at session start, so an in-place ed
 of an initializer is never seen (shared ANCHORS.md section 2). Strategies:
 
 ``rebuild``
-    Weights live in numpy arrays handed to the session as external initializers
-    (``SessionOptions.add_external_initializers``); every write rebuilds the session.
+    The arena's tensors are handed to a new session as initializers after every write.
     Full speed at inference, a switch costs a session build.
 ``bound``
     The writable tensors are graph inputs bound once through IOBinding to the same
@@ -18,30 +17,58 @@ of an initializer is never seen (shared ANCHORS.md section 2). Strategies:
     again). Fast switch, full steady-state speed; the window in between runs at
     ``bound`` speed.
 
-Memory: the writable tensors live once, in one contiguous float32 arena (so a switch
-is two numpy scatters whatever the tensor count), plus onnxruntime's prepacked copy
-(and transiently a second one while a rebuild runs).
+Memory (issue 16): the writable tensors live once, in one contiguous float32 arena (so a
+switch is two numpy scatters whatever the tensor count), plus onnxruntime's prepacked copy
+of the MatMul weights (``hybrid``, ``rebuild``; a stale one is freed before packing anew).
+Tables only Gather reads (embeddings) are fed from the arena on every run rather than
+handed over. Loading walks the file once at the protobuf wire level
+(:mod:`runtimes.onnx_file`): each writable tensor is read from the file straight into the
+arena (given a path, the file is never held whole) and only the graph without them, a few
+hundred KB, is parsed; both sessions are built from that weight-less graph. Cold start:
+``hybrid`` builds its prepacked session first and serves from it, and builds the bound
+session (needed from the first switch on) in the background. :meth:`OrtBackend.footprint_mb`
+predicts each strategy's resident memory; ``strategy="auto"`` with a memory budget picks by it.
 """
 
 from __future__ import annotations
 
+import atexit
 import logging
+import os
+import tempfile
+import threading
 import time
 from collections.abc import Mapping, Sequence
+from math import prod
 from pathlib import Path
 from types import MappingProxyType
 
 import numpy as np
 
-from edge.errors import BackendUnavailableError, ConfigError, FormatError
-from edge.format.modelinfo import ModelInfo, fingerprint, onnx_info
-from runtimes.base import BACKENDS, ArenaBackend, BackendOptions
+from edge.errors import BackendUnavailableError, ConfigError
+from edge.format.modelinfo import ModelInfo, onnx_info
+from runtimes.base import BACKENDS, ArenaBackend, BackendOptions, model_buffer, trim_heap
+from runtimes.onnx_file import parse_graph, take_writable, tensor_proto, verify_fingerprint
 
 __all__ = ["OrtBackend"]
 
 log = logging.getLogger("edge.runtimes.onnxruntime")
 
 _EXTERNAL_LOCATION = "edge-live-weights.bin"  # never read: data comes from memory
+_UNSHARED: set[str] = set()  # fingerprints of models onnxruntime would not prepack from the arena in place
+_STUBS: list[str] = []  # a folder with an empty _EXTERNAL_LOCATION, made once per process, removed at exit
+_STUBS_LOCK = threading.Lock()
+
+
+def _stub_folder() -> str:
+    with _STUBS_LOCK:
+        if not _STUBS:
+            import shutil
+
+            _STUBS.append(tempfile.mkdtemp(prefix="edge-ort-"))
+            Path(_STUBS[0], _EXTERNAL_LOCATION).touch()
+            atexit.register(shutil.rmtree, _STUBS[0], True)
+        return _STUBS[0]
 
 
 _CUDA_OPTIONS = (
@@ -76,6 +103,8 @@ class OrtBackend(ArenaBackend):
     name = "onnxruntime"
     STRATEGIES = ("hybrid", "bound", "rebuild")
     DEFAULT_STRATEGY = "hybrid"
+    AUTO_ORDER = ("hybrid", "bound")
+    FREE_STALE_BEFORE_BUILD = True  # a stale prepacked session never serves again (runs check the generation)
     REBUILD_FAILED = "background session rebuild failed; staying on the bound session"
     PROVIDERS = MappingProxyType(
         {
@@ -109,61 +138,110 @@ class OrtBackend(ArenaBackend):
 
     @classmethod
     def read_info(cls, path: Path) -> ModelInfo:
-        import onnx
+        with model_buffer(path) as (buf, _):
+            return onnx_info(parse_graph(buf)[0])
 
-        try:
-            proto = onnx.load(str(path), load_external_data=False)
-        except OSError as e:
-            raise FormatError(f"cannot read model file {path}: {e}") from e
-        except Exception as e:  # protobuf's DecodeError and friends
-            raise FormatError(f"{path} is not a readable ONNX file: {e}") from e
-        return onnx_info(proto)
+    @classmethod
+    def footprint_mb(cls, model: bytes | str | os.PathLike | ModelInfo, strategy: str) -> float:
+        """Predicted resident memory (MB) that loading ``model`` with ``strategy`` adds to the process.
 
-    def __init__(self, model: bytes, options: BackendOptions) -> None:
+        ``model`` is a path or the file bytes (exact: the graph says which weights onnxruntime
+        prepacks), or a :class:`ModelInfo` (then every writable weight counts as prepacked: an
+        upper bound). The weights once (the arena), the prepacked copy for ``hybrid`` and
+        ``rebuild``, and an allowance per session for onnxruntime's own buffers.
+        """
+        if isinstance(model, ModelInfo):
+            sizes = {t.initializer: (4 * prod(t.shape), t.slot) for t in model.tensors.values()}
+            weights = sum(n for n, _ in sizes.values())
+            return _predict(weights, weights - sum(n for n, slot in sizes.values() if slot), strategy)
+        with model_buffer(model) as (buf, _):
+            proto, inits = parse_graph(buf)
+        info = onnx_info(proto)
+        slots = {t.initializer for t in info.tensors.values() if t.slot}
+        live = {t.initializer: prod(inits[t.initializer].dims) for t in info.tensors.values() if t.initializer in inits}
+        packed = sum(live[k] for k in _packed(_readers(proto, set(live) - slots)))
+        return _predict(4 * sum(live.values()), 4 * packed, strategy)
+
+    def __init__(self, model: bytes | str | os.PathLike, options: BackendOptions) -> None:
         try:
             import onnx
             import onnxruntime as ort
         except ImportError as e:
             raise BackendUnavailableError(f"the onnxruntime backend needs onnx and onnxruntime: {e}") from e
         self._ort = ort
-        strategy = self.DEFAULT_STRATEGY if options.strategy == "auto" else options.strategy
-        if strategy not in self.STRATEGIES:
+        self._measure_from()
+        if options.strategy != "auto" and options.strategy not in self.STRATEGIES:
             raise ConfigError(
                 f"unknown onnxruntime strategy {options.strategy!r}; allowed: auto, {', '.join(self.STRATEGIES)}"
             )
-        self._strategy = strategy
         self._providers = self._check_providers(options.providers)
         popts = options.provider_options
         self._provider_options = [dict(o) for o in popts] if popts and len(popts) == len(self._providers) else None
         self._threads = options.threads
 
-        try:
-            proto = onnx.load_model_from_string(model)
-        except Exception as e:  # protobuf raises DecodeError and friends
-            raise FormatError(f"not a readable ONNX model: {e}") from e
-        self.info = onnx_info(proto)
-        writable = sorted({t.initializer for t in self.info.tensors.values()})
-        self._arena, self._offset, self._live = self._take_writable(proto, writable)
+        with model_buffer(model) as (buf, read):
+            proto, inits = parse_graph(buf)
+            self.info = onnx_info(proto)
+            writable = sorted({t.initializer for t in self.info.tensors.values()})
+            self._arena, self._offset, self._live = take_writable(buf, inits, writable, read)
+            others = [k for k in inits if k not in self._offset]  # small constants (biases, shapes): kept in the graph
+            proto.graph.initializer.extend(tensor_proto(buf, inits[k]) for k in others)
         self._slots = {t.initializer for t in self.info.tensors.values() if t.slot}
         if options.verify:
-            _verify_fingerprint(proto, self.info, self._live)
+            verify_fingerprint(proto, self.info, self._live)
         self._output_names = [o.name for o in proto.graph.output]
-        self._bound_bytes = self._bound_model(proto)
-        self._static_bytes = self._static_model(proto)
+        # graph inputs of the prepacked session, fed from the arena on every run: the slots, and the tables only
+        # Gather reads (embeddings), which onnxruntime would otherwise copy (it copies external initializers)
+        readers = _readers(proto, set(self._live) - self._slots)
+        self._fed = self._slots | _only(readers, _GATHERED)
+        self._fed_feeds = {k: self._live[k] for k in sorted(self._fed)}
+        self._consts = sorted(set(self._live) - self._fed)
+        self._shared = _only(readers, _PACKED)  # handed over in place (others, e.g. Conv weights, are copied)
+        self.weights_mb = self._arena.nbytes / 2**20
+        self.packed_mb = 4 * sum(self._live[k].size for k in _packed(readers)) / 2**20
+        strategy = options.strategy
+        if strategy == "auto":
+            strategy = self.DEFAULT_STRATEGY
+            if options.memory_mb is not None:
+                predicted = {s: self.predicted_mb(s) for s in self.STRATEGIES}
+                strategy = self.choose_strategy(predicted, options.memory_mb, model=self.info.name)
+        self._strategy = strategy
+
+        # one weight-less graph in two forms: the fed tensors are graph inputs in both; the others are
+        # data-less initializers (values handed over at build) in the prepacked form, graph inputs in the bound one
+        _add_inputs(proto, sorted(self._fed), self._live)
+        self._static_bytes = b""
+        if strategy in ("rebuild", "hybrid"):
+            proto.graph.initializer.extend(_external_stub(onnx, k, self._live[k]) for k in self._consts)
+            self._static_bytes = proto.SerializeToString()
+            del proto.graph.initializer[len(proto.graph.initializer) - len(self._consts) :]
+        bound_bytes = b""
+        if strategy in ("bound", "hybrid"):
+            _add_inputs(proto, self._consts, self._live)
+            bound_bytes = proto.SerializeToString()
         del proto
-        self._slot_feeds = {k: self._live[k] for k in self._slots}
 
         self._init_rebuilds(options)
+        self.shares_weights = self.info.fingerprint not in _UNSHARED  # prepack from the arena in place (_build_fresh)
         self._bound = None
         self._binding = None
-
-        if strategy in ("bound", "hybrid"):
-            self._make_bound()
+        self._bound_ready = threading.Event()  # the bound session exists (or failed: _bound_error)
+        self._bound_error, self._bound_builder = None, None
         if strategy in ("rebuild", "hybrid"):
-            self._static = self._build_fresh()
-            self._static_gen = 0
-        if strategy == "hybrid":
+            self._static, self._static_gen = self._build_fresh(), 0
+        if strategy == "rebuild":
+            self._bound_ready.set()  # there is none
+        if strategy == "bound":
+            self._make_bound(bound_bytes)
+        elif strategy == "hybrid":  # cold start: serve prepacked now; the bound session (for switches) is
+            # built in the background after the first inference (or at the first write, if that comes first)
+            self._bound_builder = threading.Thread(
+                target=self._make_bound, args=(bound_bytes, self._rebuild_delay), name="edge-ort-bound", daemon=True
+            )
             self._start_rebuilds("edge-ort-rebuild")
+        del bound_bytes
+        if strategy != "hybrid":
+            self._measure()
 
     # -- contract ---------------------------------------------------------------------------
     @property
@@ -172,13 +250,18 @@ class OrtBackend(ArenaBackend):
 
     @property
     def providers(self) -> list[str]:
-        sess = self._static or self._bound
-        return list(sess.get_providers())
+        return list(self._any_session().get_providers())
 
     @property
     def input_names(self) -> list[str]:
+        return [i.name for i in self._any_session().get_inputs() if i.name not in self._live]
+
+    def _any_session(self):
         sess = self._static or self._bound
-        return [i.name for i in sess.get_inputs() if i.name not in self._live]
+        if sess is None:  # mid-rebuild right after load: the bound session is on its way
+            self._bound_ready.wait()
+            sess = self._static or self._bound
+        return sess
 
     def read(self, tensor: str) -> np.ndarray:
         view = self._live[tensor].view()
@@ -188,10 +271,17 @@ class OrtBackend(ArenaBackend):
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         with self._lock:
             if self._static is not None and self._static_gen == self._generation:
-                run_feeds = {**feeds, **self._slot_feeds} if self._slot_feeds else feeds
+                run_feeds = {**feeds, **self._fed_feeds} if self._fed_feeds else feeds
                 outs = self._static.run(self._output_names, run_feeds)
+                self._start_bound()
                 return dict(zip(self._output_names, outs))
+            self._bound_ready.wait()  # hybrid right after load: the bound session is still being built
             b = self._binding
+            if b is None:
+                raise BackendUnavailableError(
+                    "no current onnxruntime session: the backend is closed, or its bound session could not be "
+                    f"built ({self._bound_error!r})"
+                )
             for k, v in feeds.items():
                 b.bind_cpu_input(k, np.ascontiguousarray(v))
             for name in self._output_names:
@@ -199,8 +289,31 @@ class OrtBackend(ArenaBackend):
             self._bound.run_with_iobinding(b)
             return dict(zip(self._output_names, b.copy_outputs_to_cpu()))
 
+    def write(self, *prepared) -> None:
+        self._start_bound()
+        super().write(*prepared)
+
+    def _start_bound(self) -> None:
+        with self._lock:
+            t = self._bound_builder
+            if t is not None and t.ident is None and not self._closed:
+                t.start()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True  # no bound build starts from here on
+        t = self._bound_builder
+        if t is not None and t.ident is not None and t is not threading.current_thread():
+            t.join(60.0)  # native code must not be cut off
+        super().close()
+
     def _release(self) -> None:
         self._bound = self._binding = None
+
+    # -- footprint --------------------------------------------------------------------------
+    def predicted_mb(self, strategy: str | None = None) -> float:
+        """Predicted resident memory (MB) of this model under ``strategy`` (default: the one in use)."""
+        return _predict(self.weights_mb * 2**20, self.packed_mb * 2**20, strategy or self._strategy)
 
     # -- sessions ---------------------------------------------------------------------------
     def _session_options(self):
@@ -210,92 +323,66 @@ class OrtBackend(ArenaBackend):
         so.log_severity_level = 3
         return so
 
-    def _make_bound(self) -> None:
+    def _make_bound(self, model: bytes, delay: float = 0.0) -> None:
+        """The session with every writable tensor a graph input, bound to the arena (zero copy). In the
+        background, ``delay`` first lets the run that started it return (a build holds the GIL at times)."""
         ort = self._ort
-        self._bound = ort.InferenceSession(
-            self._bound_bytes,
-            self._session_options(),
-            providers=self._providers,
-            provider_options=self._provider_options,
-        )
-        self._binding = self._bound.io_binding()
-        self._bound_values = {k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in self._live.items()}
-        for k, v in self._bound_values.items():
-            self._binding.bind_ortvalue_input(k, v)
+        time.sleep(delay)
+        try:
+            sess = ort.InferenceSession(
+                model, self._session_options(), providers=self._providers, provider_options=self._provider_options
+            )
+            binding = sess.io_binding()
+            self._bound_values = {k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in self._live.items()}
+            for k, v in self._bound_values.items():
+                binding.bind_ortvalue_input(k, v)
+        except Exception as e:
+            if threading.current_thread() is not self._bound_builder:
+                raise
+            log.exception("building the bound session failed; switches of constant weights cannot be served")
+            self._bound_error = e
+        else:
+            self._bound, self._binding = sess, binding
+            trim_heap()
+            if threading.current_thread() is self._bound_builder:
+                self._measure()
+        finally:
+            self._bound_ready.set()
 
     def _build_fresh(self):
+        """A prepacked session over the arena. The weights only MatMul/Gemm read (as B) are handed over
+        in place with ``add_initializer``: onnxruntime prepacks them without copying (observed, onnxruntime
+        1.2x-1.3x); their stubs in the graph point at an empty file it must find but never reads. Other
+        constants (e.g. Conv weights, which optimizers rewrite) go through ``add_external_initializers``,
+        which copies them. If onnxruntime refuses the in-place way, every constant is copied from then on
+        for this model, with a warning (onnxruntime frees its copies of prepacked weights after packing)."""
         ort = self._ort
         t0 = time.perf_counter()
         so = self._session_options()
-        names = [k for k in self._live if k not in self._slots]
-        values = [ort.OrtValue.ortvalue_from_numpy(self._live[k]) for k in names]
-        so.add_external_initializers(names, values)
-        sess = ort.InferenceSession(
-            self._static_bytes, so, providers=self._providers, provider_options=self._provider_options
-        )
-        sess._edge_keepalive = values  # onnxruntime may reference these buffers
+        values = {k: ort.OrtValue.ortvalue_from_numpy(self._live[k]) for k in self._consts}
+        shared = self._shared if self.shares_weights else set()
+        for k in shared:
+            so.add_initializer(k, values[k])
+        copied = [k for k in self._consts if k not in shared]
+        if copied:
+            so.add_external_initializers(copied, [values[k] for k in copied])
+        so.add_session_config_entry("session.model_external_initializers_file_folder_path", _stub_folder())
+        try:
+            sess = ort.InferenceSession(
+                self._static_bytes, so, providers=self._providers, provider_options=self._provider_options
+            )
+        except Exception as e:  # onnxruntime's Fail and friends
+            if not self.shares_weights:
+                raise
+            log.warning("onnxruntime would not prepack from the arena in place (%s); copying the weights instead", e)
+            self.shares_weights = False
+            _UNSHARED.add(self.info.fingerprint)  # do not try again for this model in this process
+            return self._build_fresh()
+        sess._edge_keepalive = values  # onnxruntime references these buffers
+        del so, values
+        trim_heap()
         self.last_build_ms = (time.perf_counter() - t0) * 1e3
         return sess
-
-    # -- model surgery ----------------------------------------------------------------------
-    @staticmethod
-    def _take_writable(proto, writable: Sequence[str]):
-        """Copy the writable initializers into one float32 arena; return it, offsets and per-tensor views."""
-        from onnx import numpy_helper
-
-        inits = {t.name: t for t in proto.graph.initializer}
-        missing = [w for w in writable if w not in inits]
-        if missing:
-            raise FormatError(f"model has no initializer(s) {missing[:5]} named in its metadata")
-        arrays = {name: numpy_helper.to_array(inits[name]) for name in writable}
-        bad = {k: str(a.dtype) for k, a in arrays.items() if a.dtype != np.float32}
-        if bad:
-            raise FormatError(f"writable tensors must be float32; got {bad}")
-        arena = np.empty(sum(a.size for a in arrays.values()), np.float32)
-        offset, live, at = {}, {}, 0
-        for name, a in arrays.items():
-            view = arena[at : at + a.size]
-            view[:] = a.reshape(-1)
-            offset[name] = at
-            live[name] = view.reshape(a.shape)
-            at += a.size
-        return arena, offset, live
-
-    def _bound_model(self, proto) -> bytes:
-        import onnx
-
-        m = onnx.ModelProto()
-        m.CopyFrom(proto)
-        self._inputs_from_initializers(m, set(self._live))
-        return m.SerializeToString()
-
-    def _inputs_from_initializers(self, m, names: set[str]) -> None:
-        """Turn the initializers ``names`` into graph inputs of the same shape and dtype."""
-        from onnx import helper
-
-        keep = [t for t in m.graph.initializer if t.name not in names]
-        del m.graph.initializer[:]
-        m.graph.initializer.extend(keep)
-        for name in sorted(names):
-            arr = self._live[name]
-            elem = helper.np_dtype_to_tensor_dtype(arr.dtype)
-            m.graph.input.append(helper.make_tensor_value_info(name, elem, list(arr.shape)))
-
-    def _static_model(self, proto) -> bytes:
-        import onnx
-        from onnx.external_data_helper import set_external_data
-
-        m = onnx.ModelProto()
-        m.CopyFrom(proto)
-        self._inputs_from_initializers(m, self._slots)
-        for t in m.graph.initializer:
-            if t.name in self._live:
-                set_external_data(t, location=_EXTERNAL_LOCATION)
-                t.ClearField("raw_data")
-                t.data_location = onnx.TensorProto.EXTERNAL
-                for f in ("float_data", "int32_data", "int64_data", "double_data"):
-                    t.ClearField(f)
-        return m.SerializeToString()
 
     def _check_providers(self, asked: Sequence[str]) -> list[str]:
         available = self._ort.get_available_providers()
@@ -309,17 +396,53 @@ class OrtBackend(ArenaBackend):
         return asked
 
 
-def _verify_fingerprint(proto, info: ModelInfo, live: Mapping[str, np.ndarray]) -> None:
-    from onnx import numpy_helper
+# -- footprint model -------------------------------------------------------------------------------------------------
+_SESSION_MB = 8.0  # onnxruntime's own per session (threads, plans, activations): 5-15 MB on lab's two models
+_PACKED = {("MatMul", 1), ("Gemm", 1)}  # inputs MLAS prepacks when they are constant
+_GATHERED = {("Gather", 0)}  # embedding tables
 
-    heads = {t.initializer for t in info.tensors.values() if t.head}  # runtime-owned (edge.route.taps): not weights
-    tensors = {k: v for k, v in live.items() if k not in heads}
-    for t in proto.graph.initializer:
-        if t.name not in tensors and t.name not in heads:
-            tensors[t.name] = numpy_helper.to_array(t)
-    got = fingerprint(tensors)
-    if got != info.fingerprint:
-        raise FormatError(
-            f"model {info.name!r}: weights fingerprint {got} differs from the exported {info.fingerprint}; "
-            "the file was modified after export (re-export it)"
-        )
+
+def _predict(weights: float, packed: float, strategy: str) -> float:
+    """MB: the arena, plus the prepacked copy and one session for hybrid/rebuild, plus the bound session."""
+    if strategy not in OrtBackend.STRATEGIES:
+        raise ConfigError(f"unknown onnxruntime strategy {strategy!r}; allowed: {', '.join(OrtBackend.STRATEGIES)}")
+    mb = weights / 2**20
+    if strategy in ("hybrid", "rebuild"):
+        mb += packed / 2**20 + _SESSION_MB
+    if strategy in ("hybrid", "bound"):
+        mb += _SESSION_MB
+    return mb
+
+
+def _readers(proto, names: set[str]) -> dict[str, set[tuple[str, int]]]:
+    """For each of ``names``, the (op type, input index) of every node of the graph reading it."""
+    out: dict[str, set[tuple[str, int]]] = {k: set() for k in names}
+    for n in proto.graph.node:
+        for i, k in enumerate(n.input):
+            if k in out:
+                out[k].add((n.op_type, i))
+    return out
+
+
+def _only(readers: Mapping[str, set], kinds: set[tuple[str, int]]) -> set[str]:
+    return {k for k, r in readers.items() if r and r <= kinds}
+
+
+def _packed(readers: Mapping[str, set]) -> set[str]:
+    return {k for k, r in readers.items() if r & _PACKED}
+
+
+def _add_inputs(proto, names: Sequence[str], live: Mapping[str, np.ndarray]) -> None:
+    """Declare ``names`` as graph inputs of their stored shape (float32)."""
+    from onnx import TensorProto, helper
+
+    proto.graph.input.extend(helper.make_tensor_value_info(k, TensorProto.FLOAT, list(live[k].shape)) for k in names)
+
+
+def _external_stub(onnx, name: str, arr: np.ndarray):
+    """An initializer with no data: onnxruntime takes its values from ``add_external_initializers``."""
+    t = onnx.TensorProto(name=name, data_type=onnx.TensorProto.FLOAT, dims=list(arr.shape))
+    t.data_location = onnx.TensorProto.EXTERNAL
+    entry = t.external_data.add()
+    entry.key, entry.value = "location", _EXTERNAL_LOCATION
+    return t

@@ -24,14 +24,36 @@ def register(sub) -> None:
         "(auto: branch when the model has slots for every module)",
     )
     p.add_argument("--name", help="adapter name (default: the folder name)")
+    p.add_argument(
+        "--key", type=Path, help="sign the written adapter with this Ed25519 private key (PEM, from `edge keygen`)"
+    )
+    p.add_argument(
+        "--device",
+        help="device profile the adapter is for: with trusted_keys in it, the output must be signed (--key) by one",
+    )
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     from edge.convert.peft import import_peft
+    from edge.format.signing import SignaturePolicy, sign_file
 
+    policy = SignaturePolicy(None)
+    if args.device:
+        from edge.devices import load_profile
+
+        policy = SignaturePolicy.resolve(None, load_profile(args.device))
+    if policy.required and args.key is None:
+        from edge.errors import SignatureError
+
+        raise SignatureError(
+            f"device {args.device} accepts only adapters signed by its trusted keys; pass --key PEM to sign the output"
+        )
     adapter = import_peft(args.path, args.base, lora_as=args.lora_as, name=args.name)
     adapter.save(args.out)
+    signature = sign_file(args.out, args.key) if args.key is not None else None
+    if policy.required:
+        policy.read(args.out, 1 << 31)  # the output passes the device's policy, or this raises SignatureError
     summary = {
         "out": str(args.out),
         "name": adapter.name,
@@ -40,6 +62,7 @@ def run(args) -> int:
         "targets": len(adapter.shapes),
         "nnz": adapter.nnz,
         "bytes": args.out.stat().st_size,
+        "signature": str(signature) if signature else None,
         "info": adapter.info,
     }
     print(json.dumps(summary, indent=1))

@@ -1,4 +1,4 @@
-"""``edge inspect FILE``: metadata of a model or adapter file."""
+"""``edge inspect FILE``: metadata of a model or adapter file (read bounded, validated, never decoded)."""
 
 from __future__ import annotations
 
@@ -13,23 +13,16 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
+    from edge.format.io import check_regular
+
     path = Path(args.file)
     if path.suffix.lower() != ".safetensors":
         from runtimes import read_model_info
 
+        check_regular(path, what="model file")  # onnx opens the file itself: no FIFO or device may reach it
         print(json.dumps(json.loads(read_model_info(path).to_json()), indent=1))
         return 0
-    from edge.format.adapter import load_adapter
+    from edge.format.adapter import inspect_adapter
 
-    a = load_adapter(path)
-    summary = {
-        "name": a.name,
-        "method": a.method,
-        "base_fingerprint": a.base_fingerprint,
-        "nnz": a.nnz,
-        "bytes": path.stat().st_size,
-        "targets": {k: list(v) for k, v in a.shapes.items()},
-        "info": a.info,
-    }
-    print(json.dumps(summary, indent=1))
+    print(json.dumps(inspect_adapter(path), indent=1))
     return 0

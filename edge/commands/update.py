@@ -29,7 +29,9 @@ def run(args) -> int:
 
     import numpy as np
 
-    from edge.learn.update import Updater, limit_blas_threads, load_samples
+    from edge.format.samples import load_samples
+    from edge.format.state import state_lock
+    from edge.learn.update import limit_blas_threads
     from edge.runtime import Runtime
 
     budget, source = _budget(args)
@@ -37,34 +39,19 @@ def run(args) -> int:
     rt = Runtime(args.model, backend=args.backend, threads=args.threads)
     with limit_blas_threads(args.threads) as blas, rt:
         chunks = load_samples(args.data, rt.info.inputs)
-        if args.state is not None and args.state.exists():
-            up = Updater.load(args.state, rt, memory_mb=budget)
-            if up.method_name != args.method:
-                from edge.errors import ConfigError
+        evals = load_samples(args.eval, rt.info.inputs) if args.eval is not None else None
+        if evals is not None and len(evals) != 1:
+            from edge.errors import ConfigError
 
-                raise ConfigError(
-                    f"state {args.state} holds a {up.method_name!r} update, not {args.method!r}; "
-                    f"pass --method {up.method_name} or another --state"
-                )
-        else:
-            up = Updater(rt, args.method, memory_mb=budget, **options)
-        reports = [{"data": name, **up.partial_fit(x, y, domain=args.domain).as_dict()} for name, x, y in chunks]
-        result = {
-            "model": str(args.model),
-            "method": up.method_name,
-            "budget_mb": budget,
-            "budget_from": source,
-            "blas_threads": blas,
-            "updates": reports,
-            "classes": list(up.classes),
-            "domains": list(up.domains),
-            "samples_seen": up.samples_seen,
-        }
-        if args.eval is not None:
-            ((_, x, y),) = load_samples(args.eval, rt.info.inputs)
-            result["eval_acc"] = float((up.predict(x) == np.asarray(y)).mean())
-        if args.state is not None:
-            result["state"] = str(up.save(args.state))
+            raise ConfigError(f"--eval takes one .npz file, got a folder of {len(evals)}")
+        with state_lock(args.state):  # another `edge update --state` of the same file waits here: nothing is lost
+            result, up = _learn(args, rt, chunks, budget, options)
+            result.update({"budget_mb": budget, "budget_from": source, "blas_threads": blas})
+            if evals is not None:
+                ((_, x, y),) = evals
+                result["eval_acc"] = float((up.predict(x) == np.asarray(y)).mean())
+            if args.state is not None:
+                result["state"] = str(up.save(args.state))
         if args.adapter_out is not None:
             result["adapter"] = str(up.to_adapter(args.adapter_out.stem).save(args.adapter_out))
     print(json.dumps(result, indent=1))
@@ -73,6 +60,32 @@ def run(args) -> int:
 
         write_json(args.json, result)
     return 0
+
+
+def _learn(args, rt, chunks, budget, options):
+    """Resume the state (or start the method), learn every chunk; returns the report and the updater."""
+    from edge.errors import ConfigError
+    from edge.learn.update import Updater
+
+    if args.state is not None and args.state.exists():
+        up = Updater.load(args.state, rt, memory_mb=budget)
+        if up.method_name != args.method:
+            raise ConfigError(
+                f"state {args.state} holds a {up.method_name!r} update, not {args.method!r}; "
+                f"pass --method {up.method_name} or another --state"
+            )
+    else:
+        up = Updater(rt, args.method, memory_mb=budget, **options)
+    reports = [{"data": name, **up.partial_fit(x, y, domain=args.domain).as_dict()} for name, x, y in chunks]
+    result = {
+        "model": str(args.model),
+        "method": up.method_name,
+        "updates": reports,
+        "classes": list(up.classes),
+        "domains": list(up.domains),
+        "samples_seen": up.samples_seen,
+    }
+    return result, up
 
 
 def _budget(args) -> tuple[float, str]:

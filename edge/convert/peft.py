@@ -31,11 +31,9 @@ missing names raise :class:`~edge.errors.AdapterMismatchError` listing the candi
 from __future__ import annotations
 
 import difflib
-import json
 import math
 import os
 import re
-import struct
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +42,7 @@ import numpy as np
 
 from edge.errors import AdapterMismatchError, ConfigError, FormatError
 from edge.format.adapter import Adapter, DenseDelta, SparseDelta
+from edge.format.io import load_json, read_bounded, read_safetensors
 from edge.format.modelinfo import ModelInfo
 from edge.registry import Registry
 
@@ -53,6 +52,9 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_NAME = "adapter_model.bin"
 LORA_AS = ("auto", "merged", "branch")
+MAX_CONFIG_BYTES = 1 << 20
+MAX_WEIGHTS_BYTES = 1 << 31
+MAX_PATTERN_LEN = 1024
 #: Wrapper prefixes of saved keys: PeftModel's, and a sentence-transformers Transformer module's ``auto_model``.
 _PREFIX = re.compile(r"^(base_model\.model\.)?(\d+\.auto_model\.)?")
 _PARTS = re.compile(r"^(?P<module>.+)\.(?P<part>lora_[AB]\.weight|lora_embedding_[AB]|shira_weight|shira_indices)$")
@@ -95,13 +97,15 @@ def read_peft(path: str | os.PathLike) -> PeftAdapter:
                 f"safe_serialization=True) to get {WEIGHTS_NAME}"
             )
         raise FormatError(f"{folder} has no {WEIGHTS_NAME}")
-    try:
-        config = json.loads((folder / CONFIG_NAME).read_text())
-    except (OSError, ValueError) as e:
-        raise FormatError(f"{folder / CONFIG_NAME}: not readable JSON: {e}") from e
+    _inside(folder, CONFIG_NAME)
+    _inside(folder, WEIGHTS_NAME)
+    config = load_json(
+        read_bounded(folder / CONFIG_NAME, MAX_CONFIG_BYTES, what="PEFT config"), source=str(folder / CONFIG_NAME)
+    )
     if not isinstance(config, dict):
         raise FormatError(f"{folder / CONFIG_NAME}: expected a JSON object, got {type(config).__name__}")
-    kind = str(config.get("peft_type", "")).upper()
+    kind = config.get("peft_type", "")
+    kind = kind.upper() if isinstance(kind, str) else ""
     if kind not in IMPORTERS:
         raise ConfigError(
             f"{folder}: PEFT method {kind or '(none)'!r} is not supported; supported: {', '.join(IMPORTERS.names())}. "
@@ -109,7 +113,7 @@ def read_peft(path: str | os.PathLike) -> PeftAdapter:
         )
     modules: dict[str, dict[str, np.ndarray]] = {}
     unknown = []
-    for key, arr in _read_safetensors(weights).items():
+    for key, arr in read_safetensors(weights, MAX_WEIGHTS_BYTES, what="PEFT weights").items():
         m = _PARTS.match(_PREFIX.sub("", key, count=1))
         if not m:
             unknown.append(key)
@@ -195,8 +199,11 @@ def _import_shira(peft: PeftAdapter, info: ModelInfo, lora_as: str):
                 f"{peft.path}: {module}: shira_indices {idx.shape} and shira_weight {val.shape} must be [2, N] and "
                 f"[N] for a 2-D weight (model has {shape})"
             )
-        if not np.issubdtype(idx.dtype, np.integer):
-            raise FormatError(f"{peft.path}: {module}: shira_indices must be integers, got {idx.dtype}")
+        if not np.issubdtype(idx.dtype, np.integer) or val.dtype.kind != "f":
+            raise FormatError(
+                f"{peft.path}: {module}: shira_indices must be integers and shira_weight floats, got "
+                f"{idx.dtype} and {val.dtype}"
+            )
         idx = idx[::-1] if swap else idx  # PEFT's indices address [out, in]; fan_in_fan_out weights are [in, out]
         if isinstance(r, int) and val.shape[0] != r * sum(shape):
             raise AdapterMismatchError(
@@ -247,6 +254,10 @@ def _import_lora(peft: PeftAdapter, info: ModelInfo, lora_as: str):
         need = {"lora_embedding_A", "lora_embedding_B"} if emb else {"lora_A.weight", "lora_B.weight"}
         if set(parts) != need:
             raise FormatError(f"{peft.path}: module {module!r} needs {sorted(need)}, has {sorted(parts)}")
+        if not all(parts[k].dtype.kind == "f" for k in need):
+            raise FormatError(
+                f"{peft.path}: {module}: LoRA weights must be floats, got {[str(parts[k].dtype) for k in need]}"
+            )
         a, b = (parts[k].astype(np.float32) for k in sorted(need))
         if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
             raise ConfigError(
@@ -254,7 +265,9 @@ def _import_lora(peft: PeftAdapter, info: ModelInfo, lora_as: str):
                 "(convolution LoRA is not supported)"
             )
         r = a.shape[0]
-        alpha = float(_pattern(cfg.get("alpha_pattern"), module, cfg.get("lora_alpha", 8)))
+        alpha = _number(_pattern(cfg.get("alpha_pattern"), module, cfg.get("lora_alpha", 8)), f"{module}: lora_alpha")
+        if r == 0:
+            raise FormatError(f"{peft.path}: {module}: LoRA of rank 0")
         scaling = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
         deltas[_claim(resolve_module(module, info), module, deltas)] = (a, b, scaling, emb)
     slotted = all(_fits_slots(info, t, a.shape[0], emb) for t, (a, _, _, emb) in deltas.items())
@@ -269,16 +282,19 @@ def _import_lora(peft: PeftAdapter, info: ModelInfo, lora_as: str):
         return ("lora", *_lora_branch(peft, info, deltas), extra)
     fan_in_fan_out = bool(cfg.get("fan_in_fan_out"))
     tensors, shapes = {}, {}
+    for target, (a, b, _, emb) in deltas.items():  # every shape checked before any B @ A is computed
+        shape = tuple(info.tensors[target].shape)
+        got = (b.shape[0], a.shape[1]) if emb == fan_in_fan_out else (a.shape[1], b.shape[0])
+        if got != shape:
+            raise AdapterMismatchError(
+                f"{peft.path}: LoRA delta for {target!r} is {got}, model {info.name!r} has {shape}; "
+                "the adapter was trained on a different base"
+            )
     for target, (a, b, scaling, emb) in deltas.items():
+        shape = tuple(info.tensors[target].shape)
         delta = (b @ a) * np.float32(scaling)  # PEFT: transpose(B @ A, fan_in_fan_out) * scaling
         if emb != fan_in_fan_out:  # embeddings store [num, dim], the transpose of B @ A
             delta = delta.T
-        shape = tuple(info.tensors[target].shape)
-        if delta.shape != shape:
-            raise AdapterMismatchError(
-                f"{peft.path}: LoRA delta for {target!r} is {delta.shape}, model {info.name!r} has {shape}; "
-                "the adapter was trained on a different base"
-            )
         nz = np.nonzero(delta)
         tensors[target] = SparseDelta(np.stack(nz).astype(np.int32), np.ascontiguousarray(delta[nz], np.float32))
         shapes[target] = shape
@@ -321,8 +337,10 @@ def _model_info(model) -> ModelInfo:
         return model
     if hasattr(model, "info") and isinstance(model.info, ModelInfo):  # a Runtime
         return model.info
+    from edge.format.io import check_regular
     from runtimes import read_model_info
 
+    check_regular(model, what="model file")
     return read_model_info(model)
 
 
@@ -354,11 +372,47 @@ def _claim(target: str, module: str, taken: Mapping) -> str:
 
 
 def _pattern(patterns, module: str, default):
-    """PEFT's ``rank_pattern``/``alpha_pattern`` lookup: first key matching the module name's end."""
-    for key, value in dict(patterns or {}).items():
-        if re.match(rf"(.*\.)?({key})$", module):
+    """PEFT's ``rank_pattern``/``alpha_pattern`` lookup: first key matching the module name's end.
+
+    Keys are user text, so they are never compiled by Python's backtracking ``re``: with
+    ``google-re2`` installed they are matched as PEFT matches them, in linear time
+    (``(.*\\.)?(KEY)`` against the whole name); without it, a key matches literally (the
+    module name or its dotted suffix).
+    """
+    if patterns is None:
+        return default
+    if not isinstance(patterns, Mapping):
+        raise ConfigError(f"alpha_pattern/rank_pattern must be an object of pattern -> value, got {patterns!r:.80}")
+    for key, value in patterns.items():
+        if not isinstance(key, str) or len(key) > MAX_PATTERN_LEN:
+            raise ConfigError(f"pattern {str(key)[:80]!r} must be a string of at most {MAX_PATTERN_LEN} characters")
+        if _matches(key, module):
             return value
     return default
+
+
+def _matches(key: str, module: str) -> bool:
+    try:
+        import re2
+    except ImportError:
+        return module == key or module.endswith("." + key)
+    try:
+        return re2.fullmatch(rf"(.*\.)?({key})", module) is not None
+    except re2.error as e:
+        raise ConfigError(f"pattern {key[:80]!r} is not a regular expression RE2 accepts: {e}") from e
+
+
+def _number(value, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigError(f"{what} must be a finite number, got {value!r:.80}")
+    return float(value)
+
+
+def _inside(folder: Path, name: str) -> None:
+    """Refuse a file of the folder that is a link leading outside it."""
+    real = (folder / name).resolve()
+    if real.parent != folder.resolve():
+        raise FormatError(f"{folder / name} leads outside {folder} (a link to {real}); refused")
 
 
 def _coalesce(idx: np.ndarray, val: np.ndarray, shape: tuple[int, ...]) -> SparseDelta:
@@ -368,40 +422,3 @@ def _coalesce(idx: np.ndarray, val: np.ndarray, shape: tuple[int, ...]) -> Spars
     acc = np.zeros(pos.shape, np.float32)
     np.add.at(acc, inv, val)
     return SparseDelta(np.stack(np.unravel_index(pos, shape)).astype(np.int32), acc)
-
-
-def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
-    """All tensors of a safetensors file as numpy; bfloat16 (which numpy lacks) widened to float32."""
-    from safetensors.numpy import load
-
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise FormatError(f"cannot read {path}: {e}") from e
-    try:
-        (n,) = struct.unpack("<Q", data[:8])
-        header = json.loads(data[8 : 8 + n])
-        header.pop("__metadata__", None)
-        if not any(spec.get("dtype") == "BF16" for spec in header.values()):
-            return load(data)
-    except Exception as e:  # struct, JSON and safetensors' own errors on corrupt files
-        raise FormatError(f"{path}: corrupt safetensors file: {e!r}") from e
-    try:  # numpy has no bfloat16: decode by hand, widening to float32 exactly
-        out = {}
-        kinds = {"BF16": None, "F16": np.float16, "F32": np.float32, "I32": np.int32, "I64": np.int64}
-        for key, spec in header.items():
-            start, end = (8 + n + int(o) for o in spec["data_offsets"])
-            kind = spec["dtype"]
-            if kind not in kinds:
-                raise FormatError(f"{path}: {key}: dtype {kind} is not supported; allowed: {', '.join(kinds)}")
-            if kind == "BF16":
-                raw = np.frombuffer(data[start:end], dtype="<u2").astype(np.uint32) << 16
-                arr = raw.view(np.float32)
-            else:
-                arr = np.frombuffer(data[start:end], dtype=np.dtype(kinds[kind]).newbyteorder("<"))
-            out[key] = arr.reshape([int(s) for s in spec["shape"]])
-        return out
-    except FormatError:
-        raise
-    except (ValueError, KeyError, TypeError, struct.error) as e:
-        raise FormatError(f"{path}: corrupt safetensors file: {e}") from e

@@ -41,7 +41,7 @@ from edge.devices.profile import (
     backend_status,
     resolve_providers,
 )
-from edge.errors import ConfigError, FormatError
+from edge.errors import ConfigError
 
 __all__ = [
     "ARCHITECTURES",
@@ -107,7 +107,7 @@ def load_profile(
     p = Path(text)
     if p.suffix in (".yaml", ".yml") or os.sep in text:
         if not p.is_file():
-            raise ConfigError(f"device profile file {p} does not exist")
+            raise ConfigError(f"device profile file {p} does not exist or is not a regular file")
         return _load_file(p)
     dirs = search_path(search or ())
     for d in dirs:
@@ -124,13 +124,16 @@ def load_profile(
     )
 
 
-def _load_file(path: Path) -> DeviceProfile:
-    import yaml
+MAX_PROFILE_BYTES = 1 << 20  # a profile is a page of YAML
 
-    try:
-        data = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as e:
-        raise FormatError(f"cannot read device profile {path}: {e}") from e
+
+def _load_file(path: Path) -> DeviceProfile:
+    """Read one profile: bounded read, then the project's one YAML path (duplicate keys, aliases and depth limited)."""
+    from edge.format.io import load_yaml, read_bounded
+
+    data = load_yaml(
+        read_bounded(path, MAX_PROFILE_BYTES, what="device profile"), source=f"cannot read device profile {path}"
+    )
     from edge.devices.schema import from_dict
 
     try:

@@ -16,6 +16,7 @@ __all__ = [
     "BackendPreference",
     "Budgets",
     "DeviceProfile",
+    "FleetSource",
     "ProviderSpec",
     "Tolerances",
     "available_providers",
@@ -76,6 +77,16 @@ class Tolerances:
 
 
 @dataclass(frozen=True)
+class FleetSource:
+    """The registry channel a device syncs its adapters from (``edge sync``), and the TUF root it trusts."""
+
+    registry: str  # HOST[:PORT]/REPOSITORY
+    tuf_root: Path  # root.json, resolved against the profile's folder
+    channel: str = "stable"
+    insecure: bool = False  # plain HTTP (loopback and lab networks only)
+
+
+@dataclass(frozen=True)
 class DeviceProfile:
     """A target device: architecture, backends in order of preference, threads, budgets, tolerances."""
 
@@ -89,6 +100,7 @@ class DeviceProfile:
     description: str = ""
     source: Path | None = None  # the file it was read from
     trusted_keys: tuple[str, ...] = ()  # when set, only adapters signed by these Ed25519 keys load
+    fleet: FleetSource | None = None  # where `edge sync --device NAME` pulls adapters from
 
     def preference(self, backend: str) -> BackendPreference | None:
         """This profile's entry for ``backend``, or None if it does not list it."""

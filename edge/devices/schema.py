@@ -7,6 +7,7 @@ documents them, provider options (each backend's ``PROVIDERS``, :mod:`runtimes`)
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import MappingProxyType
@@ -17,6 +18,7 @@ from edge.devices.profile import (
     BackendPreference,
     Budgets,
     DeviceProfile,
+    FleetSource,
     ProviderSpec,
     Tolerances,
 )
@@ -35,6 +37,10 @@ _TOP = {
     "tolerances": True,
     "fallback": True,
     "trusted_keys": False,
+    "registry": False,
+    "channel": False,
+    "tuf_root": False,
+    "registry_insecure": False,
 }
 
 
@@ -78,6 +84,7 @@ def from_dict(data: object, source: Path | None = None) -> DeviceProfile:
     if not isinstance(name, str) or not name:
         raise ConfigError(f"name must be a non-empty string, got {name!r}")
     return DeviceProfile(
+        fleet=_fleet(d, source),
         name=name,
         architecture=arch,
         backends=prefs,
@@ -89,6 +96,29 @@ def from_dict(data: object, source: Path | None = None) -> DeviceProfile:
         source=source,
         trusted_keys=tuple(keys),
     )
+
+
+def _fleet(d: dict, source: Path | None) -> FleetSource | None:
+    """``registry``, ``channel``, ``tuf_root``, ``registry_insecure``: where ``edge sync`` pulls from."""
+    keys = ("registry", "channel", "tuf_root", "registry_insecure")
+    if all(d.get(k) is None for k in keys):
+        return None
+    registry, tuf_root = d.get("registry"), d.get("tuf_root")
+    if not isinstance(registry, str) or not registry or not isinstance(tuf_root, str) or not tuf_root:
+        raise ConfigError(
+            "registry (HOST[:PORT]/REPOSITORY) and tuf_root (the root.json the device trusts) go together; "
+            f"got registry={registry!r}, tuf_root={tuf_root!r}"
+        )
+    channel = d.get("channel") if d.get("channel") is not None else "stable"
+    if not isinstance(channel, str) or not channel:
+        raise ConfigError(f"channel must be a non-empty string (stable, canary, site-NAME...), got {channel!r}")
+    insecure = d.get("registry_insecure") if d.get("registry_insecure") is not None else False
+    if not isinstance(insecure, bool):
+        raise ConfigError(f"registry_insecure must be true or false, got {insecure!r}")
+    root = Path(tuf_root)
+    if source is not None and not root.is_absolute():  # relative to the profile's folder, like trusted_keys
+        root = source.parent / root
+    return FleetSource(registry=registry, tuf_root=root, channel=channel, insecure=insecure)
 
 
 _BUDGETS = {k: True for k in ("memory_mb", "load_ms", "latency_p95_ms", "switch_p95_ms")}
@@ -156,7 +186,12 @@ def _choice(value: object, allowed: Sequence[str], what: str) -> str:
 
 
 def _positive(value: object, what: str, zero: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (value >= 0 if zero else value > 0):
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or not (value >= 0 if zero else value > 0)
+    ):
         raise ConfigError(f"{what} must be a {'non-negative' if zero else 'positive'} number, got {value!r}")
     return float(value)
 

@@ -39,12 +39,24 @@ from edge.format.io import atomic_write_bytes
 from edge.format.modelinfo import ModelInfo
 from edge.registry import Registry
 
-__all__ = ["Adapter", "SparseDelta", "DenseDelta", "METHODS", "ADAPTER_FORMAT", "ADAPTER_VERSION", "load_adapter"]
+__all__ = [
+    "Adapter",
+    "SparseDelta",
+    "DenseDelta",
+    "METHODS",
+    "ADAPTER_FORMAT",
+    "ADAPTER_VERSION",
+    "load_adapter",
+    "adapter_from_bytes",
+    "check_targets",
+    "inspect_adapter",
+]
 
 ADAPTER_FORMAT = "edge.adapter"
 ADAPTER_VERSION = 1
 MAX_HEADER_BYTES = 16 * 1024 * 1024  # a SHiRA header lists names and shapes, never megabytes
 MAX_NAME_LEN = 512
+MAX_FILE_BYTES = 1 << 31  # an adapter file larger than 2 GiB is refused before reading
 
 #: Adapter methods by name. A fusable method rewrites entries of base weights (sparse deltas);
 #: a slot method writes whole adapter-branch tensors (dense), which the model must carry as slots.
@@ -132,87 +144,49 @@ class Adapter:
 
     def check_against(self, info: ModelInfo) -> None:
         """Raise :class:`AdapterMismatchError` unless this adapter fits the model ``info``."""
-        if self.base_fingerprint != info.fingerprint:
-            raise AdapterMismatchError(
-                f"adapter {self.name!r} was trained on base {self.base_fingerprint}, but the loaded model "
-                f"{info.name!r} is {info.fingerprint}; train or convert the adapter for this model"
-            )
-        for tname, shape in self.shapes.items():
-            if tname not in info.tensors:
-                known = ", ".join(sorted(info.tensors)[:8])
-                raise AdapterMismatchError(
-                    f"adapter {self.name!r} targets {tname!r}, which model {info.name!r} does not have "
-                    f"(its tensors include: {known}, ...)"
-                )
-            if tuple(info.tensors[tname].shape) != tuple(shape):
-                raise AdapterMismatchError(
-                    f"adapter {self.name!r} expects {tname!r} of shape {tuple(shape)}, model has "
-                    f"{tuple(info.tensors[tname].shape)}"
-                )
-            if info.tensors[tname].head:
-                raise AdapterMismatchError(
-                    f"adapter {self.name!r} targets {tname!r}, a detector-head tensor of model {info.name!r} "
-                    "(written by the router, not a weight); adapters may only target model weights and slots"
-                )
-            if info.tensors[tname].slot == self.fusable:
-                want = "base weights" if self.fusable else "adapter slots (export the model with slots=...)"
-                raise AdapterMismatchError(
-                    f"adapter {self.name!r} ({self.method}) must target {want}, but {tname!r} is "
-                    f"{'a slot' if info.tensors[tname].slot else 'a base weight'} of model {info.name!r}"
-                )
+        check_targets(self.name, self.base_fingerprint, self.shapes, self.fusable, info)
 
 
 def load_adapter(
-    path: str | os.PathLike, *, trusted_keys: list[bytes] | None = None, max_bytes: int = 1 << 31
+    path: str | os.PathLike,
+    *,
+    trusted_keys: list[bytes] | None = None,
+    policy=None,
+    model: ModelInfo | None = None,
+    max_bytes: int = MAX_FILE_BYTES,
 ) -> Adapter:
     """Read and validate an adapter file. Raises :class:`FormatError` for anything malformed.
 
-    With ``trusted_keys`` (raw Ed25519 public keys), the file's detached signature
-    (``PATH.sig``, see :mod:`edge.format.signing`) is verified over the exact bytes read, before
-    they are parsed; an unsigned or wrongly signed file raises
-    :class:`~edge.errors.SignatureError`.
+    The file is read once, bounded (:func:`edge.format.io.read_bounded`: regular files only, at
+    most ``max_bytes``). ``policy`` (an :class:`edge.format.signing.SignaturePolicy`, or one built
+    from ``trusted_keys``, raw Ed25519 public keys) verifies the detached signature (``PATH.sig``)
+    over the exact bytes read, before they are parsed; an unsigned or wrongly signed file raises
+    :class:`~edge.errors.SignatureError`. With ``model``, every declared target is checked
+    against it (:class:`AdapterMismatchError`) before any array is decoded.
     """
-    path = Path(path)
-    try:
-        size = path.stat().st_size
-        if size > max_bytes:
-            raise FormatError(f"{path}: {size} bytes exceeds the limit of {max_bytes}; not an adapter file?")
-        data = path.read_bytes()
-    except OSError as e:
-        raise FormatError(f"cannot read adapter file {path}: {e}") from e
-    if trusted_keys is not None:
-        from edge.format.signing import signature_path, verify_bytes
+    from edge.format.signing import SignaturePolicy
 
-        sig_path = signature_path(path)
-        try:
-            sig = sig_path.read_bytes() if sig_path.exists() else None
-        except OSError as e:
-            raise FormatError(f"cannot read signature file {sig_path}: {e}") from e
-        verify_bytes(data, sig, list(trusted_keys), source=str(path))
-    return adapter_from_bytes(data, source=str(path))
+    if policy is None:
+        policy = SignaturePolicy(None if trusted_keys is None else tuple(trusted_keys))
+    data = policy.read(path, max_bytes, what="adapter file")
+    return adapter_from_bytes(data, source=str(path), model=model)
 
 
-def adapter_from_bytes(data: bytes, *, source: str = "<bytes>") -> Adapter:
-    """Parse an adapter from the bytes of a safetensors file (see the module doc)."""
+def adapter_from_bytes(data: bytes, *, source: str = "<bytes>", model: ModelInfo | None = None) -> Adapter:
+    """Parse an adapter from the bytes of a safetensors file (see the module doc).
+
+    Order matters for hostile files: metadata first (bounded JSON), then the declared targets
+    (and, with ``model``, their fit to it), then the payload (the ``safetensors`` library),
+    then each tensor's dtype and size against its declaration, and only then decoding.
+    """
     meta = _read_metadata(data, source)
-    from safetensors.numpy import load
-
-    try:
-        arrays = load(data)
-    except Exception as e:  # safetensors raises its own SafetensorError and others on corrupt data
-        raise FormatError(f"{source}: corrupt safetensors payload: {e}") from e
-    targets = meta.get("targets")
-    if not isinstance(targets, dict) or not targets:
-        raise FormatError(f"{source}: metadata 'targets' must be a non-empty object of name -> shape")
-    method = str(meta.get("method"))
-    if method not in METHODS:
-        raise FormatError(f"{source}: adapter method {method!r} is unknown; known: {METHODS.names()}")
+    method, shapes, encodings_meta = _declared(meta, source)
     sparse = METHODS.get(method)["fusable"]
-    encodings_meta = meta.get("encodings", {})
-    if not isinstance(encodings_meta, dict) or (sparse and encodings_meta):
-        raise FormatError(f"{source}: 'encodings' must be an object, and only dense adapters have them")
+    if model is not None:
+        check_targets(str(meta.get("name")), meta["base_fingerprint"], shapes, sparse, model)
+    arrays = _payload(data, source)
     expected = set()
-    for t in targets:
+    for t in shapes:
         if t in encodings_meta:
             expected |= {f"{t}.codes", f"{t}.stats"}
         else:
@@ -220,52 +194,159 @@ def adapter_from_bytes(data: bytes, *, source: str = "<bytes>") -> Adapter:
     if set(arrays) != expected:
         extra, missing = sorted(set(arrays) - expected), sorted(expected - set(arrays))
         raise FormatError(f"{source}: tensors do not match metadata targets (missing: {missing}, unexpected: {extra})")
-    try:
-        shapes = {str(t): tuple(int(s) for s in shape) for t, shape in targets.items()}
-    except (TypeError, ValueError) as e:
-        raise FormatError(f"{source}: malformed target shapes: {e}") from e
     encodings = {t: _decode_spec(source, t, spec, arrays, shapes[t]) for t, spec in encodings_meta.items()}
     if sparse:
-        tensors = {t: SparseDelta(arrays[f"{t}.indices"], arrays[f"{t}.values"]) for t in targets}
+        tensors = {t: SparseDelta(arrays[f"{t}.indices"], arrays[f"{t}.values"]) for t in shapes}
     else:
+        for t in shapes:
+            if t not in encodings and arrays[f"{t}.values"].shape != shapes[t]:
+                raise FormatError(f"{source}: {t}: values are {arrays[f'{t}.values'].shape}, declared {shapes[t]}")
         tensors = {
             t: DenseDelta(_decoded(source, t, encodings[t]) if t in encodings else arrays[f"{t}.values"])
-            for t in targets
+            for t in shapes
         }
     info = meta.get("info", {})
     try:
         return Adapter(
             name=str(meta.get("name", Path(source).stem)),
-            base_fingerprint=str(meta["base_fingerprint"]),
+            base_fingerprint=meta["base_fingerprint"],
             tensors=tensors,
             shapes=shapes,
             method=method,
             info=info if isinstance(info, dict) else {},
             encodings=encodings,
         )
-    except KeyError as e:
-        raise FormatError(f"{source}: metadata lacks the field {e}") from e
     except AdapterMismatchError as e:  # self-inconsistent file: a format problem, not a model misfit
         raise FormatError(f"{source}: {e}") from e
 
 
+def inspect_adapter(path: str | os.PathLike, *, max_bytes: int = MAX_FILE_BYTES) -> dict:
+    """Metadata and sizes of an adapter file, validated like :func:`load_adapter` but never decoded."""
+    from edge.format.io import read_bounded
+
+    data = read_bounded(path, max_bytes, what="adapter file")
+    source = str(path)
+    meta = _read_metadata(data, source)
+    method, shapes, encodings_meta = _declared(meta, source)
+    if not encodings_meta:  # nothing to decode: validate it all, as a load would
+        nnz = adapter_from_bytes(data, source=source).nnz
+    else:  # validate every encoding (codes sized for the declared shape), decode none
+        arrays = _payload(data, source)
+        expected = {f"{t}.{part}" for t in encodings_meta for part in ("codes", "stats")}
+        expected |= {f"{t}.values" for t in shapes if t not in encodings_meta}
+        if set(arrays) != expected:
+            raise FormatError(f"{source}: tensors {sorted(arrays)[:8]} do not match the targets {sorted(expected)[:8]}")
+        for t, spec in encodings_meta.items():
+            _decode_spec(source, t, spec, arrays, shapes[t])
+        nnz = sum(int(np.prod(shape, dtype=np.int64)) for shape in shapes.values())
+    info = meta.get("info", {})
+    return {
+        "name": str(meta.get("name", Path(source).stem)),
+        "method": method,
+        "base_fingerprint": meta["base_fingerprint"],
+        "nnz": nnz,
+        "bytes": len(data),
+        "targets": {k: list(v) for k, v in shapes.items()},
+        "encodings": dict(encodings_meta),
+        "info": info if isinstance(info, dict) else {},
+    }
+
+
+def check_targets(name: str, fingerprint: str, shapes: Mapping[str, tuple[int, ...]], fusable: bool, info: ModelInfo):
+    """Raise :class:`AdapterMismatchError` unless targets ``shapes`` (of an adapter of that kind) fit ``info``."""
+    if fingerprint != info.fingerprint:
+        raise AdapterMismatchError(
+            f"adapter {name!r} was trained on base {fingerprint}, but the loaded model "
+            f"{info.name!r} is {info.fingerprint}; train or convert the adapter for this model"
+        )
+    for tname, shape in shapes.items():
+        if tname not in info.tensors:
+            known = ", ".join(sorted(info.tensors)[:8])
+            raise AdapterMismatchError(
+                f"adapter {name!r} targets {tname[:120]!r}, which model {info.name!r} does not have "
+                f"(its tensors include: {known}, ...)"
+            )
+        t = info.tensors[tname]
+        if tuple(t.shape) != tuple(shape):
+            raise AdapterMismatchError(
+                f"adapter {name!r} expects {tname!r} of shape {tuple(shape)}, model has {tuple(t.shape)}"
+            )
+        if t.head:
+            raise AdapterMismatchError(
+                f"adapter {name!r} targets {tname!r}, a detector-head tensor of model {info.name!r} "
+                "(written by the router, not a weight); adapters may only target model weights and slots"
+            )
+        if t.slot == fusable:
+            want = "base weights" if fusable else "adapter slots (export the model with slots=...)"
+            raise AdapterMismatchError(
+                f"adapter {name!r} must target {want}, but {tname!r} is "
+                f"{'a slot' if t.slot else 'a base weight'} of model {info.name!r}"
+            )
+
+
+def _payload(data: bytes, source: str) -> dict[str, np.ndarray]:
+    from safetensors.numpy import load
+
+    try:
+        return load(data)
+    except Exception as e:  # safetensors raises its own SafetensorError and others on corrupt data
+        raise FormatError(f"{source}: corrupt safetensors payload: {e}") from e
+
+
+def _declared(meta: dict, source: str) -> tuple[str, dict[str, tuple[int, ...]], dict]:
+    """Method, target shapes and encodings as the metadata declares them, each strictly typed and bounded."""
+    method = meta.get("method")
+    if not isinstance(method, str) or method not in METHODS:
+        raise FormatError(f"{source}: adapter method {method!r} is unknown; known: {METHODS.names()}")
+    if not isinstance(meta.get("base_fingerprint"), str):
+        raise FormatError(f"{source}: metadata field 'base_fingerprint' must be a string")
+    if "name" in meta and not isinstance(meta["name"], str):
+        raise FormatError(f"{source}: metadata field 'name' must be a string, got {type(meta['name']).__name__}")
+    targets = meta.get("targets")
+    if not isinstance(targets, dict) or not targets:
+        raise FormatError(f"{source}: metadata 'targets' must be a non-empty object of name -> shape")
+    shapes = {}
+    for t, shape in targets.items():
+        if (
+            not isinstance(shape, list)
+            or not 1 <= len(shape) <= 8
+            or not all(type(n) is int and 0 < n <= 1 << 40 for n in shape)
+            or int(np.prod(shape, dtype=object)) > 1 << 40
+        ):
+            raise FormatError(f"{source}: target {t[:120]!r} has shape {str(shape)[:80]}, not 1-8 positive integers")
+        shapes[t] = tuple(shape)
+    encodings = meta.get("encodings", {})
+    if not isinstance(encodings, dict) or (METHODS.get(method)["fusable"] and encodings):
+        raise FormatError(f"{source}: 'encodings' must be an object, and only dense adapters have them")
+    unknown = sorted(set(encodings) - set(shapes))
+    if unknown:
+        raise FormatError(f"{source}: encodings name targets that are not declared: {unknown[:5]}")
+    return method, shapes, encodings
+
+
 def _read_metadata(data: bytes, source: str) -> dict:
+    from edge.format.io import load_json
+
     if len(data) < 8:
         raise FormatError(f"{source}: {len(data)} bytes is too short for a safetensors file (truncated?)")
     (hlen,) = struct.unpack("<Q", data[:8])
     if hlen > MAX_HEADER_BYTES or hlen > len(data) - 8:
         raise FormatError(f"{source}: header length {hlen} is larger than allowed or than the file (truncated?)")
+    header = load_json(data[8 : 8 + hlen], source=f"{source}: safetensors header")
     try:
-        header = json.loads(data[8 : 8 + hlen])
-        meta = json.loads(header["__metadata__"]["edge"])
-    except (ValueError, KeyError, TypeError) as e:
+        text = header["__metadata__"]["edge"]
+        if not isinstance(text, str):
+            raise TypeError("the 'edge' metadata entry is not a string")
+    except (KeyError, TypeError) as e:
         raise FormatError(f"{source}: no readable edge metadata in the safetensors header: {e!r}") from e
+    meta = load_json(text, source=f"{source}: edge metadata")
     if not isinstance(meta, dict) or meta.get("format") != ADAPTER_FORMAT:
         got = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
         raise FormatError(f"{source}: format is {got!r}, expected {ADAPTER_FORMAT!r}")
-    if meta.get("version") != ADAPTER_VERSION:
+    version = meta.get("version")
+    if type(version) is not int or version != ADAPTER_VERSION:
         raise FormatError(
-            f"{source}: adapter format version {meta.get('version')!r} is not supported "
+            f"{source}: adapter format version {version!r} is not supported "
             f"(this runtime reads version {ADAPTER_VERSION}); upgrade the runtime or re-save the adapter"
         )
     if meta.get("dtype", "float32") != "float32":
@@ -282,10 +363,10 @@ def _decode_spec(source: str, tname: str, spec, arrays, shape):
     codes, stats = arrays[f"{tname}.codes"], arrays[f"{tname}.stats"]
     if codes.dtype != np.uint8 or stats.dtype != np.float32:
         raise FormatError(f"{source}: {tname}: codes must be uint8 and stats float32, got {codes.dtype}, {stats.dtype}")
+    if not isinstance(spec["scheme"], str) or type(spec["bits"]) is not int:
+        raise FormatError(f"{source}: encoding of {tname!r}: scheme must be a string and bits an integer, got {spec!r}")
     try:
-        return quant.Encoded(
-            scheme=str(spec["scheme"]), bits=int(spec["bits"]), shape=tuple(shape), codes=codes, stats=stats
-        )
+        return quant.Encoded(scheme=spec["scheme"], bits=spec["bits"], shape=tuple(shape), codes=codes, stats=stats)
     except (TypeError, ValueError) as e:
         raise FormatError(f"{source}: {tname}: bad encoding {spec!r}: {e}") from e
 
@@ -340,6 +421,15 @@ def _validate(a: Adapter) -> None:
             raise AdapterMismatchError(f"{tname}: indices out of range for shape {shape}")
         if not np.all(np.isfinite(val)):
             raise AdapterMismatchError(f"{tname}: values contain NaN or Inf")
-        flat = np.ravel_multi_index(tuple(idx.astype(np.int64)), shape) if idx.size else idx[0]
-        if np.unique(flat).size != flat.size:
+        if idx.size and _has_duplicates(np.ravel_multi_index(tuple(idx.astype(np.int64)), shape), shape):
             raise AdapterMismatchError(f"{tname}: duplicated indices")
+
+
+def _has_duplicates(flat: np.ndarray, shape: tuple[int, ...]) -> bool:
+    """Whether flat positions repeat: linear time when sorted (as exporters write them) or the tensor is small."""
+    if flat.size < 2 or bool(np.all(flat[1:] > flat[:-1])):
+        return False
+    size = int(np.prod(shape, dtype=np.int64))
+    if size <= max(1 << 20, 4 * flat.size):
+        return int(np.bincount(flat, minlength=size).max()) > 1
+    return np.unique(flat).size != flat.size

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from edge.errors import ConfigError, FormatError
+from edge.format.io import load_json
 from edge.format.quant import pack_bits, unpack_bits
 
 __all__ = ["COMPEFT_FORMAT", "SCOPES", "Ternary", "compeft", "decompress", "from_bytes", "to_bytes"]
@@ -131,7 +132,7 @@ def from_bytes(data: bytes) -> tuple[Ternary, dict]:
 
     try:
         arrays = load(data)
-        header = json.loads(_metadata(data)["edge"])
+        header = load_json(_metadata(data)["edge"], source=COMPEFT_FORMAT)
     except (SafetensorError, ValueError, KeyError, TypeError) as e:
         raise FormatError(f"not a readable {COMPEFT_FORMAT} payload: {e}") from e
     if (
@@ -171,4 +172,4 @@ def _metadata(data: bytes) -> dict:
     (hlen,) = struct.unpack("<Q", data[:8])
     if hlen > len(data) - 8:
         raise ValueError("header length exceeds the payload")
-    return json.loads(data[8 : 8 + hlen])["__metadata__"]
+    return load_json(data[8 : 8 + hlen], source="safetensors header")["__metadata__"]

@@ -1,14 +1,33 @@
-"""Crash-safe file writes: temp file in the same folder, fsync, atomic rename."""
+"""File I/O shared by host and device.
+
+Writes are crash-safe (temp file in the same folder, fsync, atomic rename). Reads of
+files a user hands us go through :func:`read_bounded` (regular files only, size checked
+on the open descriptor before reading), JSON through :func:`load_json` and YAML through
+:func:`load_yaml` (depth, alias and duplicate-key limits); every refusal is a
+:class:`~edge.errors.FormatError`.
+"""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
+import stat
 import tempfile
 from pathlib import Path
 
-__all__ = ["atomic_write_bytes", "write_json"]
+from edge.errors import FormatError
+
+__all__ = [
+    "atomic_write_bytes",
+    "check_regular",
+    "load_json",
+    "load_yaml",
+    "read_bounded",
+    "read_safetensors",
+    "write_json",
+]
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
@@ -75,3 +94,263 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+# -- bounded reads of files a user hands us -------------------------------------------------------------------------
+
+MAX_JSON_DEPTH = 64  # metadata, configs and signatures nest a few levels; deeper is hostile
+MAX_YAML_DEPTH = 32
+MAX_YAML_NODES = 100_000  # nodes after expanding aliases (billion laughs expands to 10^9)
+MAX_YAML_ALIASES = 100
+
+
+def read_bounded(path: str | os.PathLike, limit: int, *, what: str = "file") -> bytes:
+    """The bytes of the regular file ``path``, refused with :class:`FormatError` unless at most ``limit`` long.
+
+    The size is taken from ``fstat`` on the open descriptor (``stat`` on a path is racy, and is 0
+    for a FIFO or ``/dev/zero``), only regular files are read (FIFOs, devices, sockets and folders
+    are refused; a FIFO is opened non-blocking, so it cannot hang the caller), and exactly that
+    many bytes are read: a file that changes size while being read is refused too.
+    """
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError as e:
+        raise FormatError(f"cannot read {what} {os.fspath(path)}: {e.strerror or e}") from e
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            kind = "a folder" if stat.S_ISDIR(st.st_mode) else "not a regular file (a FIFO, device or socket)"
+            raise FormatError(f"{what} {os.fspath(path)} is {kind}; give a regular file")
+        if st.st_size > limit:
+            raise FormatError(f"{what} {os.fspath(path)} is {st.st_size} bytes, over the limit of {limit} bytes for it")
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(fd, True)
+        with open(fd, "rb", closefd=False) as f:  # BufferedReader.read(n): one allocation, loops until n or EOF
+            data = f.read(st.st_size)
+            extra = f.read(1)
+        if len(data) != st.st_size or extra:
+            raise FormatError(f"{what} {os.fspath(path)} changed size while being read; try again")
+        return data
+    except OSError as e:
+        raise FormatError(f"cannot read {what} {os.fspath(path)}: {e.strerror or e}") from e
+    finally:
+        os.close(fd)
+
+
+def check_regular(path: str | os.PathLike, *, what: str = "file") -> int:
+    """Size of ``path`` if it is a regular file (checked on an open descriptor); :class:`FormatError` otherwise.
+
+    For files another library opens itself (a model read by ``onnx``): a FIFO or device would
+    hang or flood it, so it is refused first.
+    """
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError as e:
+        raise FormatError(f"cannot read {what} {os.fspath(path)}: {e.strerror or e}") from e
+    try:
+        st = os.fstat(fd)
+    finally:
+        os.close(fd)
+    if not stat.S_ISREG(st.st_mode):
+        kind = "a folder" if stat.S_ISDIR(st.st_mode) else "not a regular file (a FIFO, device or socket)"
+        raise FormatError(f"{what} {os.fspath(path)} is {kind}; give a regular file")
+    return st.st_size
+
+
+def load_json(data: bytes | str, *, source: str = "JSON", max_depth: int = MAX_JSON_DEPTH) -> object:
+    """Parse JSON the one way this project does: nesting at most ``max_depth`` deep, no duplicated
+    keys, no ``NaN``/``Infinity`` constants, UTF-8. Anything else is a :class:`FormatError`."""
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        try:
+            text = bytes(data).decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise FormatError(f"{source}: not UTF-8 text ({e.reason} at byte {e.start})") from e
+    elif isinstance(data, str):
+        text = data
+    else:
+        raise FormatError(f"{source}: expected JSON text, got {type(data).__name__}")
+    depth = _json_depth(text)
+    if depth > max_depth:
+        raise FormatError(f"{source}: JSON nests {depth} levels deep, over the limit of {max_depth}")
+    try:
+        return json.loads(text, object_pairs_hook=_unique_pairs, parse_constant=_no_constant, parse_float=_finite)
+    except FormatError as e:
+        raise FormatError(f"{source}: {e}") from e
+    except (ValueError, RecursionError) as e:
+        raise FormatError(f"{source}: not valid JSON: {e}") from e
+
+
+_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.DOTALL)
+
+
+def _json_depth(text: str) -> int:
+    """Deepest bracket nesting outside strings (linear time; strings removed first)."""
+    import numpy as np
+
+    bare = _JSON_STRING.sub("", text)
+    if not bare:
+        return 0
+    codes = np.frombuffer(bare.encode("utf-8", "replace"), np.uint8)
+    step = np.zeros(codes.shape, np.int64)
+    step[(codes == ord("[")) | (codes == ord("{"))] = 1
+    step[(codes == ord("]")) | (codes == ord("}"))] = -1
+    return int(np.cumsum(step).max(initial=0))
+
+
+def _unique_pairs(pairs):
+    out = {}
+    for k, v in pairs:
+        if k in out:
+            raise FormatError(f"duplicated key {k[:80]!r} in a JSON object")
+        out[k] = v
+    return out
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise FormatError(f"JSON number {text[:40]} overflows a float (numbers must be finite)")
+    return value
+
+
+def _no_constant(name: str):
+    raise FormatError(f"JSON constant {name} is not allowed (numbers must be finite)")
+
+
+def load_yaml(data: bytes | str, *, source: str = "YAML") -> object:
+    """Parse YAML the one way this project does: ``yaml.SafeLoader`` plus duplicated-key refusal,
+    at most ``MAX_YAML_ALIASES`` aliases and ``MAX_YAML_NODES`` nodes once aliases are expanded
+    (a billion-laughs file is refused, not expanded) and ``MAX_YAML_DEPTH`` levels of nesting."""
+    import yaml
+
+    try:
+        loader = _yaml_loader()(data)
+        try:
+            return loader.get_single_data()
+        finally:
+            loader.dispose()
+    except FormatError as e:
+        raise FormatError(f"{source}: {e}") from e
+    except (yaml.YAMLError, ValueError, TypeError, RecursionError) as e:
+        raise FormatError(f"{source}: not valid YAML: {e}") from e
+
+
+_LOADER = None
+
+
+def _yaml_loader():
+    global _LOADER
+    if _LOADER is not None:
+        return _LOADER
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        def __init__(self, stream) -> None:
+            super().__init__(stream)
+            self._depth = 0
+            self._aliases = 0
+
+        def compose_node(self, parent, index):
+            if self.check_event(yaml.AliasEvent):
+                self._aliases += 1
+                if self._aliases > MAX_YAML_ALIASES:
+                    raise FormatError(f"more than {MAX_YAML_ALIASES} aliases (*name); write the values out")
+            self._depth += 1
+            try:
+                if self._depth > MAX_YAML_DEPTH:
+                    raise FormatError(f"nesting deeper than {MAX_YAML_DEPTH} levels")
+                return super().compose_node(parent, index)
+            finally:
+                self._depth -= 1
+
+        def get_single_node(self):
+            node = super().get_single_node()
+            if node is not None:
+                _expanded_size(node, {})
+            return node
+
+        def construct_mapping(self, node, deep=False):
+            if isinstance(node, yaml.MappingNode):
+                seen = set()
+                for key_node, _ in node.value:
+                    if key_node.tag == "tag:yaml.org,2002:merge":
+                        continue
+                    key = self.construct_object(key_node, deep=True)
+                    try:
+                        dup = key in seen
+                    except TypeError:
+                        continue  # unhashable: SafeLoader refuses it below
+                    if dup:
+                        raise FormatError(
+                            f"key {key!r} appears twice in one mapping (line {key_node.start_mark.line + 1})"
+                        )
+                    seen.add(key)
+            return super().construct_mapping(node, deep=deep)
+
+    _LOADER = Loader
+    return Loader
+
+
+def _expanded_size(node, memo: dict) -> int:
+    """Nodes ``node`` stands for once every alias is expanded; raises over ``MAX_YAML_NODES``."""
+    key = id(node)
+    if key in memo:
+        return memo[key]
+    memo[key] = MAX_YAML_NODES + 1  # a cycle (an alias to an enclosing node) counts as too big
+    size = 1
+    if isinstance(node.value, list):
+        for item in node.value:
+            for child in item if isinstance(item, tuple) else (item,):
+                size += _expanded_size(child, memo)
+                if size > MAX_YAML_NODES:
+                    raise FormatError(f"expands to more than {MAX_YAML_NODES} nodes (aliases of aliases?)")
+    memo[key] = size
+    return size
+
+
+# -- safetensors through the library only ------------------------------------------------------------------
+_DTYPES = {  # safetensors dtype -> numpy (little-endian); BF16 is widened to float32 exactly
+    "BF16": "<u2",
+    "F16": "<f2",
+    "F32": "<f4",
+    "F64": "<f8",
+    "I8": "i1",
+    "I16": "<i2",
+    "I32": "<i4",
+    "I64": "<i8",
+    "U8": "u1",
+    "BOOL": "?",
+}
+
+
+def read_safetensors(path: str | os.PathLike, limit: int, *, what: str = "safetensors file") -> dict:
+    """All tensors of a safetensors file as numpy arrays, parsed by the ``safetensors`` library (bounded read).
+
+    ``safetensors.deserialize`` validates the header (offsets in range, non-overlapping, sizes
+    matching dtype and shape) and hands back each tensor's bytes; numpy has no bfloat16, so
+    BF16 bytes are widened to float32 (exact) here.
+    """
+    import numpy as np
+    import safetensors
+
+    data = read_bounded(path, limit, what=what)
+    try:
+        items = safetensors.deserialize(data)
+    except Exception as e:  # safetensors' SafetensorError on any malformed header or payload
+        raise FormatError(f"{os.fspath(path)}: corrupt safetensors file: {e}") from e
+    del data
+    out = {}
+    for key, spec in items:
+        kind = spec["dtype"]
+        if kind not in _DTYPES:
+            raise FormatError(f"{path}: {key}: dtype {kind} is not supported; allowed: {', '.join(_DTYPES)}")
+        shape = [int(d) for d in spec["shape"]]
+        arr = np.frombuffer(spec["data"], dtype=np.dtype(_DTYPES[kind]))
+        if arr.size != int(np.prod(shape, dtype=np.int64)):
+            raise FormatError(f"{path}: {key}: {arr.size} values for shape {shape}")
+        if kind == "BF16":
+            arr = (arr.astype(np.uint32) << 16).view(np.float32)
+        out[key] = arr.astype(arr.dtype.newbyteorder("="), copy=False).reshape(shape)
+    return out

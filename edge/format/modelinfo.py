@@ -86,15 +86,14 @@ class ModelInfo:
 
     @classmethod
     def from_json(cls, text: str) -> ModelInfo:
-        try:
-            d = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise FormatError(f"model metadata is not valid JSON: {e}") from e
+        from edge.format.io import load_json
+
+        d = load_json(text, source="model metadata")
         if not isinstance(d, dict) or d.get("format") != MODEL_FORMAT:
             raise FormatError(
                 f"model metadata format is {d.get('format') if isinstance(d, dict) else d!r}, expected {MODEL_FORMAT!r}"
             )
-        if d.get("version") != MODEL_VERSION:
+        if type(d.get("version")) is not int or d.get("version") != MODEL_VERSION:
             raise FormatError(
                 f"model metadata version {d.get('version')!r} is not supported (this runtime reads {MODEL_VERSION}); "
                 "re-export the model or upgrade the runtime"
@@ -103,7 +102,7 @@ class ModelInfo:
             tensors = {
                 k: TensorInfo(
                     str(t["initializer"]),
-                    tuple(int(s) for s in t["shape"]),
+                    _shape(t["shape"]),
                     bool(t["transposed"]),
                     bool(t.get("slot", False)),
                     bool(t.get("head", False)),
@@ -131,3 +130,9 @@ def onnx_info(proto) -> ModelInfo:
         f"ONNX model {proto.graph.name!r} has no {META_KEY!r} metadata: it was not exported by this project's "
         "exporter (use `exporters.export_onnx`, or `edge import-onnx` for a model exported elsewhere)"
     )
+
+
+def _shape(value) -> tuple[int, ...]:
+    if not isinstance(value, list) or len(value) > 8 or not all(type(n) is int and n > 0 for n in value):
+        raise ValueError(f"shape {str(value)[:80]} is not a list of positive integers")
+    return tuple(value)

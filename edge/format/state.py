@@ -17,20 +17,21 @@ checksum does not match (truncated, bit-flipped, hand-edited) raises
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import struct
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from edge.errors import FormatError
-from edge.format.io import atomic_write_bytes
+from edge.errors import ConfigError, FormatError
+from edge.format.io import atomic_write_bytes, load_json, read_bounded
 
-__all__ = ["STATE_FORMAT", "STATE_VERSION", "State", "load_state", "save_state"]
+__all__ = ["STATE_FORMAT", "STATE_VERSION", "State", "load_state", "save_state", "state_lock"]
 
 STATE_FORMAT = "edge.learn.update-state"
 STATE_VERSION = 1
@@ -75,13 +76,7 @@ def save_state(path: str | os.PathLike, state: State) -> Path:
 def load_state(path: str | os.PathLike, *, max_bytes: int = 1 << 31) -> State:
     """Read and verify a state file. Raises :class:`FormatError` if it is missing, corrupt or tampered with."""
     path = Path(path)
-    try:
-        size = path.stat().st_size
-        if size > max_bytes:
-            raise FormatError(f"{path}: {size} bytes exceeds the limit of {max_bytes}; not a state file?")
-        data = path.read_bytes()
-    except OSError as e:
-        raise FormatError(f"cannot read update state {path}: {e}") from e
+    data = read_bounded(path, max_bytes, what="update state")
     head = _read_header(data, path)
     from safetensors.numpy import load
 
@@ -98,7 +93,12 @@ def load_state(path: str | os.PathLike, *, max_bytes: int = 1 << 31) -> State:
         )
     if not isinstance(head.get("meta", {}), dict):
         raise FormatError(f"{path}: metadata field 'meta' must be an object")
-    return State(str(head["method"]), str(head["base_fingerprint"]), tensors, head.get("meta", {}))
+    if not isinstance(head["method"], str) or not isinstance(head["base_fingerprint"], str):
+        raise FormatError(f"{path}: metadata fields 'method' and 'base_fingerprint' must be strings")
+    odd = {k: str(v.dtype) for k, v in tensors.items() if v.dtype not in _DTYPES}
+    if odd:
+        raise FormatError(f"{path}: state tensors {odd} have unsupported dtypes")
+    return State(head["method"], head["base_fingerprint"], tensors, head.get("meta", {}))
 
 
 def _checksum(head: Mapping[str, object], tensors: Mapping[str, np.ndarray]) -> str:
@@ -116,14 +116,18 @@ def _read_header(data: bytes, path: Path) -> dict:
     (hlen,) = struct.unpack("<Q", data[:8])
     if hlen > MAX_HEADER_BYTES or hlen > len(data) - 8:
         raise FormatError(f"{path}: header length {hlen} is larger than allowed or than the file (truncated?)")
+    header = load_json(data[8 : 8 + hlen], source=f"{path}: safetensors header")
     try:
-        head = json.loads(json.loads(data[8 : 8 + hlen])["__metadata__"]["edge"])
-    except (ValueError, KeyError, TypeError) as e:
+        text = header["__metadata__"]["edge"]
+        if not isinstance(text, str):
+            raise TypeError("the 'edge' metadata entry is not a string")
+    except (KeyError, TypeError) as e:
         raise FormatError(f"{path}: no readable edge metadata in the safetensors header: {e!r}") from e
+    head = load_json(text, source=f"{path}: edge metadata")
     if not isinstance(head, dict) or head.get("format") != STATE_FORMAT:
         got = head.get("format") if isinstance(head, dict) else type(head).__name__
         raise FormatError(f"{path}: format is {got!r}, expected {STATE_FORMAT!r}")
-    if head.get("version") != STATE_VERSION:
+    if type(head.get("version")) is not int or head.get("version") != STATE_VERSION:
         raise FormatError(
             f"{path}: update state version {head.get('version')!r} is not supported (this runtime reads "
             f"version {STATE_VERSION}); upgrade the runtime or start a new state"
@@ -132,3 +136,27 @@ def _read_header(data: bytes, path: Path) -> dict:
     if missing:
         raise FormatError(f"{path}: metadata lacks the field(s) {missing}")
     return head
+
+
+@contextlib.contextmanager
+def state_lock(path: str | os.PathLike | None, timeout: float = 600.0) -> Iterator[None]:
+    """Hold ``PATH.lock`` (``filelock``) for a read-modify-write of the state at ``path`` (no-op for None).
+
+    Two processes updating one state take turns, so neither's samples are lost.
+    """
+    if path is None:
+        yield
+        return
+    try:
+        from filelock import FileLock, Timeout
+    except ImportError as e:
+        raise ConfigError("concurrent state updates need the 'filelock' package: pip install filelock") from e
+    lock = FileLock(f"{os.fspath(path)}.lock", timeout=timeout)
+    try:
+        lock.acquire()
+    except Timeout as e:
+        raise ConfigError(f"state {path} is locked by another update for over {timeout:g} s; try again") from e
+    try:
+        yield
+    finally:
+        lock.release()

@@ -107,7 +107,10 @@ class _Reader:
         if not pos:
             return 0, 0
         vec = self.table(pos)
-        return vec + 4, self.u32(vec)
+        n = self.u32(vec)
+        if vec + 4 + n > len(self.data):  # every element takes at least a byte
+            raise FormatError(f"a vector of {n} elements at byte {vec} runs past the end of the file")
+        return vec + 4, n
 
     def tables(self, table: int, number: int) -> list[int]:
         start, n = self.vector(table, number)

@@ -5,7 +5,8 @@
 When the router (:mod:`edge.route.router`) has collected enough persistently novel inputs::
 
     budget = Budget.of(profile)                       # or Budget(memory_mb=0.1, latency_ms=5.0)
-    result = grow(rt, x, y, trainer=DeviceTrainer(rt), budget=budget, name="new-1", space=DEVICE_SPACE)
+    trainer = DeviceTrainer("encoder.onnx", rt.info)  # the exported model the runtime serves
+    result = grow(rt, x, y, trainer=trainer, budget=budget, name="new-1", space=DEVICE_SPACE)
     rt.load_adapter(result.adapter)
 
 **Trainer hook**: an object with ``train(arch, x, y, name) -> Adapter`` and optionally

@@ -42,7 +42,11 @@ from pathlib import Path
 import numpy as np
 
 from edge.errors import AdapterMismatchError, ConfigError, FormatError
-from edge.format.state import State, load_state, save_state
+from edge.format.feeds import output_width as _declared_width
+from edge.format.samples import batch_length as _length
+from edge.format.samples import check_labels as _labels
+from edge.format.samples import load_samples
+from edge.format.state import State, load_state, save_state, state_lock
 from edge.learn import shira_head  # noqa: F401  (registers shira-head)
 from edge.learn.methods import DEFAULT_MEMORY_MB, MB, METHODS, Context, Method, config_dict, make_config
 from edge.learn.shira_head import ShiraHead
@@ -55,10 +59,9 @@ __all__ = [
     "Updater",
     "limit_blas_threads",
     "load_samples",
+    "state_lock",
     "update",
 ]
-
-MAX_CLASSES = 100_000  # labels are class indices; a label this large is a data error, not a class
 
 
 @dataclass(frozen=True)
@@ -191,6 +194,9 @@ class Updater:
             kwargs.setdefault("head", meta["head"])
         up = cls(runtime, st.method, memory_mb=memory_mb, **kwargs, **config)
         fresh = up.method.tensors
+        bad = [k for k, v in st.tensors.items() if v.dtype.kind == "f" and not np.isfinite(v).all()]
+        if bad:
+            raise FormatError(f"{path}: state tensors {bad} hold NaN or Inf; the state is damaged, start a new one")
         if set(st.tensors) != set(fresh):
             raise FormatError(f"{path}: {st.method} state holds {sorted(st.tensors)}, expected {sorted(fresh)}")
         odd = [k for k, v in st.tensors.items() if v.dtype != fresh[k].dtype or v.ndim != fresh[k].ndim]
@@ -389,15 +395,16 @@ def update(
     **options,
 ) -> tuple[Updater, UpdateReport]:
     """One update: resume ``state`` if the file exists (else start ``method``), learn, save back to ``state``."""
-    if state is not None and Path(state).exists():
-        up = Updater.load(state, runtime, memory_mb=memory_mb)
-        if up.method_name != method:
-            raise ConfigError(f"state {state} holds a {up.method_name!r} update, not {method!r}; pick another path")
-    else:
-        up = Updater(runtime, method, memory_mb=memory_mb, **options)
-    report = up.partial_fit(x, y, domain=domain)
-    if state is not None:
-        up.save(state)
+    with state_lock(state):  # two writers of one state take turns: nothing is lost
+        if state is not None and Path(state).exists():
+            up = Updater.load(state, runtime, memory_mb=memory_mb)
+            if up.method_name != method:
+                raise ConfigError(f"state {state} holds a {up.method_name!r} update, not {method!r}; pick another path")
+        else:
+            up = Updater(runtime, method, memory_mb=memory_mb, **options)
+        report = up.partial_fit(x, y, domain=domain)
+        if state is not None:
+            up.save(state)
     return up, report
 
 
@@ -434,82 +441,6 @@ def _traced():
             tracemalloc.stop()
 
 
-def _length(x) -> int:
-    if isinstance(x, Mapping):
-        lengths = {len(np.asarray(v)) for v in x.values()}
-        if len(lengths) != 1:
-            raise ConfigError(f"model inputs have different batch sizes: {sorted(lengths)}")
-        return lengths.pop()
-    return len(np.asarray(x))
-
-
-def _labels(y, n: int) -> np.ndarray:
-    y = np.asarray(y)
-    if y.ndim != 1 or len(y) != n:
-        raise ConfigError(f"labels must be a 1-D array with one label per sample ({n}), got shape {y.shape}")
-    if n == 0:
-        raise ConfigError("no samples given; an update needs at least one labelled sample")
-    if not np.issubdtype(y.dtype, np.integer):
-        if not np.issubdtype(y.dtype, np.floating) or not np.all(np.equal(np.mod(y, 1), 0)):
-            raise ConfigError(f"labels must be integer class indices, got dtype {y.dtype}")
-    y = y.astype(np.int64)
-    if y.min() < 0 or y.max() >= MAX_CLASSES:
-        raise ConfigError(f"labels must be class indices in [0, {MAX_CLASSES}), got {y.min()}..{y.max()}")
-    return y
-
-
-def _declared_width(model_path, name: str) -> int | None:
-    """The last dimension of output ``name`` as declared in the ONNX file, if it is fixed."""
-    try:
-        import onnx
-
-        proto = onnx.load(str(model_path), load_external_data=False)
-    except Exception:  # protobuf's DecodeError and friends; the runtime already read this file
-        return None
-    for o in proto.graph.output:
-        if o.name == name:
-            dims = o.type.tensor_type.shape.dim
-            if dims and dims[-1].HasField("dim_value"):
-                return int(dims[-1].dim_value)
-    return None
-
-
 def _adapters_touching(runtime, tensor: str) -> list[str]:
     """Names of the runtime's active adapters that change ``tensor``."""
     return [n for n in runtime.active if tensor in runtime.adapter(n).tensors]
-
-
-def load_samples(path: str | os.PathLike, inputs: tuple[str, ...] = ("x",)) -> list[tuple[str, object, np.ndarray]]:
-    """Labelled samples from an ``.npz`` file or a folder of them (sorted by name): ``[(name, x, y)]``.
-
-    Each file holds ``y`` (integer labels) and either ``x`` (for a one-input model)
-    or one array per model input name; ``x`` is returned as an array or a dict.
-    Read with ``allow_pickle=False``.
-    """
-    path = Path(path)
-    if path.is_dir():
-        files = sorted(path.glob("*.npz"))
-        if not files:
-            raise ConfigError(f"folder {path} holds no .npz files; give an .npz with 'x' and 'y' or a folder of them")
-    elif path.is_file():
-        files = [path]
-    else:
-        raise ConfigError(f"no such data file or folder: {path}")
-    out = []
-    for f in files:
-        try:
-            with np.load(f, allow_pickle=False) as z:
-                arrays = {k: z[k] for k in z.files}
-        except (OSError, ValueError) as e:
-            raise FormatError(f"{f} is not a readable .npz of arrays: {e}") from e
-        if "y" not in arrays:
-            raise ConfigError(f"{f} has no 'y' array of labels (it has {sorted(arrays)})")
-        if "x" in arrays and len(inputs) == 1:
-            x: object = arrays["x"]
-        else:
-            missing = [k for k in inputs if k not in arrays]
-            if missing:
-                raise ConfigError(f"{f} lacks the model input(s) {missing}; it has {sorted(arrays)} (use 'x' and 'y')")
-            x = {k: arrays[k] for k in inputs}
-        out.append((f.name, x, arrays["y"]))
-    return out

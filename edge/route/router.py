@@ -21,7 +21,7 @@ the domain prototypes say which. No probing pass is needed; refitting (after a d
 added) runs every reservoir through every state once.
 
 **Routing vote.** The domain of the most similar class prototype; the class prototypes
-are retrained for routing at every :meth:`Reconfigurator.fit` (:meth:`edge.route.ood.HDC.refine`,
+are retrained for routing at every :meth:`Reconfigurator.fit` (:meth:`edge.route.hdc.HDC.refine`,
 ``refine_epochs``, ``refine_lr``).
 
 **Window policy** (``RouterConfig``). Decisions use the last ``window`` inputs' votes
@@ -39,7 +39,7 @@ boundaries, so the batch that triggers a switch is still served by the old state
 
 **Scoring in the graph.** When the model was tapped with a detector head
 (``tap_model(..., head=Head())``), the active state's detector, threshold included, is
-folded into the graph (:meth:`~edge.route.ood.HDC.head_values`), so an inference already
+folded into the graph (:meth:`~edge.route.hdc.HDC.head_values`), so an inference already
 returns each input's vote (its domain, or -1 when OOD) and only the window policy runs
 in numpy. The head is written with every switch (in the same step as the adapter,
 :meth:`Runtime.switch` ``head=``) and after prototype updates at most once per
@@ -61,14 +61,16 @@ is recalibrated then. Labelled inputs also refresh the domain's reservoir.
 from __future__ import annotations
 
 import logging
-import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
 from edge.errors import ConfigError
-from edge.route.ood import HDC
+from edge.route.fit import Domain, Refit, State, fit_states, run_features
+from edge.route.hdc import HDC
+from edge.route.headsync import HeadSync
+from edge.route.policy import WindowPolicy
 from edge.route.taps import VOTE, Tapped
 
 __all__ = ["Reconfigurator", "Refit", "RouterConfig", "Step"]
@@ -84,7 +86,7 @@ class RouterConfig:
     switch_share: float = 0.75
     novel_share: float = 0.5
     dwell: int = 64
-    tpr: float = 0.95
+    tpr: float = 0.98  # serving threshold: share of known inputs accepted (on cross-fitted held-out scores)
     learn: bool = True
     learn_every: int = 512
     confident_quantile: float = 0.5
@@ -92,7 +94,7 @@ class RouterConfig:
     novel_buffer: int = 256
     hdc_dim: int = 4096
     hdc_bias: float = 2.0
-    refine_epochs: int = 10  # HDC retraining of the class prototypes for routing (edge.route.ood.HDC.refine); 0 = off
+    refine_epochs: int = 10  # HDC retraining of the class prototypes for routing (edge.route.hdc.HDC.refine); 0 = off
     refine_lr: float = 1.0
     head_sync_s: float = 1.0  # least time between writes of updated prototypes into the graph head
     seed: int = 0
@@ -131,76 +133,37 @@ class Step:
         return [None if c < 0 else self.names[c] for c in self.codes.tolist()]
 
 
-@dataclass
-class _Domain:
-    name: str
-    adapter: str | None
-    x: np.ndarray
-    y: np.ndarray
-    seen: int = 0
-
-
-@dataclass
-class _State:
-    detector: HDC
-    confident: float
-    pending: list = field(default_factory=list)  # (features, labels) waiting to be bundled
-    waiting: int = 0
-    head: dict | None = None  # the detector folded into the graph head (edge.route.taps), when it fits
-    head_dirty: bool = False  # prototypes changed since the head was written
-
-
-class _Window:
-    """The last ``size`` votes (domain index, -1 = OOD) in a ring buffer."""
-
-    def __init__(self, size: int) -> None:
-        self.codes = np.zeros(size, np.int64)
-        self.seen = 0
-
-    @property
-    def full(self) -> bool:
-        return self.seen >= len(self.codes)
-
-    def add(self, codes: np.ndarray) -> None:
-        codes = codes[-len(self.codes) :]
-        at = (self.seen + np.arange(len(codes))) % len(self.codes)
-        self.codes[at] = codes
-        self.seen += len(codes)
-
-    def counts(self, domains: int) -> np.ndarray:
-        return np.bincount(self.codes + 1, minlength=domains + 1)
-
-    def clear(self) -> None:
-        self.seen = 0
-
-
 class Reconfigurator:
-    """Route inputs to known domains' adapters by per-state HDC detectors; flag persistent novelty."""
+    """Route inputs to known domains' adapters by per-state HDC detectors; flag persistent novelty.
+
+    Composes the per-state fitting (:mod:`edge.route.fit`), the graph head
+    (:mod:`edge.route.headsync`) and the window policy (:mod:`edge.route.policy`).
+    """
 
     def __init__(self, runtime, tapped: Tapped, config: RouterConfig = RouterConfig(), logits: str = "logits"):
         if len(runtime.info.inputs) != 1:
             raise ConfigError(f"the router feeds one input; model takes {list(runtime.info.inputs)}")
         self.rt, self.tapped, self.config, self._logits = runtime, tapped, config, logits
         self._input = runtime.info.inputs[0]
-        self._domains: dict[str, _Domain] = {}
-        self._states: dict[str | None, _State] = {}
+        self._domains: dict[str, Domain] = {}
+        self._states: dict[str | None, State] = {}
         self._rng = np.random.default_rng(config.seed)
         self.active: str | None = None
-        self.novel = False
-        self._window = _Window(config.window)
-        self._since_switch = 0
-        self._buffer_x: list[np.ndarray] = []
-        self._buffer_y: list[np.ndarray] = []
+        self._policy = WindowPolicy(config)
         self.stats = {"inputs": 0, "switches": 0, "infer_s": 0.0, "detect_s": 0.0, "learn_s": 0.0, "write_s": 0.0}
-        self._in_graph = tapped.head is not None  # False once the known domains outgrow the head
-        self._head_written = 0.0  # perf_counter of the last head write
-        if self._in_graph and not set(runtime.heads):
+        self._heads = HeadSync(tapped.head, config.head_sync_s)
+        if self._heads.in_graph and not set(runtime.heads):
             raise ConfigError(f"{tapped.path.name} was tapped with a detector head, but the runtime's model has none")
 
     @property
     def scoring(self) -> str:
         """Where inputs are scored: ``"graph"`` (the detector head of :mod:`edge.route.taps`) or ``"numpy"``."""
-        return "graph" if self._in_graph else "numpy"
+        return "graph" if self._heads.in_graph else "numpy"
+
+    @property
+    def novel(self) -> bool:
+        """The window policy finds the stream in an unknown domain."""
+        return self._policy.novel
 
     # -- domains ---------------------------------------------------------------------------
     @property
@@ -213,7 +176,7 @@ class Reconfigurator:
     def add_domain(self, name: str, adapter: str | None, x: np.ndarray, y: np.ndarray) -> None:
         """A known domain served by ``adapter`` (loaded in the runtime; ``None`` = base) with labelled inputs.
 
-        Up to ``config.reservoir`` inputs are kept (half fit the prototypes, half calibrate).
+        Up to ``config.reservoir`` inputs are kept (they fit the prototypes; cross-fitted halves calibrate).
         Call :meth:`fit` afterwards.
         """
         if name in self._domains:
@@ -224,10 +187,19 @@ class Reconfigurator:
         if len(x) != len(y) or len(x) < 4:
             raise ConfigError(f"domain {name!r} needs >= 4 labelled inputs with one label each, got {len(x)}/{len(y)}")
         keep = self._rng.permutation(len(x))[: self.config.reservoir]
-        self._domains[name] = _Domain(name, adapter, x[keep], y[keep], seen=len(x))
+        self._domains[name] = Domain(name, adapter, x[keep], y[keep], seen=len(x))
         if self.active is None:
             self.active = name
 
+    def detector(self, domain: str) -> HDC:
+        """The detector of the state that serves ``domain``."""
+        return self._states[self.adapter_of(domain)].detector
+
+    def features(self, x: np.ndarray, batch: int = 256) -> tuple[np.ndarray, np.ndarray]:
+        """Tapped features and logits of ``x`` under the runtime's current state (no routing)."""
+        return self._features(self.rt, x, batch)
+
+    # -- fitting ---------------------------------------------------------------------------
     def fit(self, batch: int = 256, *, runtime=None) -> None:
         """(Re)build every state's detector from the reservoirs; leaves the active state switched in.
 
@@ -235,44 +207,20 @@ class Reconfigurator:
         runtime (the same model with the same adapters loaded) to leave the serving
         runtime's weights alone until the new detectors are installed.
         """
-        self._install(self._compute_states(runtime or self.rt, self._snapshot(), batch))
+        self._install(fit_states(runtime or self.rt, self._snapshot(), self.config, self._features, batch))
 
-    def _snapshot(self) -> list[tuple[str, str | None, np.ndarray, np.ndarray]]:
+    def _features(self, runtime, x: np.ndarray, batch: int) -> tuple[np.ndarray, np.ndarray]:
+        return run_features(runtime, self._input, self.tapped.features, self._logits, x, batch)
+
+    def _snapshot(self) -> list[Domain]:
         if not self._domains:
             raise ConfigError("no domains: add_domain(...) first")
-        return [(n, d.adapter, d.x.copy(), d.y.copy()) for n, d in self._domains.items()]
-
-    def _compute_states(self, runtime, domains, batch: int) -> dict:
-        """Per-state detectors from a snapshot of the domains (switches ``runtime``; mutates nothing here)."""
-        cfg = self.config
-        missing = sorted({a for _, a, _, _ in domains if a is not None} - set(runtime.adapters))
-        if missing:
-            raise ConfigError(f"adapter(s) {missing} are not loaded in the runtime used to fit the router")
-        states = {}
-        for adapter in dict.fromkeys(a for _, a, _, _ in domains):
-            runtime.switch(adapter)
-            runtime.wait_settled()  # bulk runs go faster on the settled (prepacked) session
-            fit, cal = [], []
-            for i, (_, _, x, y) in enumerate(domains):
-                feats, logits = _features(runtime, self._input, self.tapped.features, self._logits, x, batch)
-                half = np.arange(len(x)) % 2 == 0
-                fit.append((feats[half], logits[half], y[half], np.full(half.sum(), i)))
-                cal.append((feats[~half], logits[~half]))
-            det = HDC(dim=cfg.hdc_dim, bias=cfg.hdc_bias, seed=cfg.seed)
-            f_fit, l_fit, y_fit, d_fit = (np.concatenate(parts) for parts in zip(*fit))
-            det.fit(f_fit, l_fit, y_fit, d_fit)
-            f_cal, l_cal = (np.concatenate(parts) for parts in zip(*cal))
-            if len(domains) > 1 and cfg.refine_epochs:  # the held-out half picks the epoch
-                d_cal = np.concatenate([np.full(len(c[0]), i) for i, c in enumerate(cal)])
-                det.refine(f_fit, y_fit, d_fit, cfg.refine_epochs, cfg.refine_lr, (f_cal, d_cal))
-            det.calibrate(f_cal, l_cal, cfg.tpr)
-            states[adapter] = _State(det, float(np.quantile(det.score(f_cal), cfg.confident_quantile)))
-        return states
+        return [Domain(n, d.adapter, d.x.copy(), d.y.copy(), d.seen) for n, d in self._domains.items()]
 
     def _install(self, states: dict, switch_to: str | None = None) -> None:
         """Use these detectors from now on; switch to ``switch_to`` (default: stay) with its head."""
         for st in states.values():
-            st.head = self._fold(st.detector)
+            st.head = self._heads.fold(st.detector)
         self._states = states
         domain = switch_to or self.active
         adapter = self.adapter_of(domain)
@@ -280,46 +228,14 @@ class Reconfigurator:
         if switch_to is not None and switch_to != self.active:
             self.active = domain
             self.stats["switches"] += 1
-            self._since_switch = 0
-        self._window.clear()
+            self._policy.restart()
+        self._policy.window.clear()  # the votes so far came from the replaced detectors
 
-    def _fold(self, det: HDC) -> dict | None:
-        """The detector as graph-head tensors, or None (numpy scoring) when there is no head or it is too small."""
-        if not self._in_graph:
-            return None
-        head = self.tapped.head
-        if not det.fits_head(head):
-            log.warning(
-                "%d known domains with %d class prototypes outgrow the graph head (%d domains x %d classes); "
-                "scoring in numpy from now on (slower). Tap the model with a larger Head to keep it in the graph",
-                len(det.domain_keys),
-                len(det.class_keys),
-                head.domains,
-                head.classes,
-            )
-            self._in_graph = False
-            return None
-        return det.head_values(head)
-
-    def _write(self, adapter: str | None, state: _State) -> None:
+    def _write(self, adapter: str | None, state: State) -> None:
         """Switch the runtime to ``adapter`` with ``state``'s head (timed: ``stats["write_s"]``)."""
         t0 = time.perf_counter()
-        self.rt.switch(adapter, head=self._head_for(state))
+        self.rt.switch(adapter, head=self._heads.for_write(state))
         self.stats["write_s"] += time.perf_counter() - t0
-
-    def _head_for(self, state: _State) -> dict | None:
-        """The head to write with a switch to ``state`` (None when scoring in numpy); marks it written."""
-        if not self._in_graph:
-            return None
-        if state.head_dirty:
-            state.head = self._fold(state.detector)
-        state.head_dirty = False
-        self._head_written = time.perf_counter()
-        return state.head if self._in_graph else None
-
-    def features(self, x: np.ndarray, batch: int = 256) -> tuple[np.ndarray, np.ndarray]:
-        """Tapped features and logits of ``x`` under the runtime's current state (no routing)."""
-        return _features(self.rt, self._input, self.tapped.features, self._logits, x, batch)
 
     # -- streaming -------------------------------------------------------------------------
     def process(self, x: np.ndarray, labels: np.ndarray | None = None) -> Step:
@@ -334,12 +250,12 @@ class Reconfigurator:
         out = self.rt.run({self._input: x})
         t1 = time.perf_counter()
         served = self.active
-        if self._in_graph:
+        if self._heads.in_graph:
             state = self._states[self.adapter_of(self.active)]
             step = self._observe(None, out[VOTE], out[self.tapped.features], out[self._logits], x, labels)
-            if state.head_dirty and time.perf_counter() - self._head_written >= self.config.head_sync_s:
+            if self._heads.due(state):
                 t2 = time.perf_counter()
-                head = self._head_for(state)  # the prototypes learned since the last write
+                head = self._heads.for_write(state)  # the prototypes learned since the last write
                 if head is not None:
                     self.rt.set_head(head)
                 self.stats["write_s"] += time.perf_counter() - t2
@@ -362,40 +278,14 @@ class Reconfigurator:
     def _observe(self, score, codes, feats, logits, x, labels):
         """Window, learning and growth buffer from each input's vote (domain index, -1 = OOD) and score (or None)."""
         state = self._states[self.adapter_of(self.active)]
-        ood = codes < 0
-        self._window.add(codes)
-        self._since_switch += len(codes)
+        self._policy.add(codes, x, labels)
         if self.config.learn:
             self._learn(state, feats, logits, labels, codes, score, x)
-        if ood.any():
-            self._buffer_x.append(np.asarray(x)[ood])
-            self._buffer_y.append(np.full(int(ood.sum()), -1) if labels is None else np.asarray(labels)[ood])
-        return score, ood, codes, tuple(self._domains), self._decide()
-
-    def _decide(self) -> str | None:
-        cfg, w = self.config, self._window
-        if not w.full:
-            return None
-        counts = w.counts(len(self._domains))  # [OOD, domain 0, domain 1, ...]
-        ood_share = counts[0] / cfg.window
-        if ood_share < cfg.novel_share / 2 and self._buffer_x:
-            self._buffer_x, self._buffer_y = [], []
-        if ood_share >= cfg.novel_share:
-            event = None if self.novel else "novel"
-            self.novel = True
-            base = self._base_domain()
-            if base is not None and self.active != base and self._since_switch >= cfg.dwell:
-                self._switch(base)
-                event = f"switch:{base}"
-            return event
-        event = "known" if self.novel else None
-        self.novel = False
-        top, count = list(self._domains)[int(counts[1:].argmax())], int(counts[1:].max())
-        known = cfg.window - counts[0]  # OOD flags are the novelty rule's business, not votes against a switch
-        if top != self.active and count >= cfg.switch_share * known and self._since_switch >= cfg.dwell:
-            self._switch(top)
-            return f"switch:{top}"
-        return event
+        base = next((n for n, d in self._domains.items() if d.adapter is None), None)
+        decision = self._policy.decide(list(self._domains), self.active, base)
+        if decision.switch is not None:
+            self._switch(decision.switch)
+        return score, codes < 0, codes, tuple(self._domains), decision.event
 
     def switch_to(self, domain: str) -> None:
         """Serve ``domain`` now (its adapter, or the base model), as the policy would; restarts the window."""
@@ -403,65 +293,40 @@ class Reconfigurator:
             raise ConfigError(f"unknown domain {domain!r}; known: {self.domains}")
         self._switch(domain)
 
-    def _base_domain(self) -> str | None:
-        return next((n for n, d in self._domains.items() if d.adapter is None), None)
-
     def _switch(self, domain: str) -> None:
         log.info("switch %s -> %s", self.active, domain)
         adapter = self.adapter_of(domain)
         self._write(adapter, self._states[adapter])
         self.active = domain
         self.stats["switches"] += 1
-        self._window.clear()
-        self._since_switch = 0
+        self._policy.restart()
 
-    def _learn(self, state: _State, feats, logits, labels, codes, score, x) -> None:
+    def _learn(self, state: State, feats, logits, labels, codes, score, x) -> None:
+        """Queue inputs routed to the active domain for its prototypes; bundle every ``learn_every``."""
         t0 = time.perf_counter()
-        mine = codes == list(self._domains).index(self.active)
+        index = list(self._domains).index(self.active)
+        mine = codes == index
         if labels is not None:
             labels = np.asarray(labels, np.int64)
-            self._reservoir(self._domains[self.active], np.asarray(x)[mine], labels[mine])
+            self._domains[self.active].sample(np.asarray(x)[mine], labels[mine], self.config.reservoir, self._rng)
         else:  # confident predictions only (the graph head returns votes: score these in numpy)
             mine &= (state.detector.score(feats) if score is None else score) >= state.confident
         if mine.any():
-            y = logits[mine].argmax(1) if labels is None else labels[mine]
-            state.pending.append((feats[mine], y))
-            state.waiting += int(mine.sum())
+            state.add(feats[mine], logits[mine].argmax(1) if labels is None else labels[mine])
         if state.waiting >= self.config.learn_every:
-            f, y = (np.concatenate(p) for p in zip(*state.pending))
-            state.detector.update(f, labels=y, domains=np.full(len(f), list(self._domains).index(self.active)))
-            state.pending.clear()
-            state.waiting = 0
-            state.head_dirty = self._in_graph  # written by process() within head_sync_s, or with the next switch
+            state.bundle(index)
+            state.head_dirty = self._heads.in_graph  # written by process() within head_sync_s, or with the next switch
         self.stats["learn_s"] += time.perf_counter() - t0
 
-    def _reservoir(self, d: _Domain, x: np.ndarray, y: np.ndarray) -> None:
-        """Reservoir sampling (algorithm R), vectorised over a batch: a uniform sample of all seen inputs."""
-        if not len(x):
-            return
-        room = max(0, self.config.reservoir - len(d.x))
-        if room:
-            d.x, d.y = np.concatenate([d.x, x[:room]]), np.concatenate([d.y, y[:room]])
-            d.seen += min(room, len(x))
-            x, y = x[room:], y[room:]
-        slots = self._rng.integers(0, d.seen + 1 + np.arange(len(x)))  # item i replaces slot j < size
-        d.seen += len(x)
-        keep = slots < len(d.x)
-        d.x[slots[keep]], d.y[slots[keep]] = x[keep], y[keep]
-
-    # -- growth ----------------------------------------------------------------------------
+    # -- growth hand-off -------------------------------------------------------------------
     @property
     def growth_ready(self) -> bool:
         """The stream has been novel long enough to collect ``novel_buffer`` OOD inputs."""
-        return self.novel and sum(len(b) for b in self._buffer_x) >= self.config.novel_buffer
+        return self.novel and len(self._policy.buffer) >= self.config.novel_buffer
 
     def take_buffer(self) -> tuple[np.ndarray, np.ndarray]:
         """The collected novel inputs and their labels (-1 where none were given); empties the buffer."""
-        if not self._buffer_x:
-            return np.zeros((0,), np.float32), np.zeros(0, np.int64)
-        x, y = np.concatenate(self._buffer_x), np.concatenate(self._buffer_y).astype(np.int64)
-        self._buffer_x, self._buffer_y = [], []
-        return x, y
+        return self._policy.buffer.take()
 
     def add_grown(self, name: str, adapter: str, x: np.ndarray, y: np.ndarray, *, shadow=None) -> None:
         """Register a grown domain (its adapter loaded in the runtime), refit every state, and route to it.
@@ -480,8 +345,13 @@ class Reconfigurator:
         serving runtime, so it runs at once in this thread (``thread`` is ignored).
         """
         self.add_domain(name, adapter, x, y)
-        refit = Refit(name, self, shadow, thread and shadow is not None)
-        return refit
+        snapshot, rt = self._snapshot(), shadow or self.rt
+        return Refit(
+            name,
+            self.domains,
+            lambda: fit_states(rt, snapshot, self.config, self._features, 256),
+            thread and shadow is not None,
+        )
 
     def commit(self, refit: Refit) -> None:
         """Install a finished refit's detectors and route to its grown domain (waits for the refit)."""
@@ -492,54 +362,4 @@ class Reconfigurator:
                 f"{list(self._domains)}); call fit() again"
             )
         self._install(states, switch_to=refit.name)
-        self.novel = False
-
-    def detector(self, domain: str) -> HDC:
-        """The detector of the state that serves ``domain``."""
-        return self._states[self.adapter_of(domain)].detector
-
-
-class Refit:
-    """A router refit for a grown domain, running on a shadow runtime in a thread (or done at once)."""
-
-    def __init__(self, name: str, router: Reconfigurator, runtime, thread: bool) -> None:
-        self.name = name
-        self.domains = list(router._domains)
-        snapshot, rt = router._snapshot(), runtime or router.rt
-        self.started = time.perf_counter()
-        self.seconds: float | None = None
-        self._states: dict | None = None
-        self._error: BaseException | None = None
-
-        def work() -> None:
-            try:
-                self._states = router._compute_states(rt, snapshot, 256)
-            except BaseException as e:  # re-raised by result() in the caller's thread
-                self._error = e
-            self.seconds = time.perf_counter() - self.started
-
-        self._thread = threading.Thread(target=work, name=f"edge-refit-{name}", daemon=True) if thread else None
-        if self._thread is None:
-            work()
-        else:
-            self._thread.start()
-
-    def done(self) -> bool:
-        return self._thread is None or not self._thread.is_alive()
-
-    def result(self) -> dict:
-        if self._thread is not None:
-            self._thread.join()
-        if self._error is not None:
-            raise self._error
-        return self._states
-
-
-def _features(runtime, input_name: str, features: str, logits: str, x: np.ndarray, batch: int):
-    """Tapped features and logits of ``x`` under ``runtime``'s current state, in batches."""
-    feats, out_logits = [], []
-    for s in range(0, len(x), batch):
-        out = runtime.run({input_name: x[s : s + batch]})
-        feats.append(out[features])
-        out_logits.append(out[logits])
-    return np.concatenate(feats), np.concatenate(out_logits)
+        self._policy.novel = False

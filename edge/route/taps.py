@@ -3,26 +3,27 @@
 OOD detection works best on several layers of the frozen encoder (HDFF, Mahalanobis
 ensembles), but an exported model returns only its final outputs. :func:`tap_model`
 writes a copy of the model whose extra output ``edge.features`` concatenates the tapped
-tensors, each mean-pooled over every axis but the batch and the last
-(``[B, T, C] -> [B, C]``), so the detector reads them from the **same** inference pass
+tensors, each mean-pooled to ``[B, C]`` (``[B, T, C]`` over ``T``, ``[B, C, H, W]`` over
+``H, W``), so the detector reads them from the **same** inference pass
 that serves the input: no second run.
 
-Cost, measured on the digits encoder at batch 16: two pooled taps and the concat add
-about 1-3 % to a run.
+Cost, measured on the digits encoder: two pooled taps and the concat add about 1-3 % to
+a run at batch 16, 2-4 % at batch 1.
 
 **Detector head** (``head=Head(...)``): the HDC detector folded into the same graph, so
 an inference also returns each input's routing vote (output ``edge.vote``: the domain,
-or ``-1`` when the input is out of distribution). The folded HDC score (:mod:`edge.route.ood`)
-is affine in the features up to one norm: one ``Gemm`` with the matrix ``edge.head.m``
-and bias ``edge.head.c`` gives the whitened features with the bias component (``u``)
-and every class prototype's unnormalised similarity ``s_k``, and an input is in
-distribution when ``max_k s_k / ||u|| >= t``, i.e. ``max_k s_k >= t ||u||``. So the
-bar ``t ||u||`` (``t`` = ``edge.head.t``, the calibrated threshold) is put in front of
-the class columns and one ``ArgMax`` decides both: the bar wins (OOD), or the most
-similar class prototype does. Prototype ``(domain, class)`` sits at column ``(domain +
-1) * classes + class`` of that row (``classes - 1`` never-winning columns follow the
-bar), so the vote is ``column // classes - 1``. Eight nodes in all, since onnxruntime's
-fixed cost per node, not the arithmetic, is most of the head's cost on a small encoder.
+or ``-1`` when the input is out of distribution). The folded HDC score (:mod:`edge.route.hdc`)
+is a cosine in the whitened feature space: a ``Gemm`` with ``edge.head.m`` and
+``edge.head.c`` gives the whitened features with the bias component (``u``),
+``LpNormalization`` scales them to unit length, and a second ``Gemm`` with
+``edge.head.p`` and ``edge.head.t`` gives the cosine to every class prototype, behind
+the calibrated threshold ``t`` in column 0 (zero weights, bias ``t``). One ``ArgMax``
+then decides both: the bar wins (OOD: no prototype is within cosine ``t``), or the most
+similar class prototype does. Prototype ``(domain, class)`` sits at column ``1 + domain *
+classes + class``, and a ``Gather`` from a constant table (:meth:`Head.route_table`)
+turns the column into the vote. Five nodes: on a small encoder onnxruntime's cost per
+node is a good part of the head's cost, and at batch 1 the rest is reading the two
+matrices (about ``width * (width + 1 + classes * domains)`` floats) once per input.
 A tie between the bar and a prototype counts as OOD (numpy: ``score < t`` is OOD).
 The capacity ``classes * domains`` is fixed at tap time; unused columns hold a large
 negative bias. The head tensors are ordinary initializers that the runtime writes like
@@ -34,10 +35,13 @@ gives those.
 
 Why in the graph: scored in numpy right after an onnxruntime run, the same arithmetic
 cost 70 us per batch of 16 instead of 30 us hot (about ten numpy calls, each paying
-cold caches), 9-13 % of the digits encoder's run at batch 16; in the graph, taps and
-head together cost about 4 % of it (BENCHMARKS.md), most of it onnxruntime's fixed cost
-per node (a few us each; the ``Gemm`` alone is about 2.5 %, and an earlier head of 12
-nodes, with separate max, divide, compare and select, cost 5-6.5 %). An earlier try
+cold caches), 9-13 % of the digits encoder's run at batch 16, 20-30 % at batch 1. In
+the graph, taps and head cost 2-4 % of it at batch 16 and about 9 % at batch 1
+(BENCHMARKS.md; the digits encoder's plain run is 68 optimised nodes in about 60 us, so
+each added node costs about 1 %, and its 69 k weights make the head's 24 k a large share).
+Earlier heads: one ``Gemm`` with a norm bar concatenated in front and the column turned
+into a domain by ``Div``/``Sub`` (8 nodes) cost about 2 points more at batch 1; one
+with separate max, divide, compare and select (12 nodes) more again. An earlier try
 fed the matrices as graph inputs every run and added ~7 %: onnxruntime packs a fed
 matrix on every call, while a constant one is packed once per session.
 
@@ -45,15 +49,29 @@ Only nodes, graph inputs and outputs are added (constants as ``Constant`` nodes)
 stored weights are untouched, so the copy keeps the model's fingerprint and every
 adapter of the model applies to it.
 
-Tap sets (:data:`TAP_SETS`) read a pre-LN transformer's ``LayerNormalization`` inputs:
-``attn`` (default) the residual stream after each attention sub-block, ``blocks`` after
-each block, ``all`` after every sub-block. More taps score a little better but cost
-more: the detector whitens ``d x d`` per input and ``d`` grows with each tap
-(BENCHMARKS.md compares them). Pass tensor names to tap anything else.
+Taps for any exported model, three ways:
+
+* **by name**: a list of tensor names (batch first);
+* **by op pattern** (:data:`TAP_SETS`). A pre-LN transformer's ``LayerNormalization``
+  inputs: ``attn`` the residual stream after each attention sub-block, ``blocks`` after
+  each block, ``all`` after every sub-block. A CNN's 4-D (NCHW) feature maps, each
+  pooled by a global average over its spatial axes: ``stages`` the last map at each
+  resolution (the output of each downsampling stage; resolution = the number of strided
+  Conv/pool nodes above it, found without shapes), ``residual`` after each residual block
+  (a sum of two maps, or the activation that alone reads it). Maps end where a global
+  pool, reshape or linear layer starts;
+* **by the model's own declaration** at export time: ``declared`` reads the tensor names
+  an exporter put in ``ModelInfo.extra["taps"]``.
+
+``auto`` (the default) takes the declared taps, else ``attn``, else ``stages``; a model
+with none of them raises :class:`~edge.errors.ConfigError` naming what to pass. More
+taps score a little better but cost more: the detector whitens ``d x d`` per input and
+``d`` grows with each tap (BENCHMARKS.md compares them).
 """
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -67,6 +85,7 @@ __all__ = [
     "FEATURES",
     "HEAD_C",
     "HEAD_M",
+    "HEAD_P",
     "HEAD_T",
     "TAP_SETS",
     "VOTE",
@@ -78,13 +97,100 @@ __all__ = [
 
 FEATURES = "edge.features"
 VOTE = "edge.vote"  # detector-head output: [B] int64, the routed domain, or -1 when the input is OOD
-HEAD_M, HEAD_C, HEAD_T = "edge.head.m", "edge.head.c", "edge.head.t"  # head tensors: Gemm matrix, bias, threshold
+#: head tensors: whitening Gemm (matrix, bias), prototype Gemm (matrix, bias; its column 0 holds the threshold)
+HEAD_M, HEAD_C, HEAD_P, HEAD_T = "edge.head.m", "edge.head.c", "edge.head.p", "edge.head.t"
 #: bias of unused head columns: never the max or the argmax
 HEAD_UNUSED = -1e30
 
 
 def _norm_inputs(model) -> list[str]:
     return [n.input[0] for n in model.graph.node if n.op_type == "LayerNormalization"]
+
+
+#: ops that keep a feature map a feature map ([B, C, H, W] in, [B, C, H', W'] out); anything else (a global
+#: pool, a reshape, a linear layer) ends the convolutional part for the CNN tap sets
+_MAP_OPS = frozenset(
+    "Conv BatchNormalization InstanceNormalization Relu Clip LeakyRelu PRelu Sigmoid HardSigmoid HardSwish Tanh "
+    "Elu Selu Gelu Mul Add Sub Div Concat MaxPool AveragePool Pad Identity Dropout".split()
+)
+
+
+def _stride(node) -> int:
+    """The largest stride of a Conv, MaxPool or AveragePool node (1 for any other op)."""
+    from onnx import helper
+
+    if node.op_type not in ("Conv", "MaxPool", "AveragePool"):
+        return 1
+    strides = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "strides"), [1])
+    return max(strides, default=1)
+
+
+def _feature_maps(model) -> list[tuple[str, int, bool]]:
+    """``(tensor, resolution level, residual sum?)`` of every 4-D feature map a node computes, in graph order.
+
+    The level counts the strided Conv/pool nodes between the input and the tensor (shape-free,
+    so symbolic input sizes work); a residual sum is an ``Add`` of two feature maps.
+    """
+    inits = {i.name for i in model.graph.initializer}
+    rank = {k: len(v) for k, v in _shapes(model).items()}
+    level = {i.name: 0 for i in model.graph.input if rank.get(i.name) == 4 and i.name not in inits}
+    out = []
+    for node in model.graph.node:
+        ins = [level[i] for i in node.input if i in level]
+        if node.op_type not in _MAP_OPS or not ins:
+            continue
+        lv = max(ins) + (_stride(node) > 1)
+        for o in node.output:
+            if rank.get(o) == 4:
+                level[o] = lv
+                out.append((o, lv, node.op_type == "Add" and len(ins) == 2))
+    return out
+
+
+def _stages(model) -> list[str]:
+    """After each CNN stage: the last feature map computed at each resolution."""
+    last: dict[int, str] = {}
+    for tensor, lv, _ in _feature_maps(model):
+        last[lv] = tensor
+    return [last[lv] for lv in sorted(last)]
+
+
+def _residual(model) -> list[str]:
+    """After each residual block: each residual sum, or the activation that alone reads it."""
+    maps = _feature_maps(model)
+    names = {t for t, _, _ in maps}
+    consumers: dict[str, list] = {}
+    for node in model.graph.node:
+        for i in node.input:
+            consumers.setdefault(i, []).append(node)
+    out = []
+    for tensor, _, residual in maps:
+        if residual:
+            after = consumers.get(tensor, [])
+            act = after[0].output[0] if len(after) == 1 and after[0].op_type in _ACTIVATIONS else None
+            out.append(act if act in names else tensor)
+    return out
+
+
+_ACTIVATIONS = frozenset("Relu Clip LeakyRelu PRelu Elu Selu Gelu HardSwish Tanh".split())
+
+
+def _declared(model) -> list[str]:
+    """The taps the exporter recorded: ``ModelInfo.extra["taps"]`` (tensor names), or none."""
+    from edge.format.modelinfo import ModelInfo
+
+    meta = next((p.value for p in model.metadata_props if p.key == META_KEY), None)
+    taps = ModelInfo.from_json(meta).extra.get("taps") if meta is not None else None
+    if taps is None:
+        return []
+    if isinstance(taps, str) or not all(isinstance(t, str) for t in taps):
+        raise FormatError(f"model {model.graph.name!r} declares taps {taps!r}; expected a list of tensor names")
+    return list(taps)
+
+
+def _auto(model) -> list[str]:
+    """The model's declared taps, else after each transformer block's attention, else after each CNN stage."""
+    return _declared(model) or TAP_SETS.get("attn")(model) or _stages(model)
 
 
 #: named tap choices: name -> function(onnx.ModelProto) -> tensor names. With pre-LN blocks
@@ -94,19 +200,33 @@ TAP_SETS: Registry[Callable] = Registry("tap set")
 TAP_SETS.add("attn", lambda m: _norm_inputs(m)[1::2])  # after each attention sub-block
 TAP_SETS.add("blocks", lambda m: [t for t in _norm_inputs(m)[::-1][::2] if t != _norm_inputs(m)[0]][::-1])
 TAP_SETS.add("all", lambda m: _norm_inputs(m)[1:])  # after every sub-block
+TAP_SETS.add("stages", _stages)  # CNN: the last feature map at each resolution
+TAP_SETS.add("residual", _residual)  # CNN: after each residual block
+TAP_SETS.add("declared", _declared)  # what the exporter recorded in ModelInfo.extra["taps"]
+TAP_SETS.add("auto", _auto)  # declared, else attn, else stages
 
 
-def resolve_taps(model, taps: str | Sequence[str] = "attn") -> list[str]:
+def resolve_taps(model, taps: str | Sequence[str] = "auto") -> list[str]:
     """Tensor names for a tap set name (:data:`TAP_SETS`) or an explicit list."""
     if not isinstance(taps, str):
         return list(dict.fromkeys(taps))
     names = list(dict.fromkeys(TAP_SETS.get(taps)(model)))
     if not names:
+        some = [t for t, _, _ in _feature_maps(model)][-4:] or _norm_inputs(model)[-4:]
         raise ConfigError(
-            f"tap set {taps!r} finds nothing in model {model.graph.name!r} ({len(_norm_inputs(model))} "
-            "LayerNormalization nodes); pass taps=[tensor names] (intermediate tensors, batch first)"
+            f"tap set {taps!r} finds nothing in model {model.graph.name!r}: no taps declared at export "
+            f"(ModelInfo.extra['taps']), {len(_norm_inputs(model))} LayerNormalization nodes (attn, blocks, all), "
+            f"{len(_stages(model))} CNN stages (stages, residual); pass taps=[tensor names] (intermediate tensors, "
+            f"batch first{', e.g. ' + str(some) if some else ''})"
         )
     return names
+
+
+def _pool_axes(shape: tuple) -> tuple[list[int], object]:
+    """Axes a tap is mean-pooled over, and its feature width: NCHW maps over H, W; [B, T, C] over T."""
+    if len(shape) >= 4:
+        return list(range(2, len(shape))), shape[1]
+    return list(range(1, len(shape) - 1)), shape[-1] if shape else None
 
 
 @dataclass(frozen=True)
@@ -122,9 +242,13 @@ class Head:
                 f"a detector head needs domains >= 1 and classes >= 1, got {self.domains}, {self.classes}"
             )
 
-    def columns(self, width: int) -> tuple[int, int, int]:
-        """Column counts of the head's Gemm output: whitened features + bias, padding, class prototypes."""
-        return width + 1, self.classes - 1, self.classes * self.domains
+    def columns(self, width: int) -> tuple[int, int]:
+        """Output widths of the head's two Gemms: whitened features with the bias component; bar + prototypes."""
+        return width + 1, 1 + self.classes * self.domains
+
+    def route_table(self) -> list[int]:
+        """The vote of each column of the prototype Gemm: -1 for the bar (column 0), else the column's domain."""
+        return [-1] + [j // self.classes for j in range(self.classes * self.domains)]
 
 
 @dataclass(frozen=True)
@@ -139,14 +263,16 @@ class Tapped:
 
 
 def tap_model(
-    src: str | os.PathLike, dst: str | os.PathLike, taps: str | Sequence[str] = "attn", *, head: Head | None = None
+    src: str | os.PathLike, dst: str | os.PathLike, taps: str | Sequence[str] = "auto", *, head: Head | None = None
 ) -> Tapped:
     """Write ``src`` with one more output, ``edge.features`` ``[B, d]``, to ``dst``.
 
-    Every tap is mean-pooled over all axes but the first and last, and the pooled taps
-    are concatenated in order. With ``head``, the detector head of the module doc is
-    added too (outputs ``edge.score`` and ``edge.route``). The file is rewritten only
-    when its bytes would change, so a cache can keep it.
+    ``taps``: a tap set name (:data:`TAP_SETS`) or tensor names. Every tap is mean-pooled
+    (a ``[B, T, C]`` tensor over ``T``, a ``[B, C, H, W]`` feature map over ``H, W``, a
+    ``[B, C]`` one not at all), and the pooled taps are concatenated in order (small taps of one
+    shape apart from the channels are concatenated first and pooled by one node: the same values). With
+    ``head``, the detector head of the module doc is added too (output ``edge.vote``).
+    The file is rewritten only when its bytes would change, so a cache can keep it.
     """
     import onnx
     from onnx import TensorProto, helper
@@ -163,37 +289,43 @@ def tap_model(
     if FEATURES in taken:
         raise ConfigError(f"model {model.graph.name!r} already has an output {FEATURES!r}; tap the original")
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
-    pooled, width = [], 0
-    for i, tensor in enumerate(taps):
-        shape = shapes.get(tensor)
-        if not shape or not isinstance(shape[-1], int):
+    found = []
+    for tensor in taps:
+        shape = shapes.get(tensor) or ()
+        axes, channels = _pool_axes(shape)
+        if not isinstance(channels, int) or len(shape) < 2:
             raise ConfigError(
-                f"tap {tensor!r} is not a tensor of model {model.graph.name!r} with a known last dimension; "
-                f"some tensors: {sorted(shapes)[:8]}"
+                f"tap {tensor!r} is not a tensor of model {model.graph.name!r} with a batch axis and a known "
+                f"feature dimension (the last; the second of a 4-D NCHW map); some tensors: {sorted(shapes)[:8]}"
             )
-        width += shape[-1]
-        out = f"edge.tap{i}"
-        axes = list(range(1, len(shape) - 1))
-        if not axes:
-            model.graph.node.append(helper.make_node("Identity", [tensor], [out], name=f"{out}.pool"))
-        elif opset >= 18:
-            const = helper.make_tensor(f"{out}.axes.value", TensorProto.INT64, [len(axes)], axes)
-            model.graph.node.append(helper.make_node("Constant", [], [f"{out}.axes"], value=const))
-            model.graph.node.append(
-                helper.make_node("ReduceMean", [tensor, f"{out}.axes"], [out], keepdims=0, name=f"{out}.pool")
-            )
-        else:
-            model.graph.node.append(
-                helper.make_node("ReduceMean", [tensor], [out], axes=axes, keepdims=0, name=f"{out}.pool")
-            )
-        pooled.append(out)
+        found.append((tensor, shape, axes, channels))
+    width = sum(c for *_, c in found)
     g = model.graph
-    g.node.append(helper.make_node("Concat", pooled, [FEATURES], axis=1, name="edge.features.concat"))
+    channel = 1 if len(found[0][1]) >= 4 else len(found[0][1]) - 1
+    rest = {tuple(d for k, d in enumerate(shape) if k != channel) for _, shape, _, _ in found}
+    if len(found) > 1 and len(rest) == 1 and _small(found):
+        # small taps of one shape apart from the channels: concatenate, then pool once (one node instead of one
+        # per tap; at batch 1 onnxruntime's cost per node is most of what the taps cost, while copying large
+        # taps, e.g. a text encoder's [B, T, C] at batch 16, would cost more than the nodes it saves)
+        pooled_by = found[0][2]
+        g.node.append(
+            helper.make_node(
+                "Concat", list(taps), ["edge.taps" if pooled_by else FEATURES], axis=channel, name="edge.taps.concat"
+            )
+        )
+        if pooled_by:
+            _pool(g, "edge.taps", FEATURES, pooled_by, opset)
+    else:
+        pooled = [f"edge.tap{i}" for i in range(len(found))]
+        for out, (tensor, _, axes, _) in zip(pooled, found):
+            _pool(g, tensor, out, axes, opset)
+        g.node.append(helper.make_node("Concat", pooled, [FEATURES], axis=1, name="edge.features.concat"))
     g.output.append(helper.make_tensor_value_info(FEATURES, TensorProto.FLOAT, ["batch", width]))
     props = {p.key: p.value for p in model.metadata_props}
     props["edge.route.taps"] = ",".join(taps)
-    if head is not None:
-        props[META_KEY] = _add_head(model, head, width, opset, props.get(META_KEY))
+    meta = _add_head(model, head, width, props.get(META_KEY)) if head is not None else props.get(META_KEY)
+    if meta is not None:  # the new outputs are the model's outputs (edge.learn.update can learn on the features)
+        props[META_KEY] = _with_outputs(meta, FEATURES, *([VOTE] if head is not None else []))
     helper.set_model_props(model, props)
     data = model.SerializeToString()
     dst = Path(dst)
@@ -202,7 +334,40 @@ def tap_model(
     return Tapped(dst, tuple(taps), width, head=head)
 
 
-def _add_head(model, head: Head, width: int, opset: int, meta: str | None) -> str:
+#: taps are concatenated before pooling when each holds at most this many values per input (see tap_model)
+CONCAT_FIRST_MAX = 1 << 14
+
+
+def _small(found: list) -> bool:
+    """Whether every tap has a fixed shape apart from the batch and at most ``CONCAT_FIRST_MAX`` values per input."""
+    sizes = [shape[1:] for _, shape, _, _ in found]
+    if not all(isinstance(d, int) for s in sizes for d in s):
+        return False
+    return sum(math.prod(s) for s in sizes) <= CONCAT_FIRST_MAX
+
+
+def _pool(g, tensor: str, out: str, axes: list[int], opset: int) -> None:
+    """Append the node that mean-pools ``tensor`` over ``axes`` into ``out`` (an ``Identity`` for no axes)."""
+    from onnx import TensorProto, helper
+
+    if not axes:
+        g.node.append(helper.make_node("Identity", [tensor], [out], name=f"{out}.pool"))
+    elif opset >= 18:
+        const = helper.make_tensor(f"{out}.axes.value", TensorProto.INT64, [len(axes)], axes)
+        g.node.append(helper.make_node("Constant", [], [f"{out}.axes"], value=const))
+        g.node.append(helper.make_node("ReduceMean", [tensor, f"{out}.axes"], [out], keepdims=0, name=f"{out}.pool"))
+    else:
+        g.node.append(helper.make_node("ReduceMean", [tensor], [out], axes=axes, keepdims=0, name=f"{out}.pool"))
+
+
+def _with_outputs(meta: str, *names: str) -> str:
+    from edge.format.modelinfo import ModelInfo
+
+    info = ModelInfo.from_json(meta)
+    return replace(info, outputs=(*info.outputs, *(n for n in names if n not in info.outputs))).to_json()
+
+
+def _add_head(model, head: Head, width: int, meta: str | None) -> str:
     """Add the detector head's tensors, nodes and outputs; return the model metadata with the head tensors."""
     import numpy as np
     from onnx import TensorProto, helper, numpy_helper
@@ -213,51 +378,41 @@ def _add_head(model, head: Head, width: int, opset: int, meta: str | None) -> st
         raise FormatError(f"model {model.graph.name!r} has no {META_KEY!r} metadata; tap a model exported by edge")
     info = ModelInfo.from_json(meta)
     taken = {t.name for t in model.graph.initializer} | {o.name for o in model.graph.output} | set(info.tensors)
-    clash = sorted(taken & {HEAD_M, HEAD_C, HEAD_T, VOTE})
+    clash = sorted(taken & {HEAD_M, HEAD_C, HEAD_P, HEAD_T, VOTE})
     if clash:
         raise ConfigError(f"model {model.graph.name!r} already has {clash}; tap the original model")
-    n_u, n_pad, n_c = head.columns(width)
-    c = np.full(n_u + n_pad + n_c, HEAD_UNUSED, np.float32)
-    c[:n_u] = 0.0
-    c[width] = 1.0  # the bias component: ||u|| = 1, every class column -1e30 < t: all OOD until written
-    c[n_u + n_pad :] = 0.0
+    n_u, n_v = head.columns(width)
+    c = np.zeros(n_u, np.float32)
+    c[width] = 1.0  # the bias component: ||u|| = 1
+    t = np.full(n_v, HEAD_UNUSED, np.float32)
+    t[0] = 0.0  # the bar beats every unused prototype column: all OOD until written
     g = model.graph
     g.initializer.extend(
         [
-            numpy_helper.from_array(np.zeros((width, len(c)), np.float32), HEAD_M),
+            numpy_helper.from_array(np.zeros((width, n_u), np.float32), HEAD_M),
             numpy_helper.from_array(c, HEAD_C),
-            numpy_helper.from_array(np.ones(1, np.float32), HEAD_T),
+            numpy_helper.from_array(np.zeros((n_u, n_v), np.float32), HEAD_P),
+            numpy_helper.from_array(t, HEAD_T),
         ]
     )
-
-    def const(name: str, values: list[int]) -> str:
-        value = helper.make_tensor(f"{name}.value", TensorProto.INT64, [len(values)], values)
-        g.node.append(helper.make_node("Constant", [], [name], value=value))
-        return name
 
     def node(op: str, inputs: list[str], output: str, **attrs) -> str:
         g.node.append(helper.make_node(op, inputs, [output], name=output, **attrs))
         return output
 
-    y = node("Gemm", [FEATURES, HEAD_M, HEAD_C], "edge.head.y")
-    split = const("edge.head.split", [n_u, n_pad + n_c])
-    g.node.append(
-        helper.make_node("Split", [y, split], ["edge.head.u", "edge.head.cls"], axis=1, name="edge.head.split")
-    )
-    if opset >= 18:
-        norm = node("ReduceL2", ["edge.head.u", const("edge.head.axis", [1])], "edge.head.norm", keepdims=1)
-    else:
-        norm = node("ReduceL2", ["edge.head.u"], "edge.head.norm", axes=[1], keepdims=1)
-    bar = node("Mul", [norm, HEAD_T], "edge.head.bar")  # t * ||u||: a class wins only with cosine >= t
-    ext = node("Concat", [bar, "edge.head.cls"], "edge.head.ext", axis=1)
-    column = node("ArgMax", [ext], "edge.head.column", axis=1, keepdims=0)
-    slot = node("Div", [column, const("edge.head.classes", [head.classes])], "edge.head.slot")
-    node("Sub", [slot, const("edge.head.one", [1])], VOTE)
+    u = node("Gemm", [FEATURES, HEAD_M, HEAD_C], "edge.head.u")  # [(f - mu) W, bias]
+    unit = node("LpNormalization", [u], "edge.head.unit", axis=1, p=2)
+    cos = node("Gemm", [unit, HEAD_P, HEAD_T], "edge.head.cos")  # [t, cosine to each class prototype]
+    column = node("ArgMax", [cos], "edge.head.column", axis=1, keepdims=0)
+    table = helper.make_tensor("edge.head.route.value", TensorProto.INT64, [n_v], head.route_table())
+    g.node.append(helper.make_node("Constant", [], ["edge.head.route"], value=table))
+    node("Gather", ["edge.head.route", column], VOTE, axis=0)
     g.output.append(helper.make_tensor_value_info(VOTE, TensorProto.INT64, ["batch"]))
     tensors = dict(info.tensors)
-    tensors[HEAD_M] = TensorInfo(HEAD_M, (width, len(c)), head=True)
-    tensors[HEAD_C] = TensorInfo(HEAD_C, (len(c),), head=True)
-    tensors[HEAD_T] = TensorInfo(HEAD_T, (1,), head=True)
+    tensors[HEAD_M] = TensorInfo(HEAD_M, (width, n_u), head=True)
+    tensors[HEAD_C] = TensorInfo(HEAD_C, (n_u,), head=True)
+    tensors[HEAD_P] = TensorInfo(HEAD_P, (n_u, n_v), head=True)
+    tensors[HEAD_T] = TensorInfo(HEAD_T, (n_v,), head=True)
     extra = {**info.extra, "edge.head": {"domains": head.domains, "classes": head.classes, "width": width}}
     return replace(info, tensors=tensors, extra=extra).to_json()
 

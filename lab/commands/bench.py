@@ -13,6 +13,9 @@ BENCHES = {
     "ood": "lab.bench_ood:cli",
     "update": "lab.bench_update:cli",
     "lowbit": "lab.bench_lowbit:cli",
+    "memory": "lab.bench_memory:cli",
+    "fleet": "lab.bench_fleet:cli",
+    "masks": "lab.bench_masks:cli",
 }
 
 

@@ -12,6 +12,12 @@ def register(sub) -> None:
     runtime_flags(d)
     d.add_argument("--strategy", default="auto", help="weight-update strategy (default: the backend's best)")
     d.add_argument("--seed", type=int, default=0)
+    d.add_argument(
+        "--model",
+        choices=["vit", "cnn"],
+        default="vit",
+        help="the demo encoder: a tiny ViT (default) or a small CNN, both trained on the digits domains",
+    )
     d.add_argument("--json", type=Path, help="write the results as JSON here")
     d.add_argument(
         "--stream", action="store_true", help="drifting stream: OOD detection, routing and growing a new adaptor"
@@ -48,7 +54,7 @@ def run(args) -> int:
     host_needed("edge demo")
     from lab.pipeline import DemoConfig, prepare_demo
 
-    cfg = DemoConfig(seed=args.seed)
+    cfg = DemoConfig(model=args.model, seed=args.seed)
     art = prepare_demo(args.cache, cfg, progress=not args.quiet, backend=args.backend)
     domains = load_domains(cfg.domains, seed=cfg.seed)
     result = evaluate_demo(

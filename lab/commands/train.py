@@ -57,12 +57,12 @@ def run(args) -> int:
     if args.method == "shira":
         model_path, path, adapter = _train_shira(base, art, demo, d, args)
     else:
-        from exporters import lowbit
+        from lab import lowbit_demo
 
         root = art.model.parent / "lowbit"
         root.mkdir(exist_ok=True)
-        model_path, info = lowbit.slot_model(root, base, cfg, domains["clean"].x_test[:4], progress=not args.quiet)
-        path, adapter = lowbit.train_domain(root, base, cfg, d, info, progress=not args.quiet)
+        model_path, info = lowbit_demo.slot_model(root, base, cfg, domains["clean"].x_test[:4], progress=not args.quiet)
+        path, adapter = lowbit_demo.train_domain(root, base, cfg, d, info, progress=not args.quiet)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(path, args.out)
@@ -114,7 +114,6 @@ def _encoder(root: Path):
 def _train_shira(base, art, demo, d, args):
     from exporters import shira
     from lab.digits_model import evaluate
-    from lab.pipeline import to_adapter
 
     targets = shira.select_targets(base, list(demo.targets))
     masks = shira.make_masks(
@@ -125,7 +124,7 @@ def _train_shira(base, art, demo, d, args):
     )
     acc = evaluate(shira.merge_shira(base, trained), d.x_test, d.y_test)
     meta = {"mask": demo.mask, "density": demo.density, "domain": d.name, "host_acc": acc}
-    adapter = to_adapter(trained, art.info, d.name, meta)
+    adapter = shira.shira_adapter(trained, art.info, d.name, meta, model=base)
     root = art.model.parent / "lowbit"
     root.mkdir(exist_ok=True)
     path = adapter.save(root / f"shira-{d.name}-e{args.epochs}-s{args.seed}.safetensors")

@@ -1,11 +1,10 @@
-"""pytest plugin for `make test-arm`: collect only the test modules a device install can run.
+"""pytest plugin for `make test-arm`: run tests/device/ as a device install can.
 
-A test module is left out when it imports, at its top level, a package that only the
-host install has (torch, the exporters, scikit-learn for the digits data) or checks
-something that is not about the device (lint); a few named tests are left out because
-emulation distorts what they measure (resident memory). Everything else under tests/ runs, so a
-new device-side test file is picked up without editing a list. What was left out is
-printed in the summary, so a skipped module is never silent.
+The device tests live in tests/device/ (host tests in tests/host/, the lab's in tests/lab/).
+As a guard, a module there is still left out when it imports, at its top level, a package
+that only the host install has (torch, the exporters, the lab, scikit-learn); a few named
+tests are left out because emulation distorts what they measure (resident memory). What
+was left out is printed in the summary, so a skipped module is never silent.
 
 Load with ``PYTHONPATH=scripts/arm python -m pytest -p device_only``.
 """
@@ -22,7 +21,7 @@ HOST_ONLY = {
     "peft": "needs peft, which pulls torch (host install)",
     "transformers": "needs transformers, which pulls torch (host install)",
     "sklearn": "needs scikit-learn (demo extra)",
-    "lab.datasets": "loads the digits data through scikit-learn (demo extra)",
+    "lab": "uses the lab (demo, datasets, benchmarks: host install)",
 }
 #: Test modules that are not about the device at all.
 NOT_DEVICE = {"test_lint.py": "lint runs once on the host (make lint)"}

@@ -12,7 +12,7 @@
 #    rebuilt when that list changes;
 # 4. a fresh copy of the project (git-tracked and untracked-but-not-ignored files),
 #    installed with `pip install --no-deps` (so no torch, and the package data is checked);
-# 5. inside the root: `python -m pytest` over tests/, minus host-only test modules
+# 5. inside the root: `python -m pytest` over tests/device/, minus any module that still imports a host package
 #    (scripts/arm/device_only.py decides and prints what it left out), then `edge devices`
 #    from outside the source tree, to show the installed package finds its profiles.
 #
@@ -33,7 +33,7 @@ HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 REPO="$(cd "$HERE/../.." && pwd)"
 ARM_ROOT="${ARM_ROOT:-$REPO/.arm-root}"
 ROOTFS="$ARM_ROOT/rootfs"
-DEPS="numpy onnx onnxruntime safetensors pyyaml pytest"
+DEPS="numpy onnx onnxruntime safetensors pyyaml filelock google-re2 pytest"
 START=$(date +%s)
 
 say() { printf 'test-arm [%4ss]: %s\n' "$(( $(date +%s) - START ))" "$*" >&2; }
@@ -162,7 +162,7 @@ in_root 'python -c "import torch"' 2>/dev/null && die "torch is importable in th
 # -- 5. the tests ---------------------------------------------------------------------------------
 say "pytest (device-side subset) under qemu-aarch64"
 rc=0
-in_root "cd /src && PYTHONPATH=/src/scripts/arm python -m pytest -q -p device_only -p no:cacheprovider ${PYTEST_ARGS:-}" || rc=$?
+in_root "cd /src && PYTHONPATH=/src/scripts/arm python -m pytest -q -p device_only -p no:cacheprovider tests/device ${PYTEST_ARGS:-}" || rc=$?
 say "edge devices (the installed package, run from /, must find its shipped profiles)"
 in_root 'cd / && edge devices && python /src/scripts/arm/check_installed.py' || rc=$?
 say "done (exit $rc)"

@@ -2,18 +2,8 @@
 
 import subprocess
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-
-BLOCK_TORCH = """
-import importlib.abc, sys
-class _NoTorch(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name == "torch" or name.startswith("torch."):
-            raise ImportError("torch is blocked: device side must not import it")
-sys.meta_path.insert(0, _NoTorch())
-"""
+from _blocking import BLOCK_TORCH, ROOT
 
 SCRIPT = (
     BLOCK_TORCH

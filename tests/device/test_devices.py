@@ -276,3 +276,31 @@ def test_cli_devices_table_and_json(tmp_path, capsys):
 def test_cli_devices_bad_folder_exits_2(tmp_path, capsys):
     assert main(["devices", "--devices-dir", str(tmp_path / "missing")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_profile_names_its_fleet_source(tmp_path):
+    p = load_profile(
+        _write(tmp_path, {**GOOD, "registry": "127.0.0.1:5000/edge/adapters", "tuf_root": "root.json"}), search=[]
+    )
+    assert p.fleet is not None and p.fleet.registry == "127.0.0.1:5000/edge/adapters"
+    assert p.fleet.tuf_root == tmp_path / "root.json"  # relative to the profile's folder
+    assert p.fleet.channel == "stable" and p.fleet.insecure is False
+    assert load_profile(_write(tmp_path, {**GOOD, "name": "plain"}), search=[]).fleet is None
+
+
+@pytest.mark.parametrize(
+    "changes, words",
+    [
+        ({"registry": "127.0.0.1:5000/edge/adapters"}, ["tuf_root", "go together"]),
+        ({"tuf_root": "root.json"}, ["registry", "go together"]),
+        (
+            {"registry": "r/x", "tuf_root": "root.json", "registry_insecure": "yes"},
+            ["registry_insecure", "true or false"],
+        ),
+        ({"registry": "r/x", "tuf_root": "root.json", "channel": 3}, ["channel"]),
+    ],
+)
+def test_bad_fleet_source_names_what_is_wrong(tmp_path, changes, words):
+    with pytest.raises(ConfigError) as e:
+        load_profile(_write(tmp_path, {**GOOD, **changes}), search=[])
+    assert all(w in str(e.value) for w in words), str(e.value)

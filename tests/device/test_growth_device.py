@@ -1,4 +1,4 @@
-"""The device trainer (edge.learn.device_trainer): exact gradients, a runtime-exact adapter, better accuracy, no torch."""
+"""The device trainer (edge.learn.device_trainer): exact gradients, runtime-exact adapters, no torch."""
 
 from __future__ import annotations
 
@@ -12,12 +12,13 @@ import numpy as np
 import onnx
 import pytest
 from _tiny import make_mlp
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 from test_device_side import BLOCK_TORCH, ROOT
 
 from edge.errors import ConfigError
 from edge.format.adapter import load_adapter
-from edge.learn.device_trainer import DEVICE_SPACE, DeviceTrainer
+from edge.format.modelinfo import META_KEY, ModelInfo, TensorInfo, fingerprint
+from edge.learn.device_trainer import DEVICE_SPACE, TAIL_SPACE, DeviceTrainer
 from edge.learn.space import LAYER_SETS, Arch
 from edge.runtime import Runtime
 
@@ -58,7 +59,8 @@ def test_registered_trainer_layer_sets_and_space(digits):
     path, info, _ = digits
     assert LAYER_SETS.get("head")(list(info.tensors)) == [HEAD]
     assert LAYER_SETS.get("last-mlp")(sorted(info.tensors)) == [FC2, HEAD]
-    assert DeviceTrainer(path).params == (FC2, HEAD)
+    assert DeviceTrainer(path).params == (FC2, HEAD)  # found from the graph, not by name
+    assert LAYER_SETS.get("tail")(sorted(n for n, t in info.tensors.items() if len(t.shape) == 2)) == [FC2, HEAD]
     assert len(DEVICE_SPACE) == 10 and {a.layers for a in DEVICE_SPACE} == {"head", "last-mlp"}
 
 
@@ -241,13 +243,172 @@ def test_refuses_what_it_cannot_train(digits, tmp_path):
     with pytest.raises(ConfigError, match="rejected inputs"):
         tr.train(Arch("shira", 0.1, "head"), np.zeros((16, 3), np.float32), y, "a")
 
-    make_mlp(tmp_path / "mlp.onnx")  # no blocks, no head
-    with pytest.raises(ConfigError, match=r"fc2.weight' or 'head.weight'"):
-        DeviceTrainer(tmp_path / "mlp.onnx")
+    make_mlp(tmp_path / "mlp.onnx")  # fc1 -> Relu -> fc2 (Gemm): a tail, but no 'head' or 'last-mlp' by name
+    assert DeviceTrainer(tmp_path / "mlp.onnx").params == ("fc1.weight", "fc2.weight")
+    with pytest.raises(ConfigError, match="selects no tensor"):
+        DeviceTrainer(tmp_path / "mlp.onnx").train(
+            Arch("shira", 0.1, "head"), np.zeros((4, 10), np.float32), y[:4], "a"
+        )
 
     def max_pool(graph):
         next(n for n in graph.node if n.op_type == "ReduceMean").op_type = "ReduceMax"
 
-    maxed = DeviceTrainer(_edit(path, tmp_path / "max.onnx", max_pool))  # the structure matches, the pooling not
-    with pytest.raises(ConfigError, match="mean over tokens"):
-        maxed.train(Arch("shira", 0.1, "head"), x, y, "a")
+    maxed = DeviceTrainer(_edit(path, tmp_path / "max.onnx", max_pool))  # the head trains; not through a max
+    assert maxed.params == (HEAD,)
+    maxed.train(Arch("shira", 0.1, "head"), x, y, "a")
+    with pytest.raises(ConfigError, match=r"adapts only \['head.weight'\].*stopped at ReduceMax"):
+        maxed.train(Arch("shira", 0.1, "last-mlp"), x, y, "a")
+
+
+# -- the tail of any model, found from the graph ------------------------------------------------------
+B_T, D = 3, 5  # tokens (or a 2 x 2 map's... see tail_model), channels
+
+
+def tail_model(path: Path, case: str, seed: int = 0) -> tuple[ModelInfo, np.ndarray]:
+    """A tiny graph ``pre -> last linear -> <case ops> -> classifier -> logits`` and inputs for it."""
+    rng = np.random.default_rng(seed)
+    four_d = case in ("conv-bn", "gap")
+    w = {
+        "last.weight": rng.standard_normal((D, D, 1, 1) if four_d else (D, D)) * 0.6,  # [out, in]
+        "last.bias": rng.standard_normal(D) * 0.2,
+        "head.weight": rng.standard_normal((CLS, D * B_T if case == "reshape" else D)) * 0.7,
+        "head.bias": rng.standard_normal(CLS) * 0.1,
+        "g": 1.0 + 0.2 * rng.standard_normal(D),
+        "b": 0.1 * rng.standard_normal(D),
+        "mean": 0.1 * rng.standard_normal(D),
+        "var": 0.5 + rng.uniform(0, 1, D),
+    }
+    transposed = not four_d  # MatMul reads the [in, out] transpose
+    stored = {k: (v.T.copy() if k == "last.weight" and transposed else v).astype(np.float32) for k, v in w.items()}
+    if case == "gemm-plain":  # a Gemm without transB reads [in, out]
+        stored["head.weight"] = w["head.weight"].T.copy().astype(np.float32)
+    n = helper.make_node
+
+    def const(name, values):
+        return n(
+            "Constant", [], [name], value=helper.make_tensor(name + ".v", TensorProto.INT64, [len(values)], values)
+        )
+
+    nodes = [n("Relu", ["x"], ["h"])]  # the tail's input (read twice when it is also the skip)
+    if four_d:
+        nodes += [n("Conv", ["h", "last.weight", "last.bias"], ["z"])]
+    else:
+        nodes += [n("MatMul", ["h", "last.weight"], ["z0"]), n("Add", ["z0", "last.bias"], ["z"])]
+    mean = [const("ax1", [1]), n("ReduceMean", ["a", "ax1"], ["f"], keepdims=0)]
+    body = {
+        "relu": [n("Relu", ["z"], ["a"]), *mean],
+        "gelu": [n("Gelu", ["z"], ["a"]), *mean],
+        "gelu-tanh": [n("Gelu", ["z"], ["a"], approximate="tanh"), *mean],
+        "layernorm": [n("LayerNormalization", ["z", "g", "b"], ["a"], axis=-1, epsilon=1e-3), *mean],
+        "residual": [n("Add", ["h", "z"], ["a"]), *mean],
+        "mean-keepdims": [
+            n("Relu", ["z"], ["a"]),
+            const("ax", [1]),
+            n("ReduceMean", ["a", "ax"], ["m"], keepdims=1),
+            n("Squeeze", ["m", "ax"], ["f"]),
+        ],
+        "reshape": [n("Relu", ["z"], ["a"]), const("shape", [0, -1]), n("Reshape", ["a", "shape"], ["f"])],
+        "gemm-plain": [n("Identity", ["z"], ["a"]), *mean],
+        "conv-bn": [
+            n("BatchNormalization", ["z", "g", "b", "mean", "var"], ["bn"], epsilon=1e-3),
+            n("Relu", ["bn"], ["r"]),
+            n("GlobalAveragePool", ["r"], ["p"]),
+            n("Flatten", ["p"], ["f"]),
+        ],
+        "gap": [n("Relu", ["z"], ["r"]), n("GlobalAveragePool", ["r"], ["p"]), n("Flatten", ["p"], ["f"])],
+        "sigmoid": [n("Sigmoid", ["z"], ["a"]), *mean],
+    }[case]
+    head = (
+        n("Gemm", ["f", "head.weight", "head.bias"], ["logits"])
+        if case == "gemm-plain"
+        else n("Gemm", ["f", "head.weight", "head.bias"], ["logits"], transB=1)
+    )
+    shape = ["batch", D, 2, 2] if four_d else ["batch", B_T, D]
+    graph = helper.make_graph(
+        [*nodes, *body, head],
+        f"tail-{case}",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", CLS])],
+        [numpy_helper.from_array(v, k) for k, v in stored.items()],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
+    model.ir_version = 9
+    tensors = {
+        "last.weight": TensorInfo("last.weight", w["last.weight"].shape, transposed=transposed),
+        "head.weight": TensorInfo("head.weight", w["head.weight"].shape, transposed=case == "gemm-plain"),
+    }
+    info = ModelInfo(f"tail-{case}", fingerprint(stored), tensors, inputs=("x",), outputs=("logits",))
+    helper.set_model_props(model, {META_KEY: info.to_json()})
+    onnx.save(model, str(path))
+    x = rng.standard_normal((24, *([D, 2, 2] if four_d else [B_T, D]))).astype(np.float32)
+    return info, x
+
+
+CLS = 3
+CASES = [
+    "relu",
+    "gelu",
+    "gelu-tanh",
+    "layernorm",
+    "residual",
+    "mean-keepdims",
+    "reshape",
+    "gemm-plain",
+    "conv-bn",
+    "gap",
+]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_tail_gradients_match_finite_differences_per_op(tmp_path, case):
+    _, x = tail_model(tmp_path / "m.onnx", case)
+    tr = DeviceTrainer(tmp_path / "m.onnx")
+    assert tr.params == ("last.weight", "head.weight")
+    y = np.arange(len(x)) % CLS
+    rng = np.random.default_rng(1)
+    at = {p: w + 0.05 * rng.standard_normal(w.shape) for p, w in tr.base_weights().items()}
+    _, grads = tr.loss_and_grads(x, y, at)
+    eps = 1e-6
+    for p, w in at.items():
+        assert grads[p].shape == w.shape
+        for flat in rng.choice(w.size, 6, replace=False):
+            i = np.unravel_index(flat, w.shape)
+            plus, minus = {**at, p: w.copy()}, {**at, p: w.copy()}
+            plus[p][i] += eps
+            minus[p][i] -= eps
+            fd = (tr.loss_and_grads(x, y, plus)[0] - tr.loss_and_grads(x, y, minus)[0]) / (2 * eps)
+            assert grads[p][i] == pytest.approx(fd, rel=1e-4, abs=1e-8), (p, i)
+
+
+def test_an_op_outside_the_set_is_named(tmp_path):
+    tail_model(tmp_path / "m.onnx", "sigmoid")
+    tr = DeviceTrainer(tmp_path / "m.onnx")
+    assert tr.params == ("head.weight",) and LAYER_SETS.get("tail")(["last.weight", "head.weight"]) == []
+    x = np.zeros((4, B_T, D), np.float32)
+    with pytest.raises(ConfigError, match="stopped at Sigmoid"):
+        tr.saliency(x, np.zeros(4, np.int64), ["last.weight"])
+
+
+def test_tail_layer_sets_and_adapter_on_a_cnn(tmp_path):
+    """A 1x1 conv before the classifier: its adapter indices are 4-D, and the runtime agrees with the trainer."""
+    from test_taps import images, make_cnn
+
+    info = make_cnn(tmp_path / "cnn.onnx", residual=True)
+    tr = DeviceTrainer(tmp_path / "cnn.onnx", epochs=30)
+    assert tr.params == ("proj.weight", "head.weight")
+    assert Arch("shira", 0.1, "tail").targets(info) == ["proj.weight", "head.weight"]
+    assert Arch("shira", 0.1, "tail-head").targets(info) == ["head.weight"]
+    assert len(TAIL_SPACE) == 10 and {a.layers for a in TAIL_SPACE} == {"tail", "tail-head"}
+    x, y = images(1, 96, seed=0)
+    a = tr.train(Arch("shira", 0.5, "tail"), x, y, "grown")
+    assert a.tensors["proj.weight"].indices.shape == (4, 32) and not a.tensors["proj.weight"].indices[2:].any()
+    xt, yt = images(1, 64, seed=1)
+    with Runtime(tmp_path / "cnn.onnx") as rt:
+        rt.load_adapter(a)
+        base = rt.run({"x": xt})["logits"]
+        rt.switch("grown")
+        got = rt.run({"x": xt})["logits"]
+        rt.wait_settled(30)
+    np.testing.assert_allclose(got, tr.logits(xt, a), atol=1e-4)
+    np.testing.assert_allclose(base, tr.logits(xt), atol=1e-4)
+    assert accuracy(got, yt) > accuracy(base, yt) + 0.2

@@ -1,4 +1,5 @@
-"""OOD detectors (edge.route.ood) on small synthetic features: metrics, every registered detector, HDC internals."""
+"""OOD detectors (edge.route.ood: detectors, hdc, linalg) on small synthetic features: metrics, every
+registered detector, HDC internals, the shared kernels."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import numpy as np
 import pytest
 
 from edge.errors import ConfigError
+from edge.route.linalg import SINGLE_THREAD_MNK, matmul
 from edge.route.ood import DETECTORS, HDC, auroc, fpr_at_tpr, make_detector, threshold_at_tpr
 
 # every registered detector needs a case here (options used in the table-driven tests)
@@ -192,6 +194,22 @@ def test_update_bundles_a_new_domain_into_the_prototypes():
     assert det.threshold == pytest.approx(threshold_at_tpr(det.score(f[:100]), 0.95), rel=1e-5)
 
 
+@pytest.mark.parametrize("encoding", ["linear", "bipolar"])
+def test_cross_fitted_threshold_keeps_its_offset_through_updates(encoding):
+    """calibrate(held_out=...): the threshold comes from held-out scores; updates rescore the fit inputs (in-sample)
+    and keep the same correction, so they agree with a detector calibrated without one, shifted by the offset."""
+    det, f = fitted_hdc(encoding=encoding)
+    plain, _ = fitted_hdc(encoding=encoding)
+    held_out = det.score(f[:100]) - 0.05  # held-out inputs score lower than the fit inputs
+    assert det.calibrate(f[:100], held_out=held_out, tpr=0.98) == threshold_at_tpr(held_out, 0.98)
+    inside = plain.calibrate(f[:100], tpr=0.98)
+    assert inside - det.threshold == pytest.approx(0.05, abs=1e-6)
+    new, lg, y = clusters(7, shift=-6.0)
+    for d in (det, plain):
+        d.update(new, lg, y, domains=np.full(len(new), 2))
+    assert plain.threshold - det.threshold == pytest.approx(inside - threshold_at_tpr(held_out, 0.98), abs=1e-6)
+
+
 def test_refine_retrains_class_prototypes_for_routing_and_keeps_their_norms():
     rng = np.random.default_rng(3)
     centres = rng.normal(0, 0.5, (2, 3, 16))  # two domains x three classes, overlapping
@@ -222,3 +240,12 @@ def test_bipolar_prototypes_are_stored_in_full_width():
     det, f = fitted_hdc(encoding="bipolar")
     assert det.prototypes.shape[1] == 4096
     assert set(np.unique(det.hypervectors(f[:3]))) == {-1.0, 1.0}
+
+
+@pytest.mark.parametrize("m, k, n", [(4, 8, 8), (300, 256, 256), (17, 1, 40000), (3, 70000, 5)])
+def test_chunked_matmul_equals_plain_product(m, k, n):
+    """The first case runs in one product, the others in single-thread chunks."""
+    assert (m * k * n <= SINGLE_THREAD_MNK) == (m == 4)
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(m, k)).astype(np.float32), rng.normal(size=(k, n)).astype(np.float32)
+    np.testing.assert_allclose(matmul(a, b), a @ b, rtol=1e-4, atol=1e-3)

@@ -220,3 +220,142 @@ def test_close_waits_for_the_background_rebuild(model, tiny, backend):
     assert thread is not None and thread.is_alive()
     rt.close()
     assert not thread.is_alive()
+
+
+# -- careless callers: run() never changes weights, fusion never writes Inf, closed runtimes refuse ----------------
+def _snapshot(rt, info):
+    return {p: rt.weights(p) for p in info.tensors}
+
+
+@pytest.mark.parametrize("backend,strategy", CASES)
+def test_run_cannot_change_weights(model, backend, strategy):
+    """Under bound/hybrid the weights are graph inputs: a feed naming one must be refused, not bound."""
+    path, info = model
+    inp = info.inputs[0]
+    with Runtime(path, backend=backend, strategy=strategy) as rt:
+        base = _snapshot(rt, info)
+        rt.load_adapter(random_adapter(info, 1, name="a"))
+        rt.switch("a")  # hybrid: right after a switch, the bound session (weights as inputs) serves
+        served = _snapshot(rt, info)
+        ref = rt.run({inp: X})
+        for param, t in info.tensors.items():
+            shape = rt.backend.read(t.initializer).shape
+            for name in {param, t.initializer}:
+                with pytest.raises(ConfigError, match="weights or adapter slots"):
+                    rt.run({inp: X, name: np.zeros(shape, np.float32)})
+        with pytest.raises(ConfigError, match="not inputs of the model"):
+            rt.run({inp: X, "no-such-input": X})
+        out = rt.run({inp: X})
+        assert all(np.array_equal(out[k], ref[k]) for k in ref)
+        assert all(np.array_equal(_snapshot(rt, info)[p], served[p]) for p in served)
+        rt.switch(None)
+        assert all(np.array_equal(_snapshot(rt, info)[p], base[p]) for p in base)
+
+
+@pytest.mark.parametrize("backend", sorted(TESTED_BACKENDS))
+def test_run_cannot_feed_adapter_slots(tmp_path, tiny, backend):
+    path = tmp_path / f"b{getattr(tiny, 'SUFFIX', '.onnx')}"
+    info = tiny.make_branch_mlp(path)
+    slots = [k for k, t in info.tensors.items() if t.slot]
+    assert slots
+    with Runtime(path, backend=backend) as rt:
+        ref = rt.run(X)
+        for s in slots:
+            with pytest.raises(ConfigError, match="weights or adapter slots"):
+                rt.run({info.inputs[0]: X, s: np.ones(info.tensors[s].shape, np.float32)})
+        assert all(np.array_equal(rt.run(X)[k], ref[k]) for k in ref)
+
+
+BAD_FEEDS = {
+    "float64": (lambda x: x.astype(np.float64), "must be float32"),
+    "big-endian": (lambda x: x.astype(">f4"), "byte order"),
+    "rank 1": (lambda x: x[0], "dimensions"),
+    "rank 3": (lambda x: x[None], "dimensions"),
+    "wrong width": (lambda x: np.zeros((7, 11), np.float32), "shape"),
+    "empty batch": (lambda x: x[:0], "empty"),
+    "object array": (lambda x: np.array([None] * 7, dtype=object), "must be float32"),
+    "string": (lambda x: "pixels", "must be float32"),
+}
+
+
+@pytest.mark.parametrize("backend", sorted(TESTED_BACKENDS))
+@pytest.mark.parametrize("case", sorted(BAD_FEEDS))
+def test_bad_feeds_are_typed_errors(model, backend, case):
+    path, info = model
+    make, match = BAD_FEEDS[case]
+    with Runtime(path, backend=backend) as rt:
+        with pytest.raises(ConfigError, match=match):
+            rt.run({info.inputs[0]: make(X)})
+        with pytest.raises(ConfigError, match="dict"):
+            rt.run([X])
+
+
+@pytest.mark.parametrize("backend", sorted(TESTED_BACKENDS))
+def test_non_contiguous_feed_gives_the_contiguous_result(model, backend):
+    path, _ = model
+    wide = np.repeat(X, 2, axis=1)[:, ::2]
+    assert not wide.flags.c_contiguous and np.array_equal(wide, X)
+    with Runtime(path, backend=backend) as rt:
+        a, b = rt.run(wide), rt.run(X)
+        assert all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def _overflowing(info, name, value=3e38):
+    t = "fc1.weight"
+    idx = np.array([[0, 1], [0, 1]], np.int32)
+    return Adapter(
+        name, info.fingerprint, {t: SparseDelta(idx, np.full(2, value, np.float32))}, {t: info.tensors[t].shape}
+    )
+
+
+@pytest.mark.parametrize("backend", sorted(TESTED_BACKENDS))
+def test_fusion_that_overflows_is_refused_and_changes_nothing(model, backend):
+    path, info = model
+    with Runtime(path, backend=backend) as rt:
+        rt.load_adapter(random_adapter(info, 1, name="a"))
+        rt.load_adapter(random_adapter(info, 2, name="b"))
+        rt.load_adapter(_overflowing(info, "big1"))
+        rt.load_adapter(_overflowing(info, "big2"))
+        rt.switch("a")
+        before, ref = _snapshot(rt, info), rt.run(X)
+        for spec in ({"a": 1e300, "b": 1.0}, {"big1": 1.0, "big2": 1.0}, {"a": 3e38, "b": 3e38}):
+            with pytest.raises(ConfigError, match="non-finite"):
+                rt.switch(spec)
+            assert rt.active == {"a": 1.0}
+            assert all(np.array_equal(_snapshot(rt, info)[p], before[p]) for p in before)
+            assert all(np.array_equal(rt.run(X)[k], ref[k]) for k in ref)
+
+
+def test_loading_over_the_active_adapter_name_is_refused(model):
+    path, info = model
+    with Runtime(path) as rt:
+        rt.load_adapter(random_adapter(info, 1, name="a"))
+        rt.switch("a")
+        before = _snapshot(rt, info)
+        with pytest.raises(ConfigError, match="is active"):
+            rt.load_adapter(random_adapter(info, 2, name="a"))
+        assert rt.active == {"a": 1.0}
+        assert all(np.array_equal(_snapshot(rt, info)[p], before[p]) for p in before)
+        rt.switch(None)
+        rt.load_adapter(random_adapter(info, 2, name="a"))  # not active: replacing it is fine
+        rt.switch("a")
+        assert not all(np.array_equal(_snapshot(rt, info)[p], before[p]) for p in before)
+
+
+@pytest.mark.parametrize("backend", sorted(TESTED_BACKENDS))
+def test_closed_runtime_refuses_every_call(model, backend):
+    from edge.runtime import RuntimeClosedError
+
+    path, info = model
+    rt = Runtime(path, backend=backend)
+    rt.load_adapter(random_adapter(info, 1, name="a"))
+    rt.close()
+    rt.close()  # twice is fine
+    for call in (
+        lambda: rt.run(X),
+        lambda: rt.switch("a"),
+        lambda: rt.switch(None),
+        lambda: rt.load_adapter(random_adapter(info, 2, name="b")),
+    ):
+        with pytest.raises(RuntimeClosedError, match="closed"):
+            call()

@@ -79,7 +79,7 @@ DAMAGE = [
     ("metadata edited", _edit_meta, "checksum mismatch"),
     ("other format", _retag("format", "edge.adapter"), "expected 'edge.learn.update-state'"),
     ("future version", _retag("version", 99), "version 99 is not supported"),
-    ("not safetensors", lambda d: b"\x10" + b"\0" * 7 + b"not json at all!", "no readable edge metadata"),
+    ("not safetensors", lambda d: b"\x10" + b"\0" * 7 + b"not json at all!", "safetensors header: not valid JSON"),
 ]
 
 

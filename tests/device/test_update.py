@@ -337,7 +337,7 @@ def test_cli_errors_exit_2(model, tmp_path, arrays, match):
 
 def test_load_samples_rejects_pickles_and_empty_folders(tmp_path):
     np.savez(tmp_path / "p.npz", x=np.array([{"a": 1}], dtype=object), y=np.zeros(1))
-    with pytest.raises(FormatError, match="not a readable .npz"):
+    with pytest.raises(FormatError, match="holds Python objects"):
         load_samples(tmp_path / "p.npz")
     (tmp_path / "empty").mkdir()
     with pytest.raises(ConfigError, match="holds no .npz files"):
@@ -427,3 +427,52 @@ def test_api_without_torch(model, tmp_path):
     )
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "ok"
+
+
+def test_two_concurrent_cli_updates_of_one_state_lose_nothing(model, tmp_path):
+    """Two `edge update --state S` processes at once: they take turns on S.lock, so every sample counts."""
+    state = tmp_path / "s.safetensors"
+    sizes = []
+    for i in range(4):
+        x, y = blobs(3 + i, seed=10 + i)
+        np.savez(tmp_path / f"d{i}.npz", x=x, y=y)
+        sizes.append(len(y))
+    code = "from edge.cli import main; import sys; sys.exit(main(sys.argv[1:]))"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code, "update", "--model", str(model), "--state", str(state)]
+            + ["--data", str(tmp_path / f"d{i}.npz"), "--method", "ncm"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+            env=ONE_THREAD,
+        )
+        for i in range(4)
+    ]
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err
+    rt = Runtime(model)
+    assert Updater.load(state, rt).samples_seen == sum(sizes)
+
+
+def test_state_lock_serialises_writers_in_process(model, tmp_path):
+    from edge.learn.update import state_lock
+
+    state = tmp_path / "s.safetensors"
+    with state_lock(state):
+        assert (tmp_path / "s.safetensors.lock").exists()
+    with state_lock(None):  # no state file, no lock
+        assert not (tmp_path / "None.lock").exists()
+
+
+def test_nan_state_is_refused(model, tmp_path):
+    rt = Runtime(model)
+    x, y = blobs(3, seed=1)
+    up = Updater(rt, "ncm")
+    up.partial_fit(x, y)
+    up.method.tensors[next(k for k, v in up.method.tensors.items() if v.dtype.kind == "f")][...] = np.nan
+    up.save(tmp_path / "nan.safetensors")
+    with pytest.raises(FormatError, match="NaN or Inf"):
+        Updater.load(tmp_path / "nan.safetensors", rt)

@@ -122,7 +122,7 @@ def test_tiny_vit_exports_with_the_same_code_path(tmp_path):
 def test_bad_pooling_and_non_encoders_are_refused():
     from exporters.hf import PooledEncoder
 
-    with pytest.raises(ConfigError, match="pooling 'max'.*mean, cls, none"):
+    with pytest.raises(ConfigError, match="pooling 'max'.*mean, cls, pooler, none"):
         PooledEncoder.wrap(transformers.BertModel(tiny_config(transformers.BertConfig)), pooling="max")
     with pytest.raises(ConfigError, match="neither input_ids nor pixel_values"):
         PooledEncoder.wrap(torch.nn.Linear(2, 2))
@@ -167,3 +167,53 @@ def test_minilm_on_litert_matches_sentence_transformers(tmp_path):
         got = embed(rt, sentences)
     cos = (got * want).sum(1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(want, axis=1))
     assert cos.min() >= 0.9999, cos
+
+
+def _cli_main(monkeypatch, argv) -> int:
+    """``edge ARGV`` with the host ``export`` command joined in (as its entry point does once installed)."""
+    from importlib.metadata import entry_points
+
+    from edge import cli
+
+    installed = any(ep.name == "export" for ep in entry_points(group=cli.ENTRY_POINT_GROUP))
+    if not installed and "exporters.commands.export" not in cli.COMMAND_MODULES:
+        monkeypatch.setattr(cli, "COMMAND_MODULES", (*cli.COMMAND_MODULES, "exporters.commands.export"))
+    return cli.main(argv)
+
+
+def test_edge_export_command_writes_a_validated_model(tmp_path, monkeypatch, capsys):
+    import json
+
+    model = transformers.ResNetModel(
+        transformers.ResNetConfig(embedding_size=8, hidden_sizes=[8], depths=[1], layer_type="basic")
+    )
+    model.save_pretrained(tmp_path / "resnet")  # model.safetensors + config.json, as downloaded models come
+    out = tmp_path / "resnet.onnx"
+    assert (
+        _cli_main(monkeypatch, ["export", str(tmp_path / "resnet"), "--out", str(out), "--image-size", "32", "-q"]) == 0
+    )
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["pooling"] == "pooler" and summary["model_type"] == "resnet" and summary["format"] == "onnx"
+    x = np.random.default_rng(0).standard_normal((2, 3, 32, 32)).astype(np.float32)
+    with Runtime(out) as rt:
+        got = rt.run({"pixel_values": x})["embeddings"]
+    with torch.no_grad():
+        want = model.eval()(pixel_values=torch.from_numpy(x)).pooler_output.flatten(1).numpy()
+    np.testing.assert_allclose(got, want, atol=1e-5)
+
+    code = _cli_main(
+        monkeypatch, ["export", str(tmp_path / "resnet"), "--out", str(tmp_path / "m.tflite"), "--format", "onnx"]
+    )
+    assert code == 2 and "does not end in .onnx" in capsys.readouterr().err
+
+
+def test_edge_export_without_torch_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys):
+    import importlib.util
+
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text("{}")
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torch" else real(name, *a))
+    assert _cli_main(monkeypatch, ["export", str(tmp_path / "m"), "--out", str(tmp_path / "m.onnx")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "edge export" in err and "pip install" in err

@@ -301,3 +301,42 @@ def _train_on(base, config, out_dir, feeds, steps: int = 2):
     model.eval()
     model.save_pretrained(str(out_dir))
     return model.merge_and_unload().eval()
+
+
+def test_patterns_match_like_peft_in_linear_time():
+    """alpha_pattern/rank_pattern keys are user text: RE2 (linear time), never Python's backtracking re."""
+    import time
+
+    from edge.convert.peft import _pattern
+
+    assert _pattern({"key": 5}, "encoder.layer.0.attention.self.key", 1) == 5
+    assert _pattern({"layer\\.0\\..*key": 7}, "encoder.layer.0.attention.self.key", 1) == 7
+    assert _pattern({"query": 5}, "encoder.layer.0.attention.self.key", 1) == 1
+    assert _pattern({"ey": 5}, "encoder.layer.0.attention.self.key", 1) == 1  # whole name parts, as PEFT
+    t0 = time.perf_counter()
+    assert _pattern({"(a+)+c": 9}, "x." + "a" * 5000 + "b", 1) == 1  # catastrophic for Python's re
+    assert time.perf_counter() - t0 < 1.0
+    with pytest.raises(ConfigError, match="RE2"):
+        _pattern({r"(a)\1": 2}, "aa", 1)
+
+
+def test_bf16_is_parsed_by_the_safetensors_library(tmp_path):
+    """A BF16 header the library refuses (negative offsets) is a FormatError, never header bytes as weights."""
+    import struct
+
+    folder = tmp_path / "p"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 1, "lora_alpha": 1}))
+    header = json.dumps(
+        {"base_model.model.q.lora_A.weight": {"dtype": "BF16", "shape": [1, 4], "data_offsets": [-8, 0]}}
+    ).encode()
+    (folder / "adapter_model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + bytes(8))
+    with pytest.raises(FormatError, match="corrupt safetensors"):
+        read_peft(folder)
+    values = np.array([1.5, -2.25, 3.0, 0.0], np.float32)
+    bf16 = (values.view(np.uint32) >> 16).astype("<u2").tobytes()
+    header = json.dumps(
+        {"base_model.model.q.lora_A.weight": {"dtype": "BF16", "shape": [1, 4], "data_offsets": [0, 8]}}
+    ).encode()
+    (folder / "adapter_model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + bf16)
+    np.testing.assert_array_equal(read_peft(folder).modules["q"]["lora_A.weight"], values.reshape(1, 4))

@@ -63,8 +63,8 @@ def test_peers_peft_and_text_modules_need_no_torch(tmp_path):
     import subprocess
     import sys
 
+    from _blocking import BLOCK_TORCH, ROOT
     from safetensors.numpy import save_file
-    from test_device_side import BLOCK_TORCH, ROOT
 
     info = make_mlp(tmp_path / "m.onnx")
     (tmp_path / "p").mkdir()

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from edge.errors import ConfigError
-from lab.datasets import SHIFTS, Domain, _warp, load_domains, register_shift
+from lab.datasets import SHIFTS, Domain, load_domains, register_shift, warp
 
 ALL_SHIFTS = tuple(SHIFTS)
 
@@ -105,11 +105,11 @@ def test_register_new_shift_is_usable():
 def test_warp_identity_rot90_and_translation():
     x = np.random.default_rng(0).random((3, 1, 8, 8)).astype(np.float32)
     zeros, ones = np.zeros(3), np.ones(3)
-    np.testing.assert_allclose(_warp(x, zeros, ones, zeros, zeros), x, atol=1e-6)
+    np.testing.assert_allclose(warp(x, zeros, ones, zeros, zeros), x, atol=1e-6)
     # positive angles turn clockwise as displayed (row 0 at the top)
     np.testing.assert_allclose(
-        _warp(x, np.full(3, np.pi / 2), ones, zeros, zeros), np.rot90(x, -1, axes=(2, 3)), atol=1e-5
+        warp(x, np.full(3, np.pi / 2), ones, zeros, zeros), np.rot90(x, -1, axes=(2, 3)), atol=1e-5
     )
-    moved = _warp(x, zeros, ones, ones, zeros)  # one pixel down, zeros enter at the top
+    moved = warp(x, zeros, ones, ones, zeros)  # one pixel down, zeros enter at the top
     np.testing.assert_allclose(moved[:, :, 1:], x[:, :, :-1], atol=1e-6)
     assert np.all(moved[:, :, 0] == 0)

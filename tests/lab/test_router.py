@@ -18,7 +18,7 @@ from edge.format.modelinfo import META_KEY, ModelInfo, TensorInfo, fingerprint
 from edge.learn.growth import GrowthJob, grow
 from edge.learn.space import SEARCH_SPACE, Arch, Budget, candidates, select
 from edge.route.router import Reconfigurator, RouterConfig
-from edge.route.taps import FEATURES, HEAD_C, HEAD_M, HEAD_T, TAP_SETS, VOTE, Head, resolve_taps, tap_model
+from edge.route.taps import FEATURES, HEAD_C, HEAD_M, HEAD_P, HEAD_T, TAP_SETS, VOTE, Head, resolve_taps, tap_model
 from edge.runtime import Runtime
 
 T, C, CLASSES = 4, 8, 3
@@ -154,7 +154,7 @@ def test_tap_sets_pick_norm_inputs(tmp_path):
     assert resolve_taps(m, "blocks") == ["h1"]
     assert resolve_taps(m, "all") == ["h0", "h1"]
     assert resolve_taps(m, ["n2"]) == ["n2"]
-    assert set(TAP_SETS.names()) == {"attn", "blocks", "all"}
+    assert set(TAP_SETS.names()) == {"attn", "blocks", "all", "stages", "residual", "declared", "auto"}
 
 
 def test_tapped_model_keeps_fingerprint_and_adds_pooled_features(setup):
@@ -255,10 +255,10 @@ def test_graph_head_matches_numpy_scoring_under_every_state_and_after_learning(h
         assert_votes_match(out, det)
         assert (out[VOTE][:64] == 1).mean() > 0.8 and (out[VOTE][64:] == -1).mean() > 0.8  # "a" is domain 1
     router.switch_to("a")
-    before = rt.weights(HEAD_M)
+    before = rt.weights(HEAD_P)  # the prototypes' Gemm (the whitening one never changes between fits)
     stream(router, ["a"], n=96, labels=True)  # prototype updates are written into the head
     det = router.detector("a")
-    assert not np.allclose(rt.weights(HEAD_M), before)
+    assert not np.allclose(rt.weights(HEAD_P), before)
     assert_votes_match(rt.run({"x": x}), det)
 
 
@@ -266,9 +266,9 @@ def test_learned_prototypes_reach_the_head_at_most_once_per_sync_interval(headed
     _, _, tapped, rt = headed
     router = router_for(rt, tapped, learn=True, learn_every=16, head_sync_s=3600.0)
     router.switch_to("a")
-    written = rt.weights(HEAD_M)
+    written = rt.weights(HEAD_P)
     stream(router, ["a"], n=96, labels=True)  # several prototype updates, none written yet
-    np.testing.assert_array_equal(rt.weights(HEAD_M), written)
+    np.testing.assert_array_equal(rt.weights(HEAD_P), written)
     steps = [router.process(domain("a", 8, seed=90)[0])]
     assert steps[0].ood.dtype == bool  # scored against the threshold that goes with the written head
     router.switch_to("b")
@@ -292,7 +292,7 @@ def test_head_outgrown_falls_back_to_numpy_with_a_warning(headed, caplog):
 
 def test_head_tensors_are_runtime_state_not_weights(headed, tmp_path):
     src, info, tapped, rt = headed
-    assert rt.heads == [HEAD_C, HEAD_M, HEAD_T] and rt.info.fingerprint == info.fingerprint
+    assert rt.heads == [HEAD_C, HEAD_M, HEAD_P, HEAD_T] and rt.info.fingerprint == info.fingerprint
     m = rt.info.tensors[HEAD_M].shape
     with pytest.raises(ConfigError, match="shape"):
         rt.set_head({HEAD_M: np.zeros((1, 1), np.float32)})

@@ -1,0 +1,54 @@
+"""``edge import-onnx IN.onnx --out OUT.onnx``: make an ONNX file exported elsewhere adapter-ready."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "import-onnx",
+        help="make an ONNX model exported elsewhere (torch.onnx, optimum, tf2onnx) adapter-ready",
+        description="Find the MatMul/Gemm/Conv/Gather weights of an ONNX model, record them (with their layout "
+        "and the weights' fingerprint) in this project's metadata and write the model to --out. With --state-dict "
+        "or --hf the weights are named after the torch parameters of equal value, so PEFT and SHiRA adapters "
+        "trained in torch apply to them.",
+    )
+    p.add_argument("path", type=Path, help="the ONNX model to import")
+    p.add_argument("--out", type=Path, required=True, help="the adapter-ready ONNX file to write")
+    names = p.add_mutually_exclusive_group()
+    names.add_argument("--state-dict", type=Path, help="torch weights (.safetensors; pickle is refused)")
+    names.add_argument("--hf", type=Path, help="Hugging Face model folder with model.safetensors")
+    p.add_argument("--targets", nargs="+", help="keep only these weights (globs, or module names/suffixes)")
+    p.add_argument("--name", help="model name in the metadata (default: the file name without suffix)")
+    p.add_argument("--strict", action="store_true", help="fail when a name is unmatched, ambiguous or missing")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from edge.convert.onnx_import import import_onnx
+
+    report = import_onnx(
+        args.path,
+        args.out,
+        state_dict=args.state_dict or args.hf,
+        targets=args.targets,
+        name=args.name,
+        strict=args.strict,
+    )
+    summary = {
+        "out": str(args.out),
+        "name": report.info.name,
+        "fingerprint": report.info.fingerprint,
+        "targets": len(report.info.tensors),
+        "transposed": sum(t.transposed for t in report.info.tensors.values()),
+        "renamed": len(report.renamed),
+        "unmatched": list(report.unmatched),
+        "ambiguous": {k: list(v) for k, v in report.ambiguous.items()},
+        "missing": list(report.missing),
+        "skipped": dict(report.skipped),
+        "folded": list(report.folded),
+    }
+    print(json.dumps(summary, indent=1))
+    return 0

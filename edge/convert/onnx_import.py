@@ -1,0 +1,452 @@
+"""Make an ONNX file exported elsewhere (torch.onnx, optimum, tf2onnx) adapter-ready, without torch.
+
+:func:`import_onnx` follows the weight input of every MatMul, Gemm, Conv, ConvTranspose and Gather
+(through Transpose, Reshape, Flatten, Squeeze, Unsqueeze, Identity) to its initializer and records
+it in this project's metadata with its layout: adapter indices are in the torch layout (``[out,
+in]`` for a linear, ``[out, in/groups, kH, kW]`` for a conv), stored as is (reshaped) or as its 2-D
+transpose (``TensorInfo.transposed``: a MatMul reads ``[in, out]``). A permutation the metadata
+cannot express (an HWIO filter transposed in the graph) is folded into the stored tensor.
+
+Without a state dict targets keep their ONNX names; with one (safetensors, or an HF folder's
+``model.safetensors``; never pickle) each is named after the torch parameter of equal value, as
+:mod:`exporters.tflite` maps tensors. Ambiguous, unmatched and missing names are reported in
+:class:`ImportReport`, never guessed.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import logging
+import os
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from edge.errors import AdapterMismatchError, ConfigError, ExportValidationError, FormatError
+from edge.format.modelinfo import META_KEY, ModelInfo, TensorInfo, fingerprint
+
+__all__ = ["ImportReport", "import_onnx", "make_adapter_ready", "read_state_dict", "WEIGHT_INPUTS"]
+
+log = logging.getLogger(__name__)
+
+#: op type -> index of its weight input; the torch layout of what the op reads is given by :func:`_torch_view`.
+WEIGHT_INPUTS = {"MatMul": 1, "Gemm": 1, "Conv": 1, "ConvTranspose": 1, "Gather": 0}
+_PASS_THROUGH = ("Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity")
+_MAX_STATE_DICT = 1 << 36  # bytes per safetensors file (the whole file is read into memory)
+
+
+@dataclass(frozen=True)
+class ImportReport:
+    """What :func:`import_onnx` found. ``info`` is the metadata written into the output file."""
+
+    info: ModelInfo
+    renamed: Mapping[str, str] = field(default_factory=dict)  # initializer -> torch parameter name
+    unmatched: tuple[str, ...] = ()  # targets no parameter has the value of (they keep their ONNX names)
+    ambiguous: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # target or parameter -> candidates
+    missing: tuple[str, ...] = ()  # 2-D+ parameters stored in no target (folded by the exporter, or unused)
+    skipped: Mapping[str, str] = field(default_factory=dict)  # weight initializer -> why it is not a target
+    folded: tuple[str, ...] = ()  # initializers stored permuted so the graph reads them directly
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Floating-point tensors of a ``.safetensors`` file, or of ``model.safetensors`` in a Hugging Face folder.
+
+    Pickle checkpoints (``.bin``, ``.pt``) are refused: loading them runs code.
+    """
+    from edge.format.io import read_safetensors
+
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(path.glob("model*.safetensors"))
+        if not files:
+            pickles = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt"))
+            hint = f" (found {pickles}: pickle, refused; re-save with safetensors)" if pickles else ""
+            raise FormatError(f"{path} has no model.safetensors{hint}")
+    elif path.suffix != ".safetensors":
+        raise FormatError(
+            f"{path}: state dicts are read from .safetensors files only (pickle runs code when loaded); "
+            "save one with safetensors.torch.save_file(model.state_dict(), 'model.safetensors')"
+        )
+    else:
+        files = [path]
+    out: dict[str, np.ndarray] = {}
+    for f in files:
+        for k, v in read_safetensors(f, _MAX_STATE_DICT, what="state dict").items():
+            if v.dtype.kind == "f":
+                out[k] = np.asarray(v, dtype=np.float32)
+    return out
+
+
+def import_onnx(
+    src: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    state_dict: str | os.PathLike | Mapping[str, np.ndarray] | None = None,
+    targets: Sequence[str] | None = None,
+    name: str | None = None,
+    strict: bool = False,
+) -> ImportReport:
+    """Write ``src`` to ``out`` with adapter metadata; return what was found.
+
+    Args:
+        src: an ONNX file (external data next to it is read in and stored inline).
+        out: the adapter-ready file to write (atomically).
+        state_dict: torch parameter values to name the targets by: a ``.safetensors`` file, a
+            Hugging Face folder, or a mapping of arrays.
+        targets: keep only targets matching one of these (globs such as ``*.weight``, or module
+            names or suffixes as PEFT's ``target_modules``); each must match something.
+        name: model name in the metadata (default: the file's stem).
+        strict: raise, rather than keep ONNX names, when a name is unmatched, ambiguous or missing.
+
+    Raises:
+        FormatError: ``src`` is not a readable ONNX file, or the state dict is not safetensors.
+        ConfigError: a ``targets`` pattern matches nothing, or the graph has no weight to adapt.
+        AdapterMismatchError: ``strict`` and some names could not be matched (nothing is written).
+    """
+    import onnx
+
+    from edge.format.io import atomic_write_bytes
+
+    src = Path(src)
+    try:
+        proto = onnx.load(os.fspath(src))
+    except OSError:
+        raise
+    except Exception as e:  # protobuf's DecodeError and friends
+        raise FormatError(f"{src} is not a readable ONNX file: {e}") from e
+    params = read_state_dict(state_dict) if isinstance(state_dict, (str, os.PathLike)) else state_dict
+    report = make_adapter_ready(proto, params=params, targets=targets, name=name or src.stem)
+    if strict and (report.unmatched or report.ambiguous or report.missing):
+        raise AdapterMismatchError(
+            f"{src}: {len(report.unmatched)} target(s) match no parameter {list(report.unmatched)[:5]}, "
+            f"{len(report.ambiguous)} name(s) are ambiguous {dict(list(report.ambiguous.items())[:3])}, "
+            f"{len(report.missing)} parameter(s) are stored in no target {list(report.missing)[:5]}; "
+            f"nothing was written. Without strict those weights keep their ONNX names"
+        )
+    atomic_write_bytes(out, proto.SerializeToString())
+    log.info("imported %s -> %s: %d targets, %s", src, out, len(report.info.tensors), report.info.fingerprint)
+    return report
+
+
+def make_adapter_ready(
+    proto,
+    *,
+    params: Mapping[str, np.ndarray] | None = None,
+    targets: Sequence[str] | None = None,
+    name: str = "model",
+) -> ImportReport:
+    """Edit ``proto`` (an ``onnx.ModelProto``) in place as :func:`import_onnx` does, and return the report."""
+    from onnx import numpy_helper
+
+    if any(p.key == META_KEY for p in proto.metadata_props):
+        raise ConfigError(
+            f"ONNX model {name!r} already carries {META_KEY!r} metadata (exported or imported by this project): "
+            "load it with edge.Runtime as it is, or import the original file"
+        )
+    graph = proto.graph
+    before = proto.SerializeToString()
+    inits = {t.name: t for t in graph.initializer}
+    if not inits:
+        raise ConfigError(f"ONNX model {name!r} stores no initializers: there are no weights to adapt")
+    _keep_only(graph.input, lambda v: v.name not in inits)  # IR < 4 style: initializers listed as inputs
+    arrays = {k: numpy_helper.to_array(t) for k, t in inits.items()}
+
+    found, skipped, dead = _find_weights(graph, arrays)
+    folded = [k for k, view in found.items() if view.fold is not None]
+    for k in folded:
+        arrays[k] = np.ascontiguousarray(found[k].fold)
+        inits[k].CopyFrom(numpy_helper.from_array(arrays[k], k))
+    _keep_only(graph.node, lambda n: not dead.intersection(n.output))  # the folded chains
+    _keep_only(graph.value_info, lambda v: v.name not in dead and v.name not in folded)  # stale shapes
+
+    tensors = {k: TensorInfo(k, v.shape, v.transposed) for k, v in found.items()}
+    renamed, unmatched, ambiguous, missing = {}, [], {}, []
+    if params is not None:
+        tensors, renamed, unmatched, ambiguous, missing = _name_by_value(found, arrays, params)
+    if targets:
+        tensors = _select(tensors, targets)
+    if not tensors:
+        raise ConfigError(
+            f"ONNX model {name!r} has no float32 MatMul/Gemm/Conv/Gather weight initializers to adapt"
+            + (f" ({len(skipped)} skipped: {dict(list(skipped.items())[:5])})" if skipped else "")
+        )
+
+    io_names = tuple(v.name for v in graph.input), tuple(v.name for v in graph.output)
+    extra = {"imported": {"producer": f"{proto.producer_name} {proto.producer_version}".strip()}}
+    info = ModelInfo(name, fingerprint(arrays), tensors, *io_names, extra)
+    _keep_only(proto.metadata_props, lambda p: p.key != META_KEY)
+    proto.metadata_props.add(key=META_KEY, value=info.to_json())
+    if folded:
+        _check_same_outputs(before, proto)
+    for kind, items in (("unmatched", unmatched), ("ambiguous", ambiguous), ("missing", missing)):
+        if items:
+            log.warning("%s: %d %s name(s): %s", name, len(items), kind, list(items)[:10])
+    return ImportReport(info, renamed, tuple(unmatched), ambiguous, tuple(missing), skipped, tuple(folded))
+
+
+# -- finding weights ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _View:
+    """How an op reads a stored initializer, in the torch layout."""
+
+    shape: tuple[int, ...]  # torch shape
+    transposed: bool  # stored as its 2-D transpose (else as it, reshaped)
+    fold: np.ndarray | None = None  # new stored value when the layout needs folding
+    ops: tuple[str, ...] = ()
+
+
+def _find_weights(graph, arrays: Mapping[str, np.ndarray]):
+    producer = {o: n for n in graph.node for o in n.output}
+    consumers: dict[str, list] = defaultdict(list)
+    for n in graph.node:
+        for i in dict.fromkeys(n.input):
+            consumers[i].append(n)
+    protected = {o.name for o in graph.output} | _subgraph_reads(graph)
+    found: dict[str, _View] = {}
+    skipped: dict[str, str] = {}
+    dead: set[str] = set()  # outputs of folded Transpose/Reshape chains
+    for node in graph.node:
+        slot = WEIGHT_INPUTS.get(node.op_type)
+        if node.domain not in ("", "ai.onnx") or slot is None or len(node.input) <= slot:
+            continue
+        chain, value = [], node.input[slot]
+        while value not in arrays and value in producer and producer[value].op_type in _PASS_THROUGH:
+            chain.append(producer[value])
+            value = producer[value].input[0]
+        if value not in arrays or arrays[value].dtype != np.float32 or arrays[value].size < 2:
+            continue
+        try:
+            view = _torch_view(node, chain, arrays[value], arrays, producer)
+        except _NotAWeight as e:
+            skipped.setdefault(value, str(e))
+            continue
+        if view is None:
+            continue
+        if view.fold is not None:  # only when the chain serves this op alone may it be dropped
+            names = [value, *(c.output[0] for c in chain)]
+            if any(n in protected or len(consumers.get(n, [])) != 1 for n in names):
+                skipped[value] = f"read through {'/'.join(view.ops[:-1])} in a layout the metadata cannot record"
+                continue
+            node.input[slot] = value  # the op reads the (permuted) initializer directly
+            dead.update(names[1:])
+        prior = found.get(value)
+        if prior is not None and (prior.shape, prior.transposed) != (view.shape, view.transposed):
+            skipped[value] = f"read in two layouts ({'/'.join(prior.ops)} and {node.op_type})"
+            continue
+        found.setdefault(value, view)
+    for value in skipped:
+        found.pop(value, None)
+    return found, skipped, dead
+
+
+class _NotAWeight(Exception):
+    pass
+
+
+def _torch_view(node, chain, stored: np.ndarray, arrays, producer) -> _View | None:
+    """The torch-layout view of ``stored`` that ``node`` reads through ``chain`` (innermost op last).
+
+    The layout is worked out on an array of flat positions pushed through the chain (only when there is one).
+    """
+    op = node.op_type
+    ops = (*(c.op_type for c in chain), op)
+    attrs = {a.name: a.i for a in node.attribute}
+    direct = None if chain else _direct_layout(op, stored.ndim, attrs)
+    if direct is not None:  # read as stored: no position array needed (embeddings can be huge)
+        return _View(stored.shape[::-1] if direct else stored.shape, direct, ops=ops)
+    idx = np.arange(stored.size, dtype=np.int64).reshape(stored.shape)
+    for c in reversed(chain):
+        idx = _apply(c, idx, arrays, producer)
+    consumed = idx
+    if op == "MatMul":
+        if idx.ndim != 2:
+            raise _NotAWeight(f"MatMul reads it as {idx.ndim}-D (only 2-D weights are adapted)")
+        idx = idx.T
+    elif op == "Gemm":
+        idx = idx if attrs.get("transB", 0) else idx.T
+    elif op == "Gather":
+        if attrs.get("axis", 0) != 0 or idx.ndim != 2:
+            return None  # an index lookup, not an embedding table
+    elif idx.ndim < 3:
+        raise _NotAWeight(f"{op} weight of {idx.ndim} dims")
+    shape = tuple(int(s) for s in idx.shape)
+    flat = np.arange(stored.size, dtype=np.int64)
+    if np.array_equal(idx.reshape(-1), flat):
+        return _View(shape, False, ops=ops)
+    if len(shape) == 2 and stored.shape == shape[::-1] and np.array_equal(idx, flat.reshape(shape[::-1]).T):
+        return _View(shape, True, ops=ops)
+    # Store what the op reads, so its torch layout is the stored one (or its 2-D transpose, for MatMul/Gemm).
+    return _View(shape, idx is not consumed, fold=stored.reshape(-1)[consumed], ops=ops)
+
+
+def _direct_layout(op: str, ndim: int, attrs) -> bool | None:
+    """Whether an op reading an initializer directly reads the 2-D transpose of the torch layout (None: unknown)."""
+    if op == "MatMul" and ndim == 2 or op == "Gemm":
+        return op == "MatMul" or not attrs.get("transB", 0)  # x @ W reads [in, out]; torch stores [out, in]
+    if op.startswith("Conv") and ndim >= 3 or op == "Gather" and ndim == 2 and attrs.get("axis", 0) == 0:
+        return False
+    return None
+
+
+def _apply(op, idx: np.ndarray, arrays, producer) -> np.ndarray:
+    kind = op.op_type
+    attrs = {a.name: a for a in op.attribute}
+    if kind == "Identity":
+        return idx
+    if kind == "Transpose":
+        perm = list(attrs["perm"].ints) if "perm" in attrs else None
+        return np.transpose(idx, perm)
+    if kind == "Flatten":
+        axis = attrs["axis"].i if "axis" in attrs else 1
+        axis = axis + idx.ndim if axis < 0 else axis
+        return idx.reshape(int(np.prod(idx.shape[:axis])), -1)
+    if kind in ("Squeeze", "Unsqueeze"):
+        axes = _const(op.input[1], arrays, producer) if len(op.input) > 1 else attrs.get("axes")
+        axes = list(axes.ints) if hasattr(axes, "ints") else (None if axes is None else [int(a) for a in axes])
+        if kind == "Squeeze":
+            return np.squeeze(idx, axis=tuple(axes) if axes else None)
+        return np.expand_dims(idx, axis=tuple(axes))
+    shape = [int(s) for s in _const(op.input[1], arrays, producer)]  # Reshape
+    if not (attrs["allowzero"].i if "allowzero" in attrs else 0):
+        shape = [idx.shape[i] if s == 0 else s for i, s in enumerate(shape)]
+    return idx.reshape(shape)
+
+
+def _const(value: str, arrays, producer) -> np.ndarray:
+    if value in arrays:
+        return arrays[value]
+    node = producer.get(value)
+    if node is not None and node.op_type == "Constant":
+        from onnx import numpy_helper
+
+        for a in node.attribute:
+            if a.name == "value":
+                return numpy_helper.to_array(a.t)
+            if a.name == "value_ints":
+                return np.array(a.ints, np.int64)
+    raise _NotAWeight(f"its {value!r} shape operand is computed at run time")
+
+
+def _check_same_outputs(before: bytes, proto) -> None:
+    """Run the graph before and after folding on onnxruntime with the same random inputs: they must agree."""
+    try:
+        import onnxruntime as ort
+        from onnx import helper
+    except ImportError:
+        log.warning("onnxruntime is not installed: the folded graph was not checked against the original")
+        return
+    rng, feeds = np.random.default_rng(0), {}
+    for v in proto.graph.input:
+        dtype = helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type)
+        shape = [d.dim_value if d.dim_value > 0 else 2 for d in v.type.tensor_type.shape.dim]
+        feeds[v.name] = rng.standard_normal(shape).astype(dtype) if dtype.kind == "f" else np.zeros(shape, dtype)
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    try:
+        want = ort.InferenceSession(before, options, providers=["CPUExecutionProvider"]).run(None, feeds)
+    except Exception as e:  # onnxruntime's own errors: inputs of guessed shape may not fit the original
+        log.warning("the folded graph was not checked: the original does not run on guessed inputs (%s)", e)
+        return
+    session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    got = session.run(None, feeds)
+    bad = [
+        o.name
+        for o, w, g in zip(proto.graph.output, want, got)
+        if g.shape != w.shape or not np.allclose(g, w, 1e-4, 1e-5)
+    ]
+    if bad:
+        raise ExportValidationError(f"folding weight layouts changed the model's outputs {bad}; nothing was written")
+
+
+def _subgraph_reads(graph) -> set[str]:
+    import onnx
+
+    names: set[str] = set()
+    for node in graph.node:
+        for attr in node.attribute:
+            for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
+                names.update(i for n in sub.node for i in n.input)
+                names |= _subgraph_reads(sub)
+    return names
+
+
+def _keep_only(repeated, keep) -> None:
+    kept = [x for x in repeated if keep(x)]
+    del repeated[:]
+    repeated.extend(kept)
+
+
+# -- naming ---------------------------------------------------------------------------------------------------------
+
+
+def _digest(a: np.ndarray) -> tuple:
+    a = np.ascontiguousarray(a, dtype=np.float32)
+    return tuple(a.shape), hashlib.sha256(memoryview(a).cast("B")).hexdigest()
+
+
+def _name_by_value(found: Mapping[str, _View], arrays, params: Mapping[str, np.ndarray]):
+    """Name each target after the parameter of equal value (torch layout, or its transpose for 2-D)."""
+    by_value: dict[tuple, list[str]] = defaultdict(list)
+    for pname, p in params.items():
+        p = np.asarray(p)
+        if p.ndim >= 2 and p.dtype.kind == "f":
+            by_value[_digest(p)].append(pname)
+    hits: dict[str, list[tuple[str, TensorInfo]]] = {}
+    for init, view in found.items():
+        stored = arrays[init]
+        torch_layout = stored.T if view.transposed else stored.reshape(view.shape)
+        options = [(torch_layout, view.transposed)]
+        if stored.ndim == 2 and (view.transposed or stored.shape == view.shape):  # HF's Conv1D keeps [in, out]
+            options.append((torch_layout.T, not view.transposed))
+        hits[init] = []
+        for value, transposed in options:
+            for pname in by_value.get(_digest(value), []):
+                if all(p != pname for p, _ in hits[init]):  # symmetric: the op's own layout comes first
+                    hits[init].append((pname, TensorInfo(init, tuple(value.shape), transposed)))
+    owners: dict[str, list[str]] = defaultdict(list)
+    for init, cands in hits.items():
+        for pname, _ in cands:
+            owners[pname].append(init)
+
+    tensors: dict[str, TensorInfo] = {}
+    renamed, unmatched, ambiguous = {}, [], {}
+    for init, view in found.items():
+        cands = hits[init]
+        if len(cands) > 1:  # equal values: the initializer's own name decides, if it is one of them
+            cands = [c for c in cands if c[0] == init] or cands
+        if len(cands) == 1 and len(owners[cands[0][0]]) == 1:
+            key, info = cands[0]
+            renamed[init] = key
+        else:
+            key, info = init, TensorInfo(init, view.shape, view.transposed)
+            if not cands:
+                unmatched.append(init)
+            elif len(cands) > 1:
+                ambiguous[init] = tuple(sorted(p for p, _ in cands))
+            else:  # one parameter stored in several initializers: an adapter would change only one copy
+                ambiguous[cands[0][0]] = tuple(sorted(owners[cands[0][0]]))
+        if key in tensors:
+            raise FormatError(f"{key!r} names two weights (a parameter and another weight's initializer)")
+        tensors[key] = info
+    missing = sorted(p for p, v in params.items() if np.ndim(v) >= 2 and p not in owners)
+    return tensors, renamed, unmatched, ambiguous, missing
+
+
+def _select(tensors: Mapping[str, TensorInfo], patterns: Sequence[str]) -> dict[str, TensorInfo]:
+    def hit(name: str, pat: str) -> bool:
+        module = name.removesuffix(".weight")
+        return fnmatch.fnmatchcase(name, pat) or module == pat or module.endswith("." + pat)
+
+    dead = [p for p in patterns if not any(hit(n, p) for n in tensors)]
+    if dead:
+        raise ConfigError(
+            f"targets {dead} match no weight of the model; its weights include {sorted(tensors)[:8]} "
+            "(give globs such as '*.weight' or module names or suffixes)"
+        )
+    return {k: t for k, t in tensors.items() if any(hit(k, p) for p in patterns)}

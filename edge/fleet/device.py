@@ -1,0 +1,401 @@
+"""``edge sync``: bring a device's adapter folder to the release its channel names (device side, no torch).
+
+One sync, under a file lock on the adapter folder (concurrent syncs of one device serialise):
+
+1. TUF (python-tuf ngclient, metadata read from the registry by :mod:`edge.fleet.tuf_oci`):
+   refresh root -> timestamp -> snapshot -> targets, verifying signatures, versions (no rollback)
+   and expiry, starting from the device's ``tuf_root``. Unchanged hash bins come from the cache.
+2. The targets under ``<channel>/<model fingerprint>/`` are this device's adapters. One whose
+   sha256 equals the installed file's is left alone; one whose release version is lower than the
+   installed one is refused.
+3. Each changed adapter is downloaded by digest into ``<cache>/partial`` (resumed with an HTTP
+   Range after a cut), checked against its TUF length and sha256, then loaded with
+   ``edge.load_adapter`` (format) and matched to the model fingerprint (and, given the model file,
+   to its tensors), and only then written into the adapter folder: temp file, fsync, rename. Every
+   file in the folder is at all times a complete, verified adapter, so a running ``Runtime`` can
+   load any of them.
+4. When the registry does not answer, the last verified plan (cached, with its expiry) is
+   completed from blobs already downloaded; nothing unverified or expired is installed.
+
+The report (:class:`SyncReport`, ``edge sync --json``) says what was installed, kept, refused and
+why, and how many bytes moved.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from edge.errors import AdapterMismatchError, ConfigError, FormatError, SignatureError
+from edge.fleet.oci import (
+    FleetConfig,
+    FleetError,
+    FleetSecurityError,
+    OciClient,
+    RegistryUnreachableError,
+    fp_hex,
+    require_fleet,
+)
+
+__all__ = ["SyncReport", "sync", "STATE_DIR"]
+
+STATE_DIR = ".edge-sync"  # inside the adapter folder: state.json, plan.json, tuf/, blobs/, partial/
+_LOCK_TIMEOUT = 600.0
+
+
+@dataclass
+class SyncReport:
+    """What one ``sync`` did. ``status``: updated | current | offline | partial | rejected."""
+
+    status: str = "current"
+    registry: str = ""
+    channel: str = ""
+    fingerprint: str = ""
+    release: int | None = None
+    installed: list[dict] = field(default_factory=list)
+    unchanged: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    refused: list[dict] = field(default_factory=list)  # security: tampered, older, expired, wrong base...
+    failed: list[dict] = field(default_factory=list)  # transient: network cut (resumable)
+    reason: str = ""
+    bytes_metadata: int = 0
+    bytes_adapters: int = 0
+    resumed: int = 0
+    seconds: float = 0.0
+
+    @property
+    def bytes_total(self) -> int:
+        return self.bytes_metadata + self.bytes_adapters
+
+    def to_dict(self) -> dict:
+        return asdict(self) | {"bytes_total": self.bytes_total}
+
+
+def sync(
+    config: FleetConfig,
+    adapter_dir: str | Path,
+    *,
+    fingerprint: str | None = None,
+    model: str | Path | None = None,
+    cache_dir: str | Path | None = None,
+    prune: bool = False,
+    trusted_keys: list | None = None,
+    on_chunk=None,
+) -> SyncReport:
+    """Sync ``adapter_dir`` to ``config.channel`` for one model (``fingerprint`` or the ``model`` file).
+
+    With ``trusted_keys`` (the profile's Ed25519 public keys, as for ``Runtime``), an adapter is
+    installed only with a detached signature by one of them (published beside it by ``edge push``),
+    so a runtime that requires signatures can load everything sync installs.
+    """
+    require_fleet()
+    from filelock import FileLock, Timeout
+
+    t0 = time.perf_counter()
+    info = None
+    if model is not None:
+        from runtimes import read_model_info
+
+        info = read_model_info(model)
+        if fingerprint is not None and fingerprint != info.fingerprint:
+            raise ConfigError(f"--fingerprint {fingerprint} differs from the model's {info.fingerprint}")
+        fingerprint = info.fingerprint
+    if fingerprint is None:
+        raise ConfigError("sync needs the device model: give its file (model=...) or its fingerprint")
+    fp_hex(fingerprint)
+    if config.tuf_root is None:
+        raise ConfigError("sync needs the TUF root the device trusts (tuf_root: path of root.json from the host)")
+    adapter_dir = Path(adapter_dir)
+    adapter_dir.mkdir(parents=True, exist_ok=True)
+    cache = Path(cache_dir) if cache_dir else adapter_dir / STATE_DIR
+    for sub in ("tuf", "blobs", "partial"):
+        (cache / sub).mkdir(parents=True, exist_ok=True)
+    report = SyncReport(
+        registry=f"{config.registry}/{config.repository}", channel=config.channel, fingerprint=fingerprint
+    )
+    try:
+        with FileLock(str(adapter_dir / ".edge-sync.lock"), timeout=_LOCK_TIMEOUT):
+            s = _Sync(config, adapter_dir, cache, fingerprint, info, report, on_chunk)
+            if trusted_keys is not None:
+                from edge.format.signing import load_public_key
+
+                s.trusted = [load_public_key(k) for k in trusted_keys]
+            s.run(prune)
+    except Timeout as e:
+        raise FleetError(f"another sync holds {adapter_dir}/.edge-sync.lock for over {_LOCK_TIMEOUT:.0f} s") from e
+    report.seconds = round(time.perf_counter() - t0, 4)
+    return report
+
+
+class _Sync:
+    def __init__(self, config: FleetConfig, adapter_dir: Path, cache: Path, fp: str, info, report: SyncReport, hook):
+        self.cfg, self.dir, self.cache, self.fp, self.info, self.r, self.hook = (
+            config,
+            adapter_dir,
+            cache,
+            fp,
+            info,
+            report,
+            hook,
+        )
+        self.state = _read_json(cache / "state.json") or {"adapters": {}}
+        self.trusted: list[bytes] | None = None
+
+    # -- the four steps ---------------------------------------------------------------------------------------
+    def run(self, prune: bool) -> None:
+        from edge.fleet.tuf_oci import OciMetadataFetcher
+
+        meta_client = OciClient(self.cfg.base_url, self.cfg.tuf_repository, self.cfg.timeout)
+        blob_client = OciClient(self.cfg.base_url, self.cfg.repository, self.cfg.timeout)
+        fetcher = OciMetadataFetcher(meta_client)
+        try:
+            try:
+                plan = self._verified_plan(fetcher)
+            except RegistryUnreachableError as e:
+                self.r.reason = str(e)
+                self._offline()
+                return
+            except FleetSecurityError as e:
+                self.r.status, self.r.reason = "rejected", str(e)
+                return
+            finally:
+                self.r.bytes_metadata = meta_client.bytes_in
+            _write_json(self.cache / "plan.json", plan)
+            self._apply(plan, blob_client, prune)
+        finally:
+            self.r.bytes_adapters = blob_client.bytes_in
+            meta_client.close()
+            blob_client.close()
+
+    def _verified_plan(self, fetcher) -> dict:
+        """TUF refresh, then this device's targets: ``{"release", "expires", "targets": {name: {...}}}``."""
+        from tuf.api import exceptions as tx
+        from tuf.api.metadata import Metadata
+        from tuf.ngclient import Updater
+
+        from edge.fleet.tuf_oci import METADATA_BASE_URL, bin_probe_paths
+
+        try:
+            root = Path(self.cfg.tuf_root).read_bytes()
+        except OSError as e:
+            raise ConfigError(f"cannot read the TUF root {self.cfg.tuf_root}: {e}") from e
+        meta_dir = self.cache / "tuf"
+        try:
+            up = Updater(str(meta_dir), METADATA_BASE_URL, fetcher=fetcher, bootstrap=root)
+            up.refresh()
+            top = Metadata.from_file(str(meta_dir / "targets.json")).signed
+            succinct = top.delegations.succinct_roles if top.delegations else None
+            if succinct is None:
+                raise FleetSecurityError("the fleet's targets metadata has no hash-bin delegation")
+            prefix = f"{self.cfg.channel}/{fp_hex(self.fp)}/"
+            expires = [
+                Metadata.from_file(str(meta_dir / f"{n}.json")).signed.expires for n in ("timestamp", "snapshot")
+            ]
+            expires.append(top.expires)
+            targets = {}
+            for role, probe in bin_probe_paths(succinct).items():
+                up.get_targetinfo(probe)  # loads and verifies the bin (cached when unchanged)
+                signed = Metadata.from_file(str(meta_dir / f"{role}.json")).signed
+                expires.append(signed.expires)
+                for path in signed.targets:
+                    if path.startswith(prefix):
+                        tf = up.get_targetinfo(path)  # the verified TargetFile, from ngclient's trusted set
+                        targets[path] = tf
+            snapshot = Metadata.from_file(str(meta_dir / "snapshot.json")).signed.version
+        except RegistryUnreachableError:
+            raise
+        except tx.DownloadError as e:
+            if fetcher.unreachable is not None:
+                raise fetcher.unreachable from e
+            if isinstance(e, tx.DownloadHTTPError) and e.status_code == 404:
+                raise FleetError(
+                    f"no TUF metadata in {self.cfg.registry}/{self.cfg.tuf_repository} ({e}); "
+                    "has the host run `edge release init` and `edge push`?"
+                ) from e
+            raise FleetSecurityError(f"TUF metadata download refused: {type(e).__name__}: {e}") from e
+        except (tx.RepositoryError, FleetSecurityError) as e:
+            raise FleetSecurityError(f"TUF verification failed: {type(e).__name__}: {e}") from e
+        except (OSError, ValueError) as e:
+            raise FleetError(f"cannot read the TUF metadata cache in {meta_dir}: {e}") from e
+        self.r.release = int(snapshot)
+        out: dict[str, dict] = {}
+        for path, tf in sorted(targets.items()):  # "x.safetensors" sorts before "x.safetensors.sig"
+            c = tf.custom if isinstance(tf.custom, dict) else {}
+            entry = {"length": tf.length, "sha256": tf.hashes.get("sha256", ""), "version": int(c.get("version", 0))}
+            rest = path[len(prefix) :]
+            if rest.endswith(".safetensors"):
+                out[rest[: -len(".safetensors")]] = entry | {"path": path}
+            elif rest.endswith(".safetensors.sig") and rest[: -len(".safetensors.sig")] in out:
+                out[rest[: -len(".safetensors.sig")]]["sig"] = entry  # its detached Ed25519 signature
+        return {"release": int(snapshot), "expires": min(expires).isoformat(), "targets": out}
+
+    def _apply(self, plan: dict, client: OciClient | None, prune: bool) -> None:
+        installed = self.state["adapters"]
+        for name, t in sorted(plan["targets"].items()):
+            have = installed.get(name)
+            sig = t.get("sig", {}).get("sha256")
+            if have and have["sha256"] == t["sha256"] and have.get("sig") == sig and self._present(name, t):
+                self.r.unchanged.append(name)
+                continue
+            if have and t["version"] < have["version"]:
+                self._refuse(name, f"release version {t['version']} is older than the installed {have['version']}")
+                continue
+            try:
+                blob = self._fetch(name, t, client)
+                if "sig" in t:
+                    sig_blob = self._fetch(f"{name} (signature)", t["sig"], client)
+                    os.replace(sig_blob, _sig_path(blob))
+                self._check_adapter(name, blob)
+            except RegistryUnreachableError as e:
+                self.r.failed.append({"name": name, "reason": str(e)})
+                client = None  # the registry is gone: finish from the cache only
+                continue
+            except (FleetSecurityError, FormatError, AdapterMismatchError, SignatureError) as e:
+                self._refuse(name, str(e))
+                continue
+            self._install(name, t, blob)
+        wanted = {t["sha256"] for t in plan["targets"].values()} | {
+            t["sig"]["sha256"] for t in plan["targets"].values() if "sig" in t
+        }
+        for p in [*(self.cache / "partial").glob("*.part"), *(self.cache / "blobs").iterdir()]:
+            if p.name.split(".")[0] not in wanted:  # left by an older release
+                p.unlink(missing_ok=True)
+        if prune:
+            for name in sorted(set(installed) - set(plan["targets"])):
+                (self.dir / f"{name}.safetensors").unlink(missing_ok=True)
+                _sig_path(self.dir / f"{name}.safetensors").unlink(missing_ok=True)
+                del installed[name]
+                self.r.removed.append(name)
+                _write_json(self.cache / "state.json", self.state)
+        offline = self.r.status == "offline"
+        if self.r.refused:
+            self.r.status = "rejected"
+            self.r.reason = self.r.reason or "; ".join(f"{x['name']}: {x['reason']}" for x in self.r.refused)
+        elif not offline and self.r.failed:
+            self.r.status = "partial"
+        elif not offline and (self.r.installed or self.r.removed):
+            self.r.status = "updated"
+
+    def _offline(self) -> None:
+        """Registry unreachable: complete the last verified plan from downloaded blobs, if it has not expired."""
+        self.r.status = "offline"
+        plan = _read_json(self.cache / "plan.json")
+        if not plan:
+            self.r.reason += "; no verified release in the cache yet"
+            return
+        if datetime.fromisoformat(plan["expires"]) <= datetime.now(timezone.utc):
+            self.r.reason += f"; the cached release expired at {plan['expires']}, nothing installed from it"
+            return
+        self.r.release = plan["release"]
+        self._apply(plan, None, prune=False)
+
+    # -- helpers ----------------------------------------------------------------------------------------------
+    def _present(self, name: str, t: dict) -> bool:
+        try:
+            return (self.dir / f"{name}.safetensors").stat().st_size == t["length"]
+        except OSError:
+            return False
+
+    def _refuse(self, name: str, reason: str) -> None:
+        self.r.refused.append({"name": name, "reason": reason})
+
+    def _fetch(self, name: str, t: dict, client: OciClient | None) -> Path:
+        """The verified blob in ``<cache>/blobs``: from the cache, else downloaded (resumed if partial)."""
+        sha, length = t["sha256"], int(t["length"])
+        done = self.cache / "blobs" / sha
+        if done.exists():
+            if _sha256(done) == sha and done.stat().st_size == length:
+                return done
+            done.unlink()
+        if client is None:
+            raise RegistryUnreachableError(f"{name}: not in the cache and the registry is unreachable")
+        part = self.cache / "partial" / f"{sha}.part"
+        for _attempt in (0, 1):  # a resumed file that fails the hash is retried once from byte 0
+            start = part.stat().st_size if part.exists() else 0
+            if start > length:
+                part.unlink()
+                start = 0
+            if start:
+                self.r.resumed += 1
+            if start < length:
+                with open(part, "ab") as f:
+                    got = start
+                    for data in client.blob_chunks(f"sha256:{sha}", start, on_chunk=self.hook):
+                        got += len(data)
+                        if got > length:
+                            f.truncate(0)
+                            raise FleetSecurityError(f"{name}: the registry sent more than the {length} bytes signed")
+                        f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+            if part.stat().st_size < length:  # the connection ended early without an error: resume next time
+                raise RegistryUnreachableError(f"{name}: download ended at byte {part.stat().st_size} of {length}")
+            if _sha256(part) == sha:
+                os.replace(part, done)
+                return done
+            part.unlink()
+            if not start:  # a fresh download that does not match the signed hash: tampered
+                break
+        raise FleetSecurityError(f"{name}: downloaded bytes do not match the sha256 signed in the TUF targets")
+
+    def _check_adapter(self, name: str, blob: Path) -> None:
+        from edge.format.adapter import load_adapter
+
+        a = load_adapter(blob, trusted_keys=self.trusted)  # with keys: the signature is checked first
+        if a.base_fingerprint != self.fp:
+            raise AdapterMismatchError(f"{name}: adapter is for base {a.base_fingerprint}, this device runs {self.fp}")
+        if a.name != name:
+            raise FormatError(f"{name}: the file names itself {a.name!r}, not the name it was published under")
+        if self.info is not None:
+            a.check_against(self.info)
+
+    def _install(self, name: str, t: dict, blob: Path) -> None:
+        from edge.format.io import atomic_write_bytes
+
+        dst = self.dir / f"{name}.safetensors"
+        sig = _sig_path(blob)
+        if sig.exists():  # signature first: a reader never sees a new adapter beside a missing signature
+            atomic_write_bytes(_sig_path(dst), sig.read_bytes())
+        else:
+            _sig_path(dst).unlink(missing_ok=True)
+        atomic_write_bytes(dst, blob.read_bytes())
+        sig.unlink(missing_ok=True)
+        self.state["adapters"][name] = {"sha256": t["sha256"], "version": t["version"], "length": t["length"]}
+        if "sig" in t:
+            self.state["adapters"][name]["sig"] = t["sig"]["sha256"]
+        self.state["release"] = self.r.release
+        _write_json(self.cache / "state.json", self.state)
+        self.r.installed.append({"name": name, "version": t["version"], "bytes": t["length"]})
+        blob.unlink(missing_ok=True)  # installed: the adapter folder is the copy now
+
+
+def _sig_path(path: Path) -> Path:
+    return path.with_name(path.name + ".sig")  # as edge.format.signing.signature_path
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        raise FleetError(f"sync state {path} is unreadable ({e}); delete it to start over") from e
+
+
+def _write_json(path: Path, data: dict) -> None:
+    from edge.format.io import atomic_write_bytes
+
+    atomic_write_bytes(path, json.dumps(data, sort_keys=True, indent=1).encode())

@@ -1,0 +1,246 @@
+"""Names shared by host and device: media types, annotations, tags, TUF target paths, errors, config.
+
+Layout of one fleet repository ``REPO`` on a registry (all content-addressed, sha256):
+
+* ``REPO:model-<fp>`` — the base model, stored once: config = its ``ModelInfo`` JSON, one layer = the
+  model file, annotation ``dev.edge.model.fingerprint``.
+* ``REPO:<channel>-<fp>`` — a release of the adapters for one model on one channel (``stable``,
+  ``canary``, ``site-berlin``...): one layer per adapter, each with its metadata in annotations;
+  ``subject`` points at the model manifest, so every release references the one model blob.
+* ``REPO/tuf:<N>.<role>.json`` and ``REPO/tuf:timestamp.json`` — TUF metadata (one small artifact
+  each, consistent snapshots, so every version except the timestamp is immutable).
+
+``<fp>`` is the hex part of the model fingerprint (``sha256:<32 hex>``). A TUF target path is
+``<channel>/<fp>/<adapter name>.safetensors``; its length and sha256 equal the OCI blob's size and
+digest, so a device downloads targets by digest.
+
+The device side of this module needs ``requests`` (an ``oras`` dependency) only, imported lazily.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from edge.errors import ConfigError, EdgeError
+
+__all__ = [
+    "FleetConfig",
+    "FleetError",
+    "FleetSecurityError",
+    "RegistryUnreachableError",
+    "OciClient",
+    "MEDIA",
+    "ANN",
+    "target_path",
+    "model_tag",
+    "release_tag",
+    "check_name",
+    "require_fleet",
+]
+
+MEDIA = {
+    "model_config": "application/vnd.edge.model.config.v1+json",
+    "model_onnx": "application/vnd.edge.model.v1+onnx",
+    "model_tflite": "application/vnd.edge.model.v1+tflite",
+    "model_artifact": "application/vnd.edge.model.v1",
+    "release_config": "application/vnd.edge.release.config.v1+json",
+    "release_artifact": "application/vnd.edge.release.v1",
+    "adapter": "application/vnd.edge.adapter.v1+safetensors",
+    "signature": "application/vnd.edge.adapter.signature.v1+json",
+    "tuf_artifact": "application/vnd.edge.tuf.v1",
+    "tuf_metadata": "application/vnd.edge.tuf.metadata.v1+json",
+    "empty": "application/vnd.oci.empty.v1+json",
+    "manifest": "application/vnd.oci.image.manifest.v1+json",
+}
+ANN = {
+    "title": "org.opencontainers.image.title",
+    "created": "org.opencontainers.image.created",
+    "fingerprint": "dev.edge.model.fingerprint",
+    "model_name": "dev.edge.model.name",
+    "channel": "dev.edge.channel",
+    "adapter": "dev.edge.adapter.name",
+    "method": "dev.edge.adapter.method",
+    "version": "dev.edge.adapter.version",
+    "format": "dev.edge.adapter.format",
+    "base": "dev.edge.adapter.base-fingerprint",
+    "tuf_blobs": "dev.edge.tuf.blobs",  # on timestamp.json: "FILE=DIGEST ..." of the files published with it
+}
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_FP = re.compile(r"^sha256:[0-9a-f]{16,64}$")
+
+
+class FleetError(EdgeError, RuntimeError):
+    """Publishing or syncing adapters through a registry failed."""
+
+
+class RegistryUnreachableError(FleetError, ConnectionError):
+    """The registry did not answer (refused, timed out, cut mid-transfer)."""
+
+
+class FleetSecurityError(FleetError, PermissionError):
+    """TUF metadata or an artifact failed verification (signature, expiry, rollback, hash, base model)."""
+
+
+def require_fleet(host: bool = False) -> None:
+    """Raise one :class:`ConfigError` naming the extra when a fleet dependency is missing (the one check)."""
+    import importlib.util
+
+    wanted = ["requests", "tuf", "filelock"] + (["oras", "securesystemslib", "cryptography"] if host else [])
+    missing = [m for m in wanted if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ConfigError(
+            f"fleet {'publishing' if host else 'sync'} needs {', '.join(missing)}: pip install 'edge-adapt[fleet]'"
+        )
+
+
+def check_name(kind: str, value: str) -> str:
+    if not isinstance(value, str) or not _NAME.match(value):
+        raise ConfigError(
+            f"{kind} {value!r} is not allowed: use 1-64 letters, digits, '.', '_' or '-', starting with a letter "
+            "or digit (it becomes part of an OCI tag and a TUF target path)"
+        )
+    return value
+
+
+def fp_hex(fingerprint: str) -> str:
+    if not isinstance(fingerprint, str) or not _FP.match(fingerprint):
+        raise ConfigError(f"model fingerprint {fingerprint!r} is not of the form 'sha256:<hex>' (see `edge inspect`)")
+    return fingerprint.split(":", 1)[1]
+
+
+def target_path(channel: str, fingerprint: str, adapter: str) -> str:
+    return f"{check_name('channel', channel)}/{fp_hex(fingerprint)}/{check_name('adapter name', adapter)}.safetensors"
+
+
+def model_tag(fingerprint: str) -> str:
+    return f"model-{fp_hex(fingerprint)}"
+
+
+def release_tag(channel: str, fingerprint: str) -> str:
+    return f"{check_name('channel', channel)}-{fp_hex(fingerprint)}"
+
+
+@dataclass(frozen=True)
+class FleetConfig:
+    """Where a device syncs from: ``registry`` (``host:port``), ``repository`` in it, ``channel``, TUF root.
+
+    ``tuf_root`` is the path of the ``root.json`` the device trusts first (shipped with the device
+    image; later roots are fetched and verified against it). ``insecure`` uses plain HTTP (loopback
+    tests, lab networks); ``timeout`` bounds every connect and read, in seconds.
+    """
+
+    registry: str
+    repository: str
+    channel: str = "stable"
+    tuf_root: Path | None = None
+    insecure: bool = False
+    timeout: float = 10.0
+
+    def __post_init__(self) -> None:
+        if not re.match(r"^[A-Za-z0-9.-]+(:\d+)?$", self.registry or ""):
+            raise ConfigError(f"registry {self.registry!r} is not 'host' or 'host:port' (e.g. 127.0.0.1:5000)")
+        if not re.match(r"^[a-z0-9]+([._-][a-z0-9]+)*(/[a-z0-9]+([._-][a-z0-9]+)*)*$", self.repository or ""):
+            raise ConfigError(
+                f"repository {self.repository!r} is not a valid OCI repository name "
+                "(a lowercase path, e.g. edge/adapters)"
+            )
+        check_name("channel", self.channel)
+        if self.tuf_root is not None:
+            object.__setattr__(self, "tuf_root", Path(self.tuf_root))
+        if not self.timeout > 0:
+            raise ConfigError(f"timeout must be > 0 seconds, got {self.timeout!r}")
+
+    @classmethod
+    def from_reference(cls, reference: str, channel: str = "stable", tuf_root=None, **kw) -> FleetConfig:
+        """From ``HOST[:PORT]/REPOSITORY`` (the device profile's ``registry`` value)."""
+        registry, _, repository = str(reference).partition("/")
+        if not repository:
+            raise ConfigError(f"registry reference {reference!r} needs a repository: HOST[:PORT]/REPOSITORY")
+        return cls(registry, repository, channel, tuf_root, **kw)
+
+    @property
+    def tuf_repository(self) -> str:
+        return f"{self.repository}/tuf"
+
+    @property
+    def base_url(self) -> str:
+        return f"{'http' if self.insecure else 'https'}://{self.registry}"
+
+
+class OciClient:
+    """Minimal, bounded reader of the OCI distribution API: manifests by tag, blobs by digest with Range.
+
+    oras-py's ``Registry.do_request`` retries failed connections five times with sleeps of up to 83 s
+    and offers no ``Range`` header, both wrong for a device that must give up fast and resume, so
+    reads go through one ``requests.Session`` with explicit timeouts. Every body byte read is
+    counted in ``bytes_in`` (what the device moved over the network).
+    """
+
+    def __init__(self, base_url: str, repository: str, timeout: float = 10.0):
+        import requests
+
+        self._requests = requests
+        self.base_url = base_url.rstrip("/")
+        self.repository = repository
+        self.timeout = timeout
+        self.session = requests.Session()
+        self.bytes_in = 0
+        self.requests_made = 0
+
+    def close(self) -> None:
+        self.session.close()
+
+    def _get(self, url: str, headers: dict, stream: bool = False):
+        self.requests_made += 1
+        try:
+            return self.session.get(url, headers=headers, stream=stream, timeout=(min(3.0, self.timeout), self.timeout))
+        except self._requests.RequestException as e:
+            raise RegistryUnreachableError(f"registry {self.base_url} is unreachable: {e}") from e
+
+    def manifest(self, reference: str) -> dict:
+        """The manifest tagged ``reference`` (raises ``FileNotFoundError`` if absent)."""
+        url = f"{self.base_url}/v2/{self.repository}/manifests/{reference}"
+        r = self._get(url, {"Accept": MEDIA["manifest"]})
+        self.bytes_in += len(r.content)
+        if r.status_code == 404:
+            raise FileNotFoundError(f"{self.repository}:{reference} is not in registry {self.base_url}")
+        if r.status_code != 200:
+            raise FleetError(f"GET {url} answered HTTP {r.status_code}: {r.text[:200]}")
+        try:
+            return r.json()
+        except ValueError as e:
+            raise FleetSecurityError(f"{self.repository}:{reference} is not a JSON manifest") from e
+
+    def blob_chunks(
+        self, digest: str, start: int = 0, chunk: int = 1 << 16, on_chunk: Callable[[int], None] | None = None
+    ) -> Iterator[bytes]:
+        """Yield the blob's bytes from offset ``start`` (HTTP Range); raises if the server ignores the range."""
+        url = f"{self.base_url}/v2/{self.repository}/blobs/{digest}"
+        headers = {"Range": f"bytes={start}-"} if start else {}
+        r = self._get(url, headers, stream=True)
+        with r:
+            if r.status_code == 404:
+                raise FileNotFoundError(f"blob {digest} is not in {self.repository} on {self.base_url}")
+            if r.status_code == 416:
+                return
+            if r.status_code not in (200, 206) or (start and r.status_code != 206):
+                raise FleetError(f"GET {url} (from byte {start}) answered HTTP {r.status_code}")
+            try:
+                for data in r.iter_content(chunk):
+                    self.bytes_in += len(data)
+                    if on_chunk is not None:
+                        on_chunk(len(data))
+                    yield data
+            except self._requests.RequestException as e:
+                raise RegistryUnreachableError(f"download of {digest} from {self.base_url} was cut: {e}") from e
+
+    def blob_bytes(self, digest: str, max_length: int) -> bytes:
+        out = bytearray()
+        for data in self.blob_chunks(digest):
+            out += data
+            if len(out) > max_length:
+                raise FleetSecurityError(f"blob {digest} is longer than the {max_length} bytes allowed")
+        return bytes(out)

@@ -1,0 +1,306 @@
+"""Publish a model and its adapters to an OCI registry with oras, and sign the release with TUF (host side).
+
+``init_release`` creates the team's keys and TUF repository and publishes version 1 of its
+metadata; ``push`` uploads the model once (``REPO:model-<fp>``), the adapter blobs (skipped when
+the registry has them), a release manifest per channel and model (``REPO:<channel>-<fp>``, its
+``subject`` the model manifest), then the new TUF metadata, timestamp last: devices see a release
+only once everything it names is in the registry. ``refresh_release`` re-signs snapshot and
+timestamp before they expire. Needs ``oras`` and ``tuf`` (no torch). See :mod:`edge.fleet.oci`
+for the layout.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+
+from edge.errors import AdapterMismatchError, ConfigError
+from edge.fleet.oci import (
+    ANN,
+    MEDIA,
+    FleetError,
+    check_name,
+    fp_hex,
+    model_tag,
+    release_tag,
+    require_fleet,
+    target_path,
+)
+from edge.fleet.tufrepo import Expiry, TufRepo
+
+__all__ = ["Publisher", "init_release", "push", "refresh_release"]
+
+_EMPTY = b"{}"
+
+
+def _digest(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+class Publisher:
+    """Writes artifacts to ``registry``/``repository`` through oras-py's ``Registry`` provider."""
+
+    def __init__(self, registry: str, repository: str, insecure: bool = False):
+        require_fleet(host=True)
+        import oras.provider
+
+        self.registry, self.repository = registry, repository
+        self.oras = oras.provider.Registry(hostname=registry, insecure=insecure)
+        self.bytes_out = 0
+        self._tmp = tempfile.TemporaryDirectory(prefix="edge-push-")
+
+    def close(self) -> None:
+        self._tmp.cleanup()
+
+    def _container(self, repo: str, tag: str):
+        return self.oras.get_container(f"{self.registry}/{repo}:{tag}")
+
+    def blob(self, repo: str, data: bytes | None, media_type: str, path: Path | None = None, **annotations) -> dict:
+        """Upload bytes (or a file) unless the registry already has them; return the OCI descriptor."""
+        if data is None:
+            data = Path(path).read_bytes()
+        desc = {"mediaType": media_type, "size": len(data), "digest": _digest(data)}
+        if annotations:
+            desc["annotations"] = {k: str(v) for k, v in annotations.items()}
+        container = self._container(repo, "latest")
+        try:
+            if self.oras.blob_exists(desc, container):
+                return desc
+            fd, tmp = tempfile.mkstemp(dir=self._tmp.name)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            r = self.oras.upload_blob(tmp, container, desc)
+            os.unlink(tmp)
+        except FleetError:
+            raise
+        except Exception as e:  # requests / oras raise many kinds; one error that names the registry
+            raise FleetError(f"cannot upload a blob to {self.registry}/{repo}: {e}") from e
+        if r.status_code not in (200, 201, 202):
+            raise FleetError(
+                f"registry {self.registry} refused blob {desc['digest']}: HTTP {r.status_code} {r.text[:200]}"
+            )
+        self.bytes_out += len(data)
+        return desc
+
+    def manifest(self, repo: str, tag: str, manifest: dict) -> dict:
+        """Upload a manifest under ``tag``; return its descriptor (digest and size as the registry stored it)."""
+        container = self._container(repo, tag)
+        try:
+            r = self.oras.upload_manifest(manifest, container)
+        except Exception as e:
+            raise FleetError(f"cannot upload manifest {repo}:{tag} to {self.registry}: {e}") from e
+        if r.status_code not in (200, 201):
+            raise FleetError(
+                f"registry {self.registry} refused manifest {repo}:{tag}: HTTP {r.status_code} {r.text[:300]}"
+            )
+        body = r.request.body or b""
+        self.bytes_out += len(body)
+        return {"mediaType": MEDIA["manifest"], "digest": r.headers.get("Docker-Content-Digest", ""), "size": len(body)}
+
+    def artifact(self, repo: str, tag: str, artifact_type: str, config: dict, layers: list[dict], **kw) -> dict:
+        return self.manifest(
+            repo,
+            tag,
+            {"schemaVersion": 2, "mediaType": MEDIA["manifest"], "artifactType": artifact_type, "config": config}
+            | {"layers": layers}
+            | kw,
+        )
+
+    def tuf_files(self, files: list[tuple[str, bytes]]) -> None:
+        """Each TUF metadata file as a one-layer artifact in ``<repository>/tuf``, tagged by its filename."""
+        repo = f"{self.repository}/tuf"
+        config = self.blob(repo, _EMPTY, MEDIA["empty"])
+        hints = []
+        for filename, data in files:
+            layer = self.blob(repo, data, MEDIA["tuf_metadata"])  # the tag names the file; kept small for devices
+            extra = {"annotations": {ANN["tuf_blobs"]: " ".join(hints)}} if filename == "timestamp.json" else {}
+            self.artifact(repo, filename, MEDIA["tuf_artifact"], config, [layer], **extra)
+            hints.append(f"{filename}={layer['digest']}")
+
+
+def init_release(
+    registry: str,
+    repository: str,
+    tuf_dir: str | Path,
+    keys_dir: str | Path,
+    *,
+    bits: int = 5,
+    insecure: bool = False,
+    expiry: Expiry | None = None,
+) -> dict:
+    """Keys (missing ones are created), TUF metadata version 1, published; returns where the root is."""
+    repo, files = TufRepo.create(tuf_dir, keys_dir, bits=bits, expiry=expiry)
+    pub = Publisher(registry, repository, insecure)
+    try:
+        pub.tuf_files(files)
+    finally:
+        pub.close()
+    repo.commit(files)
+    return {
+        "tuf_root": str(Path(tuf_dir) / "root.json"),
+        "keys": str(keys_dir),
+        "bins": 2**bits,
+        "published": [f for f, _ in files],
+        "repository": f"{registry}/{repository}/tuf",
+    }
+
+
+def push(
+    registry: str,
+    repository: str,
+    channel: str,
+    model: str | Path,
+    adapters: list[str | Path],
+    tuf_dir: str | Path,
+    keys_dir: str | Path,
+    *,
+    replace: bool = False,
+    insecure: bool = False,
+    expiry: Expiry | None = None,
+) -> dict:
+    """Publish ``adapters`` for ``model`` on ``channel`` and sign the release (see the module doc).
+
+    Every adapter is checked first (format, base fingerprint, shapes); nothing is uploaded if one
+    fails. With ``replace``, adapters of this channel and model not given here are withdrawn.
+    """
+    from edge.fleet.model import model_media_type
+    from edge.format.adapter import load_adapter
+    from runtimes import read_model_info
+
+    check_name("channel", channel)
+    info = read_model_info(model)
+    fp = info.fingerprint
+    checked: dict[str, tuple[Path, object]] = {}
+    for p in map(Path, adapters):
+        a = load_adapter(p)
+        if a.base_fingerprint != fp:
+            raise AdapterMismatchError(f"{p}: adapter {a.name!r} is for base {a.base_fingerprint}, the model is {fp}")
+        a.check_against(info)
+        name = check_name("adapter name", a.name)
+        if name in checked:
+            raise ConfigError(f"two adapters are named {name!r} ({checked[name][0]} and {p}); names must be unique")
+        checked[name] = (p, a)
+    tuf = TufRepo.load(tuf_dir, keys_dir, expiry)
+    pub = Publisher(registry, repository, insecure)
+    created = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    try:
+        model_desc = _push_model(pub, Path(model), info, model_media_type(model))
+        add = {}
+        for name, (p, a) in checked.items():
+            data = p.read_bytes()
+            desc = pub.blob(repository, data, MEDIA["adapter"])
+            custom = {"method": a.method}  # name, model and digest are in the path and hashes already
+            add[target_path(channel, fp, name)] = (len(data), desc["digest"].split(":", 1)[1], custom)
+            sig = p.with_name(p.name + ".sig")  # a detached signature (`edge sign`) travels with its adapter
+            if sig.exists():
+                sdata = sig.read_bytes()
+                sdesc = pub.blob(repository, sdata, MEDIA["signature"])
+                add[target_path(channel, fp, name) + ".sig"] = (len(sdata), sdesc["digest"].split(":", 1)[1], {})
+        prefix = f"{channel}/{fp_hex(fp)}/"
+        remove = [t for t in tuf.targets(prefix) if t not in add] if replace else []
+        remove += [f"{t}.sig" for t in add if not t.endswith(".sig") and f"{t}.sig" not in add]  # unsigned now
+        withdrawn = set(tuf.targets(prefix))
+        files = tuf.stage_targets(add, remove)
+        withdrawn -= set(tuf.targets(prefix))
+        current = tuf.targets(prefix)
+        release = _push_release(pub, channel, fp, info.name, current, model_desc, created)
+        if files:
+            pub.tuf_files(files)  # timestamp.json is the last file: the release becomes visible here
+            tuf.commit(files)
+    finally:
+        pub.close()
+    changed = {t for t in add if files and current[t].custom.get("version") == tuf.release}
+    return {
+        "registry": registry,
+        "repository": repository,
+        "channel": channel,
+        "fingerprint": fp,
+        "model": {"tag": model_tag(fp), "digest": model_desc["digest"]},
+        "release": {"tag": release_tag(channel, fp), "digest": release["digest"], "number": tuf.release},
+        "adapters": [
+            {
+                "name": _name(path),
+                "version": tf.custom["version"],
+                "bytes": tf.length,
+                "digest": "sha256:" + tf.hashes["sha256"],
+                "changed": path in changed,
+                "signed": path + ".sig" in current,
+            }
+            for path, tf in current.items()
+            if not path.endswith(".sig")
+        ],
+        "withdrawn": sorted(withdrawn),
+        "tuf_files": [f for f, _ in files],
+        "bytes_uploaded": pub.bytes_out,
+    }
+
+
+def refresh_release(
+    registry: str,
+    repository: str,
+    tuf_dir: str | Path,
+    keys_dir: str | Path,
+    *,
+    insecure: bool = False,
+    expiry: Expiry | None = None,
+) -> dict:
+    """Re-sign snapshot and timestamp with new expiry dates and publish them."""
+    tuf = TufRepo.load(tuf_dir, keys_dir, expiry)
+    files = tuf.stage_refresh()
+    pub = Publisher(registry, repository, insecure)
+    try:
+        pub.tuf_files(files)
+    finally:
+        pub.close()
+    tuf.commit(files)
+    return {
+        "release": tuf.release,
+        "tuf_files": [f for f, _ in files],
+        "expires": str(tuf._md["timestamp"].signed.expires),
+    }
+
+
+def _name(target: str) -> str:
+    return target.rsplit("/", 1)[1].removesuffix(".sig").removesuffix(".safetensors")
+
+
+def _push_model(pub: Publisher, path: Path, info, media_type: str) -> dict:
+    repo = pub.repository
+    config = pub.blob(repo, info.to_json().encode(), MEDIA["model_config"])
+    layer = pub.blob(
+        repo, None, media_type, path=path, **{ANN["title"]: path.name, ANN["fingerprint"]: info.fingerprint}
+    )
+    ann = {ANN["fingerprint"]: info.fingerprint, ANN["model_name"]: info.name}  # no date: same bytes, same digest
+    return pub.artifact(repo, model_tag(info.fingerprint), MEDIA["model_artifact"], config, [layer], annotations=ann)
+
+
+def _push_release(pub: Publisher, channel: str, fp: str, model_name: str, current: dict, model_desc: dict, created):
+    """The channel's adapter set for one model as one manifest: layers = adapters, subject = the model."""
+    layers, index = [], {}
+    for path, tf in current.items():
+        c, digest, is_sig = tf.custom, "sha256:" + tf.hashes["sha256"], path.endswith(".sig")
+        ann = {ANN["title"]: path.rsplit("/", 1)[1], ANN["adapter"]: _name(path), ANN["version"]: c["version"]}
+        if not is_sig:
+            ann |= {ANN["method"]: c.get("method", ""), ANN["base"]: fp, ANN["format"]: "edge.adapter/1"}
+            index[_name(path)] = {"version": c["version"], "digest": digest, "target": path}
+        else:
+            index.setdefault(_name(path), {})["signature"] = digest
+        ann = {k: str(v) for k, v in ann.items()}  # OCI annotations are strings
+        media = MEDIA["signature"] if is_sig else MEDIA["adapter"]
+        layers.append({"mediaType": media, "size": tf.length, "digest": digest, "annotations": ann})
+    cfg = json.dumps({"channel": channel, "fingerprint": fp, "adapters": index}, sort_keys=True).encode()
+    config = pub.blob(pub.repository, cfg, MEDIA["release_config"])
+    ann = {ANN["channel"]: channel, ANN["fingerprint"]: fp, ANN["model_name"]: model_name, ANN["created"]: created}
+    return pub.artifact(
+        pub.repository,
+        release_tag(channel, fp),
+        MEDIA["release_artifact"],
+        config,
+        layers,
+        subject=model_desc,
+        annotations=ann,
+    )

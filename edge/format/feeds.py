@@ -1,0 +1,213 @@
+"""What a model takes as input, read from the model file, and the check every ``run`` feed passes.
+
+A caller of :meth:`edge.runtime.Runtime.run` may be careless but must never change the
+model: under the ``bound`` and ``hybrid`` strategies the writable weights and the adapter
+slots are graph inputs too, so a feed dict is checked against the model's *real* inputs
+(the ones :class:`~edge.format.modelinfo.ModelInfo` lists) before anything reaches a backend:
+names (a weight, a slot or any other name is refused), dtype (exactly the model's, in
+native byte order), rank, fixed dimensions and consistent symbolic ones. Arrays that are
+not C-contiguous are copied. Every refusal is a :class:`~edge.errors.ConfigError`.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edge.errors import ConfigError, FormatError
+
+__all__ = [
+    "InputSpec",
+    "check_feeds",
+    "generate_inputs",
+    "input_specs",
+    "names_only",
+    "onnx_input_specs",
+    "output_width",
+    "tflite_input_specs",
+]
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """One model input: dtype and shape, each dimension a fixed size (int > 0) or a symbol (str; free)."""
+
+    name: str
+    dtype: np.dtype | None  # None: unknown (a backend without a reader), only the name is checked
+    shape: tuple[int | str, ...] | None
+
+
+def input_specs(backend: str, model: bytes) -> dict[str, InputSpec] | None:
+    """The real input specs of a model's bytes for ``backend`` (None: no reader here for that backend)."""
+    if backend == "tflite":
+        return tflite_input_specs(model)
+    if backend == "onnxruntime":
+        return onnx_input_specs(model)
+    return None
+
+
+def names_only(names) -> dict[str, InputSpec]:
+    """Specs that check only the names (for a backend this module cannot read)."""
+    return {n: InputSpec(n, None, None) for n in names}
+
+
+def onnx_input_specs(model: bytes, names: tuple[str, ...] | None = None) -> dict[str, InputSpec]:
+    """Specs of the graph inputs ``names`` (default: those its :class:`ModelInfo` lists) of an ONNX model's bytes."""
+    import onnx
+    from onnx import helper
+
+    from edge.format.modelinfo import onnx_info
+
+    try:
+        proto = onnx.load_model_from_string(model)
+    except Exception as e:  # protobuf's DecodeError and friends
+        raise FormatError(f"not a readable ONNX model: {e}") from e
+    names = onnx_info(proto).inputs if names is None else names
+    graph_inputs = {i.name: i for i in proto.graph.input}
+    out = {}
+    for name in names:
+        vi = graph_inputs.get(name)
+        if vi is None or not vi.type.HasField("tensor_type"):
+            raise FormatError(f"model metadata lists input {name!r}, which the ONNX graph lacks or is not a tensor")
+        tt = vi.type.tensor_type
+        try:
+            dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tt.elem_type))
+        except (KeyError, TypeError, ValueError) as e:
+            raise FormatError(f"ONNX input {name!r} has an unsupported element type {tt.elem_type}") from e
+        dims = tuple(
+            int(d.dim_value) if d.HasField("dim_value") and d.dim_value > 0 else (d.dim_param or f"?{i}")
+            for i, d in enumerate(tt.shape.dim)
+        )
+        out[name] = InputSpec(name, dtype, dims)
+    return out
+
+
+def tflite_input_specs(model: bytes, names: tuple[str, ...] | None = None) -> dict[str, InputSpec]:
+    """Specs of the subgraph inputs ``names`` (default: those its :class:`ModelInfo` lists) of a ``.tflite`` file.
+
+    The first dimension is free whatever the file says: the backend runs other batch sizes
+    than a fixed one in chunks.
+    """
+    from edge.format.tflite import read_tflite, tflite_info
+
+    fb = read_tflite(model)
+    names = tflite_info(model, fb).inputs if names is None else names
+    by_name = {fb.tensors[i].name: fb.tensors[i] for i in fb.inputs if 0 <= i < len(fb.tensors)}
+    out = {}
+    for name in names:
+        t = by_name.get(name)
+        if t is None or t.dtype is None:
+            raise FormatError(f"model metadata lists input {name!r}, which the .tflite subgraph lacks")
+        sig = t.signature or t.shape
+        dims = tuple("batch" if i == 0 else (int(d) if d > 0 else f"?{i}") for i, d in enumerate(sig))
+        out[name] = InputSpec(name, np.dtype(t.dtype), dims)
+    return out
+
+
+def check_feeds(feeds: object, specs: Mapping[str, InputSpec], weights: frozenset[str] = frozenset()) -> dict:
+    """The feeds to hand a backend: exactly the model's inputs, checked (see the module doc).
+
+    ``feeds`` is a mapping of input name to array, or one array for a one-input model;
+    ``weights`` names the model's writable tensors, for a clearer refusal when a feed names one.
+    """
+    names = list(specs)
+    if isinstance(feeds, np.ndarray):
+        if len(names) != 1:
+            raise ConfigError(f"model takes inputs {names}; pass a dict of them")
+        feeds = {names[0]: feeds}
+    if not isinstance(feeds, Mapping):
+        raise ConfigError(f"feeds must be a dict of input name -> array, got {type(feeds).__name__}")
+    unknown = [k for k in feeds if k not in specs]
+    if unknown:
+        shown = [str(k)[:80] for k in unknown[:5]]
+        hit = [k for k in shown if k in weights]
+        why = (
+            f"{hit} are weights or adapter slots, which only load_adapter/switch may change"
+            if hit
+            else "they are not inputs of the model"
+        )
+        raise ConfigError(f"refused feed(s) {shown}: {why}; the model takes {names}")
+    missing = [n for n in names if n not in feeds]
+    if missing:
+        raise ConfigError(f"missing model input(s) {missing}; the model takes {names}")
+    sizes: dict[str, tuple[int, str]] = {}
+    out = {}
+    for name, spec in specs.items():
+        x = feeds[name]
+        if not isinstance(x, np.ndarray):
+            try:
+                x = np.asarray(x)
+            except (TypeError, ValueError) as e:
+                raise ConfigError(f"input {name!r}: not an array ({e})") from e
+        if spec.dtype is None:
+            out[name] = x
+            continue
+        if x.dtype.byteorder not in ("=", "|") and x.dtype.byteorder != _NATIVE:
+            raise ConfigError(
+                f"input {name!r} is {x.dtype.str}, not in this machine's byte order; "
+                f"convert it with x.astype(x.dtype.newbyteorder('='))"
+            )
+        if x.dtype != spec.dtype:
+            raise ConfigError(f"input {name!r} must be {spec.dtype}, got {x.dtype}; convert it with x.astype(...)")
+        if x.ndim != len(spec.shape):
+            raise ConfigError(f"input {name!r} must have {len(spec.shape)} dimensions {_show(spec)}, got {x.shape}")
+        for i, (got, want) in enumerate(zip(x.shape, spec.shape)):
+            if isinstance(want, int) and got != want:
+                raise ConfigError(f"input {name!r} has shape {x.shape}; the model takes {_show(spec)}")
+            if isinstance(want, str):
+                if got == 0:
+                    raise ConfigError(f"input {name!r} has shape {x.shape}: dimension {i} is empty")
+                seen = sizes.setdefault(want, (got, name))
+                if seen[0] != got:
+                    raise ConfigError(
+                        f"dimension {want!r} is {seen[0]} in input {seen[1]!r} but {got} in {name!r}; use one size"
+                    )
+        out[name] = x if x.flags.c_contiguous else np.ascontiguousarray(x)
+    return out
+
+
+_NATIVE = "<" if sys.byteorder == "little" else ">"
+
+
+def _show(spec: InputSpec) -> str:
+    return "[" + ", ".join(str(d) for d in spec.shape) + "]"
+
+
+def output_width(model_path, name: str) -> int | None:
+    """The last dimension of output ``name`` as declared in an ONNX file, if it is fixed (else None)."""
+    try:
+        import onnx
+
+        proto = onnx.load(str(model_path), load_external_data=False)
+    except Exception:  # protobuf's DecodeError and friends; the runtime already read this file
+        return None
+    for o in proto.graph.output:
+        if o.name == name:
+            dims = o.type.tensor_type.shape.dim
+            if dims and dims[-1].HasField("dim_value"):
+                return int(dims[-1].dim_value)
+    return None
+
+
+def generate_inputs(
+    model: str | os.PathLike, names: Sequence[str], batch: int = 1, seed: int = 0
+) -> dict[str, np.ndarray]:
+    """Inputs made from an ONNX model's input metadata: symbolic dims set to ``batch``, floats ~ N(0, 1)."""
+    if Path(model).suffix != ".onnx":
+        raise ConfigError(f"can generate inputs only for .onnx models; pass --inputs X.npz for {Path(model).name}")
+    from edge.format.io import read_bounded
+
+    specs = onnx_input_specs(read_bounded(model, 1 << 40, what="model file"), tuple(names))
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for name, spec in specs.items():
+        shape = tuple(d if isinstance(d, int) else batch for d in spec.shape)
+        feeds[name] = (
+            rng.standard_normal(shape).astype(spec.dtype) if spec.dtype.kind == "f" else np.zeros(shape, spec.dtype)
+        )
+    return feeds

@@ -1,0 +1,175 @@
+"""Labelled samples and model inputs from ``.npz`` files, read as hostile data.
+
+An ``.npz`` is a zip of ``.npy`` members. Before any array is loaded, each member's
+``.npy`` header (``numpy.lib.format``) is read for its dtype and shape: object dtypes
+are refused (nothing is ever unpickled), and the bytes the arrays will take, summed
+over the file (or the folder), must stay under a limit, so a zip bomb is refused
+before it expands. The zip's own size claims bound every read. Arrays in the
+other byte order are converted to this machine's. Every refusal is a
+:class:`~edge.errors.FormatError` (a damaged file) or :class:`~edge.errors.ConfigError`
+(a readable file with the wrong contents).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+
+from edge.errors import ConfigError, FormatError
+from edge.format.io import read_bounded
+
+__all__ = [
+    "MAX_ARRAY_BYTES",
+    "MAX_CLASSES",
+    "MAX_NPZ_BYTES",
+    "batch_length",
+    "check_labels",
+    "load_samples",
+    "read_npz",
+]
+
+MAX_NPZ_BYTES = 1 << 30  # one .npz file on disk
+MAX_ARRAY_BYTES = 1 << 30  # what its arrays (or a folder's) take in memory once loaded
+MAX_MEMBERS = 1024
+MAX_CLASSES = 100_000  # labels are class indices; a label this large is a data error, not a class
+MAX_FILES = 10_000  # .npz files in one data folder
+_NPY_HEADER = 10_000  # numpy's own default limit on an .npy header
+
+
+def read_npz(
+    path: str | os.PathLike, *, max_bytes: int = MAX_NPZ_BYTES, max_array_bytes: int = MAX_ARRAY_BYTES
+) -> dict[str, np.ndarray]:
+    """The arrays of an ``.npz`` file, bounded and checked before loading (see the module doc)."""
+    data = read_bounded(path, max_bytes, what="data file")
+    if data[:6] == b"\x93NUMPY":
+        raise FormatError(f"{path} is a single .npy array, not an .npz; save with np.savez(path, x=..., y=...)")
+    try:
+        zf = zipfile.ZipFile(io.BytesIO(data))
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, OSError) as e:
+        raise FormatError(f"{path} is not an .npz (zip) file: {e}") from e
+    with zf:
+        members = _members(zf, path, max_array_bytes)
+        out = {}
+        for key, info in members.items():
+            try:
+                with zf.open(info) as f:
+                    arr = np.lib.format.read_array(f, allow_pickle=False, max_header_size=_NPY_HEADER)
+            except (ValueError, OSError, EOFError, zipfile.BadZipFile, NotImplementedError, RuntimeError) as e:
+                raise FormatError(f"{path}: member {key!r} is damaged: {e}") from e
+            if arr.dtype.byteorder == ">" if np.little_endian else arr.dtype.byteorder == "<":
+                arr = arr.astype(arr.dtype.newbyteorder("="))
+            out[key] = arr
+    return out
+
+
+def _members(zf: zipfile.ZipFile, path, max_array_bytes: int) -> dict[str, zipfile.ZipInfo]:
+    """Member name -> ZipInfo, after checking every ``.npy`` header and the total size the arrays take."""
+    infos = zf.infolist()
+    if len(infos) > MAX_MEMBERS:
+        raise FormatError(f"{path}: {len(infos)} members, more than the {MAX_MEMBERS} an .npz of samples needs")
+    members: dict[str, zipfile.ZipInfo] = {}
+    total = 0
+    for info in infos:
+        if not info.filename.endswith(".npy") or info.is_dir():
+            raise FormatError(f"{path}: member {info.filename[:80]!r} is not an .npy array")
+        key = info.filename[:-4]
+        if key in members:
+            raise FormatError(f"{path}: member {key[:80]!r} appears twice")
+        try:
+            with zf.open(info) as f:
+                version = np.lib.format.read_magic(f)
+                if version not in ((1, 0), (2, 0), (3, 0)):
+                    raise ValueError(f".npy format version {version} is not supported")
+                reader = (
+                    np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+                )
+                shape, _, dtype = reader(f, max_header_size=_NPY_HEADER)
+        except (ValueError, OSError, EOFError, zipfile.BadZipFile, NotImplementedError, RuntimeError, SyntaxError) as e:
+            raise FormatError(f"{path}: member {key[:80]!r} has no readable .npy header: {e}") from e
+        if dtype.hasobject:
+            raise FormatError(f"{path}: member {key!r} holds Python objects ({dtype}); only plain arrays are read")
+        if not all(isinstance(d, int) and d >= 0 for d in shape):
+            raise FormatError(f"{path}: member {key!r} declares shape {shape}")
+        nbytes = int(np.prod(shape, dtype=object)) * dtype.itemsize
+        total += nbytes
+        if total > max_array_bytes:
+            raise FormatError(
+                f"{path}: arrays would take {total} bytes in memory (member {key!r}: {shape} {dtype}), over the "
+                f"limit of {max_array_bytes}; split the data into smaller files"
+            )
+        members[key] = info
+    return members
+
+
+def load_samples(
+    path: str | os.PathLike, inputs: tuple[str, ...] = ("x",), *, max_array_bytes: int = MAX_ARRAY_BYTES
+) -> list[tuple[str, object, np.ndarray]]:
+    """Labelled samples from an ``.npz`` file or a folder of them (sorted by name): ``[(name, x, y)]``.
+
+    Each file holds ``y`` (integer labels) and either ``x`` (for a one-input model)
+    or one array per model input name; ``x`` is returned as an array or a dict. Files of
+    a folder must be regular files inside it (a link leading out of the folder is
+    refused); their arrays together must fit ``max_array_bytes``.
+    """
+    path = Path(path)
+    if path.is_dir():
+        root = path.resolve()
+        files = sorted(path.glob("*.npz"))
+        if not files:
+            raise ConfigError(f"folder {path} holds no .npz files; give an .npz with 'x' and 'y' or a folder of them")
+        if len(files) > MAX_FILES:
+            raise ConfigError(f"folder {path} holds {len(files)} .npz files, more than {MAX_FILES}; merge some")
+        outside = [f.name for f in files if f.resolve().parent != root]
+        if outside:
+            raise FormatError(f"data folder {path}: {outside[:5]} lead outside the folder (links); refused")
+    elif path.exists():
+        files = [path]
+    else:
+        raise ConfigError(f"no such data file or folder: {path}")
+    out = []
+    budget = max_array_bytes
+    for f in files:
+        arrays = read_npz(f, max_array_bytes=budget)
+        budget -= sum(a.nbytes for a in arrays.values())
+        if "y" not in arrays:
+            raise ConfigError(f"{f} has no 'y' array of labels (it has {sorted(arrays)})")
+        if "x" in arrays and len(inputs) == 1:
+            x: object = arrays["x"]
+        else:
+            missing = [k for k in inputs if k not in arrays]
+            if missing:
+                raise ConfigError(f"{f} lacks the model input(s) {missing}; it has {sorted(arrays)} (use 'x' and 'y')")
+            x = {k: arrays[k] for k in inputs}
+        out.append((f.name, x, arrays["y"]))
+    return out
+
+
+def batch_length(x) -> int:
+    """Samples in ``x`` (an array, or a dict of equally long arrays)."""
+    if isinstance(x, Mapping):
+        lengths = {len(np.asarray(v)) for v in x.values()}
+        if len(lengths) != 1:
+            raise ConfigError(f"model inputs have different batch sizes: {sorted(lengths)}")
+        return lengths.pop()
+    return len(np.asarray(x))
+
+
+def check_labels(y, n: int) -> np.ndarray:
+    """``y`` as int64 class indices, one per sample; :class:`ConfigError` otherwise."""
+    y = np.asarray(y)
+    if y.ndim != 1 or len(y) != n:
+        raise ConfigError(f"labels must be a 1-D array with one label per sample ({n}), got shape {y.shape}")
+    if n == 0:
+        raise ConfigError("no samples given; an update needs at least one labelled sample")
+    if not np.issubdtype(y.dtype, np.integer):
+        if not np.issubdtype(y.dtype, np.floating) or not np.all(np.equal(np.mod(y, 1), 0)):
+            raise ConfigError(f"labels must be integer class indices, got dtype {y.dtype}")
+    y = y.astype(np.int64)
+    if y.min() < 0 or y.max() >= MAX_CLASSES:
+        raise ConfigError(f"labels must be class indices in [0, {MAX_CLASSES}), got {y.min()}..{y.max()}")
+    return y

@@ -1,0 +1,417 @@
+"""The trainable tail of a classifier, found from its ONNX graph, with its numpy forward and backward.
+
+:class:`edge.learn.device_trainer.DeviceTrainer` trains the tail of any exported model:
+the classifier weight and the last linear layer before it (``MatMul``, ``Gemm`` or a
+1x1 ``Conv``), with the ops between them, everything else frozen. :func:`find_tail` walks
+back from the logits output:
+
+* after the classifier: its bias ``Add`` and shape-only ops;
+* the classifier: a ``MatMul``/``Gemm``/1x1 ``Conv`` reading one of the model's parameters
+  (:class:`~edge.format.modelinfo.ModelInfo` tensors);
+* between the last linear and the classifier (:data:`SUPPORTED`): ``Add`` (a bias, or a
+  residual: the branch read by other nodes too is the skip, a frozen input of the tail),
+  ``Relu``, ``Gelu``, ``LayerNormalization``, ``BatchNormalization`` (inference),
+  ``ReduceMean`` and ``GlobalAveragePool`` (mean pooling), ``Reshape``, ``Flatten``,
+  ``Squeeze``, ``Unsqueeze``, ``Identity``.
+
+The walk stops at the first linear layer (the tail's input ``h`` is what it reads) or
+at an op outside that set; then only the classifier is trainable and
+:meth:`Tail.check` raises :class:`~edge.errors.ConfigError` naming the op when the
+last linear is asked for. Each op has a forward and a backward in float64
+(tests/device/test_growth_device.py checks each against finite differences); the loss
+is softmax cross-entropy on the logits.
+
+Weights are handled as the 2-D *source view* of the parameter (``[out, in]`` in torch
+layout, a 1x1 convolution's ``[out, in, 1, 1]`` flattened to ``[out, in]``), in which
+SHiRA masks are chosen; ``M`` (``[in, out]``, ``y = x @ M + b`` on the channel axis) is
+that view or its transpose.
+
+**Layer sets.** A layer set sees only parameter names (:data:`edge.learn.space.LAYER_SETS`),
+so the tail found in a graph is remembered per model (by its 2-D parameter names) when a
+trainer locates it (:func:`remember`): ``tail-head`` is the classifier, ``tail`` the last
+linear and the classifier (a 1x1 convolution's 4-D weight included). Until a trainer has
+located a model's tail, both select nothing on it. :data:`TAIL_SPACE` crosses them with 5
+densities, the graph-found counterpart of the name-based ``DEVICE_SPACE`` (``head``,
+``last-mlp``: the digits ViT's names).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from edge.errors import ConfigError
+from edge.learn.space import LAYER_SETS, Arch
+
+__all__ = ["SUPPORTED", "TAIL_SPACE", "Linear", "Tail", "find_tail", "remember"]
+
+SUPPORTED = (
+    "MatMul Gemm Conv(1x1) Add Relu Gelu LayerNormalization BatchNormalization ReduceMean GlobalAveragePool "
+    "Reshape Flatten Squeeze Unsqueeze Identity".split()
+)
+_SHAPE = ("Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity")
+
+
+# -- the ops ------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Linear:
+    """``y = x @ M + b`` over the channel axis (last for MatMul/Gemm, 1 for a 1x1 Conv)."""
+
+    param: str
+    m: np.ndarray  # [in, out] float64
+    bias: np.ndarray | None
+    axis: int
+    flip: bool  # the source view is M.T (else M)
+    shape: tuple[int, ...]  # the parameter's source shape
+
+    @property
+    def w2d(self) -> np.ndarray:
+        return self.m.T if self.flip else self.m
+
+    def forward(self, x, side, weights):
+        m = weights[self.param].T if self.flip else weights[self.param]
+        xc = np.moveaxis(x, self.axis, -1)
+        y = xc @ m + (0.0 if self.bias is None else self.bias)
+        return np.moveaxis(y, -1, self.axis), (xc, m)
+
+    def backward(self, dy, saved):
+        return np.moveaxis(np.moveaxis(dy, self.axis, -1) @ saved[1].T, -1, self.axis)
+
+    def grad(self, dy, saved) -> np.ndarray:
+        """``dL/dW`` in the 2-D source view."""
+        xc, m = saved
+        dm = xc.reshape(-1, m.shape[0]).T @ np.moveaxis(dy, self.axis, -1).reshape(-1, m.shape[1])
+        return dm.T if self.flip else dm
+
+
+@dataclass(frozen=True)
+class _Op:
+    """A parameter-free op of the tail: ``kind`` and its constants."""
+
+    kind: str
+    node: str
+    c: dict = field(default_factory=dict)
+
+    def forward(self, x, side, weights):
+        k, c = self.kind, self.c
+        if k == "bias":
+            return x + c["b"], None
+        if k == "residual":
+            return x + side[c["tensor"]], None
+        if k == "relu":
+            return np.maximum(x, 0.0), x > 0
+        if k == "gelu":
+            return x * _gelu_cdf(x, c["tanh"]), x
+        if k == "affine":  # BatchNormalization at inference: per channel (axis 1)
+            shape = (-1,) + (1,) * (x.ndim - 2)
+            return x * c["s"].reshape(shape) + c["t"].reshape(shape), None
+        if k == "layernorm":
+            axes = tuple(range(c["axis"] % x.ndim, x.ndim))
+            xc = x - x.mean(axes, keepdims=True)
+            inv = 1.0 / np.sqrt((xc * xc).mean(axes, keepdims=True) + c["eps"])
+            x_hat = xc * inv
+            return x_hat * c["gamma"] + c["beta"], (x_hat, inv, axes)
+        if k == "mean":
+            axes = tuple(a % x.ndim for a in (c["axes"] if c["axes"] is not None else range(2, x.ndim)))
+            return x.mean(axes, keepdims=c["keepdims"]), (x.shape, axes)
+        return _reshape(k, c, x), x.shape
+
+    def backward(self, dy, saved):
+        k, c = self.kind, self.c
+        if k in ("bias", "residual"):
+            return dy
+        if k == "relu":
+            return dy * saved
+        if k == "gelu":
+            x = saved
+            if c["tanh"]:  # 0.5 x (1 + tanh(k (x + 0.044715 x^3)))
+                th = np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3))
+                du = math.sqrt(2 / math.pi) * (1.0 + 3 * 0.044715 * x * x)
+                return dy * (0.5 * (1.0 + th) + 0.5 * x * (1.0 - th * th) * du)
+            return dy * (_gelu_cdf(x, False) + x * np.exp(-0.5 * x * x) / math.sqrt(2 * math.pi))
+        if k == "affine":
+            return dy * c["s"].reshape((-1,) + (1,) * (dy.ndim - 2))
+        if k == "layernorm":
+            x_hat, inv, axes = saved
+            d = dy * c["gamma"]
+            return inv * (d - d.mean(axes, keepdims=True) - x_hat * (d * x_hat).mean(axes, keepdims=True))
+        if k == "mean":
+            shape, axes = saved
+            n = math.prod(shape[a] for a in axes)
+            return np.broadcast_to(np.expand_dims(dy, axes) if not c["keepdims"] else dy, shape) / n
+        return dy.reshape(saved)
+
+
+_ERF = np.vectorize(math.erf, otypes=[np.float64])
+
+
+def _gelu_cdf(x, tanh: bool):
+    if tanh:
+        return 0.5 * (1.0 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))
+    return 0.5 * (1.0 + _ERF(x / math.sqrt(2.0)))
+
+
+def _reshape(kind: str, c: dict, x):
+    if kind == "identity":
+        return x
+    if kind == "flatten":
+        axis = c["axis"] % x.ndim if x.ndim else 0
+        return x.reshape(math.prod(x.shape[:axis]), -1)
+    if kind == "squeeze":
+        axes = c["axes"] if c["axes"] is not None else [a for a, n in enumerate(x.shape) if n == 1]
+        return np.squeeze(x, tuple(a % x.ndim for a in axes))
+    if kind == "unsqueeze":
+        return np.expand_dims(x, tuple(a % (x.ndim + len(c["axes"])) for a in c["axes"]))
+    shape = [x.shape[i] if s == 0 and not c["allowzero"] else s for i, s in enumerate(c["shape"])]
+    return x.reshape(shape)
+
+
+# -- the tail -----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Tail:
+    """Steps from the tail's input to the logits; ``steps[ci]`` is the classifier."""
+
+    steps: tuple
+    ci: int
+    input: str  # the graph tensor the first step reads
+    residuals: tuple[str, ...]  # frozen skip inputs (graph tensors)
+    logits: str
+    why_short: str | None = None  # why the walk stopped before a last linear layer, when it did
+
+    @property
+    def linears(self) -> list[Linear]:
+        return [s for s in self.steps if isinstance(s, Linear)]
+
+    @property
+    def params(self) -> tuple[str, ...]:
+        return tuple(s.param for s in self.linears)
+
+    def check(self, params, where: str) -> None:
+        """ConfigError unless every parameter is one this tail can train."""
+        other = [p for p in params if p not in self.params]
+        if other:
+            short = f"; the walk back from the classifier stopped at {self.why_short}" if self.why_short else ""
+            raise ConfigError(
+                f"the device trainer adapts only {list(self.params)} of {where}, not {other}{short}; it trains the "
+                f"classifier and the last linear layer before it through {', '.join(SUPPORTED)}"
+            )
+
+    def forward(self, x, side, weights, start: int = 0, stop: int | None = None):
+        """``(output of steps[stop - 1], saved per step)`` from ``x``, the input of ``steps[start]``."""
+        saved = []
+        for step in self.steps[start:stop]:
+            x, s = step.forward(x, side, weights)
+            saved.append(s)
+        return x, saved
+
+    def grads(self, dlogits, saved, want, start: int = 0) -> dict[str, np.ndarray]:
+        """``dL/dW`` (2-D source view) of each wanted parameter, back-propagating only as far as needed."""
+        out, steps = {}, self.steps[start:]
+        first = min((i for i, s in enumerate(steps) if isinstance(s, Linear) and s.param in want), default=None)
+        if first is None:
+            return out
+        dy = dlogits
+        for i in range(len(steps) - 1, first - 1, -1):
+            step = steps[i]
+            if isinstance(step, Linear) and step.param in want:
+                out[step.param] = step.grad(dy, saved[i])
+            if i > first:
+                dy = step.backward(dy, saved[i])
+        return out
+
+
+def find_tail(proto, info) -> Tail:
+    """The tail of the model (see the module doc); ConfigError when no linear classifier makes its logits."""
+    from onnx import helper, numpy_helper
+
+    g = proto.graph
+    where = f"model {info.name!r}"
+    consts = {i.name: numpy_helper.to_array(i).astype(np.float64) for i in g.initializer}
+    for n in g.node:  # constants, and the small shape arithmetic exporters leave on them
+        if n.op_type == "Constant" and n.attribute:
+            v = helper.get_attribute_value(n.attribute[0])
+            v = numpy_helper.to_array(v) if n.attribute[0].name == "value" else np.asarray(v)
+            if v.dtype.kind in "biuf":  # not strings or sparse tensors
+                consts[n.output[0]] = v.astype(np.float64)
+        elif n.op_type in ("Reshape", "Identity", "Cast", "Squeeze", "Unsqueeze") and all(i in consts for i in n.input):
+            a = {k.name: helper.get_attribute_value(k) for k in n.attribute}
+            kind = "identity" if n.op_type == "Cast" else n.op_type.lower()
+            c = {"axes": a.get("axes"), "allowzero": a.get("allowzero", 0)}
+            if len(n.input) > 1:
+                c["shape" if n.op_type == "Reshape" else "axes"] = [int(v) for v in consts[n.input[1]]]
+            with contextlib.suppress(ValueError):  # a shape that does not apply: not a constant the tail needs
+                consts[n.output[0]] = _reshape(kind, c, consts[n.input[0]])
+    params = {t.initializer: p for p, t in info.tensors.items()}
+    producer = {o: n for n in g.node for o in n.output}
+    consumers: dict[str, int] = {}
+    for n in g.node:
+        for i in n.input:
+            consumers[i] = consumers.get(i, 0) + 1
+    outputs = [o.name for o in g.output]
+    logits = "logits" if "logits" in outputs else (info.outputs or outputs)[0]
+
+    def attrs(n) -> dict:
+        return {a.name: helper.get_attribute_value(a) for a in n.attribute}
+
+    def name(n) -> str:
+        return f"{n.op_type} node {n.name or n.output[0]!r}"
+
+    def linear(n) -> Linear | str | None:
+        """The node as a Linear; a reason string when it is a linear op the tail cannot train; None otherwise."""
+        if n.op_type not in ("MatMul", "Gemm", "Conv"):
+            return None
+        if len(n.input) < 2 or n.input[1] not in consts:
+            return f"{name(n)} (its weight {n.input[1]!r} is an activation, not a parameter)"
+        if n.input[1] not in params:
+            return f"{name(n)} (its weight {n.input[1]!r} is not a parameter of the model: ModelInfo.tensors)"
+        p, a, s = params[n.input[1]], attrs(n), consts[n.input[1]]
+        bias = consts.get(n.input[2]) if len(n.input) > 2 and n.input[2] else None
+        if len(n.input) > 2 and n.input[2] and bias is None:
+            return f"{name(n)} (its bias is not a constant)"
+        t = info.tensors[p].transposed
+        if n.op_type == "MatMul":
+            m, flip, axis = s, t, -1
+        elif n.op_type == "Gemm":
+            if a.get("transA", 0) or a.get("alpha", 1.0) != 1.0 or a.get("beta", 1.0) != 1.0:
+                return f"{name(n)} (transA, alpha or beta: not a plain linear layer)"
+            m, flip, axis = (s.T if a.get("transB", 0) else s), bool(a.get("transB", 0)) != t, -1
+        else:
+            one = all(v == 1 for k in ("strides", "dilations") for v in a.get(k, [1])) and not any(a.get("pads", []))
+            if s.ndim != 4 or s.shape[2:] != (1, 1) or a.get("group", 1) != 1 or not one:
+                return f"{name(n)} (kernel {list(s.shape[2:])}, group {a.get('group', 1)}: not a 1x1 convolution)"
+            m, flip, axis = s.reshape(s.shape[0], -1).T, True, 1
+        shape = tuple(info.tensors[p].shape)
+        if m.size != math.prod(shape) or m.ndim != 2:
+            return f"{name(n)} (weight {m.shape} does not match parameter {p!r} {shape})"
+        return Linear(p, m, bias, axis, flip, shape)
+
+    def step(n) -> tuple[_Op | str, str]:
+        """The node as a tail op, or a reason string; and the input the walk goes on from."""
+        op, a, first = n.op_type, attrs(n), n.input[0]
+        if op == "Add":
+            x, y = n.input
+            if x in consts or y in consts:
+                return _Op("bias", n.name, {"b": consts[x if x in consts else y]}), y if x in consts else x
+            single = [i for i in (x, y) if consumers.get(i, 0) == 1 and i not in outputs]
+            if len(single) != 1:
+                return f"{name(n)} (a sum of two activations, neither or both read only here: which is the skip?)", x
+            return _Op("residual", n.name, {"tensor": y if single[0] == x else x}), single[0]
+        if op == "Relu":
+            return _Op("relu", n.name), first
+        if op == "Gelu":
+            return _Op("gelu", n.name, {"tanh": a.get("approximate", "none") == "tanh"}), first
+        if op == "LayerNormalization":
+            if n.input[1] not in consts or (len(n.input) > 2 and n.input[2] and n.input[2] not in consts):
+                return f"{name(n)} (scale or bias not constant)", first
+            gamma = consts[n.input[1]]
+            beta = consts[n.input[2]] if len(n.input) > 2 and n.input[2] else np.zeros_like(gamma)
+            c = {"gamma": gamma, "beta": beta, "eps": a.get("epsilon", 1e-5), "axis": a.get("axis", -1)}
+            return _Op("layernorm", n.name, c), first
+        if op == "BatchNormalization":
+            if not all(i in consts for i in n.input[1:5]) or any(n.output[1:]):
+                return f"{name(n)} (not an inference-mode BatchNormalization with constant statistics)", first
+            scale, b, mean, var = (consts[i] for i in n.input[1:5])
+            s = scale / np.sqrt(var + a.get("epsilon", 1e-5))
+            return _Op("affine", n.name, {"s": s, "t": b - mean * s}), first
+        if op in ("ReduceMean", "GlobalAveragePool"):
+            axes = a.get("axes")
+            if op == "ReduceMean" and len(n.input) > 1 and n.input[1]:
+                if n.input[1] not in consts:
+                    return f"{name(n)} (axes not constant)", first
+                axes = [int(v) for v in consts[n.input[1]]]
+            if op == "ReduceMean" and not axes:
+                return f"{name(n)} (no axes: it would average over the batch too)", first
+            keep = bool(a.get("keepdims", 1)) if op == "ReduceMean" else True
+            return _Op("mean", n.name, {"axes": axes, "keepdims": keep}), first
+        if op in _SHAPE:
+            c = {"axis": a.get("axis", 1), "axes": a.get("axes"), "allowzero": a.get("allowzero", 0)}
+            if op in ("Reshape", "Squeeze", "Unsqueeze") and len(n.input) > 1 and n.input[1]:
+                if n.input[1] not in consts:
+                    return f"{name(n)} (shape or axes not constant)", first
+                c["shape" if op == "Reshape" else "axes"] = [int(v) for v in consts[n.input[1]]]
+            if op == "Unsqueeze" and c["axes"] is None:
+                return f"{name(n)} (no axes)", first
+            return _Op(op.lower(), n.name, c), first
+        return name(n), first
+
+    # after the classifier: its bias and shape-only ops
+    post, t = [], logits
+    while True:
+        n = producer.get(t)
+        if n is None:
+            raise ConfigError(f"{where}: no linear classifier computes the output {logits!r}")
+        lin = linear(n)
+        if isinstance(lin, Linear):
+            classifier, cls_in = lin, n.input[0]
+            break
+        s, t = step(n) if lin is None else (lin, None)
+        if isinstance(s, str) or s.kind not in ("bias", "identity", "reshape", "flatten", "squeeze", "unsqueeze"):
+            raise ConfigError(
+                f"{where}: the output {logits!r} is computed by {s if isinstance(s, str) else name(n)}, not by a "
+                "linear classifier (MatMul, Gemm or 1x1 Conv on a model parameter) followed by a bias or reshapes"
+            )
+        post.insert(0, s)
+    # between the last linear layer and the classifier
+    mid, t, why, last = [], cls_in, None, None
+    while True:
+        n = producer.get(t)
+        if n is None:
+            why = f"the model input {t!r}"
+            break
+        lin = linear(n)
+        if lin is not None:
+            last, why = (lin, None) if isinstance(lin, Linear) else (None, lin)
+            break
+        s, t = step(n)
+        if isinstance(s, str):
+            why = s
+            break
+        mid.insert(0, s)
+    residuals = tuple(s.c["tensor"] for s in mid if s.kind == "residual")
+    if last is not None and any(_depends(r, n.output[0], producer) for r in residuals):
+        last, why = None, f"{name(n)}, whose output the skip input of a residual sum also reads"
+    if last is None:
+        return Tail((classifier, *post), 0, cls_in, (), logits, why)
+    return Tail((last, *mid, classifier, *post), 1 + len(mid), n.input[0], residuals, logits)
+
+
+def _depends(tensor: str, on: str, producer: dict) -> bool:
+    """Whether graph tensor ``tensor`` is computed from ``on``."""
+    seen, todo = set(), [tensor]
+    while todo:
+        t = todo.pop()
+        if t == on:
+            return True
+        n = producer.get(t)
+        if n is None or t in seen:
+            continue
+        seen.add(t)
+        todo.extend(i for i in n.input if i)
+    return False
+
+
+# -- layer sets ---------------------------------------------------------------------------------------
+_FOUND: dict[frozenset, tuple[str, ...]] = {}  # a model's 2-D parameter names -> its tail's parameters
+
+
+def _key(names) -> frozenset:
+    """The model's 2-D parameter names, without the detector head's (a tapped copy is the same model)."""
+    return frozenset(n for n in names if not n.startswith("edge."))
+
+
+def remember(info, tail: Tail) -> None:
+    """Make ``tail-head`` and ``tail`` select this tail's parameters on this model."""
+    _FOUND[_key(k for k, t in info.tensors.items() if len(t.shape) == 2)] = tail.params
+
+
+LAYER_SETS.add("tail-head", lambda names: list(_FOUND.get(_key(names), ())[-1:]))
+LAYER_SETS.add("tail", lambda names: list(p) if len(p := _FOUND.get(_key(names), ())) == 2 else [])
+
+#: the device trainer's search space on any model: 5 densities x the graph-found layer sets
+TAIL_SPACE: tuple[Arch, ...] = tuple(
+    Arch("shira", d, layers) for d, layers in itertools.product((0.02, 0.05, 0.1, 0.2, 0.5), ("tail-head", "tail"))
+)

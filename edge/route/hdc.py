@@ -1,0 +1,352 @@
+"""Hyperdimensional-computing OOD detection and routing: the ``hdc`` detector of
+:data:`edge.route.detectors.DETECTORS`.
+
+``hdc`` (hyperdimensional computing, after HDFF and EAR): features are centred and
+whitened with the pooled within-domain covariance, scaled to unit mean square, extended
+by a constant bias component ``bias`` and projected by a bipolar ``{-1, +1}`` matrix
+``P`` of shape ``[d + 1, dim]`` to hypervectors ``h = x' P`` (``dim >= 4096``).
+Prototypes are bundles (sums) of hypervectors, one per (domain, class) and one per
+domain; the ID score is the largest cosine to a class prototype, and the routing vote
+is the domain of that most similar class prototype (class-conditional routing: on the
+demo's five digit domains 95.0 % of inputs routed right, against 94.4 % by the most
+similar domain prototype). The bias component makes the cosine distance-aware:
+``cos ~ 1 - |z - m|^2 / (2 bias^2)`` for large ``bias``.
+
+**Retraining** (:meth:`HDC.refine`, after OnlineHD): bundling alone gives centroids;
+a few passes of perceptron updates over the labelled fit data then move the class
+prototypes towards the inputs they misroute and away from the ones they wrongly win
+(batched per epoch, the best epoch kept). Measured on the demo's five domains under
+every router state, 512 fit inputs per domain: routing 95.3 -> 95.8 % (10 epochs,
+about 20 ms); on the full training split 95.0 -> 96.9 %. The AUROC against unseen
+shifts moved by less than 0.7 points either way. On isotropic Gaussian toy domains,
+where centroids are already optimal, it changes little (best epoch kept).
+
+Scoring never materialises the query hypervector. ``P``'s rows are distinct rows of a
+Sylvester-Hadamard matrix with random column signs, so ``P P^T = dim * I`` exactly;
+a prototype is a bundle ``p_k = sum_i x'_i P = s_k P``, hence
+``cos(h, p_k) = x' . s_k / (|x'| |s_k|)``: the hypervector cosine *is* the cosine in
+the ``d + 1``-dimensional whitened space, and a query costs one ``d x d`` whitening and
+``d x K`` dot products instead of a ``d x dim`` projection. Only the sums ``s_k`` are
+stored; :attr:`HDC.prototypes` and :meth:`HDC.hypervectors` materialise the
+hypervectors, and the folded score equals the explicit one up to float rounding
+(tested). ``encoding="bipolar"`` (``h = sign(x' P)``) is the nonlinear alternative:
+prototypes are stored as ``dim``-wide bundles and every query is projected.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from edge.errors import ConfigError
+from edge.route.detectors import DETECTORS, Detector, as_matrix, check_inputs, threshold_at_tpr
+from edge.route.linalg import group_sums, matmul, unit_rows, whitener
+from edge.route.taps import HEAD_C, HEAD_M, HEAD_P, HEAD_T, HEAD_UNUSED
+
+__all__ = ["HDC"]
+
+
+@DETECTORS.register("hdc")
+class HDC(Detector):
+    """Hypervector prototypes per (domain, class) and per domain; score = max cosine (module doc).
+
+    ``dim`` must be a power of two above the feature width; ``bias`` is the constant
+    component appended to the whitened features (larger = closer to a distance);
+    ``floor`` is the eigenvalue floor of the whitening. ``encoding="linear"`` (default)
+    scores folded (no hypervector per query); ``"bipolar"`` uses ``h = sign(x' P)``, a
+    nonlinear encoding whose queries must be projected (``d x dim`` per input).
+    Centre and whitening are fixed at :meth:`fit`; :meth:`update` bundles new inputs.
+    """
+
+    name = "hdc"
+    ENCODINGS = ("linear", "bipolar")
+    RECALIBRATE_ROWS = 1024  # held-out rows kept for recalibration after updates (5 % tail: ~0.7 % std. error)
+
+    def __init__(
+        self, dim: int = 4096, bias: float = 2.0, floor: float = 1e-6, encoding: str = "linear", seed: int = 0
+    ) -> None:
+        super().__init__()
+        if dim < 4096 or dim & (dim - 1):
+            raise ConfigError(f"dim must be a power of two >= 4096, got {dim}")
+        if not bias >= 0 or not 0 < floor < 1:
+            raise ConfigError(f"need bias >= 0 and 0 < floor < 1, got bias={bias}, floor={floor}")
+        if encoding not in self.ENCODINGS:
+            raise ConfigError(f"unknown HDC encoding {encoding!r}; allowed: {', '.join(self.ENCODINGS)}")
+        self.dim, self.bias, self.floor, self.encoding, self.seed = int(dim), float(bias), float(floor), encoding, seed
+        self._offset = 0.0  # in-sample minus held-out threshold (calibrate(held_out=...))
+
+    # fit / update -----------------------------------------------------------------------
+    def _fit(self, f, lg, y, d):
+        width = f.shape[1]
+        if width + 1 > self.dim:
+            raise ConfigError(f"feature width {width} needs dim > {width}; raise dim (now {self.dim})")
+        x = f.astype(np.float64)
+        dom = np.unique(d, return_inverse=True)[1]
+        centred = x - np.stack([x[dom == i].mean(0) for i in range(dom.max() + 1)])[dom]
+        self._mu = x.mean(0).astype(np.float32)
+        cov = matmul(np.ascontiguousarray(centred.T), centred) / len(x)  # on this thread (linalg.matmul)
+        self._w = whitener(cov, self.floor) / np.float32(np.sqrt(width))
+        self._p = None  # float32 [d + 1, dim], built on first use (bipolar scoring, materialising)
+        self.class_keys: list[tuple[int, int]] = []
+        self.domain_keys: list[int] = []
+        store = width + 1 if self.encoding == "linear" else self.dim
+        self._sums = {"class": np.zeros((0, store)), "domain": np.zeros((0, store))}
+        self._update(f, lg, y, d)
+
+    def _update(self, f, lg, y, d):
+        v = self.encode(f) if self.encoding == "linear" else self.hypervectors(f)
+        for part, keys, rows in (
+            ("class", self.class_keys, list(zip(d.tolist(), y.tolist()))),
+            ("domain", self.domain_keys, d.tolist()),
+        ):
+            for k in rows:
+                if k not in keys:
+                    keys.append(k)
+            sums = self._sums[part]
+            if len(keys) > len(sums):
+                sums = np.vstack([sums, np.zeros((len(keys) - len(sums), sums.shape[1]))])
+            index = {k: i for i, k in enumerate(keys)}
+            self._sums[part] = sums + group_sums(np.array([index[k] for k in rows]), v, len(keys))
+        self._refresh()
+
+    def _refresh(self) -> None:
+        """Scoring matrices from the prototype sums."""
+        self._route_ids = np.asarray([dom for dom, _ in self.class_keys], np.int64)
+        s = np.vstack([self._sums["class"], self._sums["domain"]])
+        unit = (s / np.maximum(np.linalg.norm(s, axis=1, keepdims=True), 1e-30)).astype(np.float32)
+        if self.encoding == "linear":  # cos(h, p_k) = x' . s_k / (|x'| |s_k|) because P P^T = dim I
+            self._a, self._b = np.ascontiguousarray(unit[:, :-1].T), self.bias * unit[:, -1]
+            nc = len(self.class_keys)
+            self._ac, self._bc = np.ascontiguousarray(self._a[:, :nc]), self._b[:nc].copy()  # the routing columns
+        else:
+            self._a = np.ascontiguousarray(unit.T) / np.float32(np.sqrt(self.dim))
+
+    def refine(self, features, labels, domains, epochs: int = 10, lr: float = 1.0, check=None) -> float:
+        """Retrain the class prototypes to route ``features`` to ``domains`` (HDC retraining, module doc).
+
+        Each epoch routes every input; for the misrouted ones, the unit prototype of the
+        input's true (domain, class) moves towards the input and the one it was routed
+        by moves away, each by ``lr / n`` per input (``n`` the inputs bundled into that
+        prototype, so ``lr`` is a share of the prototype, whatever the sample count). The
+        epoch (0 = plain bundling) that routes ``check = (features, domains)`` best is
+        kept, held-out inputs if given (retraining can overfit small fit sets), else
+        these inputs; a later epoch replaces the kept one only when it routes more check
+        inputs right than wrong against it by more than one standard error. The
+        prototypes keep their norms, so later :meth:`update` bundles weigh as before.
+        Call it after :meth:`fit`. Returns the kept epoch's routing accuracy on the
+        check inputs.
+        """
+        if self.encoding != "linear":
+            raise ConfigError(f"refine works on the linear HDC encoding, not {self.encoding!r}")
+        if epochs < 0 or not lr > 0:
+            raise ConfigError(f"refine needs epochs >= 0 and lr > 0, got {epochs}, {lr}")
+        f, _, y, d = check_inputs(features, np.zeros((len(features), 1), np.float32), labels, domains)
+        index = {k: i for i, k in enumerate(self.class_keys)}
+        try:
+            true = np.array([index[k] for k in zip(d.tolist(), y.tolist())])
+        except KeyError as e:
+            raise ConfigError(f"refine got (domain, class) {e.args[0]} that the detector was not fitted on") from None
+        x = self.encode(f).astype(np.float64)
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+        sums = self._sums["class"]
+        norms = np.maximum(np.linalg.norm(sums, axis=1, keepdims=True), 1e-30)
+        k = len(sums)
+        step = lr / np.maximum(np.bincount(true, minlength=k), 1)[:, None]
+        ids = self._route_ids
+        if check is None:
+            xc, dc = x, d
+        else:
+            xc = self.encode(as_matrix(check[0], "check features")).astype(np.float64)
+            dc = np.asarray(check[1], np.int64).ravel()
+            if len(dc) != len(xc):
+                raise ConfigError(f"check has {len(xc)} feature rows but {len(dc)} domains")
+
+        def routed(unit: np.ndarray, rows: np.ndarray) -> np.ndarray:
+            return matmul(rows, unit_rows(unit).T).argmax(1)  # on this thread (linalg.matmul)
+
+        unit = sums / norms
+        got = routed(unit, x)
+        best, best_ok = unit, (ids[got] == d if check is None else ids[routed(unit, xc)] == dc)
+        for _ in range(epochs):
+            wrong = ids[got] != d
+            if not wrong.any():
+                break
+            unit = unit + step * (group_sums(true[wrong], x[wrong], k) - group_sums(got[wrong], x[wrong], k))
+            got = routed(unit, x)  # also the next epoch's routing
+            ok = ids[got] == d if check is None else ids[routed(unit, xc)] == dc
+            gains, losses = int((ok & ~best_ok).sum()), int((best_ok & ~ok).sum())
+            if gains - losses > np.sqrt(gains + losses):  # better by more than one standard error (paired)
+                best, best_ok = unit, ok
+        self._sums["class"] = unit_rows(best) * norms
+        self._refresh()
+        return float(best_ok.mean())
+
+    # encoding -----------------------------------------------------------------------------
+    def encode(self, features) -> np.ndarray:
+        """``x' = [(x - mu) W / sqrt(d), bias]``: the vector the projection reads ``[N, d + 1]``."""
+        z = matmul(as_matrix(features, "features") - self._mu, self._w)
+        return np.concatenate([z, np.full((len(z), 1), self.bias, np.float32)], axis=1)
+
+    def hypervectors(self, features) -> np.ndarray:
+        """Explicit hypervectors ``[N, dim]``: ``x' P`` (linear) or ``sign(x' P)`` (bipolar)."""
+        h = matmul(self.encode(features), self._projection())
+        return h if self.encoding == "linear" else np.where(h >= 0, np.float32(1), np.float32(-1))
+
+    @property
+    def prototypes(self) -> np.ndarray:
+        """Bundled prototypes ``[K, dim]``: class prototypes (:attr:`class_keys` order), then domain ones.
+
+        With the linear encoding a prototype is ``(sum of x') P``; only the ``d + 1`` sums
+        are stored and this materialises the hypervectors.
+        """
+        s = np.vstack([self._sums["class"], self._sums["domain"]]).astype(np.float32)
+        return s @ self._projection() if self.encoding == "linear" else s
+
+    def _projection(self) -> np.ndarray:
+        if self._p is None:
+            self._p = _hadamard_rows(len(self._w) + 1, self.dim, self.seed).astype(np.float32)
+        return self._p
+
+    # scoring ------------------------------------------------------------------------------
+    def similarities(self, features) -> np.ndarray:
+        """Cosine of each input's hypervector to every prototype ``[N, K]`` (folded for the linear encoding)."""
+        if self.encoding == "bipolar":
+            return self.hypervectors(features) @ self._a
+        raw, inv = self._raw(as_matrix(features, "features"))
+        return raw * inv[:, None]
+
+    def _raw(self, f: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Unnormalised similarities ``x' . s_k / |s_k|`` and ``1 / |x'|``.
+
+        Two products, ``[d, d]`` then ``[d, K]``: measured faster than one fused
+        ``[d, d + K]`` product, whose odd width BLAS handles poorly at 16 rows.
+        """
+        u = matmul(f - self._mu, self._w)
+        raw = matmul(u, self._a)
+        raw += self._b
+        return raw, 1.0 / np.sqrt(np.einsum("ij,ij->i", u, u) + self.bias**2)
+
+    def calibrate(self, features, logits=None, tpr: float = 0.95, held_out=None) -> float:
+        """Set the threshold so that ``tpr`` of held-out ID inputs are accepted.
+
+        ``held_out``: ID scores of inputs the detector was not fitted on, when ``features``
+        are its own fit inputs (cross-fitted scores, :func:`edge.route.fit.fit_states`): the
+        threshold is taken from them, and its gap to the in-sample threshold on ``features``
+        is kept, so the recalibrations after :meth:`update` (which score ``features``) stay
+        corrected for fitting on them.
+        """
+        f = as_matrix(features, "features")
+        inside = super().calibrate(f, np.zeros((len(f), 1), np.float32) if logits is None else logits, tpr)
+        self._offset = 0.0
+        if held_out is not None:
+            self.threshold = threshold_at_tpr(held_out, tpr)
+            self._offset = inside - self.threshold
+        if self.encoding == "linear":  # whitening is fixed between fits: keep the whitened set for recalibration
+            keep = np.random.default_rng(self.seed).permutation(len(f))[: self.RECALIBRATE_ROWS]
+            u = matmul(f[np.sort(keep)] - self._mu, self._w)
+            self._cal_u = (u, 1.0 / np.sqrt(np.einsum("ij,ij->i", u, u) + self.bias**2))
+        return self.threshold
+
+    def update(self, features, logits=None, labels=None, domains=None) -> None:
+        f = as_matrix(features, "features")
+        lg = np.zeros((len(f), 1), np.float32) if logits is None else logits
+        if labels is None and logits is None:
+            raise ConfigError("HDC.update needs labels or logits (pseudo-labels) for the class prototypes")
+        if self._cal is None or self.encoding != "linear":
+            super().update(f, lg, labels, domains)
+            if self._cal is not None:
+                self.threshold -= self._offset
+            return
+        self._update(*check_inputs(f, lg, labels, domains))
+        u, inv = self._cal_u  # recalibrate from the cached whitened set: only the prototype products change
+        nc = len(self.class_keys)
+        scores = (matmul(u, self._a[:, :nc]) + self._b[:nc]).max(1) * inv
+        self.threshold = threshold_at_tpr(scores, self.tpr) - self._offset
+
+    def assess(self, features) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """ID score, routed domain id, and the routed domain's domain-prototype similarity per input."""
+        nc = len(self.class_keys)
+        s = self.similarities(features)
+        best = s[:, :nc].argmax(1)
+        dom = self._route_ids[best]
+        col = {k: nc + i for i, k in enumerate(self.domain_keys)}
+        rows = np.arange(len(s))
+        return s[rows, best], dom, s[rows, [col[k] for k in dom.tolist()]]
+
+    def route(self, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """ID score and routed domain id per input (the domain of the most similar class prototype).
+
+        The fewest numpy calls; :mod:`edge.route.taps` folds the same arithmetic into the graph.
+        """
+        nc = len(self.class_keys)
+        if self.encoding == "bipolar":
+            s = self.similarities(features)[:, :nc]
+            best = s.argmax(1)
+            return s[np.arange(len(s)), best], self._route_ids[best]
+        u = matmul(features - self._mu, self._w)
+        raw = matmul(u, self._ac)
+        raw += self._bc
+        best = raw.argmax(1)
+        score = raw[np.arange(len(raw)), best] / np.sqrt(np.einsum("ij,ij->i", u, u) + self.bias**2)
+        return score, self._route_ids[best]
+
+    def head_values(self, head) -> dict[str, np.ndarray]:
+        """The in-graph head tensors (:mod:`edge.route.taps`) whose vote is :meth:`route` with :meth:`is_ood`.
+
+        The whitening Gemm ``u = f M + c`` gives ``[(f - mu) W, bias]``; after the row
+        normalisation, the prototype Gemm gives the threshold ``t`` (column 0: zero weights,
+        bias ``t``) and the cosine to the class prototype ``(domain, class)`` at column
+        ``1 + domain * classes + class``: its unit sum ``[a_k; b_k / bias]``, bias 0.
+        Unused columns get a bias of ``HEAD_UNUSED``. Linear encoding, calibrated, domains
+        and classes within the head's capacity.
+        """
+        if self.encoding != "linear":
+            raise ConfigError(f"only the linear HDC encoding folds into a graph head, not {self.encoding!r}")
+        if self.threshold is None:
+            raise ConfigError(
+                "calibrate the detector before folding it into a graph head (the head holds its threshold)"
+            )
+        if not self.fits_head(head):
+            raise ConfigError(
+                f"the detector's domains {self.domain_keys} and classes up to "
+                f"{max(k for _, k in self.class_keys)} do not fit the graph head ({head.domains} domains x "
+                f"{head.classes} classes); tap the model with a larger Head(domains=..., classes=...)"
+            )
+        width = len(self._w)
+        n_u, n_v = head.columns(width)
+        w = self._w.astype(np.float64)
+        m = np.zeros((width, n_u))
+        c = np.zeros(n_u)
+        m[:, :width], c[:width], c[width] = w, -(self._mu.astype(np.float64) @ w), self.bias
+        cols = np.array([1 + d * head.classes + k for d, k in self.class_keys])
+        p = np.zeros((n_u, n_v))
+        p[:width, cols] = self._ac
+        p[width, cols] = self._bc / self.bias if self.bias > 0 else 0.0  # u's bias component is ``bias``
+        t = np.full(n_v, HEAD_UNUSED)
+        t[0], t[cols] = self.threshold, 0.0
+        return {
+            HEAD_M: m.astype(np.float32),
+            HEAD_C: c.astype(np.float32),
+            HEAD_P: p.astype(np.float32),
+            HEAD_T: t.astype(np.float32),
+        }
+
+    def fits_head(self, head) -> bool:
+        """Whether every (domain, class) prototype has a column in ``head`` (ids below its capacities)."""
+        return all(0 <= d < head.domains and 0 <= k < head.classes for d, k in self.class_keys)
+
+    def score(self, features, logits=None):
+        if self.encoding == "bipolar":
+            return self.similarities(features)[:, : len(self.class_keys)].max(1)
+        raw, inv = self._raw(as_matrix(features, "features"))
+        return raw[:, : len(self.class_keys)].max(1) * inv
+
+
+def _hadamard_rows(rows: int, dim: int, seed: int) -> np.ndarray:
+    """``rows`` distinct rows of the ``dim x dim`` Sylvester-Hadamard matrix, random column signs (int8 +-1)."""
+    rng = np.random.default_rng(seed)
+    r = rng.choice(dim, size=rows, replace=False).astype(np.int64)
+    a = r[:, None] & np.arange(dim, dtype=np.int64)[None, :]  # H[i, j] = (-1)^popcount(i & j)
+    for shift in (32, 16, 8, 4, 2, 1):
+        a ^= a >> shift
+    signs = rng.choice(np.array([-1, 1], np.int8), size=dim)
+    return (1 - 2 * (a & 1)).astype(np.int8) * signs

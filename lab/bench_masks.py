@@ -1,0 +1,434 @@
+"""Structured against unstructured SHiRA masks: demo accuracy, runs and switch cost (``edge bench masks``).
+
+Per mask kind, one SHiRA adapter per demo domain at ``density``, trained like the demo's
+adapters (:class:`lab.pipeline.DemoConfig`: epochs, lr, seed, targets) with masks scored
+in the exported model's stored layout. Trained adapters are cached under
+``cache/masks-<hash>/``, the hash covering the training code (``exporters/shira.py``,
+``exporters/masks.py``, ``exporters/data.py``), the demo config and the pretrained
+checkpoint's bytes, so a rerun only re-measures. The folder holds its own ONNX export of
+that checkpoint, so adapters are measured on exactly the weights they were trained on.
+
+Measured on the device runtime (no torch): test accuracy per domain, the number of
+contiguous runs the entries make in the stored tensors (per entry: 1.0 is fully
+scattered, 1/16 whole cache lines), and the switch A->B between two domains' adapters
+(p50, p99) for ``bound`` and the default strategy, against LoRA fusion ``W += B @ A`` of
+the same trainable count (``lab.bench_switch``'s reference). A MiniLM-sized variant
+times random masks of each unit (no accuracy).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from edge.machine import load_average, p50
+from edge.runtime import Runtime
+
+__all__ = ["DEFAULT_KINDS", "add_arguments", "bench_masks", "bench_masks_minilm", "cli", "markdown"]
+
+DEFAULT_KINDS = (
+    "random",
+    "wm",
+    "grad",
+    "snip",
+    "block16-random",
+    "block16-wm",
+    "block16-snip",
+    "rows-random",
+    "rows-wm",
+    "rows-snip",
+)
+_CODE = ("exporters/shira.py", "exporters/masks.py", "exporters/data.py")
+_ROOT = Path(__file__).resolve().parents[1]
+#: issue 16, with a structured mask at 1 %: switch >= 20x LoRA fusion, p99 < 3x p50, accuracy within 1 point
+GOALS = {"switch_vs_lora_x": 20.0, "p99_over_p50": 3.0, "acc_gap_points": 1.0}
+
+
+def training_key(cfg, checkpoint: Path) -> str:
+    """Hash of the code that trains adapters, the demo config and the checkpoint: the folder of trained adapters."""
+    h = hashlib.sha256(cfg.key().encode() + b"\0" + Path(checkpoint).read_bytes())
+    for rel in _CODE:
+        h.update(rel.encode() + b"\0" + (_ROOT / rel).read_bytes())
+    return h.hexdigest()[:12]
+
+
+def bench_masks(
+    cache: Path,
+    *,
+    kinds=DEFAULT_KINDS,
+    density: float = 0.01,
+    seeds=(0,),
+    switches: int = 200,
+    rounds: int = 5,
+    threads: int | None = None,
+    progress: bool = True,
+) -> dict:
+    """Accuracy, runs per entry and switch times of each mask kind on the digits demo (see the module doc)."""
+    from lab.datasets import load_domains
+    from lab.pipeline import DemoConfig, prepare_demo
+
+    cfg = DemoConfig()
+    checkpoint = prepare_demo(cache, cfg, progress=progress).model.parent / "encoder.safetensors"
+    domains = load_domains(cfg.domains, seed=cfg.seed)
+    store = Path(cache) / f"masks-{training_key(cfg, checkpoint)}"
+    model_path = _export(checkpoint, store, domains["clean"].x_test[:4], progress)
+    paths = _train_all(checkpoint, model_path, cfg, domains, store, kinds, density, seeds, threads, progress)
+
+    rt = Runtime(model_path, strategy="bound", threads=threads)
+    base_acc = {d: _accuracy(rt, domains[d]) for d in cfg.domains}
+    per_kind = {}
+    for kind in kinds:
+        acc = {d: float(np.mean([_accuracy(rt, domains[d], paths[kind, s, d]) for s in seeds])) for d in cfg.domains}
+        runs, nnz = _runs(rt.info, [paths[kind, s, d] for s in seeds for d in cfg.domains])
+        per_kind[kind] = {
+            "structured": "-" in kind,
+            "mean_acc": float(np.mean(list(acc.values()))),
+            "acc": acc,
+            "entries": nnz // (len(seeds) * len(cfg.domains)),
+            "runs_per_entry": runs / nnz,
+        }
+    targets = sorted(_adapter_targets(paths[kinds[0], seeds[0], cfg.domains[0]]))
+    base = {t: rt.weights(t) for t in targets}
+    info = rt.info
+    rt.close()
+
+    a, b = cfg.domains[0], cfg.domains[1]
+    pairs = {k: (paths[k, seeds[0], a], paths[k, seeds[0], b]) for k in kinds}
+    timing, default_strategy = _switch_times(model_path, pairs, switches, rounds, threads)
+    lora_ms, lora_rank = _lora_reference(base, density, info)
+    for kind, t in timing.items():
+        per_kind[kind]["strategies"] = t
+        per_kind[kind].update(t[default_strategy])
+        per_kind[kind]["switch_vs_lora_x"] = lora_ms / t[default_strategy]["switch_ms_p50"]
+    return {
+        "model": info.name,
+        "density": density,
+        "epochs": cfg.shira_epochs,
+        "lr": cfg.shira_lr,
+        "seeds": list(seeds),
+        "domains": list(cfg.domains),
+        "switch_pair": [a, b],
+        "targets": len(targets),
+        "base_acc": base_acc,
+        "lora_fuse_ms_p50": lora_ms,
+        "lora_rank": lora_rank,
+        "default_strategy": default_strategy,
+        "kinds": per_kind,
+        "summary": _summary(per_kind),
+        "load_average": load_average(),
+    }
+
+
+def bench_masks_minilm(
+    cache: Path, *, density: float = 0.01, switches: int = 40, rounds: int = 4, threads=None, quiet=False
+) -> dict:
+    """Switch times of random masks of each unit on MiniLM's weights (timing only, no training)."""
+    from edge.format.adapter import Adapter, SparseDelta
+    from exporters.masks import random_structured, stored_runs
+    from lab.bench_switch import bench_model
+    from lab.benchmarks import default_targets
+
+    t0 = time.perf_counter()
+    path, feeds = bench_model("minilm", cache, quiet)
+    rt = Runtime(path, strategy="bound", threads=threads)
+    info = rt.info
+    names = default_targets(info)
+    base = {t: rt.weights(t) for t in names}
+    rt.close()
+    adapters, per_kind = {}, {}
+    for unit in (None, "block16", "rows"):
+        kind = "random" if unit is None else f"{unit}-random"
+        pair = []
+        runs = nnz = 0
+        for seed, label in ((1, "A"), (2, "B")):
+            rng = np.random.default_rng([seed, len(kind)])
+            tensors, shapes = {}, {}
+            for t in names:
+                ti = info.tensors[t]
+                idx = random_structured(ti.shape, ti.transposed, density, unit, rng)
+                tensors[t] = SparseDelta(idx.astype(np.int32), (rng.standard_normal(idx.shape[1]) * 1e-2).astype("f4"))
+                shapes[t] = tuple(ti.shape)
+                runs, nnz = runs + stored_runs(idx, ti.shape, ti.transposed), nnz + idx.shape[1]
+            pair.append(Adapter(f"{kind}:{label}", info.fingerprint, tensors, shapes, info={"mask": kind}))
+        adapters[kind] = tuple(pair)
+        per_kind[kind] = {"structured": unit is not None, "entries": nnz // 2, "runs_per_entry": runs / nnz}
+    timing, default_strategy = _switch_times(path, adapters, switches, rounds, threads, feeds=feeds)
+    lora_ms, lora_rank = _lora_reference(base, density, info)
+    for kind, t in timing.items():
+        per_kind[kind]["strategies"] = t
+        per_kind[kind].update(t[default_strategy])
+        per_kind[kind]["switch_vs_lora_x"] = lora_ms / t[default_strategy]["switch_ms_p50"]
+    return {
+        "model": info.name,
+        "density": density,
+        "targets": len(names),
+        "lora_fuse_ms_p50": lora_ms,
+        "lora_rank": lora_rank,
+        "default_strategy": default_strategy,
+        "kinds": per_kind,
+        "wall_s": time.perf_counter() - t0,
+        "load_average": load_average(),
+    }
+
+
+def _export(checkpoint: Path, store: Path, example: np.ndarray, progress: bool) -> Path:
+    """The ONNX export of ``checkpoint`` in ``store`` (made once, validated against torch)."""
+    path = store / "encoder.onnx"
+    if path.exists():
+        return path
+    import torch
+
+    from exporters.onnx import export_onnx
+    from lab import digits_model as dm
+
+    store.mkdir(parents=True, exist_ok=True)
+    tmp = store / "encoder.tmp.onnx"
+    export_onnx(
+        dm.load_checkpoint(checkpoint),
+        (torch.as_tensor(example),),
+        tmp,
+        input_names=["pixels"],
+        output_names=["logits", "features"],
+        name="digits-vit",
+        progress=progress,
+    )
+    tmp.replace(path)
+    return path
+
+
+def _train_all(checkpoint, model_path, cfg, domains, store: Path, kinds, density, seeds, threads, progress) -> dict:
+    """``{(kind, seed, domain): adapter path}``, training (host, torch) only what is not cached."""
+    names = cfg.domains
+    paths = {(k, s, d): store / f"{k}-d{density:g}-s{s}-{d}.safetensors" for k in kinds for s in seeds for d in names}
+    todo = [key for key, p in paths.items() if not p.exists()]
+    if not todo:
+        return paths
+    import torch
+
+    from exporters import shira
+    from exporters.masks import stored_layout
+    from exporters.onnx import load_model_info
+    from lab import digits_model as dm
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads or 1)  # a 64-wide encoder: one thread is as fast and leaves the other core free
+    try:
+        model = dm.load_checkpoint(checkpoint)
+        info = load_model_info(model_path)
+        targets = shira.select_targets(model, list(cfg.targets))
+        layout = stored_layout(info)
+        store.mkdir(parents=True, exist_ok=True)
+        for i, (kind, seed, name) in enumerate(todo):
+            if progress:
+                print(f"[bench masks] training {kind} s{seed} {name} ({i + 1}/{len(todo)})", flush=True)
+            d = domains[name]
+            torch.manual_seed(seed)
+            masks = shira.make_masks(
+                model, targets, density=density, kind=kind, calib=(d.x_train, d.y_train), seed=seed, layout=layout
+            )
+            trained = shira.train_shira(
+                model, masks, d.x_train, d.y_train, epochs=cfg.shira_epochs, lr=cfg.shira_lr, seed=seed, progress=False
+            )
+            host = dm.evaluate(shira.merge_shira(model, trained), d.x_test, d.y_test)
+            meta = {"mask": kind, "density": density, "domain": name, "seed": seed, "host_acc": host}
+            path = paths[kind, seed, name]
+            tmp = path.with_suffix(".tmp")
+            shira.shira_adapter(trained, info, f"{kind}-{name}", meta).save(tmp)
+            tmp.replace(path)
+    finally:
+        torch.set_num_threads(before)
+    return paths
+
+
+def _adapter_targets(path: Path) -> list[str]:
+    from edge.format.adapter import load_adapter
+
+    return list(load_adapter(path).tensors)
+
+
+def _accuracy(rt: Runtime, domain, adapter: Path | None = None) -> float:
+    if adapter is not None:
+        name = rt.load_adapter(adapter, name="eval")
+        rt.switch(name)
+    logits = rt.run({"pixels": np.ascontiguousarray(domain.x_test, np.float32)})["logits"]
+    if adapter is not None:
+        rt.switch(None)
+        rt.unload_adapter("eval")
+    return float(np.mean(logits.argmax(-1) == domain.y_test))
+
+
+def _runs(info, adapters) -> tuple[int, int]:
+    from edge.format.adapter import Adapter, load_adapter
+    from exporters.masks import stored_runs
+
+    runs = nnz = 0
+    for a in adapters:
+        a = a if isinstance(a, Adapter) else load_adapter(a)
+        for t, d in a.tensors.items():
+            ti = info.tensors[t]
+            runs += stored_runs(d.indices, ti.shape, ti.transposed)
+            nnz += d.indices.shape[1]
+    return runs, nnz
+
+
+def _switch_times(model: Path, pairs: dict, switches: int, rounds: int, threads, feeds=None):
+    """``{kind: {strategy: {switch_ms_p50, switch_ms_p99}}}`` of A->B, kinds interleaved in rounds, and the default."""
+    default = Runtime(model, threads=threads)
+    default_strategy = default.strategy
+    runtimes = {default_strategy: default}
+    if default_strategy != "bound":
+        runtimes["bound"] = Runtime(model, strategy="bound", threads=threads)
+    out = {k: {} for k in pairs}
+    for s, rt in runtimes.items():
+        names = {
+            k: (rt.load_adapter(a, name=f"{k}:A"), rt.load_adapter(b, name=f"{k}:B")) for k, (a, b) in pairs.items()
+        }
+        times = {k: [] for k in pairs}
+        per_round = max(1, switches // rounds)
+        for r in range(rounds):
+            for k, (na, nb) in names.items():
+                for i in range(per_round + (2 if r == 0 else 0)):  # two warm-up switches per kind
+                    rt.switch(na)
+                    rt.wait_settled()
+                    t0 = time.perf_counter()
+                    rt.switch(nb)
+                    t1 = time.perf_counter()
+                    if feeds is not None:
+                        rt.run(feeds)
+                    rt.wait_settled()
+                    if r or i >= 2:
+                        times[k].append((t1 - t0) * 1e3)
+        for k, ts in times.items():
+            out[k][s] = {"switch_ms_p50": p50(ts), "switch_ms_p99": float(np.percentile(ts, 99)), "n": len(ts)}
+        rt.close()
+    return out, default_strategy
+
+
+def _lora_reference(base: dict, density: float, info) -> tuple[float, int]:
+    from lab.bench_switch import lora_fuse
+
+    return lora_fuse(base, density, info)
+
+
+def _summary(per_kind: dict) -> dict:
+    acc = {k: v["mean_acc"] for k, v in per_kind.items()}
+    flat = {k: a for k, a in acc.items() if not per_kind[k]["structured"]}
+    struct = {k: a for k, a in acc.items() if per_kind[k]["structured"]}
+    out = {"best": max(acc, key=acc.get)}
+    if flat:
+        out["best_unstructured"] = max(flat, key=flat.get)
+    if struct:
+        out["best_structured"] = max(struct, key=struct.get)
+    if flat and struct:
+        out["structured_gap_points"] = 100 * (flat[out["best_unstructured"]] - struct[out["best_structured"]])
+        out["structured_within_goal"] = out["structured_gap_points"] <= GOALS["acc_gap_points"]
+    return out
+
+
+def markdown(result: dict) -> str:
+    r = result
+    domains = r["domains"]
+    lines = [
+        f"### {r['model']}: {len(r['kinds'])} mask kinds at density {r['density']:.0%}, "
+        f"{r['epochs']} epochs, lr {r['lr']:g}, seeds {r['seeds']}, {r['targets']} target tensors",
+        "",
+        f"Switch {r['switch_pair'][0]} -> {r['switch_pair'][1]}; LoRA fusion of the same trainable count "
+        f"(rank {r['lora_rank']}) {r['lora_fuse_ms_p50']:.3f} ms. Default strategy `{r['default_strategy']}`.",
+        "",
+        "| mask | mean acc | " + " | ".join(domains) + " | runs/entry | switch ms p50 | p99 | bound p50 | "
+        "bound p99 | vs LoRA |",
+        "|---|---|" + "---|" * len(domains) + "---|---|---|---|---|---|",
+        "| (base, no adapter) | "
+        + f"{np.mean(list(r['base_acc'].values())):.3f} | "
+        + " | ".join(f"{r['base_acc'][d]:.3f}" for d in domains)
+        + " | - | - | - | - | - | - |",
+    ]
+    for kind, v in r["kinds"].items():
+        bound = v["strategies"]["bound"]
+        lines.append(
+            f"| {kind} | {v['mean_acc']:.3f} | "
+            + " | ".join(f"{v['acc'][d]:.3f}" for d in domains)
+            + f" | {v['runs_per_entry']:.3f} | {v['switch_ms_p50']:.3f} | {v['switch_ms_p99']:.3f} | "
+            f"{bound['switch_ms_p50']:.3f} | {bound['switch_ms_p99']:.3f} | {v['switch_vs_lora_x']:.1f}x |"
+        )
+    s = r["summary"]
+    lines += ["", f"Best by mean accuracy: `{s['best']}`."]
+    if "structured_gap_points" in s:
+        lines[-1] += (
+            f" Best structured `{s['best_structured']}` is {s['structured_gap_points']:.1f} points below the best "
+            f"unstructured `{s['best_unstructured']}` (goal <= {GOALS['acc_gap_points']:.0f})."
+        )
+    m = r.get("minilm")
+    if m and "skipped" in m:
+        lines += ["", f"MiniLM timing skipped: {m['skipped']}"]
+    elif m:
+        lines += [
+            "",
+            f"#### {m['model']}: random masks at {m['density']:.0%} ({m['targets']} target tensors), timing only",
+            "",
+            f"LoRA fusion (rank {m['lora_rank']}) {m['lora_fuse_ms_p50']:.2f} ms; default strategy "
+            f"`{m['default_strategy']}`.",
+            "",
+            "| mask | entries | runs/entry | switch ms p50 | p99 | bound p50 | bound p99 | vs LoRA |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for kind, v in m["kinds"].items():
+            bound = v["strategies"]["bound"]
+            lines.append(
+                f"| {kind} | {v['entries']:,} | {v['runs_per_entry']:.3f} | {v['switch_ms_p50']:.3f} | "
+                f"{v['switch_ms_p99']:.3f} | {bound['switch_ms_p50']:.3f} | {bound['switch_ms_p99']:.3f} | "
+                f"{v['switch_vs_lora_x']:.1f}x |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def add_arguments(sp) -> None:
+    sp.add_argument("--kinds", nargs="+", default=list(DEFAULT_KINDS), help="mask kinds (default: %(default)s)")
+    sp.add_argument("--density", type=float, default=0.01, help="adapter density (default 0.01)")
+    sp.add_argument("--seeds", type=int, nargs="+", default=[0], help="training seeds averaged (default 0)")
+    sp.add_argument("--switches", type=int, default=200, help="timed A->B switches per kind and strategy")
+    sp.add_argument("--no-minilm", action="store_true", help="skip the MiniLM timing-only variant")
+
+
+def cli(args) -> int:
+    from edge.commands import host_needed
+    from edge.errors import EdgeError
+    from edge.format.io import write_json
+    from edge.machine import machine
+    from lab.benchmarks import write_section
+
+    if args.backend != "onnxruntime":
+        raise EdgeError(f"edge bench masks runs on onnxruntime; got --backend {args.backend}")
+    host_needed("edge bench masks")
+    from exporters.shira import MASKS
+
+    unknown = [k for k in args.kinds if k not in MASKS]
+    if unknown:
+        raise EdgeError(f"unknown mask kind(s) {unknown}; registered: {sorted(MASKS)}")
+    out = bench_masks(
+        args.cache,
+        kinds=tuple(args.kinds),
+        density=args.density,
+        seeds=tuple(args.seeds),
+        switches=args.switches,
+        threads=args.threads,
+        progress=not args.quiet,
+    )
+    if args.no_minilm:
+        out["minilm"] = {"skipped": "--no-minilm"}
+    else:
+        try:
+            out["minilm"] = bench_masks_minilm(args.cache, density=args.density, threads=args.threads, quiet=args.quiet)
+        except (EdgeError, OSError, ImportError) as e:  # no network or no transformers: say so, keep the rest
+            out["minilm"] = {"skipped": f"{type(e).__name__}: {e}"}
+    out["machine"] = machine()
+    print(json.dumps(out, indent=1))
+    if args.json:
+        write_json(args.json, out)
+    if args.md:
+        write_section(args.md, "masks", "Structured SHiRA masks: accuracy and switch cost", markdown(out))
+    return 0

@@ -1,0 +1,197 @@
+"""An ONNX file read once, at the protobuf wire level, for a backend that keeps its weights in an arena.
+
+:func:`parse_graph` walks the file's fields without decoding the tensors: it returns the model
+without its graph's initializers (a few hundred KB, parsed by onnx) and where each initializer's
+bytes are. :func:`take_writable` then copies the writable tensors from the file straight into one
+float32 arena. So a model is never held as a parsed protobuf with its weights, nor serialised
+again. Field numbers are those of onnx.proto (ModelProto.graph 7, GraphProto.initializer 5,
+TensorProto dims 1, data_type 2, name 8, raw_data 9, data_location 14).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from math import prod
+
+import numpy as np
+
+from edge.errors import FormatError
+from edge.format.modelinfo import ModelInfo, fingerprint
+
+__all__ = ["Stored", "graph_bytes", "parse_graph", "take_writable", "tensor_proto", "verify_fingerprint"]
+
+
+@dataclass(frozen=True)
+class Stored:
+    """Where one initializer is in the file: its TensorProto message, and its raw_data if the values are there."""
+
+    span: tuple[int, int]
+    dims: tuple[int, ...]
+    dtype: int
+    raw: tuple[int, int] | None
+    external: bool
+
+
+def graph_bytes(buf) -> bytes:
+    """The model without its graph's initializers, serialised: enough to read its graph, inputs and metadata."""
+    try:
+        return _split(buf)[0]
+    except (ValueError, IndexError, UnicodeDecodeError) as e:
+        raise FormatError(f"not a readable ONNX model: {e}") from e
+
+
+def parse_graph(buf):
+    """The model without its graph's initializers (parsed by onnx; small), and where each initializer is."""
+    import onnx
+
+    try:
+        small, inits = _split(buf)
+        return onnx.load_model_from_string(small), inits
+    except (ValueError, IndexError, UnicodeDecodeError) as e:
+        raise FormatError(f"not a readable ONNX model: {e}") from e
+    except Exception as e:  # protobuf raises DecodeError and friends
+        raise FormatError(f"not a readable ONNX model: {e}") from e
+
+
+def _split(buf) -> tuple[bytes, dict[str, Stored]]:
+    parts: list[bytes] = []
+    inits: dict[str, Stored] = {}
+    graphs = 0
+    for num, wt, at, a, b in _fields(buf, 0, len(buf)):
+        if num == 7 and wt == 2:  # ModelProto.graph
+            graphs += 1
+            kept = []
+            for gnum, gwt, gat, ga, gb in _fields(buf, a, b):
+                if gnum == 5 and gwt == 2:  # GraphProto.initializer
+                    name, stored = _tensor(buf, ga, gb)
+                    inits[name] = stored
+                else:
+                    kept.append(bytes(buf[gat:gb]))
+            body = b"".join(kept)
+            parts.append(_varint_bytes(7 << 3 | 2) + _varint_bytes(len(body)) + body)
+        else:
+            parts.append(bytes(buf[at:b]))
+    if graphs != 1:
+        raise ValueError(f"expected one graph, found {graphs}")
+    return b"".join(parts), inits
+
+
+def _tensor(buf, start: int, end: int) -> tuple[str, Stored]:
+    """TensorProto fields: dims 1, data_type 2, name 8, raw_data 9, data_location 14."""
+    name, dims, dtype, raw, external = "", [], 0, None, False
+    for num, wt, _, a, b in _fields(buf, start, end):
+        if num == 1 and wt == 0:
+            dims.append(_varint(buf, a)[0])
+        elif num == 1 and wt == 2:  # packed
+            while a < b:
+                d, a = _varint(buf, a)
+                dims.append(d)
+        elif num == 2 and wt == 0:
+            dtype = _varint(buf, a)[0]
+        elif num == 8 and wt == 2:
+            name = bytes(buf[a:b]).decode()
+        elif num == 9 and wt == 2:
+            raw = (a, b)
+        elif num == 14 and wt == 0:
+            external = _varint(buf, a)[0] == 1
+    return name, Stored((start, end), tuple(dims), dtype, raw, external)
+
+
+def _fields(buf, start: int, end: int):
+    """Each field of the message ``buf[start:end]``: (number, wire type, field start, value start, value end)."""
+    i = start
+    while i < end:
+        at = i
+        key, i = _varint(buf, i)
+        wt = key & 7
+        if wt == 0:
+            j = _varint(buf, i)[1]
+        elif wt == 2:
+            n, i = _varint(buf, i)
+            j = i + n
+        elif wt in (1, 5):
+            j = i + (8 if wt == 1 else 4)
+        else:
+            raise ValueError(f"unsupported protobuf wire type {wt} at byte {at}")
+        if j > end:
+            raise ValueError(f"truncated field at byte {at}")
+        yield key >> 3, wt, at, i, j
+        i = j
+
+
+def _varint(buf, i: int) -> tuple[int, int]:
+    x = shift = 0
+    while True:
+        b = buf[i]
+        x |= (b & 0x7F) << shift
+        i += 1
+        if b < 0x80:
+            return x, i
+        shift += 7
+
+
+def _varint_bytes(x: int) -> bytes:
+    out = bytearray()
+    while x > 0x7F:
+        out.append(x & 0x7F | 0x80)
+        x >>= 7
+    out.append(x)
+    return bytes(out)
+
+
+def tensor_proto(buf, stored: Stored):
+    import onnx
+
+    return onnx.TensorProto.FromString(bytes(buf[stored.span[0] : stored.span[1]]))
+
+
+def take_writable(buf, inits: Mapping[str, Stored], writable: Sequence[str], read):
+    """Copy the writable initializers from the file into one float32 arena; return it, offsets and views."""
+    from onnx import numpy_helper
+
+    missing = [w for w in writable if w not in inits]
+    if missing:
+        raise FormatError(f"model has no initializer(s) {missing[:5]} named in its metadata")
+    bad = {k: inits[k].dtype for k in writable if inits[k].dtype != 1}  # TensorProto.FLOAT
+    if bad:
+        raise FormatError(f"writable tensors must be float32 (ONNX data_type 1); got data types {bad}")
+    external = [k for k in writable if inits[k].external]
+    if external:
+        raise FormatError(f"initializer(s) {external[:5]} are in external data files; save the model as one file")
+    arena = np.empty(sum(prod(inits[k].dims) for k in writable), np.float32)
+    offset, live, at = {}, {}, 0
+    for name in writable:
+        t = inits[name]
+        n = prod(t.dims)
+        view = arena[at : at + n]
+        if t.raw is not None:
+            if t.raw[1] - t.raw[0] != 4 * n:
+                raise FormatError(f"initializer {name!r}: {t.raw[1] - t.raw[0]} bytes of data for shape {t.dims}")
+            read(memoryview(view).cast("B"), t.raw[0])
+            if sys.byteorder == "big":  # ONNX stores little-endian
+                view.byteswap(inplace=True)
+        else:  # float_data: rare, let onnx decode it
+            view[:] = numpy_helper.to_array(tensor_proto(buf, t)).reshape(-1)
+        offset[name] = at
+        live[name] = view.reshape(t.dims)
+        at += n
+    return arena, offset, live
+
+
+def verify_fingerprint(proto, info: ModelInfo, live: Mapping[str, np.ndarray]) -> None:
+    """Check the weights (``live`` arena views, the graph's other initializers) against ``info.fingerprint``."""
+    from onnx import numpy_helper
+
+    heads = {t.initializer for t in info.tensors.values() if t.head}  # runtime-owned (edge.route.taps): not weights
+    tensors = {k: v for k, v in live.items() if k not in heads}
+    for t in proto.graph.initializer:
+        if t.name not in tensors and t.name not in heads:
+            tensors[t.name] = numpy_helper.to_array(t)
+    got = fingerprint(tensors)
+    if got != info.fingerprint:
+        raise FormatError(
+            f"model {info.name!r}: weights fingerprint {got} differs from the exported {info.fingerprint}; "
+            "the file was modified after export (re-export it)"
+        )
