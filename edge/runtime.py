@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from edge.errors import AdapterMismatchError, ConfigError, RuntimeClosedError
-from edge.format.adapter import Adapter, DenseDelta, load_adapter
+from edge.format.adapter import Adapter, DenseDelta, load_adapter, max_adapter_bytes
 from edge.format.feeds import check_feeds, input_specs, names_only
 from edge.format.io import read_bounded
 from edge.format.modelinfo import ModelInfo
@@ -65,6 +65,7 @@ class Runtime:
         verify: bool = True,
         trusted_keys: Iterable[str | bytes] | None = None,
         device=None,
+        enforce_memory_budget: bool = True,
     ) -> None:
         """Load ``model`` on ``backend``.
 
@@ -72,6 +73,9 @@ class Runtime:
         threads, execution providers with their options, and the fallback policy: a missing
         provider raises (``fallback: error``) or runs on CPU with a logged warning, recorded in
         :attr:`fallback_warning`. Explicit ``threads``/``providers``/``strategy`` win over it.
+        With ``strategy="auto"`` the profile's ``budgets.memory_mb`` picks the strategy (hybrid when
+        its predicted footprint fits, else bound, else a ``ConfigError`` naming the figures);
+        ``enforce_memory_budget=False`` (``edge profile``, which reports budgets) skips that.
         """
         from runtimes import BackendOptions, get_backend
 
@@ -90,9 +94,20 @@ class Runtime:
             self.fallback_warning = opts.fallback_warning
         self.policy = SignaturePolicy.resolve(trusted_keys, self.device)  # checked before the model is read
         path = Path(model)
-        data = read_bounded(path, MAX_MODEL_BYTES, what="model file")
-        self._inputs = input_specs(backend, data)
-        options = BackendOptions(threads=threads, strategy=strategy, providers=tuple(providers), verify=verify)
+        if backend == "onnxruntime":  # never hold the whole file: the backend reads the weights into its arena
+            from runtimes.base import model_buffer
+            from runtimes.onnx_file import graph_bytes
+
+            data = path
+            with model_buffer(path) as (buf, _):
+                self._inputs = input_specs(backend, graph_bytes(buf))  # the graph without its weights
+        else:
+            data = read_bounded(path, MAX_MODEL_BYTES, what="model file")
+            self._inputs = input_specs(backend, data)
+        budget = self.device.budgets.memory_mb if self.device is not None and enforce_memory_budget else None
+        options = BackendOptions(
+            threads=threads, strategy=strategy, providers=tuple(providers), verify=verify, memory_mb=budget
+        )
         if profile_options is not None:
             options = replace(
                 options,
@@ -124,6 +139,12 @@ class Runtime:
     @property
     def providers(self) -> list[str]:
         return self.backend.providers
+
+    @property
+    def footprint(self) -> dict:
+        """The strategy in use, its predicted resident memory (MB) and what loading measured (MB, Linux)."""
+        b = self.backend
+        return {"strategy": b.strategy, "predicted_mb": b.predicted_mb(), "measured_mb": b.measured_mb}
 
     @property
     def adapters(self) -> list[str]:
@@ -384,16 +405,6 @@ class Runtime:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def max_adapter_bytes(info: ModelInfo) -> int:
-    """The largest adapter file that can fit ``info``: every entry of every weight and slot changed
-    (sparse: int32 indices per dimension plus a float32 value), plus a full-size header. A file
-    over it is refused before a byte of it is read, so a huge file never holds up the runtime."""
-    from edge.format.adapter import MAX_FILE_BYTES, MAX_HEADER_BYTES
-
-    entries = sum((4 * len(t.shape) + 4) * int(np.prod(t.shape, dtype=np.int64)) for t in info.tensors.values())
-    return min(MAX_FILE_BYTES, entries + 64 * len(info.tensors) + MAX_HEADER_BYTES + 8)
 
 
 def _check_finite(values: Mapping[str, np.ndarray], what: str) -> None:

@@ -235,10 +235,12 @@ class OrtBackend(ArenaBackend):
             self._make_bound(bound_bytes)
         elif strategy == "hybrid":  # cold start: serve prepacked now; the bound session (for switches) is
             # built in the background after the first inference (or at the first write, if that comes first)
+            self._go_bound = threading.Event()
             self._bound_builder = threading.Thread(
-                target=self._make_bound, args=(bound_bytes, self._rebuild_delay), name="edge-ort-bound", daemon=True
+                target=self._make_bound, args=(bound_bytes, self._go_bound), name="edge-ort-bound", daemon=True
             )
             self._start_rebuilds("edge-ort-rebuild")
+            self._bound_builder.start()
         del bound_bytes
         if strategy != "hybrid":
             self._measure()
@@ -294,16 +296,15 @@ class OrtBackend(ArenaBackend):
         super().write(*prepared)
 
     def _start_bound(self) -> None:
-        with self._lock:
-            t = self._bound_builder
-            if t is not None and t.ident is None and not self._closed:
-                t.start()
+        if self._bound_builder is not None:
+            self._go_bound.set()
 
     def close(self) -> None:
         with self._lock:
-            self._closed = True  # no bound build starts from here on
+            self._closed = True  # a bound build not begun is not begun any more
         t = self._bound_builder
-        if t is not None and t.ident is not None and t is not threading.current_thread():
+        if t is not None and t is not threading.current_thread():
+            self._go_bound.set()
             t.join(60.0)  # native code must not be cut off
         super().close()
 
@@ -323,11 +324,17 @@ class OrtBackend(ArenaBackend):
         so.log_severity_level = 3
         return so
 
-    def _make_bound(self, model: bytes, delay: float = 0.0) -> None:
+    def _make_bound(self, model: bytes, go: threading.Event | None = None) -> None:
         """The session with every writable tensor a graph input, bound to the arena (zero copy). In the
-        background, ``delay`` first lets the run that started it return (a build holds the GIL at times)."""
+        background: after ``go`` is set, and a short pause so the run that set it returns first (a build
+        holds the GIL at times)."""
         ort = self._ort
-        time.sleep(delay)
+        if go is not None:
+            go.wait()
+            if self._closed:
+                self._bound_ready.set()
+                return
+            time.sleep(self._rebuild_delay)
         try:
             sess = ort.InferenceSession(
                 model, self._session_options(), providers=self._providers, provider_options=self._provider_options

@@ -40,6 +40,7 @@ from edge.format.modelinfo import ModelInfo
 from edge.registry import Registry
 
 __all__ = [
+    "max_adapter_bytes",
     "Adapter",
     "SparseDelta",
     "DenseDelta",
@@ -433,3 +434,11 @@ def _has_duplicates(flat: np.ndarray, shape: tuple[int, ...]) -> bool:
     if size <= max(1 << 20, 4 * flat.size):
         return int(np.bincount(flat, minlength=size).max()) > 1
     return np.unique(flat).size != flat.size
+
+
+def max_adapter_bytes(info: ModelInfo) -> int:
+    """The largest adapter file that can fit ``info``: every entry of every weight and slot changed
+    (sparse: int32 indices per dimension plus a float32 value), plus a full-size header. A file
+    over it is refused before a byte of it is read, so a huge file never holds up the runtime."""
+    entries = sum((4 * len(t.shape) + 4) * int(np.prod(t.shape, dtype=np.int64)) for t in info.tensors.values())
+    return min(MAX_FILE_BYTES, entries + 64 * len(info.tensors) + MAX_HEADER_BYTES + 8)
