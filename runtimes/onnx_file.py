@@ -157,9 +157,13 @@ def take_writable(buf, inits: Mapping[str, Stored], writable: Sequence[str], rea
     bad = {k: inits[k].dtype for k in writable if inits[k].dtype != 1}  # TensorProto.FLOAT
     if bad:
         raise FormatError(f"writable tensors must be float32 (ONNX data_type 1); got data types {bad}")
-    external = [k for k in writable if inits[k].external]
+    external = sorted(k for k, t in inits.items() if t.external)  # a location would resolve outside our control
     if external:
-        raise FormatError(f"initializer(s) {external[:5]} are in external data files; save the model as one file")
+        raise FormatError(
+            f"initializer(s) {external[:5]} are in external data files, which this runtime does not read (a relative "
+            "location would resolve against the working directory); save the model as one file: "
+            "onnx.save(model, path, save_as_external_data=False)"
+        )
     arena = np.empty(sum(prod(inits[k].dims) for k in writable), np.float32)
     offset, live, at = {}, {}, 0
     for name in writable:

@@ -230,3 +230,20 @@ def _valid_bytes() -> bytes:
 
 
 _VALID = _valid_bytes()
+
+
+@pytest.mark.parametrize("location", ["weights.bin", "../outside.bin"])
+def test_model_with_external_data_is_refused_not_resolved_elsewhere(tmp_path, location):
+    """A model whose initializers live in external files is refused: a relative location would otherwise be
+    resolved against the working directory (or outside the model's folder)."""
+    import onnx.external_data_helper
+
+    src = tmp_path / "m.onnx"
+    make_mlp(src)
+    model = onnx.load(str(src))
+    folder = tmp_path / "model"
+    folder.mkdir()
+    onnx.external_data_helper.convert_model_to_external_data(model, location=location, size_threshold=0)
+    (folder / "m.onnx").write_bytes(model.SerializeToString())  # the proto only: the location is what matters
+    with pytest.raises(FormatError, match="external data"):
+        Runtime(folder / "m.onnx")
