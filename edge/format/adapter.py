@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import os
-import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -326,30 +325,16 @@ def _declared(meta: dict, source: str) -> tuple[str, dict[str, tuple[int, ...]],
 
 
 def _read_metadata(data: bytes, source: str) -> dict:
-    from edge.format.io import load_json
+    from edge.format.io import read_edge_metadata
 
-    if len(data) < 8:
-        raise FormatError(f"{source}: {len(data)} bytes is too short for a safetensors file (truncated?)")
-    (hlen,) = struct.unpack("<Q", data[:8])
-    if hlen > MAX_HEADER_BYTES or hlen > len(data) - 8:
-        raise FormatError(f"{source}: header length {hlen} is larger than allowed or than the file (truncated?)")
-    header = load_json(data[8 : 8 + hlen], source=f"{source}: safetensors header")
-    try:
-        text = header["__metadata__"]["edge"]
-        if not isinstance(text, str):
-            raise TypeError("the 'edge' metadata entry is not a string")
-    except (KeyError, TypeError) as e:
-        raise FormatError(f"{source}: no readable edge metadata in the safetensors header: {e!r}") from e
-    meta = load_json(text, source=f"{source}: edge metadata")
-    if not isinstance(meta, dict) or meta.get("format") != ADAPTER_FORMAT:
-        got = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
-        raise FormatError(f"{source}: format is {got!r}, expected {ADAPTER_FORMAT!r}")
-    version = meta.get("version")
-    if type(version) is not int or version != ADAPTER_VERSION:
-        raise FormatError(
-            f"{source}: adapter format version {version!r} is not supported "
-            f"(this runtime reads version {ADAPTER_VERSION}); upgrade the runtime or re-save the adapter"
-        )
+    meta = read_edge_metadata(
+        data,
+        source,
+        fmt=ADAPTER_FORMAT,
+        version=ADAPTER_VERSION,
+        max_header=MAX_HEADER_BYTES,
+        upgrade="upgrade the runtime or re-save the adapter",
+    )
     if meta.get("dtype", "float32") != "float32":
         raise FormatError(f"{source}: dtype {meta.get('dtype')!r} is not supported; allowed: 'float32'")
     return meta

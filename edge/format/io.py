@@ -14,6 +14,7 @@ import math
 import os
 import re
 import stat
+import struct
 import tempfile
 from pathlib import Path
 
@@ -25,6 +26,7 @@ __all__ = [
     "load_json",
     "load_yaml",
     "read_bounded",
+    "read_edge_metadata",
     "read_safetensors",
     "write_json",
 ]
@@ -354,3 +356,34 @@ def read_safetensors(path: str | os.PathLike, limit: int, *, what: str = "safete
             arr = (arr.astype(np.uint32) << 16).view(np.float32)
         out[key] = arr.astype(arr.dtype.newbyteorder("="), copy=False).reshape(shape)
     return out
+
+
+def read_edge_metadata(data: bytes, source: str, *, fmt: str, version: int, max_header: int, upgrade: str) -> dict:
+    """The ``__metadata__["edge"]`` JSON of a safetensors file of this project, checked for ``fmt`` and ``version``.
+
+    Shared by every safetensors format of ours (adapters, update states): the header length is
+    bounded before the header is read, both JSON documents go through :func:`load_json`, and a
+    wrong format or version is a :class:`FormatError` saying what to do (``upgrade``).
+    """
+    if len(data) < 8:
+        raise FormatError(f"{source}: {len(data)} bytes is too short for a safetensors file (truncated?)")
+    (hlen,) = struct.unpack("<Q", data[:8])
+    if hlen > max_header or hlen > len(data) - 8:
+        raise FormatError(f"{source}: header length {hlen} is larger than allowed or than the file (truncated?)")
+    header = load_json(data[8 : 8 + hlen], source=f"{source}: safetensors header")
+    try:
+        text = header["__metadata__"]["edge"]
+        if not isinstance(text, str):
+            raise TypeError("the 'edge' metadata entry is not a string")
+    except (KeyError, TypeError) as e:
+        raise FormatError(f"{source}: no readable edge metadata in the safetensors header: {e!r}") from e
+    meta = load_json(text, source=f"{source}: edge metadata")
+    if not isinstance(meta, dict) or meta.get("format") != fmt:
+        got = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise FormatError(f"{source}: format is {got!r}, expected {fmt!r}")
+    got = meta.get("version")
+    if type(got) is not int or got != version:
+        raise FormatError(
+            f"{source}: {fmt} version {got!r} is not supported (this runtime reads version {version}); {upgrade}"
+        )
+    return meta

@@ -21,7 +21,6 @@ import contextlib
 import hashlib
 import json
 import os
-import struct
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from edge.errors import ConfigError, FormatError
-from edge.format.io import atomic_write_bytes, load_json, read_bounded
+from edge.format.io import atomic_write_bytes, read_bounded, read_edge_metadata
 
 __all__ = ["STATE_FORMAT", "STATE_VERSION", "State", "load_state", "save_state", "state_lock"]
 
@@ -111,27 +110,14 @@ def _checksum(head: Mapping[str, object], tensors: Mapping[str, np.ndarray]) -> 
 
 
 def _read_header(data: bytes, path: Path) -> dict:
-    if len(data) < 8:
-        raise FormatError(f"{path}: {len(data)} bytes is too short for a state file (truncated?)")
-    (hlen,) = struct.unpack("<Q", data[:8])
-    if hlen > MAX_HEADER_BYTES or hlen > len(data) - 8:
-        raise FormatError(f"{path}: header length {hlen} is larger than allowed or than the file (truncated?)")
-    header = load_json(data[8 : 8 + hlen], source=f"{path}: safetensors header")
-    try:
-        text = header["__metadata__"]["edge"]
-        if not isinstance(text, str):
-            raise TypeError("the 'edge' metadata entry is not a string")
-    except (KeyError, TypeError) as e:
-        raise FormatError(f"{path}: no readable edge metadata in the safetensors header: {e!r}") from e
-    head = load_json(text, source=f"{path}: edge metadata")
-    if not isinstance(head, dict) or head.get("format") != STATE_FORMAT:
-        got = head.get("format") if isinstance(head, dict) else type(head).__name__
-        raise FormatError(f"{path}: format is {got!r}, expected {STATE_FORMAT!r}")
-    if type(head.get("version")) is not int or head.get("version") != STATE_VERSION:
-        raise FormatError(
-            f"{path}: update state version {head.get('version')!r} is not supported (this runtime reads "
-            f"version {STATE_VERSION}); upgrade the runtime or start a new state"
-        )
+    head = read_edge_metadata(
+        data,
+        str(path),
+        fmt=STATE_FORMAT,
+        version=STATE_VERSION,
+        max_header=MAX_HEADER_BYTES,
+        upgrade="upgrade the runtime or start a new state",
+    )
     missing = [k for k in ("method", "base_fingerprint", "checksum") if k not in head]
     if missing:
         raise FormatError(f"{path}: metadata lacks the field(s) {missing}")
