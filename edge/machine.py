@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-__all__ = ["load_average", "machine", "p50", "peak_rss_mb", "time_calls"]
+__all__ = ["load_average", "machine", "p50", "peak_rss_mb", "reset_peak_rss", "status_mb", "time_calls"]
 
 
 def machine() -> dict:
@@ -49,6 +49,27 @@ def peak_rss_mb() -> float:
 
     r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return r / 2**20 if sys.platform == "darwin" else r / 1024
+
+
+def status_mb(field: str) -> float | None:
+    """A ``/proc/self/status`` memory field (``VmRSS``, ``VmHWM``...) in MB, or None off Linux."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024.0
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def reset_peak_rss() -> None:
+    """Reset this process's peak resident memory (``VmHWM``) to its current value (Linux; no-op elsewhere)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
 
 
 def load_average() -> list[float] | None:

@@ -23,7 +23,7 @@ import numpy as np
 
 from edge.errors import ConfigError
 from edge.format.feeds import generate_inputs
-from edge.machine import load_average, machine, peak_rss_mb
+from edge.machine import load_average, machine, peak_rss_mb, status_mb
 from edge.progress import bar
 
 __all__ = [
@@ -77,7 +77,7 @@ def profile_model(
     backend = backend or _backend_for(model)
     options = profile.backend_options(backend)  # raises per the profile's fallback policy
 
-    rss_before = _vm_kb("VmRSS")
+    rss_before = status_mb("VmRSS")
     t0 = time.perf_counter()
     rt = Runtime(  # device=profile: its trusted_keys apply to the adapters profiled, as on the device itself
         model,
@@ -150,7 +150,7 @@ def profile_model(
         "adapters": per_adapter,
         "switch_p95_ms": _pct(switch_all, 95) if switch_all else None,
         "memory": {
-            "rss_before_load_mb": rss_before / 1024 if rss_before else None,
+            "rss_before_load_mb": rss_before,
             "peak_rss_mb": peak,
         },
         "accuracy": accuracy,
@@ -299,18 +299,6 @@ def _stats(xs: Sequence[float], warmup: int | None = None) -> dict:
     if warmup is not None:
         out["warmup"] = warmup
     return out
-
-
-def _vm_kb(field: str) -> int | None:
-    """A ``/proc/self/status`` field in kB (VmRSS, VmHWM), or None off Linux."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except (OSError, ValueError):
-        pass
-    return None
 
 
 # -- output -------------------------------------------------------------------------------------

@@ -49,6 +49,7 @@ class _Prepared:
     base: Mapping[str, np.ndarray]  # stored tensor -> base values at index
     apply: object  # backend-prepared write of base + delta (the alpha = 1 fast path)
     restore: object  # backend-prepared write of the base values (undo)
+    touched: Mapping[str, tuple[np.ndarray, np.ndarray]]  # stored tensor -> (index, base): what a switch records
 
 
 class Runtime:
@@ -224,7 +225,7 @@ class Runtime:
         _check_finite(merged, f"adapter {name!r} added to the base weights")
         apply = self.backend.prepare([WeightWrite(t, index[t], merged[t]) for t in index])
         restore = self.backend.prepare([WeightWrite(t, index[t], base[t]) for t in index])
-        return _Prepared(adapter, index, delta, base, apply, restore)
+        return _Prepared(adapter, index, delta, base, apply, restore, {t: (index[t], base[t]) for t in index})
 
     def _check_not_active(self, name: str) -> None:
         if name in self._active:
@@ -270,8 +271,7 @@ class Runtime:
                 raise ConfigError(f"adapter(s) {unknown} are not loaded; loaded: {sorted(self._adapters) or 'none'}")
             if len(target) == 1 and next(iter(target.values())) == 1.0:  # fast path: prepared at load
                 p = self._adapters[next(iter(target))]
-                apply, restore = p.apply, p.restore
-                touched = {t: (pos, p.base[t]) for t, pos in p.index.items()}
+                apply, restore, touched = p.apply, p.restore, p.touched
             else:
                 with np.errstate(over="ignore", invalid="ignore"):  # overflow is checked right after
                     touched, new_values = self._fuse(target)

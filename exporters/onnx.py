@@ -15,7 +15,6 @@ import contextlib
 import logging
 import os
 import tempfile
-from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -28,6 +27,7 @@ from tqdm.auto import tqdm
 
 from edge.errors import ConfigError, ExportValidationError, FormatError
 from edge.format.modelinfo import META_KEY, ModelInfo, TensorInfo, fingerprint, onnx_info
+from edge.format.onnx_graph import consumers, keep_only, set_metadata, subgraph_reads
 from exporters.validate import check_arguments, compare, flatten_outputs, second_batch
 
 __all__ = ["export_onnx", "load_model_info", "OPSET", "IR_VERSION"]
@@ -107,7 +107,7 @@ def export_onnx(
             outputs=output_names,
             extra=dict(extra or {}),
         )
-        _set_metadata(proto, META_KEY, info.to_json())
+        set_metadata(proto, META_KEY, info.to_json())
         onnx.checker.check_model(proto)
         steps.update()
 
@@ -187,33 +187,33 @@ def _fold_weight_transposes(proto: onnx.ModelProto, model: torch.nn.Module) -> d
             "remove those modules (e.g. set them to None) before exporting."
         )
 
-    consumers = _consumers(graph)
-    protected = _subgraph_names(graph) | {o.name for o in graph.output}
+    users = consumers(graph)
+    protected = subgraph_reads(graph) | {o.name for o in graph.output}
     tensors: dict[str, TensorInfo] = {}
     folded: set[str] = set()  # outputs of the Transpose nodes to drop
     for pname, param in params.items():
         if param.dim() < 2:
             continue
-        transposes = consumers.get(pname, [])
+        transposes = users.get(pname, [])
         foldable = (
             param.dim() == 2
             and pname not in protected
             and bool(transposes)
             and all(_is_transpose_2d(n) for n in transposes)
-            and all(_only_feeds_matmul(n.output[0], consumers, protected) for n in transposes)
+            and all(_only_feeds_matmul(n.output[0], users, protected) for n in transposes)
         )
         if foldable:
             init = initializers[pname]
             init.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(numpy_helper.to_array(init).T), pname))
             for node in transposes:
-                _rename_input(consumers[node.output[0]], node.output[0], pname)
+                _rename_input(users[node.output[0]], node.output[0], pname)
                 folded.add(node.output[0])
             folded.add(pname)  # its value_info, if any, has the old shape
         tensors[pname] = TensorInfo(initializer=pname, shape=tuple(param.shape), transposed=foldable)
 
     # Protobuf node handles go stale once the node list is rebuilt: remove everything in one pass at the end.
-    _keep_only(graph.node, lambda n: not (n.op_type == "Transpose" and n.output[0] in folded))
-    _keep_only(graph.value_info, lambda v: v.name not in folded)
+    keep_only(graph.node, lambda n: not (n.op_type == "Transpose" and n.output[0] in folded))
+    keep_only(graph.value_info, lambda v: v.name not in folded)
     return tensors
 
 
@@ -222,32 +222,6 @@ def _rename_input(nodes: list, old: str, new: str) -> None:
         for i, inp in enumerate(node.input):
             if inp == old:
                 node.input[i] = new
-
-
-def _keep_only(field, keep) -> None:
-    """Filter a repeated protobuf field in place."""
-    kept = [item for item in field if keep(item)]
-    del field[:]
-    field.extend(kept)
-
-
-def _consumers(graph: onnx.GraphProto) -> dict[str, list]:
-    users: dict[str, list] = defaultdict(list)
-    for node in graph.node:
-        for inp in dict.fromkeys(node.input):  # a node reading a value twice is one consumer
-            users[inp].append(node)
-    return users
-
-
-def _subgraph_names(graph: onnx.GraphProto) -> set[str]:
-    """Names read by nodes inside If/Loop/Scan bodies, which the main graph's consumer map does not see."""
-    names: set[str] = set()
-    for node in graph.node:
-        for attr in node.attribute:
-            for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
-                names.update(i for n in sub.node for i in n.input)
-                names |= _subgraph_names(sub)
-    return names
 
 
 def _is_transpose_2d(node: onnx.NodeProto) -> bool:
@@ -260,11 +234,6 @@ def _is_transpose_2d(node: onnx.NodeProto) -> bool:
 def _only_feeds_matmul(value: str, consumers: dict, protected: set[str]) -> bool:
     users = consumers.get(value, [])
     return value not in protected and bool(users) and all(u.op_type in _MATMUL_OPS for u in users)
-
-
-def _set_metadata(proto: onnx.ModelProto, key: str, value: str) -> None:
-    _keep_only(proto.metadata_props, lambda p: p.key != key)
-    proto.metadata_props.add(key=key, value=value)
 
 
 # -- saving ---------------------------------------------------------------------------------------------------------

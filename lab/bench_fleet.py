@@ -19,17 +19,21 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from edge.machine import load_average
+
 __all__ = ["run", "markdown", "add_arguments", "cli"]
 
 
 def _helpers():
     """The registry runner and tiny model/adapter makers shared with the tests (tests/device/_registry.py)."""
-    here = Path(__file__).resolve().parents[1] / "tests" / "device"
-    sys.path.insert(0, str(here))
+    tests = Path(__file__).resolve().parents[1] / "tests"
+    dirs = [str(tests / "device"), str(tests)]  # _registry builds its model with tests/_tiny.py
+    sys.path[:0] = dirs
     try:
         import _registry
     finally:
-        sys.path.remove(str(here))
+        for d in dirs:
+            sys.path.remove(d)
     if _registry.registry_binary() is None:
         raise RuntimeError("no registry binary: run scripts/install-registry.sh (apt-get install docker-registry)")
     return _registry
@@ -40,10 +44,6 @@ def _loadable(folder: Path, fingerprint: str) -> bool:
 
     files = sorted(folder.glob("*.safetensors"))
     return bool(files) and all(load_adapter(p).base_fingerprint == fingerprint for p in files)
-
-
-def _load1() -> float:
-    return round(os.getloadavg()[0], 2)
 
 
 def _one_of_100(tmp: Path, h, adapter_bytes: int, n_adapters: int, repeats: int) -> dict:
@@ -120,7 +120,7 @@ def _fleet(tmp: Path, h, devices: int, n_adapters: int, adapter_bytes: int, chan
                     killed.set()
                     reg.stop(kill=True)
 
-        load = [_load1()]
+        load = [_load1m()]
         t0 = time.perf_counter()
         with ThreadPoolExecutor(devices) as ex:
             second = list(ex.map(lambda d: sync(cfg, d, model=model, on_chunk=hook), dev))
@@ -129,7 +129,7 @@ def _fleet(tmp: Path, h, devices: int, n_adapters: int, adapter_bytes: int, chan
         with ThreadPoolExecutor(devices) as ex:
             third = list(ex.map(lambda d: sync(cfg, d, model=model), dev))
         t_release = time.perf_counter() - t0
-        load.append(_load1())
+        load.append(_load1m())
         want = {p.name: p.read_bytes() for p in files}
         converged = sum(all((d / n).read_bytes() == b for n, b in want.items()) for d in dev)
     finally:
@@ -165,7 +165,7 @@ def run(
         tmp = Path(tmp)
         one = [_one_of_100(tmp, h, s, n_adapters, repeats) for s in sizes]
         fleet = _fleet(tmp, h, devices, n_adapters, sizes[0], changed_bytes)
-    return {"one_of_100": one, "fleet": fleet, "cpus": os.cpu_count(), "loadavg_1m_end": _load1()}
+    return {"one_of_100": one, "fleet": fleet, "cpus": os.cpu_count(), "loadavg_1m_end": _load1m()}
 
 
 def markdown(result: dict) -> str:
@@ -224,3 +224,8 @@ def cli(args) -> int:
     if args.md:
         write_section(args.md, "fleet", "Fleet: OCI registry and TUF sync", markdown(res))
     return 0
+
+
+def _load1m() -> float | None:
+    load = load_average()
+    return load[0] if load else None

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from edge.errors import EdgeError
+from edge.machine import load_average, reset_peak_rss, status_mb
 
 __all__ = ["GOALS", "add_arguments", "bench_memory", "cli", "markdown"]
 
@@ -163,7 +164,7 @@ def cli(args) -> int:
         )
         for path, feeds in models
     ]
-    out = {**results[-1], "models": results, "machine": machine(), "load_avg": list(_loadavg())}
+    out = {**results[-1], "models": results, "machine": machine(), "load_avg": load_average()}
     print(json.dumps(out, indent=1))
     if args.json:
         write_json(args.json, out)
@@ -203,7 +204,7 @@ def _child(spec: str) -> None:
     feeds = dict(np.load(s["feeds"], allow_pickle=False))
     gc.collect()
     out: dict = {}
-    _reset_peak()
+    reset_peak_rss()
     t0 = time.perf_counter()
     if s["kind"] == "plain":
         so = ort.SessionOptions()
@@ -238,7 +239,7 @@ def _child(spec: str) -> None:
             out["predicted_mb"] = rt.backend.predicted_mb()
             out["measured_mb"] = rt.backend.measured_mb
     gc.collect()
-    out.update(rss_mb=_proc_mb("VmRSS"), peak_mb=_proc_mb("VmHWM"))
+    out.update(rss_mb=status_mb("VmRSS"), peak_mb=status_mb("VmHWM"))
     print(json.dumps(out))
 
 
@@ -252,27 +253,3 @@ def _param_count(path: Path) -> int:
 def _median(xs):
     xs = [x for x in xs if x is not None]
     return float(np.median(xs)) if xs else None
-
-
-def _loadavg() -> tuple[float, ...]:
-    try:
-        return tuple(float(x) for x in Path("/proc/loadavg").read_text().split()[:3])
-    except OSError:
-        return ()
-
-
-def _reset_peak() -> None:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # Linux: reset VmHWM to the current RSS
-    except OSError:
-        pass
-
-
-def _proc_mb(field: str) -> float | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024.0
-    except OSError:
-        return None
-    return None

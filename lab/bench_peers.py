@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from edge.errors import ConfigError, EdgeError
-from edge.machine import p50, time_calls
+from edge.machine import p50, reset_peak_rss, status_mb, time_calls
 from lab.benchmarks import default_targets, random_shira
 
 __all__ = ["PEERS", "add_lora_inputs", "bench_peers", "ort_multi_lora", "session_recreate", "markdown"]
@@ -412,28 +412,11 @@ def _memory_child(spec: str) -> None:
     s = json.loads(spec)
     files = {k: Path(v) for k, v in s["files"].items()}
     feeds = dict(np.load(files["feeds"], allow_pickle=False))
-    _reset_peak()
+    reset_peak_rss()
     if s["kind"] != "baseline":
         c = _KINDS[s["kind"]](files, s["threads"])
         for which in "ABA":
             c.switch(which)
             c.run(feeds)
             c.settle()
-    print(json.dumps({"rss_mb": _proc_mb("VmRSS"), "peak_rss_mb": _proc_mb("VmHWM")}))
-
-
-def _reset_peak() -> None:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # Linux: reset VmHWM to the current RSS
-    except OSError:
-        pass
-
-
-def _proc_mb(field: str) -> float | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024.0
-    except OSError:
-        return None
-    return None
+    print(json.dumps({"rss_mb": status_mb("VmRSS"), "peak_rss_mb": status_mb("VmHWM")}))

@@ -10,7 +10,6 @@ import atexit
 import logging
 import mmap
 import os
-import stat
 import threading
 import time
 import weakref
@@ -336,17 +335,9 @@ def model_buffer(model: bytes | bytearray | memoryview | str | os.PathLike):
             yield view, copy
         return
     from edge.errors import FormatError
+    from edge.format.io import open_regular
 
-    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)  # a FIFO must not hang us
-    try:
-        fd = os.open(model, flags)
-    except OSError as e:
-        raise FormatError(f"cannot read model file {model}: {e.strerror or e}") from e
-    mode = os.fstat(fd).st_mode
-    if not stat.S_ISREG(mode):
-        os.close(fd)
-        kind = "a folder" if stat.S_ISDIR(mode) else "not a regular file (a FIFO, device or socket)"
-        raise FormatError(f"cannot read model file {model}: it is {kind}")
+    fd, _ = open_regular(model, what="model file")  # a FIFO must not hang us
     with os.fdopen(fd, "rb") as f:
         try:
             mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)

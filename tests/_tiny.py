@@ -27,24 +27,30 @@ def make_mlp(path: Path, seed: int = 0, sizes=(10, 20, 2), name: str = "tiny-mlp
         helper.make_node("Relu", ["h1"], ["h2"]),
         helper.make_node("Gemm", ["h2", "fc2.weight", "fc2.bias"], ["logits"], transB=1),
     ]
-    graph = helper.make_graph(
-        nodes,
-        name,
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", d_in])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", d_out])],
-        [numpy_helper.from_array(v, k) for k, v in stored.items()],
-    )
+    tensors = {
+        "fc1.weight": TensorInfo("fc1.weight", (d_hid, d_in), transposed=True),
+        "fc2.weight": TensorInfo("fc2.weight", (d_out, d_hid), transposed=False),
+    }
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", d_in])]
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", d_out])]
+    return write_model(path, name, nodes, inputs, outputs, stored, tensors)
+
+
+def write_model(path: Path, name: str, nodes, inputs, outputs, stored: dict, tensors: dict) -> ModelInfo:
+    """Save a graph of ``nodes`` over the initializers ``stored`` with this project's metadata.
+
+    ``inputs``/``outputs`` are value infos; ``tensors`` maps parameter names to their
+    :class:`TensorInfo` (the writable weights). Opset 17, IR 8, as the exporter writes.
+    """
+    graph = helper.make_graph(nodes, name, inputs, outputs, [numpy_helper.from_array(v, k) for k, v in stored.items()])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     info = ModelInfo(
         name=name,
         fingerprint=fingerprint(stored),
-        tensors={
-            "fc1.weight": TensorInfo("fc1.weight", (d_hid, d_in), transposed=True),
-            "fc2.weight": TensorInfo("fc2.weight", (d_out, d_hid), transposed=False),
-        },
-        inputs=("x",),
-        outputs=("logits",),
+        tensors=tensors,
+        inputs=tuple(i.name for i in inputs),
+        outputs=tuple(o.name for o in outputs),
     )
     helper.set_model_props(model, {META_KEY: info.to_json()})
     onnx.save(model, str(path))
@@ -107,30 +113,15 @@ def make_branch_mlp(path: Path, seed: int = 0, d_in: int = 10, d_hid: int = 16, 
         helper.make_node("Add", ["h2", "u0"], ["h3"]),
         helper.make_node("MatMul", ["h3", "fc2.weight"], ["logits"]),
     ]
-    graph = helper.make_graph(
-        nodes,
-        "branch-mlp",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", d_in])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 2])],
-        [numpy_helper.from_array(v, k) for k, v in stored.items()],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    info = ModelInfo(
-        name="branch-mlp",
-        fingerprint=fingerprint(stored),
-        tensors={
-            "fc1.weight": TensorInfo("fc1.weight", (d_hid, d_in), transposed=True),
-            "fc2.weight": TensorInfo("fc2.weight", (2, d_hid), transposed=True),
-            "branch.down.weight": TensorInfo("branch.down.weight", (r, d_in), transposed=True, slot=True),
-            "branch.up.weight": TensorInfo("branch.up.weight", (d_hid, r), transposed=True, slot=True),
-        },
-        inputs=("x",),
-        outputs=("logits",),
-    )
-    helper.set_model_props(model, {META_KEY: info.to_json()})
-    onnx.save(model, str(path))
-    return info
+    tensors = {
+        "fc1.weight": TensorInfo("fc1.weight", (d_hid, d_in), transposed=True),
+        "fc2.weight": TensorInfo("fc2.weight", (2, d_hid), transposed=True),
+        "branch.down.weight": TensorInfo("branch.down.weight", (r, d_in), transposed=True, slot=True),
+        "branch.up.weight": TensorInfo("branch.up.weight", (d_hid, r), transposed=True, slot=True),
+    }
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", d_in])]
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 2])]
+    return write_model(path, "branch-mlp", nodes, inputs, outputs, stored, tensors)
 
 
 def reference_branch(path: Path, info: ModelInfo, weights: dict[str, np.ndarray], x: np.ndarray) -> np.ndarray:

@@ -28,6 +28,7 @@ import numpy as np
 
 from edge.errors import AdapterMismatchError, ConfigError, ExportValidationError, FormatError
 from edge.format.modelinfo import META_KEY, ModelInfo, TensorInfo, fingerprint
+from edge.format.onnx_graph import consumers, keep_only, set_metadata, subgraph_reads
 
 __all__ = ["ImportReport", "import_onnx", "make_adapter_ready", "read_state_dict", "WEIGHT_INPUTS"]
 
@@ -152,7 +153,7 @@ def make_adapter_ready(
     inits = {t.name: t for t in graph.initializer}
     if not inits:
         raise ConfigError(f"ONNX model {name!r} stores no initializers: there are no weights to adapt")
-    _keep_only(graph.input, lambda v: v.name not in inits)  # IR < 4 style: initializers listed as inputs
+    keep_only(graph.input, lambda v: v.name not in inits)  # IR < 4 style: initializers listed as inputs
     arrays = {k: numpy_helper.to_array(t) for k, t in inits.items()}
 
     found, skipped, dead = _find_weights(graph, arrays)
@@ -160,8 +161,8 @@ def make_adapter_ready(
     for k in folded:
         arrays[k] = np.ascontiguousarray(found[k].fold)
         inits[k].CopyFrom(numpy_helper.from_array(arrays[k], k))
-    _keep_only(graph.node, lambda n: not dead.intersection(n.output))  # the folded chains
-    _keep_only(graph.value_info, lambda v: v.name not in dead and v.name not in folded)  # stale shapes
+    keep_only(graph.node, lambda n: not dead.intersection(n.output))  # the folded chains
+    keep_only(graph.value_info, lambda v: v.name not in dead and v.name not in folded)  # stale shapes
 
     tensors = {k: TensorInfo(k, v.shape, v.transposed) for k, v in found.items()}
     renamed, unmatched, ambiguous, missing = {}, [], {}, []
@@ -178,8 +179,7 @@ def make_adapter_ready(
     io_names = tuple(v.name for v in graph.input), tuple(v.name for v in graph.output)
     extra = {"imported": {"producer": f"{proto.producer_name} {proto.producer_version}".strip()}}
     info = ModelInfo(name, fingerprint(arrays), tensors, *io_names, extra)
-    _keep_only(proto.metadata_props, lambda p: p.key != META_KEY)
-    proto.metadata_props.add(key=META_KEY, value=info.to_json())
+    set_metadata(proto, META_KEY, info.to_json())
     if folded:
         _check_same_outputs(before, proto)
     for kind, items in (("unmatched", unmatched), ("ambiguous", ambiguous), ("missing", missing)):
@@ -203,11 +203,8 @@ class _View:
 
 def _find_weights(graph, arrays: Mapping[str, np.ndarray]):
     producer = {o: n for n in graph.node for o in n.output}
-    consumers: dict[str, list] = defaultdict(list)
-    for n in graph.node:
-        for i in dict.fromkeys(n.input):
-            consumers[i].append(n)
-    protected = {o.name for o in graph.output} | _subgraph_reads(graph)
+    users = consumers(graph)
+    protected = {o.name for o in graph.output} | subgraph_reads(graph)
     found: dict[str, _View] = {}
     skipped: dict[str, str] = {}
     dead: set[str] = set()  # outputs of folded Transpose/Reshape chains
@@ -230,7 +227,7 @@ def _find_weights(graph, arrays: Mapping[str, np.ndarray]):
             continue
         if view.fold is not None:  # only when the chain serves this op alone may it be dropped
             names = [value, *(c.output[0] for c in chain)]
-            if any(n in protected or len(consumers.get(n, [])) != 1 for n in names):
+            if any(n in protected or len(users.get(n, [])) != 1 for n in names):
                 skipped[value] = f"read through {'/'.join(view.ops[:-1])} in a layout the metadata cannot record"
                 continue
             node.input[slot] = value  # the op reads the (permuted) initializer directly
@@ -362,24 +359,6 @@ def _check_same_outputs(before: bytes, proto) -> None:
     ]
     if bad:
         raise ExportValidationError(f"folding weight layouts changed the model's outputs {bad}; nothing was written")
-
-
-def _subgraph_reads(graph) -> set[str]:
-    import onnx
-
-    names: set[str] = set()
-    for node in graph.node:
-        for attr in node.attribute:
-            for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
-                names.update(i for n in sub.node for i in n.input)
-                names |= _subgraph_reads(sub)
-    return names
-
-
-def _keep_only(repeated, keep) -> None:
-    kept = [x for x in repeated if keep(x)]
-    del repeated[:]
-    repeated.extend(kept)
 
 
 # -- naming ---------------------------------------------------------------------------------------------------------

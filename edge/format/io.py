@@ -23,6 +23,7 @@ from edge.errors import FormatError
 __all__ = [
     "atomic_write_bytes",
     "check_regular",
+    "open_regular",
     "load_json",
     "load_yaml",
     "read_bounded",
@@ -114,20 +115,10 @@ def read_bounded(path: str | os.PathLike, limit: int, *, what: str = "file") -> 
     are refused; a FIFO is opened non-blocking, so it cannot hang the caller), and exactly that
     many bytes are read: a file that changes size while being read is refused too.
     """
-    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_CLOEXEC", 0)
+    fd, st = open_regular(path, what=what)
     try:
-        fd = os.open(path, flags)
-    except OSError as e:
-        raise FormatError(f"cannot read {what} {os.fspath(path)}: {e.strerror or e}") from e
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            kind = "a folder" if stat.S_ISDIR(st.st_mode) else "not a regular file (a FIFO, device or socket)"
-            raise FormatError(f"{what} {os.fspath(path)} is {kind}; give a regular file")
         if st.st_size > limit:
             raise FormatError(f"{what} {os.fspath(path)} is {st.st_size} bytes, over the limit of {limit} bytes for it")
-        if hasattr(os, "set_blocking"):
-            os.set_blocking(fd, True)
         with open(fd, "rb", closefd=False) as f:  # BufferedReader.read(n): one allocation, loops until n or EOF
             data = f.read(st.st_size)
             extra = f.read(1)
@@ -140,11 +131,11 @@ def read_bounded(path: str | os.PathLike, limit: int, *, what: str = "file") -> 
         os.close(fd)
 
 
-def check_regular(path: str | os.PathLike, *, what: str = "file") -> int:
-    """Size of ``path`` if it is a regular file (checked on an open descriptor); :class:`FormatError` otherwise.
+def open_regular(path: str | os.PathLike, *, what: str = "file") -> tuple[int, os.stat_result]:
+    """An open descriptor (blocking, close it yourself) and the ``fstat`` of the regular file ``path``.
 
-    For files another library opens itself (a model read by ``onnx``): a FIFO or device would
-    hang or flood it, so it is refused first.
+    Opened non-blocking first, so a FIFO cannot hang the caller; anything but a regular file
+    (a FIFO, device, socket or folder) is a :class:`FormatError`, and so is a file that cannot be opened.
     """
     flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_CLOEXEC", 0)
     try:
@@ -153,11 +144,28 @@ def check_regular(path: str | os.PathLike, *, what: str = "file") -> int:
         raise FormatError(f"cannot read {what} {os.fspath(path)}: {e.strerror or e}") from e
     try:
         st = os.fstat(fd)
-    finally:
+        if not stat.S_ISREG(st.st_mode):
+            kind = "a folder" if stat.S_ISDIR(st.st_mode) else "not a regular file (a FIFO, device or socket)"
+            raise FormatError(f"cannot read {what} {os.fspath(path)}: it is {kind}; give a regular file")
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(fd, True)
+    except OSError as e:
         os.close(fd)
-    if not stat.S_ISREG(st.st_mode):
-        kind = "a folder" if stat.S_ISDIR(st.st_mode) else "not a regular file (a FIFO, device or socket)"
-        raise FormatError(f"{what} {os.fspath(path)} is {kind}; give a regular file")
+        raise FormatError(f"cannot read {what} {os.fspath(path)}: {e.strerror or e}") from e
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, st
+
+
+def check_regular(path: str | os.PathLike, *, what: str = "file") -> int:
+    """Size of ``path`` if it is a regular file (checked on an open descriptor); :class:`FormatError` otherwise.
+
+    For files another library opens itself (a model read by ``onnx``): a FIFO or device would
+    hang or flood it, so it is refused first.
+    """
+    fd, st = open_regular(path, what=what)
+    os.close(fd)
     return st.st_size
 
 

@@ -131,10 +131,10 @@ class LocalRegistry:
 # -- fixture data: a model and adapters built with numpy and onnx only (shared with lab/bench_fleet.py) --
 def make_model(path: Path, d_in: int = 256, d_hid: int = 256, d_out: int = 10, seed: int = 0):
     """A two-layer ONNX MLP with edge metadata (numpy and onnx only); returns its ``ModelInfo``."""
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
+    from _tiny import write_model
+    from onnx import TensorProto, helper
 
-    from edge.format.modelinfo import META_KEY, ModelInfo, TensorInfo, fingerprint
+    from edge.format.modelinfo import TensorInfo
 
     rng = np.random.default_rng(seed)
     stored = {
@@ -146,28 +146,13 @@ def make_model(path: Path, d_in: int = 256, d_hid: int = 256, d_out: int = 10, s
         helper.make_node("Relu", ["h0"], ["h1"]),
         helper.make_node("Gemm", ["h1", "fc2.weight"], ["logits"], transB=1),
     ]
-    graph = helper.make_graph(
-        nodes,
-        "fleet-mlp",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", d_in])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", d_out])],
-        [numpy_helper.from_array(v, k) for k, v in stored.items()],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    info = ModelInfo(
-        name="fleet-mlp",
-        fingerprint=fingerprint(stored),
-        tensors={
-            "fc1.weight": TensorInfo("fc1.weight", (d_hid, d_in), transposed=True),
-            "fc2.weight": TensorInfo("fc2.weight", (d_out, d_hid)),
-        },
-        inputs=("x",),
-        outputs=("logits",),
-    )
-    helper.set_model_props(model, {META_KEY: info.to_json()})
-    onnx.save(model, str(path))
-    return info
+    tensors = {
+        "fc1.weight": TensorInfo("fc1.weight", (d_hid, d_in), transposed=True),
+        "fc2.weight": TensorInfo("fc2.weight", (d_out, d_hid)),
+    }
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", d_in])]
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", d_out])]
+    return write_model(path, "fleet-mlp", nodes, inputs, outputs, stored, tensors)
 
 
 def make_adapter(info, path: Path, name: str, nbytes: int, seed: int) -> Path:

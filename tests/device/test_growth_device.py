@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from _blocking import BLOCK_TORCH, ROOT
 from _tiny import make_mlp
 from onnx import TensorProto, helper, numpy_helper
-from test_device_side import BLOCK_TORCH, ROOT
 
 from edge.errors import ConfigError
 from edge.format.adapter import load_adapter

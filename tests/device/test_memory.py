@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 import onnxruntime
 import pytest
-from _tiny import make_mlp
+from _tiny import make_mlp, write_model
 from onnx import TensorProto, helper, numpy_helper
 
 from edge.errors import ConfigError, FormatError
@@ -39,28 +39,13 @@ def make_embedder(path: Path, seed: int = 0) -> ModelInfo:
         helper.make_node("MatMul", ["e", "proj.weight"], ["p"]),
         helper.make_node("ReduceMean", ["p"], ["y"], axes=[1], keepdims=0),
     ]
-    graph = helper.make_graph(
-        nodes,
-        "embedder",
-        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch", 5])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", OUT])],
-        [numpy_helper.from_array(v, k) for k, v in stored.items()],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    info = ModelInfo(
-        name="embedder",
-        fingerprint=fingerprint(stored),
-        tensors={
-            "emb.weight": TensorInfo("emb.weight", (VOCAB, DIM)),
-            "proj.weight": TensorInfo("proj.weight", (OUT, DIM), transposed=True),
-        },
-        inputs=("ids",),
-        outputs=("y",),
-    )
-    helper.set_model_props(model, {META_KEY: info.to_json()})
-    onnx.save(model, str(path))
-    return info
+    tensors = {
+        "emb.weight": TensorInfo("emb.weight", (VOCAB, DIM)),
+        "proj.weight": TensorInfo("proj.weight", (OUT, DIM), transposed=True),
+    }
+    inputs = [helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch", 5])]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", OUT])]
+    return write_model(path, "embedder", nodes, inputs, outputs, stored, tensors)
 
 
 IDS = {"ids": np.array([[1, 7, 299, 0, 42], [3, 3, 3, 3, 3]], np.int64)}

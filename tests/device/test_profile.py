@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from _blocking import BLOCK_TORCH
 
 from edge.cli import main
 from edge.errors import BackendUnavailableError, ConfigError
@@ -179,24 +180,24 @@ def test_cli_writes_reports(tmp_path, capsys):
     assert (tmp_path / "p.md").read_text() == format_markdown(data)
 
 
-BLOCK_TORCH = """
-import importlib.abc, sys
-class _NoTorch(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name == "torch" or name.startswith("torch."):
-            raise ImportError("torch is blocked: device side must not import it")
-sys.meta_path.insert(0, _NoTorch())
+PROFILE_NO_TORCH = (
+    BLOCK_TORCH
+    + """
 from edge.cli import main
 model, adapter = sys.argv[1:]
 assert main(["devices"]) == 0
 assert main(["profile", model, "--device", "rpi4", "--adapters", adapter, "-q", "--runs", "2", "--warmup", "0"]) == 0
 assert not any(m == "torch" or m.startswith("torch.") for m in sys.modules), "torch was imported"
 """
+)
 
 
 def test_profile_and_devices_run_without_torch():
     r = subprocess.run(
-        [sys.executable, "-c", BLOCK_TORCH, str(MODEL), str(ADAPTER)], capture_output=True, text=True, cwd=ROOT
+        [sys.executable, "-c", PROFILE_NO_TORCH, str(MODEL), str(ADAPTER)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
     )
     assert r.returncode == 0, r.stderr
     assert "qualcomm-qnn" in r.stdout and "## tiny-mlp-v1 on device profile `rpi4`" in r.stdout

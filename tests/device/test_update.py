@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from _blocking import BLOCK_TORCH
 from onnx import TensorProto, helper, numpy_helper
-from test_device_side import BLOCK_TORCH
 
 from edge.errors import AdapterMismatchError, ConfigError, FormatError, RegistryError
 from edge.format.adapter import load_adapter
