@@ -19,6 +19,7 @@ import urllib.request
 from pathlib import Path
 
 import numpy as np
+from _tiny import write_model  # tests/ is on sys.path (conftest; lab/bench_fleet.py adds it too)
 
 __all__ = ["LocalRegistry", "registry_binary", "SKIP_REASON", "make_model", "make_adapter"]
 
@@ -131,7 +132,6 @@ class LocalRegistry:
 # -- fixture data: a model and adapters built with numpy and onnx only (shared with lab/bench_fleet.py) --
 def make_model(path: Path, d_in: int = 256, d_hid: int = 256, d_out: int = 10, seed: int = 0):
     """A two-layer ONNX MLP with edge metadata (numpy and onnx only); returns its ``ModelInfo``."""
-    from _tiny import write_model
     from onnx import TensorProto, helper
 
     from edge.format.modelinfo import TensorInfo
