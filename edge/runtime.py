@@ -177,23 +177,20 @@ class Runtime:
         index, delta = {}, {}
         for tname, d in adapter.tensors.items():
             t = self.info.tensors[tname]
-            if t.transposed and len(t.shape) != 2:
-                raise AdapterMismatchError(f"{tname}: only 2-D tensors can be stored transposed")
             stored = self.backend.read(t.initializer)
             if stored.size != int(np.prod(t.shape)) or stored.dtype != np.float32:
                 raise AdapterMismatchError(f"{tname}: stored tensor {stored.shape} {stored.dtype} does not fit")
             if isinstance(d, DenseDelta):  # the whole slot tensor, in stored layout
                 index[t.initializer] = np.arange(stored.size, dtype=np.int64)
-                delta[t.initializer] = np.ascontiguousarray(d.values.T if t.transposed else d.values).reshape(-1)
+                delta[t.initializer] = t.to_stored(d.values)
                 continue
-            rows = d.indices.astype(np.int64)
-            flat = rows[1] * t.shape[0] + rows[0] if t.transposed else np.ravel_multi_index(tuple(rows), t.shape)
+            flat, values = t.stored_offsets(d.indices), t.stored_delta(d.indices, d.values)
             if flat.size < 2 or bool(np.all(flat[1:] > flat[:-1])):  # already sorted: no copy, no sort
-                index[t.initializer], delta[t.initializer] = flat, d.values
+                index[t.initializer], delta[t.initializer] = flat, values
                 continue
             order = np.argsort(flat, kind="stable")
             index[t.initializer] = flat[order]
-            delta[t.initializer] = d.values[order]
+            delta[t.initializer] = values[order]
         with self._lock:
             self._check_open()
             self._check_not_active(name)
@@ -381,12 +378,11 @@ class Runtime:
             raise
 
     def weights(self, param: str) -> np.ndarray:
-        """Current value of a source parameter in its source layout (a copy)."""
+        """Current value of a source parameter in its source layout (a copy; a folded channel scale left in)."""
         t = self.info.tensors.get(param)
         if t is None:
             raise ConfigError(f"{str(param)[:80]!r} is not a parameter of model {self.info.name!r}")
-        w = np.array(self.backend.read(t.initializer))
-        return w.T.copy() if t.transposed else w.reshape(t.shape)
+        return t.from_stored(self.backend.read(t.initializer))
 
     def close(self) -> None:
         """Release the backend; afterwards every call raises :class:`RuntimeClosedError` (closing twice is fine)."""

@@ -72,15 +72,13 @@ def random_adapter(info: ModelInfo, seed: int, density: float = 0.2, name: str |
 def base_weights(path: Path, info: ModelInfo) -> dict[str, np.ndarray]:
     """Source-layout base weights of the targets, read from the file."""
     inits = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer}
-    return {
-        k: (inits[t.initializer].T if t.transposed else inits[t.initializer]).copy() for k, t in info.tensors.items()
-    }
+    return {k: t.from_stored(inits[t.initializer]) for k, t in info.tensors.items()}
 
 
 def write_merged(path: Path, info: ModelInfo, merged: dict[str, np.ndarray], out: Path) -> None:
     """A fresh model file with ``merged`` (source layout) written in, metadata kept as is."""
     model = onnx.load(str(path))
-    stored = {t.initializer: (merged[k].T.copy() if t.transposed else merged[k]) for k, t in info.tensors.items()}
+    stored = {t.initializer: t.to_stored(merged[k]).reshape(t.stored_shape) for k, t in info.tensors.items()}
     for init in model.graph.initializer:
         if init.name in stored:
             init.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(stored[init.name]), init.name))

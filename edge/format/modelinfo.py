@@ -3,14 +3,18 @@
 The exporter stores this in the ONNX file's ``metadata_props`` (keys below); the
 runtime reads it back without torch. Adapter indices are always given in the
 *source* (torch) layout of a parameter, e.g. ``[out, in]`` for a linear weight;
-``tensors`` maps each parameter to the stored initializer and says whether it is
-stored transposed, so one adapter file serves every backend.
+``tensors`` maps each parameter to the stored initializer and says how it is laid out there
+(as it is, its 2-D transpose, or any axis permutation such as TFLite's OHWI filters) and
+whether a converter scaled it per output channel (BatchNorm folded into a convolution), so one
+adapter file serves every backend.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -42,7 +46,14 @@ def fingerprint(tensors: Mapping[str, np.ndarray]) -> str:
 
 @dataclass(frozen=True)
 class TensorInfo:
-    """Where a source parameter lives in the exported file."""
+    """Where a source parameter lives in the exported file, and how its entries map there.
+
+    ``stored = source.transpose(perm) * channel_scale[o]`` (``o`` = source axis 0, the output
+    channel): ``perm`` is None for the layouts ``transposed`` names (as stored, or the 2-D
+    transpose), and ``channel_scale`` is set only where a converter folded a per-channel scale
+    (BatchNorm) into the stored weight, so a delta given on the source weight lands on the
+    folded one. The methods below are the one place that mapping is written.
+    """
 
     initializer: str  # name of the stored tensor
     shape: tuple[int, ...]  # source (torch) shape, in which adapter indices are given
@@ -51,6 +62,92 @@ class TensorInfo:
     head: bool = (
         False  # a detector-head tensor (edge.route.taps): written by the runtime's owner, outside the fingerprint
     )
+    perm: tuple[int, ...] | None = None  # stored = source.transpose(perm); None: as ``transposed`` says
+    channel_scale: tuple[float, ...] | None = None  # folded per output channel (source axis 0), float32 values
+
+    def __post_init__(self) -> None:
+        n = len(self.shape)
+        if self.perm is not None and sorted(self.perm) != list(range(n)):
+            raise FormatError(f"{self.initializer}: layout {list(self.perm)} is not a permutation of {n} axes")
+        if self.perm is not None and self.transposed:
+            raise FormatError(f"{self.initializer}: give either transposed or perm, not both")
+        if self.transposed and n != 2:
+            raise FormatError(f"{self.initializer}: only 2-D tensors can be stored transposed, not {list(self.shape)}")
+        if self.channel_scale is not None and (not n or len(self.channel_scale) != self.shape[0]):
+            raise FormatError(
+                f"{self.initializer}: {len(self.channel_scale)} channel scales for source shape {list(self.shape)}"
+            )
+
+    @property
+    def layout(self) -> tuple[int, ...]:
+        """The axis permutation from the source layout to the stored one."""
+        if self.perm is not None:
+            return self.perm
+        return (1, 0) if self.transposed else tuple(range(len(self.shape)))
+
+    @property
+    def stored_shape(self) -> tuple[int, ...]:
+        return tuple(self.shape[a] for a in self.layout)
+
+    def stored_offsets(self, indices: np.ndarray) -> np.ndarray:
+        """Flat offsets in the stored tensor of source-layout ``indices`` (``[ndim, nnz]``, in range)."""
+        rows = np.asarray(indices, dtype=np.int64)
+        return np.ravel_multi_index(tuple(rows[a] for a in self.layout), self.stored_shape).astype(np.int64)
+
+    def stored_delta(self, indices: np.ndarray, values: np.ndarray) -> np.ndarray:
+        """A source-layout delta at ``indices`` as it lands on the stored (possibly folded) weight."""
+        if self.channel_scale is None:
+            return values
+        scale = np.asarray(self.channel_scale, dtype=np.float32)
+        return (values * scale[np.asarray(indices[0], dtype=np.int64)]).astype(np.float32)
+
+    def to_stored(self, source: np.ndarray) -> np.ndarray:
+        """A whole source-layout tensor (a delta or weight) in the stored layout, flat and contiguous."""
+        out = np.asarray(source, dtype=np.float32).reshape(self.shape)
+        if self.channel_scale is not None:
+            out = out * np.asarray(self.channel_scale, dtype=np.float32).reshape((-1,) + (1,) * (len(self.shape) - 1))
+        return np.ascontiguousarray(out.transpose(self.layout)).reshape(-1)
+
+    def from_stored(self, stored: np.ndarray) -> np.ndarray:
+        """The stored tensor read back in the source layout, with any folded channel scale left in (a copy)."""
+        return np.array(np.asarray(stored).reshape(self.stored_shape).transpose(np.argsort(self.layout)))
+
+    def _json(self) -> dict:
+        d = {"initializer": self.initializer, "shape": list(self.shape), "transposed": self.transposed}
+        if self.slot:
+            d["slot"] = True
+        if self.head:
+            d["head"] = True
+        if self.perm is not None:
+            d["perm"] = list(self.perm)
+        if self.channel_scale is not None:  # exact float32 bytes, compact
+            raw = np.asarray(self.channel_scale, dtype="<f4").tobytes()
+            d["channel_scale"] = base64.b64encode(raw).decode("ascii")
+        return d
+
+    @classmethod
+    def _from_json(cls, t: Mapping) -> TensorInfo:
+        shape = _shape(t["shape"])
+        perm = t.get("perm")
+        if perm is not None and (not isinstance(perm, list) or not all(type(a) is int for a in perm)):
+            raise ValueError(f"perm {str(perm)[:80]} is not a list of integers")
+        scale = t.get("channel_scale")
+        if scale is not None:
+            if not isinstance(scale, str) or len(scale) != 4 * math.ceil(4 * shape[0] / 3):
+                raise ValueError(f"channel_scale is not {shape[0]} base64-encoded float32 values")
+            values = np.frombuffer(base64.b64decode(scale, validate=True), dtype="<f4")
+            if not np.all(np.isfinite(values)) or not np.all(values != 0):
+                raise ValueError("channel_scale holds a zero or non-finite value")
+            scale = tuple(float(v) for v in values)
+        return cls(
+            str(t["initializer"]),
+            shape,
+            bool(t["transposed"]),
+            bool(t.get("slot", False)),
+            bool(t.get("head", False)),
+            None if perm is None else tuple(perm),
+            scale,
+        )
 
 
 @dataclass(frozen=True)
@@ -71,12 +168,7 @@ class ModelInfo:
                 "version": MODEL_VERSION,
                 "name": self.name,
                 "fingerprint": self.fingerprint,
-                "tensors": {
-                    k: {"initializer": t.initializer, "shape": list(t.shape), "transposed": t.transposed}
-                    | ({"slot": True} if t.slot else {})
-                    | ({"head": True} if t.head else {})
-                    for k, t in self.tensors.items()
-                },
+                "tensors": {k: t._json() for k, t in self.tensors.items()},
                 "inputs": list(self.inputs),
                 "outputs": list(self.outputs),
                 "extra": dict(self.extra),
@@ -99,16 +191,7 @@ class ModelInfo:
                 "re-export the model or upgrade the runtime"
             )
         try:
-            tensors = {
-                k: TensorInfo(
-                    str(t["initializer"]),
-                    _shape(t["shape"]),
-                    bool(t["transposed"]),
-                    bool(t.get("slot", False)),
-                    bool(t.get("head", False)),
-                )
-                for k, t in d["tensors"].items()
-            }
+            tensors = {k: TensorInfo._from_json(t) for k, t in d["tensors"].items()}
             return cls(
                 name=str(d["name"]),
                 fingerprint=str(d["fingerprint"]),
@@ -117,6 +200,8 @@ class ModelInfo:
                 outputs=tuple(d.get("outputs", ())),
                 extra=dict(d.get("extra", {})),
             )
+        except FormatError:
+            raise
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise FormatError(f"model metadata is missing or has a malformed field: {e!r}") from e
 
