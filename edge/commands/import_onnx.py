@@ -43,6 +43,7 @@ def run(args) -> int:
         "fingerprint": report.info.fingerprint,
         "targets": len(report.info.tensors),
         "transposed": sum(t.transposed for t in report.info.tensors.values()),
+        "batchnorm_folded": sorted(k for k, t in report.info.tensors.items() if t.channel_scale is not None),
         "renamed": len(report.renamed),
         "unmatched": list(report.unmatched),
         "ambiguous": {k: list(v) for k, v in report.ambiguous.items()},

@@ -6,6 +6,8 @@ it in this project's metadata with its layout: adapter indices are in the torch 
 in]`` for a linear, ``[out, in/groups, kH, kW]`` for a conv), stored as is (reshaped) or as its 2-D
 transpose (``TensorInfo.transposed``: a MatMul reads ``[in, out]``). A permutation the metadata
 cannot express (an HWIO filter transposed in the graph) is folded into the stored tensor.
+A convolution whose exporter folded a BatchNorm into it matches its torch weight up to a
+per-output-channel scale (:mod:`edge.convert.bn_fold`), recorded as ``TensorInfo.channel_scale``.
 
 Without a state dict targets keep their ONNX names; with one (safetensors, or an HF folder's
 ``model.safetensors``; never pickle) each is named after the torch parameter of equal value, as
@@ -26,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edge.convert.bn_fold import folded_scale
 from edge.errors import AdapterMismatchError, ConfigError, ExportValidationError, FormatError
 from edge.format.modelinfo import META_KEY, ModelInfo, TensorInfo, fingerprint
 from edge.format.onnx_graph import consumers, keep_only, set_metadata, subgraph_reads
@@ -388,6 +391,13 @@ def _name_by_value(found: Mapping[str, _View], arrays, params: Mapping[str, np.n
             for pname in by_value.get(_digest(value), []):
                 if all(p != pname for p, _ in hits[init]):  # symmetric: the op's own layout comes first
                     hits[init].append((pname, TensorInfo(init, tuple(value.shape), transposed)))
+    exact = {p for cands in hits.values() for p, _ in cands}
+    for init, view in found.items():  # a convolution with a BatchNorm folded in: equal up to a per-channel scale
+        if not hits[init] and view.ops[-1] == "Conv":
+            for pname, p in params.items():
+                scale = None if pname in exact else folded_scale(arrays[init].reshape(view.shape), np.asarray(p))
+                if scale is not None:
+                    hits[init].append((pname, TensorInfo(init, view.shape, channel_scale=tuple(map(float, scale)))))
     owners: dict[str, list[str]] = defaultdict(list)
     for init, cands in hits.items():
         for pname, _ in cands:

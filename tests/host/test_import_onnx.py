@@ -188,26 +188,78 @@ def test_pickle_state_dicts_are_refused(exported, tmp_path):
         import_onnx(exported["dir"] / "net.onnx", tmp_path / "o.onnx", state_dict=tmp_path)
 
 
-def test_folded_batchnorm_and_equal_weights_are_reported_not_guessed(tmp_path):
-    torch.manual_seed(1)
+def _bn_model(seed: int = 1) -> MlpCnn:
+    torch.manual_seed(seed)
     model = MlpCnn(bn=True).eval()
-    with torch.no_grad():
+    with torch.no_grad():  # a trained BatchNorm: the folded filter differs from conv1.weight per channel
         model.bn.running_var.uniform_(0.5, 2.0)
+        model.bn.running_mean.uniform_(-1.0, 1.0)
+        model.bn.weight.uniform_(-2.0, 2.0)
+    return model
+
+
+def test_folded_batchnorm_is_matched_by_its_channel_scale_and_equal_weights_are_reported(tmp_path):
+    model = _bn_model()
+    with torch.no_grad():
         model.fc2.weight.zero_()  # equal to no other weight: still one match
         model.fc1.weight[:, 16:] = 0
     params = {k: v.detach().numpy() for k, v in model.state_dict().items()}
     params["copy_of_fc1.weight"] = params["fc1.weight"].copy()  # two parameters of one value: the
     params["copy_of_proj.weight"] = params["proj.weight"].copy()  # initializer's name decides, if it is one
+    params["not_conv1.weight"] = params["conv1.weight"] * np.float32(1.0001) + np.float32(1e-3)  # no one scale
     foreign_export(model, tmp_path / "bn.onnx")
     report = import_onnx(tmp_path / "bn.onnx", tmp_path / "bn.edge.onnx", state_dict=params)
-    assert "conv1.weight" in report.missing  # BatchNorm was folded into the convolution by the exporter
-    assert len(report.unmatched) == 1 and report.unmatched[0] in report.info.tensors  # the folded filter
+    conv1 = report.info.tensors["conv1.weight"]  # BatchNorm was folded into it by the exporter
+    bn = model.bn
+    want = (bn.weight / torch.sqrt(bn.running_var + bn.eps)).detach().numpy()
+    np.testing.assert_allclose(conv1.channel_scale, want, rtol=1e-6)
+    assert conv1.initializer != "conv1.weight" and report.renamed[conv1.initializer] == "conv1.weight"
+    assert not report.unmatched and "conv1.weight" not in report.missing
     (matmul,) = [k for k in report.info.tensors if k.startswith("onnx::MatMul")]  # kept its ONNX name
     assert report.ambiguous == {matmul: ("copy_of_proj.weight", "proj.weight")}
     assert report.renamed["fc1.weight"] == "fc1.weight" and report.renamed["fc2.weight"] == "fc2.weight"
     with pytest.raises(AdapterMismatchError, match="nothing was written"):
         import_onnx(tmp_path / "bn.onnx", tmp_path / "strict.onnx", state_dict=params, strict=True)
     assert not (tmp_path / "strict.onnx").exists()
+
+
+@pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript", "dynamo"])
+def test_a_shira_adapter_on_a_batchnorm_folded_conv_matches_torch(tmp_path, dynamo):
+    """Both torch exporters fold BatchNorm; the dynamo one even keeps the name ``conv1.weight`` for the folded value."""
+    model = _bn_model(seed=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            model,
+            (torch.randn(2, 3, 8, 8),),
+            str(tmp_path / "bn.onnx"),
+            dynamo=dynamo,
+            input_names=["x"],
+            output_names=["y"],
+            dynamic_axes=None if dynamo else {"x": {0: "batch"}},
+        )
+    params = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+    report = import_onnx(tmp_path / "bn.onnx", tmp_path / "bn.edge.onnx", state_dict=params, strict=True)
+    assert report.info.tensors["conv1.weight"].channel_scale is not None
+    assert report.info.tensors["dw.weight"].channel_scale is None
+    x = np.random.default_rng(1).standard_normal((2, 3, 8, 8)).astype(np.float32)
+    with Runtime(tmp_path / "bn.edge.onnx") as rt:
+        base = rt.run({"x": x})["y"]
+        adapter, torch_deltas = shira(model, rt.info, {"conv1.weight": "conv1.weight", "dw.weight": "dw.weight"})
+        rt.load_adapter(adapter)
+        rt.switch("shira")
+        got = rt.run({"x": x})["y"]
+        rt.switch(None)
+        rt.wait_settled()
+        np.testing.assert_array_equal(rt.run({"x": x})["y"], base)
+    tuned = copy.deepcopy(model)
+    with torch.no_grad():
+        for pname, (idx, values) in torch_deltas.items():
+            dict(tuned.named_parameters())[pname][tuple(idx)] += torch.from_numpy(values)
+        want = tuned(torch.from_numpy(x)).numpy()
+        np.testing.assert_allclose(base, model(torch.from_numpy(x)).numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    assert np.abs(got - base).max() > 1e-3
 
 
 def test_a_foreign_hf_export_takes_a_peft_shira_adapter(tmp_path):
