@@ -1,10 +1,11 @@
 """Fleet benchmark: a real registry on 127.0.0.1, one release changing 1 of 100 adapters, then a fleet.
 
 Measures, per adapter size, the sync time of one device after a release that changes one adapter
-out of 100 and the bytes it moved (TUF metadata + manifests + blobs, HTTP bodies) against that
-adapter's bytes; then ``devices`` simulated devices (threads, each with its own folder and cache)
-syncing concurrently, with faults injected: the registry killed and restarted mid-fleet and one
-tampered blob. Needs the registry binary (``scripts/install-registry.sh``), oras and tuf.
+out of 100 and the bytes it moved (TUF metadata + manifests + blobs, HTTP bodies; response headers
+apart) against that adapter's bytes, and what a poll with nothing new costs; then ``devices``
+simulated devices (threads, each with its own folder and cache) syncing concurrently while the
+registry is SIGKILLed with downloads in flight and restarted, counting the downloads resumed.
+Needs the registry binary (``scripts/install-registry.sh``), oras and tuf.
 All traffic stays on 127.0.0.1. ``run()`` returns JSON-able figures, ``markdown()`` a table.
 """
 
@@ -62,17 +63,22 @@ def _one_of_100(tmp: Path, h, adapter_bytes: int, n_adapters: int, repeats: int)
         push(reg.host, "edge/adapters", "stable", model, files, root / "tuf", root / "keys", insecure=True)
         cfg = FleetConfig(reg.host, "edge/adapters", "stable", root / "tuf" / "root.json", insecure=True)
         first = sync(cfg, root / "device", model=model)
-        times, ratios, moved, meta = [], [], [], []
+        times, ratios, moved, meta, reqs, headers, wire = [], [], [], [], [], [], []
         for r in range(repeats):
             changed = make_adapter(info, files[r % n_adapters], f"a{r % n_adapters:03d}", adapter_bytes, 1000 + r)
             push(reg.host, "edge/adapters", "stable", model, [changed], root / "tuf", root / "keys", insecure=True)
             rep = sync(cfg, root / "device", model=model)
-            assert rep.status == "updated" and len(rep.installed) == 1, rep.to_dict()
+            if rep.status != "updated" or len(rep.installed) != 1:
+                raise RuntimeError(f"release {r + 1} did not install exactly one adapter: {rep.to_dict()}")
             size = rep.installed[0]["bytes"]
             times.append(rep.seconds)
             moved.append(rep.bytes_total)
             meta.append(rep.bytes_metadata)
+            reqs.append(rep.requests)
+            headers.append(rep.bytes_headers)
             ratios.append(rep.bytes_total / size)
+            wire.append((rep.bytes_total + rep.bytes_headers) / size)
+        poll = sync(cfg, root / "device", model=model)  # nothing new: what a device pays to ask
     return {
         "adapters": n_adapters,
         "adapter_bytes": size,
@@ -83,19 +89,31 @@ def _one_of_100(tmp: Path, h, adapter_bytes: int, n_adapters: int, repeats: int)
         "metadata_bytes_p50": int(statistics.median(meta)),
         "ratio_p50": round(statistics.median(ratios), 4),
         "ratio_max": round(max(ratios), 4),
+        "requests_p50": int(statistics.median(reqs)),
+        "header_bytes_p50": int(statistics.median(headers)),
+        "ratio_with_headers_max": round(max(wire), 4),
+        "poll_status": poll.status,
+        "poll_body_bytes": poll.bytes_total,
+        "poll_header_bytes": poll.bytes_headers,
+        "poll_requests": poll.requests,
         "repeats": repeats,
     }
 
 
-def _fleet(tmp: Path, h, devices: int, n_adapters: int, adapter_bytes: int, changed_bytes: int) -> dict:
-    """``devices`` concurrent syncs of release 2 (one adapter changed); the registry is killed mid-way."""
+def _fleet(tmp: Path, h, devices: int, n_adapters: int, adapter_bytes: int, changed_bytes: int, kill_at: int) -> dict:
+    """``devices`` concurrent syncs of release 2 (one adapter changed); the registry is killed mid-way.
+
+    The crash comes once ``kill_at`` devices are downloading the changed adapter: each of them holds
+    its first chunk until then (a slow link), so the crash cuts real transfers, which the next
+    sync must resume from the partial file.
+    """
     from edge.fleet import FleetConfig, init_release, push, sync
 
     LocalRegistry, make_model, make_adapter = h.LocalRegistry, h.make_model, h.make_adapter
     root = tmp / "fleet"
     root.mkdir()
     model = root / "model.onnx"
-    info = make_model(model, d_in=512, d_hid=512)
+    info = make_model(model, d_in=1024, d_hid=1024)  # room for adapters of up to 12 MB
     files = [
         make_adapter(info, root / f"a{i:03d}.safetensors", f"a{i:03d}", adapter_bytes, i) for i in range(n_adapters)
     ]
@@ -109,22 +127,31 @@ def _fleet(tmp: Path, h, devices: int, n_adapters: int, adapter_bytes: int, chan
         with ThreadPoolExecutor(devices) as ex:
             first = list(ex.map(lambda d: sync(cfg, d, model=model), dev))
         t_first = time.perf_counter() - t0
-        changed = make_adapter(info, files[0], "a000", changed_bytes, 999)  # MBs: the kill cuts transfers
+        changed = make_adapter(info, files[0], "a000", changed_bytes, 999)  # over the ~4 MB loopback keeps in flight
         push(reg.host, "edge/adapters", "stable", model, [changed], root / "tuf", root / "keys", insecure=True)
-        killed, lock, chunks = threading.Event(), threading.Lock(), [0]
+        killed, lock, started = threading.Event(), threading.Lock(), set()
 
-        def hook(_n):  # the registry dies once the fleet has read `devices` chunks of the release
-            with lock:
-                chunks[0] += 1
-                if chunks[0] == devices and not killed.is_set():
-                    killed.set()
+        def hook_for(device: Path):
+            def hook(_n):
+                with lock:
+                    if killed.is_set() or device in started:
+                        return
+                    started.add(device)
+                    crash = len(started) == kill_at
+                if crash:
                     reg.stop(kill=True)
+                    killed.set()
+                else:
+                    killed.wait(timeout=60)  # hold the first chunk until the crash (bounded: never hangs)
+
+            return hook
 
         load = [_load1m()]
         t0 = time.perf_counter()
         with ThreadPoolExecutor(devices) as ex:
-            second = list(ex.map(lambda d: sync(cfg, d, model=model, on_chunk=hook), dev))
+            second = list(ex.map(lambda d: sync(cfg, d, model=model, on_chunk=hook_for(d)), dev))
         loadable = sum(_loadable(d, info.fingerprint) for d in dev)  # no device is left without a usable set
+        partial = sum(any(p.stat().st_size for p in (d / ".edge-sync/partial").glob("*.part")) for d in dev)
         reg.start()
         with ThreadPoolExecutor(devices) as ex:
             third = list(ex.map(lambda d: sync(cfg, d, model=model), dev))
@@ -151,50 +178,69 @@ def _fleet(tmp: Path, h, devices: int, n_adapters: int, adapter_bytes: int, chan
         "statuses_after_restart": dict(
             sorted({s: [r.status for r in third].count(s) for s in {r.status for r in third}}.items())
         ),
+        "kill_at_devices_downloading": kill_at,
+        "partial_files_after_kill": partial,
         "resumed_downloads": sum(r.resumed for r in third),
+        "resumed_bytes_not_moved_again": sum(r.bytes_resumed_from for r in third),
+        "release_adapter_bytes_after_restart": sum(r.bytes_adapters for r in third),
         "first_sync_ok": sum(r.status == "updated" for r in first),
         "loadavg_1m": load,
     }
 
 
 def run(
-    sizes=(24_000, 256_000), n_adapters: int = 100, repeats: int = 5, devices: int = 50, changed_bytes: int = 2_000_000
+    sizes=(24_000, 256_000),
+    n_adapters: int = 100,
+    repeats: int = 5,
+    devices: int = 50,
+    changed_bytes: int = 8_000_000,
+    kill_at: int | None = None,
 ) -> dict:
     h = _helpers()
     with tempfile.TemporaryDirectory(prefix="edge-bench-fleet-") as tmp:
         tmp = Path(tmp)
         one = [_one_of_100(tmp, h, s, n_adapters, repeats) for s in sizes]
-        fleet = _fleet(tmp, h, devices, n_adapters, sizes[0], changed_bytes)
+        fleet = _fleet(tmp, h, devices, n_adapters, sizes[0], changed_bytes, kill_at or max(1, devices // 2))
     return {"one_of_100": one, "fleet": fleet, "cpus": os.cpu_count(), "loadavg_1m_end": _load1m()}
 
 
 def markdown(result: dict) -> str:
     lines = [
-        "Release changing 1 of N adapters, one device (bytes = HTTP bodies: TUF metadata, manifests, blobs):",
+        "Release changing 1 of N adapters, one device. Bytes are HTTP bodies (TUF head manifest and bundle, "
+        "other metadata, adapter blobs); response status lines and headers are counted apart:",
         "",
-        "| adapters | adapter bytes | sync p50 (s) | bytes moved p50 | of which metadata | moved / adapter p50 | max |",
-        "|---|---|---|---|---|---|---|",
+        "| adapters | adapter bytes | sync p50 (s) | requests | bytes moved p50 | of which metadata | "
+        "moved / adapter p50 | max | max incl. headers | poll with nothing new |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["one_of_100"]:
         lines.append(
-            f"| {r['adapters']} | {r['adapter_bytes']:,} | {r['sync_s_p50']:.3f} | {r['bytes_moved_p50']:,} | "
-            f"{r['metadata_bytes_p50']:,} | {r['ratio_p50']:.3f} | {r['ratio_max']:.3f} |"
+            f"| {r['adapters']} | {r['adapter_bytes']:,} | {r['sync_s_p50']:.3f} | {r['requests_p50']} | "
+            f"{r['bytes_moved_p50']:,} | {r['metadata_bytes_p50']:,} | {r['ratio_p50']:.3f} | {r['ratio_max']:.3f} | "
+            f"{r['ratio_with_headers_max']:.3f} | {r['poll_status']}: {r['poll_requests']} request, "
+            f"{r['poll_body_bytes']} body bytes, {r['poll_header_bytes']} header bytes |"
         )
     f = result["fleet"]
     lines += [
         "",
         f"Fleet: {f['devices']} devices on loopback, {f['adapters']} adapters of {f['adapter_bytes']:,} bytes each; "
-        f"the release changes one to {f['changed_bytes']:,} bytes and the registry is SIGKILLed after the fleet read "
-        f"{f['devices']} chunks of it, then restarted ({result['cpus']} CPUs, 1-min load average "
+        f"the release changes one to {f['changed_bytes']:,} bytes and the registry is SIGKILLed once "
+        f"{f['kill_at_devices_downloading']} devices are downloading it (each holds its first 64 KiB chunk until "
+        f"then, as on a slow link), then restarted on the same storage ({result['cpus']} CPUs, 1-min load average "
         f"{f['loadavg_1m'][0]} -> {f['loadavg_1m'][1]}):",
         "",
         "| devices | first sync wall (s) | release wall incl. kill + restart (s) | converged | after kill | "
-        "loadable after kill | after restart | resumed downloads |",
-        "|---|---|---|---|---|---|---|---|",
+        "loadable after kill | partial files after kill | after restart | resumed downloads | "
+        "bytes not moved again |",
+        "|---|---|---|---|---|---|---|---|---|---|",
         f"| {f['devices']} | {f['first_sync_wall_s']:.2f} | {f['release_wall_s']:.2f} | "
         f"{f['converged']}/{f['devices']} | "
         f"{_counts(f['statuses_after_kill'])} | {f['loadable_after_kill']}/{f['devices']} | "
-        f"{_counts(f['statuses_after_restart'])} | {f['resumed_downloads']} |",
+        f"{f['partial_files_after_kill']} | {_counts(f['statuses_after_restart'])} | {f['resumed_downloads']} | "
+        f"{f['resumed_bytes_not_moved_again']:,} |",
+        "",
+        "Resumed: the next sync asked for the rest with an HTTP Range from the partial file's size and installed "
+        "the adapter only after the whole file matched the sha256 signed in the TUF targets.",
     ]
     return "\n".join(lines) + "\n"
 
@@ -208,7 +254,8 @@ def add_arguments(p) -> None:
     p.add_argument("--adapters", type=int, default=100)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--devices", type=int, default=50)
-    p.add_argument("--changed-bytes", type=int, default=2_000_000, help="size of the adapter the fleet release changes")
+    p.add_argument("--changed-bytes", type=int, default=8_000_000, help="size of the adapter the fleet release changes")
+    p.add_argument("--kill-at", type=int, help="kill the registry once this many devices download (default: half)")
 
 
 def cli(args) -> int:
@@ -217,7 +264,7 @@ def cli(args) -> int:
     from edge.format.io import write_json
     from lab.benchmarks import write_section
 
-    res = run(tuple(args.sizes), args.adapters, args.repeats, args.devices, args.changed_bytes)
+    res = run(tuple(args.sizes), args.adapters, args.repeats, args.devices, args.changed_bytes, args.kill_at)
     print(json.dumps(res, indent=1))
     if args.json:
         write_json(args.json, res)

@@ -34,6 +34,19 @@ def register(sub) -> None:
     f = rs.add_parser("refresh", help="re-sign snapshot and timestamp with new expiry dates (run before 7 days pass)")
     _common(f)
     f.set_defaults(func=refresh)
+    k = rs.add_parser(
+        "rotate",
+        help="new keys for roles and a root signed by the old and the new root key (devices follow the chain)",
+    )
+    _common(k)
+    k.add_argument(
+        "--role",
+        action="append",
+        dest="roles",
+        choices=["root", "targets", "snapshot", "timestamp"],
+        help="role whose key to replace, repeatable (default: root)",
+    )
+    k.set_defaults(func=rotate)
 
 
 def _out(args, result: dict, line: str) -> int:
@@ -85,3 +98,17 @@ def refresh(args) -> int:
     registry, repository = split_reference(args.reference)
     res = refresh_release(registry, repository, args.tuf_dir, args.keys, insecure=args.insecure)
     return _out(args, res, f"release {res['release']} re-signed, timestamp expires {res['expires']}")
+
+
+def rotate(args) -> int:
+    from edge.commands.sync import split_reference
+    from edge.fleet import rotate_keys
+
+    registry, repository = split_reference(args.reference)
+    res = rotate_keys(registry, repository, args.tuf_dir, args.keys, args.roles or ["root"], insecure=args.insecure)
+    return _out(
+        args,
+        res,
+        f"root version {res['root_version']} published: new {', '.join(res['rotated'])} keys in {args.keys}, "
+        f"old ones in {args.keys / 'retired'}; devices keep their tuf_root and follow the chain",
+    )

@@ -1,7 +1,8 @@
 """Fleet distribution: adapters published to an OCI registry (oras) and synced by devices, secured by TUF.
 
 Host: :func:`init_release` (keys, TUF repository), :func:`push` (model once, adapters, a signed
-release per channel), :func:`refresh_release` (re-sign before expiry). Device: :func:`sync`
+release per channel), :func:`refresh_release` (re-sign before expiry), :func:`rotate_keys` (new
+role keys and a root signed by the old and the new root key). Device: :func:`sync`
 (verify, download only what changed, resume, install atomically). Needs the ``fleet`` extra
 (``oras``, ``tuf``, ``filelock``); imported lazily, so ``import edge.fleet`` costs nothing.
 See :mod:`edge.fleet.oci` for the registry layout and media types.
@@ -30,6 +31,7 @@ __all__ = [
     "init_release",
     "push",
     "refresh_release",
+    "rotate_keys",
     "sync",
 ]
 
@@ -40,6 +42,7 @@ _LAZY = {
     "init_release": "edge.fleet.publish",
     "push": "edge.fleet.publish",
     "refresh_release": "edge.fleet.publish",
+    "rotate_keys": "edge.fleet.publish",
 }
 
 

@@ -4,7 +4,8 @@ One sync, under a file lock on the adapter folder (concurrent syncs of one devic
 
 1. TUF (python-tuf ngclient, metadata read from the registry by :mod:`edge.fleet.tuf_oci`):
    refresh root -> timestamp -> snapshot -> targets, verifying signatures, versions (no rollback)
-   and expiry, starting from the device's ``tuf_root``. Unchanged hash bins come from the cache.
+   and expiry, starting from the device's ``tuf_root``. A release costs one head manifest and one
+   small bundle (a poll with nothing new: one HTTP 304); unchanged hash bins come from the cache.
 2. The targets under ``<channel>/<model fingerprint>/`` are this device's adapters. One whose
    sha256 equals the installed file's is left alone; one whose release version is lower than the
    installed one is refused.
@@ -44,7 +45,7 @@ from edge.fleet.oci import (
 
 __all__ = ["SyncReport", "sync", "STATE_DIR"]
 
-STATE_DIR = ".edge-sync"  # inside the adapter folder: state.json, plan.json, tuf/, blobs/, partial/
+STATE_DIR = ".edge-sync"  # inside the adapter folder: state.json, plan.json, tuf/, head/, blobs/, partial/
 _LOCK_TIMEOUT = 600.0
 
 
@@ -63,9 +64,12 @@ class SyncReport:
     refused: list[dict] = field(default_factory=list)  # security: tampered, older, expired, wrong base...
     failed: list[dict] = field(default_factory=list)  # transient: network cut (resumable)
     reason: str = ""
-    bytes_metadata: int = 0
-    bytes_adapters: int = 0
-    resumed: int = 0
+    bytes_metadata: int = 0  # HTTP bodies: TUF head, bundle and metadata files, manifests
+    bytes_adapters: int = 0  # HTTP bodies: adapter and signature blobs
+    bytes_headers: int = 0  # HTTP response status lines and headers (approximate), every request
+    requests: int = 0
+    resumed: int = 0  # downloads continued from a partial file with an HTTP Range
+    bytes_resumed_from: int = 0  # bytes those downloads already had on disk (not moved again)
     seconds: float = 0.0
 
     @property
@@ -152,7 +156,7 @@ class _Sync:
 
         meta_client = OciClient(self.cfg.base_url, self.cfg.tuf_repository, self.cfg.timeout)
         blob_client = OciClient(self.cfg.base_url, self.cfg.repository, self.cfg.timeout)
-        fetcher = OciMetadataFetcher(meta_client)
+        fetcher = OciMetadataFetcher(meta_client, self.cache / "head")
         try:
             try:
                 plan = self._verified_plan(fetcher)
@@ -169,6 +173,8 @@ class _Sync:
             self._apply(plan, blob_client, prune)
         finally:
             self.r.bytes_adapters = blob_client.bytes_in
+            self.r.bytes_headers = meta_client.header_bytes_in + blob_client.header_bytes_in
+            self.r.requests = meta_client.requests_made + blob_client.requests_made
             meta_client.close()
             blob_client.close()
 
@@ -258,6 +264,9 @@ class _Sync:
             except (FleetSecurityError, FormatError, AdapterMismatchError, SignatureError) as e:
                 self._refuse(name, str(e))
                 continue
+            except FleetError as e:  # the registry answered with an error (HTTP 5xx...): retry on the next sync
+                self.r.failed.append({"name": name, "reason": str(e)})
+                continue
             self._install(name, t, blob)
         wanted = {t["sha256"] for t in plan["targets"].values()} | {
             t["sig"]["sha256"] for t in plan["targets"].values() if "sig" in t
@@ -322,6 +331,7 @@ class _Sync:
                 start = 0
             if start:
                 self.r.resumed += 1
+                self.r.bytes_resumed_from += start
             if start < length:
                 with open(part, "ab") as f:
                     got = start

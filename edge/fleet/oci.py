@@ -7,8 +7,12 @@ Layout of one fleet repository ``REPO`` on a registry (all content-addressed, sh
 * ``REPO:<channel>-<fp>`` — a release of the adapters for one model on one channel (``stable``,
   ``canary``, ``site-berlin``...): one layer per adapter, each with its metadata in annotations;
   ``subject`` points at the model manifest, so every release references the one model blob.
-* ``REPO/tuf:<N>.<role>.json`` and ``REPO/tuf:timestamp.json`` — TUF metadata (one small artifact
-  each, consistent snapshots, so every version except the timestamp is immutable).
+* ``REPO/tuf:<N>.<role>.json`` — TUF metadata, one small artifact each (consistent snapshots: every
+  version is immutable).
+* ``REPO/tuf:timestamp.json`` — the one mutable tag: a manifest whose config is a gzip'd bundle of
+  ``timestamp.json`` and every file published with it (snapshot, changed hash bins, a new root) and
+  the current root version. A device reads one manifest (304 Not Modified when unchanged) and one
+  small blob per release; files older releases published are read by their own tags.
 
 ``<fp>`` is the hex part of the model fingerprint (``sha256:<32 hex>``). A TUF target path is
 ``<channel>/<fp>/<adapter name>.safetensors``; its length and sha256 equal the OCI blob's size and
@@ -32,6 +36,8 @@ __all__ = [
     "FleetSecurityError",
     "RegistryUnreachableError",
     "OciClient",
+    "MAX_MANIFEST",
+    "parse_manifest",
     "MEDIA",
     "ANN",
     "target_path",
@@ -52,6 +58,7 @@ MEDIA = {
     "signature": "application/vnd.edge.adapter.signature.v1+json",
     "tuf_artifact": "application/vnd.edge.tuf.v1",
     "tuf_metadata": "application/vnd.edge.tuf.metadata.v1+json",
+    "tuf_bundle": "application/vnd.edge.tuf.bundle.v1+json+gzip",
     "empty": "application/vnd.oci.empty.v1+json",
     "manifest": "application/vnd.oci.image.manifest.v1+json",
 }
@@ -66,7 +73,6 @@ ANN = {
     "version": "dev.edge.adapter.version",
     "format": "dev.edge.adapter.format",
     "base": "dev.edge.adapter.base-fingerprint",
-    "tuf_blobs": "dev.edge.tuf.blobs",  # on timestamp.json: "FILE=DIGEST ..." of the files published with it
 }
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _FP = re.compile(r"^sha256:[0-9a-f]{16,64}$")
@@ -176,7 +182,9 @@ class OciClient:
     oras-py's ``Registry.do_request`` retries failed connections five times with sleeps of up to 83 s
     and offers no ``Range`` header, both wrong for a device that must give up fast and resume, so
     reads go through one ``requests.Session`` with explicit timeouts. Every body byte read is
-    counted in ``bytes_in`` (what the device moved over the network).
+    counted in ``bytes_in`` (what the device moved over the network), response status lines and
+    headers in ``header_bytes_in`` (approximate: as HTTP/1.1 would send them), requests in
+    ``requests_made``.
     """
 
     def __init__(self, base_url: str, repository: str, timeout: float = 10.0):
@@ -188,6 +196,7 @@ class OciClient:
         self.timeout = timeout
         self.session = requests.Session()
         self.bytes_in = 0
+        self.header_bytes_in = 0
         self.requests_made = 0
 
     def close(self) -> None:
@@ -196,23 +205,50 @@ class OciClient:
     def _get(self, url: str, headers: dict, stream: bool = False):
         self.requests_made += 1
         try:
-            return self.session.get(url, headers=headers, stream=stream, timeout=(min(3.0, self.timeout), self.timeout))
+            r = self.session.get(url, headers=headers, stream=stream, timeout=(min(3.0, self.timeout), self.timeout))
         except self._requests.RequestException as e:
             raise RegistryUnreachableError(f"registry {self.base_url} is unreachable: {e}") from e
+        self.header_bytes_in += len(f"HTTP/1.1 {r.status_code} {r.reason}\r\n\r\n") + sum(
+            len(k) + len(v) + 4 for k, v in r.headers.items()
+        )
+        return r
 
-    def manifest(self, reference: str) -> dict:
-        """The manifest tagged ``reference`` (raises ``FileNotFoundError`` if absent)."""
+    def _body(self, r, what: str, max_length: int) -> bytes:
+        """The response body, at most ``max_length`` bytes (streamed: a hostile server cannot make it bigger)."""
+        out = bytearray()
+        try:
+            for data in r.iter_content(1 << 16):
+                self.bytes_in += len(data)
+                out += data
+                if len(out) > max_length:
+                    raise FleetSecurityError(f"{what} is longer than the {max_length} bytes allowed")
+        except self._requests.RequestException as e:
+            raise RegistryUnreachableError(f"reading {what} from {self.base_url} was cut: {e}") from e
+        return bytes(out)
+
+    def manifest_bytes(self, reference: str, etag: str | None = None) -> tuple[bytes, str] | None:
+        """The raw manifest tagged ``reference`` and its digest; ``None`` (HTTP 304) when it still has digest ``etag``.
+
+        Raises ``FileNotFoundError`` if the tag is absent. Bodies are bounded by :data:`MAX_MANIFEST`.
+        """
+        import hashlib
+
         url = f"{self.base_url}/v2/{self.repository}/manifests/{reference}"
-        r = self._get(url, {"Accept": MEDIA["manifest"]})
-        self.bytes_in += len(r.content)
+        headers = {"Accept": MEDIA["manifest"]} | ({"If-None-Match": f'"{etag}"'} if etag else {})
+        with self._get(url, headers, stream=True) as r:
+            body = self._body(r, f"manifest {self.repository}:{reference}", MAX_MANIFEST)
+        if r.status_code == 304 and etag:
+            return None
         if r.status_code == 404:
             raise FileNotFoundError(f"{self.repository}:{reference} is not in registry {self.base_url}")
         if r.status_code != 200:
-            raise FleetError(f"GET {url} answered HTTP {r.status_code}: {r.text[:200]}")
-        try:
-            return r.json()
-        except ValueError as e:
-            raise FleetSecurityError(f"{self.repository}:{reference} is not a JSON manifest") from e
+            raise FleetError(f"GET {url} answered HTTP {r.status_code}: {body[:200]!r}")
+        return body, "sha256:" + hashlib.sha256(body).hexdigest()
+
+    def manifest(self, reference: str) -> dict:
+        """The manifest tagged ``reference`` (raises ``FileNotFoundError`` if absent)."""
+        body, _ = self.manifest_bytes(reference)
+        return parse_manifest(body, f"{self.repository}:{reference}")
 
     def blob_chunks(
         self, digest: str, start: int = 0, chunk: int = 1 << 16, on_chunk: Callable[[int], None] | None = None
@@ -238,9 +274,29 @@ class OciClient:
                 raise RegistryUnreachableError(f"download of {digest} from {self.base_url} was cut: {e}") from e
 
     def blob_bytes(self, digest: str, max_length: int) -> bytes:
+        """The whole blob, at most ``max_length`` bytes, checked against its digest (sha256)."""
+        import hashlib
+
         out = bytearray()
         for data in self.blob_chunks(digest):
             out += data
             if len(out) > max_length:
                 raise FleetSecurityError(f"blob {digest} is longer than the {max_length} bytes allowed")
+        if "sha256:" + hashlib.sha256(out).hexdigest() != digest:
+            raise FleetSecurityError(f"blob {digest} from {self.base_url} does not match its digest")
         return bytes(out)
+
+
+MAX_MANIFEST = 4 << 20  # the distribution registry's own limit on manifest bodies
+
+
+def parse_manifest(body: bytes, what: str) -> dict:
+    import json
+
+    try:
+        manifest = json.loads(body)
+    except ValueError as e:
+        raise FleetSecurityError(f"{what} is not a JSON manifest") from e
+    if not isinstance(manifest, dict):
+        raise FleetSecurityError(f"{what} is not a JSON object")
+    return manifest

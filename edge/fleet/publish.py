@@ -32,7 +32,7 @@ from edge.fleet.oci import (
 )
 from edge.fleet.tufrepo import Expiry, TufRepo
 
-__all__ = ["Publisher", "init_release", "push", "refresh_release"]
+__all__ = ["Publisher", "init_release", "push", "refresh_release", "rotate_keys"]
 
 _EMPTY = b"{}"
 
@@ -87,19 +87,28 @@ class Publisher:
         return desc
 
     def manifest(self, repo: str, tag: str, manifest: dict) -> dict:
-        """Upload a manifest under ``tag``; return its descriptor (digest and size as the registry stored it)."""
+        """Upload a manifest under ``tag`` as compact JSON (devices read these bytes); return its descriptor."""
+        import jsonschema
+        import oras.schemas
+
+        body = json.dumps(manifest, separators=(",", ":"), sort_keys=True).encode()
         container = self._container(repo, tag)
         try:
-            r = self.oras.upload_manifest(manifest, container)
+            jsonschema.validate(manifest, schema=oras.schemas.manifest)
+            r = self.oras.do_request(
+                f"{self.oras.prefix}://{container.manifest_url()}",
+                "PUT",
+                headers={"Content-Type": MEDIA["manifest"]},
+                data=body,
+            )
         except Exception as e:
             raise FleetError(f"cannot upload manifest {repo}:{tag} to {self.registry}: {e}") from e
         if r.status_code not in (200, 201):
             raise FleetError(
                 f"registry {self.registry} refused manifest {repo}:{tag}: HTTP {r.status_code} {r.text[:300]}"
             )
-        body = r.request.body or b""
         self.bytes_out += len(body)
-        return {"mediaType": MEDIA["manifest"], "digest": r.headers.get("Docker-Content-Digest", ""), "size": len(body)}
+        return {"mediaType": MEDIA["manifest"], "digest": _digest(body), "size": len(body)}
 
     def artifact(self, repo: str, tag: str, artifact_type: str, config: dict, layers: list[dict], **kw) -> dict:
         return self.manifest(
@@ -110,16 +119,24 @@ class Publisher:
             | kw,
         )
 
-    def tuf_files(self, files: list[tuple[str, bytes]]) -> None:
-        """Each TUF metadata file as a one-layer artifact in ``<repository>/tuf``, tagged by its filename."""
+    def tuf_files(self, files: list[tuple[str, bytes]], root_version: int) -> None:
+        """Publish TUF metadata to ``<repository>/tuf``: each versioned file as a one-layer artifact tagged by
+        its name, then the head (tag ``timestamp.json``): a manifest whose config is the bundle of every
+        file given (:func:`edge.fleet.tuf_oci.encode_bundle`). The head goes last: devices see the release
+        only once everything it names is in the registry.
+        """
+        from edge.fleet.tuf_oci import HEAD_TAG, encode_bundle
+
         repo = f"{self.repository}/tuf"
         config = self.blob(repo, _EMPTY, MEDIA["empty"])
-        hints = []
         for filename, data in files:
-            layer = self.blob(repo, data, MEDIA["tuf_metadata"])  # the tag names the file; kept small for devices
-            extra = {"annotations": {ANN["tuf_blobs"]: " ".join(hints)}} if filename == "timestamp.json" else {}
-            self.artifact(repo, filename, MEDIA["tuf_artifact"], config, [layer], **extra)
-            hints.append(f"{filename}={layer['digest']}")
+            if filename != HEAD_TAG:  # devices a release behind read older files by these tags
+                layer = self.blob(repo, data, MEDIA["tuf_metadata"])
+                self.artifact(repo, filename, MEDIA["tuf_artifact"], config, [layer])
+        bundle = self.blob(repo, encode_bundle(files, root_version), MEDIA["tuf_bundle"])
+        self.manifest(
+            repo, HEAD_TAG, {"schemaVersion": 2, "mediaType": MEDIA["manifest"], "config": bundle, "layers": []}
+        )
 
 
 def init_release(
@@ -136,7 +153,7 @@ def init_release(
     repo, files = TufRepo.create(tuf_dir, keys_dir, bits=bits, expiry=expiry)
     pub = Publisher(registry, repository, insecure)
     try:
-        pub.tuf_files(files)
+        pub.tuf_files(files, repo.root_version)
     finally:
         pub.close()
     repo.commit(files)
@@ -209,7 +226,7 @@ def push(
         current = tuf.targets(prefix)
         release = _push_release(pub, channel, fp, info.name, current, model_desc, created)
         if files:
-            pub.tuf_files(files)  # timestamp.json is the last file: the release becomes visible here
+            pub.tuf_files(files, tuf.root_version)  # timestamp.json is the last file: the release becomes visible here
             tuf.commit(files)
     finally:
         pub.close()
@@ -253,7 +270,7 @@ def refresh_release(
     files = tuf.stage_refresh()
     pub = Publisher(registry, repository, insecure)
     try:
-        pub.tuf_files(files)
+        pub.tuf_files(files, tuf.root_version)
     finally:
         pub.close()
     tuf.commit(files)
@@ -261,6 +278,38 @@ def refresh_release(
         "release": tuf.release,
         "tuf_files": [f for f, _ in files],
         "expires": str(tuf._md["timestamp"].signed.expires),
+    }
+
+
+def rotate_keys(
+    registry: str,
+    repository: str,
+    tuf_dir: str | Path,
+    keys_dir: str | Path,
+    roles: list[str] | tuple[str, ...] = ("root",),
+    *,
+    insecure: bool = False,
+    expiry: Expiry | None = None,
+) -> dict:
+    """New keys for ``roles`` and a root naming them, signed by the old and the new root key, published.
+
+    Devices keep the ``tuf_root`` they were given: ngclient walks from it through every published
+    root version, each one verified by its predecessor's keys, so no device needs a new image.
+    """
+    tuf = TufRepo.load(tuf_dir, keys_dir, expiry)
+    files = tuf.stage_rotate(roles)
+    pub = Publisher(registry, repository, insecure)
+    try:
+        pub.tuf_files(files, tuf.root_version)
+    finally:
+        pub.close()
+    retired = tuf.commit(files)
+    return {
+        "root_version": tuf.root_version,
+        "rotated": sorted(set(roles)),
+        "retired": [str(p) for p in retired],
+        "release": tuf.release,
+        "tuf_files": [f for f, _ in files],
     }
 
 

@@ -10,7 +10,9 @@ does not grow with the number of adapters.
 
 Consistent snapshots are on: every file but ``timestamp.json`` is published under a versioned
 name (``7.snapshot.json``), never rewritten. The folder holds the current ``<role>.json`` files
-and every ``<N>.root.json``; the registry holds the published copies.
+and every ``<N>.root.json``; the registry holds the published copies. :meth:`TufRepo.stage_rotate`
+replaces role keys with a new root signed by the old and the new root key (``keys/retired/``
+keeps the old keys).
 """
 
 from __future__ import annotations
@@ -49,11 +51,11 @@ def _serializer():
     return JSONSerializer(compact=True)
 
 
-def _signer(keys_dir: Path, role: str):
+def _signer(keys_dir: Path, role: str, path: Path | None = None):
     from cryptography.hazmat.primitives import serialization
     from securesystemslib.signer import CryptoSigner
 
-    path = keys_dir / f"{role}.pem"
+    path = path or keys_dir / f"{role}.pem"
     try:
         key = serialization.load_pem_private_key(path.read_bytes(), password=None)
     except FileNotFoundError as e:
@@ -76,6 +78,7 @@ class TufRepo:
         self.keys_dir = Path(keys_dir)
         self.expiry = expiry or Expiry()
         self._md: dict[str, object] = {}
+        self._new_keys: dict[str, Path] = {}  # role -> staged key (rotation), moved into keys_dir by commit
 
     # -- creation ---------------------------------------------------------------------------------------------
     @classmethod
@@ -157,6 +160,10 @@ class TufRepo:
         return self._md["snapshot"].signed
 
     @property
+    def root_version(self) -> int:
+        return int(self._md["root"].signed.version)
+
+    @property
     def release(self) -> int:
         """The snapshot version: one per release, the version number given to adapters it changes."""
         return int(self._snapshot.version)
@@ -215,8 +222,55 @@ class TufRepo:
         """Re-sign snapshot and timestamp with fresh expiry dates (run before the timestamp expires)."""
         return self._stage_snapshot_and_timestamp(bump=True)
 
-    def commit(self, files: list[tuple[str, bytes]]) -> None:
-        """Write published files to ``meta_dir`` (versioned roots kept, others as ``<role>.json``)."""
+    def stage_rotate(self, roles: Iterable[str]) -> list[tuple[str, bytes]]:
+        """New keys for ``roles`` and the root version that names them, signed by the current root key and,
+        when root itself rotates, by the new one (TUF: a device trusts root N+1 only if N's keys and N+1's
+        own keys signed it). A rotated targets key re-signs targets and every bin; snapshot and timestamp
+        are always re-signed. New keys wait in ``keys_dir/rotating/`` until :meth:`commit`, which moves
+        them into place and the old ones to ``keys_dir/retired/``.
+        """
+        from edge.format.signing import generate_key
+
+        roles = sorted(set(roles))
+        if not roles or set(roles) - set(ROLES):
+            raise ConfigError(f"rotate which keys? got {roles}; choose among {', '.join(ROLES)}")
+        staging = self.keys_dir / "rotating"
+        staging.mkdir(parents=True, exist_ok=True)
+        md, now = self._md["root"], _now()
+        old_root = _signer(self.keys_dir, "root")
+        root = md.signed
+        for role in roles:
+            self._new_keys[role] = staging / f"{role}.pem"
+            generate_key(self._new_keys[role])
+            for keyid in list(root.roles[role].keyids):
+                root.revoke_key(keyid, role)
+            root.add_key(self._key_signer(role).public_key, role)
+        root.version += 1
+        root.expires = now + self.expiry.root
+        md.sign(old_root)
+        if "root" in roles:
+            md.sign(self._key_signer("root"), append=True)
+        files = [(f"{root.version}.root.json", self._bytes("root"))]
+        if "targets" in roles:
+            new = self._key_signer("targets").public_key
+            top = self._md["targets"].signed  # succinct bins: the key is added to and revoked from all of them
+            for keyid in list(top.delegations.keys):
+                top.revoke_key(keyid)
+            top.add_key(new)
+            for name in ["targets", *self.bins.get_roles()]:
+                signed = self._md[name].signed
+                signed.version += 1
+                signed.expires = now + self.expiry.targets
+                self._sign(name)
+                self._set_meta(name)
+                files.append((f"{signed.version}.{name}.json", self._bytes(name)))
+        return files + self._stage_snapshot_and_timestamp(bump=True)
+
+    def commit(self, files: list[tuple[str, bytes]]) -> list[Path]:
+        """Write published files to ``meta_dir`` (versioned roots kept, others as ``<role>.json``); put
+        rotated keys in place. Returns where the retired keys went."""
+        import os
+
         from edge.format.io import atomic_write_bytes
 
         for filename, data in files:
@@ -224,6 +278,20 @@ class TufRepo:
             if role == "root.json":
                 atomic_write_bytes(self.meta_dir / filename, data)
             atomic_write_bytes(self.meta_dir / role, data)
+        retired = []
+        if self._new_keys:
+            (self.keys_dir / "retired").mkdir(exist_ok=True)
+        for role, staged in sorted(self._new_keys.items()):
+            for suffix in (".pem", ".pub"):
+                old = self.keys_dir / f"{role}{suffix}"
+                if old.exists():
+                    dst = self.keys_dir / "retired" / f"{role}.root-{self.root_version - 1}{suffix}"
+                    os.replace(old, dst)
+                    retired.append(dst)
+                if staged.with_suffix(suffix).exists():
+                    os.replace(staged.with_suffix(suffix), old)
+        self._new_keys = {}
+        return [p for p in retired if p.suffix == ".pem"]
 
     # -- internals --------------------------------------------------------------------------------------------
     def _stage_snapshot_and_timestamp(self, bump: bool) -> list[tuple[str, bytes]]:
@@ -251,10 +319,13 @@ class TufRepo:
 
         self._snapshot.meta[f"{role}.json"] = MetaFile(version=self._md[role].signed.version)
 
+    def _key_signer(self, role: str):
+        return _signer(self.keys_dir, role, self._new_keys.get(role))
+
     def _sign(self, role: str) -> None:
         key_role = "targets" if role.startswith(BINS_PREFIX + "-") else role
         try:
-            self._md[role].sign(_signer(self.keys_dir, key_role))
+            self._md[role].sign(self._key_signer(key_role))
         except ConfigError:
             raise
         except Exception as e:  # securesystemslib raises several types for bad keys

@@ -141,6 +141,67 @@ def test_sync_installs_only_what_changed_and_runtime_loads_it(fleet):
     fleet.assert_loadable("dev")
 
 
+def test_a_release_moves_the_changed_adapter_plus_one_small_head_and_a_poll_moves_no_body(fleet):
+    fleet.push()
+    fleet.sync("dev")
+    changed = fleet.adapter(3, seed=101)
+    fleet.push([changed])
+    rep = fleet.sync("dev")
+    assert rep.status == "updated" and [a["name"] for a in rep.installed] == ["a03"]
+    assert rep.requests == 3  # the head manifest, its bundle (timestamp, snapshot, the changed bin), the adapter
+    assert rep.bytes_adapters == changed.stat().st_size
+    assert rep.bytes_total <= 1.1 * changed.stat().st_size, rep.to_dict()
+    poll = fleet.sync("dev")  # nothing published since: HTTP 304 on the head, no body at all
+    assert poll.status == "current" and poll.requests == 1 and poll.bytes_total == 0
+
+
+def test_a_device_releases_behind_reads_older_files_by_their_tags(fleet):
+    from edge.fleet.oci import target_path
+    from edge.fleet.tufrepo import TufRepo
+
+    fleet.push()
+    fleet.sync("dev")
+    bins = TufRepo.load(fleet.tmp / "tuf", fleet.tmp / "keys").bins
+    role = {i: bins.get_role_for_target(target_path("stable", fleet.info.fingerprint, f"a{i:02d}")) for i in range(6)}
+    i, j = next((i, j) for i in range(6) for j in range(6) if role[i] != role[j])
+    first, second = fleet.adapter(i, seed=110), fleet.adapter(j, seed=111)
+    fleet.push([first])
+    fleet.push([second])  # the head now bundles only this release's bin
+    rep = fleet.sync("dev")
+    assert rep.status == "updated" and sorted(a["name"] for a in rep.installed) == sorted([f"a{i:02d}", f"a{j:02d}"])
+    assert rep.requests == 6  # head + bundle, the older bin's manifest + blob, two adapters
+    assert fleet.installed("dev")[f"a{i:02d}"] == first.read_bytes()
+    fleet.assert_loadable("dev")
+
+
+def test_a_torn_head_cache_is_read_again(fleet):
+    fleet.push()
+    fleet.sync("dev")
+    (fleet.tmp / "dev/.edge-sync/head/head.bundle").write_bytes(b"torn")
+    rep = fleet.sync("dev")
+    assert rep.status == "current" and rep.requests == 2 and rep.bytes_metadata > 0  # manifest and bundle again
+    (fleet.tmp / "dev/.edge-sync/head/head.manifest").write_bytes(b"\x00not json")
+    rep = fleet.sync("dev")
+    assert rep.status == "current" and rep.requests == 2  # read again, never trusted as it lay
+
+
+def test_tampered_head_bundle_is_refused(fleet):
+    fleet.push()
+    fleet.sync("dev")
+    before = fleet.installed("dev")
+    fleet.push([fleet.adapter(1, seed=120)])
+    head = _get(fleet.reg.host, f"{REPO}/tuf/manifests/timestamp.json").json()
+    assert head["config"]["mediaType"] == MEDIA["tuf_bundle"] and head["layers"] == []
+    blob = fleet.reg.blob_file(head["config"]["digest"])
+    data = bytearray(blob.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    blob.write_bytes(bytes(data))
+    for device in ("dev", "new"):
+        rep = fleet.sync(device)
+        assert rep.status == "rejected" and "digest" in rep.reason and not rep.installed
+    assert fleet.installed("dev") == before and fleet.installed("new") == {}
+
+
 @pytest.fixture
 def big_fleet(tmp_path):
     f = Fleet(tmp_path, n=3, d=1024)  # fc1 has 1M entries: adapters up to 12 MB
@@ -190,8 +251,8 @@ def test_registry_killed_mid_download_resumes_and_keeps_a_loadable_set(big_fleet
     assert offline.status == "offline" and not offline.installed
     fleet.reg.start()
     done = fleet.sync("dev")
-    assert done.status == "updated" and done.resumed == 1
-    assert done.bytes_adapters < big.stat().st_size  # only the missing tail moved
+    assert done.status == "updated" and done.resumed == 1 and done.bytes_resumed_from > 0
+    assert done.bytes_adapters + done.bytes_resumed_from == big.stat().st_size  # exactly the missing tail moved
     assert fleet.installed("dev")["a00"] == big.read_bytes()
     fleet.assert_loadable("dev")
 
@@ -214,6 +275,24 @@ def test_offline_sync_completes_a_verified_plan_from_the_cache(fleet, monkeypatc
     rep = fleet.sync("dev")
     assert rep.status == "offline" and [a["name"] for a in rep.installed] == ["a00"]
     fleet.assert_loadable("dev")
+
+
+def test_a_registry_error_on_an_adapter_blob_is_a_failure_to_retry(fleet, monkeypatch):
+    from edge.fleet import FleetError, oci
+
+    fleet.push()
+    real = oci.OciClient.blob_chunks
+
+    def server_error(self, digest, *a, **kw):
+        if self.repository == REPO:  # adapter blobs only; TUF metadata still reads
+            raise FleetError(f"GET {digest} answered HTTP 503")
+        return real(self, digest, *a, **kw)
+
+    monkeypatch.setattr(oci.OciClient, "blob_chunks", server_error)
+    rep = fleet.sync("dev")
+    assert rep.status == "partial" and len(rep.failed) == 6 and not rep.installed and "503" in rep.failed[0]["reason"]
+    monkeypatch.undo()
+    assert fleet.sync("dev").status == "updated" and len(fleet.installed("dev")) == 6
 
 
 def test_tampered_blob_is_refused_and_the_old_adapter_kept(fleet):
@@ -324,10 +403,12 @@ def _fleet_converges(fleet: Fleet, devices: int) -> None:
     assert fleet.reg.proc is None and {r.status for r in cut} <= {"updated", "partial", "offline"}
     for d in names[:: max(1, devices // 5)]:
         fleet.assert_loadable(d)  # nobody is left without a loadable set
+    partial = sum(any(p.stat().st_size for p in (fleet.tmp / d / ".edge-sync/partial").glob("*.part")) for d in names)
     fleet.reg.start()
     with ThreadPoolExecutor(devices) as ex:
         final = list(ex.map(fleet.sync, names))
     assert all(r.status in ("updated", "current") for r in final)
+    assert sum(r.resumed for r in final) == partial  # every download the crash cut continues where it stopped
     want = {p.stem: p.read_bytes() for p in fleet.files}
     assert all(fleet.installed(d) == want for d in names)
 
@@ -465,3 +546,64 @@ def test_cli_sync_takes_registry_channel_and_root_from_the_device_profile(fleet,
     bare = parser.parse_args(["sync", "--adapters", str(fleet.tmp / "x"), "--model", str(fleet.model)])
     with pytest.raises(ConfigError, match="REFERENCE and --tuf-root"):
         bare.func(bare)
+
+
+def test_root_key_rotation_end_to_end_with_the_cli(fleet, tmp_path, capsys):
+    """`edge release rotate`: devices shipped with root 1 follow to root 2; the retired keys sign nothing they take."""
+    from edge.cli import main
+    from edge.fleet import refresh_release
+
+    ref = f"{fleet.reg.host}/{REPO}"
+    host = ["--tuf-dir", str(fleet.tmp / "tuf"), "--keys", str(fleet.tmp / "keys"), "--insecure"]
+    shipped = shutil.copy(fleet.tmp / "tuf/root.json", tmp_path / "shipped-root.json")  # in the device image
+    device = ["--tuf-root", str(shipped), "--model", str(fleet.model), "--insecure", "--json"]
+
+    def sync_cli(name: str) -> tuple[int, dict]:
+        capsys.readouterr()
+        code = main(["sync", ref, "--adapters", str(fleet.tmp / name), *device])
+        return code, json.loads(capsys.readouterr().out)
+
+    assert main(["push", ref, *map(str, fleet.files), "--model", str(fleet.model), *host]) == 0
+    assert sync_cli("old")[1]["status"] == "updated"
+    stolen_keys = shutil.copytree(fleet.tmp / "keys", tmp_path / "stolen-keys")  # what a thief of the old keys has
+    stolen_tuf = shutil.copytree(fleet.tmp / "tuf", tmp_path / "stolen-tuf")
+    capsys.readouterr()
+    assert main(["release", "rotate", ref, *host, "--role", "root", "--role", "timestamp", "--json"]) == 0
+    rotated = json.loads(capsys.readouterr().out)
+    assert rotated["root_version"] == 2 and rotated["rotated"] == ["root", "timestamp"]
+    assert (fleet.tmp / "keys/retired/root.root-1.pem").exists() and not (fleet.tmp / "keys/rotating/root.pem").exists()
+    assert (stolen_keys / "root.pem").read_bytes() != (fleet.tmp / "keys/root.pem").read_bytes()
+    changed = fleet.adapter(2, seed=900)
+    assert main(["push", ref, str(changed), "--model", str(fleet.model), *host]) == 0
+    code, out = sync_cli("old")  # trusts root 1, verifies root 2 with root 1's key and root 2's own, then the release
+    assert code == 0 and out["status"] == "updated" and [a["name"] for a in out["installed"]] == ["a02"]
+    assert json.loads((fleet.tmp / "old/.edge-sync/tuf/root.json").read_bytes())["signed"]["version"] == 2
+    code, out = sync_cli("new")  # a device first booted after the rotation, with the same shipped root 1
+    assert code == 0 and len(out["installed"]) == 6 and fleet.installed("new") == fleet.installed("old")
+    for _ in range(4):  # the thief publishes newer timestamps signed with the retired timestamp key
+        refresh_release(fleet.reg.host, REPO, stolen_tuf, stolen_keys, insecure=True)
+    before = fleet.installed("old")
+    capsys.readouterr()
+    assert main(["sync", ref, "--adapters", str(fleet.tmp / "old"), *device]) == 2
+    err = capsys.readouterr().err
+    assert "TUF verification failed" in err and "signed by 0/1" in err, err
+    assert fleet.installed("old") == before
+
+
+def test_rotating_the_targets_and_snapshot_keys_re_signs_every_bin(fleet):
+    from edge.fleet import rotate_keys
+
+    fleet.push()
+    fleet.sync("dev")
+    res = rotate_keys(
+        fleet.reg.host, REPO, fleet.tmp / "tuf", fleet.tmp / "keys", ["targets", "snapshot"], insecure=True
+    )
+    assert res["root_version"] == 2 and sum(f.endswith(".bins-0.json") for f in res["tuf_files"]) == 1
+    assert len([f for f in res["tuf_files"] if ".bins-" in f]) == 8  # every bin, signed with the new targets key
+    changed = fleet.adapter(4, seed=910)
+    fleet.push([changed])
+    rep = fleet.sync("dev")
+    assert rep.status == "updated" and [a["name"] for a in rep.installed] == ["a04"]
+    assert fleet.sync("fresh").status == "updated" and fleet.installed("fresh") == fleet.installed("dev")
+    with pytest.raises(ConfigError, match="rotate which keys"):
+        rotate_keys(fleet.reg.host, REPO, fleet.tmp / "tuf", fleet.tmp / "keys", ["admin"], insecure=True)
