@@ -10,6 +10,11 @@ demo's mask, density, targets and learning rate, as many optimiser steps as the
 demo's adapters take) on the same samples. Then each method learns the domains
 one after another in one state, and the accuracy on every domain seen so far shows
 what later domains make it forget.
+
+Then (:mod:`lab.bench_trainers`, unless ``--no-host``) the growth trainers: on the demo ViT
+and the demo CNN, the numpy device trainer (torch blocked) and the torch host trainer grow
+the same graph-found tail from the same samples with the same recipe, and the device
+trainer's accuracy gain is compared with the host trainer's.
 """
 
 from __future__ import annotations
@@ -217,8 +222,26 @@ def add_arguments(sp) -> None:
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--memory-mb", type=float, default=64.0, help="update memory budget (default 64)")
     sp.add_argument("--repeats", type=int, default=3, help="timed repeats of each update (median reported)")
-    sp.add_argument("--no-host", action="store_true", help="skip the host SHiRA reference (no torch needed)")
+    sp.add_argument(
+        "--no-host",
+        action="store_true",
+        help="skip the host SHiRA reference and the trainer comparison (no torch needed)",
+    )
     sp.add_argument("--model-file", help="an exported digits .onnx to use instead of the demo's (device side)")
+    sp.add_argument(
+        "--no-trainers", action="store_true", help="skip the device-vs-host trainer comparison (lab.bench_trainers)"
+    )
+    sp.add_argument(
+        "--trainer-runs",
+        default="0.1:256,0.5:256,0.5:32",
+        help="density:minibatch pairs of the trainer comparison (default 0.1:256,0.5:256,0.5:32)",
+    )
+    sp.add_argument(
+        "--trainer-seeds",
+        type=int,
+        default=3,
+        help="seeds (from --seed on) of the trainer comparison's minibatch runs (default 3)",
+    )
 
 
 def cli(args) -> int:
@@ -265,10 +288,49 @@ def cli(args) -> int:
         repeats=args.repeats,
         host_reference=host,
     )
+    if not args.no_host and not args.no_trainers:
+        result["trainers"] = _trainers(args, model, cfg, domains, threads)
     result["machine"] = machine()
     print(json.dumps(result, indent=1))
     if args.json:
         write_json(args.json, result)
     if args.md:
-        write_section(args.md, "update", "On-device updates (numpy only) vs a host SHiRA fine-tune", markdown(result))
+        body = markdown(result)
+        if "trainers" in result:
+            from lab.bench_trainers import markdown as trainers_markdown
+
+            body += "\n" + trainers_markdown(result["trainers"])
+        write_section(args.md, "update", "On-device updates (numpy only) vs a host SHiRA fine-tune", body)
     return 0
+
+
+def _trainers(args, model: Path, cfg, domains, threads: int) -> dict:
+    """The device-vs-host trainer comparison on the demo ViT and CNN (or on ``--model-file`` alone)."""
+    from edge.errors import ConfigError
+    from lab.bench_trainers import Encoder, TrainerConfig, compare_trainers
+
+    try:
+        runs = tuple((float(d), int(b)) for d, b in (r.split(":") for r in args.trainer_runs.split(",")))
+    except ValueError as e:
+        raise ConfigError(
+            f"--trainer-runs takes density:minibatch pairs like 0.1:256,0.5:32, got {args.trainer_runs!r}"
+        ) from e
+    encoders = {(cfg.model if cfg is not None else "model"): Encoder(model, model.with_name("encoder.safetensors"))}
+    if cfg is not None:
+        from dataclasses import replace
+
+        from lab.pipeline import prepare_demo
+
+        other = replace(cfg, model="cnn" if cfg.model == "vit" else "vit", density=None, targets=None)
+        path = prepare_demo(args.cache, other, progress=not args.quiet).model
+        encoders[other.model] = Encoder(path, path.with_name("encoder.safetensors"))
+    targets = [k for k in domains if k != "clean"]
+    draws = {k: draw_samples(domains[k], args.samples, args.seed) for k in targets}
+    tests = {k: (domains[k].x_test, domains[k].y_test) for k in targets}
+    return compare_trainers(
+        encoders,
+        draws,
+        tests,
+        TrainerConfig(runs=runs, seeds=tuple(args.seed + i for i in range(args.trainer_seeds))),
+        threads=threads,
+    )

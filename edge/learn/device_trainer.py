@@ -25,9 +25,15 @@ instead of training the wrong function. Loss: mean softmax cross-entropy. On the
     f = mean_T(n)                  logits = f Wh^T + bh
 
 SHiRA: a SNIP mask (the ``max(1, round(density * numel))`` entries of largest
-``|w * dL/dw|`` per tensor, on the training samples, ties to the lower flat index, as
-:func:`exporters.shira.make_masks`); Adam on those entries' deltas with a small L2 pull
-towards the base (as :mod:`edge.learn.shira_head`), minibatches of ``batch``, float64.
+``|w| * sum_b |dL_b/dw|`` per tensor, ``L_b`` the mean loss of consecutive batches of 256
+training samples, ties to the lower flat index, as :func:`exporters.shira.make_masks`);
+AdamW on those entries' deltas (``torch.optim.AdamW``'s update: the decoupled weight
+decay is a small pull towards the base), minibatches of ``batch`` (a fresh shuffle each
+epoch, the last one smaller), in float32 as torch (:meth:`DeviceTrainer.loss_and_grads` and
+:meth:`DeviceTrainer.logits` in float64). That is the host trainer's recipe
+(:class:`exporters.host_trainer.HostTrainer`): with the same settings on the same tail
+both pick the same entries, and full-batch steps give the same adapter up to rounding
+(``edge bench update`` compares the two on the demo ViT and CNN).
 When only the classifier trains, the features it reads are computed once. The result
 is a standard SHiRA :class:`~edge.format.adapter.Adapter` (``[ndim, N]`` int32 indices in
 the parameter's source shape, float32 deltas, the model's fingerprint).
@@ -53,9 +59,12 @@ one thread for onnxruntime and OpenBLAS, other jobs running; defaults: 200 epoch
   same ``last-mlp@0.5`` entries, 0.73 on every block's linear weights at density 0.1
   (6556 entries) in 1.5 s. The earlier layers are what the device trainer cannot reach.
 
-(Measured with the earlier name-based trainer, whose arithmetic on this tail is the same.)
-Memory: ``h`` and ``r`` of every sample are kept, ``8 * n * T * (hidden + dim)`` bytes
-(24 MB for 1000 demo samples), plus per-minibatch temporaries of that size.
+(Measured with the earlier name-based trainer, in float64; the float32 epochs take about 0.5x
+that time at full batch, 0.8x with minibatches of 32, paired, at the same accuracy.)
+Against the host trainer on the same tail, same samples and settings (``edge bench update``,
+BENCHMARKS.md): the same accuracy gain at full batch, and within noise with minibatches.
+Memory: ``h`` and ``r`` of every sample are kept, ``4 * n * T * (hidden + dim)`` bytes
+(12 MB for 1000 demo samples), plus per-minibatch temporaries of that size.
 """
 
 from __future__ import annotations
@@ -70,6 +79,8 @@ from edge.learn.tail import TAIL_SPACE, Tail, find_tail, remember
 
 __all__ = ["DEVICE_SPACE", "TAIL_SPACE", "DeviceTrainer"]
 
+_CALIB = 256  # the SNIP mask's calibration batch (exporters.shira.make_masks's default)
+
 
 class DeviceTrainer:
     """Train SHiRA adapters of a model's tail on the device (numpy; see the module doc).
@@ -80,6 +91,8 @@ class DeviceTrainer:
     Picklable (the session is rebuilt on first use), so :class:`edge.learn.growth.GrowthJob`
     can run it in a child process.
     """
+
+    _epoch_dtype = np.float32  # the mask's and the epochs' arithmetic (torch's); loss_and_grads is float64
 
     def __init__(
         self,
@@ -138,7 +151,7 @@ class DeviceTrainer:
 
     # -- the model run ----------------------------------------------------------------------------
     def activations(self, x: np.ndarray) -> dict[str, np.ndarray]:
-        """The tail's frozen inputs for inputs ``x``, from one run of the model: graph tensor -> ``[B, ...]`` float64.
+        """The tail's frozen inputs for inputs ``x``, from one run of the model: graph tensor -> ``[B, ...]`` float32.
 
         Tensors computed on the batch folded into another axis (a ``Gemm`` on ``[B*T, d]``)
         are kept per sample and unfolded by :meth:`_side`.
@@ -162,7 +175,7 @@ class DeviceTrainer:
                     raise ConfigError(f"tensor {k!r} of shape {a.shape} has no batch axis for {len(xb)} inputs")
                 self._rest[k] = a.shape[1:]
                 parts[k].append(a.reshape(len(xb), -1))
-        acts = {k: np.concatenate(v).astype(np.float64) for k, v in parts.items()}
+        acts = {k: np.concatenate(v) for k, v in parts.items()}  # float32, as the model computes them
         lg = acts.pop(t.logits)
         got = self._forward(acts, self._base2d())[0]
         if got.shape != lg.shape or (err := float(np.abs(got - lg).max())) > 1e-3 * max(1.0, float(np.abs(lg).max())):
@@ -178,9 +191,10 @@ class DeviceTrainer:
         """The frozen inputs of samples ``rows`` (default all) in the shapes the graph computes them in."""
         return {k: (v if rows is None else v[rows]).reshape(-1, *self._rest[k]) for k, v in acts.items()}
 
-    def _forward(self, acts, w2d, rows=None):
-        side = self._side(acts, rows)
-        return self._tail.forward(side[self._tail.input], side, w2d)
+    def _forward(self, acts, w2d, rows=None, tail: Tail | None = None):
+        """The tail (default: the float64 one) on the samples ``rows`` of ``acts`` (float32, promoted by weights)."""
+        t, side = tail or self._tail, self._side(acts, rows)
+        return t.forward(side[t.input], side, w2d)
 
     def _run_session(self):
         if self._session is None:
@@ -215,10 +229,10 @@ class DeviceTrainer:
         loss, grads = self._loss_grads(acts, y, w2d, set(self.params))
         return loss, {s.param: grads[s.param].reshape(s.shape) for s in self._tail.linears}
 
-    def _loss_grads(self, acts, y, w2d, want, rows=None):
-        logits, saved = self._forward(acts, w2d, rows)
+    def _loss_grads(self, acts, y, w2d, want, rows=None, tail: Tail | None = None):
+        logits, saved = self._forward(acts, w2d, rows, tail)
         loss, d = _cross_entropy(logits, y)
-        return loss, self._tail.grads(d, saved, want)
+        return loss, (tail or self._tail).grads(d, saved, want)
 
     def saliency(self, x: np.ndarray, y: np.ndarray, params: Sequence[str]) -> dict[str, np.ndarray]:
         """``|w * dL/dw|`` of each parameter on ``(x, y)`` (mean cross-entropy), at the base weights.
@@ -245,10 +259,15 @@ class DeviceTrainer:
         self._supported(targets)
         y = self._labels(y, len(x))
         acts = self.activations(x)
-        base = self._base2d()
-        _, grads = self._loss_grads(acts, y, base, set(targets))
-        flat = {p: _snip_mask(base[p], grads[p], arch.density) for p in targets}
-        values = self._fit({p: np.divmod(f, base[p].shape[1]) for p, f in flat.items()}, acts, y)
+        t = self._tail.astype(self._epoch_dtype)
+        base = {p: v.astype(self._epoch_dtype) for p, v in self._base2d().items()}
+        score = dict.fromkeys(targets, 0.0)  # sum over batches of |dL/dw|, as exporters.shira.make_masks
+        for i in range(0, len(y), _CALIB):
+            rows = np.arange(i, min(i + _CALIB, len(y)))
+            grads = self._loss_grads(acts, y[rows], base, set(targets), rows=rows, tail=t)[1]
+            score = {p: score[p] + np.abs(grads[p]) for p in targets}
+        flat = {p: _snip_mask(base[p], score[p], arch.density) for p in targets}
+        values = self._fit({p: np.divmod(f, base[p].shape[1]) for p, f in flat.items()}, acts, y, t, base)
         shape = {s.param: s.shape for s in self._tail.linears}
         tensors = {
             p: SparseDelta(np.stack(np.unravel_index(flat[p], shape[p])).astype(np.int32), values[p].astype(np.float32))
@@ -265,12 +284,11 @@ class DeviceTrainer:
         }
         return Adapter(name, self.info.fingerprint, tensors, {p: shape[p] for p in targets}, method="shira", info=meta)
 
-    def _fit(self, masks: Mapping[str, tuple], acts, y) -> dict[str, np.ndarray]:
-        """Adam on the masked entries' deltas (minibatches of ``batch``, shuffled each epoch)."""
-        t = self._tail
-        base = self._base2d()
+    def _fit(self, masks: Mapping[str, tuple], acts, y, t: Tail, base) -> dict[str, np.ndarray]:
+        """AdamW on the masked entries' deltas (minibatches of ``batch`` in a fresh shuffle each epoch, the last one
+        smaller, as torch's ``randperm(n).split(batch)``), through tail ``t`` from the weights ``base``."""
         w = {p: v.copy() for p, v in base.items()}
-        vals = {p: np.zeros(len(m[0])) for p, m in masks.items()}
+        vals = {p: np.zeros(len(m[0])) for p, m in masks.items()}  # deltas and Adam moments in float64
         m1 = {p: np.zeros_like(v) for p, v in vals.items()}
         m2 = {p: np.zeros_like(v) for p, v in vals.items()}
         start = 0 if set(masks) - {self.classifier} else t.ci
@@ -279,19 +297,21 @@ class DeviceTrainer:
             f = t.forward(side[t.input], side, base, stop=t.ci)[0]
             f_rest, f = f.shape[1:], f.reshape(len(y), -1)
         rng = np.random.default_rng(self.seed)
-        step = 0
+        step, decay = 0, 1.0 - self.lr * self.weight_decay
         for _ in range(self.epochs):
-            for b in np.array_split(rng.permutation(len(y)), max(1, -(-len(y) // self.batch))):
+            order = rng.permutation(len(y))
+            for b in (order[i : i + self.batch] for i in range(0, len(y), self.batch)):
                 step += 1
                 if start:
                     logits, saved = t.forward(f[b].reshape(-1, *f_rest), {}, w, start=start)
                     grads = t.grads(_cross_entropy(logits, y[b])[1], saved, set(masks), start=start)
                 else:
-                    grads = self._loss_grads(acts, y[b], w, set(masks), rows=b)[1]
-                for p, (rows, cols) in masks.items():
-                    g = grads[p][rows, cols] + self.weight_decay * vals[p]
+                    grads = self._loss_grads(acts, y[b], w, set(masks), rows=b, tail=t)[1]
+                for p, (rows, cols) in masks.items():  # AdamW, as torch.optim.AdamW (decoupled weight decay)
+                    g = grads[p][rows, cols]
                     m1[p] = 0.9 * m1[p] + 0.1 * g
                     m2[p] = 0.999 * m2[p] + 0.001 * g * g
+                    vals[p] *= decay
                     vals[p] -= self.lr * (m1[p] / (1 - 0.9**step)) / (np.sqrt(m2[p] / (1 - 0.999**step)) + 1e-8)
                     w[p][rows, cols] = base[p][rows, cols] + vals[p]
         return vals

@@ -17,7 +17,8 @@ back from the logits output:
 The walk stops at the first linear layer (the tail's input ``h`` is what it reads) or
 at an op outside that set; then only the classifier is trainable and
 :meth:`Tail.check` raises :class:`~edge.errors.ConfigError` naming the op when the
-last linear is asked for. Each op has a forward and a backward in float64
+last linear is asked for. Each op has a forward and a backward, in float64 (or in the dtype of
+:meth:`Tail.astype`)
 (tests/device/test_growth_device.py checks each against finite differences); the loss
 is softmax cross-entropy on the logits.
 
@@ -40,7 +41,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -62,7 +63,7 @@ class Linear:
     """``y = x @ M + b`` over the channel axis (last for MatMul/Gemm, 1 for a 1x1 Conv)."""
 
     param: str
-    m: np.ndarray  # [in, out] float64
+    m: np.ndarray  # [in, out] float64 (or the dtype of astype)
     bias: np.ndarray | None
     axis: int
     flip: bool  # the source view is M.T (else M)
@@ -71,6 +72,9 @@ class Linear:
     @property
     def w2d(self) -> np.ndarray:
         return self.m.T if self.flip else self.m
+
+    def astype(self, dtype) -> Linear:
+        return replace(self, m=self.m.astype(dtype), bias=None if self.bias is None else self.bias.astype(dtype))
 
     def forward(self, x, side, weights):
         m = weights[self.param].T if self.flip else weights[self.param]
@@ -96,6 +100,9 @@ class _Op:
     node: str
     c: dict = field(default_factory=dict)
 
+    def astype(self, dtype) -> _Op:
+        return replace(self, c={k: v.astype(dtype) if isinstance(v, np.ndarray) else v for k, v in self.c.items()})
+
     def forward(self, x, side, weights):
         k, c = self.kind, self.c
         if k == "bias":
@@ -105,7 +112,7 @@ class _Op:
         if k == "relu":
             return np.maximum(x, 0.0), x > 0
         if k == "gelu":
-            return x * _gelu_cdf(x, c["tanh"]), x
+            return (x * _gelu_cdf(x, c["tanh"])).astype(x.dtype, copy=False), x
         if k == "affine":  # BatchNormalization at inference: per channel (axis 1)
             shape = (-1,) + (1,) * (x.ndim - 2)
             return x * c["s"].reshape(shape) + c["t"].reshape(shape), None
@@ -132,7 +139,8 @@ class _Op:
                 th = np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3))
                 du = math.sqrt(2 / math.pi) * (1.0 + 3 * 0.044715 * x * x)
                 return dy * (0.5 * (1.0 + th) + 0.5 * x * (1.0 - th * th) * du)
-            return dy * (_gelu_cdf(x, False) + x * np.exp(-0.5 * x * x) / math.sqrt(2 * math.pi))
+            g = _gelu_cdf(x, False) + x * np.exp(-0.5 * x * x) / math.sqrt(2 * math.pi)
+            return (dy * g).astype(dy.dtype, copy=False)
         if k == "affine":
             return dy * c["s"].reshape((-1,) + (1,) * (dy.ndim - 2))
         if k == "layernorm":
@@ -199,6 +207,10 @@ class Tail:
                 f"the device trainer adapts only {list(self.params)} of {where}, not {other}{short}; it trains the "
                 f"classifier and the last linear layer before it through {', '.join(SUPPORTED)}"
             )
+
+    def astype(self, dtype) -> Tail:
+        """This tail with its constants (weights, biases, norm parameters) in ``dtype``."""
+        return replace(self, steps=tuple(s.astype(dtype) for s in self.steps))
 
     def forward(self, x, side, weights, start: int = 0, stop: int | None = None):
         """``(output of steps[stop - 1], saved per step)`` from ``x``, the input of ``steps[start]``."""
