@@ -3,6 +3,9 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+# torch==2.13.0 from PyPI is the CUDA build on Linux x86_64; PyTorch's CPU index has the CPU build under the same
+# pin. Used when reachable (a machine with its own wheelhouse, like CI's, already serves the CPU build).
+TORCH_CPU_INDEX = $(shell $(PYTHON) -c "import urllib.request as u; u.urlopen('https://download.pytorch.org/whl/cpu/', timeout=3)" 2>/dev/null && echo --extra-index-url https://download.pytorch.org/whl/cpu)
 
 .PHONY: demo demo-tflite test bench lint clean venv test-arm registry
 
@@ -12,7 +15,7 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[host,fleet,test]'
+	$(BIN)/python -m pip install --quiet $(TORCH_CPU_INDEX) -e '.[host,fleet,test]'
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -23,7 +26,7 @@ TFLITE_VENV := .venv-tflite
 $(TFLITE_VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(TFLITE_VENV)
 	$(TFLITE_VENV)/bin/python -m pip install --quiet --upgrade pip
-	$(TFLITE_VENV)/bin/python -m pip install --quiet -e '.[host,tflite-export]'
+	$(TFLITE_VENV)/bin/python -m pip install --quiet $(TORCH_CPU_INDEX) -e '.[host,tflite-export,test]'
 	touch $@
 
 demo-tflite: $(TFLITE_VENV)/.installed

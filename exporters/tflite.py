@@ -5,10 +5,16 @@ pulls jax and ~90 packages, so it is not part of the host install), then edits t
 flatbuffer with ``ai_edge_litert.schema_py_generated``'s object API:
 
 - every parameter of two or more dimensions is found among the stored constant
-  tensors by value (as stored, or transposed), given its own buffer if the converter
-  shared one, and renamed to its ``named_parameters()`` name, so
-  :class:`~edge.format.modelinfo.TensorInfo` maps it the same way as on ONNX
-  (``FULLY_CONNECTED`` stores linear weights ``[out, in]``: the torch layout);
+  tensors by value (:mod:`exporters.layout_match`): under any axis permutation
+  (``FULLY_CONNECTED`` stores linear weights ``[out, in]``, the torch layout; ``CONV_2D``
+  filters are OHWI, depthwise filters ``[1, H, W, C]``, a Conv1d ``[O, 1, K, I]``), and
+  where litert-torch folded the BatchNorm after a conv into its filter, scaled per output
+  channel, checked bit for bit against that BatchNorm's fold. It is given its own buffer if
+  the converter shared one and renamed to its ``named_parameters()`` name; its
+  :class:`~edge.format.modelinfo.TensorInfo` records the permutation (``perm``) and the
+  folded scale (``channel_scale``), so an adapter given on the torch weight lands on the
+  stored one. A conv weight found nowhere is an error naming it (and the BatchNorm after
+  it, if any);
 - slots (adapter-branch parameters) are converted as extra graph inputs named after
   the parameter, so the runtime feeds them on every run and switches them in place;
 - inputs and outputs are renamed to ``input_names`` / ``output_names``;
@@ -28,6 +34,7 @@ import contextlib
 import logging
 import os
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +42,7 @@ import numpy as np
 from edge.errors import BackendUnavailableError, ConfigError, ExportValidationError
 from edge.format.modelinfo import META_KEY, ModelInfo, TensorInfo, fingerprint
 from edge.format.tflite import aligned_buffer, pack_model, set_metadata, tensor_name, unpack_model
+from exporters.layout_match import BatchNormFold, StoredMatch, match_stored
 
 __all__ = ["export_tflite", "load_model_info", "pack_model", "set_metadata", "unpack_model", "aligned_buffer"]
 
@@ -68,7 +76,7 @@ def export_tflite(
     zero in ``model`` (no adapter active). ``targets`` names the parameters adapters may
     write: each must be found as a stored tensor; by default every 2-D+ parameter the
     converter kept as one is recorded (the rest, e.g. a position table folded into a
-    bias, are logged and left out).
+    bias, are logged and left out), and every Conv1d/2d/3d weight must be found.
 
     Raises:
         BackendUnavailableError: litert-torch or ai-edge-litert is not installed.
@@ -95,9 +103,10 @@ def export_tflite(
     if nonzero:
         raise ConfigError(f"slots {nonzero} must be zero at export (no adapter active)")
 
+    convs = _convs(model, example_inputs)
     content = _convert(model, example_inputs, slots, dynamic_batch)
     m = unpack_model(content)
-    tensors = _map_parameters(m, params, slots, len(example_inputs), targets)
+    tensors = _map_parameters(m, params, slots, len(example_inputs), targets, convs)
     _rename_io(m, input_names, output_names, slots)
     from edge.format.tflite import read_tflite, stored_arrays
 
@@ -195,8 +204,17 @@ def _fusion_barriers(model):
             h.remove()
 
 
-def _map_parameters(m, params: Mapping[str, np.ndarray], slots, n_inputs: int, targets) -> dict[str, TensorInfo]:
-    """Find each 2-D+ parameter's constant tensor by value, give it its own buffer, name it after the parameter."""
+def _map_parameters(
+    m, params: Mapping[str, np.ndarray], slots, n_inputs: int, targets, convs: Mapping[str, _Conv]
+) -> dict[str, TensorInfo]:
+    """Find each 2-D+ parameter's constant tensor by value, give it its own buffer, name it after the parameter.
+
+    A parameter is looked for as stored under any axis permutation (unit axes aside: Conv1d is
+    stored as a 2-D conv), then, if none holds it, scaled per output channel (a BatchNorm folded
+    into the conv; checked against that BatchNorm when the conv feeds one). What is found nowhere
+    raises when it is a target; with no ``targets`` given, when it is a conv weight (the rest is
+    logged: e.g. a position table the converter folded into a constant).
+    """
     sg = m.subgraphs[0]
     users: dict[int, list[int]] = {}
     for i, t in enumerate(sg.tensors):
@@ -204,7 +222,7 @@ def _map_parameters(m, params: Mapping[str, np.ndarray], slots, n_inputs: int, t
     consts = {i: _tensor_array(m, t) for i, t in enumerate(sg.tensors) if _has_data(m, t) and t.type == _FLOAT32}
     taken: set[int] = set()
     out: dict[str, TensorInfo] = {}
-    missing = []
+    missing: dict[str, str] = {}
     for pname, value in params.items():
         if value.ndim < 2:
             continue
@@ -213,20 +231,11 @@ def _map_parameters(m, params: Mapping[str, np.ndarray], slots, n_inputs: int, t
             out[pname] = TensorInfo(pname, tuple(value.shape), transposed=False, slot=True)
             sg.tensors[idx].name = pname.encode()
             continue
-        hint = pname.rsplit(".", 1)[0]
-        found = []
-        for i, arr in consts.items():
-            if i in taken or arr.size != value.size:
-                continue
-            if tuple(arr.shape) == value.shape and np.array_equal(arr, value):
-                found.append((i, False))
-            elif value.ndim == 2 and tuple(arr.shape) == value.shape[::-1] and np.array_equal(arr, value.T):
-                found.append((i, True))
-        if not found:
-            missing.append(f"{pname} {tuple(value.shape)}")
+        found = _find(sg, consts, taken, pname, value, convs.get(pname))
+        if found is None:
+            missing[pname] = _why_missing(pname, value, convs.get(pname))
             continue
-        found.sort(key=lambda f: hint not in tensor_name(sg.tensors[f[0]]))  # ties (equal values): prefer the named one
-        idx, transposed = found[0]
+        idx, match = found
         taken.add(idx)
         t = sg.tensors[idx]
         if len(users[t.buffer]) > 1:  # shared with another tensor: a write would leak into it
@@ -235,22 +244,123 @@ def _map_parameters(m, params: Mapping[str, np.ndarray], slots, n_inputs: int, t
             t.buffer = len(m.buffers) - 1
             users[t.buffer] = [idx]
         t.name = pname.encode()
-        out[pname] = TensorInfo(pname, tuple(value.shape), transposed=transposed)
-    required = [p for p in missing if targets is None or p.split(" ")[0] in targets]
-    if targets is None and missing:
-        log.warning("parameters not stored as tensors (folded by the converter; not adapter targets): %s", missing)
-        required = []
+        out[pname] = _tensor_info(pname, value.shape, match)
+    required = [p for p in missing if (p in targets if targets is not None else p in convs)]
     if required:
+        lines = [f"  {missing[p]}" for p in required[:10]] + (["  ..."] if len(required) > 10 else [])
         raise ExportValidationError(
-            f"{len(required)} target parameter(s) are not stored tensors of the converted model: {required[:10]}"
-            f"{' ...' if len(required) > 10 else ''}. The converter folded or transformed them (or forward() does "
-            "not use them); adapters cannot target such weights. Remove unused modules, or keep the op unfused."
+            f"{len(required)} parameter(s) that adapters may target are not stored tensors of the converted model:\n"
+            + "\n".join(lines)
+            + "\n"
+            "Adapters cannot target such weights: remove unused modules, keep the op unfused, or pass targets= "
+            "without them."
         )
+    rest = [missing[p] for p in missing if p not in required]
+    if rest:
+        log.warning("parameters not found among the stored tensors, left out of the adapter targets: %s", rest)
     names = [tensor_name(t) for t in sg.tensors]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
         raise ExportValidationError(f"tensor names are not unique after renaming: {dup[:5]}")
     return out
+
+
+@dataclass(frozen=True)
+class _Conv:
+    """A convolution weight, and the BatchNorm its output feeds (if any) with the scale that BatchNorm folds."""
+
+    module: str
+    batchnorm: str | None = None
+    fold: BatchNormFold | None = None
+
+
+def _convs(model, example_inputs) -> dict[str, _Conv]:
+    """Every Conv1d/2d/3d weight by parameter name, with the BatchNorm that takes its output directly.
+
+    Found by running ``model`` once with hooks: a BatchNorm whose input *is* a conv's output
+    tensor (the object, not an equal value) is the one a converter folds into that conv.
+    """
+    import torch
+
+    nn = torch.nn
+    convs = {mod: name for name, mod in model.named_modules() if isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d))}
+    bns = {
+        mod: n for n, mod in model.named_modules() if isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d))
+    }
+    out = {_weight_name(name): _Conv(name) for name in convs.values()}
+    if not convs or not bns:
+        return out
+    produced: dict[int, tuple[str, object]] = {}
+
+    def after_conv(mod, _args, output):
+        produced[id(output)] = (convs[mod], output)  # the tensor is kept, so its id is not reused meanwhile
+
+    def before_bn(mod, args):
+        hit = produced.get(id(args[0])) if args else None
+        if hit is None or hit[1] is not args[0] or mod.running_var is None:  # no running stats: nothing to fold
+            return
+        weight = None if mod.weight is None else mod.weight.detach().cpu().numpy()
+        fold = BatchNormFold.of(weight, mod.running_var.detach().cpu().numpy(), mod.eps)
+        out[_weight_name(hit[0])] = _Conv(hit[0], bns[mod], fold)
+
+    handles = [m.register_forward_hook(after_conv) for m in convs]
+    handles += [m.register_forward_pre_hook(before_bn) for m in bns]
+    try:
+        with torch.no_grad():
+            model(*example_inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    return out
+
+
+def _weight_name(module: str) -> str:
+    return f"{module}.weight" if module else "weight"
+
+
+def _find(sg, consts, taken, pname: str, value: np.ndarray, conv: _Conv | None):
+    """``(tensor index, StoredMatch)`` of the stored tensor holding ``value``: as is or permuted first, then scaled."""
+    hint = pname.rsplit(".", 1)[0]
+    fold = None if conv is None else conv.fold
+    for scaled in (False, True):
+        found = []
+        for i, arr in consts.items():
+            if i in taken or arr.size != value.size:
+                continue
+            match = match_stored(value, arr, scaled=scaled, batchnorm=fold)
+            if match is not None:
+                found.append((i, match))
+        if found:
+            found.sort(key=lambda f: hint not in tensor_name(sg.tensors[f[0]]))  # ties (equal values): the named one
+            return found[0]
+    return None
+
+
+def _tensor_info(pname: str, shape: tuple[int, ...], match: StoredMatch) -> TensorInfo:
+    n = len(shape)
+    perm = None if match.perm == tuple(range(n)) else tuple(match.perm)
+    transposed = n == 2 and perm == (1, 0)
+    scale = None if match.scale is None else tuple(float(v) for v in match.scale)
+    if match.how == "ulps":
+        log.info("%s: stored scaled per channel, reproduced within a few ulps (not bit for bit)", pname)
+    return TensorInfo(
+        pname, tuple(shape), transposed=transposed, perm=None if transposed else perm, channel_scale=scale
+    )
+
+
+def _why_missing(pname: str, value: np.ndarray, conv: _Conv | None) -> str:
+    what = f"{pname} {list(value.shape)}"
+    if conv is None:
+        return f"{what}: no stored tensor holds its values in any axis layout (transformed by the converter, or unused)"
+    if conv.batchnorm is None:
+        return (
+            f"{what} (conv {conv.module!r}, no BatchNorm after it): no stored tensor holds its values in any axis "
+            "layout, nor scaled per output channel"
+        )
+    return (
+        f"{what} (conv {conv.module!r} followed by BatchNorm {conv.batchnorm!r}): no stored tensor holds its values "
+        "in any axis layout, nor scaled per output channel by the BatchNorm's weight / sqrt(running_var + eps)"
+    )
 
 
 def _rename_io(m, input_names, output_names, slots) -> None:

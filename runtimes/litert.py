@@ -232,6 +232,7 @@ class LiteRTBackend(ArenaBackend):
         if options.verify:
             _verify_fingerprint(self._model, fb, self.info)
         self._names = [t.name for t in fb.tensors]
+        self._writable_index = frozenset(t.index for t in fb.tensors if t.name in self._live and t.nbytes)
         self._input_names = list(self.info.inputs) or [
             self._names[i] for i in fb.inputs if self._names[i] not in self._slots
         ]
@@ -308,11 +309,24 @@ class LiteRTBackend(ArenaBackend):
         t0 = time.perf_counter()
         resolver = self._lib.OpResolverType
         kind = resolver.AUTO if delegate else resolver.BUILTIN_WITHOUT_DEFAULT_DELEGATES
+        threads = self._threads
         try:
-            interp = self._lib.Interpreter(
-                model_content=self._model, num_threads=self._threads, experimental_op_resolver_type=kind
-            )
-            interp.allocate_tensors()  # applies the default delegate (XNNPACK packs here)
+            while True:
+                interp = self._lib.Interpreter(
+                    model_content=self._model, num_threads=threads, experimental_op_resolver_type=kind
+                )
+                interp.allocate_tensors()  # applies the default delegate (XNNPACK packs here)
+                # the multithreaded built-in CONV_2D copies its filter to HWCN at its first run and never reads the
+                # model bytes again (conv.cc: have_weights_been_transposed); on one thread it reads them every run
+                if delegate or threads == 1 or not _conv_reads_writable(interp, self._writable_index):
+                    break
+                log.warning(
+                    "%s: the built-in kernels run on 1 thread, not %s: their multithreaded CONV_2D keeps a copy of "
+                    "an adaptable filter and would not see a switch",
+                    self.info.name,
+                    threads,
+                )
+                threads = 1
         except (ValueError, RuntimeError) as e:
             raise FormatError(f"LiteRT cannot load the model: {e}") from e
         sess = _Session(interp, self._input_names, self._slots, self._output_names)
@@ -404,6 +418,17 @@ def _check_providers(asked: Sequence[str]) -> bool:
             "(() = XNNPACK with built-in kernels; ['CPU'] = built-in kernels only)"
         )
     return not asked or "XNNPACK" in asked
+
+
+def _conv_reads_writable(interp, writable: frozenset[int]) -> bool:
+    """Does a built-in CONV_2D take one of the ``writable`` tensors (by index) as its filter?"""
+    for op in _ops(interp):
+        if op.get("op_name") == "DELEGATE" and "inputs" not in op:
+            return True  # no op listing: assume so
+        inputs = list(op.get("inputs", ()))
+        if op.get("op_name") == "CONV_2D" and len(inputs) > 1 and int(inputs[1]) in writable:
+            return True
+    return False
 
 
 def _ops(interp) -> list[dict]:

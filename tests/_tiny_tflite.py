@@ -18,7 +18,7 @@ from edge.format.modelinfo import META_KEY, ModelInfo, TensorInfo, fingerprint
 from edge.format.tflite import aligned_buffer, pack_model, read_tflite, set_metadata, stored_arrays
 
 SUFFIX = ".tflite"
-_FC, _ADD = s.BuiltinOperator.FULLY_CONNECTED, s.BuiltinOperator.ADD
+_FC, _ADD, _CONV = s.BuiltinOperator.FULLY_CONNECTED, s.BuiltinOperator.ADD, s.BuiltinOperator.CONV_2D
 
 
 class _Graph:
@@ -56,6 +56,9 @@ class _Graph:
         act = s.ActivationFunctionType.RELU if relu else s.ActivationFunctionType.NONE
         if code == _FC:
             o.builtinOptionsType, o.builtinOptions = s.BuiltinOptions.FullyConnectedOptions, s.FullyConnectedOptionsT()
+        elif code == _CONV:  # SAME padding, stride 1
+            o.builtinOptionsType, o.builtinOptions = s.BuiltinOptions.Conv2DOptions, s.Conv2DOptionsT()
+            o.builtinOptions.padding, o.builtinOptions.strideW, o.builtinOptions.strideH = s.Padding.SAME, 1, 1
         else:
             o.builtinOptionsType, o.builtinOptions = s.BuiltinOptions.AddOptions, s.AddOptionsT()
         o.builtinOptions.fusedActivationFunction = act
@@ -132,18 +135,51 @@ def make_branch_mlp(path: Path, seed: int = 0, d_in: int = 10, d_hid: int = 16, 
     return g.save(path, info)
 
 
+CONV = (5, 4, 3)  # make_conv: out channels, in channels, kernel side
+
+
+def make_conv(path: Path, seed: int = 0, scale: bool = False, side: int = 6) -> tuple[ModelInfo, np.ndarray]:
+    """x[1,side,side,4] (NHWC) -> CONV_2D (SAME) -> y[1,side,side,5], the filter stored OHWI as converters do.
+
+    The source (torch) weight ``w`` is ``[O, I, K, K]``; with ``scale`` the stored filter is
+    ``w * s[o]`` (a folded BatchNorm) and the metadata says so. Returns ``(info, w)``; the bias is 0.1.
+    """
+    rng = np.random.default_rng(seed)
+    o, i, k = CONV
+    w = rng.standard_normal((o, i, k, k)).astype(np.float32) * 0.5
+    s_ = rng.uniform(0.5, 2.0, o).astype(np.float32) if scale else None
+    stored = (w if s_ is None else w * s_[:, None, None, None]).transpose(0, 2, 3, 1)
+    g = _Graph()
+    x = g.tensor("x", (1, side, side, i))
+    y = g.tensor("y", (1, side, side, o))
+    bias = np.full(o, 0.1, np.float32)
+    g.op(_CONV, [x, g.tensor("conv.weight", stored.shape, stored), g.tensor("conv.bias", (o,), bias)], [y])
+    g.sg.inputs, g.sg.outputs = [x], [y]
+    folded = None if s_ is None else tuple(float(v) for v in s_)
+    t = TensorInfo("conv.weight", (o, i, k, k), perm=(0, 2, 3, 1), channel_scale=folded)
+    info = ModelInfo(name="tiny-conv", fingerprint="", tensors={"conv.weight": t}, inputs=("x",), outputs=("y",))
+    return g.save(path, info), w
+
+
+def reference_conv(w: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """numpy SAME convolution of NHWC ``x`` with the source-layout weight ``w`` ``[O, I, K, K]`` (+ bias 0.1)."""
+    k = w.shape[-1]
+    xp = np.pad(x, ((0, 0), (k // 2, k // 2), (k // 2, k // 2), (0, 0)))
+    windows = np.lib.stride_tricks.sliding_window_view(xp, (k, k), axis=(1, 2))  # [B, H, W, I, K, K]
+    return np.einsum("bhwikl,oikl->bhwo", windows.astype(np.float64), w.astype(np.float64)).astype(np.float32) + 0.1
+
+
 def _stored(path: Path) -> dict[str, np.ndarray]:
     data = Path(path).read_bytes()
     return {k: np.array(v) for k, v in stored_arrays(data, read_tflite(data)).items()}
 
 
 def base_weights(path: Path, info: ModelInfo) -> dict[str, np.ndarray]:
-    """Source-layout base weights of the targets, read from the file (slots: zeros)."""
+    """Source-layout base weights of the targets, read from the file (slots: zeros; a folded scale left in)."""
     stored = _stored(path)
     out = {}
     for k, t in info.tensors.items():
-        w = stored[t.initializer] if not t.slot else np.zeros(t.shape, np.float32)
-        out[k] = (w.T if t.transposed else w).copy()
+        out[k] = t.from_stored(stored[t.initializer]) if not t.slot else np.zeros(t.shape, np.float32)
     return out
 
 
@@ -154,7 +190,7 @@ def write_merged(path: Path, info: ModelInfo, merged: dict[str, np.ndarray], out
     for k, t in info.tensors.items():
         if t.slot:
             continue
-        w = np.ascontiguousarray(merged[k].T if t.transposed else merged[k], np.float32).tobytes()
+        w = t.to_stored(merged[k]).tobytes()  # any layout, with a folded channel scale applied
         at = by_name[t.initializer].start
         data[at : at + len(w)] = w
     Path(out).write_bytes(bytes(data))

@@ -16,7 +16,7 @@ import pytest
 from _tiny import random_adapter
 
 from edge.errors import BackendUnavailableError, ConfigError, ExportValidationError, FormatError
-from edge.format.adapter import Adapter, DenseDelta, load_adapter
+from edge.format.adapter import Adapter, DenseDelta, SparseDelta, load_adapter
 from edge.format.tflite import read_tflite
 from edge.runtime import Runtime, merge_weights
 from runtimes import get_backend
@@ -156,6 +156,42 @@ def test_unknown_strategy_and_delegate(tmp_path):
         Runtime(tmp_path / "m.tflite", backend="tflite", providers=["GPU"])
     with Runtime(tmp_path / "m.tflite", backend="tflite", strategy="rebuild", providers=["CPU"]) as rt:
         assert rt.providers == ["CPU"]  # asked for the built-in kernels only: no XNNPACK
+
+
+@pytest.mark.parametrize("scale", [False, True], ids=["plain", "bn-folded"])
+@pytest.mark.parametrize(
+    "strategy, threads",
+    [("hybrid", 2), ("rebuild", 2), ("builtin", 1), ("builtin", 2)],
+    ids=["hybrid", "rebuild", "builtin-1-thread", "builtin-2-threads"],
+)
+def test_ohwi_and_folded_conv_filters_take_source_layout_adapters(tmp_path, strategy, threads, scale):
+    """A conv filter stored OHWI (and scaled per channel, as a folded BatchNorm): the adapter is in torch layout."""
+    info, w = _tiny_tflite.make_conv(tmp_path / "c.tflite", scale=scale)
+    t = info.tensors["conv.weight"]
+    s = np.ones(w.shape[0], np.float32) if t.channel_scale is None else np.float32(t.channel_scale)
+    folded = w * s[:, None, None, None]
+    rng = np.random.default_rng(1)
+    flat = np.sort(rng.choice(w.size, 30, replace=False))
+    idx = np.stack(np.unravel_index(flat, w.shape)).astype(np.int32)
+    vals = rng.standard_normal(30).astype(np.float32)
+    adapter = Adapter("a", info.fingerprint, {"conv.weight": SparseDelta(idx, vals)}, {"conv.weight": w.shape})
+    merged = w.copy()
+    merged[tuple(idx)] += vals
+    want = merged * s[:, None, None, None]
+    x = rng.standard_normal((3, 6, 6, _tiny_tflite.CONV[1])).astype(np.float32)  # batch 3: chunks of the file's 1
+    with Runtime(tmp_path / "c.tflite", backend="tflite", strategy=strategy, threads=threads) as rt:
+        y0 = rt.run({"x": x})["y"]
+        np.testing.assert_allclose(y0, _tiny_tflite.reference_conv(folded, x), rtol=1e-5, atol=1e-5)
+        np.testing.assert_array_equal(rt.weights("conv.weight"), folded)
+        rt.load_adapter(adapter)
+        rt.switch("a")
+        rt.wait_settled(30)
+        np.testing.assert_allclose(rt.weights("conv.weight"), want, rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(rt.run({"x": x})["y"], _tiny_tflite.reference_conv(want, x), rtol=1e-5, atol=1e-5)
+        rt.switch(None)
+        rt.wait_settled(30)
+        np.testing.assert_array_equal(rt.weights("conv.weight"), folded)  # undo is bit-exact
+        np.testing.assert_array_equal(rt.run({"x": x})["y"], y0)
 
 
 # -- the exporter (needs litert-torch: the tflite-export extra) -------------------------------------------------------
