@@ -49,6 +49,7 @@ bench: $(STAMP) registry
 	$(BIN)/edge bench update --json bench-update.json --md BENCHMARKS.md
 	$(BIN)/edge bench ood --minilm --json bench-ood.json --md BENCHMARKS.md
 	$(BIN)/edge bench ood --model cnn --json bench-ood-cnn.json --md BENCHMARKS.md
+	$(BIN)/edge bench ood --model cnn --taps auto --json bench-ood-cnn-auto.json --md BENCHMARKS.md
 	$(BIN)/edge bench fleet --json bench-fleet.json --md BENCHMARKS.md
 	$(BIN)/edge bench lowbit --json bench-lowbit.json --md BENCHMARKS.md
 

@@ -1,8 +1,9 @@
 """Fleet benchmark: a real registry on 127.0.0.1, one release changing 1 of 100 adapters, then a fleet.
 
-Measures, per adapter size, the sync time of one device after a release that changes one adapter
-out of 100 and the bytes it moved (TUF metadata + manifests + blobs, HTTP bodies; response headers
-apart) against that adapter's bytes, and what a poll with nothing new costs; then ``devices``
+Measures, per adapter size and per way the TUF head carries a release (:data:`MODES`, paired within
+rounds), the sync time of one device after a release that changes one adapter out of 100 and the
+bytes it moved (TUF metadata + manifests + blobs, HTTP bodies; response headers apart, then added)
+against that adapter's bytes, and what a poll with nothing new costs; then ``devices``
 simulated devices (threads, each with its own folder and cache) syncing concurrently while the
 registry is SIGKILLed with downloads in flight and restarted, counting the downloads resumed.
 Needs the registry binary (``scripts/install-registry.sh``), oras and tuf.
@@ -47,7 +48,16 @@ def _loadable(folder: Path, fingerprint: str) -> bool:
     return bool(files) and all(load_adapter(p).base_fingerprint == fingerprint for p in files)
 
 
-def _one_of_100(tmp: Path, h, adapter_bytes: int, n_adapters: int, repeats: int) -> dict:
+# How the TUF head carries a release (the ``inline`` argument of push): the bundle as a blob only (a
+# third request), the bundle inline in the head manifest, or a delta against the last release inline
+# (the default; a device further behind reads the blob).
+MODES = {"blob": (), "bundle": ("bundle",), "delta": ("delta", "bundle")}
+
+
+def _one_of_100(tmp: Path, h, adapter_bytes: int, n_adapters: int, repeats: int, modes=tuple(MODES)) -> list[dict]:
+    """Each mode publishes to its own repository on one registry; every round pushes the same changed adapter
+    to each (in a rotated order) and syncs that mode's device, so the modes are compared paired, round by round.
+    """
     from edge.fleet import FleetConfig, init_release, push, sync
 
     LocalRegistry, make_model, make_adapter = h.LocalRegistry, h.make_model, h.make_adapter
@@ -58,46 +68,78 @@ def _one_of_100(tmp: Path, h, adapter_bytes: int, n_adapters: int, repeats: int)
     files = [
         make_adapter(info, root / f"a{i:03d}.safetensors", f"a{i:03d}", adapter_bytes, i) for i in range(n_adapters)
     ]
+    lanes: dict[str, dict] = {}
     with LocalRegistry(root / "registry") as reg:
-        init_release(reg.host, "edge/adapters", root / "tuf", root / "keys", insecure=True)
-        push(reg.host, "edge/adapters", "stable", model, files, root / "tuf", root / "keys", insecure=True)
-        cfg = FleetConfig(reg.host, "edge/adapters", "stable", root / "tuf" / "root.json", insecure=True)
-        first = sync(cfg, root / "device", model=model)
-        times, ratios, moved, meta, reqs, headers, wire = [], [], [], [], [], [], []
+        for mode in modes:
+            repo, tuf, keys = f"edge/{mode}", root / f"tuf-{mode}", root / f"keys-{mode}"
+            init_release(reg.host, repo, tuf, keys, insecure=True, inline=MODES[mode])
+            push(reg.host, repo, "stable", model, files, tuf, keys, insecure=True, inline=MODES[mode])
+            cfg = FleetConfig(reg.host, repo, "stable", tuf / "root.json", insecure=True)
+            first = sync(cfg, root / f"device-{mode}", model=model)
+            lanes[mode] = {"cfg": cfg, "tuf": tuf, "keys": keys, "first": first, "reps": []}
+        load = [_load1m()]
         for r in range(repeats):
             changed = make_adapter(info, files[r % n_adapters], f"a{r % n_adapters:03d}", adapter_bytes, 1000 + r)
-            push(reg.host, "edge/adapters", "stable", model, [changed], root / "tuf", root / "keys", insecure=True)
-            rep = sync(cfg, root / "device", model=model)
-            if rep.status != "updated" or len(rep.installed) != 1:
-                raise RuntimeError(f"release {r + 1} did not install exactly one adapter: {rep.to_dict()}")
-            size = rep.installed[0]["bytes"]
-            times.append(rep.seconds)
-            moved.append(rep.bytes_total)
-            meta.append(rep.bytes_metadata)
-            reqs.append(rep.requests)
-            headers.append(rep.bytes_headers)
-            ratios.append(rep.bytes_total / size)
-            wire.append((rep.bytes_total + rep.bytes_headers) / size)
-        poll = sync(cfg, root / "device", model=model)  # nothing new: what a device pays to ask
-    return {
-        "adapters": n_adapters,
-        "adapter_bytes": size,
-        "first_sync_s": first.seconds,
-        "first_sync_bytes": first.bytes_total,
-        "sync_s_p50": round(statistics.median(times), 4),
-        "bytes_moved_p50": int(statistics.median(moved)),
-        "metadata_bytes_p50": int(statistics.median(meta)),
-        "ratio_p50": round(statistics.median(ratios), 4),
-        "ratio_max": round(max(ratios), 4),
-        "requests_p50": int(statistics.median(reqs)),
-        "header_bytes_p50": int(statistics.median(headers)),
-        "ratio_with_headers_max": round(max(wire), 4),
-        "poll_status": poll.status,
-        "poll_body_bytes": poll.bytes_total,
-        "poll_header_bytes": poll.bytes_headers,
-        "poll_requests": poll.requests,
-        "repeats": repeats,
-    }
+            for mode in modes[r % len(modes) :] + modes[: r % len(modes)]:  # no mode always goes first
+                lane = lanes[mode]
+                res = push(
+                    reg.host,
+                    lane["cfg"].repository,
+                    "stable",
+                    model,
+                    [changed],
+                    lane["tuf"],
+                    lane["keys"],
+                    insecure=True,
+                    inline=MODES[mode],
+                )
+                rep = sync(lane["cfg"], root / f"device-{mode}", model=model)
+                if rep.status != "updated" or len(rep.installed) != 1:
+                    raise RuntimeError(f"{mode}: release {r + 1} did not install exactly one adapter: {rep.to_dict()}")
+                lane["reps"].append(rep)
+                lane.setdefault("heads", []).append(res["tuf_head"])
+        load.append(_load1m())
+        for mode in modes:  # nothing new: what a device pays to ask
+            lanes[mode]["poll"] = sync(lanes[mode]["cfg"], root / f"device-{mode}", model=model)
+    out = []
+    for mode in modes:
+        reps, lane = lanes[mode]["reps"], lanes[mode]
+        size = reps[0].installed[0]["bytes"]
+        wire = [(x.bytes_total + x.bytes_headers) / size for x in reps]
+        base = [x.bytes_total + x.bytes_headers for x in lanes[modes[0]]["reps"]]  # the same round, first mode
+        out.append(
+            {
+                "mode": mode,
+                "inline": list(MODES[mode]),
+                "heads": sorted({x.head for x in reps}),
+                "adapters": n_adapters,
+                "adapter_bytes": size,
+                "first_sync_s": lane["first"].seconds,
+                "first_sync_bytes": lane["first"].bytes_total,
+                "sync_s_p50": round(statistics.median(x.seconds for x in reps), 4),
+                "bytes_moved_p50": int(statistics.median(x.bytes_total for x in reps)),
+                "metadata_bytes_p50": int(statistics.median(x.bytes_metadata for x in reps)),
+                "ratio_p50": round(statistics.median(x.bytes_total / size for x in reps), 4),
+                "ratio_max": round(max(x.bytes_total / size for x in reps), 4),
+                "requests_p50": int(statistics.median(x.requests for x in reps)),
+                "header_bytes_p50": int(statistics.median(x.bytes_headers for x in reps)),
+                "ratio_with_headers_p50": round(statistics.median(wire), 4),
+                "ratio_with_headers_max": round(max(wire), 4),
+                "paired_with": modes[0],  # wire bytes over the first mode's in the same round (same adapter, load)
+                "wire_vs_paired_p50": round(statistics.median(w * size / b for w, b in zip(wire, base)), 4),
+                "wire_vs_paired_max": round(max(w * size / b for w, b in zip(wire, base)), 4),
+                "bundle_bytes_p50": int(statistics.median(x["bundle_bytes"] for x in lane["heads"])),
+                "delta_bytes_p50": int(statistics.median(x["delta_bytes"] or 0 for x in lane["heads"])),
+                "head_manifest_bytes_p50": int(statistics.median(x["manifest_bytes"] for x in lane["heads"])),
+                "poll_status": lane["poll"].status,
+                "poll_body_bytes": lane["poll"].bytes_total,
+                "poll_header_bytes": lane["poll"].bytes_headers,
+                "poll_requests": lane["poll"].requests,
+                "repeats": repeats,
+                "loadavg_1m": load,
+            }
+        )
+    return out
 
 
 def _fleet(tmp: Path, h, devices: int, n_adapters: int, adapter_bytes: int, changed_bytes: int, kill_at: int) -> dict:
@@ -199,27 +241,48 @@ def run(
     h = _helpers()
     with tempfile.TemporaryDirectory(prefix="edge-bench-fleet-") as tmp:
         tmp = Path(tmp)
-        one = [_one_of_100(tmp, h, s, n_adapters, repeats) for s in sizes]
+        one = [row for s in sizes for row in _one_of_100(tmp, h, s, n_adapters, repeats)]
         fleet = _fleet(tmp, h, devices, n_adapters, sizes[0], changed_bytes, kill_at or max(1, devices // 2))
     return {"one_of_100": one, "fleet": fleet, "cpus": os.cpu_count(), "loadavg_1m_end": _load1m()}
 
 
 def markdown(result: dict) -> str:
+    rows = result["one_of_100"]
     lines = [
-        "Release changing 1 of N adapters, one device. Bytes are HTTP bodies (TUF head manifest and bundle, "
-        "other metadata, adapter blobs); response status lines and headers are counted apart:",
+        "Release changing 1 of N adapters, one device, for each way the TUF head can carry the release: `blob` "
+        "(the head manifest names the gzip'd bundle, read as a third request), `bundle` (the bundle inline in "
+        "the manifest, OCI descriptor `data`), `delta` (the default: the release deflated against the metadata "
+        "the device holds from the last release, inline; a device further behind reads the blob). Each has its "
+        "own repository on one registry; every round pushes the same changed adapter to each, in a rotated "
+        "order, and syncs its device, so the ratio to `blob` is paired within rounds. Bytes are HTTP bodies; "
+        "response status lines and headers are counted apart, then added (incl. headers):",
         "",
-        "| adapters | adapter bytes | sync p50 (s) | requests | bytes moved p50 | of which metadata | "
-        "moved / adapter p50 | max | max incl. headers | poll with nothing new |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| adapters | adapter bytes | head | requests | sync p50 (s) | bytes moved p50 | of which metadata | "
+        "moved / adapter p50 | max | incl. headers p50 | incl. headers max | wire bytes vs blob, same round p50 | "
+        "poll with nothing new | 1-min load |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in result["one_of_100"]:
+    for r in rows:
         lines.append(
-            f"| {r['adapters']} | {r['adapter_bytes']:,} | {r['sync_s_p50']:.3f} | {r['requests_p50']} | "
+            f"| {r['adapters']} | {r['adapter_bytes']:,} | {r['mode']} (read: {'/'.join(r['heads'])}) | "
+            f"{r['requests_p50']} | {r['sync_s_p50']:.3f} | "
             f"{r['bytes_moved_p50']:,} | {r['metadata_bytes_p50']:,} | {r['ratio_p50']:.3f} | {r['ratio_max']:.3f} | "
-            f"{r['ratio_with_headers_max']:.3f} | {r['poll_status']}: {r['poll_requests']} request, "
-            f"{r['poll_body_bytes']} body bytes, {r['poll_header_bytes']} header bytes |"
+            f"{r['ratio_with_headers_p50']:.3f} | {r['ratio_with_headers_max']:.3f} | {r['wire_vs_paired_p50']:.3f} | "
+            f"{r['poll_status']}: {r['poll_requests']} request, {r['poll_body_bytes']} body bytes, "
+            f"{r['poll_header_bytes']} header bytes | {r['loadavg_1m'][0]} -> {r['loadavg_1m'][1]} |"
         )
+    default = [r for r in rows if r["mode"] == "delta"]
+    if default:
+        worst = max(default, key=lambda r: r["ratio_with_headers_max"])
+        met = "met" if worst["ratio_with_headers_max"] <= 1.1 else "NOT met"
+        lines += [
+            "",
+            f"Goal, a release moves at most 1.1x the changed adapter's bytes: with the default head the worst "
+            f"release moved {worst['ratio_with_headers_max']:.3f}x, headers included ({worst['adapter_bytes']:,}-byte "
+            f"adapter, {worst['repeats']} releases): {met}. Per release the delta is {worst['delta_bytes_p50']:,} "
+            f"bytes (p50) where the gzip'd bundle is {worst['bundle_bytes_p50']:,}; the head manifest carrying it "
+            f"is {worst['head_manifest_bytes_p50']:,} bytes.",
+        ]
     f = result["fleet"]
     lines += [
         "",

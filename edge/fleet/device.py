@@ -4,8 +4,10 @@ One sync, under a file lock on the adapter folder (concurrent syncs of one devic
 
 1. TUF (python-tuf ngclient, metadata read from the registry by :mod:`edge.fleet.tuf_oci`):
    refresh root -> timestamp -> snapshot -> targets, verifying signatures, versions (no rollback)
-   and expiry, starting from the device's ``tuf_root``. A release costs one head manifest and one
-   small bundle (a poll with nothing new: one HTTP 304); unchanged hash bins come from the cache.
+   and expiry, starting from the device's ``tuf_root``. A release costs one head manifest, which
+   carries it as a delta against the metadata this device already holds (plus the bundle blob for
+   a device further behind); a poll with nothing new is one HTTP 304; unchanged hash bins come from
+   the cache.
 2. The targets under ``<channel>/<model fingerprint>/`` are this device's adapters. One whose
    sha256 equals the installed file's is left alone; one whose release version is lower than the
    installed one is refused.
@@ -64,6 +66,7 @@ class SyncReport:
     refused: list[dict] = field(default_factory=list)  # security: tampered, older, expired, wrong base...
     failed: list[dict] = field(default_factory=list)  # transient: network cut (resumable)
     reason: str = ""
+    head: str = ""  # how the TUF head came: not-modified (304), delta, inline, cached or blob (see tuf_oci)
     bytes_metadata: int = 0  # HTTP bodies: TUF head, bundle and metadata files, manifests
     bytes_adapters: int = 0  # HTTP bodies: adapter and signature blobs
     bytes_headers: int = 0  # HTTP response status lines and headers (approximate), every request
@@ -156,7 +159,7 @@ class _Sync:
 
         meta_client = OciClient(self.cfg.base_url, self.cfg.tuf_repository, self.cfg.timeout)
         blob_client = OciClient(self.cfg.base_url, self.cfg.repository, self.cfg.timeout)
-        fetcher = OciMetadataFetcher(meta_client, self.cache / "head")
+        fetcher = OciMetadataFetcher(meta_client, self.cache / "head", self.cache / "tuf")
         try:
             try:
                 plan = self._verified_plan(fetcher)
@@ -168,7 +171,7 @@ class _Sync:
                 self.r.status, self.r.reason = "rejected", str(e)
                 return
             finally:
-                self.r.bytes_metadata = meta_client.bytes_in
+                self.r.bytes_metadata, self.r.head = meta_client.bytes_in, fetcher.head_source
             _write_json(self.cache / "plan.json", plan)
             self._apply(plan, blob_client, prune)
         finally:

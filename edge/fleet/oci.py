@@ -9,10 +9,13 @@ Layout of one fleet repository ``REPO`` on a registry (all content-addressed, sh
   ``subject`` points at the model manifest, so every release references the one model blob.
 * ``REPO/tuf:<N>.<role>.json`` — TUF metadata, one small artifact each (consistent snapshots: every
   version is immutable).
-* ``REPO/tuf:timestamp.json`` — the one mutable tag: a manifest whose config is a gzip'd bundle of
-  ``timestamp.json`` and every file published with it (snapshot, changed hash bins, a new root) and
-  the current root version. A device reads one manifest (304 Not Modified when unchanged) and one
-  small blob per release; files older releases published are read by their own tags.
+* ``REPO/tuf:timestamp.json`` — the one mutable tag, the *head*: a manifest whose config is a gzip'd
+  bundle of ``timestamp.json`` and every file published with it (snapshot, changed hash bins, a new
+  root) and the current root version. Inline in it (OCI descriptor ``data``, base64, at most
+  ``EMBED_MAX`` bytes) is that release as a delta against the files it replaces (a layer, for
+  devices one release behind) or, with no delta, the bundle itself. A device reads one manifest
+  per release (304 Not Modified when unchanged), plus the bundle blob only when it cannot use the
+  delta; files older releases published are read by their own tags (:mod:`edge.fleet.tuf_oci`).
 
 ``<fp>`` is the hex part of the model fingerprint (``sha256:<32 hex>``). A TUF target path is
 ``<channel>/<fp>/<adapter name>.safetensors``; its length and sha256 equal the OCI blob's size and
@@ -59,6 +62,7 @@ MEDIA = {
     "tuf_artifact": "application/vnd.edge.tuf.v1",
     "tuf_metadata": "application/vnd.edge.tuf.metadata.v1+json",
     "tuf_bundle": "application/vnd.edge.tuf.bundle.v1+json+gzip",
+    "tuf_delta": "application/vnd.edge.tuf.delta.v1+deflate",
     "empty": "application/vnd.oci.empty.v1+json",
     "manifest": "application/vnd.oci.image.manifest.v1+json",
 }
@@ -73,6 +77,8 @@ ANN = {
     "version": "dev.edge.adapter.version",
     "format": "dev.edge.adapter.format",
     "base": "dev.edge.adapter.base-fingerprint",
+    "delta_base": "dev.edge.tuf.delta.base",
+    "delta_roles": "dev.edge.tuf.delta.roles",
 }
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _FP = re.compile(r"^sha256:[0-9a-f]{16,64}$")

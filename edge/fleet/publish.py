@@ -5,16 +5,19 @@ metadata; ``push`` uploads the model once (``REPO:model-<fp>``), the adapter blo
 the registry has them), a release manifest per channel and model (``REPO:<channel>-<fp>``, its
 ``subject`` the model manifest), then the new TUF metadata, timestamp last: devices see a release
 only once everything it names is in the registry. ``refresh_release`` re-signs snapshot and
-timestamp before they expire. Needs ``oras`` and ``tuf`` (no torch). See :mod:`edge.fleet.oci`
-for the layout.
+timestamp before they expire. Each takes ``inline``: what the TUF head may carry in its manifest
+(a delta against the last release, or the bundle; see :meth:`Publisher.tuf_files`). Needs ``oras``
+and ``tuf`` (no torch). See :mod:`edge.fleet.oci` for the layout.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Mapping
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -35,6 +38,7 @@ from edge.fleet.tufrepo import Expiry, TufRepo
 __all__ = ["Publisher", "init_release", "push", "refresh_release", "rotate_keys"]
 
 _EMPTY = b"{}"
+INLINE = ("delta", "bundle")  # what a head may carry inline, in order of preference (see Publisher.tuf_files)
 
 
 def _digest(data: bytes) -> str:
@@ -44,11 +48,13 @@ def _digest(data: bytes) -> str:
 class Publisher:
     """Writes artifacts to ``registry``/``repository`` through oras-py's ``Registry`` provider."""
 
-    def __init__(self, registry: str, repository: str, insecure: bool = False):
+    def __init__(self, registry: str, repository: str, insecure: bool = False, inline: tuple[str, ...] = INLINE):
         require_fleet(host=True)
         import oras.provider
 
-        self.registry, self.repository = registry, repository
+        if not isinstance(inline, (tuple, list)) or set(inline) - set(INLINE):
+            raise ConfigError(f"inline={inline!r}: give a subset of {INLINE} (() for a registry that refuses `data`)")
+        self.registry, self.repository, self.inline = registry, repository, tuple(inline)
         self.oras = oras.provider.Registry(hostname=registry, insecure=insecure)
         self.bytes_out = 0
         self._tmp = tempfile.TemporaryDirectory(prefix="edge-push-")
@@ -119,13 +125,20 @@ class Publisher:
             | kw,
         )
 
-    def tuf_files(self, files: list[tuple[str, bytes]], root_version: int) -> None:
+    def tuf_files(
+        self, files: list[tuple[str, bytes]], root_version: int, previous: Mapping[str, bytes] | None = None
+    ) -> dict:
         """Publish TUF metadata to ``<repository>/tuf``: each versioned file as a one-layer artifact tagged by
         its name, then the head (tag ``timestamp.json``): a manifest whose config is the bundle of every
-        file given (:func:`edge.fleet.tuf_oci.encode_bundle`). The head goes last: devices see the release
-        only once everything it names is in the registry.
+        file given (:func:`edge.fleet.tuf_oci.encode_bundle`). Inline in the head (descriptor ``data``):
+        the delta against ``previous`` (role -> the bytes devices hold from the last release) when it
+        fits in ``EMBED_MAX``, else the bundle when that fits, else nothing (devices fetch the blob);
+        ``inline`` (given to the constructor) may turn either off, e.g. for a registry that refuses
+        the OCI 1.1 descriptor ``data`` field.
+        The head goes last: devices see the release only once everything it names is in the registry.
+        Returns the sizes and which of the three the head carries.
         """
-        from edge.fleet.tuf_oci import HEAD_TAG, encode_bundle
+        from edge.fleet.tuf_oci import EMBED_MAX, HEAD_TAG, encode_bundle, encode_delta
 
         repo = f"{self.repository}/tuf"
         config = self.blob(repo, _EMPTY, MEDIA["empty"])
@@ -133,10 +146,27 @@ class Publisher:
             if filename != HEAD_TAG:  # devices a release behind read older files by these tags
                 layer = self.blob(repo, data, MEDIA["tuf_metadata"])
                 self.artifact(repo, filename, MEDIA["tuf_artifact"], config, [layer])
-        bundle = self.blob(repo, encode_bundle(files, root_version), MEDIA["tuf_bundle"])
-        self.manifest(
-            repo, HEAD_TAG, {"schemaVersion": 2, "mediaType": MEDIA["manifest"], "config": bundle, "layers": []}
+        bundle = encode_bundle(files, root_version)
+        head = self.blob(repo, bundle, MEDIA["tuf_bundle"])
+        delta = encode_delta(files, root_version, previous or {})
+        layers, inline = [], "none"
+        if "delta" in self.inline and delta is not None and len(delta[0]) <= EMBED_MAX:
+            data, base, roles = delta  # the registry must hold every blob a manifest names, so upload it too
+            desc = self.blob(
+                repo, data, MEDIA["tuf_delta"], **{ANN["delta_base"]: base, ANN["delta_roles"]: " ".join(roles)}
+            )
+            layers, inline = [desc | {"data": base64.b64encode(data).decode()}], "delta"
+        elif "bundle" in self.inline and len(bundle) <= EMBED_MAX:
+            head, inline = head | {"data": base64.b64encode(bundle).decode()}, "bundle"
+        body = self.manifest(
+            repo, HEAD_TAG, {"schemaVersion": 2, "mediaType": MEDIA["manifest"], "config": head, "layers": layers}
         )
+        return {
+            "inline": inline,
+            "bundle_bytes": len(bundle),
+            "delta_bytes": len(delta[0]) if delta else None,
+            "manifest_bytes": body["size"],
+        }
 
 
 def init_release(
@@ -148,10 +178,11 @@ def init_release(
     bits: int = 5,
     insecure: bool = False,
     expiry: Expiry | None = None,
+    inline: tuple[str, ...] = INLINE,
 ) -> dict:
     """Keys (missing ones are created), TUF metadata version 1, published; returns where the root is."""
     repo, files = TufRepo.create(tuf_dir, keys_dir, bits=bits, expiry=expiry)
-    pub = Publisher(registry, repository, insecure)
+    pub = Publisher(registry, repository, insecure, inline)
     try:
         pub.tuf_files(files, repo.root_version)
     finally:
@@ -178,6 +209,7 @@ def push(
     replace: bool = False,
     insecure: bool = False,
     expiry: Expiry | None = None,
+    inline: tuple[str, ...] = INLINE,
 ) -> dict:
     """Publish ``adapters`` for ``model`` on ``channel`` and sign the release (see the module doc).
 
@@ -202,7 +234,7 @@ def push(
             raise ConfigError(f"two adapters are named {name!r} ({checked[name][0]} and {p}); names must be unique")
         checked[name] = (p, a)
     tuf = TufRepo.load(tuf_dir, keys_dir, expiry)
-    pub = Publisher(registry, repository, insecure)
+    pub = Publisher(registry, repository, insecure, inline)
     created = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     try:
         model_desc = _push_model(pub, Path(model), info, model_media_type(model))
@@ -225,8 +257,9 @@ def push(
         withdrawn -= set(tuf.targets(prefix))
         current = tuf.targets(prefix)
         release = _push_release(pub, channel, fp, info.name, current, model_desc, created)
-        if files:
-            pub.tuf_files(files, tuf.root_version)  # timestamp.json is the last file: the release becomes visible here
+        head = None
+        if files:  # timestamp.json is the last file: the release becomes visible here
+            head = pub.tuf_files(files, tuf.root_version, tuf.published(files))
             tuf.commit(files)
     finally:
         pub.close()
@@ -252,6 +285,7 @@ def push(
         ],
         "withdrawn": sorted(withdrawn),
         "tuf_files": [f for f, _ in files],
+        "tuf_head": head,
         "bytes_uploaded": pub.bytes_out,
     }
 
@@ -264,18 +298,20 @@ def refresh_release(
     *,
     insecure: bool = False,
     expiry: Expiry | None = None,
+    inline: tuple[str, ...] = INLINE,
 ) -> dict:
     """Re-sign snapshot and timestamp with new expiry dates and publish them."""
     tuf = TufRepo.load(tuf_dir, keys_dir, expiry)
     files = tuf.stage_refresh()
-    pub = Publisher(registry, repository, insecure)
+    pub = Publisher(registry, repository, insecure, inline)
     try:
-        pub.tuf_files(files, tuf.root_version)
+        head = pub.tuf_files(files, tuf.root_version, tuf.published(files))
     finally:
         pub.close()
     tuf.commit(files)
     return {
         "release": tuf.release,
+        "tuf_head": head,
         "tuf_files": [f for f, _ in files],
         "expires": str(tuf._md["timestamp"].signed.expires),
     }
@@ -290,6 +326,7 @@ def rotate_keys(
     *,
     insecure: bool = False,
     expiry: Expiry | None = None,
+    inline: tuple[str, ...] = INLINE,
 ) -> dict:
     """New keys for ``roles`` and a root naming them, signed by the old and the new root key, published.
 
@@ -298,9 +335,9 @@ def rotate_keys(
     """
     tuf = TufRepo.load(tuf_dir, keys_dir, expiry)
     files = tuf.stage_rotate(roles)
-    pub = Publisher(registry, repository, insecure)
+    pub = Publisher(registry, repository, insecure, inline)
     try:
-        pub.tuf_files(files, tuf.root_version)
+        pub.tuf_files(files, tuf.root_version, tuf.published(files))
     finally:
         pub.close()
     retired = tuf.commit(files)

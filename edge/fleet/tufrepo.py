@@ -266,6 +266,21 @@ class TufRepo:
                 files.append((f"{signed.version}.{name}.json", self._bytes(name)))
         return files + self._stage_snapshot_and_timestamp(bump=True)
 
+    def published(self, files: list[tuple[str, bytes]]) -> dict[str, bytes]:
+        """The last published version of each role ``files`` replace (role -> bytes), from ``meta_dir``.
+
+        Call before :meth:`commit`: these are the bytes a device current as of the last release holds
+        in its TUF cache, the base of the head's delta (:func:`edge.fleet.tuf_oci.encode_delta`).
+        """
+        from edge.fleet.tuf_oci import role_of
+
+        out = {}
+        for name, _ in files:
+            path = self.meta_dir / role_of(name)
+            if path.is_file():
+                out[role_of(name)] = path.read_bytes()
+        return out
+
     def commit(self, files: list[tuple[str, bytes]]) -> list[Path]:
         """Write published files to ``meta_dir`` (versioned roots kept, others as ``<role>.json``); put
         rotated keys in place. Returns where the retired keys went."""

@@ -8,7 +8,8 @@ tensors, each mean-pooled to ``[B, C]`` (``[B, T, C]`` over ``T``, ``[B, C, H, W
 that serves the input: no second run.
 
 Cost, measured on the digits encoder: two pooled taps and the concat add about 1-3 % to
-a run at batch 16, 2-4 % at batch 1.
+a run at batch 16, 3-4 % at batch 1 (one node each: ``Concat`` and ``ReduceMean``, plus
+the output). One tap is pooled straight into the output (one node).
 
 **Detector head** (``head=Head(...)``): the HDC detector folded into the same graph, so
 an inference also returns each input's routing vote (output ``edge.vote``: the domain,
@@ -37,8 +38,18 @@ Why in the graph: scored in numpy right after an onnxruntime run, the same arith
 cost 70 us per batch of 16 instead of 30 us hot (about ten numpy calls, each paying
 cold caches), 9-13 % of the digits encoder's run at batch 16, 20-30 % at batch 1. In
 the graph, taps and head cost 2-4 % of it at batch 16 and about 9 % at batch 1
-(BENCHMARKS.md; the digits encoder's plain run is 68 optimised nodes in about 60 us, so
-each added node costs about 1 %, and its 69 k weights make the head's 24 k a large share).
+(BENCHMARKS.md). At batch 1 that is onnxruntime's cost per node (0.4-1 us each, on the
+62 us ViT and the 10 us CNN alike), not arithmetic; fetching an output costs about as much.
+Measured besides (digits ViT, batch 1, paired, load 8-12): one ``Gemm`` onto a tight
+frame of the prototypes whose ``LayerNormalization`` (scale and bias per column) yields
+the cosines and the bar, six nodes instead of seven: 8.7-9.5 % against 9.1-9.8 %, within
+noise (on the CNN 32.0 against 31.3 %); no ``Gather`` (the column mapped in numpy):
+0-0.4 points before the lookup; onnxruntime's parallel executor: 19.6 against 9.2 %;
+a narrower whitened space (the least-variance directions) raised the AUROC but cut
+routing as served to 90.4 % (rank 64 of 128). None kept. Fetching only the logits and the vote (not the
+features, when nothing learns; ``Runtime.run`` fetches every output) would save 1.3 points
+on the ViT and 5.5 on the CNN (plain onnxruntime sessions, against a plain run fetching
+only its logits).
 Earlier heads: one ``Gemm`` with a norm bar concatenated in front and the column turned
 into a domain by ``Div``/``Sub`` (8 nodes) cost about 2 points more at batch 1; one
 with separate max, divide, compare and select (12 nodes) more again. An earlier try
@@ -61,7 +72,10 @@ Taps for any exported model, three ways:
   (a sum of two maps, or the activation that alone reads it). Maps end where a global
   pool, reshape or linear layer starts;
 * **by the model's own declaration** at export time: ``declared`` reads the tensor names
-  an exporter put in ``ModelInfo.extra["taps"]``.
+  an exporter put in ``ModelInfo.extra["taps"]``;
+* ``first``: the first of ``auto``'s taps alone, the cheapest to serve (one pooled tensor,
+  no ``Concat``). On the demo CNN (its stem map) it detects as well as two taps; on the
+  demo ViT one tap routes 94.9 % as served against 95.5 % (below the 95 % goal).
 
 ``auto`` (the default) takes the declared taps, else ``attn``, else ``stages``; a model
 with none of them raises :class:`~edge.errors.ConfigError` naming what to pass. More
@@ -204,6 +218,7 @@ TAP_SETS.add("stages", _stages)  # CNN: the last feature map at each resolution
 TAP_SETS.add("residual", _residual)  # CNN: after each residual block
 TAP_SETS.add("declared", _declared)  # what the exporter recorded in ModelInfo.extra["taps"]
 TAP_SETS.add("auto", _auto)  # declared, else attn, else stages
+TAP_SETS.add("first", lambda m: _auto(m)[:1])  # auto's first tap alone: one pooled tensor, the cheapest to serve
 
 
 def resolve_taps(model, taps: str | Sequence[str] = "auto") -> list[str]:
@@ -315,6 +330,8 @@ def tap_model(
         )
         if pooled_by:
             _pool(g, "edge.taps", FEATURES, pooled_by, opset)
+    elif len(found) == 1:  # pooled straight into the output: no one-input Concat (onnxruntime keeps it)
+        _pool(g, found[0][0], FEATURES, found[0][2], opset)
     else:
         pooled = [f"edge.tap{i}" for i in range(len(found))]
         for out, (tensor, _, axes, _) in zip(pooled, found):

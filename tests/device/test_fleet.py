@@ -7,6 +7,8 @@ Every network connection goes to 127.0.0.1. The registry binary comes from the p
 from __future__ import annotations
 
 import argparse
+import base64
+import hashlib
 import json
 import os
 import shutil
@@ -145,14 +147,65 @@ def test_a_release_moves_the_changed_adapter_plus_one_small_head_and_a_poll_move
     fleet.push()
     fleet.sync("dev")
     changed = fleet.adapter(3, seed=101)
-    fleet.push([changed])
+    res = fleet.push([changed])
+    head = res["tuf_head"]
+    assert head["inline"] == "delta" and head["delta_bytes"] <= 0.55 * head["bundle_bytes"], head
     rep = fleet.sync("dev")
     assert rep.status == "updated" and [a["name"] for a in rep.installed] == ["a03"]
-    assert rep.requests == 3  # the head manifest, its bundle (timestamp, snapshot, the changed bin), the adapter
-    assert rep.bytes_adapters == changed.stat().st_size
-    assert rep.bytes_total <= 1.1 * changed.stat().st_size, rep.to_dict()
+    assert rep.requests == 2 and rep.head == "delta"  # the head manifest (the release inline as a delta), the adapter
+    assert rep.bytes_metadata == head["manifest_bytes"] and rep.bytes_adapters == changed.stat().st_size
+    assert rep.bytes_total + rep.bytes_headers <= 1.1 * changed.stat().st_size, rep.to_dict()
+    new = fleet.sync("new")  # no cache, so no base for the delta: the bundle blob (then the files it does not hold)
+    assert new.head == "blob" and fleet.installed("new") == fleet.installed("dev")
     poll = fleet.sync("dev")  # nothing published since: HTTP 304 on the head, no body at all
-    assert poll.status == "current" and poll.requests == 1 and poll.bytes_total == 0
+    assert poll.status == "current" and poll.requests == 1 and poll.bytes_total == 0 and poll.head == "not-modified"
+
+
+def test_the_registry_serves_the_head_byte_for_byte_with_its_inline_data(fleet):
+    """distribution 2.8 keeps a manifest's exact bytes, the OCI 1.1 descriptor ``data`` fields included."""
+    from edge.fleet.tuf_oci import EMBED_MAX, decode_bundle, inline_data
+
+    head = _get(fleet.reg.host, f"{REPO}/tuf/manifests/timestamp.json")  # release 1, straight after init
+    body = head.content
+    assert head.headers["Docker-Content-Digest"] == "sha256:" + hashlib.sha256(body).hexdigest()
+    m = head.json()
+    assert body == json.dumps(m, separators=(",", ":"), sort_keys=True).encode()  # as published, compact
+    bundle = inline_data(m["config"], "head")  # the first release has no delta: the bundle itself, under the cap
+    assert bundle is not None and len(bundle) <= EMBED_MAX and m["layers"] == []
+    assert fleet.reg.blob_file(m["config"]["digest"]).read_bytes() == bundle  # and the blob holds the same bytes
+    root, files = decode_bundle(bundle)
+    assert root == 1 and files["timestamp.json"] == (fleet.tmp / "tuf/timestamp.json").read_bytes()
+    rep = fleet.sync("dev")  # nothing published yet: the whole release came inline
+    assert rep.status == "current" and rep.head == "inline" and rep.requests == 1
+    fleet.push()
+    m = _get(fleet.reg.host, f"{REPO}/tuf/manifests/timestamp.json").json()
+    (delta,) = m["layers"]
+    assert delta["mediaType"] == MEDIA["tuf_delta"] and "data" not in m["config"]
+    assert fleet.reg.blob_file(delta["digest"]).read_bytes() == inline_data(delta, "delta")
+    assert delta["annotations"][ANN["delta_roles"]].split()[-1] == "timestamp.json"
+
+
+def test_a_release_over_the_cap_is_a_blob_and_the_next_one_a_delta(tmp_path):
+    """40 adapters into 32 hash bins at once: neither the bundle nor the delta fits in EMBED_MAX, so the
+    head names only the blob; the next release, one adapter, is a delta again."""
+    from edge.fleet.tuf_oci import EMBED_MAX
+
+    fleet = Fleet(tmp_path, n=40, nbytes=2_000, bits=5)
+    try:
+        first = fleet.push()["tuf_head"]
+        assert first["inline"] == "none" and min(first["bundle_bytes"], first["delta_bytes"]) > EMBED_MAX, first
+        m = _get(fleet.reg.host, f"{REPO}/tuf/manifests/timestamp.json").json()
+        assert "data" not in m["config"] and m["layers"] == []
+        rep = fleet.sync("dev")
+        assert rep.status == "updated" and rep.head == "blob" and len(rep.installed) == 40
+        changed = fleet.adapter(7, seed=130)
+        res = fleet.push([changed])["tuf_head"]
+        assert res["inline"] == "delta" and res["delta_bytes"] <= EMBED_MAX
+        rep = fleet.sync("dev")
+        assert rep.status == "updated" and rep.head == "delta" and rep.requests == 2
+        assert fleet.installed("dev")["a07"] == changed.read_bytes()
+    finally:
+        fleet.close()
 
 
 def test_a_device_releases_behind_reads_older_files_by_their_tags(fleet):
@@ -166,9 +219,10 @@ def test_a_device_releases_behind_reads_older_files_by_their_tags(fleet):
     i, j = next((i, j) for i in range(6) for j in range(6) if role[i] != role[j])
     first, second = fleet.adapter(i, seed=110), fleet.adapter(j, seed=111)
     fleet.push([first])
-    fleet.push([second])  # the head now bundles only this release's bin
+    fleet.push([second])  # the head now bundles only this release's bin, as a delta against the release before
     rep = fleet.sync("dev")
     assert rep.status == "updated" and sorted(a["name"] for a in rep.installed) == sorted([f"a{i:02d}", f"a{j:02d}"])
+    assert rep.head == "blob"  # two releases behind: its cache is not the delta's base, so the whole bundle
     assert rep.requests == 6  # head + bundle, the older bin's manifest + blob, two adapters
     assert fleet.installed("dev")[f"a{i:02d}"] == first.read_bytes()
     fleet.assert_loadable("dev")
@@ -177,10 +231,14 @@ def test_a_device_releases_behind_reads_older_files_by_their_tags(fleet):
 def test_a_torn_head_cache_is_read_again(fleet):
     fleet.push()
     fleet.sync("dev")
-    (fleet.tmp / "dev/.edge-sync/head/head.bundle").write_bytes(b"torn")
+    cache = fleet.tmp / "dev/.edge-sync/head/head.json"
+    cache.write_bytes(cache.read_bytes()[:100])  # torn
     rep = fleet.sync("dev")
     assert rep.status == "current" and rep.requests == 2 and rep.bytes_metadata > 0  # manifest and bundle again
-    (fleet.tmp / "dev/.edge-sync/head/head.manifest").write_bytes(b"\x00not json")
+    assert rep.head == "blob"  # this device's cache is the release's result, not the delta's base
+    doc = json.loads(cache.read_bytes())
+    doc["bundle"]["root"] = "1"  # edited
+    cache.write_text(json.dumps(doc))
     rep = fleet.sync("dev")
     assert rep.status == "current" and rep.requests == 2  # read again, never trusted as it lay
 
@@ -191,15 +249,61 @@ def test_tampered_head_bundle_is_refused(fleet):
     before = fleet.installed("dev")
     fleet.push([fleet.adapter(1, seed=120)])
     head = _get(fleet.reg.host, f"{REPO}/tuf/manifests/timestamp.json").json()
-    assert head["config"]["mediaType"] == MEDIA["tuf_bundle"] and head["layers"] == []
+    assert head["config"]["mediaType"] == MEDIA["tuf_bundle"] and head["layers"][0]["mediaType"] == MEDIA["tuf_delta"]
     blob = fleet.reg.blob_file(head["config"]["digest"])
     data = bytearray(blob.read_bytes())
     data[len(data) // 2] ^= 0xFF
     blob.write_bytes(bytes(data))
-    for device in ("dev", "new"):
-        rep = fleet.sync(device)
-        assert rep.status == "rejected" and "digest" in rep.reason and not rep.installed
-    assert fleet.installed("dev") == before and fleet.installed("new") == {}
+    rep = fleet.sync("new")  # a device with no base for the delta reads the blob
+    assert rep.status == "rejected" and "digest" in rep.reason and not rep.installed and fleet.installed("new") == {}
+    assert fleet.installed("dev") == before
+
+
+def _put_head(fleet: Fleet, manifest: dict) -> None:
+    url = f"http://{fleet.reg.host}/v2/{REPO}/tuf/manifests/timestamp.json"
+    body = json.dumps(manifest, separators=(",", ":"), sort_keys=True).encode()
+    r = requests.put(url, data=body, headers={"Content-Type": MEDIA["manifest"]}, timeout=5)
+    assert r.status_code == 201, r.text
+
+
+def test_tampered_head_delta_is_refused(fleet):
+    """An attacker who controls the registry edits the delta: the inline bytes fail their digest, or, re-hashed,
+    inflate to metadata that TUF refuses. Either way the device keeps what it has."""
+    from edge.fleet.publish import Publisher
+    from edge.fleet.tuf_oci import decode_delta, encode_delta
+
+    fleet.push()
+    fleet.sync("dev")
+    before = fleet.installed("dev")
+    fleet.push([fleet.adapter(1, seed=140)])
+    head = _get(fleet.reg.host, f"{REPO}/tuf/manifests/timestamp.json").json()
+    delta = head["layers"][0]
+    data = bytearray(base64.b64decode(delta["data"]))
+    data[len(data) // 2] ^= 0x01
+    _put_head(fleet, head | {"layers": [delta | {"data": base64.b64encode(bytes(data)).decode()}]})
+    rep = fleet.sync("dev")
+    assert rep.status == "rejected" and "does not match" in rep.reason and fleet.installed("dev") == before
+
+    roles = delta["annotations"][ANN["delta_roles"]].split()
+    previous = {r: (fleet.tmp / "dev/.edge-sync/tuf" / r).read_bytes() for r in roles}
+    root, files = decode_delta(base64.b64decode(delta["data"]), b"".join(previous[r] for r in roles))
+    ts = json.loads(files["timestamp.json"])
+    ts["signed"]["expires"] = "2099-01-01T00:00:00Z"  # a freeze: the attacker wants the release to live forever
+    files["timestamp.json"] = json.dumps(ts, separators=(",", ":")).encode()
+    forged, base, _ = encode_delta(list(files.items()), root, previous)
+    pub = Publisher(fleet.reg.host, REPO, insecure=True)
+    try:
+        desc = pub.blob(f"{REPO}/tuf", forged, MEDIA["tuf_delta"], **delta["annotations"])
+    finally:
+        pub.close()
+    assert desc["annotations"][ANN["delta_base"]] == base  # the device's own cache is the base: it decodes
+    _put_head(fleet, head | {"layers": [desc | {"data": base64.b64encode(forged).decode()}]})
+    rep = fleet.sync("dev")
+    assert rep.status == "rejected" and "TUF verification failed" in rep.reason and not rep.installed
+    assert "signed by 0/1" in rep.reason and fleet.installed("dev") == before
+    _put_head(fleet, head | {"layers": []})  # the real bundle, no delta: the forged files are not reused for it
+    rep = fleet.sync("dev")
+    assert rep.status == "updated" and rep.head == "blob" and fleet.installed("dev")["a01"] != before["a01"]
 
 
 @pytest.fixture
