@@ -5,8 +5,10 @@ model: under the ``bound`` and ``hybrid`` strategies the writable weights and th
 slots are graph inputs too, so a feed dict is checked against the model's *real* inputs
 (the ones :class:`~edge.format.modelinfo.ModelInfo` lists) before anything reaches a backend:
 names (a weight, a slot or any other name is refused), dtype (exactly the model's, in
-native byte order), rank, fixed dimensions and consistent symbolic ones. Arrays that are
-not C-contiguous are copied. Every refusal is a :class:`~edge.errors.ConfigError`.
+native byte order; integers are converted to the model's integer type when every value
+fits, as token ids are int64 from a tokenizer and int32 in a converted TFLite model),
+rank, fixed dimensions and consistent symbolic ones. Arrays that are not C-contiguous
+are copied. Every refusal is a :class:`~edge.errors.ConfigError`.
 """
 
 from __future__ import annotations
@@ -152,6 +154,8 @@ def check_feeds(feeds: object, specs: Mapping[str, InputSpec], weights: frozense
                 f"input {name!r} is {x.dtype.str}, not in this machine's byte order; "
                 f"convert it with x.astype(x.dtype.newbyteorder('='))"
             )
+        if x.dtype != spec.dtype and x.dtype.kind in "iu" and spec.dtype.kind in "iu":
+            x = _narrow(name, x, spec.dtype)  # token ids: int64 from a tokenizer, int32 in a converted model
         if x.dtype != spec.dtype:
             raise ConfigError(f"input {name!r} must be {spec.dtype}, got {x.dtype}; convert it with x.astype(...)")
         if x.ndim != len(spec.shape):
@@ -172,6 +176,17 @@ def check_feeds(feeds: object, specs: Mapping[str, InputSpec], weights: frozense
 
 
 _NATIVE = "<" if sys.byteorder == "little" else ">"
+
+
+def _narrow(name: str, x: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """An integer input converted to the model's integer dtype when every value fits; refused otherwise."""
+    info = np.iinfo(dtype)
+    if x.size and (int(x.min()) < info.min or int(x.max()) > info.max):
+        raise ConfigError(
+            f"input {name!r} holds values in [{int(x.min())}, {int(x.max())}], outside the model's {dtype} "
+            f"range [{info.min}, {info.max}]"
+        )
+    return x.astype(dtype)
 
 
 def _show(spec: InputSpec) -> str:
