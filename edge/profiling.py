@@ -7,7 +7,8 @@
 Measures model load time, first-inference time, inference latency (p50/p95/p99 over
 ``runs`` timed runs after ``warmup``), per adapter the switch time, the first run after
 a switch and the time until the backend settles, peak resident memory, file sizes and
-the providers that actually ran, and checks each against the profile's budgets.
+the providers that actually ran, and checks each against the profile's budgets. The model's files
+for the profile's other backends (``M.onnx`` beside ``M.tflite``) are compared too (:mod:`edge.engines`).
 Device side only: numpy, the backend, and matplotlib only if a plot is asked for.
 """
 
@@ -21,8 +22,10 @@ from pathlib import Path
 
 import numpy as np
 
+from edge.engines import format_engines, runtime_version
 from edge.errors import ConfigError
 from edge.format.feeds import generate_inputs
+from edge.format.samples import read_npz
 from edge.machine import load_average, machine, peak_rss_mb, status_mb
 from edge.progress import bar
 
@@ -50,6 +53,8 @@ class ProfileConfig:
     batch: int = 1  # size given to symbolic dimensions of generated inputs
     seed: int = 0  # generated inputs
     progress: bool = True  # progress bar on stderr (tqdm, if installed)
+    engine_rounds: int = 5  # engines found beside the model: interleaved rounds of `engine_runs` runs each
+    engine_runs: int = 10  # (0: no engine comparison)
 
 
 def profile_model(
@@ -62,8 +67,13 @@ def profile_model(
     config: ProfileConfig = ProfileConfig(),
     devices_dir: Sequence[str | os.PathLike] = (),
 ) -> dict:
-    """Measure ``model`` under ``device`` (profile name, YAML path or DeviceProfile); returns a JSON-able dict."""
+    """Measure ``model`` under ``device`` (profile name, YAML path or DeviceProfile); returns a JSON-able dict.
+
+    ``backend="auto"`` profiles the engine :func:`edge.engines.choose_engine` measures fastest here; either
+    way the engines found beside the model are compared (``result["engines"]``, see ``engine_report``).
+    """
     from edge.devices import load_profile
+    from edge.engines import EngineFile, choose_engine, engine_report, feeds_for
     from edge.runtime import Runtime
 
     model = Path(model)
@@ -74,6 +84,11 @@ def profile_model(
     if missing:
         raise ConfigError(f"adapter file(s) {missing} do not exist")
     profile = load_profile(device, search=devices_dir)
+    chosen = None
+    if backend == "auto":  # the engine measured fastest here, on the inputs given (or generated)
+        given = inputs if isinstance(inputs, Mapping) or inputs is None else read_npz(inputs)
+        chosen = choose_engine(model, device=profile, feeds=given, rounds=config.engine_rounds or 1)
+        model, backend = chosen.path, chosen.backend
     backend = backend or _backend_for(model)
     options = profile.backend_options(backend)  # raises per the profile's fallback policy
 
@@ -91,6 +106,7 @@ def profile_model(
     load_ms = _ms(t0)
     try:
         feeds, input_source = _feeds(model, rt.info.inputs, inputs, config)
+        feeds = feeds_for(EngineFile(backend, model), feeds) if chosen else feeds  # e.g. int32 ids for LiteRT
         t0 = time.perf_counter()
         reference = rt.run(feeds)
         first_ms = _ms(t0)
@@ -121,6 +137,7 @@ def profile_model(
         rt.close()
 
     accuracy = _check_against_cpu(model, backend, providers, profile, feeds, reference)
+    engines = engine_report(model, profile, feeds, options.threads, config.engine_rounds, config.engine_runs, chosen)
     result = {
         "format": PROFILE_FORMAT,
         "version": PROFILE_VERSION,
@@ -136,7 +153,7 @@ def profile_model(
         "machine": machine(),
         "load_avg": load_average(),
         "backend": backend,
-        "runtime": _runtime_version(backend),
+        "runtime": runtime_version(backend),
         "strategy": strategy,
         "threads": options.threads,
         "providers_requested": list(options.providers),
@@ -154,6 +171,7 @@ def profile_model(
             "peak_rss_mb": peak,
         },
         "accuracy": accuracy,
+        "engines": engines,  # with backend="auto": its choice["reason"] says why this backend ran
     }
     result["budgets"] = _budgets(profile.budgets, result)
     return result
@@ -213,8 +231,6 @@ def _feeds(model: Path, names: Sequence[str], inputs, config: ProfileConfig) -> 
     if isinstance(inputs, Mapping):
         feeds, source = {k: np.asarray(v) for k, v in inputs.items()}, "given"
     else:
-        from edge.format.samples import read_npz
-
         feeds, source = read_npz(inputs), str(inputs)
     missing = [n for n in names if n not in feeds]
     extra = [n for n in feeds if n not in names]
@@ -259,20 +275,6 @@ def _budgets(budgets, result: dict) -> dict:
         limit = getattr(budgets, key)
         out[key] = {"budget": limit, "measured": value, "ok": None if value is None else bool(value <= limit)}
     return out
-
-
-def _runtime_version(backend: str) -> str:
-    """The installed version of the library behind ``backend`` (``onnxruntime 1.31.1``)."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    for dist in {"onnxruntime": ("onnxruntime", "onnxruntime-gpu"), "tflite": ("ai-edge-litert", "tflite-runtime")}.get(
-        backend, (backend,)
-    ):
-        try:
-            return f"{dist} {version(dist)}"
-        except PackageNotFoundError:
-            continue
-    return backend
 
 
 # -- numbers ------------------------------------------------------------------------------------
@@ -362,6 +364,8 @@ def format_markdown(result: dict) -> str:
             f"Outputs vs {acc['reference']}: max |diff| {worst:.3g} "
             f"(atol {acc['atol']:g}, rtol {acc['rtol']:g}): {'within' if acc['ok'] else '**outside**'} tolerance.",
         ]
+    if result.get("engines"):
+        lines += ["", *format_engines(result["engines"])]
     return "\n".join(lines) + "\n"
 
 

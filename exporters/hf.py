@@ -25,6 +25,7 @@ from __future__ import annotations
 import copy
 import inspect
 import json
+import logging
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -34,7 +35,7 @@ import torch
 from edge.errors import ConfigError, FormatError, RegistryError
 from edge.format.io import atomic_write_bytes
 from edge.format.modelinfo import ModelInfo
-from exporters.onnx import export_onnx
+from exporters.onnx import ATTENTION, export_onnx
 
 __all__ = [
     "PooledEncoder",
@@ -48,6 +49,8 @@ __all__ = [
     "add_lora_slots",
     "lora_slot_names",
 ]
+
+log = logging.getLogger(__name__)
 
 POOLINGS = ("mean", "cls", "pooler", "none")
 _TEXT_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
@@ -238,6 +241,7 @@ def export_hf_encoder(
     name: str | None = None,
     extra: Mapping[str, object] | None = None,
     file_format: str = "onnx",
+    attention: str | None = None,
     **kwargs,
 ) -> ModelInfo:
     """Export a Hugging Face encoder as a pooled embedder to ``path`` (validated on onnxruntime).
@@ -257,6 +261,10 @@ def export_hf_encoder(
         extra: more JSON metadata; other keyword arguments go to the exporter.
         file_format: ``onnx`` (:func:`exporters.onnx.export_onnx`, the default) or ``tflite``
             (:func:`exporters.tflite.export_tflite`, needs the litert-torch converter; fixed shapes).
+        attention: ``fused`` (one ai.onnx Attention node a layer, opset 23: onnxruntime >= 1.23) or
+            ``decomposed`` (MatMul/Softmax, opset 20), see :data:`exporters.onnx.ATTENTION`; default: fused for
+            text encoders exported to ONNX, decomposed otherwise (Swin's windowed attention does not trace
+            through SDPA). Recorded in the metadata as ``extra["attention"]``.
 
     Raises:
         ConfigError: an architecture with no known pooling and none given, a pooling that does not fit
@@ -276,6 +284,16 @@ def export_hf_encoder(
     else:
         raise ConfigError(f"model must be a local directory or a transformers model, got {type(model).__name__}")
     pooling = pooling or settings.get("pooling") or _default_pooling(model)
+    if attention is not None and (attention not in ATTENTION or (attention == "fused" and file_format != "onnx")):
+        raise ConfigError(
+            f"attention {attention!r} is not supported for {file_format}; allowed: "
+            + ("fused, decomposed" if file_format == "onnx" else "decomposed")
+        )
+    if attention is None:  # fused where it pays and the model can: text on onnxruntime
+        attention = "fused" if file_format == "onnx" and "input_ids" in _forward_args(model) else "decomposed"
+        attention = _set_attention(model, attention, explicit=False)
+    else:
+        _set_attention(model, attention, explicit=True)
     _prepare(model, pooling)
     encoder = PooledEncoder.wrap(
         model, pooling=pooling, normalize=settings.get("normalize", False) if normalize is None else normalize
@@ -289,6 +307,7 @@ def export_hf_encoder(
         "modality": encoder.modality,
         "pooling": encoder.pooling,
         "normalize": "l2" if encoder.normalize else None,
+        "attention": attention,
     }
     if slots:
         info["lora_slots"] = {"rank": int(lora_rank), "targets": list(lora_slots)}
@@ -310,6 +329,8 @@ def export_hf_encoder(
         info["image_size"] = side
     if dynamic_axes:
         kwargs["dynamic_axes"] = dynamic_axes
+    if file_format == "onnx":
+        kwargs["opset"] = ATTENTION[attention][1]
     result = _EXPORTERS[file_format]()(
         encoder,
         examples,
@@ -338,10 +359,36 @@ def _default_pooling(model: torch.nn.Module) -> str:
     )
 
 
+def _set_attention(model: torch.nn.Module, attention: str, explicit: bool) -> str:
+    """Switch ``model`` to the attention implementation of ``attention``; return the one it runs.
+
+    A model that cannot run SDPA (transformers keeps its eager attention, with a warning) is refused
+    when ``fused`` was asked for, and exported ``decomposed`` when it was only the default.
+    """
+    impl = ATTENTION[attention][0]
+    if _attn_running(model) != impl and hasattr(model, "set_attn_implementation"):
+        try:
+            model.set_attn_implementation(impl)
+        except (ValueError, ImportError) as e:
+            log.info("%s: no %s attention (%s)", type(model).__name__, impl, e)
+    if _attn_running(model) == impl:
+        return attention
+    if explicit or attention == "decomposed":
+        other = "decomposed" if attention == "fused" else "fused"
+        raise ConfigError(
+            f"{type(model).__name__} cannot run {impl!r} attention, which attention={attention!r} needs; "
+            f"pass attention={other!r}"
+        )
+    log.info("%s cannot run SDPA attention: exporting it decomposed", type(model).__name__)
+    return _set_attention(model, "decomposed", explicit=True)
+
+
+def _attn_running(model: torch.nn.Module) -> str:
+    return getattr(model.config, "_attn_implementation", None) or "eager"
+
+
 def _prepare(model: torch.nn.Module, pooling: str) -> None:
-    """Eager attention (what the exporter traces reliably); drop parameters the embedding does not use."""
-    if getattr(model.config, "_attn_implementation", "eager") != "eager" and hasattr(model, "set_attn_implementation"):
-        model.set_attn_implementation("eager")  # SDPA's decomposition fails on Swin's windowed attention
+    """Drop parameters the embedding does not use."""
     pooler = getattr(model, "pooler", None)
     if pooling != "pooler" and pooler is not None and any(True for _ in pooler.parameters()):
         model.pooler = None  # BERT's and ViT's dense+tanh poolers feed classifiers, not embedders

@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from edge.errors import BackendUnavailableError, FormatError
+from edge.errors import BackendUnavailableError, ConfigError, FormatError
 from edge.format.modelinfo import ModelInfo
-from exporters.onnx import export_onnx
+from exporters.onnx import ATTENTION, export_onnx
 
 __all__ = [
     "INPUT_NAMES",
@@ -74,13 +74,20 @@ class MiniLMEmbedder(torch.nn.Module):
         return (torch.nn.functional.normalize(mean, p=2, dim=1),)  # sentence_transformers.models.Normalize
 
 
-def load_minilm() -> MiniLMEmbedder:
-    """The pretrained encoder wrapped as :class:`MiniLMEmbedder`, in eval mode, loaded without network access."""
+def load_minilm(attention: str = "decomposed") -> MiniLMEmbedder:
+    """The pretrained encoder wrapped as :class:`MiniLMEmbedder`, in eval mode, loaded without network access.
+
+    ``attention`` (:data:`exporters.onnx.ATTENTION`): ``decomposed`` is HF's "eager" attention, plain
+    MatMul + Softmax that every converter traces; ``fused`` is "sdpa", which the ONNX exporter writes as one
+    Attention node at opset 23. The parameters, and so the adapter targets, are the same.
+    """
+    if attention not in ATTENTION:
+        raise ConfigError(f"attention {attention!r} is not supported; allowed: {', '.join(ATTENTION)}")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers reads it at import time
     from transformers import AutoModel
 
-    # "eager" attention is plain MatMul + Softmax, which exports cleanly and matches ORT closely.
-    bert = AutoModel.from_pretrained(str(minilm_dir()), local_files_only=True, attn_implementation="eager")
+    impl = ATTENTION[attention][0]
+    bert = AutoModel.from_pretrained(str(minilm_dir()), local_files_only=True, attn_implementation=impl)
     bert.pooler = None  # sentence-transformers does not use BERT's pooler; unused parameters cannot be exported
     return MiniLMEmbedder(bert).eval()
 
@@ -120,22 +127,26 @@ def export_minilm(
     dynamic_seq: bool = False,
     name: str = "all-MiniLM-L6-v2",
     extra: Mapping[str, object] | None = None,
+    attention: str = "fused",
     **kwargs,
 ) -> ModelInfo:
     """Export the MiniLM embedder with :func:`exporters.onnx.export_onnx` (other kwargs go to it).
 
     The batch axis is dynamic by default; ``dynamic_seq`` also makes the sequence axis dynamic
-    (otherwise inputs must be padded to exactly ``seq_len``).
+    (otherwise inputs must be padded to exactly ``seq_len``). ``attention="fused"`` (the default)
+    writes each layer's attention as one ai.onnx Attention node (opset 23, onnxruntime >= 1.23);
+    ``"decomposed"`` writes MatMul/Softmax at opset 20 for older runtimes (:data:`exporters.onnx.ATTENTION`).
     """
     info = {
         "source": "sentence-transformers/all-MiniLM-L6-v2",
         "pooling": "mean",
         "normalize": "l2",
         "seq_len": None if dynamic_seq else seq_len,
+        "attention": attention,
         **(extra or {}),
     }
     return export_onnx(
-        load_minilm(),
+        load_minilm(attention),
         example_inputs(1, seq_len),
         path,
         input_names=INPUT_NAMES,
@@ -143,5 +154,6 @@ def export_minilm(
         name=name,
         dynamic_axes={n: {1: "seq"} for n in INPUT_NAMES} if dynamic_seq else None,
         extra=info,
+        opset=ATTENTION[attention][1],
         **kwargs,
     )

@@ -18,6 +18,7 @@ import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
+from types import MappingProxyType
 
 import numpy as np
 import onnx
@@ -30,12 +31,21 @@ from edge.format.modelinfo import META_KEY, ModelInfo, TensorInfo, fingerprint, 
 from edge.format.onnx_graph import consumers, keep_only, set_metadata, subgraph_reads
 from exporters.validate import check_arguments, compare, flatten_outputs, second_batch
 
-__all__ = ["export_onnx", "load_model_info", "OPSET", "IR_VERSION"]
+__all__ = ["export_onnx", "load_model_info", "ATTENTION", "ATTENTION_OPSET", "OPSET", "IR_VERSION"]
 
 log = logging.getLogger(__name__)
 
 OPSET = 20  # default ai.onnx opset of torch 2.13's exporter; onnxruntime >= 1.17 runs it
 IR_VERSION = 10  # onnx >= 1.17 stamps newer IR versions that older onnxruntime rejects
+ATTENTION_OPSET = 23  # the first with ai.onnx Attention; onnxruntime >= 1.23 has its CPU kernel
+#: how the transformer exporters write attention: ``attention`` -> (transformers attn_implementation, opset).
+#: "fused": torch's exporter writes scaled_dot_product_attention as one ai.onnx Attention node, which
+#: onnxruntime runs as one kernel (scores, mask, softmax and the weighted sum); the Q/K/V/output projections
+#: stay MatMuls over their own initializers, so every adapter target is still written in place.
+#: "decomposed": MatMul/Softmax at the default opset, for runtimes without Attention-23 (onnxruntime < 1.23;
+#: the QNN execution provider leaves it to the CPU: onnxruntime-qnn issue 646).
+ATTENTION = MappingProxyType({"fused": ("sdpa", ATTENTION_OPSET), "decomposed": ("eager", OPSET)})
+_OPSETS = range(18, 24)  # what torch 2.13's dynamo exporter writes natively
 _MATMUL_OPS = ("MatMul", "Gemm")
 
 
@@ -55,6 +65,7 @@ def export_onnx(
     rtol: float = 1e-3,
     validate: bool = True,
     progress: bool = True,
+    opset: int = OPSET,
 ) -> ModelInfo:
     """Export ``model`` to ``path`` as a single self-contained ONNX file and return its ModelInfo.
 
@@ -73,6 +84,8 @@ def export_onnx(
         atol, rtol: validation tolerance, ``np.allclose`` semantics with torch as reference.
         validate: run the file on onnxruntime (CPU) against torch before writing it.
         progress: show a progress bar over the export steps.
+        opset: the ai.onnx opset (18-23); 23 lets the exporter write ``scaled_dot_product_attention``
+            as one Attention node (see :data:`ATTENTION`), which needs onnxruntime >= 1.23 on the device.
 
     The file at ``path`` is replaced atomically and only once validation passed; on any
     error a pre-existing file there is left untouched.
@@ -85,15 +98,18 @@ def export_onnx(
     example_inputs = tuple(example_inputs)
     input_names, output_names = tuple(input_names), tuple(output_names)
     check_arguments(model, example_inputs, input_names, output_names, dynamic_axes, extra)
+    if opset not in _OPSETS:
+        raise ConfigError(f"opset {opset} is not supported; allowed: {_OPSETS.start}-{_OPSETS.stop - 1}")
 
     steps = tqdm(total=3 if validate else 2, desc=f"export {name}", unit="step", disable=not progress, leave=False)
     with steps:
         steps.set_postfix_str("torch.onnx.export")
-        proto = _torch_export(model, example_inputs, input_names, output_names, dynamic_batch, dynamic_axes)
+        proto = _torch_export(model, example_inputs, input_names, output_names, dynamic_batch, dynamic_axes, opset)
         steps.update()
 
         steps.set_postfix_str("post-process")
         tensors = _fold_weight_transposes(proto, model)
+        _attention_3d(proto)
         unknown = [s for s in slots if s not in tensors]
         if unknown:
             raise ConfigError(f"slots {unknown} are not 2-D+ parameters of the model; known: {sorted(tensors)[:10]}")
@@ -138,7 +154,9 @@ def load_model_info(path: str | os.PathLike) -> ModelInfo:
 # -- export ---------------------------------------------------------------------------------------------------------
 
 
-def _torch_export(model, example_inputs, input_names, output_names, dynamic_batch, dynamic_axes) -> onnx.ModelProto:
+def _torch_export(
+    model, example_inputs, input_names, output_names, dynamic_batch, dynamic_axes, opset
+) -> onnx.ModelProto:
     """Run the dynamo exporter, unoptimized so initializers keep their torch names."""
     dims: dict[str, torch.export.Dim] = {}
 
@@ -158,7 +176,7 @@ def _torch_export(model, example_inputs, input_names, output_names, dynamic_batc
         optimize=False,
         external_data=False,
         verbose=False,
-        opset_version=OPSET,
+        opset_version=opset,
         input_names=list(input_names),
         output_names=list(output_names),
         dynamic_shapes=tuple(shapes) if dims else None,
@@ -215,6 +233,89 @@ def _fold_weight_transposes(proto: onnx.ModelProto, model: torch.nn.Module) -> d
     keep_only(graph.node, lambda n: not (n.op_type == "Transpose" and n.output[0] in folded))
     keep_only(graph.value_info, lambda v: v.name not in folded)
     return tensors
+
+
+def _attention_3d(proto: onnx.ModelProto) -> int:
+    """Feed each ai.onnx Attention node its 3-D ``[batch, seq, heads * head_size]`` Q, K and V; return the count.
+
+    torch writes ``scaled_dot_product_attention`` over 4-D heads-first tensors, so every layer reshapes and
+    transposes Q, K and V on the way in and its output on the way out: 24 Transposes and Reshapes in a 6-layer
+    encoder that onnxruntime runs as separate copies. Attention-23 also takes the 3-D forms (with ``q_num_heads``
+    and ``kv_num_heads``) and then returns the 3-D output the final Reshape made, so those nodes go. Only the
+    exact pattern is rewritten (shapes known from the exporter's value_info); the weights are not touched.
+    """
+    graph = proto.graph
+    users = consumers(graph)
+    producer = {o: n for n in graph.node for o in n.output}
+    shapes = {
+        v.name: [d.dim_value if d.HasField("dim_value") else d.dim_param for d in v.type.tensor_type.shape.dim]
+        for v in (*graph.value_info, *graph.input, *graph.output)
+    }
+    protected = subgraph_reads(graph) | {o.name for o in graph.output}
+
+    def sole(value: str, op: str):  # the one node reading ``value``, if it is an ``op`` and nothing else reads it
+        readers = users.get(value, [])
+        return readers[0] if len(readers) == 1 and readers[0].op_type == op and value not in protected else None
+
+    def heads_first(node) -> bool:
+        return next((list(a.ints) for a in node.attribute if a.name == "perm"), None) == [0, 2, 1, 3]
+
+    dropped: set[str] = set()  # outputs of the nodes to remove
+    count = 0
+    for att in [n for n in graph.node if n.op_type == "Attention" and n.domain in ("", "ai.onnx")]:
+        if len(att.output) != 1 or any(a.name in ("q_num_heads", "kv_num_heads") for a in att.attribute):
+            continue
+        flat, heads = [], set()
+        for value in att.input[:3]:
+            t = producer.get(value)
+            r = producer.get(t.input[0]) if t is not None and t.op_type == "Transpose" and heads_first(t) else None
+            if r is None or r.op_type != "Reshape" or not (sole(value, "Attention") and sole(r.output[0], "Transpose")):
+                break
+            s4, s3 = shapes.get(value, []), shapes.get(r.input[0], [])
+            if len(s4) != 4 or len(s3) != 3 or not isinstance(s4[1], int) or s4[1] < 1:
+                break
+            if all(isinstance(d, int) for d in (s3[2], s4[3])) and s3[2] != s4[1] * s4[3]:
+                break
+            flat.append((r.input[0], t, r))
+            heads.add(s4[1])
+        if len(flat) != 3 or len(heads) != 1:
+            continue
+        # the way out: Reshape (a view, optional) -> Transpose(0, 2, 1, 3) -> Reshape to 3-D
+        chain, value = [], att.output[0]
+        for op in ("Reshape", "Transpose", "Reshape"):
+            node = sole(value, op)
+            if node is None and op == "Reshape" and not chain:
+                continue  # no leading view
+            if node is None or (op == "Transpose" and not heads_first(node)):
+                break
+            chain.append(node)
+            value = node.output[0]
+        if len(chain) < 2 or chain[-2].op_type != "Transpose" or len(shapes.get(value, [])) != 3:
+            continue
+        for i, (value_3d, t, r) in enumerate(flat):
+            att.input[i] = value_3d
+            dropped.update((t.output[0], r.output[0]))
+        dropped.update(n.output[0] for n in chain)
+        att.output[0] = value
+        (n_heads,) = heads
+        att.attribute.extend(
+            [onnx.helper.make_attribute("q_num_heads", n_heads), onnx.helper.make_attribute("kv_num_heads", n_heads)]
+        )
+        count += 1
+    keep_only(graph.node, lambda n: not (n.output and n.output[0] in dropped and n.op_type in ("Reshape", "Transpose")))
+    _drop_dead_nodes(graph, protected)
+    return count
+
+
+def _drop_dead_nodes(graph, protected: set[str]) -> None:
+    """Remove nodes none of whose outputs is read any more (the shape arithmetic of removed Reshapes)."""
+    while True:
+        read = {i for n in graph.node for i in n.input} | protected
+        if all(any(o in read for o in n.output) for n in graph.node):
+            break
+        keep_only(graph.node, lambda n, read=read: any(o in read for o in n.output))
+    produced = {o for n in graph.node for o in n.output} | {i.name for i in graph.input}
+    keep_only(graph.value_info, lambda v: v.name in produced)
 
 
 def _rename_input(nodes: list, old: str, new: str) -> None:

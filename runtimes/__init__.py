@@ -24,6 +24,7 @@ __all__ = [
     "backend_for_path",
     "backend_names",
     "get_backend",
+    "model_files",
     "read_model_info",
 ]
 
@@ -55,6 +56,20 @@ def backend_for_path(path: str | os.PathLike) -> str:
             return name
     known = ", ".join(f"{s} ({n})" for n, (_, ss) in TABLE.items() for s in ss)
     raise ConfigError(f"cannot tell the backend of {Path(path).name} from its suffix; known: {known}")
+
+
+def model_files(path: str | os.PathLike) -> dict[str, Path]:
+    """The files of one exported model for each backend: ``path`` and the files beside it with the same stem and
+    another backend's suffix (``encoder.onnx``, ``encoder.tflite``), in :data:`TABLE` order; only those that exist."""
+    path = Path(path)
+    found = {}
+    for name, (_, suffixes) in TABLE.items():
+        for suffix in suffixes:
+            candidate = path if path.suffix.lower() == suffix else path.with_suffix(suffix)
+            if candidate.is_file():
+                found[name] = candidate
+                break
+    return found
 
 
 def read_model_info(path: str | os.PathLike, backend: str | None = None):

@@ -23,7 +23,18 @@ def register(sub) -> None:
     p.add_argument("--switches", type=int, default=20, help="timed switches per adapter (default 20)")
     p.add_argument("--inputs", type=Path, help=".npz with one array per model input (default: generated)")
     p.add_argument("--batch", type=int, default=1, help="size of symbolic dimensions in generated inputs (default 1)")
-    p.add_argument("--backend", default=None, help="backend (default: from the model file's suffix)")
+    p.add_argument(
+        "--backend",
+        default=None,
+        help="backend, or auto: the engine measured fastest here among the model's files for the profile's "
+        "backends (MODEL.onnx, MODEL.tflite side by side); default: from the model file's suffix",
+    )
+    p.add_argument(
+        "--engine-rounds",
+        type=int,
+        default=5,
+        help="compare the engines found beside the model in this many interleaved rounds (0: do not compare)",
+    )
     p.add_argument("--json", type=Path, help="write the results as JSON here")
     p.add_argument("--md", type=Path, help="write a Markdown summary here")
     p.add_argument("--png", type=Path, help="write a plot here (needs matplotlib)")
@@ -39,10 +50,16 @@ def run(args) -> int:
     for flag in ("runs", "switches", "batch"):
         if getattr(args, flag) < 1:
             raise ConfigError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
-    if args.warmup < 0:
-        raise ConfigError(f"--warmup must be 0 or more, got {args.warmup}")
+    for flag in ("warmup", "engine_rounds"):
+        if getattr(args, flag) < 0:
+            raise ConfigError(f"--{flag.replace('_', '-')} must be 0 or more, got {getattr(args, flag)}")
     cfg = ProfileConfig(
-        runs=args.runs, warmup=args.warmup, switches=args.switches, batch=args.batch, progress=not args.quiet
+        runs=args.runs,
+        warmup=args.warmup,
+        switches=args.switches,
+        batch=args.batch,
+        progress=not args.quiet,
+        engine_rounds=args.engine_rounds,
     )
     result = profile_model(
         args.model,

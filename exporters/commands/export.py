@@ -39,6 +39,12 @@ def register(sub) -> None:
         default=None,
         help="L2-normalise the embedding (default: as sentence-transformers does)",
     )
+    p.add_argument(
+        "--attention",
+        choices=["fused", "decomposed"],
+        help="onnx: one ai.onnx Attention node a layer (opset 23, onnxruntime >= 1.23) or the decomposed ops "
+        "(default: fused for text encoders that support it)",
+    )
     p.add_argument("--lora-slots", nargs="+", default=(), help="module-name suffixes given zero LoRA branches")
     p.add_argument("--lora-rank", type=int, default=8, help="rank of the LoRA slots (default 8)")
     p.add_argument("--name", help="model name in the metadata (default: the folder's name)")
@@ -73,6 +79,7 @@ def run(args) -> int:
         lora_rank=args.lora_rank,
         name=args.name,
         file_format=fmt,
+        attention=args.attention,
         **kwargs,
     )
     summary = {
@@ -84,7 +91,10 @@ def run(args) -> int:
         "outputs": list(info.outputs),
         "targets": len(info.tensors),
         "bytes": args.out.stat().st_size,
-        **{k: info.extra.get(k) for k in ("model_type", "modality", "pooling", "normalize", "seq_len", "image_size")},
+        **{
+            k: info.extra.get(k)
+            for k in ("model_type", "modality", "pooling", "normalize", "seq_len", "image_size", "attention")
+        },
     }
     print(json.dumps(summary, indent=1))
     return 0

@@ -162,6 +162,7 @@ def test_accuracy_check_against_cpu():
         (["--device", "x86-dev", "--runs", "0"], ["--runs must be at least 1"]),
         (["--device", "x86-dev", "--adapters", "missing.safetensors"], ["missing.safetensors", "do not exist"]),
         (["--device", "qualcomm-qnn"], ["QNNExecutionProvider", "not available here"]),
+        (["--device", "x86-dev", "--engine-rounds", "-1"], ["--engine-rounds must be 0 or more, got -1"]),
     ],
 )
 def test_cli_errors_exit_2(capsys, args, words):
@@ -178,6 +179,15 @@ def test_cli_writes_reports(tmp_path, capsys):
     data = json.loads((tmp_path / "p.json").read_text())
     assert data["format"] == "edge.profiling" and data["latency_ms"]["n"] == 3
     assert (tmp_path / "p.md").read_text() == format_markdown(data)
+    # the golden .tflite beside it is another model (its own name): the report says so, and nothing was compared
+    why = "tiny-mlp-v1.tflite is another model than tiny-mlp-v1.onnx (its name differs)"
+    assert data["engines"] == {"comparison": None, "skipped": {"tflite": why}, "choice": None}
+    assert f"- tflite not compared: {why}" in (tmp_path / "p.md").read_text()
+    argv += ["--engine-rounds", "0", "--backend", "auto"]
+    assert main(argv) == 0
+    data = json.loads((tmp_path / "p.json").read_text())
+    assert data["backend"] == "onnxruntime"
+    assert data["engines"]["choice"]["reason"] == "onnxruntime: the only engine that can run it here"
 
 
 PROFILE_NO_TORCH = (
