@@ -52,6 +52,7 @@ bench: $(STAMP) registry
 	$(BIN)/edge bench ood --model cnn --taps auto --json bench-ood-cnn-auto.json --md BENCHMARKS.md
 	$(BIN)/edge bench fleet --json bench-fleet.json --md BENCHMARKS.md
 	$(BIN)/edge bench lowbit --json bench-lowbit.json --md BENCHMARKS.md
+	$(BIN)/edge bench quantized --json bench-quantized.json --md BENCHMARKS.md
 
 # Device-side tests on aarch64 under qemu-user (needs root; builds and caches a Debian arm64 root in .arm-root/).
 test-arm:

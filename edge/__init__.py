@@ -22,6 +22,7 @@ from edge.errors import (
     FormatError,
     RegistryError,
     RuntimeClosedError,
+    SaturationError,
     SignatureError,
 )
 from edge.format.adapter import Adapter, SparseDelta, load_adapter
@@ -40,6 +41,7 @@ __all__ = [
     "ModelInfo",
     "RegistryError",
     "RuntimeClosedError",
+    "SaturationError",
     "SignatureError",
     "Runtime",
     "SparseDelta",

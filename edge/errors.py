@@ -17,6 +17,7 @@ __all__ = [
     "RegistryError",
     "SignatureError",
     "RuntimeClosedError",
+    "SaturationError",
 ]
 
 
@@ -57,3 +58,7 @@ class SignatureError(EdgeError, PermissionError):
 
 class RuntimeClosedError(EdgeError, RuntimeError):
     """A runtime was used after it was closed."""
+
+
+class SaturationError(ConfigError):
+    """Fusing adapters into a quantized weight would leave the integer type's range."""

@@ -10,7 +10,8 @@
 Merge semantics, used everywhere (runtime, tests, reference models): for each
 touched entry, ``w = base + sum_i(alpha_i * delta_i)``, the sum taken in float32 in
 the order the adapters are given, then added to the base value once. Switching back
-writes the saved base values, never subtracts, so undo is bit-exact.
+writes the saved base values, never subtracts, so undo is bit-exact. On a quantized
+model (int8/uint8 weights) the same holds on the base's integer grid (:mod:`edge.fusion`).
 """
 
 from __future__ import annotations
@@ -30,8 +31,9 @@ from edge.format.feeds import check_feeds, input_specs, names_only
 from edge.format.io import read_bounded
 from edge.format.modelinfo import ModelInfo
 from edge.format.signing import SignaturePolicy
+from edge.fusion import SaturationError, check_finite, fuse, merge_weights, merged, normalise
 
-__all__ = ["Runtime", "RuntimeClosedError", "merge_weights"]
+__all__ = ["Runtime", "RuntimeClosedError", "SaturationError", "merge_weights"]
 
 log = logging.getLogger("edge.runtime")
 
@@ -45,11 +47,12 @@ class _Prepared:
 
     adapter: Adapter
     index: Mapping[str, np.ndarray]  # stored tensor -> sorted int64 flat positions
-    delta: Mapping[str, np.ndarray]  # stored tensor -> float32 deltas aligned with index
+    delta: Mapping[str, np.ndarray]  # stored tensor -> float32 deltas aligned with index (grid steps if quantized)
     base: Mapping[str, np.ndarray]  # stored tensor -> base values at index
     apply: object  # backend-prepared write of base + delta (the alpha = 1 fast path)
     restore: object  # backend-prepared write of the base values (undo)
     touched: Mapping[str, tuple[np.ndarray, np.ndarray]]  # stored tensor -> (index, base): what a switch records
+    clipped: int = 0  # entries of a quantized base clipped to the integer range by ``apply`` (load_adapter(clip=True))
 
 
 class Runtime:
@@ -77,16 +80,27 @@ class Runtime:
         With ``strategy="auto"`` the profile's ``budgets.memory_mb`` picks the strategy (hybrid when
         its predicted footprint fits, else bound, else a ``ConfigError`` naming the figures);
         ``enforce_memory_budget=False`` (``edge profile``, which reports budgets) skips that.
+        ``backend="auto"`` runs the engine measured fastest here among the model's files for the
+        profile's backends (``M.onnx``, ``M.tflite`` side by side; :func:`edge.engines.choose_engine`);
+        :attr:`engine_choice` says which ran and why.
         """
         from runtimes import BackendOptions, get_backend
 
         self.device = None
         self.fallback_warning: str | None = None
+        self.engine_choice = None  # backend="auto": the edge.engines.EngineChoice (backend, path, reason, figures)
         profile_options = None
         if device is not None:
             from edge.devices import DeviceProfile, load_profile
 
             self.device = device if isinstance(device, DeviceProfile) else load_profile(device)
+        if backend == "auto":
+            from edge.engines import choose_engine
+
+            self.engine_choice = choose_engine(model, device=self.device, threads=threads)
+            backend, model = self.engine_choice.backend, self.engine_choice.path
+            log.info("backend auto: %s", self.engine_choice.reason)
+        if self.device is not None:
             opts = self.device.backend_options(backend)
             threads = threads if threads is not None else opts.threads
             providers = tuple(providers) or opts.providers
@@ -115,6 +129,7 @@ class Runtime:
                 provider_options=profile_options.provider_options,
                 device=profile_options.device,
                 fallback_warning=profile_options.fallback_warning,
+                precision=profile_options.precision,
             )
         self.backend = get_backend(backend)(data, options)
         self.info: ModelInfo = self.backend.info
@@ -128,6 +143,7 @@ class Runtime:
         self._active: dict[str, float] = {}
         self._touched: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # stored -> (positions, base values)
         self._restore: object = self.backend.prepare([])  # undoes the current state
+        self.clipped = 0  # entries of a quantized base clipped to the integer range in the current state
         self._lock = threading.Lock()
         log.info("loaded %s on %s (strategy %s, providers %s)", path.name, backend, self.strategy, self.providers)
 
@@ -157,8 +173,12 @@ class Runtime:
         return dict(self._active)
 
     # -- adapters ----------------------------------------------------------------------------
-    def load_adapter(self, adapter: Adapter | str | os.PathLike, name: str | None = None) -> str:
+    def load_adapter(self, adapter: Adapter | str | os.PathLike, name: str | None = None, *, clip: bool = False) -> str:
         """Validate an adapter against this model and keep it ready to switch. Returns its name.
+
+        On a quantized model a float adapter is requantized onto the base's grid; an entry it would
+        take outside the integer range raises :class:`~edge.fusion.SaturationError`, or with
+        ``clip=True`` is clipped (counted in :attr:`clipped` while the adapter is active).
 
         Nothing about the running model changes; a bad adapter raises
         :class:`~edge.errors.FormatError` or :class:`~edge.errors.AdapterMismatchError`, and, when
@@ -178,13 +198,19 @@ class Runtime:
         for tname, d in adapter.tensors.items():
             t = self.info.tensors[tname]
             stored = self.backend.read(t.initializer)
-            if stored.size != int(np.prod(t.shape)) or stored.dtype != np.float32:
+            if stored.size != int(np.prod(t.shape)) or stored.dtype != t.dtype:
                 raise AdapterMismatchError(f"{tname}: stored tensor {stored.shape} {stored.dtype} does not fit")
             if isinstance(d, DenseDelta):  # the whole slot tensor, in stored layout
                 index[t.initializer] = np.arange(stored.size, dtype=np.int64)
                 delta[t.initializer] = t.to_stored(d.values)
                 continue
-            flat, values = t.stored_offsets(d.indices), t.stored_delta(d.indices, d.values)
+            flat = t.stored_offsets(d.indices)
+            if t.quant is None:
+                values = t.stored_delta(d.indices, d.values)
+            elif d.qvalues is not None:  # integer adapter: the exact integers (steps from the base: in _prepare)
+                values = d.qvalues
+            else:  # float adapter on a quantized base: grid steps of the entry's channel
+                values = t.grid_units(d.indices, d.values, self.backend.constant(t.quant.scale))
             if flat.size < 2 or bool(np.all(flat[1:] > flat[:-1])):  # already sorted: no copy, no sort
                 index[t.initializer], delta[t.initializer] = flat, values
                 continue
@@ -194,14 +220,14 @@ class Runtime:
         with self._lock:
             self._check_open()
             self._check_not_active(name)
-        prepared = self._prepare(adapter, name, index, delta)  # takes the lock only in short steps
+        prepared = self._prepare(adapter, name, index, delta, clip)  # takes the lock only in short steps
         with self._lock:
             self._check_open()
             self._check_not_active(name)
             self._adapters[name] = prepared
         return name
 
-    def _prepare(self, adapter: Adapter, name: str, index, delta) -> _Prepared:
+    def _prepare(self, adapter: Adapter, name: str, index, delta, clip: bool) -> _Prepared:
         """The base values at the adapter's positions and its two prepared writes.
 
         A base value does not depend on what is switched in (``_base_at`` undoes the active
@@ -210,19 +236,26 @@ class Runtime:
         """
         from runtimes import WeightWrite
 
-        base, merged = {}, {}
+        base, new, clipped = {}, {}, 0
         for tname, pos in index.items():
-            base[tname] = np.empty(pos.shape, np.float32)
+            base[tname] = np.empty(pos.shape, self.backend.read(tname).dtype)
             for i in range(0, pos.size, _BASE_CHUNK):  # each step a consistent read: switches go on between them
                 with self._lock:
                     self._check_open()
                     base[tname][i : i + _BASE_CHUNK] = self._base_at(tname, pos[i : i + _BASE_CHUNK])
-            with np.errstate(over="ignore", invalid="ignore"):
-                merged[tname] = base[tname] + (np.float32(0) + delta[tname])
-        _check_finite(merged, f"adapter {name!r} added to the base weights")
-        apply = self.backend.prepare([WeightWrite(t, index[t], merged[t]) for t in index])
+            if delta[tname].dtype.kind in "iu":  # integer adapter: its steps from the base, exact
+                delta[tname] = (delta[tname].astype(np.int64) - base[tname]).astype(np.float32)
+            new[tname], n = merged(
+                tname, base[tname], np.float32(0) + delta[tname], clip=clip, what=f"adapter {name!r}"
+            )
+            clipped += n
+        check_finite(new, f"adapter {name!r} added to the base weights")
+        if clipped:
+            log.warning("adapter %r clips %d entries of the quantized weights to the integer range", name, clipped)
+        apply = self.backend.prepare([WeightWrite(t, index[t], new[t]) for t in index])
         restore = self.backend.prepare([WeightWrite(t, index[t], base[t]) for t in index])
-        return _Prepared(adapter, index, delta, base, apply, restore, {t: (index[t], base[t]) for t in index})
+        touched = {t: (index[t], base[t]) for t in index}
+        return _Prepared(adapter, index, delta, base, apply, restore, touched, clipped)
 
     def _check_not_active(self, name: str) -> None:
         if name in self._active:
@@ -246,7 +279,11 @@ class Runtime:
 
     # -- switching ---------------------------------------------------------------------------
     def switch(
-        self, spec: str | Mapping[str, float] | Iterable[str] | None, *, head: Mapping[str, np.ndarray] | None = None
+        self,
+        spec: str | Mapping[str, float] | Iterable[str] | None,
+        *,
+        head: Mapping[str, np.ndarray] | None = None,
+        clip: bool = False,
     ) -> None:
         """Fuse the given adapters into the weights, replacing whatever was fused before.
 
@@ -254,29 +291,34 @@ class Runtime:
         fuses several with weights (``W + a1*S1 + a2*S2``). ``head`` also writes
         detector-head tensors in the same step (see :meth:`set_head`), so no inference
         sees the new weights with the old head. The switch either completes or changes
-        nothing: all checks and arithmetic happen before the first write.
+        nothing: all checks and arithmetic happen before the first write. On a quantized model,
+        fused values outside the integer range raise :class:`~edge.fusion.SaturationError`
+        unless ``clip=True`` (then they are clipped and counted in :attr:`clipped`).
         """
         from runtimes import WeightWrite
 
         self._check_open()
-        target = _normalise(spec)
+        target = normalise(spec)
         head_write = self._head_write(head) if head else None
         with self._lock:
             self._check_open()
             unknown = [n for n in target if n not in self._adapters]
             if unknown:
                 raise ConfigError(f"adapter(s) {unknown} are not loaded; loaded: {sorted(self._adapters) or 'none'}")
-            if len(target) == 1 and next(iter(target.values())) == 1.0:  # fast path: prepared at load
+            fast = len(target) == 1 and next(iter(target.values())) == 1.0
+            if fast:  # prepared at load
                 p = self._adapters[next(iter(target))]
-                apply, restore, touched = p.apply, p.restore, p.touched
+                apply, restore, touched, clipped = p.apply, p.restore, p.touched, p.clipped
             else:
-                with np.errstate(over="ignore", invalid="ignore"):  # overflow is checked right after
-                    touched, new_values = self._fuse(target)
-                _check_finite(new_values, f"fusing {target}")
-                apply = self.backend.prepare([WeightWrite(t, touched[t][0], v) for t, v in new_values.items()])
+                f = fuse(self._parts(target), clip=clip, what=f"fusing {target}")
+                check_finite(f.values, f"fusing {target}")
+                touched, clipped = f.touched, f.clipped
+                apply = self.backend.prepare([WeightWrite(t, touched[t][0], v) for t, v in f.values.items()])
                 restore = self.backend.prepare([WeightWrite(t, pos, b) for t, (pos, b) in touched.items()])
             self.backend.write(self._restore, apply, *([head_write] if head_write is not None else []))
-            self._restore, self._touched, self._active = restore, touched, target
+            self._restore, self._touched, self._active, self.clipped = restore, touched, target, clipped
+        if clipped and not fast:  # a single adapter's clipping was reported when it loaded
+            log.warning("fusing %s clipped %d entries of the quantized weights to the integer range", target, clipped)
 
     def set_head(self, values: Mapping[str, np.ndarray]) -> None:
         """Overwrite detector-head tensors (``TensorInfo.head``, added by :func:`edge.route.taps.tap_model`).
@@ -315,8 +357,8 @@ class Runtime:
             writes.append(WeightWrite(t.initializer, None, a))  # the whole tensor: one slice copy
         return self.backend.prepare(writes)
 
-    def _fuse(self, target: Mapping[str, float]):
-        """Positions, base values and fused values per stored tensor for several weighted adapters."""
+    def _parts(self, target: Mapping[str, float]) -> dict[str, list]:
+        """Per stored tensor, (positions, alpha * delta, base values) of each weighted adapter in ``target``."""
         owner: dict[str, str] = {}
         for name in target:
             p = self._adapters[name]
@@ -329,29 +371,20 @@ class Runtime:
                         "(bottleneck, LoRA) cannot share slots. Fuse SHiRA adapters, or one branch adapter per slot"
                     )
                 owner[tname] = name
-        touched: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-        values: dict[str, np.ndarray] = {}
         parts: dict[str, list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = {}
         for name, alpha in target.items():
             p = self._adapters[name]
             for tname, idx in p.index.items():
-                parts.setdefault(tname, []).append((idx, np.float32(alpha) * p.delta[tname], p.base[tname]))
-        for tname, plist in parts.items():
-            allpos = np.concatenate([q for q, _, _ in plist])
-            pos, first, inv = np.unique(allpos, return_index=True, return_inverse=True)
-            acc = np.zeros(pos.shape, np.float32)
-            np.add.at(acc, inv, np.concatenate([v for _, v, _ in plist]))
-            base = np.concatenate([b for _, _, b in plist])[first]
-            touched[tname] = (pos, base)
-            values[tname] = base + acc
-        return touched, values
+                with np.errstate(over="ignore", invalid="ignore"):  # overflow is checked by the caller
+                    parts.setdefault(tname, []).append((idx, np.float32(alpha) * p.delta[tname], p.base[tname]))
+        return parts
 
     def wait_settled(self, timeout: float | None = None) -> bool:
         """Wait for any background work the strategy does after a switch (True when done)."""
         return self.backend.wait_settled(timeout)
 
     def _base_at(self, tname: str, pos: np.ndarray) -> np.ndarray:
-        base = self.backend.read(tname).reshape(-1)[pos].astype(np.float32, copy=True)
+        base = self.backend.read(tname).reshape(-1)[pos].copy()
         if tname in self._touched:
             tpos, tbase = self._touched[tname]
             where = np.searchsorted(tpos, pos)
@@ -378,7 +411,8 @@ class Runtime:
             raise
 
     def weights(self, param: str) -> np.ndarray:
-        """Current value of a source parameter in its source layout (a copy; a folded channel scale left in)."""
+        """Current value of a source parameter in its source layout (a copy; a folded channel scale left in; the
+        integers of a quantized one, dequantize with ``info.tensors[param].dequantize``)."""
         t = self.info.tensors.get(param)
         if t is None:
             raise ConfigError(f"{str(param)[:80]!r} is not a parameter of model {self.info.name!r}")
@@ -401,48 +435,3 @@ class Runtime:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def _check_finite(values: Mapping[str, np.ndarray], what: str) -> None:
-    bad = [t for t, v in values.items() if not np.isfinite(v).all()]
-    if bad:
-        raise ConfigError(
-            f"{what} gives non-finite weights in {bad[:5]} (overflow); nothing was changed. Use smaller weights"
-        )
-
-
-def _normalise(spec) -> dict[str, float]:
-    if spec is None:
-        return {}
-    if isinstance(spec, str):
-        return {spec: 1.0}
-    if isinstance(spec, Mapping):
-        out = {}
-        for k, v in spec.items():
-            a = float(v)
-            if not np.isfinite(a):
-                raise ConfigError(f"adapter weight for {k!r} must be finite, got {v!r}")
-            out[str(k)] = a
-        return out
-    return {str(k): 1.0 for k in spec}
-
-
-def merge_weights(base: Mapping[str, np.ndarray], adapters: Iterable[tuple[Adapter, float]]) -> dict[str, np.ndarray]:
-    """Reference merge in source layout: ``W + sum_i alpha_i * S_i`` with the runtime's semantics.
-
-    ``base`` maps parameter names to arrays; returns new arrays for every parameter.
-    """
-    acc: dict[str, np.ndarray] = {}
-    touched: dict[str, np.ndarray] = {}
-    for adapter, alpha in adapters:
-        for tname, d in adapter.tensors.items():
-            a = acc.setdefault(tname, np.zeros(base[tname].shape, np.float32))
-            m = touched.setdefault(tname, np.zeros(base[tname].shape, bool))
-            where = ... if isinstance(d, DenseDelta) else tuple(d.indices.astype(np.int64))
-            a[where] += np.float32(alpha) * d.values
-            m[where] = True
-    out = {k: np.array(v, copy=True) for k, v in base.items()}
-    for tname, a in acc.items():
-        m = touched[tname]
-        out[tname][m] = base[tname][m] + a[m]
-    return out

@@ -22,6 +22,10 @@ Public face (imported on first use; everything here needs torch)::
 ``export_with_slots``  export with the branches as switchable slots (:mod:`exporters.lowbit`)
 ``lowbit_adapter``     the trained branches -> ``edge.Adapter`` (:mod:`exporters.lowbit`)
 ``HostTrainer``        the torch trainer that growth can use (:mod:`exporters.host_trainer`)
+``quantize_onnx``      int8 model (onnxruntime dynamic / static QDQ), adapter-ready (:mod:`exporters.quantize`)
+``quantized_base``     the integers, scales and zero points a quantized model holds (:mod:`exporters.qshira`)
+``train_shira_int``    integer SHiRA, trained with the base's grid in the loop (:mod:`exporters.qshira`)
+``int_shira_adapter``  its output -> an integer ``edge.Adapter`` (:mod:`exporters.qshira`)
 =====================  ===========================================================
 """
 
@@ -43,6 +47,10 @@ _PUBLIC = {
     "export_with_slots": "exporters.lowbit",
     "lowbit_adapter": "exporters.lowbit",
     "HostTrainer": "exporters.host_trainer",
+    "quantize_onnx": "exporters.quantize",
+    "quantized_base": "exporters.qshira",
+    "train_shira_int": "exporters.qshira",
+    "int_shira_adapter": "exporters.qshira",
 }
 
 __all__ = sorted(_PUBLIC)

@@ -49,6 +49,7 @@ class BackendOptions:
     fallback_warning: str | None = None  # what the profile's fallback policy dropped, if anything
     rebuild_delay_ms: float = 2.0  # hybrid: debounce between a write and the background rebuild
     memory_mb: float | None = None  # memory budget: strategy "auto" picks what the model's predicted footprint fits
+    precision: str = "any"  # "fp32" or "int8": the model precision the device runs (NPUs: int8 only); "any"
 
 
 @dataclass(frozen=True)
@@ -85,6 +86,26 @@ class Backend(ABC):
     @abstractmethod
     def read(self, tensor: str) -> np.ndarray:
         """The current contents of a writable stored tensor (read-only view; do not modify)."""
+
+    def constant(self, tensor: str) -> np.ndarray:
+        """A constant tensor the metadata names, never written: a quantized target's scale or zero point."""
+        from edge.errors import FormatError
+
+        raise FormatError(f"the {self.name} backend does not serve quantized models (asked for {tensor!r})")
+
+    def check_precision(self, options: BackendOptions) -> None:
+        """Refuse a model whose weights are not of the precision ``options`` asks for (a device profile's)."""
+        from edge.errors import ConfigError
+
+        quantized = any(t.quant is not None for t in self.info.tensors.values())
+        want, got = options.precision, "int8" if quantized else "fp32"
+        if want not in ("any", "fp32", "int8"):
+            raise ConfigError(f"precision {want!r} is unknown; allowed: any, fp32, int8")
+        if want != "any" and want != got:
+            raise ConfigError(
+                f"{options.device or 'this device'} runs {want} models, but {self.info.name!r} is {got}; "
+                + ("quantize it with exporters.quantize_onnx" if want == "int8" else "load its float model")
+            )
 
     def prepare(self, writes: Sequence[WeightWrite]) -> object:
         """Compile writes into the backend's fastest form (done once per adapter, ahead of switching).
@@ -175,21 +196,24 @@ _LIVE: weakref.WeakSet = weakref.WeakSet()
 
 @dataclass(frozen=True)
 class ArenaWrite:
-    """A prepared write: (arena positions or slice, values) parts in order, and whether it touches constant
-    weights (not only slots). Scattered writes are merged into one part; a whole tensor is one slice copy."""
+    """A prepared write: (arena, arena positions or slice, values) parts in order, and whether it touches
+    constant weights (not only slots). Consecutive scattered writes into one arena are merged into one part;
+    a whole tensor is one slice copy."""
 
-    parts: tuple[tuple[np.ndarray | slice, np.ndarray], ...]
+    parts: tuple[tuple[np.ndarray, np.ndarray | slice, np.ndarray], ...]
     weights: bool
 
 
 class ArenaBackend(Backend):
-    """What both backends share: writable tensors in one float32 arena, and rebuilds of a fast session.
+    """What both backends share: writable tensors in one arena per element type, and rebuilds of a fast session.
 
-    A subclass sets ``_arena``, ``_offset`` (tensor -> arena offset), ``_slots`` and
-    ``_strategy``, calls :meth:`_init_rebuilds` before building sessions, and provides
-    :meth:`_build_fresh` (a fast session over the current arena, e.g. prepacked) and
-    :meth:`_release`. ``_static`` serves while ``_static_gen == _generation``; every
-    write of constant weights bumps the generation. Strategy ``rebuild`` builds in the
+    A subclass sets ``_arena`` (the float32 arena), ``_offset`` (tensor -> offset in its arena),
+    ``_slots`` and ``_strategy``, and ``_arena_of`` (tensor -> its arena) for tensors stored in
+    another arena than ``_arena`` (quantized int8/uint8 weights: the integer arena); calls
+    :meth:`_init_rebuilds` before building sessions, and provides :meth:`_build_fresh` (a fast
+    session over the current arena, e.g. prepacked) and :meth:`_release`. ``_static`` serves while
+    ``_static_gen == _generation``; every write of constant weights bumps the generation. Strategy
+    ``rebuild`` builds in the
     writing thread; ``hybrid`` has :meth:`_rebuild_loop` build in the background (after
     :meth:`_start_rebuilds`), while the subclass serves its immediately consistent session.
     """
@@ -225,33 +249,49 @@ class ArenaBackend(Backend):
     def _release(self) -> None:
         """Drop the sessions (after close)."""
 
+    def _arena_for(self, tensor: str) -> np.ndarray:
+        return getattr(self, "_arena_of", {}).get(tensor, self._arena)
+
     def prepare(self, writes: Sequence[WeightWrite]) -> ArenaWrite:
-        """Arena positions (or a slice, for a whole tensor) and values of all writes, in order."""
+        """Arena positions (or a slice, for a whole tensor) and values of all writes, in order.
+
+        Values for an integer tensor must already be of its type (never silently rounded or wrapped).
+        """
+        from edge.errors import ConfigError
+
         writes = [w for w in writes if w.index is None or len(w.index)]
-        parts: list[tuple[np.ndarray | slice, np.ndarray]] = []
-        run: list[WeightWrite] = []  # consecutive scattered writes, merged into one part
+        parts: list[tuple[np.ndarray, np.ndarray | slice, np.ndarray]] = []
+        run: list[WeightWrite] = []  # consecutive scattered writes into one arena, merged into one part
 
         def flush() -> None:
             if run:
+                arena = self._arena_for(run[0].tensor)
                 pos = np.concatenate([self._offset[w.tensor] + np.asarray(w.index, np.int64) for w in run])
-                parts.append((pos, np.concatenate([np.asarray(w.values, self._arena.dtype) for w in run])))
+                parts.append((arena, pos, np.concatenate([np.asarray(w.values, arena.dtype) for w in run])))
                 run.clear()
 
         for w in writes:
+            arena = self._arena_for(w.tensor)
+            if arena.dtype.kind != "f" and np.asarray(w.values).dtype != arena.dtype:
+                raise ConfigError(
+                    f"write to {w.tensor!r}: values are {np.asarray(w.values).dtype}, it holds {arena.dtype}"
+                )
             if w.index is not None:
+                if run and self._arena_for(run[0].tensor) is not arena:
+                    flush()
                 run.append(w)
                 continue
             flush()
-            val = np.asarray(w.values, self._arena.dtype).reshape(-1)
-            parts.append((slice(self._offset[w.tensor], self._offset[w.tensor] + val.size), val))
+            val = np.asarray(w.values, arena.dtype).reshape(-1)
+            parts.append((arena, slice(self._offset[w.tensor], self._offset[w.tensor] + val.size), val))
         flush()
         return ArenaWrite(tuple(parts), any(w.tensor not in self._slots for w in writes))
 
     def write(self, *prepared: ArenaWrite) -> None:
         with self._lock:
             for w in prepared:
-                for pos, val in w.parts:
-                    self._arena[pos] = val
+                for arena, pos, val in w.parts:
+                    arena[pos] = val
             if not any(w.weights for w in prepared):
                 return  # only slot tensors changed: they are fed on every run
             self._generation += 1

@@ -228,6 +228,7 @@ class LiteRTBackend(ArenaBackend):
 
         fb = read_tflite(model)
         self.info = tflite_info(model, fb)
+        self.check_precision(options)  # a float model on an int8-only device (an Edge TPU) is refused here
         self._model, self._arena, self._offset, self._live, self._slots = _load(model, fb, self.info)
         if options.verify:
             _verify_fingerprint(self._model, fb, self.info)

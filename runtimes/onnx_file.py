@@ -3,9 +3,10 @@
 :func:`parse_graph` walks the file's fields without decoding the tensors: it returns the model
 without its graph's initializers (a few hundred KB, parsed by onnx) and where each initializer's
 bytes are. :func:`take_writable` then copies the writable tensors from the file straight into one
-float32 arena. So a model is never held as a parsed protobuf with its weights, nor serialised
-again. Field numbers are those of onnx.proto (ModelProto.graph 7, GraphProto.initializer 5,
-TensorProto dims 1, data_type 2, name 8, raw_data 9, data_location 14).
+arena per element type (float32; int8/uint8 for quantized weights). So a model is never held as a
+parsed protobuf with its weights, nor serialised again. Field numbers are those of onnx.proto
+(ModelProto.graph 7, GraphProto.initializer 5, TensorProto dims 1, data_type 2, name 8, raw_data 9,
+data_location 14).
 """
 
 from __future__ import annotations
@@ -20,7 +21,19 @@ import numpy as np
 from edge.errors import FormatError
 from edge.format.modelinfo import ModelInfo, fingerprint
 
-__all__ = ["Stored", "graph_bytes", "parse_graph", "take_writable", "tensor_proto", "verify_fingerprint"]
+__all__ = [
+    "ONNX_DTYPES",
+    "add_inputs",
+    "external_stub",
+    "quant_constants",
+    "readers",
+    "Stored",
+    "graph_bytes",
+    "parse_graph",
+    "take_writable",
+    "tensor_proto",
+    "verify_fingerprint",
+]
 
 
 @dataclass(frozen=True)
@@ -147,16 +160,31 @@ def tensor_proto(buf, stored: Stored):
     return onnx.TensorProto.FromString(bytes(buf[stored.span[0] : stored.span[1]]))
 
 
-def take_writable(buf, inits: Mapping[str, Stored], writable: Sequence[str], read):
-    """Copy the writable initializers from the file into one float32 arena; return it, offsets and views."""
+#: ONNX data types a writable tensor may have (TensorProto FLOAT, UINT8, INT8): float weights, quantized ones
+ONNX_DTYPES = {1: np.dtype(np.float32), 2: np.dtype(np.uint8), 3: np.dtype(np.int8)}
+
+
+def take_writable(
+    buf, inits: Mapping[str, Stored], writable: Sequence[str], read, dtypes: Mapping[str, str] | None = None
+):
+    """Copy the writable initializers from the file into one arena per element type; return the arenas
+    (dtype -> flat array), each tensor's offset in its arena, and a view per tensor.
+
+    ``dtypes`` names the element type each tensor must have (``"int8"`` for a quantized target);
+    every other writable tensor must be float32.
+    """
     from onnx import numpy_helper
 
     missing = [w for w in writable if w not in inits]
     if missing:
         raise FormatError(f"model has no initializer(s) {missing[:5]} named in its metadata")
-    bad = {k: inits[k].dtype for k in writable if inits[k].dtype != 1}  # TensorProto.FLOAT
+    want = {k: np.dtype((dtypes or {}).get(k, "float32")) for k in writable}
+    bad = {k: inits[k].dtype for k in writable if ONNX_DTYPES.get(inits[k].dtype) != want[k]}
     if bad:
-        raise FormatError(f"writable tensors must be float32 (ONNX data_type 1); got data types {bad}")
+        raise FormatError(
+            f"writable tensors must be float32 (ONNX data_type 1), or int8/uint8 (3/2) where the metadata says they "
+            f"are quantized; got data types {bad}"
+        )
     external = sorted(k for k, t in inits.items() if t.external)  # a location would resolve outside our control
     if external:
         raise FormatError(
@@ -164,24 +192,26 @@ def take_writable(buf, inits: Mapping[str, Stored], writable: Sequence[str], rea
             "location would resolve against the working directory); save the model as one file: "
             "onnx.save(model, path, save_as_external_data=False)"
         )
-    arena = np.empty(sum(prod(inits[k].dims) for k in writable), np.float32)
-    offset, live, at = {}, {}, 0
+    arenas = {
+        dt: np.empty(sum(prod(inits[k].dims) for k in writable if want[k] == dt), dt) for dt in set(want.values())
+    }
+    offset, live, at = {}, {}, dict.fromkeys(arenas, 0)
     for name in writable:
-        t = inits[name]
+        t, dt = inits[name], want[name]
         n = prod(t.dims)
-        view = arena[at : at + n]
+        view = arenas[dt][at[dt] : at[dt] + n]
         if t.raw is not None:
-            if t.raw[1] - t.raw[0] != 4 * n:
+            if t.raw[1] - t.raw[0] != dt.itemsize * n:
                 raise FormatError(f"initializer {name!r}: {t.raw[1] - t.raw[0]} bytes of data for shape {t.dims}")
             read(memoryview(view).cast("B"), t.raw[0])
-            if sys.byteorder == "big":  # ONNX stores little-endian
+            if sys.byteorder == "big" and dt.itemsize > 1:  # ONNX stores little-endian
                 view.byteswap(inplace=True)
-        else:  # float_data: rare, let onnx decode it
+        else:  # float_data / int32_data: rare, let onnx decode it
             view[:] = numpy_helper.to_array(tensor_proto(buf, t)).reshape(-1)
-        offset[name] = at
+        offset[name] = at[dt]
         live[name] = view.reshape(t.dims)
-        at += n
-    return arena, offset, live
+        at[dt] += n
+    return arenas, offset, live
 
 
 def verify_fingerprint(proto, info: ModelInfo, live: Mapping[str, np.ndarray]) -> None:
@@ -199,3 +229,59 @@ def verify_fingerprint(proto, info: ModelInfo, live: Mapping[str, np.ndarray]) -
             f"model {info.name!r}: weights fingerprint {got} differs from the exported {info.fingerprint}; "
             "the file was modified after export (re-export it)"
         )
+
+
+def add_inputs(proto, names: Sequence[str], live: Mapping[str, np.ndarray]) -> None:
+    """Declare ``names`` as graph inputs of their stored shape and element type."""
+    from onnx import helper
+
+    proto.graph.input.extend(
+        helper.make_tensor_value_info(k, helper.np_dtype_to_tensor_dtype(live[k].dtype), list(live[k].shape))
+        for k in names
+    )
+
+
+def quant_constants(proto, info: ModelInfo) -> dict[str, np.ndarray]:
+    """The scale and zero-point initializers the metadata names, read-only, checked to exist and be finite."""
+    from onnx import numpy_helper
+
+    wanted = {n for t in info.tensors.values() if t.quant is not None for n in (t.quant.scale, t.quant.zero_point)}
+    found = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer if t.name in wanted}
+    missing = sorted(wanted - set(found))
+    if missing:
+        raise FormatError(f"model {info.name!r} names quantization constants it does not have: {missing[:5]}")
+    for v in found.values():
+        v.flags.writeable = False
+    for name, t in info.tensors.items():
+        q = t.quant
+        if q is None:
+            continue
+        scale, zp = found[q.scale], found[q.zero_point]
+        n = 1 if q.axis is None else t.shape[q.axis]
+        if scale.dtype != np.float32 or scale.size != n or not (np.isfinite(scale).all() and (scale > 0).all()):
+            raise FormatError(f"{name}: scale {q.scale!r} is not {n} positive finite float32 value(s)")
+        if zp.dtype != np.dtype(q.dtype) or zp.size != n:
+            raise FormatError(f"{name}: zero point {q.zero_point!r} is not {n} {q.dtype} value(s), got {zp.dtype}")
+    return found
+
+
+def external_stub(name: str, arr: np.ndarray, location: str):
+    """An initializer with no data: onnxruntime takes its values from ``add_external_initializers``."""
+    import onnx
+    from onnx import helper
+
+    t = onnx.TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(arr.dtype), dims=list(arr.shape))
+    t.data_location = onnx.TensorProto.EXTERNAL
+    entry = t.external_data.add()
+    entry.key, entry.value = "location", location
+    return t
+
+
+def readers(proto, names: set[str]) -> dict[str, set[tuple[str, int]]]:
+    """For each of ``names``, the (op type, input index) of every node of the graph reading it."""
+    out: dict[str, set[tuple[str, int]]] = {k: set() for k in names}
+    for n in proto.graph.node:
+        for i, k in enumerate(n.input):
+            if k in out:
+                out[k].add((n.op_type, i))
+    return out

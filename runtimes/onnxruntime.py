@@ -17,8 +17,9 @@ of an initializer is never seen (shared ANCHORS.md section 2). Strategies:
     again). Fast switch, full steady-state speed; the window in between runs at
     ``bound`` speed.
 
-Memory (issue 16): the writable tensors live once, in one contiguous float32 arena (so a
-switch is two numpy scatters whatever the tensor count), plus onnxruntime's prepacked copy
+Memory (issue 16): the writable tensors live once, in one contiguous arena per element type
+(float32; int8/uint8 for the weights of a quantized model, issue 18), so a switch is a few numpy
+scatters whatever the tensor count, plus onnxruntime's prepacked copy
 of the MatMul weights (``hybrid``, ``rebuild``; a stale one is freed before packing anew).
 Tables only Gather reads (embeddings) are fed from the arena on every run rather than
 handed over. Loading walks the file once at the protobuf wire level
@@ -47,8 +48,9 @@ import numpy as np
 
 from edge.errors import BackendUnavailableError, ConfigError
 from edge.format.modelinfo import ModelInfo, onnx_info
+from runtimes import onnx_file as _file
 from runtimes.base import BACKENDS, ArenaBackend, BackendOptions, model_buffer, trim_heap
-from runtimes.onnx_file import parse_graph, take_writable, tensor_proto, verify_fingerprint
+from runtimes.onnx_file import ONNX_DTYPES, parse_graph, take_writable, tensor_proto, verify_fingerprint
 
 __all__ = ["OrtBackend"]
 
@@ -151,20 +153,26 @@ class OrtBackend(ArenaBackend):
         ``rebuild``, and an allowance per session for onnxruntime's own buffers.
         """
         if isinstance(model, ModelInfo):
-            sizes = {t.initializer: (4 * prod(t.shape), t.slot) for t in model.tensors.values()}
+            sizes = {
+                t.initializer: (np.dtype(t.dtype).itemsize * prod(t.shape), t.slot) for t in model.tensors.values()
+            }
             weights = sum(n for n, _ in sizes.values())
             return _predict(weights, weights - sum(n for n, slot in sizes.values() if slot), strategy)
         with model_buffer(model) as (buf, _):
             proto, inits = parse_graph(buf)
         info = onnx_info(proto)
         slots = {t.initializer for t in info.tensors.values() if t.slot}
-        live = {t.initializer: prod(inits[t.initializer].dims) for t in info.tensors.values() if t.initializer in inits}
-        packed = sum(live[k] for k in _packed(_readers(proto, set(live) - slots)))
-        return _predict(4 * sum(live.values()), 4 * packed, strategy)
+        live = {  # bytes of each writable tensor
+            t.initializer: prod(inits[t.initializer].dims) * ONNX_DTYPES.get(inits[t.initializer].dtype, _F4).itemsize
+            for t in info.tensors.values()
+            if t.initializer in inits
+        }
+        packed = sum(live[k] for k in _packed(_file.readers(proto, set(live) - slots)))
+        return _predict(sum(live.values()), packed, strategy)
 
     def __init__(self, model: bytes | str | os.PathLike, options: BackendOptions) -> None:
         try:
-            import onnx
+            import onnx  # noqa: F401  (runtimes.onnx_file reads the graph with it)
             import onnxruntime as ort
         except ImportError as e:
             raise BackendUnavailableError(f"the onnxruntime backend needs onnx and onnxruntime: {e}") from e
@@ -183,22 +191,27 @@ class OrtBackend(ArenaBackend):
             proto, inits = parse_graph(buf)
             self.info = onnx_info(proto)
             writable = sorted({t.initializer for t in self.info.tensors.values()})
-            self._arena, self._offset, self._live = take_writable(buf, inits, writable, read)
+            dtypes = {t.initializer: t.quant.dtype for t in self.info.tensors.values() if t.quant is not None}
+            arenas, self._offset, self._live = take_writable(buf, inits, writable, read, dtypes)
             others = [k for k in inits if k not in self._offset]  # small constants (biases, shapes): kept in the graph
             proto.graph.initializer.extend(tensor_proto(buf, inits[k]) for k in others)
+        self._arena = arenas.get(_F4, np.empty(0, _F4))  # float weights; quantized ones in an integer arena
+        self._arena_of = {k: arenas[v.dtype] for k, v in self._live.items() if v.dtype != _F4}
+        self._constants = _file.quant_constants(proto, self.info)
+        self.check_precision(options)
         self._slots = {t.initializer for t in self.info.tensors.values() if t.slot}
         if options.verify:
             verify_fingerprint(proto, self.info, self._live)
         self._output_names = [o.name for o in proto.graph.output]
         # graph inputs of the prepacked session, fed from the arena on every run: the slots, and the tables only
         # Gather reads (embeddings), which onnxruntime would otherwise copy (it copies external initializers)
-        readers = _readers(proto, set(self._live) - self._slots)
+        readers = _file.readers(proto, set(self._live) - self._slots)
         self._fed = self._slots | _only(readers, _GATHERED)
         self._fed_feeds = {k: self._live[k] for k in sorted(self._fed)}
         self._consts = sorted(set(self._live) - self._fed)
         self._shared = _only(readers, _PACKED)  # handed over in place (others, e.g. Conv weights, are copied)
-        self.weights_mb = self._arena.nbytes / 2**20
-        self.packed_mb = 4 * sum(self._live[k].size for k in _packed(readers)) / 2**20
+        self.weights_mb = sum(a.nbytes for a in arenas.values()) / 2**20
+        self.packed_mb = sum(self._live[k].nbytes for k in _packed(readers)) / 2**20
         strategy = options.strategy
         if strategy == "auto":
             strategy = self.DEFAULT_STRATEGY
@@ -209,15 +222,16 @@ class OrtBackend(ArenaBackend):
 
         # one weight-less graph in two forms: the fed tensors are graph inputs in both; the others are
         # data-less initializers (values handed over at build) in the prepacked form, graph inputs in the bound one
-        _add_inputs(proto, sorted(self._fed), self._live)
+        _file.add_inputs(proto, sorted(self._fed), self._live)
         self._static_bytes = b""
         if strategy in ("rebuild", "hybrid"):
-            proto.graph.initializer.extend(_external_stub(onnx, k, self._live[k]) for k in self._consts)
+            stubs = (_file.external_stub(k, self._live[k], _EXTERNAL_LOCATION) for k in self._consts)
+            proto.graph.initializer.extend(stubs)
             self._static_bytes = proto.SerializeToString()
             del proto.graph.initializer[len(proto.graph.initializer) - len(self._consts) :]
         bound_bytes = b""
         if strategy in ("bound", "hybrid"):
-            _add_inputs(proto, self._consts, self._live)
+            _file.add_inputs(proto, self._consts, self._live)
             bound_bytes = proto.SerializeToString()
         del proto
 
@@ -269,6 +283,12 @@ class OrtBackend(ArenaBackend):
         view = self._live[tensor].view()
         view.flags.writeable = False
         return view
+
+    def constant(self, tensor: str) -> np.ndarray:
+        try:
+            return self._constants[tensor]
+        except KeyError:
+            raise ConfigError(f"{tensor!r} is not a scale or zero point of model {self.info.name!r}") from None
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         with self._lock:
@@ -405,7 +425,8 @@ class OrtBackend(ArenaBackend):
 
 # -- footprint model -------------------------------------------------------------------------------------------------
 _SESSION_MB = 8.0  # onnxruntime's own per session (threads, plans, activations): 5-15 MB on lab's two models
-_PACKED = {("MatMul", 1), ("Gemm", 1)}  # inputs MLAS prepacks when they are constant
+_PACKED = {("MatMul", 1), ("Gemm", 1), ("MatMulInteger", 1)}  # inputs MLAS prepacks when they are constant
+_F4 = np.dtype(np.float32)
 _GATHERED = {("Gather", 0)}  # embedding tables
 
 
@@ -421,35 +442,9 @@ def _predict(weights: float, packed: float, strategy: str) -> float:
     return mb
 
 
-def _readers(proto, names: set[str]) -> dict[str, set[tuple[str, int]]]:
-    """For each of ``names``, the (op type, input index) of every node of the graph reading it."""
-    out: dict[str, set[tuple[str, int]]] = {k: set() for k in names}
-    for n in proto.graph.node:
-        for i, k in enumerate(n.input):
-            if k in out:
-                out[k].add((n.op_type, i))
-    return out
-
-
 def _only(readers: Mapping[str, set], kinds: set[tuple[str, int]]) -> set[str]:
     return {k for k, r in readers.items() if r and r <= kinds}
 
 
 def _packed(readers: Mapping[str, set]) -> set[str]:
     return {k for k, r in readers.items() if r & _PACKED}
-
-
-def _add_inputs(proto, names: Sequence[str], live: Mapping[str, np.ndarray]) -> None:
-    """Declare ``names`` as graph inputs of their stored shape (float32)."""
-    from onnx import TensorProto, helper
-
-    proto.graph.input.extend(helper.make_tensor_value_info(k, TensorProto.FLOAT, list(live[k].shape)) for k in names)
-
-
-def _external_stub(onnx, name: str, arr: np.ndarray):
-    """An initializer with no data: onnxruntime takes its values from ``add_external_initializers``."""
-    t = onnx.TensorProto(name=name, data_type=onnx.TensorProto.FLOAT, dims=list(arr.shape))
-    t.data_location = onnx.TensorProto.EXTERNAL
-    entry = t.external_data.add()
-    entry.key, entry.value = "location", _EXTERNAL_LOCATION
-    return t

@@ -46,6 +46,7 @@ class BackendPreference:
     backend: str
     providers: tuple[ProviderSpec, ...]
     strategy: str = "auto"  # checked by the backend when it opens a model
+    precision: str = "any"  # "fp32" or "int8": the model precision the device runs (an NPU: int8 only)
 
 
 @dataclass(frozen=True)
@@ -120,6 +121,7 @@ class DeviceProfile:
         return BackendOptions(
             threads=self.threads,
             strategy=pref.strategy if pref else "auto",
+            precision=pref.precision if pref else "any",
             providers=tuple(s.name for s in specs),
             provider_options=tuple(dict(s.options) for s in specs),
             device=self.name,

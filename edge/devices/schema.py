@@ -123,7 +123,8 @@ def _fleet(d: dict, source: Path | None) -> FleetSource | None:
 
 _BUDGETS = {k: True for k in ("memory_mb", "load_ms", "latency_p95_ms", "switch_p95_ms")}
 _TOLS = {"atol": True, "rtol": True}
-_BACKEND = {"backend": True, "providers": True, "strategy": False}
+_BACKEND = {"backend": True, "providers": True, "strategy": False, "precision": False}
+PRECISIONS = ("any", "fp32", "int8")
 _PROVIDER = {"name": True, "options": False}
 
 
@@ -161,7 +162,8 @@ def _backend(data: object, i: int) -> BackendPreference:
     strategy = d.get("strategy", "auto")
     if not isinstance(strategy, str) or not strategy:
         raise ConfigError(f"backends[{i}].strategy must be a strategy name such as 'auto', got {strategy!r}")
-    return BackendPreference(backend, tuple(specs), strategy)
+    precision = _choice(d.get("precision", "any"), PRECISIONS, f"backends[{i}].precision")
+    return BackendPreference(backend, tuple(specs), strategy, precision)
 
 
 def _fields(data: object, spec: Mapping[str, bool], where: str) -> dict:

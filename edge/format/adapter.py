@@ -6,7 +6,11 @@ source parameter, e.g. ``blocks.0.attn.q.weight``) it holds either
 * sparse (method ``shira``, fused into base weights): ``P.indices``, int32 ``[ndim, N]``
   (for a matrix: row, col) in the source (torch) layout, as HF PEFT stores
   ``shira_indices``; and ``P.values``, float32 ``[N]``, the trained deltas (merged
-  ``W = W + scatter(values)``); or
+  ``W = W + scatter(values)``); for a target stored quantized (:class:`~edge.format.modelinfo.QuantInfo`)
+  maybe ``P.qvalues``, ``[N]`` int8/uint8: the exact integers the device writes (an *integer*
+  adapter; ``P.values`` keeps the float delta for reference). The metadata's ``dtype`` is then
+  that type and ``quantized`` lists those targets (older runtimes refuse the file by its
+  ``dtype``; float-only files are written exactly as before); or
 * dense (methods ``adapter`` and ``lora``, written into the model's adapter *slots*):
   ``P.values``, float32 of the full source shape; or, when stored at low precision,
   ``P.codes`` (uint8, packed codes) and ``P.stats`` (float32, per-matrix statistics)
@@ -57,6 +61,7 @@ ADAPTER_VERSION = 1
 MAX_HEADER_BYTES = 16 * 1024 * 1024  # a SHiRA header lists names and shapes, never megabytes
 MAX_NAME_LEN = 512
 MAX_FILE_BYTES = 1 << 31  # an adapter file larger than 2 GiB is refused before reading
+_INTS = (np.int8, np.uint8)  # the integer types of a quantized base (edge.format.modelinfo.QUANT_DTYPES)
 
 #: Adapter methods by name. A fusable method rewrites entries of base weights (sparse deltas);
 #: a slot method writes whole adapter-branch tensors (dense), which the model must carry as slots.
@@ -72,6 +77,7 @@ class SparseDelta:
 
     indices: np.ndarray  # int32 [ndim, N]
     values: np.ndarray  # float32 [N]
+    qvalues: np.ndarray | None = None  # int8/uint8 [N]: the integers to write into a quantized base (exact)
 
     @property
     def nnz(self) -> int:
@@ -108,9 +114,7 @@ class Adapter:
     def __post_init__(self) -> None:
         _validate(self)
 
-    @property
-    def nnz(self) -> int:
-        return sum(d.nnz for d in self.tensors.values())
+    nnz = property(lambda self: sum(d.nnz for d in self.tensors.values()), doc="entries the adapter changes")
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the adapter atomically (a crash leaves the previous file intact)."""
@@ -127,17 +131,22 @@ class Adapter:
                 continue
             if isinstance(d, SparseDelta):
                 arrays[f"{tname}.indices"] = np.ascontiguousarray(d.indices, dtype=np.int32)
+                if d.qvalues is not None:
+                    arrays[f"{tname}.qvalues"] = np.ascontiguousarray(d.qvalues)
             arrays[f"{tname}.values"] = np.ascontiguousarray(d.values, dtype=np.float32)
+        quantized = sorted(k for k, d in self.tensors.items() if getattr(d, "qvalues", None) is not None)
         meta = {
             "format": ADAPTER_FORMAT,
             "version": ADAPTER_VERSION,
             "method": self.method,
             "name": self.name,
             "base_fingerprint": self.base_fingerprint,
-            "dtype": "float32",
+            "dtype": str(self.tensors[quantized[0]].qvalues.dtype) if quantized else "float32",
             "targets": {k: list(v) for k, v in self.shapes.items()},
             "info": dict(self.info),
         }
+        if quantized:
+            meta["quantized"] = quantized
         if encodings:
             meta["encodings"] = encodings
         return atomic_write_bytes(path, save(arrays, metadata={"edge": json.dumps(meta, sort_keys=True)}))
@@ -145,6 +154,10 @@ class Adapter:
     def check_against(self, info: ModelInfo) -> None:
         """Raise :class:`AdapterMismatchError` unless this adapter fits the model ``info``."""
         check_targets(self.name, self.base_fingerprint, self.shapes, self.fusable, info)
+        ints = {k: d.qvalues.dtype for k, d in self.tensors.items() if getattr(d, "qvalues", None) is not None}
+        bad = {k: f"{v} for {info.tensors[k].dtype}" for k, v in ints.items() if v != info.tensors[k].dtype}
+        if bad or (ints and self.base_fingerprint != info.fingerprint):  # integers fit one quantized base only
+            raise AdapterMismatchError(f"integer adapter {self.name!r} does not fit {info.name!r}: {bad or 'base'}")
 
 
 def load_adapter(
@@ -185,7 +198,8 @@ def adapter_from_bytes(data: bytes, *, source: str = "<bytes>", model: ModelInfo
     if model is not None:
         check_targets(str(meta.get("name")), meta["base_fingerprint"], shapes, sparse, model)
     arrays = _payload(data, source)
-    expected = set()
+    quantized = _quantized(meta, shapes, arrays, source)
+    expected = {f"{t}.qvalues" for t in quantized}
     for t in shapes:
         if t in encodings_meta:
             expected |= {f"{t}.codes", f"{t}.stats"}
@@ -196,7 +210,9 @@ def adapter_from_bytes(data: bytes, *, source: str = "<bytes>", model: ModelInfo
         raise FormatError(f"{source}: tensors do not match metadata targets (missing: {missing}, unexpected: {extra})")
     encodings = {t: _decode_spec(source, t, spec, arrays, shapes[t]) for t, spec in encodings_meta.items()}
     if sparse:
-        tensors = {t: SparseDelta(arrays[f"{t}.indices"], arrays[f"{t}.values"]) for t in shapes}
+        tensors = {
+            t: SparseDelta(arrays[f"{t}.indices"], arrays[f"{t}.values"], arrays.get(f"{t}.qvalues")) for t in shapes
+        }
     else:
         for t in shapes:
             if t not in encodings and arrays[f"{t}.values"].shape != shapes[t]:
@@ -243,6 +259,7 @@ def inspect_adapter(path: str | os.PathLike, *, max_bytes: int = MAX_FILE_BYTES)
     return {
         "name": str(meta.get("name", Path(source).stem)),
         "method": method,
+        "dtype": meta.get("dtype", "float32"),
         "base_fingerprint": meta["base_fingerprint"],
         "nnz": nnz,
         "bytes": len(data),
@@ -254,7 +271,7 @@ def inspect_adapter(path: str | os.PathLike, *, max_bytes: int = MAX_FILE_BYTES)
 
 def check_targets(name: str, fingerprint: str, shapes: Mapping[str, tuple[int, ...]], fusable: bool, info: ModelInfo):
     """Raise :class:`AdapterMismatchError` unless targets ``shapes`` (of an adapter of that kind) fit ``info``."""
-    if fingerprint != info.fingerprint:
+    if fingerprint not in (info.fingerprint, info.float_fingerprint):  # a float adapter also fits the int8 twin
         raise AdapterMismatchError(
             f"adapter {name!r} was trained on base {fingerprint}, but the loaded model "
             f"{info.name!r} is {info.fingerprint}; train or convert the adapter for this model"
@@ -335,9 +352,20 @@ def _read_metadata(data: bytes, source: str) -> dict:
         max_header=MAX_HEADER_BYTES,
         upgrade="upgrade the runtime or re-save the adapter",
     )
-    if meta.get("dtype", "float32") != "float32":
-        raise FormatError(f"{source}: dtype {meta.get('dtype')!r} is not supported; allowed: 'float32'")
+    if meta.get("dtype", "float32") not in ("float32", "int8", "uint8"):
+        raise FormatError(f"{source}: dtype {meta.get('dtype')!r} is not supported; allowed: float32, int8, uint8")
     return meta
+
+
+def _quantized(meta: dict, shapes: Mapping[str, tuple[int, ...]], arrays: Mapping, source: str) -> list[str]:
+    """The targets an integer adapter holds integers for (``meta["quantized"]``), checked against its dtype."""
+    quantized, dtype = meta.get("quantized", []), meta.get("dtype", "float32")
+    if not isinstance(quantized, list) or not all(isinstance(t, str) and t in shapes for t in quantized):
+        raise FormatError(f"{source}: 'quantized' must list declared targets, got {str(quantized)[:120]}")
+    got = {str(getattr(arrays.get(f"{t}.qvalues"), "dtype", dtype)) for t in quantized}  # a missing one: refused later
+    if bool(quantized) != (dtype != "float32") or got - {dtype}:
+        raise FormatError(f"{source}: dtype {dtype!r} disagrees with the integer targets {quantized[:5]}")
+    return quantized
 
 
 def _decode_spec(source: str, tname: str, spec, arrays, shape):
@@ -407,6 +435,9 @@ def _validate(a: Adapter) -> None:
             raise AdapterMismatchError(f"{tname}: indices out of range for shape {shape}")
         if not np.all(np.isfinite(val)):
             raise AdapterMismatchError(f"{tname}: values contain NaN or Inf")
+        q = d.qvalues
+        if q is not None and not (isinstance(q, np.ndarray) and q.dtype in _INTS and q.shape == val.shape):
+            raise AdapterMismatchError(f"{tname}: integer values must be int8 or uint8 [{val.size}], got {q!r:.80}")
         if idx.size and _has_duplicates(np.ravel_multi_index(tuple(idx.astype(np.int64)), shape), shape):
             raise AdapterMismatchError(f"{tname}: duplicated indices")
 
@@ -423,7 +454,7 @@ def _has_duplicates(flat: np.ndarray, shape: tuple[int, ...]) -> bool:
 
 def max_adapter_bytes(info: ModelInfo) -> int:
     """The largest adapter file that can fit ``info``: every entry of every weight and slot changed
-    (sparse: int32 indices per dimension plus a float32 value), plus a full-size header. A file
+    (sparse: int32 indices per dimension, a float32 value and an integer one), plus a full-size header. A file
     over it is refused before a byte of it is read, so a huge file never holds up the runtime."""
-    entries = sum((4 * len(t.shape) + 4) * int(np.prod(t.shape, dtype=np.int64)) for t in info.tensors.values())
+    entries = sum((4 * len(t.shape) + 5) * int(np.prod(t.shape, dtype=np.int64)) for t in info.tensors.values())
     return min(MAX_FILE_BYTES, entries + 64 * len(info.tensors) + MAX_HEADER_BYTES + 8)

@@ -22,7 +22,7 @@ import numpy as np
 
 from edge.errors import FormatError
 
-__all__ = ["ModelInfo", "TensorInfo", "fingerprint", "META_KEY", "MODEL_FORMAT", "MODEL_VERSION"]
+__all__ = ["ModelInfo", "QuantInfo", "TensorInfo", "fingerprint", "META_KEY", "MODEL_FORMAT", "MODEL_VERSION"]
 
 META_KEY = "edge"  # metadata_props key holding ModelInfo as JSON
 MODEL_FORMAT = "edge.model"
@@ -42,6 +42,46 @@ def fingerprint(tensors: Mapping[str, np.ndarray]) -> str:
         h.update(b"\0" + arr.dtype.str.encode() + b"\0" + repr(tuple(arr.shape)).encode() + b"\0")
         h.update(memoryview(arr).cast("B"))
     return "sha256:" + h.hexdigest()[:32]
+
+
+#: integer dtypes a quantized weight may be stored in, with their range
+QUANT_DTYPES = {"int8": (-128, 127), "uint8": (0, 255)}
+
+
+@dataclass(frozen=True)
+class QuantInfo:
+    """How a quantized target is stored: ``real = (q - zero_point) * scale``.
+
+    ``scale`` and ``zero_point`` name initializers of the model itself (never copied into the
+    metadata, so they are covered by the fingerprint); ``axis`` is the *source* axis the scales
+    run along (per channel), or None for one scale for the whole tensor.
+    """
+
+    scale: str
+    zero_point: str
+    dtype: str = "int8"
+    axis: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.dtype not in QUANT_DTYPES:
+            raise FormatError(f"quantized dtype {self.dtype!r} is not supported; allowed: {sorted(QUANT_DTYPES)}")
+        if not isinstance(self.scale, str) or not isinstance(self.zero_point, str) or not self.scale:
+            raise FormatError("a quantized tensor needs the names of its scale and zero-point initializers")
+
+    @property
+    def bounds(self) -> tuple[int, int]:
+        return QUANT_DTYPES[self.dtype]
+
+    def _json(self) -> dict:
+        return {"scale": self.scale, "zero_point": self.zero_point, "dtype": self.dtype, "axis": self.axis}
+
+    @classmethod
+    def _from_json(cls, q) -> QuantInfo:
+        if not isinstance(q, Mapping) or set(q) != {"scale", "zero_point", "dtype", "axis"}:
+            raise ValueError(f"quant {str(q)[:120]} is not {{scale, zero_point, dtype, axis}}")
+        if q["axis"] is not None and type(q["axis"]) is not int:
+            raise ValueError(f"quant axis {q['axis']!r} is not an integer or null")
+        return cls(q["scale"], q["zero_point"], q["dtype"], q["axis"])
 
 
 @dataclass(frozen=True)
@@ -64,9 +104,14 @@ class TensorInfo:
     )
     perm: tuple[int, ...] | None = None  # stored = source.transpose(perm); None: as ``transposed`` says
     channel_scale: tuple[float, ...] | None = None  # folded per output channel (source axis 0), float32 values
+    quant: QuantInfo | None = None  # stored as integers on a grid (the initializer holds them); None: float32
 
     def __post_init__(self) -> None:
         n = len(self.shape)
+        if self.quant is not None and self.quant.axis is not None and not 0 <= self.quant.axis < n:
+            raise FormatError(f"{self.initializer}: quantization axis {self.quant.axis} outside {n} axes")
+        if self.quant is not None and self.slot:
+            raise FormatError(f"{self.initializer}: adapter slots are float32, never quantized")
         if self.perm is not None and sorted(self.perm) != list(range(n)):
             raise FormatError(f"{self.initializer}: layout {list(self.perm)} is not a permutation of {n} axes")
         if self.perm is not None and self.transposed:
@@ -102,15 +147,50 @@ class TensorInfo:
         return (values * scale[np.asarray(indices[0], dtype=np.int64)]).astype(np.float32)
 
     def to_stored(self, source: np.ndarray) -> np.ndarray:
-        """A whole source-layout tensor (a delta or weight) in the stored layout, flat and contiguous."""
-        out = np.asarray(source, dtype=np.float32).reshape(self.shape)
-        if self.channel_scale is not None:
+        """A whole source-layout tensor (a delta or weight) in the stored layout, flat and contiguous (float32,
+        or the integers of a quantized weight as they are)."""
+        out = np.asarray(source).reshape(self.shape)
+        out = out if out.dtype.kind in "iu" else out.astype(np.float32, copy=False)
+        if self.channel_scale is not None and out.dtype.kind == "f":
             out = out * np.asarray(self.channel_scale, dtype=np.float32).reshape((-1,) + (1,) * (len(self.shape) - 1))
         return np.ascontiguousarray(out.transpose(self.layout)).reshape(-1)
 
     def from_stored(self, stored: np.ndarray) -> np.ndarray:
         """The stored tensor read back in the source layout, with any folded channel scale left in (a copy)."""
         return np.array(np.asarray(stored).reshape(self.stored_shape).transpose(np.argsort(self.layout)))
+
+    @property
+    def dtype(self) -> str:
+        """The stored element type: ``float32``, or the quantized integer type."""
+        return "float32" if self.quant is None else self.quant.dtype
+
+    @property
+    def stored_quant_axis(self) -> int | None:
+        """The stored axis the quantization scales run along (None: per tensor, or not quantized)."""
+        if self.quant is None or self.quant.axis is None:
+            return None
+        return self.layout.index(self.quant.axis)
+
+    def grid_units(self, indices: np.ndarray, values: np.ndarray, scale: np.ndarray) -> np.ndarray:
+        """A source-layout float delta at ``indices`` in steps of the quantization grid (float32, not rounded).
+
+        ``scale`` is the model's scale initializer (one value, or one per entry of the quantized axis).
+        """
+        delta = np.asarray(self.stored_delta(indices, values), np.float32)
+        s = np.asarray(scale, np.float32).reshape(-1)
+        if self.quant is None or self.quant.axis is None:
+            return (delta / s[0]).astype(np.float32)
+        return (delta / s[np.asarray(indices[self.quant.axis], np.int64)]).astype(np.float32)
+
+    def dequantize(self, stored: np.ndarray, scale: np.ndarray, zero_point: np.ndarray) -> np.ndarray:
+        """A stored integer tensor as real values, in the source layout (float32)."""
+        q = self.from_stored(stored).astype(np.float32)
+        shape = [1] * len(self.shape)
+        if self.quant is not None and self.quant.axis is not None:
+            shape[self.quant.axis] = -1
+        s = np.asarray(scale, np.float32).reshape(shape)
+        z = np.asarray(zero_point).astype(np.float32).reshape(shape)
+        return ((q - z) * s).astype(np.float32)
 
     def _json(self) -> dict:
         d = {"initializer": self.initializer, "shape": list(self.shape), "transposed": self.transposed}
@@ -123,6 +203,8 @@ class TensorInfo:
         if self.channel_scale is not None:  # exact float32 bytes, compact
             raw = np.asarray(self.channel_scale, dtype="<f4").tobytes()
             d["channel_scale"] = base64.b64encode(raw).decode("ascii")
+        if self.quant is not None:
+            d["quant"] = self.quant._json()
         return d
 
     @classmethod
@@ -147,6 +229,7 @@ class TensorInfo:
             bool(t.get("head", False)),
             None if perm is None else tuple(perm),
             scale,
+            None if t.get("quant") is None else QuantInfo._from_json(t["quant"]),
         )
 
 
@@ -160,6 +243,14 @@ class ModelInfo:
     inputs: tuple[str, ...] = ()
     outputs: tuple[str, ...] = ()
     extra: Mapping[str, object] = field(default_factory=dict)  # e.g. labels, preprocessing
+
+    @property
+    def float_fingerprint(self) -> str | None:
+        """For a model quantized by ``exporters.quantize_onnx``: the fingerprint of the float model it came from
+        (float adapters trained on that model fit this one, requantized at load); else None."""
+        q = self.extra.get("quantization")
+        fp = q.get("float_fingerprint") if isinstance(q, Mapping) else None
+        return fp if isinstance(fp, str) else None
 
     def to_json(self) -> str:
         return json.dumps(

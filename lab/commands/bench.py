@@ -16,6 +16,7 @@ BENCHES = {
     "memory": "lab.bench_memory:cli",
     "fleet": "lab.bench_fleet:cli",
     "masks": "lab.bench_masks:cli",
+    "quantized": "lab.bench_quantized:cli",
 }
 
 

@@ -122,6 +122,7 @@ def test_every_known_backend_has_a_probe_and_a_cpu_provider():
         ({"threads": 0}, ["threads must be a positive integer or null"]),
         ({"budgets__memory_mb": -1}, ["budgets.memory_mb must be a positive number"]),
         ({"tolerances__rtol": "tight"}, ["tolerances.rtol must be a non-negative number"]),
+        ({"backends__0__precision": "int4"}, ["unknown backends[0].precision 'int4'", "any, fp32, int8"]),
     ],
 )
 def test_bad_profile_names_what_is_wrong(tmp_path, changes, words):
@@ -304,3 +305,17 @@ def test_bad_fleet_source_names_what_is_wrong(tmp_path, changes, words):
     with pytest.raises(ConfigError) as e:
         load_profile(_write(tmp_path, {**GOOD, **changes}), search=[])
     assert all(w in str(e.value) for w in words), str(e.value)
+
+
+def test_a_profile_that_runs_int8_only_refuses_a_float_model(tmp_path):
+    from edge import Runtime
+    from tests._tiny import make_mlp
+
+    make_mlp(tmp_path / "m.onnx")
+    data = _variant(backends__0__precision="int8", fallback="error")
+    data["backends"][0]["providers"] = [{"name": "CPUExecutionProvider"}]
+    profile = load_profile(_write(tmp_path, data))
+    assert profile.backend_options("onnxruntime").precision == "int8"
+    with pytest.raises(ConfigError, match="runs int8 models, but 'tiny-mlp' is fp32; quantize it"):
+        Runtime(tmp_path / "m.onnx", device=profile)
+    assert load_profile(_write(tmp_path, _variant())).backend_options("onnxruntime").precision == "any"

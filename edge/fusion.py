@@ -1,0 +1,122 @@
+"""The arithmetic of fused switching, on float weights and on quantized (int8/uint8) ones.
+
+Float targets: ``w = base + sum_i(alpha_i * delta_i)``, the sum in float32 in the order the
+adapters are given, added to the base value once (see :mod:`edge.runtime`).
+
+Quantized targets (``TensorInfo.quant``: ``real = (q - zero_point) * scale``) are written as
+integers on the base's own grid; scales and zero points never change. Every adapter is
+turned, at load, into a delta in *grid steps* at each entry:
+
+* an integer adapter (``SparseDelta.qvalues``): ``qvalues - base``, exact;
+* a float adapter: ``delta / scale`` (the scale of the entry's channel, along the source
+  axis ``QuantInfo.axis``), i.e. requantization onto the base grid.
+
+Fused: ``q = base + rint(sum_i(alpha_i * steps_i))`` (round half to even). A value outside
+the integer type's range is refused with :class:`SaturationError` (nothing is written), or,
+when the caller passes ``clip=True``, clipped and counted (:attr:`Fused.clipped`). Undo writes
+the saved base integers, bit-exact.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from edge.errors import ConfigError, SaturationError
+from edge.format.adapter import Adapter, DenseDelta
+from edge.format.modelinfo import QUANT_DTYPES
+
+__all__ = ["Fused", "SaturationError", "check_finite", "fuse", "merge_weights", "merged", "normalise"]
+
+
+@dataclass(frozen=True)
+class Fused:
+    """What a switch writes: per stored tensor, positions, base values and new values; and entries clipped."""
+
+    touched: dict[str, tuple[np.ndarray, np.ndarray]]
+    values: dict[str, np.ndarray]
+    clipped: int = 0
+
+
+def merged(tname: str, base: np.ndarray, acc: np.ndarray, *, clip: bool, what: str) -> tuple[np.ndarray, int]:
+    """``base`` plus the fused delta ``acc`` (float32; grid steps for an integer ``base``), and entries clipped."""
+    if base.dtype.kind == "f":
+        with np.errstate(over="ignore", invalid="ignore"):
+            return base + acc, 0
+    lo, hi = QUANT_DTYPES[str(base.dtype)]
+    if not np.isfinite(acc).all():
+        raise ConfigError(f"{what} gives non-finite grid steps in {tname!r}; nothing was changed")
+    q = base.astype(np.int64) + np.rint(np.clip(acc, -(1 << 20), 1 << 20)).astype(np.int64)
+    out = (q < lo) | (q > hi)
+    n = int(out.sum())
+    if n and not clip:
+        raise SaturationError(
+            f"{what} takes {n} of {q.size} entries of {tname!r} outside the {base.dtype} range [{lo}, {hi}] "
+            f"(up to {int(q.min())}..{int(q.max())}); nothing was changed. Use smaller adapter weights, or pass "
+            "clip=True to clip them to the range (the count is reported)"
+        )
+    return np.clip(q, lo, hi).astype(base.dtype), n
+
+
+def fuse(parts: Mapping[str, list[tuple[np.ndarray, np.ndarray, np.ndarray]]], *, clip: bool, what: str) -> Fused:
+    """Several weighted adapters at once: ``parts`` maps a stored tensor to (positions, alpha * delta, base) per
+    adapter; overlapping positions add their deltas, then each entry is merged once with its base value."""
+    touched, values, clipped = {}, {}, 0
+    for tname, plist in parts.items():
+        allpos = np.concatenate([q for q, _, _ in plist])
+        pos, first, inv = np.unique(allpos, return_index=True, return_inverse=True)
+        acc = np.zeros(pos.shape, np.float32)
+        with np.errstate(over="ignore", invalid="ignore"):
+            np.add.at(acc, inv, np.concatenate([v for _, v, _ in plist]))
+        base = np.concatenate([b for _, _, b in plist])[first]
+        touched[tname] = (pos, base)
+        values[tname], n = merged(tname, base, acc, clip=clip, what=what)
+        clipped += n
+    return Fused(touched, values, clipped)
+
+
+def check_finite(values: Mapping[str, np.ndarray], what: str) -> None:
+    bad = [t for t, v in values.items() if v.dtype.kind == "f" and not np.isfinite(v).all()]
+    if bad:
+        raise ConfigError(
+            f"{what} gives non-finite weights in {bad[:5]} (overflow); nothing was changed. Use smaller weights"
+        )
+
+
+def normalise(spec) -> dict[str, float]:
+    if spec is None:
+        return {}
+    if isinstance(spec, str):
+        return {spec: 1.0}
+    if isinstance(spec, Mapping):
+        out = {}
+        for k, v in spec.items():
+            a = float(v)
+            if not np.isfinite(a):
+                raise ConfigError(f"adapter weight for {k!r} must be finite, got {v!r}")
+            out[str(k)] = a
+        return out
+    return {str(k): 1.0 for k in spec}
+
+
+def merge_weights(base: Mapping[str, np.ndarray], adapters: Iterable[tuple[Adapter, float]]) -> dict[str, np.ndarray]:
+    """Reference merge of float weights in source layout: ``W + sum_i alpha_i * S_i`` with the runtime's semantics.
+
+    ``base`` maps parameter names to arrays; returns new arrays for every parameter.
+    """
+    acc: dict[str, np.ndarray] = {}
+    touched: dict[str, np.ndarray] = {}
+    for adapter, alpha in adapters:
+        for tname, d in adapter.tensors.items():
+            a = acc.setdefault(tname, np.zeros(base[tname].shape, np.float32))
+            m = touched.setdefault(tname, np.zeros(base[tname].shape, bool))
+            where = ... if isinstance(d, DenseDelta) else tuple(d.indices.astype(np.int64))
+            a[where] += np.float32(alpha) * d.values
+            m[where] = True
+    out = {k: np.array(v, copy=True) for k, v in base.items()}
+    for tname, a in acc.items():
+        m = touched[tname]
+        out[tname][m] = base[tname][m] + a[m]
+    return out

@@ -1,0 +1,348 @@
+"""Quantize an exported model with onnxruntime's own tools, keeping it adapter-ready (issue 18).
+
+:func:`quantize_onnx` takes a model written by :func:`exporters.export_onnx` or
+:func:`exporters.export_hf_encoder` (it carries this project's metadata) and runs
+``onnxruntime.quantization.quantize_dynamic`` (weights int8, activations quantized at run
+time: ``MatMulInteger``) or ``quantize_static`` (QDQ, activations calibrated on the caller's
+data with a ``CalibrationDataReader``; per tensor or per channel). It then reads the
+quantized graph to find, for every adapter target, the integer initializer that replaced it
+and the scale and zero point its consumers use (``DequantizeLinear`` inputs and ``axis``;
+``MatMulInteger``/``ConvInteger`` B zero point, per column / per output channel), and proves
+the mapping by dequantizing: every entry must be within half a step of the float weight. A
+target onnxruntime left in float stays a float target; one that exists both ways (read by a
+quantized and a float node) is dropped from the targets and reported, since writing one copy
+would not change the other. Slots and detector heads are never quantized. The fingerprint is
+recomputed over the stored tensors, the metadata written, and the file checked: onnxruntime
+runs it beside the float model (cosine and max difference per output, refused below
+``min_cosine``) and :class:`edge.Runtime` loads it (fingerprint, integer arena) and must
+reproduce onnxruntime's outputs. Only then is ``out`` replaced.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from edge.errors import ConfigError, ExportValidationError
+from edge.format.io import atomic_write_bytes
+from edge.format.modelinfo import META_KEY, ModelInfo, QuantInfo, fingerprint, onnx_info
+from edge.format.onnx_graph import consumers, set_metadata
+
+__all__ = ["EXPORTER_VERSION", "QuantReport", "quantize_onnx", "MODES"]
+
+log = logging.getLogger(__name__)
+
+MODES = ("dynamic", "static")
+EXPORTER_VERSION = 2  # bumped when the same options give a different file (2: quantized Gather tables are targets)
+_TYPES = {"int8": "QInt8", "uint8": "QUInt8"}
+
+
+@dataclass(frozen=True)
+class QuantReport:
+    """What :func:`quantize_onnx` did: the model info written, which targets are integer, and the check."""
+
+    info: ModelInfo
+    mode: str
+    per_channel: bool
+    quantized: list[str]  # targets now stored as integers
+    float_targets: list[str]  # targets onnxruntime left in float32 (still adaptable, as floats)
+    dropped: dict[str, str] = field(default_factory=dict)  # targets removed from the metadata, and why
+    bytes_before: int = 0
+    bytes_after: int = 0
+    cosine: dict[str, float] = field(default_factory=dict)  # per output, quantized vs float, over the check inputs
+    max_abs_diff: dict[str, float] = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return {
+            "mode": self.mode,
+            "per_channel": self.per_channel,
+            "quantized": len(self.quantized),
+            "float_targets": self.float_targets,
+            "dropped": self.dropped,
+            "bytes_before": self.bytes_before,
+            "bytes_after": self.bytes_after,
+            "cosine": self.cosine,
+            "max_abs_diff": self.max_abs_diff,
+            "fingerprint": self.info.fingerprint,
+        }
+
+
+def quantize_onnx(
+    src: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    mode: str = "dynamic",
+    per_channel: bool = False,
+    calib: Mapping[str, np.ndarray] | Iterable[Mapping[str, np.ndarray]] | None = None,
+    check: Mapping[str, np.ndarray] | None = None,
+    batch: int = 16,
+    op_types: Iterable[str] | None = None,
+    weight_type: str = "int8",
+    activation_type: str = "int8",
+    min_cosine: float = 0.98,
+    reduce_range: bool = False,
+    headroom: float = 1.0,
+) -> QuantReport:
+    """Quantize the exported model ``src`` into ``out`` (see the module doc) and return the report.
+
+    Args:
+        mode: ``"dynamic"`` (``quantize_dynamic``) or ``"static"`` (``quantize_static``, QDQ).
+        per_channel: one scale per output channel of each weight (else one per tensor).
+        calib: static mode's calibration data: ``{input: array [N, ...]}`` (fed in batches of
+            ``batch``) or an iterable of feed dicts. Required for ``static``.
+        check: inputs to compare the quantized model with the float one (default: the first
+            ``batch`` rows of ``calib``); required when ``calib`` is not given.
+        op_types: operator types to quantize (default: onnxruntime's for the mode).
+        weight_type, activation_type: ``"int8"`` or ``"uint8"`` (activations: static mode only).
+        min_cosine: refuse the result if any output's cosine to the float model is below this.
+        reduce_range: 7-bit weights (onnxruntime's ``reduce_range``): half the integer range is left
+            free, so adapters can move the largest weights outward (headroom) at some precision.
+        headroom: per-tensor weight scales cover ``headroom`` times each target's largest magnitude
+            (onnxruntime's ``TensorQuantOverrides`` rmin/rmax), so adapted entries can grow that far
+            before they saturate; 1 is onnxruntime's default (the largest weight at the integer limit).
+
+    Raises:
+        ConfigError: an unknown mode or type, or missing calibration/check data.
+        ExportValidationError: the mapping of a target cannot be proven, or the outputs drift.
+    """
+    from onnxruntime import quantization as oq
+
+    if mode not in MODES or weight_type not in _TYPES or activation_type not in _TYPES:
+        raise ConfigError(
+            f"mode {mode!r}, weight_type {weight_type!r}, activation_type {activation_type!r}: allowed modes "
+            f"{MODES}, types {sorted(_TYPES)}"
+        )
+    src, out = Path(src), Path(out)
+    proto = onnx.load(str(src))
+    info = onnx_info(proto)
+    feeds = _feed_batches(calib, batch) if calib is not None else None
+    if mode == "static" and not feeds:
+        raise ConfigError("static quantization calibrates activations: pass calib={input: array} (the user's data)")
+    check = dict(check) if check is not None else (feeds[0] if feeds else None)
+    if check is None:
+        raise ConfigError("pass check={input: array} (or calib=...) to compare the quantized model with the float one")
+    if headroom < 1.0 or (headroom != 1.0 and per_channel):
+        raise ConfigError(f"headroom {headroom} must be >= 1, and is for per-tensor scales (per_channel=False)")
+    _name_nodes(proto)
+    keep = {t.initializer for t in info.tensors.values() if t.slot or t.head}
+    exclude = sorted({n.name for n in proto.graph.node if keep & set(n.input)})
+    with tempfile.TemporaryDirectory(prefix="edge-quant-") as tmp:
+        named, qpath = Path(tmp, "in.onnx"), Path(tmp, "out.onnx")
+        onnx.save(proto, str(named))
+        common = {
+            "per_channel": per_channel,
+            "reduce_range": reduce_range,
+            "weight_type": getattr(oq.QuantType, _TYPES[weight_type]),
+            "nodes_to_exclude": exclude,
+            "op_types_to_quantize": list(op_types) if op_types is not None else None,
+            "extra_options": {"TensorQuantOverrides": _headroom(proto, info, headroom)} if headroom != 1.0 else {},
+        }
+        logging.getLogger().disabled, was = True, logging.getLogger().disabled  # its "run pre-processing" banner
+        try:
+            if mode == "dynamic":
+                oq.quantize_dynamic(named, qpath, **common)
+            else:
+                reader = _Reader(feeds)
+                oq.quantize_static(
+                    named,
+                    qpath,
+                    reader,
+                    quant_format=oq.QuantFormat.QDQ,
+                    activation_type=getattr(oq.QuantType, _TYPES[activation_type]),
+                    **common,
+                )
+        finally:
+            logging.getLogger().disabled = was
+        q = onnx.load(str(qpath))
+    tensors, quantized, floats, dropped = _map_targets(proto, q, info)
+    q.ir_version = min(q.ir_version, proto.ir_version)
+    stored = {t.name: numpy_helper.to_array(t) for t in q.graph.initializer}
+    heads = {t.initializer for t in info.tensors.values() if t.head}
+    extra = dict(info.extra)
+    extra["quantization"] = {
+        "mode": mode,
+        "per_channel": per_channel,
+        "weight_type": weight_type,
+        "reduce_range": reduce_range,
+        "headroom": headroom,
+        "float_fingerprint": info.fingerprint,
+    }
+    qinfo = replace(
+        info,
+        fingerprint=fingerprint({k: v for k, v in stored.items() if k not in heads}),
+        tensors=tensors,
+        extra=extra,
+    )
+    del q.metadata_props[:]
+    for p in proto.metadata_props:
+        if p.key != META_KEY:
+            q.metadata_props.add(key=p.key, value=p.value)
+    set_metadata(q, META_KEY, qinfo.to_json())
+    onnx.checker.check_model(q)
+    data = q.SerializeToString()
+    cosine, diff = _check(src, data, check, min_cosine)
+    atomic_write_bytes(out, data)
+    log.info("quantized %s (%s%s): %d integer targets", src.name, mode, ", per channel" * per_channel, len(quantized))
+    return QuantReport(
+        qinfo, mode, per_channel, quantized, floats, dropped, src.stat().st_size, len(data), cosine, diff
+    )
+
+
+# -- mapping --------------------------------------------------------------------------------------------------------
+
+
+def _map_targets(float_proto, q, info: ModelInfo):
+    """Each target's TensorInfo in the quantized graph (proved by dequantizing), and what became of each."""
+    finits = {t.name: t for t in float_proto.graph.initializer}
+    qinits = {t.name: t for t in q.graph.initializer}
+    users = consumers(q.graph)
+    tensors, quantized, floats, dropped = {}, [], [], {}
+    for pname, t in info.tensors.items():
+        # onnxruntime's naming (a Gemm weight read transposed is stored transposed first); proved below
+        qname = next((n for n in (f"{t.initializer}{s}_quantized" for s in ("", "_Transposed")) if n in qinits), None)
+        if qname is None or t.slot or t.head:
+            if t.initializer not in qinits:
+                dropped[pname] = "its initializer is gone from the quantized graph"
+                continue
+            tensors[pname] = t
+            if not (t.slot or t.head):
+                floats.append(pname)
+            continue
+        if t.initializer in qinits and users.get(t.initializer):
+            dropped[pname] = "read both as float and quantized (writing one copy would not change the other)"
+            continue
+        if qname.endswith("_Transposed_quantized"):  # stored as the 2-D transpose of the float initializer
+            layout = tuple(reversed(t.layout))
+            t = replace(t, transposed=layout == (1, 0), perm=None)
+        found = {_scale_of(n, qname, qinits, users) for n in users.get(qname, [])}
+        if len(found) != 1 or None in found:
+            ops = sorted({n.op_type for n in users.get(qname, [])})
+            dropped[pname] = f"its integers are read by {ops}, whose scale this exporter cannot prove"
+            continue
+        scale, zp, stored_axis = found.pop()
+        qarr = numpy_helper.to_array(qinits[qname])
+        dtype = str(qarr.dtype)
+        s = numpy_helper.to_array(qinits[scale])
+        axis = None if s.size == 1 else t.layout[stored_axis]
+        new = replace(t, initializer=qname, quant=QuantInfo(scale, zp, dtype, axis))
+        z = numpy_helper.to_array(qinits[zp])
+        real = info.tensors[pname].from_stored(numpy_helper.to_array(finits[t.initializer]))
+        err = np.abs(new.dequantize(qarr, s, z) - real)
+        step = np.broadcast_to(s.reshape([-1 if a == axis else 1 for a in range(len(t.shape))]), real.shape)
+        if not np.all(err <= 0.5 * step * (1 + 1e-3) + 1e-7):
+            raise ExportValidationError(
+                f"{pname}: dequantizing {qname!r} with scale {scale!r} and zero point {zp!r} (axis {axis}) is off the "
+                f"float weight by up to {float(err.max()):.3g} (half a step: {float(step.max()) / 2:.3g}); the "
+                "quantized graph is not what this exporter understands"
+            )
+        tensors[pname] = new
+        quantized.append(pname)
+    return tensors, quantized, floats, dropped
+
+
+def _scale_of(node, qname: str, inits, users) -> tuple[str, str, int] | None:
+    """(scale, zero point, stored axis) a consumer of the integers ``qname`` applies, or None if unknown."""
+    if node.op_type == "Gather" and node.input[0] == qname:  # a quantized table: rows gathered, then dequantized
+        after = {_scale_of(n, node.output[0], inits, users) for n in users.get(node.output[0], [])}
+        found = after.pop() if len(after) == 1 else None
+        return found if found is not None and inits[found[0]].dims in ([], [1]) else None  # per tensor only
+    if node.op_type == "DequantizeLinear" and node.input[0] == qname and len(node.input) >= 3:
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+        rank = len(inits[qname].dims) if qname in inits else 1
+        return (node.input[1], node.input[2], axis % rank) if node.input[1] in inits else None
+    if node.op_type in ("MatMulInteger", "ConvInteger") and list(node.input[1:2]) == [qname] and len(node.input) >= 4:
+        scale = qname.removesuffix("_quantized") + "_scale"  # multiplies the product downstream (onnxruntime's name)
+        if scale not in inits or node.input[3] not in inits:
+            return None
+        return scale, node.input[3], (1 if node.op_type == "MatMulInteger" else 0)
+    return None
+
+
+# -- helpers --------------------------------------------------------------------------------------------------------
+
+
+def _headroom(proto, info: ModelInfo, headroom: float) -> dict:
+    """onnxruntime ``TensorQuantOverrides``: each weight target's range widened ``headroom`` times."""
+    inits = {t.name: t for t in proto.graph.initializer}
+    out = {}
+    for t in info.tensors.values():
+        if not (t.slot or t.head) and t.initializer in inits:
+            m = float(np.abs(numpy_helper.to_array(inits[t.initializer])).max()) * headroom or 1e-8
+            out[t.initializer] = [{"rmin": np.array(-m, np.float32), "rmax": np.array(m, np.float32)}]
+    return out
+
+
+def _name_nodes(proto) -> None:
+    """Give every unnamed node a unique name (``nodes_to_exclude`` selects by name)."""
+    seen = {n.name for n in proto.graph.node if n.name}
+    for i, n in enumerate(proto.graph.node):
+        if not n.name:
+            n.name = f"edge_node_{i}"
+            while n.name in seen:
+                n.name += "_"
+            seen.add(n.name)
+
+
+def _feed_batches(calib, batch: int) -> list[dict[str, np.ndarray]]:
+    if isinstance(calib, Mapping):
+        arrays = {k: np.asarray(v) for k, v in calib.items()}
+        n = min(len(v) for v in arrays.values())
+        return [{k: v[i : i + batch] for k, v in arrays.items()} for i in range(0, n, batch)]
+    return [dict(f) for f in calib]
+
+
+class _Reader:
+    """The ``CalibrationDataReader`` protocol over a list of feeds (onnxruntime calls ``get_next`` until None)."""
+
+    def __init__(self, feeds: list[dict[str, np.ndarray]]) -> None:
+        self._it = iter(feeds)
+
+    def get_next(self):
+        return next(self._it, None)
+
+    def rewind(self) -> None:  # not needed by MinMax calibration
+        raise NotImplementedError
+
+
+def _check(src: Path, data: bytes, feeds: Mapping[str, np.ndarray], min_cosine: float):
+    """Quantized vs float outputs on onnxruntime, and edge.Runtime vs onnxruntime on the quantized file."""
+    import onnxruntime as ort
+
+    from edge.runtime import Runtime
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    ref = ort.InferenceSession(str(src), so, providers=["CPUExecutionProvider"])
+    got = ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
+    names = [o.name for o in ref.get_outputs()]
+    want, have = ref.run(names, dict(feeds)), got.run(names, dict(feeds))
+    cosine, diff, bad = {}, {}, []
+    for name, a, b in zip(names, want, have):
+        a, b = a.astype(np.float64).reshape(-1), b.astype(np.float64).reshape(-1)
+        cosine[name] = float(a @ b / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-30))
+        diff[name] = float(np.abs(a - b).max()) if a.size else 0.0
+        if cosine[name] < min_cosine:
+            bad.append(f"{name!r}: cosine {cosine[name]:.4f}, max difference {diff[name]:.3g}")
+    if bad:
+        raise ExportValidationError(
+            f"the quantized model drifts from the float one beyond cosine {min_cosine}: "
+            + "; ".join(bad)
+            + ". Calibrate on more representative data, quantize per channel, or exclude sensitive ops (op_types)"
+        )
+    with tempfile.TemporaryDirectory(prefix="edge-quant-") as tmp:
+        path = Path(tmp, "q.onnx")
+        path.write_bytes(data)
+        with Runtime(path, strategy="rebuild") as rt:
+            edge_out = rt.run(dict(feeds))
+        for name, b in zip(names, have):
+            if not np.allclose(edge_out[name], b, atol=1e-5, rtol=1e-4):
+                raise ExportValidationError(f"edge.Runtime on the quantized file differs from onnxruntime on {name!r}")
+    return cosine, diff
