@@ -41,18 +41,21 @@ test: $(STAMP) registry
 	$(BIN)/python -m pytest -q
 
 # Long runs: real pretrained models and benchmarks. Writes JSON and regenerates BENCHMARKS.md's sections.
-bench: $(STAMP) registry
+bench: $(STAMP) $(TFLITE_VENV)/.installed registry
 	$(BIN)/python -m pytest -q -m slow
-	$(BIN)/edge bench switch --json bench-switch.json --md BENCHMARKS.md
+	$(BIN)/edge bench switch --peers --json bench-switch.json --md BENCHMARKS.md
 	$(BIN)/edge bench memory --json bench-memory.json --md BENCHMARKS.md
 	$(BIN)/edge bench masks --json bench-masks.json --md BENCHMARKS.md
 	$(BIN)/edge bench update --json bench-update.json --md BENCHMARKS.md
 	$(BIN)/edge bench ood --minilm --json bench-ood.json --md BENCHMARKS.md
+	$(BIN)/edge bench ood --taps all --json bench-ood-all.json --md BENCHMARKS.md
 	$(BIN)/edge bench ood --model cnn --json bench-ood-cnn.json --md BENCHMARKS.md
 	$(BIN)/edge bench ood --model cnn --taps auto --json bench-ood-cnn-auto.json --md BENCHMARKS.md
 	$(BIN)/edge bench fleet --json bench-fleet.json --md BENCHMARKS.md
 	$(BIN)/edge bench lowbit --json bench-lowbit.json --md BENCHMARKS.md
 	$(BIN)/edge bench quantized --json bench-quantized.json --md BENCHMARKS.md
+	$(TFLITE_VENV)/bin/edge bench switch --backend tflite --json bench-switch-tflite.json --md BENCHMARKS.md
+	$(TFLITE_VENV)/bin/python -m lab.bench_litert all --md BENCHMARKS.md > bench-litert-ways.json
 
 # Device-side tests on aarch64 under qemu-user (needs root; builds and caches a Debian arm64 root in .arm-root/).
 test-arm:

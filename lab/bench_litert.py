@@ -204,18 +204,27 @@ def main(argv: list[str] | None = None) -> int:
     import json
 
     ap = argparse.ArgumentParser(prog="python -m lab.bench_litert", description=alternatives.__doc__.splitlines()[0])
-    ap.add_argument("model", type=Path)
-    ap.add_argument("inputs", type=Path, help=".npz with one array per model input")
+    ap.add_argument("model", help="a .tflite file, or a built-in bench model: digits, minilm, all")
+    ap.add_argument("inputs", type=Path, nargs="?", help="with a file: .npz with one array per model input")
     ap.add_argument("--threads", type=int)
+    ap.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "edge", help="built-in models' cache")
     ap.add_argument("--md", type=Path, help="update this Markdown file's section (e.g. BENCHMARKS.md)")
     args = ap.parse_args(argv)
-    r = alternatives(args.model, dict(np.load(args.inputs, allow_pickle=False)), threads=args.threads)
-    print(json.dumps(r, indent=1))
-    if args.md:
-        from lab.benchmarks import write_section
+    if args.model in ("digits", "minilm", "all"):
+        names = ["digits", "minilm"] if args.model == "all" else [args.model]
+        models = [export_bench_model(n, args.cache, quiet=False) for n in names]
+    elif args.inputs is None:
+        ap.error("a .tflite file needs INPUTS (.npz)")
+    else:
+        models = [(Path(args.model), dict(np.load(args.inputs, allow_pickle=False)))]
+    for path, feeds in models:
+        r = alternatives(path, feeds, threads=args.threads)
+        print(json.dumps(r, indent=1))
+        if args.md:
+            from lab.benchmarks import write_section
 
-        key, title = f"switch:tflite-ways:{r['model']}", f"LiteRT, {r['model']}: where an in-place edit is seen"
-        write_section(args.md, key, title, _markdown(r))
+            key, title = f"switch:tflite-ways:{r['model']}", f"LiteRT, {r['model']}: where an in-place edit is seen"
+            write_section(args.md, key, title, _markdown(r))
     return 0
 
 
