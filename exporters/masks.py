@@ -2,18 +2,28 @@
 
 A switch writes an adapter's entries into the runtime's float32 arena. numpy's per-element
 indexing, not memory, bounds that write, so entries that sit in long contiguous runs of
-the stored tensor can be copied as runs. Two units, each ranked by the mean of an
-unstructured score over the unit:
+the stored tensor can be copied as runs. Units, each ranked by the mean of an unstructured
+score over the unit:
 
 ``block16``  aligned runs of 16 floats (one 64-byte cache line) of the stored tensor,
              flattened in C order (along its last axis, wrapping into the next row when
              the row length is not a multiple of 16);
+``block4``   the same with runs of 4 floats (16 bytes): four times as many runs for the
+             same count;
 ``rows``     whole stored rows: the stored tensor as ``[shape[0], -1]`` (a matrix row, a
              conv filter ``[in, *kernel]``, an embedding vector).
 
+Blocks are spread over the stored rows: every row's best block (rows ordered by it) comes
+before any row's second best. A block lies in one stored row, for a matrix one input
+feature (or one output), so its delta has rank one: a block mask's delta has rank at most
+the number of rows it touches, and spreading makes that as high as the count allows. That
+rank, more than which blocks are chosen, is what a structured mask costs in accuracy: at
+1 % of a 64-wide matrix (41 entries) cache-line runs allow rank 3, runs of 4 rank 10; at
+1 % of a 384-wide one, 92 cache-line runs (the ``masks`` section of BENCHMARKS.md).
+
 Registered kinds are ``{unit}-{score}`` for the scores ``random``, ``wm``, ``grad`` and
 ``snip`` of :mod:`exporters.shira` (``block16-snip``, ``rows-wm``, ...). Units are taken
-best first and entries within a unit in stored order, so ``make_masks`` keeps its exact
+in rank order and entries within a unit in stored order, so ``make_masks`` keeps its exact
 count: whole units and at most one partial unit (a contiguous prefix of it).
 
 The stored layout comes from ``make_masks(..., layout=stored_layout(info))``: our ONNX
@@ -44,25 +54,37 @@ __all__ = [
 ]
 
 BLOCK = 16  # floats per cache line
-UNITS = ("block16", "rows")
+UNITS = ("block4", "block16", "rows")
+_LENGTH = {"block4": 4, "block16": BLOCK}  # floats per run of the block units
 _SCORES = ("random", "wm", "grad", "snip")  # unstructured kinds of exporters.shira that units are scored by
 STRUCTURED: tuple[str, ...] = tuple(f"{u}-{s}" for u in UNITS for s in _SCORES)
 _LAYOUTS = ("transposed", "as-is")
 
 
 def unit_ranks(scores: np.ndarray, unit: str) -> np.ndarray:
-    """Rank (0 = taken first) of every entry of a stored tensor: units by mean score, then stored order.
+    """Rank (0 = taken first) of every entry of a stored tensor: units in rank order, then stored order.
 
-    ``scores`` has the stored shape; ties between units go to the lower stored offset.
+    ``scores`` has the stored shape. ``rows`` ranks rows by mean score; block units rank
+    blocks first by their rank among the blocks of their stored row (a block's row is its
+    first entry's), then by mean score: one block per row before a second in any row.
+    Ties go to the lower stored offset.
     """
     if unit not in UNITS:
         raise ConfigError(f"unknown mask unit {unit!r}; known units: {list(UNITS)}")
+    shape = np.shape(scores)
     flat = np.asarray(scores, np.float64).reshape(-1)
-    length = BLOCK if unit == "block16" else flat.size // scores.shape[0]
+    length = _LENGTH.get(unit) or flat.size // shape[0]
     ids = np.arange(flat.size) // length
     count = np.bincount(ids)
     mean = np.bincount(ids, weights=np.nan_to_num(flat, nan=-np.inf)) / count
-    order = np.argsort(-mean, kind="stable")
+    order = np.argsort(-mean, kind="stable")  # units by mean score
+    if unit != "rows":
+        row = (np.arange(count.size) * length) // (flat.size // shape[0])  # stored row of each block's first entry
+        by_row = order[np.argsort(row[order], kind="stable")]  # grouped by row, best first within a row
+        first = np.searchsorted(row[by_row], row[by_row])  # where each block's row starts in by_row
+        in_row = np.empty(count.size, np.int64)
+        in_row[by_row] = np.arange(count.size) - first
+        order = order[np.argsort(in_row[order], kind="stable")]  # round-robin over rows, by score within a round
     unit_rank = np.empty(order.size, np.int64)
     unit_rank[order] = np.arange(order.size)
     start = np.concatenate([[0], np.cumsum(count[order])[:-1]])  # first entry rank of each unit, by unit rank

@@ -112,7 +112,7 @@ def _snip(weight, grad_abs, rng):
     return (weight * grad_abs).abs()
 
 
-register_structured(register_mask, MASKS)  # block16-* and rows-* over the kinds above (exporters.masks)
+register_structured(register_mask, MASKS)  # block4-*, block16-* and rows-* over the kinds above (exporters.masks)
 
 
 # -- targets ----------------------------------------------------------------------------------------------------------

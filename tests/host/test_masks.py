@@ -32,7 +32,7 @@ class Net(nn.Module):
 TARGETS = ["emb.weight", "conv.weight", "fc.weight", "out.weight"]
 STRUCTURED_CASES = {
     f"{u}-{s}": dict(unit=u, needs_calib=s in ("grad", "snip"))
-    for u in ("block16", "rows")
+    for u in ("block4", "block16", "rows")
     for s in ("random", "wm", "grad", "snip")
 }
 
@@ -49,7 +49,7 @@ def _net() -> Net:
 
 def _unit_length(shape, transposed, unit) -> int:
     stored = (shape[1], shape[0]) if transposed else shape
-    return BLOCK if unit == "block16" else int(np.prod(stored[1:]))
+    return {"block4": 4, "block16": BLOCK}.get(unit) or int(np.prod(stored[1:]))
 
 
 def test_every_structured_mask_has_a_case():
@@ -148,7 +148,7 @@ def test_unit_ranks_and_unknown_unit():
         unit_ranks(scores, "diagonal")
 
 
-@pytest.mark.parametrize("unit", [None, "block16", "rows"])
+@pytest.mark.parametrize("unit", [None, "block4", "block16", "rows"])
 @pytest.mark.parametrize("transposed", [True, False])
 def test_random_structured_numpy(unit, transposed):
     shape = (48, 80)
@@ -157,5 +157,35 @@ def test_random_structured_numpy(unit, transposed):
     assert np.all(np.diff(np.ravel_multi_index(tuple(idx), shape)) > 0)
     runs = stored_runs(idx, shape, transposed)
     if unit is not None:
-        length = BLOCK if unit == "block16" else (shape[0] if transposed else shape[1])
+        length = _unit_length(shape, transposed, unit)
         assert runs <= -(-idx.shape[1] // length)
+
+
+@pytest.mark.parametrize("unit, length", [("block4", 4), ("block16", 16)])
+def test_blocks_spread_over_stored_rows_before_a_second_in_any_row(unit, length):
+    """Every stored row's best block comes before any row's second best, so the rank is as high as the count allows."""
+    scores = np.random.default_rng(0).random((12, 64))
+    scores[3] += 10.0  # one row far ahead: ranking by mean alone would take all its blocks first
+    ranks = unit_ranks(scores, unit)
+    first = np.argsort(ranks.reshape(-1), kind="stable")[: 12 * length]  # as many entries as rows have one block
+    rows = first // 64
+    assert sorted(np.bincount(rows, minlength=12)) == [length] * 12, "one whole block in each row"
+    assert set(first[:length] // 64) == {3}, "rows in the order of their best block"
+    blocks = scores.reshape(12, -1, length).mean(-1)
+    for r in range(12):  # within a row: its best block
+        got = first[rows == r]
+        assert got[0] % 64 // length == int(np.argmax(blocks[r])) and np.all(np.diff(got) == 1)
+
+
+def test_block_mask_delta_rank_reaches_its_run_count():
+    """A transposed Linear's block mask: each run is one torch column (one input), and runs sit in distinct columns."""
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 64)
+    with torch.no_grad():
+        lin.weight[:, 5] *= 20  # an outlier input feature, as in transformers
+    for kind, runs in (("block16-wm", 3), ("block4-wm", 11)):
+        masks = make_masks(lin, ["weight"], density=0.01, kind=kind, layout={"weight": "transposed"})
+        rows, cols = masks["weight"]
+        delta = np.zeros((64, 64))
+        delta[rows, cols] = np.random.default_rng(1).normal(size=rows.size)
+        assert len(set(cols.tolist())) == runs == np.linalg.matrix_rank(delta)

@@ -1,0 +1,153 @@
+"""The report of ``edge bench masks``: best kinds, goals per structured unit, and the markdown section."""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["GOALS", "goals", "markdown", "summary"]
+
+#: issue 16, with a structured mask at 1 %: switch >= 20x LoRA fusion, p99 < 3x p50, accuracy within 1 point
+GOALS = {"switch_vs_lora_x": 20.0, "p99_over_p50": 3.0, "acc_gap_points": 1.0}
+
+
+def summary(per_kind: dict) -> dict:
+    """Best kinds by mean accuracy, and each structured kind's gap to the best unstructured one (points)."""
+    acc = {k: v["mean_acc"] for k, v in per_kind.items()}
+    flat = {k: a for k, a in acc.items() if not per_kind[k]["structured"]}
+    struct = {k: a for k, a in acc.items() if per_kind[k]["structured"]}
+    out = {"best": max(acc, key=acc.get)}
+    if flat:
+        out["best_unstructured"] = max(flat, key=flat.get)
+    if struct:
+        out["best_structured"] = max(struct, key=struct.get)
+    if flat and struct:
+        best = flat[out["best_unstructured"]]
+        out["gap_points"] = {k: 100 * (best - a) for k, a in struct.items()}
+        out["structured_gap_points"] = out["gap_points"][out["best_structured"]]
+        out["structured_within_goal"] = out["structured_gap_points"] <= GOALS["acc_gap_points"]
+    return out
+
+
+def goals(result: dict) -> dict:
+    """Per structured unit: its best kind's accuracy gap (digits) and its MiniLM switch against the goals."""
+    gaps = result["summary"].get("gap_points", {})
+    m = result.get("minilm") or {}
+    out = {}
+    for kind, gap in gaps.items():
+        unit = kind.split("-")[0]
+        if unit in out and out[unit]["acc_gap_points"] <= gap:
+            continue
+        row = {"kind": kind, "acc_gap_points": gap, "acc_met": gap <= GOALS["acc_gap_points"]}
+        timing = m.get("kinds", {}).get(f"{unit}-random")
+        if timing:
+            row.update(
+                switch_vs_lora_x=timing["switch_vs_lora_x"],
+                p99_over_p50=timing["p99_over_p50"],
+                speed_met=timing["switch_vs_lora_x"] >= GOALS["switch_vs_lora_x"],
+                p99_met=timing["p99_over_p50"] < GOALS["p99_over_p50"],
+            )
+        out[unit] = row
+    return out
+
+
+def _load(avg) -> str:
+    return "unknown" if not avg else ", ".join(f"{v:.2f}" for v in avg) + " (1, 5, 15 min)"
+
+
+def _yes(flag) -> str:
+    return "-" if flag is None else ("met" if flag else "**not met**")
+
+
+def _slow(v: dict) -> str:
+    """Where the switches over 3x p50 came from, summed over the kinds' figures ``v``."""
+    n = sum(x["n"] for x in v)
+    keys = ("slow", "slow_with_gc", "slow_with_page_faults", "slow_preempted", "preempted")
+    slow, gc_, pf, pre, preempted = (sum(x[k] for x in v) for k in keys)
+    return (
+        f"{slow} of {n} switches over 3x p50: {gc_} with a collection, {pf} with page faults, {pre} preempted by "
+        f"the OS ({preempted} of all {n} were preempted)"
+    )
+
+
+def markdown(result: dict) -> str:
+    r = result
+    domains = r["domains"]
+    s = r["summary"]
+    gaps = s.get("gap_points", {})
+    lines = [
+        f"### {r['model']}: {len(r['kinds'])} mask kinds at density {r['density']:.0%}, "
+        f"{r['epochs']} epochs, lr {r['lr']:g}, seeds {r['seeds']}, {r['targets']} target tensors",
+        "",
+        f"Switch {r['switch_pair'][0]} -> {r['switch_pair'][1]}; LoRA fusion of the same trainable count "
+        f"(rank {r['lora_rank']}) {r['lora_fuse_ms_p50']:.3f} ms. Default strategy `{r['default_strategy']}`.",
+        "",
+        "| mask | mean acc | " + " | ".join(domains) + " | gap (points) | runs/entry | switch ms p50 | p99 | "
+        "bound p50 | bound p99 | vs LoRA |",
+        "|---|---|" + "---|" * len(domains) + "---|---|---|---|---|---|---|",
+        "| (base, no adapter) | "
+        + f"{np.mean(list(r['base_acc'].values())):.3f} | "
+        + " | ".join(f"{r['base_acc'][d]:.3f}" for d in domains)
+        + " | - | - | - | - | - | - | - |",
+    ]
+    for kind, v in r["kinds"].items():
+        bound = v["strategies"]["bound"]
+        gap = f"{gaps[kind]:.1f}" if kind in gaps else "-"
+        lines.append(
+            f"| {kind} | {v['mean_acc']:.3f} | "
+            + " | ".join(f"{v['acc'][d]:.3f}" for d in domains)
+            + f" | {gap} | {v['runs_per_entry']:.3f} | {v['switch_ms_p50']:.3f} | {v['switch_ms_p99']:.3f} | "
+            f"{bound['switch_ms_p50']:.3f} | {bound['switch_ms_p99']:.3f} | {v['switch_vs_lora_x']:.1f}x |"
+        )
+    lines += ["", f"Best by mean accuracy: `{s['best']}`."]
+    if "structured_gap_points" in s:
+        lines[-1] += (
+            f" Best structured `{s['best_structured']}` is {s['structured_gap_points']:.1f} points below the best "
+            f"unstructured `{s['best_unstructured']}` (goal <= {GOALS['acc_gap_points']:.0f})."
+        )
+    for strategy in (r["default_strategy"], "bound"):
+        lines += ["", f"`{strategy}`: " + _slow([v["strategies"][strategy] for v in r["kinds"].values()]) + "."]
+    m = r.get("minilm")
+    if m and "skipped" in m:
+        lines += ["", f"MiniLM timing skipped: {m['skipped']}"]
+    elif m:
+        lines += [
+            "",
+            f"#### {m['model']}: random masks at {m['density']:.0%} ({m['targets']} target tensors), timing only",
+            "",
+            f"LoRA fusion (rank {m['lora_rank']}) {m['lora_fuse_ms_p50']:.2f} ms; default strategy "
+            f"`{m['default_strategy']}`; load average {_load(m['load_average'])} when timed.",
+            "",
+            "| mask | entries | runs/entry | switch ms p50 | p99 | p99/p50 | p99 not preempted | bound p50 | "
+            "bound p99 | vs LoRA | bound vs LoRA |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for kind, v in m["kinds"].items():
+            bound = v["strategies"]["bound"]
+            calm = v["switch_ms_p99_not_preempted"]
+            lines.append(
+                f"| {kind} | {v['entries']:,} | {v['runs_per_entry']:.3f} | {v['switch_ms_p50']:.3f} | "
+                f"{v['switch_ms_p99']:.3f} | {v['p99_over_p50']:.1f} | {'-' if calm is None else f'{calm:.3f}'} | "
+                f"{bound['switch_ms_p50']:.3f} | {bound['switch_ms_p99']:.3f} | {v['switch_vs_lora_x']:.1f}x | "
+                f"{m['lora_fuse_ms_p50'] / bound['switch_ms_p50']:.1f}x |"
+            )
+        for strategy in (m["default_strategy"], "bound"):
+            lines += ["", f"`{strategy}`: " + _slow([v["strategies"][strategy] for v in m["kinds"].values()]) + "."]
+    g = r.get("goals") or {}
+    if g:
+        lines += [
+            "",
+            f"Goals per structured unit (its best kind's accuracy gap on {r['model']}; its random mask's switch on "
+            f"MiniLM, default strategy): gap <= {GOALS['acc_gap_points']:.0f} point, switch >= "
+            f"{GOALS['switch_vs_lora_x']:.0f}x LoRA fusion, p99 < {GOALS['p99_over_p50']:.0f}x p50.",
+            "",
+            "| unit | best kind | gap (points) | accuracy | vs LoRA | speed | p99/p50 | tail |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for unit, x in g.items():
+            vs = f"{x['switch_vs_lora_x']:.1f}x" if "switch_vs_lora_x" in x else "-"
+            tail = f"{x['p99_over_p50']:.1f}" if "p99_over_p50" in x else "-"
+            lines.append(
+                f"| {unit} | {x['kind']} | {x['acc_gap_points']:.1f} | {_yes(x['acc_met'])} | {vs} | "
+                f"{_yes(x.get('speed_met'))} | {tail} | {_yes(x.get('p99_met'))} |"
+            )
+    return "\n".join(lines) + "\n"
