@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 # pin. Used when reachable (a machine with its own wheelhouse, like CI's, already serves the CPU build).
 TORCH_CPU_INDEX = $(shell $(PYTHON) -c "import urllib.request as u; u.urlopen('https://download.pytorch.org/whl/cpu/', timeout=3)" 2>/dev/null && echo --extra-index-url https://download.pytorch.org/whl/cpu)
 
-.PHONY: demo demo-tflite test bench lint clean venv test-arm registry
+.PHONY: demo demo-tflite test test-tflite bench lint clean venv test-arm registry
 
 venv: $(STAMP)
 
@@ -31,6 +31,10 @@ $(TFLITE_VENV)/.installed: pyproject.toml
 
 demo-tflite: $(TFLITE_VENV)/.installed
 	$(TFLITE_VENV)/bin/edge demo --backend tflite --json demo-tflite.json
+
+# The TFLite export tests (litert-torch): conv layouts and folded BatchNorm, 17 HF families on LiteRT (slow ones too).
+test-tflite: $(TFLITE_VENV)/.installed
+	$(TFLITE_VENV)/bin/python -m pytest -q -m "slow or not slow" tests/host/test_tflite_conv.py tests/host/test_tflite_hf.py tests/host/test_layout_match.py tests/device/test_litert.py
 
 # The OCI registry (Debian's docker-registry) that the fleet tests start on 127.0.0.1; skipped with a message if
 # it cannot be installed here.

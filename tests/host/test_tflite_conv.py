@@ -7,7 +7,7 @@ and undone bit-exactly; a conv weight the converter changed beyond a layout and 
 
 The TFLite half needs litert-torch, which only the TFLite venv has::
 
-    make .venv-tflite/.installed && .venv-tflite/bin/pytest tests/host/test_tflite_conv.py tests/host/test_tflite_hf.py
+    make test-tflite
 """
 
 from __future__ import annotations
@@ -24,10 +24,7 @@ from edge.runtime import Runtime  # noqa: E402
 from exporters.layout_match import BatchNormFold  # noqa: E402
 from exporters.shira import make_masks, merge_shira, select_targets, shira_adapter, train_shira  # noqa: E402
 
-CONVERTER = (
-    "TFLite export needs litert-torch, which the main .venv does not have: run "
-    "`make .venv-tflite/.installed && .venv-tflite/bin/pytest tests/host/test_tflite_conv.py`"
-)
+CONVERTER = "TFLite export needs litert-torch, which the main .venv does not have: run `make test-tflite`"
 STRATEGIES = {"onnxruntime": ("hybrid", "bound", "rebuild"), "tflite": ("hybrid", "rebuild", "builtin")}
 CONVS = ("stem", "dw", "pw", "grouped", "seq")
 

@@ -7,7 +7,7 @@ switched in (vs torch with the delta merged) and undone bit-exactly.
 
 Needs litert-torch, which only the TFLite venv has::
 
-    make .venv-tflite/.installed && .venv-tflite/bin/pytest tests/host/test_tflite_hf.py -m "slow or not slow"
+    make test-tflite
 """
 
 from __future__ import annotations
@@ -21,8 +21,7 @@ torch = pytest.importorskip("torch")
 T = pytest.importorskip("transformers")
 pytest.importorskip(
     "litert_torch",
-    reason="TFLite export needs litert-torch, which the main .venv does not have: run "
-    "`make .venv-tflite/.installed && .venv-tflite/bin/pytest tests/host/test_tflite_hf.py`",
+    reason="TFLite export needs litert-torch, which the main .venv does not have: run `make test-tflite`",
 )
 
 from test_hf_families import FAMILIES, SEQ, build, close, feeds, reference  # noqa: E402
