@@ -5,7 +5,7 @@
     rt.switch("rotate")                        # overwrite the adapter's entries in place
     rt.switch({"rotate": 1.0, "noise": 0.5})   # W + 1.0*S_rotate + 0.5*S_noise
     rt.switch(None)                            # bit-exact base weights again
-    out = rt.run({"pixels": x})
+    out = rt.run({"pixels": x})                # every output; outputs=["logits"]: only those
 
 Merge semantics, used everywhere (runtime, tests, reference models): for each
 touched entry, ``w = base + sum_i(alpha_i * delta_i)``, the sum taken in float32 in
@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -73,15 +73,14 @@ class Runtime:
     ) -> None:
         """Load ``model`` on ``backend``.
 
-        ``device`` (a profile name, a YAML path or an ``edge.devices.DeviceProfile``) supplies
-        threads, execution providers with their options, and the fallback policy: a missing
-        provider raises (``fallback: error``) or runs on CPU with a logged warning, recorded in
-        :attr:`fallback_warning`. Explicit ``threads``/``providers``/``strategy`` win over it.
-        With ``strategy="auto"`` the profile's ``budgets.memory_mb`` picks the strategy (hybrid when
-        its predicted footprint fits, else bound, else a ``ConfigError`` naming the figures);
-        ``enforce_memory_budget=False`` (``edge profile``, which reports budgets) skips that.
-        ``backend="auto"`` runs the engine measured fastest here among the model's files for the
-        profile's backends (``M.onnx``, ``M.tflite`` side by side; :func:`edge.engines.choose_engine`);
+        ``device`` (a profile name, a YAML path or an ``edge.devices.DeviceProfile``) supplies threads, execution
+        providers with their options, and the fallback policy: a missing provider raises (``fallback: error``) or
+        runs on CPU with a logged warning, recorded in :attr:`fallback_warning`. Explicit
+        ``threads``/``providers``/``strategy`` win over it. With ``strategy="auto"`` the profile's
+        ``budgets.memory_mb`` picks the strategy (hybrid when its predicted footprint fits, else bound, else a
+        ``ConfigError`` naming the figures); ``enforce_memory_budget=False`` (``edge profile``, which reports
+        budgets) skips that. ``backend="auto"`` runs the engine measured fastest here among the model's files for
+        the profile's backends (``M.onnx``, ``M.tflite`` side by side; :func:`edge.engines.choose_engine`);
         :attr:`engine_choice` says which ran and why.
         """
         from runtimes import BackendOptions, get_backend
@@ -137,6 +136,7 @@ class Runtime:
         if not self._inputs:  # a backend with no reader here, or no inputs in the metadata: names from the backend
             self._inputs = names_only(self.info.inputs or tuple(self.backend.input_names))
         self._writable = frozenset(self.info.tensors) | {t.initializer for t in self.info.tensors.values()}
+        self._fetch: dict = {None: None}  # outputs lists checked by run -> their distinct names (None: all)
         self._closed = False
         self._max_adapter_bytes = max_adapter_bytes(self.info)
         self._adapters: dict[str, _Prepared] = {}
@@ -176,14 +176,13 @@ class Runtime:
     def load_adapter(self, adapter: Adapter | str | os.PathLike, name: str | None = None, *, clip: bool = False) -> str:
         """Validate an adapter against this model and keep it ready to switch. Returns its name.
 
-        On a quantized model a float adapter is requantized onto the base's grid; an entry it would
-        take outside the integer range raises :class:`~edge.fusion.SaturationError`, or with
-        ``clip=True`` is clipped (counted in :attr:`clipped` while the adapter is active).
+        On a quantized model a float adapter is requantized onto the base's grid; an entry it would take outside
+        the integer range raises :class:`~edge.fusion.SaturationError`, or with ``clip=True`` is clipped (counted
+        in :attr:`clipped` while the adapter is active).
 
-        Nothing about the running model changes; a bad adapter raises
-        :class:`~edge.errors.FormatError` or :class:`~edge.errors.AdapterMismatchError`, and, when
-        the runtime was given ``trusted_keys``, an unsigned or wrongly signed file raises
-        :class:`~edge.errors.SignatureError` before any of its bytes is parsed.
+        Nothing about the running model changes; a bad adapter raises :class:`~edge.errors.FormatError` or
+        :class:`~edge.errors.AdapterMismatchError`, and, when the runtime was given ``trusted_keys``, an unsigned
+        or wrongly signed file raises :class:`~edge.errors.SignatureError` before any of its bytes is parsed.
         """
         self._check_open()
         if isinstance(adapter, Adapter):
@@ -287,13 +286,12 @@ class Runtime:
     ) -> None:
         """Fuse the given adapters into the weights, replacing whatever was fused before.
 
-        ``None`` or ``{}`` restores the base model; a name fuses one adapter; a mapping
-        fuses several with weights (``W + a1*S1 + a2*S2``). ``head`` also writes
-        detector-head tensors in the same step (see :meth:`set_head`), so no inference
-        sees the new weights with the old head. The switch either completes or changes
-        nothing: all checks and arithmetic happen before the first write. On a quantized model,
-        fused values outside the integer range raise :class:`~edge.fusion.SaturationError`
-        unless ``clip=True`` (then they are clipped and counted in :attr:`clipped`).
+        ``None`` or ``{}`` restores the base model; a name fuses one adapter; a mapping fuses several with weights
+        (``W + a1*S1 + a2*S2``). ``head`` also writes detector-head tensors in the same step (see
+        :meth:`set_head`), so no inference sees the new weights with the old head. The switch either completes or
+        changes nothing: all checks and arithmetic happen before the first write. On a quantized model, fused
+        values outside the integer range raise :class:`~edge.fusion.SaturationError` unless ``clip=True`` (then
+        they are clipped and counted in :attr:`clipped`).
         """
         from runtimes import WeightWrite
 
@@ -323,10 +321,9 @@ class Runtime:
     def set_head(self, values: Mapping[str, np.ndarray]) -> None:
         """Overwrite detector-head tensors (``TensorInfo.head``, added by :func:`edge.route.taps.tap_model`).
 
-        ``values`` maps head tensor names to arrays of their exact shape. A head is the
-        router's scoring matrix inside the graph: written like weights (prepacked by the
-        ``hybrid`` and ``rebuild`` strategies), never touched by adapters, and outside the
-        model fingerprint.
+        ``values`` maps head tensor names to arrays of their exact shape. A head is the router's scoring matrix
+        in the graph: written like weights (prepacked by ``hybrid`` and ``rebuild``), never touched by adapters,
+        and outside the model fingerprint.
         """
         self._check_open()
         write = self._head_write(values)
@@ -394,21 +391,37 @@ class Runtime:
         return base
 
     # -- inference ---------------------------------------------------------------------------
-    def run(self, feeds: Mapping[str, np.ndarray] | np.ndarray) -> dict[str, np.ndarray]:
-        """Run the model on a dict of named inputs (or one array for a one-input model).
-
-        Feeds are checked against the model's real inputs (:func:`edge.format.feeds.check_feeds`):
-        a name that is not an input (a weight, a slot) is refused, as are a wrong dtype, byte order,
-        rank or fixed dimension, so no caller can change the weights through ``run``.
-        """
+    def run(
+        self, feeds: Mapping[str, np.ndarray] | np.ndarray, outputs: Sequence[str] | None = None
+    ) -> dict[str, np.ndarray]:
+        """Run the model on a dict of named inputs (or one array for a one-input model); return ``outputs`` (names
+        of model outputs, default all: at batch 1 each output fetched costs about as much as a node). Feeds are
+        checked against the model's real inputs (:func:`edge.format.feeds.check_feeds`): a name that is not an
+        input (a weight, a slot), a wrong dtype, byte order, rank or fixed dimension is refused."""
         self._check_open()
         checked = check_feeds(feeds, self._inputs, self._writable)
+        try:  # None (all), or a list asked before: one lookup
+            names = self._fetch[tuple(outputs) if type(outputs) in (list, tuple) else outputs]
+        except (KeyError, TypeError):
+            names = self._check_outputs(outputs)
         try:
-            return self.backend.run(checked)
+            return self.backend.run(checked, names)
         except Exception as e:
             if type(e).__name__ == "InvalidArgument" and type(e).__module__.startswith("onnxruntime"):
                 raise ConfigError(f"onnxruntime refused the inputs: {e}") from e
             raise
+
+    def _check_outputs(self, outputs) -> tuple[str, ...]:
+        """``outputs`` as distinct model output names, remembered for the next call (a few fixed lists)."""
+        allowed = self.backend.output_names
+        ok = isinstance(outputs, Sequence) and not isinstance(outputs, str) and all(isinstance(n, str) for n in outputs)
+        unknown = [n for n in outputs if n not in allowed][:8] if ok else []
+        if not ok or unknown or not outputs:
+            what = f"{unknown} are not outputs of" if unknown else f"outputs={outputs!r:.80} names no output of"
+            raise ConfigError(f"{what} model {self.info.name!r}; pass a list of its outputs: {allowed}")
+        if len(self._fetch) < 64:
+            self._fetch[tuple(outputs)] = tuple(dict.fromkeys(outputs))
+        return tuple(dict.fromkeys(outputs))
 
     def weights(self, param: str) -> np.ndarray:
         """Current value of a source parameter in its source layout (a copy; a folded channel scale left in; the

@@ -133,7 +133,13 @@ def quantize_onnx(
         raise ConfigError(f"headroom {headroom} must be >= 1, and is for per-tensor scales (per_channel=False)")
     _name_nodes(proto)
     keep = {t.initializer for t in info.tensors.values() if t.slot or t.head}
-    exclude = sorted({n.name for n in proto.graph.node if keep & set(n.input)})
+    # onnxruntime's quantizer knows "Attention" as com.microsoft's op and rewrites any node of that type into
+    # QAttention; the standard ai.onnx Attention (opset 23, our fused-attention export) is not that op: keep it float
+    # (its Q/K/V projections are separate MatMuls, quantized as usual)
+    exclude = sorted(
+        {n.name for n in proto.graph.node if keep & set(n.input)}
+        | {n.name for n in proto.graph.node if n.op_type == "Attention" and n.domain in ("", "ai.onnx")}
+    )
     with tempfile.TemporaryDirectory(prefix="edge-quant-") as tmp:
         named, qpath = Path(tmp, "in.onnx"), Path(tmp, "out.onnx")
         onnx.save(proto, str(named))

@@ -26,7 +26,9 @@ the plain run. For comparison, the same scoring done in numpy after a taps-only
 run (``numpy_overhead_pct``), and the nonlinear bipolar encoding (``bipolar``). Every
 overhead is paired within rounds: the median over rounds of the per-round ratio of block
 medians, on the demo encoder and on MiniLM (``--minilm``) alike; the timing lives in
-:mod:`lab.bench_overhead`.
+:mod:`lab.bench_overhead`. Each run fetches only what a served stream does: the plain run
+its logits, the router's path :attr:`~edge.route.router.Reconfigurator.fetches` (the
+logits and the vote: the bench's router does not learn).
 """
 
 from __future__ import annotations
@@ -307,7 +309,10 @@ def markdown(r: dict) -> str:
         f"Detection cost per input (router scoring: {r['scoring']}). *Graph*: taps and the HDC head in the "
         "model, each input's vote (domain or OOD) an output of the run (the router's path, the goal's figure). "
         "*Numpy*: the same detector scored in numpy after a taps-only run. Bipolar: the nonlinear encoding "
-        "(a `d x 4096` projection per input).",
+        "(a `d x 4096` projection per input). Every run fetches what a served stream does "
+        "(`Runtime.run(feeds, outputs)`): the plain run its logits, the graph-scored run the logits and the vote "
+        f"({', '.join(f'`{n}`' for n in r.get('fetched', ['logits', 'edge.vote']))}), the taps-only runs the logits "
+        "and the features.",
         "",
         "Batch 1 (a sensor stream on a device) is the headline. Overheads are medians over 40 rounds of "
         "per-round ratios (each round times every contestant in a block, in random order); the pooled p50 "

@@ -51,13 +51,15 @@ def detection_overhead(model, rt, tapped, domains, batch, backend, threads, runs
             headed.wait_settled()
         for b in sorted({1, batch}):
             key = f"batch{b}" + ("" if th == threads else f"-threads{th}")
-            result[key] = _time_pipelines(plain, bare, headed, det, bip, domains["clean"].x_test[:b], runs)
+            x = domains["clean"].x_test[:b]
+            result[key] = _time_pipelines(plain, bare, headed, det, bip, x, runs, router.fetches)
         for r in (plain, bare, headed):
             if r is not rt:
                 r.close()
     return {
         "batch": batch,
         "scoring": router.scoring,
+        "fetched": list(router.fetches),  # what the graph-scored runs fetch (the router's serving path)
         "detect_overhead_pct": result["batch1"]["overhead_pct"],  # the headline: a sensor stream runs at batch 1
         f"detect_overhead_pct_batch{batch}": result[f"batch{batch}"]["overhead_pct"],
         "numpy_overhead_pct": result["batch1"]["numpy_overhead_pct"],
@@ -66,26 +68,30 @@ def detection_overhead(model, rt, tapped, domains, batch, backend, threads, runs
     }
 
 
-def _time_pipelines(plain, bare, headed, det, bip, x, runs) -> dict:
+def _time_pipelines(plain, bare, headed, det, bip, x, runs, fetches) -> dict:
+    """Each contestant fetches what a served stream does: the plain run its logits, the router's path
+    ``fetches`` (:attr:`Reconfigurator.fetches`: the logits and the vote), the taps-only runs the logits
+    and the features."""
     from edge.machine import p50
     from edge.route.taps import FEATURES, VOTE
 
     x = {"pixels": np.ascontiguousarray(x)}
     threshold = det.threshold
+    logits, tapped = ["logits"], ["logits", FEATURES]
 
     def graph():  # the router's path: each input's vote (domain, or -1 = OOD) comes out of the run
-        return headed.run(x)[VOTE]
+        return headed.run(x, fetches)[VOTE]
 
     def numpy_scored():  # the same detector scored in numpy after a taps-only run
-        score, dom = det.route(bare.run(x)[FEATURES])
+        score, dom = det.route(bare.run(x, tapped)[FEATURES])
         return np.where(score < threshold, -1, dom)
 
     def bipolar():
-        return bip.score(bare.run(x)[FEATURES]) < 0
+        return bip.score(bare.run(x, tapped)[FEATURES]) < 0
 
     contestants = {
-        "plain": lambda: plain.run(x),
-        "tapped": lambda: bare.run(x),
+        "plain": lambda: plain.run(x, logits),
+        "tapped": lambda: bare.run(x, tapped),
         "graph": graph,
         "numpy": numpy_scored,
         "bipolar": bipolar,
@@ -159,7 +165,7 @@ def encoder_overhead(
     within rounds (:func:`paired_pct`); ``overhead_pct`` is batch 1's.
     """
     from edge.machine import p50
-    from edge.route.taps import Head, tap_model
+    from edge.route.taps import FEATURES, VOTE, Head, tap_model
     from edge.runtime import Runtime
 
     tapped = tap_model(model, model.with_name(f"{model.stem}.tapped-{taps}-head.onnx"), taps, head=Head(domains=6))
@@ -168,13 +174,15 @@ def encoder_overhead(
         k: Runtime(p, threads=threads) for k, p in (("plain", model), ("tapped", bare.path), ("headed", tapped.path))
     }
     headed = runtimes["headed"]
+    own = list(runtimes["plain"].info.outputs or runtimes["plain"].backend.output_names)  # the encoder's outputs
+    fetch = {"plain": own, "tapped": [*own, FEATURES], "headed": [*own, VOTE]}  # what a served stream fetches
     rng = np.random.default_rng(0)
     headed.set_head({n: rng.standard_normal(headed.info.tensors[n].shape).astype(np.float32) for n in headed.heads})
     headed.wait_settled()
     per_batch = {}
     for b in batches:
         fb = {k: np.ascontiguousarray(np.resize(v, (b, *v.shape[1:]))) for k, v in feeds.items()}
-        contestants = {k: (lambda r=r, fb=fb: r.run(fb)) for k, r in runtimes.items()}
+        contestants = {k: (lambda r=r, fb=fb, o=fetch[k]: r.run(fb, o)) for k, r in runtimes.items()}
         t, per_round = time_rounds(contestants, max(rounds, runs // b), rounds)
         per_batch[f"batch{b}"] = {
             "plain_ms": p50(t["plain"]),
@@ -191,6 +199,7 @@ def encoder_overhead(
     head = per_batch[f"batch{batches[0]}"]
     return {
         "model": model.name,
+        "fetched": {"plain": fetch["plain"], "headed": fetch["headed"]},
         "taps": list(tapped.tensors),
         "width": tapped.width,
         "batch": batches[0],

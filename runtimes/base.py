@@ -80,8 +80,14 @@ class Backend(ABC):
         """
 
     @abstractmethod
-    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Run once; returns every model output by name. Safe to call from several threads."""
+    def run(self, feeds: Mapping[str, np.ndarray], outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        """Run once; returns the outputs named in ``outputs`` (names of :attr:`output_names`, checked by the
+        caller), or every model output (``None``), by name. Safe to call from several threads."""
+
+    @property
+    def output_names(self) -> list[str]:
+        """The model's outputs, in order (what :meth:`run` returns with ``outputs=None``)."""
+        return list(self.info.outputs)
 
     @abstractmethod
     def read(self, tensor: str) -> np.ndarray:

@@ -99,17 +99,19 @@ class _Session:
         sig = [tuple(by_name[n].get("shape_signature", by_name[n]["shape"])) for n in inputs]
         fixed = bool(sig) and all(len(s) and s[0] > 0 for s in sig)
         self.batch = int(by_name[inputs[0]]["shape"][0]) if fixed else None
-        outs = {d["name"]: d["index"] for d in interp.get_output_details()}
-        self.outputs = [(n, outs[n]) for n in outputs]
+        self.index = {d["name"]: d["index"] for d in interp.get_output_details()}  # output name -> tensor index
+        self.outputs = [(n, self.index[n]) for n in outputs]
         self.delegated = any(op.get("op_name") == "DELEGATE" for op in _ops(interp))
 
-    def run(self, feeds: Mapping[str, np.ndarray], slots: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def run(self, feeds, slots, names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        """The outputs ``names`` (default: all) by name; the interpreter computes every output anyway."""
+        fetch = self.outputs if names is None else [(k, self.index[k]) for k in names]
         n = self.batch
         if n is not None and feeds and len(next(iter(feeds.values()))) != n:
-            return self._chunked(feeds, slots, n)
-        return self._invoke(feeds, slots)
+            return self._chunked(feeds, slots, n, fetch)
+        return self._invoke(feeds, slots, fetch)
 
-    def _chunked(self, feeds, slots, n: int) -> dict[str, np.ndarray]:
+    def _chunked(self, feeds, slots, n: int, fetch) -> dict[str, np.ndarray]:
         """Run a batch of another size than the file's fixed batch ``n`` in chunks of ``n`` (last one zero-padded)."""
         feeds = {k: np.asarray(v) for k, v in feeds.items()}
         b = len(next(iter(feeds.values())))
@@ -119,10 +121,10 @@ class _Session:
             m = len(next(iter(chunk.values())))
             if m < n:
                 chunk = {k: np.concatenate([v, np.zeros((n - m, *v.shape[1:]), v.dtype)]) for k, v in chunk.items()}
-            parts.append({k: v[:m] for k, v in self._invoke(chunk, slots).items()})
-        return {k: np.concatenate([p[k] for p in parts]) for k, _ in self.outputs}
+            parts.append({k: v[:m] for k, v in self._invoke(chunk, slots, fetch).items()})
+        return {k: np.concatenate([p[k] for p in parts]) for k, _ in fetch}
 
-    def _invoke(self, feeds: Mapping[str, np.ndarray], slots: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def _invoke(self, feeds, slots, fetch) -> dict[str, np.ndarray]:
         it = self.interp
         ready, resized = [], False
         for name, x in (*feeds.items(), *slots.items()):
@@ -142,7 +144,7 @@ class _Session:
         for idx, x in ready:
             it.set_tensor(idx, x)
         it.invoke()
-        return {name: it.get_tensor(idx) for name, idx in self.outputs}
+        return {name: it.get_tensor(idx) for name, idx in fetch}
 
     def _cast(self, name: str, x: np.ndarray) -> np.ndarray:
         """int64 ids into an int32 input (litert-torch narrows 64-bit types by default); other dtypes must match."""
@@ -275,15 +277,19 @@ class LiteRTBackend(ArenaBackend):
         view.flags.writeable = False
         return view
 
-    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    @property
+    def output_names(self) -> list[str]:
+        return list(self._output_names)
+
+    def run(self, feeds: Mapping[str, np.ndarray], outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
         if self._strategy == "hybrid" and self._worth_waiting():
             self._settled.wait(2 * self._builtin_ms / 1e3)  # the XNNPACK copy lands sooner than built-in kernels run
         with self._lock:
             sess = self._serving()
             if sess is not self._builtin:
-                return sess.run(feeds, self._slot_feeds)
+                return sess.run(feeds, self._slot_feeds, outputs)
             t0 = time.perf_counter()
-            out = sess.run(feeds, self._slot_feeds)
+            out = sess.run(feeds, self._slot_feeds, outputs)
             self._builtin_ms = (time.perf_counter() - t0) * 1e3
             return out
 

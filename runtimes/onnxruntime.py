@@ -1,34 +1,31 @@
 """onnxruntime backend with fused-mode weight writes.
 
-onnxruntime prepacks constant MatMul weights at session start, so an in-place edit
-of an initializer is never seen (shared ANCHORS.md section 2). Strategies:
+onnxruntime prepacks constant MatMul weights at session start, so an in-place edit of an initializer is
+never seen (shared ANCHORS.md section 2). Strategies:
 
 ``rebuild``
-    The arena's tensors are handed to a new session as initializers after every write.
-    Full speed at inference, a switch costs a session build.
+    The arena's tensors are handed to a new session as initializers after every write. Full speed at
+    inference, a switch costs a session build.
 ``bound``
-    The writable tensors are graph inputs bound once through IOBinding to the same
-    numpy arrays (zero copy). A write is a numpy scatter; no prepacking, so inference
-    is slower (MLAS packs B on every call).
+    The writable tensors are graph inputs bound once through IOBinding to the same numpy arrays (zero
+    copy). A write is a numpy scatter; no prepacking, so inference is slower (MLAS packs B on every call).
 ``hybrid`` (default)
-    A write scatters into the arrays and flips inference to the ``bound`` session at
-    once; a background thread builds a prepacked session from the same arrays and
-    swaps it in when done, unless another write came meanwhile (then it builds
-    again). Fast switch, full steady-state speed; the window in between runs at
-    ``bound`` speed.
+    A write scatters into the arrays and flips inference to the ``bound`` session at once; a background
+    thread builds a prepacked session from the same arrays and swaps it in when done, unless another write
+    came meanwhile (then it builds again). Fast switch, full steady-state speed; the window in between
+    runs at ``bound`` speed.
 
-Memory (issue 16): the writable tensors live once, in one contiguous arena per element type
-(float32; int8/uint8 for the weights of a quantized model, issue 18), so a switch is a few numpy
-scatters whatever the tensor count, plus onnxruntime's prepacked copy
-of the MatMul weights (``hybrid``, ``rebuild``; a stale one is freed before packing anew).
-Tables only Gather reads (embeddings) are fed from the arena on every run rather than
-handed over. Loading walks the file once at the protobuf wire level
-(:mod:`runtimes.onnx_file`): each writable tensor is read from the file straight into the
-arena (given a path, the file is never held whole) and only the graph without them, a few
-hundred KB, is parsed; both sessions are built from that weight-less graph. Cold start:
-``hybrid`` builds its prepacked session first and serves from it, and builds the bound
-session (needed from the first switch on) in the background. :meth:`OrtBackend.footprint_mb`
-predicts each strategy's resident memory; ``strategy="auto"`` with a memory budget picks by it.
+Memory (issue 16): the writable tensors live once, in one contiguous arena per element type (float32;
+int8/uint8 for the weights of a quantized model, issue 18), so a switch is a few numpy scatters whatever
+the tensor count, plus onnxruntime's prepacked copy of the MatMul weights (``hybrid``, ``rebuild``; a
+stale one is freed before packing anew). Tables only Gather reads (embeddings) are fed from the arena on
+every run rather than handed over. Loading walks the file once at the protobuf wire level
+(:mod:`runtimes.onnx_file`): each writable tensor is read from the file straight into the arena (given a
+path, the file is never held whole) and only the graph without them, a few hundred KB, is parsed; both
+sessions are built from that weight-less graph. Cold start: ``hybrid`` builds its prepacked session first
+and serves from it, and builds the bound session (needed from the first switch on) in the background.
+:meth:`OrtBackend.footprint_mb` predicts each strategy's resident memory; ``strategy="auto"`` with a
+memory budget picks by it. :meth:`OrtBackend.run` fetches (or binds) only the outputs asked for.
 """
 
 from __future__ import annotations
@@ -147,11 +144,9 @@ class OrtBackend(ArenaBackend):
     def footprint_mb(cls, model: bytes | str | os.PathLike | ModelInfo, strategy: str) -> float:
         """Predicted resident memory (MB) that loading ``model`` with ``strategy`` adds to the process.
 
-        ``model`` is a path or the file bytes (exact: the graph says which weights onnxruntime
-        prepacks), or a :class:`ModelInfo` (then every writable weight counts as prepacked: an
-        upper bound). The weights once (the arena), the prepacked copy for ``hybrid`` and
-        ``rebuild``, and an allowance per session for onnxruntime's own buffers.
-        """
+        ``model`` is a path or the file bytes (exact: the graph says which weights onnxruntime prepacks), or a
+        :class:`ModelInfo` (then every writable weight counts as prepacked: an upper bound). The weights once
+        (the arena), the prepacked copy for ``hybrid`` and ``rebuild``, and an allowance per session."""
         if isinstance(model, ModelInfo):
             sizes = {
                 t.initializer: (np.dtype(t.dtype).itemsize * prod(t.shape), t.slot) for t in model.tensors.values()
@@ -237,8 +232,8 @@ class OrtBackend(ArenaBackend):
 
         self._init_rebuilds(options)
         self.shares_weights = self.info.fingerprint not in _UNSHARED  # prepack from the arena in place (_build_fresh)
-        self._bound = None
-        self._binding = None
+        self._bound = self._binding = None
+        self._bound_fetch: tuple[str, ...] = ()  # the outputs bound on self._binding, in order
         self._bound_ready = threading.Event()  # the bound session exists (or failed: _bound_error)
         self._bound_error, self._bound_builder = None, None
         if strategy in ("rebuild", "hybrid"):
@@ -290,26 +285,33 @@ class OrtBackend(ArenaBackend):
         except KeyError:
             raise ConfigError(f"{tensor!r} is not a scale or zero point of model {self.info.name!r}") from None
 
-    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    @property
+    def output_names(self) -> list[str]:
+        return list(self._output_names)
+
+    def run(self, feeds: Mapping[str, np.ndarray], outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        names = self._output_names if outputs is None else outputs
         with self._lock:
             if self._static is not None and self._static_gen == self._generation:
                 run_feeds = {**feeds, **self._fed_feeds} if self._fed_feeds else feeds
-                outs = self._static.run(self._output_names, run_feeds)
+                outs = self._static.run(names, run_feeds)
                 self._start_bound()
-                return dict(zip(self._output_names, outs))
+                return dict(zip(names, outs))
             self._bound_ready.wait()  # hybrid right after load: the bound session is still being built
-            b = self._binding
-            if b is None:
+            if (b := self._binding) is None:
                 raise BackendUnavailableError(
                     "no current onnxruntime session: the backend is closed, or its bound session could not be "
                     f"built ({self._bound_error!r})"
                 )
             for k, v in feeds.items():
                 b.bind_cpu_input(k, np.ascontiguousarray(v))
-            for name in self._output_names:
+            if self._bound_fetch != tuple(names):  # outputs stay bound from run to run: drop the others
+                b.clear_binding_outputs()
+                self._bound_fetch = tuple(names)
+            for name in names:  # rebound every run: onnxruntime allocates each output for this run's shape
                 b.bind_output(name, "cpu")
             self._bound.run_with_iobinding(b)
-            return dict(zip(self._output_names, b.copy_outputs_to_cpu()))
+            return dict(zip(names, b.copy_outputs_to_cpu()))
 
     def write(self, *prepared) -> None:
         self._start_bound()
@@ -345,9 +347,8 @@ class OrtBackend(ArenaBackend):
         return so
 
     def _make_bound(self, model: bytes, go: threading.Event | None = None) -> None:
-        """The session with every writable tensor a graph input, bound to the arena (zero copy). In the
-        background: after ``go`` is set, and a short pause so the run that set it returns first (a build
-        holds the GIL at times)."""
+        """The session with every writable tensor a graph input, bound to the arena (zero copy). In the background:
+        after ``go`` is set, and a pause so the run that set it returns first (a build holds the GIL at times)."""
         ort = self._ort
         if go is not None:
             go.wait()
@@ -377,12 +378,12 @@ class OrtBackend(ArenaBackend):
             self._bound_ready.set()
 
     def _build_fresh(self):
-        """A prepacked session over the arena. The weights only MatMul/Gemm read (as B) are handed over
-        in place with ``add_initializer``: onnxruntime prepacks them without copying (observed, onnxruntime
-        1.2x-1.3x); their stubs in the graph point at an empty file it must find but never reads. Other
-        constants (e.g. Conv weights, which optimizers rewrite) go through ``add_external_initializers``,
-        which copies them. If onnxruntime refuses the in-place way, every constant is copied from then on
-        for this model, with a warning (onnxruntime frees its copies of prepacked weights after packing)."""
+        """A prepacked session over the arena. The weights only MatMul/Gemm read (as B) are handed over in place
+        with ``add_initializer``: onnxruntime prepacks them without copying (observed, onnxruntime 1.2x-1.3x);
+        their stubs in the graph point at an empty file it must find but never reads. Other constants (e.g. Conv
+        weights, which optimizers rewrite) go through ``add_external_initializers``, which copies them. If
+        onnxruntime refuses the in-place way, every constant is copied from then on for this model, with a
+        warning (onnxruntime frees its copies of prepacked weights after packing)."""
         ort = self._ort
         t0 = time.perf_counter()
         so = self._session_options()

@@ -70,7 +70,7 @@ def run_features(runtime, input_name: str, features: str, logits: str, x: np.nda
     """Tapped features and logits of ``x`` under ``runtime``'s current state, in batches."""
     feats, out_logits = [], []
     for s in range(0, len(x), batch):
-        out = runtime.run({input_name: x[s : s + batch]})
+        out = runtime.run({input_name: x[s : s + batch]}, [features, logits])
         feats.append(out[features])
         out_logits.append(out[logits])
     return np.concatenate(feats), np.concatenate(out_logits)

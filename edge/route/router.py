@@ -41,7 +41,8 @@ boundaries, so the batch that triggers a switch is still served by the old state
 (``tap_model(..., head=Head())``), the active state's detector, threshold included, is
 folded into the graph (:meth:`~edge.route.hdc.HDC.head_values`), so an inference already
 returns each input's vote (its domain, or -1 when OOD) and only the window policy runs
-in numpy. The head is written with every switch (in the same step as the adapter,
+in numpy; a batch fetches only the logits and the vote, plus the features while it learns
+(:attr:`Reconfigurator.fetches`). The head is written with every switch (in the same step as the adapter,
 :meth:`Runtime.switch` ``head=``) and after prototype updates at most once per
 ``head_sync_s``: each write makes the ``hybrid`` runtime rebuild its prepacked session
 in the background, and onnxruntime holds the GIL for much of a build (stalls of up to
@@ -161,6 +162,15 @@ class Reconfigurator:
         return "graph" if self._heads.in_graph else "numpy"
 
     @property
+    def fetches(self) -> list[str]:
+        """The outputs :meth:`process` fetches: the logits, and the vote (graph scoring) and the tapped features
+        when they are scored in numpy or learned from (``config.learn``). Each output fetched costs about as much
+        as a node at batch 1 (:mod:`edge.route.taps`), so a router that only serves leaves the features alone."""
+        if not self._heads.in_graph:
+            return [self._logits, self.tapped.features]
+        return [self._logits, VOTE, *([self.tapped.features] if self.config.learn else [])]
+
+    @property
     def novel(self) -> bool:
         """The window policy finds the stream in an unknown domain."""
         return self._policy.novel
@@ -247,12 +257,12 @@ class Reconfigurator:
         if not self._states:
             raise ConfigError("the router is not fitted: call fit() after add_domain(...)")
         t0 = time.perf_counter()
-        out = self.rt.run({self._input: x})
+        out = self.rt.run({self._input: x}, self.fetches)
         t1 = time.perf_counter()
         served = self.active
         if self._heads.in_graph:
             state = self._states[self.adapter_of(self.active)]
-            step = self._observe(None, out[VOTE], out[self.tapped.features], out[self._logits], x, labels)
+            step = self._observe(None, out[VOTE], out.get(self.tapped.features), out[self._logits], x, labels)
             if self._heads.due(state):
                 t2 = time.perf_counter()
                 head = self._heads.for_write(state)  # the prototypes learned since the last write

@@ -34,27 +34,29 @@ adapter targets. Until a detector writes them every input votes ``-1``. The grap
 returns votes, not scores: :meth:`edge.route.ood.HDC.score` on the ``edge.features`` output
 gives those.
 
-Why in the graph: scored in numpy right after an onnxruntime run, the same arithmetic
-cost 70 us per batch of 16 instead of 30 us hot (about ten numpy calls, each paying
-cold caches), 9-13 % of the digits encoder's run at batch 16, 20-30 % at batch 1. In
-the graph, taps and head cost 2-4 % of it at batch 16 and about 9 % at batch 1
-(BENCHMARKS.md). At batch 1 that is onnxruntime's cost per node (0.4-1 us each, on the
-62 us ViT and the 10 us CNN alike), not arithmetic; fetching an output costs about as much.
-Measured besides (digits ViT, batch 1, paired, load 8-12): one ``Gemm`` onto a tight
-frame of the prototypes whose ``LayerNormalization`` (scale and bias per column) yields
-the cosines and the bar, six nodes instead of seven: 8.7-9.5 % against 9.1-9.8 %, within
-noise (on the CNN 32.0 against 31.3 %); no ``Gather`` (the column mapped in numpy):
-0-0.4 points before the lookup; onnxruntime's parallel executor: 19.6 against 9.2 %;
-a narrower whitened space (the least-variance directions) raised the AUROC but cut
-routing as served to 90.4 % (rank 64 of 128). None kept. Fetching only the logits and the vote (not the
-features, when nothing learns; ``Runtime.run`` fetches every output) would save 1.3 points
-on the ViT and 5.5 on the CNN (plain onnxruntime sessions, against a plain run fetching
-only its logits).
-Earlier heads: one ``Gemm`` with a norm bar concatenated in front and the column turned
-into a domain by ``Div``/``Sub`` (8 nodes) cost about 2 points more at batch 1; one
-with separate max, divide, compare and select (12 nodes) more again. An earlier try
-fed the matrices as graph inputs every run and added ~7 %: onnxruntime packs a fed
-matrix on every call, while a constant one is packed once per session.
+Why in the graph: scored in numpy right after an onnxruntime run, the same arithmetic cost 70 us per batch
+of 16 instead of 30 us hot (about ten numpy calls, each paying cold caches), 9-13 % of the digits encoder's
+run at batch 16, 20-30 % at batch 1. In the graph, taps and head cost 2-4 % of it at batch 16 and about 9 %
+at batch 1 (BENCHMARKS.md). At batch 1 that is onnxruntime's cost per node (0.4-1 us each, on the 62 us ViT
+and the 10 us CNN alike), not arithmetic; fetching an output costs about as much, so the router fetches
+only the logits and the vote (``Runtime.run(feeds, outputs)``; the features too while it learns), as the
+bench's runs do (plain: the logits). Each head node's cost on the ViT, from the model cut after it (raw
+sessions, batch 1, paired, load 7): Concat 1.5-2 points, ReduceMean 1.3, the whitening Gemm 3,
+LpNormalization ~0, the prototype Gemm 2, ArgMax 0.5, Gather 0.2.
+Measured besides (digits ViT, batch 1, paired, load 3-12): one ``Gemm`` onto a tight frame of the
+prototypes whose ``LayerNormalization`` (scale and bias per column) yields the cosines and the bar, six
+nodes instead of seven: 8.7-9.5 % against 9.1-9.8 %, within noise (on the CNN 32.0 against 31.3 %); no
+``Gather`` (the column mapped in numpy): 0-0.4 points before the lookup; onnxruntime's parallel executor:
+19.6 against 9.2 %; a narrower whitened space (the least-variance directions) raised the AUROC but cut
+routing as served to 90.4 % (rank 64 of 128); the last ``attn`` tap alone: 5.1 against 8.7 %, but it routes
+92.5 % as served; each tap pooled and two chained Gemms (the second's C input carrying the first's product)
+instead of the Concat: 8.7 against 9.0 %; onnxruntime's ``only_execute_path_to_fetches``: within noise.
+None kept. Folding the mean into one Gemm over the flattened taps would read T times the matrix (1.1 MB
+per ViT input at batch 1): not tried.
+Earlier heads: one ``Gemm`` with a norm bar concatenated in front and the column turned into a domain by
+``Div``/``Sub`` (8 nodes) cost about 2 points more at batch 1; one with separate max, divide, compare and
+select (12 nodes) more again. An earlier try fed the matrices as graph inputs every run and added ~7 %:
+onnxruntime packs a fed matrix on every call, while a constant one is packed once per session.
 
 Only nodes, graph inputs and outputs are added (constants as ``Constant`` nodes); the
 stored weights are untouched, so the copy keeps the model's fingerprint and every

@@ -246,8 +246,9 @@ def test_run_cannot_change_weights(model, backend, strategy):
         with pytest.raises(ConfigError, match="not inputs of the model"):
             rt.run({inp: X, "no-such-input": X})
         out = rt.run({inp: X})
-        assert all(np.array_equal(out[k], ref[k]) for k in ref)
-        assert all(np.array_equal(_snapshot(rt, info)[p], served[p]) for p in served)
+        for k in ref:  # LiteRT hybrid may have swapped built-in kernels for XNNPACK in between: other rounding
+            np.testing.assert_allclose(out[k], ref[k], rtol=1e-5, atol=1e-6)
+        assert all(np.array_equal(_snapshot(rt, info)[p], served[p]) for p in served)  # the weights: bit-exact
         rt.switch(None)
         assert all(np.array_equal(_snapshot(rt, info)[p], base[p]) for p in base)
 

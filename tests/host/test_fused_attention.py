@@ -177,3 +177,25 @@ def test_attention_choice_is_checked(tmp_path):
     info = export_hf_encoder(mpnet, tmp_path / "m.onnx", seq_len=SEQ, progress=False)  # default: what it can run
     assert info.extra["attention"] == "decomposed"
     assert not (tmp_path / "x.onnx").exists()
+
+
+@pytest.mark.parametrize("mode", ["dynamic", "static"])
+def test_a_fused_attention_export_quantizes_with_the_attention_kept_float(exported, tmp_path, mode):
+    """onnxruntime's quantizer takes any node named Attention for com.microsoft's; ours stays float, Q/K/V go int8."""
+    from exporters.quantize import quantize_onnx
+
+    _, out = exported
+    path, info = out["fused"]
+    feeds = _feeds()
+    report = quantize_onnx(path, tmp_path / "q.onnx", mode=mode, calib={k: v for k, v in feeds.items()}, min_cosine=0.9)
+    q = onnx.load(str(tmp_path / "q.onnx"))
+    kinds = collections.Counter(n.op_type for n in q.graph.node)
+    assert kinds["Attention"] == LAYERS and not kinds["QAttention"]
+    quantized = {k for k, t in report.info.tensors.items() if t.quant is not None}
+    assert {f"bert.{t}" for t in TARGETS} <= quantized, sorted(quantized)[:6]
+    with Runtime(tmp_path / "q.onnx") as rt:
+        got = rt.run(feeds)[info.outputs[0]]
+    with Runtime(path) as ref:
+        want = ref.run(feeds)[info.outputs[0]]
+    cos = np.sum(got * want, axis=-1) / (np.linalg.norm(got, axis=-1) * np.linalg.norm(want, axis=-1))
+    assert np.all(cos > 0.9)

@@ -37,6 +37,8 @@ def test_encoder_overhead_reports_batch_one_first_and_batch_16_beside_it(tmp_pat
     assert r["batch"] == 1 and set(r["per_batch"]) == {"batch1", "batch16"}
     assert r["overhead_pct"] == r["per_batch"]["batch1"]["overhead_pct"] and np.isfinite(r["overhead_pct"])
     assert r["taps"] == ["h0"] and r["rounds"] == 2
+    # each contestant fetches what a served stream does: the encoder's own outputs, and the vote beside them
+    assert r["fetched"] == {"plain": ["logits", "features"], "headed": ["logits", "features", "edge.vote"]}
     assert all(np.isfinite([v["taps_pct"], v["head_pct"]]).all() for v in r["per_batch"].values())  # the head apart
 
 

@@ -263,6 +263,26 @@ def test_graph_head_matches_numpy_scoring_under_every_state_and_after_learning(h
     assert_votes_match(rt.run({"x": x}), det)
 
 
+@pytest.mark.parametrize("learn", [False, True])
+def test_process_fetches_only_what_the_step_needs(setup, learn, monkeypatch):
+    """Serving fetches the logits and the vote (graph) or the features (numpy); learning adds the features."""
+    _, _, tapped, rt = setup
+    router = router_for(rt, tapped, learn=learn, learn_every=16)
+    graph = router.scoring == "graph"
+    want = ["logits", *([VOTE] if graph else []), *([FEATURES] if learn or not graph else [])]
+    assert sorted(router.fetches) == sorted(want)
+    asked, run = [], rt.run
+    monkeypatch.setattr(rt, "run", lambda feeds, outputs=None: asked.append(outputs) or run(feeds, outputs))
+    x, y = domain("a", 64, seed=5)
+    full = run({"x": x[:8]})  # every output, under the state that serves the first batch
+    steps = [router.process(x[s : s + 8], y[s : s + 8]) for s in range(0, 64, 8)]
+    assert len(asked) == 8 and all(sorted(o) == sorted(want) for o in asked)
+    np.testing.assert_array_equal(steps[0].logits, full["logits"])
+    if graph:  # the vote served is the graph's
+        np.testing.assert_array_equal(steps[0].codes, full[VOTE])
+    assert (np.concatenate([st.codes for st in steps]) == 1).mean() > 0.8  # "a" is domain 1
+
+
 def test_learned_prototypes_reach_the_head_at_most_once_per_sync_interval(headed):
     _, _, tapped, rt = headed
     router = router_for(rt, tapped, learn=True, learn_every=16, head_sync_s=3600.0)
