@@ -210,12 +210,7 @@ class TufRepo:
         files = []
         now = _now()
         for role in sorted(changed):
-            signed = self._md[role].signed
-            signed.version += 1
-            signed.expires = now + self.expiry.targets
-            self._sign(role)
-            self._set_meta(role)
-            files.append((f"{signed.version}.{role}.json", self._bytes(role)))
+            files.append(self._resign_targets(role, now))
         return files + self._stage_snapshot_and_timestamp(bump=True)
 
     def stage_refresh(self) -> list[tuple[str, bytes]]:
@@ -258,13 +253,17 @@ class TufRepo:
                 top.revoke_key(keyid)
             top.add_key(new)
             for name in ["targets", *self.bins.get_roles()]:
-                signed = self._md[name].signed
-                signed.version += 1
-                signed.expires = now + self.expiry.targets
-                self._sign(name)
-                self._set_meta(name)
-                files.append((f"{signed.version}.{name}.json", self._bytes(name)))
+                files.append(self._resign_targets(name, now))
         return files + self._stage_snapshot_and_timestamp(bump=True)
+
+    def _resign_targets(self, role: str, now) -> tuple[str, bytes]:
+        """A targets role (top-level or a bin) at its next version, signed, as the file to publish."""
+        signed = self._md[role].signed
+        signed.version += 1
+        signed.expires = now + self.expiry.targets
+        self._sign(role)
+        self._set_meta(role)
+        return f"{signed.version}.{role}.json", self._bytes(role)
 
     def published(self, files: list[tuple[str, bytes]]) -> dict[str, bytes]:
         """The last published version of each role ``files`` replace (role -> bytes), from ``meta_dir``.
