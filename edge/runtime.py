@@ -27,7 +27,7 @@ import numpy as np
 
 from edge.errors import AdapterMismatchError, ConfigError, RuntimeClosedError
 from edge.format.adapter import Adapter, DenseDelta, load_adapter, max_adapter_bytes
-from edge.format.feeds import check_feeds, input_specs, names_only
+from edge.format.feeds import FeedChecker, input_specs, names_only
 from edge.format.io import read_bounded
 from edge.format.modelinfo import ModelInfo
 from edge.format.signing import SignaturePolicy
@@ -136,6 +136,7 @@ class Runtime:
         if not self._inputs:  # a backend with no reader here, or no inputs in the metadata: names from the backend
             self._inputs = names_only(self.info.inputs or tuple(self.backend.input_names))
         self._writable = frozenset(self.info.tensors) | {t.initializer for t in self.info.tensors.values()}
+        self._check_feeds = FeedChecker(self._inputs, self._writable)
         self._fetch: dict = {None: None}  # outputs lists checked by run -> their distinct names (None: all)
         self._closed = False
         self._max_adapter_bytes = max_adapter_bytes(self.info)
@@ -399,7 +400,7 @@ class Runtime:
         checked against the model's real inputs (:func:`edge.format.feeds.check_feeds`): a name that is not an
         input (a weight, a slot), a wrong dtype, byte order, rank or fixed dimension is refused."""
         self._check_open()
-        checked = check_feeds(feeds, self._inputs, self._writable)
+        checked = self._check_feeds(feeds)
         try:  # None (all), or a list asked before: one lookup
             names = self._fetch[tuple(outputs) if type(outputs) in (list, tuple) else outputs]
         except (KeyError, TypeError):

@@ -318,7 +318,7 @@ class OrtBackend(ArenaBackend):
         super().write(*prepared)
 
     def _start_bound(self) -> None:
-        if self._bound_builder is not None:
+        if self._bound_builder is not None and not self._go_bound.is_set():  # once: set() takes a lock and notifies
             self._go_bound.set()
 
     def close(self) -> None:
