@@ -17,7 +17,7 @@ Device side: read with ``json`` and ``safetensors`` only, never torch, peft or p
   ``use_rslora``; ``rank_pattern``/``alpha_pattern`` and ``fan_in_fan_out`` honoured) stored as a
   ``shira`` adapter over every nonzero entry: exact, but *dense* (``out * in`` entries per
   module, so a switch writes whole matrices); ``branch`` -- ``A`` and ``scaling * B`` written into
-  the model's LoRA slots (:func:`exporters.hf.add_lora_slots`, ``X.lora_A.weight`` and
+  the model's LoRA slots (:func:`exporters.lora_slots.add_lora_slots`, ``X.lora_A.weight`` and
   ``X.lora_B.weight``, zero-padded up to the slot rank): a ``lora`` adapter switched without
   touching base weights; ``auto`` (default) -- ``branch`` when the model has slots for every
   module, else ``merged``.
