@@ -202,7 +202,7 @@ class Runtime:
                 raise AdapterMismatchError(f"{tname}: stored tensor {stored.shape} {stored.dtype} does not fit")
             if isinstance(d, DenseDelta):  # the whole slot tensor, in stored layout
                 index[t.initializer] = np.arange(stored.size, dtype=np.int64)
-                delta[t.initializer] = t.to_stored(d.values)
+                delta[t.initializer] = t.to_stored(t.fold(d.values))
                 continue
             flat = t.stored_offsets(d.indices)
             if t.quant is None:

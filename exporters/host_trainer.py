@@ -96,13 +96,5 @@ class HostTrainer:
             )
         finally:
             torch.set_num_threads(before)
-        meta = {
-            "mask": "snip",
-            "density": arch.density,
-            "layers": arch.layers,
-            "grown": True,
-            "samples": len(x),
-            "trainer": "host",
-            "epochs": self.epochs,
-        }
+        meta = arch.grown_info(len(x), "host", self.epochs)
         return shira.shira_adapter(trained, self.info, name, meta)

@@ -18,7 +18,8 @@ match was made (``StoredMatch.how``):
 
 A scale is only believed when it is evidence: each channel has two or more non-zero entries
 whose ratios agree, or the caller gives the BatchNorm after the conv and the recovered scale
-agrees with it to ``1e-5``. numpy only; :mod:`exporters.tflite` uses it.
+agrees with it to ``1e-5`` (:func:`edge.convert.bn_fold.channel_scale`, which ``edge import-onnx``
+shares). numpy only; :mod:`exporters.tflite` uses it.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from edge.convert.bn_fold import channel_scale
+
 __all__ = ["StoredMatch", "BatchNormFold", "match_stored", "candidate_perms"]
 
 #: layouts converters use, tried first (so ties between unit-axis-equivalent permutations read naturally)
@@ -36,8 +39,6 @@ _PREFERRED = {
     3: [(0, 1, 2), (0, 2, 1), (2, 1, 0)],  # Conv1d: as is, OWI (as [O, 1, W, I]), WIO
     4: [(0, 1, 2, 3), (0, 2, 3, 1), (1, 2, 3, 0), (2, 3, 1, 0)],  # OIHW, OHWI, depthwise [1,H,W,C], HWIO
 }
-_ULPS = 8 * float(np.finfo(np.float32).eps)  # per-entry relative tolerance of a two-multiply fold
-_SCALE_RTOL = 1e-5  # recovered scale vs the BatchNorm's own
 
 
 @dataclass(frozen=True)
@@ -122,60 +123,7 @@ def match_stored(
         back = stored.reshape(tuple(source.shape[a] for a in perm)).transpose(np.argsort(perm))
         if batchnorm is not None and np.array_equal(batchnorm.apply(source), back):
             return StoredMatch(perm, batchnorm.scale, "batchnorm")
-        found = _channel_scale(source, back, None if batchnorm is None else batchnorm.scale)
+        found = channel_scale(source, back, None if batchnorm is None else batchnorm.scale)
         if found is not None:
             return StoredMatch(perm, *found)
-    return None
-
-
-def _channel_scale(source: np.ndarray, folded: np.ndarray, expected: np.ndarray | None):
-    """``(scale, how)`` with ``folded == source * scale[o]`` per output channel ``o``, or None."""
-    n_out = source.shape[0]
-    b = source.reshape(n_out, -1)
-    a = folded.reshape(n_out, -1)
-    if not np.array_equal(a == 0, b == 0):  # a scale keeps zeros zero and only them (a zero scale is refused)
-        return None
-    rows = np.arange(n_out)
-    pivot = np.abs(b).argmax(axis=1)
-    den = b[rows, pivot].astype(np.float64)
-    empty = den == 0
-    with np.errstate(divide="ignore", invalid="ignore"):
-        scale = np.where(empty, 1.0, a[rows, pivot] / np.where(empty, 1.0, den)).astype(np.float32)
-    if expected is not None:
-        expected = np.asarray(expected, np.float32).reshape(-1)
-        if expected.shape != (n_out,) or np.any(expected == 0):  # a zero scale erases the weight: no adapter lands
-            return None
-        scale[empty] = expected[empty]
-        if not np.allclose(scale, expected, rtol=_SCALE_RTOL, atol=0):
-            return None
-    elif np.any(empty) and np.any(scale[~empty] != 1):
-        return None  # an all-zero channel of a scaled weight: its scale is not in the values
-    elif np.any((b != 0).sum(axis=1)[~empty] < 2):
-        return None  # one entry per channel fits any scale: no evidence without the BatchNorm
-    exact = True
-    for o in range(n_out):
-        hit = _exact_scale(b[o], a[o], scale[o])
-        if hit is not None:
-            scale[o] = hit
-            continue
-        exact = False
-        want = b[o].astype(np.float64) * np.float64(scale[o])
-        if not np.all(np.abs(a[o] - want) <= _ULPS * np.abs(want)):
-            return None
-    if np.all(scale == 1):
-        return None  # equal values were tried first: this is not a scale
-    return scale, "scale" if exact else "ulps"
-
-
-def _exact_scale(b: np.ndarray, a: np.ndarray, s: np.float32) -> np.float32 | None:
-    """The float32 scale within two ulps of ``s`` that reproduces ``a = float32(b * scale)`` bit for bit."""
-    candidates = [s]
-    for direction in (np.inf, -np.inf):
-        t = s
-        for _ in range(2):
-            t = np.nextafter(t, np.float32(direction), dtype=np.float32)
-            candidates.append(t)
-    for c in candidates:
-        if np.array_equal((b * np.float32(c)).astype(np.float32), a):
-            return np.float32(c)
     return None

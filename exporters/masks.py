@@ -39,6 +39,7 @@ from collections.abc import Callable, Mapping
 import numpy as np
 
 from edge.errors import ConfigError
+from edge.format.modelinfo import TensorInfo
 
 __all__ = [
     "BLOCK",
@@ -137,9 +138,7 @@ def transposed_targets(layout: Mapping[str, str] | None, shapes: Mapping[str, ob
 
 def stored_offsets(indices: np.ndarray, shape: tuple[int, ...], transposed: bool) -> np.ndarray:
     """Sorted flat offsets in the stored tensor of torch-layout ``indices`` ``[ndim, N]`` (as the runtime maps them)."""
-    rows = np.asarray(indices, np.int64)
-    flat = rows[1] * shape[0] + rows[0] if transposed else np.ravel_multi_index(tuple(rows), tuple(shape))
-    return np.sort(flat)
+    return np.sort(TensorInfo("", tuple(shape), transposed).stored_offsets(indices))
 
 
 def stored_runs(indices: np.ndarray, shape: tuple[int, ...], transposed: bool) -> int:

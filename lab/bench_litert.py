@@ -37,7 +37,7 @@ def write_merged(path: Path, info, merged: Mapping[str, np.ndarray], out: Path) 
     by_name = {t.name: t for t in read_tflite(bytes(data)).tensors}
     for k, v in merged.items():
         t = info.tensors[k]
-        raw = np.ascontiguousarray(v.T if t.transposed else v, np.float32).tobytes()
+        raw = t.to_stored(v).tobytes()
         at = by_name[t.initializer].start
         data[at : at + len(raw)] = raw
     Path(out).write_bytes(bytes(data))

@@ -115,11 +115,7 @@ def bench_masks(
     a, b = cfg.domains[0], cfg.domains[1]
     pairs = {k: (paths[k, seeds[0], a], paths[k, seeds[0], b]) for k in kinds}
     timing, default_strategy = _switch_times(model_path, pairs, switches, rounds, threads)
-    lora_ms, lora_rank = _lora_reference(base, density, info)
-    for kind, t in timing.items():
-        per_kind[kind]["strategies"] = t
-        per_kind[kind].update(t[default_strategy])
-        per_kind[kind]["switch_vs_lora_x"] = lora_ms / t[default_strategy]["switch_ms_p50"]
+    lora_ms, lora_rank = _with_timing(per_kind, timing, default_strategy, base, density, info)
     return {
         "model": info.name,
         "density": density,
@@ -176,11 +172,7 @@ def bench_masks_minilm(
         adapters[kind] = tuple(pair)
         per_kind[kind] = {"structured": unit is not None, "entries": nnz // 2, "runs_per_entry": runs / nnz}
     timing, default_strategy = _switch_times(path, adapters, switches, rounds, threads, feeds=feeds)
-    lora_ms, lora_rank = _lora_reference(base, density, info)
-    for kind, t in timing.items():
-        per_kind[kind]["strategies"] = t
-        per_kind[kind].update(t[default_strategy])
-        per_kind[kind]["switch_vs_lora_x"] = lora_ms / t[default_strategy]["switch_ms_p50"]
+    lora_ms, lora_rank = _with_timing(per_kind, timing, default_strategy, base, density, info)
     return {
         "model": info.name,
         "density": density,
@@ -363,6 +355,17 @@ def switch_figures(rows: list[tuple[float, int, int, int]]) -> dict:
         "preempted": len(rows) - calm.size,
         "switch_ms_p99_not_preempted": float(np.percentile(calm, 99)) if calm.size else None,
     }
+
+
+def _with_timing(per_kind: dict, timing: dict, default_strategy: str, base, density: float, info) -> tuple:
+    """Record each kind's switch times (the default strategy's on top) and its ratio to the LoRA fusion of the same
+    parameter count; returns that fusion's ``(ms, rank)``."""
+    lora_ms, lora_rank = _lora_reference(base, density, info)
+    for kind, t in timing.items():
+        per_kind[kind]["strategies"] = t
+        per_kind[kind].update(t[default_strategy])
+        per_kind[kind]["switch_vs_lora_x"] = lora_ms / t[default_strategy]["switch_ms_p50"]
+    return lora_ms, lora_rank
 
 
 def _lora_reference(base: dict, density: float, info) -> tuple[float, int]:

@@ -372,7 +372,7 @@ def _prepare(path: Path, info, base, names, density: float, tmp: Path):
         params, merged = {}, {}
         for k, r in ranks.items():
             t = info.tensors[k]
-            w = base[k].T if t.transposed else base[k]  # stored layout [k, n], read as MatMul(x, W)
+            w = t.to_stored(base[k]).reshape(t.stored_shape)  # stored layout [k, n], read as MatMul(x, W)
             a = (rng.standard_normal((w.shape[0], r)) / np.sqrt(w.shape[0])).astype(np.float32)
             b = (rng.standard_normal((r, w.shape[1])) * 1e-2).astype(np.float32)
             params[f"{k}.lora_A"] = ort.OrtValue.ortvalue_from_numpy(a)

@@ -206,7 +206,7 @@ def _write_merged(path: Path, info, merged: Mapping[str, np.ndarray], out: Path)
     from onnx import numpy_helper
 
     model = onnx.load(str(path))
-    stored = {info.tensors[k].initializer: (v.T if info.tensors[k].transposed else v) for k, v in merged.items()}
+    stored = {(t := info.tensors[k]).initializer: t.to_stored(v).reshape(t.stored_shape) for k, v in merged.items()}
     for init in model.graph.initializer:
         if init.name in stored:
             init.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(stored[init.name]), init.name))
@@ -239,7 +239,7 @@ def lora_fuse(base: Mapping[str, np.ndarray], density: float, info) -> tuple[flo
         rows, cols = w.shape
         r = max(1, round(density * rows * cols / (rows + cols)))
         ranks.append(r)
-        w = np.array(w.T if info.tensors[k].transposed else w, order="C", copy=True)  # stored layout
+        w = np.array(info.tensors[k].to_stored(w).reshape(info.tensors[k].stored_shape))  # stored layout, a copy
         bb = rng.standard_normal((w.shape[0], r)).astype(np.float32)
         aa = rng.standard_normal((r, w.shape[1])).astype(np.float32)
         mats.append((w, bb, aa))

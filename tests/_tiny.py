@@ -76,7 +76,8 @@ def base_weights(path: Path, info: ModelInfo) -> dict[str, np.ndarray]:
 
 
 def write_merged(path: Path, info: ModelInfo, merged: dict[str, np.ndarray], out: Path) -> None:
-    """A fresh model file with ``merged`` (source layout) written in, metadata kept as is."""
+    """A fresh model file with ``merged`` (source layout, a folded scale left in, as base_weights reads them)
+    written in, metadata kept as is."""
     model = onnx.load(str(path))
     stored = {t.initializer: t.to_stored(merged[k]).reshape(t.stored_shape) for k, t in info.tensors.items()}
     for init in model.graph.initializer:

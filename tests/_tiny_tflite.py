@@ -184,13 +184,14 @@ def base_weights(path: Path, info: ModelInfo) -> dict[str, np.ndarray]:
 
 
 def write_merged(path: Path, info: ModelInfo, merged: dict[str, np.ndarray], out: Path) -> None:
-    """A copy of the model file with ``merged`` (source layout) written into its stored tensors."""
+    """A copy of the model file with ``merged`` (source layout, a folded scale left in, as base_weights reads
+    them) written into its stored tensors."""
     data = bytearray(Path(path).read_bytes())
     by_name = {t.name: t for t in read_tflite(bytes(data)).tensors}
     for k, t in info.tensors.items():
         if t.slot:
             continue
-        w = t.to_stored(merged[k]).tobytes()  # any layout, with a folded channel scale applied
+        w = t.to_stored(merged[k]).tobytes()  # any layout
         at = by_name[t.initializer].start
         data[at : at + len(w)] = w
     Path(out).write_bytes(bytes(data))

@@ -146,13 +146,18 @@ class TensorInfo:
         scale = np.asarray(self.channel_scale, dtype=np.float32)
         return (values * scale[np.asarray(indices[0], dtype=np.int64)]).astype(np.float32)
 
+    def fold(self, source: np.ndarray) -> np.ndarray:
+        """A float source-layout tensor (a delta on the torch weight) scaled as the converter folded the weight."""
+        out = np.asarray(source, dtype=np.float32).reshape(self.shape)
+        if self.channel_scale is None:
+            return out
+        return out * np.asarray(self.channel_scale, dtype=np.float32).reshape((-1,) + (1,) * (len(self.shape) - 1))
+
     def to_stored(self, source: np.ndarray) -> np.ndarray:
-        """A whole source-layout tensor (a delta or weight) in the stored layout, flat and contiguous (float32,
-        or the integers of a quantized weight as they are)."""
+        """A whole source-layout tensor in the stored layout, flat and contiguous (float32, or the integers of a
+        quantized weight as they are): the inverse of :meth:`from_stored`; a delta goes through :meth:`fold`."""
         out = np.asarray(source).reshape(self.shape)
         out = out if out.dtype.kind in "iu" else out.astype(np.float32, copy=False)
-        if self.channel_scale is not None and out.dtype.kind == "f":
-            out = out * np.asarray(self.channel_scale, dtype=np.float32).reshape((-1,) + (1,) * (len(self.shape) - 1))
         return np.ascontiguousarray(out.transpose(self.layout)).reshape(-1)
 
     def from_stored(self, stored: np.ndarray) -> np.ndarray:

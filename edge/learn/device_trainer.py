@@ -273,15 +273,7 @@ class DeviceTrainer:
             p: SparseDelta(np.stack(np.unravel_index(flat[p], shape[p])).astype(np.int32), values[p].astype(np.float32))
             for p in targets
         }
-        meta = {
-            "mask": "snip",
-            "density": arch.density,
-            "layers": arch.layers,
-            "grown": True,
-            "samples": len(x),
-            "trainer": "device",
-            "epochs": self.epochs,
-        }
+        meta = arch.grown_info(len(x), "device", self.epochs)
         return Adapter(name, self.info.fingerprint, tensors, {p: shape[p] for p in targets}, method="shira", info=meta)
 
     def _fit(self, masks: Mapping[str, tuple], acts, y, t: Tail, base) -> dict[str, np.ndarray]:

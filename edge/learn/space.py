@@ -101,6 +101,18 @@ class Arch:
     def __str__(self) -> str:
         return f"{self.kind}/{self.layers}@{self.density:g}"
 
+    def grown_info(self, samples: int, trainer: str, epochs: int) -> dict:
+        """The ``info`` a grown adapter carries (a SNIP mask of this density on these layers), either trainer."""
+        return {
+            "mask": "snip",
+            "density": self.density,
+            "layers": self.layers,
+            "grown": True,
+            "samples": samples,
+            "trainer": trainer,
+            "epochs": epochs,
+        }
+
 
 HEAD = "head.weight"
 _FC2 = re.compile(r"(?:^|\.)blocks?\.(\d+)\.mlp\.fc2\.weight$")

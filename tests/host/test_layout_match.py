@@ -49,7 +49,7 @@ def test_a_single_multiply_fold_is_recovered_bit_exactly():
     assert match is not None and match.perm == (0, 2, 3, 1) and match.how == "scale"
     np.testing.assert_array_equal(match.scale, scale)
     t = TensorInfo("w", W.shape, perm=match.perm, channel_scale=tuple(map(float, match.scale)))
-    np.testing.assert_array_equal(t.to_stored(W), folded.reshape(-1))
+    np.testing.assert_array_equal(t.to_stored(t.fold(W)), folded.reshape(-1))
     assert match_stored(W, folded) is None  # not without scaled=True
 
 
