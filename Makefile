@@ -34,7 +34,7 @@ demo-tflite: $(TFLITE_VENV)/.installed
 
 # The TFLite export tests (litert-torch): conv layouts and folded BatchNorm, 17 HF families on LiteRT (slow ones too).
 test-tflite: $(TFLITE_VENV)/.installed
-	$(TFLITE_VENV)/bin/python -m pytest -q -m "slow or not slow" tests/host/test_tflite_conv.py tests/host/test_tflite_hf.py tests/host/test_layout_match.py tests/device/test_litert.py
+	$(TFLITE_VENV)/bin/python -m pytest -q -m "slow or not slow" tests/host/test_tflite_conv.py tests/host/test_tflite_hf.py tests/host/test_layout_match.py tests/device/test_litert.py tests/host/test_tflite_quant.py
 
 # The OCI registry (Debian's docker-registry) that the fleet tests start on 127.0.0.1; skipped with a message if
 # it cannot be installed here.
@@ -59,7 +59,9 @@ bench: $(STAMP) $(TFLITE_VENV)/.installed registry
 	$(BIN)/edge bench lowbit --json bench-lowbit.json --md BENCHMARKS.md
 	$(BIN)/edge bench quantized --json bench-quantized.json --md BENCHMARKS.md
 	$(TFLITE_VENV)/bin/edge bench switch --backend tflite --json bench-switch-tflite.json --md BENCHMARKS.md
+	$(TFLITE_VENV)/bin/edge bench quantized --backend tflite --json bench-quantized-tflite.json --md BENCHMARKS.md
 	$(TFLITE_VENV)/bin/python -m lab.bench_litert all --md BENCHMARKS.md > bench-litert-ways.json
+	$(BIN)/edge bench engines --json bench-engines.json --md BENCHMARKS.md
 
 # Device-side tests on aarch64 under qemu-user (needs root; builds and caches a Debian arm64 root in .arm-root/).
 test-arm:

@@ -43,6 +43,7 @@ __all__ = [
     "feeds_for",
     "find_engines",
     "format_engines",
+    "generated_feeds",
     "runtime_version",
 ]
 
@@ -132,7 +133,7 @@ def compare_engines(
 
     Returns a JSON-able dict: ``reference`` (the first engine), ``rounds``, ``runs_per_round``,
     ``load_avg`` before and after, and per backend ``path``, ``providers``, ``p50_ms``, ``p99_ms``,
-    ``ratio`` (median over rounds of its round p50 over the reference's, paired), ``max_abs_diff``
+    ``ratio`` (median over rounds of its round p50 over the reference's, paired), ``round_p50_ms``, ``max_abs_diff``
     and ``agrees`` (within the profile's tolerances, or atol 1e-4, rtol 1e-3).
     """
     if not engines:
@@ -183,6 +184,7 @@ def compare_engines(
             "p50_ms": float(np.median(t)),
             "p99_ms": float(np.percentile(t, 99)),
             "ratio": float(np.median(np.median(t, axis=1) / ref_p50)),
+            "round_p50_ms": [float(x) for x in np.median(t, axis=1)],  # for other pairings (edge bench engines)
             "max_abs_diff": diff,
             "agrees": agrees,
         }
@@ -215,7 +217,7 @@ def choose_engine(
         e = found[0]
         return EngineChoice(e.backend, e.path, f"{e.backend}: the only engine that can run it here", None, skipped)
     if feeds is None:
-        feeds = _generated(found)
+        feeds = generated_feeds(found)
     figures = compare_engines(found, feeds, profile=profile, threads=threads, rounds=rounds, runs=runs)
     choice = decide(found, figures, skipped, margin)
     log.info("engine for %s: %s", Path(model).name, choice.reason)
@@ -376,7 +378,8 @@ def _cast_feeds(feeds: Mapping[str, np.ndarray], specs, engine: EngineFile) -> d
     return out
 
 
-def _generated(engines: Sequence[EngineFile]) -> dict[str, np.ndarray]:
+def generated_feeds(engines: Sequence[EngineFile]) -> dict[str, np.ndarray]:
+    """Inputs made from the metadata of the first .onnx file among ``engines`` (ConfigError if there is none)."""
     from edge.format.feeds import generate_inputs
     from runtimes import read_model_info
 

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edge.engine_cache import cached_engine, explicit_engine
 from edge.errors import AdapterMismatchError, ConfigError, RuntimeClosedError
 from edge.format.adapter import Adapter, DenseDelta, load_adapter, max_adapter_bytes
 from edge.format.feeds import FeedChecker, input_specs, names_only
@@ -80,25 +81,23 @@ class Runtime:
         ``budgets.memory_mb`` picks the strategy (hybrid when its predicted footprint fits, else bound, else a
         ``ConfigError`` naming the figures); ``enforce_memory_budget=False`` (``edge profile``, which reports
         budgets) skips that. ``backend="auto"`` runs the engine measured fastest here among the model's files for
-        the profile's backends (``M.onnx``, ``M.tflite`` side by side; :func:`edge.engines.choose_engine`);
-        :attr:`engine_choice` says which ran and why.
-        """
+        the profile's backends (``M.onnx``, ``M.tflite`` side by side; the profile's order decides within 3 %),
+        measured on the first load and read from a cache after (:func:`edge.engine_cache.cached_engine`); each file
+        has its own fingerprint, so adapters must be made for the file that runs. :attr:`engine_choice` says which
+        engine runs and why."""
         from runtimes import BackendOptions, get_backend
 
-        self.device = None
-        self.fallback_warning: str | None = None
-        self.engine_choice = None  # backend="auto": the edge.engines.EngineChoice (backend, path, reason, figures)
-        profile_options = None
+        self.device, self.fallback_warning, profile_options = None, None, None  # fallback_warning: str | None
         if device is not None:
             from edge.devices import DeviceProfile, load_profile
 
             self.device = device if isinstance(device, DeviceProfile) else load_profile(device)
-        if backend == "auto":
-            from edge.engines import choose_engine
-
-            self.engine_choice = choose_engine(model, device=self.device, threads=threads)
-            backend, model = self.engine_choice.backend, self.engine_choice.path
-            log.info("backend auto: %s", self.engine_choice.reason)
+        self.engine_choice = (  # which engine runs and why; "auto": measured once, then read from a cache
+            cached_engine(model, device=self.device, threads=threads, strategy=strategy)
+            if backend == "auto"
+            else explicit_engine(backend, model)
+        )
+        backend, model = self.engine_choice.backend, self.engine_choice.path
         if self.device is not None:
             opts = self.device.backend_options(backend)
             threads = threads if threads is not None else opts.threads
@@ -107,17 +106,8 @@ class Runtime:
             profile_options = opts
             self.fallback_warning = opts.fallback_warning
         self.policy = SignaturePolicy.resolve(trusted_keys, self.device)  # checked before the model is read
-        path = Path(model)
-        if backend == "onnxruntime":  # never hold the whole file: the backend reads the weights into its arena
-            from runtimes.base import model_buffer
-            from runtimes.onnx_file import graph_bytes
-
-            data = path
-            with model_buffer(path) as (buf, _):
-                self._inputs = input_specs(backend, graph_bytes(buf))  # the graph without its weights
-        else:
-            data = read_bounded(path, MAX_MODEL_BYTES, what="model file")
-            self._inputs = input_specs(backend, data)
+        path = Path(model)  # onnxruntime reads its weights into its arena: never hold the whole file
+        data = path if backend == "onnxruntime" else read_bounded(path, MAX_MODEL_BYTES, what="model file")
         budget = self.device.budgets.memory_mb if self.device is not None and enforce_memory_budget else None
         options = BackendOptions(
             threads=threads, strategy=strategy, providers=tuple(providers), verify=verify, memory_mb=budget
@@ -131,6 +121,8 @@ class Runtime:
                 precision=profile_options.precision,
             )
         self.backend = get_backend(backend)(data, options)
+        # the real inputs; onnxruntime read them from its graph while loading (no second walk of the file)
+        self._inputs = self.backend.input_specs if backend == "onnxruntime" else input_specs(backend, data)
         self.info: ModelInfo = self.backend.info
         self.model_path = path
         if not self._inputs:  # a backend with no reader here, or no inputs in the metadata: names from the backend
@@ -146,7 +138,8 @@ class Runtime:
         self._restore: object = self.backend.prepare([])  # undoes the current state
         self.clipped = 0  # entries of a quantized base clipped to the integer range in the current state
         self._lock = threading.Lock()
-        log.info("loaded %s on %s (strategy %s, providers %s)", path.name, backend, self.strategy, self.providers)
+        why = self.engine_choice.reason
+        log.info("loaded %s: %s; strategy %s, providers %s", path.name, why, self.strategy, self.providers)
 
     # -- what is running ---------------------------------------------------------------------
     @property
@@ -294,18 +287,23 @@ class Runtime:
         values outside the integer range raise :class:`~edge.fusion.SaturationError` unless ``clip=True`` (then
         they are clipped and counted in :attr:`clipped`).
         """
+        self._check_open()
+        if type(spec) is str and head is None:  # one adapter as load_adapter prepared it: one lookup, one write
+            with self._lock:
+                if (p := self._adapters.get(spec)) is not None and not self._closed:  # else: the errors below
+                    self.backend.write(self._restore, p.apply)
+                    self._restore, self._touched, self.clipped = p.restore, p.touched, p.clipped
+                    self._active = {spec: 1.0}
+                    return
         from runtimes import WeightWrite
 
-        self._check_open()
         target = normalise(spec)
         head_write = self._head_write(head) if head else None
         with self._lock:
             self._check_open()
-            unknown = [n for n in target if n not in self._adapters]
-            if unknown:
+            if unknown := [n for n in target if n not in self._adapters]:
                 raise ConfigError(f"adapter(s) {unknown} are not loaded; loaded: {sorted(self._adapters) or 'none'}")
-            fast = len(target) == 1 and next(iter(target.values())) == 1.0
-            if fast:  # prepared at load
+            if fast := len(target) == 1 and next(iter(target.values())) == 1.0:  # prepared at load
                 p = self._adapters[next(iter(target))]
                 apply, restore, touched, clipped = p.apply, p.restore, p.touched, p.clipped
             else:
@@ -399,7 +397,7 @@ class Runtime:
         of model outputs, default all: at batch 1 each output fetched costs about as much as a node). Feeds are
         checked against the model's real inputs (:func:`edge.format.feeds.check_feeds`): a name that is not an
         input (a weight, a slot), a wrong dtype, byte order, rank or fixed dimension is refused."""
-        self._check_open()
+        self._closed and self._check_open()  # raises when closed (no call when open: run is the hot path)
         checked = self._check_feeds(feeds)
         try:  # None (all), or a list asked before: one lookup
             names = self._fetch[tuple(outputs) if type(outputs) in (list, tuple) else outputs]

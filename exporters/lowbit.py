@@ -20,6 +20,7 @@ Where branches go: ``LowbitConfig.modules``, patterns as :func:`exporters.shira.
   LoRA goes on ``targets`` of ``blocks.{i}.attn``; ``layers`` picks the blocks.
 * ``head`` adds a quantized delta on the classifier, ``{head}.delta.weight`` ("1-bit head").
 
+The branch modules and the structural helpers live in :mod:`exporters.lowbit_branches`.
 Base parameters keep their names and stay frozen. :func:`export_with_slots` exports the
 model with the branch at zero and the adapter parameters as slots the device feeds;
 :func:`lowbit_adapter` packs a trained branch for the device. Host side only (torch).
@@ -35,13 +36,24 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from edge.errors import ConfigError
 from edge.format import quant
 from edge.registry import Registry
 from exporters.data import Loss, batches, check_reiterable, loss_value
 from exporters.fakequant import QLinear, fake_quant
+from exporters.lowbit_branches import (
+    AdaptedBlock,
+    AdaptedHead,
+    BottleneckAdapter,
+    LoRAConv,
+    LoRALinear,
+    add_branch,
+    has_blocks,
+    is_1x1_conv,
+    module_widths,
+    replace_module,
+)
 from exporters.shira import match_modules
 
 __all__ = [
@@ -111,107 +123,7 @@ class LowbitConfig:
             raise ConfigError("layers selects blocks of a 'blocks' model; with modules=..., name the modules instead")
 
 
-# -- adapter modules ------------------------------------------------------------------------------------------------
-
-
-class BottleneckAdapter(nn.Module):
-    """AdaptFormer branch ``s * up(relu(down(x)))``, down ``d -> r`` and up ``r -> d`` without biases.
-
-    ``channels_first``: ``x`` is a conv feature map ``[B, d, ...]`` and the branch acts on axis 1.
-    """
-
-    def __init__(
-        self, d: int, r: int, scale: float = 1.0, scheme: str = "gq", bits: int = 1, channels_first: bool = False
-    ) -> None:
-        super().__init__()
-        self.down = QLinear(d, r, scheme, bits)
-        self.up = QLinear(r, d, scheme, bits).small_init_()
-        self.scale = float(scale)
-        self.channels_first = channels_first
-        self.serial = False  # read the host module's output (serial) instead of its input (parallel)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.channels_first:
-            return (self.up(F.relu(self.down(x.movedim(1, -1)))) * self.scale).movedim(-1, 1)
-        return self.up(F.relu(self.down(x))) * self.scale
-
-
-def _branch_hook(module: nn.Module, args: tuple, kwargs: dict, out):
-    """Forward hook: add ``module.adapter`` of the module's input (parallel) or output (serial) to its output."""
-    first = out[0] if isinstance(out, (tuple, list)) else out
-    x = first if module.adapter.serial else (args[0] if args else next(iter(kwargs.values())))
-    y = first + module.adapter(x)
-    return (y, *out[1:]) if isinstance(out, (tuple, list)) else y
-
-
-class _SkipAdapter:
-    """For containers whose forward iterates their children (nn.Sequential): ``adapter`` is a branch, not a layer."""
-
-    def __iter__(self):
-        return (m for k, m in self._modules.items() if k != "adapter")
-
-    def __len__(self) -> int:
-        return len(self._modules) - ("adapter" in self._modules)
-
-
-class _AdaptedBlock(nn.Module):
-    """A pre-LN transformer block with a bottleneck adapter in parallel to its MLP (reads the residual stream)."""
-
-    def __init__(self, block: nn.Module, adapter: BottleneckAdapter) -> None:
-        super().__init__()
-        self.ln1, self.attn, self.ln2, self.mlp = block.ln1, block.attn, block.ln2, block.mlp
-        self.adapter = adapter
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln1(x))
-        return x + self.mlp(self.ln2(x)) + self.adapter(x)
-
-
-class LoRALinear(nn.Module):
-    """``linear(x) + (alpha / r) * lora_B(lora_A(x))``; keeps the base ``weight``/``bias`` under their names."""
-
-    def __init__(self, base: nn.Linear, rank: int, scaling: float, scheme: str, bits: int) -> None:
-        super().__init__()
-        self.weight, self.bias = base.weight, base.bias
-        self.lora_A = QLinear(base.in_features, rank, scheme, bits)
-        self.lora_B = QLinear(rank, base.out_features, scheme, bits).small_init_()
-        self.scaling = float(scaling)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias) + self.lora_B(self.lora_A(x)) * self.scaling
-
-
-class LoRAConv(nn.Module):
-    """LoRA on a 1x1 conv (no padding, one group): ``conv(x) + (alpha / r) * B(A(x[strided]))`` over channels.
-
-    Keeps the base ``weight``/``bias`` under their names; ``lora_A`` is ``[r, in]``, ``lora_B`` ``[out, r]``.
-    """
-
-    def __init__(self, base: nn.modules.conv._ConvNd, rank: int, scaling: float, scheme: str, bits: int) -> None:
-        super().__init__()
-        self.weight, self.bias = base.weight, base.bias
-        self.stride = tuple(base.stride)
-        self._conv = (F.conv1d, F.conv2d, F.conv3d)[len(self.stride) - 1]
-        self.lora_A = QLinear(base.in_channels, rank, scheme, bits)
-        self.lora_B = QLinear(rank, base.out_channels, scheme, bits).small_init_()
-        self.scaling = float(scaling)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        strided = x[(slice(None), slice(None), *(slice(None, None, s) for s in self.stride))]
-        branch = self.lora_B(self.lora_A(strided.movedim(1, -1))).movedim(-1, 1)
-        return self._conv(x, self.weight, self.bias, self.stride) + branch * self.scaling
-
-
-class _AdaptedHead(nn.Module):
-    """``head(f) + delta(f)``: a quantized delta on the classifier, base ``weight``/``bias`` kept by name."""
-
-    def __init__(self, head: nn.Linear, scheme: str, bits: int) -> None:
-        super().__init__()
-        self.weight, self.bias = head.weight, head.bias
-        self.delta = QLinear(head.in_features, head.out_features, scheme, bits).small_init_()
-
-    def forward(self, f: torch.Tensor) -> torch.Tensor:
-        return F.linear(f, self.weight, self.bias) + self.delta(f)
+# -- where branches go ----------------------------------------------------------------------------------------------
 
 
 #: Low-bit methods: name -> ``fn(model, cfg)`` that adds the adapter modules in place.
@@ -221,17 +133,17 @@ ATTACH: Registry = Registry("low-bit adapter method")
 @ATTACH.register("adapter")
 def _attach_bottleneck(model: nn.Module, cfg: LowbitConfig) -> None:
     scheme, bits = cfg.codec
-    if cfg.modules is None and _has_blocks(model):
+    if cfg.modules is None and has_blocks(model):
         blocks = model.blocks
         for i in _layers(cfg, len(blocks)):
             block = blocks[i]
             if not all(hasattr(block, a) for a in ("ln1", "attn", "ln2", "mlp")):
                 raise ConfigError(f"block {i} ({type(block).__name__}) lacks ln1/attn/ln2/mlp; not a pre-LN block")
             d = block.ln2.normalized_shape[0]
-            blocks[i] = _AdaptedBlock(block, BottleneckAdapter(d, cfg.dim, cfg.scale, scheme, bits))
+            blocks[i] = AdaptedBlock(block, BottleneckAdapter(d, cfg.dim, cfg.scale, scheme, bits))
         return
     serial = cfg.placement == "serial"
-    widths = {n: _widths(m) for n, m in model.named_modules() if n}
+    widths = {n: module_widths(m) for n, m in model.named_modules() if n}
     fits = [n for n, w in widths.items() if w and (serial or w[0] == w[1])]
     if cfg.modules is None:
         raise ConfigError(
@@ -242,17 +154,13 @@ def _attach_bottleneck(model: nn.Module, cfg: LowbitConfig) -> None:
         module, (_, d_out, channels_first) = model.get_submodule(name), widths[name]
         if hasattr(module, "adapter"):
             raise ConfigError(f"module {name!r} already has an attribute 'adapter'; attach once per module")
-        if isinstance(module, nn.Sequential):  # its forward runs every child: skip the branch
-            module.__class__ = type(type(module).__name__, (_SkipAdapter, type(module)), {})
-        module.adapter = BottleneckAdapter(d_out, cfg.dim, cfg.scale, scheme, bits, channels_first)
-        module.adapter.serial = serial
-        module.register_forward_hook(_branch_hook, with_kwargs=True)
+        add_branch(module, BottleneckAdapter(d_out, cfg.dim, cfg.scale, scheme, bits, channels_first), serial)
 
 
 @ATTACH.register("lora")
 def _attach_lora(model: nn.Module, cfg: LowbitConfig) -> None:
-    fits = [n for n, m in model.named_modules() if n and (isinstance(m, nn.Linear) or _is_1x1(m))]
-    if cfg.modules is None and _has_blocks(model):  # the digits ViT: targets of blocks.{i}.attn
+    fits = [n for n, m in model.named_modules() if n and (isinstance(m, nn.Linear) or is_1x1_conv(m))]
+    if cfg.modules is None and has_blocks(model):  # the digits ViT: targets of blocks.{i}.attn
         names = [f"blocks.{i}.attn.{t}" for i in _layers(cfg, len(model.blocks)) for t in cfg.targets]
         names = match_modules(model, names, fits, what="nn.Linear")
     else:
@@ -260,7 +168,7 @@ def _attach_lora(model: nn.Module, cfg: LowbitConfig) -> None:
     for name in names:
         base = model.get_submodule(name)
         lora = LoRALinear if isinstance(base, nn.Linear) else LoRAConv
-        _replace(model, name, lora(base, cfg.dim, cfg.scale, *cfg.codec))
+        replace_module(model, name, lora(base, cfg.dim, cfg.scale, *cfg.codec))
 
 
 def attach(model: nn.Module, cfg: LowbitConfig) -> nn.Module:
@@ -269,7 +177,7 @@ def attach(model: nn.Module, cfg: LowbitConfig) -> nn.Module:
     The adapter starts near zero (``up``/``lora_B`` small), seeded by ``cfg.seed``.
     """
     cfg.check()
-    if cfg.layers is not None and not _has_blocks(model):
+    if cfg.layers is not None and not has_blocks(model):
         raise ConfigError(
             f"layers={cfg.layers} picks blocks of a 'blocks' ModuleList, which {type(model).__name__} "
             "lacks; name the modules with modules=[...] instead"
@@ -285,7 +193,7 @@ def attach(model: nn.Module, cfg: LowbitConfig) -> nn.Module:
             head = dict(adapted.named_modules()).get(name)
             if not isinstance(head, nn.Linear):
                 raise ConfigError(f"head={cfg.head!r} needs the model's classifier as an nn.Linear named {name!r}")
-            _replace(adapted, name, _AdaptedHead(head, *cfg.codec))
+            replace_module(adapted, name, AdaptedHead(head, *cfg.codec))
     adapted.lowbit_config = cfg
     return adapted
 
@@ -307,46 +215,12 @@ def set_quantize(model: nn.Module, enabled: bool) -> nn.Module:
     return model
 
 
-def _has_blocks(model: nn.Module) -> bool:
-    blocks = getattr(model, "blocks", None)
-    return isinstance(blocks, nn.ModuleList) and len(blocks) > 0
-
-
 def _layers(cfg: LowbitConfig, depth: int) -> list[int]:
     layers = list(range(depth)) if cfg.layers is None else list(cfg.layers)
     bad = [i for i in layers if not 0 <= i < depth]
     if bad or len(set(layers)) != len(layers) or not layers:
         raise ConfigError(f"layers {cfg.layers} must be distinct block indices in [0, {depth})")
     return layers
-
-
-def _widths(module: nn.Module) -> tuple[int | None, int, bool] | None:
-    """``(input width, output width, channels first)`` from the module's first and last Linear/Conv/Embedding.
-
-    None when it has none, or they disagree on the layout (conv in, linear out); an embedding has no input width.
-    """
-    layers = [m for m in module.modules() if isinstance(m, (nn.Linear, nn.Embedding, nn.modules.conv._ConvNd))]
-    conv = [isinstance(m, nn.modules.conv._ConvNd) for m in layers[:1] + layers[-1:]]
-    if not layers or conv[0] != conv[-1]:
-        return None
-    first, last = layers[0], layers[-1]
-    d_in = getattr(first, "in_features", getattr(first, "in_channels", None))
-    return (
-        d_in,
-        getattr(last, "out_features", getattr(last, "out_channels", getattr(last, "embedding_dim", 0))),
-        conv[0],
-    )
-
-
-def _is_1x1(m: nn.Module) -> bool:
-    if not isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) or isinstance(m.padding, str) or m.groups != 1:
-        return False
-    return all(k == 1 for k in m.kernel_size) and all(p == 0 for p in m.padding)
-
-
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent), child, new)
 
 
 # -- training -------------------------------------------------------------------------------------------------------

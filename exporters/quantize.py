@@ -15,7 +15,9 @@ would not change the other. Slots and detector heads are never quantized. The fi
 recomputed over the stored tensors, the metadata written, and the file checked: onnxruntime
 runs it beside the float model (cosine and max difference per output, refused below
 ``min_cosine``) and :class:`edge.Runtime` loads it (fingerprint, integer arena) and must
-reproduce onnxruntime's outputs. Only then is ``out`` replaced.
+reproduce onnxruntime's outputs. Only then is ``out`` replaced. The report also lists the weight ops
+onnxruntime's optimized graph still runs in float over weights it dequantizes on every run
+(``float_compute``: a recipe that is slower than the float model), read from the graph it really runs.
 """
 
 from __future__ import annotations
@@ -41,8 +43,14 @@ __all__ = ["EXPORTER_VERSION", "QuantReport", "quantize_onnx", "MODES"]
 log = logging.getLogger(__name__)
 
 MODES = ("dynamic", "static")
-EXPORTER_VERSION = 2  # bumped when the same options give a different file (2: quantized Gather tables are targets)
+EXPORTER_VERSION = 3  # bumped when the same options give a different file (2: quantized Gather tables are targets;
+# 3: static activations default to uint8)
 _TYPES = {"int8": "QInt8", "uint8": "QUInt8"}
+_CALIBRATION = {  # onnxruntime.quantization.CalibrationMethod, by the name this module takes
+    "minmax": lambda oq: oq.CalibrationMethod.MinMax,
+    "entropy": lambda oq: oq.CalibrationMethod.Entropy,
+    "percentile": lambda oq: oq.CalibrationMethod.Percentile,
+}
 
 
 @dataclass(frozen=True)
@@ -59,6 +67,7 @@ class QuantReport:
     bytes_after: int = 0
     cosine: dict[str, float] = field(default_factory=dict)  # per output, quantized vs float, over the check inputs
     max_abs_diff: dict[str, float] = field(default_factory=dict)
+    float_compute: list[str] = field(default_factory=list)  # weight ops onnxruntime still runs in float (see _check)
 
     def as_dict(self) -> dict:
         return {
@@ -71,6 +80,7 @@ class QuantReport:
             "bytes_after": self.bytes_after,
             "cosine": self.cosine,
             "max_abs_diff": self.max_abs_diff,
+            "float_compute": self.float_compute,
             "fingerprint": self.info.fingerprint,
         }
 
@@ -86,10 +96,14 @@ def quantize_onnx(
     batch: int = 16,
     op_types: Iterable[str] | None = None,
     weight_type: str = "int8",
-    activation_type: str = "int8",
+    activation_type: str = "uint8",
     min_cosine: float = 0.98,
     reduce_range: bool = False,
     headroom: float = 1.0,
+    calibrate_method: str = "minmax",
+    extra_options: Mapping[str, object] | None = None,
+    nodes_to_exclude: Iterable[str] = (),
+    float_first: bool = False,
 ) -> QuantReport:
     """Quantize the exported model ``src`` into ``out`` (see the module doc) and return the report.
 
@@ -101,7 +115,20 @@ def quantize_onnx(
         check: inputs to compare the quantized model with the float one (default: the first
             ``batch`` rows of ``calib``); required when ``calib`` is not given.
         op_types: operator types to quantize (default: onnxruntime's for the mode).
-        weight_type, activation_type: ``"int8"`` or ``"uint8"`` (activations: static mode only).
+        weight_type, activation_type: ``"int8"`` or ``"uint8"`` (activations: static mode only). Activations
+            default to uint8: onnxruntime's CPU provider rewrites int8 QDQ activations to uint8 only where a
+            quantized tensor has one reader, and fuses ``DQ -> MatMul -> Q`` into ``QLinearMatMul`` only when the
+            input and output types agree (its ``MatMulNodeGroupSelector``), so with int8 activations every MatMul
+            whose input is shared (Q/K/V) stays a float MatMul over weights dequantized on every run: MiniLM ran
+            2.6x slower than float. uint8 activations with int8 weights (U8S8) fuse everywhere; see
+            :attr:`QuantReport.float_compute`.
+        calibrate_method: ``"minmax"``, ``"entropy"`` or ``"percentile"`` (onnxruntime's ``CalibrationMethod``).
+        extra_options: onnxruntime's ``extra_options`` (e.g. ``ActivationSymmetric``, ``MatMulConstBOnly``);
+            ``TensorQuantOverrides`` is this function's (``headroom``).
+        nodes_to_exclude: node names to keep in float besides slots and heads (their weights stay float targets).
+        float_first: keep the first weight op in graph order (the stem reading the raw input) in float, the usual
+            first-layer exception: its input is the model's own, unscaled, and its weights are few. Recorded in the
+            metadata (``quantization.float_nodes``) with ``nodes_to_exclude``.
         min_cosine: refuse the result if any output's cosine to the float model is below this.
         reduce_range: 7-bit weights (onnxruntime's ``reduce_range``): half the integer range is left
             free, so adapters can move the largest weights outward (headroom) at some precision.
@@ -115,10 +142,10 @@ def quantize_onnx(
     """
     from onnxruntime import quantization as oq
 
-    if mode not in MODES or weight_type not in _TYPES or activation_type not in _TYPES:
+    if mode not in MODES or {weight_type, activation_type} - set(_TYPES) or calibrate_method not in _CALIBRATION:
         raise ConfigError(
-            f"mode {mode!r}, weight_type {weight_type!r}, activation_type {activation_type!r}: allowed modes "
-            f"{MODES}, types {sorted(_TYPES)}"
+            f"mode {mode!r}, weight_type {weight_type!r}, activation_type {activation_type!r}, calibrate_method "
+            f"{calibrate_method!r}: allowed modes {MODES}, types {sorted(_TYPES)}, methods {sorted(_CALIBRATION)}"
         )
     src, out = Path(src), Path(out)
     proto = onnx.load(str(src))
@@ -139,7 +166,13 @@ def quantize_onnx(
     exclude = sorted(
         {n.name for n in proto.graph.node if keep & set(n.input)}
         | {n.name for n in proto.graph.node if n.op_type == "Attention" and n.domain in ("", "ai.onnx")}
+        | set(asked := _asked_float(proto, info, nodes_to_exclude, float_first))
     )
+    ort_extra = dict(extra_options or {})
+    if "TensorQuantOverrides" in ort_extra:
+        raise ConfigError("extra_options['TensorQuantOverrides'] is set by this function (headroom=); pass headroom")
+    if headroom != 1.0:
+        ort_extra["TensorQuantOverrides"] = _headroom(proto, info, headroom)
     with tempfile.TemporaryDirectory(prefix="edge-quant-") as tmp:
         named, qpath = Path(tmp, "in.onnx"), Path(tmp, "out.onnx")
         onnx.save(proto, str(named))
@@ -149,7 +182,7 @@ def quantize_onnx(
             "weight_type": getattr(oq.QuantType, _TYPES[weight_type]),
             "nodes_to_exclude": exclude,
             "op_types_to_quantize": list(op_types) if op_types is not None else None,
-            "extra_options": {"TensorQuantOverrides": _headroom(proto, info, headroom)} if headroom != 1.0 else {},
+            "extra_options": ort_extra,
         }
         logging.getLogger().disabled, was = True, logging.getLogger().disabled  # its "run pre-processing" banner
         try:
@@ -163,6 +196,7 @@ def quantize_onnx(
                     reader,
                     quant_format=oq.QuantFormat.QDQ,
                     activation_type=getattr(oq.QuantType, _TYPES[activation_type]),
+                    calibrate_method=_CALIBRATION[calibrate_method](oq),
                     **common,
                 )
         finally:
@@ -181,6 +215,10 @@ def quantize_onnx(
         "headroom": headroom,
         "float_fingerprint": info.fingerprint,
     }
+    if mode == "static":
+        extra["quantization"].update(activation_type=activation_type, calibrate_method=calibrate_method)
+    if asked:
+        extra["quantization"]["float_nodes"] = asked
     qinfo = replace(
         info,
         fingerprint=fingerprint({k: v for k, v in stored.items() if k not in heads}),
@@ -194,11 +232,19 @@ def quantize_onnx(
     set_metadata(q, META_KEY, qinfo.to_json())
     onnx.checker.check_model(q)
     data = q.SerializeToString()
-    cosine, diff = _check(src, data, check, min_cosine)
+    cosine, diff, unfused = _check(src, data, check, min_cosine)
+    if unfused:
+        log.warning(
+            "onnxruntime runs %d weight op(s) of %s in float on weights it dequantizes every run (%s...): slower than "
+            "the float model; for static mode try activation_type='uint8' or fewer op_types",
+            len(unfused),
+            out.name,
+            ", ".join(unfused[:3]),
+        )
     atomic_write_bytes(out, data)
     log.info("quantized %s (%s%s): %d integer targets", src.name, mode, ", per channel" * per_channel, len(quantized))
     return QuantReport(
-        qinfo, mode, per_channel, quantized, floats, dropped, src.stat().st_size, len(data), cosine, diff
+        qinfo, mode, per_channel, quantized, floats, dropped, src.stat().st_size, len(data), cosine, diff, unfused
     )
 
 
@@ -286,6 +332,24 @@ def _headroom(proto, info: ModelInfo, headroom: float) -> dict:
     return out
 
 
+def _asked_float(proto, info: ModelInfo, names: Iterable[str], first: bool) -> list[str]:
+    """The node names the caller keeps in float: ``names`` (each must exist), with ``first`` the first weight op."""
+    nodes = list(proto.graph.node)
+    names = list(dict.fromkeys(names))
+    unknown = sorted(set(names) - {n.name for n in nodes})
+    if unknown:
+        raise ConfigError(
+            f"nodes_to_exclude names no node of the graph: {unknown[:5]}; node names are in the ONNX file"
+        )
+    if first:
+        weights = {t.initializer for t in info.tensors.values() if not (t.slot or t.head)}
+        stem = next((n.name for n in nodes if n.op_type in _COMPUTE and weights & set(n.input[1:2])), None)
+        if stem is None:
+            raise ConfigError("float_first=True, but no MatMul/Gemm/Conv of the graph reads an adapter target")
+        names = list(dict.fromkeys([stem, *names]))
+    return names
+
+
 def _name_nodes(proto) -> None:
     """Give every unnamed node a unique name (``nodes_to_exclude`` selects by name)."""
     seen = {n.name for n in proto.graph.node if n.name}
@@ -327,7 +391,11 @@ def _check(src: Path, data: bytes, feeds: Mapping[str, np.ndarray], min_cosine: 
     so = ort.SessionOptions()
     so.log_severity_level = 3
     ref = ort.InferenceSession(str(src), so, providers=["CPUExecutionProvider"])
-    got = ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
+    with tempfile.TemporaryDirectory(prefix="edge-quant-") as tmp:
+        so.optimized_model_filepath = str(Path(tmp, "optimized.onnx"))  # the graph onnxruntime really runs
+        so.add_session_config_entry("session.optimized_model_external_initializers_file_name", "optimized.bin")
+        got = ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
+        unfused = _float_compute(onnx.load(so.optimized_model_filepath, load_external_data=False))
     names = [o.name for o in ref.get_outputs()]
     want, have = ref.run(names, dict(feeds)), got.run(names, dict(feeds))
     cosine, diff, bad = {}, {}, []
@@ -351,4 +419,25 @@ def _check(src: Path, data: bytes, feeds: Mapping[str, np.ndarray], min_cosine: 
         for name, b in zip(names, have):
             if not np.allclose(edge_out[name], b, atol=1e-5, rtol=1e-4):
                 raise ExportValidationError(f"edge.Runtime on the quantized file differs from onnxruntime on {name!r}")
-    return cosine, diff
+    return cosine, diff, unfused
+
+
+_COMPUTE = {"MatMul", "Gemm", "Conv", "ConvTranspose"}
+
+
+def _float_compute(optimized) -> list[str]:
+    """Nodes onnxruntime's optimized graph runs in float on a dequantized integer weight.
+
+    A ``DequantizeLinear`` of a weight feeding a float MatMul/Gemm/Conv is what onnxruntime leaves when its QDQ
+    fusion does not apply (e.g. on the CPU a MatMul whose int8 input and output types differ, after its s8->u8
+    rewrite, is not made ``QLinearMatMul``, and one with no ``QuantizeLinear`` after it is not made
+    ``MatMulIntegerToFloat``): that weight is dequantized on every run, slower than the float model."""
+    inits = {t.name for t in optimized.graph.initializer}
+    dq_of_weight = {
+        n.output[0] for n in optimized.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits
+    }
+    return sorted(
+        n.name or n.output[0]
+        for n in optimized.graph.node
+        if n.op_type in _COMPUTE and n.domain in ("", "ai.onnx") and dq_of_weight & set(n.input[1:2])
+    )

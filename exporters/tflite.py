@@ -108,12 +108,12 @@ def export_tflite(
     m = unpack_model(content)
     tensors = _map_parameters(m, params, slots, len(example_inputs), targets, convs)
     _rename_io(m, input_names, output_names, slots)
-    from edge.format.tflite import read_tflite, stored_arrays
+    from edge.format.tflite import fingerprint_arrays, read_tflite
 
     data = pack_model(m)
     info = ModelInfo(
         name=name,
-        fingerprint=fingerprint(stored_arrays(data, read_tflite(data))),
+        fingerprint=fingerprint(fingerprint_arrays(data, read_tflite(data))),
         tensors=tensors,
         inputs=input_names,
         outputs=output_names,

@@ -9,7 +9,10 @@ The backend keeps one copy of the model as a ``bytes`` object that every interpr
 reads, and writes adapter entries into it in place: the float32 "arena" of this
 backend *is* that buffer, viewed as float32 (every writable tensor's bytes are
 4-byte aligned in the file), so a switch is one numpy scatter whatever the tensor
-count, and no weight is ever copied. Strategies:
+count, and no weight is ever copied. A quantized model's int8 targets (``exporters.quantize_tflite``) are
+written the same way through the integer arena, a second view of the same bytes
+(:mod:`runtimes.litert_arena`: which built-in kernels see such a write; a model whose int8 weights feed one
+that does not is refused for ``hybrid`` and ``builtin``). Strategies:
 
 ``rebuild``
     Every write builds a new XNNPACK interpreter over the same bytes (it packs the
@@ -30,6 +33,10 @@ inputs of the exported file (``exporters.tflite`` makes them so); their values l
 after the model in the same buffer and are fed on every run, so a slot-only write needs
 no rebuild, as on onnxruntime.
 
+Threads: every interpreter runs on ``threads``, except one that leaves a dynamic-range op to the built-in kernels
+(XNNPACK does not take a dynamic-range ``DEPTHWISE_CONV_2D``) or an adaptable ``CONV_2D`` filter to their
+multithreaded kernel: that one runs on 1 thread, logged (:func:`one_thread_reason`, ``interpreter_threads``).
+
 Interpreter: ``ai_edge_litert.interpreter`` (the maintained wheel), else
 ``tflite_runtime.interpreter`` (last release 2.14, needs numpy<2) with a logged
 warning; neither installed raises :class:`~edge.errors.BackendUnavailableError`.
@@ -37,7 +44,6 @@ warning; neither installed raises :class:`~edge.errors.BackendUnavailableError`.
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import time
@@ -48,17 +54,17 @@ from types import MappingProxyType
 import numpy as np
 
 from edge.errors import BackendUnavailableError, ConfigError, FormatError
-from edge.format.modelinfo import ModelInfo, fingerprint
-from edge.format.tflite import TfliteModel, read_tflite, stored_arrays, tflite_info
+from edge.format.modelinfo import ModelInfo
+from edge.format.tflite import read_tflite, tflite_info
 from runtimes.base import BACKENDS, ArenaBackend, BackendOptions
+from runtimes.litert_arena import dynamic_range_ops, load_arena, quant_constants, stale_readers, verify_fingerprint
 
-__all__ = ["LiteRTBackend", "interpreter_module", "DELEGATES"]
+__all__ = ["LiteRTBackend", "interpreter_module", "one_thread_reason", "DELEGATES"]
 
 log = logging.getLogger("edge.runtimes.litert")
 
 #: what ``providers=`` may ask for; () means the default, XNNPACK with built-in kernels for the rest
 DELEGATES = ("XNNPACK", "CPU")
-_ALIGN = 16
 
 
 def interpreter_module():
@@ -102,6 +108,7 @@ class _Session:
         self.index = {d["name"]: d["index"] for d in interp.get_output_details()}  # output name -> tensor index
         self.outputs = [(n, self.index[n]) for n in outputs]
         self.delegated = any(op.get("op_name") == "DELEGATE" for op in _ops(interp))
+        self.threads = 1  # what the interpreter was built with (set by the backend)
 
     def run(self, feeds, slots, names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
         """The outputs ``names`` (default: all) by name; the interpreter computes every output anyway."""
@@ -231,11 +238,26 @@ class LiteRTBackend(ArenaBackend):
         fb = read_tflite(model)
         self.info = tflite_info(model, fb)
         self.check_precision(options)  # a float model on an int8-only device (an Edge TPU) is refused here
-        self._model, self._arena, self._offset, self._live, self._slots = _load(model, fb, self.info)
+        self._model, self._arena, integer, self._offset, self._live, self._slots = load_arena(model, fb, self.info)
         if options.verify:
-            _verify_fingerprint(self._model, fb, self.info)
+            verify_fingerprint(self._model, fb, self.info)
+        self._arena_of = {k: integer[v.dtype] for k, v in self._live.items() if v.dtype.kind in "iu"}
+        self._constants = quant_constants(fb, self.info)  # scales and zero points of quantized targets
         self._names = [t.name for t in fb.tensors]
-        self._writable_index = frozenset(t.index for t in fb.tensors if t.name in self._live and t.nbytes)
+        self._writable = frozenset(t.index for t in fb.tensors if t.name in self._live and t.nbytes)
+        self._dynamic = dynamic_range_ops(fb)  # op index -> int8 weight index (hybrid kernels: thread rule)
+        self._one_thread: set[bool] = set()  # interpreter kinds (delegate or not) one_thread_reason held to 1
+        stale = stale_readers(fb, frozenset(t.index for t in fb.tensors if t.name in self._arena_of))
+        if stale and options.strategy == "auto":  # the one strategy that serves it: say so, and take it
+            log.info("%s: %s; strategy auto takes 'rebuild'", self.info.name, stale[0])
+            strategy = self._strategy = "rebuild"
+        if stale and strategy != "rebuild":  # a built-in kernel would compute with a mix of old and new weights
+            raise ConfigError(
+                f"{self.info.name!r}: {stale[0]}{f' (and {len(stale) - 1} more)' if len(stale) > 1 else ''}, whose "
+                f"built-in kernel keeps values derived from the int8 weights, so strategy {strategy!r} could not "
+                "serve a switch at once: use strategy='rebuild', or quantize without those ops "
+                "(exporters.quantize_tflite(..., op_types=...))"
+            )
         self._input_names = list(self.info.inputs) or [
             self._names[i] for i in fb.inputs if self._names[i] not in self._slots
         ]
@@ -269,6 +291,14 @@ class LiteRTBackend(ArenaBackend):
         return ["XNNPACK", "CPU"] if sess is not None and sess.delegated else ["CPU"]
 
     @property
+    def interpreter_threads(self) -> dict[str, int]:
+        """Threads each live interpreter was built with (``"xnnpack"``, ``"builtin"``): ``threads`` unless a
+        kernel rule took it down to 1 (logged as a warning when it does)."""
+        with self._lock:
+            live = {"xnnpack": self._static, "builtin": self._builtin}
+            return {k: sess.threads for k, sess in live.items() if sess is not None}
+
+    @property
     def input_names(self) -> list[str]:
         return list(self._input_names)
 
@@ -276,6 +306,12 @@ class LiteRTBackend(ArenaBackend):
         view = self._live[tensor].view()
         view.flags.writeable = False
         return view
+
+    def constant(self, tensor: str) -> np.ndarray:
+        try:
+            return self._constants[tensor]
+        except KeyError:
+            raise FormatError(f"{tensor!r} is not a quantization constant of {self.info.name!r}") from None
 
     @property
     def output_names(self) -> list[str]:
@@ -316,27 +352,24 @@ class LiteRTBackend(ArenaBackend):
         t0 = time.perf_counter()
         resolver = self._lib.OpResolverType
         kind = resolver.AUTO if delegate else resolver.BUILTIN_WITHOUT_DEFAULT_DELEGATES
-        threads = self._threads
+        threads = 1 if delegate in self._one_thread else self._threads  # the rule's answer holds for the model
         try:
             while True:
                 interp = self._lib.Interpreter(
                     model_content=self._model, num_threads=threads, experimental_op_resolver_type=kind
                 )
                 interp.allocate_tensors()  # applies the default delegate (XNNPACK packs here)
-                # the multithreaded built-in CONV_2D copies its filter to HWCN at its first run and never reads the
-                # model bytes again (conv.cc: have_weights_been_transposed); on one thread it reads them every run
-                if delegate or threads == 1 or not _conv_reads_writable(interp, self._writable_index):
+                why = None if threads == 1 else one_thread_reason(_ops(interp), delegate, self._writable, self._dynamic)
+                if why is None:
                     break
-                log.warning(
-                    "%s: the built-in kernels run on 1 thread, not %s: their multithreaded CONV_2D keeps a copy of "
-                    "an adaptable filter and would not see a switch",
-                    self.info.name,
-                    threads,
-                )
+                name = "XNNPACK" if delegate else "built-in"
+                log.warning("%s: the %s interpreter runs on 1 thread, not %s: %s", self.info.name, name, threads, why)
                 threads = 1
+                self._one_thread.add(delegate)
         except (ValueError, RuntimeError) as e:
             raise FormatError(f"LiteRT cannot load the model: {e}") from e
         sess = _Session(interp, self._input_names, self._slots, self._output_names)
+        sess.threads = threads
         if delegate and not sess.delegated:
             log.warning("XNNPACK took no op of %s; running on the built-in kernels", self.info.name)
         self.last_build_ms = (time.perf_counter() - t0) * 1e3
@@ -344,76 +377,6 @@ class LiteRTBackend(ArenaBackend):
 
     def _build_fresh(self) -> _Session:
         return self._build(delegate=self._want_xnnpack)
-
-
-def _load(model: bytes, fb: TfliteModel, info: ModelInfo):
-    """The mutable model bytes, their float32 view, and each writable tensor's offset and view into it."""
-    by_name = {t.name: t for t in fb.tensors}
-    if len(by_name) != len(fb.tensors):
-        raise FormatError("tensor names of the .tflite model are not unique; re-export it")
-    writable = sorted({t.initializer for t in info.tensors.values()})
-    slots = sorted({t.initializer for t in info.tensors.values() if t.slot})
-    missing = [w for w in writable if w not in by_name]
-    if missing:
-        raise FormatError(f"model has no tensor(s) {missing[:5]} named in its metadata")
-    buffers: dict[int, str] = {}
-    for name in writable:
-        t = by_name[name]
-        if t.dtype is not np.float32:
-            raise FormatError(f"writable tensor {name!r} must be float32, got TensorType {t.type}")
-        if name in slots:
-            if t.nbytes or t.index not in fb.inputs:
-                raise FormatError(f"slot {name!r} must be a subgraph input without data; re-export with slots=...")
-            continue
-        if t.nbytes != 4 * int(np.prod(t.shape)) or t.start % 4:
-            raise FormatError(f"writable tensor {name!r} has {t.nbytes} bytes at offset {t.start} (unaligned?)")
-        if t.buffer in buffers:
-            raise FormatError(f"tensors {buffers[t.buffer]!r} and {name!r} share one buffer; re-export the model")
-        buffers[t.buffer] = name
-    shared = [t.name for t in fb.tensors if t.buffer in buffers and t.name != buffers[t.buffer]]
-    if shared:
-        raise FormatError(f"writable weights share their buffer with {shared[:5]}; re-export the model")
-
-    size = -(-len(model) // _ALIGN) * _ALIGN
-    slot_at = {}
-    for name in slots:
-        slot_at[name] = size
-        size += -(-4 * int(np.prod(by_name[name].shape)) // _ALIGN) * _ALIGN
-    data = bytes(model) + bytes(size - len(model))  # a fresh object only this backend references
-    raw = _writable_view(data)
-    arena = raw[: len(raw) // 4 * 4].view(np.float32)
-    offset, live = {}, {}
-    for name in writable:
-        t = by_name[name]
-        start = slot_at.get(name, t.start)
-        offset[name] = start // 4
-        live[name] = arena[start // 4 : start // 4 + int(np.prod(t.shape))].reshape(t.shape)
-    return data, arena, offset, live, slots
-
-
-def _writable_view(data: bytes) -> np.ndarray:
-    """A writable uint8 view of a ``bytes`` object's storage.
-
-    LiteRT's ``model_content`` takes only ``bytes`` and reads it in place, so the
-    weights are edited through this view. Safe here because the object is private to
-    the backend, never hashed or interned, and outlives every interpreter and view
-    (``self._model`` keeps it).
-    """
-    get = ctypes.pythonapi.PyBytes_AsString
-    get.restype, get.argtypes = ctypes.c_void_p, [ctypes.py_object]
-    ptr = get(data)
-    if ptr % _ALIGN:
-        raise FormatError("model buffer is not 16-byte aligned in memory")  # CPython aligns bytes storage
-    return np.ctypeslib.as_array((ctypes.c_uint8 * len(data)).from_address(ptr))
-
-
-def _verify_fingerprint(data: bytes, fb: TfliteModel, info: ModelInfo) -> None:
-    got = fingerprint(stored_arrays(data, fb))
-    if got != info.fingerprint:
-        raise FormatError(
-            f"model {info.name!r}: weights fingerprint {got} differs from the exported {info.fingerprint}; "
-            "the file was modified after export (re-export it)"
-        )
 
 
 def _check_providers(asked: Sequence[str]) -> bool:
@@ -427,15 +390,40 @@ def _check_providers(asked: Sequence[str]) -> bool:
     return not asked or "XNNPACK" in asked
 
 
-def _conv_reads_writable(interp, writable: frozenset[int]) -> bool:
-    """Does a built-in CONV_2D take one of the ``writable`` tensors (by index) as its filter?"""
-    for op in _ops(interp):
-        if op.get("op_name") == "DELEGATE" and "inputs" not in op:
-            return True  # no op listing: assume so
-        inputs = list(op.get("inputs", ()))
-        if op.get("op_name") == "CONV_2D" and len(inputs) > 1 and int(inputs[1]) in writable:
-            return True
-    return False
+def one_thread_reason(ops: Sequence[Mapping], delegate: bool, writable: frozenset[int], dynamic: Mapping[int, int]):
+    """Why an interpreter with these op details (``_get_ops_details()``) must run on one thread, or None.
+
+    - Built-in kernels only: their multithreaded ``CONV_2D`` copies its filter to HWCN at its first run
+      and never reads the model bytes again (conv.cc: have_weights_been_transposed); on one thread it reads
+      them every run, so an adaptable ``CONV_2D`` filter needs one thread.
+    - Any interpreter that leaves a dynamic-range op (``dynamic``: op index -> int8 weight index, from
+      :func:`runtimes.litert_arena.dynamic_range_ops`) to the built-in kernels: those split even tiny work
+      over the threads and were measured to collapse with two (ai-edge-litert 2.3.0, 2 cores under load,
+      fresh processes: digits CNN dynamic 0.011 ms on 1 thread, 0.05-3.4 ms on 2, built-in alone or under
+      XNNPACK; ViT dynamic built-in 0.11 ms vs 1.7-1.9 ms), while XNNPACK's own partitions did not (the float
+      built-in kernels collapse too where they split work, ViT fp32 0.11 vs 0.4-1.0 ms, but not on the CNN).
+      An op is XNNPACK's when its weight is an input of a ``DELEGATE`` node.
+    """
+    ops = list(ops)
+    if not delegate:
+        for op in ops:
+            inputs = list(op.get("inputs", ()))
+            if op.get("op_name") == "DELEGATE" and "inputs" not in op:
+                return "no op listing to check the built-in CONV_2D filters against the adaptable tensors"
+            if op.get("op_name") == "CONV_2D" and len(inputs) > 1 and int(inputs[1]) in writable:
+                return "their multithreaded CONV_2D keeps a copy of an adaptable filter and would not see a switch"
+    if dynamic and any("inputs" not in op for op in ops):
+        return "no op listing to tell which of its dynamic-range ops XNNPACK takes (the rest collapse on 2 threads)"
+    taken = {int(i) for op in ops if op.get("op_name") == "DELEGATE" for i in op.get("inputs", ())}
+    left = sorted({str(ops[k].get("op_name")) for k, w in dynamic.items() if k < len(ops) and w not in taken})
+    if left:
+        where = "XNNPACK leaves its" if delegate else "it runs its"
+        fix = "; to keep XNNPACK's threads, quantize without them (exporters.quantize_tflite(..., op_types=...))"
+        return (
+            f"{where} dynamic-range {', '.join(left)} to the built-in kernels, which were measured to collapse "
+            f"on more than one thread{fix if delegate else ''}"
+        )
+    return None
 
 
 def _ops(interp) -> list[dict]:

@@ -20,6 +20,7 @@ import numpy as np
 
 from edge.errors import FormatError
 from edge.format.modelinfo import ModelInfo, fingerprint
+from runtimes.lines import aligned_empty, aligned_offsets
 
 __all__ = [
     "ONNX_DTYPES",
@@ -30,6 +31,7 @@ __all__ = [
     "Stored",
     "graph_bytes",
     "parse_graph",
+    "parse_graph_bytes",
     "take_writable",
     "tensor_proto",
     "verify_fingerprint",
@@ -57,11 +59,16 @@ def graph_bytes(buf) -> bytes:
 
 def parse_graph(buf):
     """The model without its graph's initializers (parsed by onnx; small), and where each initializer is."""
+    return parse_graph_bytes(buf)[:2]
+
+
+def parse_graph_bytes(buf):
+    """:func:`parse_graph`'s two results and the serialised model without initializers (:func:`graph_bytes`)."""
     import onnx
 
     try:
         small, inits = _split(buf)
-        return onnx.load_model_from_string(small), inits
+        return onnx.load_model_from_string(small), inits, small
     except (ValueError, IndexError, UnicodeDecodeError) as e:
         raise FormatError(f"not a readable ONNX model: {e}") from e
     except Exception as e:  # protobuf raises DecodeError and friends
@@ -192,14 +199,16 @@ def take_writable(
             "location would resolve against the working directory); save the model as one file: "
             "onnx.save(model, path, save_as_external_data=False)"
         )
-    arenas = {
-        dt: np.empty(sum(prod(inits[k].dims) for k in writable if want[k] == dt), dt) for dt in set(want.values())
-    }
-    offset, live, at = {}, {}, dict.fromkeys(arenas, 0)
+    offset, live, arenas = {}, {}, {}
+    for dt in set(want.values()):  # every tensor on a cache line, the arena too: a structured mask's blocks are lines
+        names = [k for k in writable if want[k] == dt]
+        starts, total = aligned_offsets([prod(inits[k].dims) for k in names], dt.itemsize)
+        arenas[dt] = aligned_empty(total, dt)  # the padding between tensors is never read
+        offset.update(zip(names, starts))
     for name in writable:
         t, dt = inits[name], want[name]
         n = prod(t.dims)
-        view = arenas[dt][at[dt] : at[dt] + n]
+        view = arenas[dt][offset[name] : offset[name] + n]
         if t.raw is not None:
             if t.raw[1] - t.raw[0] != dt.itemsize * n:
                 raise FormatError(f"initializer {name!r}: {t.raw[1] - t.raw[0]} bytes of data for shape {t.dims}")
@@ -208,9 +217,7 @@ def take_writable(
                 view.byteswap(inplace=True)
         else:  # float_data / int32_data: rare, let onnx decode it
             view[:] = numpy_helper.to_array(tensor_proto(buf, t)).reshape(-1)
-        offset[name] = at[dt]
         live[name] = view.reshape(t.dims)
-        at[dt] += n
     return arenas, offset, live
 
 

@@ -39,15 +39,23 @@ import time
 from collections.abc import Mapping, Sequence
 from math import prod
 from pathlib import Path
-from types import MappingProxyType
 
 import numpy as np
 
 from edge.errors import BackendUnavailableError, ConfigError
+from edge.format.feeds import input_specs
 from edge.format.modelinfo import ModelInfo, onnx_info
 from runtimes import onnx_file as _file
 from runtimes.base import BACKENDS, ArenaBackend, BackendOptions, model_buffer, trim_heap
-from runtimes.onnx_file import ONNX_DTYPES, parse_graph, take_writable, tensor_proto, verify_fingerprint
+from runtimes.onnx_file import (
+    ONNX_DTYPES,
+    parse_graph,
+    parse_graph_bytes,
+    take_writable,
+    tensor_proto,
+    verify_fingerprint,
+)
+from runtimes.ort_providers import ORT_PROVIDERS
 
 __all__ = ["OrtBackend"]
 
@@ -70,33 +78,6 @@ def _stub_folder() -> str:
         return _STUBS[0]
 
 
-_CUDA_OPTIONS = (
-    "device_id gpu_mem_limit arena_extend_strategy cudnn_conv_algo_search do_copy_in_default_stream "
-    "cudnn_conv_use_max_workspace cudnn_conv1d_pad_to_nc1d enable_cuda_graph enable_skip_layer_norm_strict_mode "
-    "use_tf32 prefer_nhwc use_ep_level_unified_stream tunable_op_enable tunable_op_tuning_enable "
-    "tunable_op_max_tuning_duration_ms sdpa_kernel fuse_conv_bias"
-)
-_TRT_OPTIONS = (
-    "device_id trt_max_workspace_size trt_max_partition_iterations trt_min_subgraph_size trt_fp16_enable "
-    "trt_bf16_enable trt_int8_enable trt_int8_calibration_table_name trt_int8_use_native_calibration_table "
-    "trt_dla_enable trt_dla_core trt_dump_subgraphs trt_engine_cache_enable trt_engine_cache_path "
-    "trt_engine_cache_prefix trt_engine_decryption_enable trt_engine_decryption_lib_path "
-    "trt_force_sequential_engine_build trt_context_memory_sharing_enable trt_layer_norm_fp32_fallback "
-    "trt_timing_cache_enable trt_timing_cache_path trt_force_timing_cache trt_detailed_build_log "
-    "trt_build_heuristics_enable trt_sparsity_enable trt_builder_optimization_level trt_auxiliary_streams "
-    "trt_tactic_sources trt_extra_plugin_lib_paths trt_profile_min_shapes trt_profile_max_shapes "
-    "trt_profile_opt_shapes trt_cuda_graph_enable trt_dump_ep_context_model trt_ep_context_file_path "
-    "trt_ep_context_embed_mode trt_weight_stripped_engine_enable trt_onnx_model_folder_path "
-    "trt_engine_hw_compatible trt_op_types_to_exclude"
-)
-_QNN_OPTIONS = (
-    "backend_type backend_path profiling_level profiling_file_path rpc_control_latency vtcm_mb "
-    "htp_performance_mode qnn_saver_path qnn_context_priority htp_graph_finalization_optimization_mode "
-    "soc_model htp_arch device_id enable_htp_fp16_precision enable_htp_weight_sharing "
-    "offload_graph_io_quantization op_packages enable_htp_spill_fill_buffer"
-)
-
-
 @BACKENDS.register("onnxruntime")
 class OrtBackend(ArenaBackend):
     name = "onnxruntime"
@@ -105,25 +86,7 @@ class OrtBackend(ArenaBackend):
     AUTO_ORDER = ("hybrid", "bound")
     FREE_STALE_BEFORE_BUILD = True  # a stale prepacked session never serves again (runs check the generation)
     REBUILD_FAILED = "background session rebuild failed; staying on the bound session"
-    PROVIDERS = MappingProxyType(
-        {
-            "CPUExecutionProvider": frozenset({"use_arena"}),
-            "CUDAExecutionProvider": frozenset(_CUDA_OPTIONS.split()),
-            "TensorrtExecutionProvider": frozenset(_TRT_OPTIONS.split()),
-            "QNNExecutionProvider": frozenset(_QNN_OPTIONS.split()),
-            "XnnpackExecutionProvider": frozenset({"intra_op_num_threads"}),
-            "ACLExecutionProvider": None,
-            "NnapiExecutionProvider": None,
-            "CoreMLExecutionProvider": None,
-            "OpenVINOExecutionProvider": None,
-            "ROCMExecutionProvider": None,
-            "MIGraphXExecutionProvider": None,
-            "DmlExecutionProvider": None,
-            "VitisAIExecutionProvider": None,
-            "WebGpuExecutionProvider": None,
-            "AzureExecutionProvider": None,
-        }
-    )
+    PROVIDERS = ORT_PROVIDERS
     CPU_PROVIDER = "CPUExecutionProvider"
     INSTALL_HINT = "pip install onnxruntime (or the vendor's onnxruntime build with its execution providers)"
 
@@ -183,7 +146,8 @@ class OrtBackend(ArenaBackend):
         self._threads = options.threads
 
         with model_buffer(model) as (buf, read):
-            proto, inits = parse_graph(buf)
+            proto, inits, small = parse_graph_bytes(buf)
+            self.input_specs = input_specs(self.name, small)  # the real inputs (Runtime checks feeds against them)
             self.info = onnx_info(proto)
             writable = sorted({t.initializer for t in self.info.tensors.values()})
             dtypes = {t.initializer: t.quant.dtype for t in self.info.tensors.values() if t.quant is not None}
@@ -235,7 +199,7 @@ class OrtBackend(ArenaBackend):
         self._bound = self._binding = None
         self._bound_fetch: tuple[str, ...] = ()  # the outputs bound on self._binding, in order
         self._bound_ready = threading.Event()  # the bound session exists (or failed: _bound_error)
-        self._bound_error, self._bound_builder = None, None
+        self._bound_error, self._bound_builder, self._bound_asked = None, None, strategy != "hybrid"
         if strategy in ("rebuild", "hybrid"):
             self._static, self._static_gen = self._build_fresh(), 0
         if strategy == "rebuild":
@@ -292,10 +256,10 @@ class OrtBackend(ArenaBackend):
     def run(self, feeds: Mapping[str, np.ndarray], outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
         names = self._output_names if outputs is None else outputs
         with self._lock:
-            if self._static is not None and self._static_gen == self._generation:
-                run_feeds = {**feeds, **self._fed_feeds} if self._fed_feeds else feeds
-                outs = self._static.run(names, run_feeds)
-                self._start_bound()
+            if (s := self._static) is not None and self._static_gen == self._generation:
+                outs = s._edge_run(names, {**feeds, **self._fed_feeds} if self._fed_feeds else feeds, None)
+                if not self._bound_asked:
+                    self._start_bound()
                 return dict(zip(names, outs))
             self._bound_ready.wait()  # hybrid right after load: the bound session is still being built
             if (b := self._binding) is None:
@@ -314,11 +278,13 @@ class OrtBackend(ArenaBackend):
             return dict(zip(names, b.copy_outputs_to_cpu()))
 
     def write(self, *prepared) -> None:
-        self._start_bound()
+        if not self._bound_asked:
+            self._start_bound()
         super().write(*prepared)
 
     def _start_bound(self) -> None:
-        if self._bound_builder is not None and not self._go_bound.is_set():  # once: set() takes a lock and notifies
+        self._bound_asked = True  # run() asks once: set() takes a lock and notifies
+        if self._bound_builder is not None and not self._go_bound.is_set():
             self._go_bound.set()
 
     def close(self) -> None:
@@ -407,6 +373,12 @@ class OrtBackend(ArenaBackend):
             _UNSHARED.add(self.info.fingerprint)  # do not try again for this model in this process
             return self._build_fresh()
         sess._edge_keepalive = values  # onnxruntime references these buffers
+        # run() calls the native run: onnxruntime's wrapper (onnxruntime_inference_collection.py) re-checks the feed
+        # names (check_feeds did), the ownership of OrtValue feeds (ours are numpy arrays) and WebGPU graph capture
+        # (kept: its wrapper), and retries on other providers when one fails (a silent fallback: never wanted)
+        native = getattr(sess, "_sess", None)
+        webgpu = "WebGpuExecutionProvider" in self._providers
+        sess._edge_run = native.run if native is not None and hasattr(native, "run") and not webgpu else sess.run
         del so, values
         trim_heap()
         self.last_build_ms = (time.perf_counter() - t0) * 1e3

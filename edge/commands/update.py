@@ -14,7 +14,10 @@ def register(sub) -> None:
     u.add_argument("--method", default="slda", help="ncm, slda (default), ranpac or shira-head")
     u.add_argument("--state", type=Path, help="state file: resumed if it exists, then saved (default: none kept)")
     u.add_argument("--memory-mb", type=float, help="memory budget of the update (default: device profile, or 64)")
-    u.add_argument("--device", help="device profile whose budget applies (see `edge devices`)")
+    u.add_argument(
+        "--device",
+        help="device profile whose budget applies (see `edge devices`); its memory_mb also bounds the samples loaded",
+    )
     u.add_argument("--domain", help="where the samples come from; ncm/slda/ranpac keep per-domain prototypes")
     u.add_argument("-o", "--option", action="append", default=[], metavar="KEY=VALUE", help="method option")
     u.add_argument("--adapter-out", type=Path, help="shira-head: also write the learned adapter file here")
@@ -35,11 +38,15 @@ def run(args) -> int:
     from edge.runtime import Runtime
 
     budget, source = _budget(args)
+    limit, limit_from = _samples_limit(args, budget)
     options = dict(_option(o) for o in args.option)
     rt = Runtime(args.model, backend=args.backend, threads=args.threads)
     with limit_blas_threads(args.threads) as blas, rt:
-        chunks = load_samples(args.data, rt.info.inputs)
-        evals = load_samples(args.eval, rt.info.inputs) if args.eval is not None else None
+        chunks = load_samples(args.data, rt.info.inputs, max_array_bytes=limit, limit_from=limit_from)
+        evals = None
+        if args.eval is not None:  # held beside the samples: it takes from the same limit
+            left = limit - sum(_nbytes(x) + np.asarray(y).nbytes for _, x, y in chunks)
+            evals = load_samples(args.eval, rt.info.inputs, max_array_bytes=left, limit_from=limit_from)
         if evals is not None and len(evals) != 1:
             from edge.errors import ConfigError
 
@@ -47,6 +54,7 @@ def run(args) -> int:
         with state_lock(args.state):  # another `edge update --state` of the same file waits here: nothing is lost
             result, up = _learn(args, rt, chunks, budget, options)
             result.update({"budget_mb": budget, "budget_from": source, "blas_threads": blas})
+            result.update({"samples_limit_bytes": limit, "samples_limit_from": limit_from})
             if evals is not None:
                 ((_, x, y),) = evals
                 result["eval_acc"] = float((up.predict(x) == np.asarray(y)).mean())
@@ -103,6 +111,22 @@ def _budget(args) -> tuple[float, str]:
             return float(own), f"device {args.device}: budgets.update_mb"
         return min(DEFAULT_MEMORY_MB, float(budgets.memory_mb)), f"device {args.device}: default within memory_mb"
     return DEFAULT_MEMORY_MB, "default"
+
+
+def _samples_limit(args, budget: float) -> tuple[int, str]:
+    """Bytes the loaded samples (and --eval) may take: a share of the device's memory_mb, else the hard cap."""
+    from edge.format.samples import MAX_ARRAY_BYTES, sample_limit
+
+    if not args.device:
+        return MAX_ARRAY_BYTES, f"the hard cap of {MAX_ARRAY_BYTES} bytes (no --device given)"
+    from edge.devices import load_profile
+
+    memory_mb = float(load_profile(args.device).budgets.memory_mb)
+    return sample_limit(memory_mb, budget, source=f"device {args.device}")
+
+
+def _nbytes(x) -> int:
+    return sum(v.nbytes for v in x.values()) if isinstance(x, dict) else x.nbytes
 
 
 def _option(text: str) -> tuple[str, object]:

@@ -4,7 +4,8 @@ An ``.npz`` is a zip of ``.npy`` members. Before any array is loaded, each membe
 ``.npy`` header (``numpy.lib.format``) is read for its dtype and shape: object dtypes
 are refused (nothing is ever unpickled), and the bytes the arrays will take, summed
 over the file (or the folder), must stay under a limit, so a zip bomb is refused
-before it expands. The zip's own size claims bound every read. Arrays in the
+before it expands. The zip's own size claims bound every read. On a device, the limit comes
+from its profile (:func:`sample_limit`: a share of the memory budget the update leaves). Arrays in the
 other byte order are converted to this machine's. Every refusal is a
 :class:`~edge.errors.FormatError` (a damaged file) or :class:`~edge.errors.ConfigError`
 (a readable file with the wrong contents).
@@ -27,10 +28,12 @@ __all__ = [
     "MAX_ARRAY_BYTES",
     "MAX_CLASSES",
     "MAX_NPZ_BYTES",
+    "SAMPLES_SHARE",
     "batch_length",
     "check_labels",
     "load_samples",
     "read_npz",
+    "sample_limit",
 ]
 
 MAX_NPZ_BYTES = 1 << 30  # one .npz file on disk
@@ -39,13 +42,55 @@ MAX_MEMBERS = 1024
 MAX_CLASSES = 100_000  # labels are class indices; a label this large is a data error, not a class
 MAX_FILES = 10_000  # .npz files in one data folder
 _NPY_HEADER = 10_000  # numpy's own default limit on an .npy header
+_ZIP_SLACK = 1 << 20  # zip and .npy headers around the arrays of one file (a few hundred bytes in practice)
+#: Share of a device's memory budget, after the update's own, that loaded samples may take. While a file
+#: is read its bytes and its arrays are both resident (two shares for one big file); the third is for the
+#: interpreter, numpy, the inference engine and the model. Measured (x86-64, peak RSS of `edge update`):
+#: 77-86 MB with a handful of samples; 205 MB with 64 MB of samples in one file, the limit for a 256 MB
+#: profile (a half share would have allowed 96 MB: about 270 MB, over the budget).
+SAMPLES_SHARE = 1 / 3
+_MB = 1 << 20
+
+
+def sample_limit(memory_mb: float, update_mb: float, *, source: str = "the device") -> tuple[int, str]:
+    """Bytes the loaded samples may take on a device with ``memory_mb``, and a sentence saying so.
+
+    ``SAMPLES_SHARE`` of what the update's own budget ``update_mb`` leaves of ``memory_mb``,
+    never over :data:`MAX_ARRAY_BYTES`. :class:`ConfigError` when the update alone takes it all.
+    """
+    if not memory_mb > 0 or not update_mb >= 0:
+        raise ConfigError(f"memory budgets must be positive; got memory_mb {memory_mb}, update {update_mb} MB")
+    left = memory_mb - update_mb
+    if left <= 0:
+        raise ConfigError(
+            f"the update's budget of {update_mb:g} MB leaves nothing of {source}'s memory_mb {memory_mb:g} MB for "
+            "the samples; pass a smaller --memory-mb"
+        )
+    share = int(SAMPLES_SHARE * left * _MB)
+    why = (
+        f"{SAMPLES_SHARE:.0%} of the {left:g} MB that {source}'s memory_mb {memory_mb:g} MB leaves after the "
+        f"update's {update_mb:g} MB"
+    )
+    if share >= MAX_ARRAY_BYTES:
+        return MAX_ARRAY_BYTES, f"the hard cap of {MAX_ARRAY_BYTES} bytes ({why} is more)"
+    return share, why
 
 
 def read_npz(
-    path: str | os.PathLike, *, max_bytes: int = MAX_NPZ_BYTES, max_array_bytes: int = MAX_ARRAY_BYTES
+    path: str | os.PathLike,
+    *,
+    max_bytes: int = MAX_NPZ_BYTES,
+    max_array_bytes: int = MAX_ARRAY_BYTES,
+    limit_from: str | None = None,
 ) -> dict[str, np.ndarray]:
-    """The arrays of an ``.npz`` file, bounded and checked before loading (see the module doc)."""
-    data = read_bounded(path, max_bytes, what="data file")
+    """The arrays of an ``.npz`` file, bounded and checked before loading (see the module doc).
+
+    ``limit_from`` says where the limits come from; refusals quote it.
+    """
+    what = (
+        "data file" if limit_from is None else f"data file (limit: {limit_from}; update with fewer samples at a time)"
+    )
+    data = read_bounded(path, max_bytes, what=what)
     if data[:6] == b"\x93NUMPY":
         raise FormatError(f"{path} is a single .npy array, not an .npz; save with np.savez(path, x=..., y=...)")
     try:
@@ -53,7 +98,7 @@ def read_npz(
     except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, OSError) as e:
         raise FormatError(f"{path} is not an .npz (zip) file: {e}") from e
     with zf:
-        members = _members(zf, path, max_array_bytes)
+        members = _members(zf, path, max_array_bytes, limit_from)
         out = {}
         for key, info in members.items():
             try:
@@ -67,7 +112,7 @@ def read_npz(
     return out
 
 
-def _members(zf: zipfile.ZipFile, path, max_array_bytes: int) -> dict[str, zipfile.ZipInfo]:
+def _members(zf: zipfile.ZipFile, path, max_array_bytes: int, limit_from: str | None) -> dict[str, zipfile.ZipInfo]:
     """Member name -> ZipInfo, after checking every ``.npy`` header and the total size the arrays take."""
     infos = zf.infolist()
     if len(infos) > MAX_MEMBERS:
@@ -98,23 +143,30 @@ def _members(zf: zipfile.ZipFile, path, max_array_bytes: int) -> dict[str, zipfi
         nbytes = int(np.prod(shape, dtype=object)) * dtype.itemsize
         total += nbytes
         if total > max_array_bytes:
+            why = f" ({limit_from})" if limit_from else ""
             raise FormatError(
                 f"{path}: arrays would take {total} bytes in memory (member {key!r}: {shape} {dtype}), over the "
-                f"limit of {max_array_bytes}; split the data into smaller files"
+                f"limit of {max_array_bytes} bytes{why} left for samples; update with fewer samples at a time "
+                "(one `edge update --state S` per part)"
             )
         members[key] = info
     return members
 
 
 def load_samples(
-    path: str | os.PathLike, inputs: tuple[str, ...] = ("x",), *, max_array_bytes: int = MAX_ARRAY_BYTES
+    path: str | os.PathLike,
+    inputs: tuple[str, ...] = ("x",),
+    *,
+    max_array_bytes: int = MAX_ARRAY_BYTES,
+    limit_from: str | None = None,
 ) -> list[tuple[str, object, np.ndarray]]:
     """Labelled samples from an ``.npz`` file or a folder of them (sorted by name): ``[(name, x, y)]``.
 
     Each file holds ``y`` (integer labels) and either ``x`` (for a one-input model)
     or one array per model input name; ``x`` is returned as an array or a dict. Files of
     a folder must be regular files inside it (a link leading out of the folder is
-    refused); their arrays together must fit ``max_array_bytes``.
+    refused); their arrays together must fit ``max_array_bytes`` (``limit_from``: where that
+    figure comes from, quoted when refused), and no file may be larger than what is left of it.
     """
     path = Path(path)
     if path.is_dir():
@@ -134,7 +186,8 @@ def load_samples(
     out = []
     budget = max_array_bytes
     for f in files:
-        arrays = read_npz(f, max_array_bytes=budget)
+        file_cap = min(MAX_NPZ_BYTES, budget + _ZIP_SLACK)  # its bytes are resident while it is read
+        arrays = read_npz(f, max_bytes=file_cap, max_array_bytes=budget, limit_from=limit_from)
         budget -= sum(a.nbytes for a in arrays.values())
         if "y" not in arrays:
             raise ConfigError(f"{f} has no 'y' array of labels (it has {sorted(arrays)})")

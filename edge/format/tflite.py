@@ -3,9 +3,14 @@
 The device may run the old ``tflite-runtime`` wheel, which ships no schema package,
 so this reader walks the flatbuffer directly (format: flatbuffers' binary layout;
 field numbers: LiteRT's ``schema.fbs``). It returns where every constant tensor's
-bytes live in the file, so the backend can view and overwrite them in place, the
+bytes live in the file, so the backend can view and overwrite them in place, each
+tensor's quantization parameters (scale, zero point, quantized dimension: an int8
+model's), the operators of subgraph 0 (builtin code, inputs, and the one option the
+backend needs: whether a ``FULLY_CONNECTED`` quantizes its inputs asymmetrically), the
 subgraph inputs and outputs, and the ``metadata`` entries (the exporter stores
-:class:`~edge.format.modelinfo.ModelInfo` JSON under ``"edge"``).
+:class:`~edge.format.modelinfo.ModelInfo` JSON under ``"edge"``). A model's fingerprint
+covers its stored tensors and the quantization parameters of the quantized ones
+(:func:`fingerprint_arrays`).
 """
 
 from __future__ import annotations
@@ -18,7 +23,18 @@ import numpy as np
 from edge.errors import BackendUnavailableError, FormatError
 from edge.format.modelinfo import META_KEY, ModelInfo
 
-__all__ = ["TfliteTensor", "TfliteModel", "read_tflite", "stored_arrays", "DTYPES"]
+__all__ = [
+    "DTYPES",
+    "SCALE",
+    "ZERO_POINT",
+    "TfliteModel",
+    "TfliteOp",
+    "TfliteTensor",
+    "fingerprint_arrays",
+    "quant_arrays",
+    "read_tflite",
+    "stored_arrays",
+]
 
 IDENTIFIER = b"TFL3"
 
@@ -39,9 +55,13 @@ DTYPES = {
 }
 
 # field numbers in schema.fbs
-_MODEL_SUBGRAPHS, _MODEL_BUFFERS, _MODEL_METADATA = 2, 4, 6
-_SUBGRAPH_TENSORS, _SUBGRAPH_INPUTS, _SUBGRAPH_OUTPUTS = 0, 1, 2
-_TENSOR_SHAPE, _TENSOR_TYPE, _TENSOR_BUFFER, _TENSOR_NAME, _TENSOR_SIGNATURE = 0, 1, 2, 3, 7
+_MODEL_OPCODES, _MODEL_SUBGRAPHS, _MODEL_BUFFERS, _MODEL_METADATA = 1, 2, 4, 6
+_SUBGRAPH_TENSORS, _SUBGRAPH_INPUTS, _SUBGRAPH_OUTPUTS, _SUBGRAPH_OPERATORS = 0, 1, 2, 3
+_TENSOR_SHAPE, _TENSOR_TYPE, _TENSOR_BUFFER, _TENSOR_NAME, _TENSOR_QUANT, _TENSOR_SIGNATURE = 0, 1, 2, 3, 4, 7
+_QUANT_SCALE, _QUANT_ZERO_POINT, _QUANT_DIMENSION = 2, 3, 6
+_OPCODE_DEPRECATED, _OPCODE_BUILTIN = 0, 3
+_OP_OPCODE, _OP_INPUTS, _OP_OUTPUTS, _OP_OPTIONS_TYPE, _OP_OPTIONS = 0, 1, 2, 3, 4
+_FULLY_CONNECTED_OPTIONS, _FC_ASYMMETRIC = 8, 3  # BuiltinOptions.FullyConnectedOptions, its asymmetric_quantize_inputs
 _BUFFER_DATA, _BUFFER_OFFSET, _BUFFER_SIZE = 0, 1, 2
 _METADATA_NAME, _METADATA_BUFFER = 0, 1
 
@@ -58,10 +78,26 @@ class TfliteTensor:
     buffer: int
     start: int
     nbytes: int
+    scale: tuple[float, ...] = ()  # quantization: real = (q - zero_point) * scale, per quantized_dimension if several
+    zero_point: tuple[int, ...] = ()
+    quantized_dimension: int = 0
 
     @property
     def dtype(self):
         return DTYPES.get(self.type)
+
+
+@dataclass(frozen=True)
+class TfliteOp:
+    """One operator of subgraph 0: its builtin code (``BuiltinOperator``), input and output tensor indices
+    (-1: none), and whether it quantizes float inputs asymmetrically
+    (``FullyConnectedOptions.asymmetric_quantize_inputs``: the hybrid kernel then caches per-row sums of its
+    weights)."""
+
+    code: int
+    inputs: tuple[int, ...]
+    asymmetric: bool = False
+    outputs: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -71,6 +107,7 @@ class TfliteModel:
     outputs: tuple[int, ...]
     metadata: dict[str, bytes]
     size: int  # bytes the flatbuffer and its appended buffers occupy
+    ops: tuple[TfliteOp, ...] = ()  # operators of subgraph 0
 
     @property
     def tensors(self) -> tuple[TfliteTensor, ...]:
@@ -116,9 +153,9 @@ class _Reader:
         start, n = self.vector(table, number)
         return [self.table(start + 4 * i) for i in range(n)]
 
-    def ints(self, table: int, number: int) -> tuple[int, ...]:
+    def ints(self, table: int, number: int, fmt: str = "i") -> tuple:
         start, n = self.vector(table, number)
-        return struct.unpack_from(f"<{n}i", self.data, start) if n else ()
+        return struct.unpack_from(f"<{n}{fmt}", self.data, start) if n else ()
 
     def string(self, table: int, number: int) -> str:
         start, n = self.vector(table, number)
@@ -157,16 +194,34 @@ def _read(r: _Reader, size: int) -> TfliteModel:
                 raise FormatError(f"tensor {i} names buffer {bidx} of {len(buffers)}")
             shape = r.ints(t, _TENSOR_SHAPE)
             start, n = buffers[bidx] if bidx else (0, 0)
+            q = r.table(r.field(t, _TENSOR_QUANT)) if r.field(t, _TENSOR_QUANT) else 0
+            quant = (
+                (r.ints(q, _QUANT_SCALE, "f"), r.ints(q, _QUANT_ZERO_POINT, "q"), r.scalar(q, _QUANT_DIMENSION, "<i"))
+                if q
+                else ()
+            )
             tensors.append(
                 TfliteTensor(
                     i, r.string(t, _TENSOR_NAME), r.scalar(t, _TENSOR_TYPE, "<b"), shape,
-                    r.ints(t, _TENSOR_SIGNATURE) or shape, bidx, start, n,
+                    r.ints(t, _TENSOR_SIGNATURE) or shape, bidx, start, n, *quant,
                 )
             )  # fmt: skip
         subgraphs.append(tuple(tensors))
     if not subgraphs:
         raise FormatError("the .tflite file has no subgraph")
     sg0 = r.tables(root, _MODEL_SUBGRAPHS)[0]
+    codes = [
+        max(r.scalar(c, _OPCODE_DEPRECATED, "<b"), r.scalar(c, _OPCODE_BUILTIN, "<i"))
+        for c in r.tables(root, _MODEL_OPCODES)
+    ]
+    ops = []
+    for op in r.tables(sg0, _SUBGRAPH_OPERATORS):
+        k = r.scalar(op, _OP_OPCODE, "<I")
+        if k >= len(codes):
+            raise FormatError(f"an operator names opcode {k} of {len(codes)}")
+        fc = r.scalar(op, _OP_OPTIONS_TYPE, "<B") == _FULLY_CONNECTED_OPTIONS and r.field(op, _OP_OPTIONS)
+        asym = bool(r.scalar(r.table(r.field(op, _OP_OPTIONS)), _FC_ASYMMETRIC, "<B")) if fc else False
+        ops.append(TfliteOp(codes[k], r.ints(op, _OP_INPUTS), asym, r.ints(op, _OP_OUTPUTS)))
     metadata = {}
     for m in r.tables(root, _MODEL_METADATA):
         bidx = r.scalar(m, _METADATA_BUFFER, "<I")
@@ -174,7 +229,12 @@ def _read(r: _Reader, size: int) -> TfliteModel:
             start, n = buffers[bidx]
             metadata[r.string(m, _METADATA_NAME)] = bytes(r.data[start : start + n])
     return TfliteModel(
-        tuple(subgraphs), r.ints(sg0, _SUBGRAPH_INPUTS), r.ints(sg0, _SUBGRAPH_OUTPUTS), metadata, max(end, r.u32(0))
+        tuple(subgraphs),
+        r.ints(sg0, _SUBGRAPH_INPUTS),
+        r.ints(sg0, _SUBGRAPH_OUTPUTS),
+        metadata,
+        max(end, r.u32(0)),
+        tuple(ops),
     )
 
 
@@ -214,6 +274,32 @@ def stored_arrays(data: bytes, model: TfliteModel) -> dict[str, np.ndarray]:
             out[t.name] = chunk
     return out
 
+
+def quant_arrays(model: TfliteModel) -> dict[str, np.ndarray]:
+    """The quantization parameters of every constant quantized tensor: ``{name@scale: float32 [n],
+    name@zero_point: int64 [n]}`` (what a quantized target's :class:`~edge.format.modelinfo.QuantInfo` names)."""
+    out: dict[str, np.ndarray] = {}
+    for t in model.tensors:
+        if t.nbytes and t.scale:
+            out[f"{t.name}{SCALE}"] = np.asarray(t.scale, np.float32)
+            out[f"{t.name}{ZERO_POINT}"] = np.asarray(t.zero_point, np.int64)
+    return out
+
+
+def fingerprint_arrays(data: bytes, model: TfliteModel) -> dict[str, np.ndarray]:
+    """What a ``.tflite`` model's fingerprint covers: the stored tensors and the quantization parameters of the
+    quantized ones (a float model has none, so its fingerprint is over the stored tensors alone)."""
+    out = stored_arrays(data, model)
+    quant = quant_arrays(model)
+    clash = sorted(set(out) & set(quant))
+    if clash:
+        raise FormatError(f"tensor names {clash[:3]} clash with quantization parameter names; rename the tensors")
+    out.update(quant)
+    return out
+
+
+#: suffixes naming a quantized tensor's scale and zero point (tensor quantization parameters, not tensors)
+SCALE, ZERO_POINT = "@scale", "@zero_point"
 
 #: byte alignment of every buffer this project writes (the runtimes view weights in place)
 ALIGN = 16

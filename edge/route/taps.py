@@ -52,7 +52,15 @@ routing as served to 90.4 % (rank 64 of 128); the last ``attn`` tap alone: 5.1 a
 92.5 % as served; each tap pooled and two chained Gemms (the second's C input carrying the first's product)
 instead of the Concat: 8.7 against 9.0 %; onnxruntime's ``only_execute_path_to_fetches``: within noise.
 None kept. Folding the mean into one Gemm over the flattened taps would read T times the matrix (1.1 MB
-per ViT input at batch 1): not tried.
+per ViT input at batch 1): not tried. Pooling by a ``MatMul`` with a constant ``1/T`` row (its ``[B, 1, C]``
+then needs a Squeeze, Reshape or Flatten before the ``Gemm``): 2.4-4.7 against 2.9 % for ``ReduceMean``;
+``Einsum btc,ck->bk`` (pool and whiten in one node, no bias): 10.7 against 5.2 %. Not kept either.
+What was kept: **one tap** (:mod:`edge.route.tapsets`, ``mlp-in:1``, what ``edge bench ood`` serves on the ViT).
+At batch 1 the head reads its matrices once per input, so its width costs as much as its nodes (a ``Gemm``
+onto 16 columns +1.2 points over the taps, onto 211 columns +3.3): one 64-wide tap reads 8.1 k floats
+against 24.4 k for two, and saves the ``Concat``. Through :class:`~edge.runtime.Runtime` (hybrid, steady
+state, both in the same rounds, four runs of 40-200 rounds, load 11-13): two ``attn`` taps +7.9 to +10.4 %,
+``mlp-in:1`` +4.0 to +8.0 % at batch 1, 2.3-5.9 points less in every run; at batch 16 1.9-5.1 points less.
 Earlier heads: one ``Gemm`` with a norm bar concatenated in front and the column turned into a domain by
 ``Div``/``Sub`` (8 nodes) cost about 2 points more at batch 1; one with separate max, divide, compare and
 select (12 nodes) more again. An earlier try fed the matrices as graph inputs every run and added ~7 %:
@@ -60,42 +68,21 @@ onnxruntime packs a fed matrix on every call, while a constant one is packed onc
 
 Only nodes, graph inputs and outputs are added (constants as ``Constant`` nodes); the
 stored weights are untouched, so the copy keeps the model's fingerprint and every
-adapter of the model applies to it.
-
-Taps for any exported model, three ways:
-
-* **by name**: a list of tensor names (batch first);
-* **by op pattern** (:data:`TAP_SETS`). A pre-LN transformer's ``LayerNormalization``
-  inputs: ``attn`` the residual stream after each attention sub-block, ``blocks`` after
-  each block, ``all`` after every sub-block. A CNN's 4-D (NCHW) feature maps, each
-  pooled by a global average over its spatial axes: ``stages`` the last map at each
-  resolution (the output of each downsampling stage; resolution = the number of strided
-  Conv/pool nodes above it, found without shapes), ``residual`` after each residual block
-  (a sum of two maps, or the activation that alone reads it). Maps end where a global
-  pool, reshape or linear layer starts;
-* **by the model's own declaration** at export time: ``declared`` reads the tensor names
-  an exporter put in ``ModelInfo.extra["taps"]``;
-* ``first``: the first of ``auto``'s taps alone, the cheapest to serve (one pooled tensor,
-  no ``Concat``). On the demo CNN (its stem map) it detects as well as two taps; on the
-  demo ViT one tap routes 94.9 % as served against 95.5 % (below the 95 % goal).
-
-``auto`` (the default) takes the declared taps, else ``attn``, else ``stages``; a model
-with none of them raises :class:`~edge.errors.ConfigError` naming what to pass. More
-taps score a little better but cost more: the detector whitens ``d x d`` per input and
-``d`` grows with each tap (BENCHMARKS.md compares them).
+adapter of the model applies to it. Which tensors to tap: :mod:`edge.route.tapsets` (by name, by op
+pattern, as the exporter declared them; ``auto`` by default).
 """
 
 from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from edge.errors import ConfigError, FormatError
 from edge.format.modelinfo import META_KEY
-from edge.registry import Registry
+from edge.route.tapsets import TAP_SETS, resolve_taps, tensor_shapes
 
 __all__ = [
     "FEATURES",
@@ -117,126 +104,6 @@ VOTE = "edge.vote"  # detector-head output: [B] int64, the routed domain, or -1 
 HEAD_M, HEAD_C, HEAD_P, HEAD_T = "edge.head.m", "edge.head.c", "edge.head.p", "edge.head.t"
 #: bias of unused head columns: never the max or the argmax
 HEAD_UNUSED = -1e30
-
-
-def _norm_inputs(model) -> list[str]:
-    return [n.input[0] for n in model.graph.node if n.op_type == "LayerNormalization"]
-
-
-#: ops that keep a feature map a feature map ([B, C, H, W] in, [B, C, H', W'] out); anything else (a global
-#: pool, a reshape, a linear layer) ends the convolutional part for the CNN tap sets
-_MAP_OPS = frozenset(
-    "Conv BatchNormalization InstanceNormalization Relu Clip LeakyRelu PRelu Sigmoid HardSigmoid HardSwish Tanh "
-    "Elu Selu Gelu Mul Add Sub Div Concat MaxPool AveragePool Pad Identity Dropout".split()
-)
-
-
-def _stride(node) -> int:
-    """The largest stride of a Conv, MaxPool or AveragePool node (1 for any other op)."""
-    from onnx import helper
-
-    if node.op_type not in ("Conv", "MaxPool", "AveragePool"):
-        return 1
-    strides = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "strides"), [1])
-    return max(strides, default=1)
-
-
-def _feature_maps(model) -> list[tuple[str, int, bool]]:
-    """``(tensor, resolution level, residual sum?)`` of every 4-D feature map a node computes, in graph order.
-
-    The level counts the strided Conv/pool nodes between the input and the tensor (shape-free,
-    so symbolic input sizes work); a residual sum is an ``Add`` of two feature maps.
-    """
-    inits = {i.name for i in model.graph.initializer}
-    rank = {k: len(v) for k, v in _shapes(model).items()}
-    level = {i.name: 0 for i in model.graph.input if rank.get(i.name) == 4 and i.name not in inits}
-    out = []
-    for node in model.graph.node:
-        ins = [level[i] for i in node.input if i in level]
-        if node.op_type not in _MAP_OPS or not ins:
-            continue
-        lv = max(ins) + (_stride(node) > 1)
-        for o in node.output:
-            if rank.get(o) == 4:
-                level[o] = lv
-                out.append((o, lv, node.op_type == "Add" and len(ins) == 2))
-    return out
-
-
-def _stages(model) -> list[str]:
-    """After each CNN stage: the last feature map computed at each resolution."""
-    last: dict[int, str] = {}
-    for tensor, lv, _ in _feature_maps(model):
-        last[lv] = tensor
-    return [last[lv] for lv in sorted(last)]
-
-
-def _residual(model) -> list[str]:
-    """After each residual block: each residual sum, or the activation that alone reads it."""
-    maps = _feature_maps(model)
-    names = {t for t, _, _ in maps}
-    consumers: dict[str, list] = {}
-    for node in model.graph.node:
-        for i in node.input:
-            consumers.setdefault(i, []).append(node)
-    out = []
-    for tensor, _, residual in maps:
-        if residual:
-            after = consumers.get(tensor, [])
-            act = after[0].output[0] if len(after) == 1 and after[0].op_type in _ACTIVATIONS else None
-            out.append(act if act in names else tensor)
-    return out
-
-
-_ACTIVATIONS = frozenset("Relu Clip LeakyRelu PRelu Elu Selu Gelu HardSwish Tanh".split())
-
-
-def _declared(model) -> list[str]:
-    """The taps the exporter recorded: ``ModelInfo.extra["taps"]`` (tensor names), or none."""
-    from edge.format.modelinfo import ModelInfo
-
-    meta = next((p.value for p in model.metadata_props if p.key == META_KEY), None)
-    taps = ModelInfo.from_json(meta).extra.get("taps") if meta is not None else None
-    if taps is None:
-        return []
-    if isinstance(taps, str) or not all(isinstance(t, str) for t in taps):
-        raise FormatError(f"model {model.graph.name!r} declares taps {taps!r}; expected a list of tensor names")
-    return list(taps)
-
-
-def _auto(model) -> list[str]:
-    """The model's declared taps, else after each transformer block's attention, else after each CNN stage."""
-    return _declared(model) or TAP_SETS.get("attn")(model) or _stages(model)
-
-
-#: named tap choices: name -> function(onnx.ModelProto) -> tensor names. With pre-LN blocks
-#: (two LayerNormalization nodes each, plus a final one) the norm inputs are, in order: the
-#: embedding, then after each attention and after each MLP sub-block.
-TAP_SETS: Registry[Callable] = Registry("tap set")
-TAP_SETS.add("attn", lambda m: _norm_inputs(m)[1::2])  # after each attention sub-block
-TAP_SETS.add("blocks", lambda m: [t for t in _norm_inputs(m)[::-1][::2] if t != _norm_inputs(m)[0]][::-1])
-TAP_SETS.add("all", lambda m: _norm_inputs(m)[1:])  # after every sub-block
-TAP_SETS.add("stages", _stages)  # CNN: the last feature map at each resolution
-TAP_SETS.add("residual", _residual)  # CNN: after each residual block
-TAP_SETS.add("declared", _declared)  # what the exporter recorded in ModelInfo.extra["taps"]
-TAP_SETS.add("auto", _auto)  # declared, else attn, else stages
-TAP_SETS.add("first", lambda m: _auto(m)[:1])  # auto's first tap alone: one pooled tensor, the cheapest to serve
-
-
-def resolve_taps(model, taps: str | Sequence[str] = "auto") -> list[str]:
-    """Tensor names for a tap set name (:data:`TAP_SETS`) or an explicit list."""
-    if not isinstance(taps, str):
-        return list(dict.fromkeys(taps))
-    names = list(dict.fromkeys(TAP_SETS.get(taps)(model)))
-    if not names:
-        some = [t for t, _, _ in _feature_maps(model)][-4:] or _norm_inputs(model)[-4:]
-        raise ConfigError(
-            f"tap set {taps!r} finds nothing in model {model.graph.name!r}: no taps declared at export "
-            f"(ModelInfo.extra['taps']), {len(_norm_inputs(model))} LayerNormalization nodes (attn, blocks, all), "
-            f"{len(_stages(model))} CNN stages (stages, residual); pass taps=[tensor names] (intermediate tensors, "
-            f"batch first{', e.g. ' + str(some) if some else ''})"
-        )
-    return names
 
 
 def _pool_axes(shape: tuple) -> tuple[list[int], object]:
@@ -301,7 +168,7 @@ def tap_model(
     except Exception as e:  # protobuf DecodeError and friends
         raise FormatError(f"cannot read ONNX model {src}: {e}") from e
     taps = resolve_taps(model, taps)
-    shapes = _shapes(model)
+    shapes = tensor_shapes(model)
     taken = {o.name for o in model.graph.output} | {i.name for i in model.graph.input}
     if FEATURES in taken:
         raise ConfigError(f"model {model.graph.name!r} already has an output {FEATURES!r}; tap the original")
@@ -434,19 +301,3 @@ def _add_head(model, head: Head, width: int, meta: str | None) -> str:
     tensors[HEAD_T] = TensorInfo(HEAD_T, (n_v,), head=True)
     extra = {**info.extra, "edge.head": {"domains": head.domains, "classes": head.classes, "width": width}}
     return replace(info, tensors=tensors, extra=extra).to_json()
-
-
-def _shapes(model) -> dict[str, tuple]:
-    """Shape (ints, or names for symbolic dims) of every tensor onnx shape inference knows."""
-    import onnx
-
-    try:
-        inferred = onnx.shape_inference.infer_shapes(model)
-    except Exception as e:  # onnx raises InferenceError and protobuf errors
-        raise FormatError(f"shape inference failed on model {model.graph.name!r}: {e}") from e
-    shapes = {}
-    for v in [*inferred.graph.value_info, *inferred.graph.output, *inferred.graph.input]:
-        t = v.type.tensor_type
-        if t.HasField("shape"):
-            shapes[v.name] = tuple(d.dim_value if d.HasField("dim_value") else d.dim_param for d in t.shape.dim)
-    return shapes

@@ -17,6 +17,7 @@ BENCHES = {
     "fleet": "lab.bench_fleet:cli",
     "masks": "lab.bench_masks:cli",
     "quantized": "lab.bench_quantized:cli",
+    "engines": "lab.bench_engines:cli",
 }
 
 

@@ -80,7 +80,8 @@ def test_no_serialised_or_parsed_copy_of_the_weights_is_kept(embedder, strategy)
         base = b.read("emb.weight").base
         while getattr(base, "base", None) is not None:
             base = base.base
-        assert base.nbytes == arena  # ... of one arena holding every writable tensor once
+        # ... of one arena holding every writable tensor once, each on a 64-byte line (padding at most 64 bytes each)
+        assert arena <= base.nbytes <= arena + 64 * 3
     finally:
         b.close()
 

@@ -120,6 +120,7 @@ def images(domain: int, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
         ({}, ["c1"], ["c1"]),
         ({}, "first", ["r1"]),  # auto's first tap alone
         ({"taps": ["c2", "r1"]}, "first", ["c2"]),
+        ({}, "mlp-in", None),  # no LayerNormalization: nothing to normalise
     ],
     ids=[
         "stages",
@@ -132,6 +133,7 @@ def images(domain: int, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
         "by-name",
         "first",
         "first-declared",
+        "no-mlp-in",
     ],
 )
 def test_tap_sets_on_a_cnn(tmp_path, kw, taps, want):
@@ -145,7 +147,17 @@ def test_tap_sets_on_a_cnn(tmp_path, kw, taps, want):
 
 
 def test_every_tap_set_has_a_case():
-    assert set(TAP_SETS.names()) == {"attn", "blocks", "all", "stages", "residual", "declared", "auto", "first"}
+    assert set(TAP_SETS.names()) == {
+        "attn",
+        "mlp-in",
+        "blocks",
+        "all",
+        "stages",
+        "residual",
+        "declared",
+        "auto",
+        "first",
+    }
 
 
 def test_stage_levels_need_no_shapes(tmp_path):

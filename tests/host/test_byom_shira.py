@@ -179,7 +179,8 @@ def test_dataloader_input_equals_the_same_batches_as_a_list(layer):
         saliency(model, loader, params=[TARGET])[TARGET], saliency(model, x, y, [TARGET])[TARGET], rtol=1e-4, atol=1e-8
     )
     snip = train_snip(model, [TARGET], loader, density=0.1, epochs=1, lr=1e-2)
-    np.testing.assert_array_equal(snip[TARGET][0], make_masks(model, [TARGET], density=0.1, calib=loader)[TARGET])
+    snip_mask = make_masks(model, [TARGET], density=0.1, kind="snip", calib=loader)[TARGET]
+    np.testing.assert_array_equal(snip[TARGET][0], snip_mask)
     with pytest.raises(ConfigError, match="one-shot"):
         train_shira(model, masks, iter(batches), epochs=2, progress=False)
     with pytest.raises(ConfigError, match="one-shot"):

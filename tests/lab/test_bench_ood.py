@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from test_router import make_prelm
 
-from lab.bench_ood import GOALS, markdown
+from edge.errors import ConfigError
+from lab.bench_ood import CNN_TAPS, GOALS, VIT_TAPS, cli, markdown
 from lab.bench_overhead import encoder_overhead, paired_pct, time_rounds
 from lab.stream import _row, _Votes
 
@@ -40,6 +41,28 @@ def test_encoder_overhead_reports_batch_one_first_and_batch_16_beside_it(tmp_pat
     # each contestant fetches what a served stream does: the encoder's own outputs, and the vote beside them
     assert r["fetched"] == {"plain": ["logits", "features"], "headed": ["logits", "features", "edge.vote"]}
     assert all(np.isfinite([v["taps_pct"], v["head_pct"]]).all() for v in r["per_batch"].values())  # the head apart
+
+
+def test_the_vits_default_taps_are_one_normalised_tap(tmp_path):
+    """``mlp-in:1``: the first block's normalised MLP input alone (one pooled tensor, no Concat)."""
+    import onnx
+
+    from edge.route.taps import tap_model
+    from edge.route.tapsets import resolve_taps
+
+    make_prelm(tmp_path / "m.onnx")
+    assert resolve_taps(onnx.load(str(tmp_path / "m.onnx")), VIT_TAPS) == ["n1"]  # the LayerNorm after h0 (attn)
+    tapped = tap_model(tmp_path / "m.onnx", tmp_path / "t.onnx", VIT_TAPS)
+    assert tapped.tensors == ("n1",) and tapped.width == 8
+    assert CNN_TAPS == "first"
+
+
+@pytest.mark.parametrize("taps", ["nope", "mlp-in:0", "attn:x"])
+def test_bench_refuses_a_bad_tap_set_before_building_anything(tmp_path, taps):
+    args = SimpleNamespace(cache=tmp_path / "never-built", model="vit", taps=taps, quiet=True)
+    with pytest.raises(ConfigError, match="tap set"):
+        cli(args)
+    assert not (tmp_path / "never-built").exists()
 
 
 def step(codes, names=("clean", "rotate")):

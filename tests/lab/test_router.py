@@ -155,7 +155,18 @@ def test_tap_sets_pick_norm_inputs(tmp_path):
     assert resolve_taps(m, "all") == ["h0", "h1"]
     assert resolve_taps(m, ["n2"]) == ["n2"]
     assert resolve_taps(m, "first") == ["h0"]  # auto (attn here) cut to its first tap
-    assert set(TAP_SETS.names()) == {"attn", "blocks", "all", "stages", "residual", "declared", "auto", "first"}
+    assert resolve_taps(m, "mlp-in") == ["n1"]  # attn's taps, normalised (the LayerNorm reading h0)
+    assert set(TAP_SETS.names()) == {
+        "attn",
+        "mlp-in",
+        "blocks",
+        "all",
+        "stages",
+        "residual",
+        "declared",
+        "auto",
+        "first",
+    }
 
 
 def test_tapped_model_keeps_fingerprint_and_adds_pooled_features(setup):

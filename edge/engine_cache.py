@@ -1,0 +1,169 @@
+"""``backend="auto"`` measured once: the engine choice kept per model files, machine and libraries.
+
+:func:`edge.engines.choose_engine` times every engine that can run a model (a few seconds on a
+22 M-parameter encoder). :func:`cached_engine` makes that choice once and keeps it in a small JSON
+file (``$EDGE_ENGINE_CACHE``, else ``$EDGE_CACHE/engines``, else ``~/.cache/edge/engines``), written
+atomically. The file's key is everything the choice depends on: each candidate file (backend,
+resolved path, size, modification time, inode: a rewritten file is another), the machine
+(architecture, CPU model, cores), each backend's library version, the thread count, the device
+profile (name and backend order) and the margin. Any change measures again. A file that cannot be
+read, fails its checks or names an engine not among the candidates is measured again, with a
+warning; a choice that cannot be stored is still used, with a warning and the reason in
+:attr:`EngineChoice.reason`.
+
+With ``strategy`` other than ``auto``, only the engines whose backend offers it are candidates (the
+others are listed in ``skipped``). One candidate is chosen without measuring. Each file has its own
+fingerprint (``M.onnx`` and ``M.tflite`` store the weights differently), and an adapter names the one
+it was made for: when the chosen file's differs from the asked file's, the reason says so.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from edge.engines import (
+    MARGIN,
+    EngineChoice,
+    compare_engines,
+    decide,
+    find_engines,
+    generated_feeds,
+    runtime_version,
+)
+from edge.errors import BackendUnavailableError, EdgeError
+
+__all__ = ["FORMAT", "VERSION", "cache_folder", "cached_engine", "choice_key", "explicit_engine"]
+
+log = logging.getLogger("edge.engines")
+
+FORMAT, VERSION = "edge.engine-choice", 1
+_MAX_BYTES = 1 << 20  # a choice file is a few KB
+
+
+def explicit_engine(backend: str, model: str | os.PathLike) -> EngineChoice:
+    """The choice when the caller names the backend: nothing measured."""
+    return EngineChoice(backend, Path(model), f"{backend}: backend={backend!r} (given, or the default), not measured")
+
+
+def cache_folder() -> Path:
+    """Where choices are kept: ``$EDGE_ENGINE_CACHE``, else ``$EDGE_CACHE/engines``, else ``~/.cache/edge/engines``."""
+    if os.environ.get("EDGE_ENGINE_CACHE"):
+        return Path(os.environ["EDGE_ENGINE_CACHE"])
+    return Path(os.environ.get("EDGE_CACHE") or Path.home() / ".cache" / "edge") / "engines"
+
+
+def choice_key(found, profile=None, threads: int | None = None, margin: float = MARGIN) -> dict:
+    """What the choice among ``found`` (:class:`EngineFile` list) depends on, as a JSON-able dict."""
+    from edge.machine import machine
+
+    m = machine()
+    files = []
+    for e in found:  # the file's identity, not its bytes: reading a 90 MB .tflite again would cost more than the key
+        st = e.path.stat()
+        files.append([e.backend, str(e.path.resolve()), st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev])
+    return {
+        "files": files,
+        "machine": [m["arch"], m["cpu"], m["cores"]],
+        "libraries": sorted({runtime_version(e.backend) for e in found}),
+        "threads": threads,
+        "profile": None if profile is None else [profile.name, [b.backend for b in profile.backends]],
+        "margin": margin,
+    }
+
+
+def cached_engine(
+    model: str | os.PathLike,
+    *,
+    device=None,
+    threads: int | None = None,
+    strategy: str = "auto",
+    margin: float = MARGIN,
+    rounds: int = 5,
+    runs: int = 10,
+    folder: str | os.PathLike | None = None,
+) -> EngineChoice:
+    """The engine ``backend="auto"`` runs ``model`` on: measured the first time, read from the cache after.
+
+    ``device`` is a profile (name, path or DeviceProfile) or None. Raises :class:`BackendUnavailableError`
+    when no engine here can run it (with ``strategy``)."""
+    from edge.devices import DeviceProfile, load_profile
+    from runtimes import get_backend, read_model_info
+
+    profile = device if device is None or isinstance(device, DeviceProfile) else load_profile(device)
+    found, skipped = find_engines(model, profile)
+    if strategy != "auto":
+        for e in list(found):
+            offered = get_backend(e.backend).STRATEGIES
+            if strategy not in offered:
+                found.remove(e)
+                skipped[e.backend] = f"strategy {strategy!r} asked; {e.backend} offers {', '.join(offered)}"
+    if not found:
+        why = "; ".join(f"{b}: {s}" for b, s in skipped.items())
+        raise BackendUnavailableError(f"no engine here can run {Path(model).name}: {why}")
+    if len(found) == 1:
+        e = found[0]
+        return EngineChoice(e.backend, e.path, f"{e.backend}: the only engine that can run it here", None, skipped)
+    key = choice_key(found, profile, threads, margin)
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+    path = Path(folder) if folder is not None else cache_folder()
+    path = path / f"{Path(model).stem[:64]}-{digest}.json"
+    kept = _read(path, key, found, skipped)
+    if kept is not None:
+        return kept
+    figures = compare_engines(found, generated_feeds(found), profile=profile, threads=threads, rounds=rounds, runs=runs)
+    choice = decide(found, figures, skipped, margin)
+    asked = Path(model)
+    if choice.path.resolve() != asked.resolve():  # adapters name the fingerprint of the file they were made for
+        theirs, ours = (read_model_info(p).fingerprint for p in (choice.path, asked))
+        if theirs != ours:
+            note = f"; adapters for {asked.name} ({ours}) do not apply to {choice.path.name} ({theirs})"
+            choice = replace(choice, reason=choice.reason + note)
+    stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    record = {
+        "format": FORMAT,
+        "version": VERSION,
+        "key": key,
+        "backend": choice.backend,
+        "path": str(choice.path.resolve()),
+        "reason": choice.reason,
+        "measured": stamp,
+        "comparison": figures,
+        "skipped": dict(choice.skipped),
+    }
+    from edge.format.io import write_json
+
+    try:
+        write_json(path, record)
+        note = f"measured {stamp}, kept in {path}"
+    except OSError as e:
+        log.warning("engine choice for %s not kept (%s); the next load measures again", Path(model).name, e)
+        note = f"measured {stamp}, not kept ({e})"
+    return replace(choice, reason=f"{choice.reason} [{note}]")
+
+
+def _read(path: Path, key: dict, found, skipped) -> EngineChoice | None:
+    """The choice kept in ``path`` if it is for ``key`` and names a candidate; None (logged why) otherwise."""
+    from edge.format.io import load_json, read_bounded
+
+    if not path.exists():
+        return None
+    try:
+        rec = load_json(read_bounded(path, _MAX_BYTES, what="engine choice"), source=str(path))
+        ok = isinstance(rec, dict) and rec.get("format") == FORMAT and rec.get("version") == VERSION
+        if not ok or rec.get("key") != key:
+            raise ValueError("another format, version or key")
+        chosen = next((e for e in found if e.backend == rec["backend"] and str(e.path.resolve()) == rec["path"]), None)
+        if chosen is None or not isinstance(rec.get("reason"), str):
+            raise ValueError(f"it names {rec.get('backend')!r}, not a candidate now")
+        reason = f"{rec['reason']} [measured {rec.get('measured')}, read from {path}]"
+        comparison = rec.get("comparison") if isinstance(rec.get("comparison"), dict) else None
+        return EngineChoice(chosen.backend, chosen.path, reason, comparison, skipped)
+    except (OSError, ValueError, KeyError, TypeError, EdgeError) as e:
+        log.warning("engine choice in %s not used (%s); measuring again", path, e)
+        return None

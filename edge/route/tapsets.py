@@ -1,0 +1,198 @@
+"""Which tensors to tap (:func:`edge.route.taps.tap_model`): named tap sets and their resolution.
+
+Taps for any exported model, three ways:
+
+* **by name**: a list of tensor names (batch first);
+* **by op pattern** (:data:`TAP_SETS`). A pre-LN transformer's ``LayerNormalization``
+  inputs: ``attn`` the residual stream after each attention sub-block, ``blocks`` after
+  each block, ``all`` after every sub-block; and its outputs: ``mlp-in`` the normalised
+  input of each block's MLP (the ``attn`` taps normalised). A CNN's 4-D (NCHW) feature
+  maps, each pooled by a global average over its spatial axes: ``stages`` the last map at
+  each resolution (the output of each downsampling stage; resolution = the number of
+  strided Conv/pool nodes above it, found without shapes), ``residual`` after each
+  residual block (a sum of two maps, or the activation that alone reads it). Maps end
+  where a global pool, reshape or linear layer starts;
+* **by the model's own declaration** at export time: ``declared`` reads the tensor names
+  an exporter put in ``ModelInfo.extra["taps"]``;
+* ``first``: the first of ``auto``'s taps alone, the cheapest to serve (one pooled tensor,
+  no ``Concat``). On the demo CNN (its stem map) it detects as well as two taps; on the
+  demo ViT one tap routes 94.9 % as served against 95.5 % (below the 95 % goal).
+
+``NAME:K`` takes the first ``K`` taps of a set: ``mlp-in:1``, block 0's normalised MLP
+input alone, is what the demo ViT serves (``edge bench ood``). On it, one tap instead of
+two saves the ``Concat`` and half the head's matrices, and at batch 1 that is most of
+the detection overhead; the normalised tap routes better than the raw one (as served
+95.1 against 94.9 %, known inputs rejected 2.3 %; the two ``attn`` taps 95.5 %). Single
+taps measured besides (as served): block 0's MLP hidden layer before GELU 95.3 % (128
+wide: twice the head), the normalised embedding 95.0 %, the raw residual stream after
+block 0 93.8 %, anything in block 1 90-92.5 %.
+
+``auto`` (the default) takes the declared taps, else ``attn``, else ``stages``; a model
+with none of them raises :class:`~edge.errors.ConfigError` naming what to pass. More
+taps score a little better but cost more: the detector whitens ``d x d`` per input and
+``d`` grows with each tap (BENCHMARKS.md compares them).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from edge.errors import ConfigError, FormatError
+from edge.format.modelinfo import META_KEY
+from edge.registry import Registry
+
+__all__ = ["TAP_SETS", "resolve_taps", "tap_set", "tensor_shapes"]
+
+
+def _norm_inputs(model) -> list[str]:
+    return [n.input[0] for n in model.graph.node if n.op_type == "LayerNormalization"]
+
+
+def _norm_outputs(model) -> list[str]:
+    return [n.output[0] for n in model.graph.node if n.op_type == "LayerNormalization"]
+
+
+#: ops that keep a feature map a feature map ([B, C, H, W] in, [B, C, H', W'] out); anything else (a global
+#: pool, a reshape, a linear layer) ends the convolutional part for the CNN tap sets
+_MAP_OPS = frozenset(
+    "Conv BatchNormalization InstanceNormalization Relu Clip LeakyRelu PRelu Sigmoid HardSigmoid HardSwish Tanh "
+    "Elu Selu Gelu Mul Add Sub Div Concat MaxPool AveragePool Pad Identity Dropout".split()
+)
+
+
+def _stride(node) -> int:
+    """The largest stride of a Conv, MaxPool or AveragePool node (1 for any other op)."""
+    from onnx import helper
+
+    if node.op_type not in ("Conv", "MaxPool", "AveragePool"):
+        return 1
+    strides = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "strides"), [1])
+    return max(strides, default=1)
+
+
+def _feature_maps(model) -> list[tuple[str, int, bool]]:
+    """``(tensor, resolution level, residual sum?)`` of every 4-D feature map a node computes, in graph order.
+
+    The level counts the strided Conv/pool nodes between the input and the tensor (shape-free,
+    so symbolic input sizes work); a residual sum is an ``Add`` of two feature maps.
+    """
+    inits = {i.name for i in model.graph.initializer}
+    rank = {k: len(v) for k, v in tensor_shapes(model).items()}
+    level = {i.name: 0 for i in model.graph.input if rank.get(i.name) == 4 and i.name not in inits}
+    out = []
+    for node in model.graph.node:
+        ins = [level[i] for i in node.input if i in level]
+        if node.op_type not in _MAP_OPS or not ins:
+            continue
+        lv = max(ins) + (_stride(node) > 1)
+        for o in node.output:
+            if rank.get(o) == 4:
+                level[o] = lv
+                out.append((o, lv, node.op_type == "Add" and len(ins) == 2))
+    return out
+
+
+def _stages(model) -> list[str]:
+    """After each CNN stage: the last feature map computed at each resolution."""
+    last: dict[int, str] = {}
+    for tensor, lv, _ in _feature_maps(model):
+        last[lv] = tensor
+    return [last[lv] for lv in sorted(last)]
+
+
+def _residual(model) -> list[str]:
+    """After each residual block: each residual sum, or the activation that alone reads it."""
+    maps = _feature_maps(model)
+    names = {t for t, _, _ in maps}
+    consumers: dict[str, list] = {}
+    for node in model.graph.node:
+        for i in node.input:
+            consumers.setdefault(i, []).append(node)
+    out = []
+    for tensor, _, residual in maps:
+        if residual:
+            after = consumers.get(tensor, [])
+            act = after[0].output[0] if len(after) == 1 and after[0].op_type in _ACTIVATIONS else None
+            out.append(act if act in names else tensor)
+    return out
+
+
+_ACTIVATIONS = frozenset("Relu Clip LeakyRelu PRelu Elu Selu Gelu HardSwish Tanh".split())
+
+
+def _declared(model) -> list[str]:
+    """The taps the exporter recorded: ``ModelInfo.extra["taps"]`` (tensor names), or none."""
+    from edge.format.modelinfo import ModelInfo
+
+    meta = next((p.value for p in model.metadata_props if p.key == META_KEY), None)
+    taps = ModelInfo.from_json(meta).extra.get("taps") if meta is not None else None
+    if taps is None:
+        return []
+    if isinstance(taps, str) or not all(isinstance(t, str) for t in taps):
+        raise FormatError(f"model {model.graph.name!r} declares taps {taps!r}; expected a list of tensor names")
+    return list(taps)
+
+
+def _auto(model) -> list[str]:
+    """The model's declared taps, else after each transformer block's attention, else after each CNN stage."""
+    return _declared(model) or TAP_SETS.get("attn")(model) or _stages(model)
+
+
+#: named tap choices: name -> function(onnx.ModelProto) -> tensor names. With pre-LN blocks
+#: (two LayerNormalization nodes each, plus a final one) the norm inputs are, in order: the
+#: embedding, then after each attention and after each MLP sub-block.
+TAP_SETS: Registry[Callable] = Registry("tap set")
+TAP_SETS.add("attn", lambda m: _norm_inputs(m)[1::2])  # after each attention sub-block
+TAP_SETS.add("blocks", lambda m: [t for t in _norm_inputs(m)[::-1][::2] if t != _norm_inputs(m)[0]][::-1])
+TAP_SETS.add("all", lambda m: _norm_inputs(m)[1:])  # after every sub-block
+TAP_SETS.add("mlp-in", lambda m: _norm_outputs(m)[1::2])  # each block's normalised MLP input: attn, normalised
+TAP_SETS.add("stages", _stages)  # CNN: the last feature map at each resolution
+TAP_SETS.add("residual", _residual)  # CNN: after each residual block
+TAP_SETS.add("declared", _declared)  # what the exporter recorded in ModelInfo.extra["taps"]
+TAP_SETS.add("auto", _auto)  # declared, else attn, else stages
+TAP_SETS.add("first", lambda m: _auto(m)[:1])  # auto's first tap alone: one pooled tensor, the cheapest to serve
+
+
+def tap_set(spec: str) -> tuple[Callable, int | None]:
+    """The tap set function and count of ``NAME`` or ``NAME:K`` (the set's first ``K`` taps); unknown names and
+    counts that are not whole numbers >= 1 raise, naming what is allowed."""
+    name, _, count = spec.partition(":")
+    if count and not (count.isdigit() and int(count) >= 1):
+        raise ConfigError(f"tap set {spec!r}: the count after ':' must be a whole number >= 1, e.g. {name}:1")
+    if name not in TAP_SETS:
+        raise ConfigError(f"unknown tap set {name!r}; known: {', '.join(TAP_SETS.names())} (NAME:K: its first K)")
+    return TAP_SETS.get(name), int(count) if count else None
+
+
+def resolve_taps(model, taps: str | Sequence[str] = "auto") -> list[str]:
+    """Tensor names for a tap set name (:data:`TAP_SETS`), ``NAME:K`` (its first ``K`` taps) or an explicit list."""
+    if not isinstance(taps, str):
+        return list(dict.fromkeys(taps))
+    find, count = tap_set(taps)
+    names = list(dict.fromkeys(find(model)))[:count]
+    if not names:
+        some = [t for t, _, _ in _feature_maps(model)][-4:] or _norm_inputs(model)[-4:]
+        raise ConfigError(
+            f"tap set {taps!r} finds nothing in model {model.graph.name!r}: no taps declared at export "
+            f"(ModelInfo.extra['taps']), {len(_norm_inputs(model))} LayerNormalization nodes "
+            "(attn, mlp-in, blocks, all), "
+            f"{len(_stages(model))} CNN stages (stages, residual); pass taps=[tensor names] (intermediate tensors, "
+            f"batch first{', e.g. ' + str(some) if some else ''})"
+        )
+    return names
+
+
+def tensor_shapes(model) -> dict[str, tuple]:
+    """Shape (ints, or names for symbolic dims) of every tensor onnx shape inference knows."""
+    import onnx
+
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception as e:  # onnx raises InferenceError and protobuf errors
+        raise FormatError(f"shape inference failed on model {model.graph.name!r}: {e}") from e
+    shapes = {}
+    for v in [*inferred.graph.value_info, *inferred.graph.output, *inferred.graph.input]:
+        t = v.type.tensor_type
+        if t.HasField("shape"):
+            shapes[v.name] = tuple(d.dim_value if d.HasField("dim_value") else d.dim_param for d in t.shape.dim)
+    return shapes

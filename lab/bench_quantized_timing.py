@@ -1,0 +1,61 @@
+"""Switch and inference timings shared by the int8 benches (onnxruntime: :mod:`lab.bench_quantized`, LiteRT:
+:mod:`lab.bench_quantized_litert`): every base's runtime and plain run interleaved within rounds."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from edge.machine import p50, time_calls
+from edge.runtime import Runtime
+from lab.benchmarks import default_targets, random_shira
+
+__all__ = ["paired_timings", "switchable"]
+
+
+def switchable(path, **runtime_kw) -> Runtime:
+    """A settled-hybrid runtime on ``path`` with one random SHiRA adapter "A" loaded (density 1 %, the same entries
+    on every base; an int8 base takes it through its float twin's fingerprint, requantized and clipped at load)."""
+    rt = Runtime(path, strategy="hybrid", **runtime_kw)
+    info = rt.info
+    a = random_shira(info, default_targets(info), 0.01, seed=1, name="A")
+    if info.float_fingerprint is not None:
+        a = type(a)("A", info.float_fingerprint, a.tensors, a.shapes, info=a.info)
+    rt.load_adapter(a, clip=True)
+    return rt
+
+
+def paired_timings(contestants: dict, rounds: int, runs: int, switches: int) -> dict:
+    """``contestants``: base -> (runtime from :func:`switchable`, plain run ``fn(feeds)``, feeds). Switch base -> A
+    and inference (the settled runtime and the plain run) per base, both interleaved within rounds: each round
+    switches every base once, in a rotated order, and times every base's runs, so the ratios to fp32
+    (``switch_x_fp32_paired``: the median of per-round ratios) are paired. Closes the runtimes."""
+    names = list(contestants)
+    sw: dict[str, list[float]] = {b: [] for b in names}
+    for i in range(switches + 2):
+        for k in range(len(names)):  # rotated: no base always runs first after the others' rebuilds
+            b = names[(i + k) % len(names)]
+            rt = contestants[b][0]
+            rt.switch(None)
+            rt.wait_settled()
+            t0 = time.perf_counter()
+            rt.switch("A", clip=True)
+            t1 = time.perf_counter()
+            rt.wait_settled()
+            if i >= 2:
+                sw[b].append((t1 - t0) * 1e3)
+    times = {b: {"rt": [], "plain": []} for b in names}
+    for _ in range(rounds):
+        for b, (rt, plain, feeds) in contestants.items():
+            times[b]["plain"] += time_calls(lambda p=plain, f=feeds: p(f), runs)
+            times[b]["rt"] += time_calls(lambda r=rt, f=feeds: r.run(f), runs)
+    out = {}
+    for b, (rt, _, _) in contestants.items():
+        o = out[b] = {"switch_ms_p50": p50(sw[b]), "adapter_nnz": rt.adapter("A").nnz}
+        if "fp32" in sw and b != "fp32":
+            o["switch_x_fp32_paired"] = float(np.median(np.asarray(sw[b]) / np.asarray(sw["fp32"])))
+        o["infer_ms_p50"], o["static_infer_ms_p50"] = p50(times[b]["rt"]), p50(times[b]["plain"])
+        o["infer_overhead_pct"] = 100.0 * (o["infer_ms_p50"] / o["static_infer_ms_p50"] - 1.0)
+        rt.close()
+    return out

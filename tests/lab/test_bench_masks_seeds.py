@@ -1,0 +1,111 @@
+"""edge bench masks: per-seed accuracies, gaps paired by training seed, and a met that one seed misses."""
+
+from __future__ import annotations
+
+import pytest
+
+from lab.bench_masks_report import goals, markdown, summary
+
+
+def _kind(seed_acc: dict[str, float]) -> dict:
+    timing = {
+        "switch_ms_p50": 0.01,
+        "switch_ms_p99": 0.02,
+        "n": 10,
+        "slow": 0,
+        "slow_with_gc": 0,
+        "slow_with_page_faults": 0,
+        "slow_preempted": 0,
+        "preempted": 0,
+    }
+    mean = sum(seed_acc.values()) / len(seed_acc)
+    return {
+        "mean_acc": mean,
+        "acc": {"rotate": mean},
+        "seed_acc": seed_acc,
+        "entries": 656,
+        "runs_per_entry": 1.0,
+        "switch_vs_lora_x": 2.0,
+        "strategies": {"hybrid": timing, "bound": timing},
+        **timing,
+    }
+
+
+def _result(kinds: dict) -> dict:
+    for k, v in kinds.items():
+        v["structured"] = "-" in k
+    return {
+        "model": "digits-vit",
+        "density": 0.01,
+        "epochs": 30,
+        "lr": 0.03,
+        "seeds": [0, 1, 2],
+        "domains": ["rotate"],
+        "switch_pair": ["rotate", "noise"],
+        "targets": 12,
+        "base_acc": {"rotate": 0.3},
+        "lora_fuse_ms_p50": 0.08,
+        "lora_rank": 1,
+        "default_strategy": "hybrid",
+        "kinds": kinds,
+        "summary": summary(kinds),
+    }
+
+
+def test_gaps_are_paired_by_seed_and_a_mean_met_missed_by_one_seed_is_flagged():
+    r = _result(
+        {
+            "wm": _kind({"0": 0.840, "1": 0.845, "2": 0.850}),
+            "block4-wm": _kind({"0": 0.838, "1": 0.842, "2": 0.830}),  # mean gap 0.83, seed 2 misses by 2.0
+            "block16-wm": _kind({"0": 0.835, "1": 0.840, "2": 0.845}),  # 0.5 on every seed
+        }
+    )
+    s = r["summary"]
+    assert s["seed_gap_points"]["block4-wm"] == pytest.approx({"0": 0.2, "1": 0.3, "2": 2.0})
+    assert s["seed_gap_points"]["block16-wm"] == pytest.approx({"0": 0.5, "1": 0.5, "2": 0.5})
+    g = goals(r)
+    assert g["block4"]["acc_met"] and not g["block4"]["acc_met_every_seed"]
+    assert g["block16"]["acc_met"] and g["block16"]["acc_met_every_seed"]
+    r["goals"] = g
+    md = markdown(r)
+    assert "| block4-wm | 0.837 | 0.837 | 0.8 | 0.830-0.842 | 0.2 / 0.3 / 2.0 |" in md
+    assert "| wm | 0.845 | 0.845 | - | 0.840-0.850 | - |" in md
+    assert "| block4 | block4-wm | 0.8 | met | - | - | - | - | 0.2 / 0.3 / 2.0 | **not met** |" in md
+    assert "| block16 | block16-wm | 0.5 | met | - | - | - | - | 0.5 / 0.5 / 0.5 | met |" in md
+
+
+def test_results_without_seed_figures_still_report():
+    kinds = {"wm": _kind({"0": 0.84}), "block4-wm": _kind({"0": 0.83})}
+    for v in kinds.values():
+        del v["seed_acc"]
+    r = _result(kinds)
+    assert "seed_gap_points" in r["summary"] and not r["summary"]["seed_gap_points"]
+    g = goals(r)
+    assert "acc_met_every_seed" not in g["block4"]
+    r["goals"] = g
+    assert "| block4-wm | 0.830 | 0.830 | 1.0 | - | - |" in markdown(r)
+
+
+def test_epochs_are_one_budget_for_every_kind_and_part_of_the_training_key(tmp_path):
+    from edge.errors import ConfigError
+    from lab.bench_masks import EPOCHS, bench_masks, training_key
+    from lab.pipeline import DemoConfig
+
+    with pytest.raises(ConfigError, match="epochs must be >= 1; got 0"):
+        bench_masks(tmp_path, epochs=0)
+    checkpoint = tmp_path / "encoder.safetensors"
+    checkpoint.write_bytes(b"weights")
+    cfg = DemoConfig()
+    assert training_key(cfg, checkpoint) == training_key(cfg, checkpoint, EPOCHS)  # the default run's cache stays
+    assert training_key(cfg, checkpoint, 60) != training_key(cfg, checkpoint, EPOCHS)
+
+
+def test_the_report_says_where_the_default_mask_stands():
+    kinds = {"wm": _kind({"0": 0.84}), "random": _kind({"0": 0.845}), "block4-wm": _kind({"0": 0.83})}
+    r = _result(kinds)
+    r["default_mask"] = "wm"
+    assert "`wm`: 0.5 points below the best unstructured `random`." in markdown(r)
+    r["default_mask"] = "random"
+    assert "`random`: the best unstructured kind." in markdown(r)
+    r["default_mask"] = "snip"
+    assert "Default mask `snip`: not measured in this run." in markdown(r)
