@@ -17,7 +17,8 @@ see :data:`BASES` for the recipes and what each choice measured):
   and of the base with each domain's SHiRA adapter: fp32 adapters on fp32, *integer* SHiRA
   (:func:`exporters.train_shira_int`, same mask kind, density and learning rate, ``INT_EPOCHS_X`` times the
   epochs; on the static base with the graph's activation grids in the loop) on int8;
-  ``mean_acc_requantized`` the fp32 adapters requantized onto the int8 grid at load (the float path).
+  ``mean_acc_requantized`` the fp32 adapters requantized onto the int8 grid at load (the float path;
+  ``requantized_clipped_per_adapter`` of ``requantized_nnz`` entries clipped, means over the domains).
   MiniLM has no labels: ``cosine_base`` / ``cosine_adapted`` are the mean cosine of its embeddings to
   the fp32 model's (adapted: both with the same random float adapter).
 """
@@ -183,15 +184,15 @@ def demo_rows(family: str, cache: Path, bases: list[str], progress: bool) -> tup
                 rt.load_adapter(a, name=dn)
             accs = {dn: (_accuracy(rt, domains[dn], None), _accuracy(rt, domains[dn], dn)) for dn in cfg.domains}
             if opts is not None:  # the float path: fp32 adapters requantized onto this base at load
-                clipped, req = 0, []
+                clipped, req, nnz = 0, [], []
                 for dn, a in art.adapters.items():
                     rt.load_adapter(a, name=f"{dn}-float", clip=True)
                     req.append(_accuracy(rt, domains[dn], f"{dn}-float"))
                     clipped += rt.clipped
-                    nnz = rt.adapter(f"{dn}-float").nnz
+                    nnz.append(rt.adapter(f"{dn}-float").nnz)
                 row["mean_acc_requantized"] = float(np.mean(req))
                 row["requantized_clipped_per_adapter"] = clipped / len(req)
-                row["adapter_nnz"] = nnz
+                row["requantized_nnz"] = float(np.mean(nnz))  # entries per fp32 adapter, mean over domains
         row["mean_acc_base"] = float(np.mean([b for b, _ in accs.values()]))
         row["mean_acc_adapted"] = float(np.mean([a for _, a in accs.values()]))
         row["per_domain"] = {dn: {"base": b, "adapted": a} for dn, (b, a) in accs.items()}
@@ -321,7 +322,8 @@ def markdown(result: dict) -> str:
         acc_b = r.get("mean_acc_base", r.get("cosine_base"))
         acc_a = r.get("mean_acc_adapted", r.get("cosine_adapted"))
         req = (
-            f"{r['mean_acc_requantized']:.3f} ({r['requantized_clipped_per_adapter']:.0f} of {r['adapter_nnz']})"
+            f"{r['mean_acc_requantized']:.3f} "
+            f"({r['requantized_clipped_per_adapter']:.0f} of {r['requantized_nnz']:,.0f})"
             if "mean_acc_requantized" in r
             else "-"
         )

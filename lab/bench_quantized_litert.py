@@ -177,13 +177,15 @@ def demo_rows(family: str, cache: Path, bases: list[str], progress: bool) -> tup
                 dn: (_accuracy(rt, path, domains[dn], None), _accuracy(rt, path, domains[dn], dn)) for dn in adapters
             }
             if opts is not None:  # the float path: fp32 adapters requantized onto this base at load
-                clipped, req = 0, []
+                clipped, req, nnz = 0, [], []
                 for dn, a in art.adapters.items():
                     rt.load_adapter(a, name=f"{dn}-float", clip=True)
                     req.append(_accuracy(rt, path, domains[dn], f"{dn}-float"))
                     clipped += rt.clipped
+                    nnz.append(rt.adapter(f"{dn}-float").nnz)
                 row["mean_acc_requantized"] = float(np.mean(req))
                 row["requantized_clipped_per_adapter"] = clipped / len(req)
+                row["requantized_nnz"] = float(np.mean(nnz))  # entries per fp32 adapter, mean over domains
         with Runtime(path, backend="tflite", strategy="builtin") as rt:  # what serves in hybrid's settle window
             for dn, a in adapters.items():
                 rt.load_adapter(a, name=dn)
@@ -311,7 +313,8 @@ def markdown(result: dict) -> str:
     ]
     for r in result["rows"]:
         req = (
-            f"{r['mean_acc_requantized']:.3f} ({r['requantized_clipped_per_adapter']:.0f} of {r['adapter_nnz']})"
+            f"{r['mean_acc_requantized']:.3f} "
+            f"({r['requantized_clipped_per_adapter']:.0f} of {r['requantized_nnz']:,.0f})"
             if "mean_acc_requantized" in r
             else "-"
         )

@@ -21,7 +21,7 @@ def _row(base, acc, infer, plain, switch, rss=None):
         "plain_rss_mb": rss and rss - 4,
     }
     if base != "fp32":
-        row.update(mean_acc_requantized=0.8, requantized_clipped_per_adapter=3.0, adapter_nnz=662)
+        row.update(mean_acc_requantized=0.8, requantized_clipped_per_adapter=3.0, requantized_nnz=662)
         row["mean_acc_adapted_builtin"] = 0.79
     return row
 
