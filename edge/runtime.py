@@ -288,15 +288,6 @@ class Runtime:
         they are clipped and counted in :attr:`clipped`).
         """
         self._check_open()
-        if type(spec) is str and head is None:  # one adapter as load_adapter prepared it: one lookup, one write
-            with self._lock:
-                if (p := self._adapters.get(spec)) is not None and not self._closed:  # else: the errors below
-                    self.backend.write(self._restore, p.apply)
-                    self._restore, self._touched, self.clipped = p.restore, p.touched, p.clipped
-                    self._active = {spec: 1.0}
-                    return
-        from runtimes import WeightWrite
-
         target = normalise(spec)
         head_write = self._head_write(head) if head else None
         with self._lock:
@@ -307,12 +298,14 @@ class Runtime:
                 p = self._adapters[next(iter(target))]
                 apply, restore, touched, clipped = p.apply, p.restore, p.touched, p.clipped
             else:
+                from runtimes import WeightWrite
+
                 f = fuse(self._parts(target), clip=clip, what=f"fusing {target}")
                 check_finite(f.values, f"fusing {target}")
                 touched, clipped = f.touched, f.clipped
                 apply = self.backend.prepare([WeightWrite(t, touched[t][0], v) for t, v in f.values.items()])
                 restore = self.backend.prepare([WeightWrite(t, pos, b) for t, (pos, b) in touched.items()])
-            self.backend.write(self._restore, apply, *([head_write] if head_write is not None else []))
+            self.backend.write(self._restore, apply, *(() if head_write is None else (head_write,)))
             self._restore, self._touched, self._active, self.clipped = restore, touched, target, clipped
         if clipped and not fast:  # a single adapter's clipping was reported when it loaded
             log.warning("fusing %s clipped %d entries of the quantized weights to the integer range", target, clipped)
