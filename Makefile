@@ -34,7 +34,8 @@ demo-tflite: $(TFLITE_VENV)/.installed
 
 # The TFLite export tests (litert-torch): conv layouts and folded BatchNorm, 17 HF families on LiteRT (slow ones too).
 test-tflite: $(TFLITE_VENV)/.installed
-	$(TFLITE_VENV)/bin/python -m pytest -q -m "slow or not slow" tests/host/test_tflite_conv.py tests/host/test_tflite_hf.py tests/host/test_layout_match.py tests/device/test_litert.py tests/host/test_tflite_quant.py
+	$(TFLITE_VENV)/bin/python -m pytest -q -m "slow or not slow" tests/host/test_tflite_conv.py tests/host/test_tflite_hf.py tests/host/test_layout_match.py tests/device/test_litert.py tests/host/test_tflite_quant.py \
+		tests/host/test_cli_quantize.py
 
 # The OCI registry (Debian's docker-registry) that the fleet tests start on 127.0.0.1; skipped with a message if
 # it cannot be installed here.
@@ -52,6 +53,7 @@ bench: $(STAMP) $(TFLITE_VENV)/.installed registry
 	$(BIN)/edge bench masks --json bench-masks.json --md BENCHMARKS.md
 	$(BIN)/edge bench update --json bench-update.json --md BENCHMARKS.md
 	$(BIN)/edge bench ood --minilm --json bench-ood.json --md BENCHMARKS.md
+	$(BIN)/edge bench ood --taps mlp-in:1 --json bench-ood-mlp-in.json --md BENCHMARKS.md
 	$(BIN)/edge bench ood --taps all --json bench-ood-all.json --md BENCHMARKS.md
 	$(BIN)/edge bench ood --model cnn --json bench-ood-cnn.json --md BENCHMARKS.md
 	$(BIN)/edge bench ood --model cnn --taps auto --json bench-ood-cnn-auto.json --md BENCHMARKS.md

@@ -1,6 +1,6 @@
 """The ``edge`` command. Heavy imports happen inside each command, so ``edge --help`` needs only numpy.
 
-Device commands are listed in :data:`COMMAND_MODULES`. Host and lab commands (``export``,
+Device commands are listed in :data:`COMMAND_MODULES`. Host and lab commands (``export``, ``quantize``,
 ``push``, ``demo``, ``train``, ``bench``) live outside the device package and join through
 the ``edge.commands`` entry-point group (pyproject.toml), so this module imports none of them.
 """

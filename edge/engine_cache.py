@@ -13,8 +13,10 @@ warning; a choice that cannot be stored is still used, with a warning and the re
 
 With ``strategy`` other than ``auto``, only the engines whose backend offers it are candidates (the
 others are listed in ``skipped``). One candidate is chosen without measuring. Each file has its own
-fingerprint (``M.onnx`` and ``M.tflite`` store the weights differently), and an adapter names the one
-it was made for: when the chosen file's differs from the asked file's, the reason says so.
+fingerprint (``M.onnx`` and ``M.tflite`` store the weights differently) and an adapter names the one
+it was made for; files exported from the same torch weights are twins (the same
+``source_fingerprint``), and adapters made for any twin fit the chosen file (:attr:`EngineChoice.twins`).
+When they do not, the reason says so.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from edge.engines import (
     find_engines,
     generated_feeds,
     runtime_version,
+    twins_of,
 )
 from edge.errors import BackendUnavailableError, EdgeError
 
@@ -46,9 +49,10 @@ FORMAT, VERSION = "edge.engine-choice", 1
 _MAX_BYTES = 1 << 20  # a choice file is a few KB
 
 
-def explicit_engine(backend: str, model: str | os.PathLike) -> EngineChoice:
-    """The choice when the caller names the backend: nothing measured."""
-    return EngineChoice(backend, Path(model), f"{backend}: backend={backend!r} (given, or the default), not measured")
+def explicit_engine(backend: str, model: str | os.PathLike, given: bool = True) -> EngineChoice:
+    """The choice when the caller names the backend (``given``) or the file's suffix does: nothing measured."""
+    how = f"backend={backend!r} given" if given else f"the engine of {Path(model).suffix} files (no device profile)"
+    return EngineChoice(backend, Path(model), f"{backend}: {how}, not measured")
 
 
 def cache_folder() -> Path:
@@ -93,7 +97,7 @@ def cached_engine(
     ``device`` is a profile (name, path or DeviceProfile) or None. Raises :class:`BackendUnavailableError`
     when no engine here can run it (with ``strategy``)."""
     from edge.devices import DeviceProfile, load_profile
-    from runtimes import get_backend, read_model_info
+    from runtimes import get_backend
 
     profile = device if device is None or isinstance(device, DeviceProfile) else load_profile(device)
     found, skipped = find_engines(model, profile)
@@ -118,12 +122,7 @@ def cached_engine(
         return kept
     figures = compare_engines(found, generated_feeds(found), profile=profile, threads=threads, rounds=rounds, runs=runs)
     choice = decide(found, figures, skipped, margin)
-    asked = Path(model)
-    if choice.path.resolve() != asked.resolve():  # adapters name the fingerprint of the file they were made for
-        theirs, ours = (read_model_info(p).fingerprint for p in (choice.path, asked))
-        if theirs != ours:
-            note = f"; adapters for {asked.name} ({ours}) do not apply to {choice.path.name} ({theirs})"
-            choice = replace(choice, reason=choice.reason + note)
+    choice = replace(choice, reason=choice.reason + _adapters_note(choice, Path(model), found))
     stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     record = {
         "format": FORMAT,
@@ -147,6 +146,19 @@ def cached_engine(
     return replace(choice, reason=f"{choice.reason} [{note}]")
 
 
+def _adapters_note(choice: EngineChoice, asked: Path, found) -> str:
+    """Whether adapters made for the asked file fit the chosen one (they name the fingerprint of their file)."""
+    if choice.path.resolve() == asked.resolve():
+        return ""
+    ours = next((e.fingerprint for e in found if e.path.resolve() == asked.resolve()), None)
+    theirs = next((e.fingerprint for e in found if e.path == choice.path), None)
+    if ours is None or theirs is None or ours == theirs:
+        return ""
+    if ours in choice.twins:
+        return f"; adapters for {asked.name} fit {choice.path.name} too (both exported from the same weights)"
+    return f"; adapters for {asked.name} ({ours}) do not apply to {choice.path.name} ({theirs})"
+
+
 def _read(path: Path, key: dict, found, skipped) -> EngineChoice | None:
     """The choice kept in ``path`` if it is for ``key`` and names a candidate; None (logged why) otherwise."""
     from edge.format.io import load_json, read_bounded
@@ -163,7 +175,7 @@ def _read(path: Path, key: dict, found, skipped) -> EngineChoice | None:
             raise ValueError(f"it names {rec.get('backend')!r}, not a candidate now")
         reason = f"{rec['reason']} [measured {rec.get('measured')}, read from {path}]"
         comparison = rec.get("comparison") if isinstance(rec.get("comparison"), dict) else None
-        return EngineChoice(chosen.backend, chosen.path, reason, comparison, skipped)
+        return EngineChoice(chosen.backend, chosen.path, reason, comparison, skipped, twins_of(found, chosen))
     except (OSError, ValueError, KeyError, TypeError, EdgeError) as e:
         log.warning("engine choice in %s not used (%s); measuring again", path, e)
         return None

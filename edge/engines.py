@@ -45,6 +45,7 @@ __all__ = [
     "format_engines",
     "generated_feeds",
     "runtime_version",
+    "twins_of",
 ]
 
 log = logging.getLogger("edge.engines")
@@ -59,6 +60,8 @@ class EngineFile:
 
     backend: str
     path: Path
+    fingerprint: str | None = field(default=None, compare=False)  # the file's own: adapters name it
+    source: str | None = field(default=None, compare=False)  # ModelInfo.source_fingerprint: twins share it
 
 
 @dataclass(frozen=True)
@@ -70,6 +73,7 @@ class EngineChoice:
     reason: str
     comparison: dict | None = None  # compare_engines' result; None when only one engine could run
     skipped: Mapping[str, str] = field(default_factory=dict)  # backend -> why it was not a candidate
+    twins: tuple[str, ...] = ()  # fingerprints of the candidates exported from the same weights: their adapters fit
 
 
 def find_engines(model: str | os.PathLike, profile=None) -> tuple[list[EngineFile], dict[str, str]]:
@@ -104,6 +108,7 @@ def find_engines(model: str | os.PathLike, profile=None) -> tuple[list[EngineFil
             except (BackendUnavailableError, ConfigError) as e:
                 skipped[backend] = str(e)
                 continue
+        other = info
         if path != model:
             other = read_model_info(path, backend)
             differs = [k for k in ("name", "inputs", "outputs") if getattr(other, k) != getattr(info, k)]
@@ -111,7 +116,7 @@ def find_engines(model: str | os.PathLike, profile=None) -> tuple[list[EngineFil
                 verb = "differs" if len(differs) == 1 else "differ"
                 skipped[backend] = f"{path.name} is another model than {model.name} (its {', '.join(differs)} {verb})"
                 continue
-        found.append(EngineFile(backend, path))
+        found.append(EngineFile(backend, path, other.fingerprint, other.source_fingerprint))
     if profile is not None:
         for backend in TABLE:
             if backend not in order:
@@ -252,7 +257,17 @@ def decide(
         f"{chosen.backend}: {why}; {shown} relative to the fastest, paired over {figures['rounds']} rounds of "
         f"{figures['runs_per_round']} runs" + (f", load average {load[0]:.2f}" if load else "")
     )
-    return EngineChoice(chosen.backend, chosen.path, reason, figures, skipped)
+    return EngineChoice(chosen.backend, chosen.path, reason, figures, skipped, twins_of(found, chosen))
+
+
+def twins_of(found: Sequence[EngineFile], chosen: EngineFile) -> tuple[str, ...]:
+    """The fingerprints of the files in ``found`` exported from the same weights as ``chosen`` (the same
+    :attr:`~edge.format.modelinfo.ModelInfo.source_fingerprint`, float files only), other than its own: adapters
+    made for any of them fit ``chosen``, since adapters index the source layout every file maps."""
+    me = next((e for e in found if e.path == chosen.path and e.backend == chosen.backend), chosen)
+    if me.source is None:
+        return ()
+    return tuple(sorted({e.fingerprint for e in found if e.source == me.source and e.fingerprint} - {me.fingerprint}))
 
 
 def engine_report(

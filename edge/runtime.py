@@ -63,7 +63,7 @@ class Runtime:
         self,
         model: str | os.PathLike,
         *,
-        backend: str = "onnxruntime",
+        backend: str | None = None,
         strategy: str = "auto",
         threads: int | None = None,
         providers: Iterable[str] = (),
@@ -82,20 +82,25 @@ class Runtime:
         ``ConfigError`` naming the figures); ``enforce_memory_budget=False`` (``edge profile``, which reports
         budgets) skips that. ``backend="auto"`` runs the engine measured fastest here among the model's files for
         the profile's backends (``M.onnx``, ``M.tflite`` side by side; the profile's order decides within 3 %),
-        measured on the first load and read from a cache after (:func:`edge.engine_cache.cached_engine`); each file
-        has its own fingerprint, so adapters must be made for the file that runs. :attr:`engine_choice` says which
-        engine runs and why."""
-        from runtimes import BackendOptions, get_backend
+        measured on the first load and read from a cache after (:func:`edge.engine_cache.cached_engine`); files
+        exported from the same weights are twins, so an adapter made for either loads on the one that runs
+        (:attr:`ModelInfo.also_fits`). The default ``backend=None`` is ``"auto"`` with a ``device`` and else the
+        backend of ``model``'s suffix (``.onnx``: onnxruntime, ``.tflite``: LiteRT). :attr:`engine_choice` says
+        which engine runs and why."""
+        from runtimes import BackendOptions, backend_for_path, get_backend
 
         self.device, self.fallback_warning, profile_options = None, None, None  # fallback_warning: str | None
         if device is not None:
             from edge.devices import DeviceProfile, load_profile
 
             self.device = device if isinstance(device, DeviceProfile) else load_profile(device)
+        given = backend is not None
+        if not given:  # a device: the engine measured fastest on it; else the file's own engine
+            backend = "auto" if self.device is not None else backend_for_path(model)
         self.engine_choice = (  # which engine runs and why; "auto": measured once, then read from a cache
             cached_engine(model, device=self.device, threads=threads, strategy=strategy)
             if backend == "auto"
-            else explicit_engine(backend, model)
+            else explicit_engine(backend, model, given)
         )
         backend, model = self.engine_choice.backend, self.engine_choice.path
         if self.device is not None:
@@ -123,12 +128,15 @@ class Runtime:
         self.backend = get_backend(backend)(data, options)
         # the real inputs; onnxruntime read them from its graph while loading (no second walk of the file)
         self._inputs = self.backend.input_specs if backend == "onnxruntime" else input_specs(backend, data)
-        self.info: ModelInfo = self.backend.info
+        self.info: ModelInfo = replace(self.backend.info, also_fits=self.engine_choice.twins)
         self.model_path = path
         if not self._inputs:  # a backend with no reader here, or no inputs in the metadata: names from the backend
             self._inputs = names_only(self.info.inputs or tuple(self.backend.input_names))
         self._writable = frozenset(self.info.tensors) | {t.initializer for t in self.info.tensors.values()}
         self._check_feeds = FeedChecker(self._inputs, self._writable)
+        self._backend_checks = bool(
+            getattr(self.backend, "CHECKS_FEEDS", False)
+        )  # it calls the check off its fast path
         self._fetch: dict = {None: None}  # outputs lists checked by run -> their distinct names (None: all)
         self._closed = False
         self._max_adapter_bytes = max_adapter_bytes(self.info)
@@ -391,11 +399,13 @@ class Runtime:
         checked against the model's real inputs (:func:`edge.format.feeds.check_feeds`): a name that is not an
         input (a weight, a slot), a wrong dtype, byte order, rank or fixed dimension is refused."""
         self._closed and self._check_open()  # raises when closed (no call when open: run is the hot path)
-        checked = self._check_feeds(feeds)
         try:  # None (all), or a list asked before: one lookup
             names = self._fetch[tuple(outputs) if type(outputs) in (list, tuple) else outputs]
         except (KeyError, TypeError):
             names = self._check_outputs(outputs)
+        if self._backend_checks and type(feeds) is dict:  # its fast path takes only what the check would pass as is
+            return self.backend.run(feeds, names, self._check_feeds)
+        checked = self._check_feeds(feeds)
         try:
             return self.backend.run(checked, names)
         except Exception as e:

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from edge.errors import ConfigError, ExportValidationError, FormatError
 from edge.format.modelinfo import META_KEY, ModelInfo, TensorInfo, fingerprint, onnx_info
 from edge.format.onnx_graph import consumers, keep_only, set_metadata, subgraph_reads
-from exporters.validate import check_arguments, compare, flatten_outputs, second_batch
+from exporters.validate import check_arguments, compare, flatten_outputs, second_batch, with_source
 
 __all__ = ["export_onnx", "load_model_info", "ATTENTION", "ATTENTION_OPSET", "OPSET", "IR_VERSION"]
 
@@ -121,7 +121,7 @@ def export_onnx(
             tensors=tensors,
             inputs=input_names,
             outputs=output_names,
-            extra=dict(extra or {}),
+            extra=with_source(model, extra),
         )
         set_metadata(proto, META_KEY, info.to_json())
         onnx.checker.check_model(proto)

@@ -86,7 +86,7 @@ def export_tflite(
     """
     import torch
 
-    from exporters.validate import check_arguments, flatten_outputs
+    from exporters.validate import check_arguments, flatten_outputs, with_source
 
     path = Path(path)
     example_inputs = tuple(example_inputs)
@@ -117,7 +117,7 @@ def export_tflite(
         tensors=tensors,
         inputs=input_names,
         outputs=output_names,
-        extra=dict(extra or {}),
+        extra=with_source(model, extra),
     )
     set_metadata(m, META_KEY, info.to_json().encode())
     data = pack_model(m)

@@ -11,7 +11,19 @@ import torch
 
 from edge.errors import ConfigError
 
-__all__ = ["check_arguments", "compare", "flatten_outputs", "second_batch"]
+__all__ = ["check_arguments", "compare", "flatten_outputs", "second_batch", "with_source"]
+
+
+def with_source(model, extra) -> dict:
+    """``extra`` plus the model's :func:`~edge.format.modelinfo.source_fingerprint` (every parameter and buffer as
+    torch holds it), so the ``.onnx`` and ``.tflite`` exported from these weights are known as twins."""
+    from edge.format.modelinfo import source_fingerprint
+
+    state = {}
+    for k, v in model.state_dict().items():
+        v = v.detach().cpu().contiguous()
+        state[k] = (v.view(torch.int16) if v.dtype == torch.bfloat16 else v).numpy()  # numpy has no bfloat16
+    return {**dict(extra or {}), "source_fingerprint": source_fingerprint(state)}
 
 
 def check_arguments(model, example_inputs, input_names, output_names, dynamic_axes, extra) -> None:

@@ -5,15 +5,16 @@ The engines are the model's files side by side (``M.onnx`` on onnxruntime, ``M.t
 ``hybrid`` runtime serves), timed in interleaved rounds with who goes first rotated
 (:func:`edge.engines.compare_engines`). Every ratio is paired: the median over rounds of one
 engine's round p50 over the other's in the same round. Reported per model: each engine's p50
-and p99 and its ratio to the fastest; the engine ``Runtime(model)`` runs by default and its ratio
-(issue 16's goal: within 1.05x of the fastest fp32 engine) and the one ``Runtime(model,
-backend="auto", device=PROFILE)`` runs (the profile's backends, measured once, then read from its
-cache: :func:`edge.engine_cache.cached_engine`), each with its ratio in this run and its reason.
+and p99 and its ratio to the fastest; the engine each default runs and its ratio (issue 16's goal:
+within 1.05x of the fastest fp32 engine), with its reason: ``Runtime(model)`` (no profile: the
+file's own engine), ``Runtime(model, device=PROFILE)`` (with a profile and no backend named, the
+engine measured fastest among the profile's backends, measured once, then read from its cache:
+:func:`edge.engine_cache.cached_engine`) and ``Runtime(model, backend="auto")`` (the same without
+a profile).
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -54,8 +55,11 @@ def bench_engines(
         return None if backend not in rp else float(np.median(rp[backend] / rp[fastest]))
 
     defaults = {}  # what Runtime(model) and Runtime(model, device=...) run, read from the runtimes themselves
-    auto = {"backend": "auto", "device": device}
-    for label, kwargs in (("Runtime(model)", {}), (f"Runtime(model, backend='auto', device={device!r})", auto)):
+    for label, kwargs in (
+        ("Runtime(model)", {}),
+        (f"Runtime(model, device={device!r})", {"device": device}),
+        ("Runtime(model, backend='auto')", {"backend": "auto"}),
+    ):
         with Runtime(model_path, threads=threads, **kwargs) as rt:
             choice = rt.engine_choice
         value = x_fastest(choice.backend)
@@ -125,30 +129,12 @@ def add_arguments(sp) -> None:
 
 
 def cli(args) -> int:
-    from edge.format.io import write_json
     from edge.machine import machine
-    from lab.benchmarks import write_section
+    from lab.bench_run import bench_models, write_results
 
-    if args.model_file:
-        if not args.inputs:
-            raise EdgeError("--model-file needs --inputs (an .npz of the model's input arrays)")
-        models = [(Path(args.model_file), dict(np.load(args.inputs, allow_pickle=False)))]
-    else:
-        from edge.commands import host_needed
-        from lab.bench_switch import bench_model
-
-        host_needed("edge bench engines (without --model-file)")
-        names = ["minilm", "digits"] if args.model == "all" else [args.model]
-        models = [bench_model(n, args.cache, quiet=args.quiet) for n in names]
     results = [
         bench_engines(path, feeds, threads=args.threads, rounds=args.rounds, runs=args.runs, device=args.device)
-        for path, feeds in models
+        for path, feeds in bench_models(args, "engines", ("minilm", "digits"))
     ]
     out = {"models": results, "machine": machine(), "load_avg": load_average()}
-    print(json.dumps(out, indent=1))
-    if args.json:
-        write_json(args.json, out)
-    if args.md:
-        body = "\n".join(markdown(r) for r in results)
-        write_section(args.md, "engines", "Engines: the default against the fastest", body)
-    return 0
+    return write_results(args, out, results, markdown, "engines", "Engines: the default against the fastest")

@@ -1,7 +1,9 @@
 """The LiteRT side of ``edge bench switch --backend tflite``: the static reference and model files.
 
 Also the measurement behind the choice of strategy (``python -m lab.bench_litert MODEL.tflite
-INPUTS.npz [--md BENCHMARKS.md]``): the ways a weight edit can reach LiteRT's kernels.
+INPUTS.npz [--md BENCHMARKS.md]``): the ways a weight edit can reach LiteRT's kernels; and
+(``--overhead LABEL=FILE.tflite ...``, :func:`overhead`) what a call of the switchable runtime costs above a bare
+interpreter on the same file.
 
 The static reference is a plain interpreter with the default XNNPACK delegate over a
 ``.tflite`` file with the adapter merged in; "session creation" is building such an
@@ -18,7 +20,16 @@ import numpy as np
 
 from edge.machine import time_calls
 
-__all__ = ["param_count", "write_merged", "static_session", "export_bench_model", "alternatives", "main"]
+__all__ = [
+    "alternatives",
+    "export_bench_model",
+    "main",
+    "overhead",
+    "param_count",
+    "static_session",
+    "synthetic_feeds",
+    "write_merged",
+]
 
 
 def param_count(path: Path) -> int:
@@ -199,17 +210,122 @@ def _markdown(r: dict) -> str:
     return "\n".join(lines)
 
 
+def synthetic_feeds(path: Path, seed: int = 0) -> dict[str, np.ndarray]:
+    """One input per model input at the file's shapes: floats ~ N(0, 1), integers 0 or 1 (valid token ids, masks
+    and type ids, and int8 pixels)."""
+    from runtimes.litert import interpreter_module
+
+    lib, _ = interpreter_module()
+    it = lib.Interpreter(model_path=str(path))
+    rng = np.random.default_rng(seed)
+    out = {}
+    for d in it.get_input_details():
+        shape, dtype = tuple(int(n) for n in d["shape"]), np.dtype(d["dtype"])
+        x = rng.standard_normal(shape) if dtype.kind == "f" else rng.integers(0, 2, shape)
+        out[d["name"]] = np.ascontiguousarray(x, dtype)
+    return out
+
+
+def overhead(paths: Mapping[str, Path], threads: int | None = None, rounds: int = 15, runs: int = 200) -> dict:
+    """Per-call cost of the switchable runtime above a bare interpreter on the same file (us, p50 per call).
+
+    Per file: ``bare``, a plain XNNPACK interpreter called as its users do (``set_tensor``, ``invoke``,
+    ``get_tensor`` of every output; :func:`lab.litert_probe.plain_interpreter`) on the threads the runtime's
+    XNNPACK interpreter runs on; ``backend``, ``LiteRTBackend.run`` of a settled ``hybrid`` runtime with a random
+    SHiRA adapter switched in; ``runtime``, ``Runtime.run`` on it (its feed check included). Each round times
+    up to ``runs`` calls of each (at least 10, about 0.4 s), in alternating order; ``*_x_bare`` are medians of the
+    per-round ratios (paired).
+    """
+    return {
+        "threads": threads,
+        "rounds": rounds,
+        "models": {k: _overhead(Path(p), threads, rounds, runs) for k, p in paths.items()},
+    }
+
+
+def _overhead(path: Path, threads: int | None, rounds: int, runs: int) -> dict:
+    from edge.machine import load_average
+    from lab.bench_quantized_timing import switchable
+    from lab.litert_probe import plain_interpreter
+
+    rt = switchable(path, backend="tflite", threads=threads)
+    rt.switch("A", clip=True)
+    rt.wait_settled()
+    held = rt.backend.interpreter_threads
+    bare, feeds, backend = plain_interpreter(path, held.get("xnnpack", threads)), synthetic_feeds(path), rt.backend
+    calls = {"bare": lambda: bare(feeds), "backend": lambda: backend.run(feeds), "runtime": lambda: rt.run(feeds)}
+    n = int(np.clip(400.0 / max(min(time_calls(calls["bare"], 5)), 1e-6), 10, runs))
+    load0 = load_average()
+    times: dict[str, list[float]] = {k: [] for k in calls}
+    ratios: dict[str, list[float]] = {k: [] for k in calls}
+    for r in range(rounds):
+        per = {}
+        for k in list(calls)[:: 1 if r % 2 == 0 else -1]:
+            ts = time_calls(calls[k], n, warmup=2)
+            times[k] += ts
+            per[k] = float(np.median(ts))
+        for k in calls:
+            ratios[k].append(per[k] / per["bare"])
+    rt.close()
+    row = {k: 1e3 * float(np.median(v)) for k, v in times.items()}
+    row.update({f"{k}_x_bare": float(np.median(ratios[k])) for k in ("backend", "runtime")})
+    row.update(file=path.name, interpreter_threads=held, calls_per_round=n)
+    row["load_1m"] = [(load0 or [None])[0], (load_average() or [None])[0]]
+    return row
+
+
+def _overhead_markdown(r: dict) -> str:
+    lines = [
+        "Per-call cost above a bare interpreter on the same file (`python -m lab.bench_litert --overhead`): a plain "
+        "XNNPACK interpreter called as its users do, `LiteRTBackend.run` and `Runtime.run` of a settled `hybrid` "
+        f"runtime with an adapter switched in; {r['rounds']} rounds alternating the three, ratios paired within "
+        "rounds (median of per-round ratios).",
+        "",
+        "| model | file | XNNPACK threads | bare us p50 | backend us p50 (x bare) | Runtime.run us p50 (x bare) "
+        "| load |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for label, m in r["models"].items():
+        load = " -> ".join("-" if v is None else f"{v:.2f}" for v in m["load_1m"])
+        lines.append(
+            f"| {label} | {m['file']} | {m['interpreter_threads'].get('xnnpack', '-')} | {m['bare']:.2f} "
+            f"| {m['backend']:.2f} ({m['backend_x_bare']:.3f}) | {m['runtime']:.2f} ({m['runtime_x_bare']:.3f}) "
+            f"| {load} |"
+        )
+    return "\n".join([*lines, ""])
+
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
     import json
 
     ap = argparse.ArgumentParser(prog="python -m lab.bench_litert", description=alternatives.__doc__.splitlines()[0])
-    ap.add_argument("model", help="a .tflite file, or a built-in bench model: digits, minilm, all")
+    ap.add_argument("model", nargs="?", help="a .tflite file, or a built-in bench model: digits, minilm, all")
     ap.add_argument("inputs", type=Path, nargs="?", help="with a file: .npz with one array per model input")
     ap.add_argument("--threads", type=int)
     ap.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "edge", help="built-in models' cache")
     ap.add_argument("--md", type=Path, help="update this Markdown file's section (e.g. BENCHMARKS.md)")
+    ap.add_argument(
+        "--overhead",
+        nargs="+",
+        metavar="LABEL=FILE.tflite",
+        help="instead: the per-call cost above a bare interpreter of these files (section litert:overhead)",
+    )
+    ap.add_argument("--rounds", type=int, default=15, help="--overhead: interleaved rounds")
     args = ap.parse_args(argv)
+    if args.overhead:
+        paths = dict(p.split("=", 1) if "=" in p else (Path(p).stem, p) for p in args.overhead)
+        r = overhead({k: Path(v) for k, v in paths.items()}, threads=args.threads, rounds=args.rounds)
+        print(json.dumps(r, indent=1))
+        if args.md:
+            from lab.benchmarks import write_section
+
+            write_section(
+                args.md, "litert:overhead", "LiteRT: per-call cost above a bare interpreter", _overhead_markdown(r)
+            )
+        return 0
+    if args.model is None:
+        ap.error("give a model (or --overhead FILES)")
     if args.model in ("digits", "minilm", "all"):
         names = ["digits", "minilm"] if args.model == "all" else [args.model]
         models = [export_bench_model(n, args.cache, quiet=False) for n in names]

@@ -2,12 +2,13 @@
 
 Per mask kind, one SHiRA adapter per demo domain and seed at ``density``, on the demo's
 targets and checkpoint (:class:`lab.pipeline.DemoConfig`), every kind with the same
-training budget (:data:`EPOCHS`, :data:`LR`) and seeds, masks scored in the exported
-model's stored layout. Trained adapters are cached under ``cache/masks-<hash>/``, the hash
-covering the training code (``exporters/shira.py``, ``exporters/masks.py``,
-``exporters/data.py``), the demo config, the budget and the pretrained checkpoint's bytes,
-so a rerun only re-measures. The folder holds its own ONNX export of that checkpoint, so
-adapters are measured on exactly the weights they were trained on.
+training budget (:data:`EPOCHS`) and seeds and its own learning rate, chosen by the same
+rule for every kind on held-out training data (:mod:`lab.bench_masks_train`), masks scored
+in the exported model's stored layout. Trained adapters are cached under
+``cache/masks-<hash>/`` (:func:`training_key`: the training code, the demo config, the
+budget, the rates and the pretrained checkpoint's bytes), so a rerun only re-measures. The
+folder holds its own ONNX export of that checkpoint, so adapters are measured on exactly
+the weights they were trained on.
 
 Measured on the device runtime (no torch): test accuracy per domain and per training seed
 (each structured kind's gap to the best unstructured one also per seed, both trained with
@@ -24,8 +25,8 @@ report says where the slow switches (over 3x p50) come from.
 from __future__ import annotations
 
 import gc
-import hashlib
 import json
+import os
 import resource
 import time
 from pathlib import Path
@@ -36,14 +37,17 @@ from edge.errors import ConfigError
 from edge.machine import load_average, p50
 from edge.runtime import Runtime
 from lab.bench_masks_report import goals, markdown, summary
+from lab.bench_masks_train import EPOCHS, LRS, VAL_FRACTION, select_and_train, training_key
 
 __all__ = [
     "DEFAULT_KINDS",
+    "EPOCHS",
     "add_arguments",
     "bench_masks",
     "bench_masks_minilm",
     "cli",
     "switch_figures",
+    "training_key",
 ]
 
 DEFAULT_KINDS = (
@@ -57,22 +61,6 @@ DEFAULT_KINDS = (
     "rows-wm",
 )
 DEFAULT_SEEDS = (0, 1, 2)
-#: The training budget of this comparison, the same for every mask kind and seed: the demo's epochs
-#: (DemoConfig.shira_epochs) at the lr that is best for the best unstructured mask. Seed 0, mean test
-#: accuracy over the domains at 1e-2 / 3e-2 / 1e-1: wm 0.811 / 0.839 / 0.825, block16-wm 0.757 / 0.788 /
-#: 0.801 (an lr that hurts the unstructured masks would narrow the gap dishonestly). 60 epochs at 3e-2
-#: added 1.1 (wm) and 0.6 (block16-wm) points and double the run time.
-EPOCHS, LR = 30, 3e-2
-_CODE = ("exporters/shira.py", "exporters/masks.py", "exporters/data.py")
-_ROOT = Path(__file__).resolve().parents[1]
-
-
-def training_key(cfg, checkpoint: Path, epochs: int = EPOCHS) -> str:
-    """Hash of the code that trains adapters, the demo config, the budget and the checkpoint: the adapters' folder."""
-    h = hashlib.sha256(f"{cfg.key()}\0{epochs}\0{LR!r}\0".encode() + Path(checkpoint).read_bytes())
-    for rel in _CODE:
-        h.update(rel.encode() + b"\0" + (_ROOT / rel).read_bytes())
-    return h.hexdigest()[:12]
 
 
 def bench_masks(
@@ -85,11 +73,13 @@ def bench_masks(
     switches: int = 200,
     rounds: int = 5,
     threads: int | None = None,
+    workers: int = 1,
     progress: bool = True,
 ) -> dict:
     """Accuracy, runs per entry and switch times of each mask kind on the digits demo (see the module doc).
 
-    ``epochs`` is every kind's budget (the same for all, so the comparison stays fair).
+    ``epochs`` is every kind's budget and :data:`lab.bench_masks_train.LRS` every kind's choice of learning
+    rates (the same for all, so the comparison stays fair); ``workers`` processes train what is not cached.
     """
     if epochs < 1:
         raise ConfigError(f"epochs must be >= 1; got {epochs}")
@@ -101,7 +91,9 @@ def bench_masks(
     domains = load_domains(cfg.domains, seed=cfg.seed)
     store = Path(cache) / f"masks-{training_key(cfg, checkpoint, epochs)}"
     model_path = _export(checkpoint, store, domains["clean"].x_test[:4], progress)
-    paths = _train_all(checkpoint, model_path, cfg, domains, store, kinds, density, seeds, epochs, threads, progress)
+    paths, chosen = select_and_train(
+        checkpoint, model_path, cfg, store, kinds, density, seeds, epochs, workers=workers, progress=progress
+    )
 
     rt = Runtime(model_path, strategy="bound", threads=threads)
     base_acc = {d: _accuracy(rt, domains[d]) for d in cfg.domains}
@@ -112,6 +104,7 @@ def bench_masks(
         runs, nnz = _runs(rt.info, [paths[kind, s, d] for s in seeds for d in cfg.domains])
         per_kind[kind] = {
             "structured": "-" in kind,
+            **chosen[kind],
             "mean_acc": float(by_seed.mean()),
             "acc": acc,
             "seed_acc": {str(s): float(a) for s, a in zip(seeds, by_seed.mean(1), strict=True)},
@@ -131,7 +124,8 @@ def bench_masks(
         "model": info.name,
         "density": density,
         "epochs": epochs,
-        "lr": LR,
+        "lr_grid": list(LRS),
+        "val_fraction": VAL_FRACTION,
         "seeds": list(seeds),
         "domains": list(cfg.domains),
         "switch_pair": [a, b],
@@ -221,50 +215,6 @@ def _export(checkpoint: Path, store: Path, example: np.ndarray, progress: bool) 
     )
     tmp.replace(path)
     return path
-
-
-def _train_all(checkpoint, model_path, cfg, domains, store: Path, kinds, density, seeds, epochs, threads, progress):
-    """``{(kind, seed, domain): adapter path}``, training (host, torch) only what is not cached."""
-    names = cfg.domains
-    paths = {(k, s, d): store / f"{k}-d{density:g}-s{s}-{d}.safetensors" for k in kinds for s in seeds for d in names}
-    todo = [key for key, p in paths.items() if not p.exists()]
-    if not todo:
-        return paths
-    import torch
-
-    from exporters import shira
-    from exporters.masks import stored_layout
-    from exporters.onnx import load_model_info
-    from lab import digits_model as dm
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads or 1)  # a 64-wide encoder: one thread is as fast and leaves the other core free
-    try:
-        model = dm.load_checkpoint(checkpoint)
-        info = load_model_info(model_path)
-        targets = shira.select_targets(model, list(cfg.targets))
-        layout = stored_layout(info)
-        store.mkdir(parents=True, exist_ok=True)
-        for i, (kind, seed, name) in enumerate(todo):
-            if progress:
-                print(f"[bench masks] training {kind} s{seed} {name} ({i + 1}/{len(todo)})", flush=True)
-            d = domains[name]
-            torch.manual_seed(seed)
-            masks = shira.make_masks(
-                model, targets, density=density, kind=kind, calib=(d.x_train, d.y_train), seed=seed, layout=layout
-            )
-            trained = shira.train_shira(
-                model, masks, d.x_train, d.y_train, epochs=epochs, lr=LR, seed=seed, progress=False
-            )
-            host = dm.evaluate(shira.merge_shira(model, trained), d.x_test, d.y_test)
-            meta = {"mask": kind, "density": density, "domain": name, "seed": seed, "host_acc": host}
-            path = paths[kind, seed, name]
-            tmp = path.with_suffix(".tmp")
-            shira.shira_adapter(trained, info, f"{kind}-{name}", meta).save(tmp)
-            tmp.replace(path)
-    finally:
-        torch.set_num_threads(before)
-    return paths
 
 
 def _adapter_targets(path: Path) -> list[str]:
@@ -397,6 +347,12 @@ def add_arguments(sp) -> None:
         help="training seeds averaged (default %(default)s)",
     )
     sp.add_argument("--epochs", type=int, default=EPOCHS, help="training epochs, the same for every kind (default 30)")
+    sp.add_argument(
+        "--workers",
+        type=int,
+        default=min(2, os.cpu_count() or 1),
+        help="processes training the adapters not cached (default %(default)s)",
+    )
     sp.add_argument("--switches", type=int, default=200, help="timed A->B switches per kind and strategy")
     sp.add_argument("--no-minilm", action="store_true", help="skip the MiniLM timing-only variant")
 
@@ -424,6 +380,7 @@ def cli(args) -> int:
         epochs=args.epochs,
         switches=args.switches,
         threads=args.threads,
+        workers=args.workers,
         progress=not args.quiet,
     )
     if args.no_minilm:

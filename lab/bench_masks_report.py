@@ -103,6 +103,19 @@ def _default_line(r: dict) -> list[str]:
     return ["", f"Default mask (`exporters.shira.make_masks`, the demo's `DemoConfig.mask`) `{default}`: {where}."]
 
 
+def _lr_line(r: dict) -> str:
+    """How each kind's learning rate was chosen, and each kind's validation accuracy per rate."""
+    grid = " / ".join(f"{lr:g}" for lr in r["lr_grid"])
+    return (
+        f"Learning rate (column lr): each kind's best of {grid} by mean accuracy over the domains on "
+        f"{r['val_fraction']:.0%} of each domain's training data held out (stratified, the same images for every "
+        f"kind), trained on the rest with seed {r['seeds'][0]}; the adapters tested here are then trained on all of "
+        "the training data at that rate. Validation accuracy per rate: "
+        + "; ".join(f"{k} " + " / ".join(f"{a:.3f}" for a in v["val_acc"].values()) for k, v in r["kinds"].items())
+        + "."
+    )
+
+
 def markdown(result: dict) -> str:
     r = result
     domains = r["domains"]
@@ -110,15 +123,17 @@ def markdown(result: dict) -> str:
     gaps = s.get("gap_points", {})
     lines = [
         f"### {r['model']}: {len(r['kinds'])} mask kinds at density {r['density']:.0%}, "
-        f"{r['epochs']} epochs, lr {r['lr']:g}, seeds {r['seeds']}, {r['targets']} target tensors",
+        f"{r['epochs']} epochs, seeds {r['seeds']}, {r['targets']} target tensors",
+        "",
+        _lr_line(r),
         "",
         f"Switch {r['switch_pair'][0]} -> {r['switch_pair'][1]}; LoRA fusion of the same trainable count "
         f"(rank {r['lora_rank']}) {r['lora_fuse_ms_p50']:.3f} ms. Default strategy `{r['default_strategy']}`.",
         "",
-        "| mask | mean acc | " + " | ".join(domains) + " | gap (points) | seed means | gap per seed | runs/entry | "
-        "switch ms p50 | p99 | bound p50 | bound p99 | vs LoRA |",
-        "|---|---|" + "---|" * len(domains) + "---|---|---|---|---|---|---|---|---|",
-        "| (base, no adapter) | "
+        "| mask | lr | mean acc | " + " | ".join(domains) + " | gap (points) | seed means | gap per seed | "
+        "runs/entry | switch ms p50 | p99 | bound p50 | bound p99 | vs LoRA |",
+        "|---|---|---|" + "---|" * len(domains) + "---|---|---|---|---|---|---|---|---|",
+        "| (base, no adapter) | - | "
         + f"{np.mean(list(r['base_acc'].values())):.3f} | "
         + " | ".join(f"{r['base_acc'][d]:.3f}" for d in domains)
         + " | - | - | - | - | - | - | - | - | - |",
@@ -127,7 +142,7 @@ def markdown(result: dict) -> str:
         bound = v["strategies"]["bound"]
         gap = f"{gaps[kind]:.1f}" if kind in gaps else "-"
         lines.append(
-            f"| {kind} | {v['mean_acc']:.3f} | "
+            f"| {kind} | {v['lr']:g} | {v['mean_acc']:.3f} | "
             + " | ".join(f"{v['acc'][d]:.3f}" for d in domains)
             + f" | {gap} | {_spread(v)} | {_seed_gaps(s.get('seed_gap_points', {}).get(kind))} | "
             f"{v['runs_per_entry']:.3f} | {v['switch_ms_p50']:.3f} | {v['switch_ms_p99']:.3f} | "

@@ -1,22 +1,36 @@
-"""Resident memory, peak memory and cold start of a plain session and of each strategy (``edge bench memory``).
+"""Resident memory, peak memory and ready time of a plain session and of each strategy (``edge bench memory``).
 
-Every figure comes from a fresh child process, so nothing a previous contestant
-allocated (or the allocator kept) is counted. A baseline child imports the same
-modules and loads the same inputs; ``rss_mb`` is the resident memory above it after
-warm-up and one adapter switch cycle (a random SHiRA adapter, switched on and off, the
-background rebuild settled), ``peak_mb`` the high-water mark (``VmHWM``) above it over
-the whole life of the child, ``ready_ms`` the time from construction to the first
-inference returned and ``settled_ms`` to the point where the full-speed session
-serves (``hybrid`` builds it in the background). Children run interleaved, ``--repeat``
-times each; the median is reported. Every child imports numpy (with numpy.random), onnx,
-onnxruntime and ``edge.runtime`` before measuring, and makes and drops the probe adapter once after its
-timed load: library code is not counted, only what a model costs (the adapter's arrays are counted).
+Every figure comes from a fresh child process (:func:`lab.bench_run.fresh_child`), so nothing a
+previous contestant allocated, loaded or warmed is counted. The children run in rounds: in round r
+the plain session and each strategy, in an order rotated by r, so drift of the machine and the
+position in the round hit every contestant alike.
+
+``ready_ms`` is the time from construction (``Runtime(...)``; for the plain session
+``onnxruntime.InferenceSession(...)``) to the first inference returned by the session the strategy
+serves at full speed (a run served while a rebuild is pending does not count: the child waits for it
+and runs again). Each strategy's ready time is divided by the plain session's of the same round;
+reported: the median of these per-round ratios, a 95 % bootstrap interval of that median (how closely
+the rounds pin it down: the machine these figures come from is shared, so it is wide at times), the
+quartiles and extremes of the ratios, and the number of rounds; the per-round times are in the JSON.
+Beside it, ``ready_cpu_ms``: the CPU time of the thread that constructs and runs over the same span,
+and the median of its per-round ratios. On a loaded machine the wall-clock ratio is pulled towards 1 by
+the time every contestant spends waiting for a core; the CPU ratio is not (it leaves out the work of
+onnxruntime's own threads, which both sides have).
+
+The first ``repeat`` rounds also measure memory, and add a baseline child that imports the same
+modules and loads the same inputs: ``rss_mb`` is the resident memory above it after warm-up and one
+adapter switch cycle (a random SHiRA adapter, switched on and off, the background rebuild settled),
+``peak_mb`` the high-water mark (``VmHWM``) above it over the whole life of the child; the median of
+those rounds is reported. Every child imports numpy (with numpy.random), onnx, onnxruntime and
+``edge.runtime`` before measuring, and a memory child makes and drops the probe adapter once after
+its timed load: library code is not counted, only what a model costs (the adapter's arrays are
+counted). The other rounds' children stop once ready.
 """
 
 from __future__ import annotations
 
 import json
-import subprocess
+import os
 import sys
 import tempfile
 import time
@@ -27,11 +41,16 @@ import numpy as np
 from edge.errors import EdgeError
 from edge.machine import load_average, reset_peak_rss, status_mb
 
-__all__ = ["GOALS", "add_arguments", "bench_memory", "cli", "markdown"]
+__all__ = ["GOALS", "ROUNDS", "add_arguments", "bench_memory", "cli", "goals", "markdown", "spread"]
 
 #: issue 16: ratios measured within one run
 GOALS = {"hybrid_rss_x": 2.0, "bound_rss_x": 1.2, "peak_x": 1.2, "ready_x": 1.5}
-_FIELDS = ("rss_mb", "peak_mb", "ready_ms", "settled_ms")
+#: rounds of ready-time children per model for ``edge bench memory``: a multiple of the four contestants, so each is
+#: measured equally often in each position of a round. Measured on 2 cores: three runs at load 5-9 took 86-172 s for
+#: both models; their median wall ratios spread by at most 0.20 (digits; MiniLM 0.07), their main-thread CPU ratios
+#: by at most 0.05. At load 8-15 a run took 170-240 s and the digits wall ratios moved by up to 0.7.
+ROUNDS = 20
+_MEMORY = ("rss_mb", "peak_mb")
 
 
 def bench_memory(
@@ -42,38 +61,61 @@ def bench_memory(
     strategies: list[str] | None = None,
     threads: int | None = None,
     repeat: int = 3,
+    rounds: int | None = None,
     progress: bool = True,
 ) -> dict:
-    """Per contestant the median over ``repeat`` fresh children of rss_mb, peak_mb, ready_ms, settled_ms."""
+    """Memory (median of ``repeat`` rounds) and ready time (``rounds`` rounds, at least ``repeat``; by default
+    ``repeat``: ``edge bench memory`` asks for :data:`ROUNDS`), ratios paired within each round."""
     from edge.progress import bar
+    from lab.bench_run import fresh_child, rotated
     from runtimes import get_backend
 
     model_path = Path(model_path)
     if backend != "onnxruntime":
         raise EdgeError(f"bench memory compares with a plain onnxruntime session; --backend {backend} is not supported")
-    cls = get_backend(backend)
-    strategies = list(strategies or cls.STRATEGIES)
+    rounds = repeat if rounds is None else rounds
+    if repeat < 1 or rounds < 1:
+        raise EdgeError(f"bench memory needs --repeat >= 1 and --rounds >= 1; given {repeat} and {rounds}")
+    strategies = list(strategies or get_backend(backend).STRATEGIES)
     kinds = ["plain", *strategies]
-    runs: dict[str, list[dict]] = {k: [] for k in ["baseline", *kinds]}
-    steps = bar(total=repeat * (len(kinds) + 1), desc=f"bench memory {model_path.stem}", disable=not progress)
+    rounds = max(rounds, repeat)
+    memory: dict[str, list[dict]] = {k: [] for k in ["baseline", *kinds]}
+    ready: dict[str, list[float]] = {k: [] for k in kinds}
+    cpu: dict[str, list[float]] = {k: [] for k in kinds}
+    load_before, t0 = load_average(), time.perf_counter()
+    steps = bar(total=rounds * len(kinds) + repeat, desc=f"bench memory {model_path.stem}", disable=not progress)
     with tempfile.TemporaryDirectory() as tmp:
         feeds_path = Path(tmp) / "feeds.npz"
         np.savez(feeds_path, **{k: np.ascontiguousarray(v) for k, v in feeds.items()})
-        for _ in range(repeat):  # interleaved, so drift of the machine hits every contestant alike
-            for kind in runs:
-                runs[kind].append(_probe(kind, model_path, feeds_path, backend, threads))
+        for r in range(rounds):
+            measure = r < repeat
+            for kind in (["baseline"] if measure else []) + rotated(kinds, r):
+                spec = {"kind": kind, "model": str(model_path), "feeds": str(feeds_path), "backend": backend}
+                got = fresh_child(
+                    "lab.bench_memory:_child",
+                    {**spec, "threads": threads, "memory": measure},
+                    what=f"memory probe {kind} on {model_path.name}",
+                )
+                if measure:
+                    memory[kind].append(got)
+                if kind != "baseline":
+                    ready[kind].append(got["ready_ms"])
+                    cpu[kind].append(got["ready_cpu_ms"])
                 steps.update()
     steps.close()
-    base = float(np.median([r["rss_mb"] for r in runs["baseline"]]))
+    wall_s = time.perf_counter() - t0
+    base = float(np.median([r["rss_mb"] for r in memory["baseline"]]))
     figures = {}
     for kind in kinds:
-        med = {f: _median([r.get(f) for r in runs[kind]]) for f in _FIELDS}
-        for f in ("rss_mb", "peak_mb"):
-            med[f] = med[f] - base
-        last = runs[kind][-1]
+        med = {f: float(np.median([r[f] for r in memory[kind]])) - base for f in _MEMORY}
+        med["ready_ms"], med["ready_cpu_ms"] = float(np.median(ready[kind])), float(np.median(cpu[kind]))
+        last = memory[kind][-1]
         med.update({k: last[k] for k in ("predicted_mb", "measured_mb", "strategy") if last.get(k) is not None})
+        if kind != "plain":  # paired: each round's ready time over the plain session's of the same round
+            med["ready_x"] = spread(np.asarray(ready[kind]) / np.asarray(ready["plain"]))
+            med["ready_cpu_x"] = spread(np.asarray(cpu[kind]) / np.asarray(cpu["plain"]))
         figures[kind] = med
-    first = runs[strategies[0]][-1]
+    first = memory[strategies[0]][-1]
     result = {
         "model": first.get("model", model_path.stem),
         "params": _param_count(model_path),
@@ -81,7 +123,12 @@ def bench_memory(
         "backend": backend,
         "threads": threads,
         "repeat": repeat,
+        "rounds": rounds,
+        "wall_s": round(wall_s, 1),
+        "load_avg": {"before": load_before, "after": load_average()},
         "baseline_rss_mb": base,
+        "ready_rounds_ms": {k: [round(v, 2) for v in ready[k]] for k in kinds},  # round by round, for any statistic
+        "ready_rounds_cpu_ms": {k: [round(v, 2) for v in cpu[k]] for k in kinds},
         "plain": figures.pop("plain"),
         "strategies": figures,
     }
@@ -89,13 +136,25 @@ def bench_memory(
     return result
 
 
+def spread(ratios: np.ndarray, resamples: int = 2000) -> dict:
+    """The median of per-round ratios, their quartiles and extremes, and a 95 % interval for that median
+    (percentile bootstrap over the rounds, fixed seed): where another run's median may land. Rounded to 3 places."""
+    ratios = np.asarray(ratios, dtype=np.float64)
+    q = np.percentile(ratios, [0, 25, 50, 75, 100])
+    picks = np.random.default_rng(0).integers(0, ratios.size, (resamples, ratios.size))
+    ci = np.percentile(np.median(ratios[picks], axis=1), [2.5, 97.5])
+    out = dict(zip(("min", "q1", "median", "q3", "max", "ci_low", "ci_high"), [*q, *ci]))
+    return {k: round(float(v), 3) for k, v in out.items()}
+
+
 def goals(result: dict) -> dict:
-    """The issue's goals evaluated from the figures: {goal: {"value", "limit", "met"}}."""
+    """The issue's goals evaluated from the figures: {goal: {"value", "limit", "met"}} (ready: the median ratio,
+    with its 95 % interval as "ci" and the main-thread CPU ratio as "cpu")."""
     plain, out = result["plain"], {}
 
-    def check(name, value, limit):
+    def check(name, value, limit, **more):
         if value is not None and np.isfinite(value):
-            out[name] = {"value": round(float(value), 3), "limit": limit, "met": bool(value <= limit)}
+            out[name] = {"value": round(float(value), 3), "limit": limit, "met": bool(value <= limit), **more}
 
     s = result["strategies"]
     if "hybrid" in s:
@@ -104,7 +163,8 @@ def goals(result: dict) -> dict:
         check("bound_rss_x", s["bound"]["rss_mb"] / plain["rss_mb"], GOALS["bound_rss_x"])
     for name, f in s.items():
         check(f"{name}_peak_x", f["peak_mb"] / f["rss_mb"], GOALS["peak_x"])
-        check(f"{name}_ready_x", f["ready_ms"] / plain["ready_ms"], GOALS["ready_x"])
+        x, c = f["ready_x"], f["ready_cpu_x"]
+        check(f"{name}_ready_x", x["median"], GOALS["ready_x"], ci=[x["ci_low"], x["ci_high"]], cpu=c["median"])
     return out
 
 
@@ -114,77 +174,77 @@ def markdown(result: dict) -> str:
     def num(v, fmt="{:.0f}"):
         return "-" if v is None or not np.isfinite(v) else fmt.format(v)
 
+    load = result["load_avg"]
     rows = [("plain session", result["plain"])] + list(result["strategies"].items())
     lines = [
         f"**{result['model']}** ({result['params'] or 0:,} params, {num(result.get('weights_mb'), '{:.1f}')} MB "
-        f"of writable float32 weights), {result['threads'] or 'all'} threads, median of {result['repeat']} "
-        f"fresh processes; memory above a process that imported the same modules "
-        f"({result['baseline_rss_mb']:.0f} MB).",
+        f"of writable float32 weights), {result['threads'] or 'all'} threads; {result['wall_s']:.0f} s for this "
+        f"model, load average {(load['before'] or ['-'])[0]} before, {(load['after'] or ['-'])[0]} after. "
+        f"Memory: median of {result['repeat']} fresh processes, above a process that imported the same modules "
+        f"({result['baseline_rss_mb']:.0f} MB). Ready: construction to the first full-speed inference, in "
+        f"{result['rounds']} rounds of fresh processes (the plain session and each strategy, order rotated every "
+        f"round); ms: median over the rounds; x plain: median of the per-round ratios to the plain session, with "
+        f"the 95 % bootstrap interval of that median, the quartiles and the extremes of the ratios; main-thread "
+        f"CPU: the CPU time of the thread that constructs and runs over the same span (median), and the median of "
+        f"its per-round ratios, which waiting for a core on a loaded machine does not pull towards 1.",
         "",
-        "| contestant | resident MB | peak MB | predicted MB | ready ms | full speed ms |",
-        "|---|---|---|---|---|---|",
+        "| contestant | resident MB | peak MB | predicted MB | ready ms | x plain | 95 % interval | quartiles "
+        "| min-max | main-thread CPU ms | CPU x plain |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, f in rows:
+        x, c = f.get("ready_x"), f.get("ready_cpu_x")
+        ratio = ["1", "-", "-", "-"] if x is None else [f"{x['median']:.2f}", *(_range(x, p) for p in _SPREAD)]
         lines.append(
             f"| {name} | {num(f['rss_mb'])} | {num(f['peak_mb'])} | {num(f.get('predicted_mb'))} | "
-            f"{num(f['ready_ms'])} | {num(f.get('settled_ms'))} |"
+            f"{num(f['ready_ms'])} | {' | '.join(ratio)} | {num(f['ready_cpu_ms'], '{:.1f}')} | "
+            f"{'1' if c is None else format(c['median'], '.2f')} |"
         )
-    lines += ["", "| goal | value | limit | met |", "|---|---|---|---|"]
+    lines += ["", "| goal | value | 95 % interval | main-thread CPU | limit | met |", "|---|---|---|---|---|---|"]
     for name, g in result["goals"].items():
-        lines.append(f"| {name} | {g['value']:.2f}x | {g['limit']}x | {'yes' if g['met'] else 'no'} |")
+        ci = "-" if "ci" not in g else f"{g['ci'][0]:.2f}-{g['ci'][1]:.2f}"
+        cpu = "-" if "cpu" not in g else f"{g['cpu']:.2f}x"
+        lines.append(f"| {name} | {g['value']:.2f}x | {ci} | {cpu} | {g['limit']}x | {'yes' if g['met'] else 'no'} |")
     return "\n".join(lines) + "\n"
+
+
+_SPREAD = (("ci_low", "ci_high"), ("q1", "q3"), ("min", "max"))
+
+
+def _range(x: dict, pair: tuple[str, str]) -> str:
+    return f"{x[pair[0]]:.2f}-{x[pair[1]]:.2f}"
 
 
 def add_arguments(sp) -> None:
     sp.add_argument("--model", default="all", choices=["digits", "minilm", "all"], help="built-in model(s)")
     sp.add_argument("--model-file", help="an exported .onnx to bench instead (no torch)")
     sp.add_argument("--inputs", help="with --model-file: .npz of input arrays")
-    sp.add_argument("--repeat", type=int, default=3, help="fresh processes per contestant (median reported)")
+    sp.add_argument("--repeat", type=int, default=3, help="rounds that also measure memory (median reported)")
+    sp.add_argument("--rounds", type=int, default=ROUNDS, help="rounds of ready-time children (paired ratios)")
 
 
 def cli(args) -> int:
-    from edge.format.io import write_json
     from edge.machine import machine
-    from lab.benchmarks import write_section
+    from lab.bench_run import bench_models, write_results
 
-    if args.model_file:
-        if not args.inputs:
-            raise EdgeError("--model-file needs --inputs (an .npz of the model's input arrays)")
-        models = [(Path(args.model_file), dict(np.load(args.inputs, allow_pickle=False)))]
-    else:
-        from edge.commands import host_needed
-        from lab.bench_switch import bench_model
-
-        host_needed("edge bench memory (without --model-file)")
-        names = ["digits", "minilm"] if args.model == "all" else [args.model]
-        models = [bench_model(n, args.cache, quiet=args.quiet) for n in names]
     results = [
         bench_memory(
-            path, feeds, backend=args.backend, threads=args.threads, repeat=args.repeat, progress=not args.quiet
+            path,
+            feeds,
+            backend=args.backend,
+            threads=args.threads,
+            repeat=args.repeat,
+            rounds=args.rounds,
+            progress=not args.quiet,
         )
-        for path, feeds in models
+        for path, feeds in bench_models(args, "memory")
     ]
     out = {**results[-1], "models": results, "machine": machine(), "load_avg": load_average()}
-    print(json.dumps(out, indent=1))
-    if args.json:
-        write_json(args.json, out)
-    if args.md:
-        body = "\n".join(markdown(r) for r in results)
-        write_section(args.md, f"memory:{args.backend}", f"Memory and cold start on {args.backend}", body)
-    return 0
+    title = f"Memory and ready time on {args.backend}"
+    return write_results(args, out, results, markdown, f"memory:{args.backend}", title)
 
 
 # -- the child processes ----------------------------------------------------------------------------------------------
-
-
-def _probe(kind: str, model: Path, feeds: Path, backend: str, threads: int | None) -> dict:
-    spec = json.dumps({"kind": kind, "model": str(model), "feeds": str(feeds), "backend": backend, "threads": threads})
-    code = "import sys, lab.bench_memory as b; b._child(sys.argv[1])"
-    root = Path(__file__).resolve().parents[1]
-    r = subprocess.run([sys.executable, "-c", code, spec], capture_output=True, text=True, cwd=root, timeout=900)
-    if r.returncode != 0:
-        raise EdgeError(f"memory probe {kind} on {model.name} failed: {r.stderr.strip()[-2000:]}")
-    return json.loads(r.stdout.strip().splitlines()[-1])
 
 
 def _child(spec: str) -> None:
@@ -204,15 +264,22 @@ def _child(spec: str) -> None:
     feeds = dict(np.load(s["feeds"], allow_pickle=False))
 
     def warm() -> None:
-        """Every child, the baseline too, makes and drops the probe adapter once, after its timed load: the code
-        pages this touches (numpy.random, the bench's helpers, the model reader; about 1 MB) are library code."""
+        """Every memory child, the baseline too, makes and drops the probe adapter once, after its timed load: the
+        code pages this touches (numpy.random, the bench's helpers, the model reader; about 1 MB) are library code."""
         info = cls.read_info(Path(s["model"]))
         random_shira(info, default_targets(info), 0.01, seed=1, name="A")
+
+    def done(out: dict) -> None:
+        """A child of a ready-only round stops here, without the teardown (a background build may be running)."""
+        if not s["memory"]:
+            print(json.dumps(out), flush=True)
+            sys.stderr.flush()
+            os._exit(0)
 
     gc.collect()
     out: dict = {}
     reset_peak_rss()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.thread_time()
     if s["kind"] == "plain":
         so = ort.SessionOptions()
         so.log_severity_level = 3
@@ -220,7 +287,8 @@ def _child(spec: str) -> None:
             so.intra_op_num_threads = s["threads"]
         sess = ort.InferenceSession(s["model"], so, providers=["CPUExecutionProvider"])
         sess.run(None, feeds)
-        out["ready_ms"] = out["settled_ms"] = (time.perf_counter() - t0) * 1e3
+        out.update(ready_ms=(time.perf_counter() - t0) * 1e3, ready_cpu_ms=(time.thread_time() - c0) * 1e3)
+        done(out)
         for _ in range(4):
             sess.run(None, feeds)
         warm()
@@ -229,9 +297,11 @@ def _child(spec: str) -> None:
     else:
         rt = Runtime(s["model"], backend=s["backend"], strategy=s["kind"], threads=s["threads"])
         rt.run(feeds)
-        out["ready_ms"] = (time.perf_counter() - t0) * 1e3
-        rt.wait_settled()
-        out["settled_ms"] = (time.perf_counter() - t0) * 1e3
+        if not rt.wait_settled(0):  # served before the full-speed session was in place: that is not ready yet
+            rt.wait_settled()
+            rt.run(feeds)
+        out.update(ready_ms=(time.perf_counter() - t0) * 1e3, ready_cpu_ms=(time.thread_time() - c0) * 1e3)
+        done(out)
         for _ in range(4):
             rt.run(feeds)
         warm()
@@ -259,8 +329,3 @@ def _param_count(path: Path) -> int:
 
     m = onnx.load(str(path), load_external_data=False)
     return int(sum(int(np.prod(t.dims)) for t in m.graph.initializer if t.data_type == onnx.TensorProto.FLOAT))
-
-
-def _median(xs):
-    xs = [x for x in xs if x is not None]
-    return float(np.median(xs)) if xs else None

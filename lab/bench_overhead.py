@@ -109,6 +109,7 @@ def _time_pipelines(plain, bare, headed, det, bip, x, runs, fetches) -> dict:
         "graph_ms": m["graph"],
         "numpy_ms": m["numpy"],
         "overhead_pct": paired("graph"),
+        "overhead_pct_iqr": paired_iqr(per_round, "graph"),
         "overhead_pct_pooled_p50": 100.0 * (m["graph"] / m["plain"] - 1.0),
         "overhead_pct_p10": 100.0 * (q["graph"] / q["plain"] - 1.0),
         "taps_pct": paired("tapped"),
@@ -134,6 +135,13 @@ def time_rounds(contestants: dict, runs: int, rounds: int) -> tuple[dict, dict]:
             t[k] += block
             per_round[k].append(p50(block))
     return t, per_round
+
+
+def paired_iqr(per_round: dict, k: str, ref: str = "plain") -> list[float]:
+    """The 25th and 75th percentiles over rounds of ``k``'s paired ratio to ``ref`` (as :func:`paired_pct`), in %:
+    how far the headline could move between runs on this load."""
+    r = np.array(per_round[k]) / np.array(per_round[ref])
+    return [100.0 * (float(np.percentile(r, q)) - 1.0) for q in (25, 75)]
 
 
 def paired_pct(per_round: dict, k: str, ref: str = "plain") -> float:

@@ -16,28 +16,48 @@ see :data:`BASES` for the recipes and what each choice measured):
 * ``mean_acc_base`` / ``mean_acc_adapted``: mean test accuracy over the demo domains of the base
   and of the base with each domain's SHiRA adapter: fp32 adapters on fp32, *integer* SHiRA
   (:func:`exporters.train_shira_int`, same mask kind, density and learning rate, ``INT_EPOCHS_X`` times the
-  epochs; on the static base with the graph's activation grids in the loop) on int8;
+  epochs (:mod:`lab.bench_quantized_core`); on the static base with the graph's activation grids in the loop) on int8;
   ``mean_acc_requantized`` the fp32 adapters requantized onto the int8 grid at load (the float path;
   ``requantized_clipped_per_adapter`` of ``requantized_nnz`` entries clipped, means over the domains).
   MiniLM has no labels: ``cosine_base`` / ``cosine_adapted`` are the mean cosine of its embeddings to
   the fp32 model's (adapted: both with the same random float adapter).
+
+The rows are built by :mod:`lab.bench_quantized_core` (shared with the LiteRT twin,
+:mod:`lab.bench_quantized_litert`); this file says what onnxruntime's bench runs on (:data:`ONNX`) and renders it.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 
-import numpy as np
-
 from edge.errors import ConfigError, EdgeError
-from edge.machine import load_average
-from edge.runtime import Runtime
-from lab.bench_quantized_timing import paired_timings, switchable
-from lab.benchmarks import default_targets, random_shira
+from lab.bench_quantized_core import (
+    DEMO_FAMILIES,
+    SENTENCES,
+    QuantBackend,
+    cached_quantized,
+    calibration_set,
+    emit,
+    family_options,
+    goal_lines,
+    measure_args,
+    requantized_cell,
+    rss_cell,
+)
+from lab.bench_quantized_core import add_arguments as core_arguments
 
-__all__ = ["BASES", "GOALS", "add_arguments", "bench_quantized", "calibration_set", "cli", "family_options", "markdown"]
+__all__ = [
+    "BASES",
+    "DEMO_FAMILIES",
+    "GOALS",
+    "ONNX",
+    "SENTENCES",
+    "add_arguments",
+    "calibration_set",
+    "cli",
+    "family_options",
+    "markdown",
+]
 
 #: base name -> quantize_onnx options per model family (None: the float model); a value given per demo family
 #: ({"vit": .., "cnn": ..}) is resolved by :func:`family_options`. Demo encoders: per-tensor weights with headroom
@@ -69,22 +89,7 @@ BASES = {
         "minilm": {"mode": "static", "per_channel": True, "op_types": ["MatMul"], "activation_type": "uint8"},
     },
 }
-DEMO_FAMILIES = ("vit", "cnn")
-#: keys of a BASES entry that are this bench's, not quantize_onnx's: the calibration set (:func:`calibration_set`),
-#: and whether integer SHiRA trains with the static graph's activation grids in the loop (``activation_grid``)
-_BENCH_KEYS = ("calib", "train_activations")
-INT_EPOCHS_X = 1  # integer SHiRA trains this many times the fp32 recipe's epochs (1: the same recipe)
 GOALS = {"acc_gap_points": 1.0, "infer_overhead_pct": 3.0, "switch_x": 1.0}
-SENTENCES = [
-    "An edge device adapts to drifting data.",
-    "The sensor on the shop floor reports a new kind of vibration.",
-    "Translate the manual into plain words for the night shift.",
-    "A camera at the gate sees more rain than it did last week.",
-    "Small models run on cheap boards without a network.",
-    "The update arrived overnight and the pump kept running.",
-    "Switching adapters costs less than loading another model.",
-    "Quantized weights take a quarter of the memory.",
-]
 
 
 def quantized_model(src: Path, opts: dict, calib: dict, check: dict, store: Path) -> tuple[Path, dict]:
@@ -92,201 +97,68 @@ def quantized_model(src: Path, opts: dict, calib: dict, check: dict, store: Path
     from exporters.onnx import load_model_info
     from exporters.quantize import EXPORTER_VERSION, quantize_onnx
 
-    blob = json.dumps([load_model_info(src).fingerprint, opts, EXPORTER_VERSION], sort_keys=True)
-    key = hashlib.sha256(blob.encode()).hexdigest()
-    out = store / f"{src.stem}.{opts['mode']}.{key[:12]}.onnx"
-    report_path = out.with_suffix(".json")
-    if not out.exists() or not report_path.exists():
-        args = {k: v for k, v in opts.items() if k not in _BENCH_KEYS}  # in the key, but not quantize_onnx options
-        report = quantize_onnx(src, out, calib=calib, check=check, min_cosine=0.9, **args)
-        report_path.write_text(json.dumps(report.as_dict()))
-    return out, json.loads(report_path.read_text())
+    def make(src, out, **options):
+        return quantize_onnx(src, out, calib=calib, check=check, min_cosine=0.9, **options)
+
+    return cached_quantized(src, load_model_info(src).fingerprint, opts, EXPORTER_VERSION, store, make)
 
 
-def family_options(opts: dict | None, family: str) -> dict | None:
-    """A BASES entry for one demo family: each value given per family (a dict keyed by every family) is its own."""
-    if opts is None:
-        return None
-    return {k: v[family] if isinstance(v, dict) and set(v) == set(DEMO_FAMILIES) else v for k, v in opts.items()}
+def _quantized_base(path):
+    from exporters.qshira import quantized_base
+
+    return quantized_base(path)
 
 
-def calibration_set(domains: dict, kind: str, n: int = 512) -> np.ndarray:
-    """Static quantization's calibration images: ``clean`` (the first ``n`` clean training digits) or ``domains``
-    (``n`` drawn evenly from the clean and every shifted domain's training split: the inputs the device will see,
-    so activation ranges cover inverted and noisy digits too; test splits are never used)."""
-    if kind == "clean":
-        return domains["clean"].x_train[:n]
-    if kind != "domains":
-        raise ConfigError(f"calibration set {kind!r}: known clean, domains")
-    rng = np.random.default_rng(0)
-    per = -(-n // len(domains))
-    parts = [d.x_train[rng.permutation(len(d.x_train))[:per]] for d in domains.values()]
-    return np.ascontiguousarray(np.concatenate(parts)[rng.permutation(per * len(domains))[:n]])
+def _activation_grid(path):
+    from exporters.qshira import activation_grid
+
+    return activation_grid(path)
 
 
-def _accuracy(rt: Runtime, d, name: str | None) -> float:
-    rt.switch(name, clip=True)
-    y = rt.run({"pixels": np.ascontiguousarray(d.x_test)})["logits"]
-    return float((y.argmax(1) == d.y_test).mean())
-
-
-def demo_rows(family: str, cache: Path, bases: list[str], progress: bool) -> tuple[dict, dict]:
-    """Accuracy rows per base for a demo encoder (training integer SHiRA per domain, cached), and the files."""
-    import torch
-
-    from exporters import shira
-    from exporters.qshira import activation_grid, int_shira_adapter, quantized_base, train_shira_int
-    from lab import digits_model as dm
-    from lab.datasets import load_domains
-    from lab.pipeline import DemoConfig, prepare_demo
-
-    cfg = DemoConfig(model=family)
-    art = prepare_demo(cache, cfg, progress=progress)
-    domains = load_domains(cfg.domains, seed=cfg.seed)
-    clean = domains["clean"]
-    store = art.model.parent / "quantized"
-    store.mkdir(exist_ok=True)
-    model = dm.load_checkpoint(art.model.parent / "encoder.safetensors")
-    targets = shira.select_targets(model, list(cfg.targets))
-    rows, files = {}, {}
-    for base in bases:
-        row: dict = {"model": cfg.name, "base": base}
-        opts = family_options(BASES[base]["demo"], family)
-        if opts is None:
-            path, adapters = art.model, dict(art.adapters)
-        else:
-            calib = {"pixels": calibration_set(domains, opts.get("calib", "clean"))}
-            path, row["quantization"] = quantized_model(art.model, opts, calib, {"pixels": clean.x_test[:64]}, store)
-            info, qbase = quantized_base(path)
-            grids = activation_grid(path) if opts.get("train_activations") else None
-            adapters = {}
-            threads = torch.get_num_threads()
-            torch.set_num_threads(1)  # small models: one thread trains fastest on a shared machine
-            try:
-                for dn in cfg.domains:
-                    out = store / f"{path.stem}.ishira-{dn}.safetensors"
-                    if not out.exists():
-                        d = domains[dn]
-                        masks = shira.make_masks(
-                            model, targets, density=cfg.density, kind=cfg.mask, calib=(d.x_train, d.y_train), seed=0
-                        )
-                        epochs = INT_EPOCHS_X * cfg.shira_epochs
-                        trained = train_shira_int(
-                            model, masks, qbase, d.x_train, d.y_train, epochs=epochs, lr=cfg.shira_lr, activations=grids
-                        )
-                        meta = {"mask": cfg.mask, "density": cfg.density, "domain": dn, "epochs": epochs}
-                        int_shira_adapter(trained, info, dn, meta).save(out)
-                    adapters[dn] = out
-            finally:
-                torch.set_num_threads(threads)
-        with Runtime(path, strategy="bound") as rt:
-            for dn, a in adapters.items():
-                rt.load_adapter(a, name=dn)
-            accs = {dn: (_accuracy(rt, domains[dn], None), _accuracy(rt, domains[dn], dn)) for dn in cfg.domains}
-            if opts is not None:  # the float path: fp32 adapters requantized onto this base at load
-                clipped, req, nnz = 0, [], []
-                for dn, a in art.adapters.items():
-                    rt.load_adapter(a, name=f"{dn}-float", clip=True)
-                    req.append(_accuracy(rt, domains[dn], f"{dn}-float"))
-                    clipped += rt.clipped
-                    nnz.append(rt.adapter(f"{dn}-float").nnz)
-                row["mean_acc_requantized"] = float(np.mean(req))
-                row["requantized_clipped_per_adapter"] = clipped / len(req)
-                row["requantized_nnz"] = float(np.mean(nnz))  # entries per fp32 adapter, mean over domains
-        row["mean_acc_base"] = float(np.mean([b for b, _ in accs.values()]))
-        row["mean_acc_adapted"] = float(np.mean([a for _, a in accs.values()]))
-        row["per_domain"] = {dn: {"base": b, "adapted": a} for dn, (b, a) in accs.items()}
-        rows[base] = row
-        files[base] = (path, {"pixels": np.ascontiguousarray(clean.x_test[:1])})
-    return rows, files
-
-
-def minilm_rows(cache: Path, bases: list[str], progress: bool) -> tuple[dict, dict]:
-    """Embedding cosine to the fp32 model per base (base, and with one random float adapter on both)."""
+def _minilm(cache: Path, progress: bool):
     from exporters import minilm
 
     src = cache / "minilm" / "all-MiniLM-L6-v2.onnx"
     if not src.exists():
         minilm.export_minilm(src, progress=progress)
-    feeds = minilm.tokenize(SENTENCES, seq_len=128)
-    one = {k: np.ascontiguousarray(v[:1]) for k, v in feeds.items()}
-    rows, files, ref = {}, {}, {}
-    for base in bases:
-        row: dict = {"model": "all-MiniLM-L6-v2", "base": base}
-        path, opts = src, BASES[base]["minilm"]
-        if opts is not None:
-            path, row["quantization"] = quantized_model(src, opts, feeds, feeds, cache / "minilm")
-        with Runtime(path, strategy="bound") as rt:
-            info = rt.info
-            names = default_targets(info)
-            a = random_shira(info, names, 0.01, seed=1, name="A")
-            if info.float_fingerprint is not None:  # the float adapter, for the float twin: requantized at load
-                a = type(a)("A", info.float_fingerprint, a.tensors, a.shapes, info=a.info)
-            rt.load_adapter(a, clip=True)
-            embs = {"base": rt.run(feeds)["embeddings"]}
-            rt.switch("A", clip=True)
-            embs["adapted"] = rt.run(feeds)["embeddings"]
-            row["adapter_clipped"] = rt.clipped
-        if opts is None:
-            ref = embs
-        for k, e in embs.items():
-            cos = (e * ref[k]).sum(1) / np.linalg.norm(e, axis=1) / np.linalg.norm(ref[k], axis=1)
-            row[f"cosine_{k}"] = float(cos.mean())
-        rows[base] = row
-        files[base] = (path, one)
-    return rows, files
+    return src, minilm.tokenize(SENTENCES, seq_len=128)
 
 
-def timings(files: dict, threads: int | None, rounds: int, runs: int, switches: int) -> dict:
-    """Per base on onnxruntime: :func:`paired_timings` against a plain session on the same file."""
+def _plain(path, rt, threads: int | None):
+    """A plain onnxruntime session on the same file (the runtime's threads)."""
     import onnxruntime as ort
 
-    contestants = {}
-    for base, (path, feeds) in files.items():
-        so = ort.SessionOptions()
-        so.log_severity_level = 3
-        if threads:
-            so.intra_op_num_threads = threads
-        plain = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-        contestants[base] = (switchable(path, threads=threads), lambda f, p=plain: p.run(None, dict(f)), feeds)
-    out = paired_timings(contestants, rounds, runs, switches)
-    for base, (path, _) in files.items():
-        out[base]["bytes"] = Path(path).stat().st_size
-    return out
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    if threads:
+        so.intra_op_num_threads = threads
+    plain = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    return (lambda f: plain.run(None, dict(f))), {}
 
 
-def bench_quantized(
-    cache: Path,
-    *,
-    models: list[str],
-    bases: list[str] | None = None,
-    threads: int | None = None,
-    rounds: int = 5,
-    runs: int = 20,
-    switches: int = 20,
-    memory: bool = True,
-    progress: bool = True,
-) -> dict:
+def _memory(path, feeds: dict, threads: int | None) -> dict:
+    """Resident MB of a settled hybrid runtime and of a plain session (:mod:`lab.bench_memory`: fresh children)."""
     from lab.bench_memory import bench_memory
 
-    bases = list(bases or BASES)
-    rows = []
-    for m in models:
-        rows_m, files = minilm_rows(cache, bases, progress) if m == "minilm" else demo_rows(m, cache, bases, progress)
-        t = timings(files, threads, rounds, runs, switches)
-        for b in bases:
-            row = {**rows_m[b], **t[b], "load_1m": (load_average() or [None])[0]}
-            if memory:
-                path, feeds = files[b]
-                try:
-                    mem = bench_memory(path, feeds, strategies=["hybrid"], threads=threads, repeat=1, progress=False)
-                except EdgeError as e:  # e.g. its probe's random adapter saturates this int8 base: say so
-                    row["rss_error"] = str(e)[-300:]
-                    mem = None
-                if mem is not None:
-                    row["rss_mb"], row["plain_rss_mb"] = mem["strategies"]["hybrid"]["rss_mb"], mem["plain"]["rss_mb"]
-            rows.append(row)
-    return {"rows": rows, "goals": goals(rows), "threads": threads, "rounds": rounds, "runs_per_round": runs}
+    try:
+        mem = bench_memory(path, feeds, strategies=["hybrid"], threads=threads, repeat=1, progress=False)
+    except EdgeError as e:  # e.g. its probe's random adapter saturates this int8 base: say so
+        return {"rss_error": str(e)[-300:]}
+    return {"rss_mb": mem["strategies"]["hybrid"]["rss_mb"], "plain_rss_mb": mem["plain"]["rss_mb"]}
+
+
+#: this bench's backend: the demo's ONNX files, quantize_onnx, accuracy on the ``bound`` strategy
+ONNX = QuantBackend(
+    name="onnxruntime",
+    bases=BASES,
+    quantize=quantized_model,
+    quantized_base=_quantized_base,
+    activation_grid=_activation_grid,
+    minilm=_minilm,
+    plain=_plain,
+    memory=_memory,
+    strategy="bound",
+)
 
 
 def goals(rows: list[dict]) -> dict:
@@ -321,73 +193,37 @@ def markdown(result: dict) -> str:
     for r in result["rows"]:
         acc_b = r.get("mean_acc_base", r.get("cosine_base"))
         acc_a = r.get("mean_acc_adapted", r.get("cosine_adapted"))
-        req = (
-            f"{r['mean_acc_requantized']:.3f} "
-            f"({r['requantized_clipped_per_adapter']:.0f} of {r['requantized_nnz']:,.0f})"
-            if "mean_acc_requantized" in r
-            else "-"
-        )
-        rss = f"{r['rss_mb']:.1f} ({r['plain_rss_mb']:.1f})" if r.get("rss_mb") is not None else "not measured"
         lines.append(
             f"| {r['model']} | {r['base']} | {r['bytes']:,} | {r['infer_ms_p50']:.3f} ({r['static_infer_ms_p50']:.3f}) "
-            f"| {rss} | {r['switch_ms_p50']:.3f} | {acc_b:.4f} | {acc_a:.4f} | {req} | {r['load_1m']} |"
+            f"| {rss_cell(r)} | {r['switch_ms_p50']:.3f} | {acc_b:.4f} | {acc_a:.4f} | {requantized_cell(r)} "
+            f"| {r['load_1m']} |"
         )
     unmeasured = [r for r in result["rows"] if "rss_error" in r]
     lines += [f"\n{r['model']} {r['base']}: memory not measured: {r['rss_error']}" for r in unmeasured]
-    lines += ["", "Goals (issue 18), from this run's figures:", ""]
-    for k, g in result["goals"].items():
-        parts = ", ".join(
-            f"{n} {v['value']} (limit {v['limit']}: {'met' if v['met'] else 'NOT met'})" for n, v in g.items()
-        )
-        lines.append(f"- {k}: {parts}")
-    return "\n".join(lines)
+    return "\n".join(lines + goal_lines(result["goals"]))
 
 
 def add_arguments(sp) -> None:
-    sp.add_argument("--model", default="all", choices=["vit", "cnn", "minilm", "all"], help="model(s)")
-    sp.add_argument("--bases", nargs="+", choices=list(BASES), default=None, help="base precisions (default: all)")
-    sp.add_argument("--rounds", type=int, default=5, help="timing rounds (contestants interleaved in each)")
-    sp.add_argument("--runs", type=int, default=20, help="timed inferences per contestant per round")
-    sp.add_argument("--no-memory", action="store_true", help="skip the resident-memory children")
+    core_arguments(sp, BASES)
 
 
 def cli(args) -> int:
     from edge.commands import host_needed
-    from edge.format.io import write_json
-    from edge.machine import machine
-    from lab.benchmarks import write_section
 
     host_needed("edge bench quantized")
-    section = ("quantized", "Fused adapters on an int8 base (issue 18)")
-    render = markdown
     if args.backend == "tflite":
         module = litert_module()
-        result, render = litert_result(module, args), getattr(module, "markdown", markdown)
         section = (
             getattr(module, "SECTION", "quantized:tflite"),
             "Fused adapters on an int8 base on LiteRT (issue 18)",
         )
-    elif args.backend != "onnxruntime":
+        return emit(args, litert_result(module, args), section, getattr(module, "markdown", markdown))
+    if args.backend != "onnxruntime":
         raise ConfigError(f"edge bench quantized --backend {args.backend!r}: known backends onnxruntime, tflite")
-    else:
-        models = ["vit", "cnn", "minilm"] if args.model == "all" else [args.model]
-        result = bench_quantized(
-            args.cache,
-            models=models,
-            bases=args.bases,
-            threads=args.threads,
-            rounds=args.rounds,
-            runs=args.runs,
-            memory=not args.no_memory,
-            progress=not args.quiet,
-        )
-    result["machine"] = machine()
-    print(json.dumps(result, indent=1))
-    if args.json:
-        write_json(args.json, result)
-    if args.md:
-        write_section(args.md, *section, render(result))
-    return 0
+    rows = measure_args(ONNX, args)
+    result = {"rows": rows, "goals": goals(rows), "threads": args.threads, "rounds": args.rounds}
+    result["runs_per_round"] = args.runs
+    return emit(args, result, ("quantized", "Fused adapters on an int8 base (issue 18)"), markdown)
 
 
 #: the LiteRT twin of this bench: a module with ``run_litert(args) -> {"rows": [...], ...}``, rows in this bench's

@@ -4,7 +4,8 @@ The LiteRT twin of :mod:`lab.bench_quantized` (issue 18), rows of the same shape
 (``{"model", "base", "bytes", "infer_ms_p50", "rss_mb", "switch_ms_p50", "mean_acc_base",
 "mean_acc_adapted"}`` plus context). Per demo encoder (ViT, CNN) exported to ``.tflite``, and MiniLM (its
 embeddings' cosine to the fp32 model's instead of accuracy: ``cosine_base``, ``cosine_adapted`` with the same
-random float adapter on both; dynamic: the quantizer's defaults; static: ``FULLY_CONNECTED`` ops only), per base:
+random float adapter on both; dynamic: the quantizer's defaults; static: ``FULLY_CONNECTED`` ops only; both with
+the word-embedding table int8 too, ``EMBEDDING_LOOKUP``), per base:
 
 * ``fp32``: the float ``.tflite`` file; ``int8-dynamic``: :func:`exporters.tflite_quant.quantize_tflite`
   dynamic-range int8 (AI Edge Quantizer, weights per tensor with 4x headroom, FULLY_CONNECTED and
@@ -31,37 +32,48 @@ random float adapter on both; dynamic: the quantizer's defaults; static: ``FULLY
 
 ``edge bench quantized --backend tflite`` (through :func:`run_litert`) or
 ``python -m lab.bench_quantized_litert [--model vit|cnn|minilm|all] [--json P] [--md P]`` (section
-``bench:quantized:tflite``); in the TFLite venv (litert-torch, ai-edge-quantizer).
+``bench:quantized:tflite``); in the TFLite venv (litert-torch, ai-edge-quantizer). The rows are built by
+:mod:`lab.bench_quantized_core` (shared with the onnxruntime bench); this file says what LiteRT's runs on
+(:data:`LITERT`) and renders its section.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 from pathlib import Path
 
 import numpy as np
 
-from edge.machine import load_average
-from edge.runtime import Runtime
-from lab.bench_quantized_timing import paired_timings, switchable
-from lab.benchmarks import default_targets, random_shira
-from lab.litert_probe import memory, plain_interpreter
+from lab.bench_quantized_core import (
+    SENTENCES,
+    QuantBackend,
+    cached_quantized,
+    emit,
+    goal_lines,
+    measure_args,
+    requantized_cell,
+    rss_cell,
+)
+from lab.bench_quantized_core import add_arguments as core_arguments
 
-__all__ = ["BASES", "SECTION", "bench_quantized_litert", "goals", "main", "markdown", "run_litert"]
+__all__ = ["BASES", "LITERT", "SECTION", "add_arguments", "goals", "main", "markdown", "run_litert"]
 
 #: base name -> quantize_tflite options per model family (None: the float model). Demo encoders: per tensor with 4x
 #: headroom, as the ONNX bench's demo bases (lab.bench_quantized.BASES: per channel trained integer SHiRA to lower
 #: accuracy there and here). MiniLM (no trained adapters) keeps the quantizer's defaults; full integer on every op gave
 #: its embeddings cosine 0.64 to fp32, on the FULLY_CONNECTED ops only 0.95. A family's own entry ("vit", "cnn")
 #: overrides "demo": the ViT's static base quantizes around its weight ops only (FULLY_CONNECTED; the rest float, as
-#: lab.bench_quantized's static recipe): integer SHiRA mean accuracy 0.840 vs 0.834 on every op (fp32 0.850)
+#: lab.bench_quantized's static recipe): integer SHiRA mean accuracy 0.840 vs 0.834 on every op (fp32 0.850).
+#: MiniLM's word-embedding table is int8 too (EMBEDDING_LOOKUP, one scale per row; static takes the dynamic-range
+#: config for it, the quantizer has no full-integer lookup): 47 of its 90 MB float bytes. Left float, the int8 file
+#: was 58 MB and the switchable runtime 97.5 MB resident, above a plain fp32 interpreter's 88.2 MB (issue 18's goal);
+#: with it 23.5 MB and 66.4 MB (plain fp32 88.1 MB, load 4.3), at embedding cosine 0.9974 / 0.964 (dynamic / static,
+#: quantize_tflite's check) against 0.9971 / 0.953 without
 BASES = {
     "fp32": {"demo": None, "minilm": None},
     "int8-dynamic": {
         "demo": {"mode": "dynamic", "per_channel": False, "headroom": 4.0},
-        "minilm": {"mode": "dynamic"},
+        "minilm": {"mode": "dynamic", "op_types": ["FULLY_CONNECTED", "EMBEDDING_LOOKUP"]},
     },
     "int8-static": {
         "demo": {"mode": "static", "per_channel": False, "headroom": 4.0, "train_activations": True},
@@ -72,28 +84,21 @@ BASES = {
             "train_activations": True,
             "op_types": ["FULLY_CONNECTED"],
         },
-        "minilm": {"mode": "static", "op_types": ["FULLY_CONNECTED"]},
+        "minilm": {"mode": "static", "op_types": ["FULLY_CONNECTED", "EMBEDDING_LOOKUP"]},
     },
 }
-#: BASES keys that are this bench's, not quantize_tflite's: train integer SHiRA with the full-integer graph's activation
-#: grids in the loop (exporters.tflite_quant.tflite_activation_grid)
-_BENCH_KEYS = ("train_activations",)
 SECTION = "quantized:tflite"
 
 
-def quantized_model(src: Path, opts: dict, calib: dict, store: Path) -> tuple[Path, dict]:
+def quantized_model(src: Path, opts: dict, calib: dict, check: dict, store: Path) -> tuple[Path, dict]:
     """The cached int8 twin of ``src`` (once per float fingerprint and options)."""
     from exporters.tflite import load_model_info
     from exporters.tflite_quant import quantize_tflite
 
-    blob = json.dumps([load_model_info(src).fingerprint, opts, 1], sort_keys=True)
-    out = store / f"{src.stem}.{opts['mode']}.{hashlib.sha256(blob.encode()).hexdigest()[:12]}.tflite"
-    report_path = out.with_suffix(".json")
-    if not out.exists() or not report_path.exists():
-        args = {k: v for k, v in opts.items() if k not in _BENCH_KEYS}
-        report = quantize_tflite(src, out, calib=calib, min_cosine=0.9, **args)
-        report_path.write_text(json.dumps(report.as_dict()))
-    return out, json.loads(report_path.read_text())
+    def make(src, out, **options):
+        return quantize_tflite(src, out, calib=calib, check=check, min_cosine=0.9, **options)
+
+    return cached_quantized(src, load_model_info(src).fingerprint, opts, 1, store, make)
 
 
 def pixels_for(path: Path, x: np.ndarray) -> np.ndarray:
@@ -107,177 +112,57 @@ def pixels_for(path: Path, x: np.ndarray) -> np.ndarray:
     return np.clip(np.round(x / t.scale[0]) + t.zero_point[0], -128, 127).astype(np.int8)
 
 
-def _accuracy(rt: Runtime, path: Path, d, name: str | None) -> float:
-    rt.switch(name, clip=True)
-    y = rt.run({"pixels": pixels_for(path, d.x_test)})["logits"]
-    return float((y.argmax(1) == d.y_test).mean())
+def _quantized_base(path):
+    from exporters.tflite_quant import tflite_quantized_base
+
+    return tflite_quantized_base(path)
 
 
-def demo_rows(family: str, cache: Path, bases: list[str], progress: bool) -> tuple[dict, dict]:
-    """Accuracy rows per base (integer SHiRA per domain trained on the .tflite grid, cached), and the files."""
-    import torch
+def _activation_grid(path):
+    from exporters.tflite_quant import tflite_activation_grid
 
-    from exporters import shira
-    from exporters.qshira import int_shira_adapter, train_shira_int
-    from exporters.tflite_quant import tflite_activation_grid, tflite_quantized_base
-    from lab import digits_model as dm
-    from lab.bench_quantized import calibration_set
-    from lab.datasets import load_domains
-    from lab.pipeline import DemoConfig, prepare_demo
-
-    cfg = DemoConfig(model=family)
-    art = prepare_demo(cache, cfg, progress=progress, backend="tflite")
-    domains = load_domains(cfg.domains, seed=cfg.seed)
-    clean = domains["clean"]
-    store = art.model.parent / "quantized"
-    store.mkdir(exist_ok=True)
-    model = dm.load_checkpoint(art.model.parent / "encoder.safetensors")
-    targets = shira.select_targets(model, list(cfg.targets))
-    rows, files = {}, {}
-    for base in bases:
-        row: dict = {"model": cfg.name, "base": base}
-        opts = BASES[base].get(family, BASES[base]["demo"])
-        if opts is None:
-            path, adapters = art.model, dict(art.adapters)
-        else:
-            calib = {"pixels": calibration_set(domains, "domains")}
-            path, row["quantization"] = quantized_model(art.model, opts, calib, store)
-            info, qbase = tflite_quantized_base(path)
-            grids = tflite_activation_grid(path) if opts.get("train_activations") else None
-            adapters = {}
-            threads = torch.get_num_threads()
-            torch.set_num_threads(1)  # small models: one thread trains fastest on a shared machine
-            try:
-                for dn in cfg.domains:
-                    out = store / f"{path.stem}.ishira-{dn}.safetensors"
-                    if not out.exists():
-                        d = domains[dn]
-                        masks = shira.make_masks(
-                            model, targets, density=cfg.density, kind=cfg.mask, calib=(d.x_train, d.y_train), seed=0
-                        )
-                        trained = train_shira_int(
-                            model,
-                            masks,
-                            qbase,
-                            d.x_train,
-                            d.y_train,
-                            epochs=cfg.shira_epochs,
-                            lr=cfg.shira_lr,
-                            activations=grids,
-                        )
-                        meta = {"mask": cfg.mask, "density": cfg.density, "domain": dn, "epochs": cfg.shira_epochs}
-                        int_shira_adapter(trained, info, dn, meta).save(out)
-                    adapters[dn] = out
-            finally:
-                torch.set_num_threads(threads)
-        with Runtime(path, backend="tflite", strategy="rebuild") as rt:  # XNNPACK: what a settled hybrid serves
-            for dn, a in adapters.items():
-                rt.load_adapter(a, name=dn)
-            accs = {
-                dn: (_accuracy(rt, path, domains[dn], None), _accuracy(rt, path, domains[dn], dn)) for dn in adapters
-            }
-            if opts is not None:  # the float path: fp32 adapters requantized onto this base at load
-                clipped, req, nnz = 0, [], []
-                for dn, a in art.adapters.items():
-                    rt.load_adapter(a, name=f"{dn}-float", clip=True)
-                    req.append(_accuracy(rt, path, domains[dn], f"{dn}-float"))
-                    clipped += rt.clipped
-                    nnz.append(rt.adapter(f"{dn}-float").nnz)
-                row["mean_acc_requantized"] = float(np.mean(req))
-                row["requantized_clipped_per_adapter"] = clipped / len(req)
-                row["requantized_nnz"] = float(np.mean(nnz))  # entries per fp32 adapter, mean over domains
-        with Runtime(path, backend="tflite", strategy="builtin") as rt:  # what serves in hybrid's settle window
-            for dn, a in adapters.items():
-                rt.load_adapter(a, name=dn)
-            row["mean_acc_adapted_builtin"] = float(np.mean([_accuracy(rt, path, domains[dn], dn) for dn in adapters]))
-        row["mean_acc_base"] = float(np.mean([b for b, _ in accs.values()]))
-        row["mean_acc_adapted"] = float(np.mean([a for _, a in accs.values()]))
-        row["per_domain"] = {dn: {"base": b, "adapted": a} for dn, (b, a) in accs.items()}
-        rows[base] = row
-        files[base] = (path, {"pixels": pixels_for(path, clean.x_test[:1])})
-    return rows, files
+    return tflite_activation_grid(path)
 
 
-def minilm_rows(cache: Path, bases: list[str], progress: bool) -> tuple[dict, dict]:
-    """Embedding cosine to the fp32 model per base (base, and with one random float adapter on both; XNNPACK)."""
+def _minilm(cache: Path, progress: bool):
     from exporters import minilm
     from lab.bench_litert import export_bench_model
-    from lab.bench_quantized import SENTENCES
 
     src, _ = export_bench_model("minilm", cache, quiet=not progress)
-    feeds = {k: v.astype(np.int32) for k, v in minilm.tokenize(SENTENCES, seq_len=128).items()}  # litert-torch: int32
-    one = {k: np.ascontiguousarray(v[:1]) for k, v in feeds.items()}
-    rows, files, ref = {}, {}, {}
-    for base in bases:
-        row: dict = {"model": "all-MiniLM-L6-v2", "base": base}
-        path, opts = src, BASES[base]["minilm"]
-        if opts is not None:
-            path, row["quantization"] = quantized_model(src, opts, feeds, src.parent)
-        with Runtime(path, backend="tflite", strategy="rebuild") as rt:
-            info = rt.info
-            a = random_shira(info, default_targets(info), 0.01, seed=1, name="A")
-            if info.float_fingerprint is not None:  # the float adapter, for the float twin: requantized at load
-                a = type(a)("A", info.float_fingerprint, a.tensors, a.shapes, info=a.info)
-            rt.load_adapter(a, clip=True)
-            embs = {"base": rt.run(feeds)["embeddings"]}
-            rt.switch("A", clip=True)
-            embs["adapted"] = rt.run(feeds)["embeddings"]
-            row["adapter_clipped"] = rt.clipped
-        if opts is None:
-            ref = embs
-        for k, e in embs.items():
-            cos = (e * ref[k]).sum(1) / np.linalg.norm(e, axis=1) / np.linalg.norm(ref[k], axis=1)
-            row[f"cosine_{k}"] = float(cos.mean())
-        rows[base] = row
-        files[base] = (path, one)
-    return rows, files
+    return src, {k: v.astype(np.int32) for k, v in minilm.tokenize(SENTENCES, seq_len=128).items()}  # int32 ids
 
 
-def timings(files: dict, threads: int | None, rounds: int, runs: int, switches: int) -> dict:
-    """Per base on LiteRT: :func:`lab.bench_quantized.paired_timings` against a plain interpreter on the same file."""
-    contestants, held = {}, {}
-    for base, (path, feeds) in files.items():
-        rt = switchable(path, backend="tflite", threads=threads)
-        # the plain interpreter runs on the threads the runtime's XNNPACK interpreter was held to (1 where it leaves
-        # dynamic-range ops to the built-in kernels, runtimes.litert.one_thread_reason): same kernels, same threads
-        held[base] = rt.backend.interpreter_threads
-        contestants[base] = (rt, plain_interpreter(path, held[base].get("xnnpack", threads)), feeds)
-    out = paired_timings(contestants, rounds, runs, switches)
-    for base, (path, _) in files.items():
-        out[base].update(bytes=Path(path).stat().st_size, interpreter_threads=held[base])
-    return out
+def _plain(path, rt, threads: int | None):
+    """A plain interpreter on the threads the runtime's XNNPACK interpreter was held to (1 where it leaves
+    dynamic-range ops to the built-in kernels, runtimes.litert.one_thread_reason): same kernels, same threads."""
+    from lab.litert_probe import plain_interpreter
+
+    held = rt.backend.interpreter_threads
+    return plain_interpreter(path, held.get("xnnpack", threads)), {"interpreter_threads": held}
 
 
-def bench_quantized_litert(
-    cache: Path,
-    *,
-    models: list[str],
-    bases: list[str] | None = None,
-    threads: int | None = None,
-    rounds: int = 5,
-    runs: int = 20,
-    switches: int = 20,
-    with_memory: bool = True,
-    progress: bool = True,
-) -> dict:
-    bases = list(bases or BASES)
-    rows = []
-    for m in models:
-        rows_m, files = minilm_rows(cache, bases, progress) if m == "minilm" else demo_rows(m, cache, bases, progress)
-        t = timings(files, threads, rounds, runs, switches)
-        for b in bases:
-            row = {**rows_m[b], **t[b], "load_1m": (load_average() or [None])[0]}
-            if with_memory:
-                row.update(memory(*files[b], threads))
-            rows.append(row)
-    return {
-        "rows": rows,
-        "goals": goals(rows),
-        "backend": "tflite",
-        "threads": threads,
-        "rounds": rounds,
-        "runs_per_round": runs,
-    }
+def _memory(path, feeds: dict, threads: int | None) -> dict:
+    from lab.litert_probe import memory
+
+    return memory(path, feeds, threads)
+
+
+#: this bench's backend: the demo's .tflite exports, quantize_tflite calibrated on every domain, accuracy on
+#: XNNPACK (``rebuild``: what a settled hybrid runtime serves) and on the built-in kernels (hybrid's settle window)
+LITERT = QuantBackend(
+    name="tflite",
+    bases=BASES,
+    quantize=quantized_model,
+    quantized_base=_quantized_base,
+    activation_grid=_activation_grid,
+    minilm=_minilm,
+    plain=_plain,
+    memory=_memory,
+    strategy="rebuild",
+    builtin_strategy="builtin",
+    calib="domains",
+    pixels=pixels_for,
+)
 
 
 def goals(rows: list[dict]) -> dict:
@@ -312,65 +197,30 @@ def markdown(result: dict) -> str:
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
-        req = (
-            f"{r['mean_acc_requantized']:.3f} "
-            f"({r['requantized_clipped_per_adapter']:.0f} of {r['requantized_nnz']:,.0f})"
-            if "mean_acc_requantized" in r
-            else "-"
-        )
-        rss = f"{r['rss_mb']:.1f} ({r['plain_rss_mb']:.1f})" if r.get("rss_mb") is not None else "not measured"
         builtin = f" ({r['mean_acc_adapted_builtin']:.4f})" if "mean_acc_adapted_builtin" in r else ""
         acc_b, acc_a = r.get("mean_acc_base", r.get("cosine_base")), r.get("mean_acc_adapted", r.get("cosine_adapted"))
         lines.append(
             f"| {r['model']} | {r['base']} | {r['bytes']:,} | {r['infer_ms_p50']:.3f} ({r['static_infer_ms_p50']:.3f}) "
-            f"| {rss} | {r['switch_ms_p50']:.3f} | {acc_b:.4f} | {acc_a:.4f}{builtin} "
-            f"| {req} | {r['load_1m']} |"
+            f"| {rss_cell(r)} | {r['switch_ms_p50']:.3f} | {acc_b:.4f} | {acc_a:.4f}{builtin} "
+            f"| {requantized_cell(r)} | {r['load_1m']} |"
         )
-    lines += ["", "Goals (issue 18), from this run's figures:", ""]
-    for k, g in result.get("goals", {}).items():
-        parts = ", ".join(
-            f"{n} {v['value']} (limit {v['limit']}: {'met' if v['met'] else 'NOT met'})" for n, v in g.items()
-        )
-        lines.append(f"- {k}: {parts}")
-    return "\n".join(lines)
+    return "\n".join(lines + goal_lines(result.get("goals", {})))
 
 
 def add_arguments(ap) -> None:
-    ap.add_argument("--model", default="all", choices=["vit", "cnn", "minilm", "all"], help="model(s)")
-    ap.add_argument("--bases", nargs="+", choices=list(BASES), default=None, help="base precisions (default: all)")
-    ap.add_argument("--rounds", type=int, default=5, help="timing rounds (contestants interleaved in each)")
-    ap.add_argument("--runs", type=int, default=20, help="timed inferences per contestant per round")
-    ap.add_argument("--no-memory", action="store_true", help="skip the resident-memory children")
+    core_arguments(ap, BASES)
 
 
 def run_litert(args) -> dict:
     """The bench for parsed ``edge bench quantized --backend tflite`` arguments (``lab.bench_quantized.cli``)."""
-    return bench_quantized_litert(
-        Path(args.cache),
-        models=["vit", "cnn", "minilm"] if args.model == "all" else [args.model],
-        bases=args.bases,
-        threads=args.threads,
-        rounds=args.rounds,
-        runs=args.runs,
-        with_memory=not args.no_memory,
-        progress=not args.quiet,
-    )
+    rows = measure_args(LITERT, args)
+    result = {"rows": rows, "goals": goals(rows), "backend": "tflite", "threads": args.threads, "rounds": args.rounds}
+    return {**result, "runs_per_round": args.runs}
 
 
 def cli(args) -> int:
     """``python -m lab.bench_quantized_litert``: the JSON printed, optionally written, and its section."""
-    from edge.format.io import write_json
-    from edge.machine import machine
-    from lab.benchmarks import write_section
-
-    result = run_litert(args)
-    result["machine"] = machine()
-    print(json.dumps(result, indent=1))
-    if args.json:
-        write_json(args.json, result)
-    if args.md:
-        write_section(args.md, SECTION, "Fused adapters on an int8 base on LiteRT (issue 18)", markdown(result))
-    return 0
+    return emit(args, run_litert(args), (SECTION, "Fused adapters on an int8 base on LiteRT (issue 18)"), markdown)
 
 
 def main(argv: list[str] | None = None) -> int:

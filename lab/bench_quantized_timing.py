@@ -1,5 +1,6 @@
-"""Switch and inference timings shared by the int8 benches (onnxruntime: :mod:`lab.bench_quantized`, LiteRT:
-:mod:`lab.bench_quantized_litert`): every base's runtime and plain run interleaved within rounds."""
+"""Switch and inference timings of the int8 benches (:func:`lab.bench_quantized_core.timings`, for onnxruntime's
+:mod:`lab.bench_quantized` and LiteRT's :mod:`lab.bench_quantized_litert`): every base's runtime and plain run
+interleaved within rounds."""
 
 from __future__ import annotations
 

@@ -8,21 +8,21 @@ from __future__ import annotations
 
 import atexit
 import logging
-import mmap
 import os
 import threading
 import time
 import weakref
 from abc import ABC, abstractmethod
+from collections import deque
 from collections.abc import Mapping, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
 
 from edge.format.modelinfo import ModelInfo
 from edge.registry import Registry
-from runtimes.lines import compile_write, merge_positions
+from runtimes.lines import compile_write, merge_positions, touch
+from runtimes.loading import model_buffer, rss_mb, trim_heap
 
 __all__ = [
     "ArenaBackend",
@@ -83,7 +83,9 @@ class Backend(ABC):
     @abstractmethod
     def run(self, feeds: Mapping[str, np.ndarray], outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
         """Run once; returns the outputs named in ``outputs`` (names of :attr:`output_names`, checked by the
-        caller), or every model output (``None``), by name. Safe to call from several threads."""
+        caller), or every model output (``None``), by name. Safe to call from several threads. A backend with
+        ``CHECKS_FEEDS = True`` takes ``run(feeds, outputs, check)``: the caller hands it unchecked feeds and it
+        calls ``check(feeds)`` on any its fast path does not take exactly as the check would pass them."""
 
     @property
     def output_names(self) -> list[str]:
@@ -225,13 +227,19 @@ class ArenaBackend(Backend):
     ``_static_gen == _generation``; every write of constant weights bumps the generation. Strategy
     ``rebuild`` builds in the
     writing thread; ``hybrid`` has :meth:`_rebuild_loop` build in the background (after
-    :meth:`_start_rebuilds`), while the subclass serves its immediately consistent session.
+    :meth:`_start_rebuilds`), while the subclass serves its immediately consistent session, and after each build
+    reads what the last :attr:`WARM_RECENT` switches wrote back into the cache (:meth:`_warm`), on the CPU the
+    writing thread last ran on. Measured on MiniLM (106k entries, load average 4-5 on 2 cores, paired in one
+    run), the next switch took 0.190/0.137/0.111 ms against 0.244/0.186/0.186 ms without (block4/block16/rows
+    masks), for 1.3 ms p50 of the rebuild thread's time after each build.
     """
 
     REBUILD_FAILED = "background rebuild failed; staying on the immediately consistent session"
     WATCH_S = 1.0  # hybrid: how long after a build the rebuild thread polls for writes (see _rebuild_loop) ...
     WATCH_STEP_S = 5e-3  # ... and how often at most (every rebuild_delay when that is longer)
     FREE_STALE_BEFORE_BUILD = False  # drop the stale fast session before building (frees its packed weights)
+    WARM_RECENT = 2  # hybrid: after a build, re-read what the last this many writes of weights touched (_warm) ...
+    WARM_BESIDE_WRITER = True  # ... on the CPU the writing thread last ran on
 
     def _init_rebuilds(self, options: BackendOptions) -> None:
         self._lock = threading.RLock()  # guards run vs write and the serving session
@@ -246,6 +254,8 @@ class ArenaBackend(Backend):
         self._settled = threading.Event()
         self._settled.set()
         self.last_build_ms: float | None = None
+        self._recent: deque[list[weakref.ref]] = deque(maxlen=self.WARM_RECENT)  # prepared writes, newest last
+        self.last_warm_ms: float | None = None  # background time of the last _warm
 
     def _start_rebuilds(self, name: str) -> None:
         """Start the rebuild thread. It is a daemon so it never keeps a process alive, but a daemon
@@ -296,6 +306,9 @@ class ArenaBackend(Backend):
             if not weights:
                 return  # only slot tensors changed: they are fed on every run
             self._generation += 1
+            if self._strategy == "hybrid":  # weakly: an unloaded adapter's writes go (see _warm)
+                self._recent.append([weakref.ref(w) for w in prepared if w.parts])
+                self._writer = threading.get_native_id()  # whose CPU _warm runs on
             if self._strategy == "rebuild":
                 if self.FREE_STALE_BEFORE_BUILD:
                     self._static = None  # stale from here on: free its packed weights before packing anew
@@ -319,6 +332,47 @@ class ArenaBackend(Backend):
         with self._lock:
             self._static = None
             self._release()
+
+    def _warm(self) -> None:
+        """Read what the recent writes of weights read and store to back into the cache (:func:`touch`).
+
+        A build reads the whole arena and writes a packed copy of it, so a switch right after one finds every
+        line it touches, and its own indices and values, in DRAM; after this, a switch among the recently
+        used adapters finds them in a cache. Its background cost is :attr:`last_warm_ms`.
+        """
+        t0 = time.perf_counter()
+        live, seen = [], set()
+        for refs in list(self._recent):
+            for ref in refs:
+                if (w := ref()) is not None and id(w) not in seen:
+                    seen.add(id(w))
+                    live.append(w)
+        mask = self._beside_writer() if live and self.WARM_BESIDE_WRITER else None
+        try:
+            for w in live:
+                touch(w.parts)
+        finally:
+            if mask is not None:
+                try:
+                    os.sched_setaffinity(0, mask)
+                except OSError as e:  # the mask this thread had: only a cpuset changed meanwhile refuses it
+                    log = logging.getLogger(f"edge.{type(self).__module__}")
+                    log.warning("rebuild thread affinity not restored: %s", e)
+        self.last_warm_ms = (time.perf_counter() - t0) * 1e3
+
+    def _beside_writer(self) -> set[int] | None:
+        """Move this thread to the CPU the last writing thread ran on (its caches are the ones the next switch
+        uses; Linux ``/proc``), returning the affinity to restore; None where that cannot be done."""
+        try:
+            with open(f"/proc/self/task/{self._writer}/stat") as f:  # field 39: the CPU it last ran on
+                cpu = int(f.read(1024).rsplit(")", 1)[1].split()[36])
+            mask = os.sched_getaffinity(0)
+            if cpu not in mask or len(mask) < 2:
+                return None
+            os.sched_setaffinity(0, {cpu})
+        except (OSError, ValueError, IndexError, AttributeError):  # no procfs, a thread gone, not Linux
+            return None
+        return mask
 
     def _rebuild_loop(self) -> None:
         """Hybrid: after each write, build a fast session from the current arena and swap it in.
@@ -357,11 +411,16 @@ class ArenaBackend(Backend):
             with self._lock:
                 if self._closed:
                     return
-                if gen == self._generation:  # no write while building: the fast copy is current
+                current = gen == self._generation  # no write while building: the fast copy is current
+                if current:
                     self._static, self._static_gen = sess, gen
-                    self._settled.set()
             # otherwise a write came while building (it may have hit the buffers mid-pack): go again
             del sess  # this frame must not keep a session alive through the next build
+            if current:
+                self._warm()  # serving fast already; settled once the next switch's lines are in a cache
+                with self._lock:
+                    if self._static_gen == self._generation:  # no write meanwhile (a write clears it)
+                        self._settled.set()
             watch_until = time.monotonic() + self.WATCH_S
 
 
@@ -372,66 +431,3 @@ def _close_live() -> None:
             backend.close()
         except Exception:  # exiting anyway; a failing close must not hide the others
             pass
-
-
-# -- loading and memory helpers shared by backends ---------------------------------------------------------------------
-@contextmanager
-def model_buffer(model: bytes | bytearray | memoryview | str | os.PathLike):
-    """(buffer, read) over the model's bytes or its file. ``read(dst, offset)`` fills the writable byte
-    view ``dst`` from ``offset``; given a path it reads from the file straight into ``dst`` (the buffer
-    is then a read-only memory map: only the pages a reader touches become resident)."""
-    if isinstance(model, (bytes, bytearray, memoryview)):
-        with memoryview(model) as view:
-            view = view.cast("B") if view.format != "B" else view
-
-            def copy(dst: memoryview, at: int) -> None:
-                dst[:] = view[at : at + len(dst)]
-
-            yield view, copy
-        return
-    from edge.errors import FormatError
-    from edge.format.io import open_regular
-
-    fd, _ = open_regular(model, what="model file")  # a FIFO must not hang us
-    with os.fdopen(fd, "rb") as f:
-        try:
-            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        except (OSError, ValueError) as e:
-            raise FormatError(f"cannot read model file {model}: {e}") from e
-
-        def read(dst: memoryview, at: int) -> None:
-            while len(dst):
-                f.seek(at)
-                n = f.readinto(dst)
-                if not n:
-                    raise FormatError(f"model file {model} ends early (truncated)")
-                dst, at = dst[n:], at + n
-
-        with mm, memoryview(mm) as view:
-            yield view, read
-
-
-def rss_mb() -> float | None:
-    """This process's resident memory in MB (Linux; None elsewhere)."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * mmap.PAGESIZE / 2**20
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def trim_heap() -> None:
-    """Give freed heap memory back to the system (glibc otherwise keeps the buffers of dropped sessions)."""
-    global _MALLOC_TRIM
-    if _MALLOC_TRIM is None:
-        try:
-            import ctypes
-
-            _MALLOC_TRIM = ctypes.CDLL(None).malloc_trim
-        except (OSError, AttributeError):  # not glibc
-            _MALLOC_TRIM = False
-    if _MALLOC_TRIM:
-        _MALLOC_TRIM(0)
-
-
-_MALLOC_TRIM = None

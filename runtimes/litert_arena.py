@@ -9,7 +9,8 @@ Which kernels see an in-place write of integer weights (measured on ai-edge-lite
 ``lab/bench_quantized_litert.py`` and ``tests/host/test_tflite_quant.py``): XNNPACK packs int8
 weights like float ones (a rebuild is needed); the built-in kernels read them at every run for
 ``FULLY_CONNECTED`` (full-integer, and dynamic-range with symmetric input quantization),
-``DEPTHWISE_CONV_2D`` (both kinds) and full-integer ``CONV_2D``. The dynamic-range (hybrid)
+``DEPTHWISE_CONV_2D`` (both kinds), full-integer ``CONV_2D`` and ``EMBEDDING_LOOKUP`` (an int8 table,
+dequantized row by row at every run; XNNPACK leaves it to them). The dynamic-range (hybrid)
 ``CONV_2D`` and a hybrid ``FULLY_CONNECTED`` with ``asymmetric_quantize_inputs`` cache per-row
 sums of the weights at their first run, so they would compute with a mix of old and new weights:
 :func:`stale_readers` names them and the backend refuses the built-in strategies for such a model.
@@ -28,6 +29,7 @@ import numpy as np
 from edge.errors import FormatError
 from edge.format.modelinfo import ModelInfo, fingerprint
 from edge.format.tflite import SCALE, ZERO_POINT, TfliteModel, fingerprint_arrays, quant_arrays
+from runtimes.lines import HUGE_MIN, advise_huge
 
 __all__ = [
     "ALIGN",
@@ -41,15 +43,17 @@ __all__ = [
 
 ALIGN = 16
 _FLOAT, _INTEGER = {0: np.dtype(np.float32)}, {3: np.dtype(np.uint8), 9: np.dtype(np.int8)}
-_CONV_2D, _DEPTHWISE, _FULLY_CONNECTED = 3, 4, 9
+_CONV_2D, _DEPTHWISE, _EMBEDDING_LOOKUP, _FULLY_CONNECTED = 3, 4, 7, 9
 _NAMES = {_CONV_2D: "CONV_2D", _DEPTHWISE: "DEPTHWISE_CONV_2D", _FULLY_CONNECTED: "FULLY_CONNECTED"}
 
 
-def load_arena(model: bytes, fb: TfliteModel, info: ModelInfo):
+def load_arena(model: bytes, fb: TfliteModel, info: ModelInfo, owned: bool = False):
     """``(data, float32 arena, {integer dtype: arena}, offset, live views, slots)`` over one private copy.
 
     ``offset`` is each writable tensor's position in its own arena (elements). Quantized targets
     (``TensorInfo.quant``) must be stored with that integer type; every other writable tensor float32.
+    ``owned``: ``model`` is a ``bytes`` object nobody else holds (the backend read it from the file); it
+    becomes the arena itself when it needs no padding, so loading holds the model once, not twice.
     """
     by_name = {t.name: t for t in fb.tensors}
     if len(by_name) != len(fb.tensors):
@@ -89,8 +93,15 @@ def load_arena(model: bytes, fb: TfliteModel, info: ModelInfo):
     for name in slots:
         slot_at[name] = size
         size += -(-4 * int(np.prod(by_name[name].shape)) // ALIGN) * ALIGN
-    data = bytes(model) + bytes(size - len(model))  # a fresh object only this backend references
-    raw = writable_view(data)
+    if owned and type(model) is bytes and size == len(model):
+        data = model  # already private: no second copy at load
+        raw = writable_view(data)
+    else:  # a fresh object only this backend references (``model + pad`` would be ``model`` itself when pad is empty)
+        data = bytes(size)
+        raw = writable_view(data)
+        if size >= HUGE_MIN:  # before the copy below first writes its pages (numpy never advises a bytes object)
+            advise_huge(raw)
+        raw[: len(model)] = np.frombuffer(model, np.uint8)
     arena = raw[: len(raw) // 4 * 4].view(np.float32)
     integer = {d: raw.view(d) for d in {want[n] for n in writable} if d.kind in "iu"}
     offset, live = {}, {}
@@ -168,7 +179,9 @@ def stale_readers(fb: TfliteModel, integer: frozenset[int]) -> list[str]:
         if not hit:
             continue
         hybrid = op.inputs[0] >= 0 and tensors[op.inputs[0]].type in _FLOAT  # float activations, int8 weights
-        fine = op.code == _DEPTHWISE or (op.code == _FULLY_CONNECTED and not (hybrid and op.asymmetric))
+        fine = op.code in (_DEPTHWISE, _EMBEDDING_LOOKUP) or (
+            op.code == _FULLY_CONNECTED and not (hybrid and op.asymmetric)
+        )
         fine = fine or (op.code == _CONV_2D and not hybrid)
         if not fine:
             kind = "dynamic-range " if hybrid else ""

@@ -43,7 +43,7 @@ from pathlib import Path
 import numpy as np
 
 from edge.errors import BackendUnavailableError, ConfigError
-from edge.format.feeds import input_specs
+from edge.format.feeds import onnx_input_specs
 from edge.format.modelinfo import ModelInfo, onnx_info
 from runtimes import onnx_file as _file
 from runtimes.base import BACKENDS, ArenaBackend, BackendOptions, model_buffer, trim_heap
@@ -146,9 +146,9 @@ class OrtBackend(ArenaBackend):
         self._threads = options.threads
 
         with model_buffer(model) as (buf, read):
-            proto, inits, small = parse_graph_bytes(buf)
-            self.input_specs = input_specs(self.name, small)  # the real inputs (Runtime checks feeds against them)
+            proto, inits, _ = parse_graph_bytes(buf)
             self.info = onnx_info(proto)
+            self.input_specs = onnx_input_specs(proto, self.info.inputs)  # the real inputs, from the graph parsed once
             writable = sorted({t.initializer for t in self.info.tensors.values()})
             dtypes = {t.initializer: t.quant.dtype for t in self.info.tensors.values() if t.quant is not None}
             arenas, self._offset, self._live = take_writable(buf, inits, writable, read, dtypes)

@@ -12,7 +12,9 @@ from edge.format.adapter import Adapter, SparseDelta
 from edge.format.modelinfo import META_KEY, ModelInfo, TensorInfo, fingerprint
 
 
-def make_mlp(path: Path, seed: int = 0, sizes=(10, 20, 2), name: str = "tiny-mlp") -> ModelInfo:
+def make_mlp(
+    path: Path, seed: int = 0, sizes=(10, 20, 2), name: str = "tiny-mlp", extra: dict | None = None
+) -> ModelInfo:
     """x[B,10] -> Linear -> ReLU -> Linear -> logits[B,2]; first weight stored transposed (as a folded export)."""
     rng = np.random.default_rng(seed)
     d_in, d_hid, d_out = sizes
@@ -33,10 +35,12 @@ def make_mlp(path: Path, seed: int = 0, sizes=(10, 20, 2), name: str = "tiny-mlp
     }
     inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", d_in])]
     outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", d_out])]
-    return write_model(path, name, nodes, inputs, outputs, stored, tensors)
+    return write_model(path, name, nodes, inputs, outputs, stored, tensors, extra)
 
 
-def write_model(path: Path, name: str, nodes, inputs, outputs, stored: dict, tensors: dict) -> ModelInfo:
+def write_model(
+    path: Path, name: str, nodes, inputs, outputs, stored: dict, tensors: dict, extra: dict | None = None
+) -> ModelInfo:
     """Save a graph of ``nodes`` over the initializers ``stored`` with this project's metadata.
 
     ``inputs``/``outputs`` are value infos; ``tensors`` maps parameter names to their
@@ -51,6 +55,7 @@ def write_model(path: Path, name: str, nodes, inputs, outputs, stored: dict, ten
         tensors=tensors,
         inputs=tuple(i.name for i in inputs),
         outputs=tuple(o.name for o in outputs),
+        extra=dict(extra or {}),
     )
     helper.set_model_props(model, {META_KEY: info.to_json()})
     onnx.save(model, str(path))

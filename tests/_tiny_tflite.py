@@ -72,7 +72,9 @@ class _Graph:
         return info
 
 
-def make_mlp(path: Path, seed: int = 0, sizes=(10, 20, 2), name: str = "tiny-mlp") -> ModelInfo:
+def make_mlp(
+    path: Path, seed: int = 0, sizes=(10, 20, 2), name: str = "tiny-mlp", extra: dict | None = None
+) -> ModelInfo:
     """x[B,10] -> Linear -> ReLU -> Linear -> logits[B,2], the weights of ``_tiny.make_mlp`` (same seed)."""
     rng = np.random.default_rng(seed)
     d_in, d_hid, d_out = sizes
@@ -96,6 +98,7 @@ def make_mlp(path: Path, seed: int = 0, sizes=(10, 20, 2), name: str = "tiny-mlp
         },
         inputs=("x",),
         outputs=("logits",),
+        extra=dict(extra or {}),
     )
     return g.save(path, info)
 

@@ -271,7 +271,7 @@ def inspect_adapter(path: str | os.PathLike, *, max_bytes: int = MAX_FILE_BYTES)
 
 def check_targets(name: str, fingerprint: str, shapes: Mapping[str, tuple[int, ...]], fusable: bool, info: ModelInfo):
     """Raise :class:`AdapterMismatchError` unless targets ``shapes`` (of an adapter of that kind) fit ``info``."""
-    if fingerprint not in (info.fingerprint, info.float_fingerprint):  # a float adapter also fits the int8 twin
+    if fingerprint not in info.fits:  # a float adapter also fits the int8 twin, and the .onnx's fits the .tflite
         raise AdapterMismatchError(
             f"adapter {name!r} was trained on base {fingerprint}, but the loaded model "
             f"{info.name!r} is {info.fingerprint}; train or convert the adapter for this model"

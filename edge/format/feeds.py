@@ -59,17 +59,21 @@ def names_only(names) -> dict[str, InputSpec]:
     return {n: InputSpec(n, None, None) for n in names}
 
 
-def onnx_input_specs(model: bytes, names: tuple[str, ...] | None = None) -> dict[str, InputSpec]:
-    """Specs of the graph inputs ``names`` (default: those its :class:`ModelInfo` lists) of an ONNX model's bytes."""
+def onnx_input_specs(model, names: tuple[str, ...] | None = None) -> dict[str, InputSpec]:
+    """Specs of the graph inputs ``names`` (default: those its :class:`ModelInfo` lists) of an ONNX model's bytes
+    (or of the ``onnx.ModelProto`` already parsed from them)."""
     import onnx
     from onnx import helper
 
     from edge.format.modelinfo import onnx_info
 
-    try:
-        proto = onnx.load_model_from_string(model)
-    except Exception as e:  # protobuf's DecodeError and friends
-        raise FormatError(f"not a readable ONNX model: {e}") from e
+    if isinstance(model, onnx.ModelProto):
+        proto = model
+    else:
+        try:
+            proto = onnx.load_model_from_string(model)
+        except Exception as e:  # protobuf's DecodeError and friends
+            raise FormatError(f"not a readable ONNX model: {e}") from e
     names = onnx_info(proto).inputs if names is None else names
     graph_inputs = {i.name: i for i in proto.graph.input}
     out = {}

@@ -7,6 +7,11 @@ runtime reads it back without torch. Adapter indices are always given in the
 (as it is, its 2-D transpose, or any axis permutation such as TFLite's OHWI filters) and
 whether a converter scaled it per output channel (BatchNorm folded into a convolution), so one
 adapter file serves every backend.
+
+The fingerprint hashes the stored tensors, so ``M.onnx`` and ``M.tflite`` of one model differ.
+The exporters also record :func:`source_fingerprint`, a hash of the torch weights the file was
+exported from (``extra["source_fingerprint"]``): float files with the same one are *twins*, and
+``backend="auto"`` lets an adapter made for either run on the other (:attr:`ModelInfo.also_fits`).
 """
 
 from __future__ import annotations
@@ -22,7 +27,16 @@ import numpy as np
 
 from edge.errors import FormatError
 
-__all__ = ["ModelInfo", "QuantInfo", "TensorInfo", "fingerprint", "META_KEY", "MODEL_FORMAT", "MODEL_VERSION"]
+__all__ = [
+    "ModelInfo",
+    "QuantInfo",
+    "TensorInfo",
+    "fingerprint",
+    "source_fingerprint",
+    "META_KEY",
+    "MODEL_FORMAT",
+    "MODEL_VERSION",
+]
 
 META_KEY = "edge"  # metadata_props key holding ModelInfo as JSON
 MODEL_FORMAT = "edge.model"
@@ -42,6 +56,15 @@ def fingerprint(tensors: Mapping[str, np.ndarray]) -> str:
         h.update(b"\0" + arr.dtype.str.encode() + b"\0" + repr(tuple(arr.shape)).encode() + b"\0")
         h.update(memoryview(arr).cast("B"))
     return "sha256:" + h.hexdigest()[:32]
+
+
+def source_fingerprint(state: Mapping[str, np.ndarray]) -> str:
+    """Content hash of the weights a file was exported from (a torch ``state_dict`` as numpy, source layout).
+
+    Two exported files with the same one came from the same weights, whatever each stored; the
+    exporters record it as ``extra["source_fingerprint"]``. Distinct from :func:`fingerprint` by a prefix.
+    """
+    return "source:" + fingerprint(state).removeprefix("sha256:")
 
 
 #: integer dtypes a quantized weight may be stored in, with their range
@@ -248,6 +271,21 @@ class ModelInfo:
     inputs: tuple[str, ...] = ()
     outputs: tuple[str, ...] = ()
     extra: Mapping[str, object] = field(default_factory=dict)  # e.g. labels, preprocessing
+    #: fingerprints of twin files whose adapters fit this one too (set by the runtime, never stored)
+    also_fits: tuple[str, ...] = field(default=(), compare=False)
+
+    @property
+    def source_fingerprint(self) -> str | None:
+        """For a float model from this project's exporters: the hash of the torch weights it was exported from
+        (:func:`source_fingerprint`); None for a quantized model (its integer adapters fit it alone) or another's."""
+        fp = self.extra.get("source_fingerprint")
+        return fp if isinstance(fp, str) and fp and "quantization" not in self.extra else None
+
+    @property
+    def fits(self) -> tuple[str, ...]:
+        """The base fingerprints an adapter may name to load here: this file's, the float model's it was quantized
+        from, and its twins' (:attr:`also_fits`)."""
+        return tuple(f for f in (self.fingerprint, self.float_fingerprint, *self.also_fits) if f)
 
     @property
     def float_fingerprint(self) -> str | None:

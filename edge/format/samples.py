@@ -16,6 +16,7 @@ from __future__ import annotations
 import io
 import os
 import zipfile
+import zlib
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -23,6 +24,9 @@ import numpy as np
 
 from edge.errors import ConfigError, FormatError
 from edge.format.io import read_bounded
+
+#: what reading a damaged member raises (zipfile, zlib, numpy's .npy reader)
+_DAMAGED = (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error, NotImplementedError, RuntimeError)
 
 __all__ = [
     "MAX_ARRAY_BYTES",
@@ -32,6 +36,7 @@ __all__ = [
     "batch_length",
     "check_labels",
     "load_samples",
+    "npy_header",
     "read_npz",
     "sample_limit",
 ]
@@ -104,12 +109,30 @@ def read_npz(
             try:
                 with zf.open(info) as f:
                     arr = np.lib.format.read_array(f, allow_pickle=False, max_header_size=_NPY_HEADER)
-            except (ValueError, OSError, EOFError, zipfile.BadZipFile, NotImplementedError, RuntimeError) as e:
+            except _DAMAGED as e:
                 raise FormatError(f"{path}: member {key!r} is damaged: {e}") from e
             if arr.dtype.byteorder == ">" if np.little_endian else arr.dtype.byteorder == "<":
                 arr = arr.astype(arr.dtype.newbyteorder("="))
             out[key] = arr
     return out
+
+
+def npy_header(zf: zipfile.ZipFile, info: zipfile.ZipInfo, path) -> tuple[tuple, np.dtype]:
+    """``(shape, dtype)`` of one ``.npy`` member of an open ``.npz``, from its header alone (nothing else is read);
+    a damaged header or an array of Python objects is a :class:`FormatError` naming the member."""
+    key = info.filename.removesuffix(".npy")
+    try:
+        with zf.open(info) as f:
+            version = np.lib.format.read_magic(f)
+            if version not in ((1, 0), (2, 0), (3, 0)):
+                raise ValueError(f".npy format version {version} is not supported")
+            reader = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, _, dtype = reader(f, max_header_size=_NPY_HEADER)
+    except (*_DAMAGED, SyntaxError) as e:
+        raise FormatError(f"{path}: member {key[:80]!r} has no readable .npy header: {e}") from e
+    if dtype.hasobject:
+        raise FormatError(f"{path}: member {key[:80]!r} holds Python objects ({dtype}); only plain arrays are read")
+    return tuple(shape), dtype
 
 
 def _members(zf: zipfile.ZipFile, path, max_array_bytes: int, limit_from: str | None) -> dict[str, zipfile.ZipInfo]:
@@ -125,19 +148,7 @@ def _members(zf: zipfile.ZipFile, path, max_array_bytes: int, limit_from: str | 
         key = info.filename[:-4]
         if key in members:
             raise FormatError(f"{path}: member {key[:80]!r} appears twice")
-        try:
-            with zf.open(info) as f:
-                version = np.lib.format.read_magic(f)
-                if version not in ((1, 0), (2, 0), (3, 0)):
-                    raise ValueError(f".npy format version {version} is not supported")
-                reader = (
-                    np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-                )
-                shape, _, dtype = reader(f, max_header_size=_NPY_HEADER)
-        except (ValueError, OSError, EOFError, zipfile.BadZipFile, NotImplementedError, RuntimeError, SyntaxError) as e:
-            raise FormatError(f"{path}: member {key[:80]!r} has no readable .npy header: {e}") from e
-        if dtype.hasobject:
-            raise FormatError(f"{path}: member {key!r} holds Python objects ({dtype}); only plain arrays are read")
+        shape, dtype = npy_header(zf, info, path)
         if not all(isinstance(d, int) and d >= 0 for d in shape):
             raise FormatError(f"{path}: member {key!r} declares shape {shape}")
         nbytes = int(np.prod(shape, dtype=object)) * dtype.itemsize

@@ -55,7 +55,8 @@ None kept. Folding the mean into one Gemm over the flattened taps would read T t
 per ViT input at batch 1): not tried. Pooling by a ``MatMul`` with a constant ``1/T`` row (its ``[B, 1, C]``
 then needs a Squeeze, Reshape or Flatten before the ``Gemm``): 2.4-4.7 against 2.9 % for ``ReduceMean``;
 ``Einsum btc,ck->bk`` (pool and whiten in one node, no bias): 10.7 against 5.2 %. Not kept either.
-What was kept: **one tap** (:mod:`edge.route.tapsets`, ``mlp-in:1``, what ``edge bench ood`` serves on the ViT).
+What was kept: **one tap** (:mod:`edge.route.tapsets`; ``mlp-in:1`` then, now ``attn-in:1`` at the same cost, what
+``edge bench ood`` and ``edge demo --stream`` serve on the ViT).
 At batch 1 the head reads its matrices once per input, so its width costs as much as its nodes (a ``Gemm``
 onto 16 columns +1.2 points over the taps, onto 211 columns +3.3): one 64-wide tap reads 8.1 k floats
 against 24.4 k for two, and saves the ``Concat``. Through :class:`~edge.runtime.Runtime` (hybrid, steady
@@ -65,6 +66,32 @@ Earlier heads: one ``Gemm`` with a norm bar concatenated in front and the column
 ``Div``/``Sub`` (8 nodes) cost about 2 points more at batch 1; one with separate max, divide, compare and
 select (12 nodes) more again. An earlier try fed the matrices as graph inputs every run and added ~7 %:
 onnxruntime packs a fed matrix on every call, while a constant one is packed once per session.
+
+**The one-tap head at batch 1, and why it does not go under 5 %** (digits ViT, ``mlp-in:1``; raw sessions,
+each variant against the plain run in the same rounds, 100-150 rounds of 25 runs, load 4-13; the spread of
+one figure between runs is about 0.7 points). The optimised graphs (``optimized_model_filepath``) with and
+without the head are the same 68 nodes plus its six: the tap on block 0's norm output keeps every fusion.
+The model cut after each head node, over the plain run: ReduceMean 2.1-2.3 points (its output fetched; a
+second small fetch costs nothing measurable), the whitening Gemm +0.6 to +1.2, LpNormalization +0.2, the
+prototype Gemm +0.4 to +0.7, ArgMax +0.4 to +0.7, Gather +0.2 to +0.4: the head 4.8-6.2 % (through the
+Runtime 5.4-5.9 %). The plain model runs 68 nodes in 58-61 us, about 0.85 us a node, and the head is six
+of them (3-3.6 us), the ReduceMean alone about 1.2 us, on one thread as on two; ``attn-in:1`` costs the same
+(4.7 and 5.3 against 4.9 and 5.7 % in two runs, load 14). Tried in the same rounds,
+none kept: the head on the model's own pooled ``features`` (already ``[B, C]``, no ReduceMean) 3.0-4.0 %,
+but it routes 90.0 % as served (HDC AUROC 86.4); pooling by ReduceSum, by a MatMul with a ``1/T`` row and a
+Flatten or Reshape, by ReduceMean with keepdims and a Flatten, or by the model's own ReduceMean (the tap
+concatenated to its input, then sliced): each within noise of the ReduceMean or dearer; TopK and GatherND
+instead of ArgMax and Gather: -0.7, +0.4 and 0.0 points; the head without the ``edge.features`` output: -0.9
+and -1.8 points on raw sessions, -0.5 and +0.9 through the Runtime; the tight frame read by a
+``LayerNormalization`` (five nodes: ReduceMean, a Gemm onto 127 columns, LayerNormalization, ArgMax,
+Gather) 5.58 against 5.59 %. The
+whitening Gemm's bias can be folded exactly on a LayerNormalization tap (``sum_c (y_c - beta_c) / gamma_c
+= 0``, so a row of ``M`` yields the constant) and saved 0.3-0.7 points, but on the demo ViT ``sum beta /
+gamma`` is 0.016 (the fold scales rounding by about 70) and an adapter that writes the norm's weights
+breaks it: not kept. A vote that is distance-aware needs a pool, a whitening, a norm, the prototype
+products, an argmax and the domain lookup; each one-node merge tried costs what it saves. The ratio also
+grows with the machine's load: ``edge bench ood`` gave 5.4 % at load 1.7 (``mlp-in:1``), 6.4 % for
+``mlp-in:1`` and for ``attn-in:1`` at load 6-11 (BENCHMARKS.md).
 
 Only nodes, graph inputs and outputs are added (constants as ``Constant`` nodes); the
 stored weights are untouched, so the copy keeps the model's fingerprint and every

@@ -1,2 +1,2 @@
-"""Host-side ``edge`` subcommands (they export or train with torch). Each module has ``register(subparsers)``
+"""Host-side ``edge`` subcommands (they export, quantize or train models). Each module has ``register(subparsers)``
 and joins the ``edge`` command through the ``edge.commands`` entry-point group in pyproject.toml."""

@@ -3,6 +3,8 @@
 Like ``optimum-cli export onnx``: reads a local model folder (no download), pools it the way the
 architecture defines its embedding (:func:`exporters.hf.export_hf_encoder`), checks the file against
 torch and writes it with this project's metadata, ready for adapters. Host side: needs torch.
+``--quantize dynamic|static`` also writes its int8 twin (``M-int8.onnx`` unless ``--quantize-out``),
+as ``edge quantize`` would (:mod:`exporters.commands.quantize`, whose flags it takes).
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+
+from exporters.commands import quantize
 
 FORMATS = {"onnx": ".onnx", "tflite": ".tflite"}
 
@@ -49,6 +53,13 @@ def register(sub) -> None:
     p.add_argument("--lora-rank", type=int, default=8, help="rank of the LoRA slots (default 8)")
     p.add_argument("--name", help="model name in the metadata (default: the folder's name)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--quantize",
+        choices=quantize.MODES,
+        help="also write the int8 twin (see `edge quantize`; static needs --calib with the model's inputs)",
+    )
+    p.add_argument("--quantize-out", type=Path, help="the int8 twin's file (default: OUT's name with -int8)")
+    quantize.add_arguments(p)
     p.set_defaults(func=run)
 
 
@@ -63,6 +74,7 @@ def run(args) -> int:
         raise ConfigError("--dynamic-seq needs --format onnx: TFLite models have fixed shapes (give --seq-len)")
     if not (args.model_dir / "config.json").is_file():
         raise ConfigError(f"{args.model_dir} has no config.json; give a local Hugging Face model folder")
+    quant = _quantize_request(args, fmt)
     host_needed("edge export")
     from exporters.hf import export_hf_encoder
 
@@ -96,5 +108,25 @@ def run(args) -> int:
             for k in ("model_type", "modality", "pooling", "normalize", "seq_len", "image_size", "attention")
         },
     }
+    if quant is not None:
+        summary["quantized"] = quantize.quantize_model(args.out, quant.out, quant)
     print(json.dumps(summary, indent=1))
     return 0
+
+
+def _quantize_request(args, fmt: str) -> argparse.Namespace | None:
+    """The ``edge quantize`` request ``--quantize`` makes, checked before the export runs (None: not asked)."""
+    from edge.errors import ConfigError
+
+    if args.quantize is None:
+        flags = argparse.ArgumentParser()
+        quantize.add_arguments(flags)
+        unset = {**vars(flags.parse_args([])), "quantize_out": None}
+        used = ["--" + k.replace("_", "-") for k, v in unset.items() if getattr(args, k) != v]
+        if used:
+            raise ConfigError(f"{', '.join(used)} go with --quantize dynamic|static, which was not given")
+        return None
+    out = args.quantize_out or args.out.with_name(f"{args.out.stem}-int8{FORMATS[fmt]}")
+    request = argparse.Namespace(**{**vars(args), "mode": args.quantize, "out": out})
+    quantize.check_request(args.out.with_suffix(FORMATS[fmt]), out, request)
+    return request

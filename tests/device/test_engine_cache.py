@@ -101,16 +101,25 @@ def test_a_strategy_one_engine_lacks_leaves_it_out_without_measuring(pair, monke
     assert not (pair.parent / "choices").exists()
 
 
-def test_a_named_backend_is_recorded_as_asked_for(pair):
+def test_a_named_backend_or_the_suffix_is_recorded_without_measuring(pair, monkeypatch):
+    _no_measuring(monkeypatch)
     with Runtime(pair) as rt:
         assert rt.engine_choice.backend == "onnxruntime" and rt.engine_choice.path == pair
-        assert rt.engine_choice.reason == "onnxruntime: backend='onnxruntime' (given, or the default), not measured"
+        assert rt.engine_choice.reason == "onnxruntime: the engine of .onnx files (no device profile), not measured"
+    with Runtime(pair.with_suffix(".tflite")) as rt:
+        assert rt.backend.name == "tflite"
+        assert rt.engine_choice.reason == "tflite: the engine of .tflite files (no device profile), not measured"
+    with Runtime(pair, backend="onnxruntime", device="x86-dev") as rt:
+        assert rt.engine_choice.reason == "onnxruntime: backend='onnxruntime' given, not measured"
     assert not (pair.parent / "choices").exists()
 
 
-def test_a_device_profile_alone_does_not_switch_the_engine(pair, monkeypatch):
+def test_a_device_profile_without_a_backend_runs_the_engine_measured_fastest(pair, monkeypatch):
+    with Runtime(pair, device="x86-dev") as rt:  # both files here: the default with a device is "auto"
+        assert "kept in" in rt.engine_choice.reason and rt.engine_choice.comparison is not None
+        assert rt.backend.name == rt.engine_choice.backend
     _no_measuring(monkeypatch)
-    with Runtime(pair, device="x86-dev") as rt:  # both files here, yet the default backend stays onnxruntime
+    with Runtime(pair, device="x86-dev", backend="onnxruntime") as rt:  # a named backend is never second-guessed
         assert rt.backend.name == "onnxruntime" and "not measured" in rt.engine_choice.reason
 
 

@@ -1,5 +1,5 @@
-"""Tap sets (edge.route.tapsets): ``mlp-in``, each pre-LN block's normalised MLP input, and ``NAME:K``, a set's first
-K taps; one normalised tap with the detector head votes as the numpy detector does."""
+"""Tap sets (edge.route.tapsets): ``mlp-in`` and ``attn-in``, each pre-LN block's normalised MLP and attention input,
+and ``NAME:K``, a set's first K taps; one normalised tap with the detector head votes as the numpy detector does."""
 
 from __future__ import annotations
 
@@ -103,7 +103,20 @@ def test_an_unknown_tap_set_names_the_known_ones(tmp_path):
         resolve_taps(onnx.load(str(tmp_path / "m.onnx")), "nope:1")
 
 
-def test_mlp_in_finds_nothing_on_a_model_without_layer_norms(tmp_path):
+def test_attn_in_taps_each_blocks_first_norm_output_and_not_the_final_norm(tmp_path):
+    make_vit(tmp_path / "m.onnx")
+    m = onnx.load(str(tmp_path / "m.onnx"))
+    assert resolve_taps(m, "attn-in") == ["n_a0", "n_a1"]  # n_final is no block's
+    assert resolve_taps(m, "attn-in:1") == ["n_a0"]
+    final = next(n for n in m.graph.node if n.output[0] == "n_final")  # a model without a final norm
+    final.op_type = "Identity"
+    del final.input[1:]
+    del final.attribute[:]
+    assert resolve_taps(m, "attn-in") == ["n_a0", "n_a1"]
+
+
+@pytest.mark.parametrize("tap_set", ["mlp-in", "attn-in"])
+def test_a_normalised_tap_set_finds_nothing_on_a_model_without_layer_norms(tmp_path, tap_set):
     make_vit(tmp_path / "m.onnx")
     m = onnx.load(str(tmp_path / "m.onnx"))
     for n in m.graph.node:
@@ -112,27 +125,29 @@ def test_mlp_in_finds_nothing_on_a_model_without_layer_norms(tmp_path):
             del n.input[1:]
             del n.attribute[:]
     with pytest.raises(ConfigError, match="finds nothing"):
-        resolve_taps(m, "mlp-in:1")
+        resolve_taps(m, f"{tap_set}:1")
 
 
-def test_one_normalised_tap_with_the_head_votes_as_numpy_does(tmp_path):
+@pytest.mark.parametrize("tap_set, tensor", [("mlp-in", "n_m0"), ("attn-in", "n_a0")])
+def test_one_normalised_tap_with_the_head_votes_as_numpy_does(tmp_path, tap_set, tensor):
     """One tap: a single ReduceMean feeds the head (no Concat), and the graph's vote is the numpy detector's."""
     import onnxruntime as ort
 
     from edge.runtime import Runtime
 
     make_vit(tmp_path / "m.onnx")
-    tapped = tap_model(tmp_path / "m.onnx", tmp_path / "t.onnx", "mlp-in:1", head=Head(domains=3, classes=CLASSES))
-    assert tapped.tensors == ("n_m0",) and tapped.width == C
+    head = Head(domains=3, classes=CLASSES)
+    tapped = tap_model(tmp_path / "m.onnx", tmp_path / "t.onnx", f"{tap_set}:1", head=head)
+    assert tapped.tensors == (tensor,) and tapped.width == C
     ops = [n.op_type for n in onnx.load(str(tapped.path)).graph.node if n.op_type != "Constant"]
     assert ops.count("Concat") == 0 and ops.count("ReduceMean") == 2  # the model's own mean and the tap's
     x = tokens(0, 16, seed=1)[0]
     m = onnx.load(str(tmp_path / "m.onnx"))
-    m.graph.output.append(helper.make_tensor_value_info("n_m0", TensorProto.FLOAT, None))
+    m.graph.output.append(helper.make_tensor_value_info(tensor, TensorProto.FLOAT, None))
     plain = ort.InferenceSession(m.SerializeToString())
-    logits, n_m0 = plain.run(["logits", "n_m0"], {"x": x})
+    logits, tapped_value = plain.run(["logits", tensor], {"x": x})
     with Runtime(tapped.path) as rt:
-        np.testing.assert_allclose(rt.run({"x": x})[FEATURES], n_m0.mean(1), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(rt.run({"x": x})[FEATURES], tapped_value.mean(1), rtol=1e-5, atol=1e-6)
         np.testing.assert_array_equal(rt.run({"x": x})["logits"], logits)
         fit = [tokens(d, 300, seed=d) for d in (0, 1)]
         feats = [rt.run({"x": xs})[FEATURES] for xs, _ in fit]

@@ -60,14 +60,19 @@ def _subsets(names):
     return [*out, list(reversed(names))]
 
 
-def _check(rt, names, x=X):
+def _check(rt, names, x=X, exact=True):
+    """Each subset of outputs equals the full run's; not ``exact`` while a hybrid rebuild may land between two runs
+    (the two kernel sets, e.g. LiteRT's built-in and XNNPACK, may differ in the last bits)."""
     full = rt.run(x)
     assert tuple(full) == names
     for subset in _subsets(names):
         got = rt.run(x, outputs=subset)
         assert list(got) == subset, (subset, list(got))
         for k in subset:
-            np.testing.assert_array_equal(got[k], full[k], err_msg=f"{k} when fetching {subset}")
+            if exact:
+                np.testing.assert_array_equal(got[k], full[k], err_msg=f"{k} when fetching {subset}")
+            else:
+                np.testing.assert_allclose(got[k], full[k], rtol=1e-5, atol=1e-6, err_msg=f"{k} fetching {subset}")
 
 
 @pytest.mark.parametrize("backend,strategy", CASES)
@@ -76,11 +81,12 @@ def test_outputs_subset_equals_the_full_run(tmp_path, backend, strategy):
     names = OUTPUTS[backend]
     with Runtime(path, backend=backend, strategy=strategy) as rt:
         assert tuple(rt.backend.output_names) == names
+        rt.wait_settled(30)
         _check(rt, names)
         rt.load_adapter(random_adapter(info, 1))
         rt.switch("a1")  # hybrid: the next runs are served by the consistent (bound) session until the rebuild
-        _check(rt, names)
-        _check(rt, names, X[:1])  # another batch size: outputs are allocated per run
+        _check(rt, names, exact=strategy != "hybrid")
+        _check(rt, names, X[:1], exact=strategy != "hybrid")  # another batch size: outputs are allocated per run
         rt.wait_settled(30)
         _check(rt, names)
 

@@ -121,6 +121,7 @@ def images(domain: int, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
         ({}, "first", ["r1"]),  # auto's first tap alone
         ({"taps": ["c2", "r1"]}, "first", ["c2"]),
         ({}, "mlp-in", None),  # no LayerNormalization: nothing to normalise
+        ({}, "attn-in", None),
     ],
     ids=[
         "stages",
@@ -134,6 +135,7 @@ def images(domain: int, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
         "first",
         "first-declared",
         "no-mlp-in",
+        "no-attn-in",
     ],
 )
 def test_tap_sets_on_a_cnn(tmp_path, kw, taps, want):
@@ -150,6 +152,7 @@ def test_every_tap_set_has_a_case():
     assert set(TAP_SETS.names()) == {
         "attn",
         "mlp-in",
+        "attn-in",
         "blocks",
         "all",
         "stages",

@@ -13,7 +13,7 @@ from onnx import helper, numpy_helper
 from torch import nn
 
 from edge.errors import ConfigError, ExportValidationError, FormatError
-from edge.format.modelinfo import META_KEY, ModelInfo, fingerprint
+from edge.format.modelinfo import META_KEY, ModelInfo, fingerprint, source_fingerprint
 from exporters.onnx import IR_VERSION, OPSET, export_onnx, load_model_info
 
 
@@ -129,6 +129,10 @@ def test_fingerprint_is_stable_and_changes_with_one_weight(tmp_path):
     changed = export_onnx(model, example, tmp_path / "c.onnx", **kw)
     assert first.fingerprint == again.fingerprint
     assert changed.fingerprint != first.fingerprint
+    # the source fingerprint: every parameter and buffer as torch holds it (twins: .onnx and .tflite of one model)
+    state = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+    assert changed.source_fingerprint == source_fingerprint(state) != first.source_fingerprint
+    assert first.source_fingerprint == again.source_fingerprint and first.source_fingerprint.startswith("source:")
 
 
 def test_dynamic_sequence_axis(tmp_path):

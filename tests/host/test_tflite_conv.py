@@ -192,3 +192,39 @@ def test_a_conv_weight_found_nowhere_is_refused_by_name_without_blaming_batchnor
     info = export_tflite(model, (torch.randn(1, 3, 8, 8),), tmp_path / "f.tflite", name="f", input_names=["x"],
                          output_names=["y"], targets=["0.weight"])  # fmt: skip
     assert list(info.tensors) == ["0.weight"] and info.tensors["0.weight"].layout == (0, 2, 3, 1)
+
+
+def test_the_onnx_and_tflite_of_one_model_are_twins_and_take_each_others_adapters(tmp_path, data, monkeypatch):
+    pytest.importorskip("litert_torch", reason=CONVERTER)
+    import edge.engine_cache as ec
+    from edge.engines import decide as real_decide
+    from exporters.onnx import export_onnx
+    from exporters.tflite import export_tflite
+
+    def tflite_wins(found, figures, skipped=None, margin=ec.MARGIN):  # which engine wins is the machine's business
+        for b, f in figures["engines"].items():
+            f["ratio"] = 1.0 if b == "tflite" else 2.0
+        return real_decide(found, figures, skipped, margin)
+
+    monkeypatch.setenv("EDGE_ENGINE_CACHE", str(tmp_path / "choices"))
+    monkeypatch.setattr(ec, "decide", tflite_wins)
+    x, y = data
+    model, names = build(), dict(input_names=["x"], output_names=["logits"], name="mobilenetish")
+    example = (torch.as_tensor(x[:1]),)
+    onnx_info = export_onnx(model, example, tmp_path / "cnn.onnx", progress=False, **names)
+    tfl_info = export_tflite(model, example, tmp_path / "cnn.tflite", **names)
+    assert onnx_info.fingerprint != tfl_info.fingerprint  # each file hashes what it stores (BatchNorm folded, OHWI)
+    assert onnx_info.source_fingerprint == tfl_info.source_fingerprint is not None
+    targets = select_targets(model, list(CONVS))
+    masks = make_masks(model, targets, density=0.25, kind="snip", calib=(x, y), seed=0)
+    trained = train_shira(model, masks, x, y, epochs=2, lr=5e-2, batch_size=8, progress=False)
+    adapter = shira_adapter(trained, onnx_info, "made-for-onnx", model=model)
+    with torch.no_grad():
+        want = merge_shira(model, trained)(torch.as_tensor(x[:1])).numpy()
+    with Runtime(tmp_path / "cnn.onnx", backend="auto") as rt:
+        assert rt.backend.name == "tflite" and rt.engine_choice.twins == (onnx_info.fingerprint,)
+        assert "adapters for cnn.onnx fit cnn.tflite too" in rt.engine_choice.reason
+        rt.load_adapter(adapter)
+        rt.switch("made-for-onnx")
+        rt.wait_settled(30)
+        close(rt.run({"x": x[:1]})["logits"], want)

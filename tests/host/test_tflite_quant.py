@@ -66,13 +66,17 @@ def digits(tmp_path_factory):
     return out, data
 
 
-def int_adapter(path, seed: int = 0, n: int = 6) -> tuple[Adapter, dict]:
-    """A random integer adapter on every quantized target of ``path``: ``n`` entries moved by whole steps."""
+def int_adapter(path, seed: int = 0, n: int = 6, where: dict | None = None) -> tuple[Adapter, dict]:
+    """A random integer adapter on every quantized target of ``path``: ``n`` entries moved by whole steps
+    (``where``: only these targets, each among the given flat indices)."""
     info, base = tflite_quantized_base(path)
     rng = np.random.default_rng(seed)
     tensors, want = {}, {}
     for k, b in base.items():
-        flat = rng.choice(b.q.size, size=min(n, b.q.size), replace=False)
+        if where is not None and k not in where:
+            continue
+        pool = np.arange(b.q.size) if where is None else np.asarray(where[k])
+        flat = rng.choice(pool, size=min(n, pool.size), replace=False)
         idx = np.stack(np.unravel_index(flat, b.q.shape)).astype(np.int32)
         old = b.q[tuple(idx)].astype(np.int64)
         new = np.clip(old + rng.integers(-20, 21, old.size), -127, 127).astype(np.int8)
@@ -106,9 +110,9 @@ def reference(data: bytes, strategy: str, feeds) -> dict:
         ref.close()
 
 
-def switch_and_undo(path, feeds, strategies=STRATEGIES) -> None:
+def switch_and_undo(path, feeds, strategies=STRATEGIES, where: dict | None = None) -> None:
     """On each strategy: the adapter's integers land, outputs equal the merged file's, undo is bit-exact."""
-    adapter, want = int_adapter(path)
+    adapter, want = int_adapter(path, where=where)
     info = tflite_quantized_base(path)[0]
     merged = merged_file(path, info, want)
     for strategy in strategies:
@@ -261,22 +265,52 @@ def test_integer_shira_trained_on_the_tflite_grid_is_what_the_device_writes(digi
     assert float((got.argmax(1) == y).mean()) > base_acc + 0.2
 
 
-def test_hugging_face_encoder_int8_on_litert(tmp_path):
+@pytest.fixture(scope="module")
+def distilbert(tmp_path_factory):
+    """A tiny DistilBERT exported to .tflite (its word and position embeddings are EMBEDDING_LOOKUP ops), and
+    calibration ids."""
     pytest.importorskip("transformers")
     from test_hf_families import SEQ, build
 
     from exporters.hf import export_hf_encoder
 
     model = build("distilbert")
-    path = tmp_path / "m.tflite"
+    path = tmp_path_factory.mktemp("hf") / "m.tflite"
     info = export_hf_encoder(model, path, seq_len=SEQ, file_format="tflite")
     rng = np.random.default_rng(0)
     ids = rng.integers(1, model.config.vocab_size, (8, SEQ)).astype(np.int32)
-    calib = {k: (ids if "ids" in k else np.ones_like(ids)) for k in info.inputs}
+    return path, {k: (ids if "ids" in k else np.ones_like(ids)) for k in info.inputs}
+
+
+WORDS = "distilbert.embeddings.word_embeddings.weight"
+
+
+def table_rows(path, name: str, ids: np.ndarray) -> dict:
+    """Flat indices of the rows ``ids`` of the table ``name`` (what a lookup of those ids reads)."""
+    cols = tflite_quantized_base(path)[1][name].q.shape[1]
+    return {name: (np.unique(ids)[:, None] * cols + np.arange(cols)).reshape(-1)}
+
+
+@pytest.mark.parametrize("mode", ["dynamic", "static"])
+def test_hugging_face_encoder_int8_on_litert_with_an_int8_embedding_table(distilbert, mode, tmp_path):
+    path, calib = distilbert
     out = tmp_path / "q.tflite"
-    report = quantize_tflite(path, out, mode="dynamic", calib=calib)
-    assert len(report.quantized) >= 6 and min(report.cosine.values()) > 0.98
-    switch_and_undo(out, {k: v[:1] for k, v in calib.items()})
+    ops = None if mode == "dynamic" else ["FULLY_CONNECTED", "EMBEDDING_LOOKUP"]
+    report = quantize_tflite(path, out, mode=mode, calib=calib, op_types=ops)
+    assert len(report.quantized) >= 6 and min(report.cosine.values()) > 0.98  # on XNNPACK and built-in kernels
+    # EMBEDDING_LOOKUP (in the dynamic default; static: the quantizer has no full-integer one, the table takes the
+    # dynamic-range config): the table is int8 with one scale per row, proved by dequantizing like every target
+    assert WORDS in report.quantized and WORDS not in report.float_targets
+    assert report.info.tensors[WORDS].quant.axis == 0
+    _, base = tflite_quantized_base(out)
+    assert base[WORDS].scale.size == base[WORDS].q.shape[0]
+    stored = next(t for t in read_tflite(out.read_bytes()).tensors if t.name == WORDS)
+    assert stored.dtype is np.int8 and stored.nbytes == base[WORDS].q.size  # one byte an entry (float: four)
+    feeds = {k: v[:1] for k, v in calib.items()}
+    switch_and_undo(out, feeds)
+    # entries on the rows the input looks up: the lookup kernel reads the int8 table in place on every strategy
+    # (XNNPACK leaves EMBEDDING_LOOKUP to it), equal to a fresh interpreter on the merged file, undone bit-exactly
+    switch_and_undo(out, feeds, where=table_rows(out, WORDS, feeds["input_ids"]))
 
 
 def test_activation_grids_of_a_full_integer_model_are_its_ops_input_and_output_quantization(digits, tmp_path):

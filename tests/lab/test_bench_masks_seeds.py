@@ -20,6 +20,8 @@ def _kind(seed_acc: dict[str, float]) -> dict:
     }
     mean = sum(seed_acc.values()) / len(seed_acc)
     return {
+        "lr": 0.03,
+        "val_acc": {"0.03": mean, "0.06": mean, "0.1": mean},
         "mean_acc": mean,
         "acc": {"rotate": mean},
         "seed_acc": seed_acc,
@@ -38,7 +40,8 @@ def _result(kinds: dict) -> dict:
         "model": "digits-vit",
         "density": 0.01,
         "epochs": 30,
-        "lr": 0.03,
+        "lr_grid": [0.03, 0.06, 0.1],
+        "val_fraction": 0.2,
         "seeds": [0, 1, 2],
         "domains": ["rotate"],
         "switch_pair": ["rotate", "noise"],
@@ -68,8 +71,8 @@ def test_gaps_are_paired_by_seed_and_a_mean_met_missed_by_one_seed_is_flagged():
     assert g["block16"]["acc_met"] and g["block16"]["acc_met_every_seed"]
     r["goals"] = g
     md = markdown(r)
-    assert "| block4-wm | 0.837 | 0.837 | 0.8 | 0.830-0.842 | 0.2 / 0.3 / 2.0 |" in md
-    assert "| wm | 0.845 | 0.845 | - | 0.840-0.850 | - |" in md
+    assert "| block4-wm | 0.03 | 0.837 | 0.837 | 0.8 | 0.830-0.842 | 0.2 / 0.3 / 2.0 |" in md
+    assert "| wm | 0.03 | 0.845 | 0.845 | - | 0.840-0.850 | - |" in md
     assert "| block4 | block4-wm | 0.8 | met | - | - | - | - | 0.2 / 0.3 / 2.0 | **not met** |" in md
     assert "| block16 | block16-wm | 0.5 | met | - | - | - | - | 0.5 / 0.5 / 0.5 | met |" in md
 
@@ -83,7 +86,7 @@ def test_results_without_seed_figures_still_report():
     g = goals(r)
     assert "acc_met_every_seed" not in g["block4"]
     r["goals"] = g
-    assert "| block4-wm | 0.830 | 0.830 | 1.0 | - | - |" in markdown(r)
+    assert "| block4-wm | 0.03 | 0.830 | 0.830 | 1.0 | - | - |" in markdown(r)
 
 
 def test_epochs_are_one_budget_for_every_kind_and_part_of_the_training_key(tmp_path):

@@ -1,25 +1,106 @@
-"""``edge bench memory``: every contestant in a fresh child, above a baseline child that did the same bench work."""
+"""``edge bench memory``: every contestant in a fresh child, above a baseline child that did the same bench work;
+ready times paired within rounds whose order rotates."""
 
 from __future__ import annotations
 
 import _tiny
 import numpy as np
+import pytest
 
-from lab.bench_memory import GOALS, bench_memory, markdown
+import lab.bench_run
+from edge.errors import EdgeError
+from lab.bench_memory import GOALS, bench_memory, markdown, spread
+from lab.bench_run import fresh_child, rotated
 
 X = {"x": np.random.default_rng(0).standard_normal((1, 10)).astype(np.float32)}
 
 
 def test_each_strategy_and_the_plain_session_measured_in_fresh_children(tmp_path):
     _tiny.make_mlp(tmp_path / "m.onnx", seed=3)
-    r = bench_memory(tmp_path / "m.onnx", X, repeat=1, progress=False)
+    r = bench_memory(tmp_path / "m.onnx", X, repeat=1, rounds=2, progress=False)
     assert set(r["strategies"]) == {"hybrid", "bound", "rebuild"} and r["model"] == "tiny-mlp"
     assert r["baseline_rss_mb"] > 0 and r["params"] == 10 * 20 + 20 + 20 * 2 + 2  # weights and biases
+    assert r["rounds"] == 2 and r["repeat"] == 1 and r["wall_s"] > 0
     for name, f in [("plain", r["plain"]), *r["strategies"].items()]:
-        assert f["peak_mb"] >= f["rss_mb"] and f["settled_ms"] >= f["ready_ms"] > 0, name
+        assert f["peak_mb"] >= f["rss_mb"] and f["ready_ms"] > 0, name
     for name, f in r["strategies"].items():
+        x = f["ready_x"]
         assert f["strategy"] == name and f["predicted_mb"] > 0
+        assert 0 < x["min"] <= x["q1"] <= x["median"] <= x["q3"] <= x["max"], name
+        assert x["min"] <= x["ci_low"] <= x["median"] <= x["ci_high"] <= x["max"], name
+        assert f["ready_cpu_ms"] > 0 and f["ready_cpu_x"]["median"] > 0, name
+        assert r["goals"][f"{name}_ready_x"] == {
+            "value": x["median"],
+            "limit": GOALS["ready_x"],
+            "met": x["median"] <= GOALS["ready_x"],
+            "ci": [x["ci_low"], x["ci_high"]],
+            "cpu": f["ready_cpu_x"]["median"],
+        }
+    assert list(r["ready_rounds_ms"]) == ["plain", "hybrid", "bound", "rebuild"]
+    assert all(len(v) == 2 for v in r["ready_rounds_ms"].values())
     assert r["goals"]["bound_rss_x"]["limit"] == GOALS["bound_rss_x"]
     assert r["goals"]["bound_rss_x"]["value"] == round(r["strategies"]["bound"]["rss_mb"] / r["plain"]["rss_mb"], 3)
     md = markdown(r)
     assert "| plain session |" in md and "| hybrid |" in md and "| bound_rss_x |" in md
+    assert "2 rounds of fresh processes" in md
+
+
+def test_ready_ratios_are_paired_within_rounds_and_the_order_rotates(tmp_path, monkeypatch):
+    """Children faked: the machine slows down round after round, each strategy keeps its ratio to plain."""
+    _tiny.make_mlp(tmp_path / "m.onnx", seed=3)
+    factor = {"plain": 1.0, "hybrid": 1.25, "bound": 2.0, "rebuild": 0.5}
+    calls: list[tuple[str, bool]] = []
+
+    def child(target, spec, *, what, timeout=900.0):
+        assert target == "lab.bench_memory:_child" and spec["kind"] in what
+        calls.append((spec["kind"], spec["memory"]))
+        slow = 10.0 * (1 + (sum(k != "baseline" for k, _ in calls) - 1) // 4)  # 10 ms in round 0, 20 in round 1...
+        out = {"rss_mb": 100.0, "peak_mb": 110.0}
+        if spec["kind"] != "baseline":
+            out.update(ready_ms=slow * factor[spec["kind"]], ready_cpu_ms=slow, rss_mb=150.0, peak_mb=160.0)
+            out.update(model="tiny-mlp")
+            out.update(strategy=spec["kind"], predicted_mb=40.0, weights_mb=0.1)
+        return out
+
+    monkeypatch.setattr(lab.bench_run, "fresh_child", child)
+    r = bench_memory(tmp_path / "m.onnx", X, repeat=2, rounds=5, progress=False)
+    kinds = ["plain", "hybrid", "bound", "rebuild"]
+    rounds = [[k for k, _ in calls[i : i + 5] if k != "baseline"] for i in (0, 5)]
+    rounds += [[k for k, _ in calls[10 + 4 * i : 14 + 4 * i]] for i in range(3)]
+    assert rounds == [rotated(kinds, i) for i in range(5)]
+    assert [k for k, m in calls if m] == ["baseline", *kinds, "baseline", *rotated(kinds, 1)]
+    assert sum(m for _, m in calls) == 10 and len(calls) == 10 + 3 * 4
+    for name, f in r["strategies"].items():
+        assert f["ready_x"] == {k: factor[name] for k in ("min", "q1", "median", "q3", "max", "ci_low", "ci_high")}
+        assert f["ready_cpu_x"]["median"] == 1.0 and f["ready_cpu_ms"] == 30.0
+        assert f["rss_mb"] == 50.0 and f["peak_mb"] == 60.0
+        assert r["goals"][f"{name}_ready_x"]["met"] == (factor[name] <= GOALS["ready_x"])
+    assert r["plain"]["ready_ms"] == 30.0 and "ready_x" not in r["plain"]  # the median round's plain session
+    md = markdown(r)
+    assert "| bound | 50 | 60 | 40 | 60 | 2.00 | 2.00-2.00 | 2.00-2.00 | 2.00-2.00 | 30.0 | 1.00 |" in md
+    assert (
+        "| bound_ready_x | 2.00x | 2.00-2.00 | 1.00x | 1.5x | no |" in md
+        and "| bound_rss_x | 1.00x | - | - | 1.2x | yes |" in md
+    )
+
+
+def test_the_interval_of_the_median_ratio_narrows_with_rounds():
+    rng = np.random.default_rng(1)
+    few, many = (spread(np.exp(rng.normal(0.2, 0.3, n))) for n in (9, 81))
+    for x in (few, many):
+        assert x["min"] <= x["q1"] <= x["median"] <= x["q3"] <= x["max"]
+        assert x["min"] <= x["ci_low"] <= x["median"] <= x["ci_high"] <= x["max"]
+    assert many["ci_high"] - many["ci_low"] < 0.6 * (few["ci_high"] - few["ci_low"])
+    assert many["ci_low"] < np.exp(0.2) < many["ci_high"]  # the true median ratio
+
+
+def test_rounds_and_repeat_are_checked():
+    with pytest.raises(EdgeError, match="--rounds >= 1"):
+        bench_memory("m.onnx", X, rounds=0, progress=False)
+
+
+def test_a_failing_child_is_an_error_naming_it_with_its_stderr():
+    with pytest.raises(EdgeError, match=r"(?s)probe x failed \(exit code 1\).*KeyError"):
+        fresh_child("lab.bench_memory:_child", {"kind": "plain"}, what="probe x")
+    with pytest.raises(EdgeError, match="function of a lab module"):
+        fresh_child("os:system", {}, what="probe y")

@@ -44,16 +44,16 @@ def test_encoder_overhead_reports_batch_one_first_and_batch_16_beside_it(tmp_pat
 
 
 def test_the_vits_default_taps_are_one_normalised_tap(tmp_path):
-    """``mlp-in:1``: the first block's normalised MLP input alone (one pooled tensor, no Concat)."""
+    """``attn-in:1``: the first block's normalised input alone (one pooled tensor, no Concat)."""
     import onnx
 
     from edge.route.taps import tap_model
     from edge.route.tapsets import resolve_taps
 
     make_prelm(tmp_path / "m.onnx")
-    assert resolve_taps(onnx.load(str(tmp_path / "m.onnx")), VIT_TAPS) == ["n1"]  # the LayerNorm after h0 (attn)
+    assert resolve_taps(onnx.load(str(tmp_path / "m.onnx")), VIT_TAPS) == ["n0"]  # the first LayerNorm's output
     tapped = tap_model(tmp_path / "m.onnx", tmp_path / "t.onnx", VIT_TAPS)
-    assert tapped.tensors == ("n1",) and tapped.width == 8
+    assert tapped.tensors == ("n0",) and tapped.width == 8
     assert CNN_TAPS == "first"
 
 

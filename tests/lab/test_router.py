@@ -156,9 +156,11 @@ def test_tap_sets_pick_norm_inputs(tmp_path):
     assert resolve_taps(m, ["n2"]) == ["n2"]
     assert resolve_taps(m, "first") == ["h0"]  # auto (attn here) cut to its first tap
     assert resolve_taps(m, "mlp-in") == ["n1"]  # attn's taps, normalised (the LayerNorm reading h0)
+    assert resolve_taps(m, "attn-in") == ["n0"]  # each block's first norm output (n2 is the final norm)
     assert set(TAP_SETS.names()) == {
         "attn",
         "mlp-in",
+        "attn-in",
         "blocks",
         "all",
         "stages",
