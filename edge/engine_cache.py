@@ -45,7 +45,7 @@ __all__ = ["FORMAT", "VERSION", "cache_folder", "cached_engine", "choice_key", "
 
 log = logging.getLogger("edge.engines")
 
-FORMAT, VERSION = "edge.engine-choice", 1
+FORMAT, VERSION = "edge.engine-choice", 2  # 2: twins (adapters of files from the same weights)
 _MAX_BYTES = 1 << 20  # a choice file is a few KB
 
 

@@ -102,9 +102,10 @@ def export_bench_model(name: str, cache: Path, quiet: bool):
         return art.model, {"pixels": np.ascontiguousarray(x)}
     if name == "minilm":
         from exporters import minilm
+        from runtimes import read_model_info
 
         path = cache / "minilm" / "all-MiniLM-L6-v2.tflite"
-        if not path.exists():
+        if not path.exists() or read_model_info(path).source_fingerprint is None:  # none yet, or from before twins
             export_tflite(
                 minilm.load_minilm(), minilm.example_inputs(1, 128), path, name="all-MiniLM-L6-v2",
                 input_names=minilm.INPUT_NAMES, output_names=minilm.OUTPUT_NAMES, dynamic_batch=False,

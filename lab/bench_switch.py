@@ -374,9 +374,10 @@ def bench_model(name: str, cache: Path, quiet: bool):
         return art.model, {"pixels": np.ascontiguousarray(x)}
     if name == "minilm":
         from exporters import minilm
+        from runtimes import read_model_info
 
         path = cache / "minilm" / "all-MiniLM-L6-v2.onnx"
-        if not path.exists():
+        if not path.exists() or read_model_info(path).source_fingerprint is None:  # none yet, or from before twins
             minilm.export_minilm(path, progress=not quiet)
         return path, minilm.tokenize(["An edge device adapts to drifting data."], seq_len=128)
     raise EdgeError(f"unknown bench model {name!r}; choose digits, minilm or all")
