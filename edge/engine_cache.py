@@ -38,8 +38,9 @@ from edge.engines import (
     generated_feeds,
     runtime_version,
     twins_of,
+    unmeasured,
 )
-from edge.errors import BackendUnavailableError, EdgeError
+from edge.errors import EdgeError
 
 __all__ = ["FORMAT", "VERSION", "cache_folder", "cached_engine", "choice_key", "explicit_engine"]
 
@@ -107,12 +108,9 @@ def cached_engine(
             if strategy not in offered:
                 found.remove(e)
                 skipped[e.backend] = f"strategy {strategy!r} asked; {e.backend} offers {', '.join(offered)}"
-    if not found:
-        why = "; ".join(f"{b}: {s}" for b, s in skipped.items())
-        raise BackendUnavailableError(f"no engine here can run {Path(model).name}: {why}")
-    if len(found) == 1:
-        e = found[0]
-        return EngineChoice(e.backend, e.path, f"{e.backend}: the only engine that can run it here", None, skipped)
+    only = unmeasured(model, found, skipped)
+    if only is not None:
+        return only
     key = choice_key(found, profile, threads, margin)
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
     path = Path(folder) if folder is not None else cache_folder()

@@ -46,6 +46,7 @@ __all__ = [
     "generated_feeds",
     "runtime_version",
     "twins_of",
+    "unmeasured",
 ]
 
 log = logging.getLogger("edge.engines")
@@ -215,18 +216,27 @@ def choose_engine(
 
     profile = load_profile(device) if device is not None else None
     found, skipped = find_engines(model, profile)
-    if not found:
-        why = "; ".join(f"{b}: {s}" for b, s in skipped.items())
-        raise BackendUnavailableError(f"no engine here can run {Path(model).name}: {why}")
-    if len(found) == 1:
-        e = found[0]
-        return EngineChoice(e.backend, e.path, f"{e.backend}: the only engine that can run it here", None, skipped)
+    only = unmeasured(model, found, skipped)
+    if only is not None:
+        return only
     if feeds is None:
         feeds = generated_feeds(found)
     figures = compare_engines(found, feeds, profile=profile, threads=threads, rounds=rounds, runs=runs)
     choice = decide(found, figures, skipped, margin)
     log.info("engine for %s: %s", Path(model).name, choice.reason)
     return choice
+
+
+def unmeasured(model: str | os.PathLike, found: Sequence[EngineFile], skipped: Mapping[str, str]):
+    """The choice when there is nothing to measure: the one engine ``found``, or None when there are several;
+    raises :class:`BackendUnavailableError` naming why each was ``skipped`` when there is none."""
+    if not found:
+        why = "; ".join(f"{b}: {s}" for b, s in skipped.items())
+        raise BackendUnavailableError(f"no engine here can run {Path(model).name}: {why}")
+    if len(found) > 1:
+        return None
+    e = found[0]
+    return EngineChoice(e.backend, e.path, f"{e.backend}: the only engine that can run it here", None, skipped)
 
 
 def decide(
@@ -264,10 +274,10 @@ def twins_of(found: Sequence[EngineFile], chosen: EngineFile) -> tuple[str, ...]
     """The fingerprints of the files in ``found`` exported from the same weights as ``chosen`` (the same
     :attr:`~edge.format.modelinfo.ModelInfo.source_fingerprint`, float files only), other than its own: adapters
     made for any of them fit ``chosen``, since adapters index the source layout every file maps."""
-    me = next((e for e in found if e.path == chosen.path and e.backend == chosen.backend), chosen)
-    if me.source is None:
+    if chosen.source is None:
         return ()
-    return tuple(sorted({e.fingerprint for e in found if e.source == me.source and e.fingerprint} - {me.fingerprint}))
+    same = {e.fingerprint for e in found if e.source == chosen.source and e.fingerprint}
+    return tuple(sorted(same - {chosen.fingerprint}))
 
 
 def engine_report(

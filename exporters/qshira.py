@@ -73,9 +73,7 @@ def quantized_base(path: str | os.PathLike) -> tuple[ModelInfo, dict[str, QuantB
     for pname, t in info.tensors.items():
         if t.quant is None:
             continue
-        shape = [1] * len(t.shape)
-        if t.quant.axis is not None:
-            shape[t.quant.axis] = -1
+        shape = t.quant_shape
         s = numpy_helper.to_array(inits[t.quant.scale]).astype(np.float32).reshape(shape)
         z = numpy_helper.to_array(inits[t.quant.zero_point]).reshape(shape)
         q = t.from_stored(numpy_helper.to_array(inits[t.initializer]))

@@ -174,9 +174,7 @@ def tflite_quantized_base(path: str | os.PathLike):
     for pname, t in info.tensors.items():
         if t.quant is None:
             continue
-        shape = [1] * len(t.shape)
-        if t.quant.axis is not None:
-            shape[t.quant.axis] = -1
+        shape = t.quant_shape
         tensor = by_name[t.initializer]
         s = np.asarray(tensor.scale, np.float32).reshape(shape)
         z = np.asarray(tensor.zero_point, np.int64).astype(t.quant.dtype).reshape(shape)

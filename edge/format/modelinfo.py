@@ -210,12 +210,18 @@ class TensorInfo:
             return (delta / s[0]).astype(np.float32)
         return (delta / s[np.asarray(indices[self.quant.axis], np.int64)]).astype(np.float32)
 
-    def dequantize(self, stored: np.ndarray, scale: np.ndarray, zero_point: np.ndarray) -> np.ndarray:
-        """A stored integer tensor as real values, in the source layout (float32)."""
-        q = self.from_stored(stored).astype(np.float32)
+    @property
+    def quant_shape(self) -> tuple[int, ...]:
+        """The shape a scale or zero point takes to broadcast over the source layout: -1 on the quantized axis."""
         shape = [1] * len(self.shape)
         if self.quant is not None and self.quant.axis is not None:
             shape[self.quant.axis] = -1
+        return tuple(shape)
+
+    def dequantize(self, stored: np.ndarray, scale: np.ndarray, zero_point: np.ndarray) -> np.ndarray:
+        """A stored integer tensor as real values, in the source layout (float32)."""
+        q = self.from_stored(stored).astype(np.float32)
+        shape = self.quant_shape
         s = np.asarray(scale, np.float32).reshape(shape)
         z = np.asarray(zero_point).astype(np.float32).reshape(shape)
         return ((q - z) * s).astype(np.float32)
