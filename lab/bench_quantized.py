@@ -33,6 +33,7 @@ from pathlib import Path
 from edge.errors import ConfigError, EdgeError
 from lab.bench_quantized_core import (
     DEMO_FAMILIES,
+    GOALS,
     SENTENCES,
     QuantBackend,
     cached_quantized,
@@ -40,6 +41,7 @@ from lab.bench_quantized_core import (
     emit,
     family_options,
     goal_lines,
+    goals,
     measure_args,
     requantized_cell,
     rss_cell,
@@ -89,7 +91,6 @@ BASES = {
         "minilm": {"mode": "static", "per_channel": True, "op_types": ["MatMul"], "activation_type": "uint8"},
     },
 }
-GOALS = {"acc_gap_points": 1.0, "infer_overhead_pct": 3.0, "switch_x": 1.0}
 
 
 def quantized_model(src: Path, opts: dict, calib: dict, check: dict, store: Path) -> tuple[Path, dict]:
@@ -159,29 +160,6 @@ ONNX = QuantBackend(
     memory=_memory,
     strategy="bound",
 )
-
-
-def goals(rows: list[dict]) -> dict:
-    """The issue's goals per model, from figures measured in this run."""
-    out = {}
-    by = {(r["model"], r["base"]): r for r in rows}
-    for (model, base), r in by.items():
-        f = by.get((model, "fp32"))
-        if base == "fp32" or f is None:
-            continue
-        g = {}
-        if "mean_acc_adapted" in r:
-            gap = 100.0 * (f["mean_acc_adapted"] - r["mean_acc_adapted"])
-            g["acc_gap_points"] = {"value": round(gap, 2), "limit": GOALS["acc_gap_points"], "met": gap <= 1.0}
-        ov = r.get("infer_overhead_pct", 100.0 * (r["infer_ms_p50"] / r["static_infer_ms_p50"] - 1.0))
-        g["infer_overhead_pct"] = {"value": round(ov, 1), "limit": GOALS["infer_overhead_pct"], "met": ov <= 3.0}
-        if r.get("rss_mb") is not None and f.get("plain_rss_mb") is not None:
-            g["rss_below_fp32_plain"] = {"value": round(r["rss_mb"], 1), "limit": round(f["plain_rss_mb"], 1)}
-            g["rss_below_fp32_plain"]["met"] = r["rss_mb"] < f["plain_rss_mb"]
-        x = r.get("switch_x_fp32_paired", r["switch_ms_p50"] / f["switch_ms_p50"])  # paired within rounds
-        g["switch_x_fp32"] = {"value": round(x, 2), "limit": GOALS["switch_x"], "met": x <= 1.0}
-        out[f"{model}/{base}"] = g
-    return out
 
 
 def markdown(result: dict) -> str:

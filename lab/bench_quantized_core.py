@@ -26,11 +26,13 @@ from lab.benchmarks import default_targets, random_shira
 
 __all__ = [
     "DEMO_FAMILIES",
+    "GOALS",
     "INT_EPOCHS_X",
     "SENTENCES",
     "QuantBackend",
     "add_arguments",
     "cached_quantized",
+    "goals",
     "calibration_set",
     "demo_rows",
     "emit",
@@ -356,6 +358,34 @@ def requantized_cell(r: dict) -> str:
 def rss_cell(r: dict) -> str:
     """The table cell of resident memory: the switchable runtime's MB (a plain engine's)."""
     return f"{r['rss_mb']:.1f} ({r['plain_rss_mb']:.1f})" if r.get("rss_mb") is not None else "not measured"
+
+
+#: issue 18's limits: accuracy gap (points), inference overhead of the switchable runtime (%), switch x fp32
+GOALS = {"acc_gap_points": 1.0, "infer_overhead_pct": 3.0, "switch_x": 1.0}
+
+
+def goals(rows: list[dict]) -> dict:
+    """The issue's goals per model and int8 base against fp32 of the same model, from figures measured in this run
+    (both backends; the switch ratio paired within rounds where the row has it)."""
+    out = {}
+    by = {(r["model"], r["base"]): r for r in rows}
+    for (model, base), r in by.items():
+        f = by.get((model, "fp32"))
+        if base == "fp32" or f is None:
+            continue
+        g = {}
+        if "mean_acc_adapted" in r:
+            gap = 100.0 * (f["mean_acc_adapted"] - r["mean_acc_adapted"])
+            g["acc_gap_points"] = {"value": round(gap, 2), "limit": GOALS["acc_gap_points"], "met": gap <= 1.0}
+        ov = r.get("infer_overhead_pct", 100.0 * (r["infer_ms_p50"] / r["static_infer_ms_p50"] - 1.0))
+        g["infer_overhead_pct"] = {"value": round(ov, 1), "limit": GOALS["infer_overhead_pct"], "met": ov <= 3.0}
+        if r.get("rss_mb") is not None and f.get("plain_rss_mb") is not None:
+            g["rss_below_fp32_plain"] = {"value": round(r["rss_mb"], 1), "limit": round(f["plain_rss_mb"], 1)}
+            g["rss_below_fp32_plain"]["met"] = r["rss_mb"] < f["plain_rss_mb"]
+        x = r.get("switch_x_fp32_paired", r["switch_ms_p50"] / f["switch_ms_p50"])  # paired within rounds
+        g["switch_x_fp32"] = {"value": round(x, 2), "limit": GOALS["switch_x"], "met": x <= 1.0}
+        out[f"{model}/{base}"] = g
+    return out
 
 
 def goal_lines(goals: dict) -> list[str]:

@@ -50,6 +50,7 @@ from lab.bench_quantized_core import (
     cached_quantized,
     emit,
     goal_lines,
+    goals,
     measure_args,
     requantized_cell,
     rss_cell,
@@ -163,31 +164,6 @@ LITERT = QuantBackend(
     calib="domains",
     pixels=pixels_for,
 )
-
-
-def goals(rows: list[dict]) -> dict:
-    """The issue's goals per model and int8 base, from figures measured in this run (as lab.bench_quantized)."""
-    out = {}
-    by = {(r["model"], r["base"]): r for r in rows}
-    for (model, base), r in by.items():
-        f = by.get((model, "fp32"))
-        if base == "fp32" or f is None:
-            continue
-        ov, x = r["infer_overhead_pct"], r["switch_ms_p50"] / f["switch_ms_p50"]
-        g = {}
-        if "mean_acc_adapted" in r:  # MiniLM has no labels: cosine to fp32 instead, no accuracy goal
-            gap = 100.0 * (f["mean_acc_adapted"] - r["mean_acc_adapted"])
-            g["acc_gap_points"] = {"value": round(gap, 2), "limit": 1.0, "met": gap <= 1.0}
-        g["infer_overhead_pct"] = {"value": round(ov, 1), "limit": 3.0, "met": ov <= 3.0}
-        g["switch_x_fp32"] = {"value": round(x, 2), "limit": 1.0, "met": x <= 1.0}
-        if r.get("rss_mb") is not None and f.get("plain_rss_mb") is not None:
-            g["rss_below_fp32_plain"] = {
-                "value": round(r["rss_mb"], 1),
-                "limit": round(f["plain_rss_mb"], 1),
-                "met": r["rss_mb"] < f["plain_rss_mb"],
-            }
-        out[f"{model}/{base}"] = g
-    return out
 
 
 def markdown(result: dict) -> str:

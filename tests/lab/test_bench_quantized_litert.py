@@ -52,3 +52,10 @@ def test_minilm_rows_are_judged_without_an_accuracy_goal_and_shown_by_cosine():
     assert "acc_gap_points" not in g and g["switch_x_fp32"]["value"] == 1.0
     assert "| 0.9970 | 0.9960 |" in bl.markdown({"rows": rows, "goals": bl.goals(rows)})
     assert bl.SECTION == "quantized:tflite"
+
+
+def test_the_switch_goal_takes_the_ratio_paired_within_rounds_when_the_row_has_it():
+    rows = [_row("fp32", 0.85, 1.0, 1.0, 0.10), _row("int8-dynamic", 0.845, 1.0, 1.0, 0.12)]
+    assert bl.goals(rows)["digits-vit/int8-dynamic"]["switch_x_fp32"]["value"] == 1.2  # p50 over p50
+    rows[1]["switch_x_fp32_paired"] = 0.97  # the median of per-round ratios (lab.bench_quantized_timing)
+    assert bl.goals(rows)["digits-vit/int8-dynamic"]["switch_x_fp32"] == {"value": 0.97, "limit": 1.0, "met": True}
