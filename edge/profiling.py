@@ -69,11 +69,13 @@ def profile_model(
 ) -> dict:
     """Measure ``model`` under ``device`` (profile name, YAML path or DeviceProfile); returns a JSON-able dict.
 
-    ``backend="auto"`` profiles the engine :func:`edge.engines.choose_engine` measures fastest here; either
-    way the engines found beside the model are compared (``result["engines"]``, see ``engine_report``).
+    ``backend="auto"``: what ``Runtime(model, device=device)`` runs, the engine :func:`~edge.engine_cache.cached_engine`
+    chose (measured before the timed load, kept for the device) with its twins' adapters. A backend named (default:
+    the file's suffix) runs alone and the engines beside it are compared (``result["engines"]``, ``engine_report``).
     """
     from edge.devices import load_profile
-    from edge.engines import EngineFile, choose_engine, engine_report, feeds_for
+    from edge.engine_cache import cached_engine
+    from edge.engines import EngineFile, engine_report, feeds_for
     from edge.runtime import Runtime
 
     model = Path(model)
@@ -85,27 +87,27 @@ def profile_model(
         raise ConfigError(f"adapter file(s) {missing} do not exist")
     profile = load_profile(device, search=devices_dir)
     chosen = None
-    if backend == "auto":  # the engine measured fastest here, on the inputs given (or generated)
-        given = inputs if isinstance(inputs, Mapping) or inputs is None else read_npz(inputs)
-        chosen = choose_engine(model, device=profile, feeds=given, rounds=config.engine_rounds or 1)
-        model, backend = chosen.path, chosen.backend
-    backend = backend or _backend_for(model)
-    options = profile.backend_options(backend)  # raises per the profile's fallback policy
+    if backend == "auto":  # measured here before the timed load; Runtime below reads the choice back as a device does
+        cached_engine(model, device=profile)
+    else:
+        backend = backend or _backend_for(model)
+        profile.backend_options(backend)  # raises per the profile's fallback policy, before anything loads
 
     rss_before = status_mb("VmRSS")
     t0 = time.perf_counter()
-    rt = Runtime(  # device=profile: its trusted_keys apply to the adapters profiled, as on the device itself
+    rt = Runtime(  # device=profile: its options, fallback policy and trusted_keys apply, as on the device itself
         model,
         backend=backend,
-        strategy=options.strategy,
-        threads=options.threads,
-        providers=options.providers,
         device=profile,
         enforce_memory_budget=False,  # the budgets are reported against, not enforced here
     )
     load_ms = _ms(t0)
+    asked = model  # inputs are generated from the file asked for (an .onnx beside a chosen .tflite)
+    if backend == "auto":  # the engine Runtime chose, and its file: adapters for its twins load on it
+        chosen, model, backend = rt.engine_choice, rt.engine_choice.path, rt.engine_choice.backend
     try:
-        feeds, input_source = _feeds(model, rt.info.inputs, inputs, config)
+        options = profile.backend_options(backend)  # what the report says ran (Runtime applied the same)
+        feeds, input_source = _feeds(asked, rt.info.inputs, inputs, config)
         feeds = feeds_for(EngineFile(backend, model), feeds) if chosen else feeds  # e.g. int32 ids for LiteRT
         t0 = time.perf_counter()
         reference = rt.run(feeds)

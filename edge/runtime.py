@@ -134,17 +134,15 @@ class Runtime:
             self._inputs = names_only(self.info.inputs or tuple(self.backend.input_names))
         self._writable = frozenset(self.info.tensors) | {t.initializer for t in self.info.tensors.values()}
         self._check_feeds = FeedChecker(self._inputs, self._writable)
-        self._backend_checks = bool(
-            getattr(self.backend, "CHECKS_FEEDS", False)
-        )  # it calls the check off its fast path
+        self._backend_checks = bool(getattr(self.backend, "CHECKS_FEEDS", False))  # it checks off its fast path
         self._fetch: dict = {None: None}  # outputs lists checked by run -> their distinct names (None: all)
         self._closed = False
         self._max_adapter_bytes = max_adapter_bytes(self.info)
         self._adapters: dict[str, _Prepared] = {}
         self._active: dict[str, float] = {}
         self._touched: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # stored -> (positions, base values)
-        self._restore: object = self.backend.prepare([])  # undoes the current state
-        self.clipped = 0  # entries of a quantized base clipped to the integer range in the current state
+        self._restore: object = self.backend.prepare([])  # undoes the current state (at first: writes nothing)
+        self._empty, self.clipped = self._restore, 0  # clipped: entries of a quantized base clipped to the range now
         self._lock = threading.Lock()
         why = self.engine_choice.reason
         log.info("loaded %s: %s; strategy %s, providers %s", path.name, why, self.strategy, self.providers)
@@ -260,10 +258,8 @@ class Runtime:
 
     def _check_not_active(self, name: str) -> None:
         if name in self._active:
-            raise ConfigError(
-                f"adapter {name!r} is active; switch away from it (or unload it) before loading another "
-                "adapter under that name, or pass name=... to load this one under another"
-            )
+            what = f"adapter {name!r} is active; switch away from it (or unload it) before loading another adapter"
+            raise ConfigError(f"{what} under that name, or pass name=... to load this one under another")
 
     def adapter(self, name: str) -> Adapter:
         """The loaded adapter called ``name``."""
@@ -289,22 +285,24 @@ class Runtime:
         """Fuse the given adapters into the weights, replacing whatever was fused before.
 
         ``None`` or ``{}`` restores the base model; a name fuses one adapter; a mapping fuses several with weights
-        (``W + a1*S1 + a2*S2``). ``head`` also writes detector-head tensors in the same step (see
-        :meth:`set_head`), so no inference sees the new weights with the old head. The switch either completes or
-        changes nothing: all checks and arithmetic happen before the first write. On a quantized model, fused
-        values outside the integer range raise :class:`~edge.fusion.SaturationError` unless ``clip=True`` (then
-        they are clipped and counted in :attr:`clipped`).
+        (``W + a1*S1 + a2*S2``). ``head`` also writes detector-head tensors in the same step (:meth:`set_head`), so
+        no inference sees the new weights with the old head. The switch either completes or changes nothing: all
+        checks and arithmetic happen before the first write. On a quantized model, fused values outside the integer
+        range raise :class:`~edge.fusion.SaturationError` unless ``clip=True`` (clipped, counted in :attr:`clipped`).
         """
         self._check_open()
         target = normalise(spec)
         head_write = self._head_write(head) if head else None
         with self._lock:
             self._check_open()
-            if unknown := [n for n in target if n not in self._adapters]:
+            p = self._adapters.get(spec) if type(spec) is str else None  # the common case: one lookup
+            if p is None and (unknown := [n for n in target if n not in self._adapters]):
                 raise ConfigError(f"adapter(s) {unknown} are not loaded; loaded: {sorted(self._adapters) or 'none'}")
-            if fast := len(target) == 1 and next(iter(target.values())) == 1.0:  # prepared at load
-                p = self._adapters[next(iter(target))]
+            if fast := p is not None or (len(target) == 1 and next(iter(target.values())) == 1.0):  # prepared at load
+                p = p or self._adapters[next(iter(target))]
                 apply, restore, touched, clipped = p.apply, p.restore, p.touched, p.clipped
+            elif not target:  # the base model: only the undo of the current state is written
+                apply, restore, touched, clipped = self._empty, self._empty, {}, 0
             else:
                 from runtimes import WeightWrite
 

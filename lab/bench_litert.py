@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from edge.machine import time_calls
+from lab.litert_probe import synthetic_feeds  # re-exported: the feeds of its --overhead runs
 
 __all__ = [
     "alternatives",
@@ -209,22 +210,6 @@ def _markdown(r: dict) -> str:
         "",
     ]
     return "\n".join(lines)
-
-
-def synthetic_feeds(path: Path, seed: int = 0) -> dict[str, np.ndarray]:
-    """One input per model input at the file's shapes: floats ~ N(0, 1), integers 0 or 1 (valid token ids, masks
-    and type ids, and int8 pixels)."""
-    from runtimes.litert import interpreter_module
-
-    lib, _ = interpreter_module()
-    it = lib.Interpreter(model_path=str(path))
-    rng = np.random.default_rng(seed)
-    out = {}
-    for d in it.get_input_details():
-        shape, dtype = tuple(int(n) for n in d["shape"]), np.dtype(d["dtype"])
-        x = rng.standard_normal(shape) if dtype.kind == "f" else rng.integers(0, 2, shape)
-        out[d["name"]] = np.ascontiguousarray(x, dtype)
-    return out
 
 
 def overhead(paths: Mapping[str, Path], threads: int | None = None, rounds: int = 15, runs: int = 200) -> dict:

@@ -310,12 +310,12 @@ def add_arguments(sp, bases: dict) -> None:
     """The bench's own flags (``edge bench quantized``, ``python -m lab.bench_quantized_litert``)."""
     sp.add_argument("--model", default="all", choices=["vit", "cnn", "minilm", "all"], help="model(s)")
     sp.add_argument("--bases", nargs="+", choices=list(bases), default=None, help="base precisions (default: all)")
-    sp.add_argument("--rounds", type=int, default=5, help="timing rounds (contestants interleaved in each)")
+    sp.add_argument("--rounds", type=int, default=11, help="timing rounds (contestants interleaved in each)")
     sp.add_argument("--runs", type=int, default=20, help="timed inferences per contestant per round")
     sp.add_argument("--no-memory", action="store_true", help="skip the resident-memory children")
 
 
-def measure_args(be: QuantBackend, args, switches: int = 20) -> list[dict]:
+def measure_args(be: QuantBackend, args, switches: int = 60) -> list[dict]:
     """:func:`measure` for parsed :func:`add_arguments` (and ``--cache``, ``--threads``, ``--quiet``)."""
     return measure(
         be,

@@ -22,14 +22,18 @@ def evaluate_demo(
     adapters: dict[str, Path],
     domains: dict,
     *,
-    backend: str = "onnxruntime",
+    backend: str | None = None,
     strategy: str = "auto",
     threads: int | None = None,
     latency_runs: int = 100,
     lowbit_model: Path | None = None,
     lowbit_adapters: dict[str, Path] | None = None,
 ) -> dict:
-    """Device half of the demo: accuracy per domain with and without its adapter, switch and inference latency."""
+    """Device half of the demo: accuracy per domain with and without its adapter, switch and inference latency.
+
+    ``backend`` as :class:`edge.Runtime` takes it (None: the file's own engine; ``"auto"``: the fastest of the
+    model's files here); ``result["backend"]`` is the engine that ran, ``result["engine"]`` why.
+    """
     from edge.runtime import Runtime
 
     rt = Runtime(model, backend=backend, strategy=strategy, threads=threads)
@@ -70,7 +74,8 @@ def evaluate_demo(
         infer.append((time.perf_counter() - t0) * 1e3)
     result = {
         "model": rt.info.name,
-        "backend": backend,
+        "backend": rt.backend.name,
+        "engine": rt.engine_choice.reason,
         "strategy": rt.strategy,
         "providers": rt.providers,
         "clean_acc": clean_acc,

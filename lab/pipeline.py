@@ -6,7 +6,9 @@ SHiRA adapts every convolution and both linear layers. The 1-bit bottleneck adap
 built for the ViT only.
 
 Every artifact is cached under ``cache/<config hash>/`` and written atomically, so a
-second run (or a run after an interruption) reuses whatever is complete.
+second run (or a run after an interruption) reuses whatever is complete. An exported file from
+before source fingerprints (``extra["source_fingerprint"]``, the mark of ``.onnx``/``.tflite``
+twins) is exported again from the cached torch weights, never retrained (:func:`_onnx_export`).
 """
 
 from __future__ import annotations
@@ -85,9 +87,13 @@ class DemoArtifacts:
 
 
 def prepare_demo(
-    cache: Path, cfg: DemoConfig = DemoConfig(), progress: bool = True, backend: str = "onnxruntime"
+    cache: Path, cfg: DemoConfig = DemoConfig(), progress: bool = True, backend: str | None = None
 ) -> DemoArtifacts:
-    """Artifacts for ``backend``: the ONNX model, or with ``"tflite"`` also a ``.tflite`` export and its adapters.
+    """Artifacts for ``backend``: the ONNX model, or with ``"tflite"`` its ``.tflite`` twin and the adapters
+    rebased on it (any other ``backend``, ``None`` or ``"auto"``, gets the ONNX artifacts).
+
+    A cached ``.tflite`` twin is exported again when it lacks the ONNX file's source fingerprint (needs
+    litert-torch; without it, a warning says its adapters stay apart).
 
     The CNN trains on one torch thread: it is too small to gain from more, and on a busy
     2-core machine torch's default threads made its build 9 minutes instead of 40 s.
@@ -104,11 +110,10 @@ def prepare_demo(
         torch.set_num_threads(threads)
 
 
-def _prepare(cache: Path, cfg: DemoConfig, progress: bool, backend: str) -> DemoArtifacts:
+def _prepare(cache: Path, cfg: DemoConfig, progress: bool, backend: str | None) -> DemoArtifacts:
     import torch
 
     from exporters import shira
-    from exporters.onnx import export_onnx, load_model_info
     from lab import digits_model as dm
     from lab.datasets import load_domains
 
@@ -132,24 +137,7 @@ def _prepare(cache: Path, cfg: DemoConfig, progress: bool, backend: str) -> Demo
         tmp.replace(ckpt)
 
     onnx_path = root / "encoder.onnx"
-    if onnx_path.exists():
-        info = load_model_info(onnx_path)
-    else:
-        _say(progress, "exporting the encoder to ONNX and validating it against torch")
-        example = (torch.as_tensor(domains["clean"].x_test[:4]),)
-        extra = {"task": "digits", "labels": list(range(10)), "input": "pixels [B,1,8,8] float32 in [0,1]"}
-        if cfg.model == "cnn":
-            extra["taps"] = _cnn_taps(model, example, root / "encoder.taps.onnx")
-        info = export_onnx(
-            model,
-            example,
-            onnx_path,
-            input_names=["pixels"],
-            output_names=["logits", "features"],
-            name=cfg.name,
-            extra=extra,
-            progress=progress,
-        )
+    info = _onnx_export(root, model, cfg, (torch.as_tensor(domains["clean"].x_test[:4]),), progress)
 
     adapters: dict[str, Path] = {}
     targets = shira.select_targets(model, list(cfg.targets))
@@ -177,12 +165,67 @@ def _prepare(cache: Path, cfg: DemoConfig, progress: bool, backend: str) -> Demo
                 trained, info, name, {"mask": cfg.mask, "density": cfg.density, "domain": name, "host_acc": acc}
             ).save(path)
         adapters[name] = path
-    if backend == "tflite":
-        return _tflite_artifacts(root, model, domains["clean"].x_test[:1], info, adapters, progress)
+    if backend == "tflite" or (root / "encoder.tflite").exists():  # a twin kept up to date once it exists
+        twin = _tflite_artifacts(root, model, domains["clean"].x_test[:1], info, adapters, progress)
+        if backend == "tflite":
+            return twin
     if cfg.model != "vit":
         return DemoArtifacts(onnx_path, info, adapters)
     lowbit_model, lowbit_adapters = _lowbit_artifacts(root, model, domains, cfg, progress)
     return DemoArtifacts(onnx_path, info, adapters, lowbit_model, lowbit_adapters)
+
+
+def _onnx_export(root: Path, model, cfg: DemoConfig, example: tuple, progress: bool) -> ModelInfo:
+    """``root/encoder.onnx`` for ``model`` (the cached torch weights): exported and validated once, and exported
+    again when the cached file lacks the source fingerprint its ``.tflite`` twin needs to take its adapters.
+
+    The adapters beside it were trained on these weights for the file's fingerprint, so a re-export is kept only
+    when it stores the same tensors (same fingerprint), then replaces the file atomically. A file exported from
+    other weights, or a re-export that stores other tensors, raises :class:`ConfigError`: the folder's adapters
+    would not fit, and only training again (moving the folder away) rebuilds it.
+    """
+    import os
+
+    from exporters.onnx import export_onnx, load_model_info
+    from exporters.validate import with_source
+
+    path = root / "encoder.onnx"
+
+    def export(to: Path) -> ModelInfo:
+        extra = {"task": "digits", "labels": list(range(10)), "input": "pixels [B,1,8,8] float32 in [0,1]"}
+        if cfg.model == "cnn":
+            extra["taps"] = _cnn_taps(model, example, root / "encoder.taps.onnx")
+        names = {"input_names": ["pixels"], "output_names": ["logits", "features"]}
+        return export_onnx(model, example, to, **names, name=cfg.name, extra=extra, progress=progress)
+
+    if not path.exists():
+        _say(progress, "exporting the encoder to ONNX and validating it against torch")
+        return export(path)
+    info = load_model_info(path)
+    source, kept = with_source(model, None)["source_fingerprint"], info.extra.get("source_fingerprint")
+    if kept == source:
+        return info
+    if kept is not None:
+        raise ConfigError(
+            f"{path} was exported from other weights ({kept}) than {root / 'encoder.safetensors'} ({source}), and "
+            f"the adapters beside it were trained on those: move {root} away to build the demo again"
+        )
+    _say(progress, f"exporting {path} again: it predates source fingerprints (its .tflite twin refused its adapters)")
+    staged = root / ".encoder.reexport.onnx"
+    try:
+        again = export(staged)
+        if again.fingerprint != info.fingerprint:
+            raise ConfigError(
+                f"exporting {path} again from {root / 'encoder.safetensors'} stores other tensors "
+                f"({again.fingerprint}) than the cached file ({info.fingerprint}) whose adapters sit beside it; "
+                "the cached file is kept. "
+                f"Move {root} away to build the demo again (training again)"
+            )
+        os.replace(staged, path)
+    finally:
+        staged.unlink(missing_ok=True)
+    log.info("re-exported %s with source fingerprint %s (%s unchanged)", path, source, info.fingerprint)
+    return again
 
 
 def _cnn_taps(model, example: tuple, scratch: Path) -> list[str]:
@@ -231,9 +274,12 @@ def _tflite_artifacts(root: Path, model, example: np.ndarray, info: ModelInfo, a
     """Export the encoder to ``.tflite`` (fixed batch 1) and give each adapter the TFLite file's fingerprint.
 
     The adapters' indices and values are unchanged: only ``base_fingerprint`` differs, because
-    each exported file hashes its own stored tensors.
+    each exported file hashes its own stored tensors. A cached file without ``info``'s source fingerprint (from
+    before twins, or from other weights) is exported again (atomically) when litert-torch is installed, and the
+    rebased adapters follow the file's fingerprint; without litert-torch a warning says what stays apart.
     """
     import dataclasses
+    import importlib.util
 
     import torch
 
@@ -241,9 +287,19 @@ def _tflite_artifacts(root: Path, model, example: np.ndarray, info: ModelInfo, a
     from exporters.tflite import export_tflite, load_model_info
 
     path = root / "encoder.tflite"
-    if path.exists():
-        tinfo = load_model_info(path)
-    else:
+    source = info.extra.get("source_fingerprint")
+    tinfo = load_model_info(path) if path.exists() else None
+    if tinfo is not None and tinfo.extra.get("source_fingerprint") != source:
+        if importlib.util.find_spec("litert_torch") is None:
+            log.warning(
+                "%s lacks the source fingerprint of %s (%s): Runtime(backend='auto') keeps their adapters apart; "
+                "run the demo once where litert-torch is installed (make demo-tflite) to export it again",
+                path, root / "encoder.onnx", source,
+            )  # fmt: skip
+        else:
+            _say(progress, f"exporting {path} again: it predates source fingerprints (or other weights)")
+            tinfo = None
+    if tinfo is None:
         _say(progress, "exporting the encoder to TFLite (litert-torch) and validating it on LiteRT")
         tinfo = export_tflite(
             model,
@@ -258,7 +314,7 @@ def _tflite_artifacts(root: Path, model, example: np.ndarray, info: ModelInfo, a
     out = {}
     for name, onnx_adapter in adapters.items():
         out[name] = root / f"shira-{name}.tflite.safetensors"
-        if not out[name].exists():
+        if not out[name].exists() or load_adapter(out[name]).base_fingerprint != tinfo.fingerprint:
             a = load_adapter(onnx_adapter)
             dataclasses.replace(a, base_fingerprint=tinfo.fingerprint).save(out[name])
     return DemoArtifacts(path, tinfo, out)

@@ -21,7 +21,7 @@ import numpy as np
 
 from edge.format.modelinfo import ModelInfo
 from edge.registry import Registry
-from runtimes.lines import compile_write, merge_positions, touch
+from runtimes.lines import compile_write, fold_narrow, merge_positions, touch
 from runtimes.loading import model_buffer, rss_mb, trim_heap
 
 __all__ = [
@@ -277,7 +277,8 @@ class ArenaBackend(Backend):
 
     def prepare(self, writes: Sequence[WeightWrite]) -> ArenaWrite:
         """The writes compiled per arena (:func:`runtimes.lines.compile_write`): aligned runs as copies of 16-byte
-        units, a whole tensor as a slice, the rest entry by entry; a later write of an entry wins.
+        units, a whole tensor as a slice, the rest entry by entry (a few entries of a wider arena sharing a buffer
+        with a one-byte one, in the same call: :func:`runtimes.lines.fold_narrow`); a later write of an entry wins.
 
         Values for an integer tensor must already be of its type (never silently rounded or wrapped).
         """
@@ -291,9 +292,10 @@ class ArenaBackend(Backend):
                 raise ConfigError(f"write to {w.tensor!r}: values are {val.dtype}, it holds {arena.dtype}")
             tw = per.setdefault(id(arena), (arena, {}))[1]
             tw.setdefault(w.tensor, []).append((w.index, np.asarray(val, arena.dtype).reshape(-1)))
-        parts = []
-        for arena, tw in per.values():
-            parts += compile_write(arena, [(self._offset[t], *merge_positions(ws)) for t, ws in tw.items()])
+        pieces = [
+            (arena, [(self._offset[t], *merge_positions(ws)) for t, ws in tw.items()]) for arena, tw in per.values()
+        ]
+        parts = [p for arena, ps in fold_narrow(pieces) for p in compile_write(arena, ps)]
         return ArenaWrite(tuple(parts), any(w.tensor not in self._slots for w in writes))
 
     def write(self, *prepared: ArenaWrite) -> None:
@@ -308,7 +310,7 @@ class ArenaBackend(Backend):
             self._generation += 1
             if self._strategy == "hybrid":  # weakly: an unloaded adapter's writes go (see _warm)
                 self._recent.append([weakref.ref(w) for w in prepared if w.parts])
-                self._writer = threading.get_native_id()  # whose CPU _warm runs on
+                self._writer = threading.get_ident()  # whose CPU _warm runs on (no system call here: gettid is one)
             if self._strategy == "rebuild":
                 if self.FREE_STALE_BEFORE_BUILD:
                     self._static = None  # stale from here on: free its packed weights before packing anew
@@ -364,13 +366,14 @@ class ArenaBackend(Backend):
         """Move this thread to the CPU the last writing thread ran on (its caches are the ones the next switch
         uses; Linux ``/proc``), returning the affinity to restore; None where that cannot be done."""
         try:
-            with open(f"/proc/self/task/{self._writer}/stat") as f:  # field 39: the CPU it last ran on
+            native = next(t.native_id for t in threading.enumerate() if t.ident == self._writer)
+            with open(f"/proc/self/task/{native}/stat") as f:  # field 39: the CPU it last ran on
                 cpu = int(f.read(1024).rsplit(")", 1)[1].split()[36])
             mask = os.sched_getaffinity(0)
             if cpu not in mask or len(mask) < 2:
                 return None
             os.sched_setaffinity(0, {cpu})
-        except (OSError, ValueError, IndexError, AttributeError):  # no procfs, a thread gone, not Linux
+        except (OSError, ValueError, IndexError, AttributeError, StopIteration):  # no procfs, a thread gone, not Linux
             return None
         return mask
 

@@ -30,7 +30,7 @@ from __future__ import annotations
 import logging
 import mmap
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -42,7 +42,9 @@ __all__ = [
     "advise_huge",
     "aligned_empty",
     "aligned_offsets",
+    "arena_group",
     "compile_write",
+    "fold_narrow",
     "HUGE_BYTES",
     "HUGE_MIN",
     "huge_empty",
@@ -100,6 +102,19 @@ def aligned_empty(n: int, dtype, align: int = LINE_BYTES, huge: bool = True) -> 
     raw = np.empty(n * dt.itemsize + align, np.uint8)
     skip = -raw.ctypes.data % align
     return raw[skip : skip + n * dt.itemsize].view(dt)
+
+
+def arena_group(sizes: Mapping, align: int = LINE_BYTES, huge: bool = True) -> dict[np.dtype, np.ndarray]:
+    """One arena per element type (``sizes``: dtype -> items), all carved from one buffer (:func:`aligned_empty`), each
+    starting on an ``align``-byte boundary, widest type first. One buffer lets :func:`fold_narrow` write the few
+    entries a switch has in a wider arena (the float heads of an int8 model) in the same call as its int8 entries."""
+    kinds = sorted((np.dtype(d) for d in sizes), key=lambda d: (-d.itemsize, d.str))
+    starts, at = {}, 0
+    for d in kinds:
+        starts[d] = at
+        at += -(-int(sizes[d]) * d.itemsize // align) * align
+    raw = aligned_empty(at, np.uint8, align, huge)
+    return {d: raw[starts[d] : starts[d] + int(sizes[d]) * d.itemsize].view(d) for d in kinds}
 
 
 def huge_empty(nbytes: int) -> np.ndarray | None:
@@ -193,6 +208,59 @@ def _say(key: str, message: str) -> None:
         log.warning(message)
 
 
+def _one_run(pos: np.ndarray | None) -> bool:
+    """A whole tensor (``None``) or one long run of positions: a slice copy, a part of its own."""
+    return pos is None or (pos.size >= RUN_MIN and int(pos[-1]) - int(pos[0]) == pos.size - 1)
+
+
+def _address(a: np.ndarray) -> int:
+    return a.__array_interface__["data"][0]
+
+
+def _buffer(a: np.ndarray) -> np.ndarray:
+    """The array at the root of ``a``'s chain of views (its buffer, when that is a one-dimensional array)."""
+    while isinstance(a.base, np.ndarray):
+        a = a.base
+    return a
+
+
+def fold_narrow(writes: Sequence[tuple[np.ndarray, list]]) -> list[tuple[np.ndarray, list]]:
+    """``writes`` (arena, its pieces as :func:`compile_write` takes them) with fewer fancy-index calls: where arenas
+    are views of one buffer (:func:`arena_group`; LiteRT's model bytes viewed as float32 and int8) and one of them
+    has one-byte items, the entry-by-entry pieces of them all become pieces of one byte view of that buffer (an entry
+    of a wider arena as its bytes), so their write is one call, not one per arena. Only while the extra byte
+    positions (``itemsize - 1`` per wider entry) stay under :data:`MIN_SAVED`, what a call costs; slices stay apart.
+    The bytes written are the same, bit for bit."""
+    groups: dict[int, list[tuple[np.ndarray, list]]] = {}
+    for arena, pieces in writes:
+        groups.setdefault(id(_buffer(arena)), []).append((arena, pieces))
+    out: list[tuple[np.ndarray, list]] = []
+    for group in groups.values():
+        root = _buffer(group[0][0])
+        entrywise = [(a, [p for p in ps if not _one_run(p[1])]) for a, ps in group]
+        entrywise = [(a, ps) for a, ps in entrywise if ps]
+        extra = sum(p[1].size * (a.dtype.itemsize - 1) for a, ps in entrywise for p in ps)
+        narrow = any(a.dtype.itemsize == 1 for a, _ in entrywise)
+        if len(entrywise) < 2 or not narrow or extra > MIN_SAVED or root.ndim != 1 or not root.flags.c_contiguous:
+            out += group
+            continue
+        whole = root.view(np.uint8)
+        folded = []
+        for arena, pieces in group:
+            rest = [p for p in pieces if _one_run(p[1])]
+            if rest:
+                out.append((arena, rest))
+            size, at = arena.dtype.itemsize, _address(arena) - _address(whole)
+            for off, pos, val in pieces:
+                if _one_run(pos):
+                    continue
+                if size > 1:  # an entry's bytes, in order: positions stay strictly increasing
+                    pos = (pos[:, None] * size + np.arange(size)).reshape(-1)
+                folded.append((at + off * size, pos, np.ascontiguousarray(val).view(np.uint8)))
+        out.append((whole, folded))
+    return out
+
+
 def compile_write(arena: np.ndarray, pieces: Sequence[tuple[int, np.ndarray | None, np.ndarray]]) -> list[Part]:
     """Parts ``view[index] = values`` that together write each piece's ``values`` at ``offset + positions``.
 
@@ -202,7 +270,7 @@ def compile_write(arena: np.ndarray, pieces: Sequence[tuple[int, np.ndarray | No
     parts: list[Part] = []
     rest = []
     for off, pos, val in pieces:
-        if pos is None or (pos.size >= RUN_MIN and int(pos[-1]) - int(pos[0]) == pos.size - 1):  # one long run
+        if _one_run(pos):
             start = off + (0 if pos is None else int(pos[0]))
             parts.append((arena, slice(start, start + val.size), val))
         elif pos.size:

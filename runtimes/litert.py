@@ -196,14 +196,20 @@ class LiteRTBackend(ArenaBackend):
         self._init_rebuilds(options)  # _static: the XNNPACK interpreter
         self._builtin: Session | None = None
         self._builtin_ms: float | None = None  # last run time on the built-in kernels (hybrid's wait policy)
+        self.strategy_reason: str | None = None  # why the strategy run is not the one asked for
 
         if strategy in ("builtin", "hybrid"):
             self._builtin = self._build(delegate=False)
+        if strategy == "hybrid" and not self._want_xnnpack:  # providers=["CPU"]: a rebuild would build its twin
+            self._strategy = strategy = "builtin"
+            self.strategy_reason = "hybrid without XNNPACK (providers=['CPU']): one built-in interpreter serves"
         if strategy in ("rebuild", "hybrid"):
             self._static = self._build_fresh()
             self._static_gen = 0
         if strategy == "hybrid":
             self._start_rebuilds("edge-litert-rebuild")
+        if self.strategy_reason:
+            log.info("%s: %s", self.info.name, self.strategy_reason)
 
     # -- contract ---------------------------------------------------------------------------
     @property
@@ -251,15 +257,19 @@ class LiteRTBackend(ArenaBackend):
     CHECKS_FEEDS = True
 
     def run(self, feeds, outputs: Sequence[str] | None = None, check=None) -> dict[str, np.ndarray]:
-        if not self._settled.is_set() and self._strategy == "hybrid" and self._worth_waiting():
+        with self._lock:  # one lock, the serving interpreter checked first (a tiny model runs in 6 us)
+            sess = self._static
+            if sess is not None and self._static_gen == self._generation:
+                return sess.run(feeds, outputs, self._slot_version, check)
+            if self._strategy != "hybrid":
+                return self._serving().run(feeds, outputs, self._slot_version, check)
+        if self._worth_waiting():  # hybrid in its settle window
             self._settled.wait(2 * self._builtin_ms / 1e3)  # the XNNPACK copy lands sooner than built-in kernels run
         with self._lock:
             sess = self._static
             if sess is not None and self._static_gen == self._generation:
                 return sess.run(feeds, outputs, self._slot_version, check)
             sess = self._serving()
-            if self._strategy != "hybrid":
-                return sess.run(feeds, outputs, self._slot_version, check)
             t0 = time.perf_counter()  # hybrid's settle window: how long the built-in kernels take (its wait policy)
             out = sess.run(feeds, outputs, self._slot_version, check)
             self._builtin_ms = (time.perf_counter() - t0) * 1e3

@@ -92,9 +92,15 @@ class Session:
                 if self._fed != slots:
                     self._feed_slots(slots)
                 self._invoke()
-                get = self._get
-                return {name: get(idx) for name, idx in fetch}
+                get, out = self._get, {}
+                for name, idx in fetch:  # a loop, not a comprehension: no frame of its own on Python 3.11 (-0.1 us)
+                    out[name] = get(idx)
+                return out
         return self._checked(feeds if check is None else check(feeds), fetch, slots)
+
+    def zeros(self) -> dict[str, np.ndarray]:
+        """Zero feeds of the model's inputs at their allocated shapes and types (what a load-time measurement runs)."""
+        return {name: np.zeros(self.shapes[name], dtype) for name, _, dtype in self._plan}
 
     def _fetch_plan(self, names) -> tuple:
         try:

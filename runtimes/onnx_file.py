@@ -20,7 +20,7 @@ import numpy as np
 
 from edge.errors import FormatError
 from edge.format.modelinfo import ModelInfo, fingerprint
-from runtimes.lines import aligned_empty, aligned_offsets
+from runtimes.lines import aligned_offsets, arena_group
 
 __all__ = [
     "ONNX_DTYPES",
@@ -174,8 +174,9 @@ ONNX_DTYPES = {1: np.dtype(np.float32), 2: np.dtype(np.uint8), 3: np.dtype(np.in
 def take_writable(
     buf, inits: Mapping[str, Stored], writable: Sequence[str], read, dtypes: Mapping[str, str] | None = None
 ):
-    """Copy the writable initializers from the file into one arena per element type; return the arenas
-    (dtype -> flat array), each tensor's offset in its arena, and a view per tensor.
+    """Copy the writable initializers from the file into one arena per element type, all carved from one buffer
+    (:func:`runtimes.lines.arena_group`); return the arenas (dtype -> flat array), each tensor's offset in its
+    arena, and a view per tensor.
 
     ``dtypes`` names the element type each tensor must have (``"int8"`` for a quantized target);
     every other writable tensor must be float32.
@@ -199,12 +200,12 @@ def take_writable(
             "location would resolve against the working directory); save the model as one file: "
             "onnx.save(model, path, save_as_external_data=False)"
         )
-    offset, live, arenas = {}, {}, {}
+    offset, live, totals = {}, {}, {}
     for dt in set(want.values()):  # every tensor on a cache line, the arena too: a structured mask's blocks are lines
         names = [k for k in writable if want[k] == dt]
-        starts, total = aligned_offsets([prod(inits[k].dims) for k in names], dt.itemsize)
-        arenas[dt] = aligned_empty(total, dt)  # the padding between tensors is never read
+        starts, totals[dt] = aligned_offsets([prod(inits[k].dims) for k in names], dt.itemsize)
         offset.update(zip(names, starts))
+    arenas = arena_group(totals)  # one buffer: a switch's few float entries of an int8 model share its int8 call
     for name in writable:
         t, dt = inits[name], want[name]
         n = prod(t.dims)

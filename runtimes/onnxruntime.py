@@ -22,8 +22,16 @@ stale one is freed before packing anew). Tables only Gather reads (embeddings) a
 every run rather than handed over. Loading walks the file once at the protobuf wire level
 (:mod:`runtimes.onnx_file`): each writable tensor is read from the file straight into the arena (given a
 path, the file is never held whole) and only the graph without them, a few hundred KB, is parsed; both
-sessions are built from that weight-less graph. Cold start: ``hybrid`` builds its prepacked session first
-and serves from it, and builds the bound session (needed from the first switch on) in the background.
+sessions are built from that weight-less graph. Cold start: ``hybrid`` builds its prepacked session in the
+constructing thread and serves from it; one background thread, started before that build (right after it, the
+session's intra-op threads spin and a thread started then waited 2 ms p50 for a core at load 3), builds the
+bound session (needed from the first switch on) once the first inference or write asks, then runs the rebuilds.
+onnxruntime 1.32 releases the GIL while building a session (a Python thread kept running throughout), so that
+build does not hold up the caller. Digits ViT (0.3 MB of weights; ``edge bench memory``, 16 rounds, load 2.8):
+ready 1.18x the plain session's, main-thread CPU 1.27x (+2.5 ms: the graph parsed once, the arena, the
+fingerprint, ``Runtime``'s checks). Memory: ``hybrid`` holds two sessions, and onnxruntime's own share of each is
+about 1 MB on tiny models (graph, kernels, plans, arena, intra-op thread) whatever the weights weigh, so under a
+few MB of weights a hybrid runtime stays above a plain session, int8 or not (issue 18).
 :meth:`OrtBackend.footprint_mb` predicts each strategy's resident memory; ``strategy="auto"`` with a
 memory budget picks by it. :meth:`OrtBackend.run` fetches (or binds) only the outputs asked for.
 """
@@ -33,7 +41,6 @@ from __future__ import annotations
 import atexit
 import logging
 import os
-import tempfile
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -61,20 +68,29 @@ __all__ = ["OrtBackend"]
 
 log = logging.getLogger("edge.runtimes.onnxruntime")
 
-_EXTERNAL_LOCATION = "edge-live-weights.bin"  # never read: data comes from memory
 _UNSHARED: set[str] = set()  # fingerprints of models onnxruntime would not prepack from the arena in place
-_STUBS: list[str] = []  # a folder with an empty _EXTERNAL_LOCATION, made once per process, removed at exit
+_STUBS: list[tuple[str, str]] = []  # (folder, file name): an empty file onnxruntime must find but never reads
 _STUBS_LOCK = threading.Lock()
 
 
-def _stub_folder() -> str:
+def _stub() -> tuple[str, str]:
+    """Where the data-less initializers of the prepacked graph say their data is: an empty file onnxruntime checks
+    exists (``ValidateExternalDataPathFromDir``) but never reads, as the values come from memory (a read would find
+    no bytes and fail loudly). ``/dev/null`` where there is one: no file to make (a temporary folder cost 0.2-0.4 ms
+    of every first load in a process, most of it ``tempfile`` probing for a writable folder); else a temporary
+    folder with an empty file, made once per process and removed at exit."""
     with _STUBS_LOCK:
         if not _STUBS:
-            import shutil
+            if os.devnull == "/dev/null" and os.path.exists(os.devnull):
+                _STUBS.append(("/dev", "null"))
+            else:
+                import shutil
+                import tempfile
 
-            _STUBS.append(tempfile.mkdtemp(prefix="edge-ort-"))
-            Path(_STUBS[0], _EXTERNAL_LOCATION).touch()
-            atexit.register(shutil.rmtree, _STUBS[0], True)
+                folder = tempfile.mkdtemp(prefix="edge-ort-")
+                Path(folder, "edge-live-weights.bin").touch()
+                atexit.register(shutil.rmtree, folder, True)
+                _STUBS.append((folder, "edge-live-weights.bin"))
         return _STUBS[0]
 
 
@@ -184,7 +200,8 @@ class OrtBackend(ArenaBackend):
         _file.add_inputs(proto, sorted(self._fed), self._live)
         self._static_bytes = b""
         if strategy in ("rebuild", "hybrid"):
-            stubs = (_file.external_stub(k, self._live[k], _EXTERNAL_LOCATION) for k in self._consts)
+            self._stub_folder, location = _stub()
+            stubs = (_file.external_stub(k, self._live[k], location) for k in self._consts)
             proto.graph.initializer.extend(stubs)
             self._static_bytes = proto.SerializeToString()
             del proto.graph.initializer[len(proto.graph.initializer) - len(self._consts) :]
@@ -200,20 +217,23 @@ class OrtBackend(ArenaBackend):
         self._bound_fetch: tuple[str, ...] = ()  # the outputs bound on self._binding, in order
         self._bound_ready = threading.Event()  # the bound session exists (or failed: _bound_error)
         self._bound_error, self._bound_builder, self._bound_asked = None, None, strategy != "hybrid"
+        if strategy == "hybrid":  # cold start: serve prepacked; one background thread builds the bound session (for
+            # switches) after the first inference (or at the first write), then runs the rebuilds. Started before the
+            # prepacked build: right after it, that session's intra-op threads spin and a new thread waits for a core
+            self._go_bound = threading.Event()
+            self._bound_model = bound_bytes
+            self._start_rebuilds("edge-ort-hybrid")
+            self._bound_builder = self._rebuilder
         if strategy in ("rebuild", "hybrid"):
-            self._static, self._static_gen = self._build_fresh(), 0
+            try:
+                self._static, self._static_gen = self._build_fresh(), 0
+            except BaseException:
+                self.close()  # the hybrid thread waits for a go that would never come
+                raise
         if strategy == "rebuild":
             self._bound_ready.set()  # there is none
         if strategy == "bound":
             self._make_bound(bound_bytes)
-        elif strategy == "hybrid":  # cold start: serve prepacked now; the bound session (for switches) is
-            # built in the background after the first inference (or at the first write, if that comes first)
-            self._go_bound = threading.Event()
-            self._bound_builder = threading.Thread(
-                target=self._make_bound, args=(bound_bytes, self._go_bound), name="edge-ort-bound", daemon=True
-            )
-            self._start_rebuilds("edge-ort-rebuild")
-            self._bound_builder.start()
         del bound_bytes
         if strategy != "hybrid":
             self._measure()
@@ -290,11 +310,18 @@ class OrtBackend(ArenaBackend):
     def close(self) -> None:
         with self._lock:
             self._closed = True  # a bound build not begun is not begun any more
-        t = self._bound_builder
-        if t is not None and t is not threading.current_thread():
-            self._go_bound.set()
-            t.join(60.0)  # native code must not be cut off
+        if self._strategy == "hybrid":
+            self._go_bound.set()  # the thread waiting for it returns; super().close() joins it
         super().close()
+
+    def _rebuild_loop(self) -> None:
+        """Hybrid's one background thread: the bound session first (once asked), then the rebuilds after writes.
+        One thread, not two: a thread start is a wait for the scheduler in the constructing thread (0.1-2 ms on a
+        loaded machine), and each thread that builds a session keeps its own glibc malloc arena holding it."""
+        model, self._bound_model = self._bound_model, b""
+        self._make_bound(model, self._go_bound)
+        del model
+        super()._rebuild_loop()
 
     def _release(self) -> None:
         self._bound = self._binding = None
@@ -360,7 +387,7 @@ class OrtBackend(ArenaBackend):
         copied = [k for k in self._consts if k not in shared]
         if copied:
             so.add_external_initializers(copied, [values[k] for k in copied])
-        so.add_session_config_entry("session.model_external_initializers_file_folder_path", _stub_folder())
+        so.add_session_config_entry("session.model_external_initializers_file_folder_path", self._stub_folder)
         try:
             sess = ort.InferenceSession(
                 self._static_bytes, so, providers=self._providers, provider_options=self._provider_options

@@ -30,8 +30,28 @@ def host_needed(what: str) -> None:
         )
 
 
-def runtime_flags(sp, *, cache: bool = True) -> None:
-    sp.add_argument("--backend", default="onnxruntime", help="inference backend (default: onnxruntime)")
+#: ``--backend``'s help when a command follows :class:`edge.Runtime`'s rule for ``backend=None``
+BACKEND_HELP = (
+    "inference engine: onnxruntime, tflite (LiteRT), or auto (the engine measured fastest here among the model's "
+    "files side by side, M.onnx and M.tflite; measured once, then kept in the engine cache). Default, as "
+    "edge.Runtime(model): the engine of the model file's suffix (.onnx: onnxruntime, .tflite: tflite)"
+)
+
+
+def runtime_flags(sp, *, cache: bool = True, backend: str | None = None, why: str = "") -> None:
+    """``--backend``, ``--threads``, ``--cache`` and ``-q``.
+
+    ``backend=None`` (the default) follows :class:`edge.Runtime`: no device profile here, so the model file's own
+    engine, and ``auto`` when asked. A command that needs one engine passes it as ``backend`` and ``why`` it does.
+    """
+    if backend is None:
+        sp.add_argument("--backend", default=None, help=BACKEND_HELP)
+    elif not why:
+        from edge.errors import ConfigError
+
+        raise ConfigError(f"runtime_flags(backend={backend!r}) needs why: the reason the command pins that engine")
+    else:
+        sp.add_argument("--backend", default=backend, help=f"inference engine (default {backend}: {why})")
     sp.add_argument("--threads", type=int, default=None, help="intra-op threads (default: all cores)")
     if cache:
         sp.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help=f"artifact cache (default {DEFAULT_CACHE})")

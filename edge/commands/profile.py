@@ -26,14 +26,17 @@ def register(sub) -> None:
     p.add_argument(
         "--backend",
         default=None,
-        help="backend, or auto: the engine measured fastest here among the model's files for the profile's "
-        "backends (MODEL.onnx, MODEL.tflite side by side); default: from the model file's suffix",
+        help="engine to profile: onnxruntime or tflite pins one; default auto, what edge.Runtime(MODEL, "
+        "device=NAME) runs with no backend: the engine measured fastest here among MODEL's files for the profile's "
+        "backends (MODEL.onnx, MODEL.tflite side by side), measured once and kept in the engine cache that a "
+        "device reads back, adapters of twin files (exported from the same weights) included",
     )
     p.add_argument(
         "--engine-rounds",
         type=int,
         default=5,
-        help="compare the engines found beside the model in this many interleaved rounds (0: do not compare)",
+        help="with --backend NAME: compare the engines found beside the model in this many interleaved rounds "
+        "(0: do not compare); with auto the report shows the comparison behind the choice",
     )
     p.add_argument("--json", type=Path, help="write the results as JSON here")
     p.add_argument("--md", type=Path, help="write a Markdown summary here")
@@ -66,7 +69,7 @@ def run(args) -> int:
         args.device,
         adapters=args.adapters,
         inputs=args.inputs,
-        backend=args.backend,
+        backend=args.backend or "auto",  # --device is always given: Runtime's rule for no backend with a device
         config=cfg,
         devices_dir=args.devices_dir,
     )

@@ -16,7 +16,8 @@ def register(sub) -> None:
     u.add_argument("--memory-mb", type=float, help="memory budget of the update (default: device profile, or 64)")
     u.add_argument(
         "--device",
-        help="device profile whose budget applies (see `edge devices`); its memory_mb also bounds the samples loaded",
+        help="device profile whose budget applies (see `edge devices`); its memory_mb also bounds the samples "
+        "loaded (budgets only: the engine follows --backend)",
     )
     u.add_argument("--domain", help="where the samples come from; ncm/slda/ranpac keep per-domain prototypes")
     u.add_argument("-o", "--option", action="append", default=[], metavar="KEY=VALUE", help="method option")

@@ -92,6 +92,21 @@ breaks it: not kept. A vote that is distance-aware needs a pool, a whitening, a 
 products, an argmax and the domain lookup; each one-node merge tried costs what it saves. The ratio also
 grows with the machine's load: ``edge bench ood`` gave 5.4 % at load 1.7 (``mlp-in:1``), 6.4 % for
 ``mlp-in:1`` and for ``attn-in:1`` at load 6-11 (BENCHMARKS.md).
+Kernel forms and session options, measured later (``attn-in:1``, batch 1, onnxruntime 1.32.0, paired within
+rounds against the plain run, 80-300 rounds of 30 runs, load 0.3-7.5): the head costs 3.1-3.5 us over a
+58-60 us plain run (+5.0 to +6.5 %) in every form, and two sessions of the same file differ by up to 0.3 us
+(IQR +-0.5): nothing beat that. ArgMax ``select_last_index`` or ``keepdims``, an int32 route table, MatMul+Add
+for either Gemm, the pool's axes as an initializer: within +-0.3 us; no Gather, the column mapped in numpy
+(``table[column]``, 0.07 us): -0.44 to +0.51 us in five runs; pooling by a 1x1 ``Conv`` (weights 1/T) and a
+``Flatten``: 0.08-0.14 us less in a head-only model, -0.44 to +0.49 us in the ViT; opset 17's ReduceMean
+(axes an attribute) against opset 20's (an input): 0.04 us a node. Head matrices of other widths (16 to 96
+columns) cost the same: at batch 1 the head is its six nodes' dispatch, not its arithmetic. Session options
+set on both sessions (head over plain, same rounds; defaults +5.2 to +5.5 %): intra-op spinning off +6.5,
+``dynamic_block_base`` 4 +6.6, ``force_spinning_stop`` +6.4, denormals as zero +5.6, no memory pattern +6.3,
+no CPU arena +6.2, ``ORT_ENABLE_EXTENDED`` +6.0, priority-based order +5.4, one intra-op thread +6.1 (the plain
+run 10 % faster, 53.5 against 59.7 us, the head as dear). :meth:`Runtime.run` adds 1.9 us to both runs alike;
+a second fetched output ~0.1 us. Dropping the ``edge.features`` graph output: -0.1 to -0.5 us (the router
+fetches it while it learns).
 
 Only nodes, graph inputs and outputs are added (constants as ``Constant`` nodes); the
 stored weights are untouched, so the copy keeps the model's fingerprint and every

@@ -20,6 +20,12 @@ BENCHES = {
     "engines": "lab.bench_engines:cli",
 }
 
+#: why benchmarks pin an engine rather than follow ``edge.Runtime``'s default
+BACKEND_WHY = (
+    "a benchmark measures one named engine and writes one section per engine; switch and quantized also take "
+    "tflite; `edge bench engines` compares every engine beside the model and does not read it"
+)
+
 
 def register(sub) -> None:
     b = sub.add_parser("bench", help="benchmarks (JSON to stdout, optional --json and BENCHMARKS.md section)")
@@ -27,7 +33,7 @@ def register(sub) -> None:
     for name, target in BENCHES.items():
         module = importlib.import_module(target.split(":")[0])
         sp = bsub.add_parser(name, help=(module.__doc__ or "").strip().splitlines()[0])
-        runtime_flags(sp)
+        runtime_flags(sp, backend="onnxruntime", why=BACKEND_WHY)
         sp.add_argument("--json", type=Path, help="write the JSON here")
         sp.add_argument("--md", type=Path, help="update this Markdown file's section (e.g. BENCHMARKS.md)")
         module.add_arguments(sp)

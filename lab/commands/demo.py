@@ -20,7 +20,10 @@ def register(sub) -> None:
     )
     d.add_argument("--json", type=Path, help="write the results as JSON here")
     d.add_argument(
-        "--stream", action="store_true", help="drifting stream: OOD detection, routing and growing a new adaptor"
+        "--stream",
+        action="store_true",
+        help="drifting stream: OOD detection, routing and growing a new adaptor (on onnxruntime, the default here: "
+        "its feature taps and detector head are edits of the ONNX graph)",
     )
     d.add_argument("--grow-device", help="with --stream: device profile whose budgets the grown adaptor must fit")
     d.add_argument(
@@ -46,6 +49,8 @@ def run(args) -> int:
     if args.stream:
         from lab.stream import cli
 
+        if args.backend is None:  # taps edit the ONNX graph: the stream runs where that graph runs (--backend says so)
+            args.backend = "onnxruntime"
         return cli(args)
     from edge.format.io import write_json
     from lab.datasets import load_domains

@@ -179,15 +179,17 @@ def test_cli_writes_reports(tmp_path, capsys):
     data = json.loads((tmp_path / "p.json").read_text())
     assert data["format"] == "edge.profiling" and data["latency_ms"]["n"] == 3
     assert (tmp_path / "p.md").read_text() == format_markdown(data)
-    # the golden .tflite beside it is another model (its own name): the report says so, and nothing was compared
+    # by default what Runtime(model, device=...) runs (auto); the golden .tflite beside it is another model (its
+    # own name): the report says so, and the .onnx is the only engine, chosen without measuring
     why = "tiny-mlp-v1.tflite is another model than tiny-mlp-v1.onnx (its name differs)"
-    assert data["engines"] == {"comparison": None, "skipped": {"tflite": why}, "choice": None}
+    only = {"backend": "onnxruntime", "path": str(MODEL), "reason": "onnxruntime: the only engine that can run it here"}
+    assert data["backend"] == "onnxruntime"
+    assert data["engines"] == {"comparison": None, "skipped": {"tflite": why}, "choice": only}
     assert f"- tflite not compared: {why}" in (tmp_path / "p.md").read_text()
-    argv += ["--engine-rounds", "0", "--backend", "auto"]
+    argv += ["--engine-rounds", "0", "--backend", "onnxruntime"]
     assert main(argv) == 0
     data = json.loads((tmp_path / "p.json").read_text())
-    assert data["backend"] == "onnxruntime"
-    assert data["engines"]["choice"]["reason"] == "onnxruntime: the only engine that can run it here"
+    assert data["backend"] == "onnxruntime" and data["engines"] is None  # pinned, and no comparison asked for
 
 
 PROFILE_NO_TORCH = (
