@@ -23,7 +23,8 @@ from pathlib import Path
 import numpy as np
 
 from edge.engines import format_engines, runtime_version
-from edge.errors import ConfigError
+from edge.errors import AdapterMismatchError, ConfigError
+from edge.format.adapter import inspect_adapter
 from edge.format.feeds import generate_inputs
 from edge.format.samples import read_npz
 from edge.machine import load_average, machine, peak_rss_mb, status_mb
@@ -70,8 +71,10 @@ def profile_model(
     """Measure ``model`` under ``device`` (profile name, YAML path or DeviceProfile); returns a JSON-able dict.
 
     ``backend="auto"``: what ``Runtime(model, device=device)`` runs, the engine :func:`~edge.engine_cache.cached_engine`
-    chose (measured before the timed load, kept for the device) with its twins' adapters. A backend named (default:
-    the file's suffix) runs alone and the engines beside it are compared (``result["engines"]``, ``engine_report``).
+    chose (measured before the timed load on generated inputs, kept for the device; ``inputs`` and
+    ``config.engine_rounds`` do not change it) with its twins' adapters; an adapter that fits neither raises before
+    any timing. A backend named (default: the file's suffix) runs alone and the engines beside it are compared
+    (``result["engines"]``, ``engine_report``).
     """
     from edge.devices import load_profile
     from edge.engine_cache import cached_engine
@@ -90,8 +93,7 @@ def profile_model(
     if backend == "auto":  # measured here before the timed load; Runtime below reads the choice back as a device does
         cached_engine(model, device=profile)
     else:
-        backend = backend or _backend_for(model)
-        profile.backend_options(backend)  # raises per the profile's fallback policy, before anything loads
+        backend = backend or _backend_for(model)  # Runtime applies the profile's fallback policy to it
 
     rss_before = status_mb("VmRSS")
     t0 = time.perf_counter()
@@ -109,6 +111,10 @@ def profile_model(
         options = profile.backend_options(backend)  # what the report says ran (Runtime applied the same)
         feeds, input_source = _feeds(asked, rt.info.inputs, inputs, config)
         feeds = feeds_for(EngineFile(backend, model), feeds) if chosen else feeds  # e.g. int32 ids for LiteRT
+        fits = rt.info.fits
+        if chosen and (stray := [str(a) for a in adapters if inspect_adapter(a)["base_fingerprint"] not in fits]):
+            hint = f"--backend {_backend_for(asked)} profiles {asked.name} itself"
+            raise AdapterMismatchError(f"adapter(s) {stray} do not fit {model.name}, chosen by auto: {hint}")
         t0 = time.perf_counter()
         reference = rt.run(feeds)
         first_ms = _ms(t0)

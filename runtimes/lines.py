@@ -256,7 +256,7 @@ def fold_narrow(writes: Sequence[tuple[np.ndarray, list]]) -> list[tuple[np.ndar
                     continue
                 if size > 1:  # an entry's bytes, in order: positions stay strictly increasing
                     pos = (pos[:, None] * size + np.arange(size)).reshape(-1)
-                folded.append((at + off * size, pos, np.ascontiguousarray(val).view(np.uint8)))
+                folded.append((at + off * size, pos, np.ascontiguousarray(val, arena.dtype).view(np.uint8)))
         out.append((whole, folded))
     return out
 

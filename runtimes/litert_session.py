@@ -98,10 +98,6 @@ class Session:
                 return out
         return self._checked(feeds if check is None else check(feeds), fetch, slots)
 
-    def zeros(self) -> dict[str, np.ndarray]:
-        """Zero feeds of the model's inputs at their allocated shapes and types (what a load-time measurement runs)."""
-        return {name: np.zeros(self.shapes[name], dtype) for name, _, dtype in self._plan}
-
     def _fetch_plan(self, names) -> tuple:
         try:
             fetch = tuple((k, self.index[k]) for k in names)

@@ -25,9 +25,9 @@ path, the file is never held whole) and only the graph without them, a few hundr
 sessions are built from that weight-less graph. Cold start: ``hybrid`` builds its prepacked session in the
 constructing thread and serves from it; one background thread, started before that build (right after it, the
 session's intra-op threads spin and a thread started then waited 2 ms p50 for a core at load 3), builds the
-bound session (needed from the first switch on) once the first inference or write asks, then runs the rebuilds.
-onnxruntime 1.32 releases the GIL while building a session (a Python thread kept running throughout), so that
-build does not hold up the caller. Digits ViT (0.3 MB of weights; ``edge bench memory``, 16 rounds, load 2.8):
+bound session (needed from the first switch on) once the first inference has returned or a write asks (a
+build holds the GIL at times: README, caveat of ``hybrid``), then runs the rebuilds. Digits ViT (0.3 MB of
+weights; ``edge bench memory``, 16 rounds, load 2.8):
 ready 1.18x the plain session's, main-thread CPU 1.27x (+2.5 ms: the graph parsed once, the arena, the
 fingerprint, ``Runtime``'s checks). Memory: ``hybrid`` holds two sessions, and onnxruntime's own share of each is
 about 1 MB on tiny models (graph, kernels, plans, arena, intra-op thread) whatever the weights weigh, so under a
@@ -345,10 +345,11 @@ class OrtBackend(ArenaBackend):
         ort = self._ort
         if go is not None:
             go.wait()
-            if self._closed:
+            if not self._closed:
+                time.sleep(self._rebuild_delay)
+            if self._closed:  # closed before or during the pause: no build for a backend going away
                 self._bound_ready.set()
                 return
-            time.sleep(self._rebuild_delay)
         try:
             sess = ort.InferenceSession(
                 model, self._session_options(), providers=self._providers, provider_options=self._provider_options

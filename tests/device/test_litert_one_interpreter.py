@@ -40,7 +40,7 @@ def test_hybrid_without_xnnpack_is_one_built_in_interpreter(tmp_path):
         _switch_is_exact(rt, path, info)
 
 
-def test_other_strategies_measure_nothing(tmp_path):
+def test_other_strategies_run_as_asked(tmp_path):
     path = tmp_path / "m.tflite"
     _tiny_tflite.make_mlp(path)
     for strategy in ("rebuild", "builtin"):
@@ -52,9 +52,6 @@ def test_session_returns_every_output_asked_in_order(tmp_path):
     path = tmp_path / "m.tflite"
     _tiny_tflite.make_mlp(path)
     with Runtime(path, backend="tflite", strategy="hybrid") as rt:
-        sess = rt.backend._serving()
-        zeros = sess.zeros()
-        assert list(zeros) == ["x"] and zeros["x"].shape == (1, 10) and not zeros["x"].any()
         out = rt.run({"x": X})
         assert list(out) == ["logits"] and out["logits"].shape == (1, 2)
         # the per-call loop hands back a fresh array each call, not a view of the interpreter's buffer

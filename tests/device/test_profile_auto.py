@@ -81,3 +81,18 @@ def test_the_cli_default_is_auto(tmp_path, monkeypatch):
     assert main([*argv, "--backend", "onnxruntime"]) == 0  # pinned: that engine, the engines compared beside it
     data = json.loads((tmp_path / "p.json").read_text())
     assert data["backend"] == "onnxruntime" and data["engines"]["comparison"]["reference"] == "onnxruntime"
+
+
+def test_an_adapter_that_fits_neither_the_choice_nor_its_twins_is_refused_before_timing(tmp_path, monkeypatch):
+    """Files without a common source fingerprint are no twins: auto runs the .tflite, so an adapter for the .onnx
+    cannot load there, and the error names the flag that profiles the file asked for."""
+    import edge.profiling as prof
+
+    _twins(tmp_path, monkeypatch, "tflite")
+    _tiny_tflite.make_mlp(tmp_path / "m.tflite", seed=3)  # the same outputs, but no source fingerprints: exports
+    onnx_info = _tiny.make_mlp(tmp_path / "m.onnx", seed=3)  # that predate them are no twins of anything
+    adapter = _tiny.random_adapter(onnx_info, seed=5, name="for-the-onnx").save(tmp_path / "a.safetensors")
+    monkeypatch.setattr(prof, "_profile_adapter", lambda *a: pytest.fail("timed an adapter that does not fit"))
+    with pytest.raises(AdapterMismatchError, match="--backend onnxruntime profiles m.onnx itself"):
+        profile_model(tmp_path / "m.onnx", "x86-dev", adapters=[adapter], backend="auto", config=FAST)
+    assert profile_model(tmp_path / "m.onnx", "x86-dev", backend="auto", config=FAST)["backend"] == "tflite"

@@ -81,15 +81,16 @@ def test_an_export_without_source_fingerprint_is_made_again_and_keeps_its_adapte
     assert prepare_demo(cache, cfg, progress=False).info == info  # current now: read, not exported again
 
 
-def test_a_reexport_storing_other_tensors_keeps_the_cached_file(built, no_training):
+def test_a_reexport_storing_other_tensors_keeps_the_cached_file(built, no_training, caplog):
     from lab.pipeline import prepare_demo
 
     cache, cfg, art = built
     _rewrite_info(art.model, source_fingerprint=None, fingerprint="sha256:" + "0" * 32)
     old = art.model.read_bytes()
-    with pytest.raises(ConfigError, match="stores other tensors .* the cached file is kept"):
-        prepare_demo(cache, cfg, progress=False)
-    assert art.model.read_bytes() == old
+    with caplog.at_level("WARNING", logger="lab.demo"):
+        kept = prepare_demo(cache, cfg, progress=False)
+    assert "stores other tensors" in caplog.text and "the cached file is kept" in caplog.text
+    assert art.model.read_bytes() == old and kept.info.fingerprint == "sha256:" + "0" * 32
     assert not list(art.model.parent.glob(".encoder.reexport*"))
 
 
