@@ -36,6 +36,7 @@ import numpy as np
 from edge.errors import ConfigError
 from edge.machine import load_average, p50
 from edge.runtime import Runtime
+from lab.bench_masks_budget import parse_epochs_grid, select_budget
 from lab.bench_masks_report import goals, markdown, summary
 from lab.bench_masks_train import EPOCHS, LRS, VAL_FRACTION, select_and_train, training_key
 
@@ -60,7 +61,9 @@ DEFAULT_KINDS = (
     "block16-snip",
     "rows-wm",
 )
-DEFAULT_SEEDS = (0, 1, 2)
+#: five seeds: per-seed gaps between kinds spread by 0.6-1.6 points (sd) on the demo domains, so three seeds cannot
+#: resolve the 1-point goal (a helper's runs, 2026-11-30: block4-wm's gap 1.3 on seeds 0-2, 0.4 on seeds 0-4)
+DEFAULT_SEEDS = (0, 1, 2, 3, 4)
 
 
 def bench_masks(
@@ -75,11 +78,14 @@ def bench_masks(
     threads: int | None = None,
     workers: int = 1,
     progress: bool = True,
+    epochs_grid: tuple[int, ...] | None = None,
 ) -> dict:
     """Accuracy, runs per entry and switch times of each mask kind on the digits demo (see the module doc).
 
     ``epochs`` is every kind's budget and :data:`lab.bench_masks_train.LRS` every kind's choice of learning
     rates (the same for all, so the comparison stays fair); ``workers`` processes train what is not cached.
+    ``epochs_grid`` (opt-in, replaces ``epochs``) lets each kind choose its epochs too, by the same rule for
+    every kind (:func:`lab.bench_masks_budget.choose_budget`).
     """
     if epochs < 1:
         raise ConfigError(f"epochs must be >= 1; got {epochs}")
@@ -89,11 +95,21 @@ def bench_masks(
     cfg = DemoConfig()
     checkpoint = prepare_demo(cache, cfg, progress=progress).model.parent / "encoder.safetensors"
     domains = load_domains(cfg.domains, seed=cfg.seed)
-    store = Path(cache) / f"masks-{training_key(cfg, checkpoint, epochs)}"
-    model_path = _export(checkpoint, store, domains["clean"].x_test[:4], progress)
-    paths, chosen = select_and_train(
-        checkpoint, model_path, cfg, store, kinds, density, seeds, epochs, workers=workers, progress=progress
-    )
+    example = domains["clean"].x_test[:4]
+    if epochs_grid:
+
+        def export(store: Path) -> Path:
+            return _export(checkpoint, store, example, progress)
+
+        model_path, paths, chosen = select_budget(
+            checkpoint, cfg, Path(cache), export, kinds, density, seeds, epochs_grid, workers=workers, progress=progress
+        )
+    else:
+        store = Path(cache) / f"masks-{training_key(cfg, checkpoint, epochs)}"
+        model_path = _export(checkpoint, store, example, progress)
+        paths, chosen = select_and_train(
+            checkpoint, model_path, cfg, store, kinds, density, seeds, epochs, workers=workers, progress=progress
+        )
 
     rt = Runtime(model_path, strategy="bound", threads=threads)
     base_acc = {d: _accuracy(rt, domains[d]) for d in cfg.domains}
@@ -123,7 +139,8 @@ def bench_masks(
     return {
         "model": info.name,
         "density": density,
-        "epochs": epochs,
+        "epochs": epochs if not epochs_grid else "/".join(map(str, epochs_grid)) + " (each kind's choice)",
+        **({"epochs_grid": list(epochs_grid)} if epochs_grid else {}),
         "lr_grid": list(LRS),
         "val_fraction": VAL_FRACTION,
         "seeds": list(seeds),
@@ -348,6 +365,12 @@ def add_arguments(sp) -> None:
     )
     sp.add_argument("--epochs", type=int, default=EPOCHS, help="training epochs, the same for every kind (default 30)")
     sp.add_argument(
+        "--epochs-grid",
+        type=parse_epochs_grid,
+        default=None,
+        help="opt-in, e.g. 30,60: each kind chooses its epochs with its rate on held-out data (replaces --epochs)",
+    )
+    sp.add_argument(
         "--workers",
         type=int,
         default=min(2, os.cpu_count() or 1),
@@ -372,6 +395,8 @@ def cli(args) -> int:
     unknown = [k for k in args.kinds if k not in MASKS]
     if unknown:
         raise EdgeError(f"unknown mask kind(s) {unknown}; registered: {sorted(MASKS)}")
+    if args.epochs_grid and args.epochs != EPOCHS:
+        raise EdgeError(f"--epochs-grid replaces --epochs; got both ({args.epochs_grid} and {args.epochs})")
     out = bench_masks(
         args.cache,
         kinds=tuple(args.kinds),
@@ -382,6 +407,7 @@ def cli(args) -> int:
         threads=args.threads,
         workers=args.workers,
         progress=not args.quiet,
+        epochs_grid=args.epochs_grid,
     )
     if args.no_minilm:
         out["minilm"] = {"skipped": "--no-minilm"}

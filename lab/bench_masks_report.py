@@ -103,9 +103,26 @@ def _default_line(r: dict) -> list[str]:
     return ["", f"Default mask (`exporters.shira.make_masks`, the demo's `DemoConfig.mask`) `{default}`: {where}."]
 
 
+def _at_epochs(v: dict) -> str:
+    """`` @60`` after a kind's rate when it chose its epochs too (--epochs-grid), else nothing."""
+    return f" @{v['epochs']}" if "epochs" in v else ""
+
+
 def _lr_line(r: dict) -> str:
     """How each kind's learning rate was chosen, and each kind's validation accuracy per rate."""
     grid = " / ".join(f"{lr:g}" for lr in r["lr_grid"])
+    if "epochs_grid" in r:  # opt-in (--epochs-grid): each kind chose its epochs with its rate
+        return (
+            f"Learning rate and epochs (column lr): each kind's best pair of {grid} x "
+            f"{' / '.join(map(str, r['epochs_grid']))} epochs by mean accuracy over the domains on "
+            f"{r['val_fraction']:.0%} of each domain's training data held out (stratified, the same images for every "
+            f"kind), trained on the rest with seed {r['seeds'][0]}; the adapters tested here are then trained on all "
+            "of the training data at that pair. Validation accuracy per rate@epochs: "
+            + "; ".join(
+                f"{k} " + " / ".join(f"{p} {a:.3f}" for p, a in v["val_acc"].items()) for k, v in r["kinds"].items()
+            )
+            + "."
+        )
     return (
         f"Learning rate (column lr): each kind's best of {grid} by mean accuracy over the domains on "
         f"{r['val_fraction']:.0%} of each domain's training data held out (stratified, the same images for every "
@@ -142,7 +159,7 @@ def markdown(result: dict) -> str:
         bound = v["strategies"]["bound"]
         gap = f"{gaps[kind]:.1f}" if kind in gaps else "-"
         lines.append(
-            f"| {kind} | {v['lr']:g} | {v['mean_acc']:.3f} | "
+            f"| {kind} | {v['lr']:g}{_at_epochs(v)} | {v['mean_acc']:.3f} | "
             + " | ".join(f"{v['acc'][d]:.3f}" for d in domains)
             + f" | {gap} | {_spread(v)} | {_seed_gaps(s.get('seed_gap_points', {}).get(kind))} | "
             f"{v['runs_per_entry']:.3f} | {v['switch_ms_p50']:.3f} | {v['switch_ms_p99']:.3f} | "
