@@ -296,10 +296,11 @@ class Runtime:
         with self._lock:
             self._check_open()
             p = self._adapters.get(spec) if type(spec) is str else None  # the common case: one lookup
+            if p is None and len(target) == 1 and next(iter(target.values())) == 1.0:  # e.g. {"a": 1.0}
+                p = self._adapters.get(next(iter(target)))
             if p is None and (unknown := [n for n in target if n not in self._adapters]):
                 raise ConfigError(f"adapter(s) {unknown} are not loaded; loaded: {sorted(self._adapters) or 'none'}")
-            if fast := p is not None or (len(target) == 1 and next(iter(target.values())) == 1.0):  # prepared at load
-                p = p or self._adapters[next(iter(target))]
+            if fast := p is not None:  # one adapter at weight 1: its writes were prepared at load
                 apply, restore, touched, clipped = p.apply, p.restore, p.touched, p.clipped
             elif not target:  # the base model: only the undo of the current state is written
                 apply, restore, touched, clipped = self._empty, self._empty, {}, 0

@@ -216,14 +216,13 @@ class OrtBackend(ArenaBackend):
         self._bound = self._binding = None
         self._bound_fetch: tuple[str, ...] = ()  # the outputs bound on self._binding, in order
         self._bound_ready = threading.Event()  # the bound session exists (or failed: _bound_error)
-        self._bound_error, self._bound_builder, self._bound_asked = None, None, strategy != "hybrid"
+        self._bound_error, self._bound_asked = None, strategy != "hybrid"
         if strategy == "hybrid":  # cold start: serve prepacked; one background thread builds the bound session (for
             # switches) after the first inference (or at the first write), then runs the rebuilds. Started before the
             # prepacked build: right after it, that session's intra-op threads spin and a new thread waits for a core
             self._go_bound = threading.Event()
             self._bound_model = bound_bytes
-            self._start_rebuilds("edge-ort-hybrid")
-            self._bound_builder = self._rebuilder
+            self._start_rebuilds("edge-ort-hybrid")  # self._rebuilder: it builds the bound session too
         if strategy in ("rebuild", "hybrid"):
             try:
                 self._static, self._static_gen = self._build_fresh(), 0
@@ -304,7 +303,7 @@ class OrtBackend(ArenaBackend):
 
     def _start_bound(self) -> None:
         self._bound_asked = True  # run() asks once: set() takes a lock and notifies
-        if self._bound_builder is not None and not self._go_bound.is_set():
+        if self._rebuilder is not None and not self._go_bound.is_set():
             self._go_bound.set()
 
     def close(self) -> None:
@@ -359,14 +358,14 @@ class OrtBackend(ArenaBackend):
             for k, v in self._bound_values.items():
                 binding.bind_ortvalue_input(k, v)
         except Exception as e:
-            if threading.current_thread() is not self._bound_builder:
+            if threading.current_thread() is not self._rebuilder:
                 raise
             log.exception("building the bound session failed; switches of constant weights cannot be served")
             self._bound_error = e
         else:
             self._bound, self._binding = sess, binding
             trim_heap()
-            if threading.current_thread() is self._bound_builder:
+            if threading.current_thread() is self._rebuilder:
                 self._measure()
         finally:
             self._bound_ready.set()

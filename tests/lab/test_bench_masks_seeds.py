@@ -1,4 +1,5 @@
-"""edge bench masks: per-seed accuracies, gaps paired by training seed, and a met that one seed misses."""
+"""edge bench masks' report: per-seed accuracies, gaps paired by training seed, a met that one seed misses, and
+each kind's epochs when ``--epochs-grid`` chose them."""
 
 from __future__ import annotations
 
@@ -112,3 +113,40 @@ def test_the_report_says_where_the_default_mask_stands():
     assert "`random`: the best unstructured kind." in markdown(r)
     r["default_mask"] = "snip"
     assert "Default mask `snip`: not measured in this run." in markdown(r)
+
+
+def test_markdown_names_each_kinds_epochs_only_when_they_were_chosen():
+    from lab import bench_masks
+
+    timing = bench_masks.switch_figures([(0.01, 0, 0, 0)] * 100)
+    kinds = {
+        kind: {
+            "lr": lr,
+            "epochs": epochs,
+            "val_acc": {"0.06@30": acc - 0.01, "0.06@60": acc},
+            "mean_acc": acc,
+            "acc": {"rotate": acc},
+            "entries": 672,
+            "runs_per_entry": 1.0,
+            "switch_vs_lora_x": 1.0,
+            "strategies": {"hybrid": timing, "bound": timing},
+            **timing,
+        }
+        for kind, acc, lr, epochs in (("wm", 0.85, 0.06, 60), ("block4-wm", 0.832, 0.06, 30))
+    }
+    r = {
+        **_result(kinds),
+        "epochs": "30/60 (each kind's choice)",
+        "epochs_grid": [30, 60],
+        "seeds": [0],
+        "switch_pair": ["rotate", "rotate"],
+    }
+    md = markdown(r)
+    assert "2 mask kinds at density 1%, 30/60 (each kind's choice) epochs" in md
+    assert "each kind's best pair of 0.03 / 0.06 / 0.1 x 30 / 60 epochs" in md
+    assert "wm 0.06@30 0.840 / 0.06@60 0.850; block4-wm 0.06@30 0.822 / 0.06@60 0.832." in md
+    assert "| wm | 0.06 @60 | 0.850 |" in md and "| block4-wm | 0.06 @30 | 0.832 |" in md
+    for v in kinds.values():  # the default run records no epochs per kind: its rows keep the rate alone
+        del v["epochs"]
+    del r["epochs_grid"]
+    assert "| wm | 0.06 | 0.850 |" in markdown(r)
