@@ -28,7 +28,7 @@ from edge.errors import ConfigError, SaturationError
 from edge.format.adapter import Adapter, DenseDelta
 from edge.format.modelinfo import QUANT_DTYPES
 
-__all__ = ["Fused", "SaturationError", "check_finite", "fuse", "merge_weights", "merged", "normalise"]
+__all__ = ["Fused", "SaturationError", "check_finite", "fuse", "merge_weights", "merged", "normalise", "same_positions"]
 
 
 @dataclass(frozen=True)
@@ -75,6 +75,19 @@ def fuse(parts: Mapping[str, list[tuple[np.ndarray, np.ndarray, np.ndarray]]], *
         values[tname], n = merged(tname, base, acc, clip=clip, what=what)
         clipped += n
     return Fused(touched, values, clipped)
+
+
+def same_positions(index: Mapping[str, np.ndarray], others: Iterable) -> object | None:
+    """The first of ``others`` (prepared adapters, each with an ``index``: stored tensor -> sorted positions) that
+    writes exactly the entries ``index`` writes, or ``None``. Adapters on one mask (SHiRA-WM's, a function of the
+    base weights alone, is the same for every adapter of a model) share their base values and their undo, and a
+    switch between two of them is one pass: the new values overwrite every entry the old adapter wrote."""
+    for other in others:
+        o = other.index
+        if o.keys() == index.keys() and all(o[t].size == index[t].size for t in index):
+            if all(o[t] is index[t] or np.array_equal(o[t], index[t]) for t in index):
+                return other
+    return None
 
 
 def check_finite(values: Mapping[str, np.ndarray], what: str) -> None:

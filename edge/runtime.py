@@ -32,7 +32,7 @@ from edge.format.feeds import FeedChecker, input_specs, names_only
 from edge.format.io import read_bounded
 from edge.format.modelinfo import ModelInfo
 from edge.format.signing import SignaturePolicy
-from edge.fusion import SaturationError, check_finite, fuse, merge_weights, merged, normalise
+from edge.fusion import SaturationError, check_finite, fuse, merge_weights, merged, normalise, same_positions
 
 __all__ = ["Runtime", "RuntimeClosedError", "SaturationError", "merge_weights"]
 
@@ -54,6 +54,7 @@ class _Prepared:
     restore: object  # backend-prepared write of the base values (undo)
     touched: Mapping[str, tuple[np.ndarray, np.ndarray]]  # stored tensor -> (index, base): what a switch records
     clipped: int = 0  # entries of a quantized base clipped to the integer range by ``apply`` (load_adapter(clip=True))
+    layout: object = None  # shared by the adapters that write the same entries (edge.fusion.same_positions)
 
 
 class Runtime:
@@ -141,6 +142,7 @@ class Runtime:
         self._adapters: dict[str, _Prepared] = {}
         self._active: dict[str, float] = {}
         self._touched: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # stored -> (positions, base values)
+        self._layout: object = None  # the active single adapter's layout: switching to its like needs no undo
         self._restore: object = self.backend.prepare([])  # undoes the current state (at first: writes nothing)
         self._empty, self.clipped = self._restore, 0  # clipped: entries of a quantized base clipped to the range now
         self._lock = threading.Lock()
@@ -219,15 +221,16 @@ class Runtime:
         with self._lock:
             self._check_open()
             self._check_not_active(name)
-        prepared = self._prepare(adapter, name, index, delta, clip)  # takes the lock only in short steps
+            twin = same_positions(index, list(self._adapters.values()))
+        prepared = self._prepare(adapter, name, index, delta, clip, twin)  # takes the lock only in short steps
         with self._lock:
             self._check_open()
             self._check_not_active(name)
             self._adapters[name] = prepared
         return name
 
-    def _prepare(self, adapter: Adapter, name: str, index, delta, clip: bool) -> _Prepared:
-        """The base values at the adapter's positions and its two prepared writes.
+    def _prepare(self, adapter: Adapter, name: str, index, delta, clip: bool, twin: _Prepared | None) -> _Prepared:
+        """The base values at the adapter's positions and its two prepared writes (``twin``'s, if any, shared).
 
         A base value does not depend on what is switched in (``_base_at`` undoes the active
         adapters), so it is read in steps of ``_BASE_CHUNK`` entries, each under the lock, and a
@@ -235,10 +238,12 @@ class Runtime:
         """
         from runtimes import WeightWrite
 
-        base, new, clipped = {}, {}, 0
+        base, new, clipped = {} if twin is None else dict(twin.base), {}, 0
+        index.update({} if twin is None else twin.index)  # one copy of the positions
         for tname, pos in index.items():
-            base[tname] = np.empty(pos.shape, self.backend.read(tname).dtype)
-            for i in range(0, pos.size, _BASE_CHUNK):  # each step a consistent read: switches go on between them
+            if twin is None:
+                base[tname] = np.empty(pos.shape, self.backend.read(tname).dtype)
+            for i in range(0, pos.size if twin is None else 0, _BASE_CHUNK):  # each step a consistent read
                 with self._lock:
                     self._check_open()
                     base[tname][i : i + _BASE_CHUNK] = self._base_at(tname, pos[i : i + _BASE_CHUNK])
@@ -252,9 +257,11 @@ class Runtime:
         if clipped:
             log.warning("adapter %r clips %d entries of the quantized weights to the integer range", name, clipped)
         apply = self.backend.prepare([WeightWrite(t, index[t], new[t]) for t in index])
+        if twin is not None:
+            return _Prepared(adapter, index, delta, base, apply, twin.restore, twin.touched, clipped, twin.layout)
         restore = self.backend.prepare([WeightWrite(t, index[t], base[t]) for t in index])
         touched = {t: (index[t], base[t]) for t in index}
-        return _Prepared(adapter, index, delta, base, apply, restore, touched, clipped)
+        return _Prepared(adapter, index, delta, base, apply, restore, touched, clipped, object())
 
     def _check_not_active(self, name: str) -> None:
         if name in self._active:
@@ -312,8 +319,10 @@ class Runtime:
                 touched, clipped = f.touched, f.clipped
                 apply = self.backend.prepare([WeightWrite(t, touched[t][0], v) for t, v in f.values.items()])
                 restore = self.backend.prepare([WeightWrite(t, pos, b) for t, (pos, b) in touched.items()])
-            self.backend.write(self._restore, apply, *(() if head_write is None else (head_write,)))
+            undo = self._empty if fast and p.layout is self._layout else self._restore  # all its entries rewritten
+            self.backend.write(undo, apply, *(() if head_write is None else (head_write,)))
             self._restore, self._touched, self._active, self.clipped = restore, touched, target, clipped
+            self._layout = p.layout if fast else None
         if clipped and not fast:  # a single adapter's clipping was reported when it loaded
             log.warning("fusing %s clipped %d entries of the quantized weights to the integer range", target, clipped)
 

@@ -16,8 +16,12 @@ that seed: a gap within the goal on the mean but not on every seed is within see
 the number of contiguous runs the entries make in the stored tensors (per entry: 1.0 is
 fully scattered, 1/16 whole cache lines), and the switch A->B between two domains' adapters
 (p50, p99) for ``bound`` and the default strategy, against LoRA fusion ``W += B @ A`` of
-the same trainable count (``lab.bench_switch``'s reference). A MiniLM-sized variant
-times random masks of each unit (no accuracy). Each timed switch records, on its own
+the same trainable count (``lab.bench_switch``'s reference), and whether the two adapters
+write the same positions (wm kinds: one mask per model, so the runtime switches them in one
+pass). On MiniLM (timing only, no accuracy), per unit, two adapters on their own random
+masks and two on the one wm-family mask scored on MiniLM's stored weights
+(:mod:`lab.bench_masks_minilm`), kinds interleaved within rounds; the goals judge each
+unit's best kind (:mod:`lab.bench_masks_report`). Each timed switch records, on its own
 thread, cyclic collections, minor page faults and involuntary context switches, so the
 report says where the slow switches (over 3x p50) come from.
 """
@@ -34,9 +38,11 @@ from pathlib import Path
 import numpy as np
 
 from edge.errors import ConfigError
+from edge.format.adapter import load_adapter
 from edge.machine import load_average, p50
 from edge.runtime import Runtime
 from lab.bench_masks_budget import parse_epochs_grid, select_budget
+from lab.bench_masks_minilm import same_positions
 from lab.bench_masks_report import goals, markdown, summary
 from lab.bench_masks_train import EPOCHS, LRS, VAL_FRACTION, select_and_train, training_key
 
@@ -74,7 +80,7 @@ def bench_masks(
     seeds=DEFAULT_SEEDS,
     epochs: int = EPOCHS,
     switches: int = 200,
-    rounds: int = 5,
+    rounds: int = 10,
     threads: int | None = None,
     workers: int = 1,
     progress: bool = True,
@@ -134,8 +140,11 @@ def bench_masks(
 
     a, b = cfg.domains[0], cfg.domains[1]
     pairs = {k: (paths[k, seeds[0], a], paths[k, seeds[0], b]) for k in kinds}
-    timing, default_strategy = _switch_times(model_path, pairs, switches, rounds, threads)
-    lora_ms, lora_rank = _with_timing(per_kind, timing, default_strategy, base, density, info)
+    for k, (pa, pb) in pairs.items():  # wm kinds: one mask per model, the same for every domain
+        per_kind[k]["same_positions"] = same_positions(load_adapter(pa), load_adapter(pb))
+    lora_ms, lora_rank, default_strategy = _timed(
+        model_path, pairs, per_kind, switches, rounds, threads, base, density, info
+    )
     return {
         "model": info.name,
         "density": density,
@@ -159,14 +168,15 @@ def bench_masks(
 
 
 def bench_masks_minilm(
-    cache: Path, *, density: float = 0.01, switches: int = 200, rounds: int = 5, threads=None, quiet=False
+    cache: Path, *, density: float = 0.01, switches: int = 200, rounds: int = 10, threads=None, quiet=False
 ) -> dict:
-    """Switch times of random masks of each unit on MiniLM's weights (timing only, no training).
+    """Switch times on MiniLM's weights, per unit, of random masks and of the wm-family mask (timing only).
 
+    Per unit, A and B on their own random masks (different positions) and on the one wm mask scored on
+    MiniLM's stored base weights (same positions, different values): :mod:`lab.bench_masks_minilm`.
     200 timed switches per kind and strategy: the p99 of 40 (as before) is the largest but one.
     """
-    from edge.format.adapter import Adapter, SparseDelta
-    from exporters.masks import random_structured, stored_runs
+    from lab.bench_masks_minilm import minilm_pairs
     from lab.bench_switch import bench_model
     from lab.benchmarks import default_targets
 
@@ -174,32 +184,16 @@ def bench_masks_minilm(
     path, feeds = bench_model("minilm", cache, quiet)
     rt = Runtime(path, strategy="bound", threads=threads)
     info = rt.info
-    names = default_targets(info)
-    base = {t: rt.weights(t) for t in names}
+    base = {t: rt.weights(t) for t in default_targets(info)}
     rt.close()
-    adapters, per_kind = {}, {}
-    for unit in (None, "block4", "block16", "rows"):
-        kind = "random" if unit is None else f"{unit}-random"
-        pair = []
-        runs = nnz = 0
-        for seed, label in ((1, "A"), (2, "B")):
-            rng = np.random.default_rng([seed, len(kind)])
-            tensors, shapes = {}, {}
-            for t in names:
-                ti = info.tensors[t]
-                idx = random_structured(ti.shape, ti.transposed, density, unit, rng)
-                tensors[t] = SparseDelta(idx.astype(np.int32), (rng.standard_normal(idx.shape[1]) * 1e-2).astype("f4"))
-                shapes[t] = tuple(ti.shape)
-                runs, nnz = runs + stored_runs(idx, ti.shape, ti.transposed), nnz + idx.shape[1]
-            pair.append(Adapter(f"{kind}:{label}", info.fingerprint, tensors, shapes, info={"mask": kind}))
-        adapters[kind] = tuple(pair)
-        per_kind[kind] = {"structured": unit is not None, "entries": nnz // 2, "runs_per_entry": runs / nnz}
-    timing, default_strategy = _switch_times(path, adapters, switches, rounds, threads, feeds=feeds)
-    lora_ms, lora_rank = _with_timing(per_kind, timing, default_strategy, base, density, info)
+    adapters, per_kind = minilm_pairs(info, base, density)
+    lora_ms, lora_rank, default_strategy = _timed(
+        path, adapters, per_kind, switches, rounds, threads, base, density, info, feeds
+    )
     return {
         "model": info.name,
         "density": density,
-        "targets": len(names),
+        "targets": len(base),
         "lora_fuse_ms_p50": lora_ms,
         "lora_rank": lora_rank,
         "default_strategy": default_strategy,
@@ -235,8 +229,6 @@ def _export(checkpoint: Path, store: Path, example: np.ndarray, progress: bool) 
 
 
 def _adapter_targets(path: Path) -> list[str]:
-    from edge.format.adapter import load_adapter
-
     return list(load_adapter(path).tensors)
 
 
@@ -265,13 +257,17 @@ def _runs(info, adapters) -> tuple[int, int]:
     return runs, nnz
 
 
-def _switch_times(model: Path, pairs: dict, switches: int, rounds: int, threads, feeds=None):
+def _switch_times(model: Path, pairs: dict, switches: int, rounds: int, threads, feeds=None, reference=None):
     """``{kind: {strategy: figures}}`` of A->B (:func:`switch_figures`), kinds interleaved in rounds, and the default.
 
     Objects alive before timing (torch, onnx protobufs: this host process holds what a device process
     does not) are frozen out of the cyclic collector while timing, so a collection pays only for what
-    a switch allocates. Each timed switch records what else happened on its thread.
+    a switch allocates. Each timed switch records what else happened on its thread. ``reference(calls)`` (the
+    LoRA fusion's p50 in ms) is timed in every round too, and each kind's ratio to it is the median of the
+    per-round ratios (``switch_vs_lora_x``, with its 95 % interval ``vs_lora_ci95``): paired within rounds.
     """
+    from lab.bench_quantized_timing import median_interval
+
     default = Runtime(model, threads=threads)
     default_strategy = default.strategy
     runtimes = {default_strategy: default}
@@ -287,8 +283,12 @@ def _switch_times(model: Path, pairs: dict, switches: int, rounds: int, threads,
             }
             samples = {k: [] for k in pairs}
             per_round = max(1, switches // rounds)
+            ref, ratios = [], {k: [] for k in pairs}
             for r in range(rounds):
+                if reference is not None:
+                    ref.append(reference(7))
                 for k, (na, nb) in names.items():
+                    first = len(samples[k])
                     for i in range(per_round + (2 if r == 0 else 0)):  # two warm-up switches per kind
                         rt.switch(na)
                         rt.wait_settled()
@@ -302,8 +302,13 @@ def _switch_times(model: Path, pairs: dict, switches: int, rounds: int, threads,
                         rt.wait_settled()
                         if r or i >= 2:
                             samples[k].append(((t1 - t0) * 1e3, *(b - a for a, b in zip(before, after))))
+                    if ref:
+                        ratios[k].append(ref[-1] / p50([row[0] for row in samples[k][first:]]))
             for k, rows in samples.items():
                 out[k][s] = switch_figures(rows)
+                if ref:
+                    out[k][s].update(lora_fuse_ms_p50=p50(ref), switch_vs_lora_x=float(np.median(ratios[k])))
+                    out[k][s]["vs_lora_ci95"] = list(median_interval(ratios[k]))
             rt.close()
     finally:
         gc.unfreeze()
@@ -336,21 +341,20 @@ def switch_figures(rows: list[tuple[float, int, int, int]]) -> dict:
     }
 
 
-def _with_timing(per_kind: dict, timing: dict, default_strategy: str, base, density: float, info) -> tuple:
-    """Record each kind's switch times (the default strategy's on top) and its ratio to the LoRA fusion of the same
-    parameter count; returns that fusion's ``(ms, rank)``."""
-    lora_ms, lora_rank = _lora_reference(base, density, info)
+def _timed(model: Path, pairs: dict, per_kind: dict, switches, rounds, threads, base, density, info, feeds=None):
+    """Time every pair's switch A->B with the LoRA fusion of the same parameter count in the same rounds
+    (:func:`_switch_times`) and record each kind's figures (the default strategy's on top); returns the fusion's
+    ``(ms p50 over the rounds, rank)`` and the default strategy."""
+    from lab.bench_switch import lora_fuser
+
+    timer, lora_rank = lora_fuser(base, density, info)
+    timing, default_strategy = _switch_times(model, pairs, switches, rounds, threads, feeds=feeds, reference=timer)
+    del timer  # the LoRA copies of the weights
     for kind, t in timing.items():
         per_kind[kind]["strategies"] = t
         per_kind[kind].update(t[default_strategy])
-        per_kind[kind]["switch_vs_lora_x"] = lora_ms / t[default_strategy]["switch_ms_p50"]
-    return lora_ms, lora_rank
-
-
-def _lora_reference(base: dict, density: float, info) -> tuple[float, int]:
-    from lab.bench_switch import lora_fuse
-
-    return lora_fuse(base, density, info)
+    lora_ms = float(np.median([t[default_strategy]["lora_fuse_ms_p50"] for t in timing.values()]))
+    return lora_ms, lora_rank, default_strategy
 
 
 def add_arguments(sp) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["GOALS", "goals", "markdown", "summary"]
+__all__ = ["GOALS", "SAME_POSITIONS", "goals", "markdown", "summary"]
 
 #: issue 16, with a structured mask at 1 %: switch >= 20x LoRA fusion, p99 < 3x p50, accuracy within 1 point
 GOALS = {"switch_vs_lora_x": 20.0, "p99_over_p50": 3.0, "acc_gap_points": 1.0}
@@ -37,9 +37,16 @@ def _paired_gaps(ref: dict, seed_acc: dict) -> dict:
 
 
 def goals(result: dict) -> dict:
-    """Per structured unit: its best kind's accuracy gap (digits) and its MiniLM switch against the goals."""
+    """Per structured unit: its best kind's accuracy gap (digits), and that same kind's switch on MiniLM.
+
+    Speed and tail are judged on the kind whose accuracy is judged where MiniLM timed it (wm kinds: A and B
+    on the one mask of the model); a kind not timed there (snip, grad: masks scored on each domain's data) is
+    judged on the unit's random kind, named in ``timed_kind``, and its ``met`` stays ``None``. The unit's
+    random kind (A and B on different positions) is recorded beside it. ``met``: accuracy, speed and tail all
+    met on the same kind.
+    """
     gaps = result["summary"].get("gap_points", {})
-    m = result.get("minilm") or {}
+    timed = (result.get("minilm") or {}).get("kinds", {})
     out = {}
     for kind, gap in gaps.items():
         unit = kind.split("-")[0]
@@ -50,16 +57,39 @@ def goals(result: dict) -> dict:
         if seed_gaps:
             row["seed_gap_points"] = seed_gaps  # a met that one seed misses is within seed noise, not settled
             row["acc_met_every_seed"] = max(seed_gaps.values()) <= GOALS["acc_gap_points"]
-        timing = m.get("kinds", {}).get(f"{unit}-random")
-        if timing:
+        own, rand = timed.get(kind), timed.get(f"{unit}-random")
+        t = own or rand
+        if t:
             row.update(
-                switch_vs_lora_x=timing["switch_vs_lora_x"],
-                p99_over_p50=timing["p99_over_p50"],
-                speed_met=timing["switch_vs_lora_x"] >= GOALS["switch_vs_lora_x"],
-                p99_met=timing["p99_over_p50"] < GOALS["p99_over_p50"],
+                timed_kind=kind if own else f"{unit}-random",
+                same_positions=t.get("same_positions"),
+                switch_vs_lora_x=t["switch_vs_lora_x"],
+                p99_over_p50=t["p99_over_p50"],
+                # paired within rounds: met when the median's whole 95 % interval is (an older run: the median)
+                speed_met=t.get("vs_lora_ci95", [t["switch_vs_lora_x"]])[0] >= GOALS["switch_vs_lora_x"],
+                p99_met=t["p99_over_p50"] < GOALS["p99_over_p50"],
             )
+        if t and "vs_lora_ci95" in t:
+            row["vs_lora_ci95"] = t["vs_lora_ci95"]
+        if rand:
+            row.update(random_switch_vs_lora_x=rand["switch_vs_lora_x"], random_p99_over_p50=rand["p99_over_p50"])
+        row["met"] = (row["acc_met"] and row["speed_met"] and row["p99_met"]) if own else None
         out[unit] = row
     return out
+
+
+#: what the goals table's "A, B positions" column means, and why wm masks share theirs (printed under the table)
+SAME_POSITIONS = (
+    "A, B positions: *same* when A and B write exactly the same entries of every target tensor "
+    "(`edge.fusion.same_positions`): the runtime keeps one copy of their base values and one undo, and A -> B "
+    "writes B's values over A's in one pass, with no undo first. A wm mask (the largest |w| per unit, scored in "
+    "the stored layout) is a function of the base weights alone, so every adapter of one model trained with a wm "
+    "kind writes the same entries: the product's default path (its default mask is `wm`). So does a random mask "
+    "drawn from the same seed (`make_masks` seeds it by the training seed and the tensor, not the data: the digits "
+    "random adapters of one seed). MiniLM's random kinds draw A's and B's masks from different seeds, as adapters "
+    "whose masks differ (snip and grad masks are scored on each domain's own gradients): *different* entries, and "
+    "A -> B first undoes A's."
+)
 
 
 def _load(avg) -> str:
@@ -173,7 +203,7 @@ def markdown(result: dict) -> str:
             "training seed's mean over the domains; gap per seed: against the best unstructured kind trained with "
             "the same seed."
         )
-    lines += _default_line(r)
+    lines += _default_line(r) + _positions_line(r["kinds"], f"{r['switch_pair'][0]} and {r['switch_pair'][1]}")
     for strategy in (r["default_strategy"], "bound"):
         lines += ["", f"`{strategy}`: " + _slow([v["strategies"][strategy] for v in r["kinds"].values()]) + "."]
     m = r.get("minilm")
@@ -182,23 +212,29 @@ def markdown(result: dict) -> str:
     elif m:
         lines += [
             "",
-            f"#### {m['model']}: random masks at {m['density']:.0%} ({m['targets']} target tensors), timing only",
+            f"#### {m['model']}: random and wm-family masks at {m['density']:.0%} ({m['targets']} target tensors), "
+            "timing only",
             "",
-            f"LoRA fusion (rank {m['lora_rank']}) {m['lora_fuse_ms_p50']:.2f} ms; default strategy "
-            f"`{m['default_strategy']}`; load average {_load(m['load_average'])} when timed.",
+            f"LoRA fusion (rank {m['lora_rank']}) {m['lora_fuse_ms_p50']:.2f} ms (median over the rounds); default "
+            f"strategy `{m['default_strategy']}`; load average {_load(m['load_average'])} when timed. Two adapters "
+            "A and B per kind with random values, no training: random kinds on their own random masks, wm kinds on "
+            f"the one mask `exporters.shira.make_masks` scores on {m['model']}'s stored base weights; kinds "
+            "interleaved within rounds, the LoRA fusion timed in every round too: each ratio to it is the median of "
+            "the per-round ratios (paired), with its 95 % interval in the goals table.",
             "",
-            "| mask | entries | runs/entry | switch ms p50 | p99 | p99/p50 | p99 not preempted | bound p50 | "
-            "bound p99 | vs LoRA | bound vs LoRA |",
-            "|---|---|---|---|---|---|---|---|---|---|---|",
+            "| mask | A, B positions | entries | runs/entry | switch ms p50 | p99 | p99/p50 | p99 not preempted | "
+            "bound p50 | bound p99 | vs LoRA | bound vs LoRA |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for kind, v in m["kinds"].items():
             bound = v["strategies"]["bound"]
             calm = v["switch_ms_p99_not_preempted"]
             lines.append(
-                f"| {kind} | {v['entries']:,} | {v['runs_per_entry']:.3f} | {v['switch_ms_p50']:.3f} | "
+                f"| {kind} | {_positions(v.get('same_positions'))} | {v['entries']:,} | {v['runs_per_entry']:.3f} | "
+                f"{v['switch_ms_p50']:.3f} | "
                 f"{v['switch_ms_p99']:.3f} | {v['p99_over_p50']:.1f} | {'-' if calm is None else f'{calm:.3f}'} | "
                 f"{bound['switch_ms_p50']:.3f} | {bound['switch_ms_p99']:.3f} | {v['switch_vs_lora_x']:.1f}x | "
-                f"{m['lora_fuse_ms_p50'] / bound['switch_ms_p50']:.1f}x |"
+                f"{bound.get('switch_vs_lora_x', m['lora_fuse_ms_p50'] / bound['switch_ms_p50']):.1f}x |"
             )
         for strategy in (m["default_strategy"], "bound"):
             lines += ["", f"`{strategy}`: " + _slow([v["strategies"][strategy] for v in m["kinds"].values()]) + "."]
@@ -206,20 +242,51 @@ def markdown(result: dict) -> str:
     if g:
         lines += [
             "",
-            f"Goals per structured unit (its best kind's accuracy gap on {r['model']}; its random mask's switch on "
-            f"MiniLM, default strategy): gap <= {GOALS['acc_gap_points']:.0f} point, switch >= "
-            f"{GOALS['switch_vs_lora_x']:.0f}x LoRA fusion, p99 < {GOALS['p99_over_p50']:.0f}x p50.",
+            f"Goals per structured unit: its best kind's accuracy gap on {r['model']}, and that same kind's switch "
+            f"on MiniLM (default strategy) where it was timed, the unit's random kind beside it: gap <= "
+            f"{GOALS['acc_gap_points']:.0f} point, switch >= {GOALS['switch_vs_lora_x']:.0f}x LoRA fusion, p99 < "
+            f"{GOALS['p99_over_p50']:.0f}x p50 (speed: median of per-round ratios, met when its whole 95 % interval "
+            "is). A best kind MiniLM did not time (masks scored on each domain's "
+            "data: snip, grad; there is no labelled MiniLM task here) is judged on the unit's random kind, named in "
+            "the column timed, and its unit's verdict stays open (-). Met on one kind: accuracy, speed and tail all "
+            "met by the same kind.",
             "",
-            "| unit | best kind | gap (points) | accuracy | vs LoRA | speed | p99/p50 | tail | gap per seed | "
-            "accuracy, every seed |",
-            "|---|---|---|---|---|---|---|---|---|---|",
+            "| unit | best kind | gap (points) | accuracy | timed | A, B positions | vs LoRA | speed | p99/p50 | "
+            "tail | random vs LoRA | random p99/p50 | gap per seed | accuracy, every seed | met on one kind |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for unit, x in g.items():
             vs = f"{x['switch_vs_lora_x']:.1f}x" if "switch_vs_lora_x" in x else "-"
+            if "vs_lora_ci95" in x:
+                vs += " [{:.1f}, {:.1f}]".format(*x["vs_lora_ci95"])
             tail = f"{x['p99_over_p50']:.1f}" if "p99_over_p50" in x else "-"
+            rvs = f"{x['random_switch_vs_lora_x']:.1f}x" if "random_switch_vs_lora_x" in x else "-"
+            rtail = f"{x['random_p99_over_p50']:.1f}" if "random_p99_over_p50" in x else "-"
+            timed = x.get("timed_kind", "-")
+            if timed not in ("-", x["kind"]):
+                timed += f" (`{x['kind']}` not timed)"
             lines.append(
-                f"| {unit} | {x['kind']} | {x['acc_gap_points']:.1f} | {_yes(x['acc_met'])} | {vs} | "
-                f"{_yes(x.get('speed_met'))} | {tail} | {_yes(x.get('p99_met'))} | "
-                f"{_seed_gaps(x.get('seed_gap_points'))} | {_yes(x.get('acc_met_every_seed'))} |"
+                f"| {unit} | {x['kind']} | {x['acc_gap_points']:.1f} | {_yes(x['acc_met'])} | {timed} | "
+                f"{_positions(x.get('same_positions'))} | {vs} | {_yes(x.get('speed_met'))} | {tail} | "
+                f"{_yes(x.get('p99_met'))} | {rvs} | {rtail} | {_seed_gaps(x.get('seed_gap_points'))} | "
+                f"{_yes(x.get('acc_met_every_seed'))} | {_yes(x.get('met'))} |"
             )
+        lines += ["", SAME_POSITIONS]
     return "\n".join(lines) + "\n"
+
+
+def _positions(same) -> str:
+    return "-" if same is None else ("same" if same else "different")
+
+
+def _positions_line(kinds: dict, pair: str) -> list[str]:
+    """Which kinds' two switched adapters write the same entries (one mask for every domain), from the figures."""
+    if not any("same_positions" in v for v in kinds.values()):
+        return []
+    same = ", ".join(f"`{k}`" for k, v in kinds.items() if v.get("same_positions")) or "no kind"
+    other = ", ".join(f"`{k}`" for k, v in kinds.items() if v.get("same_positions") is False) or "no kind"
+    return [
+        "",
+        f"The adapters switched ({pair}) write the same positions for {same} (one mask for every domain: A -> B is "
+        f"one pass) and different positions for {other}.",
+    ]

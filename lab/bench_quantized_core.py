@@ -38,6 +38,7 @@ __all__ = [
     "emit",
     "family_options",
     "goal_lines",
+    "judged",
     "measure",
     "measure_args",
     "minilm_rows",
@@ -378,22 +379,41 @@ def goals(rows: list[dict]) -> dict:
             gap = 100.0 * (f["mean_acc_adapted"] - r["mean_acc_adapted"])
             g["acc_gap_points"] = {"value": round(gap, 2), "limit": GOALS["acc_gap_points"], "met": gap <= 1.0}
         ov = r.get("infer_overhead_pct", 100.0 * (r["infer_ms_p50"] / r["static_infer_ms_p50"] - 1.0))
-        g["infer_overhead_pct"] = {"value": round(ov, 1), "limit": GOALS["infer_overhead_pct"], "met": ov <= 3.0}
+        g["infer_overhead_pct"] = judged(ov, GOALS["infer_overhead_pct"], r.get("infer_overhead_pct_spread"), 1)
         if r.get("rss_mb") is not None and f.get("plain_rss_mb") is not None:
             g["rss_below_fp32_plain"] = {"value": round(r["rss_mb"], 1), "limit": round(f["plain_rss_mb"], 1)}
             g["rss_below_fp32_plain"]["met"] = r["rss_mb"] < f["plain_rss_mb"]
         x = r.get("switch_x_fp32_paired", r["switch_ms_p50"] / f["switch_ms_p50"])  # paired within rounds
-        g["switch_x_fp32"] = {"value": round(x, 2), "limit": GOALS["switch_x"], "met": x <= 1.0}
+        g["switch_x_fp32"] = judged(x, GOALS["switch_x"], r.get("switch_x_fp32_spread"), 3)
         out[f"{model}/{base}"] = g
     return out
 
 
+def judged(value: float, limit: float, spread: dict | None, digits: int) -> dict:
+    """A paired goal's verdict: with the median's 95 % interval (``spread``, :func:`lab.bench_quantized_timing.spread`)
+    it is met only when the whole interval is within ``limit``; an interval that crosses the limit is "within noise"
+    (not met, whichever side the median is on); one wholly beyond it is "NOT met". Without an interval (a row of an
+    older run): the value against the limit."""
+    g = {"value": round(value, digits), "limit": limit, "met": value <= limit}
+    if spread is not None:
+        lo, hi = spread["ci95"]
+        g.update(ci95=[round(lo, digits), round(hi, digits)], iqr=[round(v, digits) for v in spread["iqr"]])
+        g["met"] = hi <= limit
+        g["verdict"] = "met" if g["met"] else ("within noise" if lo <= limit else "NOT met")
+    return g
+
+
 def goal_lines(goals: dict) -> list[str]:
     """The section's goal list: one line per model and base, every goal's value, limit and verdict."""
-    lines = ["", "Goals (issue 18), from this run's figures:", ""]
+    lines = ["", "Goals (issue 18), from this run's figures (paired goals: median, its 95 % interval):", ""]
     for k, g in goals.items():
         parts = ", ".join(
-            f"{n} {v['value']} (limit {v['limit']}: {'met' if v['met'] else 'NOT met'})" for n, v in g.items()
+            f"{n} {v['value']}{_interval(v)} (limit {v['limit']}: {v.get('verdict', 'met' if v['met'] else 'NOT met')})"
+            for n, v in g.items()
         )
         lines.append(f"- {k}: {parts}")
     return lines
+
+
+def _interval(goal: dict) -> str:
+    return f" [{goal['ci95'][0]}, {goal['ci95'][1]}]" if "ci95" in goal else ""

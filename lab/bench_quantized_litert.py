@@ -16,9 +16,11 @@ the word-embedding table int8 too, ``EMBEDDING_LOOKUP``), per base:
 * ``infer_ms_p50``: batch 1, the ``hybrid`` runtime settled with an adapter switched in, and
   ``static_infer_ms_p50`` a plain LiteRT interpreter (XNNPACK) on the same file and the same threads as the
   runtime's XNNPACK interpreter (``interpreter_threads``: 1 where dynamic-range ops are left to the built-in
-  kernels, which collapse on 2), paired within rounds (every base's contestants interleaved in each round);
+  kernels, which collapse on 2, and for a model file under ``runtimes.base.SMALL_MODEL_BYTES``), paired
+  within rounds (every base's contestants interleaved in each round);
 * ``switch_ms_p50``: base -> adapter, one random SHiRA adapter of the same entries on every base
-  (density 1 %; requantized onto an int8 base at load, clipped entries counted);
+  (density 1 %; requantized onto an int8 base at load, clipped entries counted); goals judged on the median of
+  per-round ratios and its 95 % interval, as in :mod:`lab.bench_quantized`;
 * ``rss_mb``: resident memory of the switchable hybrid runtime after a switch cycle, in a fresh child,
   above a baseline child; ``plain_rss_mb`` a plain interpreter's;
 * ``mean_acc_base`` / ``mean_acc_adapted``: mean test accuracy over the demo domains of the base and of the

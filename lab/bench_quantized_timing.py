@@ -4,6 +4,7 @@ interleaved within rounds."""
 
 from __future__ import annotations
 
+import math
 import time
 
 import numpy as np
@@ -12,7 +13,29 @@ from edge.machine import p50, time_calls
 from edge.runtime import Runtime
 from lab.benchmarks import default_targets, random_shira
 
-__all__ = ["paired_timings", "switchable"]
+__all__ = ["median_interval", "paired_timings", "spread", "switchable"]
+
+
+def median_interval(x, conf: float = 0.95) -> tuple[float, float]:
+    """A distribution-free ``conf`` interval of the median of ``x`` (order statistics, binomial ranks): the k-th
+    smallest and k-th largest values with ``P(Binomial(n, 1/2) <= k - 1) <= (1 - conf) / 2``. Below 6 values no
+    rank qualifies at 95 %: the interval is then the range (which covers less than ``conf``)."""
+    xs = np.sort(np.asarray(x, float).reshape(-1))
+    n = xs.size
+    if n == 0:
+        raise ValueError("median_interval of no values")
+    tail, cdf, k = (1.0 - conf) / 2, 0.0, 0
+    while k < n and cdf + math.comb(n, k) / 2.0**n <= tail:
+        cdf += math.comb(n, k) / 2.0**n
+        k += 1
+    k = max(k, 1)
+    return float(xs[k - 1]), float(xs[n - k])
+
+
+def spread(x) -> dict:
+    """The median of paired per-round ratios ``x``, its quartiles and its 95 % interval (:func:`median_interval`)."""
+    q1, med, q3 = (float(v) for v in np.percentile(np.asarray(x, float), [25, 50, 75]))
+    return {"median": med, "iqr": [q1, q3], "ci95": list(median_interval(x)), "n": int(np.size(x))}
 
 
 def switchable(path, **runtime_kw) -> Runtime:
@@ -31,9 +54,10 @@ def paired_timings(contestants: dict, rounds: int, runs: int, switches: int) -> 
     """``contestants``: base -> (runtime from :func:`switchable`, plain run ``fn(feeds)``, feeds). Switch base -> A
     and inference (the settled runtime and the plain run) per base, both interleaved within rounds: each round
     switches every base once, in a rotated order, and times every base's runs, so the ratios to fp32
-    (``switch_x_fp32_paired``: the median of per-round ratios) are paired; so is ``infer_overhead_pct`` (the
-    median of per-round ratios of the runtime's p50 to the plain run's, the two timed back to back in an order
-    alternated every round). Closes the runtimes."""
+    (``switch_x_fp32_paired``: the median of per-round ratios; ``switch_x_fp32_spread``: its quartiles and 95 %
+    interval, :func:`spread`) are paired; so is ``infer_overhead_pct`` (the median of per-round ratios of the
+    runtime's p50 to the plain run's, the two timed back to back in an order alternated every round; its spread in
+    ``infer_overhead_pct_spread``, in percent). Closes the runtimes."""
     names = list(contestants)
     sw: dict[str, list[float]] = {b: [] for b in names}
     for i in range(switches + 2):
@@ -63,8 +87,10 @@ def paired_timings(contestants: dict, rounds: int, runs: int, switches: int) -> 
     for b, (rt, _, _) in contestants.items():
         o = out[b] = {"switch_ms_p50": p50(sw[b]), "adapter_nnz": rt.adapter("A").nnz}
         if "fp32" in sw and b != "fp32":
-            o["switch_x_fp32_paired"] = float(np.median(np.asarray(sw[b]) / np.asarray(sw["fp32"])))
+            o["switch_x_fp32_spread"] = spread(np.asarray(sw[b]) / np.asarray(sw["fp32"]))
+            o["switch_x_fp32_paired"] = o["switch_x_fp32_spread"]["median"]
         o["infer_ms_p50"], o["static_infer_ms_p50"] = p50(times[b]["rt"]), p50(times[b]["plain"])
-        o["infer_overhead_pct"] = 100.0 * (float(np.median(ratio[b])) - 1.0)  # median of the per-round ratios
+        pct = spread(100.0 * (np.asarray(ratio[b]) - 1.0))
+        o["infer_overhead_pct"], o["infer_overhead_pct_spread"] = pct["median"], pct  # of the per-round ratios
         rt.close()
     return out

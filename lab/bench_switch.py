@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +22,7 @@ from edge.machine import p50, time_calls
 from edge.runtime import Runtime, merge_weights
 from lab.benchmarks import default_targets, random_shira
 
-__all__ = ["bench_model", "bench_switch", "lora_fuse", "markdown", "add_arguments", "cli"]
+__all__ = ["bench_model", "bench_switch", "lora_fuse", "lora_fuser", "markdown", "add_arguments", "cli"]
 
 GOALS = {"switch_vs_lora_x": 20.0, "switch_vs_create_x": 100.0, "overhead_pct": 3.0}
 BACKEND_GOALS = {"tflite": {**GOALS, "switch_vs_create_x": 10.0}}  # issue 4: 10x faster than a new interpreter
@@ -252,8 +252,11 @@ def _static_session(backend: str, path: Path, threads: int | None):
     return create(), create_ms
 
 
-def lora_fuse(base: Mapping[str, np.ndarray], density: float, info) -> tuple[float, int]:
-    """p50 of ``W += B @ A`` over all target tensors, rank chosen for the same trainable count."""
+def lora_fuser(base: Mapping[str, np.ndarray], density: float, info) -> tuple[Callable[[], float], int]:
+    """``(timer, rank)``: ``timer(calls)`` is the p50 (ms) of ``W += B @ A`` over all target tensors (stored layout,
+    copies of ``base``), rank chosen for the same trainable count, over ``calls`` calls. The fairest LoRA reference
+    is its fastest: BLAS thread pools can be pathologically slow on a busy 2-core VM next to onnxruntime's spinning
+    threads, so each call of ``timer`` takes the better of the default and 1 BLAS thread."""
     rng = np.random.default_rng(0)
     mats, ranks = [], []
     for k, w in base.items():
@@ -269,16 +272,22 @@ def lora_fuse(base: Mapping[str, np.ndarray], density: float, info) -> tuple[flo
         for w, bb, aa in mats:
             w += bb @ aa
 
-    # The fairest LoRA reference is its fastest: BLAS thread pools can be pathologically slow on a busy
-    # 2-core VM next to onnxruntime's spinning threads, so take the better of default and 1 BLAS thread.
-    best = p50(time_calls(fuse, 21, warmup=2))
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:
-        return best, int(np.median(ranks))
-    with threadpool_limits(limits=1, user_api="blas"):
-        best = min(best, p50(time_calls(fuse, 21, warmup=2)))
-    return best, int(np.median(ranks))
+    def timer(calls: int = 21) -> float:
+        best = p50(time_calls(fuse, calls, warmup=2))
+        try:
+            from threadpoolctl import threadpool_limits
+        except ImportError:
+            return best
+        with threadpool_limits(limits=1, user_api="blas"):
+            return min(best, p50(time_calls(fuse, calls, warmup=2)))
+
+    return timer, int(np.median(ranks))
+
+
+def lora_fuse(base: Mapping[str, np.ndarray], density: float, info) -> tuple[float, int]:
+    """p50 of ``W += B @ A`` over all target tensors, rank chosen for the same trainable count (:func:`lora_fuser`)."""
+    timer, rank = lora_fuser(base, density, info)
+    return timer(), rank
 
 
 def add_arguments(sp) -> None:

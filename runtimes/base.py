@@ -30,6 +30,7 @@ __all__ = [
     "Backend",
     "BackendOptions",
     "BACKENDS",
+    "SMALL_MODEL_BYTES",
     "WeightWrite",
     "model_buffer",
     "rss_mb",
@@ -37,11 +38,19 @@ __all__ = [
 ]
 
 
+#: a model whose file (LiteRT) or writable weights (onnxruntime) are smaller than this runs on one thread unless
+#: ``threads`` is given: handing a run of a few microseconds to a second thread costs more than it saves. Plain
+#: sessions on 2 cores, load 4.7-5, 1 thread against 2: digits CNN 3.6 against 6.2 us (LiteRT), 8.1 against 10.1
+#: (onnxruntime); digits ViT 22 against 32 us (LiteRT), onnxruntime 1.10-1.14x faster on 1 (fp32 and int8). The
+#: demo models are 23-413 KB, MiniLM 24-90 MB: the boundary between was not measured
+SMALL_MODEL_BYTES = 1 << 20
+
+
 @dataclass(frozen=True)
 class BackendOptions:
     """What the caller (or a device profile) asks of a backend."""
 
-    threads: int | None = None  # intra-op threads; None = the backend's default (all cores)
+    threads: int | None = None  # intra-op threads; None = the backend's default (all cores; 1 for a tiny model)
     strategy: str = "auto"  # how weight writes reach the kernels; see each backend's STRATEGIES
     providers: tuple[str, ...] = ()  # execution providers / delegates in order of preference; () = CPU
     provider_options: tuple[Mapping[str, str], ...] = ()  # one dict per provider, aligned with ``providers``

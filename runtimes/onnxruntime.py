@@ -53,7 +53,7 @@ from edge.errors import BackendUnavailableError, ConfigError
 from edge.format.feeds import onnx_input_specs
 from edge.format.modelinfo import ModelInfo, onnx_info
 from runtimes import onnx_file as _file
-from runtimes.base import BACKENDS, ArenaBackend, BackendOptions, model_buffer, trim_heap
+from runtimes.base import BACKENDS, SMALL_MODEL_BYTES, ArenaBackend, BackendOptions, model_buffer, trim_heap
 from runtimes.onnx_file import (
     ONNX_DTYPES,
     parse_graph,
@@ -187,6 +187,9 @@ class OrtBackend(ArenaBackend):
         self._shared = _only(readers, _PACKED)  # handed over in place (others, e.g. Conv weights, are copied)
         self.weights_mb = sum(a.nbytes for a in arenas.values()) / 2**20
         self.packed_mb = sum(self._live[k].nbytes for k in _packed(readers)) / 2**20
+        if self._threads is None and sum(a.nbytes for a in arenas.values()) < SMALL_MODEL_BYTES:
+            log.info("%.2f MB of weights: its sessions run on 1 thread (pass threads= for more)", self.weights_mb)
+            self._threads = 1
         strategy = options.strategy
         if strategy == "auto":
             strategy = self.DEFAULT_STRATEGY

@@ -280,8 +280,20 @@ def test_detector_head_is_five_nodes_after_the_features(tmp_path):
     head = Head(domains=2, classes=CLASSES)
     tapped = tap_model(tmp_path / "m.onnx", tmp_path / "t.onnx", "stages", head=head)
     nodes = list(onnx.load(str(tapped.path)).graph.node)
-    after = [n.op_type for n in nodes[[n.output[0] for n in nodes].index(FEATURES) + 1 :] if n.op_type != "Constant"]
-    assert after == ["Gemm", "LpNormalization", "Gemm", "ArgMax", "Gather"]
+    outs = [n.output[0] for n in nodes]
+    head_nodes = nodes[outs.index(FEATURES) + 1 : outs.index(VOTE) + 1]
+    assert [n.op_type for n in head_nodes if n.op_type != "Constant"] == [
+        "Gemm",
+        "LpNormalization",
+        "Gemm",
+        "ArgMax",
+        "Gather",
+    ]
+    # placed right after the last tapped tensor is written (onnxruntime runs nodes in the stored order)
+    last = max(i for i, n in enumerate(nodes) if set(n.output) & set(tapped.tensors))
+    ours = nodes[last + 1 : outs.index(VOTE) + 1]
+    assert all(n.name.startswith("edge.") or n.op_type == "Constant" for n in ours)
+    assert not any(n.name.startswith("edge.") for n in nodes[outs.index(VOTE) + 1 :])
     assert head.route_table() == [-1, 0, 0, 0, 1, 1, 1]  # column 0 is the bar; then (domain, class) columns
     assert head.columns(tapped.width) == (tapped.width + 1, 1 + 2 * CLASSES)
 

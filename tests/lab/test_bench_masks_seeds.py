@@ -74,8 +74,9 @@ def test_gaps_are_paired_by_seed_and_a_mean_met_missed_by_one_seed_is_flagged():
     md = markdown(r)
     assert "| block4-wm | 0.03 | 0.837 | 0.837 | 0.8 | 0.830-0.842 | 0.2 / 0.3 / 2.0 |" in md
     assert "| wm | 0.03 | 0.845 | 0.845 | - | 0.840-0.850 | - |" in md
-    assert "| block4 | block4-wm | 0.8 | met | - | - | - | - | 0.2 / 0.3 / 2.0 | **not met** |" in md
-    assert "| block16 | block16-wm | 0.5 | met | - | - | - | - | 0.5 / 0.5 / 0.5 | met |" in md
+    untimed = "- | - | - | - | - | - | - | - |"  # no MiniLM figures: speed, tail and the unit's verdict open
+    assert f"| block4 | block4-wm | 0.8 | met | {untimed} 0.2 / 0.3 / 2.0 | **not met** | - |" in md
+    assert f"| block16 | block16-wm | 0.5 | met | {untimed} 0.5 / 0.5 / 0.5 | met | - |" in md
 
 
 def test_results_without_seed_figures_still_report():
