@@ -46,7 +46,7 @@ __all__ = ["FORMAT", "VERSION", "cache_folder", "cached_engine", "choice_key", "
 
 log = logging.getLogger("edge.engines")
 
-FORMAT, VERSION = "edge.engine-choice", 2  # 2: twins (adapters of files from the same weights)
+FORMAT, VERSION = "edge.engine-choice", 3  # 2: twins; 3: threads=None runs a tiny model on 1 thread (measured anew)
 _MAX_BYTES = 1 << 20  # a choice file is a few KB
 
 

@@ -108,6 +108,13 @@ run 10 % faster, 53.5 against 59.7 us, the head as dear). :meth:`Runtime.run` ad
 a second fetched output ~0.1 us. Dropping the ``edge.features`` graph output: -0.1 to -0.5 us (the router
 fetches it while it learns).
 
+**Placement** (kept): the taps' and the head's nodes are stored right after the last node that writes a tapped
+tensor, not appended at the end (:func:`_place_early`; onnxruntime runs nodes in the stored order). ``attn-in:1``,
+raw sessions paired within rounds (100 rounds, load 2.9): on one intra-op thread 5.6 % against 6.4 % appended; on
+two, 4.1 % against 5.4-5.6 % (``mlp-in:1``, 60-150 rounds, load 1.8-2.1). Since a model under 1 MiB of weights
+runs on one thread by default (``runtimes.base.SMALL_MODEL_BYTES``: the plain ViT is about 5 % faster there), the
+served figure is the one-thread one.
+
 Only nodes, graph inputs and outputs are added (constants as ``Constant`` nodes); the
 stored weights are untouched, so the copy keeps the model's fingerprint and every
 adapter of the model applies to it. Which tensors to tap: :mod:`edge.route.tapsets` (by name, by op
