@@ -79,6 +79,7 @@ def bench_memory(
     strategies = list(strategies or get_backend(backend).STRATEGIES)
     kinds = ["plain", *strategies]
     rounds = max(rounds, repeat)
+    plain_threads = _resolved_threads(model_path, backend, threads)
     memory: dict[str, list[dict]] = {k: [] for k in ["baseline", *kinds]}
     ready: dict[str, list[float]] = {k: [] for k in kinds}
     cpu: dict[str, list[float]] = {k: [] for k in kinds}
@@ -93,7 +94,7 @@ def bench_memory(
                 spec = {"kind": kind, "model": str(model_path), "feeds": str(feeds_path), "backend": backend}
                 got = fresh_child(
                     "lab.bench_memory:_child",
-                    {**spec, "threads": threads, "memory": measure},
+                    {**spec, "threads": plain_threads if kind == "plain" else threads, "memory": measure},
                     what=f"memory probe {kind} on {model_path.name}",
                 )
                 if measure:
@@ -122,6 +123,7 @@ def bench_memory(
         "weights_mb": first.get("weights_mb"),
         "backend": backend,
         "threads": threads,
+        "plain_threads": plain_threads,
         "repeat": repeat,
         "rounds": rounds,
         "wall_s": round(wall_s, 1),
@@ -245,6 +247,17 @@ def cli(args) -> int:
 
 
 # -- the child processes ----------------------------------------------------------------------------------------------
+
+
+def _resolved_threads(model_path: Path, backend: str, threads: int | None) -> int | None:
+    """The threads the runtime resolves for this model (``threads``, or its default: 1 for a tiny model), for the
+    plain session it is compared with; read from a ``bound`` runtime built here, in the parent, before any child."""
+    from edge.runtime import Runtime
+
+    if threads is not None:
+        return threads
+    with Runtime(model_path, backend=backend, strategy="bound") as rt:
+        return rt.backend.threads
 
 
 def _child(spec: str) -> None:

@@ -221,8 +221,9 @@ def bench_peers(
     feeds = {k: np.ascontiguousarray(v) for k, v in feeds.items()}
     steps = bar(total=2 + len(peers) + (len(peers) + 1 if memory else 0), desc="bench peers", disable=not progress)
     static_rss: dict = {}
-    with Runtime(model_path) as probe:
+    with Runtime(model_path, threads=threads) as probe:
         info = probe.info
+        threads = probe.backend.threads  # every peer on the threads the runtime resolved (1 for a tiny model)
         names = default_targets(info, targets)
         base = {k: probe.weights(k) for k in names}
     with tempfile.TemporaryDirectory() as tmp:

@@ -128,11 +128,12 @@ def _minilm(cache: Path, progress: bool):
 
 
 def _plain(path, rt, threads: int | None):
-    """A plain onnxruntime session on the same file (the runtime's threads)."""
+    """A plain onnxruntime session on the same file (the runtime's threads, as it resolved them)."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.log_severity_level = 3
+    threads = rt.backend.threads if threads is None else threads
     if threads:
         so.intra_op_num_threads = threads
     plain = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])

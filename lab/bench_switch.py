@@ -50,6 +50,7 @@ def bench_switch(
     strategies = list(strategies or cls.STRATEGIES)
     default = Runtime(model_path, backend=backend, threads=threads)
     info, default_strategy = default.info, default.strategy
+    held = default.backend.threads  # the static session runs on the threads the runtime resolved (1 for a tiny model)
     names = default_targets(info, targets)
     a = random_shira(info, names, density, seed=1, name="A")
     b = random_shira(info, names, density, seed=2, name="B")
@@ -64,7 +65,7 @@ def bench_switch(
         del default
         lora_ms, lora_rank = lora_fuse(base, density, info)  # before any session spins threads
         steps.update()
-        static, create_ms = _static_session(backend, merged_path, threads)
+        static, create_ms = _static_session(backend, merged_path, held)
         steps.update()
 
         contestants: dict[str, object] = {}

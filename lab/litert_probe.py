@@ -26,12 +26,22 @@ __all__ = ["KINDS", "breakdown", "child", "mappings", "memory", "plain_interpret
 KINDS = ("baseline", "plain", "interpreters", "hybrid")
 
 
+def default_threads(path: Path, threads: int | None) -> int:
+    """The threads the LiteRT runtime resolves for ``path``: ``threads``, else all cores, or 1 for a file under
+    :data:`runtimes.base.SMALL_MODEL_BYTES` (``runtimes.litert``)."""
+    from runtimes.base import SMALL_MODEL_BYTES
+
+    if threads:
+        return int(threads)
+    return 1 if Path(path).stat().st_size < SMALL_MODEL_BYTES else os.cpu_count() or 1
+
+
 def plain_interpreter(path: Path, threads: int | None):
     """A plain LiteRT interpreter (XNNPACK) on ``path``: what the switchable runtime is compared with."""
     from runtimes.litert import interpreter_module
 
     lib, _ = interpreter_module()
-    it = lib.Interpreter(model_path=str(path), num_threads=threads or os.cpu_count() or 1)  # the runtime's default
+    it = lib.Interpreter(model_path=str(path), num_threads=default_threads(path, threads))
     it.allocate_tensors()
     index = {d["name"]: d["index"] for d in it.get_input_details()}
     outputs = [d["index"] for d in it.get_output_details()]
@@ -149,7 +159,7 @@ def child(spec: str) -> None:
         for kind in (kinds.BUILTIN_WITHOUT_DEFAULT_DELEGATES, kinds.AUTO):
             it = lib.Interpreter(
                 model_content=keep[0],
-                num_threads=s["threads"] or os.cpu_count() or 1,
+                num_threads=default_threads(model, s["threads"]),
                 experimental_op_resolver_type=kind,
             )
             it.allocate_tensors()

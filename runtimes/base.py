@@ -149,6 +149,12 @@ class Backend(ABC):
         return True
 
     @property
+    def threads(self) -> int | None:
+        """The intra-op threads the backend runs on, as resolved (``None``: the library's default, all cores; a
+        tiny model's default is 1, :data:`SMALL_MODEL_BYTES`): what a plain session compared with it should use."""
+        return getattr(self, "_threads", None)
+
+    @property
     @abstractmethod
     def strategy(self) -> str:
         """The weight-update strategy actually in use."""

@@ -81,3 +81,17 @@ def test_onnxruntime_sessions_of_a_tiny_model_run_on_one_thread_unless_threads_a
             assert b._session_options().intra_op_num_threads == want
         finally:
             b.close()
+
+
+def test_the_resolved_threads_are_what_a_plain_session_compared_with_the_runtime_uses(tmp_path):
+    from edge.runtime import Runtime
+
+    small, wide = tmp_path / "tiny.onnx", tmp_path / "wide.onnx"
+    _tiny.make_mlp(small)
+    _tiny.make_mlp(wide, sizes=(10, 16384, 10))
+    with Runtime(small) as rt:
+        assert rt.backend.threads == 1
+    with Runtime(small, threads=2) as rt:
+        assert rt.backend.threads == 2
+    with Runtime(wide) as rt:
+        assert rt.backend.threads is None  # onnxruntime's default: all cores
