@@ -180,7 +180,7 @@ def markdown(result: dict) -> str:
     rows = [("plain session", result["plain"])] + list(result["strategies"].items())
     lines = [
         f"**{result['model']}** ({result['params'] or 0:,} params, {num(result.get('weights_mb'), '{:.1f}')} MB "
-        f"of writable float32 weights), {result['threads'] or 'all'} threads; {result['wall_s']:.0f} s for this "
+        f"of writable float32 weights), {_threads_text(result)}; {result['wall_s']:.0f} s for this "
         f"model, load average {(load['before'] or ['-'])[0]} before, {(load['after'] or ['-'])[0]} after. "
         f"Memory: median of {result['repeat']} fresh processes, above a process that imported the same modules "
         f"({result['baseline_rss_mb']:.0f} MB). Ready: construction to the first full-speed inference, in "
@@ -247,6 +247,19 @@ def cli(args) -> int:
 
 
 # -- the child processes ----------------------------------------------------------------------------------------------
+
+
+def _threads_text(result: dict) -> str:
+    """What the contestants ran on: the threads asked for, else each runtime's default and the plain session on the
+    threads the runtime resolved (1 for a tiny model, ``runtimes.base.SMALL_MODEL_BYTES``)."""
+    if result["threads"]:
+        return f"{result['threads']} threads"
+    plain = result.get("plain_threads")
+    return (
+        "default threads ("
+        + ("all cores" if plain is None else f"{plain} for a model this small")
+        + "; the plain session on the same)"
+    )
 
 
 def _resolved_threads(model_path: Path, backend: str, threads: int | None) -> int | None:

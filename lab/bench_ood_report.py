@@ -82,6 +82,11 @@ def markdown(r: dict) -> str:
         "| numpy scoring instead | bipolar instead |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
+    if "threads" in r:
+        held = r["threads"]
+        why = "all cores" if held is None else str(held)
+        why += ", as a model this small runs by default" if held == 1 else ""
+        lines[-4] += f" Rows without a thread count ran on the runtime's default threads: {why}."
     for b, v in o.items():
         label = b[5:].replace("-threads", ", ORT threads ")
         lines.append(

@@ -24,7 +24,8 @@ def detection_overhead(model, rt, tapped, domains, batch, backend, threads, runs
     """Plain run vs the router's detection path (and the numpy and bipolar variants), in interleaved blocks.
 
     Measured with the session's default threads and again with one intra-op thread (on
-    small models and few cores one thread is often as fast, and leaves a core to numpy).
+    small models and few cores one thread is often as fast, and leaves a core to numpy), unless the default
+    already is one thread (a model under ``runtimes.base.SMALL_MODEL_BYTES``).
     """
     from edge.route.ood import HDC
     from edge.route.taps import tap_model
@@ -40,7 +41,8 @@ def detection_overhead(model, rt, tapped, domains, batch, backend, threads, runs
         model, model.with_name(f"{model.stem}.tapped-{','.join(tapped.tensors)}.onnx"), tapped.tensors
     )
     result = {}
-    for th in dict.fromkeys([threads, 1]):
+    held = rt.backend.threads  # what the default resolved to (None: all cores)
+    for th in [threads] + ([] if held == 1 else [1]):
         plain = Runtime(model, backend=backend, threads=th)
         bare = Runtime(taps_only.path, backend=backend, threads=th)
         if th == threads:
@@ -60,6 +62,7 @@ def detection_overhead(model, rt, tapped, domains, batch, backend, threads, runs
         "batch": batch,
         "scoring": router.scoring,
         "fetched": list(router.fetches),  # what the graph-scored runs fetch (the router's serving path)
+        "threads": held,
         "detect_overhead_pct": result["batch1"]["overhead_pct"],  # the headline: a sensor stream runs at batch 1
         f"detect_overhead_pct_batch{batch}": result[f"batch{batch}"]["overhead_pct"],
         "numpy_overhead_pct": result["batch1"]["numpy_overhead_pct"],
