@@ -221,8 +221,8 @@ class Runtime:
         with self._lock:
             self._check_open()
             self._check_not_active(name)
-            twin = same_positions(index, list(self._adapters.values()))
-        prepared = self._prepare(adapter, name, index, delta, clip, twin)  # takes the lock only in short steps
+            others = list(self._adapters.values())  # immutable: compared outside the lock
+        prepared = self._prepare(adapter, name, index, delta, clip, same_positions(index, others))  # short lock steps
         with self._lock:
             self._check_open()
             self._check_not_active(name)

@@ -263,10 +263,12 @@ def _switch_times(model: Path, pairs: dict, switches: int, rounds: int, threads,
     Objects alive before timing (torch, onnx protobufs: this host process holds what a device process
     does not) are frozen out of the cyclic collector while timing, so a collection pays only for what
     a switch allocates. Each timed switch records what else happened on its thread. ``reference(calls)`` (the
-    LoRA fusion's p50 in ms) is timed in every round too, and each kind's ratio to it is the median of the
-    per-round ratios (``switch_vs_lora_x``, with its 95 % interval ``vs_lora_ci95``): paired within rounds.
+    LoRA fusion's p50 in ms) is timed right before each kind's block of every round (kinds in an order rotated
+    every round), and each kind's ratio to it is the median of the per-round ratios (``switch_vs_lora_x``, with
+    its 95 % interval ``vs_lora_ci95``): paired within rounds.
     """
     from lab.bench_quantized_timing import median_interval
+    from lab.bench_run import rotated
 
     default = Runtime(model, threads=threads)
     default_strategy = default.strategy
@@ -285,9 +287,10 @@ def _switch_times(model: Path, pairs: dict, switches: int, rounds: int, threads,
             per_round = max(1, switches // rounds)
             ref, ratios = [], {k: [] for k in pairs}
             for r in range(rounds):
-                if reference is not None:
-                    ref.append(reference(7))
-                for k, (na, nb) in names.items():
+                for k in rotated(list(names), r):  # each kind's block right after its own reference timing
+                    na, nb = names[k]
+                    if reference is not None:
+                        ref.append(reference(5))
                     first = len(samples[k])
                     for i in range(per_round + (2 if r == 0 else 0)):  # two warm-up switches per kind
                         rt.switch(na)

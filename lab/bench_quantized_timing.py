@@ -24,9 +24,13 @@ def median_interval(x, conf: float = 0.95) -> tuple[float, float]:
     n = xs.size
     if n == 0:
         raise ValueError("median_interval of no values")
+
+    def pmf(k: int) -> float:  # P(Binomial(n, 1/2) = k), in log space: comb(n, k) / 2**n overflows a float at n >= 1024
+        return math.exp(math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1) - n * math.log(2.0))
+
     tail, cdf, k = (1.0 - conf) / 2, 0.0, 0
-    while k < n and cdf + math.comb(n, k) / 2.0**n <= tail:
-        cdf += math.comb(n, k) / 2.0**n
+    while k < n and cdf + pmf(k) <= tail:
+        cdf += pmf(k)
         k += 1
     k = max(k, 1)
     return float(xs[k - 1]), float(xs[n - k])

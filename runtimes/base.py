@@ -38,7 +38,7 @@ __all__ = [
 ]
 
 
-#: a model whose file (LiteRT) or writable weights (onnxruntime) are smaller than this runs on one thread unless
+#: a model whose file (or bytes, as given) is smaller than this runs on one thread, on either backend, unless
 #: ``threads`` is given: handing a run of a few microseconds to a second thread costs more than it saves. Plain
 #: sessions on 2 cores, load 4.7-5, 1 thread against 2: digits CNN 3.6 against 6.2 us (LiteRT), 8.1 against 10.1
 #: (onnxruntime); digits ViT 22 against 32 us (LiteRT), onnxruntime 1.10-1.14x faster on 1 (fp32 and int8). The

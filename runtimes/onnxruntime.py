@@ -162,6 +162,7 @@ class OrtBackend(ArenaBackend):
         self._threads = options.threads
 
         with model_buffer(model) as (buf, read):
+            nbytes = len(buf)  # the whole model (not only its writable tensors) decides a tiny model's threads
             proto, inits, _ = parse_graph_bytes(buf)
             self.info = onnx_info(proto)
             self.input_specs = onnx_input_specs(proto, self.info.inputs)  # the real inputs, from the graph parsed once
@@ -187,8 +188,8 @@ class OrtBackend(ArenaBackend):
         self._shared = _only(readers, _PACKED)  # handed over in place (others, e.g. Conv weights, are copied)
         self.weights_mb = sum(a.nbytes for a in arenas.values()) / 2**20
         self.packed_mb = sum(self._live[k].nbytes for k in _packed(readers)) / 2**20
-        if self._threads is None and sum(a.nbytes for a in arenas.values()) < SMALL_MODEL_BYTES:
-            log.info("%.2f MB of weights: its sessions run on 1 thread (pass threads= for more)", self.weights_mb)
+        if self._threads is None and nbytes < SMALL_MODEL_BYTES:
+            log.info("%d-byte model: its sessions run on 1 thread (pass threads= for more)", nbytes)
             self._threads = 1
         strategy = options.strategy
         if strategy == "auto":

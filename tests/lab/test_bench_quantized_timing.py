@@ -99,3 +99,14 @@ def test_paired_timings_report_per_round_ratios_with_their_spread():
     assert 1.5 < s["median"] < 2.5  # twice the busy time, paired round by round
     assert "switch_x_fp32_spread" not in out["fp32"] and out["fp32"]["infer_overhead_pct_spread"]["n"] == 3
     assert all(rt.closed and rt.switches == 10 for rt in rts.values())  # 8 timed + 2 untimed warm-up switches
+
+
+def test_median_interval_holds_for_long_runs():
+    """The binomial ranks are computed in log space: 1,100 ratios (comb(n, k) / 2**n would overflow a float)."""
+    import numpy as np
+
+    from lab.bench_quantized_timing import median_interval
+
+    x = np.random.default_rng(0).normal(1.0, 0.1, 1100)
+    lo, hi = median_interval(x)
+    assert lo < float(np.median(x)) < hi and hi - lo < 0.05
