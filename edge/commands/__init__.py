@@ -30,6 +30,9 @@ def host_needed(what: str) -> None:
         )
 
 
+#: ``--threads``' help: the backends' default (:data:`runtimes.base.SMALL_MODEL_BYTES`)
+THREADS_HELP = "intra-op threads (default: all cores; one for a model file under 1 MiB)"
+
 #: ``--backend``'s help when a command follows :class:`edge.Runtime`'s rule for ``backend=None``
 BACKEND_HELP = (
     "inference engine: onnxruntime, tflite (LiteRT), or auto (the engine measured fastest here among the model's "
@@ -38,21 +41,25 @@ BACKEND_HELP = (
 )
 
 
-def runtime_flags(sp, *, cache: bool = True, backend: str | None = None, why: str = "") -> None:
+def runtime_flags(
+    sp, *, cache: bool = True, backend: str | None = None, why: str = "", engine: bool = True, threads: bool = True
+) -> None:
     """``--backend``, ``--threads``, ``--cache`` and ``-q``.
 
     ``backend=None`` (the default) follows :class:`edge.Runtime`: no device profile here, so the model file's own
     engine, and ``auto`` when asked. A command that needs one engine passes it as ``backend`` and ``why`` it does.
+    ``engine=False``: no ``--backend`` (the command runs no engine the user picks, e.g. it compares them all);
+    ``threads=False``: no ``--threads`` (it runs no model).
     """
-    if backend is None:
-        sp.add_argument("--backend", default=None, help=BACKEND_HELP)
-    elif not why:
+    if engine and backend is not None and not why:
         from edge.errors import ConfigError
 
         raise ConfigError(f"runtime_flags(backend={backend!r}) needs why: the reason the command pins that engine")
-    else:
-        sp.add_argument("--backend", default=backend, help=f"inference engine (default {backend}: {why})")
-    sp.add_argument("--threads", type=int, default=None, help="intra-op threads (default: all cores)")
+    if engine:
+        help_ = BACKEND_HELP if backend is None else f"inference engine (default {backend}: {why})"
+        sp.add_argument("--backend", default=backend, help=help_)
+    if threads:
+        sp.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
     if cache:
         sp.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help=f"artifact cache (default {DEFAULT_CACHE})")
     sp.add_argument("-q", "--quiet", action="store_true", help="no progress bars")

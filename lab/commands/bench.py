@@ -20,10 +20,14 @@ BENCHES = {
     "engines": "lab.bench_engines:cli",
 }
 
+#: benchmarks that take no ``--backend``: engines compares every engine beside the model, update runs the demo's
+#: ``.onnx`` on onnxruntime (its sections are about numpy updates, not engines), fleet runs no model (nor threads)
+NO_ENGINE = {"engines", "update", "fleet"}
+NO_THREADS = {"fleet"}
+
 #: why benchmarks pin an engine rather than follow ``edge.Runtime``'s default
 BACKEND_WHY = (
-    "a benchmark measures one named engine and writes one section per engine; switch and quantized also take "
-    "tflite; `edge bench engines` compares every engine beside the model and does not read it"
+    "a benchmark measures one named engine and writes one section per engine; switch and quantized also take tflite"
 )
 
 
@@ -33,7 +37,9 @@ def register(sub) -> None:
     for name, target in BENCHES.items():
         module = importlib.import_module(target.split(":")[0])
         sp = bsub.add_parser(name, help=(module.__doc__ or "").strip().splitlines()[0])
-        runtime_flags(sp, backend="onnxruntime", why=BACKEND_WHY)
+        runtime_flags(
+            sp, backend="onnxruntime", why=BACKEND_WHY, engine=name not in NO_ENGINE, threads=name not in NO_THREADS
+        )
         sp.add_argument("--json", type=Path, help="write the JSON here")
         sp.add_argument("--md", type=Path, help="update this Markdown file's section (e.g. BENCHMARKS.md)")
         module.add_arguments(sp)

@@ -25,7 +25,8 @@ def _every_backend_flag() -> dict[str, argparse.Action]:
     for name, sp in _subparsers(build_parser()).items():
         if name == "bench":
             for bench, bp in _subparsers(sp).items():
-                found[f"bench {bench}"] = _backend(bp)
+                if _backend(bp) is not None:
+                    found[f"bench {bench}"] = _backend(bp)
         elif _backend(sp) is not None:
             found[name] = _backend(sp)
     return found
@@ -34,7 +35,7 @@ def _every_backend_flag() -> dict[str, argparse.Action]:
 def test_every_backend_flag_has_a_default_that_says_why():
     pytest.importorskip("lab")
     flags = _every_backend_flag()
-    assert {"demo", "train", "update", "profile", "bench switch", "bench engines"} <= set(flags)
+    assert {"demo", "train", "update", "profile", "bench switch", "bench quantized", "bench ood"} <= set(flags)
     for command, action in flags.items():
         if command.startswith("bench "):  # a bench measures one named engine: kept explicit, with the reason
             assert action.default == "onnxruntime" and "one section per engine" in action.help, command
@@ -59,3 +60,16 @@ def test_the_stream_names_onnxruntime_because_its_taps_edit_the_onnx_graph(monke
     args = build_parser().parse_args(["demo", "--stream", "--backend", "tflite", "-q"])
     args.func(args)
     assert seen["backend"] == "tflite"  # given: passed on, and refused there with the reason (lab.stream)
+
+
+def test_benches_that_run_no_engine_of_the_users_choosing_take_no_backend_flag():
+    """``edge bench engines`` compares every engine, ``update`` runs the demo's .onnx, ``fleet`` runs no model:
+    a ``--backend`` there would be read by nothing (and ``fleet`` takes no ``--threads`` either)."""
+    pytest.importorskip("lab")
+    benches = _subparsers(_subparsers(build_parser())["bench"])
+    for name in ("engines", "update", "fleet"):
+        assert _backend(benches[name]) is None, name
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["bench", name, "--backend", "tflite"])
+    assert "--threads" not in benches["fleet"]._option_string_actions
+    assert "one for a model file under 1 MiB" in benches["switch"]._option_string_actions["--threads"].help
