@@ -18,6 +18,7 @@ __all__ = [
     "SignatureError",
     "RuntimeClosedError",
     "SaturationError",
+    "WriteError",
 ]
 
 
@@ -62,3 +63,7 @@ class RuntimeClosedError(EdgeError, RuntimeError):
 
 class SaturationError(ConfigError):
     """Fusing adapters into a quantized weight would leave the integer type's range."""
+
+
+class WriteError(EdgeError, OSError):
+    """A file could not be written where it was asked for (a folder in the way, no permission, disk full)."""

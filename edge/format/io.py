@@ -18,7 +18,7 @@ import struct
 import tempfile
 from pathlib import Path
 
-from edge.errors import FormatError
+from edge.errors import FormatError, WriteError
 
 __all__ = [
     "atomic_write_bytes",
@@ -37,12 +37,19 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     """Write ``data`` to ``path`` so that a crash leaves either the old file or the new one.
 
     Temp files are named ``.NAME.PID.*.tmp``; ones left by writers that no longer run
-    (killed mid-write) are removed first.
+    (killed mid-write) are removed first. A write the system refuses (``path`` is a folder, its folder is a file
+    or not writable, the disk is full) raises :class:`~edge.errors.WriteError` naming the path and leaves
+    whatever was there before.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temps(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
+    try:
+        if path.is_dir():
+            raise IsADirectoryError(21, "is a folder", str(path))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temps(path)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise WriteError(f"cannot write {path}: {e.strerror or e}; give a file path in a writable folder") from e
     try:
         mode = path.stat().st_mode & 0o777 if path.exists() else 0o644  # mkstemp makes 0600
         os.fchmod(fd, mode)
@@ -51,11 +58,13 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
+        if isinstance(e, OSError) and not isinstance(e, WriteError):
+            raise WriteError(f"cannot write {path}: {e.strerror or e} (the file is unchanged)") from e
         raise
     try:  # make the rename itself durable
         dfd = os.open(path.parent, os.O_RDONLY)
