@@ -24,6 +24,7 @@ from edge.errors import (
     RuntimeClosedError,
     SaturationError,
     SignatureError,
+    WriteError,
 )
 from edge.format.adapter import Adapter, SparseDelta, load_adapter
 from edge.format.modelinfo import ModelInfo, TensorInfo, fingerprint
@@ -47,6 +48,7 @@ __all__ = [
     "SparseDelta",
     "TensorInfo",
     "Updater",
+    "WriteError",
     "fingerprint",
     "load_adapter",
     "merge_weights",
