@@ -83,11 +83,11 @@ def profile_model(
 
     model = Path(model)
     if not model.is_file():
-        raise ConfigError(f"model file {model} does not exist")
+        raise ConfigError(f"model file {model} {'is not a regular file' if model.exists() else 'does not exist'}")
     adapters = [Path(a) for a in adapters]
     missing = [str(a) for a in adapters if not a.is_file()]
     if missing:
-        raise ConfigError(f"adapter file(s) {missing} do not exist")
+        raise ConfigError(f"adapter file(s) {missing} do not exist or are not regular files")
     profile = load_profile(device, search=devices_dir)
     chosen = None
     if backend == "auto":  # measured here before the timed load; Runtime below reads the choice back as a device does

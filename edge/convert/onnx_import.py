@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from edge.convert.bn_fold import folded_scale
+from edge.convert.onnx_source import hoist_constants, read_onnx, why_no_weights
 from edge.errors import AdapterMismatchError, ConfigError, ExportValidationError, FormatError
 from edge.format.modelinfo import META_KEY, ModelInfo, TensorInfo, fingerprint
 from edge.format.onnx_graph import consumers, keep_only, set_metadata, subgraph_reads
@@ -108,20 +109,14 @@ def import_onnx(
 
     Raises:
         FormatError: ``src`` is not a readable ONNX file, or the state dict is not safetensors.
-        ConfigError: a ``targets`` pattern matches nothing, or the graph has no weight to adapt.
+        ConfigError: a ``targets`` pattern matches nothing, the graph has no weight to adapt, or ``out`` is
+            not writable.
         AdapterMismatchError: ``strict`` and some names could not be matched (nothing is written).
     """
-    import onnx
-
     from edge.format.io import atomic_write_bytes
 
     src = Path(src)
-    try:
-        proto = onnx.load(os.fspath(src))
-    except OSError:
-        raise
-    except Exception as e:  # protobuf's DecodeError and friends
-        raise FormatError(f"{src} is not a readable ONNX file: {e}") from e
+    proto = read_onnx(src)
     params = read_state_dict(state_dict) if isinstance(state_dict, (str, os.PathLike)) else state_dict
     report = make_adapter_ready(proto, params=params, targets=targets, name=name or src.stem)
     if strict and (report.unmatched or report.ambiguous or report.missing):
@@ -131,7 +126,10 @@ def import_onnx(
             f"{len(report.missing)} parameter(s) are stored in no target {list(report.missing)[:5]}; "
             f"nothing was written. Without strict those weights keep their ONNX names"
         )
-    atomic_write_bytes(out, proto.SerializeToString())
+    try:
+        atomic_write_bytes(out, proto.SerializeToString())
+    except OSError as e:
+        raise ConfigError(f"cannot write {out}: {e.strerror or e}; give --out a file path in a writable folder") from e
     log.info("imported %s -> %s: %d targets, %s", src, out, len(report.info.tensors), report.info.fingerprint)
     return report
 
@@ -152,12 +150,18 @@ def make_adapter_ready(
             "load it with edge.Runtime as it is, or import the original file"
         )
     graph = proto.graph
+    hoisted = hoist_constants(graph, WEIGHT_INPUTS, _PASS_THROUGH)  # weights an exporter left in Constant nodes
     before = proto.SerializeToString()
     inits = {t.name: t for t in graph.initializer}
     if not inits:
         raise ConfigError(f"ONNX model {name!r} stores no initializers: there are no weights to adapt")
     keep_only(graph.input, lambda v: v.name not in inits)  # IR < 4 style: initializers listed as inputs
-    arrays = {k: numpy_helper.to_array(t) for k, t in inits.items()}
+    try:
+        arrays = {k: numpy_helper.to_array(t) for k, t in inits.items()}
+    except (ValueError, TypeError) as e:  # data that does not fit its declared shape or type
+        raise FormatError(
+            f"ONNX model {name!r} stores a weight its declared shape does not fit ({e}); re-export it"
+        ) from e
 
     found, skipped, dead = _find_weights(graph, arrays)
     folded = [k for k, view in found.items() if view.fold is not None]
@@ -177,10 +181,13 @@ def make_adapter_ready(
         raise ConfigError(
             f"ONNX model {name!r} has no float32 MatMul/Gemm/Conv/Gather weight initializers to adapt"
             + (f" ({len(skipped)} skipped: {dict(list(skipped.items())[:5])})" if skipped else "")
+            + why_no_weights(graph, arrays)
         )
 
     io_names = tuple(v.name for v in graph.input), tuple(v.name for v in graph.output)
     extra = {"imported": {"producer": f"{proto.producer_name} {proto.producer_version}".strip()}}
+    if hoisted:
+        extra["imported"]["constants_hoisted"] = hoisted
     info = ModelInfo(name, fingerprint(arrays), tensors, *io_names, extra)
     set_metadata(proto, META_KEY, info.to_json())
     if folded:
@@ -219,6 +226,8 @@ def _find_weights(graph, arrays: Mapping[str, np.ndarray]):
         while value not in arrays and value in producer and producer[value].op_type in _PASS_THROUGH:
             chain.append(producer[value])
             value = producer[value].input[0]
+        if value in arrays and arrays[value].dtype.kind == "f" and arrays[value].dtype != np.float32:
+            skipped.setdefault(value, f"stored as {arrays[value].dtype} (only float32 weights are adapted)")
         if value not in arrays or arrays[value].dtype != np.float32 or arrays[value].size < 2:
             continue
         try:

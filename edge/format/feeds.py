@@ -26,6 +26,7 @@ from edge.errors import ConfigError, FormatError
 __all__ = [
     "FeedChecker",
     "InputSpec",
+    "MAX_GENERATED_BYTES",
     "check_feeds",
     "generate_inputs",
     "input_specs",
@@ -34,6 +35,8 @@ __all__ = [
     "output_width",
     "tflite_input_specs",
 ]
+
+MAX_GENERATED_BYTES = 1 << 30  # inputs generate_inputs makes (float64 while drawn); larger ones come from a file
 
 
 @dataclass(frozen=True)
@@ -262,6 +265,11 @@ def generate_inputs(
     feeds = {}
     for name, spec in specs.items():
         shape = tuple(d if isinstance(d, int) else batch for d in spec.shape)
+        if np.prod(shape, dtype=np.float64) * max(spec.dtype.itemsize, 8) > MAX_GENERATED_BYTES:
+            raise ConfigError(
+                f"input {name!r} of {Path(model).name} declares shape {list(spec.shape)}: over "
+                f"{MAX_GENERATED_BYTES >> 20} MiB to generate; pass --inputs X.npz with one array per input"
+            )
         feeds[name] = (
             rng.standard_normal(shape).astype(spec.dtype) if spec.dtype.kind == "f" else np.zeros(shape, spec.dtype)
         )

@@ -1,0 +1,108 @@
+"""Reading an ONNX file exported elsewhere, before :mod:`edge.convert.onnx_import` looks for its weights.
+
+:func:`read_onnx` reads the file bounded (a FIFO, a folder, ``/dev/zero`` or a symlink loop is a
+:class:`~edge.errors.FormatError`, never a hang or a traceback) and its external data through onnx's
+checked loader (relative paths inside the model's folder, regular files only). :func:`hoist_constants`
+turns weights an exporter left in ``Constant`` nodes into initializers, and :func:`why_no_weights`
+says what to do with a graph whose weights are not float32 initializers (quantized, float16).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Container, Mapping
+from pathlib import Path
+
+import numpy as np
+
+from edge.errors import FormatError
+
+__all__ = ["MAX_MODEL_BYTES", "QUANTIZED_OPS", "hoist_constants", "read_onnx", "why_no_weights"]
+
+MAX_MODEL_BYTES = 1 << 40  # as edge.runtime: the limit keeps a device file finite
+QUANTIZED_OPS = (
+    "DequantizeLinear",
+    "QuantizeLinear",
+    "DynamicQuantizeLinear",
+    "MatMulInteger",
+    "ConvInteger",
+    "QLinearMatMul",
+    "QLinearConv",
+    "MatMulNBits",
+    "QGemm",
+)
+
+
+_FLOATS = (1, 10, 11, 16)  # onnx.TensorProto FLOAT, FLOAT16, DOUBLE, BFLOAT16
+
+
+def read_onnx(src: str | os.PathLike, limit: int = MAX_MODEL_BYTES):
+    """The ``onnx.ModelProto`` of the regular file ``src``, external data (beside it) read in."""
+    import onnx
+    from onnx.external_data_helper import load_external_data_for_model
+
+    from edge.format.io import read_bounded
+
+    src = Path(src)
+    data = read_bounded(src, limit, what="ONNX model")
+    try:
+        proto = onnx.load_model_from_string(data)
+    except Exception as e:  # protobuf's DecodeError and friends
+        raise FormatError(f"{src} is not a readable ONNX file: {e}") from e
+    if not proto.graph.node:
+        raise FormatError(
+            f"{src} is not an ONNX model: its graph has no nodes ({len(data)} bytes); give an exported .onnx file"
+        )
+    try:
+        load_external_data_for_model(proto, os.fspath(src.parent))
+    except Exception as e:  # onnx's checks: outside the folder, not a regular file, past its end
+        raise FormatError(
+            f"{src}: cannot read its external data: {e}; keep the data files the exporter wrote beside the model"
+        ) from e
+    return proto
+
+
+def hoist_constants(graph, weight_inputs: Mapping[str, int], pass_through: Container[str]) -> list[str]:
+    """Turn float ``Constant`` nodes of 2+ dims read as a weight (through ``pass_through`` ops) into initializers.
+
+    Returns their names. Only weights move: what onnx calls a constant and an initializer runs the same.
+    """
+    producer = {o: n for n in graph.node for o in n.output}
+    outputs = {o.name for o in graph.output}
+    hoisted: dict[str, object] = {}
+    for node in graph.node:
+        slot = weight_inputs.get(node.op_type)
+        if node.domain not in ("", "ai.onnx") or slot is None or len(node.input) <= slot:
+            continue
+        value = node.input[slot]
+        while value in producer and producer[value].op_type in pass_through:
+            value = producer[value].input[0]
+        const = producer.get(value)
+        if const is None or const.op_type != "Constant" or value in outputs or value in hoisted:
+            continue
+        attr = next((a for a in const.attribute if a.name == "value"), None)
+        if attr is not None and len(const.attribute) == 1 and attr.t.data_type in _FLOATS and len(attr.t.dims) >= 2:
+            hoisted[value] = const  # a weight matrix or filter; index tables and shapes stay constants
+    for name, const in hoisted.items():
+        tensor = next(a.t for a in const.attribute if a.name == "value")
+        tensor.name = name
+        graph.initializer.append(tensor)
+        graph.node.remove(const)
+    return list(hoisted)
+
+
+def why_no_weights(graph, arrays: Mapping[str, np.ndarray]) -> str:
+    """What to do about a graph with no float32 weight initializer to adapt ('' if nothing is known)."""
+    quantized = sorted({n.op_type for n in graph.node if n.op_type in QUANTIZED_OPS})
+    if quantized:
+        return (
+            f"; it is already quantized ({', '.join(quantized)}): import the float model it was made from, "
+            "then make its int8 twin with `edge quantize` (exporters.quantize_onnx), which records the "
+            "integer weights' grids so adapters can write them"
+        )
+    low = sorted({str(a.dtype) for a in arrays.values() if a.dtype.kind == "f" and a.dtype != np.float32})
+    if low:
+        return (
+            f"; its weights are {'/'.join(low)}: export the model in float32 (model.float() before torch.onnx.export)"
+        )
+    return ""
