@@ -55,7 +55,7 @@ def merged(tname: str, base: np.ndarray, acc: np.ndarray, *, clip: bool, what: s
         raise SaturationError(
             f"{what} takes {n} of {q.size} entries of {tname!r} outside the {base.dtype} range [{lo}, {hi}] "
             f"(up to {int(q.min())}..{int(q.max())}); nothing was changed. Use smaller adapter weights, or pass "
-            "clip=True to clip them to the range (the count is reported)"
+            "clip=True (`edge profile --clip`) to clip them to the range (the count is reported)"
         )
     return np.clip(q, lo, hi).astype(base.dtype), n
 

@@ -56,6 +56,7 @@ class ProfileConfig:
     progress: bool = True  # progress bar on stderr (tqdm, if installed)
     engine_rounds: int = 5  # engines found beside the model: interleaved rounds of `engine_runs` runs each
     engine_runs: int = 10  # (0: no engine comparison)
+    clip: bool = False  # an int8 base: clip adapter entries past the integer range (counted) instead of refusing
 
 
 def profile_model(
@@ -191,13 +192,14 @@ def _profile_adapter(rt, path: Path, feeds, config: ProfileConfig, pb) -> tuple[
     Returns its figures and the raw switch times (for the percentile over all adapters).
     """
     t0 = time.perf_counter()
-    name = rt.load_adapter(path)
+    name = rt.load_adapter(path, clip=config.clip)
     load_ms = _ms(t0)
     switch, first_run, settle, back = [], [], [], []
     for _ in range(config.switches):
         t0 = time.perf_counter()
         rt.switch(name)
         switch.append(_ms(t0))
+        clipped = rt.clipped  # entries of an int8 base clipped to its range (load_adapter(clip=True))
         t0 = time.perf_counter()
         rt.run(feeds)
         first_run.append(_ms(t0))
@@ -215,6 +217,7 @@ def _profile_adapter(rt, path: Path, feeds, config: ProfileConfig, pb) -> tuple[
         "path": str(path),
         "bytes": path.stat().st_size,
         "load_ms": load_ms,
+        "clipped": clipped,
         "switch_ms": _stats(switch),
         "first_run_after_switch_ms": _stats(first_run),
         "settle_ms": _stats(settle),

@@ -38,6 +38,12 @@ def register(sub) -> None:
         help="with --backend NAME: compare the engines found beside the model in this many interleaved rounds "
         "(0: do not compare); with auto the report shows the comparison behind the choice",
     )
+    p.add_argument(
+        "--clip",
+        action="store_true",
+        help="on an int8 model: clip adapter entries past the integer range (counted in the results) instead of "
+        "refusing the adapter",
+    )
     p.add_argument("--json", type=Path, help="write the results as JSON here")
     p.add_argument("--md", type=Path, help="write a Markdown summary here")
     p.add_argument("--png", type=Path, help="write a plot here (needs matplotlib)")
@@ -63,6 +69,7 @@ def run(args) -> int:
         batch=args.batch,
         progress=not args.quiet,
         engine_rounds=args.engine_rounds,
+        clip=args.clip,
     )
     result = profile_model(
         args.model,

@@ -178,6 +178,29 @@ def test_float_adapter_of_the_float_twin_is_requantized_onto_the_grid(twin, stra
             np.testing.assert_array_equal(rt.weights(k), ref[k])
 
 
+def test_edge_profile_refuses_a_saturating_adapter_unless_clip_is_given(twin, tmp_path, capsys):
+    """The CLI names its own flag: ``edge profile --clip`` clips (counted in the results), without it exit 2."""
+    import json
+
+    from edge.cli import main
+
+    fpath, finfo, qpath, info = twin
+    base, inits = _stored(qpath, info)
+    big = _scaled(_tiny.random_adapter(finfo, seed=3, name="f"), 50, "big")
+    n = _out_of_range(info, base, inits, big)
+    assert n > 0
+    path = big.save(tmp_path / "big.safetensors")
+    argv = ["profile", str(qpath), "--device", "x86-dev", "--adapters", str(path), "-q", "--runs", "2"]
+    argv += ["--warmup", "0", "--switches", "1", "--engine-rounds", "0", "--backend", "onnxruntime"]
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--clip" in err[0], err
+    assert main([*argv, "--clip", "--json", str(tmp_path / "p.json")]) == 0
+    (figures,) = json.loads((tmp_path / "p.json").read_text())["adapters"]
+    assert figures["clipped"] == n
+
+
 def test_fused_saturation_is_refused_or_clipped_and_reported(twin):
     _, _, qpath, info = twin
     base, inits = _stored(qpath, info)
