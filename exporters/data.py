@@ -45,7 +45,12 @@ def as_tensor(v) -> torch.Tensor:
 
 
 def batches(x, y, batch_size: int, classify: bool, gen: torch.Generator | None = None):
-    """Yield ``(inputs, target, n)``: chunks of the arrays ``x, y`` (shuffled with ``gen``), or the batches of ``x``."""
+    """Yield ``(inputs, target, n)``: chunks of the arrays ``x, y`` (shuffled with ``gen``), or the batches of ``x``.
+
+    ``x`` may also be the pair ``(x, y)`` itself (``y`` None): ``train_shira(model, masks, (x, y))``.
+    """
+    if y is None and is_pair(x):
+        x, y = x
     if y is not None:
         xa, ya = np.asarray(x), np.asarray(y)
         if len(xa) != len(ya) or len(xa) == 0:

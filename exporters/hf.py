@@ -252,7 +252,7 @@ def export_hf_encoder(
         )
     if attention is None:  # fused where it pays and the model can: text on onnxruntime
         attention = "fused" if file_format == "onnx" and "input_ids" in _forward_args(model) else "decomposed"
-        attention = _set_attention(model, attention, explicit=False)
+        attention = _set_attention(model, attention, explicit=file_format != "onnx")  # fused is ONNX only
     else:
         _set_attention(model, attention, explicit=True)
     _prepare(model, pooling)
@@ -275,7 +275,8 @@ def export_hf_encoder(
     dynamic_axes = None
     if encoder.modality == "text":
         _check_seq_len(model, seq_len)
-        examples = _text_examples(model, encoder.input_names, seq_len, tokenizer)
+        batch = 2 if file_format == "onnx" else 1  # with 1, torch.export specialises some batches (Funnel) to 1
+        examples = _text_examples(model, encoder.input_names, seq_len, tokenizer, batch)
         info["seq_len"] = None if dynamic_seq else int(seq_len)
         info["max_seq_length"] = int(settings.get("max_seq_length") or seq_len)
         if dynamic_seq:
@@ -334,14 +335,14 @@ def _set_attention(model: torch.nn.Module, attention: str, explicit: bool) -> st
             log.info("%s: no %s attention (%s)", type(model).__name__, impl, e)
     if _attn_running(model) == impl:
         return attention
-    if explicit or attention == "decomposed":
-        other = "decomposed" if attention == "fused" else "fused"
+    other = "decomposed" if attention == "fused" else "fused"
+    if explicit:
         raise ConfigError(
             f"{type(model).__name__} cannot run {impl!r} attention, which attention={attention!r} needs; "
             f"pass attention={other!r}"
         )
-    log.info("%s cannot run SDPA attention: exporting it decomposed", type(model).__name__)
-    return _set_attention(model, "decomposed", explicit=True)
+    log.info("%s cannot run %r attention: exporting it %s", type(model).__name__, impl, other)
+    return _set_attention(model, other, explicit=True)
 
 
 def _attn_running(model: torch.nn.Module) -> str:
@@ -352,12 +353,22 @@ def _prepare(model: torch.nn.Module, pooling: str) -> None:
     """Drop parameters the embedding does not use."""
     pooler = getattr(model, "pooler", None)
     if pooling != "pooler" and pooler is not None and any(True for _ in pooler.parameters()):
-        model.pooler = None  # BERT's and ViT's dense+tanh poolers feed classifiers, not embedders
-    for module in model.modules():  # ViT, Swin and Dinov2 masked-image-modelling tokens: unused without a mask
+        model.pooler = _NoPooler()  # BERT's and ViT's dense+tanh poolers feed classifiers, not embedders
+    if getattr(model, "contact_head", None) is not None:  # ESM: contacts come from attention maps, not embeddings
+        model.contact_head = None
+    for module in model.modules():
+        if isinstance(getattr(module, "attention_bias_cache", None), dict):  # LeViT's eval cache: a constant
+            module.get_attention_biases = lambda _device=None, m=module: m.attention_biases[:, m.attention_bias_idxs]
+        # ViT, Swin and Dinov2 masked-image-modelling tokens: unused without a mask
         token = module._parameters.get("mask_token")
         if token is not None:
             del module._parameters["mask_token"]
             module.register_buffer("mask_token", token.detach(), persistent=False)
+
+
+class _NoPooler(torch.nn.Module):  # a dropped pooler, for models that call theirs anyway (SqueezeBERT)
+    def forward(self, *args, **kwargs) -> None:
+        return None
 
 
 def _check_seq_len(model: torch.nn.Module, seq_len: int) -> None:
@@ -387,17 +398,17 @@ def _forward_args(model: torch.nn.Module) -> Mapping[str, inspect.Parameter]:
     return inspect.signature(model.forward).parameters
 
 
-def _text_examples(model, input_names, seq_len: int, tokenizer) -> tuple[torch.Tensor, ...]:
-    """Example inputs: a real sentence through ``tokenizer`` when given, else random ids with padding."""
+def _text_examples(model, input_names, seq_len: int, tokenizer, batch: int) -> tuple[torch.Tensor, ...]:
+    """Example inputs: ``batch`` sentences through ``tokenizer`` when given, else random ids with padding."""
     if tokenizer is not None:
         from edge.text import Tokenizer
 
-        arrays = Tokenizer.from_file(tokenizer, seq_len=seq_len).encode([_EXAMPLE_TEXT])
+        arrays = Tokenizer.from_file(tokenizer, seq_len=seq_len).encode([_EXAMPLE_TEXT, _EXAMPLE_TEXT[:20]][:batch])
         return tuple(torch.from_numpy(arrays[n]) for n in input_names)
     gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(1, int(model.config.vocab_size), (1, seq_len), generator=gen)
-    mask = torch.ones(1, seq_len, dtype=torch.int64)
-    mask[:, seq_len - seq_len // 4 :] = 0  # some padding, so masked pooling is exercised
+    ids = torch.randint(1, int(model.config.vocab_size), (batch, seq_len), generator=gen)
+    mask = torch.ones(batch, seq_len, dtype=torch.int64)
+    mask[0, seq_len - seq_len // 4 :] = 0  # some padding, so masked pooling is exercised
     arrays = {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids)}
     return tuple(arrays[n] for n in input_names)
 

@@ -398,10 +398,17 @@ def _validate(model, example_inputs, file, input_names, output_names, dynamic_ba
 
     problems = []
     for label, inputs in batches.items():
-        with torch.no_grad():
-            expected = [t.detach().cpu().numpy() for t in flatten_outputs(model(*inputs))]
         feed = {n: x.detach().cpu().numpy() for n, x in zip(input_names, inputs)}
-        actual = session.run(list(output_names), feed)
+        try:
+            with torch.no_grad():
+                expected = [t.detach().cpu().numpy() for t in flatten_outputs(model(*inputs))]
+            actual = session.run(list(output_names), feed)
+        except Exception as e:  # torch's or onnxruntime's own errors (InvalidArgument, Fail): a shape was fixed
+            raise ExportValidationError(
+                f"the model or its exported graph does not run on the {label}: {str(e).splitlines()[0][:300]}. "
+                "The code or torch.export fixed a dimension; export with dynamic_batch=False (and the batch you "
+                "serve), or make the code shape-independent. The file was not written."
+            ) from e
         for out_name, want, got in zip(output_names, expected, actual):
             problem = compare(want, got, atol, rtol)
             if problem:

@@ -397,7 +397,14 @@ def _check(src: Path, data: bytes, feeds: Mapping[str, np.ndarray], min_cosine: 
         got = ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
         unfused = _float_compute(onnx.load(so.optimized_model_filepath, load_external_data=False))
     names = [o.name for o in ref.get_outputs()]
-    want, have = ref.run(names, dict(feeds)), got.run(names, dict(feeds))
+    want = ref.run(names, dict(feeds))
+    try:
+        have = got.run(names, dict(feeds))
+    except Exception as e:  # onnxruntime's own Fail/InvalidArgument: the quantizer wrote a graph it cannot run
+        raise ExportValidationError(
+            f"onnxruntime cannot run the quantized model: {str(e).splitlines()[0][:300]}. Leave the node it names "
+            "float (nodes_to_exclude=[...], `edge quantize --exclude NODE`), restrict op_types, or use mode='dynamic'"
+        ) from e
     cosine, diff, bad = {}, {}, []
     for name, a, b in zip(names, want, have):
         a, b = a.astype(np.float64).reshape(-1), b.astype(np.float64).reshape(-1)

@@ -12,7 +12,8 @@ Taps for any exported model, three ways:
   each resolution (the output of each downsampling stage; resolution = the number of
   strided Conv/pool nodes above it, found without shapes), ``residual`` after each
   residual block (a sum of two maps, or the activation that alone reads it). Maps end
-  where a global pool, reshape or linear layer starts;
+  where a global pool, reshape or linear layer starts; they run on through a channel split or
+  shuffle (ShuffleNet) and a channels-last block (ConvNeXt: Transpose to NHWC and back);
 * **by the model's own declaration** at export time: ``declared`` reads the tensor names
   an exporter put in ``ModelInfo.extra["taps"]``;
 * ``first``: the first of ``auto``'s taps alone, the cheapest to serve (one pooled tensor,
@@ -66,20 +67,58 @@ from edge.registry import Registry
 __all__ = ["TAP_SETS", "resolve_taps", "tap_set", "tensor_shapes"]
 
 
+def _norms(model) -> list[tuple[str, str]]:
+    """(input, output) of the layer norms of token sequences, in graph order: a LayerNormalization node, or the
+    nodes exporters write below opset 17 (ReduceMean, Sub, Pow, ReduceMean, Add, Sqrt, Div, then Mul and Add by
+    the affine weights). Not those of a channels-last map (ConvNeXt: a 4-D Transpose feeds them), which the CNN
+    sets tap in its NCHW form."""
+    producer = {o: n for n in model.graph.node for o in n.output}
+    users: dict[str, list] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            users.setdefault(i, []).append(n)
+    found = []
+    for n in model.graph.node:
+        if n.op_type == "LayerNormalization":
+            found.append((n.input[0], n.output[0]))
+        elif n.op_type == "Div" and _is_decomposed_norm(n, producer):
+            out = n.output[0]
+            for op in ("Mul", "Add"):  # the affine weights, when there are
+                after = users.get(out, [])
+                if len(after) != 1 or after[0].op_type != op:
+                    break
+                out = after[0].output[0]
+            found.append((producer[n.input[0]].input[0], out))
+    last = {o for o, n in producer.items() if n.op_type == "Transpose" and len(_perm(n)) == 4}
+    return [(i, o) for i, o in found if i not in last]
+
+
+def _is_decomposed_norm(div, producer) -> bool:
+    """``div`` is ``(x - mean(x)) / sqrt(...)``: the core of a LayerNormalization written out in primitive ops."""
+    sub, root = producer.get(div.input[0]), producer.get(div.input[1])
+    if sub is None or root is None or sub.op_type != "Sub" or root.op_type != "Sqrt":
+        return False
+    mean = producer.get(sub.input[1])
+    return mean is not None and mean.op_type == "ReduceMean" and mean.input[0] == sub.input[0]
+
+
 def _norm_inputs(model) -> list[str]:
-    return [n.input[0] for n in model.graph.node if n.op_type == "LayerNormalization"]
+    return [i for i, _ in _norms(model)]
 
 
 def _norm_outputs(model) -> list[str]:
-    return [n.output[0] for n in model.graph.node if n.op_type == "LayerNormalization"]
+    return [o for _, o in _norms(model)]
 
 
 #: ops that keep a feature map a feature map ([B, C, H, W] in, [B, C, H', W'] out); anything else (a global
 #: pool, a reshape, a linear layer) ends the convolutional part for the CNN tap sets
 _MAP_OPS = frozenset(
     "Conv BatchNormalization InstanceNormalization Relu Clip LeakyRelu PRelu Sigmoid HardSigmoid HardSwish Tanh "
-    "Elu Selu Gelu Mul Add Sub Div Concat MaxPool AveragePool Pad Identity Dropout".split()
+    "Elu Selu Gelu Mul Add Sub Div Concat MaxPool AveragePool Pad Identity Dropout Split Slice".split()
 )
+#: carry a map's level without being maps: a channel split (SplitToSequence, then SequenceAt gives 4-D maps) and a
+#: channel shuffle (ShuffleNet: Reshape to 5-D, Transpose, Reshape back to a 4-D map)
+_CARRY_OPS = frozenset(("SplitToSequence", "SequenceAt", "Reshape", "Transpose"))
 
 
 def _stride(node) -> int:
@@ -101,17 +140,42 @@ def _feature_maps(model) -> list[tuple[str, int, bool]]:
     inits = {i.name for i in model.graph.initializer}
     rank = {k: len(v) for k, v in tensor_shapes(model).items()}
     level = {i.name: 0 for i in model.graph.input if rank.get(i.name) == 4 and i.name not in inits}
-    out = []
+    out, last = [], set()  # last: channels-last maps (ConvNeXt: Transpose to NHWC, LayerNorm, MLP, back to NCHW)
     for node in model.graph.node:
         ins = [level[i] for i in node.input if i in level]
-        if node.op_type not in _MAP_OPS or not ins:
+        if ins and node.op_type == "Transpose" and rank.get(node.output[0]) == 4:
+            perm = _perm(node)
+            if perm == [0, 2, 3, 1] and node.input[0] not in last or node.input[0] in last and perm != [0, 3, 1, 2]:
+                last.add(node.output[0])
+            elif perm != [0, 3, 1, 2]:
+                continue
+            level[node.output[0]] = max(ins)
+            if node.output[0] not in last:
+                out.append((node.output[0], max(ins), False))
+            continue
+        if ins and any(i in last for i in node.input):
+            last.update(o for o in node.output if rank.get(o) == 4)
+            level.update({o: max(ins) for o in node.output if rank.get(o) == 4})
+            continue
+        carry = node.op_type in _CARRY_OPS
+        if not (node.op_type in _MAP_OPS or carry) or not ins:
             continue
         lv = max(ins) + (_stride(node) > 1)
         for o in node.output:
-            if rank.get(o) == 4:
+            if rank.get(o) == 5 or node.op_type == "SplitToSequence":  # inside a shuffle or a split
+                level[o] = lv
+            elif rank.get(o) == 4 and (
+                not carry or node.op_type == "SequenceAt" or node.op_type == "Reshape" and rank.get(node.input[0]) == 5
+            ):
                 level[o] = lv
                 out.append((o, lv, node.op_type == "Add" and len(ins) == 2))
     return out
+
+
+def _perm(node) -> list[int]:
+    from onnx import helper
+
+    return next((list(helper.get_attribute_value(a)) for a in node.attribute if a.name == "perm"), [])
 
 
 def _stages(model) -> list[str]:
@@ -220,9 +284,27 @@ def tensor_shapes(model) -> dict[str, tuple]:
         inferred = onnx.shape_inference.infer_shapes(model)
     except Exception as e:  # onnx raises InferenceError and protobuf errors
         raise FormatError(f"shape inference failed on model {model.graph.name!r}: {e}") from e
+    shapes = _shapes_of(inferred)
+    if any(o not in shapes for n in model.graph.node for o in n.output if o):
+        shapes = {**_symbolic_shapes(model), **shapes}
+    return shapes
+
+
+def _shapes_of(model) -> dict[str, tuple]:
     shapes = {}
-    for v in [*inferred.graph.value_info, *inferred.graph.output, *inferred.graph.input]:
+    for v in [*model.graph.value_info, *model.graph.output, *model.graph.input]:
         t = v.type.tensor_type
         if t.HasField("shape"):
             shapes[v.name] = tuple(d.dim_value if d.HasField("dim_value") else d.dim_param for d in t.shape.dim)
     return shapes
+
+
+def _symbolic_shapes(model) -> dict[str, tuple]:
+    """Shapes onnx's inference leaves unknown behind reshapes computed from ``Shape`` (a dynamic batch axis
+    exported below opset 17), from onnxruntime's symbolic inference; {} when it cannot tell either."""
+    try:
+        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+        return _shapes_of(SymbolicShapeInference.infer_shapes(model, auto_merge=True))
+    except Exception:  # an op it has no rule for: the taps without a shape are refused by name as before
+        return {}
