@@ -26,6 +26,7 @@ __all__ = [
     "ONNX_DTYPES",
     "add_inputs",
     "external_stub",
+    "folded_reads",
     "quant_constants",
     "readers",
     "Stored",
@@ -292,4 +293,18 @@ def readers(proto, names: set[str]) -> dict[str, set[tuple[str, int]]]:
         for i, k in enumerate(n.input):
             if k in out:
                 out[k].add((n.op_type, i))
+    return out
+
+
+def folded_reads(proto, weights: set[str]) -> set[str]:
+    """The ``weights`` read by a node whose inputs are all constants (initializers, ``Constant`` outputs and what
+    only they compute): onnxruntime's constant folding computes such a node while it builds the session, reading
+    the weight's data from the graph, so a weight handed over in place (its graph entry a data-less stub) would be
+    read from the stub file (e.g. Swin v2's continuous position bias MLP over a constant coordinate table)."""
+    const = {t.name for t in proto.graph.initializer} | set(weights)
+    out: set[str] = set()
+    for n in proto.graph.node:
+        if all(i in const for i in n.input if i):
+            const.update(n.output)
+            out.update(i for i in n.input if i in weights)
     return out

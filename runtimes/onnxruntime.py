@@ -185,7 +185,9 @@ class OrtBackend(ArenaBackend):
         self._fed = self._slots | _only(readers, _GATHERED)
         self._fed_feeds = {k: self._live[k] for k in sorted(self._fed)}
         self._consts = sorted(set(self._live) - self._fed)
-        self._shared = _only(readers, _PACKED)  # handed over in place (others, e.g. Conv weights, are copied)
+        # handed over in place (others are copied: e.g. Conv weights, which optimizers rewrite, and weights that
+        # constant folding computes with at build, which it reads from the graph, not from add_initializer)
+        self._shared = _only(readers, _PACKED) - _file.folded_reads(proto, set(self._consts))
         self.weights_mb = sum(a.nbytes for a in arenas.values()) / 2**20
         self.packed_mb = sum(self._live[k].nbytes for k in _packed(readers)) / 2**20
         if self._threads is None and nbytes < SMALL_MODEL_BYTES:
