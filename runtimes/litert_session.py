@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from edge.errors import ConfigError, FormatError
+from edge.format.feeds import dtype_hint
 
 __all__ = ["Session", "ops_details"]
 
@@ -193,7 +194,7 @@ class Session:
             return x.astype(want)
         if x.dtype.newbyteorder("=") == want:
             return x.astype(want)  # another byte order: the same values
-        raise ConfigError(f"input {name!r} must be {want}, got {x.dtype}; convert it with x.astype(...)")
+        raise ConfigError(f"input {name!r} must be {want}, got {x.dtype}; {dtype_hint(x.dtype, want)}")
 
 
 def ops_details(interp) -> list[dict]:

@@ -28,6 +28,7 @@ __all__ = [
     "InputSpec",
     "MAX_GENERATED_BYTES",
     "check_feeds",
+    "dtype_hint",
     "generate_inputs",
     "input_specs",
     "names_only",
@@ -37,6 +38,17 @@ __all__ = [
 ]
 
 MAX_GENERATED_BYTES = 1 << 30  # inputs generate_inputs makes (float64 while drawn); larger ones come from a file
+
+
+def dtype_hint(got: np.dtype, want: np.dtype) -> str:
+    """What to do with an input of dtype ``got`` where the model takes ``want``: a float input of a full-integer
+    model must be quantized with the input's own scale and zero point, not cast."""
+    if got.kind == "f" and want.kind in "iu":
+        return (
+            f"a full-integer model takes quantized inputs: np.clip(np.round(x / scale) + zero_point, lo, hi).astype("
+            f"np.{want}) with the input tensor's scale and zero point (edge.format.tflite.read_tflite(data).tensors)"
+        )
+    return "convert it with x.astype(...)"
 
 
 @dataclass(frozen=True)
@@ -165,7 +177,7 @@ def check_feeds(feeds: object, specs: Mapping[str, InputSpec], weights: frozense
         if x.dtype != spec.dtype and x.dtype.kind in "iu" and spec.dtype.kind in "iu":
             x = _narrow(name, x, spec.dtype)  # token ids: int64 from a tokenizer, int32 in a converted model
         if x.dtype != spec.dtype:
-            raise ConfigError(f"input {name!r} must be {spec.dtype}, got {x.dtype}; convert it with x.astype(...)")
+            raise ConfigError(f"input {name!r} must be {spec.dtype}, got {x.dtype}; {dtype_hint(x.dtype, spec.dtype)}")
         if x.ndim != len(spec.shape):
             raise ConfigError(f"input {name!r} must have {len(spec.shape)} dimensions {_show(spec)}, got {x.shape}")
         for i, (got, want) in enumerate(zip(x.shape, spec.shape)):

@@ -57,3 +57,11 @@ def test_the_checker_remembers_only_what_cannot_change_the_verdict():
     strided = {"x": np.zeros((2, 6), np.float32)[:, ::2], "ids": good["ids"]}  # copied: not remembered
     assert check(strided)["x"].flags.c_contiguous
     assert len(check._seen) == 1
+
+
+def test_a_float_input_to_a_full_integer_model_is_told_to_quantize_not_cast():
+    from edge.format.feeds import dtype_hint
+
+    hint = dtype_hint(np.dtype(np.float32), np.dtype(np.int8))
+    assert "quantized inputs" in hint and "zero_point" in hint and "astype(np.int8)" in hint
+    assert dtype_hint(np.dtype(np.float64), np.dtype(np.float32)) == "convert it with x.astype(...)"
