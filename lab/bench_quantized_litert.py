@@ -20,7 +20,8 @@ the word-embedding table int8 too, ``EMBEDDING_LOOKUP``), per base:
   within rounds (every base's contestants interleaved in each round);
 * ``switch_ms_p50``: base -> adapter, one random SHiRA adapter of the same entries on every base
   (density 1 %; requantized onto an int8 base at load, clipped entries counted); goals judged on the median of
-  per-round ratios and its 95 % interval, as in :mod:`lab.bench_quantized`;
+  per-round ratios and its 95 % interval, settled and with the caches evicted first
+  (``switch_cold_x_fp32``), as in :mod:`lab.bench_quantized`;
 * ``rss_mb``: resident memory of the switchable hybrid runtime after a switch cycle, in a fresh child,
   above a baseline child; ``plain_rss_mb`` a plain interpreter's;
 * ``mean_acc_base`` / ``mean_acc_adapted``: mean test accuracy over the demo domains of the base and of the
@@ -56,6 +57,7 @@ from lab.bench_quantized_core import (
     measure_args,
     requantized_cell,
     rss_cell,
+    switch_cell,
 )
 from lab.bench_quantized_core import add_arguments as core_arguments
 
@@ -170,8 +172,8 @@ LITERT = QuantBackend(
 
 def markdown(result: dict) -> str:
     lines = [
-        "| model | base | bytes | infer ms p50 (plain) | rss MB (plain) | switch ms p50 | base acc / cos | adapted acc "
-        "/ cos (built-in kernels) | fp32 adapter requantized (clipped) | load |",
+        "| model | base | bytes | infer ms p50 (plain) | rss MB (plain) | switch ms p50 (evicted) | base acc / cos "
+        "| adapted acc / cos (built-in kernels) | fp32 adapter requantized (clipped) | load |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
@@ -179,7 +181,7 @@ def markdown(result: dict) -> str:
         acc_b, acc_a = r.get("mean_acc_base", r.get("cosine_base")), r.get("mean_acc_adapted", r.get("cosine_adapted"))
         lines.append(
             f"| {r['model']} | {r['base']} | {r['bytes']:,} | {r['infer_ms_p50']:.3f} ({r['static_infer_ms_p50']:.3f}) "
-            f"| {rss_cell(r)} | {r['switch_ms_p50']:.3f} | {acc_b:.4f} | {acc_a:.4f}{builtin} "
+            f"| {rss_cell(r)} | {switch_cell(r)} | {acc_b:.4f} | {acc_a:.4f}{builtin} "
             f"| {requantized_cell(r)} | {r['load_1m']} |"
         )
     return "\n".join(lines + goal_lines(result.get("goals", {})))

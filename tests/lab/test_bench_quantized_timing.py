@@ -98,7 +98,7 @@ def test_paired_timings_report_per_round_ratios_with_their_spread():
     assert s["ci95"][0] <= s["median"] <= s["ci95"][1] and s["iqr"][0] <= s["median"] <= s["iqr"][1]
     assert 1.5 < s["median"] < 2.5  # twice the busy time, paired round by round
     assert "switch_x_fp32_spread" not in out["fp32"] and out["fp32"]["infer_overhead_pct_spread"]["n"] == 3
-    assert all(rt.closed and rt.switches == 10 for rt in rts.values())  # 8 timed + 2 untimed warm-up switches
+    assert all(rt.closed and rt.switches == 2 * 10 for rt in rts.values())  # (8 timed + 2 warm-up) x (settled, cold)
 
 
 def test_median_interval_holds_for_long_runs():
