@@ -218,10 +218,13 @@ def _find_weights(graph, arrays: Mapping[str, np.ndarray]):
     found: dict[str, _View] = {}
     skipped: dict[str, str] = {}
     dead: set[str] = set()  # outputs of folded Transpose/Reshape chains
+    left: set[str] = set()  # MatMul's left operand (W @ x): said, not adapted
     for node in graph.node:
         slot = WEIGHT_INPUTS.get(node.op_type)
         if node.domain not in ("", "ai.onnx") or slot is None or len(node.input) <= slot:
             continue
+        if node.op_type == "MatMul" and node.input[0] in arrays and node.input[1] not in arrays:
+            left.add(node.input[0])
         chain, value = [], node.input[slot]
         while value not in arrays and value in producer and producer[value].op_type in _PASS_THROUGH:
             chain.append(producer[value])
@@ -249,6 +252,8 @@ def _find_weights(graph, arrays: Mapping[str, np.ndarray]):
             skipped[value] = f"read in two layouts ({'/'.join(prior.ops)} and {node.op_type})"
             continue
         found.setdefault(value, view)
+    for value in left - set(found) - set(skipped):
+        skipped[value] = "read as MatMul's left operand (W @ x); only x @ W (torch's Linear) is adapted"
     for value in skipped:
         found.pop(value, None)
     return found, skipped, dead

@@ -281,3 +281,23 @@ def test_every_refusal_on_a_foreign_model_leaves_the_switched_weights_bit_exact(
             )
             np.testing.assert_array_equal(rt.run(feeds())["y"], out)
         assert refused == list(_refusals(info))
+
+
+def test_a_weight_on_the_left_of_a_matmul_is_said_not_silently_left_out(tmp_path):
+    """``W @ x`` (weight as MatMul's first operand) is not a layout the adapters address: reported in ``skipped``
+    with why, beside the ``x @ V`` weight that is adapted; a constant table times a weight is not reported."""
+    rng = np.random.default_rng(0)
+    w, v = rng.standard_normal((3, 4)).astype(np.float32), rng.standard_normal((5, 2)).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["w", "x"], ["h"]), helper.make_node("MatMul", ["h", "v"], ["y"])]
+    graph = helper.make_graph(
+        nodes,
+        "left",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [4, 5])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [3, 2])],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(v, "v")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    report = import_onnx(tmp_path / "m.onnx", tmp_path / "o.onnx")
+    assert list(report.info.tensors) == ["v"]
+    assert "left operand" in report.skipped["w"] and "v" not in report.skipped
