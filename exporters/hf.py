@@ -366,9 +366,12 @@ def _prepare(model: torch.nn.Module, pooling: str) -> None:
             module.register_buffer("mask_token", token.detach(), persistent=False)
 
 
-class _NoPooler(torch.nn.Module):  # a dropped pooler, for models that call theirs anyway (SqueezeBERT)
-    def forward(self, *args, **kwargs) -> None:
-        return None
+class _NoPooler(torch.nn.Module):
+    """A dropped pooler, for models that call theirs anyway (SqueezeBERT) or feed it to an activation (ALBERT's
+    tanh): an empty slice of its input, which no exported output reads."""
+
+    def forward(self, hidden: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        return hidden[..., :0]
 
 
 def _check_seq_len(model: torch.nn.Module, seq_len: int) -> None:
