@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from edge.commands import runtime_flags
+from edge.commands.devices import devices_dir_flag
 
 
 def register(sub) -> None:
@@ -19,6 +20,7 @@ def register(sub) -> None:
         help="device profile whose budget applies (see `edge devices`); its memory_mb also bounds the samples "
         "loaded (budgets only: the engine follows --backend)",
     )
+    devices_dir_flag(u)
     u.add_argument("--domain", help="where the samples come from; ncm/slda/ranpac keep per-domain prototypes")
     u.add_argument("-o", "--option", action="append", default=[], metavar="KEY=VALUE", help="method option")
     u.add_argument("--adapter-out", type=Path, help="shira-head: also write the learned adapter file here")
@@ -106,7 +108,7 @@ def _budget(args) -> tuple[float, str]:
     if args.device:
         from edge.devices import load_profile
 
-        budgets = load_profile(args.device).budgets
+        budgets = load_profile(args.device, search=getattr(args, "devices_dir", ())).budgets
         own = getattr(budgets, "update_mb", None)
         if own:
             return float(own), f"device {args.device}: budgets.update_mb"
@@ -122,7 +124,7 @@ def _samples_limit(args, budget: float) -> tuple[int, str]:
         return MAX_ARRAY_BYTES, f"the hard cap of {MAX_ARRAY_BYTES} bytes (no --device given)"
     from edge.devices import load_profile
 
-    memory_mb = float(load_profile(args.device).budgets.memory_mb)
+    memory_mb = float(load_profile(args.device, search=getattr(args, "devices_dir", ())).budgets.memory_mb)
     return sample_limit(memory_mb, budget, source=f"device {args.device}")
 
 

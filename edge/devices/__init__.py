@@ -114,11 +114,13 @@ def load_profile(
         if not d.is_dir():
             raise ConfigError(f"device profile folder {d} does not exist (from --devices-dir or ${ENV_VAR})")
         f = d / f"{text}.yaml"
-        if f.is_file():
+        if os.path.lexists(f):  # a folder, FIFO or broken link of that name is refused as such, not skipped
             return _load_file(f)
     known = sorted({f.stem for d in dirs for f in d.glob("*.yaml")})
+    yml = [str(d / f"{text}.yml") for d in dirs if (d / f"{text}.yml").exists()]  # only NAME.yaml is searched
     raise ConfigError(
-        f"unknown device profile {text!r}; known: {', '.join(known) or 'none'} "
+        (f"{yml[0]} is not searched: rename it to {text}.yaml, or pass its path; " if yml else "")
+        + f"unknown device profile {text!r}; known: {', '.join(known) or 'none'} "
         f"(searched {', '.join(map(str, dirs)) or 'nothing'}; add NAME.yaml to a folder in ${ENV_VAR} "
         "or --devices-dir)"
     )

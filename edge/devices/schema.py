@@ -8,6 +8,7 @@ documents them, provider options (each backend's ``PROVIDERS``, :mod:`runtimes`)
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import MappingProxyType
@@ -50,8 +51,11 @@ def from_dict(data: object, source: Path | None = None) -> DeviceProfile:
     arch = _choice(d["architecture"], ARCHITECTURES, "architecture")
     fallback = _choice(d["fallback"], FALLBACKS, "fallback")
     threads = d["threads"]
-    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
-        raise ConfigError(f"threads must be a positive integer or null (backend default), got {threads!r}")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or not 0 < threads <= 256):
+        raise ConfigError(  # 10**5 threads hang onnxruntime's session build; 10**30 overflows its int
+            "threads must be a positive integer or null (backend default), at most 256 (the device's cores), "
+            f"got {threads!r}"
+        )
     backends = d["backends"]
     if not isinstance(backends, list) or not backends:
         raise ConfigError(f"backends must be a non-empty list of backend entries, got {backends!r}")
@@ -92,7 +96,7 @@ def from_dict(data: object, source: Path | None = None) -> DeviceProfile:
         budgets=budgets,
         tolerances=tols,
         fallback=fallback,
-        description=str(d.get("description") or ""),
+        description=_text(d.get("description"), "description"),
         source=source,
         trusted_keys=tuple(keys),
     )
@@ -121,6 +125,7 @@ def _fleet(d: dict, source: Path | None) -> FleetSource | None:
     return FleetSource(registry=registry, tuf_root=root, channel=channel, insecure=insecure)
 
 
+_EXP_TEXT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")  # PyYAML (YAML 1.1) reads 1e3 and 1.0e3 as text
 _BUDGETS = {k: True for k in ("memory_mb", "load_ms", "latency_p95_ms", "switch_p95_ms")}
 _TOLS = {"atol": True, "rtol": True}
 _BACKEND = {"backend": True, "providers": True, "strategy": False, "precision": False}
@@ -182,9 +187,16 @@ def _fields(data: object, spec: Mapping[str, bool], where: str) -> dict:
 
 
 def _choice(value: object, allowed: Sequence[str], what: str) -> str:
-    if value not in allowed:
-        raise ConfigError(f"unknown {what} {value!r}; allowed: {', '.join(allowed)}")
+    if isinstance(value, bool) or value not in allowed:
+        hint = " (YAML reads an unquoted no/off/yes/on as a boolean)" if isinstance(value, bool) else ""
+        raise ConfigError(f"unknown {what} {value!r}{hint}; allowed: {', '.join(allowed)}")
     return str(value)
+
+
+def _text(value: object, what: str) -> str:
+    if value is not None and not isinstance(value, str):
+        raise ConfigError(f"{what} must be text (quote it), got {type(value).__name__} {str(value)[:80]!r}")
+    return value or ""
 
 
 def _positive(value: object, what: str, zero: bool = False) -> float:
@@ -194,7 +206,10 @@ def _positive(value: object, what: str, zero: bool = False) -> float:
         or not math.isfinite(value)
         or not (value >= 0 if zero else value > 0)
     ):
-        raise ConfigError(f"{what} must be a {'non-negative' if zero else 'positive'} number, got {value!r}")
+        hint = ""
+        if isinstance(value, str) and _EXP_TEXT.match(value.strip()):  # only 1.0e+3 (dot, signed exponent) is a float
+            hint = f" (YAML reads {value} as text: write it with a dot and a signed exponent, e.g. 1.0e+3)"
+        raise ConfigError(f"{what} must be a {'non-negative' if zero else 'positive'} number, got {value!r}{hint}")
     return float(value)
 
 

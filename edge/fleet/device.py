@@ -41,6 +41,7 @@ from edge.fleet.oci import (
     FleetSecurityError,
     OciClient,
     RegistryUnreachableError,
+    check_name,
     fp_hex,
     require_fleet,
 )
@@ -118,15 +119,19 @@ def sync(
     if config.tuf_root is None:
         raise ConfigError("sync needs the TUF root the device trusts (tuf_root: path of root.json from the host)")
     adapter_dir = Path(adapter_dir)
-    adapter_dir.mkdir(parents=True, exist_ok=True)
     cache = Path(cache_dir) if cache_dir else adapter_dir / STATE_DIR
-    for sub in ("tuf", "blobs", "partial"):
-        (cache / sub).mkdir(parents=True, exist_ok=True)
+    try:
+        adapter_dir.mkdir(parents=True, exist_ok=True)
+        for sub in ("tuf", "blobs", "partial"):
+            (cache / sub).mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a file in the way, no permission, a read-only or full disk
+        raise ConfigError(f"cannot use {e.filename} as a sync folder: {e.strerror}; give a writable folder") from e
     report = SyncReport(
         registry=f"{config.registry}/{config.repository}", channel=config.channel, fingerprint=fingerprint
     )
     try:
-        with FileLock(str(adapter_dir / ".edge-sync.lock"), timeout=_LOCK_TIMEOUT):
+        lock = FileLock(str(adapter_dir / ".edge-sync.lock"), timeout=_LOCK_TIMEOUT)
+        with lock, FileLock(str(cache / ".lock"), timeout=_LOCK_TIMEOUT):  # a --cache shared by folders: one at a time
             s = _Sync(config, adapter_dir, cache, fingerprint, info, report, on_chunk)
             if trusted_keys is not None:
                 from edge.format.signing import load_public_key
@@ -134,23 +139,18 @@ def sync(
                 s.trusted = [load_public_key(k) for k in trusted_keys]
             s.run(prune)
     except Timeout as e:
-        raise FleetError(f"another sync holds {adapter_dir}/.edge-sync.lock for over {_LOCK_TIMEOUT:.0f} s") from e
+        raise FleetError(f"another sync holds {e.lock_file} for over {_LOCK_TIMEOUT:.0f} s; try again later") from e
     report.seconds = round(time.perf_counter() - t0, 4)
     return report
 
 
 class _Sync:
     def __init__(self, config: FleetConfig, adapter_dir: Path, cache: Path, fp: str, info, report: SyncReport, hook):
-        self.cfg, self.dir, self.cache, self.fp, self.info, self.r, self.hook = (
-            config,
-            adapter_dir,
-            cache,
-            fp,
-            info,
-            report,
-            hook,
-        )
+        self.cfg, self.dir, self.cache, self.fp, self.info = config, adapter_dir, cache, fp, info
+        self.r, self.hook = report, hook
         self.state = _read_json(cache / "state.json") or {"adapters": {}}
+        if not isinstance(self.state, dict) or not isinstance(self.state.get("adapters"), dict):
+            raise FleetError(f"sync state {cache / 'state.json'} is not a sync state; delete it to start over")
         self.trusted: list[bytes] | None = None
 
     # -- the four steps ---------------------------------------------------------------------------------------
@@ -188,11 +188,10 @@ class _Sync:
         from tuf.ngclient import Updater
 
         from edge.fleet.tuf_oci import METADATA_BASE_URL, bin_probe_paths
+        from edge.format.io import read_bounded
 
-        try:
-            root = Path(self.cfg.tuf_root).read_bytes()
-        except OSError as e:
-            raise ConfigError(f"cannot read the TUF root {self.cfg.tuf_root}: {e}") from e
+        # a regular file of at most ngclient's root_max_length: a FIFO or /dev/zero given as the root cannot hang sync
+        root = read_bounded(self.cfg.tuf_root, 512_000, what="TUF root (root.json from `edge release init`)")
         meta_dir = self.cache / "tuf"
         try:
             up = Updater(str(meta_dir), METADATA_BASE_URL, fetcher=fetcher, bootstrap=root)
@@ -234,8 +233,10 @@ class _Sync:
         self.r.release = int(snapshot)
         out: dict[str, dict] = {}
         for path, tf in sorted(targets.items()):  # "x.safetensors" sorts before "x.safetensors.sig"
-            c = tf.custom if isinstance(tf.custom, dict) else {}
-            entry = {"length": tf.length, "sha256": tf.hashes.get("sha256", ""), "version": int(c.get("version", 0))}
+            v = (tf.custom if isinstance(tf.custom, dict) else {}).get("version", 0)
+            if isinstance(v, bool) or not isinstance(v, int):  # signed, yet no release number: refuse, never crash
+                raise FleetSecurityError(f"TUF target {path[:120]} carries version {str(v)[:40]!r}, not an integer")
+            entry = {"length": tf.length, "sha256": tf.hashes.get("sha256", ""), "version": v}
             rest = path[len(prefix) :]
             if rest.endswith(".safetensors"):
                 out[rest[: -len(".safetensors")]] = entry | {"path": path}
@@ -246,12 +247,17 @@ class _Sync:
     def _apply(self, plan: dict, client: OciClient | None, prune: bool) -> None:
         installed = self.state["adapters"]
         for name, t in sorted(plan["targets"].items()):
+            try:  # a signed path such as ../x or /x must never name a file outside the adapter folder
+                check_name("adapter name", name)
+            except ConfigError as e:
+                self._refuse(name[:80], f"target path refused: {e}")
+                continue
             have = installed.get(name)
             sig = t.get("sig", {}).get("sha256")
-            if have and have["sha256"] == t["sha256"] and have.get("sig") == sig and self._present(name, t):
+            if have and have["sha256"] == t["sha256"] and have.get("sig") == sig and self._present(name, have):
                 self.r.unchanged.append(name)
                 continue
-            if have and t["version"] < have["version"]:
+            if have and have.get("fingerprint", self.fp) == self.fp and t["version"] < have["version"]:
                 self._refuse(name, f"release version {t['version']} is older than the installed {have['version']}")
                 continue
             try:
@@ -270,7 +276,13 @@ class _Sync:
             except FleetError as e:  # the registry answered with an error (HTTP 5xx...): retry on the next sync
                 self.r.failed.append({"name": name, "reason": str(e)})
                 continue
-            self._install(name, t, blob)
+            except OSError as e:  # disk full, read-only: the partial download stays, to resume once there is room
+                self.r.failed.append({"name": name, "reason": _disk_reason(self.cache, e) if e.errno else str(e)})
+                continue
+            try:
+                self._install(name, t, blob)
+            except OSError as e:  # WriteError included: the old file is unchanged, the verified blob kept
+                self.r.failed.append({"name": name, "reason": _disk_reason(self.dir, e)})
         wanted = {t["sha256"] for t in plan["targets"].values()} | {
             t["sig"]["sha256"] for t in plan["targets"].values() if "sig" in t
         }
@@ -307,9 +319,12 @@ class _Sync:
         self._apply(plan, None, prune=False)
 
     # -- helpers ----------------------------------------------------------------------------------------------
-    def _present(self, name: str, t: dict) -> bool:
+    def _present(self, name: str, have: dict) -> bool:
+        """The installed file is still the one sync wrote: same stat, else same sha256 (a file swapped in is not)."""
+        path = self.dir / f"{name}.safetensors"
         try:
-            return (self.dir / f"{name}.safetensors").stat().st_size == t["length"]
+            st = path.stat()
+            return st.st_size == have["length"] and (_stamp(st) == have.get("stamp") or _sha256(path) == have["sha256"])
         except OSError:
             return False
 
@@ -327,6 +342,10 @@ class _Sync:
         if client is None:
             raise RegistryUnreachableError(f"{name}: not in the cache and the registry is unreachable")
         part = self.cache / "partial" / f"{sha}.part"
+        free = _free_bytes(self.cache)  # a signed length the disk cannot hold fails before any byte moves
+        need = 2 * length - (part.stat().st_size if part.exists() else 0)  # the blob, then its installed copy
+        if free is not None and need > free:
+            raise OSError(28, f"{name} needs {need} bytes, {free} are free")
         for _attempt in (0, 1):  # a resumed file that fails the hash is retried once from byte 0
             start = part.stat().st_size if part.exists() else 0
             if start > length:
@@ -347,6 +366,8 @@ class _Sync:
                     f.flush()
                     os.fsync(f.fileno())
             if part.stat().st_size < length:  # the connection ended early without an error: resume next time
+                if start and part.stat().st_size == start:  # nothing past `start` (HTTP 416): the blob is short
+                    raise FleetSecurityError(f"{name}: the registry's blob ends at byte {start}, {length} were signed")
                 raise RegistryUnreachableError(f"{name}: download ended at byte {part.stat().st_size} of {length}")
             if _sha256(part) == sha:
                 os.replace(part, done)
@@ -378,7 +399,8 @@ class _Sync:
             _sig_path(dst).unlink(missing_ok=True)
         atomic_write_bytes(dst, blob.read_bytes())
         sig.unlink(missing_ok=True)
-        self.state["adapters"][name] = {"sha256": t["sha256"], "version": t["version"], "length": t["length"]}
+        entry = {"sha256": t["sha256"], "version": t["version"], "length": t["length"], "fingerprint": self.fp}
+        self.state["adapters"][name] = entry | {"stamp": _stamp(dst.stat())}
         if "sig" in t:
             self.state["adapters"][name]["sig"] = t["sig"]["sha256"]
         self.state["release"] = self.r.release
@@ -389,6 +411,20 @@ class _Sync:
 
 def _sig_path(path: Path) -> Path:
     return path.with_name(path.name + ".sig")  # as edge.format.signing.signature_path
+
+
+def _stamp(st: os.stat_result) -> list[int]:
+    return [st.st_ino, st.st_size, st.st_mtime_ns]
+
+
+def _free_bytes(path: Path) -> int | None:
+    st = os.statvfs(path) if hasattr(os, "statvfs") else None  # Windows: the write itself reports a full disk
+    return st.f_bavail * st.f_frsize if st else None
+
+
+def _disk_reason(where: Path, e: OSError) -> str:
+    fix = f"the disk is full ({e.strerror}); free space there" if e.errno == 28 else f"{e}; check that folder"
+    return f"cannot write in {where}: {fix} and sync again (nothing was half-installed)"
 
 
 def _sha256(path: Path) -> str:
