@@ -9,7 +9,34 @@ from collections.abc import Callable
 
 import numpy as np
 
-__all__ = ["load_average", "machine", "p50", "peak_rss_mb", "reset_peak_rss", "status_mb", "time_calls"]
+__all__ = [
+    "MAX_THREADS",
+    "check_threads",
+    "load_average",
+    "machine",
+    "p50",
+    "peak_rss_mb",
+    "reset_peak_rss",
+    "status_mb",
+    "time_calls",
+]
+
+
+#: the most intra-op threads a runtime or device profile asks for: onnxruntime hung building a session with 10**5
+#: and overflowed its int at 10**30 (a device has a few cores; 256 leaves room for any board)
+MAX_THREADS = 256
+
+
+def check_threads(threads: object, what: str = "threads") -> None:
+    """``threads`` is None (the backend's default) or an int in 1..:data:`MAX_THREADS`; else a ConfigError."""
+    if threads is not None and (
+        isinstance(threads, bool) or not isinstance(threads, int) or not 0 < threads <= MAX_THREADS
+    ):
+        from edge.errors import ConfigError
+
+        raise ConfigError(
+            f"{what} must be a positive integer or null (backend default), at most {MAX_THREADS}, got {threads!r}"
+        )
 
 
 def machine() -> dict:

@@ -61,6 +61,11 @@ class BackendOptions:
     memory_mb: float | None = None  # memory budget: strategy "auto" picks what the model's predicted footprint fits
     precision: str = "any"  # "fp32" or "int8": the model precision the device runs (NPUs: int8 only); "any"
 
+    def __post_init__(self) -> None:
+        from edge.machine import check_threads
+
+        check_threads(self.threads)
+
 
 @dataclass(frozen=True)
 class WeightWrite:

@@ -59,7 +59,22 @@ def runtime_flags(
         help_ = BACKEND_HELP if backend is None else f"inference engine (default {backend}: {why})"
         sp.add_argument("--backend", default=backend, help=help_)
     if threads:
-        sp.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
+        sp.add_argument("--threads", type=_threads, default=None, help=THREADS_HELP)
     if cache:
         sp.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help=f"artifact cache (default {DEFAULT_CACHE})")
     sp.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+
+
+def _threads(text: str) -> int:
+    """``--threads``: an int in 1..MAX_THREADS (argparse turns the error into exit 2 and one line)."""
+    import argparse
+
+    from edge.errors import ConfigError
+    from edge.machine import check_threads
+
+    try:
+        value = int(text)
+        check_threads(value, "--threads")
+    except (ValueError, ConfigError) as e:
+        raise argparse.ArgumentTypeError(str(e) if isinstance(e, ConfigError) else f"not an integer: {text!r}") from e
+    return value

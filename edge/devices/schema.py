@@ -24,6 +24,7 @@ from edge.devices.profile import (
     Tolerances,
 )
 from edge.errors import ConfigError
+from edge.machine import check_threads
 from runtimes import backend_names, get_backend
 
 __all__ = ["from_dict"]
@@ -51,11 +52,7 @@ def from_dict(data: object, source: Path | None = None) -> DeviceProfile:
     arch = _choice(d["architecture"], ARCHITECTURES, "architecture")
     fallback = _choice(d["fallback"], FALLBACKS, "fallback")
     threads = d["threads"]
-    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or not 0 < threads <= 256):
-        raise ConfigError(  # 10**5 threads hang onnxruntime's session build; 10**30 overflows its int
-            "threads must be a positive integer or null (backend default), at most 256 (the device's cores), "
-            f"got {threads!r}"
-        )
+    check_threads(threads)
     backends = d["backends"]
     if not isinstance(backends, list) or not backends:
         raise ConfigError(f"backends must be a non-empty list of backend entries, got {backends!r}")

@@ -176,3 +176,26 @@ def test_update_takes_the_devices_dir_as_every_other_command_does(tmp_path):
     update.register(parser.add_subparsers())
     parsed = parser.parse_args(["update", "--model", "m", "--data", "d", "--devices-dir", str(tmp_path)])
     assert parsed.devices_dir == [tmp_path]
+
+
+def test_runtime_and_cli_threads_are_range_checked_like_profiles(tmp_path, capsys):
+    """``Runtime(threads=...)`` and ``--threads``: None or 1..256, else one typed line (10**5 hung onnxruntime's
+    session build, 10**30 overflowed its int, -3 was accepted)."""
+    import _tiny
+
+    from edge.cli import main
+    from edge.errors import ConfigError
+    from edge.runtime import Runtime
+
+    _tiny.make_mlp(tmp_path / "m.onnx")
+    for bad in (0, -3, 100_000, 10**30, True, 2.0):
+        with pytest.raises(ConfigError, match="at most 256"):
+            Runtime(tmp_path / "m.onnx", threads=bad)
+    with Runtime(tmp_path / "m.onnx", threads=2) as rt:
+        assert rt.backend.threads == 2
+    for bad in ("0", "100000", "two"):
+        with pytest.raises(SystemExit) as e:
+            main(["bench", "switch", "--threads", bad])
+        assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "at most 256" in err and "not an integer: 'two'" in err
