@@ -105,7 +105,7 @@ def find_engines(model: str | os.PathLike, profile=None) -> tuple[list[EngineFil
             continue
         if profile is not None:
             try:
-                resolve_providers(profile, backend)
+                resolve_providers(profile, backend, quiet=True)  # the runtime logs its fallback once
             except (BackendUnavailableError, ConfigError) as e:
                 skipped[backend] = str(e)
                 continue

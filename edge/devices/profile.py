@@ -131,11 +131,12 @@ class DeviceProfile:
 
 # -- fallback policy ---------------------------------------------------------------------------
 def resolve_providers(
-    profile: DeviceProfile, backend: str, available: Sequence[str] | None = None
+    profile: DeviceProfile, backend: str, available: Sequence[str] | None = None, *, quiet: bool = False
 ) -> tuple[tuple[ProviderSpec, ...], str | None]:
     """The providers to use for ``backend`` here, and the warning to log (None if all are present).
 
-    ``available`` defaults to what :func:`available_providers` finds on this machine.
+    ``available`` defaults to what :func:`available_providers` finds on this machine. ``quiet``: return the
+    warning without logging it (a caller that only asks whether the backend can run; the runtime logs it once).
     Raises :class:`BackendUnavailableError` when the backend is not installed, or when a
     provider is missing and the profile says ``fallback: error``.
     """
@@ -155,7 +156,8 @@ def resolve_providers(
         listed = ", ".join(b.backend for b in profile.backends)
         if profile.fallback == "cpu" and cpu in available:
             warning = f"device profile {profile.name!r} lists no {backend} entry (it lists {listed}); running on {cpu}"
-            log.warning("%s", warning)
+            if not quiet:
+                log.warning("%s", warning)
             return (ProviderSpec(cpu),), warning
         raise ConfigError(
             f"device profile {profile.name!r} lists backends [{listed}], not {backend!r}; "
@@ -182,7 +184,8 @@ def resolve_providers(
         f"device profile {profile.name!r}: {backend} provider(s) {missing} not available here "
         f"(fallback: cpu); running on {[s.name for s in chosen]}"
     )
-    log.warning("%s", warning)
+    if not quiet:
+        log.warning("%s", warning)
     return chosen, warning
 
 

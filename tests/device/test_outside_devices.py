@@ -199,3 +199,21 @@ def test_runtime_and_cli_threads_are_range_checked_like_profiles(tmp_path, capsy
         assert e.value.code == 2
     err = capsys.readouterr().err
     assert "at most 256" in err and "not an integer: 'two'" in err
+
+
+def test_a_provider_fallback_is_logged_once_per_load(tmp_path, caplog):
+    """A profile whose provider is missing here, with ``fallback: cpu``: the runtime says so once (the engine
+    choice only asks whether the backend can run, quietly), and keeps it in ``fallback_warning``."""
+    import logging
+
+    import _tiny
+
+    from edge.runtime import Runtime
+
+    _tiny.make_mlp(tmp_path / "m.onnx")
+    gpu = "  - backend: onnxruntime\n    providers:\n      - CUDAExecutionProvider\n      - CPUExecutionProvider\n"
+    path = write(tmp_path / "d", "jetson", profile_text("jetson", backends=gpu, fallback="cpu"))
+    with caplog.at_level(logging.WARNING), Runtime(tmp_path / "m.onnx", device=path) as rt:
+        assert "CUDAExecutionProvider" in rt.fallback_warning
+    said = [r for r in caplog.records if "not available here" in r.getMessage()]
+    assert len(said) == 1, [r.getMessage() for r in said]
