@@ -62,9 +62,10 @@ from types import MappingProxyType
 
 import numpy as np
 
-from edge.errors import BackendUnavailableError, ConfigError, FormatError
+from edge.errors import BackendUnavailableError, ConfigError, EdgeError, FormatError
 from edge.format.modelinfo import ModelInfo
 from edge.format.tflite import read_tflite, tflite_info
+from edge.format.tflite_checks import check_tensor_sizes
 from runtimes.base import BACKENDS, SMALL_MODEL_BYTES, ArenaBackend, BackendOptions, trim_heap
 from runtimes.litert_arena import dynamic_range_ops, load_arena, quant_constants, stale_readers, verify_fingerprint
 from runtimes.litert_session import Session, ops_details
@@ -174,6 +175,7 @@ class LiteRTBackend(ArenaBackend):
             self._threads = 1
 
         fb = read_tflite(model)
+        check_tensor_sizes(fb.tensors, options.memory_mb)  # before LiteRT allocates them
         self.info = tflite_info(model, fb)
         self.check_precision(options)  # a float model on an int8-only device (an Edge TPU) is refused here
         arena = load_arena(model, fb, self.info, owned)
@@ -268,23 +270,31 @@ class LiteRTBackend(ArenaBackend):
     CHECKS_FEEDS = True
 
     def run(self, feeds, outputs: Sequence[str] | None = None, check=None) -> dict[str, np.ndarray]:
-        with self._lock:  # one lock, the serving interpreter checked first (a tiny model runs in 6 us)
-            sess = self._static
-            if sess is not None and self._static_gen == self._generation:
-                return sess.run(feeds, outputs, self._slot_version, check)
-            if self._strategy != "hybrid":
-                return self._serving().run(feeds, outputs, self._slot_version, check)
-        if self._worth_waiting():  # hybrid in its settle window
-            self._settled.wait(2 * self._builtin_ms / 1e3)  # the XNNPACK copy lands sooner than built-in kernels run
-        with self._lock:
-            sess = self._static
-            if sess is not None and self._static_gen == self._generation:
-                return sess.run(feeds, outputs, self._slot_version, check)
-            sess = self._serving()
-            t0 = time.perf_counter()  # hybrid's settle window: how long the built-in kernels take (its wait policy)
-            out = sess.run(feeds, outputs, self._slot_version, check)
-            self._builtin_ms = (time.perf_counter() - t0) * 1e3
-            return out
+        try:  # no cost unless LiteRT fails: a model its own checks let through (see edge.format.tflite_checks)
+            with self._lock:  # one lock, the serving interpreter checked first (a tiny model runs in 6 us)
+                sess = self._static
+                if sess is not None and self._static_gen == self._generation:
+                    return sess.run(feeds, outputs, self._slot_version, check)
+                if self._strategy != "hybrid":
+                    return self._serving().run(feeds, outputs, self._slot_version, check)
+            if self._worth_waiting():  # hybrid in its settle window: the XNNPACK copy lands sooner than built-ins run
+                self._settled.wait(2 * self._builtin_ms / 1e3)
+            with self._lock:
+                sess = self._static
+                if sess is not None and self._static_gen == self._generation:
+                    return sess.run(feeds, outputs, self._slot_version, check)
+                sess = self._serving()
+                t0 = time.perf_counter()  # hybrid's settle window: how long the built-in kernels take (its wait policy)
+                out = sess.run(feeds, outputs, self._slot_version, check)
+                self._builtin_ms = (time.perf_counter() - t0) * 1e3
+                return out
+        except RuntimeError as e:
+            if isinstance(e, EdgeError):
+                raise
+            raise FormatError(
+                f"LiteRT could not run {self.info.name!r}: {str(e)[:300]} (a file it loads but cannot run is damaged, "
+                "or uses an op or delegate this LiteRT build lacks)"
+            ) from e
 
     def write(self, *prepared) -> None:
         with self._lock:

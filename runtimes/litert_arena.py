@@ -23,6 +23,7 @@ so a hybrid runtime's settle window answers a little less precisely than its set
 from __future__ import annotations
 
 import ctypes
+import math
 
 import numpy as np
 
@@ -42,6 +43,7 @@ __all__ = [
 ]
 
 ALIGN = 16
+_SLOT_SHARE = 4  # slots may take this many times the model file's bytes
 _FLOAT, _INTEGER = {0: np.dtype(np.float32)}, {3: np.dtype(np.uint8), 9: np.dtype(np.int8)}
 _CONV_2D, _DEPTHWISE, _EMBEDDING_LOOKUP, _FULLY_CONNECTED = 3, 4, 7, 9
 _NAMES = {_CONV_2D: "CONV_2D", _DEPTHWISE: "DEPTHWISE_CONV_2D", _FULLY_CONNECTED: "FULLY_CONNECTED"}
@@ -66,9 +68,15 @@ def load_arena(model: bytes, fb: TfliteModel, info: ModelInfo, owned: bool = Fal
     missing = [w for w in writable if w not in by_name]
     if missing:
         raise FormatError(f"model has no tensor(s) {missing[:5]} named in its metadata")
+    sizes = {t.initializer: math.prod(t.shape) for t in info.tensors.values()}
     buffers: dict[int, str] = {}
     for name in writable:
         t = by_name[name]
+        if any(d < 0 for d in t.shape) or math.prod(t.shape) != sizes[name]:
+            raise FormatError(
+                f"writable tensor {name!r} has shape {list(t.shape)[:8]} in the file, not the {sizes[name]} entries "
+                "its metadata declares; re-export the model"
+            )
         got = _FLOAT.get(t.type) or _INTEGER.get(t.type)
         if got != want[name]:
             raise FormatError(
@@ -89,6 +97,12 @@ def load_arena(model: bytes, fb: TfliteModel, info: ModelInfo, owned: bool = Fal
         raise FormatError(f"writable weights share their buffer with {shared[:5]}; re-export the model")
 
     size = -(-len(model) // ALIGN) * ALIGN
+    slot_bytes = sum(4 * sizes[name] for name in slots)
+    if slot_bytes > _SLOT_SHARE * size + (1 << 20):  # adapter slots are a bottleneck's weights, smaller than the base
+        raise FormatError(
+            f"the model's slots would take {slot_bytes} bytes, over {_SLOT_SHARE} times its own {len(model)}; "
+            "a slot holds an adapter's weights: re-export the model with smaller slots"
+        )
     slot_at = {}
     for name in slots:
         slot_at[name] = size

@@ -19,6 +19,7 @@ back, which then go through the normal adapter validation. numpy only.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -143,7 +144,11 @@ def from_bytes(data: bytes) -> tuple[Ternary, dict]:
         got = (header.get("format"), header.get("version")) if isinstance(header, dict) else type(header).__name__
         raise FormatError(f"payload is {got!r}, expected {COMPEFT_FORMAT!r} v{COMPEFT_VERSION}")
     try:
-        shapes = {n: tuple(int(d) for d in s) for n, s in header["shapes"].items()}
+        if not all(isinstance(header.get(k), t) for k, t in (("shapes", dict), ("scales", dict), ("raw", list))):
+            raise ValueError("'shapes' and 'scales' must be objects and 'raw' a list")
+        if not isinstance(header.get("meta", {}), dict) or not all(isinstance(n, str) for n in header["raw"]):
+            raise ValueError("'meta' must be an object and 'raw' a list of names")
+        shapes = {n: _shape(n, s) for n, s in header["shapes"].items()}
         scales = {n: float(header["scales"][n]) for n in shapes}
         alpha = float(header["alpha"])
         raw = list(header["raw"])
@@ -159,9 +164,21 @@ def from_bytes(data: bytes) -> tuple[Ternary, dict]:
             raise ValueError(f"unexpected tensors {sorted(set(arrays) - expected)}")
     except (KeyError, TypeError, ValueError) as e:
         raise FormatError(f"malformed {COMPEFT_FORMAT} payload: {e!r}") from e
-    if not all(np.isfinite(v) for v in scales.values()):
-        raise FormatError(f"{COMPEFT_FORMAT} scales are not all finite: {scales}")
+    if not all(np.isfinite(v) for v in [*scales.values(), alpha]):
+        raise FormatError(f"{COMPEFT_FORMAT} scales and alpha are not all finite: {scales}, alpha {alpha}")
     return Ternary(shapes, mask, positive, scales, alpha, passthrough), dict(header.get("meta", {}))
+
+
+def _shape(name: str, shape) -> tuple[int, ...]:
+    """A stored shape: a list of at most 8 non-negative integers (not booleans or floats) of at most 2**40 entries."""
+    if (
+        not isinstance(shape, list)
+        or len(shape) > 8
+        or not all(type(d) is int and 0 <= d <= 1 << 40 for d in shape)
+        or math.prod(shape) > 1 << 40
+    ):
+        raise ValueError(f"tensor {name[:80]!r} has shape {str(shape)[:80]}, not up to 8 non-negative integers")
+    return tuple(shape)
 
 
 def _metadata(data: bytes) -> dict:

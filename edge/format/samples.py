@@ -100,8 +100,8 @@ def read_npz(
         raise FormatError(f"{path} is a single .npy array, not an .npz; save with np.savez(path, x=..., y=...)")
     try:
         zf = zipfile.ZipFile(io.BytesIO(data))
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, OSError) as e:
-        raise FormatError(f"{path} is not an .npz (zip) file: {e}") from e
+    except (*_DAMAGED, zipfile.LargeZipFile) as e:  # NotImplementedError: a zip version or method it lacks
+        raise FormatError(f"{path} is not an .npz (zip) file numpy can read: {e}") from e
     with zf:
         members = _members(zf, path, max_array_bytes, limit_from)
         out = {}
@@ -215,12 +215,14 @@ def load_samples(
 
 def batch_length(x) -> int:
     """Samples in ``x`` (an array, or a dict of equally long arrays)."""
-    if isinstance(x, Mapping):
-        lengths = {len(np.asarray(v)) for v in x.values()}
-        if len(lengths) != 1:
-            raise ConfigError(f"model inputs have different batch sizes: {sorted(lengths)}")
-        return lengths.pop()
-    return len(np.asarray(x))
+    arrays = {k: np.asarray(v) for k, v in x.items()} if isinstance(x, Mapping) else {"x": np.asarray(x)}
+    scalars = [k for k, v in arrays.items() if v.ndim == 0]
+    if scalars:
+        raise ConfigError(f"model input(s) {scalars[:5]} are scalars; give arrays whose first axis is the batch")
+    lengths = {len(v) for v in arrays.values()}
+    if len(lengths) != 1:
+        raise ConfigError(f"model inputs have different batch sizes: {sorted(lengths)}")
+    return lengths.pop()
 
 
 def check_labels(y, n: int) -> np.ndarray:

@@ -15,6 +15,7 @@ covers its stored tensors and the quantization parameters of the quantized ones
 
 from __future__ import annotations
 
+import math
 import struct
 from dataclasses import dataclass
 
@@ -22,6 +23,7 @@ import numpy as np
 
 from edge.errors import BackendUnavailableError, FormatError
 from edge.format.modelinfo import META_KEY, ModelInfo
+from edge.format.tflite_checks import check_indices, check_operator, check_quant
 
 __all__ = [
     "DTYPES",
@@ -58,12 +60,14 @@ DTYPES = {
 _MODEL_OPCODES, _MODEL_SUBGRAPHS, _MODEL_BUFFERS, _MODEL_METADATA = 1, 2, 4, 6
 _SUBGRAPH_TENSORS, _SUBGRAPH_INPUTS, _SUBGRAPH_OUTPUTS, _SUBGRAPH_OPERATORS = 0, 1, 2, 3
 _TENSOR_SHAPE, _TENSOR_TYPE, _TENSOR_BUFFER, _TENSOR_NAME, _TENSOR_QUANT, _TENSOR_SIGNATURE = 0, 1, 2, 3, 4, 7
+_TENSOR_VARIABLE = 5
 _QUANT_SCALE, _QUANT_ZERO_POINT, _QUANT_DIMENSION = 2, 3, 6
 _OPCODE_DEPRECATED, _OPCODE_BUILTIN = 0, 3
 _OP_OPCODE, _OP_INPUTS, _OP_OUTPUTS, _OP_OPTIONS_TYPE, _OP_OPTIONS = 0, 1, 2, 3, 4
 _FULLY_CONNECTED_OPTIONS, _FC_ASYMMETRIC = 8, 3  # BuiltinOptions.FullyConnectedOptions, its asymmetric_quantize_inputs
 _BUFFER_DATA, _BUFFER_OFFSET, _BUFFER_SIZE = 0, 1, 2
 _METADATA_NAME, _METADATA_BUFFER = 0, 1
+_SLACK = 4096  # decoding work allowed beyond the file's size (bytes)
 
 
 @dataclass(frozen=True)
@@ -115,8 +119,21 @@ class TfliteModel:
 
 
 class _Reader:
+    """Flatbuffer reads bounded by the file: every table's vtable lies inside it (the flatbuffers verifier's
+    rule), and the work done (tables visited, elements and string bytes decoded) may not exceed the file's
+    size, so offsets that point many entries at one big table or string cannot amplify a small file."""
+
     def __init__(self, data: bytes) -> None:
         self.data = data
+        self.budget = len(data) + _SLACK
+
+    def spend(self, n: int) -> None:
+        self.budget -= n
+        if self.budget < 0:
+            raise FormatError(
+                f"corrupt .tflite file: its offsets make it decode more than its own {len(self.data)} bytes "
+                "(several entries point at the same table, vector or string); re-export the model"
+            )
 
     def u32(self, pos: int) -> int:
         return struct.unpack_from("<I", self.data, pos)[0]
@@ -127,7 +144,9 @@ class _Reader:
     def field(self, table: int, number: int) -> int:
         """Absolute position of a field of ``table``, or 0 when absent."""
         vtable = table - struct.unpack_from("<i", self.data, table)[0]
-        vsize = struct.unpack_from("<H", self.data, vtable)[0]
+        vsize = struct.unpack_from("<H", self.data, vtable)[0] if 0 <= vtable <= len(self.data) - 4 else 0
+        if vsize < 4 or vsize % 2 or vtable + vsize > len(self.data):
+            raise FormatError(f"corrupt .tflite file: the table at byte {table} has no valid vtable (at {vtable})")
         at = 4 + 2 * number
         if at >= vsize:
             return 0
@@ -151,15 +170,18 @@ class _Reader:
 
     def tables(self, table: int, number: int) -> list[int]:
         start, n = self.vector(table, number)
+        self.spend(8 * n)  # an offset and a table's own offset at least
         return [self.table(start + 4 * i) for i in range(n)]
 
     def ints(self, table: int, number: int, fmt: str = "i") -> tuple:
         start, n = self.vector(table, number)
+        self.spend(n * struct.calcsize(fmt))
         return struct.unpack_from(f"<{n}{fmt}", self.data, start) if n else ()
 
     def string(self, table: int, number: int) -> str:
         start, n = self.vector(table, number)
-        return self.data[start : start + n].decode("utf-8", "replace")
+        self.spend(n)
+        return self.data[start : start + n].decode("utf-8")  # LiteRT's Python API refuses other names too
 
 
 def read_tflite(data: bytes) -> TfliteModel:
@@ -185,8 +207,9 @@ def _read(r: _Reader, size: int) -> TfliteModel:
             raise FormatError(f"buffer data runs past the end of the file ({start + n} > {size} bytes)")
         buffers.append((start, n))
         end = max(end, start + n)
-    subgraphs = []
-    for sg in r.tables(root, _MODEL_SUBGRAPHS):
+    subgraphs, ready = [], {-1}  # ready: subgraph 0's tensors an operator may read (constants, variables, inputs)
+    graphs = r.tables(root, _MODEL_SUBGRAPHS)
+    for sg in graphs:
         tensors = []
         for i, t in enumerate(r.tables(sg, _SUBGRAPH_TENSORS)):
             bidx = r.scalar(t, _TENSOR_BUFFER, "<I")
@@ -195,11 +218,9 @@ def _read(r: _Reader, size: int) -> TfliteModel:
             shape = r.ints(t, _TENSOR_SHAPE)
             start, n = buffers[bidx] if bidx else (0, 0)
             q = r.table(r.field(t, _TENSOR_QUANT)) if r.field(t, _TENSOR_QUANT) else 0
-            quant = (
-                (r.ints(q, _QUANT_SCALE, "f"), r.ints(q, _QUANT_ZERO_POINT, "q"), r.scalar(q, _QUANT_DIMENSION, "<i"))
-                if q
-                else ()
-            )
+            quant = _quant(r, q, i, shape, r.scalar(t, _TENSOR_TYPE, "<b")) if q else ()
+            if not subgraphs and (n or 0 in shape or r.scalar(t, _TENSOR_VARIABLE, "<B")):
+                ready.add(i)
             tensors.append(
                 TfliteTensor(
                     i, r.string(t, _TENSOR_NAME), r.scalar(t, _TENSOR_TYPE, "<b"), shape,
@@ -209,7 +230,10 @@ def _read(r: _Reader, size: int) -> TfliteModel:
         subgraphs.append(tuple(tensors))
     if not subgraphs:
         raise FormatError("the .tflite file has no subgraph")
-    sg0 = r.tables(root, _MODEL_SUBGRAPHS)[0]
+    sg0, count = graphs[0], len(subgraphs[0])
+    inputs, outputs = r.ints(sg0, _SUBGRAPH_INPUTS), r.ints(sg0, _SUBGRAPH_OUTPUTS)
+    check_indices("the subgraph's inputs and outputs", inputs + outputs, count, optional=False)
+    ready |= set(inputs)
     codes = [
         max(r.scalar(c, _OPCODE_DEPRECATED, "<b"), r.scalar(c, _OPCODE_BUILTIN, "<i"))
         for c in r.tables(root, _MODEL_OPCODES)
@@ -221,21 +245,30 @@ def _read(r: _Reader, size: int) -> TfliteModel:
             raise FormatError(f"an operator names opcode {k} of {len(codes)}")
         fc = r.scalar(op, _OP_OPTIONS_TYPE, "<B") == _FULLY_CONNECTED_OPTIONS and r.field(op, _OP_OPTIONS)
         asym = bool(r.scalar(r.table(r.field(op, _OP_OPTIONS)), _FC_ASYMMETRIC, "<B")) if fc else False
-        ops.append(TfliteOp(codes[k], r.ints(op, _OP_INPUTS), asym, r.ints(op, _OP_OUTPUTS)))
+        reads, writes = r.ints(op, _OP_INPUTS), r.ints(op, _OP_OUTPUTS)
+        check_operator(len(ops), codes[k], reads, writes, count, ready)
+        ops.append(TfliteOp(codes[k], reads, asym, writes))
     metadata = {}
     for m in r.tables(root, _MODEL_METADATA):
         bidx = r.scalar(m, _METADATA_BUFFER, "<I")
         if bidx < len(buffers):
             start, n = buffers[bidx]
-            metadata[r.string(m, _METADATA_NAME)] = bytes(r.data[start : start + n])
-    return TfliteModel(
-        tuple(subgraphs),
-        r.ints(sg0, _SUBGRAPH_INPUTS),
-        r.ints(sg0, _SUBGRAPH_OUTPUTS),
-        metadata,
-        max(end, r.u32(0)),
-        tuple(ops),
-    )
+            name = r.string(m, _METADATA_NAME)
+            if name in metadata:
+                raise FormatError(f"the .tflite metadata entry {name!r} appears twice; entry names must be unique")
+            r.spend(n)
+            metadata[name] = bytes(r.data[start : start + n])
+    if set(outputs) - ready:
+        raise FormatError(f"the subgraph's outputs {sorted(set(outputs) - ready)[:5]} are computed by no operator")
+    return TfliteModel(tuple(subgraphs), inputs, outputs, metadata, max(end, r.u32(0)), tuple(ops))
+
+
+def _quant(r: _Reader, q: int, i: int, shape: tuple[int, ...], ttype: int) -> tuple:
+    """(scale, zero_point, quantized_dimension) of tensor ``i``, checked."""
+    scale, zero = r.ints(q, _QUANT_SCALE, "f"), r.ints(q, _QUANT_ZERO_POINT, "q")
+    dim = r.scalar(q, _QUANT_DIMENSION, "<i")
+    check_quant(i, ttype, shape, scale, zero, dim)
+    return scale, zero, dim
 
 
 def tflite_info(model: bytes, fb: TfliteModel | None = None) -> ModelInfo:
@@ -250,7 +283,15 @@ def tflite_info(model: bytes, fb: TfliteModel | None = None) -> ModelInfo:
         text = fb.metadata[META_KEY].decode("utf-8")
     except UnicodeDecodeError as e:
         raise FormatError(f"the .tflite {META_KEY!r} metadata is not UTF-8 JSON: {e}") from e
-    return ModelInfo.from_json(text)
+    info = ModelInfo.from_json(text)
+    for what, names, ends in (("input", info.inputs, fb.inputs), ("output", info.outputs, fb.outputs)):
+        have = [fb.tensors[i].name for i in ends]
+        if set(names) - set(have):
+            raise FormatError(
+                f"the .tflite {META_KEY!r} metadata names {what}s {sorted(set(names) - set(have))[:5]}, but the "
+                f"subgraph's {what}s are {have[:8]}; the file was altered after export (re-export it)"
+            )
+    return info
 
 
 def stored_arrays(data: bytes, model: TfliteModel) -> dict[str, np.ndarray]:
@@ -266,9 +307,11 @@ def stored_arrays(data: bytes, model: TfliteModel) -> dict[str, np.ndarray]:
             continue
         if t.name in out:
             raise FormatError(f"two constant tensors are named {t.name!r}; tensor names must be unique")
+        if any(d < 0 for d in t.shape):
+            raise FormatError(f"constant tensor {t.name!r} has shape {list(t.shape)}; sizes must not be negative")
         dtype = t.dtype
         chunk = raw[t.start : t.start + t.nbytes]
-        if dtype is not None and t.nbytes == int(np.prod(t.shape, dtype=np.int64)) * np.dtype(dtype).itemsize:
+        if dtype is not None and t.nbytes == math.prod(t.shape) * np.dtype(dtype).itemsize:
             out[t.name] = chunk.view(dtype).reshape(t.shape)
         else:
             out[t.name] = chunk
