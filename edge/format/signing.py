@@ -202,6 +202,9 @@ def verify_bytes(data: bytes, signature: bytes | None, trusted: list[bytes], *, 
         sig = load_json(signature, source="signature file", max_depth=2)
         if not isinstance(sig, dict):
             raise ValueError(f"expected a JSON object, got {type(sig).__name__}")
+        unknown = sorted(set(sig) - {"format", "version", "alg", "key", "signature"})
+        if unknown:
+            raise ValueError(f"unknown keys {unknown[:5]}")
         version = sig.get("version")
         if sig.get("format") != SIG_FORMAT or type(version) is not int or version != SIG_VERSION:
             raise ValueError(f"format {sig.get('format')!r} v{version!r}")

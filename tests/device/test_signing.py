@@ -45,7 +45,9 @@ def test_signed_adapter_loads(setup):
         assert rt.active == {"a": 1.0}
 
 
-@pytest.mark.parametrize("case", ["unsigned", "untrusted key", "tampered file", "garbage sig", "other file's sig"])
+@pytest.mark.parametrize(
+    "case", ["unsigned", "untrusted key", "tampered file", "garbage sig", "other file's sig", "extra key"]
+)
 def test_refused_before_any_byte_is_applied(setup, case, monkeypatch):
     model, info, adapter, pub, tmp = setup
     other = tmp / "b.safetensors"
@@ -59,6 +61,9 @@ def test_refused_before_any_byte_is_applied(setup, case, monkeypatch):
         adapter.write_bytes(bytes(data))
     elif case == "garbage sig":
         signature_path(adapter).write_bytes(b"\x00" * 100)
+    elif case == "extra key":  # a valid signature with a field the format does not have
+        sig = json.loads(sign_file(adapter, tmp / "good.pem").read_text())
+        signature_path(adapter).write_text(json.dumps({**sig, "v": 2}))
     elif case == "other file's sig":
         sign_file(other, tmp / "good.pem")
         signature_path(adapter).write_bytes(signature_path(other).read_bytes())
