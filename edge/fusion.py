@@ -15,20 +15,35 @@ Fused: ``q = base + rint(sum_i(alpha_i * steps_i))`` (round half to even). A val
 the integer type's range is refused with :class:`SaturationError` (nothing is written), or,
 when the caller passes ``clip=True``, clipped and counted (:attr:`Fused.clipped`). Undo writes
 the saved base integers, bit-exact.
+
+What a runtime keeps per loaded adapter is here too: :class:`Prepared` (positions, deltas and base values, the
+runtime's own arrays) and :func:`kept` (the adapter itself, read-only; a caller's own object copied and validated
+again first), so nothing a caller holds reaches the weights.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 
 from edge.errors import ConfigError, SaturationError
-from edge.format.adapter import Adapter, DenseDelta
+from edge.format.adapter import Adapter, DenseDelta, SparseDelta
 from edge.format.modelinfo import QUANT_DTYPES
 
-__all__ = ["Fused", "SaturationError", "check_finite", "fuse", "merge_weights", "merged", "normalise", "same_positions"]
+__all__ = [
+    "Fused",
+    "Prepared",
+    "SaturationError",
+    "check_finite",
+    "fuse",
+    "kept",
+    "merge_weights",
+    "merged",
+    "normalise",
+    "same_positions",
+]
 
 
 @dataclass(frozen=True)
@@ -75,6 +90,43 @@ def fuse(parts: Mapping[str, list[tuple[np.ndarray, np.ndarray, np.ndarray]]], *
         values[tname], n = merged(tname, base, acc, clip=clip, what=what)
         clipped += n
     return Fused(touched, values, clipped)
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """An adapter resolved against a runtime's model: stored-layout flat positions per stored tensor. Its arrays are
+    the runtime's own (never the caller's ``Adapter`` arrays), so nothing a caller holds can change a later switch."""
+
+    adapter: Adapter  # read-only (:func:`kept`)
+    index: Mapping[str, np.ndarray]  # stored tensor -> sorted int64 flat positions
+    delta: Mapping[str, np.ndarray]  # stored tensor -> float32 deltas aligned with index (grid steps if quantized)
+    base: Mapping[str, np.ndarray]  # stored tensor -> base values at index
+    apply: object  # backend-prepared write of base + delta (the alpha = 1 fast path)
+    restore: object  # backend-prepared write of the base values (undo)
+    touched: Mapping[str, tuple[np.ndarray, np.ndarray]]  # stored tensor -> (index, base): what a switch records
+    clipped: int = 0  # entries of a quantized base clipped to the integer range by ``apply`` (load_adapter(clip=True))
+    layout: object = None  # shared by the adapters that write the same entries (:func:`same_positions`)
+
+
+def kept(adapter: Adapter, *, copy: bool) -> Adapter:
+    """``adapter`` as a runtime keeps it: every array read-only, so writing into what ``Runtime.adapter`` returns
+    raises. ``copy=True`` (an ``Adapter`` the caller built and still holds) rebuilds it from plain copies of its
+    arrays as the library's own classes, validated again: neither a thread changing the caller's arrays during
+    ``load_adapter`` nor a subclass (of ``Adapter``, its deltas or ``ndarray``) can slip past the checks."""
+    if copy:
+        tensors = {}
+        for k, d in dict(adapter.tensors).items():
+            cls = DenseDelta if isinstance(d, DenseDelta) else SparseDelta if isinstance(d, SparseDelta) else None
+            own = {f.name: getattr(d, f.name) for f in fields(cls)} if cls else None
+            tensors[k] = d if cls is None else cls(**{n: np.array(v) if v is not None else v for n, v in own.items()})
+        own = {f.name: getattr(adapter, f.name) for f in fields(Adapter)}
+        mappings = {n: dict(own[n]) for n in ("shapes", "info", "encodings")}
+        adapter = Adapter(**{**own, **mappings, "tensors": tensors})  # Adapter.__post_init__ validates the copies
+    for d in adapter.tensors.values():
+        for f in fields(d):
+            if isinstance(v := getattr(d, f.name), np.ndarray):
+                v.setflags(write=False)
+    return adapter
 
 
 def same_positions(index: Mapping[str, np.ndarray], others: Iterable) -> object | None:

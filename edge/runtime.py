@@ -20,19 +20,20 @@ import logging
 import os
 import threading
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
+from edge import fusion
 from edge.engine_cache import cached_engine, explicit_engine
 from edge.errors import AdapterMismatchError, ConfigError, RuntimeClosedError
 from edge.format.adapter import Adapter, DenseDelta, load_adapter, max_adapter_bytes
 from edge.format.feeds import FeedChecker, input_specs, names_only
 from edge.format.io import read_bounded
-from edge.format.modelinfo import ModelInfo
+from edge.format.modelinfo import ModelInfo, ReadOnlyDict
 from edge.format.signing import SignaturePolicy
-from edge.fusion import SaturationError, check_finite, fuse, merge_weights, merged, normalise, same_positions
+from edge.fusion import Prepared, SaturationError, check_finite, fuse, merge_weights, merged, normalise
 
 __all__ = ["Runtime", "RuntimeClosedError", "SaturationError", "merge_weights"]
 
@@ -40,21 +41,6 @@ log = logging.getLogger("edge.runtime")
 
 _BASE_CHUNK = 1 << 18  # entries read per lock hold while an adapter loads
 MAX_MODEL_BYTES = 1 << 40  # model files are trusted; the limit only keeps a device file from being read forever
-
-
-@dataclass(frozen=True)
-class _Prepared:
-    """An adapter resolved against the model: stored-layout flat positions per stored tensor."""
-
-    adapter: Adapter
-    index: Mapping[str, np.ndarray]  # stored tensor -> sorted int64 flat positions
-    delta: Mapping[str, np.ndarray]  # stored tensor -> float32 deltas aligned with index (grid steps if quantized)
-    base: Mapping[str, np.ndarray]  # stored tensor -> base values at index
-    apply: object  # backend-prepared write of base + delta (the alpha = 1 fast path)
-    restore: object  # backend-prepared write of the base values (undo)
-    touched: Mapping[str, tuple[np.ndarray, np.ndarray]]  # stored tensor -> (index, base): what a switch records
-    clipped: int = 0  # entries of a quantized base clipped to the integer range by ``apply`` (load_adapter(clip=True))
-    layout: object = None  # shared by the adapters that write the same entries (edge.fusion.same_positions)
 
 
 class Runtime:
@@ -111,7 +97,7 @@ class Runtime:
             strategy = strategy if strategy != "auto" else opts.strategy
             profile_options = opts
             self.fallback_warning = opts.fallback_warning
-        self.policy = SignaturePolicy.resolve(trusted_keys, self.device)  # checked before the model is read
+        self._policy = SignaturePolicy.resolve(trusted_keys, self.device)  # checked before the model is read
         path = Path(model)  # onnxruntime reads its weights into its arena: never hold the whole file
         data = path if backend == "onnxruntime" else read_bounded(path, MAX_MODEL_BYTES, what="model file")
         budget = self.device.budgets.memory_mb if self.device is not None and enforce_memory_budget else None
@@ -129,7 +115,8 @@ class Runtime:
         self.backend = get_backend(backend)(data, options)
         # the real inputs; onnxruntime read them from its graph while loading (no second walk of the file)
         self._inputs = self.backend.input_specs if backend == "onnxruntime" else input_specs(backend, data)
-        self.info: ModelInfo = replace(self.backend.info, also_fits=self.engine_choice.twins)
+        tensors = ReadOnlyDict(self.backend.info.tensors)  # read-only: what set_head and adapters are checked against
+        self.info: ModelInfo = replace(self.backend.info, also_fits=self.engine_choice.twins, tensors=tensors)
         self.model_path = path
         if not self._inputs:  # a backend with no reader here, or no inputs in the metadata: names from the backend
             self._inputs = names_only(self.info.inputs or tuple(self.backend.input_names))
@@ -139,7 +126,7 @@ class Runtime:
         self._fetch: dict = {None: None}  # outputs lists checked by run -> their distinct names (None: all)
         self._closed = False
         self._max_adapter_bytes = max_adapter_bytes(self.info)
-        self._adapters: dict[str, _Prepared] = {}
+        self._adapters: dict[str, Prepared] = {}
         self._active: dict[str, float] = {}
         self._touched: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # stored -> (positions, base values)
         self._layout: object = None  # the active single adapter's layout: switching to its like needs no undo
@@ -155,19 +142,15 @@ class Runtime:
         """The weight-update strategy the backend uses (``auto`` resolved)."""
         return self.backend.strategy
 
-    @property
-    def providers(self) -> list[str]:
-        return self.backend.providers
+    providers = property(lambda self: self.backend.providers, doc="Execution providers / delegates running the model.")
+    policy = property(lambda self: self._policy, doc="The signature policy, fixed when the runtime was built.")
+    adapters = property(lambda self: sorted(self._adapters), doc="The names of the loaded adapters, sorted.")
 
     @property
     def footprint(self) -> dict:
         """The strategy in use, its predicted resident memory (MB) and what loading measured (MB, Linux)."""
         b = self.backend
         return {"strategy": b.strategy, "predicted_mb": b.predicted_mb(), "measured_mb": b.measured_mb}
-
-    @property
-    def adapters(self) -> list[str]:
-        return sorted(self._adapters)
 
     @property
     def active(self) -> dict[str, float]:
@@ -187,10 +170,11 @@ class Runtime:
         or wrongly signed file raises :class:`~edge.errors.SignatureError` before any of its bytes is parsed.
         """
         self._check_open()
-        if isinstance(adapter, Adapter):
-            self.policy.check_in_memory(adapter.name)
+        if in_memory := isinstance(adapter, Adapter):
+            self._policy.check_in_memory(adapter.name)
         else:  # signature, then every declared target against this model, before any array is decoded
-            adapter = load_adapter(adapter, policy=self.policy, model=self.info, max_bytes=self._max_adapter_bytes)
+            adapter = load_adapter(adapter, policy=self._policy, model=self.info, max_bytes=self._max_adapter_bytes)
+        adapter = fusion.kept(adapter, copy=in_memory)  # read-only; a caller's own copied first, validated again
         adapter.check_against(self.info)
         name = name or adapter.name
         if not isinstance(name, str) or not name:
@@ -203,7 +187,7 @@ class Runtime:
                 raise AdapterMismatchError(f"{tname}: stored tensor {stored.shape} {stored.dtype} does not fit")
             if isinstance(d, DenseDelta):  # the whole slot tensor, in stored layout
                 index[t.initializer] = np.arange(stored.size, dtype=np.int64)
-                delta[t.initializer] = t.to_stored(t.fold(d.values))
+                delta[t.initializer] = np.array(t.to_stored(t.fold(d.values)))  # never the adapter's own array
                 continue
             flat = t.stored_offsets(d.indices)
             if t.quant is None:
@@ -213,7 +197,7 @@ class Runtime:
             else:  # float adapter on a quantized base: grid steps of the entry's channel
                 values = t.grid_units(d.indices, d.values, self.backend.constant(t.quant.scale))
             if flat.size < 2 or bool(np.all(flat[1:] > flat[:-1])):  # already sorted: no copy, no sort
-                index[t.initializer], delta[t.initializer] = flat, values
+                index[t.initializer], delta[t.initializer] = flat, np.array(values)  # not the adapter's own array
                 continue
             order = np.argsort(flat, kind="stable")
             index[t.initializer] = flat[order]
@@ -222,14 +206,15 @@ class Runtime:
             self._check_open()
             self._check_not_active(name)
             others = list(self._adapters.values())  # immutable: compared outside the lock
-        prepared = self._prepare(adapter, name, index, delta, clip, same_positions(index, others))  # short lock steps
+        twin = fusion.same_positions(index, others)  # an adapter that writes the same entries, if any
+        prepared = self._prepare(adapter, name, index, delta, clip, twin)  # short lock steps
         with self._lock:
             self._check_open()
             self._check_not_active(name)
             self._adapters[name] = prepared
         return name
 
-    def _prepare(self, adapter: Adapter, name: str, index, delta, clip: bool, twin: _Prepared | None) -> _Prepared:
+    def _prepare(self, adapter: Adapter, name: str, index, delta, clip: bool, twin: Prepared | None) -> Prepared:
         """The base values at the adapter's positions and its two prepared writes (``twin``'s, if any, shared).
 
         A base value does not depend on what is switched in (``_base_at`` undoes the active
@@ -258,10 +243,10 @@ class Runtime:
             log.warning("adapter %r clips %d entries of the quantized weights to the integer range", name, clipped)
         apply = self.backend.prepare([WeightWrite(t, index[t], new[t]) for t in index])
         if twin is not None:
-            return _Prepared(adapter, index, delta, base, apply, twin.restore, twin.touched, clipped, twin.layout)
+            return Prepared(adapter, index, delta, base, apply, twin.restore, twin.touched, clipped, twin.layout)
         restore = self.backend.prepare([WeightWrite(t, index[t], base[t]) for t in index])
         touched = {t: (index[t], base[t]) for t in index}
-        return _Prepared(adapter, index, delta, base, apply, restore, touched, clipped, object())
+        return Prepared(adapter, index, delta, base, apply, restore, touched, clipped, object())
 
     def _check_not_active(self, name: str) -> None:
         if name in self._active:
@@ -269,7 +254,8 @@ class Runtime:
             raise ConfigError(f"{what} under that name, or pass name=... to load this one under another")
 
     def adapter(self, name: str) -> Adapter:
-        """The loaded adapter called ``name``."""
+        """The loaded adapter called ``name`` (its arrays are read-only)."""
+        self._check_open()
         try:
             return self._adapters[name].adapter
         except KeyError:
@@ -277,6 +263,7 @@ class Runtime:
 
     def unload_adapter(self, name: str) -> None:
         with self._lock:
+            self._check_open()
             if name in self._active:
                 raise ConfigError(f"adapter {name!r} is active; switch away from it before unloading")
             self._adapters.pop(name, None)
@@ -354,9 +341,13 @@ class Runtime:
                 raise ConfigError(
                     f"{name!r} is not a detector-head tensor of this model; heads: {self.heads or 'none'}"
                 )
-            a = np.asarray(v, np.float32)
-            if a.shape != tuple(t.shape):
-                raise ConfigError(f"head tensor {name!r} has shape {tuple(t.shape)}, got {a.shape}")
+            try:  # the shape (an array's: no copy) before a copy, which the caller cannot change before the write
+                shape = v.shape if isinstance(v, np.ndarray) else np.shape(v)
+                a = np.array(v, np.float32) if shape == tuple(t.shape) else None
+            except (TypeError, ValueError) as e:
+                raise ConfigError(f"head tensor {name!r}: {type(v).__name__} is not an array of numbers") from e
+            if a is None:
+                raise ConfigError(f"head tensor {name!r} has shape {tuple(t.shape)}, got {shape}")
             if not np.isfinite(a).all():
                 raise ConfigError(f"head tensor {name!r} has non-finite values")
             writes.append(WeightWrite(t.initializer, None, a))  # the whole tensor: one slice copy
@@ -411,12 +402,13 @@ class Runtime:
             names = self._fetch[tuple(outputs) if type(outputs) in (list, tuple) else outputs]
         except (KeyError, TypeError):
             names = self._check_outputs(outputs)
-        if self._backend_checks and type(feeds) is dict:  # its fast path takes only what the check would pass as is
-            return self.backend.run(feeds, names, self._check_feeds)
-        checked = self._check_feeds(feeds)
         try:
-            return self.backend.run(checked, names)
+            if self._backend_checks and type(feeds) is dict:  # its fast path takes only what the check passes as is
+                return self.backend.run(feeds, names, self._check_feeds)
+            return self.backend.run(self._check_feeds(feeds), names)
         except Exception as e:
+            if self._closed:  # closed by another thread while this run was on its way to the backend
+                raise RuntimeClosedError(f"this runtime ({self.model_path.name}) was closed during the run") from e
             if type(e).__name__ == "InvalidArgument" and type(e).__module__.startswith("onnxruntime"):
                 raise ConfigError(f"onnxruntime refused the inputs: {e}") from e
             raise
@@ -436,6 +428,7 @@ class Runtime:
     def weights(self, param: str) -> np.ndarray:
         """Current value of a source parameter in its source layout (a copy; a folded channel scale left in; the
         integers of a quantized one, dequantize with ``info.tensors[param].dequantize``)."""
+        self._check_open()
         t = self.info.tensors.get(param)
         if t is None:
             raise ConfigError(f"{str(param)[:80]!r} is not a parameter of model {self.info.name!r}")

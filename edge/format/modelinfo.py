@@ -30,6 +30,7 @@ from edge.errors import FormatError
 __all__ = [
     "ModelInfo",
     "QuantInfo",
+    "ReadOnlyDict",
     "TensorInfo",
     "fingerprint",
     "source_fingerprint",
@@ -265,6 +266,19 @@ class TensorInfo:
             scale,
             None if t.get("quant") is None else QuantInfo._from_json(t["quant"]),
         )
+
+
+class ReadOnlyDict(dict):
+    """A dict that refuses changes: the tensors a runtime checks adapters and heads against (``Runtime.info``), so
+    no caller can make a weight a head or move a target. It pickles (to a child process) as a plain dict."""
+
+    def _refuse(self, *args, **kwargs):
+        raise TypeError("this model description is read-only; build a new Runtime to serve another model")
+
+    __setitem__ = __delitem__ = __ior__ = clear = pop = popitem = setdefault = update = _refuse
+
+    def __reduce__(self):
+        return dict, (dict(self),)
 
 
 @dataclass(frozen=True)
