@@ -50,6 +50,7 @@ def run(args) -> int:
         "missing": list(report.missing),
         "skipped": dict(report.skipped),
         "folded": list(report.folded),
+        "tied": report.info.extra["imported"].get("tied", {}),
     }
     print(json.dumps(summary, indent=1))
     return 0

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from edge.convert.bn_fold import folded_scale
-from edge.convert.onnx_source import hoist_constants, read_onnx, why_no_weights
+from edge.convert.onnx_source import hoist_constants, read_onnx, tied_copies, why_no_weights
 from edge.errors import AdapterMismatchError, ConfigError, ExportValidationError, FormatError
 from edge.format.modelinfo import META_KEY, ModelInfo, TensorInfo, fingerprint
 from edge.format.onnx_graph import consumers, keep_only, set_metadata, subgraph_reads
@@ -188,6 +188,9 @@ def make_adapter_ready(
     extra = {"imported": {"producer": f"{proto.producer_name} {proto.producer_version}".strip()}}
     if hoisted:
         extra["imported"]["constants_hoisted"] = hoisted
+    if tied := tied_copies(sorted(found), arrays):  # said: an adapter on one copy leaves the other as it was
+        extra["imported"]["tied"] = {(renamed.get(a, a)): renamed.get(b, b) for a, b in tied.items()}
+        log.warning("%s: targets hold the same values as others (tied or identical): %s", name, tied)
     info = ModelInfo(name, fingerprint(arrays), tensors, *io_names, extra)
     set_metadata(proto, META_KEY, info.to_json())
     if folded:

@@ -17,7 +17,7 @@ import numpy as np
 
 from edge.errors import FormatError
 
-__all__ = ["MAX_MODEL_BYTES", "QUANTIZED_OPS", "hoist_constants", "read_onnx", "why_no_weights"]
+__all__ = ["MAX_MODEL_BYTES", "QUANTIZED_OPS", "hoist_constants", "read_onnx", "tied_copies", "why_no_weights"]
 
 MAX_MODEL_BYTES = 1 << 40  # as edge.runtime: the limit keeps a device file finite
 QUANTIZED_OPS = (
@@ -106,3 +106,24 @@ def why_no_weights(graph, arrays: Mapping[str, np.ndarray]) -> str:
             f"; its weights are {'/'.join(low)}: export the model in float32 (model.float() before torch.onnx.export)"
         )
     return ""
+
+
+def tied_copies(names, arrays: Mapping[str, np.ndarray]) -> dict[str, str]:
+    """Targets that hold the same values as an earlier one, or its transpose: ``{later: earlier}``.
+
+    An exporter stores a tied weight (an embedding reused as the output projection) as two initializers, so an
+    adapter on one copy leaves the other as it was; identical untrained copies look the same and are named too."""
+    seen: dict[tuple, str] = {}
+    out: dict[str, str] = {}
+    for k in names:
+        a = arrays[k]
+        forms = [a] + ([a.T] if a.ndim == 2 else [])
+        for f in forms:
+            key = (f.shape, hash(np.ascontiguousarray(f).tobytes()))
+            other = seen.get(key)
+            if other is not None and other != k and np.array_equal(np.ascontiguousarray(f), arrays[other]):
+                out[k] = other
+                break
+        else:
+            seen.setdefault((a.shape, hash(np.ascontiguousarray(a).tobytes())), k)
+    return out

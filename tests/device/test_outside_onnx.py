@@ -301,3 +301,24 @@ def test_a_weight_on_the_left_of_a_matmul_is_said_not_silently_left_out(tmp_path
     report = import_onnx(tmp_path / "m.onnx", tmp_path / "o.onnx")
     assert list(report.info.tensors) == ["v"]
     assert "left operand" in report.skipped["w"] and "v" not in report.skipped
+
+
+def test_a_tied_weight_stored_twice_is_said(tmp_path, capsys):
+    """An embedding reused as the output projection, stored as two initializers (the table and its transpose):
+    both are targets, and the report says they hold the same values, so an adapter on one leaves the other."""
+    rng = np.random.default_rng(0)
+    emb = rng.standard_normal((7, 4)).astype(np.float32)
+    nodes = [helper.make_node("Gather", ["emb", "ids"], ["h"]), helper.make_node("MatMul", ["h", "out"], ["y"])]
+    graph = helper.make_graph(
+        nodes,
+        "tied",
+        [helper.make_tensor_value_info("ids", onnx.TensorProto.INT64, [3])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [3, 7])],
+        [numpy_helper.from_array(emb, "emb"), numpy_helper.from_array(emb.T.copy(), "out")],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "m.onnx"))
+    report = import_onnx(tmp_path / "m.onnx", tmp_path / "o.onnx")
+    assert sorted(report.info.tensors) == ["emb", "out"]
+    assert report.info.extra["imported"]["tied"] == {"out": "emb"}
+    assert main(["import-onnx", str(tmp_path / "m.onnx"), "--out", str(tmp_path / "o2.onnx")]) == 0
+    assert '"out": "emb"' in capsys.readouterr().out
