@@ -357,7 +357,7 @@ class _Sync:
             if start < length:
                 with open(part, "ab") as f:
                     got = start
-                    for data in client.blob_chunks(f"sha256:{sha}", start, on_chunk=self.hook):
+                    for data in client.blob_chunks(f"sha256:{sha}", start, on_chunk=self.hook, length=length):
                         got += len(data)
                         if got > length:
                             f.truncate(0)

@@ -257,9 +257,15 @@ class OciClient:
         return parse_manifest(body, f"{self.repository}:{reference}")
 
     def blob_chunks(
-        self, digest: str, start: int = 0, chunk: int = 1 << 16, on_chunk: Callable[[int], None] | None = None
+        self,
+        digest: str,
+        start: int = 0,
+        chunk: int = 1 << 16,
+        on_chunk: Callable[[int], None] | None = None,
+        length: int | None = None,
     ) -> Iterator[bytes]:
-        """Yield the blob's bytes from offset ``start`` (HTTP Range); raises if the server ignores the range."""
+        """Yield the blob's bytes from offset ``start`` (HTTP Range); raises if the server ignores the range, or if
+        the whole blob's size it announces (Content-Length, or Content-Range's total) is not ``length``."""
         url = f"{self.base_url}/v2/{self.repository}/blobs/{digest}"
         headers = {"Range": f"bytes={start}-"} if start else {}
         r = self._get(url, headers, stream=True)
@@ -270,6 +276,9 @@ class OciClient:
                 return
             if r.status_code not in (200, 206) or (start and r.status_code != 206):
                 raise FleetError(f"GET {url} (from byte {start}) answered HTTP {r.status_code}")
+            total = _announced(r.headers, r.status_code == 206)
+            if length is not None and total is not None and total != length:
+                raise FleetSecurityError(f"the registry's blob {digest} is {total} bytes, {length} were signed")
             try:
                 for data in r.iter_content(chunk):
                     self.bytes_in += len(data)
@@ -291,6 +300,21 @@ class OciClient:
         if "sha256:" + hashlib.sha256(out).hexdigest() != digest:
             raise FleetSecurityError(f"blob {digest} from {self.base_url} does not match its digest")
         return bytes(out)
+
+
+def _announced(headers, partial: bool) -> int | None:
+    """The whole blob's size a response announces: Content-Range's total (206) or Content-Length (200); None when
+    it announces none, or sends the bytes encoded (a compressed length is not the blob's)."""
+    if headers.get("Content-Encoding", "identity").lower() not in ("", "identity"):
+        return None
+    try:
+        if partial:
+            total = headers.get("Content-Range", "").rpartition("/")[2]
+            return int(total) if total.isdigit() else None
+        size = headers.get("Content-Length", "")
+        return int(size) if size.isdigit() else None
+    except ValueError:
+        return None
 
 
 MAX_MANIFEST = 4 << 20  # the distribution registry's own limit on manifest bodies

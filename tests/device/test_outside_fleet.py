@@ -85,18 +85,19 @@ def test_a_signed_length_the_disk_cannot_hold_fails_before_any_byte_moves(fleet)
     assert fleet.installed("dev") == before and not list((fleet.tmp / "dev" / ".edge-sync" / "partial").iterdir())
 
 
-def test_a_registry_blob_shorter_than_its_signed_length_is_refused_once_resumed(fleet):
+def test_a_registry_blob_shorter_than_its_signed_length_is_refused_on_the_first_sync(fleet):
+    """The registry announces the blob's size (Content-Length): one that is not the signed length is refused before
+    a byte is kept, on every sync, and the installed set stays."""
     fleet.push()
     fleet.sync("dev")
     before = fleet.installed("dev")
     short = make_adapter(fleet.info, fleet.tmp / "short.safetensors", "short", 2000, 9)
     _sign_target(fleet, "short.safetensors", short.read_bytes(), length=short.stat().st_size + 5000)
-    first = fleet.sync("dev")  # a clean end before the signed length: resumable, as a cut would be
-    assert first.status == "partial" and "ended at byte" in first.failed[0]["reason"]
-    for _ in range(2):  # resumed: the registry has nothing past that byte, so its blob is not the signed one
+    for _ in range(2):
         rep = fleet.sync("dev")
         assert rep.status == "rejected" and [x["name"] for x in rep.refused] == ["short"]
-        assert f"ends at byte {short.stat().st_size}" in rep.refused[0]["reason"] and rep.bytes_adapters == 0
+        reason = rep.refused[0]["reason"]
+        assert f"is {short.stat().st_size} bytes, {short.stat().st_size + 5000} were signed" in reason, reason
     assert fleet.installed("dev") == before
 
 
