@@ -97,6 +97,8 @@ def run(args) -> int:
         )
         for x in rep.refused + rep.failed:
             print(f"  {x['name']}: {x['reason']}")
+        if rep.stale:
+            print(f"  kept {len(rep.stale)} adapter(s) of another model {rep.stale[:5]}: pass --prune to remove them")
     if rep.status == "rejected":
         raise FleetSecurityError(f"sync refused the release: {rep.reason}; the installed adapters were kept")
     return 1 if rep.status in ("offline", "partial") else 0

@@ -64,6 +64,7 @@ class SyncReport:
     installed: list[dict] = field(default_factory=list)
     unchanged: list[str] = field(default_factory=list)
     removed: list[str] = field(default_factory=list)
+    stale: list[str] = field(default_factory=list)  # installed for another model: kept unless prune (a Runtime refuses)
     refused: list[dict] = field(default_factory=list)  # security: tampered, older, expired, wrong base...
     failed: list[dict] = field(default_factory=list)  # transient: network cut (resumable)
     reason: str = ""
@@ -296,6 +297,7 @@ class _Sync:
                 del installed[name]
                 self.r.removed.append(name)
                 _write_json(self.cache / "state.json", self.state)
+        self.r.stale = sorted(n for n, e in installed.items() if e.get("fingerprint", self.fp) != self.fp)
         offline = self.r.status == "offline"
         if self.r.refused:
             self.r.status = "rejected"

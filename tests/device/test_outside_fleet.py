@@ -121,9 +121,12 @@ def test_a_new_model_under_the_same_adapter_folder_takes_its_own_versions(fleet)
     push(fleet.reg.host, REPO, "stable", other, [b00], fleet.tmp / "tuf", fleet.tmp / "keys", insecure=True)
     fleet.push()  # the first model's a00 now carries a higher release version than the new model's
     assert fleet.sync("dev").status == "updated"
-    rep = sync(fleet.cfg(), fleet.tmp / "dev", model=other, prune=True)  # the device's model was replaced
+    rep = sync(fleet.cfg(), fleet.tmp / "dev", model=other)  # the device's model was replaced
     assert rep.status == "updated" and [a["name"] for a in rep.installed] == ["a00"], rep.to_dict()
-    assert sorted(rep.removed) == ["a01", "a02"] and fleet.installed("dev") == {"a00": b00.read_bytes()}
+    assert rep.stale == ["a01", "a02"] and not rep.removed  # the old model's: kept, and said (a Runtime refuses them)
+    rep = sync(fleet.cfg(), fleet.tmp / "dev", model=other, prune=True)
+    assert rep.status == "updated" and sorted(rep.removed) == ["a01", "a02"] and rep.stale == []
+    assert fleet.installed("dev") == {"a00": b00.read_bytes()}
 
 
 def test_a_full_disk_installs_what_fits_keeps_the_rest_as_it_was_and_resumes(fleet, monkeypatch):
