@@ -24,6 +24,7 @@ from edge.devices.profile import (
     Tolerances,
 )
 from edge.errors import ConfigError
+from edge.format.names import check_name, split_reference
 from edge.machine import check_threads
 from runtimes import backend_names, get_backend
 
@@ -110,9 +111,9 @@ def _fleet(d: dict, source: Path | None) -> FleetSource | None:
             "registry (HOST[:PORT]/REPOSITORY) and tuf_root (the root.json the device trusts) go together; "
             f"got registry={registry!r}, tuf_root={tuf_root!r}"
         )
+    split_reference(registry)  # checked here, not at the first sync
     channel = d.get("channel") if d.get("channel") is not None else "stable"
-    if not isinstance(channel, str) or not channel:
-        raise ConfigError(f"channel must be a non-empty string (stable, canary, site-NAME...), got {channel!r}")
+    check_name("channel", channel)
     insecure = d.get("registry_insecure") if d.get("registry_insecure") is not None else False
     if not isinstance(insecure, bool):
         raise ConfigError(f"registry_insecure must be true or false, got {insecure!r}")

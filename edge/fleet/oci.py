@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edge.errors import ConfigError, EdgeError
+from edge.format.names import check_host, check_name, check_repository, split_reference
 
 __all__ = [
     "FleetConfig",
@@ -80,7 +81,6 @@ ANN = {
     "delta_base": "dev.edge.tuf.delta.base",
     "delta_roles": "dev.edge.tuf.delta.roles",
 }
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _FP = re.compile(r"^sha256:[0-9a-f]{16,64}$")
 
 
@@ -106,15 +106,6 @@ def require_fleet(host: bool = False) -> None:
         raise ConfigError(
             f"fleet {'publishing' if host else 'sync'} needs {', '.join(missing)}: pip install 'edge-adapt[fleet]'"
         )
-
-
-def check_name(kind: str, value: str) -> str:
-    if not isinstance(value, str) or not _NAME.match(value):
-        raise ConfigError(
-            f"{kind} {value!r} is not allowed: use 1-64 letters, digits, '.', '_' or '-', starting with a letter "
-            "or digit (it becomes part of an OCI tag and a TUF target path)"
-        )
-    return value
 
 
 def fp_hex(fingerprint: str) -> str:
@@ -152,13 +143,8 @@ class FleetConfig:
     timeout: float = 10.0
 
     def __post_init__(self) -> None:
-        if not re.match(r"^[A-Za-z0-9.-]+(:\d+)?$", self.registry or ""):
-            raise ConfigError(f"registry {self.registry!r} is not 'host' or 'host:port' (e.g. 127.0.0.1:5000)")
-        if not re.match(r"^[a-z0-9]+([._-][a-z0-9]+)*(/[a-z0-9]+([._-][a-z0-9]+)*)*$", self.repository or ""):
-            raise ConfigError(
-                f"repository {self.repository!r} is not a valid OCI repository name "
-                "(a lowercase path, e.g. edge/adapters)"
-            )
+        check_host(self.registry or "")
+        check_repository(self.repository or "")
         check_name("channel", self.channel)
         if self.tuf_root is not None:
             object.__setattr__(self, "tuf_root", Path(self.tuf_root))
@@ -168,9 +154,7 @@ class FleetConfig:
     @classmethod
     def from_reference(cls, reference: str, channel: str = "stable", tuf_root=None, **kw) -> FleetConfig:
         """From ``HOST[:PORT]/REPOSITORY`` (the device profile's ``registry`` value)."""
-        registry, _, repository = str(reference).partition("/")
-        if not repository:
-            raise ConfigError(f"registry reference {reference!r} needs a repository: HOST[:PORT]/REPOSITORY")
+        registry, repository = split_reference(reference)
         return cls(registry, repository, channel, tuf_root, **kw)
 
     @property

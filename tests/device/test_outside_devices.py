@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -217,3 +218,20 @@ def test_a_provider_fallback_is_logged_once_per_load(tmp_path, caplog):
         assert "CUDAExecutionProvider" in rt.fallback_warning
     said = [r for r in caplog.records if "not available here" in r.getMessage()]
     assert len(said) == 1, [r.getMessage() for r in said]
+
+
+@pytest.mark.parametrize(
+    "extra, words",
+    [
+        ("registry: 'reg.example.com'\ntuf_root: root.json\n", "needs a repository"),
+        ("registry: 'reg example.com/edge'\ntuf_root: root.json\n", "is not 'host' or 'host:port'"),
+        ("registry: 'reg.example.com/Edge/Adapters'\ntuf_root: root.json\n", "not a valid OCI repository name"),
+        ("registry: 'reg.example.com/edge'\ntuf_root: root.json\nchannel: '../x'\n", "channel '../x' is not allowed"),
+    ],
+)
+def test_a_profiles_fleet_source_is_checked_when_it_loads(tmp_path, extra, words):
+    """``registry`` and ``channel`` follow the fleet's rules (edge.format.names) at load, not at the first sync:
+    ``edge devices`` no longer lists a profile that every sync would refuse."""
+    path = write(tmp_path, "site", profile_text("site", extra=extra))
+    with pytest.raises(ConfigError, match=re.escape(words)):
+        load_profile(path)
