@@ -116,9 +116,10 @@ def kept(adapter: Adapter, *, copy: bool) -> Adapter:
     if copy:
         tensors = {}
         for k, d in dict(adapter.tensors).items():
-            cls = DenseDelta if isinstance(d, DenseDelta) else SparseDelta if isinstance(d, SparseDelta) else None
-            own = {f.name: getattr(d, f.name) for f in fields(cls)} if cls else None
-            tensors[k] = d if cls is None else cls(**{n: np.array(v) if v is not None else v for n, v in own.items()})
+            cls = next((c for c in (DenseDelta, SparseDelta) if isinstance(d, c)), None)
+            if cls is not None:  # the library's own class, from plain copies (anything else fails validation)
+                d = cls(**{f.name: None if (v := getattr(d, f.name)) is None else np.array(v) for f in fields(cls)})
+            tensors[k] = d
         own = {f.name: getattr(adapter, f.name) for f in fields(Adapter)}
         mappings = {n: dict(own[n]) for n in ("shapes", "info", "encodings")}
         adapter = Adapter(**{**own, **mappings, "tensors": tensors})  # Adapter.__post_init__ validates the copies

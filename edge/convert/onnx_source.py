@@ -117,13 +117,11 @@ def tied_copies(names, arrays: Mapping[str, np.ndarray]) -> dict[str, str]:
     out: dict[str, str] = {}
     for k in names:
         a = arrays[k]
-        forms = [a] + ([a.T] if a.ndim == 2 else [])
-        for f in forms:
-            key = (f.shape, hash(np.ascontiguousarray(f).tobytes()))
-            other = seen.get(key)
-            if other is not None and other != k and np.array_equal(np.ascontiguousarray(f), arrays[other]):
-                out[k] = other
-                break
+        forms = [a, a.T] if a.ndim == 2 else [a]
+        keys = [(f.shape, hash(f.tobytes())) for f in forms]  # tobytes: C order, of the transpose too
+        same = (seen[key] for key, f in zip(keys, forms) if key in seen and np.array_equal(f, arrays[seen[key]]))
+        if (other := next(same, None)) is not None:
+            out[k] = other
         else:
-            seen.setdefault((a.shape, hash(np.ascontiguousarray(a).tobytes())), k)
+            seen.setdefault(keys[0], k)
     return out
