@@ -35,7 +35,7 @@ demo-tflite: $(TFLITE_VENV)/.installed
 # The TFLite export tests (litert-torch): conv layouts and folded BatchNorm, 17 HF families on LiteRT (slow ones too).
 test-tflite: $(TFLITE_VENV)/.installed
 	$(TFLITE_VENV)/bin/python -m pytest -q -m "slow or not slow" tests/host/test_tflite_conv.py tests/host/test_tflite_hf.py tests/host/test_layout_match.py tests/device/test_litert.py tests/host/test_tflite_quant.py \
-		tests/host/test_cli_quantize.py
+		tests/host/test_cli_quantize.py tests/host/test_outside_int8.py tests/host/test_outside_tflite.py
 
 # The OCI registry (Debian's docker-registry) that the fleet tests start on 127.0.0.1; skipped with a message if
 # it cannot be installed here.

@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -63,6 +64,8 @@ from types import MappingProxyType
 import numpy as np
 
 from edge.errors import BackendUnavailableError, ConfigError, EdgeError, FormatError
+from edge.format.feeds import InputSpec, tflite_input_specs
+from edge.format.io import read_bounded
 from edge.format.modelinfo import ModelInfo
 from edge.format.tflite import read_tflite, tflite_info
 from edge.format.tflite_checks import check_tensor_sizes
@@ -76,6 +79,7 @@ log = logging.getLogger("edge.runtimes.litert")
 
 #: what ``providers=`` may ask for; () means the default, XNNPACK with built-in kernels for the rest
 DELEGATES = ("XNNPACK", "CPU")
+MAX_MODEL_BYTES = 1 << 40  # as edge.runtime's: the limit only keeps a device file from being read forever
 
 
 def interpreter_module():
@@ -144,20 +148,13 @@ class LiteRTBackend(ArenaBackend):
 
     @classmethod
     def read_info(cls, path: Path) -> ModelInfo:
-        try:
-            data = Path(path).read_bytes()
-        except OSError as e:
-            raise FormatError(f"cannot read model file {path}: {e}") from e
-        return tflite_info(data)
+        return tflite_info(read_bounded(Path(path), MAX_MODEL_BYTES, what="model file"))
 
     def __init__(self, model: bytes | str | os.PathLike, options: BackendOptions) -> None:
         self._lib, self.runtime = interpreter_module()
         owned = not isinstance(model, (bytes, bytearray, memoryview))
-        if owned:  # a path: this backend's arena is the file's bytes
-            try:
-                model = Path(model).read_bytes()
-            except OSError as e:
-                raise FormatError(f"cannot read model file {model}: {e}") from e
+        if owned:  # a path: this backend's arena is the file's bytes (bounded: a FIFO or /dev/zero is refused)
+            model = read_bounded(Path(model), MAX_MODEL_BYTES, what="model file")
         strategy = self.DEFAULT_STRATEGY if options.strategy == "auto" else options.strategy
         if strategy not in self.STRATEGIES:
             raise ConfigError(
@@ -262,6 +259,11 @@ class LiteRTBackend(ArenaBackend):
             raise FormatError(f"{tensor!r} is not a quantization constant of {self.info.name!r}") from None
 
     @property
+    def input_specs(self) -> dict[str, InputSpec]:
+        """The real inputs, read from the bytes this backend holds (so a caller that gave a path needs no copy)."""
+        return tflite_input_specs(self._model)
+
+    @property
     def output_names(self) -> list[str]:
         return list(self._output_names)
 
@@ -291,6 +293,8 @@ class LiteRTBackend(ArenaBackend):
         except RuntimeError as e:
             if isinstance(e, EdgeError):
                 raise
+            if "out of bounds" in str(e).lower():  # an id outside an embedding / gather table: the input is wrong
+                raise ConfigError(_out_of_bounds(str(e), feeds, self.info.name)) from e
             raise FormatError(
                 f"LiteRT could not run {self.info.name!r}: {str(e)[:300]} (a file it loads but cannot run is damaged, "
                 "or uses an op or delegate this LiteRT build lacks)"
@@ -358,6 +362,26 @@ class LiteRTBackend(ArenaBackend):
             # switch cycle with this trim (0.2 ms), the ViT 0.5 MB; rebuild, one thread, frees them for reuse
             trim_heap()
         return sess
+
+
+def _out_of_bounds(text: str, feeds, model: str) -> str:
+    """LiteRT's "index out of bounds" at run, said about the input: which integer input holds values outside the
+    table (read from LiteRT's ``bounds are [0, N]`` when it gives them) and the table size."""
+    m = re.search(r"Got (-?\d+), and bounds are \[0, (\d+)\]", text)
+    hi = int(m.group(2)) if m else None
+    ints = {}  # integer input -> (min, max)
+    for name, x in feeds.items() if isinstance(feeds, Mapping) else ():
+        a = np.asarray(x)
+        if a.dtype.kind in "iu" and a.size:
+            ints[name] = (int(a.min()), int(a.max()))
+    bad = [k for k, (lo, top) in ints.items() if lo < 0 or (hi is not None and top > hi)] or list(ints)
+    which = ", ".join(f"{k!r} (values {ints[k][0]}..{ints[k][1]})" for k in bad)
+    which = f"input {which}" if len(bad) == 1 else f"one of the inputs {which}" if bad else "an integer input"
+    table = f"a table of {hi + 1} rows (ids 0..{hi})" if hi is not None else "its table"
+    return (
+        f"{which} of {model!r} indexes outside {table}: LiteRT says {text[:200]!r}; "
+        "give ids the model's vocabulary holds (check the tokenizer matches the model)"
+    )
 
 
 def _check_providers(asked: Sequence[str]) -> bool:
