@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
-from edge.commands import runtime_flags
+from edge.commands import output_path, runtime_flags
 from edge.commands.devices import devices_dir_flag
 
 
@@ -13,7 +14,7 @@ def register(sub) -> None:
     u.add_argument("--model", required=True, type=Path, help="exported model (.onnx) with a 'features' output")
     u.add_argument("--data", required=True, type=Path, help=".npz with 'x' and 'y', or a folder of them (in order)")
     u.add_argument("--method", default="slda", help="ncm, slda (default), ranpac or shira-head")
-    u.add_argument("--state", type=Path, help="state file: resumed if it exists, then saved (default: none kept)")
+    u.add_argument("--state", type=output_path, help="state file: resumed if it exists, then saved (default: none)")
     u.add_argument("--memory-mb", type=float, help="memory budget of the update (default: device profile, or 64)")
     u.add_argument(
         "--device",
@@ -23,14 +24,31 @@ def register(sub) -> None:
     devices_dir_flag(u)
     u.add_argument("--domain", help="where the samples come from; ncm/slda/ranpac keep per-domain prototypes")
     u.add_argument("-o", "--option", action="append", default=[], metavar="KEY=VALUE", help="method option")
-    u.add_argument("--adapter-out", type=Path, help="shira-head: also write the learned adapter file here")
+    u.add_argument(
+        "--taps",
+        help="learn over these feature taps instead of the model's 'features' output (for a model exported with "
+        "logits only): a tap set (auto, stages, attn, ...; NAME:K) or comma-separated tensor names; the tapped copy "
+        "is the same model (same fingerprint: states and adapters apply to the file given)",
+    )
+    u.add_argument("--adapter-out", type=output_path, help="shira-head: also write the learned adapter file here")
     u.add_argument("--eval", type=Path, help=".npz with 'x' and 'y' to report accuracy on after the update")
-    u.add_argument("--json", type=Path, help="write the report as JSON here")
+    u.add_argument("--json", type=output_path, help="write the report as JSON here")
     runtime_flags(u, cache=False)
     u.set_defaults(func=run)
 
 
 def run(args) -> int:
+    from edge.runtime import Runtime
+
+    budget, source = _budget(args)
+    limit, limit_from = _samples_limit(args, budget)
+    options = dict(_option(o) for o in args.option)
+    with contextlib.ExitStack() as stack:
+        rt = Runtime(_tapped(args, stack, options), backend=args.backend, threads=args.threads)
+        return _run(args, rt, budget, source, limit, limit_from, options)
+
+
+def _run(args, rt, budget, source, limit, limit_from, options) -> int:
     import json
 
     import numpy as np
@@ -38,18 +56,14 @@ def run(args) -> int:
     from edge.format.samples import load_samples
     from edge.format.state import state_lock
     from edge.learn.update import limit_blas_threads
-    from edge.runtime import Runtime
 
-    budget, source = _budget(args)
-    limit, limit_from = _samples_limit(args, budget)
-    options = dict(_option(o) for o in args.option)
-    rt = Runtime(args.model, backend=args.backend, threads=args.threads)
     with limit_blas_threads(args.threads) as blas, rt:
-        chunks = load_samples(args.data, rt.info.inputs, max_array_bytes=limit, limit_from=limit_from)
+        specs = getattr(rt.backend, "input_specs", None)  # the model's inputs: samples are checked on their headers
+        chunks = load_samples(args.data, rt.info.inputs, max_array_bytes=limit, limit_from=limit_from, specs=specs)
         evals = None
         if args.eval is not None:  # held beside the samples: it takes from the same limit
             left = limit - sum(_nbytes(x) + np.asarray(y).nbytes for _, x, y in chunks)
-            evals = load_samples(args.eval, rt.info.inputs, max_array_bytes=left, limit_from=limit_from)
+            evals = load_samples(args.eval, rt.info.inputs, max_array_bytes=left, limit_from=limit_from, specs=specs)
         if evals is not None and len(evals) != 1:
             from edge.errors import ConfigError
 
@@ -71,6 +85,21 @@ def run(args) -> int:
 
         write_json(args.json, result)
     return 0
+
+
+def _tapped(args, stack, options) -> Path:
+    """The model to run: ``--model``, or with ``--taps`` its tapped copy in a temporary folder (removed after)."""
+    if not args.taps:
+        return args.model
+    import tempfile
+
+    from edge.route.taps import FEATURES, tap_model
+    from edge.route.tapsets import TAP_SETS
+
+    spec = args.taps if args.taps.partition(":")[0] in TAP_SETS.names() else [t for t in args.taps.split(",") if t]
+    folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="edge-update-")))
+    options.setdefault("feature_output", FEATURES)
+    return tap_model(args.model, folder / args.model.name, spec).path
 
 
 def _learn(args, rt, chunks, budget, options):

@@ -17,13 +17,17 @@ import io
 import os
 import zipfile
 import zlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from edge.errors import ConfigError, FormatError
 from edge.format.io import read_bounded
+
+if TYPE_CHECKING:
+    from edge.format.feeds import InputSpec
 
 #: what reading a damaged member raises (zipfile, zlib, numpy's .npy reader)
 _DAMAGED = (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error, NotImplementedError, RuntimeError)
@@ -34,6 +38,7 @@ __all__ = [
     "MAX_NPZ_BYTES",
     "SAMPLES_SHARE",
     "batch_length",
+    "check_headers",
     "check_labels",
     "load_samples",
     "npy_header",
@@ -87,10 +92,12 @@ def read_npz(
     max_bytes: int = MAX_NPZ_BYTES,
     max_array_bytes: int = MAX_ARRAY_BYTES,
     limit_from: str | None = None,
+    check: Callable[[dict[str, tuple[tuple, np.dtype]]], None] | None = None,
 ) -> dict[str, np.ndarray]:
     """The arrays of an ``.npz`` file, bounded and checked before loading (see the module doc).
 
-    ``limit_from`` says where the limits come from; refusals quote it.
+    ``limit_from`` says where the limits come from; refusals quote it. ``check`` is called with every
+    member's ``(shape, dtype)``, read from the ``.npy`` headers, before any array is loaded.
     """
     what = (
         "data file" if limit_from is None else f"data file (limit: {limit_from}; update with fewer samples at a time)"
@@ -103,7 +110,9 @@ def read_npz(
     except (*_DAMAGED, zipfile.LargeZipFile) as e:  # NotImplementedError: a zip version or method it lacks
         raise FormatError(f"{path} is not an .npz (zip) file numpy can read: {e}") from e
     with zf:
-        members = _members(zf, path, max_array_bytes, limit_from)
+        members, headers = _members(zf, path, max_array_bytes, limit_from)
+        if check is not None:
+            check(headers)
         out = {}
         for key, info in members.items():
             try:
@@ -135,12 +144,14 @@ def npy_header(zf: zipfile.ZipFile, info: zipfile.ZipInfo, path) -> tuple[tuple,
     return tuple(shape), dtype
 
 
-def _members(zf: zipfile.ZipFile, path, max_array_bytes: int, limit_from: str | None) -> dict[str, zipfile.ZipInfo]:
-    """Member name -> ZipInfo, after checking every ``.npy`` header and the total size the arrays take."""
+def _members(zf: zipfile.ZipFile, path, max_array_bytes: int, limit_from: str | None) -> tuple[dict, dict]:
+    """Member name -> ZipInfo, and -> ``(shape, dtype)``, after checking every ``.npy`` header and the total size
+    the arrays take."""
     infos = zf.infolist()
     if len(infos) > MAX_MEMBERS:
         raise FormatError(f"{path}: {len(infos)} members, more than the {MAX_MEMBERS} an .npz of samples needs")
     members: dict[str, zipfile.ZipInfo] = {}
+    headers: dict[str, tuple[tuple, np.dtype]] = {}
     total = 0
     for info in infos:
         if not info.filename.endswith(".npy") or info.is_dir():
@@ -160,8 +171,8 @@ def _members(zf: zipfile.ZipFile, path, max_array_bytes: int, limit_from: str | 
                 f"limit of {max_array_bytes} bytes{why} left for samples; update with fewer samples at a time "
                 "(one `edge update --state S` per part)"
             )
-        members[key] = info
-    return members
+        members[key], headers[key] = info, (shape, dtype)
+    return members, headers
 
 
 def load_samples(
@@ -170,6 +181,7 @@ def load_samples(
     *,
     max_array_bytes: int = MAX_ARRAY_BYTES,
     limit_from: str | None = None,
+    specs: Mapping[str, InputSpec] | None = None,
 ) -> list[tuple[str, object, np.ndarray]]:
     """Labelled samples from an ``.npz`` file or a folder of them (sorted by name): ``[(name, x, y)]``.
 
@@ -178,6 +190,9 @@ def load_samples(
     a folder must be regular files inside it (a link leading out of the folder is
     refused); their arrays together must fit ``max_array_bytes`` (``limit_from``: where that
     figure comes from, quoted when refused), and no file may be larger than what is left of it.
+    Before any array is loaded, the ``.npy`` headers must show the labels, one per sample (1-D, a
+    number type), and the inputs; with ``specs`` (the model's inputs), each input's dtype, rank and
+    fixed dimensions as the model takes them (:func:`check_headers`).
     """
     path = Path(path)
     if path.is_dir():
@@ -198,19 +213,58 @@ def load_samples(
     budget = max_array_bytes
     for f in files:
         file_cap = min(MAX_NPZ_BYTES, budget + _ZIP_SLACK)  # its bytes are resident while it is read
-        arrays = read_npz(f, max_bytes=file_cap, max_array_bytes=budget, limit_from=limit_from)
+        arrays = read_npz(
+            f,
+            max_bytes=file_cap,
+            max_array_bytes=budget,
+            limit_from=limit_from,
+            check=lambda headers, f=f: check_headers(f, headers, inputs, specs),
+        )
         budget -= sum(a.nbytes for a in arrays.values())
-        if "y" not in arrays:
-            raise ConfigError(f"{f} has no 'y' array of labels (it has {sorted(arrays)})")
-        if "x" in arrays and len(inputs) == 1:
-            x: object = arrays["x"]
-        else:
-            missing = [k for k in inputs if k not in arrays]
-            if missing:
-                raise ConfigError(f"{f} lacks the model input(s) {missing}; it has {sorted(arrays)} (use 'x' and 'y')")
-            x = {k: arrays[k] for k in inputs}
+        x: object = arrays["x"] if "x" in arrays and len(inputs) == 1 else {k: arrays[k] for k in inputs}
         out.append((f.name, x, arrays["y"]))
     return out
+
+
+def check_headers(path, headers: Mapping[str, tuple], inputs: tuple[str, ...], specs=None) -> None:
+    """Refuse samples that cannot be an update's from their ``.npy`` headers (``{member: (shape, dtype)}``) alone,
+    before anything is loaded (see :func:`load_samples`); a :class:`ConfigError` naming the member."""
+    if "y" not in headers:
+        raise ConfigError(f"{path} has no 'y' array of labels (it has {sorted(headers)})")
+    keys = {"x": inputs[0]} if "x" in headers and len(inputs) == 1 else {k: k for k in inputs}
+    missing = [k for k in keys if k not in headers]
+    if missing:
+        raise ConfigError(f"{path} lacks the model input(s) {missing}; it has {sorted(headers)} (use 'x' and 'y')")
+    scalars = [k for k in keys if not headers[k][0]]
+    if scalars:
+        raise ConfigError(f"{path}: model input(s) {scalars} are scalars; give arrays whose first axis is the batch")
+    (y_shape, y_dtype) = headers["y"]
+    if y_dtype.kind not in "iuf":
+        raise ConfigError(f"{path}: labels must be integer class indices, got dtype {y_dtype}")
+    if len(y_shape) != 1:
+        raise ConfigError(f"{path}: labels must be a 1-D array with one label per sample, got shape {y_shape}")
+    sizes: dict[str, tuple[int, str]] = {}  # a symbolic dimension the inputs share (a sequence) -> first size seen
+    for key, name in keys.items():
+        shape, dtype = headers[key]
+        if shape[0] != y_shape[0]:
+            raise ConfigError(
+                f"{path}: {key!r} holds {shape[0]} samples for {y_shape[0]} labels in 'y'; give one label per sample"
+            )
+        spec = (specs or {}).get(name)
+        if spec is None or spec.dtype is None or spec.shape is None:
+            continue
+        if dtype.newbyteorder("=") != spec.dtype and not (dtype.kind in "iu" and spec.dtype.kind in "iu"):
+            raise ConfigError(f"{path}: {key!r} is {dtype}; input {name!r} takes {spec.dtype} (save it as that)")
+        fixed = [d if isinstance(d, int) else None for d in spec.shape[1:]]
+        if len(shape) != len(spec.shape) or any(w is not None and g != w for g, w in zip(shape[1:], fixed)):
+            takes = ", ".join(str(d) for d in spec.shape[1:])
+            raise ConfigError(f"{path}: {key!r} has shape {shape}; input {name!r} takes [N, {takes}]")
+        for got, want in zip(shape[1:], spec.shape[1:]):
+            if isinstance(want, str) and sizes.setdefault(want, (got, key))[0] != got:
+                raise ConfigError(
+                    f"{path}: dimension {want!r} is {sizes[want][0]} in {sizes[want][1]!r} but {got} in {key!r}; "
+                    "use one size"
+                )
 
 
 def batch_length(x) -> int:
@@ -235,7 +289,7 @@ def check_labels(y, n: int) -> np.ndarray:
     if not np.issubdtype(y.dtype, np.integer):
         if not np.issubdtype(y.dtype, np.floating) or not np.all(np.equal(np.mod(y, 1), 0)):
             raise ConfigError(f"labels must be integer class indices, got dtype {y.dtype}")
-    y = y.astype(np.int64)
-    if y.min() < 0 or y.max() >= MAX_CLASSES:
-        raise ConfigError(f"labels must be class indices in [0, {MAX_CLASSES}), got {y.min()}..{y.max()}")
-    return y
+    lo, hi = y.min(), y.max()  # before the cast, which would wrap a float 1e30 or a uint64 2**63 round
+    if lo < 0 or hi >= MAX_CLASSES:
+        raise ConfigError(f"labels must be class indices in [0, {MAX_CLASSES}), got {lo}..{hi}")
+    return y.astype(np.int64)

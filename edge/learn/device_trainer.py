@@ -85,7 +85,8 @@ _CALIB = 256  # the SNIP mask's calibration batch (exporters.shira.make_masks's 
 class DeviceTrainer:
     """Train SHiRA adapters of a model's tail on the device (numpy; see the module doc).
 
-    ``model_path`` is the exported ONNX model (``info`` is read from it when not
+    Inputs ``x`` are an array (a one-input model) or a dict of the model's inputs (token ids and an attention
+    mask), checked against the graph. ``model_path`` is the exported ONNX model (``info`` is read from it when not
     given). ``threads`` is onnxruntime's intra-op thread count for the one model run
     (numpy's BLAS threads follow ``OPENBLAS_NUM_THREADS``/``OMP_NUM_THREADS``).
     Picklable (the session is rebuilt on first use), so :class:`edge.learn.growth.GrowthJob`
@@ -156,25 +157,24 @@ class DeviceTrainer:
         Tensors computed on the batch folded into another axis (a ``Gemm`` on ``[B*T, d]``)
         are kept per sample and unfolded by :meth:`_side`.
         """
-        x = np.asarray(x, np.float32)
-        if x.ndim < 1 or not len(x):
-            raise ConfigError(f"the device trainer needs a non-empty batch of inputs, got shape {x.shape}")
+        feeds, n = self._feeds(x)
         sess = self._run_session()
         t = self._tail
         names = list(dict.fromkeys([t.input, *t.residuals, t.logits]))
         parts: dict[str, list] = {k: [] for k in names}
         self._rest = {}
-        for i in range(0, len(x), self.batch):
-            xb = x[i : i + self.batch]
+        for i in range(0, n, self.batch):
+            fb = {k: v[i : i + self.batch] for k, v in feeds.items()}
+            nb = min(self.batch, n - i)
             try:
-                outs = sess.run(names, {self.info.inputs[0]: xb})
-            except Exception as e:  # onnxruntime's InvalidArgument and friends: a wrong input shape or dtype
-                raise ConfigError(f"model {self.info.name!r} rejected inputs of shape {x.shape}: {e}") from e
+                outs = sess.run(names, fb)
+            except Exception as e:  # onnxruntime's InvalidArgument and friends: a shape the graph cannot take
+                raise ConfigError(f"model {self.info.name!r} rejected inputs of shape {_shapes(x)}: {e}") from e
             for k, a in zip(names, outs):
-                if not a.ndim or a.shape[0] % len(xb):
-                    raise ConfigError(f"tensor {k!r} of shape {a.shape} has no batch axis for {len(xb)} inputs")
+                if not a.ndim or a.shape[0] % nb:
+                    raise ConfigError(f"tensor {k!r} of shape {a.shape} has no batch axis for {nb} inputs")
                 self._rest[k] = a.shape[1:]
-                parts[k].append(a.reshape(len(xb), -1))
+                parts[k].append(a.reshape(nb, -1))
         acts = {k: np.concatenate(v) for k, v in parts.items()}  # float32, as the model computes them
         lg = acts.pop(t.logits)
         got = self._forward(acts, self._base2d())[0]
@@ -186,6 +186,28 @@ class DeviceTrainer:
                 + "; the device trainer cannot train this model's tail"
             )
         return acts
+
+    def _feeds(self, x) -> tuple[dict[str, np.ndarray], int]:
+        """The model's inputs from ``x`` (an array for a one-input model, or a dict by input name: token ids and an
+        attention mask), checked against the graph (:func:`edge.format.feeds.check_feeds`), float arrays cast to
+        the input's float type; and the number of samples."""
+        from edge.format.feeds import check_feeds, onnx_input_specs
+
+        specs = onnx_input_specs(self._proto, self.info.inputs)
+        feeds = x if isinstance(x, Mapping) else {self.info.inputs[0]: x} if len(specs) == 1 else x
+        if isinstance(feeds, Mapping):
+            cast = {k: np.asarray(v) for k, v in feeds.items()}
+            feeds = {
+                k: v.astype(specs[k].dtype) if k in specs and specs[k].dtype.kind == "f" else v for k, v in cast.items()
+            }
+        try:
+            feeds = check_feeds(feeds, specs)
+        except ConfigError as e:
+            raise ConfigError(f"model {self.info.name!r} rejected inputs of shape {_shapes(x)}: {e}") from e
+        n = _count(feeds)
+        if not n:
+            raise ConfigError(f"the device trainer needs a non-empty batch of inputs, got shape {_shapes(x)}")
+        return feeds, n
 
     def _side(self, acts: Mapping[str, np.ndarray], rows=None) -> dict[str, np.ndarray]:
         """The frozen inputs of samples ``rows`` (default all) in the shapes the graph computes them in."""
@@ -220,7 +242,7 @@ class DeviceTrainer:
         self, x: np.ndarray, y: np.ndarray, weights: Mapping[str, np.ndarray] | None = None
     ) -> tuple[float, dict[str, np.ndarray]]:
         """Mean cross-entropy on ``(x, y)`` and ``dL/dw`` of :attr:`params`, at ``weights`` (default: base)."""
-        y = self._labels(y, len(x))
+        y = self._labels(y, _count(x))
         w = dict(weights or {})
         self._supported(list(w))
         w2d = self._base2d()
@@ -255,9 +277,13 @@ class DeviceTrainer:
             raise ConfigError(f"density must be in (0, 1], got {arch.density} in {arch}")
         targets = arch.targets(self.info)
         if not targets:
-            raise ConfigError(f"{arch} selects no tensor of model {self.info.name!r}")
+            why = self._tail.why_short
+            short = f"; the walk back from the classifier stopped at {why}" if why and arch.layers == "tail" else ""
+            raise ConfigError(
+                f"{arch} selects no tensor of model {self.info.name!r} (this trainer adapts {list(self.params)}){short}"
+            )
         self._supported(targets)
-        y = self._labels(y, len(x))
+        y = self._labels(y, _count(x))
         acts = self.activations(x)
         t = self._tail.astype(self._epoch_dtype)
         base = {p: v.astype(self._epoch_dtype) for p, v in self._base2d().items()}
@@ -273,7 +299,7 @@ class DeviceTrainer:
             p: SparseDelta(np.stack(np.unravel_index(flat[p], shape[p])).astype(np.int32), values[p].astype(np.float32))
             for p in targets
         }
-        meta = arch.grown_info(len(x), "device", self.epochs)
+        meta = arch.grown_info(len(y), "device", self.epochs)
         return Adapter(name, self.info.fingerprint, tensors, {p: shape[p] for p in targets}, method="shira", info=meta)
 
     def _fit(self, masks: Mapping[str, tuple], acts, y, t: Tail, base) -> dict[str, np.ndarray]:
@@ -309,7 +335,8 @@ class DeviceTrainer:
         return vals
 
     def logits(self, x: np.ndarray, adapter=None) -> np.ndarray:
-        """The logits on ``x`` computed in numpy, with ``adapter``'s entries merged (in float32, as the runtime)."""
+        """The logits on ``x`` computed in numpy, with ``adapter``'s entries merged (in float32, as the runtime); for a
+        model whose output is a final Softmax or LogSoftmax, the scores it normalises."""
         acts = self.activations(x)
         w = self._base2d()
         if adapter is not None:
@@ -341,6 +368,17 @@ class DeviceTrainer:
                 "(edge.learn.update)"
             )
         return y.astype(np.int64)
+
+
+def _count(x) -> int:
+    """Samples in ``x``: an array's first axis, or a dict's (of equally long arrays)."""
+    from edge.format.samples import batch_length
+
+    return batch_length(x)
+
+
+def _shapes(x):
+    return {k: np.shape(v) for k, v in x.items()} if isinstance(x, Mapping) else np.shape(x)
 
 
 # -- the math ----------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from edge.errors import ConfigError
+from edge.format.samples import batch_length
 from edge.learn.space import PROXIES, SEARCH_SPACE, Arch, Budget, Candidate, candidates, measure_device, select
 
 __all__ = ["GrowthJob", "GrowthResult", "grow"]
@@ -67,10 +68,10 @@ def grow(
     return _grow(runtime.info, x, y, trainer, budget, name, space, proxy, knee, device)
 
 
-def _check_labelled(x: np.ndarray, y: np.ndarray) -> None:
-    y = np.asarray(y)
-    if len(x) != len(y) or not len(x):
-        raise ConfigError(f"growth needs labelled inputs, got {len(x)} inputs and {len(y)} labels")
+def _check_labelled(x, y: np.ndarray) -> None:
+    y, n = np.asarray(y), batch_length(x)  # x: an array, or a dict of inputs (token ids and mask)
+    if n != len(y) or not n:
+        raise ConfigError(f"growth needs labelled inputs, got {n} inputs and {len(y)} labels")
     if (y < 0).any():
         raise ConfigError(f"{int((y < 0).sum())} of {len(y)} novel inputs have no label; growth trains supervised")
 
@@ -137,7 +138,8 @@ class GrowthJob:
         self.report_path = self.workdir / f"{name}.growth.json"
         for p in (self.adapter_path, self.report_path):
             p.unlink(missing_ok=True)
-        args = (runtime.info, np.asarray(x), np.asarray(y, np.int64), trainer, budget, name, tuple(space), proxy, knee)
+        xs = {k: np.asarray(v) for k, v in x.items()} if isinstance(x, Mapping) else np.asarray(x)
+        args = (runtime.info, xs, np.asarray(y, np.int64), trainer, budget, name, tuple(space), proxy, knee)
         self.started = time.perf_counter()
         self._proc = multiprocessing.get_context("spawn").Process(
             target=_grow_child,
@@ -192,10 +194,12 @@ def _grow_child(info, x, y, trainer, budget, name, space, proxy, knee, device, a
     import dataclasses
     import json
     import os
+    import signal
     from pathlib import Path
 
     from edge.format.io import atomic_write_bytes
 
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when growing stops
     if nice and hasattr(os, "nice"):
         os.nice(nice)
     try:

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from edge.errors import ConfigError
-from edge.learn.methods import METHODS, Method, softmax
+from edge.learn.methods import METHODS, Context, Method, softmax
 
-__all__ = ["ShiraHead"]
+__all__ = ["ShiraHead", "head_context", "head_view", "source_indices"]
 
 
 @METHODS.register("shira-head")
@@ -148,3 +148,54 @@ class ShiraHead(Method):
         if self._cache is None:
             self._cache = self.merged_weight()
         return f.astype(np.float32, copy=False) @ self._cache.T + self.tensors["bias"]
+
+
+# -- the head a shira-head update trains ------------------------------------------------------------------------
+def head_view(shape: tuple, dim: int) -> str | None:
+    """How a head of source ``shape`` reads ``dim``-wide features: ``"rows"`` (``[C, dim]``, or a 1x1 convolution's
+    ``[C, dim, 1, 1]``), ``"transposed"`` (``[dim, C]``: ``x @ W``), or None (it does not)."""
+    if len(shape) == 2 and shape[1] == dim or len(shape) == 4 and tuple(shape[1:]) == (dim, 1, 1):
+        return "rows"
+    return "transposed" if len(shape) == 2 and shape[0] == dim else None
+
+
+def head_context(runtime, head: str, dim: int, logits: str | None) -> tuple[Context, tuple]:
+    """The :class:`Context` of a shira-head update of ``head`` on ``runtime`` (the head as ``[C, dim]``) and the
+    head's source layout ``(shape, view)`` for :func:`source_indices`; :class:`ConfigError` when it cannot train it."""
+    info = runtime.info
+    if head not in info.tensors:
+        reads = [k for k, t in info.tensors.items() if head_view(t.shape, dim) is not None]
+        raise ConfigError(
+            f"shira-head trains the head {head!r}, which model {info.name!r} cannot rewrite (its tensors that "
+            f"read {dim}-wide features: {reads[:8]}); pass head=NAME (edge update: -o head=NAME)"
+        )
+    if info.tensors[head].channel_scale is not None:
+        raise ConfigError(
+            f"head {head!r} of model {info.name!r} has a BatchNorm folded into it (import-onnx's channel_scale); "
+            "shira-head trains an unfolded head: use ncm, slda or ranpac"
+        )
+    if logits is None:
+        raise ConfigError(f"shira-head needs a logits output; model {info.name!r} has {list(info.outputs)}")
+    touched = [n for n in runtime.active if head in runtime.adapter(n).tensors]
+    if touched:
+        raise ConfigError(
+            f"active adapter(s) {touched} already change {head!r}; switch them off (rt.switch(None)) "
+            "before a shira-head update, which trains deltas against the base head"
+        )
+    w = runtime.weights(head).astype(np.float32)
+    view = head_view(w.shape, dim)
+    if view is None:
+        raise ConfigError(
+            f"head {head!r} of shape {w.shape} does not read {dim}-wide features (a Linear's [classes, {dim}], "
+            f"a 1x1 convolution's [classes, {dim}, 1, 1], or the [{dim}, classes] of x @ W)"
+        )
+    shape, w = tuple(w.shape), w.reshape(w.shape[0], -1)
+    return Context(dim, w.T.copy() if view == "transposed" else w, head), (shape, view)
+
+
+def source_indices(indices: np.ndarray, layout: tuple) -> np.ndarray:
+    """``[2, N]`` entries of the ``[C, dim]`` head as int32 indices in its source ``layout`` (:func:`head_context`)."""
+    shape, view = layout
+    rows, cols = np.asarray(indices)
+    idx = np.stack([cols, rows] if view == "transposed" else [rows, cols])
+    return np.concatenate([idx, np.zeros((len(shape) - 2, idx.shape[1]), idx.dtype)]).astype(np.int32)

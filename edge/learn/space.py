@@ -200,7 +200,10 @@ def measure_device(runtime, x: np.ndarray, nnz: Mapping[str, int] | None = None,
     """
     from edge.machine import p50, time_calls
 
-    one = {runtime.info.inputs[0]: np.ascontiguousarray(x[:1])}
+    if isinstance(x, Mapping):  # a model of several inputs (token ids, masks): one sample of each
+        one = {k: np.ascontiguousarray(v[:1]) for k, v in x.items()}
+    else:
+        one = {runtime.info.inputs[0]: np.ascontiguousarray(x[:1])}
     infer_ms = p50(time_calls(lambda: runtime.run(one), runs))
     names = [n for n in (nnz or {}) if n in runtime.adapters]
     if not names:
@@ -235,7 +238,10 @@ def candidates(info, budget: Budget, device: Mapping[str, float], space: Sequenc
         lat = device["infer_ms"] + device["switch_ns_per_entry"] * nnz / 1e6
         out.append(Candidate(arch, tuple(targets), nnz, mem, lat, mem <= budget.memory_mb and lat <= budget.latency_ms))
     if not out:
-        raise ConfigError(f"no architecture of the search space matches model {info.name!r}'s layers")
+        raise ConfigError(
+            f"no architecture of the search space matches model {info.name!r}'s layers; "
+            "for any model pass space=edge.learn.tail.TAIL_SPACE"
+        )
     return out
 
 

@@ -5,12 +5,14 @@ the classifier weight and the last linear layer before it (``MatMul``, ``Gemm`` 
 1x1 ``Conv``), with the ops between them, everything else frozen. :func:`find_tail` walks
 back from the logits output:
 
-* after the classifier: its bias ``Add`` and shape-only ops;
+* after the classifier: its bias ``Add`` and shape-only ops (and a final ``Softmax`` or ``LogSoftmax`` over
+  the classes: the tail ends at the scores it normalises);
 * the classifier: a ``MatMul``/``Gemm``/1x1 ``Conv`` reading one of the model's parameters
   (:class:`~edge.format.modelinfo.ModelInfo` tensors);
 * between the last linear and the classifier (:data:`SUPPORTED`): ``Add`` (a bias, or a
   residual: the branch read by other nodes too is the skip, a frozen input of the tail),
-  ``Relu``, ``Gelu``, ``LayerNormalization``, ``BatchNormalization`` (inference),
+  ``Relu``, ``Gelu`` (also written out in ``Div``/``Erf``/``Add``/``Mul``, as torch exports it below
+  opset 20: :mod:`edge.learn.graph_patterns`), ``LayerNormalization``, ``BatchNormalization`` (inference),
   ``ReduceMean`` and ``GlobalAveragePool`` (mean pooling), ``Reshape``, ``Flatten``,
   ``Squeeze``, ``Unsqueeze``, ``Identity``.
 
@@ -46,6 +48,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from edge.errors import ConfigError
+from edge.learn.graph_patterns import depends, erf_gelu_input
 from edge.learn.space import LAYER_SETS, Arch
 
 __all__ = ["SUPPORTED", "TAIL_SPACE", "Linear", "Tail", "find_tail", "remember"]
@@ -68,16 +71,20 @@ class Linear:
     axis: int
     flip: bool  # the source view is M.T (else M)
     shape: tuple[int, ...]  # the parameter's source shape
+    scale: np.ndarray | None = None  # [out]: a BatchNorm folded into the stored weight (TensorInfo.channel_scale)
 
     @property
     def w2d(self) -> np.ndarray:
         return self.m.T if self.flip else self.m
 
     def astype(self, dtype) -> Linear:
-        return replace(self, m=self.m.astype(dtype), bias=None if self.bias is None else self.bias.astype(dtype))
+        cast = {k: None if v is None else v.astype(dtype) for k, v in (("bias", self.bias), ("scale", self.scale))}
+        return replace(self, m=self.m.astype(dtype), **cast)
 
     def forward(self, x, side, weights):
         m = weights[self.param].T if self.flip else weights[self.param]
+        if self.scale is not None:  # the graph computes with the folded weight: source * scale per output channel
+            m = m * self.scale
         xc = np.moveaxis(x, self.axis, -1)
         y = xc @ m + (0.0 if self.bias is None else self.bias)
         return np.moveaxis(y, -1, self.axis), (xc, m)
@@ -89,6 +96,8 @@ class Linear:
         """``dL/dW`` in the 2-D source view."""
         xc, m = saved
         dm = xc.reshape(-1, m.shape[0]).T @ np.moveaxis(dy, self.axis, -1).reshape(-1, m.shape[1])
+        if self.scale is not None:  # d(source * scale) / d(source)
+            dm = dm * self.scale
         return dm.T if self.flip else dm
 
 
@@ -265,6 +274,18 @@ def find_tail(proto, info) -> Tail:
             consumers[i] = consumers.get(i, 0) + 1
     outputs = [o.name for o in g.output]
     logits = "logits" if "logits" in outputs else (info.outputs or outputs)[0]
+    if (n := producer.get(logits)) is not None and n.op_type in ("Softmax", "LogSoftmax"):
+        # probabilities out: the tail ends at the scores they normalise (softmax cross-entropy on those)
+        opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 13)
+        axis = next((helper.get_attribute_value(a) for a in n.attribute if a.name == "axis"), -1 if opset >= 13 else 1)
+        out = next(o.type.tensor_type for o in g.output if o.name == logits)
+        rank = len(out.shape.dim) if out.HasField("shape") else 0
+        if axis != -1 and not (rank and axis % rank == rank - 1):
+            raise ConfigError(
+                f"{where}: the output {logits!r} is a {n.op_type} over axis {axis} of a rank-{rank or '?'} tensor, "
+                "not over the classes (the last axis); export the model without it"
+            )
+        logits = n.input[0]
 
     def attrs(n) -> dict:
         return {a.name: helper.get_attribute_value(a) for a in n.attribute}
@@ -296,10 +317,15 @@ def find_tail(proto, info) -> Tail:
             if s.ndim != 4 or s.shape[2:] != (1, 1) or a.get("group", 1) != 1 or not one:
                 return f"{name(n)} (kernel {list(s.shape[2:])}, group {a.get('group', 1)}: not a 1x1 convolution)"
             m, flip, axis = s.reshape(s.shape[0], -1).T, True, 1
-        shape = tuple(info.tensors[p].shape)
+        shape, ti = tuple(info.tensors[p].shape), info.tensors[p]
         if m.size != math.prod(shape) or m.ndim != 2:
             return f"{name(n)} (weight {m.shape} does not match parameter {p!r} {shape})"
-        return Linear(p, m, bias, axis, flip, shape)
+        if ti.perm is not None and list(ti.perm) != sorted(ti.perm):
+            return f"{name(n)} (its parameter {p!r} is stored permuted, {list(ti.perm)})"
+        if ti.channel_scale is None:
+            return Linear(p, m, bias, axis, flip, shape)
+        scale = np.asarray(ti.channel_scale, np.float64)  # stored = source * scale[out]: train the source weight
+        return Linear(p, m / scale, bias, axis, flip, shape, scale)
 
     def step(n) -> tuple[_Op | str, str]:
         """The node as a tail op, or a reason string; and the input the walk goes on from."""
@@ -316,6 +342,8 @@ def find_tail(proto, info) -> Tail:
             return _Op("relu", n.name), first
         if op == "Gelu":
             return _Op("gelu", n.name, {"tanh": a.get("approximate", "none") == "tanh"}), first
+        if op == "Mul" and (x := erf_gelu_input(n, producer, consts)) is not None:  # GELU below opset 20
+            return _Op("gelu", n.name, {"tanh": False}), x
         if op == "LayerNormalization":
             if n.input[1] not in consts or (len(n.input) > 2 and n.input[2] and n.input[2] not in consts):
                 return f"{name(n)} (scale or bias not constant)", first
@@ -384,26 +412,11 @@ def find_tail(proto, info) -> Tail:
             break
         mid.insert(0, s)
     residuals = tuple(s.c["tensor"] for s in mid if s.kind == "residual")
-    if last is not None and any(_depends(r, n.output[0], producer) for r in residuals):
+    if last is not None and any(depends(r, n.output[0], producer) for r in residuals):
         last, why = None, f"{name(n)}, whose output the skip input of a residual sum also reads"
     if last is None:
         return Tail((classifier, *post), 0, cls_in, (), logits, why)
     return Tail((last, *mid, classifier, *post), 1 + len(mid), n.input[0], residuals, logits)
-
-
-def _depends(tensor: str, on: str, producer: dict) -> bool:
-    """Whether graph tensor ``tensor`` is computed from ``on``."""
-    seen, todo = set(), [tensor]
-    while todo:
-        t = todo.pop()
-        if t == on:
-            return True
-        n = producer.get(t)
-        if n is None or t in seen:
-            continue
-        seen.add(t)
-        todo.extend(i for i in n.input if i)
-    return False
 
 
 # -- layer sets ---------------------------------------------------------------------------------------

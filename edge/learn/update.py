@@ -49,7 +49,7 @@ from edge.format.samples import load_samples
 from edge.format.state import State, load_state, save_state, state_lock
 from edge.learn import shira_head  # noqa: F401  (registers shira-head)
 from edge.learn.methods import DEFAULT_MEMORY_MB, MB, METHODS, Context, Method, config_dict, make_config
-from edge.learn.shira_head import ShiraHead
+from edge.learn.shira_head import ShiraHead, head_context, source_indices
 
 __all__ = [
     "DEFAULT_MEMORY_MB",
@@ -114,8 +114,9 @@ class Updater:
         info = runtime.info
         if feature_output not in info.outputs:
             raise ConfigError(
-                f"model {info.name!r} has no output {feature_output!r} to learn from (outputs: "
-                f"{list(info.outputs)}); export the encoder with a features output or pass feature_output=NAME"
+                f"model {info.name!r} has no output {feature_output!r} to learn from (outputs: {list(info.outputs)}); "
+                "export the encoder with a features output, or tap it (edge.route.taps.tap_model: output "
+                "'edge.features'), and pass feature_output=NAME (edge update: --taps auto, or -o feature_output=NAME)"
             )
         self.feature_output = feature_output
         self.logit_output = logit_output if logit_output in info.outputs else None
@@ -130,27 +131,11 @@ class Updater:
         self._groups: dict[int, np.ndarray] | None = None
 
     def _context(self, cls, head: str) -> Context:
-        info = self.runtime.info
         dim = self._feature_dim()
         if cls is not ShiraHead:
             return Context(dim)
-        if head not in info.tensors:
-            raise ConfigError(
-                f"shira-head trains the head {head!r}, which model {info.name!r} cannot rewrite "
-                f"(writable tensors: {sorted(info.tensors)}); pass head=NAME"
-            )
-        if self.logit_output is None:
-            raise ConfigError(f"shira-head needs a logits output; model {info.name!r} has {list(info.outputs)}")
-        touched = _adapters_touching(self.runtime, head)
-        if touched:
-            raise ConfigError(
-                f"active adapter(s) {touched} already change {head!r}; switch them off (rt.switch(None)) "
-                "before a shira-head update, which trains deltas against the base head"
-            )
-        w = self.runtime.weights(head).astype(np.float32)
-        if w.ndim != 2 or w.shape[1] != dim:
-            raise ConfigError(f"head {head!r} of shape {w.shape} does not read {dim}-wide features")
-        return Context(w.shape[1], w, head)
+        ctx, self._head_layout = head_context(self.runtime, head, dim, self.logit_output)
+        return ctx
 
     def _feature_dim(self) -> int:
         """The features' width, from the model file's declared output shape."""
@@ -221,13 +206,13 @@ class Updater:
             raise ConfigError(f"only shira-head changes model weights; {self.method_name!r} is a separate head")
         if not m.counts.any():
             raise ConfigError("nothing learned yet: call partial_fit before to_adapter")
-        delta = SparseDelta(m.tensors["indices"].copy(), m.tensors["values"].copy())
+        delta = SparseDelta(source_indices(m.tensors["indices"], self._head_layout), m.tensors["values"].copy())
         meta = {"mask": "snip", "density": m.config.density, "trained_on_device": True, "samples": self.samples_seen}
         return Adapter(
             name,
             self.fingerprint,
             {m.ctx.head_name: delta},
-            {m.ctx.head_name: tuple(m.ctx.head_weight.shape)},
+            {m.ctx.head_name: tuple(self._head_layout[0])},
             method="shira",
             info={**meta, **dict(info or {})},
         )
@@ -439,8 +424,3 @@ def _traced():
         result["peak"] = max(0, tracemalloc.get_traced_memory()[1] - base)
         if started:
             tracemalloc.stop()
-
-
-def _adapters_touching(runtime, tensor: str) -> list[str]:
-    """Names of the runtime's active adapters that change ``tensor``."""
-    return [n for n in runtime.active if tensor in runtime.adapter(n).tensors]
