@@ -70,6 +70,8 @@ def threshold_at_tpr(id_scores: np.ndarray, tpr: float = 0.95) -> float:
     s = np.sort(np.asarray(id_scores, np.float64).ravel())
     if not s.size:
         raise ConfigError("cannot calibrate on zero in-distribution scores; pass held-out ID data")
+    if np.isnan(s[-1]):  # sorted: NaNs last
+        raise ConfigError(f"{int(np.isnan(s).sum())} of {s.size} ID scores are NaN; calibrate on finite features")
     return float(s[int(np.floor((1.0 - tpr) * s.size + 1e-9))])
 
 
@@ -93,6 +95,7 @@ class Detector(ABC):
     def fit(self, features, logits, labels=None, domains=None) -> Detector:
         """Forget everything and learn ID statistics from these inputs."""
         f, lg, y, d = check_inputs(features, logits, labels, domains)
+        self.width = f.shape[1]
         self._fit(f, lg, y, d)
         self.threshold, self._cal = None, None
         return self
@@ -100,6 +103,7 @@ class Detector(ABC):
     def update(self, features, logits, labels=None, domains=None) -> None:
         """Add ID inputs to the statistics (prototypes, means, bank); recalibrates if calibrated."""
         f, lg, y, d = check_inputs(features, logits, labels, domains)
+        self._features(f)
         self._update(f, lg, y, d)
         if self._cal is not None:
             self.threshold = threshold_at_tpr(self.score(*self._cal), self.tpr)
@@ -118,7 +122,17 @@ class Detector(ABC):
     def is_ood(self, features, logits) -> np.ndarray:
         if self.threshold is None:
             raise ConfigError(f"detector {self.name!r} is not calibrated; call calibrate(held-out ID data) first")
-        return self.score(features, logits) < self.threshold
+        return ~(self.score(features, logits) >= self.threshold)  # a NaN score (non-finite input) is OOD
+
+    def _features(self, features) -> np.ndarray:
+        """``features`` as a matrix of the width the detector was fitted on (a ConfigError otherwise)."""
+        f = as_matrix(features, "features")
+        width = getattr(self, "width", None)
+        if width is None:
+            raise ConfigError(f"detector {self.name!r} is not fitted; call fit(features, logits, ...) first")
+        if f.shape[1] != width:
+            raise ConfigError(f"features are {f.shape[1]} wide but detector {self.name!r} was fitted on {width}")
+        return f
 
     def _fit(self, f, lg, y, d) -> None:  # stateless detectors need nothing
         pass
@@ -138,6 +152,13 @@ def as_matrix(a, what: str) -> np.ndarray:
 def check_inputs(features, logits, labels=None, domains=None):
     """Validated ``(features, logits, labels, domains)``: labels default to the logits' argmax, domains to 0."""
     f, lg = as_matrix(features, "features"), as_matrix(logits, "logits")
+    for a, what in ((f, "feature"), (lg, "logit")):
+        bad = ~np.isfinite(a).all(1)
+        if bad.any():
+            raise ConfigError(
+                f"{int(bad.sum())} of {len(a)} {what} rows hold NaN or inf (first row {int(bad.argmax())}); "
+                "fit and update on finite inputs only"
+            )
     if len(f) != len(lg):
         raise ConfigError(f"{len(f)} feature rows but {len(lg)} logit rows; pass both for the same inputs")
     y = lg.argmax(1) if labels is None else np.asarray(labels, np.int64).ravel()
@@ -236,7 +257,7 @@ class Mahalanobis(Detector):
         self._m2 = (self._m**2).sum(1)
 
     def score(self, features, logits):
-        z = matmul(as_matrix(features, "features"), self._w)
+        z = matmul(self._features(features), self._w)
         dist = (z**2).sum(1)[:, None] - 2.0 * matmul(z, self._m.T) + self._m2
         return -dist.min(1)
 
@@ -274,6 +295,6 @@ class KNN(Detector):
                     self._bank[j] = row
 
     def score(self, features, logits):
-        sims = matmul(unit_rows(as_matrix(features, "features")), self._bank.T)
+        sims = matmul(unit_rows(self._features(features)), self._bank.T)
         k = min(self.k, sims.shape[1])
         return np.partition(sims, sims.shape[1] - k, axis=1)[:, sims.shape[1] - k]

@@ -211,7 +211,7 @@ class HDC(Detector):
         """Cosine of each input's hypervector to every prototype ``[N, K]`` (folded for the linear encoding)."""
         if self.encoding == "bipolar":
             return self.hypervectors(features) @ self._a
-        raw, inv = self._raw(as_matrix(features, "features"))
+        raw, inv = self._raw(self._features(features))
         return raw * inv[:, None]
 
     def _raw(self, f: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -337,7 +337,7 @@ class HDC(Detector):
     def score(self, features, logits=None):
         if self.encoding == "bipolar":
             return self.similarities(features)[:, : len(self.class_keys)].max(1)
-        raw, inv = self._raw(as_matrix(features, "features"))
+        raw, inv = self._raw(self._features(features))
         return raw[:, : len(self.class_keys)].max(1) * inv
 
 

@@ -3,9 +3,9 @@
 OOD detection works best on several layers of the frozen encoder (HDFF, Mahalanobis
 ensembles), but an exported model returns only its final outputs. :func:`tap_model`
 writes a copy of the model whose extra output ``edge.features`` concatenates the tapped
-tensors, each mean-pooled to ``[B, C]`` (``[B, T, C]`` over ``T``, ``[B, C, H, W]`` over
-``H, W``), so the detector reads them from the **same** inference pass
-that serves the input: no second run.
+tensors, each mean-pooled to ``[B, C]`` (``[B, T, C]`` over ``T``: over the real tokens when the model has an
+``attention_mask`` input, so padding does not change them; ``[B, C, H, W]`` over ``H, W``), so the detector reads
+them from the **same** inference pass that serves the input: no second run.
 
 Cost, measured on the digits encoder: two pooled taps and the concat add about 1-3 % to
 a run at batch 16, 3-4 % at batch 1 (one node each: ``Concat`` and ``ReduceMean``, plus
@@ -131,7 +131,7 @@ from pathlib import Path
 
 from edge.errors import ConfigError, FormatError
 from edge.format.modelinfo import META_KEY
-from edge.route.tapsets import TAP_SETS, resolve_taps, tensor_shapes
+from edge.route.tapsets import TAP_SETS, feature_shapes, resolve_taps, tensor_shapes
 
 __all__ = [
     "FEATURES",
@@ -153,6 +153,8 @@ VOTE = "edge.vote"  # detector-head output: [B] int64, the routed domain, or -1 
 HEAD_M, HEAD_C, HEAD_P, HEAD_T = "edge.head.m", "edge.head.c", "edge.head.p", "edge.head.t"
 #: bias of unused head columns: never the max or the argmax
 HEAD_UNUSED = -1e30
+#: element types a tap may hold (onnx TensorProto FLOAT, FLOAT16, DOUBLE, BFLOAT16): all but float32 are cast to it
+FLOATS = (1, 10, 11, 16)
 
 
 def _pool_axes(shape: tuple) -> tuple[list[int], object]:
@@ -196,7 +198,12 @@ class Tapped:
 
 
 def tap_model(
-    src: str | os.PathLike, dst: str | os.PathLike, taps: str | Sequence[str] = "auto", *, head: Head | None = None
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    taps: str | Sequence[str] = "auto",
+    *,
+    head: Head | None = None,
+    mask: str | None = "auto",
 ) -> Tapped:
     """Write ``src`` with one more output, ``edge.features`` ``[B, d]``, to ``dst``.
 
@@ -205,6 +212,9 @@ def tap_model(
     ``[B, C]`` one not at all), and the pooled taps are concatenated in order (small taps of one
     shape apart from the channels are concatenated first and pooled by one node: the same values). With
     ``head``, the detector head of the module doc is added too (output ``edge.vote``).
+    ``mask``: a ``[B, T]`` graph input marking real tokens (1) and padding (0); every ``[B, T, C]`` tap is then
+    averaged over the real tokens only, so padding a sentence does not change its features. ``"auto"`` takes
+    the input ``attention_mask`` when the model has one; ``None`` averages over every position.
     The file is rewritten only when its bytes would change, so a cache can keep it.
     """
     import onnx
@@ -217,13 +227,23 @@ def tap_model(
     except Exception as e:  # protobuf DecodeError and friends
         raise FormatError(f"cannot read ONNX model {src}: {e}") from e
     taps = resolve_taps(model, taps)
-    shapes = tensor_shapes(model)
+    if not taps:
+        raise ConfigError(f"no taps given for model {model.graph.name!r}; pass a tap set name or tensor names")
+    shapes = feature_shapes(model, tensor_shapes(model), taps)
     taken = {o.name for o in model.graph.output} | {i.name for i in model.graph.input}
     if FEATURES in taken:
         raise ConfigError(f"model {model.graph.name!r} already has an output {FEATURES!r}; tap the original")
+    names = {o for n in model.graph.node for o in n.output} | taken | {i.name for i in model.graph.initializer}
+    ours = sorted(n for n in names if n.startswith("edge."))
+    if ours:  # the names this module adds all start with "edge.": a clash would make an invalid graph
+        raise ConfigError(f"model {model.graph.name!r} already has tensors {ours[:4]}; tap the original model")
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    types = _elem_types(model)
     found = []
     for tensor in taps:
+        if types.get(tensor, TensorProto.FLOAT) not in FLOATS:  # float16/64 taps are cast to float32 below
+            kind = TensorProto.DataType.Name(types[tensor]).lower()
+            raise ConfigError(f"tap {tensor!r} of model {model.graph.name!r} holds {kind}; tap float tensors only")
         shape = shapes.get(tensor) or ()
         axes, channels = _pool_axes(shape)
         if not isinstance(channels, int) or len(shape) < 2:
@@ -235,6 +255,13 @@ def tap_model(
     width = sum(c for *_, c in found)
     g = model.graph
     ours = len(g.node)  # the nodes from here on are the taps' and the head's (placed early below)
+    for i, (tensor, *rest) in enumerate(found):  # the pooled output is float32: other float taps are cast first
+        if types.get(tensor, TensorProto.FLOAT) != TensorProto.FLOAT:
+            found[i] = (f"edge.cast{i}", *rest)
+            g.node.append(helper.make_node("Cast", [tensor], [found[i][0]], to=TensorProto.FLOAT, name=found[i][0]))
+    weights = _mask_weights(g, mask, opset) if any(axes == [1] for _, _, axes, _ in found) else None
+    if weights is not None:  # token taps averaged over the real tokens: MatMul by the mask's [B, 1, T] weights
+        found = [(t, shape, ["mask"] if axes == [1] else axes, c) for t, shape, axes, c in found]
     channel = 1 if len(found[0][1]) >= 4 else len(found[0][1]) - 1
     rest = {tuple(d for k, d in enumerate(shape) if k != channel) for _, shape, _, _ in found}
     if len(found) > 1 and len(rest) == 1 and _small(found):
@@ -244,7 +271,11 @@ def tap_model(
         pooled_by = found[0][2]
         g.node.append(
             helper.make_node(
-                "Concat", list(taps), ["edge.taps" if pooled_by else FEATURES], axis=channel, name="edge.taps.concat"
+                "Concat",
+                [t for t, *_ in found],
+                ["edge.taps" if pooled_by else FEATURES],
+                axis=channel,
+                name="edge.taps.concat",
             )
         )
         if pooled_by:
@@ -269,6 +300,21 @@ def tap_model(
     if not (dst.exists() and dst.read_bytes() == data):
         atomic_write_bytes(dst, data)
     return Tapped(dst, tuple(taps), width, head=head)
+
+
+def _elem_types(model) -> dict[str, int]:
+    """Element type of every tensor onnx's shape inference knows (``{}`` when it fails: shapes then decide)."""
+    import onnx
+
+    try:
+        g = onnx.shape_inference.infer_shapes(model).graph
+    except Exception:  # onnx raises InferenceError and protobuf errors; tensor_shapes already reported them
+        return {}
+    return {
+        v.name: v.type.tensor_type.elem_type
+        for v in [*g.value_info, *g.output, *g.input]
+        if v.type.tensor_type.elem_type
+    }
 
 
 def _place_early(g, ours: int, taps: set[str]) -> None:
@@ -296,11 +342,51 @@ def _small(found: list) -> bool:
     return sum(math.prod(s) for s in sizes) <= CONCAT_FIRST_MAX
 
 
-def _pool(g, tensor: str, out: str, axes: list[int], opset: int) -> None:
-    """Append the node that mean-pools ``tensor`` over ``axes`` into ``out`` (an ``Identity`` for no axes)."""
+def _mask_weights(g, mask: str | None, opset: int) -> str | None:
+    """Append the nodes turning the ``[B, T]`` mask input into averaging weights ``[B, 1, T]`` (each row sums to 1,
+    or to 0 when it masks every token); return their name, or None when there is no mask to apply."""
     from onnx import TensorProto, helper
 
-    if not axes:
+    inputs = {i.name: i for i in g.input}
+    if mask == "auto":
+        mask = "attention_mask" if "attention_mask" in inputs else None
+    if mask is None:
+        return None
+    if mask not in inputs or len(inputs[mask].type.tensor_type.shape.dim) != 2:
+        raise ConfigError(
+            f"mask {mask!r} is not a [batch, tokens] input of model {g.name!r} (its inputs: {sorted(inputs)}); "
+            "pass mask=None to average over every position"
+        )
+
+    def const(name: str, dtype, dims: list[int], values: list) -> str:
+        g.node.append(
+            helper.make_node("Constant", [], [name], value=helper.make_tensor(f"{name}.value", dtype, dims, values))
+        )
+        return name
+
+    g.node.append(helper.make_node("Cast", [mask], ["edge.mask.f"], to=TensorProto.FLOAT, name="edge.mask.cast"))
+    shape = const("edge.mask.shape", TensorProto.INT64, [3], [0, 1, -1])
+    g.node.append(helper.make_node("Reshape", ["edge.mask.f", shape], ["edge.mask.r"], name="edge.mask.reshape"))
+    if opset >= 13:
+        axes = const("edge.mask.axes", TensorProto.INT64, [1], [2])
+        g.node.append(helper.make_node("ReduceSum", ["edge.mask.r", axes], ["edge.mask.n"], name="edge.mask.sum"))
+    else:
+        g.node.append(helper.make_node("ReduceSum", ["edge.mask.r"], ["edge.mask.n"], axes=[2], name="edge.mask.sum"))
+    one = const("edge.mask.one", TensorProto.FLOAT, [], [1.0])
+    g.node.append(helper.make_node("Max", ["edge.mask.n", one], ["edge.mask.d"], name="edge.mask.max"))
+    g.node.append(helper.make_node("Div", ["edge.mask.r", "edge.mask.d"], ["edge.mask.w"], name="edge.mask.div"))
+    return "edge.mask.w"
+
+
+def _pool(g, tensor: str, out: str, axes: list, opset: int) -> None:
+    """Append the node that mean-pools ``tensor`` over ``axes`` into ``out`` (an ``Identity`` for no axes;
+    ``["mask"]``: a ``[B, T, C]`` tap averaged by the mask weights of :func:`_mask_weights`)."""
+    from onnx import TensorProto, helper
+
+    if axes == ["mask"]:
+        g.node.append(helper.make_node("MatMul", ["edge.mask.w", tensor], [f"{out}.sum"], name=f"{out}.pool"))
+        g.node.append(helper.make_node("Flatten", [f"{out}.sum"], [out], axis=1, name=f"{out}.flatten"))
+    elif not axes:
         g.node.append(helper.make_node("Identity", [tensor], [out], name=f"{out}.pool"))
     elif opset >= 18:
         const = helper.make_tensor(f"{out}.axes.value", TensorProto.INT64, [len(axes)], axes)

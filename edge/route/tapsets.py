@@ -64,7 +64,7 @@ from edge.errors import ConfigError, FormatError
 from edge.format.modelinfo import META_KEY
 from edge.registry import Registry
 
-__all__ = ["TAP_SETS", "resolve_taps", "tap_set", "tensor_shapes"]
+__all__ = ["TAP_SETS", "feature_shapes", "resolve_taps", "tap_set", "tensor_shapes"]
 
 
 def _norms(model) -> list[tuple[str, str]]:
@@ -168,7 +168,8 @@ def _feature_maps(model) -> list[tuple[str, int, bool]]:
                 not carry or node.op_type == "SequenceAt" or node.op_type == "Reshape" and rank.get(node.input[0]) == 5
             ):
                 level[o] = lv
-                out.append((o, lv, node.op_type == "Add" and len(ins) == 2))
+                if node.op_type != "Pad":  # a padded map's border is zeros, not features: its input is the tap
+                    out.append((o, lv, node.op_type == "Add" and len(ins) == 2))
     return out
 
 
@@ -287,6 +288,38 @@ def tensor_shapes(model) -> dict[str, tuple]:
     shapes = _shapes_of(inferred)
     if any(o not in shapes for n in model.graph.node for o in n.output if o):
         shapes = {**_symbolic_shapes(model), **shapes}
+    return _norm_widths(model, shapes)
+
+
+def feature_shapes(model, shapes: dict[str, tuple], tensors: Sequence[str]) -> dict[str, tuple]:
+    """``shapes`` with the shapes of ``tensors`` whose feature dimension (the last; the second of a 4-D map) onnx's
+    inference left unknown taken from onnxruntime's symbolic inference where it knows it (Swin's blocks behind
+    window reshapes). The symbolic inference runs only then, so tensors onnx already sizes keep their shapes."""
+
+    def known(shape) -> bool:
+        return bool(shape) and len(shape) >= 2 and isinstance(shape[1] if len(shape) >= 4 else shape[-1], int)
+
+    if all(known(shapes.get(t)) for t in tensors):
+        return shapes
+    symbolic = _symbolic_shapes(model)
+    better = {t: symbolic[t] for t in tensors if not known(shapes.get(t)) and known(symbolic.get(t))}
+    return {**shapes, **better}
+
+
+def _norm_widths(model, shapes: dict[str, tuple]) -> dict[str, tuple]:
+    """Fill the last dimension of a last-axis LayerNormalization's input and output from its scale's length where
+    inference left it symbolic (Swin's window reshapes): the width of the ``attn``/``mlp-in`` taps."""
+    from onnx import helper
+
+    scales = {i.name: tuple(i.dims) for i in model.graph.initializer}
+    for n in model.graph.node:
+        axis = next((helper.get_attribute_value(a) for a in n.attribute if a.name == "axis"), -1)
+        if n.op_type != "LayerNormalization" or len(n.input) < 2 or len(scales.get(n.input[1], ())) != 1:
+            continue
+        for t in (n.input[0], n.output[0]):
+            shape = shapes.get(t)
+            if shape and axis in (-1, len(shape) - 1) and not isinstance(shape[-1], int):
+                shapes[t] = (*shape[:-1], scales[n.input[1]][0])
     return shapes
 
 
