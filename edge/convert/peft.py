@@ -40,6 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edge.convert.peft_lora import low_rank_pair, merged_lora
 from edge.errors import AdapterMismatchError, ConfigError, FormatError
 from edge.format.adapter import Adapter, DenseDelta, SparseDelta
 from edge.format.io import load_json, read_bounded, read_safetensors
@@ -85,6 +86,9 @@ def read_peft(path: str | os.PathLike) -> PeftAdapter:
     if not folder.is_dir():
         raise FormatError(f"{path} is not a PEFT adapter folder (expected {CONFIG_NAME} and {WEIGHTS_NAME} in it)")
     weights = folder / WEIGHTS_NAME
+    for name in (CONFIG_NAME, WEIGHTS_NAME, PICKLE_NAME):  # a link out (to /dev/zero, say) is named as one
+        if (folder / name).is_symlink():
+            _inside(folder, name)
     if not (folder / CONFIG_NAME).is_file():
         subs = sorted(p.name for p in folder.iterdir() if (p / CONFIG_NAME).is_file())
         hint = f"; it has adapter subfolders {subs}: pass one of them" if subs else ""
@@ -97,8 +101,6 @@ def read_peft(path: str | os.PathLike) -> PeftAdapter:
                 f"safe_serialization=True) to get {WEIGHTS_NAME}"
             )
         raise FormatError(f"{folder} has no {WEIGHTS_NAME}")
-    _inside(folder, CONFIG_NAME)
-    _inside(folder, WEIGHTS_NAME)
     config = load_json(
         read_bounded(folder / CONFIG_NAME, MAX_CONFIG_BYTES, what="PEFT config"), source=str(folder / CONFIG_NAME)
     )
@@ -118,7 +120,10 @@ def read_peft(path: str | os.PathLike) -> PeftAdapter:
         if not m:
             unknown.append(key)
             continue
-        modules.setdefault(m["module"], {})[m["part"]] = arr
+        parts = modules.setdefault(m["module"], {})
+        if m["part"] in parts:
+            raise FormatError(f"{weights}: {key!r} is stored twice (under another wrapper prefix); re-save it")
+        parts[m["part"]] = arr
     if not modules and not unknown:
         raise FormatError(f"{weights} holds no adapter tensors")
     return PeftAdapter(folder, config, modules, tuple(unknown))
@@ -182,6 +187,7 @@ def resolve_module(module: str, info: ModelInfo, suffix: str = ".weight") -> str
 
 @IMPORTERS.register("SHIRA")
 def _import_shira(peft: PeftAdapter, info: ModelInfo, lora_as: str):
+    _refuse_options(peft)
     _refuse_unknown(peft)
     swap = bool(peft.config.get("fan_in_fan_out"))
     r = peft.config.get("r")
@@ -229,6 +235,20 @@ _LORA_REFUSED = {  # option -> why it cannot be imported as W + scaling * B @ A
     "alora_invocation_tokens": "activated LoRA only acts after its invocation tokens",
     "use_qalora": "QA-LoRA pools inputs",
     "use_bdlora": "block-diagonal LoRA",
+    "arrow_config": "Arrow routes each token among several LoRA experts",
+    "kasa_config": "KaSA truncates the base weight and scales B @ A by a learned diagonal",
+    "monteclora_config": "MonteCLoRA samples its weights",
+    "velora_config": "VeLoRA keeps per-layer buffers",
+}
+_COMMON = "task_type peft_type auto_mapping peft_version base_model_name_or_path revision inference_mode r"
+_KNOWN = {  # PEFT 0.21's options; any other one set to a non-default value is refused (it may change the math)
+    "SHIRA": set(f"{_COMMON} mask_type random_seed target_modules fan_in_fan_out init_weights modules_to_save".split()),
+    "LORA": set(_LORA_REFUSED).union(
+        f"""{_COMMON} target_modules exclude_modules lora_alpha lora_dropout bias
+        fan_in_fan_out use_rslora modules_to_save init_lora_weights layers_to_transform layers_pattern rank_pattern
+        alpha_pattern megatron_config megatron_core loftq_config eva_config corda_config lora_ga_config
+        qalora_group_size ensure_weight_tying runtime_config""".split()
+    ),
 }
 
 
@@ -241,14 +261,15 @@ def _import_lora(peft: PeftAdapter, info: ModelInfo, lora_as: str):
                 f"{peft.path}: LoRA option {key}={cfg[key]!r} is not supported ({why}); "
                 "merge on the host with merge_and_unload() and re-export the model"
             )
+    _refuse_options(peft)
     init = str(cfg.get("init_lora_weights", True)).lower()
-    if init.startswith(("pissa", "olora", "corda", "loftq")):
+    if init.startswith(("pissa", "olora", "corda", "loftq", "lora_ga")):
         raise ConfigError(
             f"{peft.path}: init_lora_weights={cfg['init_lora_weights']!r} changes the base weights; convert the "
             "adapter to plain LoRA when saving (save_pretrained(path_initial_model_for_weight_conversion=...))"
         )
     _refuse_unknown(peft)
-    deltas = {}  # target -> (A, B, scaling, embedding)
+    deltas, kernels = {}, {}  # target -> (A, B, scaling, embedding) as 2-D; target -> (in, *kernel) of a conv LoRA
     for module, parts in peft.modules.items():
         emb = "lora_embedding_A" in parts
         need = {"lora_embedding_A", "lora_embedding_B"} if emb else {"lora_A.weight", "lora_B.weight"}
@@ -258,19 +279,17 @@ def _import_lora(peft: PeftAdapter, info: ModelInfo, lora_as: str):
             raise FormatError(
                 f"{peft.path}: {module}: LoRA weights must be floats, got {[str(parts[k].dtype) for k in need]}"
             )
-        a, b = (parts[k].astype(np.float32) for k in sorted(need))
-        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
-            raise ConfigError(
-                f"{peft.path}: {module}: lora A {a.shape} and B {b.shape} are not a 2-D low-rank pair "
-                "(convolution LoRA is not supported)"
-            )
+        a, b, kernel = low_rank_pair(*(parts[k].astype(np.float32) for k in sorted(need)), f"{peft.path}: {module}")
         r = a.shape[0]
         alpha = _number(_pattern(cfg.get("alpha_pattern"), module, cfg.get("lora_alpha", 8)), f"{module}: lora_alpha")
         if r == 0:
             raise FormatError(f"{peft.path}: {module}: LoRA of rank 0")
         scaling = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
-        deltas[_claim(resolve_module(module, info), module, deltas)] = (a, b, scaling, emb)
-    slotted = all(_fits_slots(info, t, a.shape[0], emb) for t, (a, _, _, emb) in deltas.items())
+        target = _claim(resolve_module(module, info), module, deltas)
+        deltas[target] = (a, b, scaling, emb)
+        if kernel is not None:
+            kernels[target] = kernel
+    slotted = not kernels and all(_fits_slots(info, t, a.shape[0], emb) for t, (a, _, _, emb) in deltas.items())
     mode = ("branch" if slotted else "merged") if lora_as == "auto" else lora_as
     extra = {
         "lora_as": mode,
@@ -279,25 +298,12 @@ def _import_lora(peft: PeftAdapter, info: ModelInfo, lora_as: str):
         "use_rslora": bool(cfg.get("use_rslora")),
     }
     if mode == "branch":
-        return ("lora", *_lora_branch(peft, info, deltas), extra)
-    fan_in_fan_out = bool(cfg.get("fan_in_fan_out"))
-    tensors, shapes = {}, {}
-    for target, (a, b, _, emb) in deltas.items():  # every shape checked before any B @ A is computed
-        shape = tuple(info.tensors[target].shape)
-        got = (b.shape[0], a.shape[1]) if emb == fan_in_fan_out else (a.shape[1], b.shape[0])
-        if got != shape:
-            raise AdapterMismatchError(
-                f"{peft.path}: LoRA delta for {target!r} is {got}, model {info.name!r} has {shape}; "
-                "the adapter was trained on a different base"
+        if kernels:
+            raise ConfigError(
+                f"{peft.path}: convolution LoRA on {sorted(kernels)[:3]} has no slots; use lora_as='merged'"
             )
-    for target, (a, b, scaling, emb) in deltas.items():
-        shape = tuple(info.tensors[target].shape)
-        delta = (b @ a) * np.float32(scaling)  # PEFT: transpose(B @ A, fan_in_fan_out) * scaling
-        if emb != fan_in_fan_out:  # embeddings store [num, dim], the transpose of B @ A
-            delta = delta.T
-        nz = np.nonzero(delta)
-        tensors[target] = SparseDelta(np.stack(nz).astype(np.int32), np.ascontiguousarray(delta[nz], np.float32))
-        shapes[target] = shape
+        return ("lora", *_lora_branch(peft, info, deltas), extra)
+    tensors, shapes = merged_lora(peft.path, info, deltas, kernels, bool(cfg.get("fan_in_fan_out")))
     extra["dense"] = True
     return "shira", tensors, shapes, extra
 
@@ -350,6 +356,17 @@ def _refuse_unknown(peft: PeftAdapter) -> None:
             f"{peft.path}: {len(peft.unknown)} tensor(s) are not {peft.peft_type} weights and cannot be imported: "
             f"{list(peft.unknown[:5])}{' ...' if len(peft.unknown) > 5 else ''}. Whole modules (modules_to_save), "
             "trainable tokens, biases or DoRA magnitudes have no delta form; train without them or merge on the host"
+        )
+
+
+def _refuse_options(peft: PeftAdapter) -> None:
+    bad = sorted(
+        k for k, v in peft.config.items() if k not in _KNOWN[peft.peft_type] and v not in (None, False, {}, [])
+    )
+    if bad:
+        raise ConfigError(
+            f"{peft.path}: {peft.peft_type} option(s) {bad[:5]} are unknown to this importer (it knows PEFT 0.21's) "
+            "and may change what the adapter computes; merge on the host (merge_and_unload) and re-export the model"
         )
 
 

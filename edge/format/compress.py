@@ -66,6 +66,8 @@ def compeft(
     """
     if not 0.0 < density <= 1.0:
         raise ConfigError(f"density must be in (0, 1], got {density}")
+    if alpha is not None and not 0 <= alpha < math.inf:
+        raise ConfigError(f"alpha must be a finite number >= 0 (scale = alpha * std), got {alpha}")
     if scope not in SCOPES:
         raise ConfigError(f"scope must be one of {SCOPES}, got {scope!r}")
     if not tensors:
@@ -149,8 +151,8 @@ def from_bytes(data: bytes) -> tuple[Ternary, dict]:
         if not isinstance(header.get("meta", {}), dict) or not all(isinstance(n, str) for n in header["raw"]):
             raise ValueError("'meta' must be an object and 'raw' a list of names")
         shapes = {n: _shape(n, s) for n, s in header["shapes"].items()}
-        scales = {n: float(header["scales"][n]) for n in shapes}
-        alpha = float(header["alpha"])
+        scales = {n: _scale(f"scale of {n[:80]!r}", header["scales"][n]) for n in shapes}
+        alpha = _scale("alpha", header["alpha"])
         raw = list(header["raw"])
         mask, positive = {}, {}
         for n, shape in shapes.items():
@@ -164,9 +166,14 @@ def from_bytes(data: bytes) -> tuple[Ternary, dict]:
             raise ValueError(f"unexpected tensors {sorted(set(arrays) - expected)}")
     except (KeyError, TypeError, ValueError) as e:
         raise FormatError(f"malformed {COMPEFT_FORMAT} payload: {e!r}") from e
-    if not all(np.isfinite(v) for v in [*scales.values(), alpha]):
-        raise FormatError(f"{COMPEFT_FORMAT} scales and alpha are not all finite: {scales}, alpha {alpha}")
     return Ternary(shapes, mask, positive, scales, alpha, passthrough), dict(header.get("meta", {}))
+
+
+def _scale(what: str, value) -> float:
+    """A stored scale: a JSON number (not a string or a boolean), at least 0 and finite in float32."""
+    if type(value) not in (int, float) or not 0 <= value <= float(np.finfo(np.float32).max):
+        raise ValueError(f"{what} is {str(value)[:40]!r}, not a number in [0, float32 max]")
+    return float(value)
 
 
 def _shape(name: str, shape) -> tuple[int, ...]:

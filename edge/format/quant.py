@@ -206,6 +206,8 @@ class Scheme:
     encode: Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]]
     decode: Callable[[np.ndarray, np.ndarray, int, int], np.ndarray]  # (payload, stats, bits, count) -> float32
     doc: str = ""
+    #: ``(stats, bits) -> the largest |value| decode can give`` (NaN for stats out of range, e.g. a negative scale)
+    largest: Callable[[np.ndarray, int], float] | None = None
 
     def payload_bytes(self, bits: int, count: int) -> int:
         return -(-count * bits // 8)
@@ -233,6 +235,11 @@ def _gq_decode(payload: np.ndarray, stats: np.ndarray, bits: int, count: int) ->
     return sigma * codebook(bits)[unpack_bits(payload, bits, count)] + mu
 
 
+def _gq_largest(stats: np.ndarray, bits: int) -> float:
+    mu, sigma = (float(v) for v in stats)
+    return abs(mu) + sigma * float(np.abs(codebook(bits)).max()) if sigma >= 0 else math.nan
+
+
 def _sign_encode(flat: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
     scale = np.float32(np.abs(flat.astype(np.float64)).mean()) if flat.size else np.float32(0)
     return pack_bits((flat >= 0).astype(np.uint8), 1), np.array([scale], dtype=np.float32)
@@ -254,9 +261,12 @@ def _fp32_decode(payload: np.ndarray, stats: np.ndarray, bits: int, count: int) 
 
 SCHEMES.add(
     "gq",
-    Scheme("gq", CODE_BITS, 2, _gq_encode, _gq_decode, "per-tensor standardised Gaussian-quantile codes"),
+    Scheme("gq", CODE_BITS, 2, _gq_encode, _gq_decode, "per-tensor standardised Gaussian-quantile codes", _gq_largest),
 )
-SCHEMES.add("sign", Scheme("sign", (1,), 1, _sign_encode, _sign_decode, "BitDelta: sign(W) * mean|W|"))
+SCHEMES.add(
+    "sign",
+    Scheme("sign", (1,), 1, _sign_encode, _sign_decode, "BitDelta: sign(W) * mean|W|", lambda s, b: float(s[0])),
+)
 SCHEMES.add("fp32", Scheme("fp32", (32,), 0, _fp32_encode, _fp32_decode, "raw little-endian float32"))
 
 
@@ -299,6 +309,12 @@ class Encoded:
             raise FormatError(f"{self.scheme} stats must be float32 ({s.n_stats},), got {got}")
         if not np.all(np.isfinite(self.stats)):
             raise FormatError(f"{self.scheme} stats contain NaN or Inf")
+        top = s.largest(self.stats, self.bits) if s.largest else 0.0
+        if not 0 <= top <= float(np.finfo(np.float32).max):  # NaN: stats out of range
+            raise FormatError(
+                f"{self.scheme} stats {self.stats.tolist()} decode out of range (a negative scale, or values beyond "
+                "float32); the file is corrupt or was not written by edge.format.quant.encode"
+            )
 
     @property
     def count(self) -> int:
