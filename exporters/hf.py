@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from edge.errors import ConfigError, FormatError, RegistryError
-from edge.format.io import atomic_write_bytes
+from edge.format.io import atomic_write_bytes, load_json, read_bounded
 from edge.format.modelinfo import ModelInfo
 from exporters.lora_slots import add_lora_slots, lora_slot_names
 from exporters.onnx import ATTENTION, export_onnx
@@ -183,6 +183,12 @@ def load_hf_encoder(model_dir: str | os.PathLike) -> tuple[torch.nn.Module, dict
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
         raise FormatError(f"{model_dir} has no config.json; give a local Hugging Face model directory")
+    config = load_json(read_bounded(model_dir / "config.json", 1 << 20, what="config.json"), source="config.json")
+    if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
+        raise ConfigError(  # transformers' AutoModel picks the class by it; without it, a ValueError traceback
+            f'{model_dir / "config.json"} has no "model_type" (e.g. "bert", "vit"): give the folder of a '
+            "transformers checkpoint (save_pretrained writes it), or add the key naming its architecture"
+        )
     model = AutoModel.from_pretrained(str(model_dir), local_files_only=True, attn_implementation="eager")
     return model, _sentence_transformers_settings(model_dir)
 

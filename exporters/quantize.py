@@ -33,6 +33,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from edge.convert.onnx_source import refuse_quantized
 from edge.errors import ConfigError, ExportValidationError
 from edge.format.io import atomic_write_bytes
 from edge.format.modelinfo import META_KEY, ModelInfo, QuantInfo, fingerprint, onnx_info
@@ -123,7 +124,7 @@ def quantize_onnx(
             2.6x slower than float. uint8 activations with int8 weights (U8S8) fuse everywhere; see
             :attr:`QuantReport.float_compute`.
         calibrate_method: ``"minmax"``, ``"entropy"`` or ``"percentile"`` (onnxruntime's ``CalibrationMethod``).
-        extra_options: onnxruntime's ``extra_options`` (e.g. ``ActivationSymmetric``, ``MatMulConstBOnly``);
+        extra_options: onnxruntime's ``extra_options`` (``ActivationSymmetric``; ``MatMulConstBOnly``: dynamic only);
             ``TensorQuantOverrides`` is this function's (``headroom``).
         nodes_to_exclude: node names to keep in float besides slots and heads (their weights stay float targets).
         float_first: keep the first weight op in graph order (the stem reading the raw input) in float, the usual
@@ -137,7 +138,7 @@ def quantize_onnx(
             before they saturate; 1 is onnxruntime's default (the largest weight at the integer limit).
 
     Raises:
-        ConfigError: an unknown mode or type, or missing calibration/check data.
+        ConfigError: an unknown mode or type, missing calibration/check data, or a graph quantized already.
         ExportValidationError: the mapping of a target cannot be proven, or the outputs drift.
     """
     from onnxruntime import quantization as oq
@@ -150,6 +151,7 @@ def quantize_onnx(
     src, out = Path(src), Path(out)
     proto = onnx.load(str(src))
     info = onnx_info(proto)
+    refuse_quantized(proto.graph, src.name)  # by another tool, after export: our metadata names float weights
     feeds = _feed_batches(calib, batch) if calib is not None else None
     if mode == "static" and not feeds:
         raise ConfigError("static quantization calibrates activations: pass calib={input: array} (the user's data)")
@@ -171,6 +173,11 @@ def quantize_onnx(
     ort_extra = dict(extra_options or {})
     if "TensorQuantOverrides" in ort_extra:
         raise ConfigError("extra_options['TensorQuantOverrides'] is set by this function (headroom=); pass headroom")
+    if mode == "static" and ort_extra.get("MatMulConstBOnly"):  # read by onnx_quantizer.py only, not the QDQ one
+        raise ConfigError(
+            "extra_options['MatMulConstBOnly'] is ignored by onnxruntime's static (QDQ) quantizer: to keep the "
+            "activation-by-activation MatMuls in float, name them in nodes_to_exclude (edge quantize --exclude NODE)"
+        )
     if headroom != 1.0:
         ort_extra["TensorQuantOverrides"] = _headroom(proto, info, headroom)
     with tempfile.TemporaryDirectory(prefix="edge-quant-") as tmp:
@@ -203,6 +210,8 @@ def quantize_onnx(
             logging.getLogger().disabled = was
         q = onnx.load(str(qpath))
     tensors, quantized, floats, dropped = _map_targets(proto, q, info)
+    if per_channel and (one := [k for k in quantized if tensors[k].quant.axis is None]):  # ConvInteger, Gather
+        log.warning("per_channel: onnxruntime gave %d target(s) one scale each (per tensor): %s", len(one), one[:5])
     q.ir_version = min(q.ir_version, proto.ir_version)
     stored = {t.name: numpy_helper.to_array(t) for t in q.graph.initializer}
     heads = {t.initializer for t in info.tensors.values() if t.head}

@@ -186,7 +186,12 @@ def take_writable(
 
     missing = [w for w in writable if w not in inits]
     if missing:
-        raise FormatError(f"model has no initializer(s) {missing[:5]} named in its metadata")
+        later = any(k.endswith("_quantized") and k.startswith(tuple(missing)) for k in inits)  # onnxruntime's names
+        hint = (
+            "; they were quantized after export by another tool (stored as NAME_quantized), which records no grids "
+            "for adapters: quantize the float model with `edge quantize` (exporters.quantize_onnx) instead"
+        )
+        raise FormatError(f"model has no initializer(s) {missing[:5]} named in its metadata{hint if later else ''}")
     want = {k: np.dtype((dtypes or {}).get(k, "float32")) for k in writable}
     bad = {k: inits[k].dtype for k in writable if ONNX_DTYPES.get(inits[k].dtype) != want[k]}
     if bad:

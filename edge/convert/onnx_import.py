@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from edge.convert.bn_fold import folded_scale
-from edge.convert.onnx_source import hoist_constants, read_onnx, tied_copies, why_no_weights
+from edge.convert.onnx_source import hoist_constants, read_onnx, refuse_quantized, tied_copies, why_no_weights
 from edge.errors import AdapterMismatchError, ConfigError, ExportValidationError, FormatError
 from edge.format.modelinfo import META_KEY, ModelInfo, TensorInfo, fingerprint
 from edge.format.onnx_graph import consumers, keep_only, set_metadata, subgraph_reads
@@ -109,8 +109,8 @@ def import_onnx(
 
     Raises:
         FormatError: ``src`` is not a readable ONNX file, or the state dict is not safetensors.
-        ConfigError: a ``targets`` pattern matches nothing, the graph has no weight to adapt, or ``out`` is
-            not writable.
+        ConfigError: a ``targets`` pattern matches nothing, the graph has no weight to adapt or is quantized (even
+            in part), or ``out`` is not writable.
         AdapterMismatchError: ``strict`` and some names could not be matched (nothing is written).
     """
     from edge.format.io import atomic_write_bytes
@@ -150,6 +150,7 @@ def make_adapter_ready(
             "load it with edge.Runtime as it is, or import the original file"
         )
     graph = proto.graph
+    refuse_quantized(graph, name)
     hoisted = hoist_constants(graph, WEIGHT_INPUTS, _PASS_THROUGH)  # weights an exporter left in Constant nodes
     before = proto.SerializeToString()
     inits = {t.name: t for t in graph.initializer}

@@ -3,8 +3,9 @@
 :func:`read_onnx` reads the file bounded (a FIFO, a folder, ``/dev/zero`` or a symlink loop is a
 :class:`~edge.errors.FormatError`, never a hang or a traceback) and its external data through onnx's
 checked loader (relative paths inside the model's folder, regular files only). :func:`hoist_constants`
-turns weights an exporter left in ``Constant`` nodes into initializers, and :func:`why_no_weights`
-says what to do with a graph whose weights are not float32 initializers (quantized, float16).
+turns weights an exporter left in ``Constant`` nodes into initializers, :func:`refuse_quantized` refuses a
+graph already quantized (wholly or in part: its integer weights could not take an adapter), and
+:func:`why_no_weights` says what to do with a graph whose weights are not float32 initializers (float16).
 """
 
 from __future__ import annotations
@@ -15,9 +16,17 @@ from pathlib import Path
 
 import numpy as np
 
-from edge.errors import FormatError
+from edge.errors import ConfigError, FormatError
 
-__all__ = ["MAX_MODEL_BYTES", "QUANTIZED_OPS", "hoist_constants", "read_onnx", "tied_copies", "why_no_weights"]
+__all__ = [
+    "MAX_MODEL_BYTES",
+    "QUANTIZED_OPS",
+    "hoist_constants",
+    "read_onnx",
+    "refuse_quantized",
+    "tied_copies",
+    "why_no_weights",
+]
 
 MAX_MODEL_BYTES = 1 << 40  # as edge.runtime: the limit keeps a device file finite
 QUANTIZED_OPS = (
@@ -30,6 +39,11 @@ QUANTIZED_OPS = (
     "QLinearConv",
     "MatMulNBits",
     "QGemm",
+    # onnxruntime's contrib ops of a quantized graph it optimized and saved (QLinearAdd and the other QLinear* too)
+    "DynamicQuantizeMatMul",
+    "MatMulIntegerToFloat",
+    "QAttention",
+    "QEmbedLayerNormalization",
 )
 
 
@@ -91,15 +105,23 @@ def hoist_constants(graph, weight_inputs: Mapping[str, int], pass_through: Conta
     return list(hoisted)
 
 
-def why_no_weights(graph, arrays: Mapping[str, np.ndarray]) -> str:
-    """What to do about a graph with no float32 weight initializer to adapt ('' if nothing is known)."""
-    quantized = sorted({n.op_type for n in graph.node if n.op_type in QUANTIZED_OPS})
+def refuse_quantized(graph, name: str) -> None:
+    """Raise :class:`ConfigError` if ``graph`` is already quantized, even in part (some ops left in float).
+
+    Its integer weights carry no record of their grids, and importing only its float weights would leave the
+    quantized layers silently without adapters: the float model it was made from is the one to import.
+    """
+    quantized = sorted({n.op_type for n in graph.node if n.op_type in QUANTIZED_OPS or n.op_type.startswith("QLinear")})
     if quantized:
-        return (
-            f"; it is already quantized ({', '.join(quantized)}): import the float model it was made from, "
-            "then make its int8 twin with `edge quantize` (exporters.quantize_onnx), which records the "
+        raise ConfigError(
+            f"ONNX model {name!r} is already quantized ({', '.join(quantized)}): import the float model it was made "
+            "from, then make its int8 twin with `edge quantize` (exporters.quantize_onnx), which records the "
             "integer weights' grids so adapters can write them"
         )
+
+
+def why_no_weights(graph, arrays: Mapping[str, np.ndarray]) -> str:
+    """What to do about a graph with no float32 weight initializer to adapt ('' if nothing is known)."""
     low = sorted({str(a.dtype) for a in arrays.values() if a.dtype.kind == "f" and a.dtype != np.float32})
     if low:
         return (

@@ -19,6 +19,8 @@ FORMATS = {"onnx": ".onnx", "tflite": ".tflite"}
 
 
 def register(sub) -> None:
+    from edge.commands import output_path
+
     p = sub.add_parser(
         "export",
         help="export a Hugging Face encoder folder to an adapter-ready .onnx or .tflite embedder (host, torch)",
@@ -27,7 +29,7 @@ def register(sub) -> None:
         "Vision: ViT, DeiT, Swin, Dinov2, ConvNeXt, ResNet, MobileViT, EfficientNet, MobileNetV2, RegNet.",
     )
     p.add_argument("model_dir", type=Path, help="local model folder (config.json + model.safetensors)")
-    p.add_argument("--out", type=Path, required=True, help="model file to write (.onnx or .tflite)")
+    p.add_argument("--out", type=output_path, required=True, help="model file to write (.onnx or .tflite)")
     p.add_argument("--format", choices=sorted(FORMATS), help="file format (default: from --out's suffix, else onnx)")
     p.add_argument("--seq-len", type=int, default=128, help="text: sequence length (default 128)")
     p.add_argument("--dynamic-seq", action="store_true", help="text: any sequence length (onnx only)")
@@ -58,7 +60,7 @@ def register(sub) -> None:
         choices=quantize.MODES,
         help="also write the int8 twin (see `edge quantize`; static needs --calib with the model's inputs)",
     )
-    p.add_argument("--quantize-out", type=Path, help="the int8 twin's file (default: OUT's name with -int8)")
+    p.add_argument("--quantize-out", type=output_path, help="the int8 twin's file (default: OUT's name with -int8)")
     quantize.add_arguments(p)
     p.set_defaults(func=run)
 

@@ -4,8 +4,9 @@ Runs :func:`exporters.quantize.quantize_onnx` (onnxruntime: dynamic, or static Q
 user's samples) on an ``.onnx`` file and :func:`exporters.tflite_quant.quantize_tflite` (AI Edge
 Quantizer, only in ``.venv-tflite``) on a ``.tflite`` file. Everything handed in is hostile: the model
 is read bounded, must carry this project's metadata and must not be quantized already, and the copy
-checked is the copy quantized (a temporary file the quantizer reads, so the path cannot change under
-it). The calibration samples (the ``.npz`` format ``edge update`` reads) are checked against the
+checked is the copy quantized (a copy the quantizer reads, so the path cannot change under it, in a work
+folder beside ``OUT`` named with the pid: a killed run's copy is removed by the next, see :func:`staging`).
+The calibration samples (the ``.npz`` format ``edge update`` reads) are checked against the
 model's inputs before any array is loaded (:mod:`exporters.commands.quantize_data`). The quantizer
 writes ``OUT`` atomically, only after its checks pass. No torch needed for ``.onnx``.
 """
@@ -15,12 +16,16 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
+import re
+import shutil
 import sys
 import tempfile
 from pathlib import Path
 
 MODES = ("dynamic", "static")
 METHODS = ("minmax", "entropy", "percentile")
+TYPES = ("int8", "uint8")
 SUFFIXES = {".onnx": "onnx", ".tflite": "tflite"}
 MAX_MODEL_BYTES = (2 << 30) - 1  # one protobuf (or flatbuffer) message: a larger model cannot be one file
 CHECK_ROWS = 64  # calibration samples the quantized outputs are compared with the float ones on
@@ -31,12 +36,20 @@ ONNX_ONLY = {
     "--calibrate-method": ("calibrate_method", None),
     "--reduce-range": ("reduce_range", False),
     "--batch": ("batch", None),
+    "--weight-type": ("weight_type", None),
+    "--activation-type": ("activation_type", None),
+    "--symmetric": ("symmetric", False),
 }
+
+_STATIC = "given with --mode static only (dynamic mode quantizes activations to uint8 at run time)"
+_S8U8 = "int8 with --activation-type int8 (onnxruntime has no kernels for int8 activations on uint8 weights)"
 
 log = logging.getLogger(__name__)
 
 
 def register(sub) -> None:
+    from edge.commands import output_path
+
     p = sub.add_parser(
         "quantize",
         help="int8 twin of an exported .onnx/.tflite model (onnxruntime or AI Edge Quantizer), adapter-ready",
@@ -46,7 +59,7 @@ def register(sub) -> None:
         "float model load on the int8 twin (requantized onto its grid).",
     )
     p.add_argument("model", type=Path, help="float model exported by this project (.onnx or .tflite)")
-    p.add_argument("--out", type=Path, required=True, help="quantized model to write (same suffix as MODEL)")
+    p.add_argument("--out", type=output_path, required=True, help="quantized model to write (same suffix as MODEL)")
     p.add_argument(
         "--mode",
         choices=MODES,
@@ -82,6 +95,11 @@ def add_arguments(p) -> None:
     p.add_argument("--float-first", action="store_true", help="onnx: keep the first weight op (the stem) in float")
     p.add_argument("--calibrate-method", choices=METHODS, help="onnx static: activation ranges (default minmax)")
     p.add_argument("--reduce-range", action="store_true", help="onnx: 7-bit weights (headroom for adapters)")
+    p.add_argument("--weight-type", choices=TYPES, help="onnx: the weights' integer type (default int8)")
+    p.add_argument("--activation-type", choices=TYPES, help="onnx static: the activations' type (default uint8)")
+    p.add_argument(
+        "--symmetric", action="store_true", help="onnx: symmetric weights and activations (zero point mid-range)"
+    )
     p.add_argument(
         "--headroom", type=float, default=1.0, metavar="H", help="scales cover H times each weight's range (>= 1)"
     )
@@ -129,6 +147,8 @@ def check_request(src: Path, out: Path, args) -> str:
             ("--headroom", args.headroom, args.headroom >= 1.0, ">= 1"),
             ("--min-cosine", args.min_cosine, 0.0 < args.min_cosine <= 1.0, "in (0, 1]"),
             ("--batch", args.batch, args.batch is None or args.batch >= 1, ">= 1"),
+            ("--activation-type", args.activation_type, args.activation_type is None or args.mode == "static", _STATIC),
+            ("--weight-type", args.weight_type, args.weight_type != "uint8" or args.activation_type != "int8", _S8U8),
         )
         if not ok
     ]
@@ -202,7 +222,7 @@ def quantize_model(src: Path, out: Path, args) -> dict:
         rows = first if isinstance(first, int) else min(used, CHECK_ROWS)
         check = {k: v[:rows] for k, v in feeds.items()}
         checked = f"the first {rows} of {used} samples of {args.calib.name}"
-    with tempfile.TemporaryDirectory(prefix="edge-quantize-") as tmp:
+    with staging(out) as tmp:
         copy = Path(tmp, src.name)  # the bytes checked above are the bytes quantized
         copy.write_bytes(data)
         del data  # the quantizer reads the copy
@@ -213,6 +233,38 @@ def quantize_model(src: Path, out: Path, args) -> dict:
                 raise
             raise ExportValidationError(f"{e} (checked on {checked})") from e
     return _summary(src, out, fmt, args, report, checked, used)
+
+
+@contextlib.contextmanager
+def staging(out: Path):
+    """A work folder beside ``out``, ``.OUT.PID.quantize.tmp``, removed on exit; ones of dead pids are removed first.
+
+    A killed run cannot clean up: its folder (a full model copy) sits beside the output, named with its pid, and the
+    next run towards that output removes it. The quantizers' own temporary files (``exporters.quantize``,
+    onnxruntime's calibration) go there too: ``tempfile.tempdir`` points at it for the duration.
+    """
+    from edge.errors import WriteError
+    from edge.format.io import pid_alive
+
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise WriteError(f"cannot write {out}: {e.strerror or e}; give a file path in a writable folder") from e
+    pat = re.compile(rf"^\.{re.escape(out.name)}\.(\d+)\.quantize\.tmp$")
+    for old in out.parent.iterdir():
+        m = pat.match(old.name)
+        if m and old.is_dir() and not old.is_symlink() and not pid_alive(int(m.group(1))):
+            shutil.rmtree(old, ignore_errors=True)
+    folder = out.parent / f".{out.name}.{os.getpid()}.quantize.tmp"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir()
+    saved, tempfile.tempdir = tempfile.tempdir, str(folder)
+    try:
+        yield folder
+    finally:
+        tempfile.tempdir = saved
+        shutil.rmtree(folder, ignore_errors=True)
+    return True
 
 
 def read_model(data: bytes, fmt: str, src: Path):
@@ -322,6 +374,9 @@ def _run_quantizer(fmt: str, copy: Path, out: Path, args, common: dict, batch: i
         batch=batch,
         reduce_range=args.reduce_range,
         calibrate_method=args.calibrate_method or "minmax",
+        weight_type=args.weight_type or "int8",
+        activation_type=args.activation_type or "uint8",
+        extra_options={"WeightSymmetric": True, "ActivationSymmetric": True} if args.symmetric else None,
         nodes_to_exclude=args.exclude,
         float_first=args.float_first,
         **common,
