@@ -38,10 +38,12 @@ def bench_engines(
     device: str = "x86-dev",
 ) -> dict:
     """The engines found beside ``model_path`` compared on ``feeds``; the default's and auto's ratio to the fastest."""
+    from edge.devices import load_profile
     from edge.engines import compare_engines, find_engines
     from edge.runtime import Runtime
     from runtimes import read_model_info
 
+    load_profile(device)  # an unknown profile fails now, not after the timed rounds
     model_path = Path(model_path)
     found, skipped = find_engines(model_path)
     if not found:
@@ -129,9 +131,11 @@ def add_arguments(sp) -> None:
 
 
 def cli(args) -> int:
+    from edge.devices import load_profile
     from edge.machine import machine
     from lab.bench_run import bench_models, write_results
 
+    load_profile(args.device)  # before building or timing anything
     results = [
         bench_engines(path, feeds, threads=args.threads, rounds=args.rounds, runs=args.runs, device=args.device)
         for path, feeds in bench_models(args, "engines", ("minilm", "digits"))

@@ -318,7 +318,9 @@ def main(argv: list[str] | None = None) -> int:
     elif args.inputs is None:
         ap.error("a .tflite file needs INPUTS (.npz)")
     else:
-        models = [(Path(args.model), dict(np.load(args.inputs, allow_pickle=False)))]
+        from edge.format.samples import read_npz
+
+        models = [(Path(args.model), read_npz(args.inputs))]  # bounded; a FIFO is refused, not waited on
     for path, feeds in models:
         r = alternatives(path, feeds, threads=args.threads)
         print(json.dumps(r, indent=1))

@@ -13,8 +13,6 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import numpy as np
-
 from edge.errors import EdgeError
 
 __all__ = ["bench_models", "fresh_child", "rotated", "write_results"]
@@ -62,7 +60,9 @@ def bench_models(args, command: str, names: Sequence[str] = ("digits", "minilm")
     if getattr(args, "model_file", None):
         if not getattr(args, "inputs", None):
             raise EdgeError("--model-file needs --inputs (an .npz of the model's input arrays)")
-        return [(Path(args.model_file), dict(np.load(args.inputs, allow_pickle=False)))]
+        from edge.format.samples import read_npz
+
+        return [(Path(args.model_file), read_npz(args.inputs))]  # bounded; a FIFO is refused, not waited on
     from edge.commands import host_needed
     from lab.bench_switch import bench_model
 

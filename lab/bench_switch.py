@@ -315,7 +315,9 @@ def cli(args) -> int:
     if args.model_file:
         if not args.inputs:
             raise EdgeError("--model-file needs --inputs FILE.npz with one array per model input")
-        models.append((Path(args.model_file), dict(np.load(args.inputs, allow_pickle=False))))
+        from edge.format.samples import read_npz
+
+        models.append((Path(args.model_file), read_npz(args.inputs)))  # bounded; a FIFO is refused, not waited on
     else:
         host_needed("edge bench switch (without --model-file)")
         for name in ["digits", "minilm"] if args.model == "all" else [args.model]:

@@ -60,8 +60,19 @@ def commit() -> str:
 
 
 def write_section(path: str | Path, key: str, title: str, body: str, data: dict | None = None) -> None:
-    """Replace (or append) the section ``key`` of BENCHMARKS.md with ``body``; keeps the others."""
+    """Replace (or append) the section ``key`` of BENCHMARKS.md with ``body``; keeps the others.
+
+    The read and the write happen under ``PATH.lock`` (``filelock``): two benchmarks finishing at once both keep
+    their sections (without it, each wrote back the file it had read, and one section was lost).
+    """
+    from filelock import FileLock
+
     path = Path(path)
+    with FileLock(f"{path}.lock", timeout=600):
+        _write_section(path, key, title, body, data)
+
+
+def _write_section(path: Path, key: str, title: str, body: str, data: dict | None) -> None:
     text = path.read_text() if path.exists() else "# Benchmarks\n\nWritten by `make bench` (`edge bench ...`).\n"
     m = machine()
     load = load_average()

@@ -1,9 +1,15 @@
+import atexit
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
 
-# backend="auto" caches its engine choice: keep the test runs' choices out of the user's ~/.cache/edge
-os.environ.setdefault("EDGE_ENGINE_CACHE", tempfile.mkdtemp(prefix="edge-engine-choices-"))
+# backend="auto" caches its engine choice: keep the test runs' choices out of the user's ~/.cache/edge, in a folder
+# removed when the run ends (one was left in /tmp per run before)
+if "EDGE_ENGINE_CACHE" not in os.environ:
+    _choices = tempfile.mkdtemp(prefix="edge-engine-choices-")
+    os.environ["EDGE_ENGINE_CACHE"] = _choices
+    atexit.register(shutil.rmtree, _choices, True)
 
 sys.path.insert(0, str(Path(__file__).parent))

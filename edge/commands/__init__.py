@@ -78,3 +78,52 @@ def _threads(text: str) -> int:
     except (ValueError, ConfigError) as e:
         raise argparse.ArgumentTypeError(str(e) if isinstance(e, ConfigError) else f"not an integer: {text!r}") from e
     return value
+
+
+def output_path(text: str) -> Path:
+    """An output flag's ``type``: the path, refused at parse time (exit 2, one line) if it cannot be written.
+
+    So ``--json /proc/x`` fails before minutes of work, not after (:func:`edge.format.io.check_writable`).
+    """
+    import argparse
+
+    from edge.errors import WriteError
+    from edge.format.io import check_writable
+
+    try:
+        return check_writable(text)
+    except WriteError as e:
+        raise argparse.ArgumentTypeError(str(e)) from e
+
+
+def sniff_model(path: Path) -> str | None:
+    """``"tflite"`` or ``"onnx"`` when the first bytes of the regular file ``path`` say so, else None (no error).
+
+    For hints on a refusal only: a flatbuffer ``.tflite`` carries ``TFL3`` at bytes 4..8; an ONNX ``ModelProto``
+    opens with field 1 (``ir_version``, a varint: tag byte ``0x08``), as every serializer writes fields in order.
+    """
+    from edge.errors import FormatError
+    from edge.format.io import open_regular
+
+    try:
+        fd, _ = open_regular(path)
+    except FormatError:
+        return None
+    try:
+        head = os.read(fd, 8)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    if head[4:8] == b"TFL3":
+        return "tflite"
+    return "onnx" if head[:1] == b"\x08" and len(head) == 8 else None
+
+
+def refuse_overwriting(out: Path, *inputs: Path | None) -> None:
+    """ConfigError when ``out`` is one of the command's ``inputs`` (the same file, by any path): it would be lost."""
+    from edge.errors import ConfigError
+
+    for given in inputs:
+        if given is not None and out.exists() and given.exists() and os.path.samefile(out, given):
+            raise ConfigError(f"--out {out} is the input {given}: writing it would destroy it; give another path")

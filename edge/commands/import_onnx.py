@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from edge.commands import output_path, refuse_overwriting, sniff_model
+
 
 def register(sub) -> None:
     p = sub.add_parser(
@@ -16,7 +18,7 @@ def register(sub) -> None:
         "trained in torch apply to them.",
     )
     p.add_argument("path", type=Path, help="the ONNX model to import")
-    p.add_argument("--out", type=Path, required=True, help="the adapter-ready ONNX file to write")
+    p.add_argument("--out", type=output_path, required=True, help="the adapter-ready ONNX file to write")
     names = p.add_mutually_exclusive_group()
     names.add_argument("--state-dict", type=Path, help="torch weights (.safetensors; pickle is refused)")
     names.add_argument("--hf", type=Path, help="Hugging Face model folder with model.safetensors")
@@ -28,15 +30,25 @@ def register(sub) -> None:
 
 def run(args) -> int:
     from edge.convert.onnx_import import import_onnx
+    from edge.errors import FormatError
 
-    report = import_onnx(
-        args.path,
-        args.out,
-        state_dict=args.state_dict or args.hf,
-        targets=args.targets,
-        name=args.name,
-        strict=args.strict,
-    )
+    refuse_overwriting(args.out, args.path, args.state_dict or args.hf)
+    try:
+        report = import_onnx(
+            args.path,
+            args.out,
+            state_dict=args.state_dict or args.hf,
+            targets=args.targets,
+            name=args.name,
+            strict=args.strict,
+        )
+    except FormatError as e:
+        if sniff_model(args.path) != "tflite":
+            raise
+        raise FormatError(
+            f"{args.path.name} is a .tflite (LiteRT) model, not ONNX: import it with `edge import-tflite "
+            f"{args.path} --out OUT.tflite`"
+        ) from e
     summary = {
         "out": str(args.out),
         "name": report.info.name,

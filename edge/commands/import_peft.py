@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from edge.commands import output_path, refuse_overwriting
+
 
 def register(sub) -> None:
     p = sub.add_parser(
@@ -15,7 +17,7 @@ def register(sub) -> None:
     p.add_argument(
         "--base", type=Path, required=True, help="the exported model (.onnx or .tflite) the adapter will run on"
     )
-    p.add_argument("--out", type=Path, required=True, help="adapter file to write (.safetensors)")
+    p.add_argument("--out", type=output_path, required=True, help="adapter file to write (.safetensors)")
     p.add_argument(
         "--lora-as",
         default="auto",
@@ -49,6 +51,9 @@ def run(args) -> int:
         raise SignatureError(
             f"device {args.device} accepts only adapters signed by its trusted keys; pass --key PEM to sign the output"
         )
+    refuse_overwriting(
+        args.out, args.base, args.key, *(args.path / n for n in ("adapter_model.safetensors", "adapter_config.json"))
+    )
     adapter = import_peft(args.path, args.base, lora_as=args.lora_as, name=args.name)
     adapter.save(args.out)
     signature = sign_file(args.out, args.key) if args.key is not None else None

@@ -17,7 +17,15 @@ def run(args) -> int:
 
     path = Path(args.file)
     if path.suffix.lower() != ".safetensors":
-        from runtimes import read_model_info
+        from edge.errors import ConfigError
+        from runtimes import TABLE, read_model_info
+
+        models = [s for _, suffixes in TABLE.values() for s in suffixes]
+        if path.suffix.lower() not in models:
+            raise ConfigError(
+                f"{path.name}: inspect reads a model ({', '.join(models)}) or an adapter (.safetensors), by suffix; "
+                "samples (.npz) are read by `edge update`"
+            )
 
         check_regular(path, what="model file")  # onnx opens the file itself: no FIFO or device may reach it
         print(json.dumps(json.loads(read_model_info(path).to_json()), indent=1))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from edge.commands import output_path
 from edge.commands.devices import devices_dir_flag
 
 __all__ = ["register", "run"]
@@ -44,11 +45,15 @@ def register(sub) -> None:
         help="on an int8 model: clip adapter entries past the integer range (counted in the results) instead of "
         "refusing the adapter",
     )
-    p.add_argument("--json", type=Path, help="write the results as JSON here")
-    p.add_argument("--md", type=Path, help="write a Markdown summary here")
-    p.add_argument("--png", type=Path, help="write a plot here (needs matplotlib)")
+    p.add_argument("--json", type=output_path, help="write the results as JSON here")
+    p.add_argument("--md", type=output_path, help="write a Markdown summary here")
+    p.add_argument("--png", type=output_path, help="write a plot here (needs matplotlib)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
+
+
+#: upper bounds of the counting flags (a million runs of a 1 ms model already take 17 minutes)
+_MOST = {"runs": 1_000_000, "warmup": 1_000_000, "switches": 100_000, "engine_rounds": 1_000}
 
 
 def run(args) -> int:
@@ -62,6 +67,9 @@ def run(args) -> int:
     for flag in ("warmup", "engine_rounds"):
         if getattr(args, flag) < 0:
             raise ConfigError(f"--{flag.replace('_', '-')} must be 0 or more, got {getattr(args, flag)}")
+    for flag, most in _MOST.items():  # 10**20 runs is a typo, not a measurement: refused, not run for ever
+        if getattr(args, flag) > most:
+            raise ConfigError(f"--{flag.replace('_', '-')} must be at most {most}, got {getattr(args, flag)}")
     cfg = ProfileConfig(
         runs=args.runs,
         warmup=args.warmup,

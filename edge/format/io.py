@@ -9,6 +9,7 @@ on the open descriptor before reading), JSON through :func:`load_json` and YAML 
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -23,9 +24,11 @@ from edge.errors import FormatError, WriteError
 __all__ = [
     "atomic_write_bytes",
     "check_regular",
+    "check_writable",
     "open_regular",
     "load_json",
     "load_yaml",
+    "pid_alive",
     "read_bounded",
     "read_edge_metadata",
     "read_safetensors",
@@ -33,8 +36,11 @@ __all__ = [
 ]
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, mode: int | None = None) -> Path:
     """Write ``data`` to ``path`` so that a crash leaves either the old file or the new one.
+
+    ``mode``: the file's permissions from its first byte (e.g. ``0o600`` for a private key); by default those of
+    the file it replaces, else ``0o644``. A path that is a FIFO, device or socket is refused, not replaced.
 
     Temp files are named ``.NAME.PID.*.tmp``; ones left by writers that no longer run
     (killed mid-write) are removed first. A write the system refuses (``path`` is a folder, its folder is a file
@@ -45,13 +51,16 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     try:
         if path.is_dir():
             raise IsADirectoryError(21, "is a folder", str(path))
+        if path.exists() and not path.is_file():  # a rename would replace the FIFO or device (/dev/null as root)
+            raise OSError(errno.EINVAL, "is not a regular file (a FIFO, device or socket)", str(path))
         path.parent.mkdir(parents=True, exist_ok=True)
         _remove_stale_temps(path)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
     except OSError as e:
         raise WriteError(f"cannot write {path}: {e.strerror or e}; give a file path in a writable folder") from e
     try:
-        mode = path.stat().st_mode & 0o777 if path.exists() else 0o644  # mkstemp makes 0600
+        if mode is None:
+            mode = path.stat().st_mode & 0o777 if path.exists() else 0o644  # mkstemp makes 0600
         os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -77,6 +86,32 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     return path
 
 
+def check_writable(path: str | os.PathLike) -> Path:
+    """Refuse now, before any work, an output path :func:`atomic_write_bytes` would refuse at the end.
+
+    A folder, FIFO, device or socket at ``path``, a file where a folder should be, or a folder a file cannot be
+    created in (read-only, ``/proc``) is a :class:`~edge.errors.WriteError`. Probed by creating and removing a
+    temp file in the nearest existing folder; folders still missing are left for the write to create.
+    """
+    path = Path(path)
+    try:
+        if path.is_dir():
+            raise IsADirectoryError(errno.EISDIR, "is a folder", str(path))
+        if path.exists() and not path.is_file():
+            raise OSError(errno.EINVAL, "is not a regular file (a FIFO, device or socket)", str(path))
+        folder = path.parent
+        while not folder.exists() and not folder.is_symlink() and folder != folder.parent:
+            folder = folder.parent
+        if not folder.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, "its folder is a file", str(folder))
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=folder)
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as e:
+        raise WriteError(f"cannot write {path}: {e.strerror or e}; give a file path in a writable folder") from e
+    return path
+
+
 def write_json(path: str | os.PathLike, data: object) -> Path:
     """Write ``data`` as indented JSON, atomically (see :func:`atomic_write_bytes`)."""
     return atomic_write_bytes(path, (json.dumps(data, indent=1) + "\n").encode())
@@ -91,14 +126,15 @@ def _remove_stale_temps(path: Path) -> None:
         return
     for name in names:
         m = pat.match(name)
-        if m and not _alive(int(m.group(1))):
+        if m and not pid_alive(int(m.group(1))):
             try:
                 os.unlink(path.parent / name)
             except OSError:
                 pass
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (its temp files are its own while it does)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

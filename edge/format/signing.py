@@ -59,15 +59,18 @@ def signature_path(adapter_path: str | os.PathLike) -> Path:
 
 
 def generate_key(private_path: str | os.PathLike) -> Path:
-    """Write a new Ed25519 private key (PEM, mode 0600) and its public key (``.pub``, raw hex)."""
+    """Write a new Ed25519 private key (PEM, mode 0600 from its first byte) and its public key (``.pub``, raw hex)."""
+    private_path = Path(private_path)
+    if not private_path.name:
+        raise ConfigError(f"{os.fspath(private_path)!r} names no file; give the private key's path, e.g. keys/k.pem")
+    pub_path = private_path.with_suffix(".pub")
+    if pub_path == private_path:
+        raise ConfigError(f"{private_path}: the public key would overwrite the private key; name it KEY.pem")
     serialization, ed25519 = _crypto()
     key = ed25519.Ed25519PrivateKey.generate()
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    private_path = Path(private_path)
-    atomic_write_bytes(private_path, pem)
-    os.chmod(private_path, 0o600)
+    atomic_write_bytes(private_path, pem, mode=0o600)
     pub = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-    pub_path = private_path.with_suffix(".pub")
     atomic_write_bytes(pub_path, (pub.hex() + "\n").encode())
     return pub_path
 

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edge.errors import ConfigError, FormatError
+from edge.errors import ConfigError, FormatError, WriteError
 from edge.format.io import atomic_write_bytes, read_bounded, read_edge_metadata
 
 __all__ = ["STATE_FORMAT", "STATE_VERSION", "State", "load_state", "save_state", "state_lock"]
@@ -137,7 +137,16 @@ def state_lock(path: str | os.PathLike | None, timeout: float = 600.0) -> Iterat
         from filelock import FileLock, Timeout
     except ImportError as e:
         raise ConfigError("concurrent state updates need the 'filelock' package: pip install filelock") from e
-    lock = FileLock(f"{os.fspath(path)}.lock", timeout=timeout)
+    lock_path = Path(f"{os.fspath(path)}.lock")
+    try:  # filelock retries a lock file it cannot create until the timeout: fail now, naming it
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        os.close(os.open(lock_path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644))
+    except OSError as e:
+        raise WriteError(
+            f"cannot write the lock {lock_path} of state {path}: {e.strerror or e}; give --state a path in a "
+            "writable folder"
+        ) from e
+    lock = FileLock(str(lock_path), timeout=timeout)
     try:
         lock.acquire()
     except Timeout as e:

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import importlib
-from pathlib import Path
 
-from edge.commands import runtime_flags
+from edge.commands import output_path, runtime_flags
 
 #: benchmark name -> "module:function"; the module also has ``add_arguments(parser)``.
 BENCHES = {
@@ -40,7 +39,7 @@ def register(sub) -> None:
         runtime_flags(
             sp, backend="onnxruntime", why=BACKEND_WHY, engine=name not in NO_ENGINE, threads=name not in NO_THREADS
         )
-        sp.add_argument("--json", type=Path, help="write the JSON here")
-        sp.add_argument("--md", type=Path, help="update this Markdown file's section (e.g. BENCHMARKS.md)")
+        sp.add_argument("--json", type=output_path, help="write the JSON here")
+        sp.add_argument("--md", type=output_path, help="update this Markdown file's section (e.g. BENCHMARKS.md)")
         module.add_arguments(sp)
         sp.set_defaults(func=getattr(module, target.split(":")[1]))

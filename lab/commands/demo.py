@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from edge.commands import host_needed, runtime_flags
+from edge.commands import host_needed, output_path, runtime_flags
 
 
 def register(sub) -> None:
@@ -18,7 +16,7 @@ def register(sub) -> None:
         default="vit",
         help="the demo encoder: a tiny ViT (default) or a small CNN, both trained on the digits domains",
     )
-    d.add_argument("--json", type=Path, help="write the results as JSON here")
+    d.add_argument("--json", type=output_path, help="write the results as JSON here")
     d.add_argument(
         "--stream",
         action="store_true",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from edge.commands import host_needed, runtime_flags
+from edge.commands import host_needed, output_path, runtime_flags
 
 BITS = (1, 2, 4, 8, 32)
 
@@ -21,12 +21,26 @@ def register(sub) -> None:
     t.add_argument("--scale", type=float, default=1.0, help="bottleneck output scale s, or LoRA alpha / r")
     t.add_argument("--head", action="store_true", help="also train a delta on the classifier head, same precision")
     t.add_argument("--epochs", type=int, default=30)
-    t.add_argument("--lr", type=float, default=2e-2)
+    t.add_argument("--lr", type=_learning_rate, default=2e-2, help="learning rate, finite and > 0 (default 0.02)")
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--out", type=Path, help="adapter file to write (default: in the cache)")
-    t.add_argument("--json", type=Path, help="write the report as JSON here")
+    t.add_argument("--out", type=output_path, help="adapter file to write (default: in the cache)")
+    t.add_argument("--json", type=output_path, help="write the report as JSON here")
     runtime_flags(t)
     t.set_defaults(func=run)
+
+
+def _learning_rate(text: str) -> float:
+    """``--lr``: a finite float > 0 (argparse turns the error into exit 2 and one line, before any training)."""
+    import argparse
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a finite number > 0 (e.g. 0.02)")
+    return value
 
 
 def run(args) -> int:

@@ -9,6 +9,7 @@ do (exit 2 and one line on the command line), with nothing written.
 from __future__ import annotations
 
 import os
+import re
 
 import numpy as np
 import pytest
@@ -63,7 +64,7 @@ def cli(argv, capsys) -> str:
     code = main(argv)
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.strip()]
-    assert code == 2 and len(lines) == 1 and lines[0].startswith("edge: error: "), err
+    assert code == 2 and len(lines) == 1 and re.match(r"edge( [a-z-]+)?: error: ", lines[0]), err  # "edge X:": usage
     return lines[0]
 
 
@@ -186,7 +187,8 @@ def test_an_out_path_that_is_a_folder_is_a_typed_error(tmp_path, capsys):
     (tmp_path / "out.onnx").mkdir()
     with pytest.raises(ConfigError, match="cannot write .*out.onnx.*give --out a file path"):
         import_onnx(tmp_path / "m.onnx", tmp_path / "out.onnx")
-    assert "cannot write" in cli(["import-onnx", str(tmp_path / "m.onnx"), "--out", str(tmp_path / "out.onnx")], capsys)
+    line = cli(["import-onnx", str(tmp_path / "m.onnx"), "--out", str(tmp_path / "out.onnx")], capsys)
+    assert "argument --out: cannot write" in line and "is a folder" in line  # refused at parse time
     assert list((tmp_path / "out.onnx").iterdir()) == []
 
 
