@@ -23,8 +23,10 @@ again first), so nothing a caller holds reaches the weights.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, fields
+from numbers import Real
 
 import numpy as np
 
@@ -152,6 +154,8 @@ def check_finite(values: Mapping[str, np.ndarray], what: str) -> None:
 
 
 def normalise(spec) -> dict[str, float]:
+    """A switch's ``spec`` as {name: weight}: ``None`` (the base), a name, names (each at weight 1, each once) or a
+    mapping name -> real number. Anything else raises ``ConfigError`` before the runtime changes."""
     if spec is None:
         return {}
     if isinstance(spec, str):
@@ -159,18 +163,37 @@ def normalise(spec) -> dict[str, float]:
     if isinstance(spec, Mapping):
         out = {}
         for k, v in spec.items():
+            if type(v) is not float and not isinstance(v, Real):  # not float(v): "0.5" or a 0-d array is a slip
+                raise ConfigError(f"adapter weight for {k!r} must be a real number, got {type(v).__name__} {v!r:.40}")
             a = float(v)
-            if not np.isfinite(a):
+            if not math.isfinite(a):
                 raise ConfigError(f"adapter weight for {k!r} must be finite, got {v!r}")
             out[str(k)] = a
         return out
-    return {str(k): 1.0 for k in spec}
+    if type(spec) in (list, tuple):
+        names = spec
+    elif isinstance(spec, Iterable) and not isinstance(spec, (bytes, bytearray)):
+        names = list(spec)
+    else:
+        names = (None,)
+    out = dict.fromkeys(names, 1.0)
+    if not all(isinstance(n, str) for n in out):
+        raise ConfigError(
+            f"switch takes None, an adapter name, a list of names or a mapping name -> weight; got {spec!r:.80}"
+        )
+    if len(out) != len(names):
+        raise ConfigError(f"adapter names repeat in {names!r:.80}; to weight one twice, pass a mapping name -> 2.0")
+    return out
 
 
-def merge_weights(base: Mapping[str, np.ndarray], adapters: Iterable[tuple[Adapter, float]]) -> dict[str, np.ndarray]:
+def merge_weights(
+    base: Mapping[str, np.ndarray], adapters: Iterable[tuple[Adapter, float]], *, tensors: Mapping | None = None
+) -> dict[str, np.ndarray]:
     """Reference merge of float weights in source layout: ``W + sum_i alpha_i * S_i`` with the runtime's semantics.
 
-    ``base`` maps parameter names to arrays; returns new arrays for every parameter.
+    ``base`` maps parameter names to arrays; returns new arrays for every parameter. ``tensors`` (the model's
+    ``rt.info.tensors``) lands each delta as the runtime does (:meth:`TensorInfo.stored_delta`): needed where a
+    converter folded a channel scale into the weight (``base`` then as ``rt.weights`` reads it, scale left in).
     """
     acc: dict[str, np.ndarray] = {}
     touched: dict[str, np.ndarray] = {}
@@ -178,8 +201,13 @@ def merge_weights(base: Mapping[str, np.ndarray], adapters: Iterable[tuple[Adapt
         for tname, d in adapter.tensors.items():
             a = acc.setdefault(tname, np.zeros(base[tname].shape, np.float32))
             m = touched.setdefault(tname, np.zeros(base[tname].shape, bool))
-            where = ... if isinstance(d, DenseDelta) else tuple(d.indices.astype(np.int64))
-            a[where] += np.float32(alpha) * d.values
+            t = None if tensors is None else tensors[tname]
+            if isinstance(d, DenseDelta):
+                where, values = ..., d.values if t is None else t.fold(d.values)
+            else:
+                where = tuple(d.indices.astype(np.int64))
+                values = d.values if t is None else t.stored_delta(d.indices, d.values)
+            a[where] += np.float32(alpha) * values
             m[where] = True
     out = {k: np.array(v, copy=True) for k, v in base.items()}
     for tname, a in acc.items():

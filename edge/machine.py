@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import platform
 import time
@@ -27,8 +28,15 @@ __all__ = [
 MAX_THREADS = 256
 
 
+log = logging.getLogger("edge.machine")
+_OVERSUBSCRIBED_LOGGED: set[int] = set()  # thread counts already reported above the core count
+
+
 def check_threads(threads: object, what: str = "threads") -> None:
-    """``threads`` is None (the backend's default) or an int in 1..:data:`MAX_THREADS`; else a ConfigError."""
+    """``threads`` is None (the backend's default) or an int in 1..:data:`MAX_THREADS`; else a ConfigError.
+
+    More threads than this machine has cores is allowed (a profile may target a bigger board) but is
+    logged once per count at INFO: the extra threads only contend for the same cores."""
     if threads is not None and (
         isinstance(threads, bool) or not isinstance(threads, int) or not 0 < threads <= MAX_THREADS
     ):
@@ -36,6 +44,17 @@ def check_threads(threads: object, what: str = "threads") -> None:
 
         raise ConfigError(
             f"{what} must be a positive integer or null (backend default), at most {MAX_THREADS}, got {threads!r}"
+        )
+    cores = os.cpu_count()
+    if threads is not None and cores and threads > cores and threads not in _OVERSUBSCRIBED_LOGGED:
+        _OVERSUBSCRIBED_LOGGED.add(threads)
+        log.info(
+            "%s=%d is more than the %d cores of this machine: the extra threads contend for the same cores "
+            "(usually slower); use at most %d here",
+            what,
+            threads,
+            cores,
+            cores,
         )
 
 

@@ -77,7 +77,7 @@ def profile_model(
     any timing. A backend named (default: the file's suffix) runs alone and the engines beside it are compared
     (``result["engines"]``, ``engine_report``).
     """
-    from edge.devices import load_profile
+    from edge.devices import check_fits, load_profile
     from edge.engine_cache import cached_engine
     from edge.engines import EngineFile, engine_report, feeds_for
     from edge.runtime import Runtime
@@ -90,6 +90,7 @@ def profile_model(
     if missing:
         raise ConfigError(f"adapter file(s) {missing} do not exist or are not regular files")
     profile = load_profile(device, search=devices_dir)
+    check_fits(model, profile)  # as Runtime(model, device=...) does: a file over the memory budget is never read
     chosen = None
     if backend == "auto":  # measured here before the timed load; Runtime below reads the choice back as a device does
         cached_engine(model, device=profile)
@@ -98,19 +99,15 @@ def profile_model(
 
     rss_before = status_mb("VmRSS")
     t0 = time.perf_counter()
-    rt = Runtime(  # device=profile: its options, fallback policy and trusted_keys apply, as on the device itself
-        model,
-        backend=backend,
-        device=profile,
-        enforce_memory_budget=False,  # the budgets are reported against, not enforced here
-    )
+    rt = Runtime(model, backend=backend, device=profile)  # options, fallback, keys, budget: as on the device itself
     load_ms = _ms(t0)
     asked = model  # inputs are generated from the file asked for (an .onnx beside a chosen .tflite)
     if backend == "auto":  # the engine Runtime chose, and its file: adapters for its twins load on it
         chosen, model, backend = rt.engine_choice, rt.engine_choice.path, rt.engine_choice.backend
     try:
-        options = profile.backend_options(backend)  # what the report says ran (Runtime applied the same)
-        feeds, input_source = _feeds(asked, rt.info.inputs, inputs, config)
+        options = profile.backend_options(backend, quiet=True)  # what the report says ran (Runtime logged it)
+        own = getattr(rt.backend, "input_specs", None) if model == asked else None  # read with the graph at load
+        feeds, input_source = _feeds(asked, rt.info.inputs, inputs, config, own)
         feeds = feeds_for(EngineFile(backend, model), feeds) if chosen else feeds  # e.g. int32 ids for LiteRT
         fits = rt.info.fits
         if chosen and (stray := [str(a) for a in adapters if inspect_adapter(a)["base_fingerprint"] not in fits]):
@@ -138,7 +135,7 @@ def profile_model(
                 figures, switches = _profile_adapter(rt, path, feeds, config, pb)
                 per_adapter.append(figures)
                 switch_all += switches
-        peak = peak_rss_mb()
+        peak = max(peak_rss_mb(), rss_before or 0.0)  # the kernel's counters lag: never under a level seen
         providers = list(rt.providers)
         strategy = rt.strategy
         fingerprint = rt.info.fingerprint
@@ -236,9 +233,9 @@ def _backend_for(model: Path) -> str:
         raise ConfigError(f"{e}; pass --backend") from None
 
 
-def _feeds(model: Path, names: Sequence[str], inputs, config: ProfileConfig) -> tuple[dict[str, np.ndarray], str]:
+def _feeds(model: Path, names: Sequence[str], inputs, config: ProfileConfig, specs=None) -> tuple[dict, str]:
     if inputs is None:
-        return generate_inputs(model, names, batch=config.batch, seed=config.seed), "generated"
+        return generate_inputs(model, names, batch=config.batch, seed=config.seed, specs=specs), "generated"
     if isinstance(inputs, Mapping):
         feeds, source = {k: np.asarray(v) for k, v in inputs.items()}, "given"
     else:
@@ -338,6 +335,8 @@ def format_markdown(result: dict) -> str:
         lines += ["", f"**Fallback:** {d['fallback_warning']}"]
     if d["architecture"] != m["arch"]:
         lines += ["", f"Note: the profile is for {d['architecture']}; these figures are from {m['arch']}."]
+    if (result["threads"] or 0) > (m.get("cores") or 256):  # oversubscribed: latency here is pessimistic
+        lines += ["", f"Note: the profile runs {result['threads']} threads on {m['cores']} cores here."]
     lines += ["", "| figure | measured | budget | within |", "|---|---|---|---|"]
     names = {
         "load_ms": "model load (ms)",

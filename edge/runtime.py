@@ -66,21 +66,23 @@ class Runtime:
         runs on CPU with a logged warning, recorded in :attr:`fallback_warning`. Explicit
         ``threads``/``providers``/``strategy`` win over it. With ``strategy="auto"`` the profile's
         ``budgets.memory_mb`` picks the strategy (hybrid when its predicted footprint fits, else bound, else a
-        ``ConfigError`` naming the figures); ``enforce_memory_budget=False`` (``edge profile``, which reports
-        budgets) skips that. ``backend="auto"`` runs the engine measured fastest here among the model's files for
-        the profile's backends (``M.onnx``, ``M.tflite`` side by side; the profile's order decides within 3 %),
-        measured on the first load and read from a cache after (:func:`edge.engine_cache.cached_engine`); files
-        exported from the same weights are twins, so an adapter made for either loads on the one that runs
-        (:attr:`ModelInfo.also_fits`). The default ``backend=None`` is ``"auto"`` with a ``device`` and else the
-        backend of ``model``'s suffix (``.onnx``: onnxruntime, ``.tflite``: LiteRT). :attr:`engine_choice` says
-        which engine runs and why."""
+        ``ConfigError`` naming the figures; a model file larger than the budget is refused before it is read);
+        ``enforce_memory_budget=False`` skips that. ``backend="auto"`` runs the engine measured fastest here among
+        the model's files for the profile's backends (``M.onnx``, ``M.tflite`` side by side; the profile's order
+        decides within 3 %), measured on the first load and read from a cache after
+        (:func:`edge.engine_cache.cached_engine`); files exported from the same weights are twins, so an adapter made
+        for either loads on the one that runs (:attr:`ModelInfo.also_fits`). The default ``backend=None`` is
+        ``"auto"`` with a ``device`` and else the backend of ``model``'s suffix (``.onnx``: onnxruntime, ``.tflite``:
+        LiteRT). :attr:`engine_choice` says which engine runs and why."""
         from runtimes import BackendOptions, backend_for_path, get_backend
 
         self.device, self.fallback_warning, profile_options = None, None, None  # fallback_warning: str | None
         if device is not None:
-            from edge.devices import DeviceProfile, load_profile
+            from edge.devices import DeviceProfile, check_fits, load_profile
 
             self.device = device if isinstance(device, DeviceProfile) else load_profile(device)
+            if enforce_memory_budget and strategy == "auto":  # a file over the budget: refused before it is read
+                check_fits(model, self.device)
         given = backend is not None
         if not given:  # a device: the engine measured fastest on it; else the file's own engine
             backend = "auto" if self.device is not None else backend_for_path(model)
@@ -98,8 +100,8 @@ class Runtime:
             profile_options = opts
             self.fallback_warning = opts.fallback_warning
         self._policy = SignaturePolicy.resolve(trusted_keys, self.device)  # checked before the model is read
-        path = Path(model)  # onnxruntime reads its weights into its arena: never hold the whole file
-        data = path if backend == "onnxruntime" else read_bounded(path, MAX_MODEL_BYTES, what="model file")
+        path = Path(model)  # both engines read the file themselves, bounded: never two copies of it at once
+        data = path if backend in ("onnxruntime", "tflite") else read_bounded(path, MAX_MODEL_BYTES, what="model file")
         budget = self.device.budgets.memory_mb if self.device is not None and enforce_memory_budget else None
         options = BackendOptions(
             threads=threads, strategy=strategy, providers=tuple(providers), verify=verify, memory_mb=budget
@@ -113,8 +115,9 @@ class Runtime:
                 precision=profile_options.precision,
             )
         self.backend = get_backend(backend)(data, options)
-        # the real inputs; onnxruntime read them from its graph while loading (no second walk of the file)
-        self._inputs = self.backend.input_specs if backend == "onnxruntime" else input_specs(backend, data)
+        # the real inputs, read by the backend while loading (no second walk of the file)
+        owned = backend in ("onnxruntime", "tflite")
+        self._inputs = self.backend.input_specs if owned else input_specs(backend, data)
         tensors = ReadOnlyDict(self.backend.info.tensors)  # read-only: what set_head and adapters are checked against
         self.info: ModelInfo = replace(self.backend.info, also_fits=self.engine_choice.twins, tensors=tensors)
         self.model_path = path
@@ -148,7 +151,7 @@ class Runtime:
 
     @property
     def footprint(self) -> dict:
-        """The strategy in use, its predicted resident memory (MB) and what loading measured (MB, Linux)."""
+        """Strategy, predicted resident MB, MB loading measured (Linux; None if the process shrank: first load only)."""
         b = self.backend
         return {"strategy": b.strategy, "predicted_mb": b.predicted_mb(), "measured_mb": b.measured_mb}
 
@@ -176,7 +179,7 @@ class Runtime:
             adapter = load_adapter(adapter, policy=self._policy, model=self.info, max_bytes=self._max_adapter_bytes)
         adapter = fusion.kept(adapter, copy=in_memory)  # read-only; a caller's own copied first, validated again
         adapter.check_against(self.info)
-        name = name or adapter.name
+        name = adapter.name if name is None else name
         if not isinstance(name, str) or not name:
             raise ConfigError(f"adapter name must be a non-empty string, got {name!r}")
         index, delta = {}, {}
@@ -264,9 +267,10 @@ class Runtime:
     def unload_adapter(self, name: str) -> None:
         with self._lock:
             self._check_open()
-            if name in self._active:
-                raise ConfigError(f"adapter {name!r} is active; switch away from it before unloading")
-            self._adapters.pop(name, None)
+            if name in self._active or name not in self._adapters:
+                why = "is active; switch away from it before unloading" if name in self._active else "is not loaded"
+                raise ConfigError(f"adapter {name!r} {why}; loaded: {sorted(self._adapters) or 'none'}")
+            del self._adapters[name]
 
     # -- switching ---------------------------------------------------------------------------
     def switch(
@@ -282,7 +286,8 @@ class Runtime:
         (``W + a1*S1 + a2*S2``). ``head`` also writes detector-head tensors in the same step (:meth:`set_head`), so
         no inference sees the new weights with the old head. The switch either completes or changes nothing: all
         checks and arithmetic happen before the first write. On a quantized model, fused values outside the integer
-        range raise :class:`~edge.fusion.SaturationError` unless ``clip=True`` (clipped, counted in :attr:`clipped`).
+        range raise :class:`~edge.fusion.SaturationError` unless ``clip=True`` (clipped, counted in :attr:`clipped`);
+        a single adapter at weight 1 keeps the clip it was loaded with (its writes are prepared at load).
         """
         self._check_open()
         target = normalise(spec)
@@ -377,6 +382,7 @@ class Runtime:
 
     def wait_settled(self, timeout: float | None = None) -> bool:
         """Wait for any background work the strategy does after a switch (True when done)."""
+        self._check_open()
         return self.backend.wait_settled(timeout)
 
     def _base_at(self, tname: str, pos: np.ndarray) -> np.ndarray:

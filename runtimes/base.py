@@ -182,8 +182,9 @@ class Backend(ABC):
     @property
     def measured_mb(self) -> float | None:
         """Process resident memory growth (MB) from just before loading until every session was in place
-        (for a background build, when it ended); None when not measured (e.g. off Linux). It counts
-        whatever else the process allocated or freed meanwhile."""
+        (for a background build, when it ended); None when not measured (e.g. off Linux) or when the
+        process shrank meanwhile. It counts whatever else the process allocated or freed meanwhile and
+        means something only for the first load in a process (a second load reuses freed pages)."""
         return getattr(self, "_measured", None)
 
     def _measure_from(self) -> None:
@@ -192,7 +193,8 @@ class Backend(ABC):
 
     def _measure(self) -> None:
         rss0 = getattr(self, "_rss0", None)
-        self._measured = rss_mb() - rss0 if rss0 is not None else None
+        grown = rss_mb() - rss0 if rss0 is not None else None
+        self._measured = grown if grown is not None and grown >= 0 else None
 
     @classmethod
     def choose_strategy(

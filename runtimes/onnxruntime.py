@@ -165,6 +165,7 @@ class OrtBackend(ArenaBackend):
             nbytes = len(buf)  # the whole model (not only its writable tensors) decides a tiny model's threads
             proto, inits, _ = parse_graph_bytes(buf)
             self.info = onnx_info(proto)
+            self.check_precision(options)  # from the graph, before the weights are read into the arena
             self.input_specs = onnx_input_specs(proto, self.info.inputs)  # the real inputs, from the graph parsed once
             writable = sorted({t.initializer for t in self.info.tensors.values()})
             dtypes = {t.initializer: t.quant.dtype for t in self.info.tensors.values() if t.quant is not None}
@@ -174,7 +175,6 @@ class OrtBackend(ArenaBackend):
         self._arena = arenas.get(_F4, np.empty(0, _F4))  # float weights; quantized ones in an integer arena
         self._arena_of = {k: arenas[v.dtype] for k, v in self._live.items() if v.dtype != _F4}
         self._constants = _file.quant_constants(proto, self.info)
-        self.check_precision(options)
         self._slots = {t.initializer for t in self.info.tensors.values() if t.slot}
         if options.verify:
             verify_fingerprint(proto, self.info, self._live)

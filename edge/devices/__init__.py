@@ -53,6 +53,7 @@ __all__ = [
     "Tolerances",
     "available_providers",
     "backend_status",
+    "check_fits",
     "list_profiles",
     "load_profile",
     "packaged_dir",
@@ -145,6 +146,24 @@ def _load_file(path: Path) -> DeviceProfile:
     if profile.name != path.stem:
         raise ConfigError(f"{path}: name {profile.name!r} differs from the file name; rename one so they match")
     return profile
+
+
+def check_fits(model: str | os.PathLike, profile: DeviceProfile) -> None:
+    """Refuse a model file larger than ``profile``'s ``budgets.memory_mb`` before any byte of it is read.
+
+    Its weights alone (at least the file's size, less its graph) would exceed the budget, so no strategy can fit;
+    the backends' own check (predicted footprint) comes only after they have read the weights into memory.
+    A path that is not a regular file is left to the loader, which names it."""
+    path = Path(model)
+    if not path.is_file():
+        return
+    size_mb, budget = path.stat().st_size / 2**20, profile.budgets.memory_mb
+    if size_mb > budget:
+        raise ConfigError(
+            f"{path.name} is {size_mb:.1f} MB on disk, over the memory budget of {budget:g} MB of device profile "
+            f"{profile.name!r} (budgets.memory_mb): its weights alone would not fit; raise budgets.memory_mb, or "
+            "load a smaller or quantized model"
+        )
 
 
 def this_machine() -> str:

@@ -107,16 +107,16 @@ class DeviceProfile:
         """This profile's entry for ``backend``, or None if it does not list it."""
         return next((b for b in self.backends if b.backend == backend), None)
 
-    def backend_options(self, backend: str, available: Sequence[str] | None = None):
+    def backend_options(self, backend: str, available: Sequence[str] | None = None, *, quiet: bool = False):
         """:class:`runtimes.base.BackendOptions` for ``backend`` on this machine, fallback policy applied.
 
         ``available`` lists the providers present here (default: probed). Provider options
         go in ``provider_options`` (one dict per provider, aligned with ``providers``);
-        ``fallback_warning`` holds the warning if one was logged.
+        ``fallback_warning`` holds the warning if one was logged (``quiet``: returned, not logged).
         """
         from runtimes.base import BackendOptions
 
-        specs, warning = resolve_providers(self, backend, available)
+        specs, warning = resolve_providers(self, backend, available, quiet=quiet)
         pref = self.preference(backend)
         return BackendOptions(
             threads=self.threads,

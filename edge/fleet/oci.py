@@ -104,7 +104,8 @@ def require_fleet(host: bool = False) -> None:
     missing = [m for m in wanted if importlib.util.find_spec(m) is None]
     if missing:
         raise ConfigError(
-            f"fleet {'publishing' if host else 'sync'} needs {', '.join(missing)}: pip install 'edge-adapt[fleet]'"
+            f"fleet {'publishing' if host else 'sync'} needs {', '.join(missing)}: "
+            f"pip install 'edge-adapt[{'fleet' if host else 'fleet-device'}]'"  # a device needs no oras
         )
 
 

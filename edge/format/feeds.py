@@ -265,14 +265,24 @@ def output_width(model_path, name: str) -> int | None:
 
 
 def generate_inputs(
-    model: str | os.PathLike, names: Sequence[str], batch: int = 1, seed: int = 0
+    model: str | os.PathLike,
+    names: Sequence[str],
+    batch: int = 1,
+    seed: int = 0,
+    specs: Mapping[str, InputSpec] | None = None,
 ) -> dict[str, np.ndarray]:
-    """Inputs made from an ONNX model's input metadata: symbolic dims set to ``batch``, floats ~ N(0, 1)."""
-    if Path(model).suffix != ".onnx":
-        raise ConfigError(f"can generate inputs only for .onnx models; pass --inputs X.npz for {Path(model).name}")
-    from edge.format.io import read_bounded
+    """Inputs made from an ONNX model's input metadata: symbolic dims set to ``batch``, floats ~ N(0, 1).
 
-    specs = onnx_input_specs(read_bounded(model, 1 << 40, what="model file"), tuple(names))
+    ``specs``: the inputs a runtime already read from the graph (``rt.backend.input_specs``), so the model file,
+    weights and all, is not read and parsed a second time (for MiniLM that doubled the peak memory measured)."""
+    if specs is not None and all(n in specs and specs[n].dtype is not None for n in names):
+        specs = {n: specs[n] for n in names}
+    elif Path(model).suffix != ".onnx":
+        raise ConfigError(f"can generate inputs only for .onnx models; pass --inputs X.npz for {Path(model).name}")
+    else:
+        from edge.format.io import read_bounded
+
+        specs = onnx_input_specs(read_bounded(model, 1 << 40, what="model file"), tuple(names))
     rng = np.random.default_rng(seed)
     feeds = {}
     for name, spec in specs.items():

@@ -168,7 +168,8 @@ class TensorInfo:
         if self.channel_scale is None:
             return values
         scale = np.asarray(self.channel_scale, dtype=np.float32)
-        return (values * scale[np.asarray(indices[0], dtype=np.int64)]).astype(np.float32)
+        with np.errstate(over="ignore"):  # inf here is refused by the caller (check_finite), named there
+            return (values * scale[np.asarray(indices[0], dtype=np.int64)]).astype(np.float32)
 
     def fold(self, source: np.ndarray) -> np.ndarray:
         """A float source-layout tensor (a delta on the torch weight) scaled as the converter folded the weight."""
@@ -207,9 +208,10 @@ class TensorInfo:
         """
         delta = np.asarray(self.stored_delta(indices, values), np.float32)
         s = np.asarray(scale, np.float32).reshape(-1)
-        if self.quant is None or self.quant.axis is None:
-            return (delta / s[0]).astype(np.float32)
-        return (delta / s[np.asarray(indices[self.quant.axis], np.int64)]).astype(np.float32)
+        with np.errstate(over="ignore"):  # inf steps are refused by the caller (merged), named there
+            if self.quant is None or self.quant.axis is None:
+                return (delta / s[0]).astype(np.float32)
+            return (delta / s[np.asarray(indices[self.quant.axis], np.int64)]).astype(np.float32)
 
     @property
     def quant_shape(self) -> tuple[int, ...]:
