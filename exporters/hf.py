@@ -183,7 +183,7 @@ def load_hf_encoder(model_dir: str | os.PathLike) -> tuple[torch.nn.Module, dict
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
         raise FormatError(f"{model_dir} has no config.json; give a local Hugging Face model directory")
-    config = load_json(read_bounded(model_dir / "config.json", 1 << 20, what="config.json"), source="config.json")
+    config = load_json(read_bounded(model_dir / "config.json", 64 << 20, what="config.json"), source="config.json")
     if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
         raise ConfigError(  # transformers' AutoModel picks the class by it; without it, a ValueError traceback
             f'{model_dir / "config.json"} has no "model_type" (e.g. "bert", "vit"): give the folder of a '

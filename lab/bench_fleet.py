@@ -313,12 +313,14 @@ def _counts(d: dict) -> str:
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--sizes", type=int, nargs="+", default=[24_000, 256_000], help="adapter sizes in bytes")
+    p.add_argument("--sizes", type=_count, nargs="+", default=[24_000, 256_000], help="adapter sizes in bytes")
     p.add_argument("--adapters", type=_count, default=100, help="adapters in the registry (>= 1, default 100)")
     p.add_argument("--repeats", type=_count, default=5, help="releases measured per size (>= 1, default 5)")
     p.add_argument("--devices", type=_count, default=50, help="devices syncing at once (>= 1, default 50)")
-    p.add_argument("--changed-bytes", type=int, default=8_000_000, help="size of the adapter the fleet release changes")
-    p.add_argument("--kill-at", type=int, help="kill the registry once this many devices download (default: half)")
+    p.add_argument(
+        "--changed-bytes", type=_count, default=8_000_000, help="size of the adapter the fleet release changes"
+    )
+    p.add_argument("--kill-at", type=_count, help="kill the registry once this many devices download (default: half)")
 
 
 def _count(text: str) -> int:

@@ -65,11 +65,18 @@ def write_section(path: str | Path, key: str, title: str, body: str, data: dict 
     The read and the write happen under ``PATH.lock`` (``filelock``): two benchmarks finishing at once both keep
     their sections (without it, each wrote back the file it had read, and one section was lost).
     """
-    from filelock import FileLock
+    from filelock import FileLock, Timeout
+
+    from edge.errors import WriteError
 
     path = Path(path)
-    with FileLock(f"{path}.lock", timeout=600):
-        _write_section(path, key, title, body, data)
+    try:
+        with FileLock(f"{path}.lock", timeout=600):
+            _write_section(path, key, title, body, data)
+    except Timeout as e:
+        raise WriteError(
+            f"cannot write {path}: {path}.lock held by another process for 600 s; remove it if stale"
+        ) from e
 
 
 def _write_section(path: Path, key: str, title: str, body: str, data: dict | None) -> None:

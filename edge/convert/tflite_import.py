@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edge.errors import ConfigError, FormatError
+from edge.errors import ConfigError, EdgeError, FormatError
 from edge.format.adapter import MAX_NAME_LEN
 from edge.format.io import atomic_write_bytes, read_bounded
 from edge.format.modelinfo import META_KEY, ModelInfo, TensorInfo, fingerprint
@@ -244,8 +244,10 @@ def _signature_first(m, src: Path, signature: str | None) -> str | None:
         )
     k = dict(keys)[signature]
     if k != 0:
-        calls = {118, 119, 129}  # IF, WHILE, CALL_ONCE name subgraphs by index
-        codes = [c.builtinCode for c in m.operatorCodes]
+        # ops naming subgraphs by index: IF, WHILE, CALL_ONCE, and StableHLO's reduce, scatter, reduce_window, sort,
+        # while, composite and case (ai_edge_litert's schema); old files keep codes under 127 in the deprecated field
+        calls = {118, 119, 129, 174, 190, 198, 199, 200, 206, 209}
+        codes = [max(int(c.builtinCode), int(c.deprecatedBuiltinCode)) for c in m.operatorCodes]
         if any(codes[op.opcodeIndex] in calls for g in m.subgraphs for op in g.operators or []):
             raise FormatError(f"{src}: signature {signature!r} is subgraph {k} and operators call subgraphs by index")
         m.subgraphs[0], m.subgraphs[k] = m.subgraphs[k], m.subgraphs[0]
@@ -310,25 +312,37 @@ def _same_outputs(before: bytes, after: bytes, src: Path, signature: str | None)
     rng = np.random.default_rng(0)
     outs, feeds = [], None
     for data in (before, after):
-        it = interp.Interpreter(
-            model_content=data, experimental_op_resolver_type=interp.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
-        )
-        if signature is not None:  # the file before has it at another subgraph index than the file after
-            run = it.get_signature_runner(signature)
-            details = run.get_input_details()
-            feeds = feeds or {k: _example(d, rng) for k, d in sorted(details.items())}
-            got = run(**feeds)
-            outs.append([np.array(got[k]) for k in sorted(got)])
-            continue
-        it.allocate_tensors()
-        feeds = feeds or [_example(d, rng) for d in it.get_input_details()]
-        for d, x in zip(it.get_input_details(), feeds):
-            it.set_tensor(d["index"], x)
-        it.invoke()
-        outs.append([it.get_tensor(d["index"]).copy() for d in it.get_output_details()])
+        try:
+            got, feeds = _run_once(interp, data, signature, feeds, rng)
+        except EdgeError:  # our own refusals (FormatError is a ValueError too) stand as they are
+            raise
+        except (ValueError, RuntimeError) as e:  # an op LiteRT lacks (a custom op), a string input, ...
+            raise FormatError(
+                f"{src}: LiteRT cannot run it ({str(e)[:200]}); import-tflite checks the result on LiteRT's built-in "
+                "kernels, so a file they cannot run is not imported"
+            ) from e
+        outs.append(got)
     for a, b in zip(*outs):
         if a.tobytes() != b.tobytes():
             raise FormatError(f"{src}: the adapter-ready file computes other outputs than the input; please report it")
+
+
+def _run_once(interp, data: bytes, signature: str | None, feeds, rng):
+    """One run of ``data`` on LiteRT's built-in kernels: (outputs, the feeds used: made on the first call)."""
+    it = interp.Interpreter(
+        model_content=data, experimental_op_resolver_type=interp.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
+    )
+    if signature is not None:  # the file before has it at another subgraph index than the file after
+        run = it.get_signature_runner(signature)
+        feeds = feeds or {k: _example(d, rng) for k, d in sorted(run.get_input_details().items())}
+        got = run(**feeds)
+        return [np.array(got[k]) for k in sorted(got)], feeds
+    it.allocate_tensors()
+    feeds = feeds or [_example(d, rng) for d in it.get_input_details()]
+    for d, x in zip(it.get_input_details(), feeds):
+        it.set_tensor(d["index"], x)
+    it.invoke()
+    return [it.get_tensor(d["index"]).copy() for d in it.get_output_details()], feeds
 
 
 def _example(detail, rng) -> np.ndarray:

@@ -103,7 +103,8 @@ class Detector(ABC):
     def update(self, features, logits, labels=None, domains=None) -> None:
         """Add ID inputs to the statistics (prototypes, means, bank); recalibrates if calibrated."""
         f, lg, y, d = check_inputs(features, logits, labels, domains)
-        self._features(f)
+        if type(self)._fit is not Detector._fit:  # stateful: fitted, on features this wide (MSP, energy need no fit)
+            self._features(f)
         self._update(f, lg, y, d)
         if self._cal is not None:
             self.threshold = threshold_at_tpr(self.score(*self._cal), self.tpr)

@@ -183,7 +183,7 @@ class HDC(Detector):
     # encoding -----------------------------------------------------------------------------
     def encode(self, features) -> np.ndarray:
         """``x' = [(x - mu) W / sqrt(d), bias]``: the vector the projection reads ``[N, d + 1]``."""
-        z = matmul(as_matrix(features, "features") - self._mu, self._w)
+        z = matmul(self._features(features) - self._mu, self._w)
         return np.concatenate([z, np.full((len(z), 1), self.bias, np.float32)], axis=1)
 
     def hypervectors(self, features) -> np.ndarray:
@@ -256,7 +256,7 @@ class HDC(Detector):
             if self._cal is not None:
                 self.threshold -= self._offset
             return
-        self._update(*check_inputs(f, lg, labels, domains))
+        self._update(*check_inputs(self._features(f), lg, labels, domains))
         u, inv = self._cal_u  # recalibrate from the cached whitened set: only the prototype products change
         nc = len(self.class_keys)
         scores = (matmul(u, self._a[:, :nc]) + self._b[:nc]).max(1) * inv

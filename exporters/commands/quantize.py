@@ -264,7 +264,6 @@ def staging(out: Path):
     finally:
         tempfile.tempdir = saved
         shutil.rmtree(folder, ignore_errors=True)
-    return True
 
 
 def read_model(data: bytes, fmt: str, src: Path):

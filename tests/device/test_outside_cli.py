@@ -138,14 +138,18 @@ def test_keygen_never_overwrites_a_key_and_writes_it_private_from_the_first_byte
     assert not (tmp_path / "only.pub").exists()
 
 
-def test_an_output_that_cannot_be_written_is_refused_before_the_work(tmp_path, capsys):
+def test_an_output_that_cannot_be_written_is_refused_before_the_work(tmp_path, capsys, monkeypatch):
+    import edge.profiling
+
+    def work(*a, **k):
+        raise AssertionError("profiled before the output was checked")
+
+    monkeypatch.setattr(edge.profiling, "profile_model", work)  # refused at parse time, not after the runs
     model = tmp_path / "m.onnx"
     make_mlp(model)
     (tmp_path / "file").write_bytes(b"keep")
     for bad in ["/proc/edge-nope/out.json", str(tmp_path), str(tmp_path / "file" / "x.json")]:
-        t0 = time.perf_counter()
-        code = main(["profile", str(model), "--device", "x86-dev", "--runs", "3000", "--json", bad, "-q"])
-        assert code == 2 and time.perf_counter() - t0 < 5  # refused at parse time, not after the runs
+        assert main(["profile", str(model), "--device", "x86-dev", "--json", bad, "-q"]) == 2
         assert "argument --json: cannot write" in _one_error_line(capsys.readouterr().err)
     assert (tmp_path / "file").read_bytes() == b"keep"
     assert check_writable(tmp_path / "new" / "dir" / "x.json") and not (tmp_path / "new").exists()
@@ -176,10 +180,9 @@ def test_an_import_never_writes_over_its_input(tmp_path, capsys):
 def test_a_state_lock_that_cannot_be_made_fails_at_once_not_after_ten_minutes(tmp_path):
     (tmp_path / "file").write_bytes(b"")
     for where in ("/proc/edge-nope/s.safetensors", tmp_path / "file" / "s.safetensors"):
-        t0 = time.perf_counter()
+        # a WriteError naming the lock, not filelock's retries ending in "locked by another update" (ConfigError)
         with pytest.raises(WriteError, match=r"cannot write the lock .*s.safetensors.lock"), state_lock(where, 3.0):
             pass
-        assert time.perf_counter() - t0 < 5
 
 
 @pytest.fixture

@@ -139,6 +139,9 @@ def test_host_output_flags_are_checked_when_parsed(argv, mlp, tmp_path, capsys):
         (["bench", "fleet", "--adapters", "0"], "--adapters"),
         (["bench", "fleet", "--devices", "-1"], "--devices"),
         (["bench", "fleet", "--repeats", "0"], "--repeats"),
+        (["bench", "fleet", "--sizes", "0"], "--sizes"),
+        (["bench", "fleet", "--changed-bytes", "-5"], "--changed-bytes"),
+        (["bench", "fleet", "--kill-at", "0"], "--kill-at"),
         (["train", "--domain", "rotate", "--lr", "nan"], "--lr"),
         (["train", "--domain", "rotate", "--lr", "0"], "--lr"),
         (["train", "--domain", "rotate", "--lr", "-inf"], "--lr"),
@@ -216,6 +219,20 @@ def test_export_config_json_is_read_bounded(tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "bert", "a": NaN}')
     with pytest.raises(FormatError):
         load_hf_encoder(tmp_path)
+
+
+def test_export_reads_a_checkpoint_config_with_a_22k_label_map(tmp_path):
+    """ImageNet-22k Swin/ConvNeXt/BEiT configs carry label maps of 1.7 MB: past the config check (bounded at 64 MiB)."""
+    from transformers import SwinConfig
+
+    from exporters.hf import load_hf_encoder
+
+    labels = {i: f"n{i:08d}, a synset of ImageNet-22k, named at length as its own label" for i in range(21841)}
+    SwinConfig(image_size=32, embed_dim=8, depths=[1], num_heads=[1], id2label=labels).save_pretrained(tmp_path)
+    assert (tmp_path / "config.json").stat().st_size > 1 << 20
+    with pytest.raises(Exception) as e:  # no weights in the folder: transformers refuses them, not our config check
+        load_hf_encoder(tmp_path)
+    assert "over the limit" not in str(e.value) and not isinstance(e.value, (ConfigError, FormatError)), e.value
 
 
 # -- 4. the wrong importer, and inspect on samples ---------------------------------------------------------------------
