@@ -175,9 +175,9 @@ def normalise(spec) -> dict[str, float]:
     elif isinstance(spec, Iterable) and not isinstance(spec, (bytes, bytearray)):
         names = list(spec)
     else:
-        names = (None,)
-    out = dict.fromkeys(names, 1.0)
-    if not all(isinstance(n, str) for n in out):
+        names = None  # not a list of names: refused below
+    out = dict.fromkeys(names or (), 1.0)  # [] is the base, as None is
+    if names is None or not all(isinstance(n, str) for n in out):
         raise ConfigError(
             f"switch takes None, an adapter name, a list of names or a mapping name -> weight; got {spec!r:.80}"
         )

@@ -100,8 +100,8 @@ class Runtime:
             profile_options = opts
             self.fallback_warning = opts.fallback_warning
         self._policy = SignaturePolicy.resolve(trusted_keys, self.device)  # checked before the model is read
-        path = Path(model)  # both engines read the file themselves, bounded: never two copies of it at once
-        data = path if backend in ("onnxruntime", "tflite") else read_bounded(path, MAX_MODEL_BYTES, what="model file")
+        path, owned = Path(model), backend in ("onnxruntime", "tflite")  # engines that read the file themselves
+        data = path if owned else read_bounded(path, MAX_MODEL_BYTES, what="model file")  # never two copies at once
         budget = self.device.budgets.memory_mb if self.device is not None and enforce_memory_budget else None
         options = BackendOptions(
             threads=threads, strategy=strategy, providers=tuple(providers), verify=verify, memory_mb=budget
@@ -116,7 +116,6 @@ class Runtime:
             )
         self.backend = get_backend(backend)(data, options)
         # the real inputs, read by the backend while loading (no second walk of the file)
-        owned = backend in ("onnxruntime", "tflite")
         self._inputs = self.backend.input_specs if owned else input_specs(backend, data)
         tensors = ReadOnlyDict(self.backend.info.tensors)  # read-only: what set_head and adapters are checked against
         self.info: ModelInfo = replace(self.backend.info, also_fits=self.engine_choice.twins, tensors=tensors)

@@ -293,8 +293,13 @@ class LiteRTBackend(ArenaBackend):
         except RuntimeError as e:
             if isinstance(e, EdgeError):
                 raise
-            ids = isinstance(feeds, Mapping) and any(np.asarray(v).dtype.kind in "iu" for v in feeds.values())
-            if ids and "out of bounds" in str(e).lower():  # an id outside an embedding / gather table: the input
+            if (
+                "out of bounds" in str(e).lower()
+                and isinstance(feeds, Mapping)
+                and any(  # an id outside a table
+                    np.asarray(v).dtype.kind in "iu" for v in feeds.values()
+                )
+            ):
                 raise ConfigError(_out_of_bounds(str(e), feeds, self.info.name)) from e
             raise FormatError(
                 f"LiteRT could not run {self.info.name!r}: {str(e)[:300]} (a file it loads but cannot run is damaged, "

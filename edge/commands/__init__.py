@@ -7,6 +7,7 @@ Add a command: write ``edge/commands/NAME.py`` and add its module path to
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -115,7 +116,9 @@ def sniff_model(path: Path) -> str | None:
         return None
     finally:
         os.close(fd)
-    if head[4:8] == b"TFL3":
+    from edge.format.tflite import IDENTIFIER
+
+    if head[4:8] == IDENTIFIER:
         return "tflite"
     return "onnx" if head[:1] == b"\x08" and len(head) == 8 else None
 
@@ -127,3 +130,26 @@ def refuse_overwriting(out: Path, *inputs: Path | None) -> None:
     for given in inputs:
         if given is not None and out.exists() and given.exists() and os.path.samefile(out, given):
             raise ConfigError(f"--out {out} is the input {given}: writing it would destroy it; give another path")
+
+
+#: each kind of model file: (what a file of it is, its short name, the suffix an import of it writes)
+_KINDS = {"onnx": ("an ONNX model", "ONNX", "onnx"), "tflite": ("a .tflite (LiteRT) model", ".tflite", "tflite")}
+
+
+@contextlib.contextmanager
+def other_importer_hint(path: Path, expected: str):
+    """Around ``edge import-{expected}``: a ``FormatError`` on a file that is the other kind of model names the
+    importer for it (:func:`sniff_model`); any other refusal stands as it is."""
+    from edge.errors import FormatError
+
+    try:
+        yield
+    except FormatError as e:
+        found = sniff_model(path)
+        if found is None or found == expected:
+            raise
+        what, _, suffix = _KINDS[found]
+        raise FormatError(
+            f"{path.name} is {what}, not {_KINDS[expected][1]}: import it with `edge import-{found} {path} --out "
+            f"OUT.{suffix}`"
+        ) from e

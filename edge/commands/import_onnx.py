@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from edge.commands import output_path, refuse_overwriting, sniff_model
+from edge.commands import other_importer_hint, output_path, refuse_overwriting
 
 
 def register(sub) -> None:
@@ -30,10 +30,9 @@ def register(sub) -> None:
 
 def run(args) -> int:
     from edge.convert.onnx_import import import_onnx
-    from edge.errors import FormatError
 
     refuse_overwriting(args.out, args.path, args.state_dict or args.hf)
-    try:
+    with other_importer_hint(args.path, "onnx"):
         report = import_onnx(
             args.path,
             args.out,
@@ -42,13 +41,6 @@ def run(args) -> int:
             name=args.name,
             strict=args.strict,
         )
-    except FormatError as e:
-        if sniff_model(args.path) != "tflite":
-            raise
-        raise FormatError(
-            f"{args.path.name} is a .tflite (LiteRT) model, not ONNX: import it with `edge import-tflite "
-            f"{args.path} --out OUT.tflite`"
-        ) from e
     summary = {
         "out": str(args.out),
         "name": report.info.name,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from edge.commands import output_path, refuse_overwriting, sniff_model
+from edge.commands import other_importer_hint, output_path, refuse_overwriting
 
 
 def register(sub) -> None:
@@ -28,18 +28,10 @@ def register(sub) -> None:
 
 def run(args) -> int:
     from edge.convert.tflite_import import import_tflite
-    from edge.errors import FormatError
 
     refuse_overwriting(args.out, args.path)
-    try:
+    with other_importer_hint(args.path, "tflite"):
         report = import_tflite(args.path, args.out, name=args.name, targets=args.targets, signature=args.signature)
-    except FormatError as e:
-        if sniff_model(args.path) != "onnx":
-            raise
-        raise FormatError(
-            f"{args.path.name} is an ONNX model, not .tflite (no TFL3 identifier): import it with `edge import-onnx "
-            f"{args.path} --out OUT.onnx`"
-        ) from e
     summary = {
         "out": str(args.out),
         "name": report.info.name,
