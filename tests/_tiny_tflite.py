@@ -14,11 +14,26 @@ from pathlib import Path
 import numpy as np
 from ai_edge_litert import schema_py_generated as s
 
-from edge.format.modelinfo import META_KEY, ModelInfo, TensorInfo, fingerprint
-from edge.format.tflite import aligned_buffer, pack_model, read_tflite, set_metadata, stored_arrays
+from edge.format.modelinfo import META_KEY, ModelInfo, QuantInfo, TensorInfo, fingerprint
+from edge.format.tflite import (
+    SCALE,
+    ZERO_POINT,
+    aligned_buffer,
+    fingerprint_arrays,
+    pack_model,
+    read_tflite,
+    set_metadata,
+    stored_arrays,
+)
 
 SUFFIX = ".tflite"
 _FC, _ADD, _CONV = s.BuiltinOperator.FULLY_CONNECTED, s.BuiltinOperator.ADD, s.BuiltinOperator.CONV_2D
+_LOOKUP = s.BuiltinOperator.EMBEDDING_LOOKUP
+_TYPES = {
+    np.dtype(np.float32): s.TensorType.FLOAT32,
+    np.dtype(np.int8): s.TensorType.INT8,
+    np.dtype(np.int32): s.TensorType.INT32,
+}
 
 
 class _Graph:
@@ -31,16 +46,26 @@ class _Graph:
         self.sg.tensors, self.sg.operators, self.sg.inputs, self.sg.outputs = [], [], [], []
         self.m.subgraphs = [self.sg]
 
-    def tensor(self, name: str, shape, data: np.ndarray | None = None, batch: bool = False) -> int:
+    def tensor(
+        self, name: str, shape, data: np.ndarray | None = None, batch: bool = False, dtype=np.float32, quant=None
+    ) -> int:
+        """A tensor (``data``: a constant; float32 unless it is int8/int32 data or ``dtype`` says so); ``quant``:
+        ``(scales, zero_points)`` along axis 0."""
+        dtype = np.dtype(data.dtype if data is not None and data.dtype in _TYPES else dtype)
         t = s.TensorT()
-        t.name, t.type, t.shape = name.encode(), s.TensorType.FLOAT32, list(shape)
+        t.name, t.type, t.shape = name.encode(), _TYPES[dtype], list(shape)
         if batch:
             t.shapeSignature = [-1, *shape[1:]]
         t.buffer = 0
         if data is not None:
-            raw = np.ascontiguousarray(data, np.float32).reshape(-1).view(np.uint8)
+            raw = np.ascontiguousarray(data, dtype).reshape(-1).view(np.uint8)
             self.m.buffers.append(aligned_buffer(raw))
             t.buffer = len(self.m.buffers) - 1
+        if quant is not None:
+            t.quantization = s.QuantizationParametersT()
+            t.quantization.scale = np.asarray(quant[0], np.float32).reshape(-1)
+            t.quantization.zeroPoint = np.asarray(quant[1], np.int64).reshape(-1)
+            t.quantization.quantizedDimension = 0
         self.sg.tensors.append(t)
         return len(self.sg.tensors) - 1
 
@@ -59,14 +84,17 @@ class _Graph:
         elif code == _CONV:  # SAME padding, stride 1
             o.builtinOptionsType, o.builtinOptions = s.BuiltinOptions.Conv2DOptions, s.Conv2DOptionsT()
             o.builtinOptions.padding, o.builtinOptions.strideW, o.builtinOptions.strideH = s.Padding.SAME, 1, 1
-        else:
+        elif code == _ADD:
             o.builtinOptionsType, o.builtinOptions = s.BuiltinOptions.AddOptions, s.AddOptionsT()
+        else:  # EMBEDDING_LOOKUP: no options
+            self.sg.operators.append(o)
+            return
         o.builtinOptions.fusedActivationFunction = act
         self.sg.operators.append(o)
 
     def save(self, path: Path, info: ModelInfo) -> ModelInfo:
         data = pack_model(self.m)
-        info = replace(info, fingerprint=fingerprint(stored_arrays(data, read_tflite(data))))
+        info = replace(info, fingerprint=fingerprint(fingerprint_arrays(data, read_tflite(data))))
         set_metadata(self.m, META_KEY, info.to_json().encode())
         Path(path).write_bytes(pack_model(self.m))
         return info
@@ -162,6 +190,58 @@ def make_conv(path: Path, seed: int = 0, scale: bool = False, side: int = 6) -> 
     t = TensorInfo("conv.weight", (o, i, k, k), perm=(0, 2, 3, 1), channel_scale=folded)
     info = ModelInfo(name="tiny-conv", fingerprint="", tensors={"conv.weight": t}, inputs=("x",), outputs=("y",))
     return g.save(path, info), w
+
+
+def make_int8_mlp(path: Path, seed: int = 0, sizes=(10, 20, 2), static: bool = False) -> ModelInfo:
+    """``make_mlp``'s math with int8 weights, one symmetric scale per output channel (headroom 2: room for adapters
+    to grow), as ``exporters.quantize_tflite`` writes them. ``static=False``: dynamic range (float activations,
+    float biases); ``static=True``: full integer (int8 input, activations and output with their scale and zero
+    point, int32 biases), what NPU delegates take."""
+    rng = np.random.default_rng(seed)
+    d_in, d_hid, d_out = sizes
+    ws = [rng.standard_normal((d_hid, d_in)).astype(np.float32) * 0.5]
+    bs = [rng.standard_normal(d_hid).astype(np.float32) * 0.1]
+    ws.append(rng.standard_normal((d_out, d_hid)).astype(np.float32) * 0.5)
+    bs.append(rng.standard_normal(d_out).astype(np.float32) * 0.1)
+    g = _Graph()
+    act = {"x": (0.25, 0), "h": (8.0 / 255, -128), "logits": (16.0 / 127, 0)}  # (scale, zero point)
+
+    def io(name: str, n: int) -> int:
+        if not static:
+            return g.tensor(name, (1, n), batch=True)
+        sc, zp = act[name]
+        return g.tensor(name, (1, n), batch=True, dtype=np.int8, quant=([sc], [zp]))
+
+    x, h, y = io("x", d_in), io("h", d_hid), io("logits", d_out)
+    tensors = {}
+    for name, w, b, src, dst, relu in (("fc1", ws[0], bs[0], x, h, True), ("fc2", ws[1], bs[1], h, y, False)):
+        scale = (2.0 * np.abs(w).max(1) / 127).astype(np.float32)
+        q = np.round(w / scale[:, None]).astype(np.int8)
+        wi = g.tensor(f"{name}.weight", w.shape, q, quant=(scale, np.zeros(len(scale))))
+        if static:
+            bscale = (act["x" if name == "fc1" else "h"][0] * scale).astype(np.float32)
+            bq = np.round(b / bscale).astype(np.int32)
+            bi = g.tensor(f"{name}.bias", b.shape, bq, quant=(bscale, np.zeros(len(bscale))))
+        else:
+            bi = g.tensor(f"{name}.bias", b.shape, b)
+        g.op(_FC, [src, wi, bi], [dst], relu=relu)
+        quant = QuantInfo(f"{name}.weight{SCALE}", f"{name}.weight{ZERO_POINT}", "int8", 0)
+        tensors[f"{name}.weight"] = TensorInfo(f"{name}.weight", w.shape, quant=quant)
+    g.sg.inputs, g.sg.outputs = [x], [y]
+    name = "int8-static-mlp" if static else "int8-mlp"
+    return g.save(path, ModelInfo(name=name, fingerprint="", tensors=tensors, inputs=("x",), outputs=("logits",)))
+
+
+def make_embedding(path: Path, rows: int = 1000, dim: int = 4, ids: int = 8, seed: int = 0) -> ModelInfo:
+    """input_ids[ids] (int32) -> EMBEDDING_LOOKUP of a ``[rows, dim]`` float table (the target) -> emb[ids, dim]."""
+    table = np.random.default_rng(seed).standard_normal((rows, dim)).astype(np.float32)
+    g = _Graph()
+    x = g.tensor("input_ids", (ids,), dtype=np.int32)
+    y = g.tensor("emb", (ids, dim))
+    g.op(_LOOKUP, [x, g.tensor("embed.weight", table.shape, table)], [y])
+    g.sg.inputs, g.sg.outputs = [x], [y]
+    tensors = {"embed.weight": TensorInfo("embed.weight", (rows, dim))}
+    return g.save(path, ModelInfo("tiny-embedding", "", tensors, inputs=("input_ids",), outputs=("emb",)))
 
 
 def reference_conv(w: np.ndarray, x: np.ndarray) -> np.ndarray:

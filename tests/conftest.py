@@ -13,3 +13,6 @@ if "EDGE_ENGINE_CACHE" not in os.environ:
     atexit.register(shutil.rmtree, _choices, True)
 
 sys.path.insert(0, str(Path(__file__).parent))
+
+# session fixtures: the small models and adapters the outside audits build in-session (no demo cache needed)
+from _insession import embedding_tflite, large_fp32_onnx, mlp_kit, small_models  # noqa: E402, F401

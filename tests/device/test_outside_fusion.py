@@ -195,6 +195,37 @@ _MODELS: dict[str, Model] = {}
 SEEN: Counter = Counter()  # (call, outcome) -> count: what the sequences reached
 
 
+#: small stand-ins for the cached digits models, built in-session (``_insession.small_models``), which CI runs:
+#: a conv net with a folded BatchNorm scale on each backend, int8 twins of each kind (onnxruntime dynamic and static
+#: QDQ; LiteRT dynamic range and full integer), and float adapters of the float models for the int8 twins
+SMALL = {
+    "conv": "cnn",
+    "conv-tflite": "cnn-tflite",
+    "mlp-int8-dynamic": "vit-int8-dynamic",
+    "mlp-int8-static": "vit-int8-static",
+    "conv-int8-static": "cnn-int8",
+    "mlp-int8-tflite": "vit-int8-tflite",
+    "mlp-int8-static-tflite": "vit-int8-static-tflite",
+}  # stand-in -> the cached model it stands in for
+FLOAT_ADAPTERS = {"mlp-int8-dynamic": "mlp", "mlp-int8-static": "mlp", "conv-int8-static": "conv"}
+
+
+@pytest.fixture(autouse=True)
+def _small_models(small_models):
+    MODELS.update({k: small_models[k] for k in SMALL})
+    MODELS.update({f"{k}.float-adapters": small_models[f"{v}-float-adapters"] for k, v in FLOAT_ADAPTERS.items()})
+
+
+def cached(cases: list) -> list:
+    """The cases (keys, or (key, strategy)) of the demo's models found in the cache; with none cached (a fresh
+    checkout, CI), one case that skips saying so: their properties run on the SMALL stand-ins there."""
+    found = [c for c in cases if MODELS[c[0] if isinstance(c, tuple) else c] is not None]
+    found = [c for c in found if MODELS[c[0] if isinstance(c, tuple) else c].exists()]
+    why = f"no digits model cached in {CACHE} (run `edge demo` / `make bench` once); the small stand-ins ran"
+    width = len(cases[0]) if isinstance(cases[0], tuple) else 1
+    return found or [pytest.param(*[None] * width, marks=pytest.mark.skip(reason=why), id="not-cached")]
+
+
 def model(key: str) -> Model:
     path = MODELS[key]
     if path is None or not path.exists():
@@ -482,6 +513,25 @@ def test_random_sequences_on_tiny_models_match_the_reference(key, strategy, tmp_
     assert seen[("switch", "ok")] and seen[("switch", "ConfigError")] and seen[("load_bad", "FormatError")], seen
 
 
+SMALL_CASES = [(k, s) for k in SMALL for s in STRATEGIES[".tflite" if "tflite" in k else ".onnx"]]
+
+
+@pytest.mark.parametrize("key,strategy", SMALL_CASES)
+def test_random_sequences_on_small_stand_ins_match_the_reference(key, strategy, tmp_path_factory):
+    """What the cached-model cases below check, on a fresh checkout too: conv filters (folded scales, layouts),
+    int8 bases of every quantizer kind."""
+    m = model(key)
+    backend = "tflite" if m.tflite else "onnxruntime"
+    tmp = tmp_path_factory.mktemp("ref")
+
+    @settings(max_examples=8 * SCALE, derandomize=True, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(programs(8))
+    def run(ops):
+        execute(m, backend, strategy, ops, tmp)
+
+    run()
+
+
 BIG_CASES = [
     (k, s)
     for k in (
@@ -500,7 +550,7 @@ BIG_CASES = [
 ]
 
 
-@pytest.mark.parametrize("key,strategy", BIG_CASES)
+@pytest.mark.parametrize("key,strategy", cached(BIG_CASES))
 def test_random_sequences_on_the_cached_digits_models_match_the_reference(key, strategy, tmp_path_factory):
     m = model(key)
     backend = "tflite" if m.tflite else "onnxruntime"
@@ -616,7 +666,9 @@ def test_an_adapter_too_large_for_the_grid_is_refused_without_a_numpy_warning():
 
 
 @pytest.mark.parametrize(
-    "key", ["tiny-int8", "vit-int8-dynamic", "vit-int8-tflite", "vit-int8-static-tflite", "cnn-int8", "cnn-int8-tflite"]
+    "key",
+    ["tiny-int8", *(k for k in SMALL if "int8" in k)]
+    + cached(["vit-int8-dynamic", "vit-int8-tflite", "vit-int8-static-tflite", "cnn-int8", "cnn-int8-tflite"]),
 )
 def test_a_saturating_fusion_leaves_the_state_it_found_then_clips_as_the_reference(key, tmp_path):
     """Multi-adapter fusions on an int8 base that leave the range: refused with the weights, active set, clipped
@@ -646,17 +698,18 @@ def test_a_saturating_fusion_leaves_the_state_it_found_then_clips_as_the_referen
             c.rt.close()
 
 
-def test_merge_weights_is_the_reference_on_a_folded_channel_scale_too():
+@pytest.mark.parametrize("key", ["conv-tflite", "conv", *cached(["cnn-tflite"])])
+def test_merge_weights_is_the_reference_on_a_folded_channel_scale_too(key):
     """Before: ``edge.merge_weights`` added ``alpha * delta`` to the folded weight the runtime reads back, while the
     runtime adds ``alpha * delta * channel_scale`` (TensorInfo.stored_delta): on the LiteRT CNN (BatchNorm folded
     into its convs) the documented reference disagreed with the runtime. ``tensors=rt.info.tensors`` folds it."""
     from edge import merge_weights
 
-    m = model("cnn-tflite")
+    m = model(key)
     folded = [k for k in m.targets if m.info.tensors[k].channel_scale is not None]
-    assert folded, "the LiteRT CNN folds BatchNorm scales into its convs"
+    assert folded, f"{key} folds BatchNorm scales into its convs"
     a, b = (make_adapter(m, n, s, True, "plain", False) for n, s in (("a", 21), ("b", 22)))
-    with Runtime(m.path, backend="tflite") as rt:
+    with Runtime(m.path, backend="tflite" if m.tflite else "onnxruntime") as rt:
         rt.load_adapter(a)
         rt.load_adapter(b)
         for spec in ({"a": 1.0}, {"a": 0.5, "b": -2.0}):
@@ -673,14 +726,15 @@ def test_merge_weights_is_the_reference_on_a_folded_channel_scale_too():
             assert not all(np.array_equal(plain[k], rt.weights(k)) for k in a_folded)
 
 
-@pytest.mark.parametrize("key", ["vit-int8-dynamic", "vit-int8-static", "cnn-int8"])
+@pytest.mark.parametrize("key", [*FLOAT_ADAPTERS, *cached(["vit-int8-dynamic", "vit-int8-static", "cnn-int8"])])
 def test_the_float_twins_adapters_requantize_onto_the_int8_base_as_the_reference(key, tmp_path):
     """The demo's float SHiRA adapters on the int8 twin: requantized, saturation refused or clipped and counted as
     the reference says, alone and fused with weights; back to base bit for bit."""
     from edge.format.adapter import load_adapter
 
     m = model(key)
-    files = [m.path.parents[1] / f"shira-{d}.safetensors" for d in ("rotate", "noise")]
+    folder = MODELS.get(f"{key}.float-adapters") or m.path.parents[1]  # the demo keeps them beside quantized/
+    files = [folder / f"shira-{d}.safetensors" for d in ("rotate", "noise")]
     if not all(f.exists() for f in files):
         pytest.skip(f"{key}: no cached float adapters beside it")
     c = Checked(m, "onnxruntime", "hybrid", tmp_path)
