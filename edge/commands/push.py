@@ -13,6 +13,9 @@ def _common(p) -> None:
         "--keys", type=Path, required=True, help="folder of Ed25519 role keys (root/targets/snapshot/timestamp.pem)"
     )
     p.add_argument("--insecure", action="store_true", help="plain HTTP to the registry (loopback and lab networks)")
+    p.add_argument(
+        "--timeout", type=float, default=30.0, help="seconds for each connect and read; no retries (default 30)"
+    )
     p.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
@@ -69,6 +72,7 @@ def push(args) -> int:
         args.keys,
         replace=args.replace,
         insecure=args.insecure,
+        timeout=args.timeout,
     )
     changed = [a["name"] for a in res["adapters"] if a["changed"]]
     return _out(
@@ -85,7 +89,9 @@ def init(args) -> int:
     from edge.fleet import init_release
 
     registry, repository = split_reference(args.reference)
-    res = init_release(registry, repository, args.tuf_dir, args.keys, bits=args.bits, insecure=args.insecure)
+    res = init_release(
+        registry, repository, args.tuf_dir, args.keys, bits=args.bits, insecure=args.insecure, timeout=args.timeout
+    )
     return _out(
         args, res, f"TUF repository published to {res['repository']}; give devices {res['tuf_root']} as tuf_root"
     )
@@ -96,7 +102,7 @@ def refresh(args) -> int:
     from edge.fleet import refresh_release
 
     registry, repository = split_reference(args.reference)
-    res = refresh_release(registry, repository, args.tuf_dir, args.keys, insecure=args.insecure)
+    res = refresh_release(registry, repository, args.tuf_dir, args.keys, insecure=args.insecure, timeout=args.timeout)
     return _out(args, res, f"release {res['release']} re-signed, timestamp expires {res['expires']}")
 
 
@@ -105,7 +111,15 @@ def rotate(args) -> int:
     from edge.fleet import rotate_keys
 
     registry, repository = split_reference(args.reference)
-    res = rotate_keys(registry, repository, args.tuf_dir, args.keys, args.roles or ["root"], insecure=args.insecure)
+    res = rotate_keys(
+        registry,
+        repository,
+        args.tuf_dir,
+        args.keys,
+        args.roles or ["root"],
+        insecure=args.insecure,
+        timeout=args.timeout,
+    )
     return _out(
         args,
         res,

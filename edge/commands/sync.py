@@ -95,6 +95,8 @@ def run(args) -> int:
             f"{len(rep.removed)} removed, {len(rep.refused)} refused, {len(rep.failed)} failed; "
             f"{rep.bytes_total} bytes in {rep.seconds:.2f} s"
         )
+        if rep.status == "offline":  # why, and what was kept (exit 1: try again later)
+            print(f"  {rep.reason}")
         for x in rep.refused + rep.failed:
             print(f"  {x['name']}: {x['reason']}")
         if rep.stale:

@@ -26,6 +26,7 @@ why, and how many bytes moved.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -34,7 +35,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from edge.errors import AdapterMismatchError, ConfigError, FormatError, SignatureError
+from edge.errors import AdapterMismatchError, ConfigError, FormatError, SignatureError, WriteError
 from edge.fleet.oci import (
     FleetConfig,
     FleetError,
@@ -229,7 +230,9 @@ class _Sync:
             raise FleetSecurityError(f"TUF metadata download refused: {type(e).__name__}: {e}") from e
         except (tx.RepositoryError, FleetSecurityError) as e:
             raise FleetSecurityError(f"TUF verification failed: {type(e).__name__}: {e}") from e
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError) as e:  # a full or read-only disk: the head cache, ngclient saving what it verified
+            if isinstance(e, WriteError) or getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+                raise WriteError(_disk_reason(meta_dir, e)) from e
             raise FleetError(f"cannot read the TUF metadata cache in {meta_dir}: {e}") from e
         self.r.release = int(snapshot)
         out: dict[str, dict] = {}

@@ -197,6 +197,10 @@ class OciClient:
         self.requests_made += 1
         try:
             r = self.session.get(url, headers=headers, stream=stream, timeout=(min(3.0, self.timeout), self.timeout))
+        except self._requests.Timeout as e:
+            raise RegistryUnreachableError(
+                f"registry {self.base_url} is unreachable: no answer within {self.timeout:g} s (--timeout): {e}"
+            ) from e
         except self._requests.RequestException as e:
             raise RegistryUnreachableError(f"registry {self.base_url} is unreachable: {e}") from e
         self.header_bytes_in += len(f"HTTP/1.1 {r.status_code} {r.reason}\r\n\r\n") + sum(
@@ -233,7 +237,7 @@ class OciClient:
         if r.status_code == 404:
             raise FileNotFoundError(f"{self.repository}:{reference} is not in registry {self.base_url}")
         if r.status_code != 200:
-            raise FleetError(f"GET {url} answered HTTP {r.status_code}: {body[:200]!r}")
+            raise _http_error(r.status_code, f"GET {url} answered HTTP {r.status_code}: {body[:200]!r}")
         return body, "sha256:" + hashlib.sha256(body).hexdigest()
 
     def manifest(self, reference: str) -> dict:
@@ -260,7 +264,7 @@ class OciClient:
             if r.status_code == 416:
                 return
             if r.status_code not in (200, 206) or (start and r.status_code != 206):
-                raise FleetError(f"GET {url} (from byte {start}) answered HTTP {r.status_code}")
+                raise _http_error(r.status_code, f"GET {url} (from byte {start}) answered HTTP {r.status_code}")
             total = _announced(r.headers, r.status_code == 206)
             if length is not None and total is not None and total != length:
                 raise FleetSecurityError(f"the registry's blob {digest} is {total} bytes, {length} were signed")
@@ -285,6 +289,14 @@ class OciClient:
         if "sha256:" + hashlib.sha256(out).hexdigest() != digest:
             raise FleetSecurityError(f"blob {digest} from {self.base_url} does not match its digest")
         return bytes(out)
+
+
+def _http_error(status: int, message: str) -> FleetError:
+    """HTTP 5xx or 429 (a registry restarting, overloaded or behind a failing proxy) is the registry being
+    unavailable, as a refused connection is: sync keeps what it has and exits 1 (try again later)."""
+    if status >= 500 or status == 429:
+        return RegistryUnreachableError(f"{message} (the registry is unavailable; try again later)")
+    return FleetError(message)
 
 
 def _announced(headers, partial: bool) -> int | None:

@@ -13,6 +13,7 @@ and ``tuf`` (no torch). See :mod:`edge.fleet.oci` for the layout.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import json
 import os
@@ -26,6 +27,7 @@ from edge.fleet.oci import (
     ANN,
     MEDIA,
     FleetError,
+    RegistryUnreachableError,
     check_name,
     fp_hex,
     model_tag,
@@ -38,7 +40,27 @@ from edge.fleet.tufrepo import Expiry, TufRepo
 __all__ = ["Publisher", "init_release", "push", "refresh_release", "rotate_keys"]
 
 _EMPTY = b"{}"
+TIMEOUT = 30.0  # seconds for each connect and read of a host-side request (a large upload reads only at its end)
 INLINE = ("delta", "bundle")  # what a head may carry inline, in order of preference (see Publisher.tuf_files)
+
+
+def _oras_registry(hostname: str, insecure: bool, timeout: float):
+    """oras-py's ``Registry``, one attempt per request, each connect and read bounded by ``timeout`` seconds.
+
+    oras-py sends requests without a timeout (a registry that accepts and never answers hangs a push
+    forever) and retries every failed one five times, sleeping 3, 5, 11, 29 and 83 s (its
+    ``decorator.retry``): 134 s before an unreachable registry is reported. A failed push is simply run
+    again (blobs already uploaded are skipped, the host's TUF state is committed only after the head).
+    """
+    import oras.provider
+
+    class _Registry(oras.provider.Registry):
+        # without the retry decorator (a release of oras-py without one has nothing to unwrap)
+        do_request = getattr(oras.provider.Registry.do_request, "__wrapped__", oras.provider.Registry.do_request)
+
+    reg = _Registry(hostname=hostname, insecure=insecure)
+    reg.session.request = functools.partial(reg.session.request, timeout=(min(3.0, timeout), timeout))
+    return reg
 
 
 def _digest(data: bytes) -> str:
@@ -48,14 +70,21 @@ def _digest(data: bytes) -> str:
 class Publisher:
     """Writes artifacts to ``registry``/``repository`` through oras-py's ``Registry`` provider."""
 
-    def __init__(self, registry: str, repository: str, insecure: bool = False, inline: tuple[str, ...] = INLINE):
+    def __init__(
+        self,
+        registry: str,
+        repository: str,
+        insecure: bool = False,
+        inline: tuple[str, ...] = INLINE,
+        timeout: float = TIMEOUT,
+    ):
         require_fleet(host=True)
-        import oras.provider
-
         if not isinstance(inline, (tuple, list)) or set(inline) - set(INLINE):
             raise ConfigError(f"inline={inline!r}: give a subset of {INLINE} (() for a registry that refuses `data`)")
-        self.registry, self.repository, self.inline = registry, repository, tuple(inline)
-        self.oras = oras.provider.Registry(hostname=registry, insecure=insecure)
+        if not (isinstance(timeout, (int, float)) and timeout > 0):
+            raise ConfigError(f"timeout must be > 0 seconds, got {timeout!r}")
+        self.registry, self.repository, self.inline, self.timeout = registry, repository, tuple(inline), timeout
+        self.oras = _oras_registry(registry, insecure, timeout)
         self.bytes_out = 0
         self._tmp = tempfile.TemporaryDirectory(prefix="edge-push-")
 
@@ -84,7 +113,7 @@ class Publisher:
         except FleetError:
             raise
         except Exception as e:  # requests / oras raise many kinds; one error that names the registry
-            raise FleetError(f"cannot upload a blob to {self.registry}/{repo}: {e}") from e
+            raise self._error(f"cannot upload a blob to {self.registry}/{repo}", e) from e
         if r.status_code not in (200, 201, 202):
             raise FleetError(
                 f"registry {self.registry} refused blob {desc['digest']}: HTTP {r.status_code} {r.text[:200]}"
@@ -108,13 +137,23 @@ class Publisher:
                 data=body,
             )
         except Exception as e:
-            raise FleetError(f"cannot upload manifest {repo}:{tag} to {self.registry}: {e}") from e
+            raise self._error(f"cannot upload manifest {repo}:{tag} to {self.registry}", e) from e
         if r.status_code not in (200, 201):
             raise FleetError(
                 f"registry {self.registry} refused manifest {repo}:{tag}: HTTP {r.status_code} {r.text[:300]}"
             )
         self.bytes_out += len(body)
         return {"mediaType": MEDIA["manifest"], "digest": _digest(body), "size": len(body)}
+
+    def _error(self, what: str, e: Exception) -> FleetError:
+        """A typed error: :class:`RegistryUnreachableError` (naming the timeout) when the registry did not answer."""
+        import requests
+
+        if isinstance(e, requests.Timeout):
+            return RegistryUnreachableError(f"{what}: no answer within {self.timeout:g} s (--timeout): {e}")
+        if isinstance(e, requests.ConnectionError):
+            return RegistryUnreachableError(f"{what}: the registry is unreachable: {e}")
+        return FleetError(f"{what}: {e}")
 
     def artifact(self, repo: str, tag: str, artifact_type: str, config: dict, layers: list[dict], **kw) -> dict:
         return self.manifest(
@@ -179,10 +218,11 @@ def init_release(
     insecure: bool = False,
     expiry: Expiry | None = None,
     inline: tuple[str, ...] = INLINE,
+    timeout: float = TIMEOUT,
 ) -> dict:
     """Keys (missing ones are created), TUF metadata version 1, published; returns where the root is."""
     repo, files = TufRepo.create(tuf_dir, keys_dir, bits=bits, expiry=expiry)
-    pub = Publisher(registry, repository, insecure, inline)
+    pub = Publisher(registry, repository, insecure, inline, timeout)
     try:
         pub.tuf_files(files, repo.root_version)
     finally:
@@ -210,6 +250,7 @@ def push(
     insecure: bool = False,
     expiry: Expiry | None = None,
     inline: tuple[str, ...] = INLINE,
+    timeout: float = TIMEOUT,
 ) -> dict:
     """Publish ``adapters`` for ``model`` on ``channel`` and sign the release (see the module doc).
 
@@ -234,7 +275,7 @@ def push(
             raise ConfigError(f"two adapters are named {name!r} ({checked[name][0]} and {p}); names must be unique")
         checked[name] = (p, a)
     tuf = TufRepo.load(tuf_dir, keys_dir, expiry)
-    pub = Publisher(registry, repository, insecure, inline)
+    pub = Publisher(registry, repository, insecure, inline, timeout)
     created = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     try:
         model_desc = _push_model(pub, Path(model), info, model_media_type(model))
@@ -299,11 +340,12 @@ def refresh_release(
     insecure: bool = False,
     expiry: Expiry | None = None,
     inline: tuple[str, ...] = INLINE,
+    timeout: float = TIMEOUT,
 ) -> dict:
     """Re-sign snapshot and timestamp with new expiry dates and publish them."""
     tuf = TufRepo.load(tuf_dir, keys_dir, expiry)
     files = tuf.stage_refresh()
-    pub = Publisher(registry, repository, insecure, inline)
+    pub = Publisher(registry, repository, insecure, inline, timeout)
     try:
         head = pub.tuf_files(files, tuf.root_version, tuf.published(files))
     finally:
@@ -327,6 +369,7 @@ def rotate_keys(
     insecure: bool = False,
     expiry: Expiry | None = None,
     inline: tuple[str, ...] = INLINE,
+    timeout: float = TIMEOUT,
 ) -> dict:
     """New keys for ``roles`` and a root naming them, signed by the old and the new root key, published.
 
@@ -335,7 +378,7 @@ def rotate_keys(
     """
     tuf = TufRepo.load(tuf_dir, keys_dir, expiry)
     files = tuf.stage_rotate(roles)
-    pub = Publisher(registry, repository, insecure, inline)
+    pub = Publisher(registry, repository, insecure, inline, timeout)
     try:
         pub.tuf_files(files, tuf.root_version, tuf.published(files))
     finally:
