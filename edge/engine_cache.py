@@ -40,7 +40,7 @@ from edge.engines import (
     twins_of,
     unmeasured,
 )
-from edge.errors import EdgeError
+from edge.errors import ConfigError, EdgeError
 
 __all__ = ["FORMAT", "VERSION", "cache_folder", "cached_engine", "choice_key", "explicit_engine"]
 
@@ -51,7 +51,22 @@ _MAX_BYTES = 1 << 20  # a choice file is a few KB
 
 
 def explicit_engine(backend: str, model: str | os.PathLike, given: bool = True) -> EngineChoice:
-    """The choice when the caller names the backend (``given``) or the file's suffix does: nothing measured."""
+    """The choice when the caller names the backend (``given``) or the file's suffix does: nothing measured.
+
+    A named backend that does not read files of ``model``'s suffix (another backend's) is a :class:`ConfigError`
+    naming both and the file to pass, not the backend's parse error on bytes it cannot read."""
+    from runtimes import TABLE
+
+    path, owner = Path(model), {s: name for name, (_, suffixes) in reversed(TABLE.items()) for s in suffixes}
+    own = TABLE[backend][1] if backend in TABLE else None  # the suffixes the named backend reads
+    runs = owner.get(path.suffix.lower())
+    if given and own and runs and path.suffix.lower() not in own:  # another backend's file (two may share one)
+        twin = path.with_suffix(own[0])
+        fix = f"pass {twin.name} (beside it)" if twin.is_file() else f"export a {twin.suffix} file for it"
+        raise ConfigError(
+            f"{path.name} is a {path.suffix} file, which backend {runs!r} runs, not {backend!r}: {fix}, "
+            f"or give backend={runs!r} (--backend {runs}) or 'auto'"
+        )
     how = f"backend={backend!r} given" if given else f"the engine of {Path(model).suffix} files (no device profile)"
     return EngineChoice(backend, Path(model), f"{backend}: {how}, not measured")
 

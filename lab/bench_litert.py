@@ -70,6 +70,19 @@ class _Plain:
         self.interp.invoke()
         return [self.interp.get_tensor(i) for i in self.outputs]
 
+    def check(self, feeds: Mapping[str, np.ndarray], path: Path) -> None:
+        """Refuse, before any timing, feeds this interpreter cannot take as given: it runs the file's own input
+        shapes (not resized), where the runtime would run a larger batch in chunks, so the two would not compare."""
+        from edge.errors import ConfigError
+
+        want = {d["name"]: tuple(int(n) for n in d["shape"]) for d in self.interp.get_input_details()}
+        got = {k: tuple(np.shape(x)) for k, x in feeds.items()}
+        if got != want:
+            raise ConfigError(
+                f"{Path(path).name} takes inputs {want} (the shapes it was exported with); the inputs given are "
+                f"{got}: save one array per input of exactly that shape, e.g. np.savez('x.npz', x=x[:1])"
+            )
+
 
 def static_session(path: Path, threads: int | None):
     """A plain XNNPACK interpreter of ``path`` and the times (ms) to build one."""

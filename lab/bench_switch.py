@@ -66,6 +66,8 @@ def bench_switch(
         lora_ms, lora_rank = lora_fuse(base, density, info)  # before any session spins threads
         steps.update()
         static, create_ms = _static_session(backend, merged_path, held)
+        if backend == "tflite":
+            static.check(feeds, model_path)
         steps.update()
 
         contestants: dict[str, object] = {}

@@ -23,7 +23,7 @@ def run(args) -> int:
         models = [s for _, suffixes in TABLE.values() for s in suffixes]
         if path.suffix.lower() not in models:
             raise ConfigError(
-                f"{path.name}: inspect reads a model ({', '.join(models)}) or an adapter (.safetensors), by suffix; "
+                f"{args.file}: inspect reads a model ({', '.join(models)}) or an adapter (.safetensors), by suffix; "
                 "samples (.npz) are read by `edge update`"
             )
 

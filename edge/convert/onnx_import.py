@@ -71,7 +71,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
             pickles = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt"))
             hint = f" (found {pickles}: pickle, refused; re-save with safetensors)" if pickles else ""
             raise FormatError(f"{path} has no model.safetensors{hint}")
-    elif path.suffix != ".safetensors":
+    elif path.suffix != ".safetensors" and path.exists():  # a missing path: read_safetensors names it
         raise FormatError(
             f"{path}: state dicts are read from .safetensors files only (pickle runs code when loaded); "
             "save one with safetensors.torch.save_file(model.state_dict(), 'model.safetensors')"
