@@ -75,6 +75,9 @@ def machine() -> dict:
         "python": platform.python_version(),
         "os": platform.platform(terse=True),
     }
+    from edge.cpu_int8 import u8s8_saturates
+
+    info["u8s8_saturates"] = u8s8_saturates()  # onnxruntime's int8 kernels lose sums here (x86 without VNNI)
     try:
         mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
         info["memory_gb"] = round(mem / 2**30, 1)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edge import fusion
+from edge import cpu_int8, fusion
 from edge.engine_cache import cached_engine, explicit_engine
 from edge.errors import AdapterMismatchError, ConfigError, RuntimeClosedError
 from edge.format.adapter import Adapter, DenseDelta, load_adapter, max_adapter_bytes
@@ -120,6 +120,8 @@ class Runtime:
         tensors = ReadOnlyDict(self.backend.info.tensors)  # read-only: what set_head and adapters are checked against
         self.info: ModelInfo = replace(self.backend.info, also_fits=self.engine_choice.twins, tensors=tensors)
         self.model_path = path
+        if backend == "onnxruntime":  # its U8S8 int8 kernels saturate on x86 without VNNI: say so at load
+            cpu_int8.warn_u8s8_saturation(self.info, path.name)
         if not self._inputs:  # a backend with no reader here, or no inputs in the metadata: names from the backend
             self._inputs = names_only(self.info.inputs or tuple(self.backend.input_names))
         self._writable = frozenset(self.info.tensors) | {t.initializer for t in self.info.tensors.values()}

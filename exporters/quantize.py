@@ -15,7 +15,8 @@ would not change the other. Slots and detector heads are never quantized. The fi
 recomputed over the stored tensors, the metadata written, and the file checked: onnxruntime
 runs it beside the float model (cosine and max difference per output, refused below
 ``min_cosine``) and :class:`edge.Runtime` loads it (fingerprint, integer arena) and must
-reproduce onnxruntime's outputs. Only then is ``out`` replaced. The report also lists the weight ops
+reproduce onnxruntime's outputs (:mod:`exporters.quantize_check`; a drift this host's CPU causes, U8S8 kernels
+without VNNI, is named as such with its fix). Only then is ``out`` replaced. The report also lists the weight ops
 onnxruntime's optimized graph still runs in float over weights it dequantizes on every run
 (``float_compute``: a recipe that is slower than the float model), read from the graph it really runs.
 """
@@ -38,6 +39,8 @@ from edge.errors import ConfigError, ExportValidationError
 from edge.format.io import atomic_write_bytes
 from edge.format.modelinfo import META_KEY, ModelInfo, QuantInfo, fingerprint, onnx_info
 from edge.format.onnx_graph import consumers, set_metadata
+from exporters.quantize_check import COMPUTE as _COMPUTE
+from exporters.quantize_check import check_quantized
 
 __all__ = ["EXPORTER_VERSION", "QuantReport", "quantize_onnx", "MODES"]
 
@@ -68,7 +71,9 @@ class QuantReport:
     bytes_after: int = 0
     cosine: dict[str, float] = field(default_factory=dict)  # per output, quantized vs float, over the check inputs
     max_abs_diff: dict[str, float] = field(default_factory=dict)
-    float_compute: list[str] = field(default_factory=list)  # weight ops onnxruntime still runs in float (see _check)
+    float_compute: list[str] = field(
+        default_factory=list
+    )  # weight ops onnxruntime still runs in float (see quantize_check)
 
     def as_dict(self) -> dict:
         return {
@@ -241,7 +246,9 @@ def quantize_onnx(
     set_metadata(q, META_KEY, qinfo.to_json())
     onnx.checker.check_model(q)
     data = q.SerializeToString()
-    cosine, diff, unfused = _check(src, data, check, min_cosine)
+    cosine, diff, unfused = check_quantized(
+        src, data, check, min_cosine, u8s8=weight_type == "int8" and not reduce_range, name=out.name
+    )
     if unfused:
         log.warning(
             "onnxruntime runs %d weight op(s) of %s in float on weights it dequantizes every run (%s...): slower than "
@@ -389,71 +396,3 @@ class _Reader:
 
     def rewind(self) -> None:  # not needed by MinMax calibration
         raise NotImplementedError
-
-
-def _check(src: Path, data: bytes, feeds: Mapping[str, np.ndarray], min_cosine: float):
-    """Quantized vs float outputs on onnxruntime, and edge.Runtime vs onnxruntime on the quantized file."""
-    import onnxruntime as ort
-
-    from edge.runtime import Runtime
-
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    ref = ort.InferenceSession(str(src), so, providers=["CPUExecutionProvider"])
-    with tempfile.TemporaryDirectory(prefix="edge-quant-") as tmp:
-        so.optimized_model_filepath = str(Path(tmp, "optimized.onnx"))  # the graph onnxruntime really runs
-        so.add_session_config_entry("session.optimized_model_external_initializers_file_name", "optimized.bin")
-        got = ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
-        unfused = _float_compute(onnx.load(so.optimized_model_filepath, load_external_data=False))
-    names = [o.name for o in ref.get_outputs()]
-    want = ref.run(names, dict(feeds))
-    try:
-        have = got.run(names, dict(feeds))
-    except Exception as e:  # onnxruntime's own Fail/InvalidArgument: the quantizer wrote a graph it cannot run
-        raise ExportValidationError(
-            f"onnxruntime cannot run the quantized model: {str(e).splitlines()[0][:300]}. Leave the node it names "
-            "float (nodes_to_exclude=[...], `edge quantize --exclude NODE`), restrict op_types, or use mode='dynamic'"
-        ) from e
-    cosine, diff, bad = {}, {}, []
-    for name, a, b in zip(names, want, have):
-        a, b = a.astype(np.float64).reshape(-1), b.astype(np.float64).reshape(-1)
-        cosine[name] = float(a @ b / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-30))
-        diff[name] = float(np.abs(a - b).max()) if a.size else 0.0
-        if cosine[name] < min_cosine:
-            bad.append(f"{name!r}: cosine {cosine[name]:.4f}, max difference {diff[name]:.3g}")
-    if bad:
-        raise ExportValidationError(
-            f"the quantized model drifts from the float one beyond cosine {min_cosine}: "
-            + "; ".join(bad)
-            + ". Calibrate on more representative data, quantize per channel, or exclude sensitive ops (op_types)"
-        )
-    with tempfile.TemporaryDirectory(prefix="edge-quant-") as tmp:
-        path = Path(tmp, "q.onnx")
-        path.write_bytes(data)
-        with Runtime(path, strategy="rebuild") as rt:
-            edge_out = rt.run(dict(feeds))
-        for name, b in zip(names, have):
-            if not np.allclose(edge_out[name], b, atol=1e-5, rtol=1e-4):
-                raise ExportValidationError(f"edge.Runtime on the quantized file differs from onnxruntime on {name!r}")
-    return cosine, diff, unfused
-
-
-_COMPUTE = {"MatMul", "Gemm", "Conv", "ConvTranspose"}
-
-
-def _float_compute(optimized) -> list[str]:
-    """Nodes onnxruntime's optimized graph runs in float on a dequantized integer weight.
-
-    A ``DequantizeLinear`` of a weight feeding a float MatMul/Gemm/Conv is what onnxruntime leaves when its QDQ
-    fusion does not apply (e.g. on the CPU a MatMul whose int8 input and output types differ, after its s8->u8
-    rewrite, is not made ``QLinearMatMul``, and one with no ``QuantizeLinear`` after it is not made
-    ``MatMulIntegerToFloat``): that weight is dequantized on every run, slower than the float model."""
-    inits = {t.name for t in optimized.graph.initializer}
-    dq_of_weight = {
-        n.output[0] for n in optimized.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits
-    }
-    return sorted(
-        n.name or n.output[0]
-        for n in optimized.graph.node
-        if n.op_type in _COMPUTE and n.domain in ("", "ai.onnx") and dq_of_weight & set(n.input[1:2])
-    )

@@ -33,6 +33,7 @@ from torch import nn  # noqa: E402
 
 from edge.cli import main  # noqa: E402
 from edge.convert.onnx_import import import_onnx  # noqa: E402
+from edge.cpu_int8 import u8s8_saturates  # noqa: E402
 from edge.errors import ConfigError, FormatError  # noqa: E402
 from edge.format.adapter import Adapter, SparseDelta  # noqa: E402
 from edge.format.modelinfo import onnx_info  # noqa: E402
@@ -326,6 +327,10 @@ def _expected(info, base, inits, pairs):
 @pytest.mark.parametrize("case", SUPPORTED)
 def test_options_users_pick_give_exact_adapters_through_edge_quantize(exported, tmp_path, case):
     name, options = SUPPORTED[case]
+    if options.get("weight_type", "int8") == "int8" and u8s8_saturates() is not False:
+        # this CPU's U8S8 kernels saturate on full-range int8 weights (x86 without VNNI): the outputs would drift for
+        # that alone (tests/host/test_int8cpu_saturation.py); what this test checks, adapters, runs on 7 bits here
+        options = {**options, "reduce_range": True}
     _, imported, calib, x = _model(exported, name)
     report = quantize_onnx(imported, tmp_path / "q.onnx", calib=calib, **options)
     qpath, info = tmp_path / "q.onnx", report.info
@@ -353,7 +358,8 @@ def test_options_users_pick_give_exact_adapters_through_edge_quantize(exported, 
 
     rng = np.random.default_rng(1)
     a, b = _adapter(info, base, "a", rng), _adapter(info, base, "b", rng)
-    f = _adapter(info, base, "f", rng, scale=float(max(inits[t.quant.scale].max() for t in _q(info))) * 40)
+    steps = 80 if options.get("reduce_range") else 40  # 7-bit bases sit in half the range: twice as far to its ends
+    f = _adapter(info, base, "f", rng, scale=float(max(inits[t.quant.scale].max() for t in _q(info))) * steps)
     specs = ["a", "f", {"a": 1.0, "b": -1.0}, {"a": 1.0, "b": 1.0}, None]
     pairs = [[(a, 1.0)], [(f, 1.0)], [(a, 1.0), (b, -1.0)], [(a, 1.0), (b, 1.0)], []]
     seen = {}
@@ -361,7 +367,7 @@ def test_options_users_pick_give_exact_adapters_through_edge_quantize(exported, 
         with Runtime(qpath, strategy=strategy) as rt:
             rt.load_adapter(a)
             rt.load_adapter(b)
-            with pytest.raises(SaturationError, match="clip=True"):  # 40 steps leave the range somewhere
+            with pytest.raises(SaturationError, match="clip=True"):  # `steps` steps leave the range somewhere
                 rt.load_adapter(f)
             rt.load_adapter(f, clip=True)
             for spec, pair in zip(specs, pairs):
