@@ -90,6 +90,8 @@ def warn_u8s8_saturation(info, name: str, flags: Iterable[str] | None = None, ar
     """Log one WARNING naming the risk and the fix when the onnxruntime int8 model ``name`` (its ``info``) is at
     risk on this CPU (:func:`u8s8_risk`; ``flags``, ``arch``: another CPU's, as :func:`u8s8_saturates` takes them);
     return the message, or None when there is no risk."""
+    if not isinstance(getattr(info, "extra", {}).get("quantization"), dict):  # a float model: no CPU to read
+        return None
     why = u8s8_risk(info, u8s8_saturates(flags, arch))
     if why is not None:
         log.warning("%s on onnxruntime: %s", name, why)
