@@ -1,8 +1,10 @@
-"""The ``edge`` command. Heavy imports happen inside each command, so ``edge --help`` needs only numpy.
+"""The ``edge`` command. Heavy imports happen inside each command, so ``edge --help`` needs only the standard library.
 
 Device commands are listed in :data:`COMMAND_MODULES`. Host and lab commands (``export``, ``quantize``,
-``push``, ``demo``, ``train``, ``bench``) live outside the device package and join through
-the ``edge.commands`` entry-point group (pyproject.toml), so this module imports none of them.
+``demo``, ``train``, ``bench``) live outside the device package and join through
+the ``edge.commands`` entry-point group (pyproject.toml), so this module imports none of them. A run that names a
+device command (``edge sync ...``, the cron case) or only asks for the version reads no entry points at all: on a
+device every import is start-up time (:func:`build_parser`).
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import argparse
 import importlib
 import logging
 import sys
-from importlib.metadata import entry_points
+from collections.abc import Callable, Sequence
 
 from edge.errors import EdgeError, RegistryError
 
@@ -32,45 +34,139 @@ COMMAND_MODULES = (
 ENTRY_POINT_GROUP = "edge.commands"
 
 
-def _registrars():
-    """(name, register) for every device command, then every entry-point command (names unique)."""
-    seen: dict[str, str] = {}
+#: the only top-level options; none takes a value, so the first other word of argv names the command
+_TOP_FLAGS = ("-v", "--verbose")
+
+
+def _device_only(argv: Sequence[str], device_commands) -> bool:
+    """Whether parsing ``argv`` needs no host or lab command: argv names a device command after the top-level flags,
+    asks for the version first, or names no command at all (argparse then says one is required). ``--help``, an
+    abbreviated flag or an unknown word need every command (the help lists them, the error names them)."""
+    for word in argv:
+        if word == "--version":  # argparse prints it and exits before any command is looked at
+            return True
+        if word not in _TOP_FLAGS:
+            return word in device_commands
+    return True
+
+
+def _add_device_commands(sub) -> dict[str, str]:
+    """Register every device command; return command name -> the module that registered it."""
+    owners: dict[str, str] = {}
     for module in COMMAND_MODULES:
-        seen[module.rsplit(".", 1)[1]] = module
-        yield importlib.import_module(module).register
+        before = set(sub.choices)
+        importlib.import_module(module).register(sub)
+        owners.update(dict.fromkeys(set(sub.choices) - before, module))
+    return owners
+
+
+def _add_entry_point_commands(sub, owners: dict[str, str]) -> None:
+    """Register every ``edge.commands`` entry point (host and lab commands), refusing a name already taken."""
+    from importlib.metadata import entry_points  # ~100 ms of imports on a loaded device: only when needed
+
     for ep in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
-        if ep.name in seen:
-            raise RegistryError(f"command {ep.name!r} is registered twice ({seen[ep.name]} and {ep.value})")
-        seen[ep.name] = ep.value
+        if ep.name in sub.choices:
+            raise RegistryError(
+                f"command {ep.name!r} is registered twice ({owners.get(ep.name, 'edge')} and {ep.value}): "
+                f"rename the entry point in group {ENTRY_POINT_GROUP!r}"
+            )
         try:
             register = ep.load()
         except ImportError as e:  # a host/lab package this install does not carry
             logging.getLogger("edge.cli").debug("command %s unavailable: %s", ep.name, e)
             continue
-        yield register
+        before = set(sub.choices)
+        register(sub)
+        owners.update(dict.fromkeys(set(sub.choices) - before, ep.value))
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse's parser, but a usage error is one line on stderr (exit 2), like every other error of ``edge``.
+    """argparse's parser, but a usage error is one line on stderr (exit 2), like every other error of ``edge``; and
+    its arguments may be added when it is first used (``deferred``), so a command whose flags come from heavy
+    modules (``edge bench``: one per benchmark) imports them only when it is parsed or its help is shown.
 
-    ``add_subparsers`` makes every subcommand's parser of this class too (argparse's ``parser_class`` default).
+    Every subcommand's parser is of this class (:class:`_Edge` says so; below it, argparse's ``parser_class``
+    default), so a command's ``register(sub)`` may pass ``sub.add_parser(name, help=..., deferred=fill)``;
+    ``fill(parser)`` adds the arguments. ``build_parser(complete=True)`` fills every parser at once (tests walk them).
     """
+
+    def __init__(self, *args, deferred: Callable[[argparse.ArgumentParser], None] | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._deferred = deferred
+
+    def complete(self) -> None:
+        """Add the deferred arguments now (once)."""
+        fill, self._deferred = self._deferred, None
+        if fill is not None:
+            fill(self)
+
+    def parse_known_args(self, args=None, namespace=None):  # argparse parses a chosen subcommand through this
+        self.complete()
+        return super().parse_known_args(args, namespace)
+
+    def format_help(self) -> str:
+        self.complete()
+        return super().format_help()
 
     def error(self, message: str):
         text = " ".join(message.split())
         self.exit(2, f"{self.prog}: error: {text} (see {self.prog} --help)\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
+class _Edge(_Parser):
+    """The top-level parser: device commands registered when it is built; host and lab commands (entry points) join
+    when a parse needs them (:func:`_device_only`) or the help lists them."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self._sub = self.add_subparsers(dest="command", required=True, parser_class=_Parser)
+        self._owners = _add_device_commands(self._sub)
+        self._joined = False
+
+    def join_entry_points(self) -> None:
+        if not self._joined:
+            self._joined = True
+            _add_entry_point_commands(self._sub, self._owners)
+
+    def parse_known_args(self, args=None, namespace=None):
+        words = sys.argv[1:] if args is None else list(args)
+        if not _device_only(words, self._owners):
+            self.join_entry_points()
+        return super().parse_known_args(words, namespace)
+
+    def format_help(self) -> str:
+        self.join_entry_points()
+        return super().format_help()
+
+
+def build_parser(complete: bool = False) -> argparse.ArgumentParser:
+    """The ``edge`` parser, built for a run: it imports what parsing the words it is given needs. Device commands
+    (small modules, standard library only at import) always; host and lab commands (entry points) unless
+    :func:`_device_only` says the words need none; a command's deferred arguments when its parser is used. So
+    ``edge sync ...`` imports no lab or exporter module and not :mod:`importlib.metadata`.
+
+    The price: an entry point that reuses a device command's name is reported (:class:`RegistryError`) by every run
+    that reads entry points (``edge --help``, any host or lab command), not by a run of that device command.
+    ``complete=True`` builds everything at once (tests walk every parser).
+    """
     from edge import __version__
 
-    p = _Parser(prog="edge", description="Edge adaptation runtime: fused-mode adapters on device.")
+    p = _Edge(prog="edge", description="Edge adaptation runtime: fused-mode adapters on device.")
     p.add_argument("-v", "--verbose", action="store_true", help="log what the runtime decides")
     p.add_argument("--version", action="version", version=f"edge {__version__}")
-    sub = p.add_subparsers(dest="command", required=True)
-    for register in _registrars():
-        register(sub)
+    if complete:
+        p.join_entry_points()
+        _complete_all(p)
     return p
+
+
+def _complete_all(parser: argparse.ArgumentParser) -> None:
+    if isinstance(parser, _Parser):
+        parser.complete()
+    for action in parser._actions:  # argparse keeps subcommands only here
+        if isinstance(action, argparse._SubParsersAction):
+            for child in dict.fromkeys(action.choices.values()):  # an alias maps to the same parser
+                _complete_all(child)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -31,7 +31,14 @@ BACKEND_WHY = (
 
 
 def register(sub) -> None:
-    b = sub.add_parser("bench", help="benchmarks (JSON to stdout, optional --json and BENCHMARKS.md section)")
+    sub.add_parser(
+        "bench", help="benchmarks (JSON to stdout, optional --json and BENCHMARKS.md section)", deferred=_add_benches
+    )
+
+
+def _add_benches(b) -> None:
+    """``edge bench``'s subcommands, added when ``edge bench ...`` is parsed or its help shown (each bench's help is
+    its module's docstring, its flags its ``add_arguments``): ``edge --help`` imports no benchmark module."""
     bsub = b.add_subparsers(dest="bench", required=True)
     for name, target in BENCHES.items():
         module = importlib.import_module(target.split(":")[0])

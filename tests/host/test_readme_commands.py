@@ -37,7 +37,7 @@ def _rows() -> list[str]:
 
 
 def _parser_for(cell: str) -> tuple[argparse.ArgumentParser, str]:
-    p, words, used = build_parser(), cell.split()[1:], ["edge"]
+    p, words, used = build_parser(complete=True), cell.split()[1:], ["edge"]
     for w in words:
         sub = _subparsers(p)
         if w not in sub:

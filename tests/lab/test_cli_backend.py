@@ -22,7 +22,7 @@ def _backend(parser: argparse.ArgumentParser) -> argparse.Action | None:
 def _every_backend_flag() -> dict[str, argparse.Action]:
     """Command path (``bench switch``) -> its ``--backend`` action, for every command that has one."""
     found = {}
-    for name, sp in _subparsers(build_parser()).items():
+    for name, sp in _subparsers(build_parser(complete=True)).items():
         if name == "bench":
             for bench, bp in _subparsers(sp).items():
                 if _backend(bp) is not None:
@@ -55,7 +55,7 @@ def test_the_stream_names_onnxruntime_because_its_taps_edit_the_onnx_graph(monke
     args = build_parser().parse_args(["demo", "--stream", "-q"])
     assert args.backend is None and args.func(args) == 0
     assert seen["backend"] == "onnxruntime"
-    assert "onnxruntime" in _subparsers(build_parser())["demo"]._option_string_actions["--stream"].help
+    assert "onnxruntime" in _subparsers(build_parser(complete=True))["demo"]._option_string_actions["--stream"].help
     seen.clear()
     args = build_parser().parse_args(["demo", "--stream", "--backend", "tflite", "-q"])
     args.func(args)
@@ -66,7 +66,7 @@ def test_benches_that_run_no_engine_of_the_users_choosing_take_no_backend_flag()
     """``edge bench engines`` compares every engine, ``update`` runs the demo's .onnx, ``fleet`` runs no model:
     a ``--backend`` there would be read by nothing (and ``fleet`` takes no ``--threads`` either)."""
     pytest.importorskip("lab")
-    benches = _subparsers(_subparsers(build_parser())["bench"])
+    benches = _subparsers(_subparsers(build_parser(complete=True))["bench"])
     for name in ("engines", "update", "fleet"):
         assert _backend(benches[name]) is None, name
         with pytest.raises(SystemExit):
