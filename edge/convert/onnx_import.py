@@ -152,7 +152,6 @@ def make_adapter_ready(
     graph = proto.graph
     refuse_quantized(graph, name)
     hoisted = hoist_constants(graph, WEIGHT_INPUTS, _PASS_THROUGH)  # weights an exporter left in Constant nodes
-    before = proto.SerializeToString()
     inits = {t.name: t for t in graph.initializer}
     if not inits:
         raise ConfigError(f"ONNX model {name!r} stores no initializers: there are no weights to adapt")
@@ -166,6 +165,7 @@ def make_adapter_ready(
 
     found, skipped, dead = _find_weights(graph, arrays)
     folded = [k for k, view in found.items() if view.fold is not None]
+    before = proto.SerializeToString() if folded else b""  # for the check after folding: a whole copy, so only then
     for k in folded:
         arrays[k] = np.ascontiguousarray(found[k].fold)
         inits[k].CopyFrom(numpy_helper.from_array(arrays[k], k))

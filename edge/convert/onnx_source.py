@@ -2,7 +2,8 @@
 
 :func:`read_onnx` reads the file bounded (a FIFO, a folder, ``/dev/zero`` or a symlink loop is a
 :class:`~edge.errors.FormatError`, never a hang or a traceback) and its external data through onnx's
-checked loader (relative paths inside the model's folder, regular files only). :func:`hoist_constants`
+checked loader (relative paths inside the model's folder, regular files only); a model whose weights would pass
+protobuf's 2 GB limit on one file is refused before its external data is read. :func:`hoist_constants`
 turns weights an exporter left in ``Constant`` nodes into initializers, :func:`refuse_quantized` refuses a
 graph already quantized (wholly or in part: its integer weights could not take an adapter), and
 :func:`why_no_weights` says what to do with a graph whose weights are not float32 initializers (float16).
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Container, Mapping
+from math import prod
 from pathlib import Path
 
 import numpy as np
@@ -67,6 +69,7 @@ def read_onnx(src: str | os.PathLike, limit: int = MAX_MODEL_BYTES):
         raise FormatError(
             f"{src} is not an ONNX model: its graph has no nodes ({len(data)} bytes); give an exported .onnx file"
         )
+    _refuse_over_protobuf_limit(proto, len(data), src)  # before its external data is read: it may be gigabytes
     try:
         load_external_data_for_model(proto, os.fspath(src.parent))
     except Exception as e:  # onnx's checks: outside the folder, not a regular file, past its end
@@ -74,6 +77,36 @@ def read_onnx(src: str | os.PathLike, limit: int = MAX_MODEL_BYTES):
             f"{src}: cannot read its external data: {e}; keep the data files the exporter wrote beside the model"
         ) from e
     return proto
+
+
+#: protobuf's limit on one serialised message: an adapter-ready ONNX file is one ModelProto with its weights inline
+PROTOBUF_LIMIT = (1 << 31) - 1
+
+
+def _refuse_over_protobuf_limit(proto, size: int, src: Path) -> None:
+    """Refuse a model whose weights, stored inline, would pass protobuf's 2 GB limit, from the sizes its external
+    tensors declare (dims x element size), so nothing of its external data is read. The adapter-ready file is one
+    self-contained message (the device runtime reads no external data), so such a model cannot be imported."""
+    from onnx import TensorProto, helper
+
+    def nbytes(t) -> int:
+        try:
+            item = helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+        except (KeyError, TypeError, ValueError):  # UNDEFINED, STRING: no fixed width, counted by their length
+            item = 1
+        return prod(max(0, d) for d in t.dims) * item  # Python ints: a hostile shape cannot wrap around
+
+    tensors = list(proto.graph.initializer) + [
+        a.t for n in proto.graph.node if n.op_type == "Constant" for a in n.attribute if a.HasField("t")
+    ]
+    external = sum(nbytes(t) for t in tensors if t.data_location == TensorProto.EXTERNAL)
+    if external and size + external > PROTOBUF_LIMIT:
+        raise ConfigError(
+            f"{src}: {size + external:,} bytes with its external data ({external:,}), over protobuf's 2 GB limit "
+            f"({PROTOBUF_LIMIT:,}) on one ONNX file; edge imports a model into one self-contained file, which the "
+            "device runtime reads (it reads no external data), so models this large are not supported: export a "
+            "smaller model (nothing of its external data was read)"
+        )
 
 
 def hoist_constants(graph, weight_inputs: Mapping[str, int], pass_through: Container[str]) -> list[str]:
