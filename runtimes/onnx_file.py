@@ -30,6 +30,7 @@ __all__ = [
     "quant_constants",
     "readers",
     "Stored",
+    "strip_node_metadata",
     "graph_bytes",
     "parse_graph",
     "parse_graph_bytes",
@@ -243,6 +244,23 @@ def verify_fingerprint(proto, info: ModelInfo, live: Mapping[str, np.ndarray]) -
             f"model {info.name!r}: weights fingerprint {got} differs from the exported {info.fingerprint}; "
             "the file was modified after export (re-export it)"
         )
+
+
+def strip_node_metadata(proto) -> None:
+    """Drop what an exporter writes on each node for debugging (``metadata_props``: torch's stack traces, module
+    scopes; ``doc_string``), control flow bodies too: onnxruntime keeps it in every session (digits ViT int8: 102 KB
+    of its 142 KB graph, 0.14 MB per session; issue 18). The model's own metadata (its ModelInfo) stays. 0.13 ms for
+    that graph's 189 nodes (ClearField; walking every node's attributes for subgraphs tripled it)."""
+    graphs = [proto.graph]
+    while graphs:
+        for node in graphs.pop().node:
+            node.ClearField("metadata_props")
+            node.ClearField("doc_string")
+            if node.op_type in _CONTROL_FLOW:
+                graphs.extend(a.g for a in node.attribute if a.HasField("g"))
+
+
+_CONTROL_FLOW = {"If", "Loop", "Scan", "SequenceMap"}  # the standard operators with graph attributes
 
 
 def add_inputs(proto, names: Sequence[str], live: Mapping[str, np.ndarray]) -> None:

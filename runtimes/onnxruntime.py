@@ -141,7 +141,8 @@ class OrtBackend(ArenaBackend):
             for t in info.tensors.values()
             if t.initializer in inits
         }
-        packed = sum(live[k] for k in _packed(_file.readers(proto, set(live) - slots)))
+        fed = slots | _only(_file.readers(proto, set(live) - slots), _GATHERED)  # as __init__ feeds them
+        packed = sum(n for k, n in live.items() if k not in fed)  # prepacked or copied (Conv): one copy each
         return _predict(sum(live.values()), packed, strategy)
 
     def __init__(self, model: bytes | str | os.PathLike, options: BackendOptions) -> None:
@@ -178,6 +179,7 @@ class OrtBackend(ArenaBackend):
         self._slots = {t.initializer for t in self.info.tensors.values() if t.slot}
         if options.verify:
             verify_fingerprint(proto, self.info, self._live)
+        _file.strip_node_metadata(proto)  # both sessions' graphs, and the one kept for rebuilds, without it
         self._output_names = [o.name for o in proto.graph.output]
         # graph inputs of the prepacked session, fed from the arena on every run: the slots, and the tables only
         # Gather reads (embeddings), which onnxruntime would otherwise copy (it copies external initializers)
@@ -189,7 +191,7 @@ class OrtBackend(ArenaBackend):
         # constant folding computes with at build, which it reads from the graph, not from add_initializer)
         self._shared = _only(readers, _PACKED) - _file.folded_reads(proto, set(self._consts))
         self.weights_mb = sum(a.nbytes for a in arenas.values()) / 2**20
-        self.packed_mb = sum(self._live[k].nbytes for k in _packed(readers)) / 2**20
+        self.packed_mb = sum(self._live[k].nbytes for k in self._consts) / 2**20  # the fast session's own copies
         if self._threads is None and nbytes < SMALL_MODEL_BYTES:
             log.info("%d-byte model: its sessions run on 1 thread (pass threads= for more)", nbytes)
             self._threads = 1
@@ -359,6 +361,8 @@ class OrtBackend(ArenaBackend):
             sess = ort.InferenceSession(
                 model, self._session_options(), providers=self._providers, provider_options=self._provider_options
             )
+            sess.disable_fallback()  # onnxruntime's wrapper keeps the model bytes only to re-create it on a provider
+            sess._model_bytes = None  # fallback (never wanted); the bound graph has no other holder (issue 18)
             binding = sess.io_binding()
             self._bound_values = {k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in self._live.items()}
             for k, v in self._bound_values.items():
@@ -450,7 +454,3 @@ def _predict(weights: float, packed: float, strategy: str) -> float:
 
 def _only(readers: Mapping[str, set], kinds: set[tuple[str, int]]) -> set[str]:
     return {k for k, r in readers.items() if r and r <= kinds}
-
-
-def _packed(readers: Mapping[str, set]) -> set[str]:
-    return {k for k, r in readers.items() if r & _PACKED}
