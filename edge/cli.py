@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     ``edge -v`` shows its traceback); Ctrl-C (SIGINT) exits 130 with one line (files are written atomically, so
     none is left half written); a reader that goes away (``edge inspect M | head -1``) ends it quietly (141, as
     SIGPIPE would). Anything else is a bug and shows its traceback."""
-    verbose = False
+    verbose, seen = False, _SigintSeen(install=argv is None)
     try:
         try:
             args = build_parser().parse_args(argv)
@@ -185,6 +185,8 @@ def main(argv: list[str] | None = None) -> int:
         logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
         return args.func(args)
     except EdgeError as e:
+        if seen.is_set():  # what Ctrl-C left behind (a native import it cut short reads as "not installed")
+            return _interrupted(argv)
         text = " ".join(str(e).split()) or type(e).__name__
         print(f"edge: error: {text}", file=sys.stderr)
         return 2
@@ -194,6 +196,8 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when stdout is flushed
         return 141
     except OSError as e:
+        if seen.is_set():
+            return _interrupted(argv)
         if verbose:
             raise
         where = f": {e.filename}" if e.filename else ""
@@ -201,10 +205,44 @@ def main(argv: list[str] | None = None) -> int:
         print(f"edge: error: {text} (edge -v shows where)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("edge: interrupted", file=sys.stderr)
-        if argv is None:  # the `edge` command itself (a caller in Python gets 130 back)
-            _leave_now(130)
-        return 130
+        return _interrupted(argv)
+    finally:
+        seen.restore()
+
+
+def _interrupted(argv) -> int:
+    print("edge: interrupted", file=sys.stderr)
+    if argv is None:  # the `edge` command itself (a caller in Python gets 130 back)
+        _leave_now(130)
+    return 130
+
+
+class _SigintSeen:
+    """Whether Ctrl-C came during this run, whatever it became: pybind11 turns a KeyboardInterrupt raised while a
+    native module initialises (onnxruntime, mid-import) into an ``ImportError``, which a check for an optional
+    engine reads as "not installed". Installed for the ``edge`` command itself (not a caller of :func:`main` in
+    Python), on the main thread, only over Python's default handler (SIGINT ignored stays ignored); put back after."""
+
+    def __init__(self, install: bool) -> None:
+        import signal
+        import threading
+
+        self._signal, self._seen = signal, False
+        main_thread = threading.current_thread() is threading.main_thread()
+        self._installed = install and main_thread and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        if self._installed:
+            signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum, frame):
+        self._seen = True
+        raise KeyboardInterrupt
+
+    def is_set(self) -> bool:
+        return self._seen
+
+    def restore(self) -> None:
+        if self._installed:
+            self._signal.signal(self._signal.SIGINT, self._signal.default_int_handler)
 
 
 def _leave_now(code: int) -> None:

@@ -16,6 +16,7 @@ import signal
 import stat
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -284,3 +285,33 @@ def test_ctrl_c_stops_the_commands_child_processes(tmp_path):
     else:
         os.kill(pid, signal.SIGKILL)
         raise AssertionError(f"the command's child {pid} outlived it")
+
+
+def test_ctrl_c_while_onnxruntime_initialises_is_an_interrupt_not_a_missing_engine(tmp_path):
+    """pybind11 turns a KeyboardInterrupt raised while a native module initialises into an ImportError, which the
+    engine check reads as "not installed" (seen under load: exit 2, "onnxruntime: not installed"). The ``edge``
+    command remembers the Ctrl-C and exits 130 whatever it became. Here the import is made to fail as pybind11's
+    does, right after a real SIGINT."""
+    model = tmp_path / "m.onnx"
+    make_mlp(model)
+    script = textwrap.dedent(
+        f"""
+        import os, signal, sys, time
+        class CutShort:  # `import onnxruntime` interrupted mid-initialisation, as pybind11 reports it
+            def find_spec(self, name, path=None, target=None):
+                if name != "onnxruntime":
+                    return None
+                try:
+                    os.kill(os.getpid(), signal.SIGINT)
+                    time.sleep(5)
+                except KeyboardInterrupt as e:
+                    raise ImportError("initialization failed") from e
+                raise AssertionError("no KeyboardInterrupt")
+        sys.meta_path.insert(0, CutShort())
+        sys.argv = ["edge", "profile", {str(model)!r}, "--device", "x86-dev", "--backend", "onnxruntime", "-q"]
+        from edge.cli import main
+        sys.exit(main())
+        """
+    )
+    p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=120)
+    assert p.returncode == 130 and _one_error_line(p.stderr) == "edge: interrupted", (p.returncode, p.stderr)
