@@ -62,7 +62,7 @@ from runtimes.onnx_file import (
     tensor_proto,
     verify_fingerprint,
 )
-from runtimes.ort_providers import ORT_PROVIDERS
+from runtimes.ort_providers import ORT_PROVIDERS, check_registered
 
 __all__ = ["OrtBackend"]
 
@@ -361,6 +361,7 @@ class OrtBackend(ArenaBackend):
             sess = ort.InferenceSession(
                 model, self._session_options(), providers=self._providers, provider_options=self._provider_options
             )
+            check_registered(sess, self._providers)
             sess.disable_fallback()  # onnxruntime's wrapper keeps the model bytes only to re-create it on a provider
             sess._model_bytes = None  # fallback (never wanted); the bound graph has no other holder (issue 18)
             binding = sess.io_binding()
@@ -409,6 +410,7 @@ class OrtBackend(ArenaBackend):
             self.shares_weights = False
             _UNSHARED.add(self.info.fingerprint)  # do not try again for this model in this process
             return self._build_fresh()
+        check_registered(sess, self._providers)
         sess._edge_keepalive = values  # onnxruntime references these buffers
         # run() calls the native run: onnxruntime's wrapper (onnxruntime_inference_collection.py) re-checks the feed
         # names (check_feeds did), the ownership of OrtValue feeds (ours are numpy arrays) and WebGPU graph capture

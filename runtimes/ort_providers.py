@@ -7,9 +7,12 @@ this table (:mod:`edge.devices.schema`).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from types import MappingProxyType
 
-__all__ = ["ORT_PROVIDERS"]
+from edge.errors import BackendUnavailableError
+
+__all__ = ["ORT_PROVIDERS", "check_registered"]
 
 _CUDA_OPTIONS = (
     "device_id gpu_mem_limit arena_extend_strategy cudnn_conv_algo_search do_copy_in_default_stream "
@@ -57,3 +60,16 @@ ORT_PROVIDERS = MappingProxyType(
         "AzureExecutionProvider": None,
     }
 )
+
+
+def check_registered(session, asked: Sequence[str]) -> None:
+    """Refuse a session that does not run on every provider ``asked``: onnxruntime's Python wrapper, when a provider
+    fails to start (a CUDA driver, a QNN backend library), prints "EP Error" on stdout and retries on its fallback
+    providers (CPU), so the session serves with no error raised. The profile's ``fallback`` policy has already
+    dropped the providers missing here; one that is here but does not start is this error, not a quiet CPU run."""
+    ran = list(session.get_providers())
+    if lost := [p for p in asked if p not in ran]:
+        raise BackendUnavailableError(
+            f"onnxruntime could not start {lost} and fell back to {ran} (its 'EP Error' message says why): fix "
+            "that provider's installation, or leave it out (providers=, or the device profile)"
+        )
