@@ -46,6 +46,12 @@ def _edge(*args: str, **kw) -> subprocess.Popen:
     )
 
 
+def _interruptible() -> None:
+    """In the child: SIGINT as a terminal delivers it. A job started in the background by a non-interactive shell
+    (`nohup make test &`, some CI runners) inherits SIGINT ignored, and an ignored SIGINT stays ignored."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _one_error_line(err: str) -> str:
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1 and "Traceback" not in err, err
@@ -200,7 +206,8 @@ def test_ctrl_c_exits_130_with_one_line_and_leaves_no_file(tmp_path):
     model = tmp_path / "m.onnx"
     make_mlp(model)
     out = tmp_path / "p.json"
-    p = _edge("profile", str(model), "--device", "x86-dev", "--runs", str(10**6), "-q", "--json", str(out))
+    argv = ("profile", str(model), "--device", "x86-dev", "--runs", str(10**6), "-q", "--json", str(out))
+    p = _edge(*argv, preexec_fn=_interruptible)
     deadline = time.monotonic() + 300  # a loaded machine can take a minute to import onnxruntime
     while p.poll() is None and time.monotonic() < deadline:  # running: onnxruntime is loaded (main() has begun)
         if "onnxruntime_pybind11_state" in Path(f"/proc/{p.pid}/maps").read_text():
@@ -313,5 +320,13 @@ def test_ctrl_c_while_onnxruntime_initialises_is_an_interrupt_not_a_missing_engi
         sys.exit(main())
         """
     )
-    p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=120)
+    p = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=ENV,
+        timeout=120,
+        preexec_fn=_interruptible,
+    )
     assert p.returncode == 130 and _one_error_line(p.stderr) == "edge: interrupted", (p.returncode, p.stderr)
