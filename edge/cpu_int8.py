@@ -86,13 +86,21 @@ def u8s8_risk(info, saturates: bool | None) -> str | None:
     )
 
 
-def warn_u8s8_saturation(info, name: str, flags: Iterable[str] | None = None, arch: str | None = None) -> str | None:
+def warn_u8s8_saturation(
+    info, name: str, flags: Iterable[str] | None = None, arch: str | None = None, read=None
+) -> str | None:
     """Log one WARNING naming the risk and the fix when the onnxruntime int8 model ``name`` (its ``info``) is at
     risk on this CPU (:func:`u8s8_risk`; ``flags``, ``arch``: another CPU's, as :func:`u8s8_saturates` takes them);
-    return the message, or None when there is no risk."""
+    return the message, or None when there is no risk. ``read(initializer)``, when given, returns a target's stored
+    integers: weights that all stay within 7 bits (``|w| <= 64``, e.g. quantized with headroom) cannot overflow."""
     if not isinstance(getattr(info, "extra", {}).get("quantization"), dict):  # a float model: no CPU to read
         return None
     why = u8s8_risk(info, u8s8_saturates(flags, arch))
+    if why is not None and read is not None:
+        int8 = [t for t in info.tensors.values() if t.quant is not None and str(t.quant.dtype) == "int8"]
+        ints = [read(t.initializer) for t in int8]
+        if all(a.size == 0 or max(int(a.max()), -int(a.min())) <= 64 for a in ints):  # reductions: no copies
+            return None
     if why is not None:
         log.warning("%s on onnxruntime: %s", name, why)
     return why

@@ -121,7 +121,7 @@ class Runtime:
         self.info: ModelInfo = replace(self.backend.info, also_fits=self.engine_choice.twins, tensors=tensors)
         self.model_path = path
         if backend == "onnxruntime":  # its U8S8 int8 kernels saturate on x86 without VNNI: say so at load
-            cpu_int8.warn_u8s8_saturation(self.info, path.name)
+            cpu_int8.warn_u8s8_saturation(self.info, path.name, read=self.backend.read)
         if not self._inputs:  # a backend with no reader here, or no inputs in the metadata: names from the backend
             self._inputs = names_only(self.info.inputs or tuple(self.backend.input_names))
         self._writable = frozenset(self.info.tensors) | {t.initializer for t in self.info.tensors.values()}

@@ -146,8 +146,10 @@ def test_a_runtime_loading_a_full_range_int8_model_on_a_saturating_cpu_warns_onc
     full, seven = tmp_path / "full.onnx", tmp_path / "seven.onnx"
     quantize_onnx(path, full, mode="dynamic", check={"x": x}, min_cosine=0.0)  # written whatever this CPU does
     quantize_onnx(path, seven, mode="dynamic", check={"x": x}, min_cosine=0.0, reduce_range=True)
+    roomy = tmp_path / "roomy.onnx"  # full range recorded, but headroom 4 keeps every weight within 6 bits
+    quantize_onnx(path, roomy, mode="dynamic", check={"x": x}, min_cosine=0.0, headroom=4.0)
     monkeypatch.setattr(edge.cpu_int8, "u8s8_saturates", lambda flags=None, arch=None: cpu)
-    for model, at_risk in ((full, cpu), (seven, False), (path, False)):
+    for model, at_risk in ((full, cpu), (seven, False), (roomy, False), (path, False)):
         records = []
         handler = logging.Handler(logging.WARNING)
         handler.emit = records.append
