@@ -11,6 +11,7 @@ data_location 14).
 
 from __future__ import annotations
 
+import re
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -187,10 +188,14 @@ def take_writable(
 
     missing = [w for w in writable if w not in inits]
     if missing:
-        later = any(k.endswith("_quantized") and k.startswith(tuple(missing)) for k in inits)  # onnxruntime's names
+        # onnxruntime's names: NAME_quantized (quantize_dynamic/static), NAME_Q4 or NAME_DQ_Q4 (4-bit MatMulNBits)
+        later = any(
+            re.search(r"_(quantized|Q\d+)$", k) and k.startswith(tuple(m + "_" for m in missing)) for k in inits
+        )
         hint = (
-            "; they were quantized after export by another tool (stored as NAME_quantized), which records no grids "
-            "for adapters: quantize the float model with `edge quantize` (exporters.quantize_onnx) instead"
+            "; they were quantized after export by another tool (stored as NAME_quantized, or NAME_Q4 by the 4-bit "
+            "MatMulNBits quantizer), which records no grids for adapters: quantize the float model with `edge "
+            "quantize` (exporters.quantize_onnx; int8) instead"
         )
         raise FormatError(f"model has no initializer(s) {missing[:5]} named in its metadata{hint if later else ''}")
     want = {k: np.dtype((dtypes or {}).get(k, "float32")) for k in writable}

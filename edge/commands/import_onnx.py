@@ -55,6 +55,7 @@ def run(args) -> int:
         "skipped": dict(report.skipped),
         "folded": list(report.folded),
         "tied": report.info.extra["imported"].get("tied", {}),
+        "names": report.info.extra["imported"].get("names", {}),  # targets renamed from ONNX names no adapter takes
     }
     print(json.dumps(summary, indent=1))
     return 0

@@ -93,8 +93,15 @@ def _tapped(args, stack, options) -> Path:
         return args.model
     import tempfile
 
+    from edge.errors import ConfigError
     from edge.route.taps import FEATURES, tap_model
     from edge.route.tapsets import TAP_SETS
+
+    if args.model.suffix.lower() != ".onnx":  # it was read as ONNX: 'Wire format was corrupt'
+        raise ConfigError(
+            f"--taps adds feature outputs to an ONNX graph; {args.model} is not a .onnx file: pass its .onnx twin "
+            "(edge update --model M.onnx --taps ...), or a model with a 'features' output (-o feature_output=NAME)"
+        )
 
     spec = args.taps if args.taps.partition(":")[0] in TAP_SETS.names() else [t for t in args.taps.split(",") if t]
     folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="edge-update-")))

@@ -1,7 +1,7 @@
 """Make an ONNX file exported elsewhere (torch.onnx, optimum, tf2onnx) adapter-ready, without torch.
 
 :func:`import_onnx` follows the weight input of every MatMul, Gemm, Conv, ConvTranspose and Gather
-(through Transpose, Reshape, Flatten, Squeeze, Unsqueeze, Identity) to its initializer and records
+(through Transpose, Reshape, Flatten, Squeeze, Unsqueeze, Identity, a Cast to float32) to its initializer and records
 it in this project's metadata with its layout: adapter indices are in the torch layout (``[out,
 in]`` for a linear, ``[out, in/groups, kH, kW]`` for a conv), stored as is (reshaped) or as its 2-D
 transpose (``TensorInfo.transposed``: a MatMul reads ``[in, out]``). A permutation the metadata
@@ -9,27 +9,33 @@ cannot express (an HWIO filter transposed in the graph) is folded into the store
 A convolution whose exporter folded a BatchNorm into it matches its torch weight up to a
 per-output-channel scale (:mod:`edge.convert.bn_fold`), recorded as ``TensorInfo.channel_scale``.
 
-Without a state dict targets keep their ONNX names; with one (safetensors, or an HF folder's
-``model.safetensors``; never pickle) each is named after the torch parameter of equal value, as
+Without a state dict targets keep their ONNX names (made valid adapter target names: tf2onnx's
+``model/dense/MatMul:0`` is ``model.dense.MatMul:0``, :mod:`edge.convert.onnx_names`); with one (safetensors, or an
+HF folder's ``model.safetensors``; never pickle) each is named after the torch parameter of equal value, as
 :mod:`exporters.tflite` maps tensors. Ambiguous, unmatched and missing names are reported in
 :class:`ImportReport`, never guessed.
 """
 
 from __future__ import annotations
 
-import fnmatch
-import hashlib
 import logging
 import os
-from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from edge.convert.bn_fold import folded_scale
-from edge.convert.onnx_source import hoist_constants, read_onnx, refuse_quantized, tied_copies, why_no_weights
+from edge.convert.onnx_names import adapter_names, name_by_value, select
+from edge.convert.onnx_source import (
+    control_flow_weights,
+    hoist_body_initializers,
+    hoist_constants,
+    read_onnx,
+    refuse_quantized,
+    tied_copies,
+    why_no_weights,
+)
 from edge.errors import AdapterMismatchError, ConfigError, ExportValidationError, FormatError
 from edge.format.modelinfo import META_KEY, ModelInfo, TensorInfo, fingerprint
 from edge.format.onnx_graph import consumers, keep_only, set_metadata, subgraph_reads
@@ -40,7 +46,7 @@ log = logging.getLogger(__name__)
 
 #: op type -> index of its weight input; the torch layout of what the op reads is given by :func:`_torch_view`.
 WEIGHT_INPUTS = {"MatMul": 1, "Gemm": 1, "Conv": 1, "ConvTranspose": 1, "Gather": 0}
-_PASS_THROUGH = ("Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity")
+_PASS_THROUGH = ("Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Cast")
 _MAX_STATE_DICT = 1 << 36  # bytes per safetensors file (the whole file is read into memory)
 
 
@@ -152,6 +158,7 @@ def make_adapter_ready(
     graph = proto.graph
     refuse_quantized(graph, name)
     hoisted = hoist_constants(graph, WEIGHT_INPUTS, _PASS_THROUGH)  # weights an exporter left in Constant nodes
+    hoist_body_initializers(graph)  # a control-flow body's weights: into the fingerprint (not targets: said below)
     inits = {t.name: t for t in graph.initializer}
     if not inits:
         raise ConfigError(f"ONNX model {name!r} stores no initializers: there are no weights to adapt")
@@ -164,6 +171,9 @@ def make_adapter_ready(
         ) from e
 
     found, skipped, dead = _find_weights(graph, arrays)
+    for k, why in control_flow_weights(graph, arrays).items():  # said, not silently left as they are
+        if k not in found:
+            skipped.setdefault(k, why)
     folded = [k for k, view in found.items() if view.fold is not None]
     before = proto.SerializeToString() if folded else b""  # for the check after folding: a whole copy, so only then
     for k in folded:
@@ -175,9 +185,10 @@ def make_adapter_ready(
     tensors = {k: TensorInfo(k, v.shape, v.transposed) for k, v in found.items()}
     renamed, unmatched, ambiguous, missing = {}, [], {}, []
     if params is not None:
-        tensors, renamed, unmatched, ambiguous, missing = _name_by_value(found, arrays, params)
+        tensors, renamed, unmatched, ambiguous, missing = name_by_value(found, arrays, params)
+    tensors, valid = adapter_names(tensors)  # tf2onnx's 'model/dense/MatMul:0': no adapter may name a '/'
     if targets:
-        tensors = _select(tensors, targets)
+        tensors = select(tensors, targets)
     if not tensors:
         raise ConfigError(
             f"ONNX model {name!r} has no float32 MatMul/Gemm/Conv/Gather weight initializers to adapt"
@@ -189,8 +200,13 @@ def make_adapter_ready(
     extra = {"imported": {"producer": f"{proto.producer_name} {proto.producer_version}".strip()}}
     if hoisted:
         extra["imported"]["constants_hoisted"] = hoisted
+    if valid:
+        extra["imported"]["names"] = valid  # target -> the ONNX initializer it was renamed from
     if tied := tied_copies(sorted(found), arrays):  # said: an adapter on one copy leaves the other as it was
-        extra["imported"]["tied"] = {(renamed.get(a, a)): renamed.get(b, b) for a, b in tied.items()}
+        key = {t.initializer: k for k, t in tensors.items()}
+        extra["imported"]["tied"] = {
+            key.get(a, renamed.get(a, a)): key.get(b, renamed.get(b, b)) for a, b in tied.items()
+        }
         log.warning("%s: targets hold the same values as others (tied or identical): %s", name, tied)
     info = ModelInfo(name, fingerprint(arrays), tensors, *io_names, extra)
     set_metadata(proto, META_KEY, info.to_json())
@@ -315,8 +331,12 @@ def _direct_layout(op: str, ndim: int, attrs) -> bool | None:
 def _apply(op, idx: np.ndarray, arrays, producer) -> np.ndarray:
     kind = op.op_type
     attrs = {a.name: a for a in op.attribute}
-    if kind == "Identity":
+    if kind == "Identity" or kind == "Cast" and attrs["to"].i == 1:  # a float32 weight cast to float32: as stored
         return idx
+    if kind == "Cast":  # what the op reads is another type than the stored float32: an adapter could not reach it
+        raise _NotAWeight(
+            f"cast to ONNX data type {attrs['to'].i} before its reader (only weights read as float32 are adapted)"
+        )
     if kind == "Transpose":
         perm = list(attrs["perm"].ints) if "perm" in attrs else None
         return np.transpose(idx, perm)
@@ -380,80 +400,3 @@ def _check_same_outputs(before: bytes, proto) -> None:
     ]
     if bad:
         raise ExportValidationError(f"folding weight layouts changed the model's outputs {bad}; nothing was written")
-
-
-# -- naming ---------------------------------------------------------------------------------------------------------
-
-
-def _digest(a: np.ndarray) -> tuple:
-    a = np.ascontiguousarray(a, dtype=np.float32)
-    return tuple(a.shape), hashlib.sha256(memoryview(a).cast("B")).hexdigest()
-
-
-def _name_by_value(found: Mapping[str, _View], arrays, params: Mapping[str, np.ndarray]):
-    """Name each target after the parameter of equal value (torch layout, or its transpose for 2-D)."""
-    by_value: dict[tuple, list[str]] = defaultdict(list)
-    for pname, p in params.items():
-        p = np.asarray(p)
-        if p.ndim >= 2 and p.dtype.kind == "f":
-            by_value[_digest(p)].append(pname)
-    hits: dict[str, list[tuple[str, TensorInfo]]] = {}
-    for init, view in found.items():
-        stored = arrays[init]
-        torch_layout = stored.T if view.transposed else stored.reshape(view.shape)
-        options = [(torch_layout, view.transposed)]
-        if stored.ndim == 2 and (view.transposed or stored.shape == view.shape):  # HF's Conv1D keeps [in, out]
-            options.append((torch_layout.T, not view.transposed))
-        hits[init] = []
-        for value, transposed in options:
-            for pname in by_value.get(_digest(value), []):
-                if all(p != pname for p, _ in hits[init]):  # symmetric: the op's own layout comes first
-                    hits[init].append((pname, TensorInfo(init, tuple(value.shape), transposed)))
-    exact = {p for cands in hits.values() for p, _ in cands}
-    for init, view in found.items():  # a convolution with a BatchNorm folded in: equal up to a per-channel scale
-        if not hits[init] and view.ops[-1] == "Conv":
-            for pname, p in params.items():
-                scale = None if pname in exact else folded_scale(arrays[init].reshape(view.shape), np.asarray(p))
-                if scale is not None:
-                    hits[init].append((pname, TensorInfo(init, view.shape, channel_scale=tuple(map(float, scale)))))
-    owners: dict[str, list[str]] = defaultdict(list)
-    for init, cands in hits.items():
-        for pname, _ in cands:
-            owners[pname].append(init)
-
-    tensors: dict[str, TensorInfo] = {}
-    renamed, unmatched, ambiguous = {}, [], {}
-    for init, view in found.items():
-        cands = hits[init]
-        if len(cands) > 1:  # equal values: the initializer's own name decides, if it is one of them
-            cands = [c for c in cands if c[0] == init] or cands
-        if len(cands) == 1 and len(owners[cands[0][0]]) == 1:
-            key, info = cands[0]
-            renamed[init] = key
-        else:
-            key, info = init, TensorInfo(init, view.shape, view.transposed)
-            if not cands:
-                unmatched.append(init)
-            elif len(cands) > 1:
-                ambiguous[init] = tuple(sorted(p for p, _ in cands))
-            else:  # one parameter stored in several initializers: an adapter would change only one copy
-                ambiguous[cands[0][0]] = tuple(sorted(owners[cands[0][0]]))
-        if key in tensors:
-            raise FormatError(f"{key!r} names two weights (a parameter and another weight's initializer)")
-        tensors[key] = info
-    missing = sorted(p for p, v in params.items() if np.ndim(v) >= 2 and p not in owners)
-    return tensors, renamed, unmatched, ambiguous, missing
-
-
-def _select(tensors: Mapping[str, TensorInfo], patterns: Sequence[str]) -> dict[str, TensorInfo]:
-    def hit(name: str, pat: str) -> bool:
-        module = name.removesuffix(".weight")
-        return fnmatch.fnmatchcase(name, pat) or module == pat or module.endswith("." + pat)
-
-    dead = [p for p in patterns if not any(hit(n, p) for n in tensors)]
-    if dead:
-        raise ConfigError(
-            f"targets {dead} match no weight of the model; its weights include {sorted(tensors)[:8]} "
-            "(give globs such as '*.weight' or module names or suffixes)"
-        )
-    return {k: t for k, t in tensors.items() if any(hit(k, p) for p in patterns)}

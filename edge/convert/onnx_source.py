@@ -7,6 +7,8 @@ protobuf's 2 GB limit on one file is refused before its external data is read. :
 turns weights an exporter left in ``Constant`` nodes into initializers, :func:`refuse_quantized` refuses a
 graph already quantized (wholly or in part: its integer weights could not take an adapter), and
 :func:`why_no_weights` says what to do with a graph whose weights are not float32 initializers (float16).
+:func:`hoist_body_initializers` moves the weights of If/Loop/Scan bodies into the main graph (so the fingerprint
+covers them) and :func:`control_flow_weights` names the weights bodies read: they are not targets, and are said so.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from edge.errors import ConfigError, FormatError
 
 __all__ = [
     "MAX_MODEL_BYTES",
+    "control_flow_weights",
+    "hoist_body_initializers",
     "QUANTIZED_OPS",
     "hoist_constants",
     "read_onnx",
@@ -180,3 +184,67 @@ def tied_copies(names, arrays: Mapping[str, np.ndarray]) -> dict[str, str]:
         else:
             seen.setdefault(keys[0], k)
     return out
+
+
+def control_flow_weights(graph, arrays: Mapping[str, np.ndarray]) -> dict[str, str]:
+    """Weights (float, 2-D and up) read inside If/Loop/Scan bodies: ``{name: why it is not a target}``.
+
+    The import follows the main graph's ops only; a body's own initializers, and the main graph's weights a body reads
+    (unless the main graph also reads them as a weight), would otherwise be left out without a word.
+    """
+    from onnx import AttributeProto
+
+    out: dict[str, str] = {}
+
+    def visit(g, where: str) -> None:
+        for node in g.node:
+            for attr in node.attribute:
+                subs = [attr.g] if attr.type == AttributeProto.GRAPH else list(attr.graphs)
+                for sub in subs:
+                    at = f"{where}{node.op_type} {node.name or node.output[0]!r}"
+                    why = f"read inside the {attr.name} of {at}: weights of control-flow bodies are not adapted"
+                    for t in sub.initializer:
+                        if t.data_type in _FLOATS and len(t.dims) >= 2:
+                            out.setdefault(t.name, why.replace("read inside", "stored in"))
+                    for name in {i for n in sub.node for i in n.input}:
+                        a = arrays.get(name)
+                        if a is not None and a.dtype.kind == "f" and a.ndim >= 2:
+                            out.setdefault(name, why)
+                    visit(sub, f"{at} > ")
+
+    visit(graph, "")
+    return out
+
+
+def hoist_body_initializers(graph) -> list[str]:
+    """Move the initializers of If/Loop/Scan bodies (nested too) into the main graph; return their names.
+
+    A body reads an outer-scope value as it reads its own, so the model computes the same; in the main graph they are
+    covered by the fingerprint, which hashes the main graph's initializers (a weight left in a body could be changed
+    after import and the runtime would load the file). A name the main graph already uses, or a body input's default,
+    stays where it is.
+    """
+    from onnx import AttributeProto
+
+    taken = {t.name for t in graph.initializer} | {v.name for v in graph.input}
+    taken |= {o for n in graph.node for o in n.output}
+    moved: list[str] = []
+
+    def visit(g) -> None:
+        for node in g.node:
+            for attr in node.attribute:
+                for sub in [attr.g] if attr.type == AttributeProto.GRAPH else list(attr.graphs):
+                    keep, own = [], {v.name for v in sub.input}  # an initializer naming a body input is its default
+                    for t in sub.initializer:
+                        if t.name in taken or t.name in own:
+                            keep.append(t)
+                            continue
+                        taken.add(t.name)
+                        graph.initializer.append(t)
+                        moved.append(t.name)
+                    del sub.initializer[:]
+                    sub.initializer.extend(keep)
+                    visit(sub)
+
+    visit(graph)
+    return moved

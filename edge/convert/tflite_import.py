@@ -152,8 +152,11 @@ def _target_names(found: dict[str, str]) -> dict[str, str]:
     for k, tname in enumerate(found):
         key = tname
         if not _valid(key):
-            parts = [seg.rsplit(".", 1)[-1].split("_", 1) for seg in tname.split(";", 1)[0].split("/")[1:]]
-            key = ".".join(p[1] for p in parts if len(p) == 2 and p[1]) or f"weight{k}"
+            # litert-torch: 'pkg.Model/torch.nn.modules.linear.Linear_fc1;...' -> 'fc1' (class path, attribute);
+            # other converters (TF/Keras: 'sequential/dense/MatMul') keep their path, '/' written '.'
+            segs = tname.split(";", 1)[0].split("/")
+            parts = [seg.rsplit(".", 1)[-1].split("_", 1) for seg in segs[1:] if "." in seg]
+            key = ".".join(p[1] for p in parts if len(p) == 2 and p[1]) or ".".join(x for x in segs if x and x != "..")
             key = key if _valid(key) else f"weight{k}"
         base, n = key, 0
         while key in out:

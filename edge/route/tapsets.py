@@ -141,6 +141,7 @@ def _feature_maps(model) -> list[tuple[str, int, bool]]:
     rank = {k: len(v) for k, v in tensor_shapes(model).items()}
     level = {i.name: 0 for i in model.graph.input if rank.get(i.name) == 4 and i.name not in inits}
     out, last = [], set()  # last: channels-last maps (ConvNeXt: Transpose to NHWC, LayerNorm, MLP, back to NCHW)
+    raw = set(level)  # the input and its layout changes (tf2onnx's NHWC -> NCHW Transpose): pixels, not features
     for node in model.graph.node:
         ins = [level[i] for i in node.input if i in level]
         if ins and node.op_type == "Transpose" and rank.get(node.output[0]) == 4:
@@ -150,7 +151,9 @@ def _feature_maps(model) -> list[tuple[str, int, bool]]:
             elif perm != [0, 3, 1, 2]:
                 continue
             level[node.output[0]] = max(ins)
-            if node.output[0] not in last:
+            if node.input[0] in raw:
+                raw.add(node.output[0])
+            elif node.output[0] not in last:
                 out.append((node.output[0], max(ins), False))
             continue
         if ins and any(i in last for i in node.input):
