@@ -36,6 +36,12 @@ def register(sub) -> None:
     p.add_argument("--prune", action="store_true", help="delete adapters this tool installed that the release dropped")
     p.add_argument("--insecure", action="store_true", help="plain HTTP to the registry (loopback and lab networks)")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds for each connect and read (default 10)")
+    p.add_argument(
+        "--deadline",
+        type=float,
+        help="seconds the whole sync may take, waiting for another sync included (default 300, "
+        "edge.fleet.DEFAULT_DEADLINE); a download it cuts resumes next time",
+    )
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=run)
 
@@ -76,7 +82,8 @@ def run(args) -> int:
 
     reference, channel, tuf_root, insecure, trusted_keys = _settings(args)
     registry, repository = split_reference(reference)
-    cfg = FleetConfig(registry, repository, channel, tuf_root, insecure=insecure, timeout=args.timeout)
+    deadline = {} if args.deadline is None else {"deadline": args.deadline}
+    cfg = FleetConfig(registry, repository, channel, tuf_root, insecure=insecure, timeout=args.timeout, **deadline)
     args.trusted_keys = trusted_keys
     rep = sync(
         cfg,

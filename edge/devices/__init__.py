@@ -84,7 +84,13 @@ def search_path(extra: Sequence[str | os.PathLike] = ()) -> list[Path]:
     packaged = packaged_dir()
     if packaged is not None:
         dirs.append(packaged)
-    return dirs
+    seen, out = set(), []
+    for d in dirs:  # a folder named twice (or $EDGE_DEVICES naming the shipped one) is searched and listed once
+        key = os.path.realpath(d)
+        if key not in seen:
+            seen.add(key)
+            out.append(d)
+    return out
 
 
 def list_profiles(search: Sequence[str | os.PathLike] | None = None) -> list[DeviceProfile]:

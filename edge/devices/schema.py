@@ -113,7 +113,7 @@ def _fleet(d: dict, source: Path | None) -> FleetSource | None:
         )
     split_reference(registry)  # checked here, not at the first sync
     channel = d.get("channel") if d.get("channel") is not None else "stable"
-    check_name("channel", channel)
+    check_name("channel", _text(channel, "channel"))  # 2024 unquoted is a number to YAML
     insecure = d.get("registry_insecure") if d.get("registry_insecure") is not None else False
     if not isinstance(insecure, bool):
         raise ConfigError(f"registry_insecure must be true or false, got {insecure!r}")
@@ -124,6 +124,7 @@ def _fleet(d: dict, source: Path | None) -> FleetSource | None:
 
 
 _EXP_TEXT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")  # PyYAML (YAML 1.1) reads 1e3 and 1.0e3 as text
+_WITH_UNIT = re.compile(r"^\s*[-+]?[\d.]+\s*[A-Za-z]+\s*$")
 _BUDGETS = {k: True for k in ("memory_mb", "load_ms", "latency_p95_ms", "switch_p95_ms")}
 _TOLS = {"atol": True, "rtol": True}
 _BACKEND = {"backend": True, "providers": True, "strategy": False, "precision": False}
@@ -165,6 +166,7 @@ def _backend(data: object, i: int) -> BackendPreference:
     strategy = d.get("strategy", "auto")
     if not isinstance(strategy, str) or not strategy:
         raise ConfigError(f"backends[{i}].strategy must be a strategy name such as 'auto', got {strategy!r}")
+    _choice(strategy, ("auto", *get_backend(backend).STRATEGIES), f"backends[{i}].strategy ({backend} strategy)")
     precision = _choice(d.get("precision", "any"), PRECISIONS, f"backends[{i}].precision")
     return BackendPreference(backend, tuple(specs), strategy, precision)
 
@@ -198,16 +200,18 @@ def _text(value: object, what: str) -> str:
 
 
 def _positive(value: object, what: str, zero: bool = False) -> float:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float))
-        or not math.isfinite(value)
-        or not (value >= 0 if zero else value > 0)
-    ):
+    try:  # an integer of 400 digits is finite, but not as a float
+        finite = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    except OverflowError:
+        finite = False
+    if not finite or not (value >= 0 if zero else value > 0):
         hint = ""
         if isinstance(value, str) and _EXP_TEXT.match(value.strip()):  # only 1.0e+3 (dot, signed exponent) is a float
             hint = f" (YAML reads {value} as text: write it with a dot and a signed exponent, e.g. 1.0e+3)"
-        raise ConfigError(f"{what} must be a {'non-negative' if zero else 'positive'} number, got {value!r}{hint}")
+        elif isinstance(value, str) and _WITH_UNIT.match(value):  # 512MB, 0.5 GiB, 3 s
+            hint = f" (write the number alone, in the unit the key's name gives: {what.rsplit('_', 1)[-1]})"
+        shown = repr(value) if len(repr(value)) <= 40 else f"{repr(value)[:20]}... ({len(repr(value))} characters)"
+        raise ConfigError(f"{what} must be a {'non-negative' if zero else 'positive'} number, got {shown}{hint}")
     return float(value)
 
 

@@ -3,7 +3,8 @@
 Host: :func:`init_release` (keys, TUF repository), :func:`push` (model once, adapters, a signed
 release per channel), :func:`refresh_release` (re-sign before expiry), :func:`rotate_keys` (new
 role keys and a root signed by the old and the new root key). Device: :func:`sync`
-(verify, download only what changed, resume, install atomically). Needs the ``fleet`` extra
+(verify, download only what changed, resume, install atomically), all of it within
+:data:`DEFAULT_DEADLINE` seconds unless told otherwise (:mod:`edge.fleet.deadline`). Needs the ``fleet`` extra
 (``oras``, ``tuf``, ``filelock``); imported lazily, so ``import edge.fleet`` costs nothing.
 See :mod:`edge.fleet.oci` for the registry layout and media types.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 from edge.fleet.oci import (
     ANN,
+    DEFAULT_DEADLINE,
     MEDIA,
     FleetConfig,
     FleetError,
@@ -21,6 +23,8 @@ from edge.fleet.oci import (
 
 __all__ = [
     "ANN",
+    "DEFAULT_DEADLINE",
+    "DeadlineExceededError",
     "MEDIA",
     "Expiry",
     "FleetConfig",
@@ -36,6 +40,7 @@ __all__ = [
 ]
 
 _LAZY = {
+    "DeadlineExceededError": "edge.fleet.deadline",
     "Expiry": "edge.fleet.tufrepo",
     "SyncReport": "edge.fleet.device",
     "sync": "edge.fleet.device",

@@ -16,9 +16,14 @@ One sync, under a file lock on the adapter folder (concurrent syncs of one devic
    ``edge.load_adapter`` (format) and matched to the model fingerprint (and, given the model file,
    to its tensors), and only then written into the adapter folder: temp file, fsync, rename. Every
    file in the folder is at all times a complete, verified adapter, so a running ``Runtime`` can
-   load any of them.
+   load any of them; a signed one is always beside a signature that verifies it (the new signature
+   carries the old one until the adapter is replaced: ``edge.format.signing.with_previous``).
 4. When the registry does not answer, the last verified plan (cached, with its expiry) is
    completed from blobs already downloaded; nothing unverified or expired is installed.
+
+The whole sync, waiting for another one included, ends by ``config.deadline`` (:mod:`edge.fleet.deadline`):
+however slowly a registry sends, it stops with exit 1 (``offline``; ``partial`` once adapters were downloading) and
+keeps what it downloaded for the next sync.
 
 The report (:class:`SyncReport`, ``edge sync --json``) says what was installed, kept, refused and
 why, and how many bytes moved.
@@ -27,8 +32,6 @@ why, and how many bytes moved.
 from __future__ import annotations
 
 import errno
-import hashlib
-import json
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -36,6 +39,15 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from edge.errors import AdapterMismatchError, ConfigError, FormatError, SignatureError, WriteError
+from edge.fleet.deadline import Deadline
+from edge.fleet.deadline import client as bounded_client
+from edge.fleet.device_files import disk_reason as _disk_reason
+from edge.fleet.device_files import free_bytes as _free_bytes
+from edge.fleet.device_files import read_json as _read_json
+from edge.fleet.device_files import sha256_file as _sha256
+from edge.fleet.device_files import sig_path as _sig_path
+from edge.fleet.device_files import stamp as _stamp
+from edge.fleet.device_files import write_json as _write_json
 from edge.fleet.oci import (
     FleetConfig,
     FleetError,
@@ -50,7 +62,6 @@ from edge.fleet.oci import (
 __all__ = ["SyncReport", "sync", "STATE_DIR"]
 
 STATE_DIR = ".edge-sync"  # inside the adapter folder: state.json, plan.json, tuf/, head/, blobs/, partial/
-_LOCK_TIMEOUT = 600.0
 
 
 @dataclass
@@ -131,17 +142,23 @@ def sync(
     report = SyncReport(
         registry=f"{config.registry}/{config.repository}", channel=config.channel, fingerprint=fingerprint
     )
+    deadline = Deadline(config.deadline)  # the whole sync, waiting for another one included
     try:
-        lock = FileLock(str(adapter_dir / ".edge-sync.lock"), timeout=_LOCK_TIMEOUT)
-        with lock, FileLock(str(cache / ".lock"), timeout=_LOCK_TIMEOUT):  # a --cache shared by folders: one at a time
+        lock = FileLock(str(adapter_dir / ".edge-sync.lock"), timeout=deadline.remaining())
+        with lock, FileLock(str(cache / ".lock"), timeout=deadline.remaining()):  # a shared --cache: one at a time
             s = _Sync(config, adapter_dir, cache, fingerprint, info, report, on_chunk)
             if trusted_keys is not None:
                 from edge.format.signing import load_public_key
 
                 s.trusted = [load_public_key(k) for k in trusted_keys]
-            s.run(prune)
+            s.run(prune, deadline)
     except Timeout as e:
-        raise FleetError(f"another sync holds {e.lock_file} for over {_LOCK_TIMEOUT:.0f} s; try again later") from e
+        raise FleetError(
+            f"another sync is running (it holds {e.lock_file}); this one waited {time.perf_counter() - t0:.0f} s, "
+            "until its deadline (--deadline): try again later"
+        ) from e
+    finally:
+        deadline.close()
     report.seconds = round(time.perf_counter() - t0, 4)
     return report
 
@@ -156,11 +173,11 @@ class _Sync:
         self.trusted: list[bytes] | None = None
 
     # -- the four steps ---------------------------------------------------------------------------------------
-    def run(self, prune: bool) -> None:
+    def run(self, prune: bool, deadline: Deadline) -> None:
         from edge.fleet.tuf_oci import OciMetadataFetcher
 
-        meta_client = OciClient(self.cfg.base_url, self.cfg.tuf_repository, self.cfg.timeout)
-        blob_client = OciClient(self.cfg.base_url, self.cfg.repository, self.cfg.timeout)
+        meta_client = bounded_client(self.cfg.base_url, self.cfg.tuf_repository, self.cfg.timeout, deadline)
+        blob_client = bounded_client(self.cfg.base_url, self.cfg.repository, self.cfg.timeout, deadline)
         fetcher = OciMetadataFetcher(meta_client, self.cache / "head", self.cache / "tuf")
         try:
             try:
@@ -397,12 +414,22 @@ class _Sync:
         from edge.format.io import atomic_write_bytes
 
         dst = self.dir / f"{name}.safetensors"
-        sig = _sig_path(blob)
-        if sig.exists():  # signature first: a reader never sees a new adapter beside a missing signature
-            atomic_write_bytes(_sig_path(dst), sig.read_bytes())
+        sig, new_sig = _sig_path(blob), None
+        if sig.exists():  # signature first, carrying the one it replaces: old or new, the adapter on disk verifies
+            from edge.format.io import read_bounded
+            from edge.format.signing import MAX_SIG_BYTES, with_previous
+
+            new_sig, old_sig = sig.read_bytes(), _sig_path(dst)
+            try:
+                old = read_bounded(old_sig, MAX_SIG_BYTES, what="installed signature")
+            except FormatError:  # none, or not a signature file: nothing to carry over
+                old = None
+            atomic_write_bytes(old_sig, with_previous(new_sig, old))
         else:
             _sig_path(dst).unlink(missing_ok=True)
         atomic_write_bytes(dst, blob.read_bytes())
+        if new_sig is not None:
+            atomic_write_bytes(_sig_path(dst), new_sig)  # then exactly the published signature
         sig.unlink(missing_ok=True)
         entry = {"sha256": t["sha256"], "version": t["version"], "length": t["length"], "fingerprint": self.fp}
         self.state["adapters"][name] = entry | {"stamp": _stamp(dst.stat())}
@@ -412,44 +439,3 @@ class _Sync:
         _write_json(self.cache / "state.json", self.state)
         self.r.installed.append({"name": name, "version": t["version"], "bytes": t["length"]})
         blob.unlink(missing_ok=True)  # installed: the adapter folder is the copy now
-
-
-def _sig_path(path: Path) -> Path:
-    return path.with_name(path.name + ".sig")  # as edge.format.signing.signature_path
-
-
-def _stamp(st: os.stat_result) -> list[int]:
-    return [st.st_ino, st.st_size, st.st_mtime_ns]
-
-
-def _free_bytes(path: Path) -> int | None:
-    st = os.statvfs(path) if hasattr(os, "statvfs") else None  # Windows: the write itself reports a full disk
-    return st.f_bavail * st.f_frsize if st else None
-
-
-def _disk_reason(where: Path, e: OSError) -> str:
-    fix = f"the disk is full ({e.strerror}); free space there" if e.errno == 28 else f"{e}; check that folder"
-    return f"cannot write in {where}: {fix} and sync again (nothing was half-installed)"
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError) as e:
-        raise FleetError(f"sync state {path} is unreadable ({e}); delete it to start over") from e
-
-
-def _write_json(path: Path, data: dict) -> None:
-    from edge.format.io import atomic_write_bytes
-
-    atomic_write_bytes(path, json.dumps(data, sort_keys=True, indent=1).encode())

@@ -41,6 +41,7 @@ __all__ = [
     "RegistryUnreachableError",
     "OciClient",
     "MAX_MANIFEST",
+    "DEFAULT_DEADLINE",
     "parse_manifest",
     "MEDIA",
     "ANN",
@@ -127,13 +128,19 @@ def release_tag(channel: str, fingerprint: str) -> str:
     return f"{check_name('channel', channel)}-{fp_hex(fingerprint)}"
 
 
+#: seconds one ``edge sync`` may take in all (``--deadline``, :mod:`edge.fleet.deadline`): a few minutes, as a cron
+#: job on a device can spare. Not scaled by size: a download the deadline cuts is kept and resumed (HTTP Range) by
+#: the next sync, so a slow link still converges, a few minutes' worth of bytes per run.
+DEFAULT_DEADLINE = 300.0
+
+
 @dataclass(frozen=True)
 class FleetConfig:
     """Where a device syncs from: ``registry`` (``host:port``), ``repository`` in it, ``channel``, TUF root.
 
     ``tuf_root`` is the path of the ``root.json`` the device trusts first (shipped with the device
     image; later roots are fetched and verified against it). ``insecure`` uses plain HTTP (loopback
-    tests, lab networks); ``timeout`` bounds every connect and read, in seconds.
+    tests, lab networks); ``timeout`` bounds every connect and read, in seconds; ``deadline`` a whole sync.
     """
 
     registry: str
@@ -142,6 +149,7 @@ class FleetConfig:
     tuf_root: Path | None = None
     insecure: bool = False
     timeout: float = 10.0
+    deadline: float = DEFAULT_DEADLINE
 
     def __post_init__(self) -> None:
         check_host(self.registry or "")
@@ -149,8 +157,10 @@ class FleetConfig:
         check_name("channel", self.channel)
         if self.tuf_root is not None:
             object.__setattr__(self, "tuf_root", Path(self.tuf_root))
-        if not self.timeout > 0:
-            raise ConfigError(f"timeout must be > 0 seconds, got {self.timeout!r}")
+        for key in ("timeout", "deadline"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1e9:
+                raise ConfigError(f"{key} must be a number of seconds > 0, got {value!r}")
 
     @classmethod
     def from_reference(cls, reference: str, channel: str = "stable", tuf_root=None, **kw) -> FleetConfig:
@@ -178,13 +188,14 @@ class OciClient:
     ``requests_made``.
     """
 
-    def __init__(self, base_url: str, repository: str, timeout: float = 10.0):
+    def __init__(self, base_url: str, repository: str, timeout: float = 10.0, deadline=None):
         import requests
 
         self._requests = requests
         self.base_url = base_url.rstrip("/")
         self.repository = repository
         self.timeout = timeout
+        self.deadline = deadline  # an edge.fleet.deadline.Deadline (see its client()): every request ends by it
         self.session = requests.Session()
         self.bytes_in = 0
         self.header_bytes_in = 0
@@ -194,14 +205,20 @@ class OciClient:
         self.session.close()
 
     def _get(self, url: str, headers: dict, stream: bool = False):
+        timeout, doing = self.timeout, f"asking {self.base_url} for {url.rsplit('/', 1)[-1][:80]}"
+        if self.deadline is not None:
+            self.deadline.check(doing)
+            timeout = min(timeout, max(self.deadline.remaining(), 0.01))
         self.requests_made += 1
         try:
-            r = self.session.get(url, headers=headers, stream=stream, timeout=(min(3.0, self.timeout), self.timeout))
+            r = self.session.get(url, headers=headers, stream=stream, timeout=(min(3.0, timeout), timeout))
         except self._requests.Timeout as e:
+            self._past_deadline(doing, e)
             raise RegistryUnreachableError(
                 f"registry {self.base_url} is unreachable: no answer within {self.timeout:g} s (--timeout): {e}"
             ) from e
         except self._requests.RequestException as e:
+            self._past_deadline(doing, e)
             raise RegistryUnreachableError(f"registry {self.base_url} is unreachable: {e}") from e
         self.header_bytes_in += len(f"HTTP/1.1 {r.status_code} {r.reason}\r\n\r\n") + sum(
             len(k) + len(v) + 4 for k, v in r.headers.items()
@@ -217,9 +234,16 @@ class OciClient:
                 out += data
                 if len(out) > max_length:
                     raise FleetSecurityError(f"{what} is longer than the {max_length} bytes allowed")
+                self._past_deadline(f"reading {what}")
         except self._requests.RequestException as e:
+            self._past_deadline(f"reading {what} ({len(out)} bytes in)", e)
             raise RegistryUnreachableError(f"reading {what} from {self.base_url} was cut: {e}") from e
         return bytes(out)
+
+    def _past_deadline(self, doing: str, cause: Exception | None = None) -> None:
+        """Raise the deadline's error once it has passed (a read it cut shows up as a dropped connection)."""
+        if self.deadline is not None and self.deadline.expired:
+            raise self.deadline.error(doing) from cause
 
     def manifest_bytes(self, reference: str, etag: str | None = None) -> tuple[bytes, str] | None:
         """The raw manifest tagged ``reference`` and its digest; ``None`` (HTTP 304) when it still has digest ``etag``.
@@ -268,13 +292,17 @@ class OciClient:
             total = _announced(r.headers, r.status_code == 206)
             if length is not None and total is not None and total != length:
                 raise FleetSecurityError(f"the registry's blob {digest} is {total} bytes, {length} were signed")
+            got = start
             try:
                 for data in r.iter_content(chunk):
                     self.bytes_in += len(data)
+                    got += len(data)
                     if on_chunk is not None:
                         on_chunk(len(data))
                     yield data
+                    self._past_deadline(f"downloading {digest[:19]}... (at byte {got})")
             except self._requests.RequestException as e:
+                self._past_deadline(f"downloading {digest[:19]}... (at byte {got})", e)
                 raise RegistryUnreachableError(f"download of {digest} from {self.base_url} was cut: {e}") from e
 
     def blob_bytes(self, digest: str, max_length: int) -> bytes:

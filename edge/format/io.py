@@ -20,6 +20,7 @@ import tempfile
 from pathlib import Path
 
 from edge.errors import FormatError, WriteError
+from edge.format.yaml_io import MAX_YAML_ALIASES, MAX_YAML_DEPTH, MAX_YAML_NODES, load_yaml  # noqa: F401  (re-exported)
 
 __all__ = [
     "atomic_write_bytes",
@@ -147,9 +148,6 @@ def pid_alive(pid: int) -> bool:
 # -- bounded reads of files a user hands us -------------------------------------------------------------------------
 
 MAX_JSON_DEPTH = 64  # metadata, configs and signatures nest a few levels; deeper is hostile
-MAX_YAML_DEPTH = 32
-MAX_YAML_NODES = 100_000  # nodes after expanding aliases (billion laughs expands to 10^9)
-MAX_YAML_ALIASES = 100
 
 
 def read_bounded(path: str | os.PathLike, limit: int, *, what: str = "file") -> bytes:
@@ -272,97 +270,6 @@ def _finite(text: str) -> float:
 
 def _no_constant(name: str):
     raise FormatError(f"JSON constant {name} is not allowed (numbers must be finite)")
-
-
-def load_yaml(data: bytes | str, *, source: str = "YAML") -> object:
-    """Parse YAML the one way this project does: ``yaml.SafeLoader`` plus duplicated-key refusal,
-    at most ``MAX_YAML_ALIASES`` aliases and ``MAX_YAML_NODES`` nodes once aliases are expanded
-    (a billion-laughs file is refused, not expanded) and ``MAX_YAML_DEPTH`` levels of nesting."""
-    import yaml
-
-    try:
-        loader = _yaml_loader()(data)
-        try:
-            return loader.get_single_data()
-        finally:
-            loader.dispose()
-    except FormatError as e:
-        raise FormatError(f"{source}: {e}") from e
-    except (yaml.YAMLError, ValueError, TypeError, RecursionError) as e:
-        raise FormatError(f"{source}: not valid YAML: {e}") from e
-
-
-_LOADER = None
-
-
-def _yaml_loader():
-    global _LOADER
-    if _LOADER is not None:
-        return _LOADER
-    import yaml
-
-    class Loader(yaml.SafeLoader):
-        def __init__(self, stream) -> None:
-            super().__init__(stream)
-            self._depth = 0
-            self._aliases = 0
-
-        def compose_node(self, parent, index):
-            if self.check_event(yaml.AliasEvent):
-                self._aliases += 1
-                if self._aliases > MAX_YAML_ALIASES:
-                    raise FormatError(f"more than {MAX_YAML_ALIASES} aliases (*name); write the values out")
-            self._depth += 1
-            try:
-                if self._depth > MAX_YAML_DEPTH:
-                    raise FormatError(f"nesting deeper than {MAX_YAML_DEPTH} levels")
-                return super().compose_node(parent, index)
-            finally:
-                self._depth -= 1
-
-        def get_single_node(self):
-            node = super().get_single_node()
-            if node is not None:
-                _expanded_size(node, {})
-            return node
-
-        def construct_mapping(self, node, deep=False):
-            if isinstance(node, yaml.MappingNode):
-                seen = set()
-                for key_node, _ in node.value:
-                    if key_node.tag == "tag:yaml.org,2002:merge":
-                        continue
-                    key = self.construct_object(key_node, deep=True)
-                    try:
-                        dup = key in seen
-                    except TypeError:
-                        continue  # unhashable: SafeLoader refuses it below
-                    if dup:
-                        raise FormatError(
-                            f"key {key!r} appears twice in one mapping (line {key_node.start_mark.line + 1})"
-                        )
-                    seen.add(key)
-            return super().construct_mapping(node, deep=deep)
-
-    _LOADER = Loader
-    return Loader
-
-
-def _expanded_size(node, memo: dict) -> int:
-    """Nodes ``node`` stands for once every alias is expanded; raises over ``MAX_YAML_NODES``."""
-    key = id(node)
-    if key in memo:
-        return memo[key]
-    memo[key] = MAX_YAML_NODES + 1  # a cycle (an alias to an enclosing node) counts as too big
-    size = 1
-    if isinstance(node.value, list):
-        for item in node.value:
-            for child in item if isinstance(item, tuple) else (item,):
-                size += _expanded_size(child, memo)
-                if size > MAX_YAML_NODES:
-                    raise FormatError(f"expands to more than {MAX_YAML_NODES} nodes (aliases of aliases?)")
-    memo[key] = size
-    return size
 
 
 # -- safetensors through the library only ------------------------------------------------------------------

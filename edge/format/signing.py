@@ -3,7 +3,11 @@
 A signature is a detached file next to the adapter, ``NAME.safetensors.sig``, JSON:
 ``{"format": "edge.signature", "version": 1, "alg": "ed25519", "key": KEY_ID,
 "signature": BASE64}`` over the adapter file's exact bytes. ``KEY_ID`` is the first 16
-hex digits of SHA-256 of the raw 32-byte public key.
+hex digits of SHA-256 of the raw 32-byte public key. While ``edge sync`` replaces a signed
+adapter, the file may also carry the signature of the adapter it replaces (``"previous":
+{"key", "signature"}``, :func:`with_previous`), so that at every instant, and after a crash
+between the two renames, the adapter file on disk verifies; either signature must be by a
+trusted key and over the file's exact bytes.
 
 The host signs (:func:`sign_file`); the device reads an adapter through one
 :class:`SignaturePolicy` (every entry point builds it the same way, from explicit keys
@@ -35,6 +39,7 @@ __all__ = [
     "sign_file",
     "signature_path",
     "verify_bytes",
+    "with_previous",
 ]
 
 SIG_FORMAT = "edge.signature"
@@ -194,18 +199,46 @@ def sign_file(adapter_path: str | os.PathLike, private_key_path: str | os.PathLi
 def verify_bytes(data: bytes, signature: bytes | None, trusted: list[bytes], *, source: str = "adapter") -> str:
     """Check ``signature`` (the ``.sig`` file's bytes) over ``data`` against the trusted raw keys.
 
-    Returns the signing key's id; raises :class:`SignatureError` otherwise.
+    Returns the signing key's id; raises :class:`SignatureError` otherwise. A ``previous`` signature
+    (:func:`with_previous`) is tried when the main one does not verify ``data``.
     """
-    _, ed25519 = _crypto()
     if signature is None:
         raise SignatureError(f"{source} is unsigned, and this runtime requires signatures from trusted keys")
+    sig = _parse(signature, source)
+    try:
+        return _verify_one(data, sig, trusted, source)
+    except SignatureError as first:
+        if "previous" not in sig:
+            raise
+        try:
+            return _verify_one(data, sig["previous"], trusted, source)
+        except SignatureError:
+            raise first from None
+
+
+def with_previous(new: bytes, old: bytes | None) -> bytes:
+    """The signature file ``new`` carrying ``old``'s signature as ``previous`` (``new`` as is if ``old`` is not a
+    signature file): what ``edge sync`` writes before it replaces the adapter ``old`` signed."""
+    try:
+        doc = _parse(new, "new signature")
+        prev = _parse(old, "old signature") if old is not None else None
+    except SignatureError:  # a torn or foreign file: nothing to carry over (a reader judges the new one as it is)
+        return new
+    if prev is None:
+        return new
+    doc = {k: v for k, v in doc.items() if k != "previous"}
+    return (json.dumps(doc | {"previous": {"key": prev["key"], "signature": prev["signature"]}}) + "\n").encode()
+
+
+def _parse(signature: bytes, source: str) -> dict:
+    """The signature file's JSON, checked for its fields (not yet verified)."""
     if len(signature) > MAX_SIG_BYTES:
         raise SignatureError(f"{source}: signature file is {len(signature)} bytes, larger than any valid one")
     try:
         sig = load_json(signature, source="signature file", max_depth=2)
         if not isinstance(sig, dict):
             raise ValueError(f"expected a JSON object, got {type(sig).__name__}")
-        unknown = sorted(set(sig) - {"format", "version", "alg", "key", "signature"})
+        unknown = sorted(set(sig) - {"format", "version", "alg", "key", "signature", "previous"})
         if unknown:
             raise ValueError(f"unknown keys {unknown[:5]}")
         version = sig.get("version")
@@ -217,10 +250,25 @@ def verify_bytes(data: bytes, signature: bytes | None, trusted: list[bytes], *, 
             or not isinstance(sig.get("signature"), str)
         ):
             raise ValueError(f"alg {sig.get('alg')!r}, key and signature must be strings")
-        raw_sig = base64.b64decode(sig["signature"], validate=True)
-        kid = sig["key"]
+        prev = sig.get("previous", {"key": "", "signature": ""})
+        if not (
+            isinstance(prev, dict)
+            and set(prev) == {"key", "signature"}
+            and all(isinstance(v, str) for v in prev.values())
+        ):
+            raise ValueError("previous must be an object of two strings, key and signature")
     except (ValueError, KeyError, TypeError) as e:  # FormatError is a ValueError
         raise SignatureError(f"{source}: malformed signature file ({e})") from e
+    return sig
+
+
+def _verify_one(data: bytes, sig: dict, trusted: list[bytes], source: str) -> str:
+    _, ed25519 = _crypto()
+    try:
+        raw_sig = base64.b64decode(sig["signature"], validate=True)
+    except ValueError as e:
+        raise SignatureError(f"{source}: malformed signature file ({e})") from e
+    kid = sig["key"]
     if len(raw_sig) != 64:
         raise SignatureError(f"{source}: an Ed25519 signature is 64 bytes, got {len(raw_sig)}")
     keys = {key_id(k): k for k in trusted}
