@@ -40,6 +40,7 @@ __all__ = [
     "SaturationError",
     "check_finite",
     "fuse",
+    "held_bytes",
     "kept",
     "merge_weights",
     "merged",
@@ -100,7 +101,7 @@ class Prepared:
     the runtime's own (never the caller's ``Adapter`` arrays), so nothing a caller holds can change a later switch."""
 
     adapter: Adapter  # read-only (:func:`kept`)
-    index: Mapping[str, np.ndarray]  # stored tensor -> sorted int64 flat positions
+    index: Mapping[str, np.ndarray]  # stored tensor -> sorted flat positions (int32 where they fit, else int64)
     delta: Mapping[str, np.ndarray]  # stored tensor -> float32 deltas aligned with index (grid steps if quantized)
     base: Mapping[str, np.ndarray]  # stored tensor -> base values at index
     apply: object  # backend-prepared write of base + delta (the alpha = 1 fast path)
@@ -108,6 +109,55 @@ class Prepared:
     touched: Mapping[str, tuple[np.ndarray, np.ndarray]]  # stored tensor -> (index, base): what a switch records
     clipped: int = 0  # entries of a quantized base clipped to the integer range by ``apply`` (load_adapter(clip=True))
     layout: object = None  # shared by the adapters that write the same entries (:func:`same_positions`)
+
+    def __post_init__(self) -> None:
+        """``index`` as int32 where the tensor allows: only loads and fusing read it, never a single switch
+        (``apply`` and ``restore`` hold their own ``intp`` positions, one array for both: numpy would cast any other
+        index type on every switch). ``delta`` stays the runtime's own copy even where it equals the adapter's
+        values: a caller can make an array :attr:`adapter` hands out writable again (``setflags``)."""
+        index = {t: _narrow(pos) for t, pos in self.index.items()}
+        same = {id(self.index[t]): index[t] for t in index}
+        touched = {t: (same.get(id(pos), pos), b) for t, (pos, b) in self.touched.items()}
+        object.__setattr__(self, "index", index)
+        object.__setattr__(self, "touched", touched)
+
+    @property
+    def arrays(self) -> list[np.ndarray]:
+        """Every array this adapter keeps (not the arena the prepared writes write into): what :func:`held_bytes`
+        counts."""
+        found = [getattr(d, f.name) for d in self.adapter.tensors.values() for f in fields(d)]
+        found += [*self.index.values(), *self.delta.values(), *self.base.values()]
+        found += [a for pos, b in self.touched.values() for a in (pos, b)]
+        for w in (self.apply, self.restore):
+            for part in w.parts if hasattr(w, "parts") else w:  # an ArenaWrite, or the default list of WeightWrite
+                found += list(part[1:]) if isinstance(part, tuple) else [part.index, part.values]
+        return [a for a in found if isinstance(a, np.ndarray)]
+
+
+def _narrow(pos: np.ndarray) -> np.ndarray:
+    """Sorted positions as int32 when they fit (a read-only copy), else as they are."""
+    if pos.dtype != np.int64 or (pos.size and int(pos[-1]) > np.iinfo(np.int32).max):
+        return pos
+    out = pos.astype(np.int32)
+    out.setflags(write=False)
+    return out
+
+
+def held_bytes(adapters: Iterable[Prepared]) -> list[int]:
+    """Bytes of the arrays each of ``adapters`` keeps, every buffer counted once: an array several adapters share
+    (positions, base values and undo of adapters on one mask) counts with the first that holds it."""
+    seen: set[int] = set()
+    out = []
+    for p in adapters:
+        n = 0
+        for a in p.arrays:
+            while isinstance(a.base, np.ndarray):  # a view: count the array that owns the memory
+                a = a.base
+            if id(a) not in seen:
+                seen.add(id(a))
+                n += a.nbytes
+        out.append(n)
+    return out
 
 
 def kept(adapter: Adapter, *, copy: bool) -> Adapter:
@@ -163,7 +213,7 @@ def normalise(spec) -> dict[str, float]:
     if isinstance(spec, Mapping):
         out = {}
         for k, v in spec.items():
-            if type(v) is not float and not isinstance(v, Real):  # not float(v): "0.5" or a 0-d array is a slip
+            if type(v) is not float and (not isinstance(v, Real) or isinstance(v, bool)):  # "0.5", True: a slip
                 raise ConfigError(f"adapter weight for {k!r} must be a real number, got {type(v).__name__} {v!r:.40}")
             a = float(v)
             if not math.isfinite(a):

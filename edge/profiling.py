@@ -208,11 +208,13 @@ def _profile_adapter(rt, path: Path, feeds, config: ProfileConfig, pb) -> tuple[
         back.append(_ms(t0))
         rt.wait_settled(60)
         pb.update()
+    held = rt.adapter_bytes[name]  # the bytes the runtime keeps for it (positions, values, base values, writes)
     rt.unload_adapter(name)
     figures = {
         "name": name,
         "path": str(path),
         "bytes": path.stat().st_size,
+        "held_bytes": held,
         "load_ms": load_ms,
         "clipped": clipped,
         "switch_ms": _stats(switch),

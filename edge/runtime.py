@@ -154,9 +154,17 @@ class Runtime:
 
     @property
     def footprint(self) -> dict:
-        """Strategy, predicted resident MB, MB loading measured (Linux; None if the process shrank: first load only)."""
-        b = self.backend
-        return {"strategy": b.strategy, "predicted_mb": b.predicted_mb(), "measured_mb": b.measured_mb}
+        """Strategy, predicted resident MB (the model), MB loading measured (Linux; None if the process shrank: first
+        load only), and MB the loaded adapters keep (:attr:`adapter_bytes`; not in ``predicted_mb``)."""
+        b, held = self.backend, sum(self.adapter_bytes.values()) / 2**20
+        return dict(strategy=b.strategy, predicted_mb=b.predicted_mb(), measured_mb=b.measured_mb, adapters_mb=held)
+
+    @property
+    def adapter_bytes(self) -> dict[str, int]:
+        """Bytes each loaded adapter keeps (its arrays, base values and prepared writes; never the model's weights):
+        an array adapters on one mask share counts with the one loaded first (:func:`edge.fusion.held_bytes`)."""
+        held = dict(self._adapters)
+        return dict(zip(held, fusion.held_bytes(held.values()), strict=True))
 
     @property
     def active(self) -> dict[str, float]:

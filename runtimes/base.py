@@ -21,7 +21,7 @@ import numpy as np
 
 from edge.format.modelinfo import ModelInfo
 from edge.registry import Registry
-from runtimes.lines import compile_write, fold_narrow, merge_positions, touch
+from runtimes.lines import compile_write, fold_narrow, merge_positions, share_positions, touch
 from runtimes.loading import model_buffer, rss_mb, trim_heap
 
 __all__ = [
@@ -302,7 +302,8 @@ class ArenaBackend(Backend):
         units, a whole tensor as a slice, the rest entry by entry (a few entries of a wider arena sharing a buffer
         with a one-byte one, in the same call: :func:`runtimes.lines.fold_narrow`); a later write of an entry wins.
 
-        Values for an integer tensor must already be of its type (never silently rounded or wrapped).
+        Values for an integer tensor must already be of its type (never silently rounded or wrapped). Positions
+        equal to those of another prepared write are that one's array (:func:`runtimes.lines.share_positions`).
         """
         from edge.errors import ConfigError
 
@@ -317,8 +318,8 @@ class ArenaBackend(Backend):
         pieces = [
             (arena, [(self._offset[t], *merge_positions(ws)) for t, ws in tw.items()]) for arena, tw in per.values()
         ]
-        parts = [p for arena, ps in fold_narrow(pieces) for p in compile_write(arena, ps)]
-        return ArenaWrite(tuple(parts), any(w.tensor not in self._slots for w in writes))
+        parts = share_positions([p for arena, ps in fold_narrow(pieces) for p in compile_write(arena, ps)])
+        return ArenaWrite(parts, any(w.tensor not in self._slots for w in writes))
 
     def write(self, *prepared: ArenaWrite) -> None:
         with self._lock:

@@ -27,9 +27,12 @@ the log when the system refuses.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import mmap
 import os
+import threading
+import weakref
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -52,6 +55,8 @@ __all__ = [
     "merge_positions",
     "MIN_SAVED",
     "RUN_MIN",
+    "SHARE_SAMPLE",
+    "share_positions",
     "touch",
 ]
 
@@ -313,6 +318,38 @@ def compile_write(arena: np.ndarray, pieces: Sequence[tuple[int, np.ndarray | No
     if pos.size:
         parts.append((arena, pos, val))
     return parts
+
+
+#: positions arrays compiled writes hold, by content: (dtype, size, digest) -> one read-only array (weakly: it goes
+#: with the last prepared write holding it)
+_held: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+SHARE_SAMPLE = 1024  # positions hashed to find an equal array (equal ones are then compared in full)
+_held_lock = threading.Lock()
+
+
+def share_positions(parts: Sequence[Part]) -> tuple[Part, ...]:
+    """``parts`` with each positions array replaced by an equal one a prepared write already holds, if any.
+
+    An adapter's apply and its undo write the same entries, and so do all the adapters on one mask (SHiRA-WM):
+    their compiled positions are equal, and one read-only array serves them all (8 bytes an entry each saved).
+    The switch itself is unchanged: the same ``intp`` positions, no cast (numpy converts an index array of
+    another integer type on every fancy-index call). The cost, at prepare time: a hash of at most
+    :data:`SHARE_SAMPLE` positions and, when an array with that hash is held, a comparison of the two (a full hash
+    of MiniLM's 450k positions took 7.7 ms, a quarter of a fused switch; the comparison 0.2 ms).
+    """
+    out = []
+    for view, pos, val in parts:
+        if isinstance(pos, np.ndarray) and pos.size:
+            sample = np.ascontiguousarray(pos[:: -(-pos.size // SHARE_SAMPLE)])
+            key = (pos.dtype.str, pos.size, int(pos[-1]), hashlib.blake2b(sample, digest_size=16).digest())
+            with _held_lock:
+                held = _held.get(key)
+                if held is None or not np.array_equal(held, pos):  # unequal arrays on one key: the newer is held
+                    pos.setflags(write=False)
+                    _held[key] = held = pos
+            pos = held
+        out.append((view, pos, val))
+    return tuple(out)
 
 
 def touch(parts: Sequence[Part]) -> None:

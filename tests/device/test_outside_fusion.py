@@ -580,12 +580,19 @@ def test_refused_adapters_never_reach_the_runtime():
 
 @pytest.mark.parametrize(
     "spec",
-    [{"a": None}, {"a": "0.5"}, {"a": b"1"}, {"a": [1.0]}, 3, b"a", ["a", "a"], ("a", 1), {"a": 1.0, "b": object()}],
-    ids=["none-weight", "str-weight", "bytes-weight", "list-weight", "int", "bytes", "dup-list", "non-str-name", "obj"],
+    [
+        *({"a": None}, {"a": "0.5"}, {"a": b"1"}, {"a": [1.0]}, 3, b"a", ["a", "a"], ("a", 1)),
+        *({"a": 1.0, "b": object()}, {"a": True}, {"a": 1.0, "b": np.True_}),
+    ],
+    ids=[
+        *("none-weight", "str-weight", "bytes-weight", "list-weight", "int", "bytes", "dup-list", "non-str-name"),
+        *("obj", "bool-weight", "numpy-bool-weight"),
+    ],
 )
 def test_a_malformed_fusion_spec_is_a_config_error_and_changes_nothing(spec):
     """Before: a None or list weight and an int spec raised a bare TypeError; b"a" was read as adapter '97'; a
-    string weight "0.5" was taken as 0.5; ["a", "a"] fused "a" once at weight 1 (not 2) without a word."""
+    string weight "0.5" was taken as 0.5; ["a", "a"] fused "a" once at weight 1 (not 2) without a word; a bool
+    weight ({"a": True}, a slip for ["a"]) was taken as 1.0."""
     m = model("tiny")
     with Runtime(m.path) as rt:
         for seed, name in ((1, "a"), (2, "b")):
@@ -597,7 +604,7 @@ def test_a_malformed_fusion_spec_is_a_config_error_and_changes_nothing(spec):
         assert rt.active == {"a": 0.5, "b": 1.0}
         assert all(np.array_equal(_bits(rt.weights(k)), _bits(w)) for k, w in before.items())
     assert normalise(["b", "a"]) == {"b": 1.0, "a": 1.0} and normalise({"a": np.float32(2)}) == {"a": 2.0}
-    assert list(normalise({"b": True, "a": np.int8(-1)}).items()) == [("b", 1.0), ("a", -1.0)]
+    assert list(normalise({"b": np.int64(1), "a": np.int8(-1)}).items()) == [("b", 1.0), ("a", -1.0)]
 
 
 def _signed_zero_model(path: Path) -> Path:

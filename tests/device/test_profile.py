@@ -57,6 +57,11 @@ def test_adapter_figures(result):
     for key in ("switch_ms", "first_run_after_switch_ms", "settle_ms", "switch_back_ms"):
         assert a[key]["n"] == 3 and a[key]["min"] >= 0
     assert result["switch_p95_ms"] == pytest.approx(a["switch_ms"]["p95"])
+    from edge.runtime import Runtime
+
+    with Runtime(MODEL) as rt:  # the bytes the runtime keeps for the adapter, as it reports them itself
+        name = rt.load_adapter(ADAPTER)
+        assert a["held_bytes"] == rt.adapter_bytes[name] > 0
 
 
 def test_budgets_against_the_profile(result):
