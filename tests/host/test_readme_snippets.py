@@ -10,6 +10,7 @@ here every ``edge ...`` line of a shell block must parse as given.
 
 from __future__ import annotations
 
+import ast
 import shlex
 from pathlib import Path
 
@@ -138,9 +139,10 @@ def test_device_api_float_part(folder, capsys):
     np.testing.assert_allclose(ns["logits"], ns["out"]["logits"], atol=1e-6)  # same state, maybe other kernels
     printed = capsys.readouterr().out.splitlines()
     assert printed[0].startswith("hybrid ") and printed[0].endswith(" {}")  # strategy auto; switch(None): none active
-    assert "predicted_mb" in printed[1] and "measured_mb" in printed[1]
+    assert "predicted_mb" in printed[1] and "measured_mb" in printed[1] and "adapters_mb" in printed[1]
+    assert set(ast.literal_eval(printed[2])) == {"rotate", "noise"}  # adapter_bytes: the loaded adapters by name
     rt = ns["rt"]  # the last one: backend="auto" without a profile
-    assert rt.engine_choice.backend == "onnxruntime" and rt.engine_choice.reason in printed[2]
+    assert rt.engine_choice.backend == "onnxruntime" and rt.engine_choice.reason in printed[3]
 
 
 def test_device_api_int8_part(folder, capsys):
