@@ -9,7 +9,7 @@ import mmap
 import os
 from contextlib import contextmanager
 
-__all__ = ["model_buffer", "rss_mb", "trim_heap"]
+__all__ = ["model_buffer", "page_releaser", "release_pages", "rss_mb", "trim_heap"]
 
 
 @contextmanager
@@ -46,6 +46,60 @@ def model_buffer(model: bytes | bytearray | memoryview | str | os.PathLike):
 
         with mm, memoryview(mm) as view:
             yield view, read
+
+
+#: a memory map smaller than this is left whole: it can hold no more than this many bytes resident
+RELEASE_STEP = 1 << 20
+
+
+def page_releaser(buf, step: int = RELEASE_STEP):
+    """``release(end)``: give back the pages of ``buf`` before byte ``end`` that a reader has walked past, each time
+    it has passed another ``step`` bytes (one system call a step), when ``buf`` is :func:`model_buffer`'s view of a
+    file's memory map; a no-op over bytes in memory.
+
+    Each page a reader touches in the map stays resident in this process until the map closes, and the kernel maps
+    a whole folio of the page cache at a time: walking the headers of ResNet-50's 265 initializers mapped 36-54 MB of
+    its 94 MB file, BERT-base's 58-132 of 436 MB (as the page cache held it), on top of the arena being filled.
+    Released pages stay in the page cache (clean, file-backed): a later touch maps them again."""
+    mm = _mapped(buf)
+    if mm is None:
+        return _keep
+    done = 0
+
+    def release(end: int) -> None:
+        nonlocal done
+        end = min(end, len(mm))
+        if end - done >= step or (end == len(mm) and end > done):
+            _drop(mm, done, end)
+            done = end
+
+    return release
+
+
+def release_pages(buf, start: int, end: int) -> None:
+    """Give back the pages holding bytes ``[start, end)`` of ``buf`` (see :func:`page_releaser`), e.g. once a
+    tensor's bytes were copied out of the map."""
+    mm = _mapped(buf)
+    if mm is not None and 0 <= start < end:
+        _drop(mm, start, min(end, len(mm)))
+
+
+def _mapped(buf) -> mmap.mmap | None:
+    """The memory map ``buf`` views whole (as :func:`model_buffer` yields it), else None."""
+    mm = getattr(buf, "obj", None)
+    if isinstance(mm, mmap.mmap) and not mm.closed and buf.nbytes == len(mm) >= RELEASE_STEP:
+        return mm if hasattr(mmap, "MADV_DONTNEED") else None
+    return None
+
+
+def _drop(mm: mmap.mmap, start: int, end: int) -> None:
+    start -= start % mmap.PAGESIZE
+    if start < end:
+        mm.madvise(mmap.MADV_DONTNEED, start, end - start)
+
+
+def _keep(end: int) -> None:
+    """A walk over bytes in memory: nothing to give back."""
 
 
 def rss_mb() -> float | None:

@@ -79,6 +79,9 @@ def parse_graph_bytes(buf):
 
 
 def _split(buf) -> tuple[bytes, dict[str, Stored]]:
+    from runtimes.loading import page_releaser
+
+    release = page_releaser(buf)  # over a file's map: the pages walked past are given back as the walk goes
     parts: list[bytes] = []
     inits: dict[str, Stored] = {}
     graphs = 0
@@ -90,12 +93,14 @@ def _split(buf) -> tuple[bytes, dict[str, Stored]]:
                 if gnum == 5 and gwt == 2:  # GraphProto.initializer
                     name, stored = _tensor(buf, ga, gb)
                     inits[name] = stored
+                    release(gb)
                 else:
                     kept.append(bytes(buf[gat:gb]))
             body = b"".join(kept)
             parts.append(_varint_bytes(7 << 3 | 2) + _varint_bytes(len(body)) + body)
         else:
             parts.append(bytes(buf[at:b]))
+    release(len(buf))
     if graphs != 1:
         raise ValueError(f"expected one graph, found {graphs}")
     return b"".join(parts), inits

@@ -20,13 +20,13 @@ int8/uint8 for the weights of a quantized model, issue 18), so a switch is a few
 the tensor count, plus onnxruntime's prepacked copy of the MatMul weights (``hybrid``, ``rebuild``; a
 stale one is freed before packing anew). Tables only Gather reads (embeddings) are fed from the arena on
 every run rather than handed over. Loading walks the file once at the protobuf wire level
-(:mod:`runtimes.onnx_file`): each writable tensor is read from the file straight into the arena (given a
-path, the file is never held whole) and only the graph without them, a few hundred KB, is parsed; both
-sessions are built from that weight-less graph. Cold start: ``hybrid`` builds its prepacked session in the
-constructing thread and serves from it; one background thread, started before that build (right after it, the
-session's intra-op threads spin and a thread started then waited 2 ms p50 for a core at load 3), builds the
-bound session (needed from the first switch on) once the first inference has returned or a write asks (a
-build holds the GIL at times: README, caveat of ``hybrid``), then runs the rebuilds. Digits ViT (0.3 MB of
+(:mod:`runtimes.onnx_file`): only the graph without the writable tensors, a few hundred KB, is parsed, the file's
+pages the walk mapped are given back (54 of ResNet-50's 94 MB), then the tensors go straight into the arena (given
+a path, the file is never held whole); both sessions use that weight-less graph. Cold start: ``hybrid`` builds its
+prepacked session in the constructing thread and serves from it; one background thread, started before that build
+(right after it, the session's intra-op threads spin and a thread started then waited 2 ms p50 for a core at load
+3), builds the bound session (needed from the first switch on) once the first inference has returned or a write asks
+(a build holds the GIL at times: README, caveat of ``hybrid``), then runs the rebuilds. Digits ViT (0.3 MB of
 weights; ``edge bench memory``, 16 rounds, load 2.8):
 ready 1.18x the plain session's, main-thread CPU 1.27x (+2.5 ms: the graph parsed once, the arena, the
 fingerprint, ``Runtime``'s checks). Memory: ``hybrid`` holds two sessions, and onnxruntime's own share of each is
@@ -54,6 +54,7 @@ from edge.format.feeds import onnx_input_specs
 from edge.format.modelinfo import ModelInfo, onnx_info
 from runtimes import onnx_file as _file
 from runtimes.base import BACKENDS, SMALL_MODEL_BYTES, ArenaBackend, BackendOptions, model_buffer, trim_heap
+from runtimes.loading import release_pages
 from runtimes.onnx_file import (
     ONNX_DTYPES,
     parse_graph,
@@ -170,9 +171,10 @@ class OrtBackend(ArenaBackend):
             self.input_specs = onnx_input_specs(proto, self.info.inputs)  # the real inputs, from the graph parsed once
             writable = sorted({t.initializer for t in self.info.tensors.values()})
             dtypes = {t.initializer: t.quant.dtype for t in self.info.tensors.values() if t.quant is not None}
+            kept = set(inits) - set(writable)  # small constants (biases, shapes): kept in the graph, taken before
+            proto.graph.initializer.extend(tensor_proto(buf, t) for k, t in inits.items() if k in kept)
+            release_pages(buf, 0, nbytes)  # the weights, so the file pages read so far are not held beside the arena
             arenas, self._offset, self._live = take_writable(buf, inits, writable, read, dtypes)
-            others = [k for k in inits if k not in self._offset]  # small constants (biases, shapes): kept in the graph
-            proto.graph.initializer.extend(tensor_proto(buf, inits[k]) for k in others)
         self._arena = arenas.get(_F4, np.empty(0, _F4))  # float weights; quantized ones in an integer arena
         self._arena_of = {k: arenas[v.dtype] for k, v in self._live.items() if v.dtype != _F4}
         self._constants = _file.quant_constants(proto, self.info)

@@ -188,13 +188,14 @@ def quantize_model(src: Path, out: Path, args) -> dict:
     """Quantize ``src`` into ``out`` as the parsed flags ``args`` ask (see the module doc); the summary."""
     from edge.errors import ConfigError, ExportValidationError
     from edge.format.io import read_bounded
+    from exporters.commands.quantize_model import read_graph, read_model, refuse
 
     fmt = check_request(src, out, args)
+    if fmt == "onnx":  # what the graph alone refuses costs its few MB, not the weights (BERT-base: 56 s, 1.76 GB)
+        refuse(src, *read_graph(src), args)
     data = read_bounded(src, MAX_MODEL_BYTES, what="model file")
     info, specs = read_model(data, fmt, src)
-    quantized = sorted(k for k, t in info.tensors.items() if t.quant is not None)
-    if quantized or "quantization" in info.extra:
-        raise ConfigError(f"{src.name} is quantized already ({len(quantized)} integer targets); pass the float model")
+    refuse(src, info, specs, args)  # again on the bytes read: the file may have changed since
     if fmt == "tflite" and args.mode == "static":
         _need_signature(data, src)
     from exporters.commands.quantize_data import generated_inputs, load_calibration
@@ -202,12 +203,6 @@ def quantize_model(src: Path, out: Path, args) -> dict:
     if args.calib is not None:
         feeds, used = load_calibration(args.calib, specs)
     else:
-        ints = [n for n, spec in specs.items() if spec.dtype is not None and spec.dtype.kind != "f"]
-        if ints:
-            raise ConfigError(
-                f"{src.name} takes integer inputs {ints} (token ids), on which the result is compared with the float "
-                "model: no such input can be made up; pass --calib SAMPLES.npz with real ones (one array per input)"
-            )
         feeds, used = generated_inputs(specs, info), 0
         checked = "generated inputs (N(0,1)): pass --calib for your data"
     batch = args.batch or 16
@@ -269,43 +264,6 @@ def staging(out: Path):
     finally:
         tempfile.tempdir = saved
         shutil.rmtree(folder, ignore_errors=True)
-
-
-def read_model(data: bytes, fmt: str, src: Path):
-    """(ModelInfo, input specs) of a model's bytes; FormatError for a damaged file or one without our metadata."""
-    from edge.errors import FormatError
-    from edge.format.feeds import onnx_input_specs, tflite_input_specs
-
-    if fmt == "tflite":
-        from edge.format.tflite import tflite_info
-
-        return tflite_info(data), tflite_input_specs(data)
-    import numpy as np
-    import onnx
-    from onnx import numpy_helper
-
-    from edge.format.modelinfo import onnx_info
-
-    try:
-        proto = onnx.load_model_from_string(data)
-    except Exception as e:  # protobuf's DecodeError and friends
-        raise FormatError(f"{src} is not a readable ONNX model: {e}") from e
-    info = onnx_info(proto)
-    external = [t.name for t in proto.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
-    if external:
-        raise FormatError(
-            f"{src.name} keeps {external[:3]} in external data files; quantize takes one self-contained file, "
-            "as exporters.export_onnx writes"
-        )
-    try:
-        onnx.checker.check_model(proto)
-    except (onnx.checker.ValidationError, ValueError) as e:  # ValueError: e.g. a name that is not UTF-8
-        raise FormatError(f"{src.name} is not a valid ONNX model: {(str(e).splitlines() or [''])[0]}") from e
-    for t in proto.graph.initializer:  # onnxruntime's quantizer asserts on a NaN/Inf weight; say so first
-        if t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE):
-            if not np.isfinite(numpy_helper.to_array(t)).all():
-                raise FormatError(f"{src.name}: weight {t.name[:80]!r} holds NaN or Inf; export a finite model")
-    return info, onnx_input_specs(data)
 
 
 def describe(s: dict) -> str:
