@@ -47,9 +47,10 @@ __all__ = ["EXPORTER_VERSION", "QuantReport", "quantize_onnx", "MODES"]
 log = logging.getLogger(__name__)
 
 MODES = ("dynamic", "static")
-EXPORTER_VERSION = 3  # bumped when the same options give a different file (2: quantized Gather tables are targets;
-# 3: static activations default to uint8)
+EXPORTER_VERSION = 4  # bumped when the same options give a different file (2: quantized Gather tables are targets;
+# 3: static activations default to uint8; 4: a weight read also by Shape/Size stays a target)
 _TYPES = {"int8": "QInt8", "uint8": "QUInt8"}
+_SHAPE_ONLY = ("Shape", "Size")  # ops that read a tensor's shape, never its values (torch's dynamo exports a Conv so)
 _CALIBRATION = {  # onnxruntime.quantization.CalibrationMethod, by the name this module takes
     "minmax": lambda oq: oq.CalibrationMethod.MinMax,
     "entropy": lambda oq: oq.CalibrationMethod.Entropy,
@@ -284,7 +285,7 @@ def _map_targets(float_proto, q, info: ModelInfo):
             if not (t.slot or t.head):
                 floats.append(pname)
             continue
-        if t.initializer in qinits and users.get(t.initializer):
+        if t.initializer in qinits and any(n.op_type not in _SHAPE_ONLY for n in users.get(t.initializer, ())):
             dropped[pname] = "read both as float and quantized (writing one copy would not change the other)"
             continue
         if qname.endswith("_Transposed_quantized"):  # stored as the 2-D transpose of the float initializer

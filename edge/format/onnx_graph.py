@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import re
 from collections import defaultdict
 
-__all__ = ["consumers", "keep_only", "set_metadata", "subgraph_reads"]
+__all__ = ["batch_dim", "batch_folded", "consumers", "keep_only", "set_metadata", "subgraph_reads"]
 
 
 def keep_only(field, keep) -> None:
@@ -40,3 +41,18 @@ def set_metadata(proto, key: str, value: str) -> None:
     """Add or replace the ``metadata_props`` entry ``key`` of a ModelProto."""
     keep_only(proto.metadata_props, lambda p: p.key != key)
     proto.metadata_props.add(key=key, value=value)
+
+
+def batch_dim(model) -> str | int | None:
+    """The first axis of the model's first input (its name, or its size), None when unknown."""
+    weights = {i.name for i in model.graph.initializer}
+    dims = next((i.type.tensor_type.shape.dim for i in model.graph.input if i.name not in weights), ())
+    return (dims[0].dim_param or dims[0].dim_value or None) if dims else None
+
+
+def batch_folded(dim, batch) -> bool:
+    """Whether a tensor's first axis ``dim`` (not ``batch`` itself) provably is not the batch: another fixed size,
+    or an expression of the batch's name (``4*batch``: a model that folds patches or windows into the batch)."""
+    if isinstance(dim, int) and isinstance(batch, int):
+        return dim > 0 and dim != batch
+    return isinstance(dim, str) and isinstance(batch, str) and re.search(rf"\b{re.escape(batch)}\b", dim) is not None

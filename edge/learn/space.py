@@ -69,20 +69,38 @@ def _by_suffix(*suffixes: str) -> Callable[[Sequence[str]], list[str]]:
 
 
 def _later_blocks(names: Sequence[str]) -> list[str]:
-    """Linear weights of the later half of the numbered blocks (``...blocks.<i>...``)."""
-    idx = {n: int(m.group(1)) for n in names if (m := re.search(r"(?:^|\.)blocks?\.(\d+)\.", n))}
-    if not idx:
-        return []
-    cut = (max(idx.values()) + 1) // 2
-    return [n for n in names if idx.get(n, -1) >= cut]
+    """Weights of the later half of the numbered blocks (``blocks.<i>``, ``layer.<i>``, ``layers.<i>``; nested
+    numbers, as Swin's ``layers.<i>.blocks.<j>``, order the blocks by all of them)."""
+    idx = {n: k for n in names if (k := tuple(map(int, re.findall(r"(?:^|\.)(?:blocks?|layers?)\.(\d+)(?=\.)", n))))}
+    keys = sorted(set(idx.values()))
+    return [n for n in names if n in idx and idx[n] >= keys[len(keys) // 2]] if keys else []
+
+
+#: the names of attention and MLP projections: the digits ViT's, Hugging Face encoders' (BERT and its kin's
+#: ``query``/``attention.output.dense``, DistilBERT's ``q_lin``/``lin1``, MPNet's ``attn.o``, ALBERT's ``ffn``, the
+#: ``q_proj``/``fc1`` of ViT, DeiT, Dinov2 and Swin, ConvNeXt's ``pwconv1``) and decoder-style ones
+_ATTN = "q k v o qkv proj query key value out_proj q_proj k_proj v_proj o_proj q_lin k_lin v_lin out_lin"
+_ATTN = _by_suffix(*_ATTN.split(), "attention.output.dense", "attention.dense")
+_MLP = "fc1 fc2 up_proj down_proj gate_proj lin1 lin2 intermediate.dense output.dense ffn ffn_output pwconv1 pwconv2"
+_MLP = _by_suffix(*_MLP.split())
+
+
+def _mlp(names: Sequence[str]) -> list[str]:
+    attn = set(_ATTN(names))  # ``attention.output.dense`` ends like the MLP's ``output.dense``
+    return [n for n in _MLP(names) if n not in attn]
+
+
+def _all(names: Sequence[str]) -> list[str]:
+    picked = set(_ATTN(names)) | set(_mlp(names))
+    return [n for n in names if n in picked]
 
 
 #: which 2-D weights a candidate adapts: name -> function(2-D parameter names) -> chosen names
 LAYER_SETS: Registry[Callable[[Sequence[str]], list[str]]] = Registry("layer set")
-LAYER_SETS.add("attn", _by_suffix("q", "k", "v", "proj", "query", "key", "value", "out_proj"))
-LAYER_SETS.add("mlp", _by_suffix("fc1", "fc2", "dense", "up_proj", "down_proj"))
-LAYER_SETS.add("all", _by_suffix("q", "k", "v", "proj", "fc1", "fc2"))
-LAYER_SETS.add("late", lambda names: _later_blocks(_by_suffix("q", "k", "v", "proj", "fc1", "fc2")(names)))
+LAYER_SETS.add("attn", _ATTN)
+LAYER_SETS.add("mlp", _mlp)
+LAYER_SETS.add("all", _all)
+LAYER_SETS.add("late", lambda names: _later_blocks(_all(names)))
 
 
 @dataclass(frozen=True)
@@ -238,8 +256,10 @@ def candidates(info, budget: Budget, device: Mapping[str, float], space: Sequenc
         lat = device["infer_ms"] + device["switch_ns_per_entry"] * nnz / 1e6
         out.append(Candidate(arch, tuple(targets), nnz, mem, lat, mem <= budget.memory_mb and lat <= budget.latency_ms))
     if not out:
+        flat = sum(len(t.shape) == 2 for t in info.tensors.values())
         raise ConfigError(
-            f"no architecture of the search space matches model {info.name!r}'s layers; "
+            f"no architecture of the search space matches model {info.name!r}'s layers (the search space adapts 2-D "
+            f"weights by name; the model has {flat} of its {len(info.tensors)} targets 2-D); "
             "for any model pass space=edge.learn.tail.TAIL_SPACE"
         )
     return out

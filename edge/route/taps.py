@@ -131,6 +131,7 @@ from pathlib import Path
 
 from edge.errors import ConfigError, FormatError
 from edge.format.modelinfo import META_KEY
+from edge.format.onnx_graph import batch_dim, batch_folded
 from edge.route.tapsets import TAP_SETS, feature_shapes, resolve_taps, tensor_shapes
 
 __all__ = [
@@ -239,7 +240,7 @@ def tap_model(
         raise ConfigError(f"model {model.graph.name!r} already has tensors {ours[:4]}; tap the original model")
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     types = _elem_types(model)
-    found = []
+    found, batch = [], batch_dim(model)
     for tensor in taps:
         if types.get(tensor, TensorProto.FLOAT) not in FLOATS:  # float16/64 taps are cast to float32 below
             kind = TensorProto.DataType.Name(types[tensor]).lower()
@@ -251,6 +252,9 @@ def tap_model(
                 f"tap {tensor!r} is not a tensor of model {model.graph.name!r} with a batch axis and a known "
                 f"feature dimension (the last; the second of a 4-D NCHW map); some tensors: {sorted(shapes)[:8]}"
             )
+        if shape[0] != batch and batch_folded(shape[0], batch):  # e.g. MobileViT's patches folded into the batch
+            raise ConfigError(f"tap {tensor!r} has first axis {shape[0]!r}, not the batch {batch!r}: its rows are "
+                              "not the inputs; pass taps='stages' or tensor names that are batch first")  # fmt: skip
         found.append((tensor, shape, axes, channels))
     width = sum(c for *_, c in found)
     g = model.graph
