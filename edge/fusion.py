@@ -215,7 +215,12 @@ def normalise(spec) -> dict[str, float]:
         for k, v in spec.items():
             if type(v) is not float and (not isinstance(v, Real) or isinstance(v, bool)):  # "0.5", True: a slip
                 raise ConfigError(f"adapter weight for {k!r} must be a real number, got {type(v).__name__} {v!r:.40}")
-            a = float(v)
+            try:
+                a = float(v)
+            except OverflowError:  # an int or a Fraction beyond any float (10**400; its repr may not even print)
+                raise ConfigError(
+                    f"adapter weight for {k!r} must be finite, got {type(v).__name__} out of range"
+                ) from None
             if not math.isfinite(a):
                 raise ConfigError(f"adapter weight for {k!r} must be finite, got {v!r}")
             out[str(k)] = a

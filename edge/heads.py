@@ -2,7 +2,8 @@
 
 A head (:mod:`edge.route.taps`) is the router's scoring matrix in the graph, written like weights but never by
 adapters. Only tensors the model metadata marks ``head`` may be written this way, each whole, at its exact shape,
-finite, from a float32 copy the caller cannot change before the write.
+finite, from a float32 copy the caller cannot change before the write, whose own shape is checked (an
+ndarray subclass can report another ``shape``; ``__array__`` can answer a second call differently).
 """
 
 from __future__ import annotations
@@ -38,8 +39,8 @@ def head_writes(info: ModelInfo, values: Mapping[str, np.ndarray]) -> list:
             a = np.array(v, np.float32) if shape == tuple(t.shape) else None
         except (TypeError, ValueError) as e:
             raise ConfigError(f"head tensor {name!r}: {type(v).__name__} is not an array of numbers") from e
-        if a is None:
-            raise ConfigError(f"head tensor {name!r} has shape {tuple(t.shape)}, got {shape}")
+        if a is None or a.shape != tuple(t.shape):  # the copy's own shape: a `shape` or `__array__` may lie
+            raise ConfigError(f"head tensor {name!r} has shape {tuple(t.shape)}, got {shape if a is None else a.shape}")
         if not np.isfinite(a).all():
             raise ConfigError(f"head tensor {name!r} has non-finite values")
         writes.append(WeightWrite(t.initializer, None, a))  # the whole tensor: one slice copy

@@ -120,7 +120,7 @@ class Runtime:
         # the real inputs, read by the backend while loading (no second walk of the file)
         self._inputs = self.backend.input_specs if owned else input_specs(backend, data)
         tensors = ReadOnlyDict(self.backend.info.tensors)  # read-only: what set_head and adapters are checked against
-        self.info: ModelInfo = replace(self.backend.info, also_fits=self.engine_choice.twins, tensors=tensors)
+        self._info: ModelInfo = replace(self.backend.info, also_fits=self.engine_choice.twins, tensors=tensors)
         self.model_path = path
         if backend == "onnxruntime":  # its U8S8 int8 kernels saturate on x86 without VNNI: say so at load
             cpu_int8.warn_u8s8_saturation(self.info, path.name, read=self.backend.read)
@@ -137,7 +137,7 @@ class Runtime:
         self._touched: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # stored -> (positions, base values)
         self._layout: object = None  # the active single adapter's layout: switching to its like needs no undo
         self._restore: object = self.backend.prepare([])  # undoes the current state (at first: writes nothing)
-        self._empty, self.clipped = self._restore, 0  # clipped: entries of a quantized base clipped to the range now
+        self._empty, self._apply, self.clipped = self._restore, self._restore, 0  # _apply: redoes this state
         self._lock = threading.Lock()
         why = self.engine_choice.reason
         log.info("loaded %s: %s; strategy %s, providers %s", path.name, why, self.strategy, self.providers)
@@ -150,6 +150,7 @@ class Runtime:
 
     providers = property(lambda self: self.backend.providers, doc="Execution providers / delegates running the model.")
     policy = property(lambda self: self._policy, doc="The signature policy, fixed when the runtime was built.")
+    info = property(lambda self: self._info, doc="The model's description (read-only: heads, adapters obey it).")
     adapters = property(lambda self: sorted(self._adapters), doc="The names of the loaded adapters, sorted.")
 
     @property
@@ -323,9 +324,13 @@ class Runtime:
                 apply = self.backend.prepare([WeightWrite(t, touched[t][0], v) for t, v in f.values.items()])
                 restore = self.backend.prepare([WeightWrite(t, pos, b) for t, (pos, b) in touched.items()])
             undo = self._empty if fast and p.layout is self._layout else self._restore  # all its entries rewritten
-            self.backend.write(undo, apply, *(() if head_write is None else (head_write,)))
+            try:
+                self.backend.write(undo, apply, *(() if head_write is None else (head_write,)))
+            except BaseException:  # cut short (a Ctrl-C between two writes) or failed: back to the state it found
+                self.backend.write(undo, restore, self._apply)  # base values at both states' entries, then the old's
+                raise
             self._restore, self._touched, self._active, self.clipped = restore, touched, target, clipped
-            self._layout = p.layout if fast else None
+            self._layout, self._apply = p.layout if fast else None, apply
         if clipped and not fast:  # a single adapter's clipping was reported when it loaded
             log.warning("fusing %s clipped %d entries of the quantized weights to the integer range", target, clipped)
 
@@ -403,7 +408,7 @@ class Runtime:
             if type(feeds) is dict and (last := self._check_feeds._last) and len(feeds) == len(last):
                 feeds = dict(feeds)  # FeedChecker's own first step, inlined: a frame costs ~1 us right after a run
                 for k, v in feeds.items():
-                    e = last.get(k)
+                    e = last.get(k) if type(k) is str else None  # a str subclass can pose as an input, name a weight
                     if e is None or type(v) is not _ND or v.dtype is not e[0] or v.shape != e[1] or v.strides != e[2]:
                         return self.backend.run(self._check_feeds(feeds), names)
                 return self.backend.run(feeds, names)

@@ -212,7 +212,10 @@ class FeedChecker:
     Cost at batch 1 matters (a stream): right after a native run Python's caches are cold and every
     step costs several times its warm cost, so the last accepted signature is compared entry by entry
     (name, dtype object, shape, strides: equal strides for an equal shape and dtype mean the same
-    C-contiguous layout) before the set of remembered ones is consulted.
+    C-contiguous layout) before the set of remembered ones is consulted. Only a dict whose names are
+    plain ``str`` is handed on as given: a ``str`` subclass can hash and compare as an input's name
+    while its characters, which onnxruntime binds by, name a weight, so :func:`check_feeds` rebuilds
+    such a dict under the model's own names.
     """
 
     def __init__(self, specs: Mapping[str, InputSpec], weights: frozenset[str] = frozenset()) -> None:
@@ -229,6 +232,7 @@ class FeedChecker:
                     e = last.get(k)
                     if (
                         e is None
+                        or type(k) is not str  # a str subclass may pose as an input and carry a weight's name
                         or type(v) is not np.ndarray
                         or v.dtype is not e[0]
                         or v.shape != e[1]
@@ -254,7 +258,7 @@ def _signature(feeds: object) -> tuple | None:
         return None
     sig = []
     for k, v in feeds.items():
-        if type(v) is not np.ndarray or not v.flags.c_contiguous:
+        if type(k) is not str or type(v) is not np.ndarray or not v.flags.c_contiguous:
             return None
         sig.append((k, v.dtype, v.shape))
     return tuple(sig)
