@@ -36,6 +36,7 @@ demo-tflite: $(TFLITE_VENV)/.installed
 test-tflite: $(TFLITE_VENV)/.installed
 	$(TFLITE_VENV)/bin/python -m pytest -q -m "slow or not slow" tests/host/test_tflite_conv.py tests/host/test_tflite_hf.py tests/host/test_layout_match.py tests/device/test_litert.py tests/host/test_tflite_quant.py \
 		tests/host/test_cli_quantize.py tests/host/test_outside_int8.py tests/host/test_outside_tflite.py
+	$(TFLITE_VENV)/bin/python -m pytest -q -m "slow or not slow" tests/host/test_hf_matrix.py -k litert
 
 # The OCI registry (Debian's docker-registry) that the fleet tests start on 127.0.0.1; skipped with a message if
 # it cannot be installed here.
