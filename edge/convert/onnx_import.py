@@ -306,7 +306,10 @@ def _torch_view(node, chain, stored: np.ndarray, arrays, producer) -> _View | No
         idx = idx if attrs.get("transB", 0) else idx.T
     elif op == "Gather":
         if attrs.get("axis", 0) != 0 or idx.ndim != 2:
-            return None  # an index lookup, not an embedding table
+            raise _NotAWeight(
+                f"gathered on axis {attrs.get('axis', 0)} of a {idx.ndim}-D table (only the rows of a 2-D embedding "
+                "table are adapted)"
+            )
     elif idx.ndim < 3:
         raise _NotAWeight(f"{op} weight of {idx.ndim} dims")
     shape = tuple(int(s) for s in idx.shape)

@@ -288,7 +288,7 @@ class Updater:
         estimate = m.estimate_bytes(len(y), classes) + len(y) * (m.ctx.dim + classes) * 4
         if estimate > self.memory_mb * MB:
             raise ConfigError(
-                f"{self.method_name} update of {len(y)} samples needs about {estimate / MB:.1f} MB, over the "
+                f"{self.method_name} update of {len(y)} samples needs about {_mb(estimate)} MB, over the "
                 f"memory budget of {self.memory_mb:g} MB; {m.advice(len(y), classes, self.memory_mb)}"
             )
         with _traced() as peak:
@@ -306,8 +306,8 @@ class Updater:
         extra = peak() / MB
         if extra > self.memory_mb:
             raise ConfigError(
-                f"{self.method_name} update used {extra:.1f} MB at its peak, over the budget of "
-                f"{self.memory_mb:g} MB (estimated {estimate / MB:.1f} MB); nothing was changed. "
+                f"{self.method_name} update used {_mb(extra * MB)} MB at its peak, over the budget of "
+                f"{self.memory_mb:g} MB (estimated {_mb(estimate)} MB); nothing was changed. "
                 f"{m.advice(len(y), classes, self.memory_mb)}"
             )
         m.commit(new)
@@ -424,3 +424,8 @@ def _traced():
         result["peak"] = max(0, tracemalloc.get_traced_memory()[1] - base)
         if started:
             tracemalloc.stop()
+
+
+def _mb(n: float) -> str:
+    """``n`` bytes in MB, with the digits a small figure needs (0.004, not 0.0)."""
+    return f"{n / MB:.1f}" if n >= 0.1 * MB else f"{n / MB:.2g}"

@@ -464,3 +464,24 @@ def test_models_quantized_by_onnxruntime_are_refused_in_one_line_at_import_and_a
     line = _one_line(["import-onnx", str(tmp_path / "q.onnx"), "--out", str(tmp_path / "o.onnx")], capsys)
     assert re.search(r"already quantized \(.*\): import the float model .*edge quantize", line), line
     assert not (tmp_path / "o.onnx").exists()
+
+
+def test_a_table_gathered_other_than_by_row_is_reported_not_adapted(tmp_path):
+    """A float32 table read by Gather on axis 1 (columns picked by an index input) is not an embedding table: it was
+    left out of the targets without a word; it is listed as skipped with why. A 2-D table gathered by row (axis 0)
+    stays a target."""
+    rng = np.random.default_rng(0)
+    emb, cols = rng.standard_normal((7, 4)).astype(np.float32), rng.standard_normal((4, 6)).astype(np.float32)
+    ids = helper.make_tensor_value_info("ids", TensorProto.INT64, ["n"])
+    pick = helper.make_tensor_value_info("pick", TensorProto.INT64, [2])
+    nodes = [
+        helper.make_node("Gather", ["emb", "ids"], ["e"], axis=0),  # [n, 4]
+        helper.make_node("Gather", ["cols", "pick"], ["c"], axis=1),  # [4, 2]
+        helper.make_node("MatMul", ["e", "c"], ["y"]),
+    ]
+    inits = [numpy_helper.from_array(emb, "emb"), numpy_helper.from_array(cols, "cols")]
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 2])
+    onnx.save(_model(nodes, inits, [ids, pick], [y]), tmp_path / "m.onnx")
+    report = import_onnx(tmp_path / "m.onnx", tmp_path / "m.edge.onnx")
+    assert set(report.info.tensors) == {"emb"}
+    assert "gathered on axis 1" in report.skipped["cols"]

@@ -221,10 +221,17 @@ def test_memory_budget_is_checked_before_and_after(rt, monkeypatch):
     up = Updater(rt, "ranpac", features=128, memory_mb=0.3)
     monkeypatch.setattr(type(up.method), "estimate_bytes", lambda self, n, classes: 0)  # a wrong estimate
     with pytest.raises(
-        ConfigError, match=r"at its peak, over the budget of 0.3 MB \(estimated 0.0 MB\); nothing was changed"
+        ConfigError, match=r"at its peak, over the budget of 0.3 MB \(estimated 0\.0\d+ MB\); nothing was changed"
     ):
         up.partial_fit(x, y)
     assert up.samples_seen == 0 and not up.method.counts.any() and up.history == []
+
+
+def test_a_small_estimate_is_not_printed_as_zero(rt):
+    x, y = blobs(10, seed=1)
+    with pytest.raises(ConfigError, match=r"needs about 0\.0*[1-9][0-9]* MB, over the memory budget of 1e-05 MB") as e:
+        Updater(rt, "ncm", memory_mb=1e-5).partial_fit(x, y)
+    assert "about 0.0 MB" not in str(e.value)
 
 
 BAD = [
