@@ -21,7 +21,9 @@ import numpy as np
 
 from edge.errors import FormatError
 from edge.format.modelinfo import ModelInfo, fingerprint
+from edge.format.onnx_graph import quantized_ops
 from runtimes.lines import aligned_offsets, arena_group
+from runtimes.onnx_quant import check_quant_readers
 
 __all__ = [
     "ONNX_DTYPES",
@@ -252,8 +254,24 @@ def verify_fingerprint(proto, info: ModelInfo, live: Mapping[str, np.ndarray]) -
     if got != info.fingerprint:
         raise FormatError(
             f"model {info.name!r}: weights fingerprint {got} differs from the exported {info.fingerprint}; "
-            "the file was modified after export (re-export it)"
+            f"the file was modified after export ({_modified_how(proto, info)})"
         )
+
+
+def _modified_how(proto, info: ModelInfo) -> str:
+    """What to do about a file whose weights changed: a quantizer or onnxruntime's optimizer re-saving it is named."""
+    quantized = quantized_ops(proto.graph)
+    if quantized and not any(t.quant is not None for t in info.tensors.values()):
+        return (
+            f"its graph has {', '.join(quantized)}: it was quantized after export by another tool, which records no "
+            "grids for adapters; quantize the float model with `edge quantize` (exporters.quantize_onnx) instead"
+        )
+    if quantized:
+        return (
+            "if onnxruntime saved it (SessionOptions.optimized_model_filepath) or another quantizer ran on it, load "
+            "the file `edge quantize` wrote: the runtime lets onnxruntime optimize it in memory; else re-quantize"
+        )
+    return "re-export it"
 
 
 def strip_node_metadata(proto) -> None:
@@ -304,6 +322,7 @@ def quant_constants(proto, info: ModelInfo) -> dict[str, np.ndarray]:
             raise FormatError(f"{name}: scale {q.scale!r} is not {n} positive finite float32 value(s)")
         if zp.dtype != np.dtype(q.dtype) or zp.size != n:
             raise FormatError(f"{name}: zero point {q.zero_point!r} is not {n} {q.dtype} value(s), got {zp.dtype}")
+    check_quant_readers(proto, info)  # the graph applies those very constants to the integers, unblocked
     return found
 
 

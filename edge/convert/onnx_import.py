@@ -150,7 +150,10 @@ def make_adapter_ready(
     """Edit ``proto`` (an ``onnx.ModelProto``) in place as :func:`import_onnx` does, and return the report."""
     from onnx import numpy_helper
 
-    if any(p.key == META_KEY for p in proto.metadata_props):
+    meta = next((p.value for p in proto.metadata_props if p.key == META_KEY), None)
+    if meta is not None:
+        if ModelInfo.from_json(meta).float_fingerprint is None:  # not an `edge quantize` twin: quantized elsewhere?
+            refuse_quantized(proto.graph, name)  # (onnxruntime's quantizers keep the metadata they found)
         raise ConfigError(
             f"ONNX model {name!r} already carries {META_KEY!r} metadata (exported or imported by this project): "
             "load it with edge.Runtime as it is, or import the original file"

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from edge.errors import ConfigError, FormatError
+from edge.format.onnx_graph import QUANTIZED_OPS, quantized_ops
 
 __all__ = [
     "MAX_MODEL_BYTES",
@@ -35,22 +36,6 @@ __all__ = [
 ]
 
 MAX_MODEL_BYTES = 1 << 40  # as edge.runtime: the limit keeps a device file finite
-QUANTIZED_OPS = (
-    "DequantizeLinear",
-    "QuantizeLinear",
-    "DynamicQuantizeLinear",
-    "MatMulInteger",
-    "ConvInteger",
-    "QLinearMatMul",
-    "QLinearConv",
-    "MatMulNBits",
-    "QGemm",
-    # onnxruntime's contrib ops of a quantized graph it optimized and saved (QLinearAdd and the other QLinear* too)
-    "DynamicQuantizeMatMul",
-    "MatMulIntegerToFloat",
-    "QAttention",
-    "QEmbedLayerNormalization",
-)
 
 
 _FLOATS = (1, 10, 11, 16)  # onnx.TensorProto FLOAT, FLOAT16, DOUBLE, BFLOAT16
@@ -148,7 +133,7 @@ def refuse_quantized(graph, name: str) -> None:
     Its integer weights carry no record of their grids, and importing only its float weights would leave the
     quantized layers silently without adapters: the float model it was made from is the one to import.
     """
-    quantized = sorted({n.op_type for n in graph.node if n.op_type in QUANTIZED_OPS or n.op_type.startswith("QLinear")})
+    quantized = quantized_ops(graph)  # If/Loop/Scan bodies too: a quantized body would otherwise pass unsaid
     if quantized:
         raise ConfigError(
             f"ONNX model {name!r} is already quantized ({', '.join(quantized)}): import the float model it was made "

@@ -367,6 +367,14 @@ def onnx_info(proto) -> ModelInfo:
     for p in proto.metadata_props:
         if p.key == META_KEY:
             return ModelInfo.from_json(p.value)
+    from edge.format.onnx_graph import quantized_ops
+
+    if quantized := quantized_ops(proto.graph):  # `edge import-onnx` would refuse it: say what to do at once
+        raise FormatError(
+            f"ONNX model {proto.graph.name!r} has no {META_KEY!r} metadata and was quantized by another tool "
+            f"({', '.join(quantized)}), which records no grids for adapters: import the float model it was made from "
+            "(`edge import-onnx`), then make its int8 twin with `edge quantize` (exporters.quantize_onnx)"
+        )
     raise FormatError(
         f"ONNX model {proto.graph.name!r} has no {META_KEY!r} metadata: it was not exported by this project's "
         "exporter (use `exporters.export_onnx`, or `edge import-onnx` for a model exported elsewhere)"

@@ -5,7 +5,34 @@ from __future__ import annotations
 import re
 from collections import defaultdict
 
-__all__ = ["batch_dim", "batch_folded", "consumers", "keep_only", "set_metadata", "subgraph_reads"]
+__all__ = [
+    "QUANTIZED_OPS",
+    "batch_dim",
+    "batch_folded",
+    "consumers",
+    "keep_only",
+    "quantized_ops",
+    "set_metadata",
+    "subgraph_reads",
+]
+
+#: ops of a graph quantized by a tool (onnxruntime's quantizers, its optimizer's contrib fusions; QLinear* too)
+QUANTIZED_OPS = (
+    "DequantizeLinear",
+    "QuantizeLinear",
+    "DynamicQuantizeLinear",
+    "MatMulInteger",
+    "ConvInteger",
+    "QLinearMatMul",
+    "QLinearConv",
+    "MatMulNBits",
+    "QGemm",
+    # onnxruntime's contrib ops of a quantized graph it optimized and saved (QLinearAdd and the other QLinear* too)
+    "DynamicQuantizeMatMul",
+    "MatMulIntegerToFloat",
+    "QAttention",
+    "QEmbedLayerNormalization",
+)
 
 
 def keep_only(field, keep) -> None:
@@ -35,6 +62,21 @@ def subgraph_reads(graph) -> set[str]:
                 names.update(i for n in sub.node for i in n.input)
                 names |= subgraph_reads(sub)
     return names
+
+
+def quantized_ops(graph) -> list[str]:
+    """The quantized op types of ``graph`` and of its If/Loop/Scan bodies (sorted; empty for a float graph)."""
+    import onnx
+
+    found: set[str] = set()
+    graphs = [graph]
+    while graphs:
+        for node in graphs.pop().node:
+            if node.op_type in QUANTIZED_OPS or node.op_type.startswith("QLinear"):
+                found.add(node.op_type)
+            for attr in node.attribute:
+                graphs.extend([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs))
+    return sorted(found)
 
 
 def set_metadata(proto, key: str, value: str) -> None:

@@ -1,0 +1,84 @@
+"""What the graph does with a quantized target's integers, checked against the metadata before any write.
+
+An int8 model's metadata (:class:`~edge.format.modelinfo.QuantInfo`) names each target's scale and zero point; an
+adapter is written onto that grid (a float adapter requantized with that scale). The fingerprint covers the
+initializers, not the nodes, so a file whose graph reads the integers otherwise (a blocked ``DequantizeLinear``,
+another axis, a scale that is a graph input or computed, an op onnxruntime's optimizer fused in) would take adapters
+on a grid its kernels do not use. :func:`check_quant_readers` refuses such a file in one line: every reader must be
+one :func:`exporters.quantize_onnx` records (``DequantizeLinear`` with that scale, zero point and axis, unblocked;
+``MatMulInteger``/``ConvInteger`` reading it as B with that zero point, the scale multiplied in after; a ``Gather``
+whose rows only such a ``DequantizeLinear`` reads), or one that reads only its shape.
+"""
+
+from __future__ import annotations
+
+from edge.errors import FormatError
+from edge.format.modelinfo import ModelInfo, TensorInfo
+from edge.format.onnx_graph import consumers, subgraph_reads
+
+__all__ = ["check_quant_readers"]
+
+_SHAPE_ONLY = ("Shape", "Size")  # read a tensor's shape, never its values
+#: onnxruntime's fusions of a quantized graph (SessionOptions.optimized_model_filepath saves them)
+_FUSED = ("DynamicQuantizeMatMul", "MatMulIntegerToFloat", "QGemm", "QLinearMatMul", "QLinearConv", "QAttention")
+
+
+def check_quant_readers(proto, info: ModelInfo) -> None:
+    """Raise :class:`FormatError` unless every node reading a quantized target applies the metadata's grid."""
+    graph = proto.graph
+    users = consumers(graph)
+    inputs = {v.name for v in graph.input}
+    nested = subgraph_reads(graph)
+    for name, t in info.tensors.items():
+        q = t.quant
+        if q is None:
+            continue
+        fed = sorted({q.scale, q.zero_point} & inputs)
+        if fed:
+            raise FormatError(f"{name}: its scale or zero point {fed} is a graph input: a caller could change the grid")
+        if t.initializer in nested:
+            raise FormatError(
+                f"{name}: {t.initializer!r} is read inside a control-flow body, whose grid is not checked"
+            )
+        for node in users.get(t.initializer, ()):
+            why = _why_not(node, t.initializer, t, users, nested)
+            if why:
+                hint = (
+                    "; onnxruntime's optimizer writes it: load the file `edge quantize` wrote (the runtime lets "
+                    "onnxruntime optimize it in memory), not one saved with optimized_model_filepath"
+                    if node.op_type in _FUSED
+                    else "; re-make the int8 model with `edge quantize` (exporters.quantize_onnx)"
+                )
+                raise FormatError(f"model {info.name!r}: quantized target {name!r} {why}{hint}")
+
+
+def _why_not(node, value: str, t: TensorInfo, users, nested) -> str:
+    """Why ``node`` reading ``value`` (``t``'s integers, or rows gathered from them) is off the metadata's grid."""
+    q, op = t.quant, node.op_type
+    ins = list(node.input)
+    at = f"{op} {node.name or node.output[0]!r}"
+    if op in _SHAPE_ONLY:
+        return ""
+    if op == "DequantizeLinear" and ins[0] == value and value not in ins[1:]:
+        if ins[1:3] != [q.scale, q.zero_point]:
+            return (
+                f"is dequantized by {at} with scale/zero point {ins[1:3]}, not the metadata's {[q.scale, q.zero_point]}"
+            )
+        attrs = {a.name: a.i for a in node.attribute}
+        if attrs.get("block_size", 0):
+            return f"is dequantized by {at} in blocks of {attrs['block_size']} (a scale per block, not per channel)"
+        if t.stored_quant_axis is not None and attrs.get("axis", 1) % len(t.stored_shape) != t.stored_quant_axis:
+            return f"is dequantized by {at} along axis {attrs.get('axis', 1)}, not the metadata's stored axis"
+        return ""
+    if op in ("MatMulInteger", "ConvInteger") and ins.index(value) == 1 and ins.count(value) == 1:
+        if ins[3:4] != [q.zero_point]:
+            return f"is read by {at} with zero point {ins[3:4]}, not the metadata's {q.zero_point!r}"
+        if not any(n.op_type == "Mul" for n in users.get(q.scale, ())) and q.scale not in nested:
+            return f"is read by {at}, but its scale {q.scale!r} multiplies nothing"
+        return ""
+    if op == "Gather" and ins[0] == value and value not in ins[1:]:
+        rows = users.get(node.output[0], ())
+        if t.quant.axis is not None or not rows or any(n.op_type != "DequantizeLinear" for n in rows):
+            return f"is gathered by {at}, whose rows are not dequantized with one scale"
+        return next((w for n in rows if (w := _why_not(n, node.output[0], t, users, nested))), "")
+    return f"is read by {at} (input {ins.index(value)}), which this runtime does not know the grid of"
