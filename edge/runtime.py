@@ -25,15 +25,16 @@ from pathlib import Path
 
 import numpy as np
 
-from edge import cpu_int8, fusion
+from edge import cpu_int8
+from edge.adapters_held import AdapterHolder, HeldBuffers
 from edge.engine_cache import cached_engine, explicit_engine
-from edge.errors import AdapterMismatchError, ConfigError, RuntimeClosedError
-from edge.format.adapter import Adapter, DenseDelta, load_adapter, max_adapter_bytes
+from edge.errors import ConfigError, RuntimeClosedError
+from edge.format.adapter import max_adapter_bytes
 from edge.format.feeds import FeedChecker, input_specs, names_only
 from edge.format.io import read_bounded
 from edge.format.modelinfo import ModelInfo, ReadOnlyDict
 from edge.format.signing import SignaturePolicy
-from edge.fusion import Prepared, SaturationError, check_finite, fuse, merge_weights, merged, normalise
+from edge.fusion import Prepared, SaturationError, check_finite, fuse, merge_weights, normalise
 from edge.heads import head_names, head_writes
 
 __all__ = ["Runtime", "RuntimeClosedError", "SaturationError", "merge_weights"]
@@ -41,12 +42,11 @@ __all__ = ["Runtime", "RuntimeClosedError", "SaturationError", "merge_weights"]
 log = logging.getLogger("edge.runtime")
 _ND = np.ndarray  # one global lookup on the hot path of run
 
-_BASE_CHUNK = 1 << 18  # entries read per lock hold while an adapter loads
 MAX_MODEL_BYTES = 1 << 40  # model files are trusted; the limit only keeps a device file from being read forever
 
 
-class Runtime:
-    """Run one exported model and switch sparse adapters into its weights in place."""
+class Runtime(AdapterHolder):
+    """Run one exported model and switch sparse adapters into its weights in place (:mod:`edge.adapters_held`)."""
 
     def __init__(
         self,
@@ -69,7 +69,8 @@ class Runtime:
         ``threads``/``providers``/``strategy`` win over it. With ``strategy="auto"`` the profile's
         ``budgets.memory_mb`` picks the strategy (hybrid when its predicted footprint fits, else bound, else a
         ``ConfigError`` naming the figures; a model file larger than the budget is refused before it is read);
-        ``enforce_memory_budget=False`` skips that. ``backend="auto"`` runs the engine measured fastest here among
+        the same budget bounds the adapters loaded (:mod:`edge.adapters_held`); ``enforce_memory_budget=False``
+        skips both. ``backend="auto"`` runs the engine measured fastest here among
         the model's files for the profile's backends (``M.onnx``, ``M.tflite`` side by side; the profile's order
         decides within 3 %), measured on the first load and read from a cache after
         (:func:`edge.engine_cache.cached_engine`); files exported from the same weights are twins, so an adapter made
@@ -105,6 +106,7 @@ class Runtime:
         path, owned = Path(model), backend in ("onnxruntime", "tflite")  # engines that read the file themselves
         data = path if owned else read_bounded(path, MAX_MODEL_BYTES, what="model file")  # never two copies at once
         budget = self.device.budgets.memory_mb if self.device is not None and enforce_memory_budget else None
+        self._budget_mb, self._auto = budget, strategy == "auto"  # what the model and the adapters held must fit
         options = BackendOptions(
             threads=threads, strategy=strategy, providers=tuple(providers), verify=verify, memory_mb=budget
         )
@@ -121,7 +123,7 @@ class Runtime:
         self._inputs = self.backend.input_specs if owned else input_specs(backend, data)
         tensors = ReadOnlyDict(self.backend.info.tensors)  # read-only: what set_head and adapters are checked against
         self._info: ModelInfo = replace(self.backend.info, also_fits=self.engine_choice.twins, tensors=tensors)
-        self.model_path = path
+        self.model_path, self._file_mb = path, path.stat().st_size / 2**20  # a budget's model part, unpredicted
         if backend == "onnxruntime":  # its U8S8 int8 kernels saturate on x86 without VNNI: say so at load
             cpu_int8.warn_u8s8_saturation(self.info, path.name, read=self.backend.read)
         if not self._inputs:  # a backend with no reader here, or no inputs in the metadata: names from the backend
@@ -133,6 +135,7 @@ class Runtime:
         self._closed = False
         self._max_adapter_bytes = max_adapter_bytes(self.info)
         self._adapters: dict[str, Prepared] = {}
+        self._held = HeldBuffers()  # the bytes they keep, each buffer once
         self._active: dict[str, float] = {}
         self._touched: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # stored -> (positions, base values)
         self._layout: object = None  # the active single adapter's layout: switching to its like needs no undo
@@ -151,138 +154,11 @@ class Runtime:
     providers = property(lambda self: self.backend.providers, doc="Execution providers / delegates running the model.")
     policy = property(lambda self: self._policy, doc="The signature policy, fixed when the runtime was built.")
     info = property(lambda self: self._info, doc="The model's description (read-only: heads, adapters obey it).")
-    adapters = property(lambda self: sorted(self._adapters), doc="The names of the loaded adapters, sorted.")
-
-    @property
-    def footprint(self) -> dict:
-        """Strategy, predicted resident MB (the model), MB loading measured (Linux; None if the process shrank: first
-        load only), and MB the loaded adapters keep (:attr:`adapter_bytes`; not in ``predicted_mb``)."""
-        b, held = self.backend, sum(self.adapter_bytes.values()) / 2**20
-        return dict(strategy=b.strategy, predicted_mb=b.predicted_mb(), measured_mb=b.measured_mb, adapters_mb=held)
-
-    @property
-    def adapter_bytes(self) -> dict[str, int]:
-        """Bytes each loaded adapter keeps (its arrays, base values and prepared writes; never the model's weights):
-        an array adapters on one mask share counts with the one loaded first (:func:`edge.fusion.held_bytes`)."""
-        held = dict(self._adapters)
-        return dict(zip(held, fusion.held_bytes(held.values()), strict=True))
 
     @property
     def active(self) -> dict[str, float]:
         """The adapters fused into the weights now, with their weights (empty = base model)."""
         return dict(self._active)
-
-    # -- adapters ----------------------------------------------------------------------------
-    def load_adapter(self, adapter: Adapter | str | os.PathLike, name: str | None = None, *, clip: bool = False) -> str:
-        """Validate an adapter against this model and keep it ready to switch. Returns its name.
-
-        On a quantized model a float adapter is requantized onto the base's grid; an entry it would take outside
-        the integer range raises :class:`~edge.fusion.SaturationError`, or with ``clip=True`` is clipped (counted
-        in :attr:`clipped` while the adapter is active).
-
-        Nothing about the running model changes; a bad adapter raises :class:`~edge.errors.FormatError` or
-        :class:`~edge.errors.AdapterMismatchError`, and, when the runtime was given ``trusted_keys``, an unsigned
-        or wrongly signed file raises :class:`~edge.errors.SignatureError` before any of its bytes is parsed.
-        """
-        self._check_open()
-        if in_memory := isinstance(adapter, Adapter):
-            self._policy.check_in_memory(adapter.name)
-        else:  # signature, then every declared target against this model, before any array is decoded
-            adapter = load_adapter(adapter, policy=self._policy, model=self.info, max_bytes=self._max_adapter_bytes)
-        adapter = fusion.kept(adapter, copy=in_memory)  # read-only; a caller's own copied first, validated again
-        adapter.check_against(self.info)
-        name = adapter.name if name is None else name
-        if not isinstance(name, str) or not name:
-            raise ConfigError(f"adapter name must be a non-empty string, got {name!r}")
-        index, delta = {}, {}
-        for tname, d in adapter.tensors.items():
-            t = self.info.tensors[tname]
-            stored = self.backend.read(t.initializer)
-            if stored.size != int(np.prod(t.shape)) or stored.dtype != t.dtype:
-                raise AdapterMismatchError(f"{tname}: stored tensor {stored.shape} {stored.dtype} does not fit")
-            if isinstance(d, DenseDelta):  # the whole slot tensor, in stored layout
-                index[t.initializer] = np.arange(stored.size, dtype=np.int64)
-                delta[t.initializer] = np.array(t.to_stored(t.fold(d.values)))  # never the adapter's own array
-                continue
-            flat = t.stored_offsets(d.indices)
-            if t.quant is None:
-                values = t.stored_delta(d.indices, d.values)
-            elif d.qvalues is not None:  # integer adapter: the exact integers (steps from the base: in _prepare)
-                values = d.qvalues
-            else:  # float adapter on a quantized base: grid steps of the entry's channel
-                values = t.grid_units(d.indices, d.values, self.backend.constant(t.quant.scale))
-            if flat.size < 2 or bool(np.all(flat[1:] > flat[:-1])):  # already sorted: no copy, no sort
-                index[t.initializer], delta[t.initializer] = flat, np.array(values)  # not the adapter's own array
-                continue
-            order = np.argsort(flat, kind="stable")
-            index[t.initializer] = flat[order]
-            delta[t.initializer] = values[order]
-        with self._lock:
-            self._check_open()
-            self._check_not_active(name)
-            others = list(self._adapters.values())  # immutable: compared outside the lock
-        twin = fusion.same_positions(index, others)  # an adapter that writes the same entries, if any
-        prepared = self._prepare(adapter, name, index, delta, clip, twin)  # short lock steps
-        with self._lock:
-            self._check_open()
-            self._check_not_active(name)
-            self._adapters[name] = prepared
-        return name
-
-    def _prepare(self, adapter: Adapter, name: str, index, delta, clip: bool, twin: Prepared | None) -> Prepared:
-        """The base values at the adapter's positions and its two prepared writes (``twin``'s, if any, shared).
-
-        A base value does not depend on what is switched in (``_base_at`` undoes the active
-        adapters), so it is read in steps of ``_BASE_CHUNK`` entries, each under the lock, and a
-        large adapter's load holds up a switch in another thread for one step at most.
-        """
-        from runtimes import WeightWrite
-
-        base, new, clipped = {} if twin is None else dict(twin.base), {}, 0
-        index.update({} if twin is None else twin.index)  # one copy of the positions
-        for tname, pos in index.items():
-            if twin is None:
-                base[tname] = np.empty(pos.shape, self.backend.read(tname).dtype)
-            for i in range(0, pos.size if twin is None else 0, _BASE_CHUNK):  # each step a consistent read
-                with self._lock:
-                    self._check_open()
-                    base[tname][i : i + _BASE_CHUNK] = self._base_at(tname, pos[i : i + _BASE_CHUNK])
-            if delta[tname].dtype.kind in "iu":  # integer adapter: its steps from the base, exact
-                delta[tname] = (delta[tname].astype(np.int64) - base[tname]).astype(np.float32)
-            new[tname], n = merged(
-                tname, base[tname], np.float32(0) + delta[tname], clip=clip, what=f"adapter {name!r}"
-            )
-            clipped += n
-        check_finite(new, f"adapter {name!r} added to the base weights")
-        if clipped:
-            log.warning("adapter %r clips %d entries of the quantized weights to the integer range", name, clipped)
-        apply = self.backend.prepare([WeightWrite(t, index[t], new[t]) for t in index])
-        if twin is not None:
-            return Prepared(adapter, index, delta, base, apply, twin.restore, twin.touched, clipped, twin.layout)
-        restore = self.backend.prepare([WeightWrite(t, index[t], base[t]) for t in index])
-        touched = {t: (index[t], base[t]) for t in index}
-        return Prepared(adapter, index, delta, base, apply, restore, touched, clipped, object())
-
-    def _check_not_active(self, name: str) -> None:
-        if name in self._active:
-            what = f"adapter {name!r} is active; switch away from it (or unload it) before loading another adapter"
-            raise ConfigError(f"{what} under that name, or pass name=... to load this one under another")
-
-    def adapter(self, name: str) -> Adapter:
-        """The loaded adapter called ``name`` (its arrays are read-only)."""
-        self._check_open()
-        try:
-            return self._adapters[name].adapter
-        except KeyError:
-            raise ConfigError(f"adapter {name!r} is not loaded; loaded: {sorted(self._adapters) or 'none'}") from None
-
-    def unload_adapter(self, name: str) -> None:
-        with self._lock:
-            self._check_open()
-            if name in self._active or name not in self._adapters:
-                why = "is active; switch away from it before unloading" if name in self._active else "is not loaded"
-                raise ConfigError(f"adapter {name!r} {why}; loaded: {sorted(self._adapters) or 'none'}")
-            del self._adapters[name]
 
     # -- switching ---------------------------------------------------------------------------
     def switch(
@@ -378,16 +254,6 @@ class Runtime:
         """Wait for any background work the strategy does after a switch (True when done)."""
         self._check_open()
         return self.backend.wait_settled(timeout)
-
-    def _base_at(self, tname: str, pos: np.ndarray) -> np.ndarray:
-        base = self.backend.read(tname).reshape(-1)[pos].copy()
-        if tname in self._touched:
-            tpos, tbase = self._touched[tname]
-            where = np.searchsorted(tpos, pos)
-            where[where >= tpos.size] = 0
-            hit = tpos[where] == pos if tpos.size else np.zeros(pos.shape, bool)
-            base[hit] = tbase[where[hit]]
-        return base
 
     # -- inference ---------------------------------------------------------------------------
     def run(

@@ -4,10 +4,11 @@
 
 When the router (:mod:`edge.route.router`) has collected enough persistently novel inputs::
 
-    budget = Budget.of(profile)                       # or Budget(memory_mb=0.1, latency_ms=5.0)
+    budget = Budget.of(rt)                            # what rt's memory budget leaves for adapters; or
+                                                      # Budget.of(profile), Budget(memory_mb=0.1, latency_ms=5.0)
     trainer = DeviceTrainer("encoder.onnx", rt.info)  # the exported model the runtime serves
     result = grow(rt, x, y, trainer=trainer, budget=budget, name="new-1", space=DEVICE_SPACE)
-    rt.load_adapter(result.adapter)
+    rt.load_adapter(result.adapter)                   # under a memory budget: checked again, exactly (ConfigError)
 
 **Trainer hook**: an object with ``train(arch, x, y, name) -> Adapter`` and optionally
 ``saliency(x, y, params) -> {param: |w * grad|}`` (the ``snip`` proxy needs it).

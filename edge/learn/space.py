@@ -170,8 +170,17 @@ class Budget:
         """From a device profile (``.budgets.memory_mb``, ``.budgets.latency_ms`` or ``latency_p95_ms``).
 
         A profile's memory budget is for the whole process: the adapter gets what is left
-        above ``resident_mb`` (default: this process's peak resident memory so far).
+        above ``resident_mb`` (default: this process's peak resident memory so far). Given the
+        :class:`~edge.runtime.Runtime` it will load into, the adapter gets the room that runtime's
+        memory budget has left for adapters (``footprint["room_mb"]``: what its ``load_adapter`` checks),
+        and the latency budget of its device profile.
         """
+        if hasattr(profile, "footprint") and hasattr(profile, "load_adapter"):  # a Runtime
+            room, device = profile.footprint["room_mb"], profile.device
+            lat = None if device is None else device.budgets.latency_p95_ms
+            if room is None and lat is None:
+                raise ConfigError("the runtime has no budget: give it a device profile (Runtime(model, device=...))")
+            return cls(math.inf if room is None else max(0.0, room), math.inf if lat is None else float(lat))
         b = getattr(profile, "budgets", profile)
         mem = getattr(b, "memory_mb", None)
         lat = getattr(b, "latency_ms", getattr(b, "latency_p95_ms", None))

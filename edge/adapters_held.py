@@ -1,0 +1,290 @@
+"""The adapters a :class:`~edge.runtime.Runtime` holds: loading (validated, prepared for switching), what each keeps,
+unloading, and the device's memory budget they count against.
+
+With a memory budget (a device profile's ``budgets.memory_mb``, enforced unless ``enforce_memory_budget=False``),
+:meth:`AdapterHolder.load_adapter` refuses an adapter that would take the model's footprint (predicted for the
+strategy in use; for a backend that predicts none, the model file's size, which it keeps in memory) plus the
+adapters already held plus this one past the budget: first on a lower bound computed from its entry counts and
+element types, before its positions, base values and writes are prepared, then on the exact figure (counted as
+:func:`edge.fusion.held_bytes` counts, kept up per load and unload by :class:`HeldBuffers`) under the lock it is
+added under, so two loads at once cannot both take the last room. A refusal is a :class:`~edge.errors.ConfigError`
+naming the figures; the runtime is left as it was.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable
+from dataclasses import fields
+
+import numpy as np
+
+from edge import fusion
+from edge.errors import AdapterMismatchError, ConfigError
+from edge.format.adapter import Adapter, DenseDelta, load_adapter
+from edge.fusion import Prepared, check_finite, merged
+
+__all__ = ["AdapterHolder", "HeldBuffers"]
+
+log = logging.getLogger("edge.runtime")
+
+_BASE_CHUNK = 1 << 18  # entries read per lock hold while an adapter loads
+_MB = 2**20
+
+
+class HeldBuffers:
+    """The buffers the loaded adapters keep, each once (as :func:`edge.fusion.held_bytes` counts them), with how many
+    adapters hold it: the total at any time, and what a load or an unload changes, in the time of that one adapter
+    (``held_bytes`` walks every adapter: 44 ms at 1,000 adapters, under the lock a load takes)."""
+
+    def __init__(self, held: Iterable[Prepared] = ()) -> None:
+        self._buffers: dict[int, tuple[np.ndarray, int]] = {}  # id -> (the buffer, adapters holding it)
+        self.total = 0
+        for p in held:
+            self.add(p)
+
+    @staticmethod
+    def _owners(p: Prepared) -> dict[int, np.ndarray]:
+        out = {}
+        for a in p.arrays:
+            while isinstance(a.base, np.ndarray):  # a view: the array that owns the memory
+                a = a.base
+            out[id(a)] = a
+        return out
+
+    def new_bytes(self, p: Prepared, leaving: Prepared | None = None) -> int:
+        """Bytes ``p`` would add (its buffers no held adapter but ``leaving`` holds)."""
+        gone = {} if leaving is None else {k for k in self._owners(leaving) if self._buffers[k][1] == 1}
+        return sum(a.nbytes for k, a in self._owners(p).items() if k not in self._buffers or k in gone)
+
+    def only(self, p: Prepared) -> int:
+        """Bytes that only ``p`` (held) holds: what unloading it frees."""
+        return sum(a.nbytes for k, a in self._owners(p).items() if self._buffers[k][1] == 1)
+
+    def add(self, p: Prepared) -> None:
+        for k, a in self._owners(p).items():
+            n = self._buffers.get(k, (a, 0))[1]
+            self._buffers[k] = (a, n + 1)
+            self.total += a.nbytes if n == 0 else 0
+
+    def remove(self, p: Prepared) -> None:
+        for k, a in self._owners(p).items():
+            n = self._buffers[k][1]
+            if n == 1:
+                del self._buffers[k]
+                self.total -= a.nbytes
+            else:
+                self._buffers[k] = (a, n - 1)
+
+
+class AdapterHolder:
+    """Mixin of :class:`~edge.runtime.Runtime`: its adapters. The runtime sets ``_adapters``, ``_active``, ``_held``
+    (:class:`HeldBuffers`), ``_touched``, ``_lock``, ``_policy``, ``_max_adapter_bytes``, ``_budget_mb`` (None: no
+    budget), ``_file_mb`` (the model file's size), ``_auto`` (the strategy was asked as auto), ``device``,
+    ``backend``, ``info`` and ``model_path``."""
+
+    adapters = property(lambda self: sorted(self._adapters), doc="The names of the loaded adapters, sorted.")
+
+    @property
+    def footprint(self) -> dict:
+        """Strategy, predicted resident MB (the model), MB loading measured (Linux; None if the process shrank: first
+        load only), MB the loaded adapters keep (:attr:`adapter_bytes`; not in ``predicted_mb``), and with a memory
+        budget ``budget_mb`` and ``room_mb``, what is left of it for more adapters (else both None)."""
+        b, held = self.backend, self._held.total / _MB
+        out = dict(strategy=b.strategy, predicted_mb=b.predicted_mb(), measured_mb=b.measured_mb, adapters_mb=held)
+        room = None if self._budget_mb is None else self._budget_mb - self._model_mb()[0] - held
+        return {**out, "budget_mb": self._budget_mb, "room_mb": room}
+
+    @property
+    def adapter_bytes(self) -> dict[str, int]:
+        """Bytes each loaded adapter keeps (its arrays, base values and prepared writes; never the model's weights):
+        an array adapters on one mask share counts with the one loaded first (:func:`edge.fusion.held_bytes`)."""
+        held = dict(self._adapters)
+        return dict(zip(held, fusion.held_bytes(held.values()), strict=True))
+
+    # -- loading -----------------------------------------------------------------------------
+    def load_adapter(self, adapter: Adapter | str | os.PathLike, name: str | None = None, *, clip: bool = False) -> str:
+        """Validate an adapter against this model and keep it ready to switch. Returns its name.
+
+        On a quantized model a float adapter is requantized onto the base's grid; an entry it would take outside
+        the integer range raises :class:`~edge.fusion.SaturationError`, or with ``clip=True`` is clipped (counted
+        in :attr:`clipped` while the adapter is active).
+
+        Nothing about the running model changes; a bad adapter raises :class:`~edge.errors.FormatError` or
+        :class:`~edge.errors.AdapterMismatchError`, and, when the runtime was given ``trusted_keys``, an unsigned
+        or wrongly signed file raises :class:`~edge.errors.SignatureError` before any of its bytes is parsed. Under
+        a memory budget, an adapter that would take the model and the adapters held past it raises
+        :class:`~edge.errors.ConfigError` (the module doc); one loaded under the name of a held one replaces it, so
+        that one's bytes are not counted.
+        """
+        self._check_open()
+        if in_memory := isinstance(adapter, Adapter):
+            self._policy.check_in_memory(adapter.name)
+        else:  # signature, then every declared target against this model, before any array is decoded
+            adapter = load_adapter(adapter, policy=self._policy, model=self.info, max_bytes=self._max_adapter_bytes)
+        adapter = fusion.kept(adapter, copy=in_memory)  # read-only; a caller's own copied first, validated again
+        adapter.check_against(self.info)
+        name = adapter.name if name is None else name
+        if not isinstance(name, str) or not name:
+            raise ConfigError(f"adapter name must be a non-empty string, got {name!r}")
+        index, delta = {}, {}
+        for tname, d in adapter.tensors.items():
+            t = self.info.tensors[tname]
+            stored = self.backend.read(t.initializer)
+            if stored.size != int(np.prod(t.shape)) or stored.dtype != t.dtype:
+                raise AdapterMismatchError(f"{tname}: stored tensor {stored.shape} {stored.dtype} does not fit")
+            if isinstance(d, DenseDelta):  # the whole slot tensor, in stored layout
+                index[t.initializer] = np.arange(stored.size, dtype=np.int64)
+                delta[t.initializer] = np.array(t.to_stored(t.fold(d.values)))  # never the adapter's own array
+                continue
+            flat = t.stored_offsets(d.indices)
+            if t.quant is None:
+                values = t.stored_delta(d.indices, d.values)
+            elif d.qvalues is not None:  # integer adapter: the exact integers (steps from the base: in _prepare)
+                values = d.qvalues
+            else:  # float adapter on a quantized base: grid steps of the entry's channel
+                values = t.grid_units(d.indices, d.values, self.backend.constant(t.quant.scale))
+            if flat.size < 2 or bool(np.all(flat[1:] > flat[:-1])):  # already sorted: no copy, no sort
+                index[t.initializer], delta[t.initializer] = flat, np.array(values)  # not the adapter's own array
+                continue
+            order = np.argsort(flat, kind="stable")
+            index[t.initializer] = flat[order]
+            delta[t.initializer] = values[order]
+        with self._lock:
+            self._check_open()
+            self._check_not_active(name)
+            others = list(self._adapters.values())  # immutable: compared outside the lock
+            old = self._adapters.get(name)  # a held adapter of this name is replaced: its own bytes are not counted
+            staying = self._held.total - (0 if old is None else self._held.only(old))
+        twin = fusion.same_positions(index, others)  # an adapter that writes the same entries, if any
+        if self._budget_mb is not None:  # a lower bound first: nothing more is allocated for an adapter over it
+            self._check_room(name, staying, self._at_least(adapter, index, twin), True)
+        prepared = self._prepare(adapter, name, index, delta, clip, twin)  # short lock steps
+        with self._lock:
+            self._check_open()
+            self._check_not_active(name)
+            old = self._adapters.get(name)
+            staying = self._held.total - (0 if old is None else self._held.only(old))
+            if self._budget_mb is not None:  # the exact figure, against what is held now (another load may have won)
+                self._check_room(name, staying, self._held.new_bytes(prepared, old), False)
+            try:
+                self._held.add(prepared)
+                if old is not None:
+                    self._held.remove(old)
+                self._adapters[name] = prepared
+            except BaseException:  # a Ctrl-C between two steps: the count follows the adapters held
+                self._held = HeldBuffers(self._adapters.values())
+                raise
+        return name
+
+    def _at_least(self, adapter: Adapter, index, twin: Prepared | None) -> int:
+        """Bytes the adapter will keep at least, before its writes are prepared: its own arrays, and per entry a
+        float32 delta and the new value; the first on its positions also an int32 position and the base value."""
+        arrays = (getattr(d, f.name) for d in adapter.tensors.values() for f in fields(d))
+        n = sum(a.nbytes for a in arrays if isinstance(a, np.ndarray))
+        for tname, pos in index.items():
+            size = self.backend.read(tname).dtype.itemsize
+            n += pos.size * (4 + size + (0 if twin is not None else 4 + size))
+        return n
+
+    def _model_mb(self) -> tuple[float, str]:
+        """The model's part of the budget, and where it comes from."""
+        predicted = self.backend.predicted_mb()
+        if predicted is not None:
+            return float(predicted), f"predicted for strategy {self.backend.strategy}"
+        return self._file_mb, f"its file's size ({self.backend.name} predicts no footprint)"
+
+    def _check_room(self, name: str, held: int, mine: int, estimate: bool) -> None:
+        model_mb, source = self._model_mb()
+        left = self._budget_mb - model_mb - held / _MB
+        if mine / _MB <= left:
+            return
+        device = f" of device profile {self.device.name!r}" if self.device is not None else ""
+        what = f"at least {mine / _MB:.3f} MB (from its entries)" if estimate else f"{mine / _MB:.3f} MB"
+        count = len(self._adapters) - (name in self._adapters)  # one of this name would be replaced
+        raise ConfigError(
+            f"adapter {name!r} would keep {what}, more than the {max(left, 0.0):.3f} MB left of the memory budget of "
+            f"{self._budget_mb:g} MB{device} (budgets.memory_mb): the model takes {model_mb:.3f} MB ({source}) and "
+            f"the {count} adapter(s) held {held / _MB:.3f} MB; nothing was loaded. Unload an adapter (unload_adapter), "
+            f"raise budgets.memory_mb, or use a sparser (lower density) or lower-bit adapter{self._strategy_hint()}"
+        )
+
+    def _strategy_hint(self) -> str:
+        """Where ``auto`` picked a strategy heavier than ``bound`` (it fit the model alone), what ``bound`` frees."""
+        if not self._auto or self.backend.strategy == "bound":
+            return ""
+        now, bound = self.backend.predicted_mb(), self.backend.predicted_mb("bound")
+        if now is None or bound is None or bound >= now:
+            return ""
+        return f", or run strategy bound (strategy: bound in the profile's backend: {now - bound:.3f} MB less)"
+
+    def _prepare(self, adapter: Adapter, name: str, index, delta, clip: bool, twin: Prepared | None) -> Prepared:
+        """The base values at the adapter's positions and its two prepared writes (``twin``'s, if any, shared).
+
+        A base value does not depend on what is switched in (``_base_at`` undoes the active
+        adapters), so it is read in steps of ``_BASE_CHUNK`` entries, each under the lock, and a
+        large adapter's load holds up a switch in another thread for one step at most.
+        """
+        from runtimes import WeightWrite
+
+        base, new, clipped = {} if twin is None else dict(twin.base), {}, 0
+        index.update({} if twin is None else twin.index)  # one copy of the positions
+        for tname, pos in index.items():
+            if twin is None:
+                base[tname] = np.empty(pos.shape, self.backend.read(tname).dtype)
+            for i in range(0, pos.size if twin is None else 0, _BASE_CHUNK):  # each step a consistent read
+                with self._lock:
+                    self._check_open()
+                    base[tname][i : i + _BASE_CHUNK] = self._base_at(tname, pos[i : i + _BASE_CHUNK])
+            if delta[tname].dtype.kind in "iu":  # integer adapter: its steps from the base, exact
+                delta[tname] = (delta[tname].astype(np.int64) - base[tname]).astype(np.float32)
+            new[tname], n = merged(
+                tname, base[tname], np.float32(0) + delta[tname], clip=clip, what=f"adapter {name!r}"
+            )
+            clipped += n
+        check_finite(new, f"adapter {name!r} added to the base weights")
+        if clipped:
+            log.warning("adapter %r clips %d entries of the quantized weights to the integer range", name, clipped)
+        apply = self.backend.prepare([WeightWrite(t, index[t], new[t]) for t in index])
+        if twin is not None:
+            return Prepared(adapter, index, delta, base, apply, twin.restore, twin.touched, clipped, twin.layout)
+        restore = self.backend.prepare([WeightWrite(t, index[t], base[t]) for t in index])
+        touched = {t: (index[t], base[t]) for t in index}
+        return Prepared(adapter, index, delta, base, apply, restore, touched, clipped, object())
+
+    def _base_at(self, tname: str, pos: np.ndarray) -> np.ndarray:
+        base = self.backend.read(tname).reshape(-1)[pos].copy()
+        if tname in self._touched:
+            tpos, tbase = self._touched[tname]
+            where = np.searchsorted(tpos, pos)
+            where[where >= tpos.size] = 0
+            hit = tpos[where] == pos if tpos.size else np.zeros(pos.shape, bool)
+            base[hit] = tbase[where[hit]]
+        return base
+
+    def _check_not_active(self, name: str) -> None:
+        if name in self._active:
+            what = f"adapter {name!r} is active; switch away from it (or unload it) before loading another adapter"
+            raise ConfigError(f"{what} under that name, or pass name=... to load this one under another")
+
+    def adapter(self, name: str) -> Adapter:
+        """The loaded adapter called ``name`` (its arrays are read-only)."""
+        self._check_open()
+        try:
+            return self._adapters[name].adapter
+        except KeyError:
+            raise ConfigError(f"adapter {name!r} is not loaded; loaded: {sorted(self._adapters) or 'none'}") from None
+
+    def unload_adapter(self, name: str) -> None:
+        """Drop a loaded adapter that is not active (its memory, and its part of a memory budget, is freed)."""
+        with self._lock:
+            self._check_open()
+            if name in self._active or name not in self._adapters:
+                why = "is active; switch away from it before unloading" if name in self._active else "is not loaded"
+                raise ConfigError(f"adapter {name!r} {why}; loaded: {sorted(self._adapters) or 'none'}")
+            try:
+                self._held.remove(self._adapters.pop(name))
+            except BaseException:  # a Ctrl-C between two steps: the count follows the adapters held
+                self._held = HeldBuffers(self._adapters.values())
+                raise
