@@ -195,7 +195,10 @@ def _profile_adapter(rt, path: Path, feeds, config: ProfileConfig, pb) -> tuple[
     Returns its figures and the raw switch times (for the percentile over all adapters).
     """
     own = inspect_adapter(path)["name"]  # adapters stay loaded, as on the device: a name taken gets a suffix
-    name = own if own not in rt.adapters else f"{own}#{len(rt.adapters)}"
+    name, n = own, 1
+    while name in rt.adapters:  # never the name of one held: loading under it would replace that adapter
+        n += 1
+        name = f"{own}#{n}"
     t0 = time.perf_counter()
     name = rt.load_adapter(path, name, clip=config.clip)  # under a memory budget: refused past it (ConfigError)
     load_ms = _ms(t0)

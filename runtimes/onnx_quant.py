@@ -40,7 +40,14 @@ def check_quant_readers(proto, info: ModelInfo) -> None:
             raise FormatError(
                 f"{name}: {t.initializer!r} is read inside a control-flow body, whose grid is not checked"
             )
-        for node in users.get(t.initializer, ()):
+        readers = users.get(t.initializer, ())
+        if not readers:  # the graph reads a copy (a Constant node, say) or nothing: adapters would change nothing
+            raise FormatError(
+                f"model {info.name!r}: quantized target {name!r} ({t.initializer!r}) is read by no node, so an "
+                "adapter written there would change nothing; re-make the int8 model with `edge quantize` "
+                "(exporters.quantize_onnx)"
+            )
+        for node in readers:
             why = _why_not(node, t.initializer, t, users, nested)
             if why:
                 hint = (
@@ -73,12 +80,30 @@ def _why_not(node, value: str, t: TensorInfo, users, nested) -> str:
     if op in ("MatMulInteger", "ConvInteger") and ins.index(value) == 1 and ins.count(value) == 1:
         if ins[3:4] != [q.zero_point]:
             return f"is read by {at} with zero point {ins[3:4]}, not the metadata's {q.zero_point!r}"
-        if not any(n.op_type == "Mul" for n in users.get(q.scale, ())) and q.scale not in nested:
-            return f"is read by {at}, but its scale {q.scale!r} multiplies nothing"
-        return ""
+        return _scaled_by(node, q.scale, users, at)
     if op == "Gather" and ins[0] == value and value not in ins[1:]:
         rows = users.get(node.output[0], ())
         if t.quant.axis is not None or not rows or any(n.op_type != "DequantizeLinear" for n in rows):
             return f"is gathered by {at}, whose rows are not dequantized with one scale"
         return next((w for n in rows if (w := _why_not(n, node.output[0], t, users, nested))), "")
     return f"is read by {at} (input {ins.index(value)}), which this runtime does not know the grid of"
+
+
+def _scaled_by(node, scale: str, users, at: str) -> str:
+    """Why the integer product of ``node`` is not turned to float with ``scale`` ('' if it is): its one reader must
+    be a Cast to float whose one reader is a Mul by ``scale`` or by a Mul that reads ``scale`` (onnxruntime's
+    dynamic quantization multiplies the input's scale into the weight's first), as :func:`exporters.quantize_onnx`
+    writes it; another scale there would put the adapters on a grid the graph does not use."""
+    cast = users.get(node.output[0], ())
+    if len(cast) != 1 or cast[0].op_type != "Cast" or {a.name: a.i for a in cast[0].attribute}.get("to") != 1:
+        return f"is read by {at}, whose integer product is not cast to float alone"
+    mul = users.get(cast[0].output[0], ())
+    if len(mul) != 1 or mul[0].op_type != "Mul":
+        return f"is read by {at}, whose product is not multiplied by a scale alone"
+    other = [i for i in mul[0].input if i != cast[0].output[0]]
+    if other == [scale]:
+        return ""
+    producers = [n for n in users.get(scale, ()) if n.op_type == "Mul" and n.output[0] in other]
+    if len(other) == 1 and producers:
+        return ""
+    return f"is read by {at}, whose product is multiplied by {other}, not by its scale {scale!r}"

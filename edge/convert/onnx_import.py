@@ -242,6 +242,7 @@ def _find_weights(graph, arrays: Mapping[str, np.ndarray]):
     skipped: dict[str, str] = {}
     dead: set[str] = set()  # outputs of folded Transpose/Reshape chains
     left: set[str] = set()  # MatMul's left operand (W @ x): said, not adapted
+    gathered: dict[str, str] = {}  # read by a Gather that is no row lookup: said unless another reader adapts it
     for node in graph.node:
         slot = WEIGHT_INPUTS.get(node.op_type)
         if node.domain not in ("", "ai.onnx") or slot is None or len(node.input) <= slot:
@@ -261,7 +262,13 @@ def _find_weights(graph, arrays: Mapping[str, np.ndarray]):
         except _NotAWeight as e:
             skipped.setdefault(value, str(e))
             continue
-        if view is None:
+        if view is None:  # a Gather that is no row lookup of a 2-D table
+            ndim = arrays[value].ndim
+            axis = _gather_axis({a.name: a.i for a in node.attribute}, ndim)
+            gathered.setdefault(
+                value,
+                f"gathered on axis {axis} of a {ndim}-D table (only the rows of a 2-D embedding table are adapted)",
+            )
             continue
         if view.fold is not None:  # only when the chain serves this op alone may it be dropped
             names = [value, *(c.output[0] for c in chain)]
@@ -277,6 +284,9 @@ def _find_weights(graph, arrays: Mapping[str, np.ndarray]):
         found.setdefault(value, view)
     for value in left - set(found) - set(skipped):
         skipped[value] = "read as MatMul's left operand (W @ x); only x @ W (torch's Linear) is adapted"
+    for value, why in gathered.items():
+        if value not in found and value not in skipped:
+            skipped[value] = why
     for value in skipped:
         found.pop(value, None)
     return found, skipped, dead
@@ -308,11 +318,8 @@ def _torch_view(node, chain, stored: np.ndarray, arrays, producer) -> _View | No
     elif op == "Gemm":
         idx = idx if attrs.get("transB", 0) else idx.T
     elif op == "Gather":
-        if attrs.get("axis", 0) != 0 or idx.ndim != 2:
-            raise _NotAWeight(
-                f"gathered on axis {attrs.get('axis', 0)} of a {idx.ndim}-D table (only the rows of a 2-D embedding "
-                "table are adapted)"
-            )
+        if _gather_axis(attrs, idx.ndim) != 0 or idx.ndim != 2:
+            return None  # not an embedding table: said by _find_weights unless another reader adapts it
     elif idx.ndim < 3:
         raise _NotAWeight(f"{op} weight of {idx.ndim} dims")
     shape = tuple(int(s) for s in idx.shape)
@@ -329,9 +336,14 @@ def _direct_layout(op: str, ndim: int, attrs) -> bool | None:
     """Whether an op reading an initializer directly reads the 2-D transpose of the torch layout (None: unknown)."""
     if op == "MatMul" and ndim == 2 or op == "Gemm":
         return op == "MatMul" or not attrs.get("transB", 0)  # x @ W reads [in, out]; torch stores [out, in]
-    if op.startswith("Conv") and ndim >= 3 or op == "Gather" and ndim == 2 and attrs.get("axis", 0) == 0:
+    if op.startswith("Conv") and ndim >= 3 or op == "Gather" and ndim == 2 and _gather_axis(attrs, ndim) == 0:
         return False
     return None
+
+
+def _gather_axis(attrs, ndim: int) -> int:
+    axis = attrs.get("axis", 0)
+    return axis + ndim if axis < 0 else axis
 
 
 def _apply(op, idx: np.ndarray, arrays, producer) -> np.ndarray:

@@ -307,10 +307,10 @@ def test_profile_holds_every_adapter_as_the_device_does(model, tmp_path):
     files = [tmp_path / "a.safetensors", tmp_path / "a.safetensors"]
     config = ProfileConfig(runs=3, warmup=1, switches=1, progress=False, engine_runs=0)
     r = profile_model(path, "x86-dev", adapters=files, backend="onnxruntime", config=config)
-    assert [x["name"] for x in r["adapters"]] == ["a", "a#1"]
+    assert [x["name"] for x in r["adapters"]] == ["a", "a#2"]
     with Runtime(path, backend="onnxruntime") as rt:
         rt.load_adapter(a)
-        rt.load_adapter(a, name="a#1")
+        rt.load_adapter(a, name="a#2")
         together = sum(held_bytes(rt._adapters.values()))
     assert r["memory"]["adapters_mb"] * MB == together < 2 * one  # the second shares the first's positions
     assert r["memory"]["room_mb"] == pytest.approx(
