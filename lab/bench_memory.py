@@ -17,14 +17,24 @@ and the median of its per-round ratios. On a loaded machine the wall-clock ratio
 the time every contestant spends waiting for a core; the CPU ratio is not (it leaves out the work of
 onnxruntime's own threads, which both sides have).
 
-The first ``repeat`` rounds also measure memory, and add a baseline child that imports the same
-modules and loads the same inputs: ``rss_mb`` is the resident memory above it after warm-up and one
-adapter switch cycle (a random SHiRA adapter, switched on and off, the background rebuild settled),
-``peak_mb`` the high-water mark (``VmHWM``) above it over the whole life of the child, except while it does
-the bench's own work (reading the model for the probe adapter); the median of those rounds is reported. Every
-child imports numpy (with numpy.random), onnx, onnxruntime and ``edge.runtime`` before measuring, and a memory
-child makes and drops the probe adapter once after its timed load and switch cycle: library code is not counted,
-only what a model costs (the adapter's arrays are counted). The other rounds' children stop once ready.
+The first ``repeat`` rounds also measure memory, and add a baseline child that imports the same modules and loads
+the same inputs: ``rss_mb`` is the resident memory above it after warm-up and one adapter switch cycle (a random
+SHiRA adapter, switched on and off, the background rebuild settled), ``peak_mb`` the high-water mark (``VmHWM``)
+above it over the whole life of the child, except while it does the bench's own work (reading the model for the
+probe adapter); the median of those rounds is reported. Every child imports numpy (with numpy.random), onnx,
+onnxruntime and ``edge.runtime`` before measuring, and a memory child makes and drops the probe adapter once after
+its timed load and switch cycle: library code is not counted, only what a model costs (the adapter's arrays are
+counted). Every child, the baseline too, also maps every page of every library it has loaded (shared objects and the
+interpreter: onnxruntime's 37 MB, numpy's, Python's) before its timed load (:func:`_map_libraries`): a page of code
+counts in resident memory only once something runs it, and a plain session ran 9.6 MB of onnxruntime's code on the
+digits ViT that the baseline never runs, so without this every contestant counted it (its figure then moved with
+what the page cache held: 7.8 MB for a plain session in one run, 11.3 in another), and the switchable runtime a
+further 0.1-0.2 MB of numpy and onnxruntime code. What onnxruntime allocates once per process at its first session
+(0.6 MB: what a first one-node session leaves behind) is counted for every contestant alike. When the runtime gives
+its sessions other options than onnxruntime's defaults (a small model's prepacked session has no CPU arena,
+:mod:`runtimes.ort_session`), the memory rounds add a plain session with the runtime's options (``plain_options``)
+beside the plain one, so a reader sees which part of a difference the options make. The other rounds' children stop
+once ready.
 """
 
 from __future__ import annotations
@@ -79,27 +89,29 @@ def bench_memory(
     strategies = list(strategies or get_backend(backend).STRATEGIES)
     kinds = ["plain", *strategies]
     rounds = max(rounds, repeat)
-    plain_threads = _resolved_threads(model_path, backend, threads)
-    memory: dict[str, list[dict]] = {k: [] for k in ["baseline", *kinds]}
+    plain_threads, cpu_arena = _runtime_options(model_path, backend, threads)
+    extra = [] if cpu_arena else ["plain_options"]  # memory only: a plain session with the runtime's options
+    memory: dict[str, list[dict]] = {k: [] for k in ["baseline", *extra, *kinds]}
     ready: dict[str, list[float]] = {k: [] for k in kinds}
     cpu: dict[str, list[float]] = {k: [] for k in kinds}
     load_before, t0 = load_average(), time.perf_counter()
-    steps = bar(total=rounds * len(kinds) + repeat, desc=f"bench memory {model_path.stem}", disable=not progress)
+    total = rounds * len(kinds) + repeat * (1 + len(extra))
+    steps = bar(total=total, desc=f"bench memory {model_path.stem}", disable=not progress)
     with tempfile.TemporaryDirectory() as tmp:
         feeds_path = Path(tmp) / "feeds.npz"
         np.savez(feeds_path, **{k: np.ascontiguousarray(v) for k, v in feeds.items()})
         for r in range(rounds):
             measure = r < repeat
-            for kind in (["baseline"] if measure else []) + rotated(kinds, r):
+            for kind in (["baseline", *extra] if measure else []) + rotated(kinds, r):
                 spec = {"kind": kind, "model": str(model_path), "feeds": str(feeds_path), "backend": backend}
                 got = fresh_child(
                     "lab.bench_memory:_child",
-                    {**spec, "threads": plain_threads if kind == "plain" else threads, "memory": measure},
+                    {**spec, "threads": threads if kind in kinds[1:] else plain_threads, "memory": measure},
                     what=f"memory probe {kind} on {model_path.name}",
                 )
                 if measure:
                     memory[kind].append(got)
-                if kind != "baseline":
+                if kind in kinds:
                     ready[kind].append(got["ready_ms"])
                     cpu[kind].append(got["ready_cpu_ms"])
                 steps.update()
@@ -134,6 +146,9 @@ def bench_memory(
         "plain": figures.pop("plain"),
         "strategies": figures,
     }
+    if extra:  # the runtime's session options on a plain session: no CPU arena
+        lean = {f: float(np.median([r[f] for r in memory["plain_options"]])) - base for f in _MEMORY}
+        result["plain_options"] = {**lean, "cpu_arena": False}
     result["goals"] = goals(result)
     return result
 
@@ -178,6 +193,9 @@ def markdown(result: dict) -> str:
 
     load = result["load_avg"]
     rows = [("plain session", result["plain"])] + list(result["strategies"].items())
+    if "plain_options" in result:  # memory only
+        lean = {"ready_ms": None, "ready_cpu_ms": None, **result["plain_options"]}
+        rows.insert(1, ("plain session, the runtime's options (no CPU arena)", lean))
     lines = [
         f"**{result['model']}** ({result['params'] or 0:,} params, {num(result.get('weights_mb'), '{:.1f}')} MB "
         f"of writable float32 weights), {_threads_text(result)}; {result['wall_s']:.0f} s for this "
@@ -197,10 +215,11 @@ def markdown(result: dict) -> str:
     for name, f in rows:
         x, c = f.get("ready_x"), f.get("ready_cpu_x")
         ratio = ["1", "-", "-", "-"] if x is None else [f"{x['median']:.2f}", *(_range(x, p) for p in _SPREAD)]
+        ratio = ["-"] * 4 if f["ready_ms"] is None else ratio
         lines.append(
             f"| {name} | {num(f['rss_mb'])} | {num(f['peak_mb'])} | {num(f.get('predicted_mb'))} | "
             f"{num(f['ready_ms'])} | {' | '.join(ratio)} | {num(f['ready_cpu_ms'], '{:.1f}')} | "
-            f"{'1' if c is None else format(c['median'], '.2f')} |"
+            f"{'-' if f['ready_ms'] is None else '1' if c is None else format(c['median'], '.2f')} |"
         )
     lines += ["", "| goal | value | 95 % interval | main-thread CPU | limit | met |", "|---|---|---|---|---|---|"]
     for name, g in result["goals"].items():
@@ -262,15 +281,15 @@ def _threads_text(result: dict) -> str:
     )
 
 
-def _resolved_threads(model_path: Path, backend: str, threads: int | None) -> int | None:
+def _runtime_options(model_path: Path, backend: str, threads: int | None) -> tuple[int | None, bool]:
     """The threads the runtime resolves for this model (``threads``, or its default: 1 for a tiny model), for the
-    plain session it is compared with; read from a ``bound`` runtime built here, in the parent, before any child."""
+    plain session it is compared with, and whether its prepacked sessions use onnxruntime's CPU arena; read from a
+    ``bound`` runtime built here, in the parent, before any child."""
     from edge.runtime import Runtime
 
-    if threads is not None:
-        return threads
     with Runtime(model_path, backend=backend, strategy="bound") as rt:
-        return rt.backend.threads
+        resolved = rt.backend.threads if threads is None else threads
+        return resolved, bool(getattr(rt.backend, "cpu_arena", True))
 
 
 def _child(spec: str) -> None:
@@ -288,6 +307,7 @@ def _child(spec: str) -> None:
     s = json.loads(spec)
     cls = get_backend(s["backend"])  # imported before the baseline is taken
     feeds = dict(np.load(s["feeds"], allow_pickle=False))
+    _map_libraries()  # library code resident in every child before anything is measured
     peaks: list[float] = []  # the high-water marks before the bench's own work (warm) reset it
 
     def warm() -> None:
@@ -311,11 +331,15 @@ def _child(spec: str) -> None:
     out: dict = {}
     reset_peak_rss()
     t0, c0 = time.perf_counter(), time.thread_time()
-    if s["kind"] == "plain":
-        so = ort.SessionOptions()
+    if s["kind"] in ("plain", "plain_options"):
+        so = ort.SessionOptions()  # onnxruntime's defaults, on the runtime's threads
         so.log_severity_level = 3
         if s["threads"]:
             so.intra_op_num_threads = s["threads"]
+        if s["kind"] == "plain_options":
+            from runtimes.ort_session import session_options
+
+            so = session_options(ort, s["threads"], cpu_arena=False)
         sess = ort.InferenceSession(s["model"], so, providers=["CPUExecutionProvider"])
         sess.run(None, feeds)
         out.update(ready_ms=(time.perf_counter() - t0) * 1e3, ready_cpu_ms=(time.thread_time() - c0) * 1e3)
@@ -353,6 +377,35 @@ def _child(spec: str) -> None:
     gc.collect()
     out.update(rss_mb=status_mb("VmRSS"), peak_mb=max(status_mb("VmHWM") or 0.0, *peaks))
     print(json.dumps(out))
+
+
+def _map_libraries() -> None:
+    """Make every page of every library this process has mapped resident (shared objects and the interpreter, code
+    and data), so the code a contestant runs adds nothing to its resident memory that the baseline does not hold too
+    (Linux; elsewhere the pages stay as they are). ``MADV_POPULATE_READ`` (Linux 5.14) maps the page cache's pages,
+    shared, without copying them."""
+    import ctypes
+    import mmap
+
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        with open("/proc/self/maps") as f:
+            maps = [line.split() for line in f]
+    except (OSError, AttributeError):
+        return
+    exe = os.path.realpath(sys.executable)
+    for m in maps:
+        if len(m) < 6 or m[1][0] != "r" or not (".so" in os.path.basename(m[5]) or m[5] == exe):
+            continue
+        lo, hi = (int(x, 16) for x in m[0].split("-"))
+        if libc.madvise(lo, hi - lo, getattr(mmap, "MADV_POPULATE_READ", 22)) != 0:
+            raise EdgeError(
+                f"bench memory maps its libraries' pages before measuring, and this kernel refused to for {m[5]} "
+                f"({os.strerror(ctypes.get_errno())}; MADV_POPULATE_READ needs Linux 5.14)"
+            )
 
 
 def _param_count(path: Path) -> int:

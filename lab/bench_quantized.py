@@ -6,8 +6,9 @@ QDQ calibrated on the training digits of every domain or on sentences; both via 
 see :data:`BASES` for the recipes and what each choice measured):
 
 * ``bytes``: the model file; ``rss_mb``: resident memory of a switchable ``hybrid`` runtime after
-  a switch cycle, above a baseline child (``lab.bench_memory``: fresh children), and
-  ``plain_rss_mb`` a plain onnxruntime session's;
+  a switch cycle, above a baseline child (``lab.bench_memory``: fresh children, every library's pages mapped in
+  each), ``plain_rss_mb`` a plain onnxruntime session's, and for a small model ``plain_options_rss_mb`` a plain
+  session with the runtime's options (no CPU arena: "no arena" in the table);
 * ``infer_ms_p50``: batch 1, the hybrid runtime settled with an adapter switched in, and
   ``static_infer_ms_p50`` a plain session on the same file, paired within rounds (every base's
   contestants interleaved in each round);
@@ -152,7 +153,10 @@ def _memory(path, feeds: dict, threads: int | None) -> dict:
         mem = bench_memory(path, feeds, strategies=["hybrid"], threads=threads, repeat=1, progress=False)
     except EdgeError as e:  # e.g. its probe's random adapter saturates this int8 base: say so
         return {"rss_error": str(e)[-300:]}
-    return {"rss_mb": mem["strategies"]["hybrid"]["rss_mb"], "plain_rss_mb": mem["plain"]["rss_mb"]}
+    out = {"rss_mb": mem["strategies"]["hybrid"]["rss_mb"], "plain_rss_mb": mem["plain"]["rss_mb"]}
+    if "plain_options" in mem:  # a plain session with the runtime's options (a small model: no CPU arena)
+        out["plain_options_rss_mb"] = mem["plain_options"]["rss_mb"]
+    return out
 
 
 #: this bench's backend: the demo's ONNX files, quantize_onnx, accuracy on the ``bound`` strategy

@@ -364,8 +364,12 @@ def switch_cell(r: dict) -> str:
 
 
 def rss_cell(r: dict) -> str:
-    """The table cell of resident memory: the switchable runtime's MB (a plain engine's)."""
-    return f"{r['rss_mb']:.1f} ({r['plain_rss_mb']:.1f})" if r.get("rss_mb") is not None else "not measured"
+    """The table cell of resident memory: the switchable runtime's MB (a plain engine's; and with the runtime's
+    session options where they differ from the engine's defaults, ``plain_options_rss_mb``)."""
+    if r.get("rss_mb") is None:
+        return "not measured"
+    lean = r.get("plain_options_rss_mb")
+    return f"{r['rss_mb']:.1f} ({r['plain_rss_mb']:.1f}" + ("" if lean is None else f"; {lean:.1f} no arena") + ")"
 
 
 #: issue 18's limits: accuracy gap (points), inference overhead of the switchable runtime (%), switch x fp32

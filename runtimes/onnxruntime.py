@@ -33,16 +33,16 @@ fingerprint, ``Runtime``'s checks). Memory: ``hybrid`` holds two sessions, and o
 about 1 MB on tiny models (graph, kernels, plans, arena, intra-op thread) whatever the weights weigh, so under a
 few MB of weights a hybrid runtime stays above a plain session, int8 or not (issue 18).
 :meth:`OrtBackend.footprint_mb` predicts each strategy's resident memory; ``strategy="auto"`` with a
-memory budget picks by it. :meth:`OrtBackend.run` fetches (or binds) only the outputs asked for.
+memory budget picks by it. :meth:`OrtBackend.run` fetches (or binds) only the outputs asked for. The sessions
+themselves (their options, the bound build, the prepacked build) are :mod:`runtimes.ort_session`'s: a small model's
+prepacked sessions run without onnxruntime's CPU arena (``cpu_arena``).
 """
 
 from __future__ import annotations
 
-import atexit
 import logging
 import os
 import threading
-import time
 from collections.abc import Mapping, Sequence
 from math import prod
 from pathlib import Path
@@ -53,7 +53,7 @@ from edge.errors import BackendUnavailableError, ConfigError
 from edge.format.feeds import onnx_input_specs
 from edge.format.modelinfo import ModelInfo, onnx_info
 from runtimes import onnx_file as _file
-from runtimes.base import BACKENDS, SMALL_MODEL_BYTES, ArenaBackend, BackendOptions, model_buffer, trim_heap
+from runtimes.base import BACKENDS, SMALL_MODEL_BYTES, ArenaBackend, BackendOptions, model_buffer
 from runtimes.loading import release_pages
 from runtimes.onnx_file import (
     ONNX_DTYPES,
@@ -63,40 +63,16 @@ from runtimes.onnx_file import (
     tensor_proto,
     verify_fingerprint,
 )
-from runtimes.ort_providers import ORT_PROVIDERS, check_registered
+from runtimes.ort_providers import ORT_PROVIDERS
+from runtimes.ort_session import OrtSessions
 
 __all__ = ["OrtBackend"]
 
 log = logging.getLogger("edge.runtimes.onnxruntime")
 
-_UNSHARED: set[str] = set()  # fingerprints of models onnxruntime would not prepack from the arena in place
-_STUBS: list[tuple[str, str]] = []  # (folder, file name): an empty file onnxruntime must find but never reads
-_STUBS_LOCK = threading.Lock()
-
-
-def _stub() -> tuple[str, str]:
-    """Where the data-less initializers of the prepacked graph say their data is: an empty file onnxruntime checks
-    exists (``ValidateExternalDataPathFromDir``) but never reads, as the values come from memory (a read would find
-    no bytes and fail loudly). ``/dev/null`` where there is one: no file to make (a temporary folder cost 0.2-0.4 ms
-    of every first load in a process, most of it ``tempfile`` probing for a writable folder); else a temporary
-    folder with an empty file, made once per process and removed at exit."""
-    with _STUBS_LOCK:
-        if not _STUBS:
-            if os.devnull == "/dev/null" and os.path.exists(os.devnull):
-                _STUBS.append(("/dev", "null"))
-            else:
-                import shutil
-                import tempfile
-
-                folder = tempfile.mkdtemp(prefix="edge-ort-")
-                Path(folder, "edge-live-weights.bin").touch()
-                atexit.register(shutil.rmtree, folder, True)
-                _STUBS.append((folder, "edge-live-weights.bin"))
-        return _STUBS[0]
-
 
 @BACKENDS.register("onnxruntime")
-class OrtBackend(ArenaBackend):
+class OrtBackend(OrtSessions, ArenaBackend):
     name = "onnxruntime"
     STRATEGIES = ("hybrid", "bound", "rebuild")
     DEFAULT_STRATEGY = "hybrid"
@@ -197,6 +173,7 @@ class OrtBackend(ArenaBackend):
         if self._threads is None and nbytes < SMALL_MODEL_BYTES:
             log.info("%d-byte model: its sessions run on 1 thread (pass threads= for more)", nbytes)
             self._threads = 1
+        self.cpu_arena = nbytes >= SMALL_MODEL_BYTES  # a small model's prepacked sessions without it (ort_session)
         strategy = options.strategy
         if strategy == "auto":
             strategy = self.DEFAULT_STRATEGY
@@ -210,7 +187,7 @@ class OrtBackend(ArenaBackend):
         _file.add_inputs(proto, sorted(self._fed), self._live)
         self._static_bytes = b""
         if strategy in ("rebuild", "hybrid"):
-            self._stub_folder, location = _stub()
+            location = self._stub_location()
             stubs = (_file.external_stub(k, self._live[k], location) for k in self._consts)
             proto.graph.initializer.extend(stubs)
             self._static_bytes = proto.SerializeToString()
@@ -222,7 +199,7 @@ class OrtBackend(ArenaBackend):
         del proto
 
         self._init_rebuilds(options)
-        self.shares_weights = self.info.fingerprint not in _UNSHARED  # prepack from the arena in place (_build_fresh)
+        self.shares_weights = self._may_share()  # prepack from the arena in place (_build_fresh)
         self._bound = self._binding = None
         self._bound_fetch: tuple[str, ...] = ()  # the outputs bound on self._binding, in order
         self._bound_ready = threading.Event()  # the bound session exists (or failed: _bound_error)
@@ -339,91 +316,6 @@ class OrtBackend(ArenaBackend):
     def predicted_mb(self, strategy: str | None = None) -> float:
         """Predicted resident memory (MB) of this model under ``strategy`` (default: the one in use)."""
         return _predict(self.weights_mb * 2**20, self.packed_mb * 2**20, strategy or self._strategy)
-
-    # -- sessions ---------------------------------------------------------------------------
-    def _session_options(self):
-        so = self._ort.SessionOptions()
-        if self._threads:
-            so.intra_op_num_threads = int(self._threads)
-        so.log_severity_level = 3
-        return so
-
-    def _make_bound(self, model: bytes, go: threading.Event | None = None) -> None:
-        """The session with every writable tensor a graph input, bound to the arena (zero copy). In the background:
-        after ``go`` is set, and a pause so the run that set it returns first (a build holds the GIL at times)."""
-        ort = self._ort
-        if go is not None:
-            go.wait()
-            if not self._closed:
-                time.sleep(self._rebuild_delay)
-            if self._closed:  # closed before or during the pause: no build for a backend going away
-                self._bound_ready.set()
-                return
-        try:
-            sess = ort.InferenceSession(
-                model, self._session_options(), providers=self._providers, provider_options=self._provider_options
-            )
-            check_registered(sess, self._providers)
-            sess.disable_fallback()  # onnxruntime's wrapper keeps the model bytes only to re-create it on a provider
-            sess._model_bytes = None  # fallback (never wanted); the bound graph has no other holder (issue 18)
-            binding = sess.io_binding()
-            self._bound_values = {k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in self._live.items()}
-            for k, v in self._bound_values.items():
-                binding.bind_ortvalue_input(k, v)
-        except Exception as e:
-            if threading.current_thread() is not self._rebuilder:
-                raise
-            log.exception("building the bound session failed; switches of constant weights cannot be served")
-            self._bound_error = e
-        else:
-            self._bound, self._binding = sess, binding
-            trim_heap()
-            if threading.current_thread() is self._rebuilder:
-                self._measure()
-        finally:
-            self._bound_ready.set()
-
-    def _build_fresh(self):
-        """A prepacked session over the arena. The weights only MatMul/Gemm read (as B) are handed over in place
-        with ``add_initializer``: onnxruntime prepacks them without copying (observed, onnxruntime 1.2x-1.3x);
-        their stubs in the graph point at an empty file it must find but never reads. Other constants (e.g. Conv
-        weights, which optimizers rewrite) go through ``add_external_initializers``, which copies them. If
-        onnxruntime refuses the in-place way, every constant is copied from then on for this model, with a
-        warning (onnxruntime frees its copies of prepacked weights after packing)."""
-        ort = self._ort
-        t0 = time.perf_counter()
-        so = self._session_options()
-        values = {k: ort.OrtValue.ortvalue_from_numpy(self._live[k]) for k in self._consts}
-        shared = self._shared if self.shares_weights else set()
-        for k in shared:
-            so.add_initializer(k, values[k])
-        copied = [k for k in self._consts if k not in shared]
-        if copied:
-            so.add_external_initializers(copied, [values[k] for k in copied])
-        so.add_session_config_entry("session.model_external_initializers_file_folder_path", self._stub_folder)
-        try:
-            sess = ort.InferenceSession(
-                self._static_bytes, so, providers=self._providers, provider_options=self._provider_options
-            )
-        except Exception as e:  # onnxruntime's Fail and friends
-            if not self.shares_weights:
-                raise
-            log.warning("onnxruntime would not prepack from the arena in place (%s); copying the weights instead", e)
-            self.shares_weights = False
-            _UNSHARED.add(self.info.fingerprint)  # do not try again for this model in this process
-            return self._build_fresh()
-        check_registered(sess, self._providers)
-        sess._edge_keepalive = values  # onnxruntime references these buffers
-        # run() calls the native run: onnxruntime's wrapper (onnxruntime_inference_collection.py) re-checks the feed
-        # names (check_feeds did), the ownership of OrtValue feeds (ours are numpy arrays) and WebGPU graph capture
-        # (kept: its wrapper), and retries on other providers when one fails (a silent fallback: never wanted)
-        native = getattr(sess, "_sess", None)
-        webgpu = "WebGpuExecutionProvider" in self._providers
-        sess._edge_run = native.run if native is not None and hasattr(native, "run") and not webgpu else sess.run
-        del so, values
-        trim_heap()
-        self.last_build_ms = (time.perf_counter() - t0) * 1e3
-        return sess
 
     def _check_providers(self, asked: Sequence[str]) -> list[str]:
         available = self._ort.get_available_providers()

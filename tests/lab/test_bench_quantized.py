@@ -48,3 +48,12 @@ def test_every_base_has_options_for_every_model_family():
     assert set(BASES) == {"fp32", "int8-dynamic", "int8-static"}
     for options in BASES.values():
         assert set(options) == {"demo", "minilm"}
+
+
+def test_the_memory_cell_shows_a_plain_session_with_the_runtimes_options_where_the_bench_measured_one():
+    from lab.bench_quantized_core import rss_cell
+
+    row = _row("fp32", 0.85, 1.0, 1.0, 0.1, 3.2, 1.8)
+    assert rss_cell(row) == "3.2 (1.8)"
+    assert rss_cell({**row, "plain_options_rss_mb": 1.75}) == "3.2 (1.8; 1.8 no arena)"
+    assert rss_cell({**row, "rss_mb": None}) == "not measured"
