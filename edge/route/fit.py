@@ -90,7 +90,7 @@ def fit_states(runtime, domains: list[Domain], config, features: Callable, batch
     on the demo's five domains with a quarter of each reservoir held out for validation:
     routing as served 92.7 -> 94.3 %, known inputs rejected 3.3 -> 1.8 % (``tpr`` 0.98),
     against fitting on one half and calibrating on the other. ``config`` is the router's
-    :class:`~edge.route.router.RouterConfig` (``hdc_dim``, ``hdc_bias``, ``seed``,
+    :class:`~edge.route.router.RouterConfig` (``hdc_dim``, ``hdc_bias``, ``hdc_rank``, ``seed``,
     ``refine_epochs``, ``refine_lr``, ``tpr``, ``confident_quantile``). Returns
     ``{adapter (None = base): State}``.
     """
@@ -101,7 +101,7 @@ def fit_states(runtime, domains: list[Domain], config, features: Callable, batch
     refine = len(domains) > 1 and cfg.refine_epochs > 0
 
     def fitted(f, lg, y, d, check) -> HDC:
-        det = HDC(dim=cfg.hdc_dim, bias=cfg.hdc_bias, seed=cfg.seed)
+        det = HDC(dim=cfg.hdc_dim, bias=cfg.hdc_bias, seed=cfg.seed, **({"rank": cfg.hdc_rank} if cfg.hdc_rank else {}))
         det.fit(f, lg, y, d)
         if refine:  # check: held-out (features, domains) pick the epoch; None = these inputs
             det.refine(f, y, d, cfg.refine_epochs, cfg.refine_lr, check)

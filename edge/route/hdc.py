@@ -31,6 +31,18 @@ stored; :attr:`HDC.prototypes` and :meth:`HDC.hypervectors` materialise the
 hypervectors, and the folded score equals the explicit one up to float rounding
 (tested). ``encoding="bipolar"`` (``h = sign(x' P)``) is the nonlinear alternative:
 prototypes are stored as ``dim``-wide bundles and every query is projected.
+
+**Wide features** (``width > rank``, 256 by default: a text encoder's taps, 2304 wide on MiniLM with ``auto``,
+9216 on BERT-base): the full whitening would hold a ``d x d`` covariance, an ``O(d^3)`` eigendecomposition at
+every fit and a ``d x (d + 1)`` head matrix read per input. The covariance is then taken as probabilistic PCA
+(Tipping and Bishop 1999): its top ``rank`` eigen-directions exactly, the rest of the spectrum replaced by its
+mean, ``S = V L V^T + s^2 (I - V V^T)`` (:class:`edge.route.linalg.LowRankWhitening`; the eigenpairs from the
+Gram matrix when there are fewer inputs than features, else by randomized subspace iteration, Halko et al.
+2011; ``s^2`` from the trace). The whitened vector ``(f - mu) S^(-1/2) / sqrt(d)`` is still linear in ``f``, so
+prototype sums, folded cosines, refine, update and calibrate keep their form; the fit takes ``O(N d rank)``
+time and ``O(N d + d rank)`` memory, scoring ``O(d (K + rank))`` per input, and nothing forms ``d x d``. The
+graph head then takes its wide form (:mod:`edge.route.head`). Up to ``rank`` features wide the arithmetic is
+the full whitening's, bit for bit. ``dim`` defaults to the smallest power of two >= 4096 above the width.
 """
 
 from __future__ import annotations
@@ -39,8 +51,8 @@ import numpy as np
 
 from edge.errors import ConfigError
 from edge.route.detectors import DETECTORS, Detector, as_matrix, check_inputs, threshold_at_tpr
-from edge.route.linalg import group_sums, matmul, unit_rows, whitener
-from edge.route.taps import HEAD_C, HEAD_M, HEAD_P, HEAD_T, HEAD_UNUSED
+from edge.route.head import HEAD_C, HEAD_E, HEAD_M, HEAD_MU, HEAD_P, HEAD_RANK, HEAD_T, HEAD_UNUSED
+from edge.route.linalg import LowRankWhitening, group_sums, matmul, unit_rows, whitener
 
 __all__ = ["HDC"]
 
@@ -49,9 +61,13 @@ __all__ = ["HDC"]
 class HDC(Detector):
     """Hypervector prototypes per (domain, class) and per domain; score = max cosine (module doc).
 
-    ``dim`` must be a power of two above the feature width; ``bias`` is the constant
+    ``dim`` must be a power of two >= 4096 above the feature width; unset, it is the smallest
+    such (4096 up to 4095 features, 16384 for BERT-base's 9216); with the linear encoding it
+    changes no score, only the size of materialised hypervectors. ``bias`` is the constant
     component appended to the whitened features (larger = closer to a distance);
-    ``floor`` is the eigenvalue floor of the whitening. ``encoding="linear"`` (default)
+    ``floor`` is the eigenvalue floor of the whitening. ``rank``: features up to this wide are
+    whitened with their full covariance; wider ones with its top ``rank`` eigen-directions and
+    the mean of the rest of the spectrum (module doc, *Wide features*). ``encoding="linear"`` (default)
     scores folded (no hypervector per query); ``"bipolar"`` uses ``h = sign(x' P)``, a
     nonlinear encoding whose queries must be projected (``d x dim`` per input).
     Centre and whitening are fixed at :meth:`fit`; :meth:`update` bundles new inputs.
@@ -62,29 +78,48 @@ class HDC(Detector):
     RECALIBRATE_ROWS = 1024  # held-out rows kept for recalibration after updates (5 % tail: ~0.7 % std. error)
 
     def __init__(
-        self, dim: int = 4096, bias: float = 2.0, floor: float = 1e-6, encoding: str = "linear", seed: int = 0
+        self,
+        dim: int | None = None,
+        bias: float = 2.0,
+        floor: float = 1e-6,
+        encoding: str = "linear",
+        seed: int = 0,
+        rank: int = HEAD_RANK,
     ) -> None:
         super().__init__()
-        if dim < 4096 or dim & (dim - 1):
-            raise ConfigError(f"dim must be a power of two >= 4096, got {dim}")
+        if dim is not None and (dim < 4096 or dim & (dim - 1)):
+            raise ConfigError(f"dim must be a power of two >= 4096 (or unset: the smallest above the width), got {dim}")
+        if rank < 1:
+            raise ConfigError(f"rank must be >= 1, got {rank}")
         if not bias >= 0 or not 0 < floor < 1:
             raise ConfigError(f"need bias >= 0 and 0 < floor < 1, got bias={bias}, floor={floor}")
         if encoding not in self.ENCODINGS:
             raise ConfigError(f"unknown HDC encoding {encoding!r}; allowed: {', '.join(self.ENCODINGS)}")
-        self.dim, self.bias, self.floor, self.encoding, self.seed = int(dim), float(bias), float(floor), encoding, seed
+        self.dim, self.bias, self.floor, self.encoding, self.seed = dim, float(bias), float(floor), encoding, seed
+        self.rank, self._dim_given = int(rank), dim is not None
         self._offset = 0.0  # in-sample minus held-out threshold (calibrate(held_out=...))
 
     # fit / update -----------------------------------------------------------------------
     def _fit(self, f, lg, y, d):
         width = f.shape[1]
+        if not self._dim_given:
+            self.dim = max(4096, 1 << width.bit_length())  # the smallest power of two >= 4096 above the width
         if width + 1 > self.dim:
-            raise ConfigError(f"feature width {width} needs dim > {width}; raise dim (now {self.dim})")
+            raise ConfigError(
+                f"feature width {width} needs dim > {width}; raise dim (now {self.dim}) or leave it unset "
+                "(the smallest power of two >= 4096 above the width)"
+            )
         x = f.astype(np.float64)
         dom = np.unique(d, return_inverse=True)[1]
         centred = x - np.stack([x[dom == i].mean(0) for i in range(dom.max() + 1)])[dom]
         self._mu = x.mean(0).astype(np.float32)
-        cov = matmul(np.ascontiguousarray(centred.T), centred) / len(x)  # on this thread (linalg.matmul)
-        self._w = whitener(cov, self.floor) / np.float32(np.sqrt(width))
+        self._width, self._low = width, None
+        if width <= self.rank:
+            cov = matmul(np.ascontiguousarray(centred.T), centred) / len(x)  # on this thread (linalg.matmul)
+            self._w = whitener(cov, self.floor) / np.float32(np.sqrt(width))
+        else:
+            self._w = None
+            self._low = LowRankWhitening(centred, self.rank, self.floor, self.seed)
         self._p = None  # float32 [d + 1, dim], built on first use (bipolar scoring, materialising)
         self.class_keys: list[tuple[int, int]] = []
         self.domain_keys: list[int] = []
@@ -114,7 +149,8 @@ class HDC(Detector):
         s = np.vstack([self._sums["class"], self._sums["domain"]])
         unit = (s / np.maximum(np.linalg.norm(s, axis=1, keepdims=True), 1e-30)).astype(np.float32)
         if self.encoding == "linear":  # cos(h, p_k) = x' . s_k / (|x'| |s_k|) because P P^T = dim I
-            self._a, self._b = np.ascontiguousarray(unit[:, :-1].T), self.bias * unit[:, -1]
+            a = unit[:, :-1].T if self._low is None else self._low.fold(unit[:, :-1].T)
+            self._a, self._b = np.ascontiguousarray(a, np.float32), self.bias * unit[:, -1]
             nc = len(self.class_keys)
             self._ac, self._bc = np.ascontiguousarray(self._a[:, :nc]), self._b[:nc].copy()  # the routing columns
         else:
@@ -183,7 +219,8 @@ class HDC(Detector):
     # encoding -----------------------------------------------------------------------------
     def encode(self, features) -> np.ndarray:
         """``x' = [(x - mu) W / sqrt(d), bias]``: the vector the projection reads ``[N, d + 1]``."""
-        z = matmul(self._features(features) - self._mu, self._w)
+        g = self._features(features) - self._mu
+        z = matmul(g, self._w) if self._low is None else self._low.whiten(g)
         return np.concatenate([z, np.full((len(z), 1), self.bias, np.float32)], axis=1)
 
     def hypervectors(self, features) -> np.ndarray:
@@ -203,7 +240,7 @@ class HDC(Detector):
 
     def _projection(self) -> np.ndarray:
         if self._p is None:
-            self._p = _hadamard_rows(len(self._w) + 1, self.dim, self.seed).astype(np.float32)
+            self._p = _hadamard_rows(self._width + 1, self.dim, self.seed).astype(np.float32)
         return self._p
 
     # scoring ------------------------------------------------------------------------------
@@ -219,11 +256,21 @@ class HDC(Detector):
 
         Two products, ``[d, d]`` then ``[d, K]``: measured faster than one fused
         ``[d, d + K]`` product, whose odd width BLAS handles poorly at 16 rows.
+        Wide features: ``[d, K]`` and ``[d, rank]`` (:meth:`_whitened`).
         """
-        u = matmul(f - self._mu, self._w)
+        u, inv = self._whitened(f)
         raw = matmul(u, self._a)
         raw += self._b
-        return raw, 1.0 / np.sqrt(np.einsum("ij,ij->i", u, u) + self.bias**2)
+        return raw, inv
+
+    def _whitened(self, f: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """What :attr:`_a` multiplies (the whitened ``f``, or ``f - mu`` for wide features, :attr:`_a` then holding
+        the whitening) and ``1 / |x'|``, never forming ``d x d``."""
+        g = f - self._mu
+        if self._low is None:
+            u = matmul(g, self._w)
+            return u, 1.0 / np.sqrt(np.einsum("ij,ij->i", u, u) + self.bias**2)
+        return g, 1.0 / np.sqrt(np.maximum(self._low.sqnorm(g), 0.0) + self.bias**2)
 
     def calibrate(self, features, logits=None, tpr: float = 0.95, held_out=None) -> float:
         """Set the threshold so that ``tpr`` of held-out ID inputs are accepted.
@@ -242,8 +289,7 @@ class HDC(Detector):
             self._offset = inside - self.threshold
         if self.encoding == "linear":  # whitening is fixed between fits: keep the whitened set for recalibration
             keep = np.random.default_rng(self.seed).permutation(len(f))[: self.RECALIBRATE_ROWS]
-            u = matmul(f[np.sort(keep)] - self._mu, self._w)
-            self._cal_u = (u, 1.0 / np.sqrt(np.einsum("ij,ij->i", u, u) + self.bias**2))
+            self._cal_u = self._whitened(f[np.sort(keep)])
         return self.threshold
 
     def update(self, features, logits=None, labels=None, domains=None) -> None:
@@ -282,6 +328,12 @@ class HDC(Detector):
             s = self.similarities(features)[:, :nc]
             best = s.argmax(1)
             return s[np.arange(len(s)), best], self._route_ids[best]
+        if self._low is not None:
+            u, inv = self._whitened(features)
+            raw = matmul(u, self._ac)
+            raw += self._bc
+            best = raw.argmax(1)
+            return raw[np.arange(len(raw)), best] * inv, self._route_ids[best]
         u = matmul(features - self._mu, self._w)
         raw = matmul(u, self._ac)
         raw += self._bc
@@ -297,7 +349,9 @@ class HDC(Detector):
         bias ``t``) and the cosine to the class prototype ``(domain, class)`` at column
         ``1 + domain * classes + class``: its unit sum ``[a_k; b_k / bias]``, bias 0.
         Unused columns get a bias of ``HEAD_UNUSED``. Linear encoding, calibrated, domains
-        and classes within the head's capacity.
+        and classes within the head's capacity. Wide features (``width > head.rank``): the
+        wide form of :mod:`edge.route.head`, from a detector whitened at rank ``<= head.rank``;
+        a detector and a head of different forms are refused.
         """
         if self.encoding != "linear":
             raise ConfigError(f"only the linear HDC encoding folds into a graph head, not {self.encoding!r}")
@@ -311,7 +365,17 @@ class HDC(Detector):
                 f"{max(k for _, k in self.class_keys)} do not fit the graph head ({head.domains} domains x "
                 f"{head.classes} classes); tap the model with a larger Head(domains=..., classes=...)"
             )
-        width = len(self._w)
+        width = self._width
+        low = self._low
+        if head.wide(width) != (low is not None) or (low is not None and low.rank > head.rank):
+            mine = "in full" if low is None else f"at rank {low.rank}"
+            form = f"the wide form of rank {head.rank}" if head.wide(width) else "the narrow form (full whitening)"
+            raise ConfigError(
+                f"the detector (HDC rank={self.rank}) whitens its {width} features {mine}, but the graph head "
+                f"(Head rank={head.rank}) holds {form}; fit HDC(rank=...) and tap Head(rank=...) alike"
+            )
+        if low is not None:
+            return self._wide_head(head)
         n_u, n_v = head.columns(width)
         w = self._w.astype(np.float64)
         m = np.zeros((width, n_u))
@@ -327,6 +391,27 @@ class HDC(Detector):
             HEAD_M: m.astype(np.float32),
             HEAD_C: c.astype(np.float32),
             HEAD_P: p.astype(np.float32),
+            HEAD_T: t.astype(np.float32),
+        }
+
+    def _wide_head(self, head) -> dict[str, np.ndarray]:
+        """The wide head's tensors (:mod:`edge.route.head`): its vote compares each numerator with ``t |u|``."""
+        low, r = self._low, head.rank
+        n_o, _ = head.columns(self._width)
+        bar = r + 1
+        m, c = np.zeros((self._width, n_o)), np.zeros(n_o)
+        e = np.zeros((n_o, 1))
+        m[:, : low.rank], e[:r, 0] = low.unit_ws, -1.0  # |g|^2 - |g V (1 - s2/L)^(1/2)|^2 = kappa |z|^2
+        c[r], e[r, 0] = 1.0, low.kappa * self.bias**2  # the constant column brings kappa bias^2
+        cols = np.array([bar + 1 + d * head.classes + k for d, k in self.class_keys])
+        m[:, cols], c[cols] = self._ac, self._bc
+        t = np.full((1, n_o), HEAD_UNUSED)
+        t[0, bar], t[0, cols] = self.threshold / np.sqrt(low.kappa), 0.0  # t |u| = t sqrt(kappa |u|^2 / kappa)
+        return {
+            HEAD_MU: self._mu.astype(np.float32),
+            HEAD_M: m.astype(np.float32),
+            HEAD_C: c.astype(np.float32),
+            HEAD_E: e.astype(np.float32),
             HEAD_T: t.astype(np.float32),
         }
 

@@ -63,13 +63,14 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from edge.errors import ConfigError
 from edge.route.fit import Domain, Refit, State, fit_states, run_features
 from edge.route.hdc import HDC
+from edge.route.head import HEAD_RANK
 from edge.route.headsync import HeadSync
 from edge.route.policy import WindowPolicy
 from edge.route.taps import VOTE, Tapped
@@ -93,7 +94,8 @@ class RouterConfig:
     confident_quantile: float = 0.5
     reservoir: int = 1024
     novel_buffer: int = 256
-    hdc_dim: int = 4096
+    hdc_dim: int | None = None  # None: the smallest power of two >= 4096 above the feature width (edge.route.hdc)
+    hdc_rank: int | None = None  # whitening rank (edge.route.hdc.HDC rank); None: the tapped head's, or 256
     hdc_bias: float = 2.0
     refine_epochs: int = 10  # HDC retraining of the class prototypes for routing (edge.route.hdc.HDC.refine); 0 = off
     refine_lr: float = 1.0
@@ -144,6 +146,13 @@ class Reconfigurator:
     def __init__(self, runtime, tapped: Tapped, config: RouterConfig = RouterConfig(), logits: str = "logits"):
         if len(runtime.info.inputs) != 1:
             raise ConfigError(f"the router feeds one input; model takes {list(runtime.info.inputs)}")
+        if tapped.head is not None and config.hdc_rank not in (None, tapped.head.rank):
+            raise ConfigError(
+                f"RouterConfig.hdc_rank {config.hdc_rank} differs from the rank of the head {tapped.path.name} was "
+                f"tapped with ({tapped.head.rank}): the detector could not be folded into it; leave hdc_rank unset"
+            )
+        if config.hdc_rank is None:
+            config = replace(config, hdc_rank=tapped.head.rank if tapped.head is not None else HEAD_RANK)
         self.rt, self.tapped, self.config, self._logits = runtime, tapped, config, logits
         self._input = runtime.info.inputs[0]
         self._domains: dict[str, Domain] = {}

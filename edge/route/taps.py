@@ -32,7 +32,9 @@ weights (:meth:`Runtime.set_head`), so the ``hybrid`` strategy prepacks them; th
 marked ``head`` in the model metadata, excluded from the fingerprint and refused as
 adapter targets. Until a detector writes them every input votes ``-1``. The graph
 returns votes, not scores: :meth:`edge.route.ood.HDC.score` on the ``edge.features`` output
-gives those.
+gives those. That is the narrow form, for features up to ``Head.rank`` wide (256 by default); wider features
+(a text encoder's ``attn`` taps: 2304 on MiniLM, 9216 on BERT-base) get the wide form, whose cost grows with
+``width * rank`` rather than ``width ** 2``. :mod:`edge.route.head` holds both forms.
 
 Why in the graph: scored in numpy right after an onnxruntime run, the same arithmetic cost 70 us per batch
 of 16 instead of 30 us hot (about ten numpy calls, each paying cold caches), 9-13 % of the digits encoder's
@@ -132,6 +134,7 @@ from pathlib import Path
 from edge.errors import ConfigError, FormatError
 from edge.format.modelinfo import META_KEY
 from edge.format.onnx_graph import batch_dim, batch_folded
+from edge.route.head import HEAD_C, HEAD_M, HEAD_P, HEAD_T, HEAD_UNUSED, VOTE, Head, add_head
 from edge.route.tapsets import TAP_SETS, feature_shapes, resolve_taps, tensor_shapes
 
 __all__ = [
@@ -140,6 +143,7 @@ __all__ = [
     "HEAD_M",
     "HEAD_P",
     "HEAD_T",
+    "HEAD_UNUSED",
     "TAP_SETS",
     "VOTE",
     "Head",
@@ -149,11 +153,6 @@ __all__ = [
 ]
 
 FEATURES = "edge.features"
-VOTE = "edge.vote"  # detector-head output: [B] int64, the routed domain, or -1 when the input is OOD
-#: head tensors: whitening Gemm (matrix, bias), prototype Gemm (matrix, bias; its column 0 holds the threshold)
-HEAD_M, HEAD_C, HEAD_P, HEAD_T = "edge.head.m", "edge.head.c", "edge.head.p", "edge.head.t"
-#: bias of unused head columns: never the max or the argmax
-HEAD_UNUSED = -1e30
 #: element types a tap may hold (onnx TensorProto FLOAT, FLOAT16, DOUBLE, BFLOAT16): all but float32 are cast to it
 FLOATS = (1, 10, 11, 16)
 
@@ -163,28 +162,6 @@ def _pool_axes(shape: tuple) -> tuple[list[int], object]:
     if len(shape) >= 4:
         return list(range(2, len(shape))), shape[1]
     return list(range(1, len(shape) - 1)), shape[-1] if shape else None
-
-
-@dataclass(frozen=True)
-class Head:
-    """Capacity of an in-graph detector head: known domains and classes per domain it can hold."""
-
-    domains: int = 8
-    classes: int = 10
-
-    def __post_init__(self) -> None:
-        if self.domains < 1 or self.classes < 1:
-            raise ConfigError(
-                f"a detector head needs domains >= 1 and classes >= 1, got {self.domains}, {self.classes}"
-            )
-
-    def columns(self, width: int) -> tuple[int, int]:
-        """Output widths of the head's two Gemms: whitened features with the bias component; bar + prototypes."""
-        return width + 1, 1 + self.classes * self.domains
-
-    def route_table(self) -> list[int]:
-        """The vote of each column of the prototype Gemm: -1 for the bar (column 0), else the column's domain."""
-        return [-1] + [j // self.classes for j in range(self.classes * self.domains)]
 
 
 @dataclass(frozen=True)
@@ -294,7 +271,9 @@ def tap_model(
     g.output.append(helper.make_tensor_value_info(FEATURES, TensorProto.FLOAT, ["batch", width]))
     props = {p.key: p.value for p in model.metadata_props}
     props["edge.route.taps"] = ",".join(taps)
-    meta = _add_head(model, head, width, props.get(META_KEY)) if head is not None else props.get(META_KEY)
+    meta = props.get(META_KEY)
+    if head is not None:
+        meta = add_head(model, head, width, meta, FEATURES, opset)
     _place_early(g, ours, set(taps))
     if meta is not None:  # the new outputs are the model's outputs (edge.learn.update can learn on the features)
         props[META_KEY] = _with_outputs(meta, FEATURES, *([VOTE] if head is not None else []))
@@ -405,53 +384,3 @@ def _with_outputs(meta: str, *names: str) -> str:
 
     info = ModelInfo.from_json(meta)
     return replace(info, outputs=(*info.outputs, *(n for n in names if n not in info.outputs))).to_json()
-
-
-def _add_head(model, head: Head, width: int, meta: str | None) -> str:
-    """Add the detector head's tensors, nodes and outputs; return the model metadata with the head tensors."""
-    import numpy as np
-    from onnx import TensorProto, helper, numpy_helper
-
-    from edge.format.modelinfo import ModelInfo, TensorInfo
-
-    if meta is None:
-        raise FormatError(f"model {model.graph.name!r} has no {META_KEY!r} metadata; tap a model exported by edge")
-    info = ModelInfo.from_json(meta)
-    taken = {t.name for t in model.graph.initializer} | {o.name for o in model.graph.output} | set(info.tensors)
-    clash = sorted(taken & {HEAD_M, HEAD_C, HEAD_P, HEAD_T, VOTE})
-    if clash:
-        raise ConfigError(f"model {model.graph.name!r} already has {clash}; tap the original model")
-    n_u, n_v = head.columns(width)
-    c = np.zeros(n_u, np.float32)
-    c[width] = 1.0  # the bias component: ||u|| = 1
-    t = np.full(n_v, HEAD_UNUSED, np.float32)
-    t[0] = 0.0  # the bar beats every unused prototype column: all OOD until written
-    g = model.graph
-    g.initializer.extend(
-        [
-            numpy_helper.from_array(np.zeros((width, n_u), np.float32), HEAD_M),
-            numpy_helper.from_array(c, HEAD_C),
-            numpy_helper.from_array(np.zeros((n_u, n_v), np.float32), HEAD_P),
-            numpy_helper.from_array(t, HEAD_T),
-        ]
-    )
-
-    def node(op: str, inputs: list[str], output: str, **attrs) -> str:
-        g.node.append(helper.make_node(op, inputs, [output], name=output, **attrs))
-        return output
-
-    u = node("Gemm", [FEATURES, HEAD_M, HEAD_C], "edge.head.u")  # [(f - mu) W, bias]
-    unit = node("LpNormalization", [u], "edge.head.unit", axis=1, p=2)
-    cos = node("Gemm", [unit, HEAD_P, HEAD_T], "edge.head.cos")  # [t, cosine to each class prototype]
-    column = node("ArgMax", [cos], "edge.head.column", axis=1, keepdims=0)
-    table = helper.make_tensor("edge.head.route.value", TensorProto.INT64, [n_v], head.route_table())
-    g.node.append(helper.make_node("Constant", [], ["edge.head.route"], value=table))
-    node("Gather", ["edge.head.route", column], VOTE, axis=0)
-    g.output.append(helper.make_tensor_value_info(VOTE, TensorProto.INT64, ["batch"]))
-    tensors = dict(info.tensors)
-    tensors[HEAD_M] = TensorInfo(HEAD_M, (width, n_u), head=True)
-    tensors[HEAD_C] = TensorInfo(HEAD_C, (n_u,), head=True)
-    tensors[HEAD_P] = TensorInfo(HEAD_P, (n_u, n_v), head=True)
-    tensors[HEAD_T] = TensorInfo(HEAD_T, (n_v,), head=True)
-    extra = {**info.extra, "edge.head": {"domains": head.domains, "classes": head.classes, "width": width}}
-    return replace(info, tensors=tensors, extra=extra).to_json()

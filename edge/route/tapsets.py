@@ -52,8 +52,9 @@ after block 0 93.8 %, anything in block 1 90-92.5 %, the model's own pooled ``fe
 
 ``auto`` (the default) takes the declared taps, else ``attn``, else ``stages``; a model
 with none of them raises :class:`~edge.errors.ConfigError` naming what to pass. More
-taps score a little better but cost more: the detector whitens ``d x d`` per input and
-``d`` grows with each tap (BENCHMARKS.md compares them).
+taps score a little better but cost more: the detector whitens ``d x d`` per input up to the head's
+rank (256), ``d x rank`` beyond it (:mod:`edge.route.head`), and ``d`` grows with each tap (BENCHMARKS.md
+compares them).
 """
 
 from __future__ import annotations
