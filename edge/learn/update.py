@@ -427,5 +427,7 @@ def _traced():
 
 
 def _mb(n: float) -> str:
-    """``n`` bytes in MB, with the digits a small figure needs (0.004, not 0.0)."""
-    return f"{n / MB:.1f}" if n >= 0.1 * MB else f"{n / MB:.2g}"
+    """``n`` bytes in MB, with the digits a small figure needs (0.000095, not 0.0 or 9.5e-05)."""
+    if n >= 0.1 * MB:
+        return f"{n / MB:.1f}"
+    return np.format_float_positional(n / MB, precision=2, fractional=False).rstrip(".")
