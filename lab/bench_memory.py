@@ -141,6 +141,7 @@ def bench_memory(
         "wall_s": round(wall_s, 1),
         "load_avg": {"before": load_before, "after": load_average()},
         "baseline_rss_mb": base,
+        "libraries_mapped": all(r.get("libraries_mapped", False) for rs in memory.values() for r in rs),
         "ready_rounds_ms": {k: [round(v, 2) for v in ready[k]] for k in kinds},  # round by round, for any statistic
         "ready_rounds_cpu_ms": {k: [round(v, 2) for v in cpu[k]] for k in kinds},
         "plain": figures.pop("plain"),
@@ -191,7 +192,7 @@ def markdown(result: dict) -> str:
     def num(v, fmt="{:.0f}"):
         return "-" if v is None or not np.isfinite(v) else fmt.format(v)
 
-    load = result["load_avg"]
+    load, mb = result["load_avg"], "{:.1f}"  # MB to a tenth: a small model's figures are a few MB apart
     rows = [("plain session", result["plain"])] + list(result["strategies"].items())
     if "plain_options" in result:  # memory only
         lean = {"ready_ms": None, "ready_cpu_ms": None, **result["plain_options"]}
@@ -201,12 +202,13 @@ def markdown(result: dict) -> str:
         f"of writable float32 weights), {_threads_text(result)}; {result['wall_s']:.0f} s for this "
         f"model, load average {(load['before'] or ['-'])[0]} before, {(load['after'] or ['-'])[0]} after. "
         f"Memory: median of {result['repeat']} fresh processes, above a process that imported the same modules "
-        f"({result['baseline_rss_mb']:.0f} MB). Ready: construction to the first full-speed inference, in "
-        f"{result['rounds']} rounds of fresh processes (the plain session and each strategy, order rotated every "
-        f"round); ms: median over the rounds; x plain: median of the per-round ratios to the plain session, with "
-        f"the 95 % bootstrap interval of that median, the quartiles and the extremes of the ratios; main-thread "
-        f"CPU: the CPU time of the thread that constructs and runs over the same span (median), and the median of "
-        f"its per-round ratios, which waiting for a core on a loaded machine does not pull towards 1.",
+        f"({result['baseline_rss_mb']:.0f} MB), {_libraries_text(result)}. Ready: construction to the first "
+        f"full-speed inference, in {result['rounds']} rounds of fresh processes (the plain session and each "
+        f"strategy, order rotated every round); ms: median over the rounds; x plain: median of the per-round "
+        f"ratios to the plain session, with the 95 % bootstrap interval of that median, the quartiles and the "
+        f"extremes of the ratios; main-thread CPU: the CPU time of the thread that constructs and runs over "
+        f"the same span (median), and the median of its per-round ratios, which waiting for a core on a loaded "
+        f"machine does not pull towards 1.",
         "",
         "| contestant | resident MB | peak MB | predicted MB | ready ms | x plain | 95 % interval | quartiles "
         "| min-max | main-thread CPU ms | CPU x plain |",
@@ -217,7 +219,7 @@ def markdown(result: dict) -> str:
         ratio = ["1", "-", "-", "-"] if x is None else [f"{x['median']:.2f}", *(_range(x, p) for p in _SPREAD)]
         ratio = ["-"] * 4 if f["ready_ms"] is None else ratio
         lines.append(
-            f"| {name} | {num(f['rss_mb'])} | {num(f['peak_mb'])} | {num(f.get('predicted_mb'))} | "
+            f"| {name} | {num(f['rss_mb'], mb)} | {num(f['peak_mb'], mb)} | {num(f.get('predicted_mb'), mb)} | "
             f"{num(f['ready_ms'])} | {' | '.join(ratio)} | {num(f['ready_cpu_ms'], '{:.1f}')} | "
             f"{'-' if f['ready_ms'] is None else '1' if c is None else format(c['median'], '.2f')} |"
         )
@@ -281,6 +283,12 @@ def _threads_text(result: dict) -> str:
     )
 
 
+def _libraries_text(result: dict) -> str:
+    if result.get("libraries_mapped"):
+        return "every library's pages mapped in each process first (library code counts in none)"
+    return "library code counted where it ran (its pages were not mapped first: not Linux, or no /proc)"
+
+
 def _runtime_options(model_path: Path, backend: str, threads: int | None) -> tuple[int | None, bool]:
     """The threads the runtime resolves for this model (``threads``, or its default: 1 for a tiny model), for the
     plain session it is compared with, and whether its prepacked sessions use onnxruntime's CPU arena; read from a
@@ -307,7 +315,7 @@ def _child(spec: str) -> None:
     s = json.loads(spec)
     cls = get_backend(s["backend"])  # imported before the baseline is taken
     feeds = dict(np.load(s["feeds"], allow_pickle=False))
-    _map_libraries()  # library code resident in every child before anything is measured
+    mapped = _map_libraries()  # library code resident in every child before anything is measured
     peaks: list[float] = []  # the high-water marks before the bench's own work (warm) reset it
 
     def warm() -> None:
@@ -328,7 +336,7 @@ def _child(spec: str) -> None:
             os._exit(0)
 
     gc.collect()
-    out: dict = {}
+    out: dict = {"libraries_mapped": mapped}
     reset_peak_rss()
     t0, c0 = time.perf_counter(), time.thread_time()
     if s["kind"] in ("plain", "plain_options"):
@@ -379,33 +387,42 @@ def _child(spec: str) -> None:
     print(json.dumps(out))
 
 
-def _map_libraries() -> None:
+def _map_libraries() -> bool:
     """Make every page of every library this process has mapped resident (shared objects and the interpreter, code
-    and data), so the code a contestant runs adds nothing to its resident memory that the baseline does not hold too
-    (Linux; elsewhere the pages stay as they are). ``MADV_POPULATE_READ`` (Linux 5.14) maps the page cache's pages,
-    shared, without copying them."""
+    and data), so the code a contestant runs adds nothing to its resident memory that the baseline does not hold too;
+    whether it did (Linux; elsewhere the pages stay as they are, and the bench's markdown says so).
+    ``MADV_POPULATE_READ`` (Linux 5.14) maps the page cache's pages, shared, without copying them; a kernel that does
+    not know it (EINVAL: JetPack 5, Raspberry Pi OS bullseye) has one byte of every page read instead, which maps the
+    same pages."""
     import ctypes
+    import errno
     import mmap
 
     if not sys.platform.startswith("linux"):
-        return
+        return False
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
         with open("/proc/self/maps") as f:
             maps = [line.split() for line in f]
     except (OSError, AttributeError):
-        return
+        return False
     exe = os.path.realpath(sys.executable)
+    advice = getattr(mmap, "MADV_POPULATE_READ", 22)  # 22 on every architecture (asm-generic/mman-common.h)
     for m in maps:
         if len(m) < 6 or m[1][0] != "r" or not (".so" in os.path.basename(m[5]) or m[5] == exe):
             continue
         lo, hi = (int(x, 16) for x in m[0].split("-"))
-        if libc.madvise(lo, hi - lo, getattr(mmap, "MADV_POPULATE_READ", 22)) != 0:
+        if advice and libc.madvise(lo, hi - lo, advice) == 0:
+            continue
+        if advice and ctypes.get_errno() != errno.EINVAL:
             raise EdgeError(
                 f"bench memory maps its libraries' pages before measuring, and this kernel refused to for {m[5]} "
-                f"({os.strerror(ctypes.get_errno())}; MADV_POPULATE_READ needs Linux 5.14)"
+                f"({os.strerror(ctypes.get_errno())})"
             )
+        advice = 0  # Linux < 5.14: read one byte of each page (a read fault maps the page cache's page, no copy)
+        int(np.frombuffer((ctypes.c_char * (hi - lo)).from_address(lo), np.uint8)[:: mmap.PAGESIZE].sum())
+    return True
 
 
 def _param_count(path: Path) -> int:

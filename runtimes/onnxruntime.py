@@ -64,7 +64,7 @@ from runtimes.onnx_file import (
     verify_fingerprint,
 )
 from runtimes.ort_providers import ORT_PROVIDERS
-from runtimes.ort_session import OrtSessions
+from runtimes.ort_session import OrtSessions, asked_cpu_arena
 
 __all__ = ["OrtBackend"]
 
@@ -138,6 +138,7 @@ class OrtBackend(OrtSessions, ArenaBackend):
         popts = options.provider_options
         self._provider_options = [dict(o) for o in popts] if popts and len(popts) == len(self._providers) else None
         self._threads = options.threads
+        self.arena_asked = asked_cpu_arena(self._providers, self._provider_options)  # a profile's use_arena wins
 
         with model_buffer(model) as (buf, read):
             nbytes = len(buf)  # the whole model (not only its writable tensors) decides a tiny model's threads
@@ -174,6 +175,9 @@ class OrtBackend(OrtSessions, ArenaBackend):
             log.info("%d-byte model: its sessions run on 1 thread (pass threads= for more)", nbytes)
             self._threads = 1
         self.cpu_arena = nbytes >= SMALL_MODEL_BYTES  # a small model's prepacked sessions without it (ort_session)
+        if self.arena_asked is not None and self.arena_asked != self.cpu_arena:
+            log.info("CPU arena %s, as use_arena asks (this model's default: %s)", self.arena_asked, self.cpu_arena)
+            self.cpu_arena = self.arena_asked
         strategy = options.strategy
         if strategy == "auto":
             strategy = self.DEFAULT_STRATEGY

@@ -26,10 +26,11 @@ import threading
 import time
 from pathlib import Path
 
+from edge.errors import ConfigError
 from runtimes.base import trim_heap
 from runtimes.ort_providers import check_registered
 
-__all__ = ["OrtSessions", "session_options"]
+__all__ = ["OrtSessions", "asked_cpu_arena", "session_options"]
 
 log = logging.getLogger("edge.runtimes.onnxruntime")  # the backend's logger: these are its messages
 
@@ -72,12 +73,27 @@ def session_options(ort, threads: int | None, *, cpu_arena: bool = True):
     return so
 
 
+def asked_cpu_arena(providers, provider_options) -> bool | None:
+    """What the CPU provider's ``use_arena`` option asks (a device profile's; None: not given). onnxruntime's Python
+    API builds its CPU provider from ``SessionOptions.enable_cpu_mem_arena`` alone and drops this option without a
+    word, so the backend sets that from it, on every session."""
+    for name, opts in zip(providers, provider_options or ()):
+        if name == "CPUExecutionProvider" and "use_arena" in opts:
+            value = str(opts["use_arena"]).strip().lower()
+            if value not in ("1", "0", "true", "false"):
+                raise ConfigError(f"CPUExecutionProvider's use_arena must be 1 or 0 (true or false), got {value!r}")
+            return value in ("1", "true")
+    return None
+
+
 class OrtSessions:
     """The session half of :class:`runtimes.onnxruntime.OrtBackend` (a mixin: it uses the backend's arena, graph and
     rebuild state)."""
 
     #: whether the prepacked sessions use onnxruntime's CPU arena (set by the backend from the model's size)
     cpu_arena = True
+    #: the arena a device profile asks for (the CPU provider's ``use_arena``), on every session; None: not asked
+    arena_asked: bool | None = None
 
     def _stub_location(self) -> str:
         """The file name the prepacked graph's data-less initializers point at (:func:`_stub`), in its folder."""
@@ -90,8 +106,9 @@ class OrtSessions:
 
     def _session_options(self, prepacked: bool = False):
         """The options of every session of this backend; a ``prepacked`` (full-speed) session of a small model
-        without onnxruntime's CPU arena (:attr:`cpu_arena`)."""
-        return session_options(self._ort, self._threads, cpu_arena=self.cpu_arena or not prepacked)
+        without onnxruntime's CPU arena (:attr:`cpu_arena`), unless a profile asked (:attr:`arena_asked`)."""
+        arena = self.arena_asked if self.arena_asked is not None else self.cpu_arena or not prepacked
+        return session_options(self._ort, self._threads, cpu_arena=arena)
 
     def _make_bound(self, model: bytes, go: threading.Event | None = None) -> None:
         """The session with every writable tensor a graph input, bound to the arena (zero copy). In the background:
