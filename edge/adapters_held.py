@@ -44,32 +44,23 @@ class HeldBuffers:
         for p in held:
             self.add(p)
 
-    @staticmethod
-    def _owners(p: Prepared) -> dict[int, np.ndarray]:
-        out = {}
-        for a in p.arrays:
-            while isinstance(a.base, np.ndarray):  # a view: the array that owns the memory
-                a = a.base
-            out[id(a)] = a
-        return out
-
     def new_bytes(self, p: Prepared, leaving: Prepared | None = None) -> int:
         """Bytes ``p`` would add (its buffers no held adapter but ``leaving`` holds)."""
-        gone = {} if leaving is None else {k for k in self._owners(leaving) if self._buffers[k][1] == 1}
-        return sum(a.nbytes for k, a in self._owners(p).items() if k not in self._buffers or k in gone)
+        gone = {} if leaving is None else {k for k in fusion.buffers(leaving) if self._buffers[k][1] == 1}
+        return sum(a.nbytes for k, a in fusion.buffers(p).items() if k not in self._buffers or k in gone)
 
     def only(self, p: Prepared) -> int:
         """Bytes that only ``p`` (held) holds: what unloading it frees."""
-        return sum(a.nbytes for k, a in self._owners(p).items() if self._buffers[k][1] == 1)
+        return sum(a.nbytes for k, a in fusion.buffers(p).items() if self._buffers[k][1] == 1)
 
     def add(self, p: Prepared) -> None:
-        for k, a in self._owners(p).items():
+        for k, a in fusion.buffers(p).items():
             n = self._buffers.get(k, (a, 0))[1]
             self._buffers[k] = (a, n + 1)
             self.total += a.nbytes if n == 0 else 0
 
     def remove(self, p: Prepared) -> None:
-        for k, a in self._owners(p).items():
+        for k, a in fusion.buffers(p).items():
             n = self._buffers[k][1]
             if n == 1:
                 del self._buffers[k]
@@ -155,8 +146,7 @@ class AdapterHolder:
             self._check_open()
             self._check_not_active(name)
             others = list(self._adapters.values())  # immutable: compared outside the lock
-            old = self._adapters.get(name)  # a held adapter of this name is replaced: its own bytes are not counted
-            staying = self._held.total - (0 if old is None else self._held.only(old))
+            staying = self._staying(name)[1]
         twin = fusion.same_positions(index, others)  # an adapter that writes the same entries, if any
         if self._budget_mb is not None:  # a lower bound first: nothing more is allocated for an adapter over it
             self._check_room(name, staying, self._at_least(adapter, index, twin), True)
@@ -164,8 +154,7 @@ class AdapterHolder:
         with self._lock:
             self._check_open()
             self._check_not_active(name)
-            old = self._adapters.get(name)
-            staying = self._held.total - (0 if old is None else self._held.only(old))
+            old, staying = self._staying(name)
             if self._budget_mb is not None:  # the exact figure, against what is held now (another load may have won)
                 self._check_room(name, staying, self._held.new_bytes(prepared, old), False)
             try:
@@ -177,6 +166,12 @@ class AdapterHolder:
                 self._held = HeldBuffers(self._adapters.values())
                 raise
         return name
+
+    def _staying(self, name: str) -> tuple[Prepared | None, int]:
+        """The held adapter called ``name`` (a load under its name replaces it) and the bytes held without it (its
+        own bytes are not counted). Under the lock."""
+        old = self._adapters.get(name)
+        return old, self._held.total - (0 if old is None else self._held.only(old))
 
     def _at_least(self, adapter: Adapter, index, twin: Prepared | None) -> int:
         """Bytes the adapter will keep at least, before its writes are prepared: its own arrays, and per entry a

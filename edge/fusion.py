@@ -38,6 +38,7 @@ __all__ = [
     "Fused",
     "Prepared",
     "SaturationError",
+    "buffers",
     "check_finite",
     "fuse",
     "held_bytes",
@@ -149,14 +150,19 @@ def held_bytes(adapters: Iterable[Prepared]) -> list[int]:
     seen: set[int] = set()
     out = []
     for p in adapters:
-        n = 0
-        for a in p.arrays:
-            while isinstance(a.base, np.ndarray):  # a view: count the array that owns the memory
-                a = a.base
-            if id(a) not in seen:
-                seen.add(id(a))
-                n += a.nbytes
-        out.append(n)
+        own = {k: a for k, a in buffers(p).items() if k not in seen}
+        seen.update(own)
+        out.append(sum(a.nbytes for a in own.values()))
+    return out
+
+
+def buffers(p: Prepared) -> dict[int, np.ndarray]:
+    """The arrays that own the memory of everything ``p`` keeps (a view counts as the array it views), by ``id``."""
+    out = {}
+    for a in p.arrays:
+        while isinstance(a.base, np.ndarray):  # a view: the array that owns the memory
+            a = a.base
+        out[id(a)] = a
     return out
 
 

@@ -311,6 +311,7 @@ def _child(spec: str) -> None:
     from edge.runtime import Runtime
     from lab.benchmarks import default_targets, random_shira
     from runtimes import get_backend
+    from runtimes.ort_session import session_options
 
     s = json.loads(spec)
     cls = get_backend(s["backend"])  # imported before the baseline is taken
@@ -340,14 +341,8 @@ def _child(spec: str) -> None:
     reset_peak_rss()
     t0, c0 = time.perf_counter(), time.thread_time()
     if s["kind"] in ("plain", "plain_options"):
-        so = ort.SessionOptions()  # onnxruntime's defaults, on the runtime's threads
-        so.log_severity_level = 3
-        if s["threads"]:
-            so.intra_op_num_threads = s["threads"]
-        if s["kind"] == "plain_options":
-            from runtimes.ort_session import session_options
-
-            so = session_options(ort, s["threads"], cpu_arena=False)
+        # onnxruntime's defaults on the runtime's threads; plain_options: the runtime's small-model options too
+        so = session_options(ort, s["threads"], cpu_arena=s["kind"] == "plain")
         sess = ort.InferenceSession(s["model"], so, providers=["CPUExecutionProvider"])
         sess.run(None, feeds)
         out.update(ready_ms=(time.perf_counter() - t0) * 1e3, ready_cpu_ms=(time.thread_time() - c0) * 1e3)
