@@ -16,6 +16,12 @@ def _common(p) -> None:
     p.add_argument(
         "--timeout", type=float, default=30.0, help="seconds for each connect and read; no retries (default 30)"
     )
+    p.add_argument(
+        "--deadline",
+        type=float,
+        help="seconds the whole command may take, however slowly the registry answers (default 1800, "
+        "edge.fleet.publish.DEADLINE); devices keep the previous release, run it again",
+    )
     p.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
@@ -52,6 +58,12 @@ def register(sub) -> None:
     k.set_defaults(func=rotate)
 
 
+def _net(args) -> dict:
+    """insecure, timeout and (when given) deadline: how each command talks to the registry."""
+    given = {} if args.deadline is None else {"deadline": args.deadline}
+    return {"insecure": args.insecure, "timeout": args.timeout} | given
+
+
 def _out(args, result: dict, line: str) -> int:
     print(json.dumps(result, indent=1, sort_keys=True) if args.json else line)
     return 0
@@ -71,8 +83,7 @@ def push(args) -> int:
         args.tuf_dir,
         args.keys,
         replace=args.replace,
-        insecure=args.insecure,
-        timeout=args.timeout,
+        **_net(args),
     )
     changed = [a["name"] for a in res["adapters"] if a["changed"]]
     return _out(
@@ -89,9 +100,7 @@ def init(args) -> int:
     from edge.fleet import init_release
 
     registry, repository = split_reference(args.reference)
-    res = init_release(
-        registry, repository, args.tuf_dir, args.keys, bits=args.bits, insecure=args.insecure, timeout=args.timeout
-    )
+    res = init_release(registry, repository, args.tuf_dir, args.keys, bits=args.bits, **_net(args))
     return _out(
         args, res, f"TUF repository published to {res['repository']}; give devices {res['tuf_root']} as tuf_root"
     )
@@ -102,7 +111,7 @@ def refresh(args) -> int:
     from edge.fleet import refresh_release
 
     registry, repository = split_reference(args.reference)
-    res = refresh_release(registry, repository, args.tuf_dir, args.keys, insecure=args.insecure, timeout=args.timeout)
+    res = refresh_release(registry, repository, args.tuf_dir, args.keys, **_net(args))
     return _out(args, res, f"release {res['release']} re-signed, timestamp expires {res['expires']}")
 
 
@@ -117,8 +126,7 @@ def rotate(args) -> int:
         args.tuf_dir,
         args.keys,
         args.roles or ["root"],
-        insecure=args.insecure,
-        timeout=args.timeout,
+        **_net(args),
     )
     return _out(
         args,

@@ -44,10 +44,10 @@ _LAZY = {
     "Expiry": "edge.fleet.tufrepo",
     "SyncReport": "edge.fleet.device",
     "sync": "edge.fleet.device",
-    "init_release": "edge.fleet.publish",
+    "init_release": "edge.fleet.release",
     "push": "edge.fleet.publish",
-    "refresh_release": "edge.fleet.publish",
-    "rotate_keys": "edge.fleet.publish",
+    "refresh_release": "edge.fleet.release",
+    "rotate_keys": "edge.fleet.release",
 }
 
 

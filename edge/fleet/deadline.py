@@ -9,31 +9,49 @@ socket they open) and, when time is up, a timer shuts them down: the blocked rea
 status line, the headers or the body, and the client reports :class:`DeadlineExceededError`. Nothing else is
 interrupted: what sync writes to disk happens between reads, so a cut leaves a partial download to resume
 and never a half-installed adapter.
+
+Name resolution is bounded too: ``socket.getaddrinfo`` takes no timeout and cannot be interrupted (a dead DNS
+server or a captive portal holds it for 5 s x attempts x servers, or longer), and urllib3 has no resolver to plug
+in (urllib3/urllib3#1334, #3588), so each new connection (lookup and TCP connect: urllib3's ``_new_conn``) runs
+in a daemon thread the caller waits for until the deadline; a lookup given up on finishes there, and the socket
+it may still open is closed. The host's push and release (:mod:`edge.fleet.publish`) use the same
+:class:`Deadline` (:func:`bound_session`) with their own wording.
 """
 
 from __future__ import annotations
 
+import logging
 import socket
 import threading
 import time
+from urllib.parse import urlsplit
 
 from edge.fleet.oci import DEFAULT_DEADLINE, OciClient, RegistryUnreachableError
 
-__all__ = ["DEFAULT_DEADLINE", "Deadline", "DeadlineExceededError", "client", "mount"]
+__all__ = ["DEFAULT_DEADLINE", "Deadline", "DeadlineExceededError", "bound_session", "client", "mount"]
 
 
 class DeadlineExceededError(RegistryUnreachableError, TimeoutError):
-    """The whole sync took longer than its deadline (a slow or dripping registry): retry later, it resumes."""
+    """The whole sync (or push, or release) took longer than its deadline (a slow or dripping registry, a hung
+    name lookup): retry later; a sync resumes, a push skips the blobs already uploaded."""
 
 
 class Deadline:
     """``seconds`` from now. :meth:`check` before a request, :meth:`remaining` to bound its timeouts; sockets
-    given to :meth:`watch` are shut down when the time is up. :meth:`close` stops the timer."""
+    given to :meth:`watch` are shut down when the time is up. :meth:`close` stops the timer. ``action`` and
+    ``then`` word the error: what stopped, and what the user is left with."""
 
-    def __init__(self, seconds: float, flag: str = "--deadline"):
+    def __init__(
+        self,
+        seconds: float,
+        flag: str = "--deadline",
+        action: str = "sync",
+        then: str = "what was downloaded is kept and the next sync resumes it",
+    ):
         if not (isinstance(seconds, (int, float)) and not isinstance(seconds, bool) and 0 < seconds < 1e9):
             raise ValueError(f"deadline must be a number of seconds > 0, got {seconds!r}")
-        self.seconds, self.flag = float(seconds), flag
+        self.seconds, self.flag, self.action, self.then = float(seconds), flag, action, then
+        self.stuck = ""  # what a connection was doing when time ran out (see _connect)
         self._end = time.monotonic() + self.seconds
         self._lock = threading.Lock()
         self._sockets: list[socket.socket] = []
@@ -49,10 +67,11 @@ class Deadline:
     def remaining(self) -> float:
         return max(0.0, self._end - time.monotonic())
 
-    def error(self, doing: str) -> DeadlineExceededError:
+    def error(self, doing: str, then: str | None = None) -> DeadlineExceededError:
+        stuck = f" ({self.stuck})" if self.stuck else ""
         return DeadlineExceededError(
-            f"sync stopped at its deadline of {self.seconds:g} s ({self.flag}) while {doing}: the registry or the "
-            "link is too slow; what was downloaded is kept and the next sync resumes it"
+            f"{self.action} stopped at its deadline of {self.seconds:g} s ({self.flag}) while {doing}{stuck}: the "
+            f"registry, the name server or the link is too slow; {then or self.then}"
         )
 
     def check(self, doing: str) -> None:
@@ -74,8 +93,14 @@ class Deadline:
         for s in sockets:
             _shut(s)
 
+    def quiet(self, record: logging.LogRecord) -> bool:
+        """A logging filter on urllib3's connection logger: drop its warning (and traceback) about the headers of a
+        response this deadline cut in the middle of a line; the deadline's error says what happened."""
+        return not (self.expired and record.getMessage().startswith("Failed to parse headers"))
+
     def close(self) -> None:
         self._timer.cancel()
+        logging.getLogger("urllib3.connection").removeFilter(self.quiet)
 
 
 def client(base_url: str, repository: str, timeout: float, deadline: Deadline) -> OciClient:
@@ -92,6 +117,60 @@ def _shut(sock: socket.socket) -> None:
         pass  # already closed or never connected
 
 
+def _connect(new_conn, conn, deadline: Deadline):
+    """``new_conn(conn)`` (name lookup, then TCP connect) in a daemon thread, waited for until ``deadline``.
+
+    Past it, the lookup is left to finish in its thread (no API can cancel ``getaddrinfo``) and raises nothing
+    further; a socket it connects after all is closed there. urllib3 reports the raised error as a dropped
+    connection, which the caller turns into ``deadline.error`` (the deadline has passed by then)."""
+    lock, done, box = threading.Lock(), threading.Event(), []
+
+    def run() -> None:
+        try:
+            out = (new_conn(conn), None)
+        except BaseException as e:  # noqa: BLE001  (raised again in the caller's thread)
+            out = (None, e)
+        with lock:
+            box.append(out)
+            abandoned = len(box) > 1
+        if abandoned and out[0] is not None:
+            out[0].close()
+        done.set()
+
+    where = f"{getattr(conn, 'host', '?')}:{getattr(conn, 'port', '?')}"
+    threading.Thread(target=run, name=f"edge-connect-{where}", daemon=True).start()
+    while not done.wait(max(deadline.remaining(), 0.001)):
+        if deadline.expired:
+            with lock:
+                if not box:
+                    box.append((None, None))  # the thread finds this and knows it was given up on
+                    err = deadline.error(f"looking up and connecting to {where}")
+                    deadline.stuck = f"looking up and connecting to {where}"  # the caller's error says it too
+                    raise err
+            break
+    sock, error = box[0]
+    if error is not None:
+        raise error
+    return sock
+
+
+def bound_session(session, timeout: float, deadline: Deadline) -> None:
+    """Bound every request of ``session`` (a ``requests.Session``, e.g. oras-py's) by ``deadline`` as well as by
+    ``timeout`` seconds per connect and read: checked before each request, its timeouts capped at the time left,
+    its sockets watched and its connections' name lookups cut (:func:`mount`)."""
+    request = session.request
+
+    def bounded(method, url, *args, **kwargs):
+        path = urlsplit(url).path
+        deadline.check(f"sending {method} {path if len(path) <= 120 else '...' + path[-117:]}")
+        t = min(timeout, max(deadline.remaining(), 0.01))
+        kwargs["timeout"] = (min(3.0, t), t)
+        return request(method, url, *args, **kwargs)
+
+    session.request = bounded  # requests' get/put/head... and oras-py's auth all call session.request
+    mount(session, deadline)
+
+
 def mount(session, deadline: Deadline) -> None:
     """Make every connection ``session`` opens (HTTP, HTTPS, through a proxy) register its socket with
     ``deadline`` as soon as it is connected, before TLS and before a byte of the request."""
@@ -101,7 +180,7 @@ def mount(session, deadline: Deadline) -> None:
 
     def watched(conn_cls, pool_cls):
         def _new_conn(self):
-            sock = conn_cls._new_conn(self)  # urllib3's one place a connection's TCP socket is made
+            sock = _connect(conn_cls._new_conn, self, deadline)  # urllib3's one place a TCP socket is made
             deadline.watch(sock)
             return sock
 
@@ -131,6 +210,7 @@ def mount(session, deadline: Deadline) -> None:
                 manager.pool_classes_by_scheme = pools
             return manager
 
+    logging.getLogger("urllib3.connection").addFilter(deadline.quiet)  # until deadline.close()
     adapter = _Adapter()
     session.mount("http://", adapter)
     session.mount("https://", adapter)

@@ -238,6 +238,7 @@ class OciClient:
         except self._requests.RequestException as e:
             self._past_deadline(f"reading {what} ({len(out)} bytes in)", e)
             raise RegistryUnreachableError(f"reading {what} from {self.base_url} was cut: {e}") from e
+        self._past_deadline(f"reading {what} ({len(out)} bytes in)")  # a cut can look like a short, whole answer
         return bytes(out)
 
     def _past_deadline(self, doing: str, cause: Exception | None = None) -> None:
@@ -304,6 +305,7 @@ class OciClient:
             except self._requests.RequestException as e:
                 self._past_deadline(f"downloading {digest[:19]}... (at byte {got})", e)
                 raise RegistryUnreachableError(f"download of {digest} from {self.base_url} was cut: {e}") from e
+            self._past_deadline(f"downloading {digest[:19]}... (at byte {got})")
 
     def blob_bytes(self, digest: str, max_length: int) -> bytes:
         """The whole blob, at most ``max_length`` bytes, checked against its digest (sha256)."""

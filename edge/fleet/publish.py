@@ -1,19 +1,18 @@
 """Publish a model and its adapters to an OCI registry with oras, and sign the release with TUF (host side).
 
-``init_release`` creates the team's keys and TUF repository and publishes version 1 of its
-metadata; ``push`` uploads the model once (``REPO:model-<fp>``), the adapter blobs (skipped when
-the registry has them), a release manifest per channel and model (``REPO:<channel>-<fp>``, its
-``subject`` the model manifest), then the new TUF metadata, timestamp last: devices see a release
-only once everything it names is in the registry. ``refresh_release`` re-signs snapshot and
-timestamp before they expire. Each takes ``inline``: what the TUF head may carry in its manifest
-(a delta against the last release, or the bundle; see :meth:`Publisher.tuf_files`). Needs ``oras``
-and ``tuf`` (no torch). See :mod:`edge.fleet.oci` for the layout.
+``push`` uploads the model once (``REPO:model-<fp>``), the adapter blobs (skipped when the registry has them), a
+release manifest per channel and model (``REPO:<channel>-<fp>``, its ``subject`` the model manifest), then the new
+TUF metadata, timestamp last: devices see a release only once everything it names is in the registry. The
+``edge release`` commands (:mod:`edge.fleet.release`) publish through :class:`Publisher` too. Each takes
+``inline``: what the TUF head may carry in its manifest (a delta against the last release, or the bundle; see
+:meth:`Publisher.tuf_files`), ``timeout`` (each connect and read) and ``deadline`` (the whole command, however
+slowly a registry answers: :mod:`edge.fleet.deadline`).
+Needs ``oras`` and ``tuf`` (no torch). See :mod:`edge.fleet.oci` for the layout.
 """
 
 from __future__ import annotations
 
 import base64
-import functools
 import hashlib
 import json
 import os
@@ -23,6 +22,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from edge.errors import AdapterMismatchError, ConfigError
+from edge.fleet.deadline import Deadline, DeadlineExceededError, bound_session
 from edge.fleet.oci import (
     ANN,
     MEDIA,
@@ -37,15 +37,27 @@ from edge.fleet.oci import (
 )
 from edge.fleet.tufrepo import Expiry, TufRepo
 
-__all__ = ["Publisher", "init_release", "push", "refresh_release", "rotate_keys"]
+__all__ = ["DEADLINE", "INLINE", "TIMEOUT", "Publisher", "push"]
 
 _EMPTY = b"{}"
 TIMEOUT = 30.0  # seconds for each connect and read of a host-side request (a large upload reads only at its end)
+#: seconds a whole push or release may take (``--deadline``): a CI job's budget, long enough for a large model on
+#: a slow uplink (it is uploaded once); a push it cuts is run again, skipping the blobs already uploaded
+DEADLINE = 1800.0
+_THEN = (
+    "devices still see what was published before (the TUF head moves last) and the host committed nothing: run it "
+    "again (blobs already uploaded are skipped), or give it more time with --deadline"
+)
+_HEAD_CUT = (
+    "the cut came while the registry was taking the new TUF head, so the release may or may not be live: run the "
+    "same command again, which publishes it either way"
+)
 INLINE = ("delta", "bundle")  # what a head may carry inline, in order of preference (see Publisher.tuf_files)
 
 
-def _oras_registry(hostname: str, insecure: bool, timeout: float):
-    """oras-py's ``Registry``, one attempt per request, each connect and read bounded by ``timeout`` seconds.
+def _oras_registry(hostname: str, insecure: bool, timeout: float, deadline: Deadline):
+    """oras-py's ``Registry``, one attempt per request, each connect and read bounded by ``timeout`` seconds, all
+    of them (name lookups, every byte up and down) by ``deadline`` (:func:`edge.fleet.deadline.bound_session`).
 
     oras-py sends requests without a timeout (a registry that accepts and never answers hangs a push
     forever) and retries every failed one five times, sleeping 3, 5, 11, 29 and 83 s (its
@@ -59,7 +71,7 @@ def _oras_registry(hostname: str, insecure: bool, timeout: float):
         do_request = getattr(oras.provider.Registry.do_request, "__wrapped__", oras.provider.Registry.do_request)
 
     reg = _Registry(hostname=hostname, insecure=insecure)
-    reg.session.request = functools.partial(reg.session.request, timeout=(min(3.0, timeout), timeout))
+    bound_session(reg.session, timeout, deadline)
     return reg
 
 
@@ -77,18 +89,24 @@ class Publisher:
         insecure: bool = False,
         inline: tuple[str, ...] = INLINE,
         timeout: float = TIMEOUT,
+        deadline: float = DEADLINE,
+        action: str = "push",
     ):
         require_fleet(host=True)
         if not isinstance(inline, (tuple, list)) or set(inline) - set(INLINE):
             raise ConfigError(f"inline={inline!r}: give a subset of {INLINE} (() for a registry that refuses `data`)")
         if not (isinstance(timeout, (int, float)) and timeout > 0):
             raise ConfigError(f"timeout must be > 0 seconds, got {timeout!r}")
+        if isinstance(deadline, bool) or not isinstance(deadline, (int, float)) or not 0 < deadline < 1e9:
+            raise ConfigError(f"deadline must be a number of seconds > 0, got {deadline!r}")
         self.registry, self.repository, self.inline, self.timeout = registry, repository, tuple(inline), timeout
-        self.oras = _oras_registry(registry, insecure, timeout)
+        self.deadline = Deadline(deadline, action=action, then=_THEN)  # from now: the command's network part
+        self.oras = _oras_registry(registry, insecure, timeout, self.deadline)
         self.bytes_out = 0
         self._tmp = tempfile.TemporaryDirectory(prefix="edge-push-")
 
     def close(self) -> None:
+        self.deadline.close()
         self._tmp.cleanup()
 
     def _container(self, repo: str, tag: str):
@@ -113,7 +131,7 @@ class Publisher:
         except FleetError:
             raise
         except Exception as e:  # requests / oras raise many kinds; one error that names the registry
-            raise self._error(f"cannot upload a blob to {self.registry}/{repo}", e) from e
+            raise self._error(f"uploading a blob to {self.registry}/{repo}", e) from e
         if r.status_code not in (200, 201, 202):
             raise FleetError(
                 f"registry {self.registry} refused blob {desc['digest']}: HTTP {r.status_code} {r.text[:200]}"
@@ -137,7 +155,7 @@ class Publisher:
                 data=body,
             )
         except Exception as e:
-            raise self._error(f"cannot upload manifest {repo}:{tag} to {self.registry}", e) from e
+            raise self._error(f"uploading manifest {repo}:{tag} to {self.registry}", e) from e
         if r.status_code not in (200, 201):
             raise FleetError(
                 f"registry {self.registry} refused manifest {repo}:{tag}: HTTP {r.status_code} {r.text[:300]}"
@@ -145,10 +163,14 @@ class Publisher:
         self.bytes_out += len(body)
         return {"mediaType": MEDIA["manifest"], "digest": _digest(body), "size": len(body)}
 
-    def _error(self, what: str, e: Exception) -> FleetError:
-        """A typed error: :class:`RegistryUnreachableError` (naming the timeout) when the registry did not answer."""
+    def _error(self, doing: str, e: Exception) -> FleetError:
+        """A typed error: :class:`DeadlineExceededError` once the deadline passed (a cut shows up as a dropped
+        connection), :class:`RegistryUnreachableError` (naming the timeout) when the registry did not answer."""
         import requests
 
+        if isinstance(e, DeadlineExceededError) or self.deadline.expired:
+            return self.deadline.error(doing)
+        what = f"cannot {doing.replace('uploading', 'upload', 1)}"
         if isinstance(e, requests.Timeout):
             return RegistryUnreachableError(f"{what}: no answer within {self.timeout:g} s (--timeout): {e}")
         if isinstance(e, requests.ConnectionError):
@@ -197,44 +219,19 @@ class Publisher:
             layers, inline = [desc | {"data": base64.b64encode(data).decode()}], "delta"
         elif "bundle" in self.inline and len(bundle) <= EMBED_MAX:
             head, inline = head | {"data": base64.b64encode(bundle).decode()}, "bundle"
-        body = self.manifest(
-            repo, HEAD_TAG, {"schemaVersion": 2, "mediaType": MEDIA["manifest"], "config": head, "layers": layers}
-        )
+        self.deadline.check(f"about to publish the TUF head {repo}:{HEAD_TAG}")  # nothing live yet
+        try:
+            body = self.manifest(
+                repo, HEAD_TAG, {"schemaVersion": 2, "mediaType": MEDIA["manifest"], "config": head, "layers": layers}
+            )
+        except DeadlineExceededError as e:
+            raise self.deadline.error(f"publishing the TUF head {repo}:{HEAD_TAG}", then=_HEAD_CUT) from e
         return {
             "inline": inline,
             "bundle_bytes": len(bundle),
             "delta_bytes": len(delta[0]) if delta else None,
             "manifest_bytes": body["size"],
         }
-
-
-def init_release(
-    registry: str,
-    repository: str,
-    tuf_dir: str | Path,
-    keys_dir: str | Path,
-    *,
-    bits: int = 5,
-    insecure: bool = False,
-    expiry: Expiry | None = None,
-    inline: tuple[str, ...] = INLINE,
-    timeout: float = TIMEOUT,
-) -> dict:
-    """Keys (missing ones are created), TUF metadata version 1, published; returns where the root is."""
-    repo, files = TufRepo.create(tuf_dir, keys_dir, bits=bits, expiry=expiry)
-    pub = Publisher(registry, repository, insecure, inline, timeout)
-    try:
-        pub.tuf_files(files, repo.root_version)
-    finally:
-        pub.close()
-    repo.commit(files)
-    return {
-        "tuf_root": str(Path(tuf_dir) / "root.json"),
-        "keys": str(keys_dir),
-        "bins": 2**bits,
-        "published": [f for f, _ in files],
-        "repository": f"{registry}/{repository}/tuf",
-    }
 
 
 def push(
@@ -251,6 +248,7 @@ def push(
     expiry: Expiry | None = None,
     inline: tuple[str, ...] = INLINE,
     timeout: float = TIMEOUT,
+    deadline: float = DEADLINE,
 ) -> dict:
     """Publish ``adapters`` for ``model`` on ``channel`` and sign the release (see the module doc).
 
@@ -275,7 +273,7 @@ def push(
             raise ConfigError(f"two adapters are named {name!r} ({checked[name][0]} and {p}); names must be unique")
         checked[name] = (p, a)
     tuf = TufRepo.load(tuf_dir, keys_dir, expiry)
-    pub = Publisher(registry, repository, insecure, inline, timeout)
+    pub = Publisher(registry, repository, insecure, inline, timeout, deadline)
     created = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     try:
         model_desc = _push_model(pub, Path(model), info, model_media_type(model))
@@ -328,68 +326,6 @@ def push(
         "tuf_files": [f for f, _ in files],
         "tuf_head": head,
         "bytes_uploaded": pub.bytes_out,
-    }
-
-
-def refresh_release(
-    registry: str,
-    repository: str,
-    tuf_dir: str | Path,
-    keys_dir: str | Path,
-    *,
-    insecure: bool = False,
-    expiry: Expiry | None = None,
-    inline: tuple[str, ...] = INLINE,
-    timeout: float = TIMEOUT,
-) -> dict:
-    """Re-sign snapshot and timestamp with new expiry dates and publish them."""
-    tuf = TufRepo.load(tuf_dir, keys_dir, expiry)
-    files = tuf.stage_refresh()
-    pub = Publisher(registry, repository, insecure, inline, timeout)
-    try:
-        head = pub.tuf_files(files, tuf.root_version, tuf.published(files))
-    finally:
-        pub.close()
-    tuf.commit(files)
-    return {
-        "release": tuf.release,
-        "tuf_head": head,
-        "tuf_files": [f for f, _ in files],
-        "expires": str(tuf._md["timestamp"].signed.expires),
-    }
-
-
-def rotate_keys(
-    registry: str,
-    repository: str,
-    tuf_dir: str | Path,
-    keys_dir: str | Path,
-    roles: list[str] | tuple[str, ...] = ("root",),
-    *,
-    insecure: bool = False,
-    expiry: Expiry | None = None,
-    inline: tuple[str, ...] = INLINE,
-    timeout: float = TIMEOUT,
-) -> dict:
-    """New keys for ``roles`` and a root naming them, signed by the old and the new root key, published.
-
-    Devices keep the ``tuf_root`` they were given: ngclient walks from it through every published
-    root version, each one verified by its predecessor's keys, so no device needs a new image.
-    """
-    tuf = TufRepo.load(tuf_dir, keys_dir, expiry)
-    files = tuf.stage_rotate(roles)
-    pub = Publisher(registry, repository, insecure, inline, timeout)
-    try:
-        pub.tuf_files(files, tuf.root_version, tuf.published(files))
-    finally:
-        pub.close()
-    retired = tuf.commit(files)
-    return {
-        "root_version": tuf.root_version,
-        "rotated": sorted(set(roles)),
-        "retired": [str(p) for p in retired],
-        "release": tuf.release,
-        "tuf_files": [f for f, _ in files],
     }
 
 
