@@ -167,6 +167,7 @@ def quantize_onnx(
     if headroom < 1.0 or (headroom != 1.0 and per_channel):
         raise ConfigError(f"headroom {headroom} must be >= 1, and is for per-tensor scales (per_channel=False)")
     _name_nodes(proto)
+    _fold_shape_reads(proto)
     keep = {t.initializer for t in info.tensors.values() if t.slot or t.head}
     # onnxruntime's quantizer knows "Attention" as com.microsoft's op and rewrites any node of that type into
     # QAttention; the standard ai.onnx Attention (opset 23, our fused-attention export) is not that op: keep it float
@@ -365,6 +366,32 @@ def _asked_float(proto, info: ModelInfo, names: Iterable[str], first: bool) -> l
             raise ConfigError("float_first=True, but no MatMul/Gemm/Conv of the graph reads an adapter target")
         names = list(dict.fromkeys([stem, *names]))
     return names
+
+
+def _fold_shape_reads(proto) -> None:
+    """Replace each ``Shape``/``Size`` of a weight by a ``Constant`` of its value, in place.
+
+    torch's dynamo export gives a bias-less Conv a zero bias built from ``Shape(weight)`` (every HF CNN: ResNet,
+    RegNet, MobileNetV2, ConvNeXt...); that reader kept onnxruntime's quantizer from dropping the float weight, so the
+    int8 file carried every conv twice and was larger than the float one (an HF ResNet: 6.45 against 5.24 MB). A
+    weight's shape is fixed (a graph input of the same name could override it: those are left)."""
+    g = proto.graph
+    weights = {t.name: tuple(t.dims) for t in g.initializer} if g.initializer else {}
+    for name in {i.name for i in g.input}:
+        weights.pop(name, None)
+    for i, n in enumerate(g.node):
+        if n.op_type not in _SHAPE_ONLY or n.domain not in ("", "ai.onnx") or n.input[0] not in weights:
+            continue
+        dims = weights[n.input[0]]
+        if n.op_type == "Size":
+            value = np.array(int(np.prod(dims, dtype=np.int64)), dtype=np.int64)
+        else:  # Shape's start/end (opset 15): negative from the back, clamped to the rank
+            at = {a.name: a.i for a in n.attribute}
+            r = len(dims)
+            lo, hi = (min(max(v + r if v < 0 else v, 0), r) for v in (at.get("start", 0), at.get("end", r)))
+            value = np.array(dims[lo:hi], dtype=np.int64)
+        const = onnx.helper.make_node("Constant", [], [n.output[0]], name=n.name, value=numpy_helper.from_array(value))
+        g.node[i].CopyFrom(const)
 
 
 def _name_nodes(proto) -> None:

@@ -28,6 +28,10 @@ see :data:`BASES` for the recipes and what each choice measured):
   MiniLM has no labels: ``cosine_base`` / ``cosine_adapted`` are the mean cosine of its embeddings to
   the fp32 model's (adapted: both with the same random float adapter).
 
+With ``--model all`` (or ``--ladder``), the memory goal is also measured on a ladder of BERT encoders with random
+weights, 0.5 to 20 MB of fp32 weights (:mod:`lab.bench_quantized_ladder`): from which size the int8 hybrid runtime
+is below a plain fp32 session (the demo encoders are below that size, MiniLM above).
+
 The rows are built by :mod:`lab.bench_quantized_core` (shared with the LiteRT twin,
 :mod:`lab.bench_quantized_litert`); this file says what onnxruntime's bench runs on (:data:`ONNX`) and renders it.
 """
@@ -189,17 +193,48 @@ def markdown(result: dict) -> str:
         )
     unmeasured = [r for r in result["rows"] if "rss_error" in r]
     lines += [f"\n{r['model']} {r['base']}: memory not measured: {r['rss_error']}" for r in unmeasured]
-    return "\n".join(lines + goal_lines(result["goals"]))
+    lines += goal_lines(result["goals"])
+    if "ladder" in result:
+        from lab.bench_quantized_ladder import ladder_lines
+
+        lines += ladder_lines(result["ladder"])
+    return "\n".join(lines)
 
 
 def add_arguments(sp) -> None:
+    import argparse
+
     core_arguments(sp, BASES)
+    sp.add_argument(
+        "--ladder",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="also measure resident memory on a ladder of BERT encoders (lab.bench_quantized_ladder): from which "
+        "size the int8 hybrid runtime is below a plain fp32 session (default: with --model all and memory measured; "
+        "onnxruntime only)",
+    )
+
+
+def _ladder_wanted(args) -> bool:
+    """``--ladder``/``--no-ladder``, else on with ``--model all`` when memory is measured; asked for with
+    ``--no-memory`` or another backend, a ConfigError."""
+    asked = getattr(args, "ladder", None)
+    if asked is None:
+        return args.backend == "onnxruntime" and args.model == "all" and not args.no_memory
+    if asked and (args.backend != "onnxruntime" or args.no_memory):
+        given = "--no-memory" if args.backend == "onnxruntime" else f"--backend {args.backend}"
+        raise ConfigError(
+            "edge bench quantized --ladder measures resident memory on onnxruntime; drop --no-memory and use "
+            f"--backend onnxruntime (given {given})"
+        )
+    return asked
 
 
 def cli(args) -> int:
     from edge.commands import host_needed
 
     host_needed("edge bench quantized")
+    ladder = _ladder_wanted(args)
     if args.backend == "tflite":
         module = litert_module()
         section = (
@@ -212,6 +247,13 @@ def cli(args) -> int:
     rows = measure_args(ONNX, args)
     result = {"rows": rows, "goals": goals(rows), "threads": args.threads, "rounds": args.rounds}
     result["runs_per_round"] = args.runs
+    if ladder:
+        from lab.bench_quantized_ladder import ladder as run_ladder
+
+        recipe = BASES["int8-dynamic"]["minilm"]  # the ladder's encoders are text encoders, as MiniLM
+        result["ladder"] = run_ladder(
+            Path(args.cache), ONNX.quantize, recipe, threads=args.threads, progress=not args.quiet
+        )
     return emit(args, result, ("quantized", "Fused adapters on an int8 base (issue 18)"), markdown)
 
 
