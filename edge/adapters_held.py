@@ -23,7 +23,7 @@ import numpy as np
 from edge import fusion
 from edge.errors import AdapterMismatchError, ConfigError
 from edge.format.adapter import Adapter, DenseDelta, load_adapter
-from edge.fusion import Prepared, check_finite, merged
+from edge.fusion import Prepared, check_finite, entry_bytes, merged, plain_name
 
 __all__ = ["AdapterHolder", "HeldBuffers"]
 
@@ -117,7 +117,7 @@ class AdapterHolder:
         adapter = fusion.kept(adapter, copy=in_memory)  # read-only; a caller's own copied first, validated again
         adapter.check_against(self.info)
         name = adapter.name if name is None else name
-        if not isinstance(name, str) or not name:
+        if not isinstance(name, str) or not (name := plain_name(name)):  # held, looked up, removed: one plain str
             raise ConfigError(f"adapter name must be a non-empty string, got {name!r}")
         index, delta = {}, {}
         for tname, d in adapter.tensors.items():
@@ -175,12 +175,13 @@ class AdapterHolder:
 
     def _at_least(self, adapter: Adapter, index, twin: Prepared | None) -> int:
         """Bytes the adapter will keep at least, before its writes are prepared: its own arrays, and per entry a
-        float32 delta and the new value; the first on its positions also an int32 position and the base value."""
+        float32 delta and the new value; the first on its positions also an int32 position and the base value
+        (:func:`edge.fusion.entry_bytes`, ``prepared=False``; the file's part is its arrays, counted as they are)."""
         arrays = (getattr(d, f.name) for d in adapter.tensors.values() for f in fields(d))
         n = sum(a.nbytes for a in arrays if isinstance(a, np.ndarray))
         for tname, pos in index.items():
             size = self.backend.read(tname).dtype.itemsize
-            n += pos.size * (4 + size + (0 if twin is not None else 4 + size))
+            n += pos.size * entry_bytes(size, first=twin is None, prepared=False, file=False)
         return n
 
     def _model_mb(self) -> tuple[float, str]:
@@ -266,6 +267,7 @@ class AdapterHolder:
     def adapter(self, name: str) -> Adapter:
         """The loaded adapter called ``name`` (its arrays are read-only)."""
         self._check_open()
+        name = plain_name(name)
         try:
             return self._adapters[name].adapter
         except KeyError:
@@ -273,6 +275,7 @@ class AdapterHolder:
 
     def unload_adapter(self, name: str) -> None:
         """Drop a loaded adapter that is not active (its memory, and its part of a memory budget, is freed)."""
+        name = plain_name(name)  # one plain str for the active check and the removal alike
         with self._lock:
             self._check_open()
             if name in self._active or name not in self._adapters:

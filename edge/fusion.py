@@ -40,12 +40,14 @@ __all__ = [
     "SaturationError",
     "buffers",
     "check_finite",
+    "entry_bytes",
     "fuse",
     "held_bytes",
     "kept",
     "merge_weights",
     "merged",
     "normalise",
+    "plain_name",
     "same_positions",
 ]
 
@@ -144,6 +146,25 @@ def _narrow(pos: np.ndarray) -> np.ndarray:
     return out
 
 
+#: per entry of a sparse float adapter: its file's int32 index per dimension and float32 value; what the runtime keeps:
+#: a float32 delta, and for the first adapter on its positions an int32 position (:func:`_compact`), and once its
+#: writes are prepared the positions its apply and undo share (intp; a run of whole units is a slice, so at most)
+_INDEX, _VALUE, _DELTA, _POSITION, _SWITCH_POSITION = 4, 4, 4, 4, np.dtype(np.intp).itemsize
+
+
+def entry_bytes(itemsize: int, ndim: int = 2, *, first: bool = True, prepared: bool = True, file: bool = True) -> int:
+    """Bytes a loaded sparse float adapter keeps per entry of a weight of ``ndim`` dimensions stored in
+    ``itemsize``-byte elements (4: float32; 1: int8/uint8): its file's arrays (``file``), its delta and the new value
+    its switch writes; the first adapter on its positions (``first``) also their position and base value, and once
+    prepared (``prepared``) its undo's values and the positions apply and undo share. That is :func:`held_bytes` per
+    entry at most (at least, with ``prepared=False``: what a load checks before preparing, edge.adapters_held). For a
+    matrix: 40/31 bytes float32/int8 (at least 28/22), 20/17 on a shared mask."""
+    n = (ndim * _INDEX + _VALUE if file else 0) + _DELTA + itemsize
+    if first:
+        n += _POSITION + itemsize + (itemsize + _SWITCH_POSITION if prepared else 0)
+    return n
+
+
 def held_bytes(adapters: Iterable[Prepared]) -> list[int]:
     """Bytes of the arrays each of ``adapters`` keeps, every buffer counted once: an array several adapters share
     (positions, base values and undo of adapters on one mask) counts with the first that holds it."""
@@ -209,13 +230,25 @@ def check_finite(values: Mapping[str, np.ndarray], what: str) -> None:
         )
 
 
+def plain_name(name, what: str = "adapter name") -> str:
+    """``name`` as a plain ``str``. A ``str`` subclass may answer ``==`` and ``hash`` differently from one call to
+    the next, so two look-ups of one name (is it active? is it held?) could disagree and an active adapter be
+    dropped while still fused; its plain copy cannot. Anything but a string raises :class:`ConfigError`."""
+    if type(name) is str:
+        return name
+    if not isinstance(name, str):
+        raise ConfigError(f"{what} must be a string, got {type(name).__name__} {name!r:.80}")
+    return str.__str__(name)  # str's own: never the subclass's __str__
+
+
 def normalise(spec) -> dict[str, float]:
     """A switch's ``spec`` as {name: weight}: ``None`` (the base), a name, names (each at weight 1, each once) or a
-    mapping name -> real number. Anything else raises ``ConfigError`` before the runtime changes."""
+    mapping name -> real number, every name a plain ``str`` (:func:`plain_name`). Anything else raises
+    ``ConfigError`` before the runtime changes."""
     if spec is None:
         return {}
     if isinstance(spec, str):
-        return {spec: 1.0}
+        return {plain_name(spec): 1.0}
     if isinstance(spec, Mapping):
         out = {}
         for k, v in spec.items():
@@ -229,7 +262,7 @@ def normalise(spec) -> dict[str, float]:
                 ) from None
             if not math.isfinite(a):
                 raise ConfigError(f"adapter weight for {k!r} must be finite, got {v!r}")
-            out[str(k)] = a
+            out[plain_name(k)] = a
         return out
     if type(spec) in (list, tuple):
         names = spec
@@ -237,11 +270,11 @@ def normalise(spec) -> dict[str, float]:
         names = list(spec)
     else:
         names = None  # not a list of names: refused below
-    out = dict.fromkeys(names or (), 1.0)  # [] is the base, as None is
-    if names is None or not all(isinstance(n, str) for n in out):
+    if names is None or not all(isinstance(n, str) for n in names):
         raise ConfigError(
             f"switch takes None, an adapter name, a list of names or a mapping name -> weight; got {spec!r:.80}"
         )
+    out = dict.fromkeys((plain_name(n) for n in names), 1.0)  # [] is the base, as None is
     if len(out) != len(names):
         raise ConfigError(f"adapter names repeat in {names!r:.80}; to weight one twice, pass a mapping name -> 2.0")
     return out

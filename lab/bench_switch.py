@@ -106,7 +106,7 @@ def bench_switch(
             }
             if s == "hybrid":
                 result[s]["settle_ms_p50"] = p50(settle)
-            if warm:  # the background re-read of the recent writes after each rebuild (runtimes.base._warm)
+            if warm:  # the background re-read of the recent writes after each rebuild (runtimes.rebuilds._warm)
                 result[s]["warm_ms_p50"] = p50(warm)
             rt.switch("A")
             rt.wait_settled()

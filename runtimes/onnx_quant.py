@@ -24,7 +24,11 @@ _FUSED = ("DynamicQuantizeMatMul", "MatMulIntegerToFloat", "QGemm", "QLinearMatM
 
 
 def check_quant_readers(proto, info: ModelInfo) -> None:
-    """Raise :class:`FormatError` unless every node reading a quantized target applies the metadata's grid."""
+    """Raise :class:`FormatError` unless every node reading a quantized target applies the metadata's grid.
+
+    A model with no quantized target (every float model) has nothing to check: the graph is not walked."""
+    if all(t.quant is None for t in info.tensors.values()):
+        return
     graph = proto.graph
     users = consumers(graph)
     inputs = {v.name for v in graph.input}

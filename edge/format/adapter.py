@@ -24,7 +24,8 @@ free-form ``info`` (mask kind, density, training figures).
 
 Files are read with ``safetensors`` and ``json`` only; every structural problem is a
 :class:`~edge.errors.FormatError`, every misfit to a model an
-:class:`~edge.errors.AdapterMismatchError`.
+:class:`~edge.errors.AdapterMismatchError`. The two kinds of tensors and what each must satisfy are
+:mod:`edge.format.deltas` (``SparseDelta`` and ``DenseDelta`` are importable from here too).
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ from pathlib import Path
 import numpy as np
 
 from edge.errors import AdapterMismatchError, FormatError
+from edge.format.deltas import MAX_NAME_LEN as MAX_NAME_LEN  # re-exported: edge.convert reads it here
+from edge.format.deltas import DenseDelta, SparseDelta, check_target
 from edge.format.io import atomic_write_bytes
 from edge.format.modelinfo import ModelInfo
 from edge.registry import Registry
@@ -59,9 +62,7 @@ __all__ = [
 ADAPTER_FORMAT = "edge.adapter"
 ADAPTER_VERSION = 1
 MAX_HEADER_BYTES = 16 * 1024 * 1024  # a SHiRA header lists names and shapes, never megabytes
-MAX_NAME_LEN = 512
 MAX_FILE_BYTES = 1 << 31  # an adapter file larger than 2 GiB is refused before reading
-_INTS = (np.int8, np.uint8)  # the integer types of a quantized base (edge.format.modelinfo.QUANT_DTYPES)
 
 #: Adapter methods by name. A fusable method rewrites entries of base weights (sparse deltas);
 #: a slot method writes whole adapter-branch tensors (dense), which the model must carry as slots.
@@ -69,30 +70,6 @@ METHODS: Registry[dict] = Registry("adapter method")
 METHODS.add("shira", {"fusable": True, "doc": "sparse high-rank adapter: deltas at chosen weight entries"})
 METHODS.add("adapter", {"fusable": False, "doc": "AdaptFormer bottleneck branch (down, ReLU, up, scale)"})
 METHODS.add("lora", {"fusable": False, "doc": "low-rank branch B @ A on chosen linear layers"})
-
-
-@dataclass(frozen=True)
-class SparseDelta:
-    """Deltas at given entries of one tensor, in the tensor's source layout."""
-
-    indices: np.ndarray  # int32 [ndim, N]
-    values: np.ndarray  # float32 [N]
-    qvalues: np.ndarray | None = None  # int8/uint8 [N]: the integers to write into a quantized base (exact)
-
-    @property
-    def nnz(self) -> int:
-        return int(self.values.shape[0])
-
-
-@dataclass(frozen=True)
-class DenseDelta:
-    """A whole adapter-branch tensor (source layout), written into a model slot."""
-
-    values: np.ndarray  # float32, the full source shape
-
-    @property
-    def nnz(self) -> int:
-        return int(self.values.size)
 
 
 @dataclass(frozen=True)
@@ -404,52 +381,7 @@ def _validate(a: Adapter) -> None:
     if set(a.tensors) != set(a.shapes):
         raise AdapterMismatchError("adapter tensors and shapes name different targets")
     for tname, d in a.tensors.items():
-        shape = tuple(a.shapes[tname])
-        if not 1 <= len(shape) <= 8 or any(int(n) <= 0 for n in shape) or int(np.prod(shape, dtype=object)) > 1 << 40:
-            raise AdapterMismatchError(f"{tname}: shape {shape} is not a plausible tensor shape")
-        if not tname or len(tname) > MAX_NAME_LEN or any(c in tname for c in "\0/\\") or ".." in tname:
-            raise AdapterMismatchError(f"target name {tname[:80]!r} is not a parameter name")
-        if isinstance(d, DenseDelta) == a.fusable:
-            kind = "sparse (SparseDelta)" if a.fusable else "dense (DenseDelta)"
-            raise AdapterMismatchError(f"{tname}: method {a.method!r} takes {kind} tensors")
-        if isinstance(d, DenseDelta):
-            v = d.values
-            if not isinstance(v, np.ndarray) or v.dtype != np.float32 or tuple(v.shape) != shape:
-                raise AdapterMismatchError(
-                    f"{tname}: dense values must be float32 of shape {shape}, got "
-                    f"{getattr(v, 'dtype', type(v))} {getattr(v, 'shape', '')}"
-                )
-            if not np.all(np.isfinite(v)):
-                raise AdapterMismatchError(f"{tname}: values contain NaN or Inf")
-            continue
-        idx, val = d.indices, d.values
-        if not isinstance(idx, np.ndarray) or idx.dtype != np.int32:
-            raise AdapterMismatchError(f"{tname}: indices must be int32, got {getattr(idx, 'dtype', type(idx))}")
-        if not isinstance(val, np.ndarray) or val.dtype != np.float32:
-            raise AdapterMismatchError(f"{tname}: values must be float32, got {getattr(val, 'dtype', type(val))}")
-        if any(s <= 0 for s in shape) or idx.ndim != 2 or idx.shape[0] != len(shape):
-            raise AdapterMismatchError(f"{tname}: indices shape {idx.shape} does not fit a tensor of shape {shape}")
-        if val.ndim != 1 or val.shape[0] != idx.shape[1]:
-            raise AdapterMismatchError(f"{tname}: {val.shape} values for {idx.shape[1]} indices")
-        if idx.size and (idx.min() < 0 or np.any(idx.max(axis=1) >= np.asarray(shape))):
-            raise AdapterMismatchError(f"{tname}: indices out of range for shape {shape}")
-        if not np.all(np.isfinite(val)):
-            raise AdapterMismatchError(f"{tname}: values contain NaN or Inf")
-        q = d.qvalues
-        if q is not None and not (isinstance(q, np.ndarray) and q.dtype in _INTS and q.shape == val.shape):
-            raise AdapterMismatchError(f"{tname}: integer values must be int8 or uint8 [{val.size}], got {q!r:.80}")
-        if idx.size and _has_duplicates(np.ravel_multi_index(tuple(idx.astype(np.int64)), shape), shape):
-            raise AdapterMismatchError(f"{tname}: duplicated indices")
-
-
-def _has_duplicates(flat: np.ndarray, shape: tuple[int, ...]) -> bool:
-    """Whether flat positions repeat: linear time when sorted (as exporters write them) or the tensor is small."""
-    if flat.size < 2 or bool(np.all(flat[1:] > flat[:-1])):
-        return False
-    size = int(np.prod(shape, dtype=np.int64))
-    if size <= max(1 << 20, 4 * flat.size):
-        return int(np.bincount(flat, minlength=size).max()) > 1
-    return np.unique(flat).size != flat.size
+        check_target(tname, tuple(a.shapes[tname]), d, a.fusable, a.method)
 
 
 def max_adapter_bytes(info: ModelInfo) -> int:

@@ -6,8 +6,10 @@ what each costs on this model and device, the zero-shot proxies that rank them, 
 (:data:`LAYER_SETS`: attention, MLP, all, the later half of the blocks, the head, the last MLP).
 
 **Budgets.** Each candidate's cost is computed from the model's tensor shapes: entries
-``nnz``; resident memory ``nnz * BYTES_PER_ENTRY`` (the file's indices and values plus
-what the runtime prepares for a fused switch); and the latency of the first inference
+``nnz``; resident memory, per target, its entries times what the runtime keeps per entry of a weight of
+that shape and element type once the adapter is loaded (:func:`edge.fusion.entry_bytes`: the file's indices
+and values, the delta, base and new values, the switch's positions; :data:`BYTES_PER_ENTRY` for a float32
+matrix); and the latency of the first inference
 after switching to it, ``infer_ms + switch_ns_per_entry * nnz`` (fused adapters add no
 steady-state inference cost), from timings measured on this device by
 :func:`measure_device`. Candidates over the memory or latency budget are dropped.
@@ -38,6 +40,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from edge.errors import ConfigError
+from edge.fusion import entry_bytes
 from edge.registry import Registry
 
 __all__ = [
@@ -56,9 +59,9 @@ __all__ = [
     "select",
 ]
 
-#: resident bytes per adapter entry: file (2 int32 indices + 1 float32 value) and the runtime's
-#: prepared switch (int64 positions, delta, base and merged values, backend write lists)
-BYTES_PER_ENTRY = 52
+#: resident bytes per adapter entry of a float32 matrix, as the runtime keeps a loaded adapter first on its positions
+#: (:func:`edge.fusion.entry_bytes`); a candidate counts each target by its own shape and element type
+BYTES_PER_ENTRY = entry_bytes(4, 2)
 
 
 def _by_suffix(*suffixes: str) -> Callable[[Sequence[str]], list[str]]:
@@ -260,8 +263,9 @@ def candidates(info, budget: Budget, device: Mapping[str, float], space: Sequenc
         targets = arch.targets(info)
         if not targets:
             continue  # this layer set does not exist in this model
-        nnz = sum(max(1, round(arch.density * math.prod(info.tensors[t].shape))) for t in targets)
-        mem = nnz * BYTES_PER_ENTRY / 2**20
+        counts = {t: max(1, round(arch.density * math.prod(info.tensors[t].shape))) for t in targets}
+        nnz = sum(counts.values())
+        mem = sum(n * _entry_bytes(info.tensors[t]) for t, n in counts.items()) / 2**20
         lat = device["infer_ms"] + device["switch_ns_per_entry"] * nnz / 1e6
         out.append(Candidate(arch, tuple(targets), nnz, mem, lat, mem <= budget.memory_mb and lat <= budget.latency_ms))
     if not out:
@@ -272,6 +276,11 @@ def candidates(info, budget: Budget, device: Mapping[str, float], space: Sequenc
             "for any model pass space=edge.learn.tail.TAIL_SPACE"
         )
     return out
+
+
+def _entry_bytes(t) -> int:
+    """What the runtime keeps per entry of a new adapter on target ``t`` (a TensorInfo), once loaded."""
+    return entry_bytes(np.dtype(t.dtype).itemsize, len(t.shape))
 
 
 # -- proxies ---------------------------------------------------------------------------------

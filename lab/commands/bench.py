@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import ast
+import functools
 import importlib
+import importlib.util
+import tokenize
 
 from edge.commands import output_path, runtime_flags
 
@@ -37,16 +41,36 @@ def register(sub) -> None:
 
 
 def _add_benches(b) -> None:
-    """``edge bench``'s subcommands, added when ``edge bench ...`` is parsed or its help shown (each bench's help is
-    its module's docstring, its flags its ``add_arguments``): ``edge --help`` imports no benchmark module."""
+    """``edge bench``'s subcommands, added when ``edge bench ...`` is parsed or its help shown: ``edge --help`` imports
+    no benchmark module, and ``edge bench --help`` none either (each bench's help is the first line of its module's
+    docstring, read from the source). A bench's module is imported when its own parser is used (:func:`_add_bench`)."""
     bsub = b.add_subparsers(dest="bench", required=True)
     for name, target in BENCHES.items():
-        module = importlib.import_module(target.split(":")[0])
-        sp = bsub.add_parser(name, help=(module.__doc__ or "").strip().splitlines()[0])
-        runtime_flags(
-            sp, backend="onnxruntime", why=BACKEND_WHY, engine=name not in NO_ENGINE, threads=name not in NO_THREADS
-        )
-        sp.add_argument("--json", type=output_path, help="write the JSON here")
-        sp.add_argument("--md", type=output_path, help="update this Markdown file's section (e.g. BENCHMARKS.md)")
-        module.add_arguments(sp)
-        sp.set_defaults(func=getattr(module, target.split(":")[1]))
+        bsub.add_parser(name, help=_summary(name, target), deferred=functools.partial(_add_bench, name, target))
+
+
+def _add_bench(name: str, target: str, sp) -> None:
+    """One bench's flags (shared ones, then its module's ``add_arguments``) and its function: imports its module."""
+    module = importlib.import_module(target.split(":")[0])
+    runtime_flags(
+        sp, backend="onnxruntime", why=BACKEND_WHY, engine=name not in NO_ENGINE, threads=name not in NO_THREADS
+    )
+    sp.add_argument("--json", type=output_path, help="write the JSON here")
+    sp.add_argument("--md", type=output_path, help="update this Markdown file's section (e.g. BENCHMARKS.md)")
+    module.add_arguments(sp)
+    sp.set_defaults(func=getattr(module, target.split(":")[1]))
+
+
+def _summary(name: str, target: str) -> str:
+    """The first line of the docstring of ``target``'s module, read from its source without importing it."""
+    module = target.split(":")[0]
+    spec = importlib.util.find_spec(module)  # imports the package (lab), not the module
+    if spec is None or not spec.origin or not spec.origin.endswith(".py"):
+        raise ModuleNotFoundError(f"benchmark {name!r}: no Python source for module {module!r} (BENCHES)", name=module)
+    with open(spec.origin, "rb") as f:
+        for tok in tokenize.tokenize(f.readline):  # stops at the docstring: the first tokens of the file
+            if tok.type == tokenize.STRING:
+                return (ast.literal_eval(tok.string).strip().splitlines() or [""])[0]
+            if tok.type not in (tokenize.ENCODING, tokenize.COMMENT, tokenize.NL, tokenize.NEWLINE):
+                return ""
+    return ""

@@ -24,7 +24,7 @@ import pytest
 from edge.format.adapter import Adapter, SparseDelta
 from edge.runtime import Runtime, merge_weights
 from exporters.masks import random_structured
-from runtimes import base, lines
+from runtimes import lines, rebuilds
 from runtimes.lines import HUGE_BYTES, advise_huge, aligned_empty, compile_write, huge_empty, huge_resident, touch
 
 MiB = 1 << 20
@@ -243,7 +243,7 @@ def test_warm_runs_on_the_writers_cpu_and_restores_the_affinity(monkeypatch, tmp
     path = tmp_path / "m.onnx"
     info = _tiny.make_mlp(path, sizes=(64, 128, 32))
     seen = []
-    monkeypatch.setattr(base, "touch", lambda parts: seen.append(os.sched_getaffinity(0)))
+    monkeypatch.setattr(rebuilds, "touch", lambda parts: seen.append(os.sched_getaffinity(0)))
     with Runtime(path, strategy="hybrid") as rt:
         be = rt.backend
         monkeypatch.setattr(be, "WARM_BESIDE_WRITER", beside)

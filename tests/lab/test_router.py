@@ -16,7 +16,7 @@ from edge.errors import AdapterMismatchError, ConfigError, FormatError
 from edge.format.adapter import Adapter, SparseDelta
 from edge.format.modelinfo import META_KEY, ModelInfo, TensorInfo, fingerprint
 from edge.learn.growth import GrowthJob, grow
-from edge.learn.space import SEARCH_SPACE, Arch, Budget, candidates, select
+from edge.learn.space import BYTES_PER_ENTRY, SEARCH_SPACE, Arch, Budget, candidates, select
 from edge.route.router import Reconfigurator, RouterConfig
 from edge.route.taps import FEATURES, HEAD_C, HEAD_M, HEAD_P, HEAD_T, VOTE, Head, resolve_taps, tap_model
 from edge.runtime import Runtime
@@ -415,12 +415,28 @@ DEVICE = {"infer_ms": 1.0, "switch_ns_per_entry": 100.0}
 
 def test_candidates_cost_and_budget(tmp_path):
     info = make_prelm(tmp_path / "m.onnx")
-    cands = candidates(info, Budget(memory_mb=60 * 52 / 2**20, latency_ms=10.0), DEVICE)
+    cands = candidates(info, Budget(memory_mb=60 * BYTES_PER_ENTRY / 2**20, latency_ms=10.0), DEVICE)
     by = {str(c.arch): c for c in cands}
     assert by["shira/attn@0.1"].targets == ("blocks.0.attn.q.weight",)
     assert by["shira/all@0.1"].nnz == 2 * round(0.1 * 64)
     assert all(c.fits == (c.nnz <= 60) for c in cands)
     assert {c.arch.layers for c in cands} == {"attn", "mlp", "all", "late"}
+
+
+def test_candidate_memory_is_what_the_runtime_keeps_of_it(tmp_path):
+    """Growth costs a candidate with the runtime's own per-entry figures (edge.fusion.entry_bytes), so the memory it
+    plans is what the runtime then holds for the adapter (before: 52 bytes an entry; the runtime keeps 40 of a
+    float32 matrix, at least 28 by the bound it checks before preparing a load)."""
+    from edge.fusion import entry_bytes
+
+    info = make_prelm(tmp_path / "m.onnx")
+    assert BYTES_PER_ENTRY == entry_bytes(4, 2)
+    for c in candidates(info, Budget(), DEVICE):
+        with Runtime(tmp_path / "m.onnx", strategy="bound") as rt:
+            rt.load_adapter(FakeTrainer(info).train(c.arch, None, None, "g"))
+            held = rt.adapter_bytes["g"]
+        assert held >= c.nnz * entry_bytes(4, 2, prepared=False)
+        assert held == c.memory_mb * 2**20, c.arch  # at most, in general; exactly here (no aligned run of entries)
 
 
 class FakeTrainer:
@@ -448,7 +464,9 @@ def test_grow_picks_within_budget_by_proxy_and_trains(setup):
     _, info, _, rt = setup
     trainer = FakeTrainer(info)
     x, y = domain("novel", 32, 0)
-    res = grow(rt, x, y, trainer=trainer, budget=Budget(memory_mb=10 * 52 / 2**20), name="g", device=DEVICE)
+    res = grow(
+        rt, x, y, trainer=trainer, budget=Budget(memory_mb=10 * BYTES_PER_ENTRY / 2**20), name="g", device=DEVICE
+    )
     assert res.chosen.fits and res.chosen.nnz <= 10
     assert trainer.trained == [res.chosen.arch]
     assert res.adapter.name == "g" and rt.load_adapter(res.adapter) == "g"
