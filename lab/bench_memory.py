@@ -15,7 +15,12 @@ quartiles and extremes of the ratios, and the number of rounds; the per-round ti
 Beside it, ``ready_cpu_ms``: the CPU time of the thread that constructs and runs over the same span,
 and the median of its per-round ratios. On a loaded machine the wall-clock ratio is pulled towards 1 by
 the time every contestant spends waiting for a core; the CPU ratio is not (it leaves out the work of
-onnxruntime's own threads, which both sides have).
+onnxruntime's own threads, which both sides have). In the JSON, ``ready_sys_ms``: the part of that CPU time the
+kernel spent for the thread (Linux; sampled at the scheduler tick), where first touches of fresh memory show: on a
+virtual machine whose balloon reports free 2 MiB blocks to the host (virtio free page reporting: the 2-core machine
+of BENCHMARKS.md has it), a huge-page arena's first touch can cost 7 ms per 2 MiB page instead of 0.2 (MiniLM's 86 MB
+arena: 120-375 ms of a hybrid load, 20 ms in the rounds that found blocks not yet reported), which a device without a
+hypervisor does not pay.
 
 The first ``repeat`` rounds also measure memory, and add a baseline child that imports the same modules and loads
 the same inputs: ``rss_mb`` is the resident memory above it after warm-up and one adapter switch cycle (a random
@@ -94,6 +99,7 @@ def bench_memory(
     memory: dict[str, list[dict]] = {k: [] for k in ["baseline", *extra, *kinds]}
     ready: dict[str, list[float]] = {k: [] for k in kinds}
     cpu: dict[str, list[float]] = {k: [] for k in kinds}
+    kernel: dict[str, list[float | None]] = {k: [] for k in kinds}
     load_before, t0 = load_average(), time.perf_counter()
     total = rounds * len(kinds) + repeat * (1 + len(extra))
     steps = bar(total=total, desc=f"bench memory {model_path.stem}", disable=not progress)
@@ -114,6 +120,7 @@ def bench_memory(
                 if kind in kinds:
                     ready[kind].append(got["ready_ms"])
                     cpu[kind].append(got["ready_cpu_ms"])
+                    kernel[kind].append(got.get("ready_sys_ms"))
                 steps.update()
     steps.close()
     wall_s = time.perf_counter() - t0
@@ -122,6 +129,8 @@ def bench_memory(
     for kind in kinds:
         med = {f: float(np.median([r[f] for r in memory[kind]])) - base for f in _MEMORY}
         med["ready_ms"], med["ready_cpu_ms"] = float(np.median(ready[kind])), float(np.median(cpu[kind]))
+        if None not in kernel[kind]:  # the kernel's part of the main-thread CPU (first touches of fresh memory)
+            med["ready_sys_ms"] = float(np.median(kernel[kind]))
         last = memory[kind][-1]
         med.update({k: last[k] for k in ("predicted_mb", "measured_mb", "strategy") if last.get(k) is not None})
         if kind != "plain":  # paired: each round's ready time over the plain session's of the same round
@@ -144,6 +153,7 @@ def bench_memory(
         "libraries_mapped": all(r.get("libraries_mapped", False) for rs in memory.values() for r in rs),
         "ready_rounds_ms": {k: [round(v, 2) for v in ready[k]] for k in kinds},  # round by round, for any statistic
         "ready_rounds_cpu_ms": {k: [round(v, 2) for v in cpu[k]] for k in kinds},
+        "ready_rounds_sys_ms": {k: [None if v is None else round(v, 2) for v in kernel[k]] for k in kinds},
         "plain": figures.pop("plain"),
         "strategies": figures,
     }
@@ -208,11 +218,13 @@ def markdown(result: dict) -> str:
         f"ratios to the plain session, with the 95 % bootstrap interval of that median, the quartiles and the "
         f"extremes of the ratios; main-thread CPU: the CPU time of the thread that constructs and runs over "
         f"the same span (median), and the median of its per-round ratios, which waiting for a core on a loaded "
-        f"machine does not pull towards 1.",
+        f"machine does not pull towards 1; kernel ms: the part of that CPU the kernel spent for the thread (median), "
+        f"where first touches of fresh memory show (a virtual machine whose balloon reports free pages to its host "
+        f"pays far more for them than a device does).",
         "",
         "| contestant | resident MB | peak MB | predicted MB | ready ms | x plain | 95 % interval | quartiles "
-        "| min-max | main-thread CPU ms | CPU x plain |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| min-max | main-thread CPU ms | kernel ms | CPU x plain |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, f in rows:
         x, c = f.get("ready_x"), f.get("ready_cpu_x")
@@ -221,6 +233,7 @@ def markdown(result: dict) -> str:
         lines.append(
             f"| {name} | {num(f['rss_mb'], mb)} | {num(f['peak_mb'], mb)} | {num(f.get('predicted_mb'), mb)} | "
             f"{num(f['ready_ms'])} | {' | '.join(ratio)} | {num(f['ready_cpu_ms'], '{:.1f}')} | "
+            f"{num(f.get('ready_sys_ms'), '{:.1f}')} | "
             f"{'-' if f['ready_ms'] is None else '1' if c is None else format(c['median'], '.2f')} |"
         )
     lines += ["", "| goal | value | 95 % interval | main-thread CPU | limit | met |", "|---|---|---|---|---|---|"]
@@ -339,13 +352,14 @@ def _child(spec: str) -> None:
     gc.collect()
     out: dict = {"libraries_mapped": mapped}
     reset_peak_rss()
-    t0, c0 = time.perf_counter(), time.thread_time()
+    t0, c0, k0 = time.perf_counter(), time.thread_time(), _kernel_ms()
     if s["kind"] in ("plain", "plain_options"):
         # onnxruntime's defaults on the runtime's threads; plain_options: the runtime's small-model options too
         so = session_options(ort, s["threads"], cpu_arena=s["kind"] == "plain")
         sess = ort.InferenceSession(s["model"], so, providers=["CPUExecutionProvider"])
         sess.run(None, feeds)
         out.update(ready_ms=(time.perf_counter() - t0) * 1e3, ready_cpu_ms=(time.thread_time() - c0) * 1e3)
+        out["ready_sys_ms"] = None if k0 is None else _kernel_ms() - k0
         done(out)
         for _ in range(4):
             sess.run(None, feeds)
@@ -359,6 +373,7 @@ def _child(spec: str) -> None:
             rt.wait_settled()
             rt.run(feeds)
         out.update(ready_ms=(time.perf_counter() - t0) * 1e3, ready_cpu_ms=(time.thread_time() - c0) * 1e3)
+        out["ready_sys_ms"] = None if k0 is None else _kernel_ms() - k0
         done(out)
         for _ in range(4):
             rt.run(feeds)
@@ -380,6 +395,16 @@ def _child(spec: str) -> None:
     gc.collect()
     out.update(rss_mb=status_mb("VmRSS"), peak_mb=max(status_mb("VmHWM") or 0.0, *peaks))
     print(json.dumps(out))
+
+
+def _kernel_ms() -> float | None:
+    """The system CPU time of the calling thread so far (ms; Linux), else None."""
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_THREAD).ru_stime * 1e3
+    except (ImportError, AttributeError, OSError):
+        return None
 
 
 def _map_libraries() -> bool:

@@ -241,15 +241,20 @@ def take_writable(
     return arenas, offset, live
 
 
-def verify_fingerprint(proto, info: ModelInfo, live: Mapping[str, np.ndarray]) -> None:
-    """Check the weights (``live`` arena views, the graph's other initializers) against ``info.fingerprint``."""
+def verify_fingerprint(
+    proto, info: ModelInfo, live: Mapping[str, np.ndarray], decoded: Mapping[str, np.ndarray] | None = None
+) -> None:
+    """Check the weights (``live`` arena views, the graph's other initializers) against ``info.fingerprint``.
+    ``decoded``: graph initializers already decoded from these very protos (:func:`quant_constants`' scales and zero
+    points), hashed as they are rather than decoded again (an int8 MiniLM's 78 of its 141)."""
     from onnx import numpy_helper
 
     heads = {t.initializer for t in info.tensors.values() if t.head}  # runtime-owned (edge.route.taps): not weights
     tensors = {k: v for k, v in live.items() if k not in heads}
+    decoded = decoded or {}
     for t in proto.graph.initializer:
         if t.name not in tensors and t.name not in heads:
-            tensors[t.name] = numpy_helper.to_array(t)
+            tensors[t.name] = decoded[t.name] if t.name in decoded else numpy_helper.to_array(t)
     got = fingerprint(tensors)
     if got != info.fingerprint:
         raise FormatError(

@@ -157,7 +157,7 @@ class OrtBackend(OrtSessions, ArenaBackend):
         self._constants = _file.quant_constants(proto, self.info)
         self._slots = {t.initializer for t in self.info.tensors.values() if t.slot}
         if options.verify:
-            verify_fingerprint(proto, self.info, self._live)
+            verify_fingerprint(proto, self.info, self._live, self._constants)  # scales: decoded once
         _file.strip_node_metadata(proto)  # both sessions' graphs, and the one kept for rebuilds, without it
         self._output_names = [o.name for o in proto.graph.output]
         # graph inputs of the prepacked session, fed from the arena on every run: the slots, and the tables only

@@ -90,7 +90,7 @@ def test_ready_ratios_are_paired_within_rounds_and_the_order_rotates(tmp_path, m
         assert r["goals"][f"{name}_ready_x"]["met"] == (factor[name] <= GOALS["ready_x"])
     assert r["plain"]["ready_ms"] == 30.0 and "ready_x" not in r["plain"]  # the median round's plain session
     md = markdown(r)
-    assert "| bound | 50.0 | 60.0 | 40.0 | 60 | 2.00 | 2.00-2.00 | 2.00-2.00 | 2.00-2.00 | 30.0 | 1.00 |" in md
+    assert "| bound | 50.0 | 60.0 | 40.0 | 60 | 2.00 | 2.00-2.00 | 2.00-2.00 | 2.00-2.00 | 30.0 | - | 1.00 |" in md
     assert "| plain session, the runtime's options (no CPU arena) | 20.0 | 25.0 | - | - | - | - | - | - | - | - |" in md
     assert (
         "| bound_ready_x | 2.00x | 2.00-2.00 | 1.00x | 1.5x | no |" in md
