@@ -207,13 +207,16 @@ class AdapterHolder:
         )
 
     def _strategy_hint(self) -> str:
-        """Where ``auto`` picked a strategy heavier than ``bound`` (it fit the model alone), what ``bound`` frees."""
-        if not self._auto or self.backend.strategy == "bound":
+        """Where ``auto`` picked a strategy heavier than the backend's lightest (it fit the model alone; onnxruntime:
+        ``bound``, LiteRT: ``builtin``), what that one frees."""
+        order = getattr(self.backend, "AUTO_ORDER", ())
+        light = order[-1] if order else None
+        if not self._auto or light is None or self.backend.strategy == light:
             return ""
-        now, bound = self.backend.predicted_mb(), self.backend.predicted_mb("bound")
-        if now is None or bound is None or bound >= now:
+        now, lean = self.backend.predicted_mb(), self.backend.predicted_mb(light)
+        if now is None or lean is None or lean >= now:
             return ""
-        return f", or run strategy bound (strategy: bound in the profile's backend: {now - bound:.3f} MB less)"
+        return f", or run strategy {light} (strategy: {light} in the profile's backend: {now - lean:.3f} MB less)"
 
     def _prepare(self, adapter: Adapter, name: str, index, delta, clip: bool, twin: Prepared | None) -> Prepared:
         """The base values at the adapter's positions and its two prepared writes (``twin``'s, if any, shared).

@@ -67,10 +67,10 @@ class Runtime(AdapterHolder):
         providers with their options, and the fallback policy: a missing provider raises (``fallback: error``) or
         runs on CPU with a logged warning, recorded in :attr:`fallback_warning`. Explicit
         ``threads``/``providers``/``strategy`` win over it. With ``strategy="auto"`` the profile's
-        ``budgets.memory_mb`` picks the strategy (hybrid when its predicted footprint fits, else bound, else a
-        ``ConfigError`` naming the figures; a model file larger than the budget is refused before it is read);
-        the same budget bounds the adapters loaded (:mod:`edge.adapters_held`); ``enforce_memory_budget=False``
-        skips both. ``backend="auto"`` runs the engine measured fastest here among
+        ``budgets.memory_mb`` picks the strategy (hybrid when its predicted footprint fits, else bound (LiteRT:
+        rebuild, then builtin), else a ``ConfigError`` naming the figures; a model file larger than the budget is
+        refused before it is read); the same budget bounds the adapters loaded (:mod:`edge.adapters_held`);
+        ``enforce_memory_budget=False`` skips both. ``backend="auto"`` runs the engine measured fastest here among
         the model's files for the profile's backends (``M.onnx``, ``M.tflite`` side by side; the profile's order
         decides within 3 %), measured on the first load and read from a cache after
         (:func:`edge.engine_cache.cached_engine`); files exported from the same weights are twins, so an adapter made

@@ -71,6 +71,7 @@ from edge.format.tflite import read_tflite, tflite_info
 from edge.format.tflite_checks import check_tensor_sizes
 from runtimes.base import BACKENDS, SMALL_MODEL_BYTES, ArenaBackend, BackendOptions, trim_heap
 from runtimes.litert_arena import dynamic_range_ops, load_arena, quant_constants, stale_readers, verify_fingerprint
+from runtimes.litert_footprint import litert_parts
 from runtimes.litert_session import Session, ops_details
 
 __all__ = ["LiteRTBackend", "interpreter_module", "one_thread_reason", "DELEGATES"]
@@ -105,6 +106,7 @@ class LiteRTBackend(ArenaBackend):
     name = "tflite"
     STRATEGIES = ("hybrid", "rebuild", "builtin")
     DEFAULT_STRATEGY = "hybrid"
+    AUTO_ORDER = ("hybrid", "rebuild", "builtin")  # under a memory budget: one arena less, then no packed copy
     REBUILD_FAILED = "background interpreter rebuild failed; staying on the built-in kernels"
     FREE_STALE_BEFORE_BUILD = True  # free the stale XNNPACK interpreter's packed weights before packing anew
     # XNNPACK, built-in kernels ("CPU"); the external delegates are named so that profiles for boards that
@@ -180,6 +182,7 @@ class LiteRTBackend(ArenaBackend):
         if options.verify:
             verify_fingerprint(self._model, fb, self.info)
         self._arena_of = {k: integer[v.dtype] for k, v in self._live.items() if v.dtype.kind in "iu"}
+        self._parts = litert_parts(fb, memoryview(self._model).nbytes, self._want_xnnpack)  # for predicted_mb
         self._constants = quant_constants(fb, self.info)  # scales and zero points of quantized targets
         self._names = [t.name for t in fb.tensors]
         self._writable = frozenset(t.index for t in fb.tensors if t.name in self._live and t.nbytes)
@@ -189,6 +192,9 @@ class LiteRTBackend(ArenaBackend):
         if stale and options.strategy == "auto":  # the one strategy that serves it: say so, and take it
             log.info("%s: %s; strategy auto takes 'rebuild'", self.info.name, stale[0])
             strategy = self._strategy = "rebuild"
+        if options.strategy == "auto" and options.memory_mb is not None:  # the first the budget admits (predicted)
+            predicted = {s: self._parts.mb(s) for s in (("rebuild",) if stale else self.AUTO_ORDER)}
+            strategy = self._strategy = self.choose_strategy(predicted, options.memory_mb, model=self.info.name)
         if stale and strategy != "rebuild":  # a built-in kernel would compute with a mix of old and new weights
             raise ConfigError(
                 f"{self.info.name!r}: {stale[0]}{f' (and {len(stale) - 1} more)' if len(stale) > 1 else ''}, whose "
@@ -246,6 +252,11 @@ class LiteRTBackend(ArenaBackend):
     @property
     def input_names(self) -> list[str]:
         return list(self._input_names)
+
+    def predicted_mb(self, strategy: str | None = None) -> float | None:
+        """Predicted resident MB of this model under ``strategy`` (default: the one in use), from the file's
+        tensor table: its bytes, XNNPACK's packed weights, the arenas (:mod:`runtimes.litert_footprint`)."""
+        return self._parts.mb(strategy or self._strategy)
 
     def read(self, tensor: str) -> np.ndarray:
         view = self._live[tensor].view()

@@ -213,17 +213,21 @@ def test_no_budget_no_check(model):
         assert rt.footprint["room_mb"] is None
 
 
-def test_litert_counts_the_model_file(tmp_path):
-    """LiteRT predicts no footprint: the model's part is its file's size (the bytes the backend keeps), named so."""
+def test_a_backend_that_predicts_nothing_counts_the_model_file(tmp_path, monkeypatch):
+    """A backend that predicts no footprint: the model's part is its file's size (the bytes it keeps at least), named
+    so. (LiteRT predicts one, tests/device/test_litert_footprint.py; here it is made to predict none.)"""
     import _tiny_tflite
 
+    from runtimes.litert import LiteRTBackend
+
+    monkeypatch.setattr(LiteRTBackend, "predicted_mb", lambda self, strategy=None: None)
     path = tmp_path / "m.tflite"
     info = _tiny_tflite.make_mlp(path, sizes=(10, 256, 3))
     with Runtime(path, backend="tflite") as free:
         free.load_adapter(_adapter(info, 1, "probe"))
         one = free.adapter_bytes["probe"]
     budget = path.stat().st_size / MB + 1.5 * one / MB
-    with Runtime(path, backend="tflite", device=_profile(budget)) as rt:
+    with Runtime(path, backend="tflite", strategy="hybrid", device=_profile(budget)) as rt:  # auto would not fit
         assert rt.footprint["predicted_mb"] is None
         rt.load_adapter(_adapter(info, 1, "a"))
         assert rt.footprint["room_mb"] == pytest.approx(budget - path.stat().st_size / MB - one / MB)
