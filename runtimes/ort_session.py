@@ -26,7 +26,7 @@ import threading
 import time
 from pathlib import Path
 
-from edge.errors import ConfigError
+from edge.errors import ConfigError, EdgeError, FormatError
 from runtimes.base import trim_heap
 from runtimes.ort_providers import check_registered
 
@@ -58,6 +58,14 @@ def _stub() -> tuple[str, str]:
                 atexit.register(shutil.rmtree, folder, True)
                 _STUBS.append((folder, "edge-live-weights.bin"))
         return _STUBS[0]
+
+
+def cannot_load(e: Exception, model: str) -> FormatError:
+    """onnxruntime's refusal of a model's graph (its Fail, InvalidGraph, NotImplemented...), said as a FormatError."""
+    return FormatError(
+        f"onnxruntime cannot load model {model!r}: {e}; check the file with onnx.checker.check_model, or import the "
+        "original export again (edge import-onnx)"
+    )
 
 
 def session_options(ort, threads: int | None, *, cpu_arena: bool = True):
@@ -134,7 +142,9 @@ class OrtSessions:
                 binding.bind_ortvalue_input(k, v)
         except Exception as e:
             if threading.current_thread() is not self._rebuilder:
-                raise
+                if isinstance(e, (EdgeError, MemoryError)):  # a provider that did not start (check_registered)
+                    raise
+                raise cannot_load(e, self.info.name) from e
             log.exception("building the bound session failed; switches of constant weights cannot be served")
             self._bound_error = e
         else:
@@ -169,11 +179,16 @@ class OrtSessions:
             )
         except Exception as e:  # onnxruntime's Fail and friends
             if not self.shares_weights:
+                raise cannot_load(e, self.info.name) from e
+            self.shares_weights = False
+            try:  # a model onnxruntime refuses whatever the weights: said as that, not as the in-place way failing
+                sess = self._build_fresh()
+            except FormatError:
+                self.shares_weights = True
                 raise
             log.warning("onnxruntime would not prepack from the arena in place (%s); copying the weights instead", e)
-            self.shares_weights = False
             _UNSHARED.add(self.info.fingerprint)  # do not try again for this model in this process
-            return self._build_fresh()
+            return sess
         check_registered(sess, self._providers)
         sess._edge_keepalive = values  # onnxruntime references these buffers
         # run() calls the native run: onnxruntime's wrapper (onnxruntime_inference_collection.py) re-checks the feed

@@ -29,11 +29,14 @@ import numpy as np
 from edge.convert.onnx_names import adapter_names, name_by_value, select
 from edge.convert.onnx_source import (
     control_flow_weights,
+    floating,
     hoist_body_initializers,
     hoist_constants,
+    inline_functions,
     read_onnx,
     refuse_quantized,
     tied_copies,
+    unique_node_names,
     why_no_weights,
 )
 from edge.errors import AdapterMismatchError, ConfigError, ExportValidationError, FormatError
@@ -46,6 +49,8 @@ log = logging.getLogger(__name__)
 
 #: op type -> index of its weight input; the torch layout of what the op reads is given by :func:`_torch_view`.
 WEIGHT_INPUTS = {"MatMul": 1, "Gemm": 1, "Conv": 1, "ConvTranspose": 1, "Gather": 0}
+#: onnxruntime's fused ops (a file saved with ``optimized_model_filepath``) -> the op whose weight layout they keep
+FUSED = {"FusedConv": "Conv", "FusedGemm": "Gemm", "FusedMatMul": "MatMul"}
 _PASS_THROUGH = ("Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Cast")
 _MAX_STATE_DICT = 1 << 36  # bytes per safetensors file (the whole file is read into memory)
 
@@ -158,10 +163,12 @@ def make_adapter_ready(
             f"ONNX model {name!r} already carries {META_KEY!r} metadata (exported or imported by this project): "
             "load it with edge.Runtime as it is, or import the original file"
         )
+    inlined = inline_functions(proto, name)  # torch's export_modules_as_functions: weights read inside functions
     graph = proto.graph
     refuse_quantized(graph, name)
     hoisted = hoist_constants(graph, WEIGHT_INPUTS, _PASS_THROUGH)  # weights an exporter left in Constant nodes
     hoist_body_initializers(graph)  # a control-flow body's weights: into the fingerprint (not targets: said below)
+    relabelled = unique_node_names(graph)  # else no onnxruntime session could load the file written
     inits = {t.name: t for t in graph.initializer}
     if not inits:
         raise ConfigError(f"ONNX model {name!r} stores no initializers: there are no weights to adapt")
@@ -203,6 +210,11 @@ def make_adapter_ready(
     extra = {"imported": {"producer": f"{proto.producer_name} {proto.producer_version}".strip()}}
     if hoisted:
         extra["imported"]["constants_hoisted"] = hoisted
+    if inlined:
+        extra["imported"]["functions_inlined"] = inlined
+    if relabelled:
+        extra["imported"]["nodes_renamed"] = relabelled
+        log.warning("%s: %d node(s) repeated another node's name and were renamed", name, relabelled)
     if valid:
         extra["imported"]["names"] = valid  # target -> the ONNX initializer it was renamed from
     if tied := tied_copies(sorted(found), arrays):  # said: an adapter on one copy leaves the other as it was
@@ -243,22 +255,28 @@ def _find_weights(graph, arrays: Mapping[str, np.ndarray]):
     dead: set[str] = set()  # outputs of folded Transpose/Reshape chains
     left: set[str] = set()  # MatMul's left operand (W @ x): said, not adapted
     gathered: dict[str, str] = {}  # read by a Gather that is no row lookup: said unless another reader adapts it
+    foreign: dict[str, tuple[str, str]] = {}  # read by an op of another domain, in a layout not known: (domain, where)
     for node in graph.node:
-        slot = WEIGHT_INPUTS.get(node.op_type)
-        if node.domain not in ("", "ai.onnx") or slot is None or len(node.input) <= slot:
+        kind = _kind(node)
+        slot = WEIGHT_INPUTS.get(kind)
+        if slot is None or len(node.input) <= slot:
+            for value in node.input if node.domain not in ("", "ai.onnx") and kind is None else ():
+                if value in arrays and arrays[value].ndim >= 2 and floating(arrays[value].dtype):
+                    where = f"read by {node.domain} {node.op_type} {node.name or node.output[0]!r}"
+                    foreign.setdefault(value, (node.domain, where))
             continue
-        if node.op_type == "MatMul" and node.input[0] in arrays and node.input[1] not in arrays:
+        if kind == "MatMul" and node.input[0] in arrays and node.input[1] not in arrays:
             left.add(node.input[0])
         chain, value = [], node.input[slot]
         while value not in arrays and value in producer and producer[value].op_type in _PASS_THROUGH:
             chain.append(producer[value])
             value = producer[value].input[0]
-        if value in arrays and arrays[value].dtype.kind == "f" and arrays[value].dtype != np.float32:
+        if value in arrays and floating(arrays[value].dtype) and arrays[value].dtype != np.float32:
             skipped.setdefault(value, f"stored as {arrays[value].dtype} (only float32 weights are adapted)")
         if value not in arrays or arrays[value].dtype != np.float32 or arrays[value].size < 2:
             continue
         try:
-            view = _torch_view(node, chain, arrays[value], arrays, producer)
+            view = _torch_view(node, kind, chain, arrays[value], arrays, producer)
         except _NotAWeight as e:
             skipped.setdefault(value, str(e))
             continue
@@ -279,7 +297,7 @@ def _find_weights(graph, arrays: Mapping[str, np.ndarray]):
             dead.update(names[1:])
         prior = found.get(value)
         if prior is not None and (prior.shape, prior.transposed) != (view.shape, view.transposed):
-            skipped[value] = f"read in two layouts ({'/'.join(prior.ops)} and {node.op_type})"
+            skipped[value] = f"read in two layouts ({'/'.join(prior.ops)} and {kind})"
             continue
         found.setdefault(value, view)
     for value in left - set(found) - set(skipped):
@@ -287,6 +305,14 @@ def _find_weights(graph, arrays: Mapping[str, np.ndarray]):
     for value, why in gathered.items():
         if value not in found and value not in skipped:
             skipped[value] = why
+    for value, (domain, where) in foreign.items():  # onnxruntime's NCHWc Conv reads a blocked filter layout, for one
+        hint = (
+            "; import the model as exported, before onnxruntime's optimizations (of its fused ops only FusedConv, "
+            "FusedGemm and FusedMatMul are read)"
+            if domain.startswith("com.microsoft")
+            else " (a custom op)"
+        )
+        skipped.setdefault(value, f"{where}, whose weight layout is not known here{hint}")
     for value in skipped:
         found.pop(value, None)
     return found, skipped, dead
@@ -296,14 +322,22 @@ class _NotAWeight(Exception):
     pass
 
 
-def _torch_view(node, chain, stored: np.ndarray, arrays, producer) -> _View | None:
-    """The torch-layout view of ``stored`` that ``node`` reads through ``chain`` (innermost op last).
+def _kind(node) -> str | None:
+    """The standard op whose weight layout ``node`` reads (itself, or what an onnxruntime fused op fuses)."""
+    if node.domain in ("", "ai.onnx"):
+        return node.op_type if node.op_type in WEIGHT_INPUTS else None
+    return FUSED.get(node.op_type) if node.domain == "com.microsoft" else None
+
+
+def _torch_view(node, op: str, chain, stored: np.ndarray, arrays, producer) -> _View | None:
+    """The torch-layout view of ``stored`` that ``node`` (computing ``op``) reads through ``chain`` (innermost op last).
 
     The layout is worked out on an array of flat positions pushed through the chain (only when there is one).
     """
-    op = node.op_type
     ops = (*(c.op_type for c in chain), op)
     attrs = {a.name: a.i for a in node.attribute}
+    if attrs.get("transBatchB", 0):  # FusedMatMul's batch transpose: no linear layer reads its weight so
+        raise _NotAWeight(f"{node.op_type} reads it with transBatchB (only x @ W and x @ W.T are adapted)")
     direct = None if chain else _direct_layout(op, stored.ndim, attrs)
     if direct is not None:  # read as stored: no position array needed (embeddings can be huge)
         return _View(stored.shape[::-1] if direct else stored.shape, direct, ops=ops)
@@ -314,7 +348,7 @@ def _torch_view(node, chain, stored: np.ndarray, arrays, producer) -> _View | No
     if op == "MatMul":
         if idx.ndim != 2:
             raise _NotAWeight(f"MatMul reads it as {idx.ndim}-D (only 2-D weights are adapted)")
-        idx = idx.T
+        idx = idx if attrs.get("transB", 0) else idx.T  # FusedMatMul's transB reads [out, in], as Gemm's
     elif op == "Gemm":
         idx = idx if attrs.get("transB", 0) else idx.T
     elif op == "Gather":
@@ -335,7 +369,7 @@ def _torch_view(node, chain, stored: np.ndarray, arrays, producer) -> _View | No
 def _direct_layout(op: str, ndim: int, attrs) -> bool | None:
     """Whether an op reading an initializer directly reads the 2-D transpose of the torch layout (None: unknown)."""
     if op == "MatMul" and ndim == 2 or op == "Gemm":
-        return op == "MatMul" or not attrs.get("transB", 0)  # x @ W reads [in, out]; torch stores [out, in]
+        return not attrs.get("transB", 0)  # x @ W reads [in, out]; torch stores [out, in]
     if op.startswith("Conv") and ndim >= 3 or op == "Gather" and ndim == 2 and _gather_axis(attrs, ndim) == 0:
         return False
     return None

@@ -6,7 +6,9 @@ checked loader (relative paths inside the model's folder, regular files only); a
 protobuf's 2 GB limit on one file is refused before its external data is read. :func:`hoist_constants`
 turns weights an exporter left in ``Constant`` nodes into initializers, :func:`refuse_quantized` refuses a
 graph already quantized (wholly or in part: its integer weights could not take an adapter), and
-:func:`why_no_weights` says what to do with a graph whose weights are not float32 initializers (float16).
+:func:`why_no_weights` says what to do with a graph whose weights are not float32 initializers (float16, bfloat16);
+:func:`unique_node_names` renames nodes that repeat a name (onnxruntime refuses such a graph);
+:func:`inline_functions` expands model-local functions (their weights are call arguments).
 :func:`hoist_body_initializers` moves the weights of If/Loop/Scan bodies into the main graph (so the fingerprint
 covers them) and :func:`control_flow_weights` names the weights bodies read: they are not targets, and are said so.
 """
@@ -26,12 +28,15 @@ from edge.format.onnx_graph import QUANTIZED_OPS, quantized_ops
 __all__ = [
     "MAX_MODEL_BYTES",
     "control_flow_weights",
+    "floating",
     "hoist_body_initializers",
     "QUANTIZED_OPS",
     "hoist_constants",
+    "inline_functions",
     "read_onnx",
     "refuse_quantized",
     "tied_copies",
+    "unique_node_names",
     "why_no_weights",
 ]
 
@@ -127,6 +132,45 @@ def hoist_constants(graph, weight_inputs: Mapping[str, int], pass_through: Conta
     return list(hoisted)
 
 
+def inline_functions(proto, name: str) -> list[str]:
+    """Inline the model's local functions (torch.onnx's ``export_modules_as_functions`` wraps each Linear in one, its
+    weight a call argument) with onnx's inliner, so their weights are read by the ops inside; return their names."""
+    from onnx.inliner import inline_local_functions
+
+    if not proto.functions:
+        return []
+    names = sorted({f"{f.domain}.{f.name}" for f in proto.functions})
+    try:
+        inlined = inline_local_functions(proto)
+    except Exception as e:  # onnx's own errors: a function it cannot expand
+        raise FormatError(
+            f"ONNX model {name!r}: its local functions {names} cannot be inlined ({e}); re-export "
+            "it without export_modules_as_functions"
+        ) from e
+    proto.CopyFrom(inlined)
+    return names
+
+
+def unique_node_names(graph) -> int:
+    """Give every node of ``graph`` that repeats an earlier node's name a new one; return how many were renamed.
+
+    onnxruntime refuses a graph where two nodes share a name ("two nodes with same node name"), which some tools
+    write (merged or hand-edited graphs); a node's name is a label only, so the model computes the same."""
+    taken = {n.name for n in graph.node}
+    seen: set[str] = set()
+    renamed = 0
+    for node in graph.node:
+        if node.name and node.name in seen:
+            k = 1
+            while f"{node.name}_{k}" in taken:
+                k += 1
+            node.name = f"{node.name}_{k}"
+            taken.add(node.name)
+            renamed += 1
+        seen.add(node.name)
+    return renamed
+
+
 def refuse_quantized(graph, name: str) -> None:
     """Raise :class:`ConfigError` if ``graph`` is already quantized, even in part (some ops left in float).
 
@@ -144,12 +188,17 @@ def refuse_quantized(graph, name: str) -> None:
 
 def why_no_weights(graph, arrays: Mapping[str, np.ndarray]) -> str:
     """What to do about a graph with no float32 weight initializer to adapt ('' if nothing is known)."""
-    low = sorted({str(a.dtype) for a in arrays.values() if a.dtype.kind == "f" and a.dtype != np.float32})
+    low = sorted({str(a.dtype) for a in arrays.values() if a.dtype != np.float32 and floating(a.dtype)})
     if low:
         return (
             f"; its weights are {'/'.join(low)}: export the model in float32 (model.float() before torch.onnx.export)"
         )
     return ""
+
+
+def floating(dtype: np.dtype) -> bool:
+    """A float type, bfloat16 included (onnx reads it as ml_dtypes' bfloat16, whose numpy kind is 'V')."""
+    return dtype.kind == "f" or dtype.name == "bfloat16"
 
 
 def tied_copies(names, arrays: Mapping[str, np.ndarray]) -> dict[str, str]:

@@ -9,6 +9,9 @@ native byte order; integers are converted to the model's integer type when every
 fits, as token ids are int64 from a tokenizer and int32 in a converted TFLite model),
 rank, fixed dimensions and consistent symbolic ones. Arrays that are not C-contiguous
 are copied. Every refusal is a :class:`~edge.errors.ConfigError`.
+
+:func:`run_batched` runs many samples through a runtime in chunks, of the batch size the model's file fixes when it
+fixes one (torch.onnx.export without dynamic axes fixes the example's): updates and the router's fitting use it.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ __all__ = [
     "names_only",
     "onnx_input_specs",
     "output_width",
+    "run_batched",
     "tflite_input_specs",
 ]
 
@@ -327,3 +331,26 @@ def generate_inputs(
             rng.standard_normal(shape).astype(spec.dtype) if spec.dtype.kind == "f" else np.zeros(shape, spec.dtype)
         )
     return feeds
+
+
+def run_batched(
+    runtime, feeds: Mapping[str, np.ndarray], batch: int, outputs: Sequence[str] | None = None
+) -> dict[str, list[np.ndarray]]:
+    """Each output's values for ``feeds`` (every array ``[n, ...]``), in chunks of ``batch`` rows; chunks of the
+    batch size the model's file fixes on every input, if it does, the last one padded with zeros and their rows
+    dropped (the backend's specs: LiteRT's leave the batch free, as that backend chunks by itself)."""
+    specs = getattr(getattr(runtime, "backend", None), "input_specs", None) or {}
+    firsts = {s.shape[0] if s.shape else None for s in specs.values()}
+    fixed = firsts.pop() if len(firsts) == 1 else None
+    step = fixed if isinstance(fixed, int) and fixed > 0 else None
+    n = len(next(iter(feeds.values()))) if feeds else 0
+    out: dict[str, list[np.ndarray]] = {}
+    for i in range(0, n, step or batch):
+        chunk = {k: v[i : i + (step or batch)] for k, v in feeds.items()}
+        m = len(next(iter(chunk.values())))
+        if step and m < step:
+            chunk = {k: np.concatenate([v, np.zeros((step - m, *v.shape[1:]), v.dtype)]) for k, v in chunk.items()}
+        got = runtime.run(chunk) if outputs is None else runtime.run(chunk, outputs)
+        for k, v in got.items():
+            out.setdefault(k, []).append(v[:m])
+    return out

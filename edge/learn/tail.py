@@ -273,7 +273,13 @@ def find_tail(proto, info) -> Tail:
         for i in n.input:
             consumers[i] = consumers.get(i, 0) + 1
     outputs = [o.name for o in g.output]
-    logits = "logits" if "logits" in outputs else (info.outputs or outputs)[0]
+    named = [o for o in (info.outputs or outputs) if not o.startswith("edge.")]  # not the taps' and head's outputs
+    if "logits" not in outputs and len(named) > 1:  # the first is a guess: a Linear embedding would pass as one
+        raise ConfigError(
+            f"{where} has outputs {named}, none named 'logits': which one its classifier computes is not known; "
+            "name it at export (torch.onnx.export(..., output_names=[..., 'logits']))"
+        )
+    logits = "logits" if "logits" in outputs else (named or info.outputs or outputs)[0]
     if (n := producer.get(logits)) is not None and n.op_type in ("Softmax", "LogSoftmax"):
         # probabilities out: the tail ends at the scores they normalise (softmax cross-entropy on those)
         opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 13)

@@ -43,6 +43,7 @@ import numpy as np
 
 from edge.errors import AdapterMismatchError, ConfigError, FormatError
 from edge.format.feeds import output_width as _declared_width
+from edge.format.feeds import run_batched
 from edge.format.samples import batch_length as _length
 from edge.format.samples import check_labels as _labels
 from edge.format.samples import load_samples
@@ -230,15 +231,11 @@ class Updater:
         return tuple(dict.fromkeys(d for d, _ in self.prototypes))
 
     def features(self, x) -> tuple[np.ndarray, np.ndarray | None]:
-        """Run the model in chunks of ``batch``; returns (features float32 [n, d], logits or None)."""
-        feeds = self._feeds(x)
-        n = len(next(iter(feeds.values())))
-        fs, ls = [], []
-        for i in range(0, n, self.batch):
-            out = self.runtime.run({k: v[i : i + self.batch] for k, v in feeds.items()})
-            fs.append(np.asarray(out[self.feature_output], np.float32))
-            if self.logit_output is not None:
-                ls.append(np.asarray(out[self.logit_output], np.float32))
+        """Run the model in chunks of ``batch`` (of its batch size, when its file fixes one: the last chunk padded with
+        zeros, their rows dropped); returns (features float32 [n, d], logits or None)."""
+        out = run_batched(self.runtime, self._feeds(x), self.batch)
+        fs = [np.asarray(f, np.float32) for f in out.get(self.feature_output, [])]
+        ls = [np.asarray(v, np.float32) for v in out.get(self.logit_output, [])] if self.logit_output else []
         f = np.concatenate(fs) if fs else np.zeros((0, self.method.ctx.dim), np.float32)
         if f.ndim != 2:
             raise ConfigError(f"output {self.feature_output!r} has shape {f.shape}; an update needs [batch, dim]")

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from edge.errors import ConfigError
+from edge.format.feeds import run_batched
 from edge.route.hdc import HDC
 
 __all__ = ["Domain", "Refit", "State", "fit_states", "run_features"]
@@ -67,13 +68,10 @@ class State:
 
 
 def run_features(runtime, input_name: str, features: str, logits: str, x: np.ndarray, batch: int):
-    """Tapped features and logits of ``x`` under ``runtime``'s current state, in batches."""
-    feats, out_logits = [], []
-    for s in range(0, len(x), batch):
-        out = runtime.run({input_name: x[s : s + batch]}, [features, logits])
-        feats.append(out[features])
-        out_logits.append(out[logits])
-    return np.concatenate(feats), np.concatenate(out_logits)
+    """Tapped features and logits of ``x`` under ``runtime``'s current state, in batches (of the batch size the
+    model's file fixes, if it does)."""
+    out = run_batched(runtime, {input_name: x}, batch, [features, logits])
+    return np.concatenate(out[features]), np.concatenate(out[logits])
 
 
 def fit_states(runtime, domains: list[Domain], config, features: Callable, batch: int = 256) -> dict:
