@@ -70,6 +70,7 @@ Memory: ``h`` and ``r`` of every sample are kept, ``4 * n * T * (hidden + dim)``
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 
 import numpy as np
 
@@ -163,18 +164,24 @@ class DeviceTrainer:
         names = list(dict.fromkeys([t.input, *t.residuals, t.logits]))
         parts: dict[str, list] = {k: [] for k in names}
         self._rest = {}
-        for i in range(0, n, self.batch):
-            fb = {k: v[i : i + self.batch] for k, v in feeds.items()}
-            nb = min(self.batch, n - i)
+        fixed = {i.shape[0] if i.shape else None for i in sess.get_inputs()}  # a file that fixes its batch: run in
+        step = fixed.pop() if len(fixed) == 1 else None  # chunks of it, the last padded with zeros, its rows dropped
+        step = step if isinstance(step, int) and step > 0 else None
+        for i in range(0, n, step or self.batch):
+            fb = {k: v[i : i + (step or self.batch)] for k, v in feeds.items()}
+            nb = min(step or self.batch, n - i)
+            rows = step or nb
+            if rows > nb:
+                fb = {k: np.concatenate([v, np.zeros((rows - nb, *v.shape[1:]), v.dtype)]) for k, v in fb.items()}
             try:
                 outs = sess.run(names, fb)
             except Exception as e:  # onnxruntime's InvalidArgument and friends: a shape the graph cannot take
                 raise ConfigError(f"model {self.info.name!r} rejected inputs of shape {_shapes(x)}: {e}") from e
             for k, a in zip(names, outs):
-                if not a.ndim or a.shape[0] % nb:
-                    raise ConfigError(f"tensor {k!r} of shape {a.shape} has no batch axis for {nb} inputs")
+                if not a.ndim or a.shape[0] % rows:
+                    raise ConfigError(f"tensor {k!r} of shape {a.shape} has no batch axis for {rows} inputs")
                 self._rest[k] = a.shape[1:]
-                parts[k].append(a.reshape(nb, -1))
+                parts[k].append(a.reshape(rows, -1)[:nb])
         acts = {k: np.concatenate(v) for k, v in parts.items()}  # float32, as the model computes them
         lg = acts.pop(t.logits)
         got = self._forward(acts, self._base2d())[0]
@@ -194,6 +201,9 @@ class DeviceTrainer:
         from edge.format.feeds import check_feeds, onnx_input_specs
 
         specs = onnx_input_specs(self._proto, self.info.inputs)
+        firsts = {sp.shape[0] if sp.shape else None for sp in specs.values()}
+        if len(firsts) == 1 and isinstance(next(iter(firsts)), int):  # a fixed batch: activations() runs in chunks
+            specs = {k: replace(sp, shape=("edge.batch", *sp.shape[1:])) for k, sp in specs.items()}
         feeds = x if isinstance(x, Mapping) else {self.info.inputs[0]: x} if len(specs) == 1 else x
         if isinstance(feeds, Mapping):
             cast = {k: np.asarray(v) for k, v in feeds.items()}
