@@ -67,9 +67,10 @@ def read_onnx(src: str | os.PathLike, limit: int = MAX_MODEL_BYTES):
     try:
         load_external_data_for_model(proto, os.fspath(src.parent))
     except Exception as e:  # onnx's checks: outside the folder, not a regular file, past its end
-        raise FormatError(
-            f"{src}: cannot read its external data: {e}; keep the data files the exporter wrote beside the model"
-        ) from e
+        hint = "keep the data files the exporter wrote beside the model"
+        if "symbolic link" in str(e):  # a Hugging Face hub cache links every file of a snapshot into blobs/
+            hint = "copy the model's folder with its links resolved (cp -rL; a Hugging Face hub cache links its files)"
+        raise FormatError(f"{src}: cannot read its external data: {e}; {hint}") from e
     return proto
 
 
