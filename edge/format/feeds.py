@@ -37,6 +37,8 @@ __all__ = [
     "names_only",
     "onnx_input_specs",
     "output_width",
+    "fixed_batch",
+    "pad_rows",
     "run_batched",
     "tflite_input_specs",
 ]
@@ -340,17 +342,29 @@ def run_batched(
     batch size the model's file fixes on every input, if it does, the last one padded with zeros and their rows
     dropped (the backend's specs: LiteRT's leave the batch free, as that backend chunks by itself)."""
     specs = getattr(getattr(runtime, "backend", None), "input_specs", None) or {}
-    firsts = {s.shape[0] if s.shape else None for s in specs.values()}
-    fixed = firsts.pop() if len(firsts) == 1 else None
-    step = fixed if isinstance(fixed, int) and fixed > 0 else None
+    step = fixed_batch(s.shape for s in specs.values())
     n = len(next(iter(feeds.values()))) if feeds else 0
     out: dict[str, list[np.ndarray]] = {}
     for i in range(0, n, step or batch):
         chunk = {k: v[i : i + (step or batch)] for k, v in feeds.items()}
         m = len(next(iter(chunk.values())))
-        if step and m < step:
-            chunk = {k: np.concatenate([v, np.zeros((step - m, *v.shape[1:]), v.dtype)]) for k, v in chunk.items()}
+        chunk = pad_rows(chunk, step or m)
         got = runtime.run(chunk) if outputs is None else runtime.run(chunk, outputs)
         for k, v in got.items():
             out.setdefault(k, []).append(v[:m])
     return out
+
+
+def fixed_batch(shapes) -> int | None:
+    """The batch size the input ``shapes`` all fix (their first dimension, one and the same int), else None."""
+    firsts = {s[0] if s else None for s in shapes}
+    b = firsts.pop() if len(firsts) == 1 else None
+    return b if isinstance(b, int) and b > 0 else None
+
+
+def pad_rows(chunk: Mapping[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
+    """``chunk`` (arrays ``[m, ...]``, ``m <= rows``) with zero rows appended up to ``rows``."""
+    return {
+        k: np.concatenate([v, np.zeros((rows - len(v), *v.shape[1:]), v.dtype)]) if len(v) < rows else v
+        for k, v in chunk.items()
+    }

@@ -158,21 +158,19 @@ class DeviceTrainer:
         Tensors computed on the batch folded into another axis (a ``Gemm`` on ``[B*T, d]``)
         are kept per sample and unfolded by :meth:`_side`.
         """
+        from edge.format.feeds import fixed_batch, pad_rows
+
         feeds, n = self._feeds(x)
         sess = self._run_session()
         t = self._tail
         names = list(dict.fromkeys([t.input, *t.residuals, t.logits]))
         parts: dict[str, list] = {k: [] for k in names}
         self._rest = {}
-        fixed = {i.shape[0] if i.shape else None for i in sess.get_inputs()}  # a file that fixes its batch: run in
-        step = fixed.pop() if len(fixed) == 1 else None  # chunks of it, the last padded with zeros, its rows dropped
-        step = step if isinstance(step, int) and step > 0 else None
-        for i in range(0, n, step or self.batch):
-            fb = {k: v[i : i + (step or self.batch)] for k, v in feeds.items()}
+        step = fixed_batch(i.shape for i in sess.get_inputs())  # a file that fixes its batch: run in chunks of it,
+        for i in range(0, n, step or self.batch):  # the last padded with zeros, its rows dropped
             nb = min(step or self.batch, n - i)
             rows = step or nb
-            if rows > nb:
-                fb = {k: np.concatenate([v, np.zeros((rows - nb, *v.shape[1:]), v.dtype)]) for k, v in fb.items()}
+            fb = pad_rows({k: v[i : i + nb] for k, v in feeds.items()}, rows)
             try:
                 outs = sess.run(names, fb)
             except Exception as e:  # onnxruntime's InvalidArgument and friends: a shape the graph cannot take
@@ -198,11 +196,10 @@ class DeviceTrainer:
         """The model's inputs from ``x`` (an array for a one-input model, or a dict by input name: token ids and an
         attention mask), checked against the graph (:func:`edge.format.feeds.check_feeds`), float arrays cast to
         the input's float type; and the number of samples."""
-        from edge.format.feeds import check_feeds, onnx_input_specs
+        from edge.format.feeds import check_feeds, fixed_batch, onnx_input_specs
 
         specs = onnx_input_specs(self._proto, self.info.inputs)
-        firsts = {sp.shape[0] if sp.shape else None for sp in specs.values()}
-        if len(firsts) == 1 and isinstance(next(iter(firsts)), int):  # a fixed batch: activations() runs in chunks
+        if fixed_batch(sp.shape for sp in specs.values()):  # a fixed batch: activations() runs in chunks of it
             specs = {k: replace(sp, shape=("edge.batch", *sp.shape[1:])) for k, sp in specs.items()}
         feeds = x if isinstance(x, Mapping) else {self.info.inputs[0]: x} if len(specs) == 1 else x
         if isinstance(feeds, Mapping):
