@@ -32,10 +32,11 @@ ready 1.18x the plain session's, main-thread CPU 1.27x (+2.5 ms: the graph parse
 fingerprint, ``Runtime``'s checks). Memory: ``hybrid`` holds two sessions, and onnxruntime's own share of each is
 about 1 MB on tiny models (graph, kernels, plans, arena, intra-op thread) whatever the weights weigh, so under a
 few MB of weights a hybrid runtime stays above a plain session, int8 or not (issue 18).
-:meth:`OrtBackend.footprint_mb` predicts each strategy's resident memory; ``strategy="auto"`` with a
-memory budget picks by it. :meth:`OrtBackend.run` fetches (or binds) only the outputs asked for. The sessions
-themselves (their options, the bound build, the prepacked build) are :mod:`runtimes.ort_session`'s: a small model's
-prepacked sessions run without onnxruntime's CPU arena (``cpu_arena``).
+:meth:`OrtBackend.footprint_mb` predicts each strategy's resident memory from the graph
+(:mod:`runtimes.ort_footprint`); ``strategy="auto"`` with a memory budget picks by it. :meth:`OrtBackend.run` fetches
+(or binds) only the outputs asked for. The sessions themselves (their options, the bound build, the prepacked build)
+are :mod:`runtimes.ort_session`'s: a small model's prepacked sessions run without onnxruntime's CPU arena
+(``cpu_arena``).
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ from runtimes.onnx_file import (
     tensor_proto,
     verify_fingerprint,
 )
+from runtimes.ort_footprint import OrtParts, ort_parts
 from runtimes.ort_providers import ORT_PROVIDERS
 from runtimes.ort_session import OrtSessions, asked_cpu_arena
 
@@ -100,27 +102,25 @@ class OrtBackend(OrtSessions, ArenaBackend):
     def footprint_mb(cls, model: bytes | str | os.PathLike | ModelInfo, strategy: str) -> float:
         """Predicted resident memory (MB) that loading ``model`` with ``strategy`` adds to the process.
 
-        ``model`` is a path or the file bytes (exact: the graph says which weights onnxruntime prepacks), or a
-        :class:`ModelInfo` (then every writable weight counts as prepacked: an upper bound). The weights once
-        (the arena), the prepacked copy for ``hybrid`` and ``rebuild``, and an allowance per session."""
+        ``model`` is a path or the file bytes (the graph's parts, :mod:`runtimes.ort_footprint`), or a
+        :class:`ModelInfo` (no graph: the weights, every writable weight counted as prepacked, and a rough
+        :data:`_SESSION_MB` a session: above the graph's prediction on every model measured there)."""
         if isinstance(model, ModelInfo):
             sizes = {
                 t.initializer: (np.dtype(t.dtype).itemsize * prod(t.shape), t.slot) for t in model.tensors.values()
             }
             weights = sum(n for n, _ in sizes.values())
             return _predict(weights, weights - sum(n for n, slot in sizes.values() if slot), strategy)
+        _check_strategy(strategy)
         with model_buffer(model) as (buf, _):
-            proto, inits = parse_graph(buf)
-        info = onnx_info(proto)
+            proto, inits, _ = parse_graph_bytes(buf)
+            info = onnx_info(proto)
+            writable = {t.initializer for t in info.tensors.values() if t.initializer in inits}
+            proto.graph.initializer.extend(tensor_proto(buf, t) for k, t in inits.items() if k not in writable)
+        shapes = {k: (tuple(inits[k].dims), ONNX_DTYPES.get(inits[k].dtype, _F4)) for k in writable}
         slots = {t.initializer for t in info.tensors.values() if t.slot}
-        live = {  # bytes of each writable tensor
-            t.initializer: prod(inits[t.initializer].dims) * ONNX_DTYPES.get(inits[t.initializer].dtype, _F4).itemsize
-            for t in info.tensors.values()
-            if t.initializer in inits
-        }
-        fed = slots | _only(_file.readers(proto, set(live) - slots), _GATHERED)  # as __init__ feeds them
-        packed = sum(n for k, n in live.items() if k not in fed)  # prepacked or copied (Conv): one copy each
-        return _predict(sum(live.values()), packed, strategy)
+        fed = slots | _only(_file.readers(proto, writable - slots), _GATHERED)  # as __init__ feeds them
+        return ort_parts(proto, shapes, fed).mb(strategy)
 
     def __init__(self, model: bytes | str | os.PathLike, options: BackendOptions) -> None:
         try:
@@ -178,12 +178,17 @@ class OrtBackend(OrtSessions, ArenaBackend):
         if self.arena_asked is not None and self.arena_asked != self.cpu_arena:
             log.info("CPU arena %s, as use_arena asks (this model's default: %s)", self.arena_asked, self.cpu_arena)
             self.cpu_arena = self.arena_asked
+        self._parts: OrtParts | None = None  # the footprint's parts (runtimes.ort_footprint), from the graph when asked
+        self._parts_graph, self._parts_lock = b"", threading.Lock()
         strategy = options.strategy
         if strategy == "auto":
             strategy = self.DEFAULT_STRATEGY
             if options.memory_mb is not None:
+                self._parts = self._footprint_parts(proto)
                 predicted = {s: self.predicted_mb(s) for s in self.STRATEGIES}
                 strategy = self.choose_strategy(predicted, options.memory_mb, model=self.info.name)
+        if strategy == "bound" and self._parts is None:  # no graph is kept for bound (issue 18): the parts now
+            self._parts = self._footprint_parts(proto)
         self._strategy = strategy
 
         # one weight-less graph in two forms: the fed tensors are graph inputs in both; the others are
@@ -201,6 +206,8 @@ class OrtBackend(OrtSessions, ArenaBackend):
             _file.add_inputs(proto, self._consts, self._live)
             bound_bytes = proto.SerializeToString()
         del proto
+        if self._parts is None:  # the graph walk (2-50 ms on MiniLM-L6): at the first predicted_mb, not every load
+            self._parts_graph = self._static_bytes  # kept for rebuilds anyway
 
         self._init_rebuilds(options)
         self.shares_weights = self._may_share()  # prepack from the arena in place (_build_fresh)
@@ -318,8 +325,20 @@ class OrtBackend(OrtSessions, ArenaBackend):
 
     # -- footprint --------------------------------------------------------------------------
     def predicted_mb(self, strategy: str | None = None) -> float:
-        """Predicted resident memory (MB) of this model under ``strategy`` (default: the one in use)."""
-        return _predict(self.weights_mb * 2**20, self.packed_mb * 2**20, strategy or self._strategy)
+        """Predicted resident memory (MB) of this model under ``strategy`` (default: the one in use), from the
+        graph's parts (:mod:`runtimes.ort_footprint`; computed at the first call)."""
+        strategy = _check_strategy(strategy or self._strategy)
+        with self._parts_lock:
+            if self._parts is None:
+                import onnx
+
+                self._parts = self._footprint_parts(onnx.ModelProto.FromString(self._parts_graph))
+                self._parts_graph = b""
+        return self._parts.mb(strategy)
+
+    def _footprint_parts(self, proto) -> OrtParts:
+        """The parts of this model's footprint, from its weight-less graph ``proto`` (not modified)."""
+        return ort_parts(proto, {k: (v.shape, v.dtype) for k, v in self._live.items()}, self._fed)
 
     def _check_providers(self, asked: Sequence[str]) -> list[str]:
         available = self._ort.get_available_providers()
@@ -333,17 +352,23 @@ class OrtBackend(OrtSessions, ArenaBackend):
         return asked
 
 
-# -- footprint model -------------------------------------------------------------------------------------------------
-_SESSION_MB = 8.0  # onnxruntime's own per session (threads, plans, activations): 5-15 MB on lab's two models
+# -- footprint without a graph (a ModelInfo): runtimes.ort_footprint has the model of it -----------------------------
+_SESSION_MB = 8.0  # onnxruntime's own per session, rough: 0.6-10 MB from the digits CNN to MiniLM-L6 (ort_footprint)
 _PACKED = {("MatMul", 1), ("Gemm", 1), ("MatMulInteger", 1)}  # inputs MLAS prepacks when they are constant
 _F4 = np.dtype(np.float32)
 _GATHERED = {("Gather", 0)}  # embedding tables
 
 
-def _predict(weights: float, packed: float, strategy: str) -> float:
-    """MB: the arena, plus the prepacked copy and one session for hybrid/rebuild, plus the bound session."""
+def _check_strategy(strategy: str) -> str:
     if strategy not in OrtBackend.STRATEGIES:
         raise ConfigError(f"unknown onnxruntime strategy {strategy!r}; allowed: {', '.join(OrtBackend.STRATEGIES)}")
+    return strategy
+
+
+def _predict(weights: float, packed: float, strategy: str) -> float:
+    """MB without the graph: the arena, plus the prepacked copy and one session for hybrid/rebuild, plus the bound
+    session."""
+    _check_strategy(strategy)
     mb = weights / 2**20
     if strategy in ("hybrid", "rebuild"):
         mb += packed / 2**20 + _SESSION_MB

@@ -1,0 +1,224 @@
+"""The onnxruntime backend's predicted resident memory, read from the model's graph (:func:`ort_parts`).
+
+What a model loaded by :class:`runtimes.onnxruntime.OrtBackend` keeps resident, per part, and which strategy holds
+which (:meth:`OrtParts.mb`):
+
+``weights``
+    The arena: every writable tensor once, float32 and integer (the backend's own arrays; both sessions read them
+    in place: the bound one through IOBinding, the prepacked one through ``add_initializer`` or as fed inputs).
+``packed``
+    The prepacked session's own copies (``hybrid``, ``rebuild``): MLAS packs the constant B of ``MatMul`` and
+    ``Gemm`` (float32: columns padded to a multiple of 16, ``MlasGemmPackBSize``), of ``MatMulInteger`` and of the
+    QDQ weights onnxruntime fuses into integer kernels (``DequantizeLinear`` feeding ``MatMul`` or ``Gemm``:
+    ``MlasGemmPackBSize`` of the quantized GEMM, columns padded to 16 and rows to 4, plus an int32 column sum per
+    column); every other constant the session is handed (a ``Conv`` filter, which the layout optimizer reorders
+    into blocks; a ``DequantizeLinear`` feeding anything else) is copied, its own bytes again. A tensor read by
+    two packing ops counts twice (each kernel packs its own). Tables only ``Gather`` reads (embeddings) are fed
+    from the arena on every run: nothing. The bound session packs nothing (it packs B on every run, in scratch).
+``activations``
+    The largest sum of activation tensors alive at once when the nodes run in graph order, at ``batch``; a tensor
+    lives from the node that writes it to the last that reads it, the graph's inputs and outputs throughout; what
+    constants alone compute (folded when the session is built) is not an activation. Sizes come from the graph's
+    own value infos (torch.onnx writes most) with the batch axis fixed, the others from their inputs by op family
+    (:func:`_propagated`), not from onnx's shape inference: its operator schema registry, built at its first use,
+    stays resident (3.6-5 MB a process, measured) and would cost more than the prediction is worth. Each session
+    holds that times :data:`ARENA_FACTOR`: its BFC arena (grown in chunks; the first run allocates tensor by tensor
+    before the memory pattern's one block), kernel scratch (an ``Attention`` node's scores are no graph tensor) and
+    what its first runs leave in the heap.
+``session``
+    What a session holds whatever its weights: :data:`SESSION_MB`, plus :data:`NODE_BYTES` a node of the graph (its
+    kernel, plan and graph entries) and :data:`CONSTANT_BYTES` an initializer (its value, name and plan entries: a
+    static int8 model has a scale and a zero point a weight), per session.
+
+``bound``: weights + one session; ``rebuild``: weights + packed + one session (a rebuild frees the stale session
+before it packs anew, ``FREE_STALE_BEFORE_BUILD``); ``hybrid``: weights + packed + two sessions, so
+``hybrid = bound + rebuild - weights``. Measured, a hybrid runtime holds less than that by about twice its
+activation peak (3.3 MB on MiniLM-L6, 1.1 on BERT h320-l4, nothing on the digits models): the two sessions' first
+runs share heap. Counted anyway: hybrid is then over, never under (a budget must not admit what does not fit).
+
+How close (onnxruntime 1.32.0, x86-64, 2 cores; a fresh process per file and strategy, every library's pages mapped
+first as ``edge bench memory`` does; resident growth above a process that imported the same modules, after load,
+runs and one adapter switch cycle, minus the adapter's bytes; median of 2 rounds at load 7-11, which moves no byte):
+fitted and checked on 15 files x 3 strategies. MiniLM-L6 fp32, dynamic and static int8: bound and rebuild within
+-1.2 to +0.4 %, hybrid +0.7 to +7.4 % (95.5 predicted against 95.7 MB bound, 145.5 against 141.8 hybrid); BERT ladder
+rungs h192-l3 and h320-l4 (fp32, dynamic int8): bound and rebuild +0.6 to +10 %, hybrid +3.6 to +16 %; h128-l2 and
+the sub-MB digits ViT and CNN (fp32, dynamic and static int8): 0 to +0.6 MB bound and rebuild, up to +1.3 MB hybrid.
+No figure under by more than 1.2 %. In one earlier round (load 5-8) every MiniLM process held 4-5 MB more and BERT
+h320-l4 int8's bound and rebuild 5.3 MB more (the heap's state, not the model): then bound was 4 % under.
+Not counted: the Python process and onnxruntime's libraries (paid once a process, whatever the model), the adapters
+held (:attr:`edge.Runtime.adapter_bytes`), and a batch larger than ``batch`` (activations grow with it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from math import prod
+
+import numpy as np
+
+from edge.errors import ConfigError
+
+__all__ = ["ARENA_FACTOR", "CONSTANT_BYTES", "NODE_BYTES", "SESSION_MB", "STRATEGIES", "OrtParts", "ort_parts"]
+
+STRATEGIES = ("hybrid", "bound", "rebuild")
+#: a session's memory: its fixed part, per node, per initializer, per byte of the activation peak; fitted on the
+#: measurements of the module doc (least squares weighted by 1/measured, an under-prediction weighted 10x more)
+SESSION_MB = 0.4
+NODE_BYTES = 4400
+CONSTANT_BYTES = 4800
+ARENA_FACTOR = 4.5
+_MB = 2**20
+_F4 = 4
+#: bytes an element of each TensorProto element type (FLOAT, UINT8, INT8, UINT16, INT16, INT32, INT64, BOOL,
+#: FLOAT16, DOUBLE, UINT32, UINT64, BFLOAT16)
+_ITEM = {1: 4, 2: 1, 3: 1, 4: 2, 5: 2, 6: 4, 7: 8, 9: 1, 10: 2, 11: 8, 12: 4, 13: 8, 16: 2}
+_PACKS = {"MatMul", "Gemm", "MatMulInteger"}
+_SAME_SHAPE = {"DequantizeLinear", "Cast", "Identity"}  # a folded constant of its first input's shape
+
+
+@dataclass(frozen=True)
+class OrtParts:
+    """Bytes of each part of an onnxruntime model's footprint (see the module doc)."""
+
+    weights: int  # the arena: writable tensors once, float and integer
+    packed: int  # the prepacked session's own copies (MLAS packed B, copied constants)
+    activations: int  # largest sum of live activations at the batch
+    nodes: int  # nodes of the graph
+    constants: int  # initializers of the graph, writable or not
+
+    def session_mb(self) -> float:
+        """One session's own memory: its fixed part, its nodes, its initializers and its activations."""
+        return (
+            SESSION_MB
+            + (NODE_BYTES * self.nodes + CONSTANT_BYTES * self.constants + ARENA_FACTOR * self.activations) / _MB
+        )
+
+    def mb(self, strategy: str) -> float:
+        """Predicted resident MB under ``strategy``."""
+        if strategy not in STRATEGIES:
+            raise ConfigError(f"unknown onnxruntime strategy {strategy!r}; allowed: {', '.join(STRATEGIES)}")
+        sessions = 2 if strategy == "hybrid" else 1
+        packed = 0 if strategy == "bound" else self.packed
+        return (self.weights + packed) / _MB + sessions * self.session_mb()
+
+
+def ort_parts(proto, shapes: Mapping[str, tuple[tuple[int, ...], np.dtype]], fed: set[str], batch: int = 1) -> OrtParts:
+    """The parts of the model ``proto``'s footprint. ``proto``: its ``ModelProto`` without the writable tensors'
+    data (they may be absent, data-less stubs or graph inputs; not modified); ``shapes``: each writable tensor's
+    shape and dtype; ``fed``: those fed to the prepacked session as inputs (slots, embedding tables)."""
+    weights = sum(prod(s) * np.dtype(d).itemsize for s, d in shapes.values())
+    g = proto.graph
+    constants = len({t.name for t in g.initializer} | set(shapes))
+    return OrtParts(weights, _packed(proto, shapes, fed), _peak(proto, shapes, batch), len(g.node), constants)
+
+
+def _packed(proto, shapes, fed: set[str]) -> int:
+    """Bytes of the prepacked session's own copies of the constant writable tensors."""
+    consts = {k: v for k, v in shapes.items() if k not in fed}
+    dq = {n.output[0]: n.input[0] for n in proto.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in consts}
+    packs: dict[str, int] = {}
+    for n in proto.graph.node:
+        if n.op_type not in _PACKS or len(n.input) < 2:
+            continue
+        b = n.input[1]
+        name = b if b in consts else dq.get(b)
+        if name is None:
+            continue
+        shape, dtype = consts[name]
+        if len(shape) != 2:
+            continue
+        trans = n.op_type == "Gemm" and any(a.name == "transB" and a.i for a in n.attribute)
+        k, cols = (shape[1], shape[0]) if trans else shape
+        cols16 = -(-cols // 16) * 16
+        integer = np.dtype(dtype).itemsize == 1
+        size = cols16 * (-(-k // 4) * 4) + 4 * cols16 if integer else cols16 * k * _F4
+        packs[name] = packs.get(name, 0) + size
+    return sum(packs.get(k, prod(s) * np.dtype(d).itemsize) for k, (s, d) in consts.items())
+
+
+def _peak(proto, shapes, batch: int) -> int:
+    """The largest sum of activation tensors alive at once, running the nodes in graph order at ``batch``."""
+    g = proto.graph
+    const = {t.name: tuple(t.dims) for t in g.initializer} | {k: tuple(s) for k, (s, _) in shapes.items()}
+    known = {}  # tensor -> (elements, bytes an element), from the graph's own value infos
+    for v in (*g.value_info, *g.output, *g.input):
+        if v.name not in const and (got := _declared(v, batch)) is not None:
+            known[v.name] = got
+    inputs = [v.name for v in g.input if v.name not in const]
+    keep = {v.name for v in g.output} | set(inputs)
+    nodes = []  # the nodes that run (not folded), with their inputs and outputs read once
+    for n in g.node:
+        ins, outs = list(n.input), [o for o in n.output if o]
+        if n.op_type == "Constant" or ins and all(i in const for i in ins if i):
+            same = const.get(ins[0], ()) if ins and n.op_type in _SAME_SHAPE else ()
+            const.update((o, same) for o in outs)  # folded at build: a constant, not an activation
+        else:
+            nodes.append((n, ins, outs))
+    last = {i: k for k, (_, ins, _) in enumerate(nodes) for i in ins}
+    ends: dict[int, list[str]] = {}
+    live = {i: _bytes(known.get(i)) for i in inputs}
+    now = peak = sum(live.values())
+    for k, (n, _, outs) in enumerate(nodes):
+        for j, o in enumerate(outs):
+            if o not in live:
+                if o not in known:
+                    known[o] = _propagated(n, j, known, const)
+                live[o] = _bytes(known[o])
+                now += live[o]
+                if o not in keep:
+                    ends.setdefault(max(last.get(o, k), k), []).append(o)
+        peak = max(peak, now)
+        for o in ends.pop(k, ()):
+            now -= live.pop(o)
+    return peak
+
+
+def _bytes(size: tuple[int, int] | None) -> int:
+    return 0 if size is None else size[0] * size[1]
+
+
+def _declared(value, batch: int) -> tuple[int, int] | None:
+    """(elements, bytes an element) of a value info whose shape is known once the batch axis (the first, or one
+    named ``batch``) is fixed; None if another axis is unknown or there is no shape."""
+    t = value.type.tensor_type
+    if not t.HasField("shape") or not t.elem_type:
+        return None
+    n = 1
+    for i, d in enumerate(t.shape.dim):
+        if d.HasField("dim_value"):
+            n *= max(d.dim_value, 1)
+        elif i == 0 or d.dim_param == "batch":
+            n *= batch
+        else:
+            return None
+    return n, _ITEM.get(t.elem_type, 4)
+
+
+def _propagated(node, j: int, known, const) -> tuple[int, int]:
+    """(elements, bytes an element) of output ``j`` of ``node`` when the graph does not declare it, by op family:
+    a product with a constant right-hand side [K, N] maps K to N, a ``Conv`` its input channels to its output ones
+    (as if at stride 1), ``Concat`` sums, ``Gather`` from a constant table takes a row an index,
+    ``DynamicQuantizeLinear`` makes bytes (and two scalars), ``Cast`` its ``to`` type; every other op is taken as
+    elementwise (its largest activation input, in that input's type)."""
+    ins = [known[i] for i in node.input if i in known]
+    big = max(ins, default=(0, 4))
+    op = node.op_type
+    if op == "DynamicQuantizeLinear":
+        return (big[0], 1) if j == 0 else (1, 4 if j == 1 else 1)
+    if op == "Cast":
+        to = next((a.i for a in node.attribute if a.name == "to"), 1)
+        return big[0], _ITEM.get(to, 4)
+    if op == "Concat":
+        return sum(e for e, _ in ins), big[1]
+    w = const.get(node.input[1]) if len(node.input) > 1 else None
+    if op in ("MatMul", "MatMulInteger", "Gemm") and w and len(w) == 2 and node.input[0] in known:
+        k, cols = (w[1], w[0]) if any(a.name == "transB" and a.i for a in node.attribute) else w
+        a = known[node.input[0]]
+        return max(a[0] // max(k, 1), 1) * cols, 4
+    if op in ("Conv", "ConvInteger") and w and len(w) > 2 and node.input[0] in known:  # [C_out, C_in/group, k...]
+        group = next((a.i for a in node.attribute if a.name == "group"), 1)
+        return max(known[node.input[0]][0] // max(w[1] * group, 1), 1) * w[0], 4  # stride 1: never under
+    if op == "Gather" and node.input[0] in const and node.input[1] in known:
+        return known[node.input[1]][0] * prod(const[node.input[0]][1:]), 4
+    return big
