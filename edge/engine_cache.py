@@ -6,8 +6,9 @@ file (``$EDGE_ENGINE_CACHE``, else ``$EDGE_CACHE/engines``, else ``~/.cache/edge
 atomically. The file's key is everything the choice depends on: each candidate file (backend,
 resolved path, size, modification time, inode: a rewritten file is another), the machine
 (architecture, CPU model, cores), each backend's library version, the thread count, the device
-profile (name and backend order) and the margin. Any change measures again. A file that cannot be
-read, fails its checks or names an engine not among the candidates is measured again, with a
+profile (name and backend order), the margin, and with a memory budget the budget and the strategy asked
+(which engines fit it, and at what each is measured: :mod:`edge.engine_budget`). Any change measures again. A
+file that cannot be read, fails its checks or names an engine not among the candidates is measured again, with a
 warning; a choice that cannot be stored is still used, with a warning and the reason in
 :attr:`EngineChoice.reason`.
 
@@ -107,12 +108,16 @@ def cached_engine(
     rounds: int = 5,
     runs: int = 10,
     folder: str | os.PathLike | None = None,
+    enforce_memory_budget: bool = True,
 ) -> EngineChoice:
     """The engine ``backend="auto"`` runs ``model`` on: measured the first time, read from the cache after.
 
     ``device`` is a profile (name, path or DeviceProfile) or None. Raises :class:`BackendUnavailableError`
-    when no engine here can run it (with ``strategy``)."""
+    when no engine here can run it (with ``strategy``). Under the profile's ``budgets.memory_mb`` (unless
+    ``enforce_memory_budget`` is False) an engine whose predicted footprint does not fit is left out before it is
+    built (:func:`edge.engine_budget.fit_budget`; a :class:`ConfigError` when none fits)."""
     from edge.devices import DeviceProfile, load_profile
+    from edge.engine_budget import fit_budget
     from runtimes import get_backend
 
     profile = device if device is None or isinstance(device, DeviceProfile) else load_profile(device)
@@ -124,17 +129,24 @@ def cached_engine(
                 found.remove(e)
                 skipped[e.backend] = f"strategy {strategy!r} asked; {e.backend} offers {', '.join(offered)}"
     only = unmeasured(model, found, skipped)
-    if only is not None:
+    if only is not None:  # one engine: the backend's own check weighs it against the budget
         return only
     key = choice_key(found, profile, threads, margin)
+    if profile is not None and enforce_memory_budget:  # which engines fit, and at what they are measured
+        key["budget"] = [profile.budgets.memory_mb, strategy]
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+    measure = {"threads": threads, "rounds": rounds, "runs": runs}
     path = Path(folder) if folder is not None else cache_folder()
     path = path / f"{Path(model).stem[:64]}-{digest}.json"
     kept = _read(path, key, found, skipped)
     if kept is not None:
         return kept
-    figures = compare_engines(found, generated_feeds(found), profile=profile, threads=threads, rounds=rounds, runs=runs)
-    choice = decide(found, figures, skipped, margin)
+    fits = fit_budget(found, skipped, profile, strategy, enforce_memory_budget)  # before any is built to be measured
+    choice = unmeasured(model, fits, skipped)  # one fits: kept too, so the next load predicts nothing again
+    figures = None if choice else compare_engines(fits, generated_feeds(fits), profile=profile, **measure)
+    choice = choice or decide(fits, figures, skipped, margin)
+    chosen = next(e for e in found if e.backend == choice.backend)  # twins among all files: their adapters fit
+    choice = replace(choice, twins=twins_of(found, chosen))
     choice = replace(choice, reason=choice.reason + _adapters_note(choice, Path(model), found))
     stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     record = {
@@ -152,10 +164,10 @@ def cached_engine(
 
     try:
         write_json(path, record)
-        note = f"measured {stamp}, kept in {path}"
+        note = f"{'measured' if figures else 'chosen'} {stamp}, kept in {path}"
     except OSError as e:
         log.warning("engine choice for %s not kept (%s); the next load measures again", Path(model).name, e)
-        note = f"measured {stamp}, not kept ({e})"
+        note = f"{'measured' if figures else 'chosen'} {stamp}, not kept ({e})"
     return replace(choice, reason=f"{choice.reason} [{note}]")
 
 
@@ -188,6 +200,8 @@ def _read(path: Path, key: dict, found, skipped) -> EngineChoice | None:
             raise ValueError(f"it names {rec.get('backend')!r}, not a candidate now")
         reason = f"{rec['reason']} [measured {rec.get('measured')}, read from {path}]"
         comparison = rec.get("comparison") if isinstance(rec.get("comparison"), dict) else None
+        kept = rec.get("skipped") if isinstance(rec.get("skipped"), dict) else {}  # e.g. left out for the budget
+        skipped = {**{k: v for k, v in kept.items() if isinstance(k, str) and isinstance(v, str)}, **skipped}
         return EngineChoice(chosen.backend, chosen.path, reason, comparison, skipped, twins_of(found, chosen))
     except (OSError, ValueError, KeyError, TypeError, EdgeError) as e:
         log.warning("engine choice in %s not used (%s); measuring again", path, e)

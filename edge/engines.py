@@ -12,7 +12,9 @@ own backend, then every other one installed). A file is one engine only if its m
 same model with the same inputs and outputs, and its outputs agree with the first engine's within
 the profile's tolerances on the feeds measured; anything left out is named with the reason. Timing
 runs each engine at its full-speed steady state (strategy ``rebuild``: the session a ``hybrid``
-runtime serves once settled), in interleaved rounds, with the load average recorded. The choice
+runtime serves once settled), in interleaved rounds, with the load average recorded. Under a device profile's
+memory budget, an engine whose predicted footprint does not fit is left out before it is built, and one that fits
+only a lighter strategy is measured at it (:mod:`edge.engine_budget`). The choice
 is the fastest by paired p50 ratio, except that an engine earlier in the profile's order wins
 when within ``margin`` of it. Device side only: numpy and the backends.
 """
@@ -63,6 +65,7 @@ class EngineFile:
     path: Path
     fingerprint: str | None = field(default=None, compare=False)  # the file's own: adapters name it
     source: str | None = field(default=None, compare=False)  # ModelInfo.source_fingerprint: twins share it
+    strategy: str = field(default="rebuild", compare=False)  # what it is measured at (edge.engine_budget.fit_budget)
 
 
 @dataclass(frozen=True)
@@ -191,6 +194,7 @@ def compare_engines(
             "p99_ms": float(np.percentile(t, 99)),
             "ratio": float(np.median(np.median(t, axis=1) / ref_p50)),
             "round_p50_ms": [float(x) for x in np.median(t, axis=1)],  # for other pairings (edge bench engines)
+            "strategy": e.strategy,  # what it was measured at
             "max_abs_diff": diff,
             "agrees": agrees,
         }
@@ -213,9 +217,11 @@ def choose_engine(
     an ``.onnx`` file's metadata. Raises :class:`BackendUnavailableError` when no engine can run it.
     """
     from edge.devices import load_profile
+    from edge.engine_budget import fit_budget
 
     profile = load_profile(device) if device is not None else None
     found, skipped = find_engines(model, profile)
+    found = fit_budget(found, skipped, profile)  # before any is built: the measuring must fit the budget too
     only = unmeasured(model, found, skipped)
     if only is not None:
         return only
@@ -289,7 +295,10 @@ def engine_report(
     if choice is None:
         if not rounds or not runs:
             return None
+        from edge.engine_budget import fit_budget
+
         found, skipped = find_engines(model, profile)
+        found = fit_budget(found, skipped, profile)  # before any is built to be compared
         if len(found) < 2:
             return {"comparison": None, "skipped": skipped, "choice": None} if skipped else None
         figures = compare_engines(found, feeds, profile=profile, threads=threads, rounds=rounds, runs=runs)
@@ -331,8 +340,9 @@ def format_engines(report: dict) -> list[str]:
         ]
         for b, f in figures["engines"].items():
             agree = "agree" if f["agrees"] else f"**differ** ({f['max_abs_diff']:.3g})"
+            at = f" (at {f['strategy']})" if f.get("strategy", "rebuild") != "rebuild" else ""  # the budget's
             lines.append(
-                f"| {b} | {Path(f['path']).name} | {', '.join(f['providers'])} | {f['p50_ms']:.3g} "
+                f"| {b}{at} | {Path(f['path']).name} | {', '.join(f['providers'])} | {f['p50_ms']:.3g} "
                 f"| {f['p99_ms']:.3g} | {f['ratio']:.3f} | {agree} |"
             )
         lines.append("")
@@ -361,15 +371,16 @@ def feeds_for(engine: EngineFile, feeds: Mapping[str, np.ndarray]) -> dict[str, 
 
 # -- helpers ---------------------------------------------------------------------------------------------------------
 def _open(engine: EngineFile, profile, threads: int | None):
-    """The engine's backend at full speed (strategy rebuild), as the profile configures it, and its input specs."""
+    """The engine's backend at the strategy it is measured at (full speed, rebuild, unless the memory budget admits
+    only a lighter one), as the profile configures it, and its input specs."""
     from edge.format.feeds import input_specs, names_only
     from edge.format.io import read_bounded
     from runtimes import BackendOptions, get_backend
 
-    options = BackendOptions(threads=threads, strategy="rebuild")
+    options = BackendOptions(threads=threads, strategy=engine.strategy)
     if profile is not None:
         options = replace(
-            profile.backend_options(engine.backend), strategy="rebuild", threads=threads or profile.threads
+            profile.backend_options(engine.backend), strategy=engine.strategy, threads=threads or profile.threads
         )
     if engine.backend == "onnxruntime":  # reads its weights from the file itself; the graph alone gives the inputs
         from runtimes.base import model_buffer

@@ -19,6 +19,7 @@ __all__ = [
     "RuntimeClosedError",
     "SaturationError",
     "WriteError",
+    "OutOfMemoryError",
 ]
 
 
@@ -67,3 +68,8 @@ class SaturationError(ConfigError):
 
 class WriteError(EdgeError, OSError):
     """A file could not be written where it was asked for (a folder in the way, no permission, disk full)."""
+
+
+class OutOfMemoryError(EdgeError, MemoryError):
+    """The device ran out of memory loading or running a model (the file is fine): a lighter strategy, a memory
+    budget that makes ``strategy="auto"`` pick one, or more memory for the process."""

@@ -28,7 +28,7 @@ import numpy as np
 from edge import cpu_int8
 from edge.adapters_held import AdapterHolder, HeldBuffers
 from edge.engine_cache import cached_engine, explicit_engine
-from edge.errors import ConfigError, RuntimeClosedError
+from edge.errors import ConfigError, EdgeError, OutOfMemoryError, RuntimeClosedError
 from edge.format.adapter import max_adapter_bytes
 from edge.format.feeds import FeedChecker, input_specs, names_only
 from edge.format.io import read_bounded
@@ -68,9 +68,12 @@ class Runtime(AdapterHolder):
         runs on CPU with a logged warning, recorded in :attr:`fallback_warning`. Explicit
         ``threads``/``providers``/``strategy`` win over it. With ``strategy="auto"`` the profile's
         ``budgets.memory_mb`` picks the strategy (hybrid when its predicted footprint fits, else bound (LiteRT:
-        rebuild, then builtin), else a ``ConfigError`` naming the figures; a model file larger than the budget is
-        refused before it is read); the same budget bounds the adapters loaded (:mod:`edge.adapters_held`);
-        ``enforce_memory_budget=False`` skips both. ``backend="auto"`` runs the engine measured fastest here among
+        rebuild, then builtin), else a ``ConfigError`` naming the figures); a strategy given (or the profile's) whose
+        predicted footprint exceeds it is a ``ConfigError`` before any session is built, and a model file larger
+        than the budget is refused before it is read; ``backend="auto"`` measures only the engines that fit it; the
+        same budget bounds the adapters loaded (:mod:`edge.adapters_held`); ``enforce_memory_budget=False`` skips
+        all of these. An allocation that fails while loading is an :class:`~edge.errors.OutOfMemoryError`.
+        ``backend="auto"`` runs the engine measured fastest here among
         the model's files for the profile's backends (``M.onnx``, ``M.tflite`` side by side; the profile's order
         decides within 3 %), measured on the first load and read from a cache after
         (:func:`edge.engine_cache.cached_engine`); files exported from the same weights are twins, so an adapter made
@@ -84,13 +87,13 @@ class Runtime(AdapterHolder):
             from edge.devices import DeviceProfile, check_fits, load_profile
 
             self.device = device if isinstance(device, DeviceProfile) else load_profile(device)
-            if enforce_memory_budget and strategy == "auto":  # a file over the budget: refused before it is read
+            if enforce_memory_budget:  # a file over the budget: refused before it is read, whatever the strategy
                 check_fits(model, self.device)
-        given = backend is not None
+        given, budget_kw = backend is not None, {"enforce_memory_budget": enforce_memory_budget}
         if not given:  # a device: the engine measured fastest on it; else the file's own engine
             backend = "auto" if self.device is not None else backend_for_path(model)
         self.engine_choice = (  # which engine runs and why; "auto": measured once, then read from a cache
-            cached_engine(model, device=self.device, threads=threads, strategy=strategy)
+            cached_engine(model, device=self.device, threads=threads, strategy=strategy, **budget_kw)
             if backend == "auto"
             else explicit_engine(backend, model, given)
         )
@@ -118,7 +121,16 @@ class Runtime(AdapterHolder):
                 fallback_warning=profile_options.fallback_warning,
                 precision=profile_options.precision,
             )
-        self.backend = get_backend(backend)(data, options)
+        try:
+            self.backend = get_backend(backend)(data, options)
+        except MemoryError as e:  # an allocation failed while loading: the device is short of memory, not the file bad
+            if isinstance(e, EdgeError):
+                raise
+            raise OutOfMemoryError(
+                f"ran out of memory loading {path.name} on {backend} (strategy {strategy}): {e or type(e).__name__}; "
+                "use a lighter strategy, set budgets.memory_mb in the device profile to what the device can spare "
+                "(strategy auto then picks one that fits), or give the process more memory"
+            ) from e
         # the real inputs, read by the backend while loading (no second walk of the file)
         self._inputs = self.backend.input_specs if owned else input_specs(backend, data)
         tensors = ReadOnlyDict(self.backend.info.tensors)  # read-only: what set_head and adapters are checked against

@@ -176,6 +176,12 @@ class Backend(ABC):
         """Predicted resident memory (MB) of this model under ``strategy`` (default: the one in use)."""
         return None
 
+    @classmethod
+    def footprint_mb(cls, model: bytes | str | os.PathLike, strategy: str) -> float | None:
+        """Predicted resident memory (MB) of ``model`` (its file or bytes) under ``strategy``, before it is loaded
+        (what ``backend="auto"`` weighs against a memory budget before measuring); None: not predicted."""
+        return None
+
     @property
     def measured_mb(self) -> float | None:
         """Process resident memory growth (MB) from just before loading until every session was in place
@@ -217,6 +223,31 @@ class Backend(ABC):
             "(predicted); raise budgets.memory_mb in the device profile, or load a smaller or quantized model"
         )
 
+    @classmethod
+    def check_strategy(
+        cls, strategy: str, predicted: Mapping[str, float | None], budget_mb: float, model: str = "the model"
+    ) -> None:
+        """Refuse a strategy asked explicitly whose ``predicted`` footprint exceeds ``budget_mb``, naming the
+        figures and the strategies of this backend that would fit (or that none does). A strategy without a
+        prediction (None) is not refused."""
+        from edge.errors import ConfigError
+
+        mine = predicted.get(strategy)
+        if mine is None or mine <= budget_mb:
+            return
+        known = [s for s in cls.STRATEGIES if predicted.get(s) is not None]
+        fit = [f"{s} ({predicted[s]:.1f} MB)" for s in known if predicted[s] <= budget_mb]
+        if fit:
+            fix = f"strategy {' or '.join(fit)} fits it (strategy='auto' takes the first that fits)"
+        else:
+            needs = ", ".join(f"{s} {predicted[s]:.1f} MB" for s in known)
+            fix = f"none of the {cls.name} strategies fits it ({needs}): load a smaller or quantized model"
+        raise ConfigError(
+            f"strategy {strategy!r} would take {mine:.1f} MB for {model} on {cls.name} (predicted), over the memory "
+            f"budget of {budget_mb:g} MB (budgets.memory_mb): {fix}; or raise budgets.memory_mb in the device "
+            "profile (enforce_memory_budget=False skips the check)"
+        )
+
 
 #: Backends by name; each backend module registers itself on import.
 BACKENDS: Registry[type[Backend]] = Registry("backend")
@@ -238,9 +269,18 @@ class ArenaBackend(Rebuilds, Backend):
     A subclass sets ``_arena`` (the float32 arena), ``_offset`` (tensor -> offset in its arena),
     ``_slots`` and ``_strategy``, and ``_arena_of`` (tensor -> its arena) for tensors stored in
     another arena than ``_arena`` (quantized int8/uint8 weights: the integer arena); calls
-    :meth:`_init_rebuilds` before building sessions, and provides :meth:`_build_fresh` (a fast
-    session over the current arena, e.g. prepacked) and :meth:`_release`.
+    :meth:`_init_rebuilds` before building sessions (where an explicit strategy meets the memory budget), and
+    provides :meth:`_build_fresh` (a fast session over the current arena, e.g. prepacked) and :meth:`_release`.
     """
+
+    def _init_rebuilds(self, options: BackendOptions) -> None:
+        """Both backends call this once their strategy is fixed and before they build any session: a strategy asked
+        explicitly (not ``auto``, which chose under the budget) is first checked against ``options.memory_mb``
+        (:meth:`check_strategy`), so one over the budget is refused before a session takes memory."""
+        if options.memory_mb is not None and options.strategy != "auto":
+            predicted = {s: self.predicted_mb(s) for s in self.STRATEGIES}
+            self.check_strategy(self._strategy, predicted, options.memory_mb, repr(self.info.name))
+        super()._init_rebuilds(options)
 
     def _release(self) -> None:
         """Drop the sessions (after close)."""

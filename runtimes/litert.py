@@ -71,7 +71,7 @@ from edge.format.tflite import read_tflite, tflite_info
 from edge.format.tflite_checks import check_tensor_sizes
 from runtimes.base import BACKENDS, SMALL_MODEL_BYTES, ArenaBackend, BackendOptions, trim_heap
 from runtimes.litert_arena import dynamic_range_ops, load_arena, quant_constants, stale_readers, verify_fingerprint
-from runtimes.litert_footprint import litert_parts
+from runtimes.litert_footprint import file_mb, litert_parts
 from runtimes.litert_session import Session, ops_details
 
 __all__ = ["LiteRTBackend", "interpreter_module", "one_thread_reason", "DELEGATES"]
@@ -151,6 +151,12 @@ class LiteRTBackend(ArenaBackend):
     @classmethod
     def read_info(cls, path: Path) -> ModelInfo:
         return tflite_info(read_bounded(Path(path), MAX_MODEL_BYTES, what="model file"))
+
+    @classmethod
+    def footprint_mb(cls, model: bytes | str | os.PathLike, strategy: str, xnnpack: bool = True) -> float:
+        """Predicted resident MB of ``model`` under ``strategy`` before it is loaded (:func:`litert_footprint.file_mb`;
+        ``xnnpack`` False: ``providers=["CPU"]``)."""
+        return file_mb(model, strategy, xnnpack)
 
     def __init__(self, model: bytes | str | os.PathLike, options: BackendOptions) -> None:
         self._lib, self.runtime = interpreter_module()

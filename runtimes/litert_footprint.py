@@ -57,7 +57,16 @@ import numpy as np
 from edge.errors import ConfigError
 from edge.format.tflite import TfliteModel
 
-__all__ = ["ARENA_FACTOR", "INTERPRETER_MB", "SCALE_BYTES", "TABLE_BYTES", "LiteRTParts", "litert_parts", "predict_mb"]
+__all__ = [
+    "ARENA_FACTOR",
+    "INTERPRETER_MB",
+    "SCALE_BYTES",
+    "TABLE_BYTES",
+    "LiteRTParts",
+    "file_mb",
+    "litert_parts",
+    "predict_mb",
+]
 
 STRATEGIES = ("hybrid", "rebuild", "builtin")
 #: activation peak -> an interpreter's arena (planner layout, kernel scratch, XNNPACK's workspace); fitted
@@ -105,6 +114,21 @@ def litert_parts(fb: TfliteModel, model_bytes: int, xnnpack: bool = True) -> Lit
 def predict_mb(fb: TfliteModel, model_bytes: int, strategy: str) -> float:
     """Predicted resident MB of the model ``fb`` on LiteRT under ``strategy`` (see the module doc)."""
     return litert_parts(fb, model_bytes).mb(strategy)
+
+
+def file_mb(model, strategy: str, xnnpack: bool = True) -> float:
+    """Predicted resident MB of a ``.tflite`` file (path or bytes) under ``strategy`` before it is loaded (the
+    backend's own figure): the bytes the backend will hold counted as :func:`runtimes.litert_arena.load_arena`
+    lays them out (the file, padded, then each slot). A path is read once, bounded, and let go."""
+    from edge.format.io import read_bounded
+    from edge.format.tflite import read_tflite, tflite_info
+    from runtimes.litert_arena import ALIGN
+
+    data = model if isinstance(model, (bytes, bytearray)) else read_bounded(model, 1 << 40, what="model file")
+    fb = read_tflite(data)
+    slots = [t for t in tflite_info(data, fb).tensors.values() if t.slot]
+    held = -(-len(data) // ALIGN) * ALIGN + sum(-(-4 * math.prod(t.shape) // ALIGN) * ALIGN for t in slots)
+    return litert_parts(fb, held, xnnpack).mb(strategy)
 
 
 def _nbytes(t) -> int:

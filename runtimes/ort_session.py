@@ -26,11 +26,11 @@ import threading
 import time
 from pathlib import Path
 
-from edge.errors import ConfigError, EdgeError, FormatError
+from edge.errors import ConfigError, EdgeError, FormatError, OutOfMemoryError
 from runtimes.base import trim_heap
 from runtimes.ort_providers import check_registered
 
-__all__ = ["OrtSessions", "asked_cpu_arena", "session_options"]
+__all__ = ["OrtSessions", "asked_cpu_arena", "cannot_load", "out_of_memory", "session_options"]
 
 log = logging.getLogger("edge.runtimes.onnxruntime")  # the backend's logger: these are its messages
 
@@ -60,8 +60,30 @@ def _stub() -> tuple[str, str]:
         return _STUBS[0]
 
 
-def cannot_load(e: Exception, model: str) -> FormatError:
-    """onnxruntime's refusal of a model's graph (its Fail, InvalidGraph, NotImplemented...), said as a FormatError."""
+#: what onnxruntime says when an allocation fails while it builds a session: a C++ ``std::bad_alloc`` (its what() on
+#: libstdc++; "bad allocation" on MSVC) raised as a builtin MemoryError or inside its Fail/RuntimeException ("Exception
+#: during loading: std::bad_alloc", "Exception during initialization: std::bad_alloc": both seen here under a ulimit
+#: -v, onnxruntime 1.32), or its BFC arena's "Failed to allocate memory for requested buffer of size N"
+_ALLOC_FAILED = ("bad_alloc", "bad allocation", "failed to allocate memory", "out of memory")
+
+
+def out_of_memory(e: BaseException) -> bool:
+    """Whether onnxruntime's exception ``e`` says an allocation failed (the device is short of memory)."""
+    return isinstance(e, MemoryError) or any(k in str(e).lower() for k in _ALLOC_FAILED)
+
+
+def cannot_load(e: Exception, model: str, strategy: str | None = None) -> FormatError | OutOfMemoryError:
+    """onnxruntime's refusal of a model's graph (its Fail, InvalidGraph, NotImplemented...), said as a FormatError;
+    an allocation that failed (:func:`out_of_memory`) is said as an :class:`~edge.errors.OutOfMemoryError`: the file
+    is fine, the device is short of memory."""
+    if out_of_memory(e):
+        how = f" with strategy {strategy!r}" if strategy else ""
+        return OutOfMemoryError(
+            f"onnxruntime ran out of memory building a session of model {model!r}{how} ({e}); the file is fine, this "
+            "device is short of memory: use a lighter strategy (bound keeps no prepacked copy of the weights), set "
+            "budgets.memory_mb in the device profile to what the device can spare (strategy auto then picks one "
+            "that fits), or give the process more memory"
+        )
     return FormatError(
         f"onnxruntime cannot load model {model!r}: {e}; check the file with onnx.checker.check_model, or import the "
         "original export again (edge import-onnx)"
@@ -142,9 +164,9 @@ class OrtSessions:
                 binding.bind_ortvalue_input(k, v)
         except Exception as e:
             if threading.current_thread() is not self._rebuilder:
-                if isinstance(e, (EdgeError, MemoryError)):  # a provider that did not start (check_registered)
+                if isinstance(e, EdgeError):  # a provider that did not start (check_registered)
                     raise
-                raise cannot_load(e, self.info.name) from e
+                raise cannot_load(e, self.info.name, self._strategy) from e
             log.exception("building the bound session failed; switches of constant weights cannot be served")
             self._bound_error = e
         else:
@@ -178,12 +200,12 @@ class OrtSessions:
                 self._static_bytes, so, providers=self._providers, provider_options=self._provider_options
             )
         except Exception as e:  # onnxruntime's Fail and friends
-            if not self.shares_weights:
-                raise cannot_load(e, self.info.name) from e
+            if not self.shares_weights or out_of_memory(e):  # copying the weights would take more memory still
+                raise cannot_load(e, self.info.name, self._strategy) from e
             self.shares_weights = False
             try:  # a model onnxruntime refuses whatever the weights: said as that, not as the in-place way failing
                 sess = self._build_fresh()
-            except FormatError:
+            except (FormatError, OutOfMemoryError):
                 self.shares_weights = True
                 raise
             log.warning("onnxruntime would not prepack from the arena in place (%s); copying the weights instead", e)

@@ -214,10 +214,14 @@ def test_no_strategy_fits_names_the_figures():
 def test_auto_with_a_budget_on_load(embedder):
     with OrtBackendCtx(embedder, BackendOptions(strategy="auto", memory_mb=1e6)) as b:
         assert b.strategy == "hybrid"
-    with pytest.raises(ConfigError, match="no onnxruntime strategy fits the memory budget of 1 MB"):
-        OrtBackend(embedder, BackendOptions(strategy="auto", memory_mb=1.0))
-    with OrtBackendCtx(embedder, BackendOptions(strategy="bound", memory_mb=1.0)) as b:
-        assert b.strategy == "bound"  # an explicit strategy is not second-guessed
+        lightest = b.predicted_mb("bound")
+    under = lightest * 0.9  # below every strategy's prediction, whatever the footprint model
+    with pytest.raises(ConfigError, match="no onnxruntime strategy fits the memory budget of"):
+        OrtBackend(embedder, BackendOptions(strategy="auto", memory_mb=under))
+    with pytest.raises(ConfigError, match=rf"strategy 'bound' would take [\d.]+ MB .* memory budget of {under:g} MB"):
+        OrtBackend(embedder, BackendOptions(strategy="bound", memory_mb=under))  # an explicit one over it: refused too
+    with OrtBackendCtx(embedder, BackendOptions(strategy="bound", memory_mb=lightest * 1.01)) as b:
+        assert b.strategy == "bound"  # one that fits is not second-guessed
 
 
 def test_graph_bytes_is_the_model_without_its_weights(embedder):

@@ -114,7 +114,9 @@ def test_a_model_file_over_the_budget_is_refused_before_any_engine_reads_it(tmp_
     out, err = capsys.readouterr()
     assert out == "" and len(err.splitlines()) == 1 and "MB on disk" in err
     monkeypatch.undo()
-    with edge.Runtime(MODEL, device=device, strategy="bound") as rt:  # a pinned strategy is not second-guessed
+    with pytest.raises(ConfigError, match="MB on disk"):  # a pinned strategy is refused as well, before the read
+        edge.Runtime(MODEL, device=device, strategy="bound")
+    with edge.Runtime(MODEL, device=device, strategy="bound", enforce_memory_budget=False) as rt:
         assert rt.strategy == "bound"
 
 

@@ -16,10 +16,12 @@ import pytest
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
+import yaml  # noqa: E402
 from onnx import helper, numpy_helper  # noqa: E402
 
 from edge.cli import main  # noqa: E402
 from edge.convert.onnx_import import import_onnx  # noqa: E402
+from edge.devices import load_profile  # noqa: E402
 from edge.errors import AdapterMismatchError, ConfigError, FormatError  # noqa: E402
 from edge.format.adapter import Adapter, SparseDelta  # noqa: E402
 from edge.runtime import Runtime  # noqa: E402
@@ -232,6 +234,13 @@ def test_profile_refuses_to_generate_a_huge_declared_input_before_allocating(tmp
     onnx.save(_model_with([10**12, 16], w), tmp_path / "m.onnx")
     import_onnx(tmp_path / "m.onnx", tmp_path / "m.edge.onnx")
     line = cli(["profile", str(tmp_path / "m.edge.onnx"), "--device", "x86-dev", "-q"], capsys)
+    # the device's memory budget refuses it first: its activations at the declared shape are predicted
+    assert "no onnxruntime strategy fits the memory budget of 4096 MB" in line
+    data = yaml.safe_load(open(load_profile("x86-dev").source).read())
+    data.update(name="roomy", budgets={**data["budgets"], "memory_mb": 10**12})
+    (tmp_path / "roomy.yaml").write_text(yaml.safe_dump(data))
+    argv = ["profile", str(tmp_path / "m.edge.onnx"), "--device", "roomy", "--devices-dir", str(tmp_path), "-q"]
+    line = cli(argv, capsys)  # a budget that admits it: the inputs the profile generates are refused before allocating
     assert "declares shape [1000000000000, 16]" in line and "pass --inputs X.npz" in line
 
 
