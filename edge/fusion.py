@@ -23,7 +23,12 @@ again first), so nothing a caller holds reaches the weights.
 
 from __future__ import annotations
 
+import gc
+import hashlib
 import math
+import sys
+import types
+import weakref
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, fields
 from numbers import Real
@@ -36,10 +41,14 @@ from edge.format.modelinfo import QUANT_DTYPES
 
 __all__ = [
     "Fused",
+    "Layout",
+    "RECORD_BYTES",
     "Prepared",
+    "SHARE_BYTES",
     "SaturationError",
     "buffers",
     "check_finite",
+    "data_owners",
     "entry_bytes",
     "fuse",
     "held_bytes",
@@ -47,7 +56,9 @@ __all__ = [
     "merge_weights",
     "merged",
     "normalise",
+    "objects",
     "plain_name",
+    "positions_key",
     "same_positions",
 ]
 
@@ -98,6 +109,14 @@ def fuse(parts: Mapping[str, list[tuple[np.ndarray, np.ndarray, np.ndarray]]], *
     return Fused(touched, values, clipped)
 
 
+@dataclass(frozen=True, eq=False)
+class Layout:
+    """The entries a group of held adapters writes (one object for all of them: compared by identity), with the
+    digest of their positions (:func:`positions_key`) a load looks its twins up by."""
+
+    key: bytes
+
+
 @dataclass(frozen=True)
 class Prepared:
     """An adapter resolved against a runtime's model: stored-layout flat positions per stored tensor. Its arrays are
@@ -111,7 +130,7 @@ class Prepared:
     restore: object  # backend-prepared write of the base values (undo)
     touched: Mapping[str, tuple[np.ndarray, np.ndarray]]  # stored tensor -> (index, base): what a switch records
     clipped: int = 0  # entries of a quantized base clipped to the integer range by ``apply`` (load_adapter(clip=True))
-    layout: object = None  # shared by the adapters that write the same entries (:func:`same_positions`)
+    layout: Layout | None = None  # shared by the adapters that write the same entries (:func:`same_positions`)
 
     def __post_init__(self) -> None:
         """``index`` as int32 where the tensor allows: only loads and fusing read it, never a single switch
@@ -177,6 +196,81 @@ def held_bytes(adapters: Iterable[Prepared]) -> list[int]:
     return out
 
 
+#: what a memory budget's record of one held buffer takes (edge.adapters_held.HeldBuffers: a dict entry, id ->
+#: (buffer, count)): the tuple, the int key (an id is past the small ints Python caches) and the dict's slot (hash, key
+#: and value, and its index) at the table's fill just after it grows (a third): at most what a record takes
+RECORD_BYTES = sys.getsizeof((None, 0)) + sys.getsizeof(1 << 40) + (3 * 8 + 8) * 3
+#: what runtimes.lines keeps to share one positions array of a prepared write among writes (its key: a tuple of the
+#: dtype, size, last position and a 16-byte digest; the weak reference and its slot)
+SHARE_BYTES = (
+    (sys.getsizeof(("<i8", 1 << 40, 1 << 40, bytes(16))) + sys.getsizeof(bytes(16)) + 2 * sys.getsizeof(1 << 40))
+    + sys.getsizeof(weakref.ref(Fused))
+    + RECORD_BYTES
+)
+_INLINE = sys.version_info >= (3, 11)  # an instance's attribute values kept beside it, no __dict__ made (CPython)
+_SHARED = (type, types.ModuleType, types.FunctionType, types.BuiltinFunctionType, bool, type(None))
+
+
+def objects(p: Prepared) -> tuple[dict[int, object], int]:
+    """What ``p`` keeps as Python objects, for a memory budget: the objects that own its data by ``id`` (an array that
+    owns its elements, or the ``bytearray``/``bytes`` a file's arrays view: ``sys.getsizeof`` of each is its data and
+    its header), and the bytes of every other object that holds the data, each once: everything reachable from ``p``
+    (the adapter, its deltas, names and shapes, the mappings, the prepared writes, each array's header, the views and
+    memoryviews a file's arrays sit on), stopping at arrays (the arena its writes write into is the model's) and at
+    classes, modules and functions. :func:`held_bytes` counts the data alone. One walk (a few objects per target
+    tensor, never per entry)."""
+    owners, views = _chains(p)
+    n, seen, todo = 0, set(owners), [p, *views.values()]
+    while todo:
+        o = todo.pop()
+        if id(o) in seen or isinstance(o, _SHARED) or (type(o) is int and -5 <= o <= 256):  # shared, or counted
+            continue
+        seen.add(id(o))
+        if isinstance(o, np.ndarray):  # its header: its data is its owner's, or the model's arena
+            n += sys.getsizeof(o) - (o.nbytes if o.flags.owndata else 0)
+            continue
+        if type(o) is tuple and len(o) == 3 and isinstance(o[1], np.ndarray) and id(o[1]) not in seen:  # a write's
+            n += SHARE_BYTES  # part (arena view, positions, values): runtimes.lines shares the positions
+        refs = gc.get_referents(o) + (list(o) if type(o) is dict else [])  # str keys: not among the referents
+        if getattr(type(o), "__dictoffset__", 0) and not _INLINE and hasattr(o, "__dict__"):  # an instance's dict
+            refs = [r for r in refs if r is not o.__dict__] + list(o.__dict__.values())
+        n += sys.getsizeof(o) + _attribute_bytes(o, refs)
+        todo += refs
+    return owners, n
+
+
+def data_owners(p: Prepared) -> dict[int, object]:
+    """The objects that own the data of ``p``'s arrays, by ``id`` (as :func:`objects` finds them, without the walk of
+    everything else): what an unload gives back, beside the objects counted when ``p`` was loaded."""
+    return _chains(p)[0]
+
+
+def _chains(p: Prepared) -> tuple[dict[int, object], dict[int, object]]:
+    """The owners of ``p``'s arrays' data, and the views and memoryviews between them, by ``id``."""
+    owners, views = {}, {}
+    for a in p.arrays:
+        while id(a) not in owners and id(a) not in views:
+            base = a.base if isinstance(a, np.ndarray) else getattr(a, "obj", None)  # an array's, a memoryview's
+            (owners if base is None else views)[id(a)] = a
+            if base is None:
+                break
+            a = base
+    return owners, views
+
+
+def _attribute_bytes(o: object, refs: list) -> int:
+    """The attribute values of an instance with a ``__dict__``, kept apart from it: 8 bytes per slot of its class's
+    shared keys (2/3 of a power of two) and 40 beside. Not ``sys.getsizeof(o.__dict__)``: that counts the keys only
+    while one instance holds them (an adapter's figure would change with the others held), and on Python 3.11+ makes
+    the dict it measures."""
+    if not getattr(type(o), "__dictoffset__", 0) or isinstance(o, type):
+        return 0
+    attributes, table = sum(r is not type(o) for r in refs), 8
+    while table * 2 // 3 < attributes:
+        table *= 2
+    return 8 * (table * 2 // 3) + 40
+
+
 def buffers(p: Prepared) -> dict[int, np.ndarray]:
     """The arrays that own the memory of everything ``p`` keeps (a view counts as the array it views), by ``id``."""
     out = {}
@@ -209,11 +303,26 @@ def kept(adapter: Adapter, *, copy: bool) -> Adapter:
     return adapter
 
 
+def positions_key(index: Mapping[str, np.ndarray]) -> bytes:
+    """A digest of the entries ``index`` (stored tensor -> sorted positions) writes: BLAKE2b over each tensor's name,
+    entry count and positions (as little-endian int64, whatever their integer type), tensors in name order. Equal
+    positions give equal keys; a load compares its positions in full (:func:`same_positions`) only with held adapters
+    of its key, so the n-th load costs the same whatever n (comparing with every held adapter made n loads O(n^2))."""
+    h = hashlib.blake2b(digest_size=16)
+    for t in sorted(index):
+        pos = np.ascontiguousarray(index[t], dtype="<i8")  # no copy for the int64 positions a load computes
+        name = t.encode()
+        h.update(len(name).to_bytes(8, "little") + name + pos.size.to_bytes(8, "little"))
+        h.update(pos)
+    return h.digest()
+
+
 def same_positions(index: Mapping[str, np.ndarray], others: Iterable) -> object | None:
     """The first of ``others`` (prepared adapters, each with an ``index``: stored tensor -> sorted positions) that
     writes exactly the entries ``index`` writes, or ``None``. Adapters on one mask (SHiRA-WM's, a function of the
     base weights alone, is the same for every adapter of a model) share their base values and their undo, and a
-    switch between two of them is one pass: the new values overwrite every entry the old adapter wrote."""
+    switch between two of them is one pass: the new values overwrite every entry the old adapter wrote. A runtime
+    passes only the held adapters whose :func:`positions_key` equals that of ``index``, one per :class:`Layout`."""
     for other in others:
         o = other.index
         if o.keys() == index.keys() and all(o[t].size == index[t].size for t in index):

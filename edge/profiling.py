@@ -136,6 +136,9 @@ def profile_model(
                 figures, switches = _profile_adapter(rt, path, feeds, config, pb)
                 per_adapter.append(figures)
                 switch_all += switches
+            held_bytes = rt.adapter_bytes  # once, all held: per adapter it walked every adapter held (n^2)
+            for figures in per_adapter:
+                figures["held_bytes"] = held_bytes[figures["name"]]  # positions, values, base values, writes
         peak = max(peak_rss_mb(), rss_before or 0.0)  # the kernel's counters lag: never under a level seen
         held = rt.footprint  # the model's predicted footprint and the adapters held together, against the budget
         providers = list(rt.providers)
@@ -195,8 +198,8 @@ def _profile_adapter(rt, path: Path, feeds, config: ProfileConfig, pb) -> tuple[
     Returns its figures and the raw switch times (for the percentile over all adapters).
     """
     own = inspect_adapter(path)["name"]  # adapters stay loaded, as on the device: a name taken gets a suffix
-    name, n = own, 1
-    while name in rt.adapters:  # never the name of one held: loading under it would replace that adapter
+    name, n, taken = own, 1, set(rt.adapters)
+    while name in taken:  # never the name of one held: loading under it would replace that adapter
         n += 1
         name = f"{own}#{n}"
     t0 = time.perf_counter()
@@ -219,12 +222,11 @@ def _profile_adapter(rt, path: Path, feeds, config: ProfileConfig, pb) -> tuple[
         back.append(_ms(t0))
         rt.wait_settled(60)
         pb.update()
-    held = rt.adapter_bytes[name]  # the bytes the runtime keeps for it (positions, values, base values, writes)
     figures = {
         "name": name,
         "path": str(path),
         "bytes": path.stat().st_size,
-        "held_bytes": held,
+        "held_bytes": None,  # filled in once every adapter is held (what an adapter shares counts with the first)
         "load_ms": load_ms,
         "clipped": clipped,
         "switch_ms": _stats(switch),

@@ -17,6 +17,7 @@ import _tiny_tflite
 import numpy as np
 import pytest
 
+from edge.adapters_held import HeldBuffers
 from edge.format.adapter import Adapter, SparseDelta
 from edge.fusion import held_bytes
 from edge.runtime import Runtime
@@ -120,7 +121,7 @@ def test_the_runtime_reports_what_its_adapters_keep(tmp_path):
         held = rt.adapter_bytes
         assert held == dict(zip(("a", "b"), held_bytes([rt._adapters["a"], rt._adapters["b"]]), strict=True))
         assert held["a"] == alone and 0 < held["b"] < alone  # b counts none of what it shares with a
-        assert rt.footprint["adapters_mb"] == pytest.approx(sum(held.values()) / 2**20)
+        assert rt.footprint["adapters_mb"] * 2**20 == HeldBuffers(rt._adapters).total > sum(held.values())
         rt.unload_adapter("a")
         assert rt.adapter_bytes == {"b": alone}  # alone now on its mask, b counts what it shared (same sizes as a)
 
