@@ -135,7 +135,8 @@ from edge.errors import ConfigError, FormatError
 from edge.format.modelinfo import META_KEY
 from edge.format.onnx_graph import batch_dim, batch_folded
 from edge.route.head import HEAD_C, HEAD_M, HEAD_P, HEAD_T, HEAD_UNUSED, VOTE, Head, add_head
-from edge.route.tapsets import TAP_SETS, feature_shapes, resolve_taps, tensor_shapes
+from edge.route.tapsets import TAP_SETS, expose_sums, feature_shapes, resolve_tap_set, resolve_taps, tensor_shapes
+from edge.route.tapshapes import elem_types
 
 __all__ = [
     "FEATURES",
@@ -173,6 +174,7 @@ class Tapped:
     width: int  # feature columns: the tapped tensors' last dimensions summed
     features: str = FEATURES  # output [B, width]
     head: Head | None = None  # in-graph detector head (output VOTE), if any
+    tap_set: str = "names"  # which set gave the tensors: the name asked for, "auto (stages)" for auto's choice
 
 
 def tap_model(
@@ -204,10 +206,9 @@ def tap_model(
         model = onnx.load(str(src))
     except Exception as e:  # protobuf DecodeError and friends
         raise FormatError(f"cannot read ONNX model {src}: {e}") from e
-    taps = resolve_taps(model, taps)
+    taps, used = resolve_tap_set(model, taps)
     if not taps:
         raise ConfigError(f"no taps given for model {model.graph.name!r}; pass a tap set name or tensor names")
-    shapes = feature_shapes(model, tensor_shapes(model), taps)
     taken = {o.name for o in model.graph.output} | {i.name for i in model.graph.input}
     if FEATURES in taken:
         raise ConfigError(f"model {model.graph.name!r} already has an output {FEATURES!r}; tap the original")
@@ -215,10 +216,18 @@ def tap_model(
     ours = sorted(n for n in names if n.startswith("edge."))
     if ours:  # the names this module adds all start with "edge.": a clash would make an invalid graph
         raise ConfigError(f"model {model.graph.name!r} already has tensors {ours[:4]}; tap the original model")
+    expose_sums(model, taps)  # a fused norm's input that onnxruntime's optimizer did not keep: its optional output
+    shapes = feature_shapes(model, tensor_shapes(model), taps)
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
-    types = _elem_types(model)
+    types = elem_types(model)
     found, batch = [], batch_dim(model)
     for tensor in taps:
+        why = _not_activation(model.graph, tensor)
+        if why:
+            raise ConfigError(
+                f"tap {tensor!r} {why}; pass a tap set ({', '.join(TAP_SETS.names())}; NAME:K) or the names of "
+                "intermediate tensors, batch first"
+            )
         if types.get(tensor, TensorProto.FLOAT) not in FLOATS:  # float16/64 taps are cast to float32 below
             kind = TensorProto.DataType.Name(types[tensor]).lower()
             raise ConfigError(f"tap {tensor!r} of model {model.graph.name!r} holds {kind}; tap float tensors only")
@@ -271,6 +280,7 @@ def tap_model(
     g.output.append(helper.make_tensor_value_info(FEATURES, TensorProto.FLOAT, ["batch", width]))
     props = {p.key: p.value for p in model.metadata_props}
     props["edge.route.taps"] = ",".join(taps)
+    props["edge.route.tapset"] = used
     meta = props.get(META_KEY)
     if head is not None:
         meta = add_head(model, head, width, meta, FEATURES, opset)
@@ -282,22 +292,20 @@ def tap_model(
     dst = Path(dst)
     if not (dst.exists() and dst.read_bytes() == data):
         atomic_write_bytes(dst, data)
-    return Tapped(dst, tuple(taps), width, head=head)
+    return Tapped(dst, tuple(taps), width, head=head, tap_set=used)
 
 
-def _elem_types(model) -> dict[str, int]:
-    """Element type of every tensor onnx's shape inference knows (``{}`` when it fails: shapes then decide)."""
-    import onnx
+def _not_activation(g, tensor: str) -> str | None:
+    """Why ``tensor`` can be no tap whatever its shape (a stored weight, or no tensor of the graph), or None."""
+    import difflib
 
-    try:
-        g = onnx.shape_inference.infer_shapes(model).graph
-    except Exception:  # onnx raises InferenceError and protobuf errors; tensor_shapes already reported them
-        return {}
-    return {
-        v.name: v.type.tensor_type.elem_type
-        for v in [*g.value_info, *g.output, *g.input]
-        if v.type.tensor_type.elem_type
-    }
+    if any(i.name == tensor for i in g.initializer):
+        return f"is a stored weight of model {g.name!r}, not an activation"
+    made = {o for n in g.node for o in n.output if o} | {i.name for i in g.input}
+    if tensor in made:
+        return None
+    close = difflib.get_close_matches(tensor, sorted(made), 3)
+    return f"names no tensor of model {g.name!r}" + (f" (close: {', '.join(close)})" if close else "")
 
 
 def _place_early(g, ours: int, taps: set[str]) -> None:

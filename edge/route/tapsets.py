@@ -51,7 +51,20 @@ after block 0 93.8 %, anything in block 1 90-92.5 %, the model's own pooled ``fe
 90.0 % (HDC AUROC 86.4).
 
 ``auto`` (the default) takes the declared taps, else ``attn``, else ``stages``; a model
-with none of them raises :class:`~edge.errors.ConfigError` naming what to pass. More
+with none of them raises :class:`~edge.errors.ConfigError` naming what to pass. A set whose taps fold something
+into the batch axis (MobileViT's transformer: ``4*batch`` rows, its patches) is passed over for the next with a
+warning, and :func:`resolve_tap_set` (``Tapped.tap_set``, the tapped file's ``edge.route.tapset``) says which set
+was taken: ``auto (stages)``.
+
+Files saved by onnxruntime's optimizer (``optimized_model_filepath``, BASIC or EXTENDED) give the taps of the file
+before it (the same pooled features): a ``FusedConv`` is a conv stage (strided or not, its fourth input a residual
+sum), ``BiasGelu``/``FastGelu``/``QuickGelu`` are activations, a ``SkipLayerNormalization`` or
+``EmbedLayerNormalization`` is a norm of the sum it takes in. That sum is an optional output the optimizer drops
+when nothing else reads it (post-LN BERT, a final norm); a tap on it is named ``edge.sum.<norm output>`` and
+:func:`expose_sums` restores the output in the tapped copy. Their shapes come from :mod:`edge.route.tapshapes`.
+Not followed: a ConvNeXt residual sum the optimizer moved into channels-last form (``residual`` then finds fewer
+sums; ``stages`` and ``auto`` are unchanged), and level ALL's NCHWc layout (``com.microsoft.nchwc``), which is
+specific to the machine that saved it. More
 taps score a little better but cost more: the detector whitens ``d x d`` per input up to the head's
 rank (256), ``d x rank`` beyond it (:mod:`edge.route.head`), and ``d`` grows with each tap (BENCHMARKS.md
 compares them).
@@ -59,13 +72,26 @@ compares them).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 
 from edge.errors import ConfigError, FormatError
 from edge.format.modelinfo import META_KEY
 from edge.registry import Registry
+from edge.route.tapshapes import feature_shapes, fused, tensor_shapes
 
-__all__ = ["TAP_SETS", "feature_shapes", "resolve_taps", "tap_set", "tensor_shapes"]
+__all__ = [
+    "SUM_PREFIX",
+    "TAP_SETS",
+    "expose_sums",
+    "feature_shapes",
+    "resolve_tap_set",
+    "resolve_taps",
+    "tap_set",
+    "tensor_shapes",
+]
+
+log = logging.getLogger(__name__)
 
 
 def _norms(model) -> list[tuple[str, str]]:
@@ -80,8 +106,10 @@ def _norms(model) -> list[tuple[str, str]]:
             users.setdefault(i, []).append(n)
     found = []
     for n in model.graph.node:
-        if n.op_type == "LayerNormalization":
+        if n.op_type in ("LayerNormalization", "SimplifiedLayerNormalization") and n.domain in ("", "ai.onnx"):
             found.append((n.input[0], n.output[0]))
+        elif fused(n) and "LayerNormalization" in n.op_type:  # onnxruntime's optimizer fused it: see _fused_norm
+            found.append(_fused_norm(n))
         elif n.op_type == "Div" and _is_decomposed_norm(n, producer):
             out = n.output[0]
             for op in ("Mul", "Add"):  # the affine weights, when there are
@@ -90,8 +118,44 @@ def _norms(model) -> list[tuple[str, str]]:
                     break
                 out = after[0].output[0]
             found.append((producer[n.input[0]].input[0], out))
-    last = {o for o, n in producer.items() if n.op_type == "Transpose" and len(_perm(n)) == 4}
+    last = set()  # a 4-D Transpose's output and what the block computes from it (onnxruntime's optimizer cancels
+    for n in model.graph.node:  # the transposes around a residual Add: ConvNeXt's sum is then channels-last)
+        if n.op_type == "Transpose" and len(_perm(n)) == 4 or n.op_type in _LAST_OPS and last.intersection(n.input):
+            last.update(n.output)
     return [(i, o) for i, o in found if i not in last]
+
+
+#: ops that keep a channels-last map channels-last (ConvNeXt's block between its two Transposes)
+_LAST_OPS = frozenset("Add Sub Mul Div Identity MatMul LayerNormalization Gelu QuickGelu FastGelu BiasGelu".split())
+
+
+#: prefix of a tap on the sum a fused norm normalises that the saved graph does not keep (``expose_sums``)
+SUM_PREFIX = "edge.sum."
+#: onnxruntime's fused norms whose input (the residual or embedding sum) is an optional output: its index
+_SUM_OUTPUT = {"SkipLayerNormalization": 3, "SkipSimplifiedLayerNormalization": 3, "EmbedLayerNormalization": 2}
+
+
+def _fused_norm(n) -> tuple[str, str]:
+    """(input, output) of a norm onnxruntime's optimizer fused: a ``SkipLayerNormalization`` normalises the sum of
+    its first inputs (a residual ``Add`` before), an ``EmbedLayerNormalization`` the embeddings' sum. That sum is
+    an optional output, often not kept: then the input is named ``SUM_PREFIX + output`` and :func:`expose_sums`
+    adds it when it is tapped (the same tensor the unoptimised graph's ``Add`` computes)."""
+    k = _SUM_OUTPUT.get(n.op_type)
+    if k is None:  # LayerNormalization in the contrib domain
+        return n.input[0], n.output[0]
+    return (n.output[k] if len(n.output) > k and n.output[k] else SUM_PREFIX + n.output[0]), n.output[0]
+
+
+def expose_sums(model, taps: Sequence[str]) -> None:
+    """Give each fused norm whose unkept sum is tapped (``SUM_PREFIX + its output``) that sum as its optional
+    output, in place (an optional output of the same node: no weight, no other node changes)."""
+    want = {t[len(SUM_PREFIX) :] for t in taps if t.startswith(SUM_PREFIX)}
+    for n in model.graph.node:
+        k = _SUM_OUTPUT.get(n.op_type)
+        if k is not None and fused(n) and n.output and n.output[0] in want:
+            while len(n.output) <= k:
+                n.output.append("")
+            n.output[k] = SUM_PREFIX + n.output[0]
 
 
 def _is_decomposed_norm(div, producer) -> bool:
@@ -111,12 +175,14 @@ def _norm_outputs(model) -> list[str]:
     return [o for _, o in _norms(model)]
 
 
+#: onnxruntime's fused activations (domain com.microsoft; its Gelu has the standard op's name)
+_FUSED_ACTIVATIONS = ("QuickGelu", "FastGelu", "BiasGelu")
 #: ops that keep a feature map a feature map ([B, C, H, W] in, [B, C, H', W'] out); anything else (a global
 #: pool, a reshape, a linear layer) ends the convolutional part for the CNN tap sets
 _MAP_OPS = frozenset(
     "Conv BatchNormalization InstanceNormalization Relu Clip LeakyRelu PRelu Sigmoid HardSigmoid HardSwish Tanh "
     "Elu Selu Gelu Mul Add Sub Div Concat MaxPool AveragePool Pad Identity Dropout Split Slice".split()
-)
+) | {"FusedConv", *_FUSED_ACTIVATIONS}
 #: carry a map's level without being maps: a channel split (SplitToSequence, then SequenceAt gives 4-D maps) and a
 #: channel shuffle (ShuffleNet: Reshape to 5-D, Transpose, Reshape back to a 4-D map)
 _CARRY_OPS = frozenset(("SplitToSequence", "SequenceAt", "Reshape", "Transpose"))
@@ -126,7 +192,7 @@ def _stride(node) -> int:
     """The largest stride of a Conv, MaxPool or AveragePool node (1 for any other op)."""
     from onnx import helper
 
-    if node.op_type not in ("Conv", "MaxPool", "AveragePool"):
+    if node.op_type not in ("Conv", "FusedConv", "MaxPool", "AveragePool"):
         return 1
     strides = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "strides"), [1])
     return max(strides, default=1)
@@ -173,8 +239,16 @@ def _feature_maps(model) -> list[tuple[str, int, bool]]:
             ):
                 level[o] = lv
                 if node.op_type != "Pad":  # a padded map's border is zeros, not features: its input is the tap
-                    out.append((o, lv, node.op_type == "Add" and len(ins) == 2))
+                    out.append((o, lv, _is_sum(node, level)))
     return out
+
+
+def _is_sum(node, level) -> bool:
+    """A residual sum: an ``Add`` of two feature maps, or a ``FusedConv`` adding one (its fourth input) to its conv
+    before the activation (onnxruntime's Conv+Add+activation fusion)."""
+    if node.op_type == "FusedConv":
+        return len(node.input) > 3 and node.input[3] in level
+    return node.op_type == "Add" and sum(i in level for i in node.input) == 2
 
 
 def _perm(node) -> list[int]:
@@ -208,7 +282,7 @@ def _residual(model) -> list[str]:
     return out
 
 
-_ACTIVATIONS = frozenset("Relu Clip LeakyRelu PRelu Elu Selu Gelu HardSwish Tanh".split())
+_ACTIVATIONS = frozenset("Relu Clip LeakyRelu PRelu Elu Selu Gelu HardSwish Tanh".split()) | set(_FUSED_ACTIVATIONS)
 
 
 def _declared(model) -> list[str]:
@@ -231,9 +305,35 @@ def _attn_in(model) -> list[str]:
     return outs[0 : 2 * (len(outs) // 2) : 2]
 
 
-def _auto(model) -> list[str]:
-    """The model's declared taps, else after each transformer block's attention, else after each CNN stage."""
-    return _declared(model) or TAP_SETS.get("attn")(model) or _stages(model)
+def _auto(model) -> tuple[str, list[str]]:
+    """``auto``'s set and taps: the model's declared taps, else after each transformer block's attention, else after
+    each CNN stage; a set whose taps fold something into the batch axis (MobileViT's transformer: patches, 4 rows an
+    input) is passed over for the next, with a warning, since its rows are not the inputs."""
+    folded = []
+    for name in ("declared", "attn", "stages"):
+        found = TAP_SETS.get(name)(model)
+        bad = _folded(model, found) if found else []
+        if found and not bad:
+            if folded:
+                log.warning(
+                    "tap set 'auto' on model %r: %s; tapping %r instead", model.graph.name, "; ".join(folded), name
+                )
+            return name, found
+        if bad:
+            folded.append(f"{name!r} taps {bad[0][0]!r} with first axis {bad[0][1]!r}, not the batch")
+    if folded:
+        raise ConfigError(f"tap set 'auto' on model {model.graph.name!r}: {'; '.join(folded)}; pass tensor names "
+                          "that are batch first")  # fmt: skip
+    return "auto", []
+
+
+def _folded(model, taps: Sequence[str]) -> list[tuple[str, object]]:
+    """The taps whose first axis provably is not the model's batch (:func:`edge.format.onnx_graph.batch_folded`)."""
+    from edge.format.onnx_graph import batch_dim, batch_folded
+
+    shapes, batch = tensor_shapes(model), batch_dim(model)
+    firsts = [(t, (shapes.get(t) or (batch,))[0]) for t in taps]
+    return [(t, d) for t, d in firsts if d != batch and batch_folded(d, batch)]
 
 
 #: named tap choices: name -> function(onnx.ModelProto) -> tensor names. With pre-LN blocks
@@ -248,8 +348,8 @@ TAP_SETS.add("attn-in", _attn_in)  # each block's normalised attention input (no
 TAP_SETS.add("stages", _stages)  # CNN: the last feature map at each resolution
 TAP_SETS.add("residual", _residual)  # CNN: after each residual block
 TAP_SETS.add("declared", _declared)  # what the exporter recorded in ModelInfo.extra["taps"]
-TAP_SETS.add("auto", _auto)  # declared, else attn, else stages
-TAP_SETS.add("first", lambda m: _auto(m)[:1])  # auto's first tap alone: one pooled tensor, the cheapest to serve
+TAP_SETS.add("auto", lambda m: _auto(m)[1])  # declared, else attn, else stages (batch first)
+TAP_SETS.add("first", lambda m: _auto(m)[1][:1])  # auto's first tap alone: one pooled tensor, the cheapest to serve
 
 
 def tap_set(spec: str) -> tuple[Callable, int | None]:
@@ -265,10 +365,22 @@ def tap_set(spec: str) -> tuple[Callable, int | None]:
 
 def resolve_taps(model, taps: str | Sequence[str] = "auto") -> list[str]:
     """Tensor names for a tap set name (:data:`TAP_SETS`), ``NAME:K`` (its first ``K`` taps) or an explicit list."""
+    return resolve_tap_set(model, taps)[0]
+
+
+def resolve_tap_set(model, taps: str | Sequence[str] = "auto") -> tuple[list[str], str]:
+    """:func:`resolve_taps`, and which set gave the names: ``taps`` itself, ``"auto (stages)"`` for the set ``auto``
+    or ``first`` chose, ``"names"`` for an explicit list."""
     if not isinstance(taps, str):
-        return list(dict.fromkeys(taps))
+        return list(dict.fromkeys(taps)), "names"
     find, count = tap_set(taps)
-    names = list(dict.fromkeys(find(model)))[:count]
+    used = taps
+    if taps.partition(":")[0] in ("auto", "first"):
+        chosen, found = _auto(model)
+        found, used = (found if taps.startswith("auto") else found[:1]), f"{taps} ({chosen})"
+    else:
+        found = find(model)
+    names = list(dict.fromkeys(found))[:count]
     if not names:
         some = [t for t, _, _ in _feature_maps(model)][-4:] or _norm_inputs(model)[-4:]
         raise ConfigError(
@@ -276,72 +388,14 @@ def resolve_taps(model, taps: str | Sequence[str] = "auto") -> list[str]:
             f"(ModelInfo.extra['taps']), {len(_norm_inputs(model))} LayerNormalization nodes "
             "(attn, mlp-in, blocks, all), "
             f"{len(_stages(model))} CNN stages (stages, residual); pass taps=[tensor names] (intermediate tensors, "
-            f"batch first{', e.g. ' + str(some) if some else ''})"
+            f"batch first{', e.g. ' + str(some) if some else ''}){_nchwc(model)}"
         )
-    return names
+    return names, used
 
 
-def tensor_shapes(model) -> dict[str, tuple]:
-    """Shape (ints, or names for symbolic dims) of every tensor onnx shape inference knows."""
-    import onnx
-
-    try:
-        inferred = onnx.shape_inference.infer_shapes(model)
-    except Exception as e:  # onnx raises InferenceError and protobuf errors
-        raise FormatError(f"shape inference failed on model {model.graph.name!r}: {e}") from e
-    shapes = _shapes_of(inferred)
-    if any(o not in shapes for n in model.graph.node for o in n.output if o):
-        shapes = {**_symbolic_shapes(model), **shapes}
-    return _norm_widths(model, shapes)
-
-
-def feature_shapes(model, shapes: dict[str, tuple], tensors: Sequence[str]) -> dict[str, tuple]:
-    """``shapes`` with the shapes of ``tensors`` whose feature dimension (the last; the second of a 4-D map) onnx's
-    inference left unknown taken from onnxruntime's symbolic inference where it knows it (Swin's blocks behind
-    window reshapes). The symbolic inference runs only then, so tensors onnx already sizes keep their shapes."""
-
-    def known(shape) -> bool:
-        return bool(shape) and len(shape) >= 2 and isinstance(shape[1] if len(shape) >= 4 else shape[-1], int)
-
-    if all(known(shapes.get(t)) for t in tensors):
-        return shapes
-    symbolic = _symbolic_shapes(model)
-    better = {t: symbolic[t] for t in tensors if not known(shapes.get(t)) and known(symbolic.get(t))}
-    return {**shapes, **better}
-
-
-def _norm_widths(model, shapes: dict[str, tuple]) -> dict[str, tuple]:
-    """Fill the last dimension of a last-axis LayerNormalization's input and output from its scale's length where
-    inference left it symbolic (Swin's window reshapes): the width of the ``attn``/``mlp-in`` taps."""
-    from onnx import helper
-
-    scales = {i.name: tuple(i.dims) for i in model.graph.initializer}
-    for n in model.graph.node:
-        axis = next((helper.get_attribute_value(a) for a in n.attribute if a.name == "axis"), -1)
-        if n.op_type != "LayerNormalization" or len(n.input) < 2 or len(scales.get(n.input[1], ())) != 1:
-            continue
-        for t in (n.input[0], n.output[0]):
-            shape = shapes.get(t)
-            if shape and axis in (-1, len(shape) - 1) and not isinstance(shape[-1], int):
-                shapes[t] = (*shape[:-1], scales[n.input[1]][0])
-    return shapes
-
-
-def _shapes_of(model) -> dict[str, tuple]:
-    shapes = {}
-    for v in [*model.graph.value_info, *model.graph.output, *model.graph.input]:
-        t = v.type.tensor_type
-        if t.HasField("shape"):
-            shapes[v.name] = tuple(d.dim_value if d.HasField("dim_value") else d.dim_param for d in t.shape.dim)
-    return shapes
-
-
-def _symbolic_shapes(model) -> dict[str, tuple]:
-    """Shapes onnx's inference leaves unknown behind reshapes computed from ``Shape`` (a dynamic batch axis
-    exported below opset 17), from onnxruntime's symbolic inference; {} when it cannot tell either."""
-    try:
-        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
-
-        return _shapes_of(SymbolicShapeInference.infer_shapes(model, auto_merge=True))
-    except Exception:  # an op it has no rule for: the taps without a shape are refused by name as before
-        return {}
+def _nchwc(model) -> str:
+    """What to do about onnxruntime's NCHWc layout (a file saved at level ALL), when the graph holds it."""
+    if not any(n.domain == "com.microsoft.nchwc" for n in model.graph.node):
+        return ""
+    return ("; its convs are onnxruntime's NCHWc layout (saved at level ALL, for the machine that saved it): tap the "
+            "file before optimisation, or one saved at ORT_ENABLE_EXTENDED")  # fmt: skip

@@ -171,7 +171,7 @@ def test_tapped_model_keeps_fingerprint_and_adds_pooled_features(setup):
 
 
 @pytest.mark.parametrize(
-    "taps, match", [(["nope"], "not a tensor"), ("heads", "unknown tap set")], ids=["tensor", "set"]
+    "taps, match", [(["nope"], "names no tensor"), ("heads", "unknown tap set")], ids=["tensor", "set"]
 )
 def test_tap_errors(tmp_path, taps, match):
     make_prelm(tmp_path / "m.onnx")
