@@ -14,8 +14,12 @@ Name resolution is bounded too: ``socket.getaddrinfo`` takes no timeout and cann
 server or a captive portal holds it for 5 s x attempts x servers, or longer), and urllib3 has no resolver to plug
 in (urllib3/urllib3#1334, #3588), so each new connection (lookup and TCP connect: urllib3's ``_new_conn``) runs
 in a daemon thread the caller waits for until the deadline; a lookup given up on finishes there, and the socket
-it may still open is closed. The host's push and release (:mod:`edge.fleet.publish`) use the same
-:class:`Deadline` (:func:`bound_session`) with their own wording.
+it may still open is closed. Such threads are bounded per process, for a device that syncs every minute against
+a dead name server: one per ``host:port`` at a time (a later connection waits for it, within its own deadline, then
+makes its own) and :data:`MAX_LOOKUPS` in all (one more fails at once, offline, saying why).
+The host's push and release (:mod:`edge.fleet.publish`) use the same :class:`Deadline` (:func:`bound_session`)
+with their own wording. A :class:`Deadline` is a context manager; one never closed still stops its timer and
+leaves nothing on urllib3's logger once it is garbage (one shared filter, :func:`_quiet`).
 """
 
 from __future__ import annotations
@@ -24,11 +28,24 @@ import logging
 import socket
 import threading
 import time
+import weakref
 from urllib.parse import urlsplit
 
 from edge.fleet.oci import DEFAULT_DEADLINE, OciClient, RegistryUnreachableError
 
-__all__ = ["DEFAULT_DEADLINE", "Deadline", "DeadlineExceededError", "bound_session", "client", "mount"]
+__all__ = [
+    "DEFAULT_DEADLINE",
+    "MAX_LOOKUPS",
+    "Deadline",
+    "DeadlineExceededError",
+    "bound_session",
+    "client",
+    "mount",
+]
+
+MAX_LOOKUPS = 4  # connections of this process whose name lookup may hang at once (each holds a thread)
+_pending: dict[str, threading.Event] = {}  # "host:port" -> set when that connection's thread has returned
+_pending_lock = threading.Lock()
 
 
 class DeadlineExceededError(RegistryUnreachableError, TimeoutError):
@@ -38,8 +55,9 @@ class DeadlineExceededError(RegistryUnreachableError, TimeoutError):
 
 class Deadline:
     """``seconds`` from now. :meth:`check` before a request, :meth:`remaining` to bound its timeouts; sockets
-    given to :meth:`watch` are shut down when the time is up. :meth:`close` stops the timer. ``action`` and
-    ``then`` word the error: what stopped, and what the user is left with."""
+    given to :meth:`watch` are shut down when the time is up. A context manager: leaving it (or :meth:`close`)
+    stops the timer; one never closed stops it once it is garbage. ``action`` and ``then`` word the error: what
+    stopped, and what the user is left with."""
 
     def __init__(
         self,
@@ -52,13 +70,21 @@ class Deadline:
             raise ValueError(f"deadline must be a number of seconds > 0, got {seconds!r}")
         self.seconds, self.flag, self.action, self.then = float(seconds), flag, action, then
         self.stuck = ""  # what a connection was doing when time ran out (see _connect)
+        self.refused = ""  # why _connect would not start a connection (too many name lookups hung)
         self._end = time.monotonic() + self.seconds
         self._lock = threading.Lock()
         self._sockets: list[socket.socket] = []
         self._expired = False
-        self._timer = threading.Timer(self.seconds, self._expire)
-        self._timer.daemon = True
+        self._timer = threading.Timer(self.seconds, _expire_ref, (weakref.ref(self),))  # no reference: a lost
+        self._timer.daemon = True  # deadline is garbage, and its finalizer stops the timer thread
+        self._stop = weakref.finalize(self, self._timer.cancel)
         self._timer.start()
+
+    def __enter__(self) -> Deadline:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     @property
     def expired(self) -> bool:
@@ -93,14 +119,31 @@ class Deadline:
         for s in sockets:
             _shut(s)
 
-    def quiet(self, record: logging.LogRecord) -> bool:
-        """A logging filter on urllib3's connection logger: drop its warning (and traceback) about the headers of a
-        response this deadline cut in the middle of a line; the deadline's error says what happened."""
-        return not (self.expired and record.getMessage().startswith("Failed to parse headers"))
-
     def close(self) -> None:
-        self._timer.cancel()
-        logging.getLogger("urllib3.connection").removeFilter(self.quiet)
+        self._stop()  # cancels the timer (once)
+        with _mounted_lock:
+            _mounted.discard(self)
+
+
+def _expire_ref(ref: weakref.ref) -> None:
+    deadline = ref()
+    if deadline is not None:
+        deadline._expire()
+
+
+_mounted: weakref.WeakSet[Deadline] = weakref.WeakSet()  # deadlines whose sessions may be cut (see mount)
+_mounted_lock = threading.Lock()  # a WeakSet changed by another thread while it is copied raises
+
+
+def _quiet(record: logging.LogRecord) -> bool:
+    """The one filter on urllib3's connection logger (added once, whatever the number of deadlines): drop its
+    warning (and traceback) about the headers of a response that a deadline cut in the middle of a line; that
+    deadline's error says what happened. Deadlines closed, or garbage, no longer count."""
+    if not record.getMessage().startswith("Failed to parse headers"):
+        return True
+    with _mounted_lock:
+        live = list(_mounted)
+    return not any(d.expired for d in live)
 
 
 def client(base_url: str, repository: str, timeout: float, deadline: Deadline) -> OciClient:
@@ -122,7 +165,30 @@ def _connect(new_conn, conn, deadline: Deadline):
 
     Past it, the lookup is left to finish in its thread (no API can cancel ``getaddrinfo``) and raises nothing
     further; a socket it connects after all is closed there. urllib3 reports the raised error as a dropped
-    connection, which the caller turns into ``deadline.error`` (the deadline has passed by then)."""
+    connection, which the caller turns into ``deadline.error`` (the deadline has passed by then).
+
+    One such thread per ``host:port`` at a time in this process: while one runs (perhaps given up on by an earlier
+    sync, its lookup still hung), a new connection there waits for it until its own deadline, then makes its own.
+    With :data:`MAX_LOOKUPS` hosts' threads running, a connection to another one fails at once
+    (``deadline.refused`` says why): a long-running process against a dead name server holds a few threads, not
+    one more per sync."""
+    where = f"{getattr(conn, 'host', '?')}:{getattr(conn, 'port', '?')}"
+    while True:
+        with _pending_lock:
+            ahead = _pending.get(where)
+            if ahead is None:
+                if len(_pending) >= MAX_LOOKUPS:
+                    deadline.refused = (
+                        f"{len(_pending)} connections of this process ({', '.join(sorted(_pending)[:MAX_LOOKUPS])}) "
+                        f"are still waiting for the name server, the most allowed ({MAX_LOOKUPS}): no new lookup "
+                        f"for {where}; check the device's DNS and sync again"
+                    )
+                    raise RegistryUnreachableError(deadline.refused)
+                finished = _pending[where] = threading.Event()
+                break
+        if not ahead.wait(max(deadline.remaining(), 0.001)) and deadline.expired:
+            deadline.stuck = f"waiting for the name lookup of {where} that an earlier connection started"
+            raise deadline.error(deadline.stuck)
     lock, done, box = threading.Lock(), threading.Event(), []
 
     def run() -> None:
@@ -135,10 +201,18 @@ def _connect(new_conn, conn, deadline: Deadline):
             abandoned = len(box) > 1
         if abandoned and out[0] is not None:
             out[0].close()
+        with _pending_lock:
+            del _pending[where]
+        finished.set()
         done.set()
 
-    where = f"{getattr(conn, 'host', '?')}:{getattr(conn, 'port', '?')}"
-    threading.Thread(target=run, name=f"edge-connect-{where}", daemon=True).start()
+    try:
+        threading.Thread(target=run, name=f"edge-connect-{where}", daemon=True).start()
+    except BaseException:  # no thread (a process at its limit): nothing will free the slot but us
+        with _pending_lock:
+            del _pending[where]
+        finished.set()
+        raise
     while not done.wait(max(deadline.remaining(), 0.001)):
         if deadline.expired:
             with lock:
@@ -210,7 +284,9 @@ def mount(session, deadline: Deadline) -> None:
                 manager.pool_classes_by_scheme = pools
             return manager
 
-    logging.getLogger("urllib3.connection").addFilter(deadline.quiet)  # until deadline.close()
+    with _mounted_lock:
+        _mounted.add(deadline)
+    logging.getLogger("urllib3.connection").addFilter(_quiet)  # a no-op once it is there
     adapter = _Adapter()
     session.mount("http://", adapter)
     session.mount("https://", adapter)

@@ -43,6 +43,7 @@ from edge.fleet.deadline import Deadline
 from edge.fleet.deadline import client as bounded_client
 from edge.fleet.device_files import disk_reason as _disk_reason
 from edge.fleet.device_files import free_bytes as _free_bytes
+from edge.fleet.device_files import locked as _locked
 from edge.fleet.device_files import read_json as _read_json
 from edge.fleet.device_files import sha256_file as _sha256
 from edge.fleet.device_files import sig_path as _sig_path
@@ -115,7 +116,7 @@ def sync(
     so a runtime that requires signatures can load everything sync installs.
     """
     require_fleet()
-    from filelock import FileLock, Timeout
+    from filelock import Timeout
 
     t0 = time.perf_counter()
     info = None
@@ -142,23 +143,23 @@ def sync(
     report = SyncReport(
         registry=f"{config.registry}/{config.repository}", channel=config.channel, fingerprint=fingerprint
     )
-    deadline = Deadline(config.deadline)  # the whole sync, waiting for another one included
     try:
-        lock = FileLock(str(adapter_dir / ".edge-sync.lock"), timeout=deadline.remaining())
-        with lock, FileLock(str(cache / ".lock"), timeout=deadline.remaining()):  # a shared --cache: one at a time
-            s = _Sync(config, adapter_dir, cache, fingerprint, info, report, on_chunk)
-            if trusted_keys is not None:
-                from edge.format.signing import load_public_key
+        with Deadline(config.deadline) as deadline:  # the whole sync, waiting for another one included
+            with (
+                _locked(adapter_dir / ".edge-sync.lock", deadline.remaining()),
+                _locked(cache / ".lock", deadline.remaining()),  # a shared --cache: one sync at a time
+            ):
+                s = _Sync(config, adapter_dir, cache, fingerprint, info, report, on_chunk)
+                if trusted_keys is not None:
+                    from edge.format.signing import load_public_key
 
-                s.trusted = [load_public_key(k) for k in trusted_keys]
-            s.run(prune, deadline)
+                    s.trusted = [load_public_key(k) for k in trusted_keys]
+                s.run(prune, deadline)
     except Timeout as e:
         raise FleetError(
             f"another sync is running (it holds {e.lock_file}); this one waited {time.perf_counter() - t0:.0f} s, "
             "until its deadline (--deadline): try again later"
         ) from e
-    finally:
-        deadline.close()
     report.seconds = round(time.perf_counter() - t0, 4)
     return report
 
@@ -307,7 +308,7 @@ class _Sync:
         wanted = {t["sha256"] for t in plan["targets"].values()} | {
             t["sig"]["sha256"] for t in plan["targets"].values() if "sig" in t
         }
-        for p in [*(self.cache / "partial").glob("*.part"), *(self.cache / "blobs").iterdir()]:
+        for p in [*(self.cache / "partial").glob("*.part"), *(self.cache / "blobs").glob("*")]:  # gone: none
             if p.name.split(".")[0] not in wanted:  # left by an older release
                 p.unlink(missing_ok=True)
         if prune:

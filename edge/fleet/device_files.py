@@ -7,12 +7,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 from edge.fleet.oci import FleetError
 
-__all__ = ["sig_path", "stamp", "free_bytes", "disk_reason", "sha256_file", "read_json", "write_json"]
+__all__ = ["sig_path", "stamp", "free_bytes", "disk_reason", "sha256_file", "read_json", "write_json", "locked"]
+
+log = logging.getLogger("edge.fleet")
 
 
 def sig_path(path: Path) -> Path:
@@ -42,11 +46,22 @@ def sha256_file(path: Path) -> str:
 
 
 def read_json(path: Path) -> dict | None:
+    """The JSON in ``path``, or None if there is none. Bytes that are not JSON at all (torn by a power cut on storage
+    that ignored fsync, flash wear) are moved aside to ``NAME.unreadable`` (replacing an earlier one), with a
+    warning, and read as none: the next sync rebuilds what they recorded, with no one at the device."""
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:
         return None
-    except (OSError, ValueError) as e:
+    except ValueError as e:  # not UTF-8 or not JSON
+        aside = path.with_name(path.name + ".unreadable")
+        try:
+            os.replace(path, aside)
+        except OSError as e2:
+            raise FleetError(f"sync state {path} is unreadable ({e}) and cannot be moved aside ({e2})") from e
+        log.warning("sync state %s was unreadable (%s): moved to %s, rebuilt by this sync", path, e, aside.name)
+        return None
+    except OSError as e:
         raise FleetError(f"sync state {path} is unreadable ({e}); delete it to start over") from e
 
 
@@ -54,3 +69,24 @@ def write_json(path: Path, data: dict) -> None:
     from edge.format.io import atomic_write_bytes
 
     atomic_write_bytes(path, json.dumps(data, sort_keys=True, indent=1).encode())
+
+
+@contextmanager
+def locked(path: Path, seconds: float):
+    """Hold the file lock ``path`` (filelock), waiting at most ``seconds`` (``filelock.Timeout`` then). A lock file
+    that cannot be opened (a read-only or failing mount, no permission) is a :class:`~edge.errors.WriteError`."""
+    from filelock import FileLock, Timeout
+
+    from edge.errors import WriteError
+
+    lock = FileLock(str(path), timeout=seconds)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise
+    except OSError as e:
+        raise WriteError(disk_reason(path.parent, e)) from e
+    try:
+        yield lock
+    finally:
+        lock.release()

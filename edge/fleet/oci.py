@@ -219,7 +219,8 @@ class OciClient:
             ) from e
         except self._requests.RequestException as e:
             self._past_deadline(doing, e)
-            raise RegistryUnreachableError(f"registry {self.base_url} is unreachable: {e}") from e
+            why = getattr(self.deadline, "refused", "") or e  # a connection the deadline would not start, and why
+            raise RegistryUnreachableError(f"registry {self.base_url} is unreachable: {why}") from e
         self.header_bytes_in += len(f"HTTP/1.1 {r.status_code} {r.reason}\r\n\r\n") + sum(
             len(k) + len(v) + 4 for k, v in r.headers.items()
         )
