@@ -18,7 +18,10 @@ runs it beside the float model (cosine and max difference per output, refused be
 reproduce onnxruntime's outputs (:mod:`exporters.quantize_check`; a drift this host's CPU causes, U8S8 kernels
 without VNNI, is named as such with its fix). Only then is ``out`` replaced. The report also lists the weight ops
 onnxruntime's optimized graph still runs in float over weights it dequantizes on every run
-(``float_compute``: a recipe that is slower than the float model), read from the graph it really runs.
+(``float_compute``: a recipe that is slower than the float model), read from the graph it really runs. A model
+quantized already is refused first, and static mode keeps in float the nodes onnxruntime's integer kernels compute
+otherwise than the float op (:mod:`exporters.quantize_graph`: a ceil-mode AveragePool, EfficientNet's pooler, is
+rewritten to the same function in a form they compute right).
 """
 
 from __future__ import annotations
@@ -34,13 +37,13 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from edge.convert.onnx_source import refuse_quantized
 from edge.errors import ConfigError, ExportValidationError
 from edge.format.io import atomic_write_bytes
 from edge.format.modelinfo import META_KEY, ModelInfo, QuantInfo, fingerprint, onnx_info
 from edge.format.onnx_graph import consumers, set_metadata
 from exporters.quantize_check import COMPUTE as _COMPUTE
 from exporters.quantize_check import check_quantized
+from exporters.quantize_graph import fit_ceil_pools, refuse_quantized_input
 
 __all__ = ["EXPORTER_VERSION", "QuantReport", "quantize_onnx", "MODES"]
 
@@ -51,6 +54,7 @@ EXPORTER_VERSION = 4  # bumped when the same options give a different file (2: q
 # 3: static activations default to uint8; 4: a weight read also by Shape/Size stays a target)
 _TYPES = {"int8": "QInt8", "uint8": "QUInt8"}
 _SHAPE_ONLY = ("Shape", "Size")  # ops that read a tensor's shape, never its values (torch's dynamo exports a Conv so)
+_HISTOGRAM = ("entropy", "percentile")  # onnxruntime's calibrators that build histograms (see _feed_batches)
 _CALIBRATION = {  # onnxruntime.quantization.CalibrationMethod, by the name this module takes
     "minmax": lambda oq: oq.CalibrationMethod.MinMax,
     "entropy": lambda oq: oq.CalibrationMethod.Entropy,
@@ -157,8 +161,8 @@ def quantize_onnx(
     src, out = Path(src), Path(out)
     proto = onnx.load(str(src))
     info = onnx_info(proto)
-    refuse_quantized(proto.graph, src.name)  # by another tool, after export: our metadata names float weights
-    feeds = _feed_batches(calib, batch) if calib is not None else None
+    refuse_quantized_input(proto.graph, info, src.name)  # by edge quantize, or another tool after export
+    feeds = _feed_batches(calib, batch, calibrate_method) if calib is not None else None
     if mode == "static" and not feeds:
         raise ConfigError("static quantization calibrates activations: pass calib={input: array} (the user's data)")
     check = dict(check) if check is not None else (feeds[0] if feeds else None)
@@ -168,6 +172,9 @@ def quantize_onnx(
         raise ConfigError(f"headroom {headroom} must be >= 1, and is for per-tensor scales (per_channel=False)")
     _name_nodes(proto)
     _fold_shape_reads(proto)
+    fitted, unfit = fit_ceil_pools(proto.graph) if mode == "static" else ([], [])
+    if fitted or unfit:  # onnxruntime's QLinearAveragePool divides a ceil-mode window by the whole kernel
+        log.info("static: ceil-mode AveragePools counting pads: %s rewritten, %s kept float", fitted[:5], unfit[:5])
     keep = {t.initializer for t in info.tensors.values() if t.slot or t.head}
     # onnxruntime's quantizer knows "Attention" as com.microsoft's op and rewrites any node of that type into
     # QAttention; the standard ai.onnx Attention (opset 23, our fused-attention export) is not that op: keep it float
@@ -176,6 +183,7 @@ def quantize_onnx(
         {n.name for n in proto.graph.node if keep & set(n.input)}
         | {n.name for n in proto.graph.node if n.op_type == "Attention" and n.domain in ("", "ai.onnx")}
         | set(asked := _asked_float(proto, info, nodes_to_exclude, float_first))
+        | set(unfit)
     )
     ort_extra = dict(extra_options or {})
     if "TensorQuantOverrides" in ort_extra:
@@ -405,12 +413,25 @@ def _name_nodes(proto) -> None:
             seen.add(n.name)
 
 
-def _feed_batches(calib, batch: int) -> list[dict[str, np.ndarray]]:
+def _feed_batches(calib, batch: int, method: str = "minmax") -> list[dict[str, np.ndarray]]:
+    """The calibration feeds. onnxruntime's histogram calibrators (entropy, percentile) stack every batch's outputs in
+    one array (onnxruntime#18792), so a short last batch failed inside them: their batches are made one size (the
+    largest that divides the rows; the histograms do not depend on it), and feeds of several shapes are refused."""
     if isinstance(calib, Mapping):
         arrays = {k: np.asarray(v) for k, v in calib.items()}
         n = min(len(v) for v in arrays.values())
+        if method in _HISTOGRAM and n % batch:
+            batch = max(b for b in range(1, batch + 1) if n % b == 0)
+            log.info("%s calibration: %d rows in batches of %d (one size, for its histograms)", method, n, batch)
         return [{k: v[i : i + batch] for k, v in arrays.items()} for i in range(0, n, batch)]
-    return [dict(f) for f in calib]
+    feeds = [dict(f) for f in calib]
+    shapes = {tuple((k, np.shape(v)) for k, v in sorted(f.items())) for f in feeds}
+    if method in _HISTOGRAM and len(shapes) > 1:
+        raise ConfigError(
+            f"{method} calibration needs feeds of one shape (onnxruntime's histogram calibrators stack them); got "
+            f"{len(shapes)} shapes: pass calib as {{input: array}} (batched here) or equal batches, or use minmax"
+        )
+    return feeds
 
 
 class _Reader:

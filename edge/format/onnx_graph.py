@@ -7,6 +7,7 @@ from collections import defaultdict
 
 __all__ = [
     "QUANTIZED_OPS",
+    "QUANTIZED_PREFIXES",
     "batch_dim",
     "batch_folded",
     "consumers",
@@ -32,7 +33,24 @@ QUANTIZED_OPS = (
     "MatMulIntegerToFloat",
     "QAttention",
     "QEmbedLayerNormalization",
+    # onnxruntime's other quantizers: MatMulNBits' 4-bit embeddings, bnb4; and its other integer contrib ops
+    "GatherBlockQuantized",
+    "MatMulBnb4",
+    "MatMulFpQ4",
+    "MatMulInteger16",
+    "MatMulBlockQuantizedFp4Weight",
+    "MatMulBlockQuantizedFp8Weight",
+    "DynamicQuantizeLSTM",
+    "QMoE",
+    "MulInteger",
+    "ReduceSumInteger",
+    "QuantizeWithOrder",
+    "DequantizeWithOrder",
+    "QuantizeBFP",
+    "DequantizeBFP",
 )
+#: prefixes of more such op families (QLinearAdd, QLinearSoftmax...; QOrderedMatMul...; MatMulNBitsQkv...)
+QUANTIZED_PREFIXES = ("QLinear", "QOrdered", "MatMulNBits")
 
 
 def keep_only(field, keep) -> None:
@@ -72,7 +90,7 @@ def quantized_ops(graph) -> list[str]:
     graphs = [graph]
     while graphs:
         for node in graphs.pop().node:
-            if node.op_type in QUANTIZED_OPS or node.op_type.startswith("QLinear"):
+            if node.op_type in QUANTIZED_OPS or node.op_type.startswith(QUANTIZED_PREFIXES):
                 found.add(node.op_type)
             for attr in node.attribute:
                 graphs.extend([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs))

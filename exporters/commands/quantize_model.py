@@ -1,11 +1,12 @@
 """The model handed to ``edge quantize``, checked: first from its graph alone, then whole.
 
 :func:`read_graph` reads an ``.onnx`` file's graph without its weights (:func:`runtimes.onnx_file.parse_graph`
-walks the file's protobuf fields and skips the tensors' bytes), so what the graph refuses (:func:`refuse`: a model
-quantized already, integer inputs with no samples to compare on) is refused before the weights are read: on
-BERT-base (436 MB) the refusal of its token-id inputs took 56 s and 1.76 GB when it came after reading and
-checking the whole model. :func:`read_model` then parses the bytes the quantizer gets, once, and the same
-refusals run on them again (the file may have changed in between).
+walks the file's protobuf fields and skips the tensors' bytes), so what the graph refuses (a model quantized already,
+by ``edge quantize`` or by another tool: :mod:`exporters.quantize_graph`; :func:`refuse`: integer inputs with no
+samples to compare on) is refused before the weights are read: on BERT-base (436 MB) the refusal of its token-id
+inputs took 56 s and 1.76 GB when it came after reading and checking the whole model. :func:`read_model` then
+parses the bytes the quantizer gets, once, and the same refusals run on them again (the file may have changed in
+between).
 """
 
 from __future__ import annotations
@@ -17,25 +18,27 @@ __all__ = ["read_graph", "read_model", "refuse"]
 
 def read_graph(src: Path):
     """(ModelInfo, input specs) of an ``.onnx`` file from its graph alone: the weights are skipped, not read
-    (:func:`runtimes.onnx_file.parse_graph` walks the file's fields); FormatError for a damaged file."""
+    (:func:`runtimes.onnx_file.parse_graph` walks the file's fields); FormatError for a damaged file, ConfigError
+    for a model quantized already."""
     from edge.format.feeds import onnx_input_specs
     from edge.format.modelinfo import onnx_info
+    from exporters.quantize_graph import refuse_quantized_input
     from runtimes.base import model_buffer
     from runtimes.onnx_file import parse_graph
 
     with model_buffer(src) as (buf, _):
         proto = parse_graph(buf)[0]
     info = onnx_info(proto)
+    refuse_quantized_input(proto.graph, info, src.name)  # its nodes say so: before its weights are read or copied
     return info, onnx_input_specs(proto, info.inputs)
 
 
 def refuse(src: Path, info, specs, args) -> None:
     """What the model's metadata and declared inputs refuse: a quantized model, integer inputs with no samples."""
     from edge.errors import ConfigError
+    from exporters.quantize_graph import refuse_twin
 
-    quantized = sorted(k for k, t in info.tensors.items() if t.quant is not None)
-    if quantized or "quantization" in info.extra:
-        raise ConfigError(f"{src.name} is quantized already ({len(quantized)} integer targets); pass the float model")
+    refuse_twin(info, src.name)  # .tflite too (an .onnx graph's quantized ops are refused where it is read)
     ints = [n for n, spec in specs.items() if spec.dtype is not None and spec.dtype.kind != "f"]
     if ints and args.calib is None:
         raise ConfigError(
@@ -64,6 +67,9 @@ def read_model(data: bytes, fmt: str, src: Path):
     except Exception as e:  # protobuf's DecodeError and friends
         raise FormatError(f"{src} is not a readable ONNX model: {e}") from e
     info = onnx_info(proto)
+    from exporters.quantize_graph import refuse_quantized_input
+
+    refuse_quantized_input(proto.graph, info, src.name)
     external = [t.name for t in proto.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
     if external:
         raise FormatError(

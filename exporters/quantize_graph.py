@@ -1,0 +1,76 @@
+"""What :func:`exporters.quantize_onnx` (and ``edge quantize``) checks in a graph before onnxruntime's quantizer.
+
+:func:`refuse_quantized_input` refuses a model quantized already, before any work: an int8 twin ``edge quantize``
+wrote (its metadata says so: it loads on :class:`edge.Runtime` as it is) or a file another tool quantized after it
+was exported (QDQ or QOperator, dynamic, 4-bit ``MatMulNBits``/``GatherBlockQuantized``, bnb4: the op types of
+:data:`edge.format.onnx_graph.QUANTIZED_OPS`). onnxruntime's quantizers take such a file and either fail inside
+(``MatMulBnb4``: "shape_inference failed ... if you quantize a model already quantized") or quantize it a second
+time; neither file records the integer weights' grids that adapters need, so the float model is what to pass.
+
+:func:`fit_ceil_pools` rewrites, for static (QDQ) quantization, the one op whose integer kernel on onnxruntime
+computes another function than its float op: an ``AveragePool`` with ``ceil_mode=1`` and ``count_include_pad=1``
+(``torch.nn.AvgPool2d(..., ceil_mode=True)``'s export: every Hugging Face EfficientNet's pooler). onnxruntime's
+``QLinearAveragePool`` divides a window that runs past the input's end (the ceil mode's overhang, which is not
+padding) by the whole kernel, where the float op and torch divide by the cells inside (onnxruntime#16203, fixed for
+the float op only): EfficientNet's pooler (EfficientNet-B0's: a 1280-wide kernel over a 7x7 map; the tiny test
+config's: 128 over 1x1) comes out as zeros on onnxruntime 1.32, so the int8 twin's embedding had cosine 0.0 to the
+float one. Without explicit pads, ``count_include_pad`` has nothing to include and ``count_include_pad=0`` is the same
+function, which the integer kernel computes right: the attribute is rewritten so. Leaving the node out of
+quantization is not enough: onnxruntime's optimizer moves the next ``QuantizeLinear`` back over a Reshape and fuses
+the pool again. A pool with explicit pads is left out of quantization (``nodes_to_exclude``) and the drift check
+judges the result.
+"""
+
+from __future__ import annotations
+
+from edge.errors import ConfigError
+from edge.format.onnx_graph import quantized_ops
+
+__all__ = ["fit_ceil_pools", "refuse_quantized_input", "refuse_twin"]
+
+
+def refuse_twin(info, name: str) -> None:
+    """Refuse a model whose metadata says it is an int8 twin already (``.onnx`` or ``.tflite``)."""
+    integer = [k for k, t in info.tensors.items() if t.quant is not None]
+    quant = info.extra.get("quantization")
+    if integer or quant is not None:
+        mode = quant.get("mode", "?") if isinstance(quant, dict) else "?"
+        raise ConfigError(
+            f"{name} is quantized already: an int8 twin `edge quantize` wrote ({len(integer)} integer targets, {mode} "
+            "mode), which loads on edge.Runtime as it is; to quantize with other options, pass the float model it "
+            f"was made from (weights fingerprint {info.float_fingerprint or 'unrecorded'})"
+        )
+
+
+def refuse_quantized_input(graph, info, name: str) -> None:
+    """Refuse an ONNX model quantized already: by ``edge quantize`` (``info``) or by another tool (``graph``'s ops).
+
+    ``graph`` may be one read without its weights (:func:`runtimes.onnx_file.parse_graph`): nodes are all it needs."""
+    refuse_twin(info, name)
+    found = quantized_ops(graph)
+    if found:
+        raise ConfigError(
+            f"ONNX model {name!r} is already quantized ({', '.join(found)}): import the float model it was made from "
+            "with `edge import-onnx`, or pass the float file exported by this project (exporters.export_onnx, "
+            "export_hf_encoder), and `edge quantize` that; a file another tool quantized records no grids for "
+            "adapters, so neither edge quantize, edge import-onnx nor edge.Runtime takes it as it is"
+        )
+
+
+def fit_ceil_pools(graph) -> tuple[list[str], list[str]]:
+    """Rewrite ``graph``'s ceil-mode, pad-counting AveragePools without pads to ``count_include_pad=0`` (the same
+    function); return (their names, the names of such pools with pads, which static quantization keeps in float)."""
+    rewritten, kept = [], []
+    for node in graph.node:
+        if node.op_type != "AveragePool" or node.domain not in ("", "ai.onnx"):
+            continue
+        attrs = {a.name: a for a in node.attribute}
+        if not (getattr(attrs.get("ceil_mode"), "i", 0) and getattr(attrs.get("count_include_pad"), "i", 0)):
+            continue
+        auto = getattr(attrs.get("auto_pad"), "s", b"NOTSET")
+        if any(getattr(attrs.get("pads"), "ints", ())) or auto not in (b"NOTSET", b"VALID"):  # pads count: kept
+            kept.append(node.name)
+        else:
+            attrs["count_include_pad"].i = 0
+            rewritten.append(node.name)
+    return rewritten, kept
