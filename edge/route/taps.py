@@ -4,8 +4,9 @@ OOD detection works best on several layers of the frozen encoder (HDFF, Mahalano
 ensembles), but an exported model returns only its final outputs. :func:`tap_model`
 writes a copy of the model whose extra output ``edge.features`` concatenates the tapped
 tensors, each mean-pooled to ``[B, C]`` (``[B, T, C]`` over ``T``: over the real tokens when the model has an
-``attention_mask`` input, so padding does not change them; ``[B, C, H, W]`` over ``H, W``), so the detector reads
-them from the **same** inference pass that serves the input: no second run.
+``attention_mask`` input, so padding does not change them; ``[B, C, H, W]`` over ``H, W``, a 1-D CNN's ``[B, C, L]``
+over ``L``), so the detector reads them from the **same** inference pass that serves the input: no second run.
+Which axes hold the channels is told by the graph (:class:`~edge.route.tapshapes.Layouts`), never by the rank.
 
 Cost, measured on the digits encoder: two pooled taps and the concat add about 1-3 % to
 a run at batch 16, 3-4 % at batch 1 (one node each: ``Concat`` and ``ReduceMean``, plus
@@ -127,7 +128,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -136,7 +137,7 @@ from edge.format.modelinfo import META_KEY
 from edge.format.onnx_graph import batch_dim, batch_folded
 from edge.route.head import HEAD_C, HEAD_M, HEAD_P, HEAD_T, HEAD_UNUSED, VOTE, Head, add_head
 from edge.route.tapsets import TAP_SETS, expose_sums, feature_shapes, resolve_tap_set, resolve_taps, tensor_shapes
-from edge.route.tapshapes import elem_types
+from edge.route.tapshapes import FIRST, LAST, LAYOUTS, Layouts, elem_types, unsized
 
 __all__ = [
     "FEATURES",
@@ -158,11 +159,15 @@ FEATURES = "edge.features"
 FLOATS = (1, 10, 11, 16)
 
 
-def _pool_axes(shape: tuple) -> tuple[list[int], object]:
-    """Axes a tap is mean-pooled over, and its feature width: NCHW maps over H, W; [B, T, C] over T."""
-    if len(shape) >= 4:
-        return list(range(2, len(shape))), shape[1]
-    return list(range(1, len(shape) - 1)), shape[-1] if shape else None
+def _pool_axes(shape: tuple, layout: str | None) -> tuple[list[int], int]:
+    """Axes a tap is mean-pooled over, and its channel axis: ``[B, C, *spatial]`` over the spatial axes (at any
+    rank: a 1-D CNN's ``[B, C, L]`` over ``L``), ``[B, T, C]`` (or ``[B, H, W, C]``) over the rest; ``[B, C]``
+    not at all."""
+    if len(shape) <= 2:
+        return [], 1
+    if layout == FIRST:
+        return list(range(2, len(shape))), 1
+    return list(range(1, len(shape) - 1)), len(shape) - 1
 
 
 @dataclass(frozen=True)
@@ -171,7 +176,7 @@ class Tapped:
 
     path: Path
     tensors: tuple[str, ...]  # the tapped tensors, in feature order
-    width: int  # feature columns: the tapped tensors' last dimensions summed
+    width: int  # feature columns: the tapped tensors' channels summed
     features: str = FEATURES  # output [B, width]
     head: Head | None = None  # in-graph detector head (output VOTE), if any
     tap_set: str = "names"  # which set gave the tensors: the name asked for, "auto (stages)" for auto's choice
@@ -184,18 +189,22 @@ def tap_model(
     *,
     head: Head | None = None,
     mask: str | None = "auto",
+    layout: Mapping[str, str] | None = None,
 ) -> Tapped:
     """Write ``src`` with one more output, ``edge.features`` ``[B, d]``, to ``dst``.
 
     ``taps``: a tap set name (:data:`TAP_SETS`) or tensor names. Every tap is mean-pooled
-    (a ``[B, T, C]`` tensor over ``T``, a ``[B, C, H, W]`` feature map over ``H, W``, a
-    ``[B, C]`` one not at all), and the pooled taps are concatenated in order (small taps of one
+    (a ``[B, T, C]`` tensor over ``T``, a ``[B, C, H, W]`` feature map over ``H, W``, a 1-D CNN's ``[B, C, L]``
+    over ``L``, a ``[B, C]`` one not at all), and the pooled taps are concatenated in order (small taps of one
     shape apart from the channels are concatenated first and pooled by one node: the same values). With
     ``head``, the detector head of the module doc is added too (output ``edge.vote``).
     ``mask``: a ``[B, T]`` graph input marking real tokens (1) and padding (0); every ``[B, T, C]`` tap is then
     averaged over the real tokens only, so padding a sentence does not change its features. ``"auto"`` takes
     the input ``attention_mask`` when the model has one; ``None`` averages over every position.
-    The file is rewritten only when its bytes would change, so a cache can keep it.
+    ``layout``: ``{tensor: "channels-first" | "channels-last"}``, taken over the graph's word: needed for a tap whose
+    layout the graph does not tell (:class:`~edge.route.tapshapes.Layouts`: the op producing the tensor, or the ops
+    reading it; never its rank alone), which is otherwise refused naming it. The file is rewritten only when its
+    bytes would change, so a cache can keep it.
     """
     import onnx
     from onnx import TensorProto, helper
@@ -217,7 +226,8 @@ def tap_model(
     if ours:  # the names this module adds all start with "edge.": a clash would make an invalid graph
         raise ConfigError(f"model {model.graph.name!r} already has tensors {ours[:4]}; tap the original model")
     expose_sums(model, taps)  # a fused norm's input that onnxruntime's optimizer did not keep: its optional output
-    shapes = feature_shapes(model, tensor_shapes(model), taps)
+    layouts = _layouts(model, taps, layout or {})
+    shapes = feature_shapes(model, tensor_shapes(model), taps, layouts)
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     types = elem_types(model)
     found, batch = [], batch_dim(model)
@@ -232,28 +242,40 @@ def tap_model(
             kind = TensorProto.DataType.Name(types[tensor]).lower()
             raise ConfigError(f"tap {tensor!r} of model {model.graph.name!r} holds {kind}; tap float tensors only")
         shape = shapes.get(tensor) or ()
-        axes, channels = _pool_axes(shape)
-        if not isinstance(channels, int) or len(shape) < 2:
+        if len(shape) > 2 and layouts[tensor] is None:
+            raise ConfigError(
+                f"tap {tensor!r} of model {model.graph.name!r} has shape {list(shape)} and the graph does not tell "
+                "its layout (no conv, pool or norm makes or reads it); pass layout={" + repr(tensor) + ": "
+                f"'{FIRST}'}} (a conv's map: pooled over the axes after the channels) or '{LAST}' (a token "
+                "sequence [B, T, C]: pooled over T)"
+            )
+        axes, channel = _pool_axes(shape, layouts[tensor])
+        channels = shape[channel] if len(shape) >= 2 else None
+        if not isinstance(channels, int):
+            blind = unsized(model)
             raise ConfigError(
                 f"tap {tensor!r} is not a tensor of model {model.graph.name!r} with a batch axis and a known "
-                f"feature dimension (the last; the second of a 4-D NCHW map); some tensors: {sorted(shapes)[:8]}"
-            )
+                f"feature dimension (the channels); some tensors: {sorted(shapes)[:8]}"
+                + (f"; onnxruntime's fused {', '.join(blind)} leave the shapes after them unknown: tap the file "
+                   "before optimisation" if blind else "")
+            )  # fmt: skip
         if shape[0] != batch and batch_folded(shape[0], batch):  # e.g. MobileViT's patches folded into the batch
             raise ConfigError(f"tap {tensor!r} has first axis {shape[0]!r}, not the batch {batch!r}: its rows are "
                               "not the inputs; pass taps='stages' or tensor names that are batch first")  # fmt: skip
-        found.append((tensor, shape, axes, channels))
-    width = sum(c for *_, c in found)
+        found.append((tensor, shape, axes, channels, channel))
+    width = sum(c for *_, c, _ in found)
     g = model.graph
     ours = len(g.node)  # the nodes from here on are the taps' and the head's (placed early below)
     for i, (tensor, *rest) in enumerate(found):  # the pooled output is float32: other float taps are cast first
         if types.get(tensor, TensorProto.FLOAT) != TensorProto.FLOAT:
             found[i] = (f"edge.cast{i}", *rest)
             g.node.append(helper.make_node("Cast", [tensor], [found[i][0]], to=TensorProto.FLOAT, name=found[i][0]))
-    weights = _mask_weights(g, mask, opset) if any(axes == [1] for _, _, axes, _ in found) else None
+    tokens = [len(shape) == 3 and axes == [1] for _, shape, axes, *_ in found]  # [B, T, C] taps
+    weights = _mask_weights(g, mask, opset) if any(tokens) else None
     if weights is not None:  # token taps averaged over the real tokens: MatMul by the mask's [B, 1, T] weights
-        found = [(t, shape, ["mask"] if axes == [1] else axes, c) for t, shape, axes, c in found]
-    channel = 1 if len(found[0][1]) >= 4 else len(found[0][1]) - 1
-    rest = {tuple(d for k, d in enumerate(shape) if k != channel) for _, shape, _, _ in found}
+        found = [(t, s, ["mask"] if k else a, *r) for k, (t, s, a, *r) in zip(tokens, found)]
+    channel = found[0][4]
+    rest = {(k, tuple(d for i, d in enumerate(shape) if i != k)) for _, shape, _, _, k in found}
     if len(found) > 1 and len(rest) == 1 and _small(found):
         # small taps of one shape apart from the channels: concatenate, then pool once (one node instead of one
         # per tap; at batch 1 onnxruntime's cost per node is most of what the taps cost, while copying large
@@ -274,7 +296,7 @@ def tap_model(
         _pool(g, found[0][0], FEATURES, found[0][2], opset)
     else:
         pooled = [f"edge.tap{i}" for i in range(len(found))]
-        for out, (tensor, _, axes, _) in zip(pooled, found):
+        for out, (tensor, _, axes, *_) in zip(pooled, found):
             _pool(g, tensor, out, axes, opset)
         g.node.append(helper.make_node("Concat", pooled, [FEATURES], axis=1, name="edge.features.concat"))
     g.output.append(helper.make_tensor_value_info(FEATURES, TensorProto.FLOAT, ["batch", width]))
@@ -293,6 +315,18 @@ def tap_model(
     if not (dst.exists() and dst.read_bytes() == data):
         atomic_write_bytes(dst, data)
     return Tapped(dst, tuple(taps), width, head=head, tap_set=used)
+
+
+def _layouts(model, taps: Sequence[str], given: Mapping[str, str]) -> dict[str, str | None]:
+    """Each tap's layout: the one ``given`` for it (``tap_model(..., layout=)``), else the graph's (or None)."""
+    for tensor, value in given.items():
+        if tensor not in taps:
+            raise ConfigError(f"layout of {tensor!r} given, but it is not a tap of model {model.graph.name!r}; "
+                              f"the taps: {list(taps)[:8]}")  # fmt: skip
+        if value not in LAYOUTS:
+            raise ConfigError(f"layout {value!r} of tap {tensor!r}: expected one of {', '.join(LAYOUTS)}")
+    told = Layouts(model)
+    return {t: given.get(t) or told(t) for t in taps}
 
 
 def _not_activation(g, tensor: str) -> str | None:
@@ -327,7 +361,7 @@ CONCAT_FIRST_MAX = 1 << 14
 
 def _small(found: list) -> bool:
     """Whether every tap has a fixed shape apart from the batch and at most ``CONCAT_FIRST_MAX`` values per input."""
-    sizes = [shape[1:] for _, shape, _, _ in found]
+    sizes = [shape[1:] for _, shape, *_ in found]
     if not all(isinstance(d, int) for s in sizes for d in s):
         return False
     return sum(math.prod(s) for s in sizes) <= CONCAT_FIRST_MAX

@@ -7,8 +7,9 @@ Taps for any exported model, three ways:
   inputs: ``attn`` the residual stream after each attention sub-block, ``blocks`` after
   each block, ``all`` after every sub-block; and its outputs: ``mlp-in`` the normalised
   input of each block's MLP (the ``attn`` taps normalised), ``attn-in`` the normalised
-  input of each block's attention (block 0's: the normalised embedding). A CNN's 4-D (NCHW) feature
-  maps, each pooled by a global average over its spatial axes: ``stages`` the last map at
+  input of each block's attention (block 0's: the normalised embedding). A CNN's channels-first feature
+  maps (NCHW; a 1-D CNN's ``[B, C, L]``: the rank of its convs' outputs), each pooled by a global average over its
+  spatial axes: ``stages`` the last map at
   each resolution (the output of each downsampling stage; resolution = the number of
   strided Conv/pool nodes above it, found without shapes), ``residual`` after each
   residual block (a sum of two maps, or the activation that alone reads it). Maps end
@@ -62,9 +63,9 @@ sum), ``BiasGelu``/``FastGelu``/``QuickGelu`` are activations, a ``SkipLayerNorm
 ``EmbedLayerNormalization`` is a norm of the sum it takes in. That sum is an optional output the optimizer drops
 when nothing else reads it (post-LN BERT, a final norm); a tap on it is named ``edge.sum.<norm output>`` and
 :func:`expose_sums` restores the output in the tapped copy. Their shapes come from :mod:`edge.route.tapshapes`.
-Not followed: a ConvNeXt residual sum the optimizer moved into channels-last form (``residual`` then finds fewer
-sums; ``stages`` and ``auto`` are unchanged), and level ALL's NCHWc layout (``com.microsoft.nchwc``), which is
-specific to the machine that saved it. More
+A ConvNeXt residual sum the optimizer moved into channels-last form (``[B, H, W, C]``: it cancels the Transposes
+around the ``Add``) is still a ``residual`` tap, pooled over ``H, W``. Not followed: level ALL's NCHWc layout
+(``com.microsoft.nchwc``), which is specific to the machine that saved it. More
 taps score a little better but cost more: the detector whitens ``d x d`` per input up to the head's
 rank (256), ``d x rank`` beyond it (:mod:`edge.route.head`), and ``d`` grows with each tap (BENCHMARKS.md
 compares them).
@@ -78,7 +79,7 @@ from collections.abc import Callable, Sequence
 from edge.errors import ConfigError, FormatError
 from edge.format.modelinfo import META_KEY
 from edge.registry import Registry
-from edge.route.tapshapes import feature_shapes, fused, tensor_shapes
+from edge.route.tapshapes import LAST, Layouts, feature_shapes, fused, tensor_shapes
 
 __all__ = [
     "SUM_PREFIX",
@@ -198,49 +199,67 @@ def _stride(node) -> int:
     return max(strides, default=1)
 
 
-def _feature_maps(model) -> list[tuple[str, int, bool]]:
-    """``(tensor, resolution level, residual sum?)`` of every 4-D feature map a node computes, in graph order.
+def _feature_maps(model, last_sums: bool = False) -> list[tuple[str, int, bool]]:
+    """``(tensor, resolution level, residual sum?)`` of every channels-first feature map a node computes (4-D for a
+    2-D CNN, 3-D ``[B, C, L]`` for a 1-D one: the rank of its convs' outputs), in graph order; with ``last_sums``
+    also the residual sums of channels-last maps (onnxruntime's optimizer cancels the Transposes around ConvNeXt's
+    residual ``Add``: its sum is then ``[B, H, W, C]``, the same values as before, pooled over ``H, W``).
 
     The level counts the strided Conv/pool nodes between the input and the tensor (shape-free,
     so symbolic input sizes work); a residual sum is an ``Add`` of two feature maps.
     """
     inits = {i.name for i in model.graph.initializer}
     rank = {k: len(v) for k, v in tensor_shapes(model).items()}
-    level = {i.name: 0 for i in model.graph.input if rank.get(i.name) == 4 and i.name not in inits}
-    out, last = [], set()  # last: channels-last maps (ConvNeXt: Transpose to NHWC, LayerNorm, MLP, back to NCHW)
+    r = next((rank[n.output[0]] for n in model.graph.node if n.op_type in _CONVS and rank.get(n.output[0], 0) > 2), 4)
+    to_last, to_first = [0, *range(2, r), 1], [0, r - 1, *range(1, r - 1)]  # [0, 2, 3, 1] and [0, 3, 1, 2] in 2-D
+    level = {i.name: 0 for i in model.graph.input if rank.get(i.name) == r and i.name not in inits}
+    out, last, sums = [], set(), set()  # last: channels-last maps (ConvNeXt: Transpose to NHWC, LN, MLP, to NCHW)
     raw = set(level)  # the input and its layout changes (tf2onnx's NHWC -> NCHW Transpose): pixels, not features
     for node in model.graph.node:
         ins = [level[i] for i in node.input if i in level]
-        if ins and node.op_type == "Transpose" and rank.get(node.output[0]) == 4:
-            perm = _perm(node)
-            if perm == [0, 2, 3, 1] and node.input[0] not in last or node.input[0] in last and perm != [0, 3, 1, 2]:
+        if ins and node.op_type == "Transpose" and rank.get(node.output[0]) == r:
+            perm, src = _perm(node), node.input[0]
+            if src in raw and perm == to_first:  # the input's layout change (in 1-D the same perm as to_last)
+                pass
+            elif perm == to_last and src not in last or src in last and perm != to_first:
                 last.add(node.output[0])
-            elif perm != [0, 3, 1, 2]:
-                continue
+            elif perm != to_first or src not in last:  # a map permuted for a recurrent layer (CRNN: [B, W, C, H]) is
+                continue  # no map: its channels are neither first nor last
             level[node.output[0]] = max(ins)
-            if node.input[0] in raw:
+            if src in raw:
                 raw.add(node.output[0])
             elif node.output[0] not in last:
                 out.append((node.output[0], max(ins), False))
             continue
         if ins and any(i in last for i in node.input):
-            last.update(o for o in node.output if rank.get(o) == 4)
-            level.update({o: max(ins) for o in node.output if rank.get(o) == 4})
+            last.update(o for o in node.output if rank.get(o) == r)
+            level.update({o: max(ins) for o in node.output if rank.get(o) == r})
+            if last_sums and node.output[0] in last and _is_sum(node, level):
+                out.append((node.output[0], max(ins), True))
+                sums.add(node.output[0])
             continue
         carry = node.op_type in _CARRY_OPS
         if not (node.op_type in _MAP_OPS or carry) or not ins:
             continue
         lv = max(ins) + (_stride(node) > 1)
         for o in node.output:
-            if rank.get(o) == 5 or node.op_type == "SplitToSequence":  # inside a shuffle or a split
+            if rank.get(o) == r + 1 or node.op_type == "SplitToSequence":  # inside a shuffle or a split
                 level[o] = lv
-            elif rank.get(o) == 4 and (
-                not carry or node.op_type == "SequenceAt" or node.op_type == "Reshape" and rank.get(node.input[0]) == 5
+            elif rank.get(o) == r and (
+                not carry
+                or node.op_type == "SequenceAt"
+                or node.op_type == "Reshape"
+                and rank.get(node.input[0]) == r + 1
             ):
                 level[o] = lv
                 if node.op_type != "Pad":  # a padded map's border is zeros, not features: its input is the tap
                     out.append((o, lv, _is_sum(node, level)))
-    return out
+    told = Layouts(model)  # a rank-3 input read by a conv and by token layers alike: its token tensors are not maps
+    return [m for m in out if (told(m[0]) == LAST) == (m[0] in sums)]
+
+
+#: convolutions: the rank of their outputs is the rank of a model's feature maps
+_CONVS = ("Conv", "FusedConv")
 
 
 def _is_sum(node, level) -> bool:
@@ -267,7 +286,7 @@ def _stages(model) -> list[str]:
 
 def _residual(model) -> list[str]:
     """After each residual block: each residual sum, or the activation that alone reads it."""
-    maps = _feature_maps(model)
+    maps = _feature_maps(model, last_sums=True)
     names = {t for t, _, _ in maps}
     consumers: dict[str, list] = {}
     for node in model.graph.node:

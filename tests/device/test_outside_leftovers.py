@@ -75,7 +75,7 @@ def test_float16_and_float64_taps_are_cast_to_float32_and_pooled(tmp_path, dtype
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 5, 8])],
     )
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "m.onnx")
-    tapped = tap_model(tmp_path / "m.onnx", tmp_path / "t.onnx", ["r"], mask=None)
+    tapped = tap_model(tmp_path / "m.onnx", tmp_path / "t.onnx", ["r"], mask=None, layout={"r": "channels-last"})
     assert tapped.width == 8
     x = np.random.default_rng(0).normal(size=(3, 5, 8)).astype(np.float32)
     out = ort.InferenceSession(str(tmp_path / "t.onnx"), providers=["CPUExecutionProvider"]).run(None, {"x": x})
@@ -98,5 +98,5 @@ def test_a_float32_tap_gets_no_cast(tmp_path):
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 5, 8])],
     )
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "m.onnx")
-    tap_model(tmp_path / "m.onnx", tmp_path / "t.onnx", ["y"], mask=None)
+    tap_model(tmp_path / "m.onnx", tmp_path / "t.onnx", ["y"], mask=None, layout={"y": "channels-last"})
     assert [n.op_type for n in onnx.load(tmp_path / "t.onnx").graph.node] == ["Relu", "ReduceMean"]
