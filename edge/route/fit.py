@@ -15,7 +15,7 @@ from edge.errors import ConfigError
 from edge.format.feeds import run_batched
 from edge.route.hdc import HDC
 
-__all__ = ["Domain", "Refit", "State", "fit_states", "run_features"]
+__all__ = ["Domain", "Refit", "State", "fit_states", "grow_states", "run_features"]
 
 
 @dataclass
@@ -74,7 +74,7 @@ def run_features(runtime, input_name: str, features: str, logits: str, x: np.nda
     return np.concatenate(out[features]), np.concatenate(out[logits])
 
 
-def fit_states(runtime, domains: list[Domain], config, features: Callable, batch: int = 256) -> dict:
+def fit_states(runtime, domains: list[Domain], config, features: Callable, batch: int = 256, only=None) -> dict:
     """One calibrated detector per state, from ``domains`` (a snapshot; nothing in it is changed).
 
     Switches ``runtime`` to every state in turn; ``features(runtime, x, batch)`` returns
@@ -90,7 +90,7 @@ def fit_states(runtime, domains: list[Domain], config, features: Callable, batch
     against fitting on one half and calibrating on the other. ``config`` is the router's
     :class:`~edge.route.router.RouterConfig` (``hdc_dim``, ``hdc_bias``, ``hdc_rank``, ``seed``,
     ``refine_epochs``, ``refine_lr``, ``tpr``, ``confident_quantile``). Returns
-    ``{adapter (None = base): State}``.
+    ``{adapter (None = base): State}``; with ``only`` (adapters), those states alone.
     """
     cfg = config
     missing = sorted({d.adapter for d in domains if d.adapter is not None} - set(runtime.adapters))
@@ -105,22 +105,59 @@ def fit_states(runtime, domains: list[Domain], config, features: Callable, batch
             det.refine(f, y, d, cfg.refine_epochs, cfg.refine_lr, check)
         return det
 
-    states = {}
-    for adapter in dict.fromkeys(d.adapter for d in domains):
+    adapters = dict.fromkeys(d.adapter for d in domains) if only is None else dict.fromkeys(only)
+    return {a: _fit_state(runtime, a, domains, fitted, cfg, features, batch) for a in adapters}
+
+
+def grow_states(runtime, states: dict, domains: list[Domain], config, features: Callable, batch: int = 256) -> dict:
+    """The states after ``domains[-1]`` was grown, refitting only what it changes (``RouterConfig.grow``
+    ``"incremental"``).
+
+    ``states``: ``{adapter: State}`` fitted on ``domains[:-1]`` (copies: they are changed). The grown domain's
+    state is fitted on every reservoir as :func:`fit_states` does; every other state runs only the grown
+    domain's reservoir, bundled into its detector as domain ``len(domains) - 1`` (:meth:`HDC.update`: whitening,
+    cross-fitted offset kept), then its prototypes retrained (:meth:`HDC.refine`) on the kept calibration rows,
+    keyed by where they route before the growth, and the new reservoir; the threshold is recalibrated on the
+    kept rows, where the new domain takes one domain's share (:meth:`HDC.add_domain_rows`). A refit after growing
+    domain n runs 2n - 1 reservoirs instead of n^2 and fits one state's detectors instead of n.
+    """
+    new, index = domains[-1], len(domains) - 1
+    out = {}
+    for adapter, st in states.items():
+        if adapter == new.adapter:
+            continue
         runtime.switch(adapter)
-        runtime.wait_settled()  # bulk runs go faster on the settled (prepacked) session
-        parts = []
-        for i, d in enumerate(domains):
-            feats, logits = features(runtime, d.x, batch)
-            parts.append((feats, logits, d.y, np.full(len(d.x), i), np.arange(len(d.x)) % 2 == 0))
-        f, lg, y, dom, half = (np.concatenate(p) for p in zip(*parts))
-        a, b = (tuple(v[m] for v in (f, lg, y, dom)) for m in (half, ~half))
-        det_a, det_b = fitted(*a, (b[0], b[3])), fitted(*b, (a[0], a[3]))
-        held_out = np.concatenate([det_a.score(b[0]), det_b.score(a[0])])  # cross-fitted ID scores
-        det = fitted(f, lg, y, dom, None)
-        det.calibrate(f, lg, cfg.tpr, held_out=held_out)
-        states[adapter] = State(det, float(np.quantile(held_out, cfg.confident_quantile)))
-    return states
+        runtime.wait_settled()
+        f, lg = features(runtime, new.x, batch)
+        det, grown = st.detector, np.full(len(f), index)
+        kept = det.kept_rows  # the known domains' kept rows, keyed by the (domain, class) they route to now
+        kd, ky = np.array([det.class_keys[k] for k in det.similarities(kept)[:, : len(det.class_keys)].argmax(1)]).T
+        det.add_domain_rows(f)
+        det.update(f, lg, labels=new.y, domains=grown)
+        if config.refine_epochs > 0:  # retrain: the grown domain's inputs won, the known ones' routes kept
+            ys, ds = np.concatenate([ky, new.y]), np.concatenate([kd, grown])
+            det.refine(np.concatenate([kept, f]), ys, ds, config.refine_epochs, config.refine_lr)
+            det.recalibrate()
+        out[adapter] = State(det, st.confident)
+    out.update(fit_states(runtime, domains, config, features, batch, only=[new.adapter]))
+    return {a: out[a] for a in dict.fromkeys(d.adapter for d in domains)}
+
+
+def _fit_state(runtime, adapter, domains: list[Domain], fitted: Callable, cfg, features: Callable, batch: int) -> State:
+    """``adapter``'s state fitted on every domain's reservoir under it (:func:`fit_states`)."""
+    runtime.switch(adapter)
+    runtime.wait_settled()  # bulk runs go faster on the settled (prepacked) session
+    parts = []
+    for i, d in enumerate(domains):
+        feats, logits = features(runtime, d.x, batch)
+        parts.append((feats, logits, d.y, np.full(len(d.x), i), np.arange(len(d.x)) % 2 == 0))
+    f, lg, y, dom, half = (np.concatenate(p) for p in zip(*parts))
+    a, b = (tuple(v[m] for v in (f, lg, y, dom)) for m in (half, ~half))
+    det_a, det_b = fitted(*a, (b[0], b[3])), fitted(*b, (a[0], a[3]))
+    held_out = np.concatenate([det_a.score(b[0]), det_b.score(a[0])])  # cross-fitted ID scores
+    det = fitted(f, lg, y, dom, None)
+    det.calibrate(f, lg, cfg.tpr, held_out=held_out)
+    return State(det, float(np.quantile(held_out, cfg.confident_quantile)))
 
 
 class Refit:

@@ -52,7 +52,7 @@ import numpy as np
 from edge.errors import ConfigError
 from edge.route.detectors import DETECTORS, Detector, as_matrix, check_inputs, threshold_at_tpr
 from edge.route.head import HEAD_C, HEAD_E, HEAD_M, HEAD_MU, HEAD_P, HEAD_RANK, HEAD_T, HEAD_UNUSED
-from edge.route.linalg import LowRankWhitening, group_sums, matmul, unit_rows, whitener
+from edge.route.linalg import LowRankWhitening, group_sums, hadamard_rows, matmul, unit_rows, whitener
 
 __all__ = ["HDC"]
 
@@ -129,18 +129,21 @@ class HDC(Detector):
 
     def _update(self, f, lg, y, d):
         v = self.encode(f) if self.encoding == "linear" else self.hypervectors(f)
-        for part, keys, rows in (
-            ("class", self.class_keys, list(zip(d.tolist(), y.tolist()))),
-            ("domain", self.domain_keys, d.tolist()),
-        ):
-            for k in rows:
-                if k not in keys:
+        for part, keys, rows in (("class", self.class_keys, np.stack([d, y], 1)), ("domain", self.domain_keys, d)):
+            # each distinct key once, in order of first appearance (O(N log N), not N x keys)
+            uniq, first, inv = np.unique(rows, axis=0, return_index=True, return_inverse=True)
+            index = {k: i for i, k in enumerate(keys)}
+            at = np.empty(len(uniq), np.int64)
+            for u in np.argsort(first, kind="stable").tolist():
+                k = tuple(uniq[u].tolist()) if uniq.ndim > 1 else int(uniq[u])
+                if k not in index:
+                    index[k] = len(keys)
                     keys.append(k)
+                at[u] = index[k]
             sums = self._sums[part]
             if len(keys) > len(sums):
                 sums = np.vstack([sums, np.zeros((len(keys) - len(sums), sums.shape[1]))])
-            index = {k: i for i, k in enumerate(keys)}
-            self._sums[part] = sums + group_sums(np.array([index[k] for k in rows]), v, len(keys))
+            self._sums[part] = sums + group_sums(at[inv.ravel()], v, len(keys))
         self._refresh()
 
     def _refresh(self) -> None:
@@ -240,7 +243,7 @@ class HDC(Detector):
 
     def _projection(self) -> np.ndarray:
         if self._p is None:
-            self._p = _hadamard_rows(self._width + 1, self.dim, self.seed).astype(np.float32)
+            self._p = hadamard_rows(self._width + 1, self.dim, self.seed).astype(np.float32)
         return self._p
 
     # scoring ------------------------------------------------------------------------------
@@ -288,9 +291,21 @@ class HDC(Detector):
             self.threshold = threshold_at_tpr(held_out, tpr)
             self._offset = inside - self.threshold
         if self.encoding == "linear":  # whitening is fixed between fits: keep the whitened set for recalibration
-            keep = np.random.default_rng(self.seed).permutation(len(f))[: self.RECALIBRATE_ROWS]
-            self._cal_u = self._whitened(f[np.sort(keep)])
+            keep = np.sort(np.random.default_rng(self.seed).permutation(len(f))[: self.RECALIBRATE_ROWS])
+            self._cal_u = self._whitened(f[keep])
+            self._cal = (f[keep], self._cal[1][keep])  # not all of f: a router's states would hold every reservoir
         return self.threshold
+
+    def add_domain_rows(self, features) -> None:
+        """Let a new domain's ID inputs hold its share (one domain's) of the kept recalibration rows (linear,
+        calibrated): then :meth:`update` it with them; the threshold it recalibrates covers that domain too."""
+        u = self._cal_u[0]
+        n, rng = len(self.domain_keys) + 1, np.random.default_rng(self.seed + len(self.domain_keys))
+        old = np.sort(rng.permutation(len(u))[: len(u) - len(u) // n])
+        new = np.sort(rng.permutation(len(features))[: max(1, len(u) // n)])
+        f, (kf, klg) = self._features(features)[new], self._cal
+        self._cal_u = tuple(np.concatenate([a[old], b]) for a, b in zip(self._cal_u, self._whitened(f)))
+        self._cal = (np.concatenate([kf[old], f]), np.concatenate([klg[old], np.zeros((len(f), klg.shape[1]))]))
 
     def update(self, features, logits=None, labels=None, domains=None) -> None:
         f = as_matrix(features, "features")
@@ -303,10 +318,19 @@ class HDC(Detector):
                 self.threshold -= self._offset
             return
         self._update(*check_inputs(self._features(f), lg, labels, domains))
-        u, inv = self._cal_u  # recalibrate from the cached whitened set: only the prototype products change
+        self.recalibrate()
+
+    def recalibrate(self) -> None:
+        """The threshold again from the kept whitened rows (linear, calibrated): only the prototypes changed."""
+        u, inv = self._cal_u
         nc = len(self.class_keys)
         scores = (matmul(u, self._a[:, :nc]) + self._b[:nc]).max(1) * inv
         self.threshold = threshold_at_tpr(scores, self.tpr) - self._offset
+
+    @property
+    def kept_rows(self) -> np.ndarray:
+        """The feature rows kept from :meth:`calibrate` (at most ``RECALIBRATE_ROWS``)."""
+        return self._cal[0]
 
     def assess(self, features) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """ID score, routed domain id, and the routed domain's domain-prototype similarity per input."""
@@ -424,14 +448,3 @@ class HDC(Detector):
             return self.similarities(features)[:, : len(self.class_keys)].max(1)
         raw, inv = self._raw(self._features(features))
         return raw[:, : len(self.class_keys)].max(1) * inv
-
-
-def _hadamard_rows(rows: int, dim: int, seed: int) -> np.ndarray:
-    """``rows`` distinct rows of the ``dim x dim`` Sylvester-Hadamard matrix, random column signs (int8 +-1)."""
-    rng = np.random.default_rng(seed)
-    r = rng.choice(dim, size=rows, replace=False).astype(np.int64)
-    a = r[:, None] & np.arange(dim, dtype=np.int64)[None, :]  # H[i, j] = (-1)^popcount(i & j)
-    for shift in (32, 16, 8, 4, 2, 1):
-        a ^= a >> shift
-    signs = rng.choice(np.array([-1, 1], np.int8), size=dim)
-    return (1 - 2 * (a & 1)).astype(np.int8) * signs

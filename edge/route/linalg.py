@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["LowRankWhitening", "group_sums", "matmul", "top_eigen", "unit_rows", "whitener"]
+__all__ = ["LowRankWhitening", "group_sums", "hadamard_rows", "matmul", "top_eigen", "unit_rows", "whitener"]
 
 #: OpenBLAS runs a GEMM with m * n * k up to this on the calling thread (SMP_THRESHOLD_MIN * 4)
 SINGLE_THREAD_MNK = 1 << 18
@@ -132,3 +132,14 @@ def group_sums(index: np.ndarray, v: np.ndarray, groups: int) -> np.ndarray:
 def unit_rows(x: np.ndarray) -> np.ndarray:
     """``x`` with every row scaled to unit L2 norm (zero rows stay zero)."""
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def hadamard_rows(rows: int, dim: int, seed: int) -> np.ndarray:
+    """``rows`` distinct rows of the ``dim x dim`` Sylvester-Hadamard matrix, random column signs (int8 +-1)."""
+    rng = np.random.default_rng(seed)
+    r = rng.choice(dim, size=rows, replace=False).astype(np.int64)
+    a = r[:, None] & np.arange(dim, dtype=np.int64)[None, :]  # H[i, j] = (-1)^popcount(i & j)
+    for shift in (32, 16, 8, 4, 2, 1):
+        a ^= a >> shift
+    signs = rng.choice(np.array([-1, 1], np.int8), size=dim)
+    return (1 - 2 * (a & 1)).astype(np.int8) * signs

@@ -18,7 +18,9 @@ domain produces *under that state* (each domain keeps a small reservoir of input
 this). A batch is served by the active state and the same pass's features are scored by
 that state's detector: the ID score says whether the input belongs to any known domain,
 the domain prototypes say which. No probing pass is needed; refitting (after a domain is
-added) runs every reservoir through every state once.
+added) runs every reservoir through every state once: n^2 reservoirs and n states' fits for n
+domains. With ``RouterConfig(grow="incremental")`` a grown domain costs 2n - 1 reservoirs and one
+state's fit (:func:`edge.route.fit.grow_states`); :meth:`Reconfigurator.fit` still refits all.
 
 **Routing vote.** The domain of the most similar class prototype; the class prototypes
 are retrained for routing at every :meth:`Reconfigurator.fit` (:meth:`edge.route.hdc.HDC.refine`,
@@ -61,6 +63,7 @@ is recalibrated then. Labelled inputs also refresh the domain's reservoir.
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from dataclasses import dataclass, replace
@@ -68,7 +71,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from edge.errors import ConfigError
-from edge.route.fit import Domain, Refit, State, fit_states, run_features
+from edge.route.fit import Domain, Refit, State, fit_states, grow_states, run_features
 from edge.route.hdc import HDC
 from edge.route.head import HEAD_RANK
 from edge.route.headsync import HeadSync
@@ -78,6 +81,8 @@ from edge.route.taps import VOTE, Tapped
 __all__ = ["Reconfigurator", "Refit", "RouterConfig", "Step"]
 
 log = logging.getLogger("edge.route.router")
+
+GROW_MODES = ("refit", "incremental")
 
 
 @dataclass(frozen=True)
@@ -100,6 +105,7 @@ class RouterConfig:
     refine_epochs: int = 10  # HDC retraining of the class prototypes for routing (edge.route.hdc.HDC.refine); 0 = off
     refine_lr: float = 1.0
     head_sync_s: float = 1.0  # least time between writes of updated prototypes into the graph head
+    grow: str = "refit"  # on add_grown: "refit" every state on every reservoir, or "incremental" (fit.grow_states)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -114,6 +120,8 @@ class RouterConfig:
             raise ConfigError(f"need dwell >= 0 and reservoir >= 4, got {self.dwell}, {self.reservoir}")
         if self.head_sync_s < 0:
             raise ConfigError(f"RouterConfig.head_sync_s must be >= 0, got {self.head_sync_s}")
+        if self.grow not in GROW_MODES:
+            raise ConfigError(f"RouterConfig.grow must be one of {GROW_MODES}, got {self.grow!r}")
         if self.refine_epochs < 0 or not self.refine_lr > 0:
             raise ConfigError(f"need refine_epochs >= 0 and refine_lr > 0, got {self.refine_epochs}, {self.refine_lr}")
 
@@ -157,6 +165,7 @@ class Reconfigurator:
         self._input = runtime.info.inputs[0]
         self._domains: dict[str, Domain] = {}
         self._states: dict[str | None, State] = {}
+        self._fitted: list[str] = []  # the domains the states were fitted on
         self._rng = np.random.default_rng(config.seed)
         self.active: str | None = None
         self._policy = WindowPolicy(config)
@@ -240,7 +249,7 @@ class Reconfigurator:
         """Use these detectors from now on; switch to ``switch_to`` (default: stay) with its head."""
         for st in states.values():
             st.head = self._heads.fold(st.detector)
-        self._states = states
+        self._states, self._fitted = states, list(self._domains)
         domain = switch_to or self.active
         adapter = self.adapter_of(domain)
         self._write(adapter, states[adapter])
@@ -348,7 +357,11 @@ class Reconfigurator:
         return self._policy.buffer.take()
 
     def add_grown(self, name: str, adapter: str, x: np.ndarray, y: np.ndarray, *, shadow=None) -> None:
-        """Register a grown domain (its adapter loaded in the runtime), refit every state, and route to it.
+        """Register a grown domain (its adapter loaded in the runtime), refit the states, and route to it.
+
+        ``config.grow``: ``"refit"`` fits every state on every reservoir; ``"incremental"`` fits the grown
+        domain's state and adds the grown domain to the others (:func:`~edge.route.fit.grow_states`), when the
+        states were fitted on every other domain (else it refits all).
 
         With ``shadow`` (a second runtime of the same tapped model with the same adapters,
         this one included), the refit's inference runs there; see :meth:`add_grown_background`
@@ -365,12 +378,12 @@ class Reconfigurator:
         """
         self.add_domain(name, adapter, x, y)
         snapshot, rt = self._snapshot(), shadow or self.rt
-        return Refit(
-            name,
-            self.domains,
-            lambda: fit_states(rt, snapshot, self.config, self._features, 256),
-            thread and shadow is not None,
-        )
+        if self.config.grow == "incremental" and self._fitted == self.domains[:-1]:
+            states = {a: State(copy.deepcopy(st.detector), st.confident) for a, st in self._states.items()}
+            work = lambda: grow_states(rt, states, snapshot, self.config, self._features, 256)  # noqa: E731
+        else:
+            work = lambda: fit_states(rt, snapshot, self.config, self._features, 256)  # noqa: E731
+        return Refit(name, self.domains, work, thread and shadow is not None)
 
     def commit(self, refit: Refit) -> None:
         """Install a finished refit's detectors and route to its grown domain (waits for the refit)."""
