@@ -33,6 +33,11 @@ def register(sub) -> None:
         dest="trusted_keys",
         help="Ed25519 public key (file or hex), repeatable: install only adapters signed by one (as Runtime does)",
     )
+    p.add_argument(
+        "--create-parents",
+        action="store_true",
+        help="create missing parents of --adapters and --cache (refused by default: is the card or disk mounted?)",
+    )
     p.add_argument("--prune", action="store_true", help="delete adapters this tool installed that the release dropped")
     p.add_argument("--insecure", action="store_true", help="plain HTTP to the registry (loopback and lab networks)")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds for each connect and read (default 10)")
@@ -93,6 +98,7 @@ def run(args) -> int:
         cache_dir=args.cache,
         prune=args.prune,
         trusted_keys=args.trusted_keys,
+        create_parents=args.create_parents,
     )
     if args.json:
         print(json.dumps(rep.to_dict(), indent=1, sort_keys=True))

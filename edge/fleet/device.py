@@ -25,8 +25,9 @@ The whole sync, waiting for another one included, ends by ``config.deadline`` (:
 however slowly a registry sends, it stops with exit 1 (``offline``; ``partial`` once adapters were downloading) and
 keeps what it downloaded for the next sync.
 
-The report (:class:`SyncReport`, ``edge sync --json``) says what was installed, kept, refused and
-why, and how many bytes moved.
+What sync keeps on disk (its state, TUF's trusted metadata, the folders) and how a power cut is healed:
+:mod:`edge.fleet.device_state`. The report (:class:`SyncReport`, ``edge sync --json``) says what was installed,
+kept, refused and why, and how many bytes moved.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ from edge.fleet.device_files import sha256_file as _sha256
 from edge.fleet.device_files import sig_path as _sig_path
 from edge.fleet.device_files import stamp as _stamp
 from edge.fleet.device_files import write_json as _write_json
+from edge.fleet.device_state import check_root, durable_updater, load_state, prepare_folders, sweep
 from edge.fleet.oci import (
     FleetConfig,
     FleetError,
@@ -108,12 +110,14 @@ def sync(
     prune: bool = False,
     trusted_keys: list | None = None,
     on_chunk=None,
+    create_parents: bool = False,
 ) -> SyncReport:
     """Sync ``adapter_dir`` to ``config.channel`` for one model (``fingerprint`` or the ``model`` file).
 
     With ``trusted_keys`` (the profile's Ed25519 public keys, as for ``Runtime``), an adapter is
     installed only with a detached signature by one of them (published beside it by ``edge push``),
-    so a runtime that requires signatures can load everything sync installs.
+    so a runtime that requires signatures can load everything sync installs. A missing parent of ``adapter_dir``
+    or ``cache_dir`` (a card that is not mounted?) is refused unless ``create_parents``.
     """
     require_fleet()
     from filelock import Timeout
@@ -134,12 +138,7 @@ def sync(
         raise ConfigError("sync needs the TUF root the device trusts (tuf_root: path of root.json from the host)")
     adapter_dir = Path(adapter_dir)
     cache = Path(cache_dir) if cache_dir else adapter_dir / STATE_DIR
-    try:
-        adapter_dir.mkdir(parents=True, exist_ok=True)
-        for sub in ("tuf", "blobs", "partial"):
-            (cache / sub).mkdir(parents=True, exist_ok=True)
-    except OSError as e:  # a file in the way, no permission, a read-only or full disk
-        raise ConfigError(f"cannot use {e.filename} as a sync folder: {e.strerror}; give a writable folder") from e
+    prepare_folders(adapter_dir, cache, create_parents)
     report = SyncReport(
         registry=f"{config.registry}/{config.repository}", channel=config.channel, fingerprint=fingerprint
     )
@@ -149,6 +148,7 @@ def sync(
                 _locked(adapter_dir / ".edge-sync.lock", deadline.remaining()),
                 _locked(cache / ".lock", deadline.remaining()),  # a shared --cache: one sync at a time
             ):
+                sweep(adapter_dir, cache)  # temp files of killed writes: no other sync can be writing now
                 s = _Sync(config, adapter_dir, cache, fingerprint, info, report, on_chunk)
                 if trusted_keys is not None:
                     from edge.format.signing import load_public_key
@@ -168,9 +168,7 @@ class _Sync:
     def __init__(self, config: FleetConfig, adapter_dir: Path, cache: Path, fp: str, info, report: SyncReport, hook):
         self.cfg, self.dir, self.cache, self.fp, self.info = config, adapter_dir, cache, fp, info
         self.r, self.hook = report, hook
-        self.state = _read_json(cache / "state.json") or {"adapters": {}}
-        if not isinstance(self.state, dict) or not isinstance(self.state.get("adapters"), dict):
-            raise FleetError(f"sync state {cache / 'state.json'} is not a sync state; delete it to start over")
+        self.state = load_state(cache, adapter_dir)  # rebuilt, if torn, from what the disk still proves
         self.trusted: list[bytes] | None = None
 
     # -- the four steps ---------------------------------------------------------------------------------------
@@ -205,16 +203,16 @@ class _Sync:
         """TUF refresh, then this device's targets: ``{"release", "expires", "targets": {name: {...}}}``."""
         from tuf.api import exceptions as tx
         from tuf.api.metadata import Metadata
-        from tuf.ngclient import Updater
 
         from edge.fleet.tuf_oci import METADATA_BASE_URL, bin_probe_paths
         from edge.format.io import read_bounded
 
         # a regular file of at most ngclient's root_max_length: a FIFO or /dev/zero given as the root cannot hang sync
         root = read_bounded(self.cfg.tuf_root, 512_000, what="TUF root (root.json from `edge release init`)")
+        check_root(root, self.cfg.tuf_root)
         meta_dir = self.cache / "tuf"
         try:
-            up = Updater(str(meta_dir), METADATA_BASE_URL, fetcher=fetcher, bootstrap=root)
+            up = durable_updater()(str(meta_dir), METADATA_BASE_URL, fetcher=fetcher, bootstrap=root)
             up.refresh()
             top = Metadata.from_file(str(meta_dir / "targets.json")).signed
             succinct = top.delegations.succinct_roles if top.delegations else None

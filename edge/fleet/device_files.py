@@ -33,7 +33,9 @@ def free_bytes(path: Path) -> int | None:
 
 
 def disk_reason(where: Path, e: OSError) -> str:
-    fix = f"the disk is full ({e.strerror}); free space there" if e.errno == 28 else f"{e}; check that folder"
+    cause = e if e.errno is not None else e.__cause__  # a WriteError carries the system's error as its cause
+    full = isinstance(cause, OSError) and cause.errno == 28
+    fix = f"the disk is full ({cause.strerror}); free space there" if full else f"{e}; check that folder"
     return f"cannot write in {where}: {fix} and sync again (nothing was half-installed)"
 
 

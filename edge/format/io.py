@@ -33,6 +33,7 @@ __all__ = [
     "read_bounded",
     "read_edge_metadata",
     "read_safetensors",
+    "sweep_stale_temps",
     "write_json",
 ]
 
@@ -132,6 +133,37 @@ def _remove_stale_temps(path: Path) -> None:
                 os.unlink(path.parent / name)
             except OSError:
                 pass
+
+
+# what mkstemp makes of atomic_write_bytes' prefix and suffix: ".NAME.PID." + 8 of [a-z0-9_] + ".tmp"
+_TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.[a-z0-9_]{8}\.tmp$")
+
+
+def sweep_stale_temps(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temp files :func:`atomic_write_bytes` left in ``folder`` (``.NAME.PID.XXXXXXXX.tmp``, regular
+    files only) whose writer process no longer runs, and nothing else; returns what was removed.
+
+    A write killed mid-way leaves its temp file until the same name is written again, which may be never (an
+    adapter withdrawn since); call this where no other writer of this project can be at work (under its lock).
+    """
+    folder = Path(folder)
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return []
+    gone = []
+    for name in names:
+        m = _TEMP_NAME.match(name)
+        if not m or pid_alive(int(m.group("pid"))):
+            continue
+        path = folder / name
+        try:
+            if stat.S_ISREG(os.lstat(path).st_mode):
+                os.unlink(path)
+                gone.append(path)
+        except OSError:
+            pass
+    return gone
 
 
 def pid_alive(pid: int) -> bool:

@@ -1,0 +1,204 @@
+"""What a device keeps on disk between syncs, made to survive a power cut (device side, no torch).
+
+- Folders: the adapter folder (and a ``--cache``) may be created, their missing parents only when asked
+  (``create_parents``): a missing parent is most often a card or disk that is not mounted, and creating it would
+  put the adapters on the root disk underneath the mount point.
+- The sync state (``state.json``): per installed adapter its sha256 and release version, the floor no release may
+  go below. One torn by a power cut (set aside by :func:`~edge.fleet.device_files.read_json`) or deleted is rebuilt
+  from what the disk still proves: an installed file whose sha256 is a target of the last verified plan
+  (``plan.json``) or of TUF's trusted metadata (``tuf/``, read before the refresh replaces it) gets that target's
+  version back, the highest if several name it; a file nothing names gets no floor and is downloaded again.
+- TUF's trusted metadata: python-tuf 7 writes it with a temp file and a rename but no fsync, so storage that
+  reorders writes can show an empty trusted root or timestamp after a cut. ngclient has no public hook for how it
+  persists; :func:`durable_updater` overrides its one private writer, ``Updater._persist_file(filename, data)``,
+  with :func:`edge.format.io.atomic_write_bytes` (fsync of the file, then of its folder), and refuses to run if a
+  python-tuf release no longer has it. The root the device is given (``tuf_root``) is checked first: a torn one is
+  a :class:`~edge.errors.ConfigError` naming it and the fix, not a rejected release.
+- Temp files of writes killed mid-way, swept under the sync lock (:func:`sweep`).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from edge.errors import ConfigError, FormatError
+from edge.fleet.device_files import log, read_json, sha256_file, sig_path, stamp, write_json
+from edge.fleet.oci import FleetError
+
+__all__ = ["prepare_folders", "load_state", "durable_updater", "check_root", "sweep"]
+
+MAX_METADATA_BYTES = 5_000_000  # ngclient's targets_max_length: no bin this device verified was larger
+_TARGET = re.compile(r"^[^/]+/(?P<fp>[0-9a-f]{16,64})/(?P<name>[^/]+)\.safetensors(?P<sig>\.sig)?$")
+
+
+def prepare_folders(adapter_dir: Path, cache: Path, create_parents: bool) -> None:
+    """Create the adapter folder, the cache and its sub-folders; a missing parent only with ``create_parents``."""
+    for folder in (adapter_dir, cache):  # all checked before anything is made
+        parent = folder.parent
+        if not create_parents and not folder.is_dir() and not parent.is_dir() and parent != adapter_dir:
+            raise ConfigError(
+                f"{parent} does not exist, so {folder} cannot be made in it: is the card or disk mounted? "
+                "Mount it, or pass --create-parents (sync(create_parents=True)) to create the missing folders"
+            )
+    try:
+        for folder in (adapter_dir, cache):
+            folder.mkdir(parents=create_parents, exist_ok=True)
+        for sub in ("tuf", "blobs", "partial"):
+            (cache / sub).mkdir(exist_ok=True)
+    except OSError as e:  # a file in the way, no permission, a read-only or full disk
+        raise ConfigError(f"cannot use {e.filename} as a sync folder: {e.strerror}; give a writable folder") from e
+
+
+def load_state(cache: Path, adapter_dir: Path) -> dict:
+    """``state.json``; when there is none (first sync, torn, deleted), the floors the files on disk prove."""
+    state = read_json(cache / "state.json")
+    if state is None:
+        state = {"adapters": _rebuild(cache, adapter_dir)}
+        if state["adapters"]:  # saved now: the refresh about to run replaces the metadata that proved it
+            write_json(cache / "state.json", state)
+            found = ", ".join(f"{n} {e['version']}" for n, e in sorted(state["adapters"].items()))
+            log.warning("sync state rebuilt from the verified metadata on disk: %s", found[:400])
+    if not isinstance(state, dict) or not isinstance(state.get("adapters"), dict):
+        raise FleetError(f"sync state {cache / 'state.json'} is not a sync state; delete it to start over")
+    return state
+
+
+def _rebuild(cache: Path, adapter_dir: Path) -> dict:
+    proofs: dict[str, list[dict]] = {}
+    for source in _verified_targets(cache):
+        sigs = {(fp, name): sha for fp, name, sha, _, is_sig in source if is_sig}
+        for fp, name, sha, version, is_sig in source:
+            if not is_sig:
+                proof = {"sha256": sha, "version": version, "fingerprint": f"sha256:{fp}", "sig": sigs.get((fp, name))}
+                proofs.setdefault(name, []).append(proof)
+    out = {}
+    for path in sorted(adapter_dir.glob("*.safetensors")) if proofs else []:
+        name = path.name[: -len(".safetensors")]
+        if name not in proofs or not path.is_file():
+            continue
+        try:
+            st, sha = path.stat(), sha256_file(path)
+        except OSError:
+            continue
+        best = max((p for p in proofs[name] if p["sha256"] == sha), key=lambda p: p["version"], default=None)
+        if best is None:
+            continue
+        entry = {"sha256": sha, "version": best["version"], "length": st.st_size, "fingerprint": best["fingerprint"]}
+        sig = sig_path(path)
+        if best["sig"] and sig.is_file() and sha256_file(sig) == best["sig"]:
+            entry["sig"] = best["sig"]
+        out[name] = entry | {"stamp": stamp(st)}
+    return out
+
+
+def _verified_targets(cache: Path):
+    """Per source (the last plan, each targets file of TUF's trusted set): ``(fp, name, sha256, version, is_sig)``."""
+    plan = read_json(cache / "plan.json")
+    if isinstance(plan, dict) and isinstance(plan.get("targets"), dict):
+        rows = []
+        for t in plan["targets"].values():
+            rows += _rows(t.get("path"), t) if isinstance(t, dict) else []
+            sig = t.get("sig") if isinstance(t, dict) else None
+            if isinstance(sig, dict) and isinstance(t.get("path"), str):
+                rows += _rows(t["path"] + ".sig", sig)
+        yield rows
+    from tuf.api.exceptions import RepositoryError
+    from tuf.api.metadata import Metadata, Targets
+
+    from edge.format.io import read_bounded
+
+    for path in sorted((cache / "tuf").glob("*.json")):
+        if path.is_symlink() or path.name in ("root.json", "timestamp.json", "snapshot.json"):
+            continue
+        try:
+            signed = Metadata.from_bytes(read_bounded(path, MAX_METADATA_BYTES, what="TUF metadata")).signed
+        except (FormatError, RepositoryError):  # torn: it proves nothing
+            continue
+        if isinstance(signed, Targets):
+            yield [
+                r
+                for p, tf in signed.targets.items()
+                for r in _rows(p, {**_custom(tf), "sha256": tf.hashes.get("sha256")})
+            ]
+
+
+def _custom(tf) -> dict:
+    return tf.custom if isinstance(tf.custom, dict) else {}
+
+
+def _rows(path, t: dict) -> list[tuple]:
+    m = _TARGET.match(path) if isinstance(path, str) else None
+    v, sha = t.get("version", 0), t.get("sha256")
+    if not m or isinstance(v, bool) or not isinstance(v, int) or not isinstance(sha, str):
+        return []
+    return [(m["fp"], m["name"], sha, v, bool(m["sig"]))]
+
+
+_DURABLE = None
+
+
+def durable_updater():
+    """python-tuf's ``Updater``, every metadata file it persists written through ``atomic_write_bytes``."""
+    global _DURABLE
+    if _DURABLE is None:
+        import inspect
+
+        import tuf
+        from tuf.ngclient import Updater
+
+        from edge.format.io import atomic_write_bytes
+
+        hook = getattr(Updater, "_persist_file", None)
+        if not callable(hook) or list(inspect.signature(hook).parameters) != ["self", "filename", "data"]:
+            raise FleetError(
+                f"python-tuf {tuf.__version__} no longer writes its metadata through Updater._persist_file(filename, "
+                "data), which edge sync overrides to fsync it: install python-tuf 7 (pip install 'tuf>=7,<8')"
+            )
+
+        class DurableUpdater(Updater):
+            def _persist_file(self, filename: str, data: bytes) -> None:
+                if _same_bytes(filename, data):  # the bootstrap root, persisted again by every sync: no flash write
+                    return
+                atomic_write_bytes(filename, data)  # temp file, fsync, rename, fsync of the folder
+
+        _DURABLE = DurableUpdater
+    return _DURABLE
+
+
+def _same_bytes(path: str, data: bytes) -> bool:
+    from edge.format.io import open_regular
+
+    try:
+        fd, st = open_regular(path)  # a FIFO in its place cannot hang sync
+    except FormatError:
+        return False
+    try:
+        with open(fd, "rb") as f:
+            return st.st_size == len(data) and f.read(len(data) + 1) == data
+    except OSError:  # unreadable: written again
+        return False
+
+
+def check_root(data: bytes, path) -> None:
+    """The device's trusted root must at least be root metadata: a torn one is named, with the fix."""
+    from tuf.api.exceptions import RepositoryError
+    from tuf.api.metadata import Metadata, Root
+
+    fix = "copy root.json from the host's `edge release init` folder (--tuf-dir) back to it"
+    try:
+        signed = Metadata.from_bytes(data).signed
+    except RepositoryError as e:
+        why = (str(e).splitlines() or [type(e).__name__])[0][:160]
+        raise ConfigError(f"the TUF root this device trusts, {path}, is not TUF metadata ({why}; torn?): {fix}") from e
+    if not isinstance(signed, Root):
+        raise ConfigError(f"the TUF root this device trusts, {path}, is {signed.type} metadata, not root: {fix}")
+
+
+def sweep(adapter_dir: Path, cache: Path) -> None:
+    """Remove this project's temp files left by killed writes (``.NAME.PID.XXXXXXXX.tmp`` of a dead PID)."""
+    from edge.format.io import sweep_stale_temps
+
+    for folder in (adapter_dir, cache, cache / "tuf", cache / "tuf" / "root_history", cache / "head"):
+        for path in sweep_stale_temps(folder):
+            log.info("removed %s, left by a write that was killed", path)
