@@ -177,9 +177,13 @@ class Backend(ABC):
         return None
 
     @classmethod
-    def footprint_mb(cls, model: bytes | str | os.PathLike, strategy: str) -> float | None:
+    def footprint_mb(
+        cls, model: bytes | str | os.PathLike, strategy: str, providers: Sequence[str] = ()
+    ) -> float | None:
         """Predicted resident memory (MB) of ``model`` (its file or bytes) under ``strategy``, before it is loaded
-        (what ``backend="auto"`` weighs against a memory budget before measuring); None: not predicted."""
+        (what ``backend="auto"`` weighs against a memory budget before measuring); None: not predicted.
+        ``providers``: what the backend will be asked to run on (a device profile's), where that changes what is
+        held (LiteRT without XNNPACK packs nothing, and runs ``hybrid`` as ``builtin``)."""
         return None
 
     @property
@@ -269,18 +273,19 @@ class ArenaBackend(Rebuilds, Backend):
     A subclass sets ``_arena`` (the float32 arena), ``_offset`` (tensor -> offset in its arena),
     ``_slots`` and ``_strategy``, and ``_arena_of`` (tensor -> its arena) for tensors stored in
     another arena than ``_arena`` (quantized int8/uint8 weights: the integer arena); calls
-    :meth:`_init_rebuilds` before building sessions (where an explicit strategy meets the memory budget), and
-    provides :meth:`_build_fresh` (a fast session over the current arena, e.g. prepacked) and :meth:`_release`.
+    :meth:`_check_budget` once its strategy is fixed, before it reads more of the model than its prediction needs,
+    and :meth:`_init_rebuilds` before building sessions; provides :meth:`_build_fresh` (a fast session over the
+    current arena, e.g. prepacked) and :meth:`_release`.
     """
 
-    def _init_rebuilds(self, options: BackendOptions) -> None:
-        """Both backends call this once their strategy is fixed and before they build any session: a strategy asked
-        explicitly (not ``auto``, which chose under the budget) is first checked against ``options.memory_mb``
-        (:meth:`check_strategy`), so one over the budget is refused before a session takes memory."""
+    def _check_budget(self, options: BackendOptions, strategy: str) -> None:
+        """Refuse ``strategy`` when it was asked explicitly (not ``auto``, which chose under the budget) and its
+        :meth:`predicted_mb` exceeds ``options.memory_mb`` (:meth:`check_strategy`). ``strategy`` is the one that
+        will run (LiteRT's ``hybrid`` without XNNPACK runs as ``builtin``). Each backend calls this before it
+        reads its weights where its prediction does not need them (onnxruntime), and before any session."""
         if options.memory_mb is not None and options.strategy != "auto":
             predicted = {s: self.predicted_mb(s) for s in self.STRATEGIES}
-            self.check_strategy(self._strategy, predicted, options.memory_mb, repr(self.info.name))
-        super()._init_rebuilds(options)
+            self.check_strategy(strategy, predicted, options.memory_mb, repr(self.info.name))
 
     def _release(self) -> None:
         """Drop the sessions (after close)."""

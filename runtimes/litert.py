@@ -71,8 +71,9 @@ from edge.format.tflite import read_tflite, tflite_info
 from edge.format.tflite_checks import check_tensor_sizes
 from runtimes.base import BACKENDS, SMALL_MODEL_BYTES, ArenaBackend, BackendOptions, trim_heap
 from runtimes.litert_arena import dynamic_range_ops, load_arena, quant_constants, stale_readers, verify_fingerprint
-from runtimes.litert_footprint import file_mb, litert_parts
+from runtimes.litert_footprint import file_mb, held_bytes, litert_parts
 from runtimes.litert_session import Session, ops_details
+from runtimes.litert_threads import one_thread_reason
 
 __all__ = ["LiteRTBackend", "interpreter_module", "one_thread_reason", "DELEGATES"]
 
@@ -153,10 +154,10 @@ class LiteRTBackend(ArenaBackend):
         return tflite_info(read_bounded(Path(path), MAX_MODEL_BYTES, what="model file"))
 
     @classmethod
-    def footprint_mb(cls, model: bytes | str | os.PathLike, strategy: str, xnnpack: bool = True) -> float:
-        """Predicted resident MB of ``model`` under ``strategy`` before it is loaded (:func:`litert_footprint.file_mb`;
-        ``xnnpack`` False: ``providers=["CPU"]``)."""
-        return file_mb(model, strategy, xnnpack)
+    def footprint_mb(cls, model: bytes | str | os.PathLike, strategy: str, providers: Sequence[str] = ()) -> float:
+        """Predicted resident MB of ``model`` under ``strategy`` before it is loaded (:func:`litert_footprint.file_mb`),
+        as it runs with ``providers`` (``["CPU"]``: without XNNPACK; a delegate not loaded yet counted as XNNPACK)."""
+        return file_mb(model, strategy, xnnpack=set(providers) != {"CPU"})  # as _check_providers decides at load
 
     def __init__(self, model: bytes | str | os.PathLike, options: BackendOptions) -> None:
         self._lib, self.runtime = interpreter_module()
@@ -183,18 +184,10 @@ class LiteRTBackend(ArenaBackend):
         check_tensor_sizes(fb.tensors, options.memory_mb)  # before LiteRT allocates them
         self.info = tflite_info(model, fb)
         self.check_precision(options)  # a float model on an int8-only device (an Edge TPU) is refused here
-        arena = load_arena(model, fb, self.info, owned)
-        self._model, self._arena, integer, self._offset, self._live, self._slots = arena
-        if options.verify:
-            verify_fingerprint(self._model, fb, self.info)
-        self._arena_of = {k: integer[v.dtype] for k, v in self._live.items() if v.dtype.kind in "iu"}
-        self._parts = litert_parts(fb, memoryview(self._model).nbytes, self._want_xnnpack)  # for predicted_mb
-        self._constants = quant_constants(fb, self.info)  # scales and zero points of quantized targets
-        self._names = [t.name for t in fb.tensors]
-        self._writable = frozenset(t.index for t in fb.tensors if t.name in self._live and t.nbytes)
-        self._dynamic = dynamic_range_ops(fb)  # op index -> int8 weight index (hybrid kernels: thread rule)
-        self._one_thread: set[bool] = set()  # interpreter kinds (delegate or not) one_thread_reason held to 1
-        stale = stale_readers(fb, frozenset(t.index for t in fb.tensors if t.name in self._arena_of))
+        # the strategy, and the budget met, from the tensor table: before the model is copied into its arena
+        self._parts = litert_parts(fb, held_bytes(memoryview(model).nbytes, self.info), self._want_xnnpack)
+        quantized = {t.initializer for t in self.info.tensors.values() if t.quant is not None}
+        stale = stale_readers(fb, frozenset(t.index for t in fb.tensors if t.name in quantized))
         if stale and options.strategy == "auto":  # the one strategy that serves it: say so, and take it
             log.info("%s: %s; strategy auto takes 'rebuild'", self.info.name, stale[0])
             strategy = self._strategy = "rebuild"
@@ -208,6 +201,22 @@ class LiteRTBackend(ArenaBackend):
                 "serve a switch at once: use strategy='rebuild', or quantize without those ops "
                 "(exporters.quantize_tflite(..., op_types=...))"
             )
+        self.strategy_reason: str | None = None  # why the strategy run is not the one asked for
+        if strategy == "hybrid" and not self._want_xnnpack:  # providers=["CPU"]: a rebuild would build its twin
+            self._strategy = strategy = "builtin"
+            self.strategy_reason = "hybrid without XNNPACK (providers=['CPU']): one built-in interpreter serves"
+            log.info("%s: %s", self.info.name, self.strategy_reason)
+        self._check_budget(options, strategy)  # checked as it will run
+        arena = load_arena(model, fb, self.info, owned)
+        self._model, self._arena, integer, self._offset, self._live, self._slots = arena
+        if options.verify:
+            verify_fingerprint(self._model, fb, self.info)
+        self._arena_of = {k: integer[v.dtype] for k, v in self._live.items() if v.dtype.kind in "iu"}
+        self._constants = quant_constants(fb, self.info)  # scales and zero points of quantized targets
+        self._names = [t.name for t in fb.tensors]
+        self._writable = frozenset(t.index for t in fb.tensors if t.name in self._live and t.nbytes)
+        self._dynamic = dynamic_range_ops(fb)  # op index -> int8 weight index (hybrid kernels: thread rule)
+        self._one_thread: set[bool] = set()  # interpreter kinds (delegate or not) one_thread_reason held to 1
         self._input_names = list(self.info.inputs) or [
             self._names[i] for i in fb.inputs if self._names[i] not in self._slots
         ]
@@ -218,20 +227,14 @@ class LiteRTBackend(ArenaBackend):
         self._init_rebuilds(options)  # _static: the XNNPACK interpreter
         self._builtin: Session | None = None
         self._builtin_ms: float | None = None  # last run time on the built-in kernels (hybrid's wait policy)
-        self.strategy_reason: str | None = None  # why the strategy run is not the one asked for
 
         if strategy in ("builtin", "hybrid"):
             self._builtin = self._build(delegate=False)
-        if strategy == "hybrid" and not self._want_xnnpack:  # providers=["CPU"]: a rebuild would build its twin
-            self._strategy = strategy = "builtin"
-            self.strategy_reason = "hybrid without XNNPACK (providers=['CPU']): one built-in interpreter serves"
         if strategy in ("rebuild", "hybrid"):
             self._static = self._build_fresh()
             self._static_gen = 0
         if strategy == "hybrid":
             self._start_rebuilds("edge-litert-rebuild")
-        if self.strategy_reason:
-            log.info("%s: %s", self.info.name, self.strategy_reason)
 
     # -- contract ---------------------------------------------------------------------------
     @property
@@ -416,39 +419,3 @@ def _check_providers(asked: Sequence[str]) -> bool:
             "(() = XNNPACK with built-in kernels; ['CPU'] = built-in kernels only)"
         )
     return not asked or "XNNPACK" in asked
-
-
-def one_thread_reason(ops: Sequence[Mapping], delegate: bool, writable: frozenset[int], dynamic: Mapping[int, int]):
-    """Why an interpreter with these op details (``_get_ops_details()``) must run on one thread, or None.
-
-    - Built-in kernels only: their multithreaded ``CONV_2D`` copies its filter to HWCN at its first run
-      and never reads the model bytes again (conv.cc: have_weights_been_transposed); on one thread it reads
-      them every run, so an adaptable ``CONV_2D`` filter needs one thread.
-    - Any interpreter that leaves a dynamic-range op (``dynamic``: op index -> int8 weight index, from
-      :func:`runtimes.litert_arena.dynamic_range_ops`) to the built-in kernels: those split even tiny work
-      over the threads and were measured to collapse with two (ai-edge-litert 2.3.0, 2 cores under load,
-      fresh processes: digits CNN dynamic 0.011 ms on 1 thread, 0.05-3.4 ms on 2, built-in alone or under
-      XNNPACK; ViT dynamic built-in 0.11 ms vs 1.7-1.9 ms), while XNNPACK's own partitions did not (the float
-      built-in kernels collapse too where they split work, ViT fp32 0.11 vs 0.4-1.0 ms, but not on the CNN).
-      An op is XNNPACK's when its weight is an input of a ``DELEGATE`` node.
-    """
-    ops = list(ops)
-    if not delegate:
-        for op in ops:
-            inputs = list(op.get("inputs", ()))
-            if op.get("op_name") == "DELEGATE" and "inputs" not in op:
-                return "no op listing to check the built-in CONV_2D filters against the adaptable tensors"
-            if op.get("op_name") == "CONV_2D" and len(inputs) > 1 and int(inputs[1]) in writable:
-                return "their multithreaded CONV_2D keeps a copy of an adaptable filter and would not see a switch"
-    if dynamic and any("inputs" not in op for op in ops):
-        return "no op listing to tell which of its dynamic-range ops XNNPACK takes (the rest collapse on 2 threads)"
-    taken = {int(i) for op in ops if op.get("op_name") == "DELEGATE" for i in op.get("inputs", ())}
-    left = sorted({str(ops[k].get("op_name")) for k, w in dynamic.items() if k < len(ops) and w not in taken})
-    if left:
-        where = "XNNPACK leaves its" if delegate else "it runs its"
-        fix = "; to keep XNNPACK's threads, quantize without them (exporters.quantize_tflite(..., op_types=...))"
-        return (
-            f"{where} dynamic-range {', '.join(left)} to the built-in kernels, which were measured to collapse "
-            f"on more than one thread{fix if delegate else ''}"
-        )
-    return None

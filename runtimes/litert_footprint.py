@@ -31,7 +31,9 @@ What a LiteRT model keeps resident, per part (:func:`litert_parts`), and which s
     workspace add; plus :data:`INTERPRETER_MB`, what an interpreter's operator and tensor tables hold.
 
 ``builtin`` holds model + one arena; ``rebuild`` model + packed + one arena (a rebuild frees the stale
-interpreter before it packs anew, ``FREE_STALE_BEFORE_BUILD``); ``hybrid`` model + packed + two arenas.
+interpreter before it packs anew, ``FREE_STALE_BEFORE_BUILD``); ``hybrid`` model + packed + two arenas. Without
+XNNPACK (``providers=["CPU"]``) nothing is packed, and ``hybrid`` is predicted as what runs: ``builtin`` (the
+backend serves it with its one built-in interpreter, :class:`runtimes.litert.LiteRTBackend`).
 Not counted: the Python process and LiteRT's shared libraries (paid once a process, whatever the model),
 and an input batch larger than the file's (the arena grows with it); the adapters held are counted apart
 (:attr:`edge.Runtime.adapter_bytes`).
@@ -64,6 +66,7 @@ __all__ = [
     "TABLE_BYTES",
     "LiteRTParts",
     "file_mb",
+    "held_bytes",
     "litert_parts",
     "predict_mb",
 ]
@@ -90,11 +93,14 @@ class LiteRTParts:
     packed: int  # XNNPACK's packed weights, one XNNPACK interpreter's copy
     peak: int  # the largest sum of activation tensors alive at once, at the file's batch (XNNPACK's interpreter)
     peak_builtin: int  # the same with the built-in CONV_2D's im2col buffer alive during its op
+    xnnpack: bool = True  # False: providers=["CPU"], where hybrid runs as builtin
 
     def mb(self, strategy: str) -> float:
-        """Predicted resident MB under ``strategy``."""
+        """Predicted resident MB under ``strategy`` (as it runs: ``hybrid`` without XNNPACK is ``builtin``)."""
         if strategy not in STRATEGIES:
             raise ConfigError(f"unknown tflite strategy {strategy!r}; allowed: {', '.join(STRATEGIES)}")
+        if strategy == "hybrid" and not self.xnnpack:
+            strategy = "builtin"
         peaks = {"hybrid": (self.peak, self.peak_builtin), "rebuild": (self.peak,), "builtin": (self.peak_builtin,)}
         arenas = sum(p * ARENA_FACTOR / _MB + INTERPRETER_MB for p in peaks[strategy])
         return (self.model + self.tables) / _MB + (0 if strategy == "builtin" else self.packed / _MB) + arenas
@@ -107,7 +113,7 @@ def litert_parts(fb: TfliteModel, model_bytes: int, xnnpack: bool = True) -> Lit
     tables = TABLE_BYTES * len(fb.tensors) + SCALE_BYTES * scales
     builtin = _peak(fb, im2col=True)
     if not xnnpack:
-        return LiteRTParts(model_bytes, tables, 0, builtin, builtin)
+        return LiteRTParts(model_bytes, tables, 0, builtin, builtin, xnnpack=False)
     return LiteRTParts(model_bytes, tables, _packed(fb), _peak(fb, im2col=False), builtin)
 
 
@@ -122,13 +128,20 @@ def file_mb(model, strategy: str, xnnpack: bool = True) -> float:
     lays them out (the file, padded, then each slot). A path is read once, bounded, and let go."""
     from edge.format.io import read_bounded
     from edge.format.tflite import read_tflite, tflite_info
-    from runtimes.litert_arena import ALIGN
 
     data = model if isinstance(model, (bytes, bytearray)) else read_bounded(model, 1 << 40, what="model file")
     fb = read_tflite(data)
-    slots = [t for t in tflite_info(data, fb).tensors.values() if t.slot]
-    held = -(-len(data) // ALIGN) * ALIGN + sum(-(-4 * math.prod(t.shape) // ALIGN) * ALIGN for t in slots)
-    return litert_parts(fb, held, xnnpack).mb(strategy)
+    return litert_parts(fb, held_bytes(len(data), tflite_info(data, fb)), xnnpack).mb(strategy)
+
+
+def held_bytes(nbytes: int, info) -> int:
+    """The bytes the backend holds for a file of ``nbytes`` whose :class:`~edge.format.modelinfo.ModelInfo` is
+    ``info``, laid out as :func:`runtimes.litert_arena.load_arena` does: the file, padded, then each slot's float32
+    values, padded; known before the file is copied."""
+    from runtimes.litert_arena import ALIGN
+
+    slots = [t for t in info.tensors.values() if t.slot]
+    return -(-nbytes // ALIGN) * ALIGN + sum(-(-4 * math.prod(t.shape) // ALIGN) * ALIGN for t in slots)
 
 
 def _nbytes(t) -> int:

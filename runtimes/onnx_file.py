@@ -40,6 +40,7 @@ __all__ = [
     "take_writable",
     "tensor_proto",
     "verify_fingerprint",
+    "writable_dtypes",
 ]
 
 
@@ -181,18 +182,14 @@ def tensor_proto(buf, stored: Stored):
 ONNX_DTYPES = {1: np.dtype(np.float32), 2: np.dtype(np.uint8), 3: np.dtype(np.int8)}
 
 
-def take_writable(
-    buf, inits: Mapping[str, Stored], writable: Sequence[str], read, dtypes: Mapping[str, str] | None = None
-):
-    """Copy the writable initializers from the file into one arena per element type, all carved from one buffer
-    (:func:`runtimes.lines.arena_group`); return the arenas (dtype -> flat array), each tensor's offset in its
-    arena, and a view per tensor.
-
-    ``dtypes`` names the element type each tensor must have (``"int8"`` for a quantized target);
-    every other writable tensor must be float32.
-    """
-    from onnx import numpy_helper
-
+def writable_dtypes(
+    inits: Mapping[str, Stored], writable: Sequence[str], dtypes: Mapping[str, str] | None = None
+) -> dict[str, np.dtype]:
+    """Each writable initializer's element type, once the file's own records of them are checked, before anything
+    is allocated or read: every one is there, of the type ``dtypes`` names (``"int8"`` for a quantized target;
+    float32 otherwise), in the file itself, with the bytes its dims say (at least one a value where onnx stores
+    them as ``float_data``/``int32_data``). So a prediction from their dims (:mod:`runtimes.ort_footprint`)
+    counts what :func:`take_writable` will copy, and a file whose dims lie is refused as one."""
     missing = [w for w in writable if w not in inits]
     if missing:
         # onnxruntime's names: NAME_quantized (quantize_dynamic/static), NAME_Q4 or NAME_DQ_Q4 (4-bit MatMulNBits)
@@ -219,6 +216,29 @@ def take_writable(
             "location would resolve against the working directory); save the model as one file: "
             "onnx.save(model, path, save_as_external_data=False)"
         )
+    for name in writable:
+        t = inits[name]
+        n = prod(t.dims)
+        if t.raw is not None and t.raw[1] - t.raw[0] != want[name].itemsize * n:
+            raise FormatError(f"initializer {name!r}: {t.raw[1] - t.raw[0]} bytes of data for shape {t.dims}")
+        if t.raw is None and t.span[1] - t.span[0] < n:  # float_data / int32_data: a byte a value at least
+            raise FormatError(f"initializer {name!r}: {t.span[1] - t.span[0]} bytes for {n} values (shape {t.dims})")
+    return want
+
+
+def take_writable(
+    buf, inits: Mapping[str, Stored], writable: Sequence[str], read, dtypes: Mapping[str, str] | None = None
+):
+    """Copy the writable initializers from the file into one arena per element type, all carved from one buffer
+    (:func:`runtimes.lines.arena_group`); return the arenas (dtype -> flat array), each tensor's offset in its
+    arena, and a view per tensor.
+
+    ``dtypes`` names the element type each tensor must have (``"int8"`` for a quantized target);
+    every other writable tensor must be float32 (checked first: :func:`writable_dtypes`).
+    """
+    from onnx import numpy_helper
+
+    want = writable_dtypes(inits, writable, dtypes)
     offset, live, totals = {}, {}, {}
     for dt in set(want.values()):  # every tensor on a cache line, the arena too: a structured mask's blocks are lines
         names = [k for k in writable if want[k] == dt]
@@ -230,8 +250,6 @@ def take_writable(
         n = prod(t.dims)
         view = arenas[dt][offset[name] : offset[name] + n]
         if t.raw is not None:
-            if t.raw[1] - t.raw[0] != dt.itemsize * n:
-                raise FormatError(f"initializer {name!r}: {t.raw[1] - t.raw[0]} bytes of data for shape {t.dims}")
             read(memoryview(view).cast("B"), t.raw[0])
             if sys.byteorder == "big" and dt.itemsize > 1:  # ONNX stores little-endian
                 view.byteswap(inplace=True)

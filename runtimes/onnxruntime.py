@@ -33,7 +33,9 @@ fingerprint, ``Runtime``'s checks). Memory: ``hybrid`` holds two sessions, and o
 about 1 MB on tiny models (graph, kernels, plans, arena, intra-op thread) whatever the weights weigh, so under a
 few MB of weights a hybrid runtime stays above a plain session, int8 or not (issue 18).
 :meth:`OrtBackend.footprint_mb` predicts each strategy's resident memory from the graph
-(:mod:`runtimes.ort_footprint`); ``strategy="auto"`` with a memory budget picks by it. :meth:`OrtBackend.run` fetches
+(:mod:`runtimes.ort_footprint`); ``strategy="auto"`` with a memory budget picks by it, and a strategy asked is
+checked against it, from the graph and the weights' dims before the arena is allocated (a refused 64 MB load peaked
+64 MB above the process, now 2 MB: VmHWM in a fresh process). :meth:`OrtBackend.run` fetches
 (or binds) only the outputs asked for. The sessions themselves (their options, the bound build, the prepacked build)
 are :mod:`runtimes.ort_session`'s: a small model's prepacked sessions run without onnxruntime's CPU arena
 (``cpu_arena``).
@@ -63,6 +65,7 @@ from runtimes.onnx_file import (
     take_writable,
     tensor_proto,
     verify_fingerprint,
+    writable_dtypes,
 )
 from runtimes.ort_footprint import OrtParts, ort_parts
 from runtimes.ort_providers import ORT_PROVIDERS
@@ -99,8 +102,11 @@ class OrtBackend(OrtSessions, ArenaBackend):
             return onnx_info(parse_graph(buf)[0])
 
     @classmethod
-    def footprint_mb(cls, model: bytes | str | os.PathLike | ModelInfo, strategy: str) -> float:
-        """Predicted resident memory (MB) that loading ``model`` with ``strategy`` adds to the process.
+    def footprint_mb(
+        cls, model: bytes | str | os.PathLike | ModelInfo, strategy: str, providers: Sequence[str] = ()
+    ) -> float:
+        """Predicted resident memory (MB) that loading ``model`` with ``strategy`` adds to the process (on the CPU:
+        ``providers`` change nothing here; another execution provider's device memory is not predicted).
 
         ``model`` is a path or the file bytes (the graph's parts, :mod:`runtimes.ort_footprint`), or a
         :class:`ModelInfo` (no graph: the weights, every writable weight counted as prepacked, and a rough
@@ -151,19 +157,25 @@ class OrtBackend(OrtSessions, ArenaBackend):
             kept = set(inits) - set(writable)  # small constants (biases, shapes): kept in the graph, taken before
             proto.graph.initializer.extend(tensor_proto(buf, t) for k, t in inits.items() if k in kept)
             release_pages(buf, 0, nbytes)  # the weights, so the file pages read so far are not held beside the arena
+            want = writable_dtypes(inits, writable, dtypes)  # the file's records of them checked, nothing allocated
+            self._slots = {t.initializer for t in self.info.tensors.values() if t.slot}
+            # graph inputs of the prepacked session, fed from the arena on every run: the slots, and the tables only
+            # Gather reads (embeddings), which onnxruntime would otherwise copy (it copies external initializers)
+            readers = _file.readers(proto, set(writable) - self._slots)
+            self._fed = self._slots | _only(readers, _GATHERED)
+            self._parts: OrtParts | None = None  # the footprint's parts (runtimes.ort_footprint), from the graph
+            self._parts_graph, self._parts_lock = b"", threading.Lock()
+            if options.memory_mb is not None:  # the budget is met from the graph and the dims, before the weights
+                self._parts = ort_parts(proto, {k: (inits[k].dims, want[k]) for k in writable}, self._fed)
+            self._strategy = strategy = self._budgeted_strategy(options)
             arenas, self._offset, self._live = take_writable(buf, inits, writable, read, dtypes)
         self._arena = arenas.get(_F4, np.empty(0, _F4))  # float weights; quantized ones in an integer arena
         self._arena_of = {k: arenas[v.dtype] for k, v in self._live.items() if v.dtype != _F4}
         self._constants = _file.quant_constants(proto, self.info)
-        self._slots = {t.initializer for t in self.info.tensors.values() if t.slot}
         if options.verify:
             verify_fingerprint(proto, self.info, self._live, self._constants)  # scales: decoded once
         _file.strip_node_metadata(proto)  # both sessions' graphs, and the one kept for rebuilds, without it
         self._output_names = [o.name for o in proto.graph.output]
-        # graph inputs of the prepacked session, fed from the arena on every run: the slots, and the tables only
-        # Gather reads (embeddings), which onnxruntime would otherwise copy (it copies external initializers)
-        readers = _file.readers(proto, set(self._live) - self._slots)
-        self._fed = self._slots | _only(readers, _GATHERED)
         self._fed_feeds = {k: self._live[k] for k in sorted(self._fed)}
         self._consts = sorted(set(self._live) - self._fed)
         # handed over in place (others are copied: e.g. Conv weights, which optimizers rewrite, and weights that
@@ -178,18 +190,8 @@ class OrtBackend(OrtSessions, ArenaBackend):
         if self.arena_asked is not None and self.arena_asked != self.cpu_arena:
             log.info("CPU arena %s, as use_arena asks (this model's default: %s)", self.arena_asked, self.cpu_arena)
             self.cpu_arena = self.arena_asked
-        self._parts: OrtParts | None = None  # the footprint's parts (runtimes.ort_footprint), from the graph when asked
-        self._parts_graph, self._parts_lock = b"", threading.Lock()
-        strategy = options.strategy
-        if strategy == "auto":
-            strategy = self.DEFAULT_STRATEGY
-            if options.memory_mb is not None:
-                self._parts = self._footprint_parts(proto)
-                predicted = {s: self.predicted_mb(s) for s in self.STRATEGIES}
-                strategy = self.choose_strategy(predicted, options.memory_mb, model=self.info.name)
         if strategy == "bound" and self._parts is None:  # no graph is kept for bound (issue 18): the parts now
             self._parts = self._footprint_parts(proto)
-        self._strategy = strategy
 
         # one weight-less graph in two forms: the fed tensors are graph inputs in both; the others are
         # data-less initializers (values handed over at build) in the prepacked form, graph inputs in the bound one
@@ -335,6 +337,18 @@ class OrtBackend(OrtSessions, ArenaBackend):
                 self._parts = self._footprint_parts(onnx.ModelProto.FromString(self._parts_graph))
                 self._parts_graph = b""
         return self._parts.mb(strategy)
+
+    def _budgeted_strategy(self, options: BackendOptions) -> str:
+        """The strategy to load with: the one asked, checked against ``options.memory_mb`` (:meth:`_check_budget`),
+        or for ``auto`` the default, or under a budget the first of :attr:`AUTO_ORDER` whose prediction fits it.
+        Called with the graph parsed (``self._parts`` set when there is a budget) and no weight read yet."""
+        if options.strategy != "auto":
+            self._check_budget(options, options.strategy)
+            return options.strategy
+        if options.memory_mb is None:
+            return self.DEFAULT_STRATEGY
+        predicted = {s: self.predicted_mb(s) for s in self.STRATEGIES}
+        return self.choose_strategy(predicted, options.memory_mb, model=self.info.name)
 
     def _footprint_parts(self, proto) -> OrtParts:
         """The parts of this model's footprint, from its weight-less graph ``proto`` (not modified)."""

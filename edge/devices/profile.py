@@ -53,7 +53,10 @@ class BackendPreference:
 class Budgets:
     """What one model may cost on the device; ``edge profile`` reports each as within or over."""
 
-    memory_mb: float  # peak resident memory of the process
+    # what the runtime may hold: the model's predicted footprint under its strategy plus the adapters held (loads,
+    # strategies and adapters past it are refused); the process's own memory (Python, libraries, the app) is not
+    # counted. ``edge profile`` also sets the process's measured peak against it
+    memory_mb: float
     load_ms: float  # model load until the first run is possible
     latency_p95_ms: float  # one inference, batch as profiled
     switch_p95_ms: float  # one adapter switch

@@ -56,7 +56,7 @@ def fake(monkeypatch):
     for cls in (OrtBackend, LiteRTBackend):
         table, init = FAKE[cls.name], cls.__init__
 
-        def predict(c, model, s, t=table):
+        def predict(c, model, s, providers=(), t=table):
             built.append(("predicted", s))
             return t[s]
 
