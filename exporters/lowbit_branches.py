@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from edge.errors import ConfigError
 from exporters.fakequant import QLinear
 
 __all__ = [
@@ -57,7 +58,14 @@ def _branch_hook(module: nn.Module, args: tuple, kwargs: dict, out):
     """Forward hook: add ``module.adapter`` of the module's input (parallel) or output (serial) to its output."""
     first = out[0] if isinstance(out, (tuple, list)) else out
     x = first if module.adapter.serial else (args[0] if args else next(iter(kwargs.values())))
-    y = first + module.adapter(x)
+    branch = module.adapter(x)
+    if branch.shape[1:] != first.shape[1:]:  # a stride or a pool: same channels, another size (else a raw add error)
+        raise ConfigError(
+            f"a parallel bottleneck adds its branch of the input to the output, but this {type(module).__name__} maps "
+            f"{tuple(x.shape[1:])} to {tuple(first.shape[1:])} per sample (a stride or a pooling): place it after "
+            "the module (placement='serial') or on a module that keeps the shape"
+        )
+    y = first + branch
     return (y, *out[1:]) if isinstance(out, (tuple, list)) else y
 
 

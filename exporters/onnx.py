@@ -404,9 +404,11 @@ def _validate(model, example_inputs, file, input_names, output_names, dynamic_ba
                 expected = [t.detach().cpu().numpy() for t in flatten_outputs(model(*inputs))]
             actual = session.run(list(output_names), feed)
         except Exception as e:  # torch's or onnxruntime's own errors (InvalidArgument, Fail): a shape was fixed
+            one = " (torch.export may fix a dimension of size 1: give an example batch of 2 or more)"
+            one = one if second > batch == 1 else ""
             raise ExportValidationError(
                 f"the model or its exported graph does not run on the {label}: {str(e).splitlines()[0][:300]}. "
-                "The code or torch.export fixed a dimension; export with dynamic_batch=False (and the batch you "
+                f"The code or torch.export fixed a dimension{one}; export with dynamic_batch=False (and the batch you "
                 "serve), or make the code shape-independent. The file was not written."
             ) from e
         for out_name, want, got in zip(output_names, expected, actual):

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import re
 import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -37,6 +36,7 @@ from torch import nn
 from edge.errors import AdapterMismatchError, ConfigError
 from exporters.data import Loss, batches, call, check_reiterable, is_pair, loss_value
 from exporters.masks import register_structured, transposed_targets
+from exporters.targets import match_modules, select_targets, short_list
 
 if TYPE_CHECKING:
     from edge.format.adapter import Adapter
@@ -116,66 +116,6 @@ register_structured(register_mask, MASKS)  # block4-*, block16-* and rows-* over
 
 
 # -- targets ----------------------------------------------------------------------------------------------------------
-
-
-def select_targets(model: nn.Module, patterns: str | Sequence[str] | None = None) -> list[str]:
-    """Names of the ``weight`` parameters (2+ axes) of the modules matched by ``patterns``, in module order.
-
-    Like PEFT's ``target_modules``: a list matches a module whose name equals an entry
-    or ends with ``"." + entry`` (``["q", "v", "fc1"]``); a single string is a regex
-    that must match the whole module name (``r"blocks\\.0\\..*"``); ``None`` takes every
-    adaptable module (Linear, Conv, Embedding...; pass :data:`DEFAULT_TARGETS` for the
-    digits encoder's attention and MLP linears). A pattern matching no adaptable module
-    is a :class:`ConfigError` naming it.
-    """
-    adaptable = [name for name, m in model.named_modules() if _adaptable(m)]
-    if not adaptable:
-        raise ConfigError(f"{type(model).__name__} has no module whose weight has 2 or more axes; nothing to adapt")
-    chosen = adaptable if patterns is None else match_modules(model, patterns, adaptable, what="adaptable")
-    return [f"{n}.weight" if n else "weight" for n in chosen]
-
-
-def match_modules(
-    model: nn.Module, patterns: str | Sequence[str], candidates: Sequence[str] | None = None, *, what: str = "matching"
-) -> list[str]:
-    """Names among ``candidates`` (default: every module) matched by ``patterns`` (see :func:`select_targets`).
-
-    Raises :class:`ConfigError` naming every pattern that matches none of them, and the
-    candidate names (truncated).
-    """
-    names = [n for n, _ in model.named_modules()] if candidates is None else list(candidates)
-    if isinstance(patterns, str):
-        try:
-            regex = re.compile(patterns)
-        except re.error as exc:
-            raise ConfigError(f"target pattern {patterns!r} is not a valid regex: {exc}") from exc
-        tests = {patterns: lambda n: regex.fullmatch(n) is not None}
-    else:
-        keys = list(patterns)
-        if not keys or not all(isinstance(k, str) and k for k in keys):
-            raise ConfigError(f"target patterns must be a regex string or non-empty module names, got {patterns!r}")
-        tests = {k: (lambda n, k=k: n == k or n.endswith("." + k)) for k in keys}
-    hits = {p: {n for n in names if test(n)} for p, test in tests.items()}
-    missing = [p for p, h in hits.items() if not h]
-    if missing:
-        pool = set(names)
-        others = [n for n, _ in model.named_modules() if n not in pool and any(tests[p](n) for p in missing)]
-        near = f" ({_few(others)} match but are not {what} modules)" if others else ""
-        raise ConfigError(
-            f"target pattern(s) {missing} match no {what} module of {type(model).__name__}{near}; "
-            f"available modules: {_few(names, 40)}"
-        )
-    chosen = set().union(*hits.values())
-    return [n for n in names if n in chosen]
-
-
-def _adaptable(module: nn.Module) -> bool:
-    weight = module._parameters.get("weight")
-    return isinstance(weight, nn.Parameter) and weight.dim() >= 2
-
-
-def _few(names: Sequence[str], n: int = 5) -> str:
-    return repr(list(names[:n]))[:-1] + (f", ... {len(names) - n} more]" if len(names) > n else "]")
 
 
 # -- masks and training -----------------------------------------------------------------------------------------------
@@ -395,7 +335,7 @@ def shira_adapter(
         raise AdapterMismatchError(
             f"adapter {name!r} does not fit model {info.name!r}: "
             + "; ".join(problems)
-            + f". The model's tensors: {_few(sorted(info.tensors), 12)}"
+            + f". The model's tensors: {short_list(sorted(info.tensors), 12)}"
         )
     tensors = {k: SparseDelta(np.asarray(i, np.int32), np.asarray(v, np.float32)) for k, (i, v) in trained.items()}
     shapes = {k: tuple(info.tensors[k].shape) for k in trained}
@@ -410,7 +350,9 @@ def _target_params(model: nn.Module, targets: Sequence[str]) -> dict[str, nn.Par
     missing = [t for t in targets if t not in named]
     if missing:
         known = sorted(k for k, v in named.items() if v.dim() >= 2)
-        raise AdapterMismatchError(f"parameters {missing} are not in the model; its 2-D+ parameters: {_few(known, 20)}")
+        raise AdapterMismatchError(
+            f"parameters {missing} are not in the model; its 2-D+ parameters: {short_list(known, 20)}"
+        )
     flat = [t for t in targets if named[t].dim() < 2]
     if flat:
         raise ConfigError(f"SHiRA adapts weights of 2-D or more (linear, conv, embedding); {flat} are 1-D")

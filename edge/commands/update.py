@@ -122,7 +122,16 @@ def _learn(args, rt, chunks, budget, options):
                 f"pass --method {up.method_name} or another --state"
             )
     else:
-        up = Updater(rt, args.method, memory_mb=budget, **options)
+        try:
+            up = Updater(rt, args.method, memory_mb=budget, **options)
+        except ConfigError as e:  # shira-head over tap-set features: its head reads none of them
+            if (
+                args.method != "shira-head"
+                or not args.taps
+                or not (hint := _head_input(args.model, args.taps, options))
+            ):
+                raise
+            raise ConfigError(f"{e}; {hint}") from e
     reports = [{"data": name, **up.partial_fit(x, y, domain=args.domain).as_dict()} for name, x, y in chunks]
     result = {
         "model": str(args.model),
@@ -133,6 +142,47 @@ def _learn(args, rt, chunks, budget, options):
         "samples_seen": up.samples_seen,
     }
     return result, up
+
+
+def _head_input(model: Path, taps: str, options) -> str | None:
+    """What to pass for a shira-head update over taps: the tensor the head reads (``--taps NAME``), and the head.
+
+    The head is ``-o head=NAME``, else the target whose MatMul/Gemm/Conv makes the logits output (through Add,
+    Identity, Reshape, Flatten, Squeeze); None when the graph shows neither, ``taps`` is that tensor, or the
+    weight is no head's (a 3x3 filter).
+    """
+    import onnx
+
+    from edge.format.modelinfo import onnx_info
+
+    proto = onnx.load(str(model), load_external_data=False)  # tap_model read the file: it is an ONNX file
+    graph, info = proto.graph, onnx_info(proto)
+    owner = {t.initializer: k for k, t in info.tensors.items()}
+    producer = {o: n for n in graph.node for o in n.output}
+    head, outs = options.get("head"), [o.name for o in graph.output]
+    logits = options.get("logit_output", "logits" if "logits" in outs else outs[0] if len(outs) == 1 else "")
+    if head in info.tensors:
+        init = info.tensors[head].initializer
+        node = next((n for n in graph.node if n.op_type in _HEAD_OPS and n.input[1:2] == [init]), None)
+    else:
+        value = logits
+        while (node := producer.get(value)) is not None and node.op_type in _PASS:
+            value = next((i for i in node.input if i in producer and producer[i].op_type != "Constant"), "")
+        if node is None or node.op_type not in _HEAD_OPS or len(node.input) < 2 or node.input[1] not in owner:
+            return None
+        head = owner[node.input[1]]
+    shape = tuple(info.tensors[head].shape)
+    if node is None or taps == node.input[0] or not (len(shape) == 2 or shape[2:] == (1, 1)):  # not a head's
+        return None  # tapped already, or a weight no head has (a 3x3 filter): the refusal is about something else
+    named = f" -o logit_output={logits}" if logits not in ("logits", "") else ""
+    return (
+        f"shira-head learns over the features its head reads: pass --taps {node.input[0]} -o head={head}{named} "
+        f"({node.op_type} {node.name or node.output[0]!r} reads {node.input[0]!r} with {head!r})"
+    )
+
+
+_HEAD_OPS = ("MatMul", "Gemm", "Conv")
+_PASS = ("Add", "Identity", "Reshape", "Flatten", "Squeeze")
 
 
 def _budget(args) -> tuple[float, str]:

@@ -34,9 +34,11 @@ from edge.convert.onnx_source import (
     hoist_constants,
     inline_functions,
     read_onnx,
+    recurrent_weights,
     refuse_quantized,
     tied_copies,
     unique_node_names,
+    weights_off_inputs,
     why_no_weights,
 )
 from edge.errors import AdapterMismatchError, ConfigError, ExportValidationError, FormatError
@@ -172,7 +174,7 @@ def make_adapter_ready(
     inits = {t.name: t for t in graph.initializer}
     if not inits:
         raise ConfigError(f"ONNX model {name!r} stores no initializers: there are no weights to adapt")
-    keep_only(graph.input, lambda v: v.name not in inits)  # IR < 4 style: initializers listed as inputs
+    weights_off_inputs(proto)  # IR < 4 style: initializers listed as inputs
     try:
         arrays = {k: numpy_helper.to_array(t) for k, t in inits.items()}
     except (ValueError, TypeError) as e:  # data that does not fit its declared shape or type
@@ -181,7 +183,7 @@ def make_adapter_ready(
         ) from e
 
     found, skipped, dead = _find_weights(graph, arrays)
-    for k, why in control_flow_weights(graph, arrays).items():  # said, not silently left as they are
+    for k, why in {**recurrent_weights(graph, arrays), **control_flow_weights(graph, arrays)}.items():  # said
         if k not in found:
             skipped.setdefault(k, why)
     folded = [k for k, view in found.items() if view.fold is not None]

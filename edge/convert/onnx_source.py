@@ -8,7 +8,9 @@ turns weights an exporter left in ``Constant`` nodes into initializers, :func:`r
 graph already quantized (wholly or in part: its integer weights could not take an adapter), and
 :func:`why_no_weights` says what to do with a graph whose weights are not float32 initializers (float16, bfloat16);
 :func:`unique_node_names` renames nodes that repeat a name (onnxruntime refuses such a graph);
-:func:`inline_functions` expands model-local functions (their weights are call arguments).
+:func:`inline_functions` expands model-local functions (their weights are call arguments);
+:func:`weights_off_inputs` takes weights off the graph inputs (IR < 4 listed every initializer there);
+:func:`recurrent_weights` names the weights of GRU/LSTM/RNN nodes, which are not targets.
 :func:`hoist_body_initializers` moves the weights of If/Loop/Scan bodies into the main graph (so the fingerprint
 covers them) and :func:`control_flow_weights` names the weights bodies read: they are not targets, and are said so.
 """
@@ -23,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from edge.errors import ConfigError, FormatError
-from edge.format.onnx_graph import QUANTIZED_OPS, quantized_ops
+from edge.format.onnx_graph import QUANTIZED_OPS, keep_only, quantized_ops
 
 __all__ = [
     "MAX_MODEL_BYTES",
@@ -34,9 +36,11 @@ __all__ = [
     "hoist_constants",
     "inline_functions",
     "read_onnx",
+    "recurrent_weights",
     "refuse_quantized",
     "tied_copies",
     "unique_node_names",
+    "weights_off_inputs",
     "why_no_weights",
 ]
 
@@ -102,6 +106,18 @@ def _refuse_over_protobuf_limit(proto, size: int, src: Path) -> None:
             "device runtime reads (it reads no external data), so models this large are not supported: export a "
             "smaller model (nothing of its external data was read)"
         )
+
+
+def weights_off_inputs(proto) -> None:
+    """Take the initializers off the graph inputs (an IR < 4 file lists every one there: a caller could feed a weight).
+
+    The IR version is raised to 4, the first that allows an initializer no input names: an IR 3 file without them
+    fails onnx's checker (so ``edge quantize``, through onnxruntime's quantizer, refused an imported file). IR 4
+    changed nothing else; onnxruntime runs the file as before.
+    """
+    inits = {t.name for t in proto.graph.initializer}
+    keep_only(proto.graph.input, lambda v: v.name not in inits)
+    proto.ir_version = max(proto.ir_version, 4)
 
 
 def hoist_constants(graph, weight_inputs: Mapping[str, int], pass_through: Container[str]) -> list[str]:
@@ -248,6 +264,30 @@ def control_flow_weights(graph, arrays: Mapping[str, np.ndarray]) -> dict[str, s
                     visit(sub, f"{at} > ")
 
     visit(graph, "")
+    return out
+
+
+#: ONNX's recurrent ops -> the inputs holding their weights (W, R, B)
+_RECURRENT = {"GRU": (1, 2, 3), "LSTM": (1, 2, 3), "RNN": (1, 2, 3)}
+
+
+def recurrent_weights(graph, arrays: Mapping[str, np.ndarray]) -> dict[str, str]:
+    """Weights read by GRU/LSTM/RNN nodes: ``{name: why it is not a target}``.
+
+    ONNX stacks a recurrent layer's gates in its own order (GRU z, r, h; LSTM i, o, f, c), not torch's (r, z, n;
+    i, f, g, o), in ``[directions, gates * hidden, ...]`` tensors: a delta in the torch layout has no place recorded
+    for it there. They stay in the fingerprint, and are said, not silently left out.
+    """
+    out: dict[str, str] = {}
+    for node in graph.node:
+        slots = _RECURRENT.get(node.op_type) if node.domain in ("", "ai.onnx") else None
+        for i in slots or ():
+            if i < len(node.input) and node.input[i] in arrays and arrays[node.input[i]].dtype.kind == "f":
+                out.setdefault(
+                    node.input[i],
+                    f"the {'WRB'[i - 1]} input of {node.op_type} {node.name or node.output[0]!r}: recurrent weights "
+                    "(gates stacked in ONNX's order, not torch's) are not adapted; adapt the layers around it",
+                )
     return out
 
 

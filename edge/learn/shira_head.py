@@ -175,7 +175,10 @@ def head_context(runtime, head: str, dim: int, logits: str | None) -> tuple[Cont
             "shira-head trains an unfolded head: use ncm, slda or ranpac"
         )
     if logits is None:
-        raise ConfigError(f"shira-head needs a logits output; model {info.name!r} has {list(info.outputs)}")
+        raise ConfigError(
+            f"shira-head needs a logits output; model {info.name!r} has {list(info.outputs)}: name the one the head "
+            "makes, logit_output=NAME (edge update: -o logit_output=NAME)"
+        )
     touched = [n for n in runtime.active if head in runtime.adapter(n).tensors]
     if touched:
         raise ConfigError(

@@ -79,7 +79,12 @@ def read_model(data: bytes, fmt: str, src: Path):
     try:
         onnx.checker.check_model(proto)
     except (onnx.checker.ValidationError, ValueError) as e:  # ValueError: e.g. a name that is not UTF-8
-        raise FormatError(f"{src.name} is not a valid ONNX model: {(str(e).splitlines() or [''])[0]}") from e
+        old = (
+            "; an IR 3 file lists every weight as an input: import the original again (`edge import-onnx` writes IR 4; "
+            "same fingerprint, its adapters still load)"
+        )
+        why = (str(e).splitlines() or [""])[0] + (old if "initializer but not in graph input" in str(e) else "")
+        raise FormatError(f"{src.name} is not a valid ONNX model: {why}") from e
     for t in proto.graph.initializer:  # onnxruntime's quantizer asserts on a NaN/Inf weight; say so first
         if t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE):
             if not np.isfinite(numpy_helper.to_array(t)).all():
