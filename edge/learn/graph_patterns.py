@@ -3,6 +3,11 @@
 * :func:`erf_gelu_input`: GELU written out in primitive ops, ``x * 0.5 * (1 + erf(x / sqrt(2)))``, as
   torch's exporters emit it below opset 20 (``Div``, ``Erf``, ``Add``, ``Mul``, ``Mul``; any operand order,
   the division also as a product with ``1 / sqrt(2)``).
+* :func:`batch_flatten`: a ``Reshape`` to ``[B, k]`` whose ``B`` is read at run time from ``Shape`` (torch's
+  exporters write ``flatten(1)`` and ``view(x.size(0), -1)`` of a dynamic batch so: dynamo as
+  ``Concat(Reshape(Squeeze(Shape(x, start=0, end=1)), [-1]), [k])``, TorchScript as
+  ``Concat(Unsqueeze(Gather(Shape(h), 0)), [-1])``), proven to keep the batch axis and merge the rest.
+  :class:`LeadingDims` tells the dimension 0 the graph records for a tensor.
 * :func:`depends`: whether one graph tensor is computed from another.
 """
 
@@ -13,7 +18,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-__all__ = ["depends", "erf_gelu_input"]
+__all__ = ["LeadingDims", "batch_flatten", "depends", "erf_gelu_input"]
 
 
 def _scalar(consts: Mapping[str, np.ndarray], name: str, value: float) -> bool:
@@ -72,3 +77,93 @@ def depends(tensor: str, on: str, producer: Mapping) -> bool:
         seen.add(t)
         todo.extend(i for i in n.input if i)
     return False
+
+
+_SAME_VALUE = ("Reshape", "Squeeze", "Unsqueeze", "Identity")  # on one element: its value unchanged
+
+
+def _dim0_of(t: str, producer: Mapping, consts: Mapping) -> str | None:
+    """The tensor whose dimension 0 the one-element tensor ``t`` holds, when the graph proves it; else None."""
+    n = producer.get(t)
+    while n is not None and n.op_type in _SAME_VALUE and (n.op_type != "Reshape" or n.input[1] in consts):
+        n = producer.get(n.input[0])  # a one-element shape tensor reshaped or (un)squeezed: the same value
+    if n is None or n.op_type not in ("Shape", "Gather", "Slice"):
+        return None
+    shape = n if n.op_type == "Shape" else producer.get(n.input[0])
+    if shape is None or shape.op_type != "Shape":
+        return None
+    a = {k.name: k for k in shape.attribute}
+    start = a["start"].i if "start" in a else 0
+    end = a["end"].i if "end" in a else None
+    if start != 0:
+        return None
+    if n.op_type == "Shape":
+        return shape.input[0] if end == 1 else None
+    if n.op_type == "Gather":
+        index = consts.get(n.input[1])
+        axis = next((k.i for k in n.attribute if k.name == "axis"), 0)
+        ok = index is not None and index.size == 1 and int(index.reshape(-1)[0]) == 0 and axis == 0
+        return shape.input[0] if ok else None
+    ins = [*n.input, "", "", ""][1:5]  # Slice(data, starts, ends, axes, steps)
+    vals = [consts.get(i) if i else None for i in ins]
+    if any(v is None for v in vals[:2]) or any(i and v is None for i, v in zip(ins[2:], vals[2:])):
+        return None
+    want = ([0], [1], [0], [1])
+    ok = all(v is None or (v.size == 1 and int(v.reshape(-1)[0]) == w[0]) for v, w in zip(vals, want))
+    return shape.input[0] if ok else None
+
+
+def batch_flatten(node, producer: Mapping, consts: Mapping, batch_dim) -> bool:
+    """Whether ``Reshape`` node ``node`` maps its input ``[B, ...]`` to ``[B, k]`` through a shape computed at run time.
+
+    The shape must be ``Concat(b, [k])`` on axis 0 with ``k`` a constant (-1 or positive) and ``b`` dimension 0
+    of a tensor ``T`` read by ``Shape`` (``Shape(T, 0, 1)``, ``Gather(Shape(T), 0)``, ``Slice(Shape(T), 0, 1)``,
+    then reshaped or squeezed); ``T`` the reshaped tensor itself, or one whose dimension 0 the graph
+    gives as the same symbol (or size) as the reshaped tensor's: ``batch_dim(name)`` returns that, or None when
+    the graph does not say. Anything else is not proven a flatten, and False.
+    """
+    if node.op_type != "Reshape" or len(node.input) < 2 or node.input[1] in consts:
+        return False
+    cat = producer.get(node.input[1])
+    if cat is None or cat.op_type != "Concat" or len(cat.input) != 2 or any(k.i for k in cat.attribute):
+        return False
+    k = consts.get(cat.input[1])
+    if k is None or k.shape != (1,) or not (k[0] == -1 or k[0] >= 1):
+        return False
+    t, x = _dim0_of(cat.input[0], producer, consts), node.input[0]
+    if t is None:
+        return False
+    return t == x or (d := batch_dim(x)) is not None and d == batch_dim(t)
+
+
+class LeadingDims:
+    """Dimension 0 of a graph tensor as the model records it (a symbol or a size), None when it does not say.
+
+    Read from the graph's inputs, outputs and ``value_info``; for a tensor they do not cover, ONNX shape inference
+    is run once (a copy of the model). A model it cannot infer leaves the tensor unknown (None).
+    """
+
+    def __init__(self, proto) -> None:
+        self._proto, self._dims, self._inferred = proto, self._read(proto.graph), False
+
+    @staticmethod
+    def _read(graph) -> dict:
+        out = {}
+        for v in (*graph.input, *graph.value_info, *graph.output):
+            t = v.type.tensor_type
+            if t.HasField("shape") and t.shape.dim:
+                d = t.shape.dim[0]
+                out[v.name] = d.dim_param or (d.dim_value if d.HasField("dim_value") else None)
+        return out
+
+    def __call__(self, name: str):
+        if name not in self._dims and not self._inferred:
+            import onnx
+
+            self._inferred = True
+            try:
+                inferred = onnx.shape_inference.infer_shapes(self._proto)
+            except Exception:  # onnx's InferenceError, ValueError on a model over 2 GB: then the graph does not say
+                return None
+            self._dims = {**self._read(inferred.graph), **self._dims}
+        return self._dims.get(name) or None

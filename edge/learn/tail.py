@@ -2,7 +2,7 @@
 
 :class:`edge.learn.device_trainer.DeviceTrainer` trains the tail of any exported model:
 the classifier weight and the last linear layer before it (``MatMul``, ``Gemm`` or a
-1x1 ``Conv``), with the ops between them, everything else frozen. :func:`find_tail` walks
+1x1 ``Conv``, 1-D or 2-D), with the ops between them, everything else frozen. :func:`find_tail` walks
 back from the logits output:
 
 * after the classifier: its bias ``Add`` and shape-only ops (and a final ``Softmax`` or ``LogSoftmax`` over
@@ -13,14 +13,16 @@ back from the logits output:
   residual: the branch read by other nodes too is the skip, a frozen input of the tail),
   ``Relu``, ``Gelu`` (also written out in ``Div``/``Erf``/``Add``/``Mul``, as torch exports it below
   opset 20: :mod:`edge.learn.graph_patterns`), ``LayerNormalization``, ``BatchNormalization`` (inference),
-  ``ReduceMean`` and ``GlobalAveragePool`` (mean pooling), ``Reshape``, ``Flatten``,
+  ``ReduceMean`` and ``GlobalAveragePool`` (mean pooling), ``Reshape`` (to a constant shape, or to ``[batch, k]``
+  with the batch read from ``Shape`` at run time, as torch writes ``flatten(1)`` of a dynamic batch:
+  :func:`~edge.learn.graph_patterns.batch_flatten`), ``Flatten``,
   ``Squeeze``, ``Unsqueeze``, ``Identity``.
 
 The walk stops at the first linear layer (the tail's input ``h`` is what it reads) or
 at an op outside that set; then only the classifier is trainable and
 :meth:`Tail.check` raises :class:`~edge.errors.ConfigError` naming the op when the
-last linear is asked for. Each op has a forward and a backward, in float64 (or in the dtype of
-:meth:`Tail.astype`)
+last linear is asked for. Each op has a forward and a backward (:mod:`edge.learn.tail_ops`), in float64
+(or in the dtype of :meth:`Tail.astype`)
 (tests/device/test_growth_device.py checks each against finite differences); the loss
 is softmax cross-entropy on the logits.
 
@@ -43,13 +45,14 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from edge.errors import ConfigError
-from edge.learn.graph_patterns import depends, erf_gelu_input
+from edge.learn.graph_patterns import LeadingDims, batch_flatten, depends, erf_gelu_input
 from edge.learn.space import LAYER_SETS, Arch
+from edge.learn.tail_ops import Linear, Op, reshape
 
 __all__ = ["SUPPORTED", "TAIL_SPACE", "Linear", "Tail", "find_tail", "remember"]
 
@@ -58,133 +61,6 @@ SUPPORTED = (
     "Reshape Flatten Squeeze Unsqueeze Identity".split()
 )
 _SHAPE = ("Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity")
-
-
-# -- the ops ------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Linear:
-    """``y = x @ M + b`` over the channel axis (last for MatMul/Gemm, 1 for a 1x1 Conv)."""
-
-    param: str
-    m: np.ndarray  # [in, out] float64 (or the dtype of astype)
-    bias: np.ndarray | None
-    axis: int
-    flip: bool  # the source view is M.T (else M)
-    shape: tuple[int, ...]  # the parameter's source shape
-    scale: np.ndarray | None = None  # [out]: a BatchNorm folded into the stored weight (TensorInfo.channel_scale)
-
-    @property
-    def w2d(self) -> np.ndarray:
-        return self.m.T if self.flip else self.m
-
-    def astype(self, dtype) -> Linear:
-        cast = {k: None if v is None else v.astype(dtype) for k, v in (("bias", self.bias), ("scale", self.scale))}
-        return replace(self, m=self.m.astype(dtype), **cast)
-
-    def forward(self, x, side, weights):
-        m = weights[self.param].T if self.flip else weights[self.param]
-        if self.scale is not None:  # the graph computes with the folded weight: source * scale per output channel
-            m = m * self.scale
-        xc = np.moveaxis(x, self.axis, -1)
-        y = xc @ m + (0.0 if self.bias is None else self.bias)
-        return np.moveaxis(y, -1, self.axis), (xc, m)
-
-    def backward(self, dy, saved):
-        return np.moveaxis(np.moveaxis(dy, self.axis, -1) @ saved[1].T, -1, self.axis)
-
-    def grad(self, dy, saved) -> np.ndarray:
-        """``dL/dW`` in the 2-D source view."""
-        xc, m = saved
-        dm = xc.reshape(-1, m.shape[0]).T @ np.moveaxis(dy, self.axis, -1).reshape(-1, m.shape[1])
-        if self.scale is not None:  # d(source * scale) / d(source)
-            dm = dm * self.scale
-        return dm.T if self.flip else dm
-
-
-@dataclass(frozen=True)
-class _Op:
-    """A parameter-free op of the tail: ``kind`` and its constants."""
-
-    kind: str
-    node: str
-    c: dict = field(default_factory=dict)
-
-    def astype(self, dtype) -> _Op:
-        return replace(self, c={k: v.astype(dtype) if isinstance(v, np.ndarray) else v for k, v in self.c.items()})
-
-    def forward(self, x, side, weights):
-        k, c = self.kind, self.c
-        if k == "bias":
-            return x + c["b"], None
-        if k == "residual":
-            return x + side[c["tensor"]], None
-        if k == "relu":
-            return np.maximum(x, 0.0), x > 0
-        if k == "gelu":
-            return (x * _gelu_cdf(x, c["tanh"])).astype(x.dtype, copy=False), x
-        if k == "affine":  # BatchNormalization at inference: per channel (axis 1)
-            shape = (-1,) + (1,) * (x.ndim - 2)
-            return x * c["s"].reshape(shape) + c["t"].reshape(shape), None
-        if k == "layernorm":
-            axes = tuple(range(c["axis"] % x.ndim, x.ndim))
-            xc = x - x.mean(axes, keepdims=True)
-            inv = 1.0 / np.sqrt((xc * xc).mean(axes, keepdims=True) + c["eps"])
-            x_hat = xc * inv
-            return x_hat * c["gamma"] + c["beta"], (x_hat, inv, axes)
-        if k == "mean":
-            axes = tuple(a % x.ndim for a in (c["axes"] if c["axes"] is not None else range(2, x.ndim)))
-            return x.mean(axes, keepdims=c["keepdims"]), (x.shape, axes)
-        return _reshape(k, c, x), x.shape
-
-    def backward(self, dy, saved):
-        k, c = self.kind, self.c
-        if k in ("bias", "residual"):
-            return dy
-        if k == "relu":
-            return dy * saved
-        if k == "gelu":
-            x = saved
-            if c["tanh"]:  # 0.5 x (1 + tanh(k (x + 0.044715 x^3)))
-                th = np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3))
-                du = math.sqrt(2 / math.pi) * (1.0 + 3 * 0.044715 * x * x)
-                return dy * (0.5 * (1.0 + th) + 0.5 * x * (1.0 - th * th) * du)
-            g = _gelu_cdf(x, False) + x * np.exp(-0.5 * x * x) / math.sqrt(2 * math.pi)
-            return (dy * g).astype(dy.dtype, copy=False)
-        if k == "affine":
-            return dy * c["s"].reshape((-1,) + (1,) * (dy.ndim - 2))
-        if k == "layernorm":
-            x_hat, inv, axes = saved
-            d = dy * c["gamma"]
-            return inv * (d - d.mean(axes, keepdims=True) - x_hat * (d * x_hat).mean(axes, keepdims=True))
-        if k == "mean":
-            shape, axes = saved
-            n = math.prod(shape[a] for a in axes)
-            return np.broadcast_to(np.expand_dims(dy, axes) if not c["keepdims"] else dy, shape) / n
-        return dy.reshape(saved)
-
-
-_ERF = np.vectorize(math.erf, otypes=[np.float64])
-
-
-def _gelu_cdf(x, tanh: bool):
-    if tanh:
-        return 0.5 * (1.0 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))
-    return 0.5 * (1.0 + _ERF(x / math.sqrt(2.0)))
-
-
-def _reshape(kind: str, c: dict, x):
-    if kind == "identity":
-        return x
-    if kind == "flatten":
-        axis = c["axis"] % x.ndim if x.ndim else 0
-        return x.reshape(math.prod(x.shape[:axis]), -1)
-    if kind == "squeeze":
-        axes = c["axes"] if c["axes"] is not None else [a for a, n in enumerate(x.shape) if n == 1]
-        return np.squeeze(x, tuple(a % x.ndim for a in axes))
-    if kind == "unsqueeze":
-        return np.expand_dims(x, tuple(a % (x.ndim + len(c["axes"])) for a in c["axes"]))
-    shape = [x.shape[i] if s == 0 and not c["allowzero"] else s for i, s in enumerate(c["shape"])]
-    return x.reshape(shape)
 
 
 # -- the tail -----------------------------------------------------------------------------------------
@@ -265,8 +141,9 @@ def find_tail(proto, info) -> Tail:
             if len(n.input) > 1:
                 c["shape" if n.op_type == "Reshape" else "axes"] = [int(v) for v in consts[n.input[1]]]
             with contextlib.suppress(ValueError):  # a shape that does not apply: not a constant the tail needs
-                consts[n.output[0]] = _reshape(kind, c, consts[n.input[0]])
+                consts[n.output[0]] = reshape(kind, c, consts[n.input[0]])
     params = {t.initializer: p for p, t in info.tensors.items()}
+    batch_dim = LeadingDims(proto)
     producer = {o: n for n in g.node for o in n.output}
     consumers: dict[str, int] = {}
     for n in g.node:
@@ -320,7 +197,7 @@ def find_tail(proto, info) -> Tail:
             m, flip, axis = (s.T if a.get("transB", 0) else s), bool(a.get("transB", 0)) != t, -1
         else:
             one = all(v == 1 for k in ("strides", "dilations") for v in a.get(k, [1])) and not any(a.get("pads", []))
-            if s.ndim != 4 or s.shape[2:] != (1, 1) or a.get("group", 1) != 1 or not one:
+            if s.ndim < 3 or any(k != 1 for k in s.shape[2:]) or a.get("group", 1) != 1 or not one:
                 return f"{name(n)} (kernel {list(s.shape[2:])}, group {a.get('group', 1)}: not a 1x1 convolution)"
             m, flip, axis = s.reshape(s.shape[0], -1).T, True, 1
         shape, ti = tuple(info.tensors[p].shape), info.tensors[p]
@@ -333,36 +210,36 @@ def find_tail(proto, info) -> Tail:
         scale = np.asarray(ti.channel_scale, np.float64)  # stored = source * scale[out]: train the source weight
         return Linear(p, m / scale, bias, axis, flip, shape, scale)
 
-    def step(n) -> tuple[_Op | str, str]:
+    def step(n) -> tuple[Op | str, str]:
         """The node as a tail op, or a reason string; and the input the walk goes on from."""
         op, a, first = n.op_type, attrs(n), n.input[0]
         if op == "Add":
             x, y = n.input
             if x in consts or y in consts:
-                return _Op("bias", n.name, {"b": consts[x if x in consts else y]}), y if x in consts else x
+                return Op("bias", n.name, {"b": consts[x if x in consts else y]}), y if x in consts else x
             single = [i for i in (x, y) if consumers.get(i, 0) == 1 and i not in outputs]
             if len(single) != 1:
                 return f"{name(n)} (a sum of two activations, neither or both read only here: which is the skip?)", x
-            return _Op("residual", n.name, {"tensor": y if single[0] == x else x}), single[0]
+            return Op("residual", n.name, {"tensor": y if single[0] == x else x}), single[0]
         if op == "Relu":
-            return _Op("relu", n.name), first
+            return Op("relu", n.name), first
         if op == "Gelu":
-            return _Op("gelu", n.name, {"tanh": a.get("approximate", "none") == "tanh"}), first
+            return Op("gelu", n.name, {"tanh": a.get("approximate", "none") == "tanh"}), first
         if op == "Mul" and (x := erf_gelu_input(n, producer, consts)) is not None:  # GELU below opset 20
-            return _Op("gelu", n.name, {"tanh": False}), x
+            return Op("gelu", n.name, {"tanh": False}), x
         if op == "LayerNormalization":
             if n.input[1] not in consts or (len(n.input) > 2 and n.input[2] and n.input[2] not in consts):
                 return f"{name(n)} (scale or bias not constant)", first
             gamma = consts[n.input[1]]
             beta = consts[n.input[2]] if len(n.input) > 2 and n.input[2] else np.zeros_like(gamma)
             c = {"gamma": gamma, "beta": beta, "eps": a.get("epsilon", 1e-5), "axis": a.get("axis", -1)}
-            return _Op("layernorm", n.name, c), first
+            return Op("layernorm", n.name, c), first
         if op == "BatchNormalization":
             if not all(i in consts for i in n.input[1:5]) or any(n.output[1:]):
                 return f"{name(n)} (not an inference-mode BatchNormalization with constant statistics)", first
             scale, b, mean, var = (consts[i] for i in n.input[1:5])
             s = scale / np.sqrt(var + a.get("epsilon", 1e-5))
-            return _Op("affine", n.name, {"s": s, "t": b - mean * s}), first
+            return Op("affine", n.name, {"s": s, "t": b - mean * s}), first
         if op in ("ReduceMean", "GlobalAveragePool"):
             axes = a.get("axes")
             if op == "ReduceMean" and len(n.input) > 1 and n.input[1]:
@@ -372,16 +249,18 @@ def find_tail(proto, info) -> Tail:
             if op == "ReduceMean" and not axes:
                 return f"{name(n)} (no axes: it would average over the batch too)", first
             keep = bool(a.get("keepdims", 1)) if op == "ReduceMean" else True
-            return _Op("mean", n.name, {"axes": axes, "keepdims": keep}), first
+            return Op("mean", n.name, {"axes": axes, "keepdims": keep}), first
         if op in _SHAPE:
             c = {"axis": a.get("axis", 1), "axes": a.get("axes"), "allowzero": a.get("allowzero", 0)}
+            if batch_flatten(n, producer, consts, batch_dim):  # to [B, k], B read from Shape at run time
+                return Op("flatten", n.name, {"axis": 1}), first
             if op in ("Reshape", "Squeeze", "Unsqueeze") and len(n.input) > 1 and n.input[1]:
                 if n.input[1] not in consts:
-                    return f"{name(n)} (shape or axes not constant)", first
+                    return f"{name(n)} (shape or axes not constant, nor a flatten to [batch, k])", first
                 c["shape" if op == "Reshape" else "axes"] = [int(v) for v in consts[n.input[1]]]
             if op == "Unsqueeze" and c["axes"] is None:
                 return f"{name(n)} (no axes)", first
-            return _Op(op.lower(), n.name, c), first
+            return Op(op.lower(), n.name, c), first
         return name(n), first
 
     # after the classifier: its bias and shape-only ops
