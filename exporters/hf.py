@@ -8,7 +8,8 @@ sentence-transformers' ``Pooling`` and ``Normalize`` modules) and exports it wit
 written. Each supported architecture (:data:`ARCHITECTURES`) is pooled the way it defines
 its embedding: the model's own ``pooler_output`` for CNNs and Swin, the CLS token for ViT,
 DeiT and Dinov2, mean over the attention mask for text (or what sentence-transformers says).
-Another architecture is refused unless ``pooling`` is given, never pooled by guess.
+Another architecture is refused unless ``pooling`` is given, never pooled by guess. Audio encoders (wav2vec2 family,
+Whisper's encoder, AST) export given ``pooling``: their example inputs come from :mod:`exporters.hf_audio`.
 Parameter names keep the Hugging Face names behind the model's ``base_model_prefix``
 (``bert.encoder.layer.0.attention.self.query.weight``), the same names HF task models use,
 so adapters trained with PEFT map onto them by suffix (:mod:`edge.convert.peft`).
@@ -24,7 +25,6 @@ from __future__ import annotations
 
 import copy
 import inspect
-import json
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -35,6 +35,9 @@ import torch
 from edge.errors import ConfigError, FormatError, RegistryError
 from edge.format.io import atomic_write_bytes, load_json, read_bounded
 from edge.format.modelinfo import ModelInfo
+from exporters.hf_audio import AUDIO_INPUTS, audio_example
+from exporters.hf_pool import check_encoder, check_tokens
+from exporters.hf_settings import sentence_transformers_settings
 from exporters.lora_slots import add_lora_slots, lora_slot_names
 from exporters.onnx import ATTENTION, export_onnx
 
@@ -42,6 +45,7 @@ __all__ = [
     "PooledEncoder",
     "TextEncoder",
     "VisionEncoder",
+    "AudioEncoder",
     "POOLINGS",
     "ARCHITECTURES",
     "register_architecture",
@@ -118,9 +122,15 @@ class PooledEncoder(torch.nn.Module):
             enc = TextEncoder(backbone, **kwargs)
             enc.input_names = tuple(n for n in _TEXT_INPUTS if n in accepted)
             return enc
+        if name := next((n for n in AUDIO_INPUTS if n in accepted), None):
+            enc = AudioEncoder(backbone, **kwargs)
+            enc.input_names = (name,)
+            return enc
         raise ConfigError(
-            f"{type(backbone).__name__}.forward takes neither input_ids nor pixel_values; "
-            "export_hf_encoder handles text and vision encoders"
+            f"{type(backbone).__name__}.forward takes neither input_ids nor pixel_values nor "
+            f"{' or '.join(AUDIO_INPUTS)} (it takes {', '.join(list(accepted)[:3])}): export_hf_encoder handles text, "
+            "vision and audio encoders; "
+            "wrap it in a torch module that pools its last_hidden_state and export that with exporters.export_onnx"
         )
 
     def _pool(self, outputs, mask: torch.Tensor | None):
@@ -134,12 +144,7 @@ class PooledEncoder(torch.nn.Module):
             out = pooled.flatten(1)
             return (torch.nn.functional.normalize(out, p=2, dim=-1) if self.normalize else out,)
         hidden = outputs.last_hidden_state
-        if hidden.dim() != 3 and self.pooling != "none":
-            raise ConfigError(
-                f"{type(getattr(self, self.prefix)).__name__} returns a {hidden.dim()}-D feature map "
-                f"{tuple(hidden.shape)}, not a token sequence: pooling {self.pooling!r} would pool the wrong axis. "
-                "Use pooling='pooler' (the model's own pooled output)"
-            )
+        check_tokens(type(getattr(self, self.prefix)).__name__, self.pooling, hidden, mask, outputs)
         if self.pooling == "cls":
             out = hidden[:, 0]
         elif self.pooling == "mean" and mask is not None:
@@ -171,6 +176,16 @@ class VisionEncoder(PooledEncoder):
         return self._pool(getattr(self, self.prefix)(pixel_values=pixel_values), None)
 
 
+class AudioEncoder(PooledEncoder):
+    """A waveform's or spectrogram's encoder (``input_values`` or ``input_features``: :mod:`exporters.hf_audio`)."""
+
+    modality = "audio"
+    input_names = ("input_values",)
+
+    def forward(self, audio):
+        return self._pool(getattr(self, self.prefix)(**{self.input_names[0]: audio}), None)
+
+
 def load_hf_encoder(model_dir: str | os.PathLike) -> tuple[torch.nn.Module, dict]:
     """Load a local ``transformers`` encoder without network access, and what sentence-transformers says of it.
 
@@ -190,7 +205,7 @@ def load_hf_encoder(model_dir: str | os.PathLike) -> tuple[torch.nn.Module, dict
             "transformers checkpoint (save_pretrained writes it), or add the key naming its architecture"
         )
     model = AutoModel.from_pretrained(str(model_dir), local_files_only=True, attn_implementation="eager")
-    return model, _sentence_transformers_settings(model_dir)
+    return model, sentence_transformers_settings(model_dir)
 
 
 def export_hf_encoder(
@@ -202,6 +217,7 @@ def export_hf_encoder(
     seq_len: int = 128,
     dynamic_seq: bool = False,
     image_size: int | None = None,
+    audio_length: int | None = None,
     tokenizer: str | os.PathLike | None = None,
     lora_slots: Sequence[str] = (),
     lora_rank: int = 8,
@@ -222,6 +238,7 @@ def export_hf_encoder(
         seq_len: example (and, unless ``dynamic_seq``, fixed) sequence length for text; longer texts are
             truncated there (sentence-transformers truncates at ``max_seq_length``: use ``dynamic_seq`` to match).
         image_size: example (and fixed) image side for vision (default: the model config's ``image_size``, else 224).
+        audio_length: samples of a waveform encoder's (fixed) input, default 16000 (:mod:`exporters.hf_audio`).
         tokenizer: a ``tokenizer.json`` to ship beside the model (default: the directory's).
         lora_slots, lora_rank: module-name suffixes that get zero LoRA branches exported as slots.
         name: model name in the metadata (default: the directory or class name).
@@ -250,6 +267,10 @@ def export_hf_encoder(
         model = copy.deepcopy(model)  # the pooler is dropped and slots are added below: leave the caller's model be
     else:
         raise ConfigError(f"model must be a local directory or a transformers model, got {type(model).__name__}")
+    if getattr(model.config, "is_encoder_decoder", False) and callable(getattr(model, "get_encoder", None)):
+        model = model.get_encoder()  # Whisper, T5: the encoder (the decoder generates, it embeds nothing)
+        model.base_model_prefix = "encoder"  # parameters named as in the whole model: encoder.layers.0...
+    check_encoder(model)
     pooling = pooling or settings.get("pooling") or _default_pooling(model)
     if attention is not None and (attention not in ATTENTION or (attention == "fused" and file_format != "onnx")):
         raise ConfigError(
@@ -289,6 +310,9 @@ def export_hf_encoder(
             dynamic_axes = {n: {1: "seq"} for n in encoder.input_names}
         if tokenizer is not None:
             info["tokenizer"] = f"{path.stem}.tokenizer.json"
+    elif encoder.modality == "audio":
+        example, shape = audio_example(model, encoder.input_names[0], audio_length)
+        examples, info = (example,), {**info, **shape}
     else:
         side = int(image_size or getattr(model.config, "image_size", 224))
         channels = int(getattr(model.config, "num_channels", 3))
@@ -365,11 +389,11 @@ def _prepare(model: torch.nn.Module, pooling: str) -> None:
     for module in model.modules():
         if isinstance(getattr(module, "attention_bias_cache", None), dict):  # LeViT's eval cache: a constant
             module.get_attention_biases = lambda _device=None, m=module: m.attention_biases[:, m.attention_bias_idxs]
-        # ViT, Swin and Dinov2 masked-image-modelling tokens: unused without a mask
-        token = module._parameters.get("mask_token")
-        if token is not None:
-            del module._parameters["mask_token"]
-            module.register_buffer("mask_token", token.detach(), persistent=False)
+        # ViT, Swin and Dinov2 masked-image-modelling tokens, wav2vec2's SpecAugment embedding: unused without a mask
+        for key in ("mask_token", "masked_spec_embed"):
+            if (token := module._parameters.get(key)) is not None:
+                del module._parameters[key]
+                module.register_buffer(key, token.detach(), persistent=False)
 
 
 class _NoPooler(torch.nn.Module):
@@ -420,36 +444,3 @@ def _text_examples(model, input_names, seq_len: int, tokenizer, batch: int) -> t
     mask[0, seq_len - seq_len // 4 :] = 0  # some padding, so masked pooling is exercised
     arrays = {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids)}
     return tuple(arrays[n] for n in input_names)
-
-
-def _sentence_transformers_settings(model_dir: Path) -> dict:
-    """Pooling, normalisation and max length from a sentence-transformers layout (empty when there is none)."""
-    modules_file = model_dir / "modules.json"
-    if not modules_file.is_file():
-        return {}
-    try:
-        modules = json.loads(modules_file.read_text())
-        out: dict = {}
-        for m in modules:
-            kind = str(m.get("type", "")).rsplit(".", 1)[-1]
-            if kind == "Pooling":
-                cfg = json.loads((model_dir / m["path"] / "config.json").read_text())
-                modes = {"pooling_mode_mean_tokens": "mean", "pooling_mode_cls_token": "cls"}
-                chosen = [v for k, v in modes.items() if cfg.get(k)]
-                others = [k for k, v in cfg.items() if k.startswith("pooling_mode") and v and k not in modes]
-                if len(chosen) != 1 or others:
-                    raise ConfigError(
-                        f"{model_dir}: sentence-transformers pooling {cfg} is not supported; "
-                        "allowed: exactly one of mean or cls tokens"
-                    )
-                out["pooling"] = chosen[0]
-            elif kind == "Normalize":
-                out["normalize"] = True
-        st_cfg = model_dir / "sentence_bert_config.json"
-        if st_cfg.is_file():
-            out["max_seq_length"] = json.loads(st_cfg.read_text()).get("max_seq_length")
-        return out
-    except ConfigError:
-        raise
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise FormatError(f"{model_dir}: unreadable sentence-transformers configuration: {e}") from e

@@ -169,18 +169,28 @@ def _torch_export(
         axes.update({int(a): dim(label) for a, label in (dynamic_axes or {}).get(input_name, {}).items()})
         shapes.append(axes or None)
 
-    program = torch.onnx.export(
-        model,
-        example_inputs,
-        dynamo=True,
-        optimize=False,
-        external_data=False,
-        verbose=False,
-        opset_version=opset,
-        input_names=list(input_names),
-        output_names=list(output_names),
-        dynamic_shapes=tuple(shapes) if dims else None,
-    )
+    try:
+        program = torch.onnx.export(
+            model,
+            example_inputs,
+            dynamo=True,
+            optimize=False,
+            external_data=False,
+            verbose=False,
+            opset_version=opset,
+            input_names=list(input_names),
+            output_names=list(output_names),
+            dynamic_shapes=tuple(shapes) if dims else None,
+        )
+    except torch.onnx.OnnxExporterError as e:  # its message: pages of advice for torch developers
+        summary = str(e).split("## Exception summary", 1)[-1].strip().splitlines() or [type(e).__name__]
+        inner = getattr(model, str(getattr(model, "prefix", "")), model)  # exporters.hf wraps the model it names
+        raise ExportValidationError(
+            f"torch.onnx.export cannot export {type(inner).__name__} at opset {opset}: {summary[0][:300]}. "
+            "Exported with fused attention (scaled_dot_product_attention, export_hf_encoder's default for text), "
+            "a model may export with attention='decomposed' (edge export --attention decomposed); else export it "
+            "with torch.onnx.export(dynamo=False) and bring the file in with edge import-onnx"
+        ) from e
     proto = program.model_proto
     proto.ir_version = min(proto.ir_version, IR_VERSION)
     return proto
@@ -195,6 +205,7 @@ def _fold_weight_transposes(proto: onnx.ModelProto, model: torch.nn.Module) -> d
     Returns a TensorInfo for every parameter of two or more dimensions (the adapter targets).
     """
     graph = proto.graph
+    _name_tied(graph, model)
     initializers = {t.name: t for t in graph.initializer}
     params = dict(model.named_parameters())
     missing = [n for n in params if n not in initializers]
@@ -202,7 +213,8 @@ def _fold_weight_transposes(proto: onnx.ModelProto, model: torch.nn.Module) -> d
         raise ExportValidationError(
             f"{len(missing)} parameter(s) are not initializers of the exported graph: {missing[:10]}"
             f"{' ...' if len(missing) > 10 else ''}. Parameters unused by forward() are dropped by the exporter: "
-            "remove those modules (e.g. set them to None) before exporting."
+            "remove those modules or parameters (set the attribute to None, e.g. wav2vec2/HuBERT/WavLM's training-only "
+            "masked_spec_embed: model.masked_spec_embed = None) before exporting."
         )
 
     users = consumers(graph)
@@ -316,6 +328,22 @@ def _drop_dead_nodes(graph, protected: set[str]) -> None:
         keep_only(graph.node, lambda n, read=read: any(o in read for o in n.output))
     produced = {o for n in graph.node for o in n.output} | {i.name for i in graph.input}
     keep_only(graph.value_info, lambda v: v.name in produced)
+
+
+def _name_tied(graph: onnx.GraphProto, model: torch.nn.Module) -> None:
+    """Name a tied parameter's initializer as ``named_parameters()`` does (its first name), not the alias forward()
+    reads it by (T5's ``shared.weight`` is read as ``encoder.embed_tokens.weight``): targets keep one torch name."""
+    initializers = {t.name: t for t in graph.initializer}
+    first: dict[int, str] = {}
+    for alias, param in model.named_parameters(remove_duplicate=False):
+        name = first.setdefault(id(param), alias)
+        if alias != name and name not in initializers and alias in initializers and alias not in subgraph_reads(graph):
+            initializers[name] = initializers.pop(alias)
+            initializers[name].name = name
+            _rename_input(graph.node, alias, name)
+            for v in (*graph.value_info, *graph.output):
+                if v.name == alias:
+                    v.name = name
 
 
 def _rename_input(nodes: list, old: str, new: str) -> None:

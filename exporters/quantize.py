@@ -43,7 +43,7 @@ from edge.format.modelinfo import META_KEY, ModelInfo, QuantInfo, fingerprint, o
 from edge.format.onnx_graph import consumers, set_metadata
 from exporters.quantize_check import COMPUTE as _COMPUTE
 from exporters.quantize_check import check_quantized
-from exporters.quantize_graph import fit_ceil_pools, refuse_quantized_input
+from exporters.quantize_graph import computed_weight_convs, fit_ceil_pools, refuse_quantized_input
 
 __all__ = ["EXPORTER_VERSION", "QuantReport", "quantize_onnx", "MODES"]
 
@@ -176,6 +176,9 @@ def quantize_onnx(
     if fitted or unfit:  # onnxruntime's QLinearAveragePool divides a ceil-mode window by the whole kernel
         log.info("static: ceil-mode AveragePools counting pads: %s rewritten, %s kept float", fitted[:5], unfit[:5])
     keep = {t.initializer for t in info.tensors.values() if t.slot or t.head}
+    computed = computed_weight_convs(proto.graph) if mode == "dynamic" else []  # weight norm: see quantize_graph
+    if computed:
+        log.warning("%d convolution(s) whose weight the graph computes stay float: %s", len(computed), computed[:5])
     # onnxruntime's quantizer knows "Attention" as com.microsoft's op and rewrites any node of that type into
     # QAttention; the standard ai.onnx Attention (opset 23, our fused-attention export) is not that op: keep it float
     # (its Q/K/V projections are separate MatMuls, quantized as usual)
@@ -184,6 +187,7 @@ def quantize_onnx(
         | {n.name for n in proto.graph.node if n.op_type == "Attention" and n.domain in ("", "ai.onnx")}
         | set(asked := _asked_float(proto, info, nodes_to_exclude, float_first))
         | set(unfit)
+        | set(computed)
     )
     ort_extra = dict(extra_options or {})
     if "TensorQuantOverrides" in ort_extra:

@@ -19,6 +19,13 @@ function, which the integer kernel computes right: the attribute is rewritten so
 quantization is not enough: onnxruntime's optimizer moves the next ``QuantizeLinear`` back over a Reshape and fuses
 the pool again. A pool with explicit pads is left out of quantization (``nodes_to_exclude``) and the drift check
 judges the result.
+
+:func:`computed_weight_convs` finds the convolutions whose weight the graph computes instead of storing it (torch's
+``weight_norm``: ``g * v / |v|``, the positional convolution of every wav2vec2, HuBERT and WavLM encoder).
+onnxruntime's integer convolution (``ConvInteger``) reads a stored weight, and its dynamic quantizer failed on such a
+node ("Expected mul_30 to be an initializer"): in dynamic mode they are kept in float, named in the log, and their
+parameters (``g`` and ``v``) stay float adapter targets. The static (QDQ) quantizer takes the computed weight as an
+activation (calibrated), so it needs nothing.
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ from __future__ import annotations
 from edge.errors import ConfigError
 from edge.format.onnx_graph import quantized_ops
 
-__all__ = ["fit_ceil_pools", "refuse_quantized_input", "refuse_twin"]
+__all__ = ["computed_weight_convs", "fit_ceil_pools", "refuse_quantized_input", "refuse_twin"]
 
 
 def refuse_twin(info, name: str) -> None:
@@ -74,3 +81,11 @@ def fit_ceil_pools(graph) -> tuple[list[str], list[str]]:
             attrs["count_include_pad"].i = 0
             rewritten.append(node.name)
     return rewritten, kept
+
+
+def computed_weight_convs(graph) -> list[str]:
+    """Names of the ``Conv``/``ConvTranspose`` nodes whose weight is computed in ``graph``, not an initializer or a
+    ``Constant`` (weight norm): onnxruntime's quantizers need a stored weight, so these stay in float."""
+    stored = {t.name for t in graph.initializer} | {o for n in graph.node if n.op_type == "Constant" for o in n.output}
+    convs = (n for n in graph.node if n.op_type in ("Conv", "ConvTranspose") and n.domain in ("", "ai.onnx"))
+    return [n.name for n in convs if len(n.input) > 1 and n.input[1] not in stored]

@@ -273,6 +273,7 @@ def tap_model(
     tokens = [len(shape) == 3 and axes == [1] for _, shape, axes, *_ in found]  # [B, T, C] taps
     weights = _mask_weights(g, mask, opset) if any(tokens) else None
     if weights is not None:  # token taps averaged over the real tokens: MatMul by the mask's [B, 1, T] weights
+        _check_tokens(g, mask, [(t, s) for k, (t, s, *_) in zip(tokens, found) if k])
         found = [(t, s, ["mask"] if k else a, *r) for k, (t, s, a, *r) in zip(tokens, found)]
     channel = found[0][4]
     rest = {(k, tuple(d for i, d in enumerate(shape) if i != k)) for _, shape, _, _, k in found}
@@ -401,6 +402,21 @@ def _mask_weights(g, mask: str | None, opset: int) -> str | None:
     g.node.append(helper.make_node("Max", ["edge.mask.n", one], ["edge.mask.d"], name="edge.mask.max"))
     g.node.append(helper.make_node("Div", ["edge.mask.r", "edge.mask.d"], ["edge.mask.w"], name="edge.mask.div"))
     return "edge.mask.w"
+
+
+def _check_tokens(g, mask: str | None, taps: list) -> None:
+    """Refuse a ``[B, T, C]`` tap whose ``T`` is not the mask's: the mask cannot weigh its positions (FunnelBaseModel
+    pools 8 tokens to 4 between blocks; the MatMul by the weights would not even load)."""
+    name = "attention_mask" if mask == "auto" else mask
+    dim = next(i.type.tensor_type.shape.dim[1] for i in g.input if i.name == name)
+    want = dim.dim_value if dim.HasField("dim_value") else None  # two names of dimensions may still be equal
+    for tensor, shape in taps:
+        if isinstance(want, int) and isinstance(shape[1], int) and shape[1] != want:
+            raise ConfigError(
+                f"tap {tensor!r} of model {g.name!r} has {shape[1]!r} positions where the mask {name!r} has "
+                f"{want!r} (the model pools its sequence): it cannot be averaged over the real tokens; pass "
+                "mask=None (an average over every position, padding included) or taps with one position per token"
+            )
 
 
 def _pool(g, tensor: str, out: str, axes: list, opset: int) -> None:

@@ -26,7 +26,8 @@ def register(sub) -> None:
         help="export a Hugging Face encoder folder to an adapter-ready .onnx or .tflite embedder (host, torch)",
         description="Export a local Hugging Face (or sentence-transformers) encoder as a pooled embedder, "
         "validated against torch. Text: BERT family, RoBERTa/XLM-R, DistilBERT, MPNet, ALBERT, ELECTRA. "
-        "Vision: ViT, DeiT, Swin, Dinov2, ConvNeXt, ResNet, MobileViT, EfficientNet, MobileNetV2, RegNet.",
+        "Vision: ViT, DeiT, Swin, Dinov2, ConvNeXt, ResNet, MobileViT, EfficientNet, MobileNetV2, RegNet. "
+        "Audio, with --pooling: wav2vec2, HuBERT, WavLM, Data2Vec-audio, Whisper's encoder, AST.",
     )
     p.add_argument("model_dir", type=Path, help="local model folder (config.json + model.safetensors)")
     p.add_argument("--out", type=output_path, required=True, help="model file to write (.onnx or .tflite)")
@@ -34,6 +35,9 @@ def register(sub) -> None:
     p.add_argument("--seq-len", type=int, default=128, help="text: sequence length (default 128)")
     p.add_argument("--dynamic-seq", action="store_true", help="text: any sequence length (onnx only)")
     p.add_argument("--image-size", type=int, help="vision: image side (default: the config's image_size, else 224)")
+    p.add_argument(
+        "--audio-length", type=int, help="audio: samples of a waveform encoder's input (default 16000: 1 s at 16 kHz)"
+    )
     p.add_argument(
         "--pooling",
         choices=["mean", "cls", "pooler", "none"],
@@ -89,6 +93,7 @@ def run(args) -> int:
         seq_len=args.seq_len,
         dynamic_seq=args.dynamic_seq,
         image_size=args.image_size,
+        audio_length=args.audio_length,
         lora_slots=args.lora_slots,
         lora_rank=args.lora_rank,
         name=args.name,
@@ -107,7 +112,16 @@ def run(args) -> int:
         "bytes": args.out.stat().st_size,
         **{
             k: info.extra.get(k)
-            for k in ("model_type", "modality", "pooling", "normalize", "seq_len", "image_size", "attention")
+            for k in (
+                "model_type",
+                "modality",
+                "pooling",
+                "normalize",
+                "seq_len",
+                "image_size",
+                "audio_shape",
+                "attention",
+            )
         },
     }
     if quant is not None:
