@@ -24,6 +24,19 @@ from edge.errors import BackendUnavailableError, ConfigError, FormatError
 __all__ = ["Tokenizer", "embed", "mean_pool"]
 
 _NAMES = ("input_ids", "attention_mask", "token_type_ids")
+MAX_TOKENIZER_BYTES = 64 << 20  # the largest published tokenizer.json files (multilingual vocabularies) are ~20 MB
+_MAX_LENGTH = 1 << 20  # tokens per text; far beyond any encoder's position table
+
+
+def _length(what: str, value) -> int:
+    """``value`` as a token count in [2, 2**20]; a bool, float, string or anything else is a :class:`ConfigError`
+    (the values come from a model's metadata as well as from callers)."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 2 <= int(value) <= _MAX_LENGTH:
+        raise ConfigError(
+            f"{what} must be an integer from 2 (room for the special tokens) to {_MAX_LENGTH}, got {value!r}; "
+            "re-export the model or pass a valid value"
+        )
+    return int(value)
 
 
 class Tokenizer:
@@ -35,11 +48,11 @@ class Tokenizer:
     """
 
     def __init__(self, tokenizer, *, seq_len: int | None = 128, max_length: int = 512, inputs=_NAMES) -> None:
-        if seq_len is not None and seq_len < 2:
-            raise ConfigError(f"seq_len must be >= 2 (room for the special tokens), got {seq_len}")
+        seq_len = None if seq_len is None else _length("seq_len", seq_len)
+        max_length = _length("max_length", max_length)
         self._tok = tokenizer
         self.seq_len = seq_len
-        self.max_length = int(seq_len or max_length)
+        self.max_length = seq_len or max_length
         self.inputs = tuple(n for n in _NAMES if n in inputs)
         pad_token = next((t for t in ("[PAD]", "<pad>") if tokenizer.token_to_id(t) is not None), "[PAD]")
         pad_id = tokenizer.token_to_id(pad_token)
@@ -59,11 +72,19 @@ class Tokenizer:
             raise BackendUnavailableError(
                 "text models need the `tokenizers` package on the device: pip install tokenizers"
             ) from e
+        from edge.format.io import read_bounded
+
         path = Path(path)
+        # read here, bounded: tokenizers' own from_file blocks on a FIFO and reads /dev/zero until memory runs out
+        data = read_bounded(path, MAX_TOKENIZER_BYTES, what="tokenizer")
         try:
-            tok = _HFTokenizer.from_file(str(path))
-        except Exception as e:  # tokenizers raises a plain Exception for missing or malformed files
-            raise FormatError(f"cannot read tokenizer {path}: {e}") from e
+            tok = _HFTokenizer.from_str(data.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise FormatError(f"cannot read tokenizer {path}: not UTF-8 text ({e.reason} at byte {e.start})") from e
+        except Exception as e:  # tokenizers raises a plain Exception for malformed files
+            raise FormatError(
+                f"cannot read tokenizer {path}: {e}; give the tokenizer.json the model was exported with"
+            ) from e
         return cls(tok, **kwargs)
 
     @classmethod
@@ -83,7 +104,7 @@ class Tokenizer:
         return cls.from_file(
             path,
             seq_len=extra.get("seq_len"),
-            max_length=int(extra.get("max_seq_length") or 512),
+            max_length=extra.get("max_seq_length") or 512,
             inputs=runtime.info.inputs,
         )
 

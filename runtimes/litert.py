@@ -151,7 +151,10 @@ class LiteRTBackend(ArenaBackend):
 
     @classmethod
     def read_info(cls, path: Path) -> ModelInfo:
-        return tflite_info(read_bounded(Path(path), MAX_MODEL_BYTES, what="model file"))
+        data = read_bounded(Path(path), MAX_MODEL_BYTES, what="model file")
+        fb = read_tflite(data)
+        check_tensor_sizes(fb.tensors)  # as a load checks them: a shape edited to ask for gigabytes is refused here too
+        return tflite_info(data, fb)
 
     @classmethod
     def footprint_mb(cls, model: bytes | str | os.PathLike, strategy: str, providers: Sequence[str] = ()) -> float:

@@ -99,7 +99,13 @@ class OrtBackend(OrtSessions, ArenaBackend):
     @classmethod
     def read_info(cls, path: Path) -> ModelInfo:
         with model_buffer(path) as (buf, _):
-            return onnx_info(parse_graph(buf)[0])
+            proto, inits = parse_graph(buf)
+            info = onnx_info(proto)
+            # the file's records of its writable tensors checked as a load checks them (nothing allocated): a file
+            # whose dims or data types lie is refused here too, not described as loadable (`edge inspect`, engines)
+            dtypes = {t.initializer: t.quant.dtype for t in info.tensors.values() if t.quant is not None}
+            writable_dtypes(inits, sorted({t.initializer for t in info.tensors.values()}), dtypes)
+            return info
 
     @classmethod
     def footprint_mb(

@@ -47,15 +47,27 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+MAX_STATE_BYTES = 64 << 20  # state.json and plan.json: a few hundred bytes per adapter
+
+
 def read_json(path: Path) -> dict | None:
     """The JSON in ``path``, or None if there is none. Bytes that are not JSON at all (torn by a power cut on storage
-    that ignored fsync, flash wear) are moved aside to ``NAME.unreadable`` (replacing an earlier one), with a
-    warning, and read as none: the next sync rebuilds what they recorded, with no one at the device."""
+    that ignored fsync, flash wear), or JSON this project never writes (nested past its depth limit, duplicated keys,
+    NaN), are moved aside to ``NAME.unreadable`` (replacing an earlier one), with a warning, and read as none: the
+    next sync rebuilds what they recorded, with no one at the device. Read bounded, as a regular file only: a FIFO,
+    device or folder in its place, or a file over the limit, is a :class:`FleetError` (nothing is moved)."""
+    from edge.errors import FormatError
+    from edge.format.io import load_json, read_bounded
+
     try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        return None
-    except ValueError as e:  # not UTF-8 or not JSON
+        data = read_bounded(path, MAX_STATE_BYTES, what="sync state")
+    except FormatError as e:
+        if isinstance(e.__cause__, FileNotFoundError):
+            return None
+        raise FleetError(f"{e}; delete it to start over") from e
+    try:
+        return load_json(data, source=f"sync state {path}")
+    except FormatError as e:  # not UTF-8, not JSON, or JSON no sync wrote
         aside = path.with_name(path.name + ".unreadable")
         try:
             os.replace(path, aside)
@@ -63,8 +75,6 @@ def read_json(path: Path) -> dict | None:
             raise FleetError(f"sync state {path} is unreadable ({e}) and cannot be moved aside ({e2})") from e
         log.warning("sync state %s was unreadable (%s): moved to %s, rebuilt by this sync", path, e, aside.name)
         return None
-    except OSError as e:
-        raise FleetError(f"sync state {path} is unreadable ({e}); delete it to start over") from e
 
 
 def write_json(path: Path, data: dict) -> None:

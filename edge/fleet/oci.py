@@ -349,12 +349,13 @@ MAX_MANIFEST = 4 << 20  # the distribution registry's own limit on manifest bodi
 
 
 def parse_manifest(body: bytes, what: str) -> dict:
-    import json
+    from edge.errors import FormatError
+    from edge.format.io import load_json
 
-    try:
-        manifest = json.loads(body)
-    except ValueError as e:
-        raise FleetSecurityError(f"{what} is not a JSON manifest") from e
+    try:  # bounded depth, no duplicated keys: a registry's bytes never reach a bare RecursionError
+        manifest = load_json(body, source=what)
+    except FormatError as e:
+        raise FleetSecurityError(f"{what} is not a JSON manifest ({e})") from e
     if not isinstance(manifest, dict):
         raise FleetSecurityError(f"{what} is not a JSON object")
     return manifest

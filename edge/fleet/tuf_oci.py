@@ -87,10 +87,13 @@ def encode_bundle(files: list[tuple[str, bytes]], root_version: int) -> bytes:
 
 def decode_bundle(data: bytes, what: str = "TUF bundle") -> tuple[int, dict[str, bytes]]:
     """``(root version, {file name: bytes})`` from :func:`encode_bundle` output; bounded, validated."""
+    from edge.errors import FormatError
+    from edge.format.io import load_json
+
     text = _inflate(zlib.decompressobj(wbits=31), data, what, "gzip")  # gzip framing
-    try:
-        doc = json.loads(text)
-    except ValueError as e:
+    try:  # bounded depth, no duplicated keys: a registry's bytes never reach a bare RecursionError
+        doc = load_json(text, source=what)
+    except FormatError as e:
         raise FleetSecurityError(f"{what} is not JSON: {e}") from e
     return _bundle_doc(doc, what)
 
@@ -125,10 +128,13 @@ def encode_delta(
 def decode_delta(data: bytes, base: bytes, what: str = "TUF delta") -> tuple[int, dict[str, bytes]]:
     """``(root version, {file name: bytes})`` from :func:`encode_delta` output and its base; bounded, validated."""
     text = _inflate(zlib.decompressobj(wbits=-15, zdict=base), data, what, "deflate")
+    from edge.errors import FormatError
+    from edge.format.io import load_json
+
     head, nl, body = text.partition(b"\n")
     try:
-        header = json.loads(head if nl else b"no header line")
-    except ValueError as e:
+        header = load_json(head if nl else b"no header line", source=what)
+    except FormatError as e:
         raise FleetSecurityError(f"{what} has no JSON header line: {e}") from e
     if (
         not isinstance(header, dict)
@@ -323,10 +329,10 @@ class OciMetadataFetcher(_fetcher_base()):  # type: ignore[misc]
         if self.head_dir is None:
             return None
         from edge.errors import FormatError
-        from edge.format.io import read_bounded
+        from edge.format.io import load_json, read_bounded
 
         try:
-            doc = json.loads(read_bounded(self.head_dir / "head.json", 3 * _MAX_METADATA, what="cached TUF head"))
+            doc = load_json(read_bounded(self.head_dir / "head.json", 3 * _MAX_METADATA, what="cached TUF head"))
             root, files = _bundle_doc(doc.get("bundle"), "cached TUF head")
             digests = doc["manifest"], doc["config"]
         except (FormatError, ValueError, FleetSecurityError, KeyError, AttributeError):

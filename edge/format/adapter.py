@@ -60,6 +60,10 @@ __all__ = [
 ]
 
 ADAPTER_FORMAT = "edge.adapter"
+#: every key of a version-1 metadata record (what :meth:`Adapter.save` writes)
+_META_KEYS = frozenset(
+    {"format", "version", "method", "name", "base_fingerprint", "dtype", "targets", "info", "quantized", "encodings"}
+)
 ADAPTER_VERSION = 1
 MAX_HEADER_BYTES = 16 * 1024 * 1024  # a SHiRA header lists names and shapes, never megabytes
 MAX_FILE_BYTES = 1 << 31  # an adapter file larger than 2 GiB is refused before reading
@@ -289,6 +293,12 @@ def _payload(data: bytes, source: str) -> dict[str, np.ndarray]:
 
 def _declared(meta: dict, source: str) -> tuple[str, dict[str, tuple[int, ...]], dict]:
     """Method, target shapes and encodings as the metadata declares them, each strictly typed and bounded."""
+    unknown = sorted(set(meta) - _META_KEYS)
+    if unknown:  # a newer writer's field, or a forged one: never silently ignored
+        raise FormatError(
+            f"{source}: adapter metadata has unknown key(s) {[k[:40] for k in unknown[:5]]}; version "
+            f"{ADAPTER_VERSION} knows {sorted(_META_KEYS)}; re-save the adapter with this version's Adapter.save"
+        )
     method = meta.get("method")
     if not isinstance(method, str) or method not in METHODS:
         raise FormatError(f"{source}: adapter method {method!r} is unknown; known: {METHODS.names()}")

@@ -35,6 +35,9 @@ __all__ = ["STATE_FORMAT", "STATE_VERSION", "State", "load_state", "save_state",
 STATE_FORMAT = "edge.learn.update-state"
 STATE_VERSION = 1
 MAX_HEADER_BYTES = 16 * 1024 * 1024
+_HEAD_KEYS = frozenset(
+    {"format", "version", "method", "base_fingerprint", "meta", "checksum"}
+)  # what save_state writes
 _DTYPES = {np.dtype(t) for t in ("float32", "float64", "int32", "int64", "uint8", "bool")}
 
 
@@ -121,6 +124,12 @@ def _read_header(data: bytes, path: Path) -> dict:
     missing = [k for k in ("method", "base_fingerprint", "checksum") if k not in head]
     if missing:
         raise FormatError(f"{path}: metadata lacks the field(s) {missing}")
+    unknown = sorted(set(head) - _HEAD_KEYS)
+    if unknown:  # the checksum is no signature: a key added with a recomputed one is refused here
+        raise FormatError(
+            f"{path}: update-state metadata has unknown key(s) {[k[:40] for k in unknown[:5]]}; version "
+            f"{STATE_VERSION} knows {sorted(_HEAD_KEYS)}; restore a backup or start a new state"
+        )
     return head
 
 

@@ -88,10 +88,15 @@ def check_quant(i: int, ttype: int, shape: tuple[int, ...], scale: tuple, zero: 
 
 def check_tensor_sizes(tensors, memory_mb: float | None = None) -> None:
     """No tensor LiteRT would allocate (shape times item size, ``tensors``: :class:`~edge.format.tflite.TfliteTensor`)
-    is larger than :data:`MAX_TENSOR_BYTES` or than the device's whole memory budget ``memory_mb``: a shape edited
-    to ask for gigabytes is refused before the interpreter allocates its arena."""
+    has a negative size or is larger than :data:`MAX_TENSOR_BYTES` or than the device's whole memory budget
+    ``memory_mb``: a shape edited to ask for gigabytes is refused before the interpreter allocates its arena."""
     limit = MAX_TENSOR_BYTES if memory_mb is None else min(MAX_TENSOR_BYTES, int(memory_mb * (1 << 20)))
     for t in tensors:
+        if any(d < 0 for d in t.shape):  # -1 belongs in shape_signature; LiteRT fails on it in shape
+            raise FormatError(
+                f"tensor {t.name[:80]!r} has shape {list(t.shape)[:8]}; sizes must not be negative (a dynamic axis "
+                "is -1 in shape_signature, not in shape): the file was altered after conversion, convert it again"
+            )
         size = math.prod(max(d, 1) for d in t.shape) * (np.dtype(t.dtype).itemsize if t.dtype is not None else 1)
         if size > limit:
             raise FormatError(
