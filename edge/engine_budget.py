@@ -2,12 +2,12 @@
 
 :func:`edge.engines.compare_engines` builds every candidate engine to time it; on a small device that build alone
 can exceed ``budgets.memory_mb``. :func:`fit_budget` predicts each candidate's footprint from its file (the backend's
-``footprint_mb``: the graph or the tensor table, no weights read, on the providers the profile gives it), takes the
-strategy the runtime would run under the budget (the one asked, the profile's, else ``auto``'s first that fits) and
-leaves out, with the reason logged and kept in ``skipped``, every engine with none; the others are measured at their
-full-speed steady state (``rebuild``) when the runtime would serve one (``hybrid``, ``rebuild``), else at the
-strategy it would run (``bound``, ``builtin``). When no candidate fits, the refusal is the
-:class:`~edge.errors.ConfigError` a single backend gives.
+``footprint_mb``: the graph or the tensor table, no weights read, on the providers the profile gives it here, its
+fallback policy applied), takes the strategy the runtime would run under the budget (the one asked, the profile's,
+else ``auto``'s first that fits) and leaves out, with the reason logged and kept in ``skipped``, every engine with
+none; the others are measured at their full-speed steady state (``rebuild``) when the runtime would serve one
+(``hybrid``, ``rebuild``), else at the strategy it would run (``bound``, ``builtin``). When no candidate fits, the
+refusal is the :class:`~edge.errors.ConfigError` a single backend gives.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 from dataclasses import replace
 
-from edge.errors import ConfigError
+from edge.errors import ConfigError, EdgeError
 
 __all__ = ["FULL_SPEED", "fit_budget"]
 
@@ -40,7 +40,7 @@ def fit_budget(found: list, skipped: dict, profile, strategy: str = "auto", enfo
         pref = profile.preference(e.backend)
         asked = strategy if strategy != "auto" else (pref.strategy if pref else "auto")
         order = (cls.AUTO_ORDER or (cls.DEFAULT_STRATEGY,)) if asked == "auto" else (asked,)
-        providers = tuple(p.name for p in pref.providers) if pref else ()  # LiteRT on ["CPU"]: nothing packed
+        providers = _providers(profile, e.backend, pref)  # LiteRT on ["CPU"]: nothing packed
         size_mb, predicted, serving = e.path.stat().st_size / 2**20, {}, None
         if size_mb > budget:  # its weights alone: nothing of it is read to predict more
             needs = f"its file alone is {size_mb:.1f} MB"
@@ -70,3 +70,13 @@ def fit_budget(found: list, skipped: dict, profile, strategy: str = "auto", enfo
             + "; raise budgets.memory_mb in the device profile, or load a smaller or quantized model"
         )
     return kept
+
+
+def _providers(profile, backend: str, pref) -> tuple[str, ...]:
+    """The providers ``backend`` runs on under ``profile``: its fallback policy applied, as the runtime applies it
+    (a GPU listed before the CPU, missing here, with ``fallback: cpu``: the CPU alone); the listed ones where the
+    policy refuses (the prediction only: the load then says why)."""
+    try:
+        return profile.backend_options(backend, quiet=True).providers
+    except EdgeError:
+        return tuple(p.name for p in pref.providers) if pref else ()

@@ -253,8 +253,15 @@ def take_writable(
             read(memoryview(view).cast("B"), t.raw[0])
             if sys.byteorder == "big" and dt.itemsize > 1:  # ONNX stores little-endian
                 view.byteswap(inplace=True)
-        else:  # float_data / int32_data: rare, let onnx decode it
-            view[:] = numpy_helper.to_array(tensor_proto(buf, t)).reshape(-1)
+        else:  # float_data / int32_data: rare, let onnx decode it (its count checked: a short list is no shape)
+            try:
+                values = numpy_helper.to_array(tensor_proto(buf, t)).reshape(-1)
+            except (ValueError, TypeError) as e:
+                raise FormatError(
+                    f"initializer {name!r}: its stored values do not fill its shape {list(t.dims)} ({e}); the file "
+                    "is damaged or was written wrongly: export or save the model again"
+                ) from e
+            view[:] = values
         live[name] = view.reshape(t.dims)
     return arenas, offset, live
 

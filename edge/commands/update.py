@@ -30,6 +30,14 @@ def register(sub) -> None:
         "logits only): a tap set (auto, stages, attn, ...; NAME:K) or comma-separated tensor names; the tapped copy "
         "is the same model (same fingerprint: states and adapters apply to the file given)",
     )
+    u.add_argument(
+        "--tap-layout",
+        action="append",
+        default=[],
+        metavar="TENSOR=LAYOUT",
+        help="with --taps: a tap's layout where the graph does not tell it: channels-first (a conv's map, pooled "
+        "over the axes after the channels) or channels-last (a token sequence [B, T, C], pooled over T); repeatable",
+    )
     u.add_argument("--adapter-out", type=output_path, help="shira-head: also write the learned adapter file here")
     u.add_argument("--eval", type=Path, help=".npz with 'x' and 'y' to report accuracy on after the update")
     u.add_argument("--json", type=output_path, help="write the report as JSON here")
@@ -89,11 +97,14 @@ def _run(args, rt, budget, source, limit, limit_from, options) -> int:
 
 def _tapped(args, stack, options) -> Path:
     """The model to run: ``--model``, or with ``--taps`` its tapped copy in a temporary folder (removed after)."""
+    from edge.errors import ConfigError
+
     if not args.taps:
+        if args.tap_layout:
+            raise ConfigError("--tap-layout says the layout of a tap: it needs --taps (the taps to learn over)")
         return args.model
     import tempfile
 
-    from edge.errors import ConfigError
     from edge.route.taps import FEATURES, tap_model
     from edge.route.tapsets import TAP_SETS
 
@@ -104,9 +115,28 @@ def _tapped(args, stack, options) -> Path:
         )
 
     spec = args.taps if args.taps.partition(":")[0] in TAP_SETS.names() else [t for t in args.taps.split(",") if t]
+    layout = dict(_tap_layout(t) for t in args.tap_layout)
     folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="edge-update-")))
     options.setdefault("feature_output", FEATURES)
-    return tap_model(args.model, folder / args.model.name, spec).path
+    try:
+        return tap_model(args.model, folder / args.model.name, spec, layout=layout or None).path
+    except ConfigError as e:  # tap_model speaks Python (layout={...}); say the flag too
+        if "pass layout={" not in str(e):
+            raise
+        raise ConfigError(f"{e}; on the command line: --tap-layout TENSOR=channels-first|channels-last") from e
+
+
+def _tap_layout(text: str) -> tuple[str, str]:
+    """``--tap-layout TENSOR=LAYOUT``: split at the last '=' (a tensor name may hold one); tap_model checks both."""
+    from edge.errors import ConfigError
+
+    tensor, sep, value = text.rpartition("=")
+    if not (sep and tensor and value):
+        raise ConfigError(
+            f"--tap-layout {text!r} must look like TENSOR=channels-first or TENSOR=channels-last (TENSOR one of the "
+            "taps)"
+        )
+    return tensor, value
 
 
 def _learn(args, rt, chunks, budget, options):

@@ -206,7 +206,8 @@ def _feature_maps(model, last_sums: bool = False) -> list[tuple[str, int, bool]]
     residual ``Add``: its sum is then ``[B, H, W, C]``, the same values as before, pooled over ``H, W``).
 
     The level counts the strided Conv/pool nodes between the input and the tensor (shape-free,
-    so symbolic input sizes work); a residual sum is an ``Add`` of two feature maps.
+    so symbolic input sizes work); a residual sum is an ``Add`` of two feature maps. The input: a graph input of the
+    maps' rank, or one of a rank less given its channel axis by an ``Unsqueeze``/``Reshape`` (a waveform ``[B, L]``).
     """
     inits = {i.name for i in model.graph.initializer}
     rank = {k: len(v) for k, v in tensor_shapes(model).items()}
@@ -215,7 +216,20 @@ def _feature_maps(model, last_sums: bool = False) -> list[tuple[str, int, bool]]
     level = {i.name: 0 for i in model.graph.input if rank.get(i.name) == r and i.name not in inits}
     out, last, sums = [], set(), set()  # last: channels-last maps (ConvNeXt: Transpose to NHWC, LN, MLP, to NCHW)
     raw = set(level)  # the input and its layout changes (tf2onnx's NHWC -> NCHW Transpose): pixels, not features
+    flat = {i.name for i in model.graph.input if rank.get(i.name) == r - 1 and i.name not in inits}  # [B, L] audio
+    shape_of = {n.output[0]: n.input[0] for n in model.graph.node if n.op_type == "Shape" and _whole(n)}
     for node in model.graph.node:
+        if node.op_type in _SAME and node.input and node.input[0] in flat and rank.get(node.output[0]) == r - 1:
+            flat.add(node.output[0])  # input_values[:, None]: torch writes a whole Slice before the Unsqueeze
+            continue
+        if node.op_type in ("Unsqueeze", "Reshape") and node.input[0] in flat and rank.get(node.output[0]) == r:
+            level[node.output[0]] = 0  # a waveform [B, L] (an image [B, H, W]) given its channel axis: the input
+            raw.add(node.output[0])
+            continue
+        src = shape_of.get(node.input[1]) if node.op_type == "Reshape" and len(node.input) > 1 else None
+        if src in level and src not in raw | last and node.input[0] not in level and rank.get(node.output[0]) == r:
+            level[node.output[0]] = level[src]  # back to a map's own Shape: torch's GroupNorm below opset 18
+            continue  # (Reshape to [B, G, -1], InstanceNormalization, Reshape back), before its affine Mul, Add
         ins = [level[i] for i in node.input if i in level]
         if ins and node.op_type == "Transpose" and rank.get(node.output[0]) == r:
             perm, src = _perm(node), node.input[0]
@@ -258,6 +272,13 @@ def _feature_maps(model, last_sums: bool = False) -> list[tuple[str, int, bool]]
     return [m for m in out if (told(m[0]) == LAST) == (m[0] in sums)]
 
 
+def _whole(shape_node) -> bool:
+    """Whether a ``Shape`` node gives its input's whole shape (no ``end``; ``start`` 0 if any, as dynamo writes)."""
+    return all(a.name == "start" and a.i == 0 for a in shape_node.attribute)
+
+
+#: ops that leave a raw input raw (a waveform sliced or cast is still the waveform)
+_SAME = ("Slice", "Identity", "Cast")
 #: convolutions: the rank of their outputs is the rank of a model's feature maps
 _CONVS = ("Conv", "FusedConv")
 

@@ -311,6 +311,11 @@ class Layouts:
             axes = self._axes(n)
             if axes and all(a >= 2 for a in axes) and before == FIRST or all(a < -1 for a in axes) and before == LAST:
                 found = before
+        elif found is None and n.op_type == "Reshape" and n.domain in _DOMAINS and len(n.input) > 1:
+            shape = self._producer.get(n.input[1])  # back to a tensor's own Shape: its layout (torch's GroupNorm
+            whole = shape is not None and all(a.name == "start" and a.i == 0 for a in shape.attribute)
+            if whole and shape.op_type == "Shape":  # below opset 18; dynamo's Shape(start=0) too)
+                found = self._back(shape.input[0], depth + 1)
         elif found is None and n.op_type in _SAME_OPS and n.domain in _DOMAINS:
             seen = {self._back(i, depth + 1) for i in n.input if i and i not in self._dims} - {None}
             found = seen.pop() if len(seen) == 1 else None
