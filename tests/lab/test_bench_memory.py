@@ -135,5 +135,7 @@ def test_every_child_holds_its_libraries_whole_before_it_measures():
             library = "onnxruntime" in head[5] and head[1][0] == "r"
         elif library and head[0][:-1] in kb:
             kb[head[0][:-1]] += int(head[1])
-    # every page resident, though no session ran (but a few past the end of the file, which cannot be)
-    assert kb["Size"] > 10_000 and kb["Size"] - kb["Rss"] < 64
+    # every page resident, though no session ran (but a few past the end of the file, which cannot be, and the odd
+    # page the kernel reclaims before smaps is read: 200 KB of 39 MB once in CI here). Unmapped, the code no session
+    # ran is tens of per cent of it (9.6 MB a plain session runs), so 1 % still tells mapped from not
+    assert kb["Size"] > 10_000 and kb["Size"] - kb["Rss"] < max(64, kb["Size"] // 100), kb
