@@ -98,7 +98,13 @@ class Tokenizer:
                 "exporters.hf.export_hf_encoder (which ships tokenizer.json), "
                 "or pass tokenizer=Tokenizer.from_file(...)"
             )
-        path = Path(runtime.model_path).with_name(Path(str(name)).name)
+        base = Path(str(name)).name  # a file beside the model, never a path out of its folder
+        if base in ("", ".", ".."):
+            raise FormatError(
+                f"model {runtime.info.name!r} names its tokenizer {str(name)[:80]!r}, not a file name; re-export it, "
+                "or pass tokenizer=Tokenizer.from_file(...)"
+            )
+        path = Path(runtime.model_path).with_name(base)
         if not path.is_file():
             raise FormatError(f"model {runtime.info.name!r} expects its tokenizer at {path}; copy it next to the model")
         return cls.from_file(
@@ -114,7 +120,17 @@ class Tokenizer:
             texts = [texts]
         if not texts:
             raise ConfigError("no texts to encode")
-        enc = self._tok.encode_batch(list(texts))
+        texts = list(texts)
+        bad = next((t for t in texts if not isinstance(t, str)), None)
+        if bad is not None:
+            raise ConfigError(f"texts must be strings, got a {type(bad).__name__}: {str(bad)[:40]!r}")
+        try:
+            enc = self._tok.encode_batch(texts)
+        except Exception as e:  # tokenizers raises a plain Exception (a WordPiece vocabulary with no [UNK], ...)
+            raise FormatError(
+                f"the tokenizer cannot encode these texts: {str(e)[:200]}; give the tokenizer.json the model was "
+                "exported with"
+            ) from e
         arrays = {
             "input_ids": np.array([e.ids for e in enc], dtype=np.int64),
             "attention_mask": np.array([e.attention_mask for e in enc], dtype=np.int64),

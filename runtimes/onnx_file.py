@@ -53,6 +53,7 @@ class Stored:
     dtype: int
     raw: tuple[int, int] | None
     external: bool
+    values: int = 0  # how many float_data / int32_data values it stores (where there is no raw_data)
 
 
 def graph_bytes(buf) -> bytes:
@@ -110,8 +111,8 @@ def _split(buf) -> tuple[bytes, dict[str, Stored]]:
 
 
 def _tensor(buf, start: int, end: int) -> tuple[str, Stored]:
-    """TensorProto fields: dims 1, data_type 2, name 8, raw_data 9, data_location 14."""
-    name, dims, dtype, raw, external = "", [], 0, None, False
+    """TensorProto fields: dims 1, data_type 2, float_data 4, int32_data 5, name 8, raw_data 9, data_location 14."""
+    name, dims, dtype, raw, external, values = "", [], 0, None, False, 0
     for num, wt, _, a, b in _fields(buf, start, end):
         if num == 1 and wt == 0:
             dims.append(_varint(buf, a)[0])
@@ -127,7 +128,16 @@ def _tensor(buf, start: int, end: int) -> tuple[str, Stored]:
             raw = (a, b)
         elif num == 14 and wt == 0:
             external = _varint(buf, a)[0] == 1
-    return name, Stored((start, end), tuple(dims), dtype, raw, external)
+        elif num in (4, 5):  # float_data (fixed 4 bytes), int32_data (varints): packed or one field a value
+            values += _count(buf, a, b) if wt == 2 and num == 5 else (b - a) // 4 if wt == 2 else 1
+    return name, Stored((start, end), tuple(dims), dtype, raw, external, values)
+
+
+def _count(buf, a: int, b: int) -> int:
+    """The varints in ``buf[a:b]``: the bytes that end one (high bit clear)."""
+    import numpy as np
+
+    return int(np.count_nonzero(np.frombuffer(buf, np.uint8, b - a, a) < 0x80))
 
 
 def _fields(buf, start: int, end: int):
@@ -223,6 +233,11 @@ def writable_dtypes(
             raise FormatError(f"initializer {name!r}: {t.raw[1] - t.raw[0]} bytes of data for shape {t.dims}")
         if t.raw is None and t.span[1] - t.span[0] < n:  # float_data / int32_data: a byte a value at least
             raise FormatError(f"initializer {name!r}: {t.span[1] - t.span[0]} bytes for {n} values (shape {t.dims})")
+        if t.raw is None and t.values != n:  # counted from the file's fields: nothing decoded or allocated
+            raise FormatError(
+                f"initializer {name!r}: its stored values do not fill its shape {list(t.dims)} ({t.values} values "
+                f"for {n}); the file is damaged or was written wrongly: export or save the model again"
+            )
     return want
 
 

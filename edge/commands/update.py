@@ -115,7 +115,12 @@ def _tapped(args, stack, options) -> Path:
         )
 
     spec = args.taps if args.taps.partition(":")[0] in TAP_SETS.names() else [t for t in args.taps.split(",") if t]
-    layout = dict(_tap_layout(t) for t in args.tap_layout)
+    layout: dict[str, str] = {}
+    for tensor, value in map(_tap_layout, args.tap_layout):
+        if layout.setdefault(tensor, value) != value:  # never the last one silently
+            raise ConfigError(
+                f"--tap-layout gives tap {tensor!r} two layouts ({layout[tensor]} and {value}); give it one"
+            )
     folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="edge-update-")))
     options.setdefault("feature_output", FEATURES)
     try:

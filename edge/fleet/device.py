@@ -45,7 +45,8 @@ from edge.fleet.deadline import client as bounded_client
 from edge.fleet.device_files import disk_reason as _disk_reason
 from edge.fleet.device_files import free_bytes as _free_bytes
 from edge.fleet.device_files import locked as _locked
-from edge.fleet.device_files import read_json as _read_json
+from edge.fleet.device_files import read_plan as _read_plan
+from edge.fleet.device_files import sane_state as _sane_state
 from edge.fleet.device_files import sha256_file as _sha256
 from edge.fleet.device_files import sig_path as _sig_path
 from edge.fleet.device_files import stamp as _stamp
@@ -169,6 +170,8 @@ class _Sync:
         self.cfg, self.dir, self.cache, self.fp, self.info = config, adapter_dir, cache, fp, info
         self.r, self.hook = report, hook
         self.state = load_state(cache, adapter_dir)  # rebuilt, if torn, from what the disk still proves
+        if not _sane_state(self.state, cache / "state.json"):  # entries of another shape: set aside, rebuilt
+            self.state = load_state(cache, adapter_dir)
         self.trusted: list[bytes] | None = None
 
     # -- the four steps ---------------------------------------------------------------------------------------
@@ -329,7 +332,7 @@ class _Sync:
     def _offline(self) -> None:
         """Registry unreachable: complete the last verified plan from downloaded blobs, if it has not expired."""
         self.r.status = "offline"
-        plan = _read_json(self.cache / "plan.json")
+        plan = _read_plan(self.cache / "plan.json")
         if not plan:
             self.r.reason += "; no verified release in the cache yet"
             return

@@ -14,7 +14,17 @@ from pathlib import Path
 
 from edge.fleet.oci import FleetError
 
-__all__ = ["sig_path", "stamp", "free_bytes", "disk_reason", "sha256_file", "read_json", "write_json", "locked"]
+__all__ = [
+    "sig_path",
+    "stamp",
+    "free_bytes",
+    "disk_reason",
+    "sha256_file",
+    "read_json",
+    "read_plan",
+    "write_json",
+    "locked",
+]
 
 log = logging.getLogger("edge.fleet")
 
@@ -68,13 +78,78 @@ def read_json(path: Path) -> dict | None:
     try:
         return load_json(data, source=f"sync state {path}")
     except FormatError as e:  # not UTF-8, not JSON, or JSON no sync wrote
-        aside = path.with_name(path.name + ".unreadable")
-        try:
-            os.replace(path, aside)
-        except OSError as e2:
-            raise FleetError(f"sync state {path} is unreadable ({e}) and cannot be moved aside ({e2})") from e
-        log.warning("sync state %s was unreadable (%s): moved to %s, rebuilt by this sync", path, e, aside.name)
+        return _aside(path, e)
+
+
+def _aside(path: Path, e: Exception) -> None:
+    """Move the unreadable sync file ``path`` to ``NAME.unreadable`` (replacing an earlier one), with a warning."""
+    aside = path.with_name(path.name + ".unreadable")
+    try:
+        os.replace(path, aside)
+    except OSError as e2:
+        raise FleetError(f"sync state {path} is unreadable ({e}) and cannot be moved aside ({e2})") from e
+    log.warning("sync state %s was unreadable (%s): moved to %s, rebuilt by this sync", path, e, aside.name)
+    return None
+
+
+def read_plan(path: Path) -> dict | None:
+    """The last verified plan (``plan.json``, as ``_Sync._verified_plan`` writes it: ``release``, a timezone-aware
+    ISO ``expires``, ``targets`` of ``{sha256, length, version, path, [sig]}``), or None if there is none. JSON of
+    another shape is moved aside as :func:`read_json` moves unreadable bytes (an offline sync then has no verified
+    release to complete, and says so), never a bare TypeError or KeyError in the middle of a sync."""
+    plan = read_json(path)
+    if plan is None:
         return None
+    problem = _plan_problem(plan)
+    return plan if problem is None else _aside(path, FleetError(f"not a sync plan: {problem}"))
+
+
+def sane_state(state: dict, path: Path) -> bool:
+    """Whether every adapter entry of a loaded sync state has the fields sync writes (``sha256``, ``length``,
+    ``version``; ``sig``, ``fingerprint`` and ``stamp`` of their types if there). If not, ``path`` is moved aside as
+    torn bytes are (warned) and False is returned: the caller loads again, rebuilt from what the disk proves, never
+    a bare TypeError or KeyError in the middle of a sync."""
+    types = {"sig": str, "fingerprint": str, "stamp": list}
+    for name, e in state.get("adapters", {}).items():
+        if not _target(e) or any(k in e and not isinstance(e[k], t) for k, t in types.items()):
+            _aside(path, FleetError(f"adapter {str(name)[:80]!r} has no sha256, length or version of their types"))
+            return False
+    return True
+
+
+def _integer(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _target(t) -> bool:
+    """A plan target's or state entry's own fields, typed as sync writes them."""
+    return (
+        isinstance(t, dict)
+        and isinstance(t.get("sha256"), str)
+        and _integer(t.get("length"))
+        and _integer(t.get("version"))
+    )
+
+
+def _plan_problem(plan) -> str | None:
+    from datetime import datetime
+
+    if not isinstance(plan, dict):
+        return f"a JSON {type(plan).__name__}, not an object"
+    if not _integer(plan.get("release")) or not isinstance(plan.get("expires"), str):
+        return "no integer release or no expires date"
+    try:
+        if datetime.fromisoformat(plan["expires"]).tzinfo is None:
+            return f"expires {plan['expires'][:40]!r} has no time zone"
+    except ValueError:
+        return f"expires {plan['expires'][:40]!r} is no ISO date"
+    targets = plan.get("targets")
+    if not isinstance(targets, dict):
+        return "no targets object"
+    for name, t in targets.items():
+        if not _target(t) or not isinstance(t.get("path"), str) or ("sig" in t and not _target(t["sig"])):
+            return f"target {name[:80]!r} lacks sha256, length, version or path"
+    return None
 
 
 def write_json(path: Path, data: dict) -> None:
