@@ -4,8 +4,10 @@ OOD detection works best on several layers of the frozen encoder (HDFF, Mahalano
 ensembles), but an exported model returns only its final outputs. :func:`tap_model`
 writes a copy of the model whose extra output ``edge.features`` concatenates the tapped
 tensors, each mean-pooled to ``[B, C]`` (``[B, T, C]`` over ``T``: over the real tokens when the model has an
-``attention_mask`` input, so padding does not change them; ``[B, C, H, W]`` over ``H, W``, a 1-D CNN's ``[B, C, L]``
-over ``L``), so the detector reads them from the **same** inference pass that serves the input: no second run.
+``attention_mask`` input, so padding does not change them, and so is a channels-first token map ``[B, C, T]``,
+SqueezeBERT's, whose ``T`` is the mask's: :mod:`edge.route.tapmask`; ``[B, C, H, W]`` over ``H, W``, a 1-D CNN's
+``[B, C, L]`` over ``L``), so the detector reads them from the **same** inference pass that serves the input: no
+second run.
 Which axes hold the channels is told by the graph (:class:`~edge.route.tapshapes.Layouts`), never by the rank.
 
 Cost, measured on the digits encoder: two pooled taps and the concat add about 1-3 % to
@@ -132,10 +134,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from edge.errors import ConfigError, FormatError
+from edge.errors import ConfigError
 from edge.format.modelinfo import META_KEY
 from edge.format.onnx_graph import batch_dim, batch_folded
 from edge.route.head import HEAD_C, HEAD_M, HEAD_P, HEAD_T, HEAD_UNUSED, VOTE, Head, add_head
+from edge.route.tapargs import check_args
+from edge.route.tapmask import MASKED, MASKED_FIRST, along_tokens, check_tokens, mask_input, mask_weights, pool_masked
 from edge.route.tapsets import TAP_SETS, expose_sums, feature_shapes, resolve_tap_set, resolve_taps, tensor_shapes
 from edge.route.tapshapes import FIRST, LAST, LAYOUTS, Layouts, elem_types, unsized
 
@@ -199,22 +203,22 @@ def tap_model(
     shape apart from the channels are concatenated first and pooled by one node: the same values). With
     ``head``, the detector head of the module doc is added too (output ``edge.vote``).
     ``mask``: a ``[B, T]`` graph input marking real tokens (1) and padding (0); every ``[B, T, C]`` tap is then
-    averaged over the real tokens only, so padding a sentence does not change its features. ``"auto"`` takes
+    averaged over the real tokens only, so padding a sentence does not change its features (a ``[B, C, T]`` one too
+    when its last axis is provably the mask's; a 1-D CNN's shorter map is not a token map). ``"auto"`` takes
     the input ``attention_mask`` when the model has one; ``None`` averages over every position.
     ``layout``: ``{tensor: "channels-first" | "channels-last"}``, taken over the graph's word: needed for a tap whose
     layout the graph does not tell (:class:`~edge.route.tapshapes.Layouts`: the op producing the tensor, or the ops
     reading it; never its rank alone), which is otherwise refused naming it. The file is rewritten only when its
-    bytes would change, so a cache can keep it.
+    bytes would change, so a cache can keep it. Arguments of the wrong type (the paths and the taps swapped) raise
+    :class:`ConfigError` naming the one at fault and the signature (:mod:`edge.route.tapargs`).
     """
-    import onnx
     from onnx import TensorProto, helper
 
+    from edge.convert.onnx_source import read_onnx
     from edge.format.io import atomic_write_bytes
 
-    try:
-        model = onnx.load(str(src))
-    except Exception as e:  # protobuf DecodeError and friends
-        raise FormatError(f"cannot read ONNX model {src}: {e}") from e
+    src, dst, taps = check_args(src, dst, taps, head, mask, layout)  # types first: a ConfigError naming the argument
+    model = read_onnx(src)  # a regular file, bounded; FormatError naming it otherwise
     taps, used = resolve_tap_set(model, taps)
     if not taps:
         raise ConfigError(f"no taps given for model {model.graph.name!r}; pass a tap set name or tensor names")
@@ -270,11 +274,15 @@ def tap_model(
         if types.get(tensor, TensorProto.FLOAT) != TensorProto.FLOAT:
             found[i] = (f"edge.cast{i}", *rest)
             g.node.append(helper.make_node("Cast", [tensor], [found[i][0]], to=TensorProto.FLOAT, name=found[i][0]))
-    tokens = [len(shape) == 3 and axes == [1] for _, shape, axes, *_ in found]  # [B, T, C] taps
-    weights = _mask_weights(g, mask, opset) if any(tokens) else None
-    if weights is not None:  # token taps averaged over the real tokens: MatMul by the mask's [B, 1, T] weights
-        _check_tokens(g, mask, [(t, s) for k, (t, s, *_) in zip(tokens, found) if k])
-        found = [(t, s, ["mask"] if k else a, *r) for k, (t, s, a, *r) in zip(tokens, found)]
+    name = mask_input(g, mask) if any(len(s) == 3 for _, s, *_ in found) else None
+    along = along_tokens(model, name, [(t, s) for t, s, a, *_ in found if a == [2]]) if name else set()
+    tokens = [  # [B, T, C] taps, and [B, C, T] ones whose last axis is the mask's (SqueezeBERT's Conv1d blocks)
+        MASKED if axes == [1] else MASKED_FIRST if tensor in along else None for tensor, _, axes, *_ in found
+    ]
+    if name is not None and any(tokens):  # token taps averaged over the real tokens: MatMul by the mask's weights
+        check_tokens(g, name, [(t, s) for k, (t, s, *_) in zip(tokens, found) if k == MASKED])
+        mask_weights(g, name, opset, first=MASKED_FIRST in tokens)
+        found = [(t, s, [k] if k else a, *r) for k, (t, s, a, *r) in zip(tokens, found)]
     channel = found[0][4]
     rest = {(k, tuple(d for i, d in enumerate(shape) if i != k)) for _, shape, _, _, k in found}
     if len(found) > 1 and len(rest) == 1 and _small(found):
@@ -312,7 +320,6 @@ def tap_model(
         props[META_KEY] = _with_outputs(meta, FEATURES, *([VOTE] if head is not None else []))
     helper.set_model_props(model, props)
     data = model.SerializeToString()
-    dst = Path(dst)
     if not (dst.exists() and dst.read_bytes() == data):
         atomic_write_bytes(dst, data)
     return Tapped(dst, tuple(taps), width, head=head, tap_set=used)
@@ -368,65 +375,13 @@ def _small(found: list) -> bool:
     return sum(math.prod(s) for s in sizes) <= CONCAT_FIRST_MAX
 
 
-def _mask_weights(g, mask: str | None, opset: int) -> str | None:
-    """Append the nodes turning the ``[B, T]`` mask input into averaging weights ``[B, 1, T]`` (each row sums to 1,
-    or to 0 when it masks every token); return their name, or None when there is no mask to apply."""
-    from onnx import TensorProto, helper
-
-    inputs = {i.name: i for i in g.input}
-    if mask == "auto":
-        mask = "attention_mask" if "attention_mask" in inputs else None
-    if mask is None:
-        return None
-    if mask not in inputs or len(inputs[mask].type.tensor_type.shape.dim) != 2:
-        raise ConfigError(
-            f"mask {mask!r} is not a [batch, tokens] input of model {g.name!r} (its inputs: {sorted(inputs)}); "
-            "pass mask=None to average over every position"
-        )
-
-    def const(name: str, dtype, dims: list[int], values: list) -> str:
-        g.node.append(
-            helper.make_node("Constant", [], [name], value=helper.make_tensor(f"{name}.value", dtype, dims, values))
-        )
-        return name
-
-    g.node.append(helper.make_node("Cast", [mask], ["edge.mask.f"], to=TensorProto.FLOAT, name="edge.mask.cast"))
-    shape = const("edge.mask.shape", TensorProto.INT64, [3], [0, 1, -1])
-    g.node.append(helper.make_node("Reshape", ["edge.mask.f", shape], ["edge.mask.r"], name="edge.mask.reshape"))
-    if opset >= 13:
-        axes = const("edge.mask.axes", TensorProto.INT64, [1], [2])
-        g.node.append(helper.make_node("ReduceSum", ["edge.mask.r", axes], ["edge.mask.n"], name="edge.mask.sum"))
-    else:
-        g.node.append(helper.make_node("ReduceSum", ["edge.mask.r"], ["edge.mask.n"], axes=[2], name="edge.mask.sum"))
-    one = const("edge.mask.one", TensorProto.FLOAT, [], [1.0])
-    g.node.append(helper.make_node("Max", ["edge.mask.n", one], ["edge.mask.d"], name="edge.mask.max"))
-    g.node.append(helper.make_node("Div", ["edge.mask.r", "edge.mask.d"], ["edge.mask.w"], name="edge.mask.div"))
-    return "edge.mask.w"
-
-
-def _check_tokens(g, mask: str | None, taps: list) -> None:
-    """Refuse a ``[B, T, C]`` tap whose ``T`` is not the mask's: the mask cannot weigh its positions (FunnelBaseModel
-    pools 8 tokens to 4 between blocks; the MatMul by the weights would not even load)."""
-    name = "attention_mask" if mask == "auto" else mask
-    dim = next(i.type.tensor_type.shape.dim[1] for i in g.input if i.name == name)
-    want = dim.dim_value if dim.HasField("dim_value") else None  # two names of dimensions may still be equal
-    for tensor, shape in taps:
-        if isinstance(want, int) and isinstance(shape[1], int) and shape[1] != want:
-            raise ConfigError(
-                f"tap {tensor!r} of model {g.name!r} has {shape[1]!r} positions where the mask {name!r} has "
-                f"{want!r} (the model pools its sequence): it cannot be averaged over the real tokens; pass "
-                "mask=None (an average over every position, padding included) or taps with one position per token"
-            )
-
-
 def _pool(g, tensor: str, out: str, axes: list, opset: int) -> None:
     """Append the node that mean-pools ``tensor`` over ``axes`` into ``out`` (an ``Identity`` for no axes;
-    ``["mask"]``: a ``[B, T, C]`` tap averaged by the mask weights of :func:`_mask_weights`)."""
+    ``[MASKED]``/``[MASKED_FIRST]``: a token tap averaged over the real tokens, :mod:`edge.route.tapmask`)."""
     from onnx import TensorProto, helper
 
-    if axes == ["mask"]:
-        g.node.append(helper.make_node("MatMul", ["edge.mask.w", tensor], [f"{out}.sum"], name=f"{out}.pool"))
-        g.node.append(helper.make_node("Flatten", [f"{out}.sum"], [out], axis=1, name=f"{out}.flatten"))
+    if axes in ([MASKED], [MASKED_FIRST]):
+        pool_masked(g, tensor, out, axes[0])
     elif not axes:
         g.node.append(helper.make_node("Identity", [tensor], [out], name=f"{out}.pool"))
     elif opset >= 18:

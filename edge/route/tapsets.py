@@ -3,9 +3,9 @@
 Taps for any exported model, three ways:
 
 * **by name**: a list of tensor names (batch first);
-* **by op pattern** (:data:`TAP_SETS`). A pre-LN transformer's ``LayerNormalization``
-  inputs: ``attn`` the residual stream after each attention sub-block, ``blocks`` after
-  each block, ``all`` after every sub-block; and its outputs: ``mlp-in`` the normalised
+* **by op pattern** (:data:`TAP_SETS`). A pre-LN transformer's norm (``LayerNormalization``, or an RMS norm:
+  T5's encoder, :mod:`edge.route.tapnorms`) inputs: ``attn`` the residual stream after each attention sub-block,
+  ``blocks`` after each block, ``all`` after every sub-block; and its outputs: ``mlp-in`` the normalised
   input of each block's MLP (the ``attn`` taps normalised), ``attn-in`` the normalised
   input of each block's attention (block 0's: the normalised embedding). A CNN's channels-first feature
   maps (NCHW; a 1-D CNN's ``[B, C, L]``: the rank of its convs' outputs), each pooled by a global average over its
@@ -79,7 +79,8 @@ from collections.abc import Callable, Sequence
 from edge.errors import ConfigError, FormatError
 from edge.format.modelinfo import META_KEY
 from edge.registry import Registry
-from edge.route.tapshapes import LAST, Layouts, feature_shapes, fused, tensor_shapes
+from edge.route.tapnorms import SUM_PREFIX, expose_sums, norms
+from edge.route.tapshapes import LAST, Layouts, feature_shapes, tensor_shapes
 
 __all__ = [
     "SUM_PREFIX",
@@ -95,85 +96,12 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
-def _norms(model) -> list[tuple[str, str]]:
-    """(input, output) of the layer norms of token sequences, in graph order: a LayerNormalization node, or the
-    nodes exporters write below opset 17 (ReduceMean, Sub, Pow, ReduceMean, Add, Sqrt, Div, then Mul and Add by
-    the affine weights). Not those of a channels-last map (ConvNeXt: a 4-D Transpose feeds them), which the CNN
-    sets tap in its NCHW form."""
-    producer = {o: n for n in model.graph.node for o in n.output}
-    users: dict[str, list] = {}
-    for n in model.graph.node:
-        for i in n.input:
-            users.setdefault(i, []).append(n)
-    found = []
-    for n in model.graph.node:
-        if n.op_type in ("LayerNormalization", "SimplifiedLayerNormalization") and n.domain in ("", "ai.onnx"):
-            found.append((n.input[0], n.output[0]))
-        elif fused(n) and "LayerNormalization" in n.op_type:  # onnxruntime's optimizer fused it: see _fused_norm
-            found.append(_fused_norm(n))
-        elif n.op_type == "Div" and _is_decomposed_norm(n, producer):
-            out = n.output[0]
-            for op in ("Mul", "Add"):  # the affine weights, when there are
-                after = users.get(out, [])
-                if len(after) != 1 or after[0].op_type != op:
-                    break
-                out = after[0].output[0]
-            found.append((producer[n.input[0]].input[0], out))
-    last = set()  # a 4-D Transpose's output and what the block computes from it (onnxruntime's optimizer cancels
-    for n in model.graph.node:  # the transposes around a residual Add: ConvNeXt's sum is then channels-last)
-        if n.op_type == "Transpose" and len(_perm(n)) == 4 or n.op_type in _LAST_OPS and last.intersection(n.input):
-            last.update(n.output)
-    return [(i, o) for i, o in found if i not in last]
-
-
-#: ops that keep a channels-last map channels-last (ConvNeXt's block between its two Transposes)
-_LAST_OPS = frozenset("Add Sub Mul Div Identity MatMul LayerNormalization Gelu QuickGelu FastGelu BiasGelu".split())
-
-
-#: prefix of a tap on the sum a fused norm normalises that the saved graph does not keep (``expose_sums``)
-SUM_PREFIX = "edge.sum."
-#: onnxruntime's fused norms whose input (the residual or embedding sum) is an optional output: its index
-_SUM_OUTPUT = {"SkipLayerNormalization": 3, "SkipSimplifiedLayerNormalization": 3, "EmbedLayerNormalization": 2}
-
-
-def _fused_norm(n) -> tuple[str, str]:
-    """(input, output) of a norm onnxruntime's optimizer fused: a ``SkipLayerNormalization`` normalises the sum of
-    its first inputs (a residual ``Add`` before), an ``EmbedLayerNormalization`` the embeddings' sum. That sum is
-    an optional output, often not kept: then the input is named ``SUM_PREFIX + output`` and :func:`expose_sums`
-    adds it when it is tapped (the same tensor the unoptimised graph's ``Add`` computes)."""
-    k = _SUM_OUTPUT.get(n.op_type)
-    if k is None:  # LayerNormalization in the contrib domain
-        return n.input[0], n.output[0]
-    return (n.output[k] if len(n.output) > k and n.output[k] else SUM_PREFIX + n.output[0]), n.output[0]
-
-
-def expose_sums(model, taps: Sequence[str]) -> None:
-    """Give each fused norm whose unkept sum is tapped (``SUM_PREFIX + its output``) that sum as its optional
-    output, in place (an optional output of the same node: no weight, no other node changes)."""
-    want = {t[len(SUM_PREFIX) :] for t in taps if t.startswith(SUM_PREFIX)}
-    for n in model.graph.node:
-        k = _SUM_OUTPUT.get(n.op_type)
-        if k is not None and fused(n) and n.output and n.output[0] in want:
-            while len(n.output) <= k:
-                n.output.append("")
-            n.output[k] = SUM_PREFIX + n.output[0]
-
-
-def _is_decomposed_norm(div, producer) -> bool:
-    """``div`` is ``(x - mean(x)) / sqrt(...)``: the core of a LayerNormalization written out in primitive ops."""
-    sub, root = producer.get(div.input[0]), producer.get(div.input[1])
-    if sub is None or root is None or sub.op_type != "Sub" or root.op_type != "Sqrt":
-        return False
-    mean = producer.get(sub.input[1])
-    return mean is not None and mean.op_type == "ReduceMean" and mean.input[0] == sub.input[0]
-
-
 def _norm_inputs(model) -> list[str]:
-    return [i for i, _ in _norms(model)]
+    return [i for i, _ in norms(model)]
 
 
 def _norm_outputs(model) -> list[str]:
-    return [o for _, o in _norms(model)]
+    return [o for _, o in norms(model)]
 
 
 #: onnxruntime's fused activations (domain com.microsoft; its Gelu has the standard op's name)
@@ -199,7 +127,7 @@ def _stride(node) -> int:
     return max(strides, default=1)
 
 
-def _feature_maps(model, last_sums: bool = False) -> list[tuple[str, int, bool]]:
+def _feature_maps(model, last_sums: bool = False, lost: list | None = None) -> list[tuple[str, int, bool]]:
     """``(tensor, resolution level, residual sum?)`` of every channels-first feature map a node computes (4-D for a
     2-D CNN, 3-D ``[B, C, L]`` for a 1-D one: the rank of its convs' outputs), in graph order; with ``last_sums``
     also the residual sums of channels-last maps (onnxruntime's optimizer cancels the Transposes around ConvNeXt's
@@ -256,6 +184,8 @@ def _feature_maps(model, last_sums: bool = False) -> list[tuple[str, int, bool]]
         if not (node.op_type in _MAP_OPS or carry) or not ins:
             continue
         lv = max(ins) + (_stride(node) > 1)
+        if lost is not None and not carry and node.output and node.output[0] not in rank:
+            lost.append(node)  # a map read by a map op whose output inference could not size: the maps end here
         for o in node.output:
             if rank.get(o) == r + 1 or node.op_type == "SplitToSequence":  # inside a shuffle or a split
                 level[o] = lv
@@ -298,10 +228,22 @@ def _perm(node) -> list[int]:
 
 
 def _stages(model) -> list[str]:
-    """After each CNN stage: the last feature map computed at each resolution."""
+    """After each CNN stage: the last feature map computed at each resolution. Maps that run into an op whose output
+    shape inference leaves unsized end there (axes computed from an input, an op it has no rule for): logged as a
+    warning naming the op, since the stages after it are then missing."""
     last: dict[int, str] = {}
-    for tensor, lv, _ in _feature_maps(model):
+    lost: list = []
+    for tensor, lv, _ in _feature_maps(model, lost=lost):
         last[lv] = tensor
+    if lost:
+        n = lost[0]
+        log.warning(
+            "tap set 'stages' on model %r: the feature maps end at %s node %r (onnx's shape inference does not size "
+            "its output), so later stages are missing; pass taps=[tensor names] for them",
+            model.graph.name,
+            n.op_type,
+            n.name or n.output[0],
+        )
     return [last[lv] for lv in sorted(last)]
 
 
@@ -377,7 +319,7 @@ def _folded(model, taps: Sequence[str]) -> list[tuple[str, object]]:
 
 
 #: named tap choices: name -> function(onnx.ModelProto) -> tensor names. With pre-LN blocks
-#: (two LayerNormalization nodes each, plus a final one) the norm inputs are, in order: the
+#: (two norms each, plus a final one) the norm inputs are, in order: the
 #: embedding, then after each attention and after each MLP sub-block.
 TAP_SETS: Registry[Callable] = Registry("tap set")
 TAP_SETS.add("attn", lambda m: _norm_inputs(m)[1::2])  # after each attention sub-block
@@ -425,7 +367,7 @@ def resolve_tap_set(model, taps: str | Sequence[str] = "auto") -> tuple[list[str
         some = [t for t, _, _ in _feature_maps(model)][-4:] or _norm_inputs(model)[-4:]
         raise ConfigError(
             f"tap set {taps!r} finds nothing in model {model.graph.name!r}: no taps declared at export "
-            f"(ModelInfo.extra['taps']), {len(_norm_inputs(model))} LayerNormalization nodes "
+            f"(ModelInfo.extra['taps']), {len(_norm_inputs(model))} norms of tokens (LayerNormalization, RMS norms) "
             "(attn, mlp-in, blocks, all), "
             f"{len(_stages(model))} CNN stages (stages, residual); pass taps=[tensor names] (intermediate tensors, "
             f"batch first{', e.g. ' + str(some) if some else ''}){_nchwc(model)}"

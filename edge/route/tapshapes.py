@@ -29,6 +29,7 @@ __all__ = [
     "elem_types",
     "feature_shapes",
     "fused",
+    "symbolic_shapes",
     "tensor_shapes",
     "unsized",
 ]
@@ -103,11 +104,14 @@ def unsized(model) -> list[str]:
 
 
 def _standard(model):
-    """``model``, or its standard twin when it holds fused ops (see the module doc)."""
+    """``model``, or its standard twin when it holds fused ops (see the module doc); axes computed from constants
+    (dynamo's GroupNorm) folded into constants for the inference (:mod:`edge.route.tapfold`)."""
     import onnx
 
+    from edge.route.tapfold import fold_axes
+
     if not any(fused(n) for n in model.graph.node):
-        return model
+        return fold_axes(model)
     twin = onnx.ModelProto()
     twin.CopyFrom(model)
     dims = {i.name: list(i.dims) for i in model.graph.initializer}
@@ -117,7 +121,7 @@ def _standard(model):
     for o in twin.opset_import:  # Einsum needs opset 12
         if o.domain in ("", "ai.onnx") and o.version < 12 and any(n.op_type == "Einsum" for n in nodes):
             o.version = 12
-    return twin
+    return fold_axes(twin)
 
 
 def _inferred(model, twin=None):
@@ -170,15 +174,19 @@ def feature_shapes(
     return {**shapes, **better}
 
 
+#: norms over the last axis whose scale's length is the width of their input and output
+_NORMS = ("LayerNormalization", "RMSNormalization", "SimplifiedLayerNormalization")
+
+
 def _norm_widths(model, shapes: dict[str, tuple]) -> dict[str, tuple]:
-    """Fill the last dimension of a last-axis LayerNormalization's input and output from its scale's length where
+    """Fill the last dimension of a last-axis norm's (``_NORMS``) input and output from its scale's length where
     inference left it symbolic (Swin's window reshapes): the width of the ``attn``/``mlp-in`` taps."""
     from onnx import helper
 
     scales = {i.name: tuple(i.dims) for i in model.graph.initializer}
     for n in model.graph.node:
         axis = next((helper.get_attribute_value(a) for a in n.attribute if a.name == "axis"), -1)
-        if n.op_type != "LayerNormalization" or len(n.input) < 2 or len(scales.get(n.input[1], ())) != 1:
+        if n.op_type not in _NORMS or len(n.input) < 2 or len(scales.get(n.input[1], ())) != 1:
             continue
         for t in (n.input[0], n.output[0]):
             shape = shapes.get(t)
@@ -194,6 +202,12 @@ def _shapes_of(model) -> dict[str, tuple]:
         if t.HasField("shape"):
             shapes[v.name] = tuple(d.dim_value if d.HasField("dim_value") else d.dim_param for d in t.shape.dim)
     return shapes
+
+
+def symbolic_shapes(model) -> dict[str, tuple]:
+    """onnxruntime's symbolic shapes of ``model``'s tensors (of its standard twin): dimensions named after the inputs'
+    (a ``Conv`` keeps ``seq`` where onnx's inference invents ``unk__N``); {} when it fails."""
+    return _symbolic_shapes(_standard(model))
 
 
 def _symbolic_shapes(model) -> dict[str, tuple]:
@@ -226,8 +240,8 @@ _FIRST_OPS = frozenset(
 )
 #: ops whose output is channels-last: norms over the last axis (onnxruntime's fused ones too) and attention
 _LAST_OPS = frozenset(
-    "LayerNormalization SimplifiedLayerNormalization SkipLayerNormalization SkipSimplifiedLayerNormalization "
-    "EmbedLayerNormalization Attention MultiHeadAttention".split()
+    "LayerNormalization RMSNormalization SimplifiedLayerNormalization SkipLayerNormalization "
+    "SkipSimplifiedLayerNormalization EmbedLayerNormalization Attention MultiHeadAttention".split()
 )
 #: ops whose output keeps its inputs' layout: element-wise ops, and those that slice, join or pad along an axis
 _SAME_OPS = frozenset(
