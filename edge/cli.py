@@ -80,6 +80,17 @@ def _add_entry_point_commands(sub, owners: dict[str, str]) -> None:
         owners.update(dict.fromkeys(set(sub.choices) - before, ep.value))
 
 
+def one_line(text: str) -> str:
+    """An error message as the one line ``edge`` prints, every character of it shown: control characters (a newline
+    or tab in a path, an escape sequence, a line or paragraph separator, a bidi override) and spaces other than the
+    plain one are escaped as Python's ``repr`` escapes them (``\\n``, ``\\t``, ``\\x1b``, ``\\u2028``), so the line
+    stays one line, a terminal runs nothing, and a path reads unambiguously. When anything is escaped, backslashes are
+    doubled too (a file named ``a\\nb`` then differs from one with a newline in its name)."""
+    if text.isprintable():  # the usual message: printed as it is (isprintable: no control character, only ' ')
+        return text
+    return "".join(c if c.isprintable() and c != "\\" else repr(c)[1:-1] for c in text)
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse's parser, but a usage error is one line on stderr (exit 2), like every other error of ``edge``; and
     its arguments may be added when it is first used (``deferred``), so a command whose flags come from heavy
@@ -109,8 +120,7 @@ class _Parser(argparse.ArgumentParser):
         return super().format_help()
 
     def error(self, message: str):
-        text = " ".join(message.split())
-        self.exit(2, f"{self.prog}: error: {text} (see {self.prog} --help)\n")
+        self.exit(2, f"{self.prog}: error: {one_line(message)} (see {self.prog} --help)\n")
 
 
 class _Edge(_Parser):
@@ -187,8 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     except EdgeError as e:
         if seen.is_set():  # what Ctrl-C left behind (a native import it cut short reads as "not installed")
             return _interrupted(argv)
-        text = " ".join(str(e).split()) or type(e).__name__
-        print(f"edge: error: {text}", file=sys.stderr)
+        print(f"edge: error: {one_line(str(e)) or type(e).__name__}", file=sys.stderr)
         return 2
     except BrokenPipeError:
         import os
@@ -201,8 +210,7 @@ def main(argv: list[str] | None = None) -> int:
         if verbose:
             raise
         where = f": {e.filename}" if e.filename else ""
-        text = " ".join(f"{e.strerror or e}{where}".split())
-        print(f"edge: error: {text} (edge -v shows where)", file=sys.stderr)
+        print(f"edge: error: {one_line(f'{e.strerror or e}{where}')} (edge -v shows where)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return _interrupted(argv)

@@ -81,15 +81,18 @@ def profile_model(
     from edge.devices import check_fits, load_profile
     from edge.engine_cache import cached_engine
     from edge.engines import EngineFile, engine_report, feeds_for
+    from edge.format.paths import not_a
     from edge.runtime import Runtime
 
     model = Path(model)
     if not model.is_file():
-        raise ConfigError(f"model file {model} {'is not a regular file' if model.exists() else 'does not exist'}")
+        raise ConfigError(
+            f"model file {model} {not_a(model, 'a regular file')}; give an exported .onnx or .tflite file"
+        )
     adapters = [Path(a) for a in adapters]
-    missing = [str(a) for a in adapters if not a.is_file()]
-    if missing:
-        raise ConfigError(f"adapter file(s) {missing} do not exist or are not regular files")
+    for a in adapters:
+        if not a.is_file():
+            raise ConfigError(f"adapter file {a} {not_a(a, 'a regular file')}; give adapter .safetensors files")
     profile = load_profile(device, search=devices_dir)
     check_fits(model, profile)  # as Runtime(model, device=...) does: a file over the memory budget is never read
     chosen = None

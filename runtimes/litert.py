@@ -72,6 +72,7 @@ from edge.format.tflite_checks import check_tensor_sizes
 from runtimes.base import BACKENDS, SMALL_MODEL_BYTES, ArenaBackend, BackendOptions, trim_heap
 from runtimes.litert_arena import dynamic_range_ops, load_arena, quant_constants, stale_readers, verify_fingerprint
 from runtimes.litert_footprint import file_mb, held_bytes, litert_parts
+from runtimes.litert_header import mapped
 from runtimes.litert_session import Session, ops_details
 from runtimes.litert_threads import one_thread_reason
 
@@ -164,52 +165,27 @@ class LiteRTBackend(ArenaBackend):
 
     def __init__(self, model: bytes | str | os.PathLike, options: BackendOptions) -> None:
         self._lib, self.runtime = interpreter_module()
-        owned = not isinstance(model, (bytes, bytearray, memoryview))
-        if owned:  # a path: this backend's arena is the file's bytes (bounded: a FIFO or /dev/zero is refused)
-            model = read_bounded(Path(model), MAX_MODEL_BYTES, what="model file")
         strategy = self.DEFAULT_STRATEGY if options.strategy == "auto" else options.strategy
         if strategy not in self.STRATEGIES:
             raise ConfigError(
                 f"unknown tflite strategy {options.strategy!r}; allowed: auto, {', '.join(self.STRATEGIES)}"
             )
-        self._strategy = strategy
         self._want_xnnpack = _check_providers(options.providers)
         if strategy == "builtin" and options.providers and self._want_xnnpack:
             raise ConfigError("strategy 'builtin' runs without the XNNPACK delegate; do not ask for XNNPACK with it")
+        owned = not isinstance(model, (bytes, bytearray, memoryview))
+        if owned:  # a path: this backend's arena is the file's bytes (bounded: a FIFO or /dev/zero is refused)
+            if options.memory_mb is not None or options.precision != "any":  # what could refuse a whole file
+                with mapped(model) as view:  # refused from the tensor table (pages read as touched), no weight read
+                    self._plan(view, options, say=False)
+            model = read_bounded(Path(model), MAX_MODEL_BYTES, what="model file")
         self._threads = int(options.threads or os.cpu_count() or 1)
         if options.threads is None and memoryview(model).nbytes < SMALL_MODEL_BYTES and self._threads > 1:
             log.info(
                 "%d-byte model: its interpreters run on 1 thread (pass threads= for more)", memoryview(model).nbytes
             )
             self._threads = 1
-
-        fb = read_tflite(model)
-        check_tensor_sizes(fb.tensors, options.memory_mb)  # before LiteRT allocates them
-        self.info = tflite_info(model, fb)
-        self.check_precision(options)  # a float model on an int8-only device (an Edge TPU) is refused here
-        # the strategy, and the budget met, from the tensor table: before the model is copied into its arena
-        self._parts = litert_parts(fb, held_bytes(memoryview(model).nbytes, self.info), self._want_xnnpack)
-        quantized = {t.initializer for t in self.info.tensors.values() if t.quant is not None}
-        stale = stale_readers(fb, frozenset(t.index for t in fb.tensors if t.name in quantized))
-        if stale and options.strategy == "auto":  # the one strategy that serves it: say so, and take it
-            log.info("%s: %s; strategy auto takes 'rebuild'", self.info.name, stale[0])
-            strategy = self._strategy = "rebuild"
-        if options.strategy == "auto" and options.memory_mb is not None:  # the first the budget admits (predicted)
-            predicted = {s: self._parts.mb(s) for s in (("rebuild",) if stale else self.AUTO_ORDER)}
-            strategy = self._strategy = self.choose_strategy(predicted, options.memory_mb, model=self.info.name)
-        if stale and strategy != "rebuild":  # a built-in kernel would compute with a mix of old and new weights
-            raise ConfigError(
-                f"{self.info.name!r}: {stale[0]}{f' (and {len(stale) - 1} more)' if len(stale) > 1 else ''}, whose "
-                f"built-in kernel keeps values derived from the int8 weights, so strategy {strategy!r} could not "
-                "serve a switch at once: use strategy='rebuild', or quantize without those ops "
-                "(exporters.quantize_tflite(..., op_types=...))"
-            )
-        self.strategy_reason: str | None = None  # why the strategy run is not the one asked for
-        if strategy == "hybrid" and not self._want_xnnpack:  # providers=["CPU"]: a rebuild would build its twin
-            self._strategy = strategy = "builtin"
-            self.strategy_reason = "hybrid without XNNPACK (providers=['CPU']): one built-in interpreter serves"
-            log.info("%s: %s", self.info.name, self.strategy_reason)
-        self._check_budget(options, strategy)  # checked as it will run
+        fb, strategy = self._plan(model, options)
         arena = load_arena(model, fb, self.info, owned)
         self._model, self._arena, integer, self._offset, self._live, self._slots = arena
         if options.verify:
@@ -238,6 +214,42 @@ class LiteRTBackend(ArenaBackend):
             self._static_gen = 0
         if strategy == "hybrid":
             self._start_rebuilds("edge-litert-rebuild")
+
+    def _plan(self, model, options: BackendOptions, say: bool = True):
+        """``model``'s tensor table (from its bytes, or a mapped file: no weight is read), checked, and the strategy
+        that will run under ``options``: refused here when the budget, the tensor sizes or the device's precision
+        rule it out. ``say``: log what it decides (the second pass of a load, on the bytes, does)."""
+        strategy = self._strategy = self.DEFAULT_STRATEGY if options.strategy == "auto" else options.strategy
+        fb = read_tflite(model)
+        check_tensor_sizes(fb.tensors, options.memory_mb)  # before LiteRT allocates them
+        self.info = tflite_info(model, fb)
+        self.check_precision(options)  # a float model on an int8-only device (an Edge TPU) is refused here
+        # the strategy, and the budget met, from the tensor table: before the model is copied into its arena
+        self._parts = litert_parts(fb, held_bytes(memoryview(model).nbytes, self.info), self._want_xnnpack)
+        quantized = {t.initializer for t in self.info.tensors.values() if t.quant is not None}
+        stale = stale_readers(fb, frozenset(t.index for t in fb.tensors if t.name in quantized))
+        if stale and options.strategy == "auto":  # the one strategy that serves it: say so, and take it
+            if say:
+                log.info("%s: %s; strategy auto takes 'rebuild'", self.info.name, stale[0])
+            strategy = self._strategy = "rebuild"
+        if options.strategy == "auto" and options.memory_mb is not None:  # the first the budget admits (predicted)
+            predicted = {s: self._parts.mb(s) for s in (("rebuild",) if stale else self.AUTO_ORDER)}
+            strategy = self._strategy = self.choose_strategy(predicted, options.memory_mb, model=self.info.name)
+        if stale and strategy != "rebuild":  # a built-in kernel would compute with a mix of old and new weights
+            raise ConfigError(
+                f"{self.info.name!r}: {stale[0]}{f' (and {len(stale) - 1} more)' if len(stale) > 1 else ''}, whose "
+                f"built-in kernel keeps values derived from the int8 weights, so strategy {strategy!r} could not "
+                "serve a switch at once: use strategy='rebuild', or quantize without those ops "
+                "(exporters.quantize_tflite(..., op_types=...))"
+            )
+        self.strategy_reason: str | None = None  # why the strategy run is not the one asked for
+        if strategy == "hybrid" and not self._want_xnnpack:  # providers=["CPU"]: a rebuild would build its twin
+            self._strategy = strategy = "builtin"
+            self.strategy_reason = "hybrid without XNNPACK (providers=['CPU']): one built-in interpreter serves"
+            if say:
+                log.info("%s: %s", self.info.name, self.strategy_reason)
+        self._check_budget(options, strategy)  # checked as it will run
+        return fb, strategy
 
     # -- contract ---------------------------------------------------------------------------
     @property

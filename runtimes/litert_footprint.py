@@ -125,13 +125,17 @@ def predict_mb(fb: TfliteModel, model_bytes: int, strategy: str) -> float:
 def file_mb(model, strategy: str, xnnpack: bool = True) -> float:
     """Predicted resident MB of a ``.tflite`` file (path or bytes) under ``strategy`` before it is loaded (the
     backend's own figure): the bytes the backend will hold counted as :func:`runtimes.litert_arena.load_arena`
-    lays them out (the file, padded, then each slot). A path is read once, bounded, and let go."""
-    from edge.format.io import read_bounded
+    lays them out (the file, padded, then each slot). A path's tensor table is read from the mapped file, its
+    weights never (:mod:`runtimes.litert_header`)."""
     from edge.format.tflite import read_tflite, tflite_info
+    from runtimes.litert_header import mapped
 
-    data = model if isinstance(model, (bytes, bytearray)) else read_bounded(model, 1 << 40, what="model file")
-    fb = read_tflite(data)
-    return litert_parts(fb, held_bytes(len(data), tflite_info(data, fb)), xnnpack).mb(strategy)
+    if isinstance(model, (bytes, bytearray)):
+        fb = read_tflite(model)
+        return litert_parts(fb, held_bytes(len(model), tflite_info(model, fb)), xnnpack).mb(strategy)
+    with mapped(model) as data:
+        fb = read_tflite(data)
+        return litert_parts(fb, held_bytes(len(data), tflite_info(data, fb)), xnnpack).mb(strategy)
 
 
 def held_bytes(nbytes: int, info) -> int:

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+from edge.convert.onnx_bnmeta import drop_bn_folded
+from edge.convert.onnx_foldcheck import check_same_outputs
 from edge.convert.onnx_names import adapter_names, name_by_value, select
 from edge.convert.onnx_source import (
     control_flow_weights,
@@ -41,7 +43,7 @@ from edge.convert.onnx_source import (
     weights_off_inputs,
     why_no_weights,
 )
-from edge.errors import AdapterMismatchError, ConfigError, ExportValidationError, FormatError
+from edge.errors import AdapterMismatchError, ConfigError, FormatError
 from edge.format.modelinfo import META_KEY, ModelInfo, TensorInfo, fingerprint
 from edge.format.onnx_graph import consumers, keep_only, set_metadata, subgraph_reads
 
@@ -84,6 +86,10 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
             pickles = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt"))
             hint = f" (found {pickles}: pickle, refused; re-save with safetensors)" if pickles else ""
             raise FormatError(f"{path} has no model.safetensors{hint}")
+    elif path.exists() and not path.is_file():  # a FIFO, socket or device: named as what it is, never read
+        from edge.format.paths import not_a
+
+        raise FormatError(f"{path} {not_a(path, 'a .safetensors file or a Hugging Face model folder')}")
     elif path.suffix != ".safetensors" and path.exists():  # a missing path: read_safetensors names it
         raise FormatError(
             f"{path}: state dicts are read from .safetensors files only (pickle runs code when loaded); "
@@ -198,6 +204,8 @@ def make_adapter_ready(
     renamed, unmatched, ambiguous, missing = {}, [], {}, []
     if params is not None:
         tensors, renamed, unmatched, ambiguous, missing = name_by_value(found, arrays, params)
+    else:  # a weight a BatchNorm was folded into keeps torch's name but not its values: left out, said
+        tensors = drop_bn_folded(graph, tensors, skipped)
     tensors, valid = adapter_names(tensors)  # tf2onnx's 'model/dense/MatMul:0': no adapter may name a '/'
     if targets:
         tensors = select(tensors, targets)
@@ -228,7 +236,7 @@ def make_adapter_ready(
     info = ModelInfo(name, fingerprint(arrays), tensors, *io_names, extra)
     set_metadata(proto, META_KEY, info.to_json())
     if folded:
-        _check_same_outputs(before, proto)
+        check_same_outputs(before, proto)
     for kind, items in (("unmatched", unmatched), ("ambiguous", ambiguous), ("missing", missing)):
         if items:
             log.warning("%s: %d %s name(s): %s", name, len(items), kind, list(items)[:10])
@@ -423,34 +431,3 @@ def _const(value: str, arrays, producer) -> np.ndarray:
             if a.name == "value_ints":
                 return np.array(a.ints, np.int64)
     raise _NotAWeight(f"its {value!r} shape operand is computed at run time")
-
-
-def _check_same_outputs(before: bytes, proto) -> None:
-    """Run the graph before and after folding on onnxruntime with the same random inputs: they must agree."""
-    try:
-        import onnxruntime as ort
-        from onnx import helper
-    except ImportError:
-        log.warning("onnxruntime is not installed: the folded graph was not checked against the original")
-        return
-    rng, feeds = np.random.default_rng(0), {}
-    for v in proto.graph.input:
-        dtype = helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type)
-        shape = [d.dim_value if d.dim_value > 0 else 2 for d in v.type.tensor_type.shape.dim]
-        feeds[v.name] = rng.standard_normal(shape).astype(dtype) if dtype.kind == "f" else np.zeros(shape, dtype)
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    try:
-        want = ort.InferenceSession(before, options, providers=["CPUExecutionProvider"]).run(None, feeds)
-    except Exception as e:  # onnxruntime's own errors: inputs of guessed shape may not fit the original
-        log.warning("the folded graph was not checked: the original does not run on guessed inputs (%s)", e)
-        return
-    session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    got = session.run(None, feeds)
-    bad = [
-        o.name
-        for o, w, g in zip(proto.graph.output, want, got)
-        if g.shape != w.shape or not np.allclose(g, w, 1e-4, 1e-5)
-    ]
-    if bad:
-        raise ExportValidationError(f"folding weight layouts changed the model's outputs {bad}; nothing was written")

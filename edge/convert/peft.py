@@ -84,7 +84,11 @@ def read_peft(path: str | os.PathLike) -> PeftAdapter:
     path = Path(path)
     folder = path.parent if path.is_file() else path
     if not folder.is_dir():
-        raise FormatError(f"{path} is not a PEFT adapter folder (expected {CONFIG_NAME} and {WEIGHTS_NAME} in it)")
+        from edge.format.paths import not_a
+
+        raise FormatError(
+            f"{path} {not_a(path, 'a PEFT adapter folder')}: give the folder holding {CONFIG_NAME} and {WEIGHTS_NAME}"
+        )
     weights = folder / WEIGHTS_NAME
     for name in (CONFIG_NAME, WEIGHTS_NAME, PICKLE_NAME):  # a link out (to /dev/zero, say) is named as one
         if (folder / name).is_symlink():

@@ -97,8 +97,7 @@ def list_profiles(search: Sequence[str | os.PathLike] | None = None) -> list[Dev
     """Every profile on the search path (sorted by name; a name found twice: the first folder wins)."""
     seen: dict[str, Path] = {}
     for d in search_path(search or ()):
-        if not d.is_dir():
-            raise ConfigError(f"device profile folder {d} does not exist (from --devices-dir or ${ENV_VAR})")
+        _check_folder(d)
         for f in sorted(d.glob("*.yaml")):
             seen.setdefault(f.stem, f)
     return [_load_file(seen[n]) for n in sorted(seen)]
@@ -114,12 +113,15 @@ def load_profile(
     p = Path(text)
     if p.suffix in (".yaml", ".yml") or os.sep in text:
         if not p.is_file():
-            raise ConfigError(f"device profile file {p} does not exist or is not a regular file")
+            from edge.format.paths import not_a
+
+            raise ConfigError(
+                f"device profile file {p} {not_a(p, 'a regular file')}; give a NAME.yaml file or a profile's name"
+            )
         return _load_file(p)
     dirs = search_path(search or ())
     for d in dirs:
-        if not d.is_dir():
-            raise ConfigError(f"device profile folder {d} does not exist (from --devices-dir or ${ENV_VAR})")
+        _check_folder(d)
         f = d / f"{text}.yaml"
         if os.path.lexists(f):  # a folder, FIFO or broken link of that name is refused as such, not skipped
             return _load_file(f)
@@ -131,6 +133,13 @@ def load_profile(
         f"(searched {', '.join(map(str, dirs)) or 'nothing'}; add NAME.yaml to a folder in ${ENV_VAR} "
         "or --devices-dir)"
     )
+
+
+def _check_folder(d: Path) -> None:
+    """A folder on the search path that is not one (missing, a FIFO, a file...) is refused, naming what it is."""
+    from edge.format.paths import require_folder
+
+    require_folder(d, "device profile folder", f"give a folder of NAME.yaml files (from --devices-dir or ${ENV_VAR})")
 
 
 MAX_PROFILE_BYTES = 1 << 20  # a profile is a page of YAML

@@ -37,6 +37,10 @@ def prepare_folders(adapter_dir: Path, cache: Path, create_parents: bool) -> Non
     for folder in (adapter_dir, cache):  # all checked before anything is made
         parent = folder.parent
         if not create_parents and not folder.is_dir() and not parent.is_dir() and parent != adapter_dir:
+            from edge.format.paths import kind
+
+            if (found := kind(parent)) is not None:  # a file in the way: no mount or --create-parents helps
+                raise ConfigError(f"{parent} is {found}, not a folder, so {folder} cannot be made in it; give a folder")
             raise ConfigError(
                 f"{parent} does not exist, so {folder} cannot be made in it: is the card or disk mounted? "
                 "Mount it, or pass --create-parents (sync(create_parents=True)) to create the missing folders"
@@ -47,7 +51,11 @@ def prepare_folders(adapter_dir: Path, cache: Path, create_parents: bool) -> Non
         for sub in ("tuf", "blobs", "partial"):
             (cache / sub).mkdir(exist_ok=True)
     except OSError as e:  # a file in the way, no permission, a read-only or full disk
-        raise ConfigError(f"cannot use {e.filename} as a sync folder: {e.strerror}; give a writable folder") from e
+        from edge.format.paths import kind
+
+        found = kind(e.filename) if e.filename else None
+        why = f"it is {found}, not a folder" if found not in (None, "a folder") else e.strerror
+        raise ConfigError(f"cannot use {e.filename} as a sync folder: {why}; give a writable folder") from e
 
 
 def load_state(cache: Path, adapter_dir: Path) -> dict:

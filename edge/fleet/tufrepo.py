@@ -65,6 +65,15 @@ def _signer(keys_dir: Path, role: str, path: Path | None = None):
     return CryptoSigner(key)
 
 
+def _no_file_in_the_way(meta_dir: str | Path, keys_dir: str | Path) -> None:
+    """``--tuf-dir`` and ``--keys`` that exist must be folders (one that is missing is made, or named later)."""
+    from edge.format.paths import require_folder
+
+    for folder, flag in ((Path(meta_dir), "--tuf-dir"), (Path(keys_dir), "--keys")):
+        if folder.exists() or folder.is_symlink():
+            require_folder(folder, f"{flag} folder", f"give a folder (the one `edge release init` makes for {flag})")
+
+
 class TufRepo:
     """TUF metadata in ``meta_dir``, signed with the keys in ``keys_dir``.
 
@@ -87,6 +96,7 @@ class TufRepo:
     ) -> tuple[TufRepo, list[tuple[str, bytes]]]:
         """New keys (those missing) and version 1 of every role; ``bits`` sets ``2**bits`` hash bins."""
         require_fleet(host=True)
+        _no_file_in_the_way(meta_dir, keys_dir)
         from tuf.api.metadata import (
             Delegations,
             Metadata,
@@ -140,6 +150,7 @@ class TufRepo:
         from tuf.api.metadata import Metadata
 
         repo = cls(meta_dir, keys_dir, expiry)
+        _no_file_in_the_way(repo.meta_dir, repo.keys_dir)
         if not (repo.meta_dir / "root.json").exists():
             raise ConfigError(
                 f"no TUF repository in {repo.meta_dir}; create it with "

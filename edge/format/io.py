@@ -220,7 +220,9 @@ def open_regular(path: str | os.PathLike, *, what: str = "file") -> tuple[int, o
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
-            kind = "a folder" if stat.S_ISDIR(st.st_mode) else "not a regular file (a FIFO, device or socket)"
+            from edge.format.paths import mode_kind
+
+            kind = "a folder" if stat.S_ISDIR(st.st_mode) else f"{mode_kind(st.st_mode)}, not a regular file"
             raise FormatError(f"cannot read {what} {os.fspath(path)}: it is {kind}; give a regular file")
         if hasattr(os, "set_blocking"):
             os.set_blocking(fd, True)

@@ -277,10 +277,10 @@ def tflite_info(model: bytes, fb: TfliteModel | None = None) -> ModelInfo:
     if META_KEY not in fb.metadata:
         raise FormatError(
             f".tflite model has no {META_KEY!r} metadata (it has {sorted(fb.metadata)}): it is not adapter-ready; "
-            "for a float32 file converted elsewhere run `edge.convert.tflite_import.import_tflite(IN, OUT)` and load "
-            "OUT (or export the torch model with `exporters.export_tflite`); for an int8 model, import the float one "
-            "and make its twin with `edge quantize` (exporters.quantize_tflite): a file quantized elsewhere records no "
-            "grids for adapters"
+            "for a float32 file converted elsewhere run `edge import-tflite IN --out OUT` (or "
+            "edge.convert.tflite_import.import_tflite) and load OUT (or export the torch model with "
+            "`exporters.export_tflite`); for an int8 model, import the float one and make its twin with "
+            "`edge quantize` (exporters.quantize_tflite): a file quantized elsewhere records no grids for adapters"
         )
     try:
         text = fb.metadata[META_KEY].decode("utf-8")

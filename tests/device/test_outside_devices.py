@@ -113,8 +113,9 @@ def test_the_cli_refuses_each_in_one_line_without_a_traceback(tmp_path, model, c
 def test_a_folder_or_fifo_named_like_a_profile_is_refused_at_once(tmp_path):
     (tmp_path / "board.yaml").mkdir()
     os.mkfifo(tmp_path / "pipe.yaml")
+    kinds = {"board.yaml": "a folder", "pipe.yaml": r"a FIFO \(named pipe\)", tmp_path.name: "a folder"}
     for path in (tmp_path / "board.yaml", tmp_path / "pipe.yaml", tmp_path):
-        with pytest.raises(ConfigError, match="does not exist or is not a regular file"):
+        with pytest.raises(ConfigError, match=f"{path.name} is {kinds[path.name]}, not a regular file"):
             load_profile(path)
     with pytest.raises(FormatError, match="folder|FIFO"):  # found by name in a --devices-dir: still not read
         load_profile("board", search=[tmp_path])

@@ -195,7 +195,10 @@ def test_accuracy_check_against_cpu():
     [
         (["--device", "no-such-board"], ["unknown device profile 'no-such-board'", "x86-dev"]),
         (["--device", "x86-dev", "--runs", "0"], ["--runs must be at least 1"]),
-        (["--device", "x86-dev", "--adapters", "missing.safetensors"], ["missing.safetensors", "do not exist"]),
+        (
+            ["--device", "x86-dev", "--adapters", "missing.safetensors"],
+            ["adapter file missing.safetensors does not exist"],
+        ),
         (["--device", "qualcomm-qnn"], ["QNNExecutionProvider", "not available here"]),
         (["--device", "x86-dev", "--engine-rounds", "-1"], ["--engine-rounds must be 0 or more, got -1"]),
     ],
