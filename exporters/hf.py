@@ -36,6 +36,7 @@ from edge.errors import ConfigError, FormatError, RegistryError
 from edge.format.io import atomic_write_bytes, load_json, read_bounded
 from edge.format.modelinfo import ModelInfo
 from exporters.hf_audio import AUDIO_INPUTS, audio_example
+from exporters.hf_checks import check_settings, check_weights, load_checkpoint
 from exporters.hf_pool import check_encoder, check_tokens
 from exporters.hf_settings import sentence_transformers_settings
 from exporters.lora_slots import add_lora_slots, lora_slot_names
@@ -190,7 +191,8 @@ def load_hf_encoder(model_dir: str | os.PathLike) -> tuple[torch.nn.Module, dict
     """Load a local ``transformers`` encoder without network access, and what sentence-transformers says of it.
 
     Returns ``(model, settings)`` where ``settings`` may hold ``pooling``, ``normalize`` and
-    ``max_seq_length`` read from a sentence-transformers layout (``modules.json``).
+    ``max_seq_length`` read from a sentence-transformers layout (``modules.json``), and holds ``unloaded``: the
+    weights the checkpoint lacked or held in another shape (:func:`exporters.hf_checks.load_checkpoint`).
     """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoModel
@@ -204,8 +206,8 @@ def load_hf_encoder(model_dir: str | os.PathLike) -> tuple[torch.nn.Module, dict
             f'{model_dir / "config.json"} has no "model_type" (e.g. "bert", "vit"): give the folder of a '
             "transformers checkpoint (save_pretrained writes it), or add the key naming its architecture"
         )
-    model = AutoModel.from_pretrained(str(model_dir), local_files_only=True, attn_implementation="eager")
-    return model, sentence_transformers_settings(model_dir)
+    model, report = load_checkpoint(AutoModel, model_dir)  # report: weights the checkpoint did not fill
+    return model, {**sentence_transformers_settings(model_dir), **report}
 
 
 def export_hf_encoder(
@@ -214,7 +216,7 @@ def export_hf_encoder(
     *,
     pooling: str | None = None,
     normalize: bool | None = None,
-    seq_len: int = 128,
+    seq_len: int | None = None,
     dynamic_seq: bool = False,
     image_size: int | None = None,
     audio_length: int | None = None,
@@ -235,7 +237,7 @@ def export_hf_encoder(
             sentence-transformers setting when the directory has one, else the architecture's own
             (:data:`ARCHITECTURES`); an architecture not listed there needs it given.
         normalize: L2-normalise the output; default: whether sentence-transformers does.
-        seq_len: example (and, unless ``dynamic_seq``, fixed) sequence length for text; longer texts are
+        seq_len: example (and, unless ``dynamic_seq``, fixed) sequence length for text (128); longer texts are
             truncated there (sentence-transformers truncates at ``max_seq_length``: use ``dynamic_seq`` to match).
         image_size: example (and fixed) image side for vision (default: the model config's ``image_size``, else 224).
         audio_length: samples of a waveform encoder's (fixed) input, default 16000 (:mod:`exporters.hf_audio`).
@@ -252,8 +254,12 @@ def export_hf_encoder(
 
     Raises:
         ConfigError: an architecture with no known pooling and none given, a pooling that does not fit
-            the model's output, or ``seq_len`` beyond the model's position embeddings.
+            the model's output, ``seq_len`` beyond the model's position embeddings, or a setting the model's kind
+            does not take (``image_size`` for text...: :data:`exporters.hf_checks.SETTINGS`).
+        FormatError: the exported graph reads a weight the checkpoint folder did not hold.
     """
+    given = {"seq_len": seq_len, "dynamic_seq": dynamic_seq, "image_size": image_size, "audio_length": audio_length}
+    given["tokenizer"], seq_len = tokenizer, (128 if seq_len is None else seq_len)  # given: checked after wrap
     if file_format not in _EXPORTERS:
         raise ConfigError(f"file_format {file_format!r} is not supported; allowed: {', '.join(_EXPORTERS)}")
     settings: dict = {}
@@ -286,6 +292,7 @@ def export_hf_encoder(
     encoder = PooledEncoder.wrap(
         model, pooling=pooling, normalize=settings.get("normalize", False) if normalize is None else normalize
     ).eval()
+    check_settings(encoder.modality, model, given)
     slots = add_lora_slots(encoder, lora_slots, lora_rank) if lora_slots else []
     name = name or type(model).__name__
     path = Path(path)
@@ -319,6 +326,7 @@ def export_hf_encoder(
         # batch 2: with a batch of 1, torch.export guards some models (ConvNeXt) into an empty batch range
         examples = (torch.randn(2, channels, side, side, generator=torch.Generator().manual_seed(0)),)
         info["image_size"] = side
+    check_weights(encoder, examples, settings.get("unloaded"), info["source"])
     if dynamic_axes:
         kwargs["dynamic_axes"] = dynamic_axes
     if file_format == "onnx":

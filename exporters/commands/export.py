@@ -32,7 +32,7 @@ def register(sub) -> None:
     p.add_argument("model_dir", type=Path, help="local model folder (config.json + model.safetensors)")
     p.add_argument("--out", type=output_path, required=True, help="model file to write (.onnx or .tflite)")
     p.add_argument("--format", choices=sorted(FORMATS), help="file format (default: from --out's suffix, else onnx)")
-    p.add_argument("--seq-len", type=int, default=128, help="text: sequence length (default 128)")
+    p.add_argument("--seq-len", type=int, help="text: sequence length (default 128)")
     p.add_argument("--dynamic-seq", action="store_true", help="text: any sequence length (onnx only)")
     p.add_argument("--image-size", type=int, help="vision: image side (default: the config's image_size, else 224)")
     p.add_argument(
@@ -78,10 +78,23 @@ def run(args) -> int:
         raise ConfigError(f"--out {args.out.name} does not end in {FORMATS[fmt]}, the suffix of --format {fmt}")
     if fmt == "tflite" and args.dynamic_seq:
         raise ConfigError("--dynamic-seq needs --format onnx: TFLite models have fixed shapes (give --seq-len)")
+    from edge.format.paths import require_folder
+
+    require_folder(args.model_dir, "model folder", "give a local Hugging Face model folder (config.json + weights)")
     if not (args.model_dir / "config.json").is_file():
         raise ConfigError(f"{args.model_dir} has no config.json; give a local Hugging Face model folder")
     quant = _quantize_request(args, fmt)
     host_needed("edge export")
+    from exporters.quiet import quiet_host
+
+    with quiet_host(args.quiet):  # transformers' progress bar, torch's exporter logs and warnings: not when quiet
+        summary = _export(args, fmt, quant)
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
+def _export(args, fmt: str, quant) -> dict:
+    """Export (and quantize when asked); the summary printed."""
     from exporters.hf import export_hf_encoder
 
     kwargs = {} if fmt == "tflite" else {"progress": not args.quiet}
@@ -126,8 +139,7 @@ def run(args) -> int:
     }
     if quant is not None:
         summary["quantized"] = quantize.quantize_model(args.out, quant.out, quant)
-    print(json.dumps(summary, indent=1))
-    return 0
+    return summary
 
 
 def _quantize_request(args, fmt: str) -> argparse.Namespace | None:

@@ -106,7 +106,7 @@ def test_a_tiny_hf_efficientnet_static_twin_is_no_longer_refused(tmp_path):
     from exporters.hf import export_hf_encoder
 
     model, side = build("efficientnet"), FAMILIES["efficientnet"][1]
-    export_hf_encoder(model, tmp_path / "m.onnx", image_size=side, seq_len=SEQ, progress=False)
+    export_hf_encoder(model, tmp_path / "m.onnx", image_size=side, seq_len=None if side else SEQ, progress=False)
     x = np.random.default_rng(0).standard_normal((36, 3, side, side)).astype(np.float32)
     calib = {"pixel_values": x}
     report = quantize_onnx(tmp_path / "m.onnx", tmp_path / "q.onnx", mode="static", calib=calib, reduce_range=SEVEN)

@@ -1,0 +1,139 @@
+"""What :func:`exporters.hf.export_hf_encoder` checks of a checkpoint's weights and of the settings it was given.
+
+* :func:`load_checkpoint` loads a local folder with ``transformers`` (safetensors only: a folder whose weights are a
+  pickle is refused), keeping its load report: the weights the model has and the checkpoint lacked
+  (``missing_keys``) or held in another shape (``mismatched_keys``), which ``transformers`` fills with random values
+  and only prints about.
+* :func:`check_weights` refuses the export when the traced forward reads any of them: the line is what the
+  exported graph uses, found by running the wrapped encoder once on the example inputs and recording every tensor
+  its torch functions read (a weight the export drops, like BERT's pooler under mean pooling, passes, logged).
+* :func:`check_settings` refuses a shape setting the model's kind does not take (``image_size`` for a text
+  model...), which would otherwise be ignored without a word.
+
+Host side: imports torch.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_leaves
+
+from edge.errors import ConfigError, FormatError
+
+__all__ = ["SETTINGS", "load_checkpoint", "check_weights", "check_settings"]
+
+log = logging.getLogger(__name__)
+
+#: model kind -> the shape settings it takes (each also an ``edge export`` flag)
+SETTINGS = {
+    "text": ("seq_len", "dynamic_seq", "tokenizer"),
+    "vision": ("image_size",),
+    "audio": ("audio_length",),
+}
+_SHOWN = 5  # weights named in a refusal
+
+
+def load_checkpoint(auto_class, model_dir: Path) -> tuple[torch.nn.Module, dict]:
+    """``auto_class.from_pretrained(model_dir)`` offline, and ``{"unloaded": [(name, tensor, why), ...]}``: the
+    model's weights the checkpoint did not fill (missing, or stored in another shape)."""
+    _refuse_pickles(model_dir)
+    model, report = auto_class.from_pretrained(  # no weights file: transformers' OSError names the files it wants
+        str(model_dir),
+        local_files_only=True,
+        use_safetensors=True,  # never a pickle (pytorch_model.bin) of a folder a user hands us
+        attn_implementation="eager",
+        output_loading_info=True,
+        ignore_mismatched_sizes=True,  # reported below, refused only when the export reads them
+    )
+    unloaded = []
+    for name in sorted(report.get("missing_keys") or ()):
+        unloaded.append((name, _tensor(model, name), "missing"))
+    for name, stored, wanted in sorted(report.get("mismatched_keys") or (), key=lambda k: k[0]):
+        unloaded.append((name, _tensor(model, name), f"shape {list(stored)} in the checkpoint, {list(wanted)} wanted"))
+    return model, {"unloaded": [u for u in unloaded if u[1] is not None]}
+
+
+#: weights files of other formats than safetensors: pickles (torch.load), and TensorFlow's / Flax's
+_OTHER_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "tf_model.h5", "flax_model.msgpack")
+
+
+def _refuse_pickles(model_dir: Path) -> None:
+    """A folder whose weights are only a pickle (``pytorch_model.bin``) or another framework's file is refused
+    before transformers would load it: edge reads safetensors only."""
+    if any(model_dir.glob("*.safetensors")) or (model_dir / "model.safetensors.index.json").is_file():
+        return
+    others = [n for n in _OTHER_WEIGHTS if (model_dir / n).is_file()]
+    if others:
+        raise FormatError(
+            f"{model_dir} holds its weights as {others[0]}, not safetensors; edge never loads pickles (or another "
+            "framework's file) from a folder it is given: convert it on a machine you trust with transformers "
+            "(AutoModel.from_pretrained(DIR).save_pretrained(OUT, safe_serialization=True)) and export OUT"
+        )
+
+
+def _tensor(model: torch.nn.Module, name: str) -> torch.Tensor | None:
+    for get in (model.get_parameter, model.get_buffer):
+        try:
+            return get(name)
+        except AttributeError:
+            continue
+    return None
+
+
+class _Reads(TorchFunctionMode):
+    """Records the storages of every tensor a torch function (or tensor method) is called with."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.storages: set[int] = set()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        for leaf in tree_leaves((args, kwargs or {})):
+            if isinstance(leaf, torch.Tensor) and not leaf.is_meta:
+                self.storages.add(leaf.untyped_storage().data_ptr())
+        return func(*args, **(kwargs or {}))
+
+
+def check_weights(encoder: torch.nn.Module, examples: tuple, unloaded, source: object) -> None:
+    """Refuse (:class:`FormatError`) when ``encoder(*examples)`` reads a weight of ``unloaded``
+    (:func:`load_checkpoint`): the export would hold random values for it."""
+    if not unloaded:
+        return
+    with torch.no_grad(), _Reads() as reads:
+        encoder(*examples)
+    read = reads.storages - {0}
+    used = [(n, why) for n, t, why in unloaded if t.untyped_storage().data_ptr() in read]
+    unused = [n for n, t, _ in unloaded if t.untyped_storage().data_ptr() not in read]
+    if unused:
+        log.info("%s: %d weight(s) not in the checkpoint, unused by the export: %s", source, len(unused), unused)
+    if used:
+        shown = "; ".join(f"{n} ({why})" for n, why in used[:_SHOWN]) + (" ..." if len(used) > _SHOWN else "")
+        raise FormatError(
+            f"{source}: {len(used)} weight(s) the exported model uses are missing from the checkpoint or stored "
+            f"there in another shape, so they would be exported random: {shown}. Give the complete checkpoint "
+            "of this architecture (config.json with the weights save_pretrained wrote beside it, named as the "
+            "config's model class names them)"
+        )
+
+
+_FLAGS = {"seq_len": "--seq-len", "dynamic_seq": "--dynamic-seq", "tokenizer": None}
+_FLAGS.update(image_size="--image-size", audio_length="--audio-length")
+
+
+def check_settings(kind: str, model: torch.nn.Module, given: dict) -> None:
+    """Refuse a setting of ``given`` (None or False: not given) that ``model``, of ``kind``, does not take."""
+    what = f"{type(model).__name__} ({getattr(model.config, 'model_type', '?')})"
+    for key, value in given.items():
+        if value is None or value is False or key in SETTINGS[kind]:
+            continue
+        flag = f" ({_FLAGS[key]})" if _FLAGS.get(key) else ""
+        takes = next(k for k, v in SETTINGS.items() if key in v)
+        article = "an" if kind == "audio" else "a"
+        raise ConfigError(
+            f"{key}={value!r}{flag} is a setting of {takes} models; {what} is {article} {kind} model, which takes "
+            f"{', '.join(SETTINGS[kind])}: leave {key} out"
+        )
