@@ -442,10 +442,10 @@ def _validate(model, example_inputs, file, input_names, output_names, dynamic_ba
         for out_name, want, got in zip(output_names, expected, actual):
             problem = compare(want, got, atol, rtol)
             if problem:
-                problems.append(f"  {out_name!r} on {label}: {problem}")
-    if problems:
+                problems.append(f"{out_name!r} on {label}: {problem}")
+    if problems:  # one line, as the CLI prints it (edge.cli.one_line shows a newline as \n)
         raise ExportValidationError(
-            f"onnxruntime outputs differ from torch beyond atol={atol:g}, rtol={rtol:g} in {len(problems)} case(s):\n"
-            + "\n".join(problems)
-            + "\nThe file was not written. Check for ops that differ between torch and ONNX, or loosen the tolerance."
+            f"onnxruntime outputs differ from torch beyond atol={atol:g}, rtol={rtol:g} in {len(problems)} case(s): "
+            + "; ".join(problems)
+            + ". The file was not written. Check for ops that differ between torch and ONNX, or loosen the tolerance."
         )

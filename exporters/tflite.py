@@ -247,11 +247,11 @@ def _map_parameters(
         out[pname] = _tensor_info(pname, value.shape, match)
     required = [p for p in missing if (p in targets if targets is not None else p in convs)]
     if required:
-        lines = [f"  {missing[p]}" for p in required[:10]] + (["  ..."] if len(required) > 10 else [])
+        lines = [missing[p] for p in required[:10]] + (["..."] if len(required) > 10 else [])
         raise ExportValidationError(
-            f"{len(required)} parameter(s) that adapters may target are not stored tensors of the converted model:\n"
-            + "\n".join(lines)
-            + "\n"
+            f"{len(required)} parameter(s) that adapters may target are not stored tensors of the converted model: "
+            + "; ".join(lines)
+            + ". "
             "Adapters cannot target such weights: remove unused modules, keep the op unfused, or pass targets= "
             "without them."
         )
@@ -420,11 +420,11 @@ def _validate(model, example_inputs, data, input_names, output_names, atol, rtol
                 problem = compare(want, got[out_name], atol, rtol)
                 if problem:
                     kernels = "XNNPACK" if strategy == "rebuild" else "built-in kernels"
-                    problems.append(f"  {out_name!r} on {label} ({kernels}): {problem}")
+                    problems.append(f"{out_name!r} on {label} ({kernels}): {problem}")
         backend.close()
     if problems:
         raise ExportValidationError(
-            f"LiteRT outputs differ from torch beyond atol={atol:g}, rtol={rtol:g} in {len(problems)} case(s):\n"
-            + "\n".join(problems)
-            + "\nThe file was not written. Check for ops that differ between torch and LiteRT, or loosen the tolerance."
+            f"LiteRT outputs differ from torch beyond atol={atol:g}, rtol={rtol:g} in {len(problems)} case(s): "
+            + "; ".join(problems)
+            + ". The file was not written. Check for ops that differ between torch and LiteRT, or loosen the tolerance."
         )

@@ -103,8 +103,7 @@ class OrtBackend(OrtSessions, ArenaBackend):
             info = onnx_info(proto)
             # the file's records of its writable tensors checked as a load checks them (nothing allocated): a file
             # whose dims or data types lie is refused here too, not described as loadable (`edge inspect`, engines)
-            dtypes = {t.initializer: t.quant.dtype for t in info.tensors.values() if t.quant is not None}
-            writable_dtypes(inits, sorted({t.initializer for t in info.tensors.values()}), dtypes)
+            writable_dtypes(inits, *_writable(info))
             return info
 
     @classmethod
@@ -158,8 +157,7 @@ class OrtBackend(OrtSessions, ArenaBackend):
             self.info = onnx_info(proto)
             self.check_precision(options)  # from the graph, before the weights are read into the arena
             self.input_specs = onnx_input_specs(proto, self.info.inputs)  # the real inputs, from the graph parsed once
-            writable = sorted({t.initializer for t in self.info.tensors.values()})
-            dtypes = {t.initializer: t.quant.dtype for t in self.info.tensors.values() if t.quant is not None}
+            writable, dtypes = _writable(self.info)
             kept = set(inits) - set(writable)  # small constants (biases, shapes): kept in the graph, taken before
             proto.graph.initializer.extend(tensor_proto(buf, t) for k, t in inits.items() if k in kept)
             release_pages(buf, 0, nbytes)  # the weights, so the file pages read so far are not held beside the arena
@@ -399,3 +397,10 @@ def _predict(weights: float, packed: float, strategy: str) -> float:
 
 def _only(readers: Mapping[str, set], kinds: set[tuple[str, int]]) -> set[str]:
     return {k for k, r in readers.items() if r and r <= kinds}
+
+
+def _writable(info: ModelInfo) -> tuple[list[str], dict[str, str]]:
+    """The writable tensors' initializers, sorted, and the element type the metadata records for each quantized one:
+    what :func:`~runtimes.onnx_file.writable_dtypes` checks the file's records against (a load and ``read_info``)."""
+    quantized = {t.initializer: t.quant.dtype for t in info.tensors.values() if t.quant is not None}
+    return sorted({t.initializer for t in info.tensors.values()}), quantized

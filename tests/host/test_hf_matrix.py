@@ -6,7 +6,8 @@ inputs of the model's kind) loaded on :class:`edge.Runtime` with an integer SHiR
 bit-exactly; ``auto`` feature taps with an HDC head that votes in the graph; ``edge update`` (ncm, slda, ranpac; and
 shira-head, refused on an encoder without a head) in a child process where torch cannot be imported; growth
 candidates drawn from the model's own targets; and on LiteRT (``.venv-tflite``) a ``.tflite`` twin that switches and
-undoes. ``MATRIX_FAST`` families (and MobileViT's taps) run in ``make test``; the rest with ``-m slow``.
+undoes. ``MATRIX_FAST`` families run in ``make test``; the rest with ``-m slow`` (MobileViT's taps in ``make test`` are
+``test_taps_c13_fused.py``'s).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from edge.errors import ConfigError  # noqa: E402
 from edge.runtime import Runtime  # noqa: E402
 
 #: a plain CNN (its convs quantized dynamically) and DistilBERT (growth layer sets by its names): families a fix here
-#: was for, one of each kind; MobileViT's taps (patches folded into the batch) run fast too
+#: was for, one of each kind
 MATRIX_FAST = ("resnet", "distilbert")
 
 
@@ -100,7 +101,9 @@ def exported(tmp_path_factory):
             d = tmp_path_factory.mktemp(family.replace("_", "-"))
             model, side = build(family), FAMILIES[family][1]
             _lively(model, side)
-            info = export_hf_encoder(model, d / "m.onnx", image_size=side, seq_len=SEQ, progress=False)
+            info = export_hf_encoder(
+                model, d / "m.onnx", image_size=side, seq_len=None if side else SEQ, progress=False
+            )
             x, y = samples(model, side, info.inputs, N, 0)
             np.savez(d / "train.npz", **x, y=y)
             x, y = samples(model, side, info.inputs, N, 1)
@@ -164,7 +167,7 @@ def test_int8_twin_switches_an_integer_adapter_and_undoes_it(family, mode, expor
 
 
 # -- taps and the OOD head ------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("family", cases("mobilevit"))
+@pytest.mark.parametrize("family", CASES)
 def test_auto_taps_give_finite_features_and_the_head_votes(family, exported, tmp_path):
     from edge.route.hdc import HDC
     from edge.route.taps import FEATURES, VOTE, Head, tap_model
@@ -274,7 +277,7 @@ def test_litert_twin_switches_and_undoes(family, exported, tmp_path):
 
     _, _, model, side = exported(family)
     path = tmp_path / "m.tflite"
-    info = export_hf_encoder(model, path, image_size=side, seq_len=SEQ, file_format="tflite")
+    info = export_hf_encoder(model, path, image_size=side, seq_len=None if side else SEQ, file_format="tflite")
     x, _ = samples(model, side, info.inputs, 1, 5)
     x = {k: v.astype(np.int32) if v.dtype == np.int64 else v for k, v in x.items()}
     target = list(info.tensors)[-1]

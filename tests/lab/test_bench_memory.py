@@ -28,6 +28,10 @@ def test_each_strategy_and_the_plain_session_measured_in_fresh_children(tmp_path
     assert r["rounds"] == 2 and r["repeat"] == 1 and r["wall_s"] > 0
     for name, f in [("plain", r["plain"]), *r["strategies"].items()]:
         assert f["peak_mb"] >= f["rss_mb"] and f["ready_ms"] > 0, name
+        if sys.platform.startswith("linux"):  # the kernel's part of the main thread's CPU, per round (per thread)
+            assert f["ready_sys_ms"] >= 0 and f["ready_cpu_ms"] > 0, name
+            rounds = r["ready_rounds_sys_ms"][name]
+            assert len(rounds) == 2 and abs(np.median(rounds) - f["ready_sys_ms"]) <= 0.01, name
     for name, f in r["strategies"].items():
         x = f["ready_x"]
         assert f["strategy"] == name and f["predicted_mb"] > 0

@@ -1,13 +1,11 @@
 """``edge bench memory`` records the kernel's part of each contestant's main-thread CPU (``ready_sys_ms``): where a
-first touch of fresh memory shows (a huge-page arena on a VM whose balloon reports free blocks to the host)."""
+first touch of fresh memory shows (a huge-page arena on a VM whose balloon reports free blocks to the host). Real
+children's figures are checked in ``test_bench_memory.py`` (one run of fresh processes serves both)."""
 
 from __future__ import annotations
 
-import sys
-
 import _tiny
 import numpy as np
-import pytest
 
 import lab.bench_run
 from lab.bench_memory import bench_memory
@@ -50,12 +48,3 @@ def test_children_without_it_report_no_median(tmp_path, monkeypatch):
     r = bench_memory(tmp_path / "m.onnx", X, repeat=1, rounds=1, progress=False)
     assert r["ready_rounds_sys_ms"] == {k: [None] for k in KINDS}
     assert "ready_sys_ms" not in r["plain"] and all("ready_sys_ms" not in f for f in r["strategies"].values())
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread system time: Linux")
-def test_real_children_report_the_kernel_part_of_their_main_thread_cpu(tmp_path):
-    _tiny.make_mlp(tmp_path / "m.onnx", seed=3)
-    r = bench_memory(tmp_path / "m.onnx", X, repeat=1, rounds=1, progress=False)
-    for kind, f in [("plain", r["plain"]), *r["strategies"].items()]:
-        assert f["ready_sys_ms"] >= 0 and f["ready_cpu_ms"] > 0, kind
-        assert r["ready_rounds_sys_ms"][kind] == [round(f["ready_sys_ms"], 2)], kind

@@ -4,6 +4,7 @@ never retrained, and only when the new file stores the same tensors its adapters
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 
@@ -15,13 +16,27 @@ pytest.importorskip("sklearn")
 SHORT = {"pretrain_epochs": 2, "shira_epochs": 1, "domains": ("rotate",)}
 
 
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One short CNN demo for the module (training is most of its cost)."""
+    from lab.pipeline import DemoConfig, prepare_demo
+
+    cache = tmp_path_factory.mktemp("demo") / "cache"
+    prepare_demo(cache, DemoConfig(model="cnn", **SHORT), progress=False)
+    return cache
+
+
 @pytest.fixture()
-def built(tmp_path):  # each test edits the export: a short CNN demo of its own
+def built(trained, tmp_path, monkeypatch):  # each test edits the export: a copy of the module's demo of its own
     from lab.pipeline import DemoConfig, prepare_demo
 
     cache = tmp_path / "cache"
+    shutil.copytree(trained, cache)
     cfg = DemoConfig(model="cnn", **SHORT)
-    art = prepare_demo(cache, cfg, progress=False)
+    with monkeypatch.context() as m:  # the copy is current: read, nothing trained again
+        _refuse_training(m)
+        art = prepare_demo(cache, cfg, progress=False)
+    assert art.model.is_relative_to(cache)
     return cache, cfg, art
 
 
@@ -46,8 +61,7 @@ def _rewrite_info(path, **change) -> None:
     onnx.save(proto, str(path))
 
 
-@pytest.fixture()
-def no_training(monkeypatch):
+def _refuse_training(monkeypatch) -> None:
     from exporters import shira
     from lab import digits_model
 
@@ -56,6 +70,11 @@ def no_training(monkeypatch):
 
     monkeypatch.setattr(digits_model, "pretrain", refuse)
     monkeypatch.setattr(shira, "train_shira", refuse)
+
+
+@pytest.fixture()
+def no_training(monkeypatch):
+    _refuse_training(monkeypatch)
 
 
 def test_an_export_without_source_fingerprint_is_made_again_and_keeps_its_adapters(built, no_training):
