@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
+import re
 import sys
 from collections.abc import Callable, Sequence
 
@@ -80,15 +82,22 @@ def _add_entry_point_commands(sub, owners: dict[str, str]) -> None:
         owners.update(dict.fromkeys(set(sub.choices) - before, ep.value))
 
 
-def one_line(text: str) -> str:
-    """An error message as the one line ``edge`` prints, every character of it shown: control characters (a newline
-    or tab in a path, an escape sequence, a line or paragraph separator, a bidi override) and spaces other than the
-    plain one are escaped as Python's ``repr`` escapes them (``\\n``, ``\\t``, ``\\x1b``, ``\\u2028``), so the line
-    stays one line, a terminal runs nothing, and a path reads unambiguously. When anything is escaped, backslashes are
-    doubled too (a file named ``a\\nb`` then differs from one with a newline in its name)."""
+def one_line(text: str, *, exact: bool = False) -> str:
+    """An error message as the one line ``edge`` prints. Line breaks and tabs, with the spaces around them, become
+    one space (library messages wrapped into ours, a YAML parser's or onnx's, are written over several lines); every
+    other control character (an escape sequence, a line or paragraph separator, a bidi override) and spaces other
+    than the plain one are escaped as Python's ``repr`` escapes them (``\\x1b``, ``\\u2028``), so the line stays one
+    line and a terminal runs nothing. ``exact``: line breaks and tabs escaped too (``\\n``, ``\\t``), for a text
+    that is one path (an OSError's file name). When anything is escaped, backslashes are doubled too (a file named
+    ``a\\nb`` then differs from one with a newline in its name)."""
+    if not exact:
+        text = _BREAKS.sub(" ", text)
     if text.isprintable():  # the usual message: printed as it is (isprintable: no control character, only ' ')
         return text
     return "".join(c if c.isprintable() and c != "\\" else repr(c)[1:-1] for c in text)
+
+
+_BREAKS = re.compile(r"[ ]*[\r\n\t]+[ \r\n\t]*")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -200,8 +209,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"edge: error: {one_line(str(e)) or type(e).__name__}", file=sys.stderr)
         return 2
     except BrokenPipeError:
-        import os
-
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when stdout is flushed
         return 141
     except OSError as e:
@@ -209,8 +216,8 @@ def main(argv: list[str] | None = None) -> int:
             return _interrupted(argv)
         if verbose:
             raise
-        where = f": {e.filename}" if e.filename else ""
-        print(f"edge: error: {one_line(f'{e.strerror or e}{where}')} (edge -v shows where)", file=sys.stderr)
+        where = f": {one_line(os.fsdecode(e.filename), exact=True)}" if e.filename else ""
+        print(f"edge: error: {one_line(str(e.strerror or e))}{where} (edge -v shows where)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return _interrupted(argv)
@@ -261,7 +268,6 @@ def _leave_now(code: int) -> None:
     active exception``, SIGABRT). Every file this project writes is written atomically, so nothing is left half
     written; a temp file of a write cut short is removed by the next write to that path.
     """
-    import os
     import signal
 
     mp = sys.modules.get("multiprocessing")
@@ -286,7 +292,6 @@ def _leave_now(code: int) -> None:
 
 def _child_pids() -> list[int]:
     """This process's children, from ``/proc`` (Linux; elsewhere none)."""
-    import os
 
     me, found = os.getpid(), []
     try:

@@ -41,16 +41,25 @@ def load_checkpoint(auto_class, model_dir: Path) -> tuple[torch.nn.Module, dict]
     """``auto_class.from_pretrained(model_dir)`` offline, and ``{"unloaded": [(name, tensor, why), ...]}``: the
     model's weights the checkpoint did not fill (missing, or stored in another shape)."""
     _refuse_pickles(model_dir)
-    model, report = auto_class.from_pretrained(  # no weights file: transformers' OSError names the files it wants
-        str(model_dir),
-        local_files_only=True,
-        use_safetensors=True,  # never a pickle (pytorch_model.bin) of a folder a user hands us
-        attn_implementation="eager",
-        output_loading_info=True,
-        ignore_mismatched_sizes=True,  # reported below, refused only when the export reads them
-    )
+    try:
+        model, report = auto_class.from_pretrained(  # no weights file: transformers' OSError names the files it wants
+            str(model_dir),
+            local_files_only=True,
+            use_safetensors=True,  # never a pickle (pytorch_model.bin) of a folder a user hands us
+            attn_implementation="eager",
+            output_loading_info=True,
+            ignore_mismatched_sizes=True,  # reported below, refused only when the export reads them
+        )
+    except ValueError as e:  # an unknown model_type, a config transformers cannot build: the folder's, not a bug
+        raise FormatError(
+            f"{model_dir}: transformers cannot build a model from its config.json ({' '.join(str(e).split())[:300]}); "
+            "give the folder save_pretrained wrote, with a model_type this transformers knows"
+        ) from e
     unloaded = []
     for name in sorted(report.get("missing_keys") or ()):
+        if not _learned(model, name):  # a buffer the model's code computes at construction (rotary inv_freq, ids)
+            log.info("%s: %s is not in the checkpoint; the model computes it at construction", model_dir, name)
+            continue
         unloaded.append((name, _tensor(model, name), "missing"))
     for name, stored, wanted in sorted(report.get("mismatched_keys") or (), key=lambda k: k[0]):
         unloaded.append((name, _tensor(model, name), f"shape {list(stored)} in the checkpoint, {list(wanted)} wanted"))
@@ -73,6 +82,22 @@ def _refuse_pickles(model_dir: Path) -> None:
             "framework's file) from a folder it is given: convert it on a machine you trust with transformers "
             "(AutoModel.from_pretrained(DIR).save_pretrained(OUT, safe_serialization=True)) and export OUT"
         )
+
+
+def _learned(model: torch.nn.Module, name: str) -> bool:
+    """Whether ``name`` holds learned values: a parameter, or a norm's running statistics (which training, not the
+    model's code, sets). Other buffers (rotary frequencies, position ids) are computed at construction."""
+    try:
+        model.get_parameter(name)
+        return True
+    except AttributeError:
+        pass
+    owner, _, leaf = name.rpartition(".")
+    try:
+        module = model.get_submodule(owner) if owner else model
+    except AttributeError:
+        return True  # a name the model does not resolve: kept, _tensor decides
+    return isinstance(module, torch.nn.modules.batchnorm._NormBase) and leaf in ("running_mean", "running_var")
 
 
 def _tensor(model: torch.nn.Module, name: str) -> torch.Tensor | None:

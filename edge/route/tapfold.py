@@ -88,12 +88,14 @@ def _evaluate(model, targets: list[str], producer: dict, small: dict) -> dict:
                 todo.append(i)
     order = {id(n): k for k, n in enumerate(model.graph.node)}
     opsets = {o.domain or "": o.version for o in model.opset_import if o.domain in ("", "ai.onnx")}
-    values = {name: numpy_helper.to_array(t) for name, t in small.items() if name in seen}
     try:
+        values = {name: numpy_helper.to_array(t) for name, t in small.items() if name in seen}
         for n in sorted(needed.values(), key=lambda n: order[id(n)]):
             feeds = {i: values[i] for i in n.input if i}
             if n.op_type == "Range" and _range_length(*(feeds[i] for i in n.input)) > _SMALL:
                 return {}
+            if _predicted(n.op_type, [np.asarray(feeds[i]) for i in n.input if i]) > _SMALL:
+                return {}  # a Concat of many inputs, a broadcast or a Gather that would make more: not run
             outs = ReferenceEvaluator(n, opsets=opsets).run(None, feeds)
             if any(np.asarray(v).size > _SMALL for v in outs):
                 return {}
@@ -105,6 +107,21 @@ def _evaluate(model, targets: list[str], producer: dict, small: dict) -> dict:
         for t in targets
         if values[t].dtype.kind in "iu" and values[t].ndim <= 1 and values[t].size <= 8
     }
+
+
+def _predicted(op: str, inputs: list) -> int:
+    """An upper bound of the values ``op`` makes from ``inputs`` (checked before it runs): their sum for Concat, the
+    product of the sizes for a Gather and for the broadcasting arithmetic, else the largest input (Reshape, Cast,
+    Slice... make no more than they are given; Range is bounded by :func:`_range_length`)."""
+    sizes = [int(a.size) for a in inputs]
+    if op == "Concat":
+        return sum(sizes)
+    if op in ("Gather", "Add", "Sub", "Mul", "Div"):
+        k = 1
+        for s in sizes:
+            k *= max(s, 1)
+        return k
+    return max(sizes, default=0)
 
 
 def _range_length(start, limit, delta) -> float:

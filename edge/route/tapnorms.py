@@ -189,7 +189,7 @@ class _Consts:
 
         for _ in range(8):
             if name in self._stored:
-                return self._np.to_array(self._stored[name]).ravel().tolist()
+                return _small(self._np, self._stored[name])
             n = self._producer.get(name)
             if n is None:
                 return None
@@ -200,7 +200,7 @@ class _Consts:
                 return None
             a = n.attribute[0]
             if a.name == "value":
-                return self._np.to_array(a.t).ravel().tolist() if _count(a.t.dims) <= 8 else None
+                return _small(self._np, a.t)
             v = helper.get_attribute_value(a)
             return list(v) if isinstance(v, (list, tuple)) else [v] if isinstance(v, (int, float)) else None
         return None
@@ -211,9 +211,33 @@ class _Consts:
 
         attr = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "axes"), None)
         if attr is not None:
-            return [int(a) for a in attr]
+            return _integers(attr)
         v = self.value(node.input[1]) if len(node.input) > 1 and node.input[1] else None
-        return [int(a) for a in v] if v is not None else None
+        return _integers(v) if v is not None else None
+
+
+def _small(numpy_helper, t) -> list | None:
+    """A stored tensor's values, if it holds at most 8 numbers that decode (else None: a damaged or hostile record
+    is no norm's axes, never an exception out of the tap search)."""
+    if _count(t.dims) > 8 or t.data_type not in _NUMERIC:
+        return None
+    try:
+        return numpy_helper.to_array(t).ravel().tolist()
+    except (TypeError, ValueError):  # values that do not fill the dims, an undefined element type
+        return None
+
+
+def _integers(values) -> list | None:
+    """``values`` as axes: finite integral numbers only (NaN, inf or 1.5 are no axes)."""
+    try:
+        out = [int(v) for v in values if float(v).is_integer()]
+    except (TypeError, ValueError, OverflowError):
+        return None
+    return out if len(out) == len(values) else None
+
+
+#: ONNX element types whose values can be axes: float, uint8, int8, uint16, int16, int32, int64, double, uint32, uint64
+_NUMERIC = frozenset({1, 2, 3, 4, 5, 6, 7, 11, 12, 13})
 
 
 def _count(dims) -> int:

@@ -274,10 +274,10 @@ class Layouts:
         stored += [
             (n.output[0], a.t) for n in g.node if n.op_type == "Constant" for a in n.attribute if a.name == "value"
         ]
-        self._consts = {  # small int64 vectors: a Squeeze's or Unsqueeze's axes
-            name: numpy_helper.to_array(t).tolist()
+        self._consts = {  # small int64 vectors: a Squeeze's or Unsqueeze's axes (a record that does not decode: none)
+            name: v
             for name, t in stored
-            if len(t.dims) == 1 and t.dims[0] <= 8 and t.data_type == 7
+            if len(t.dims) == 1 and t.dims[0] <= 8 and t.data_type == 7 and (v := _int64s(numpy_helper, t)) is not None
         }
         self._attr = lambda n, name, default: next(
             (helper.get_attribute_value(a) for a in n.attribute if a.name == name), default
@@ -354,4 +354,12 @@ class Layouts:
                 if n.op_type in _SAME_OPS and n.domain in _DOMAINS:
                     todo += [o for o in n.output if o and o not in seen]
                     seen.update(n.output)
+        return None
+
+
+def _int64s(numpy_helper, t) -> list | None:
+    """A small int64 tensor's values, or None when its record does not fill its dims (a damaged or hostile file)."""
+    try:
+        return numpy_helper.to_array(t).tolist()
+    except (TypeError, ValueError):
         return None
