@@ -12,6 +12,8 @@ stay as they are. Only the copy read for shapes changes.
 
 from __future__ import annotations
 
+import math
+
 __all__ = ["fold_axes"]
 
 #: ops evaluated on constants (small integer arithmetic: what exporters compute axes with)
@@ -33,7 +35,7 @@ def fold_axes(model):
     import onnx
 
     g = model.graph
-    small = {i.name: i for i in g.initializer if _count(i.dims) <= _SMALL}
+    small = {i.name: i for i in g.initializer if math.prod(i.dims) <= _SMALL}
     producer = {o: n for n in g.node for o in n.output if o}
     const: set[str] = set(small)
     for n in g.node:
@@ -117,23 +119,11 @@ def _predicted(op: str, inputs: list) -> int:
     if op == "Concat":
         return sum(sizes)
     if op in ("Gather", "Add", "Sub", "Mul", "Div"):
-        k = 1
-        for s in sizes:
-            k *= max(s, 1)
-        return k
+        return math.prod(max(s, 1) for s in sizes)
     return max(sizes, default=0)
 
 
 def _range_length(start, limit, delta) -> float:
     """How many values ``Range(start, limit, delta)`` makes (infinite for a zero step)."""
-    import math
-
     start, limit, delta = (float(v) for v in (start, limit, delta))
     return math.inf if delta == 0 else max(0.0, math.ceil((limit - start) / delta))
-
-
-def _count(dims) -> int:
-    k = 1
-    for d in dims:
-        k *= d
-    return k

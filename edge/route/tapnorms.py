@@ -19,8 +19,9 @@ Either way the norm's input (the residual stream) and its output (normalised, af
 from __future__ import annotations
 
 from collections.abc import Sequence
+from math import prod
 
-from edge.route.tapshapes import fused
+from edge.route.tapshapes import decoded, fused
 
 __all__ = ["SUM_PREFIX", "expose_sums", "norms"]
 
@@ -168,7 +169,7 @@ class _Consts:
         from onnx import numpy_helper
 
         self._producer = {o: n for n in model.graph.node for o in n.output if o}
-        self._stored = {i.name: i for i in model.graph.initializer if _count(i.dims) <= 8}
+        self._stored = {i.name: i for i in model.graph.initializer if prod(i.dims) <= 8}
         self._np = numpy_helper
         self._model, self._shapes = model, None
 
@@ -219,12 +220,7 @@ class _Consts:
 def _small(numpy_helper, t) -> list | None:
     """A stored tensor's values, if it holds at most 8 numbers that decode (else None: a damaged or hostile record
     is no norm's axes, never an exception out of the tap search)."""
-    if _count(t.dims) > 8 or t.data_type not in _NUMERIC:
-        return None
-    try:
-        return numpy_helper.to_array(t).ravel().tolist()
-    except (TypeError, ValueError):  # values that do not fill the dims, an undefined element type
-        return None
+    return decoded(numpy_helper, t) if prod(t.dims) <= 8 and t.data_type in _NUMERIC else None
 
 
 def _integers(values) -> list | None:
@@ -238,13 +234,6 @@ def _integers(values) -> list | None:
 
 #: ONNX element types whose values can be axes: float, uint8, int8, uint16, int16, int32, int64, double, uint32, uint64
 _NUMERIC = frozenset({1, 2, 3, 4, 5, 6, 7, 11, 12, 13})
-
-
-def _count(dims) -> int:
-    k = 1
-    for d in dims:
-        k *= d
-    return k
 
 
 def _perm(node) -> list[int]:

@@ -21,6 +21,7 @@ from collections.abc import Mapping, Sequence
 from edge.errors import FormatError
 
 __all__ = [
+    "decoded",
     "FIRST",
     "FUSED_SHAPES",
     "LAST",
@@ -277,7 +278,7 @@ class Layouts:
         self._consts = {  # small int64 vectors: a Squeeze's or Unsqueeze's axes (a record that does not decode: none)
             name: v
             for name, t in stored
-            if len(t.dims) == 1 and t.dims[0] <= 8 and t.data_type == 7 and (v := _int64s(numpy_helper, t)) is not None
+            if len(t.dims) == 1 and t.dims[0] <= 8 and t.data_type == 7 and (v := decoded(numpy_helper, t)) is not None
         }
         self._attr = lambda n, name, default: next(
             (helper.get_attribute_value(a) for a in n.attribute if a.name == name), default
@@ -357,9 +358,10 @@ class Layouts:
         return None
 
 
-def _int64s(numpy_helper, t) -> list | None:
-    """A small int64 tensor's values, or None when its record does not fill its dims (a damaged or hostile file)."""
+def decoded(numpy_helper, t) -> list | None:
+    """A stored tensor's values, flat, or None when its record does not decode (values that do not fill its dims, an
+    undefined element type: a damaged or hostile file), never an exception out of the tap search."""
     try:
-        return numpy_helper.to_array(t).tolist()
+        return numpy_helper.to_array(t).ravel().tolist()
     except (TypeError, ValueError):
         return None
