@@ -195,11 +195,22 @@ def save_checkpoint(model: nn.Module, path: str | Path) -> None:
     save_file(tensors, str(path), metadata=meta)
 
 
+MAX_CHECKPOINT_BYTES = 1 << 30  # a digits encoder is a few hundred KB
+
+
 def load_checkpoint(path: str | Path) -> nn.Module:
     """Rebuild the encoder (a :class:`DigitsEncoder` or the family recorded) from :func:`save_checkpoint`."""
     from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
+    from edge.format.io import check_regular
+
+    size = check_regular(path, what="digits checkpoint")  # a FIFO would hang safetensors' open: refused first
+    if size > MAX_CHECKPOINT_BYTES:
+        raise FormatError(
+            f"digits checkpoint {path} is {size} bytes, over the limit of {MAX_CHECKPOINT_BYTES} for one; "
+            "delete it to train it again (edge demo)"
+        )
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}

@@ -186,11 +186,10 @@ def _head_input(model: Path, taps: str, options) -> str | None:
     Identity, Reshape, Flatten, Squeeze); None when the graph shows neither, ``taps`` is that tensor, or the
     weight is no head's (a 3x3 filter).
     """
-    import onnx
-
+    from edge.convert.onnx_source import read_onnx
     from edge.format.modelinfo import onnx_info
 
-    proto = onnx.load(str(model), load_external_data=False)  # tap_model read the file: it is an ONNX file
+    proto = read_onnx(model)  # bounded as tap_model read it: the file may have been swapped since (a FIFO)
     graph, info = proto.graph, onnx_info(proto)
     owner = {t.initializer: k for k, t in info.tensors.items()}
     producer = {o: n for n in graph.node for o in n.output}

@@ -98,7 +98,7 @@ def list_profiles(search: Sequence[str | os.PathLike] | None = None) -> list[Dev
     seen: dict[str, Path] = {}
     for d in search_path(search or ()):
         _check_folder(d)
-        for f in sorted(d.glob("*.yaml")):
+        for f in _profile_files(d):
             seen.setdefault(f.stem, f)
     return [_load_file(seen[n]) for n in sorted(seen)]
 
@@ -125,8 +125,8 @@ def load_profile(
         f = d / f"{text}.yaml"
         if os.path.lexists(f):  # a folder, FIFO or broken link of that name is refused as such, not skipped
             return _load_file(f)
-    known = sorted({f.stem for d in dirs for f in d.glob("*.yaml")})
-    yml = [str(d / f"{text}.yml") for d in dirs if (d / f"{text}.yml").exists()]  # only NAME.yaml is searched
+    known = sorted({f.stem for d in dirs for f in _profile_files(d)})
+    yml = [str(d / f"{text}.yml") for d in dirs if os.path.lexists(d / f"{text}.yml")]  # only NAME.yaml is searched
     raise ConfigError(
         (f"{yml[0]} is not searched: rename it to {text}.yaml, or pass its path; " if yml else "")
         + f"unknown device profile {text!r}; known: {', '.join(known) or 'none'} "
@@ -143,6 +143,14 @@ def _check_folder(d: Path) -> None:
 
 
 MAX_PROFILE_BYTES = 1 << 20  # a profile is a page of YAML
+MAX_PROFILES = 1000  # NAME.yaml files in one profile folder
+
+
+def _profile_files(folder: Path) -> list[Path]:
+    """The NAME.yaml files of a profile folder, sorted; a folder of a million entries is not listed whole."""
+    from edge.format.io import folder_files
+
+    return folder_files(folder, ".yaml", MAX_PROFILES, what="device profile folder", fix="keep one per device there")
 
 
 def _load_file(path: Path) -> DeviceProfile:

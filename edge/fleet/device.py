@@ -306,6 +306,8 @@ class _Sync:
                 self._install(name, t, blob)
             except OSError as e:  # WriteError included: the old file is unchanged, the verified blob kept
                 self.r.failed.append({"name": name, "reason": _disk_reason(self.dir, e)})
+            except FormatError as e:  # the verified blob or signature swapped since (a FIFO, a longer file)
+                self._refuse(name, str(e))
         wanted = {t["sha256"] for t in plan["targets"].values()} | {
             t["sig"]["sha256"] for t in plan["targets"].values() if "sig" in t
         }
@@ -413,15 +415,15 @@ class _Sync:
             a.check_against(self.info)
 
     def _install(self, name: str, t: dict, blob: Path) -> None:
-        from edge.format.io import atomic_write_bytes
+        from edge.format.io import atomic_write_bytes, read_bounded
 
         dst = self.dir / f"{name}.safetensors"
+        data = read_bounded(blob, int(t["length"]), what="downloaded adapter")  # before anything is written
         sig, new_sig = _sig_path(blob), None
         if sig.exists():  # signature first, carrying the one it replaces: old or new, the adapter on disk verifies
-            from edge.format.io import read_bounded
             from edge.format.signing import MAX_SIG_BYTES, with_previous
 
-            new_sig, old_sig = sig.read_bytes(), _sig_path(dst)
+            new_sig, old_sig = read_bounded(sig, MAX_SIG_BYTES, what="downloaded signature"), _sig_path(dst)
             try:
                 old = read_bounded(old_sig, MAX_SIG_BYTES, what="installed signature")
             except FormatError:  # none, or not a signature file: nothing to carry over
@@ -429,7 +431,7 @@ class _Sync:
             atomic_write_bytes(old_sig, with_previous(new_sig, old))
         else:
             _sig_path(dst).unlink(missing_ok=True)
-        atomic_write_bytes(dst, blob.read_bytes())
+        atomic_write_bytes(dst, data)
         if new_sig is not None:
             atomic_write_bytes(_sig_path(dst), new_sig)  # then exactly the published signature
         sig.unlink(missing_ok=True)

@@ -115,7 +115,10 @@ class Publisher:
     def blob(self, repo: str, data: bytes | None, media_type: str, path: Path | None = None, **annotations) -> dict:
         """Upload bytes (or a file) unless the registry already has them; return the OCI descriptor."""
         if data is None:
-            data = Path(path).read_bytes()
+            from edge.format.io import read_bounded
+            from edge.runtime import MAX_MODEL_BYTES
+
+            data = read_bounded(path, MAX_MODEL_BYTES, what="model file")  # read_model_info read it bounded too
         desc = {"mediaType": media_type, "size": len(data), "digest": _digest(data)}
         if annotations:
             desc["annotations"] = {k: str(v) for k, v in annotations.items()}
@@ -256,13 +259,16 @@ def push(
     fails. With ``replace``, adapters of this channel and model not given here are withdrawn.
     """
     from edge.fleet.model import model_media_type
-    from edge.format.adapter import load_adapter
+    from edge.format.adapter import MAX_FILE_BYTES, load_adapter
+    from edge.format.io import read_bounded
+    from edge.format.signing import MAX_SIG_BYTES
     from runtimes import read_model_info
 
     check_name("channel", channel)
     info = read_model_info(model)
     fp = info.fingerprint
     checked: dict[str, tuple[Path, object]] = {}
+    sigs: dict[str, bytes] = {}  # a detached signature (`edge sign`) travels with its adapter: read before any upload
     for p in map(Path, adapters):
         a = load_adapter(p)
         if a.base_fingerprint != fp:
@@ -272,6 +278,8 @@ def push(
         if name in checked:
             raise ConfigError(f"two adapters are named {name!r} ({checked[name][0]} and {p}); names must be unique")
         checked[name] = (p, a)
+        if (sig := p.with_name(p.name + ".sig")).exists():
+            sigs[name] = read_bounded(sig, MAX_SIG_BYTES, what="adapter signature")
     tuf = TufRepo.load(tuf_dir, keys_dir, expiry)
     pub = Publisher(registry, repository, insecure, inline, timeout, deadline)
     created = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -279,13 +287,11 @@ def push(
         model_desc = _push_model(pub, Path(model), info, model_media_type(model))
         add = {}
         for name, (p, a) in checked.items():
-            data = p.read_bytes()
+            data = read_bounded(p, MAX_FILE_BYTES, what="adapter")  # load_adapter read it bounded too
             desc = pub.blob(repository, data, MEDIA["adapter"])
             custom = {"method": a.method}  # name, model and digest are in the path and hashes already
             add[target_path(channel, fp, name)] = (len(data), desc["digest"].split(":", 1)[1], custom)
-            sig = p.with_name(p.name + ".sig")  # a detached signature (`edge sign`) travels with its adapter
-            if sig.exists():
-                sdata = sig.read_bytes()
+            if (sdata := sigs.get(name)) is not None:
                 sdesc = pub.blob(repository, sdata, MEDIA["signature"])
                 add[target_path(channel, fp, name) + ".sig"] = (len(sdata), sdesc["digest"].split(":", 1)[1], {})
         prefix = f"{channel}/{fp_hex(fp)}/"

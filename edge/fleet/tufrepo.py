@@ -55,11 +55,15 @@ def _signer(keys_dir: Path, role: str, path: Path | None = None):
     from cryptography.hazmat.primitives import serialization
     from securesystemslib.signer import CryptoSigner
 
+    from edge.format.io import read_bounded
+    from edge.format.signing import MAX_PRIVATE_KEY_BYTES
+
     path = path or keys_dir / f"{role}.pem"
+    if not path.exists():
+        raise ConfigError(f"no {role} key at {path}; create the keys with `edge release init --keys {keys_dir}`")
+    data = read_bounded(path, MAX_PRIVATE_KEY_BYTES, what=f"{role} key")  # a FIFO or /dev/zero: a FormatError
     try:
-        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
-    except FileNotFoundError as e:
-        raise ConfigError(f"no {role} key at {path}; create the keys with `edge release init --keys {keys_dir}`") from e
+        key = serialization.load_pem_private_key(data, password=None)
     except ValueError as e:
         raise ConfigError(f"{path} is not an unencrypted Ed25519 PEM private key: {e}") from e
     return CryptoSigner(key)

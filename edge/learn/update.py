@@ -139,8 +139,16 @@ class Updater:
         return ctx
 
     def _feature_dim(self) -> int:
-        """The features' width, from the model file's declared output shape."""
-        dim = _declared_width(self.runtime.model_path, self.feature_output)
+        """The features' width, from the model file's declared output shape (its graph only: no weight is read)."""
+        from runtimes.base import model_buffer
+        from runtimes.onnx_file import parse_graph_bytes
+
+        with model_buffer(self.runtime.model_path) as (buf, _):  # regular files only: a FIFO swapped in is refused
+            try:
+                graph = parse_graph_bytes(buf)[0]
+            except FormatError:  # not an ONNX file (a .tflite): it declares no width here
+                graph = None
+        dim = None if graph is None else _declared_width(graph, self.feature_output)
         if dim is None:
             raise ConfigError(
                 f"output {self.feature_output!r} of {self.runtime.model_path} has no fixed width; "

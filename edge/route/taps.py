@@ -320,9 +320,21 @@ def tap_model(
         props[META_KEY] = _with_outputs(meta, FEATURES, *([VOTE] if head is not None else []))
     helper.set_model_props(model, props)
     data = model.SerializeToString()
-    if not (dst.exists() and dst.read_bytes() == data):
-        atomic_write_bytes(dst, data)
+    if not _holds(dst, data):
+        atomic_write_bytes(dst, data)  # a FIFO or device at dst is refused (WriteError), not written into
     return Tapped(dst, tuple(taps), width, head=head, tap_set=used)
+
+
+def _holds(path: Path, data: bytes) -> bool:
+    """Whether the regular file ``path`` holds ``data`` already; read bounded by ``len(data)``, so a FIFO or
+    ``/dev/zero`` in its place (or a larger file) is not read but answered False."""
+    from edge.errors import FormatError
+    from edge.format.io import read_bounded
+
+    try:
+        return read_bounded(path, len(data), what="tapped model") == data
+    except FormatError:  # none there, not a regular file, or longer than data: written (or refused) anew
+        return False
 
 
 def _layouts(model, taps: Sequence[str], given: Mapping[str, str]) -> dict[str, str | None]:
