@@ -43,7 +43,7 @@ from edge.format.modelinfo import META_KEY, ModelInfo, QuantInfo, fingerprint, o
 from edge.format.onnx_graph import consumers, set_metadata
 from exporters.quantize_check import COMPUTE as _COMPUTE
 from exporters.quantize_check import check_quantized
-from exporters.quantize_graph import computed_weight_convs, fit_ceil_pools, refuse_quantized_input
+from exporters.quantize_graph import dynamic_ready, fit_ceil_pools, refuse_quantized_input
 
 __all__ = ["EXPORTER_VERSION", "QuantReport", "quantize_onnx", "MODES"]
 
@@ -176,7 +176,7 @@ def quantize_onnx(
     if fitted or unfit:  # onnxruntime's QLinearAveragePool divides a ceil-mode window by the whole kernel
         log.info("static: ceil-mode AveragePools counting pads: %s rewritten, %s kept float", fitted[:5], unfit[:5])
     keep = {t.initializer for t in info.tensors.values() if t.slot or t.head}
-    computed = computed_weight_convs(proto.graph) if mode == "dynamic" else []  # weight norm: see quantize_graph
+    computed = dynamic_ready(proto.graph) if mode == "dynamic" else []  # weight norm: see quantize_graph
     if computed:
         log.warning("%d convolution(s) whose weight the graph computes stay float: %s", len(computed), computed[:5])
     # onnxruntime's quantizer knows "Attention" as com.microsoft's op and rewrites any node of that type into

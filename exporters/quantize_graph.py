@@ -26,14 +26,31 @@ onnxruntime's integer convolution (``ConvInteger``) reads a stored weight, and i
 node ("Expected mul_30 to be an initializer"): in dynamic mode they are kept in float, named in the log, and their
 parameters (``g`` and ``v``) stay float adapter targets. The static (QDQ) quantizer takes the computed weight as an
 activation (calibrated), so it needs nothing.
+
+:func:`bypass_weight_identities` lets every reader of a weight read it by its own name: torch's export writes a
+weight two modules share, or two equal weights (``nn.TransformerEncoder``'s cloned layers), once, the second reader
+through an ``Identity``. onnxruntime's dynamic quantizer does not look through it: the first MatMul read the int8
+copy, the second the float one, and the target was dropped (an adapter on one copy would not reach the other). Read
+directly, both ``MatMulInteger`` nodes read the one int8 initializer and the target stays one integer target.
 """
 
 from __future__ import annotations
 
-from edge.errors import ConfigError
-from edge.format.onnx_graph import quantized_ops
+import logging
 
-__all__ = ["computed_weight_convs", "fit_ceil_pools", "refuse_quantized_input", "refuse_twin"]
+from edge.errors import ConfigError
+from edge.format.onnx_graph import quantized_ops, subgraph_reads
+
+log = logging.getLogger("exporters.quantize")
+
+__all__ = [
+    "bypass_weight_identities",
+    "computed_weight_convs",
+    "dynamic_ready",
+    "fit_ceil_pools",
+    "refuse_quantized_input",
+    "refuse_twin",
+]
 
 
 def refuse_twin(info, name: str) -> None:
@@ -89,3 +106,34 @@ def computed_weight_convs(graph) -> list[str]:
     stored = {t.name for t in graph.initializer} | {o for n in graph.node if n.op_type == "Constant" for o in n.output}
     convs = (n for n in graph.node if n.op_type in ("Conv", "ConvTranspose") and n.domain in ("", "ai.onnx"))
     return [n.name for n in convs if len(n.input) > 1 and n.input[1] not in stored]
+
+
+def dynamic_ready(graph) -> list[str]:
+    """Ready ``graph`` for onnxruntime's dynamic quantizer (:func:`bypass_weight_identities`); return the names of
+    the convolutions it must leave in float (:func:`computed_weight_convs`)."""
+    shared = bypass_weight_identities(graph)
+    if shared:
+        log.info("dynamic: %d weight(s) read through Identity are read directly: %s", len(shared), shared[:5])
+    return computed_weight_convs(graph)
+
+
+def bypass_weight_identities(graph) -> list[str]:
+    """Remove each ``Identity`` of an initializer (not a graph output, not read inside a control-flow body), its
+    readers reading the initializer itself; return the names of the initializers so read."""
+    stored = {t.name for t in graph.initializer}
+    kept = {o.name for o in graph.output} | subgraph_reads(graph)
+    alias: dict[str, str] = {}
+    for n in graph.node:  # in graph order (topological): an Identity of an Identity of a weight is the weight too
+        if n.op_type == "Identity" and n.domain in ("", "ai.onnx") and n.output[0] not in kept:
+            if n.input[0] in stored or n.input[0] in alias:
+                alias[n.output[0]] = alias.get(n.input[0], n.input[0])
+    if not alias:
+        return []
+    for node in graph.node:
+        for i, value in enumerate(node.input):
+            if value in alias:
+                node.input[i] = alias[value]
+    left = [n for n in graph.node if not (n.op_type == "Identity" and n.output[0] in alias)]
+    del graph.node[:]
+    graph.node.extend(left)
+    return sorted(set(alias.values()))

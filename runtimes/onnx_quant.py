@@ -8,19 +8,66 @@ on a grid its kernels do not use. :func:`check_quant_readers` refuses such a fil
 one :func:`exporters.quantize_onnx` records (``DequantizeLinear`` with that scale, zero point and axis, unblocked;
 ``MatMulInteger``/``ConvInteger`` reading it as B with that zero point, the scale multiplied in after; a ``Gather``
 whose rows only such a ``DequantizeLinear`` reads), or one that reads only its shape.
+
+:func:`refuse_quantized_after_import` is the graph-only part of a load's check that ``edge inspect`` (and every
+``read_model_info``) runs too: a file ``edge import-onnx`` wrote (which refuses quantized graphs) whose graph now has
+quantized weights (an integer op other than Q/DQ, or a ``DequantizeLinear`` of stored integers) and whose metadata
+records no integer target was quantized afterwards by another tool. A load refuses it on its weights' fingerprint;
+without this, ``edge inspect`` described such a file (4-bit ``MatMulNBits`` keeping a weight's float copy for a
+second reader) as loadable. Q/DQ pairs on activations only change no weight: such a file loads and is described.
 """
 
 from __future__ import annotations
 
 from edge.errors import FormatError
 from edge.format.modelinfo import ModelInfo, TensorInfo
-from edge.format.onnx_graph import consumers, subgraph_reads
+from edge.format.onnx_graph import consumers, quantized_ops, subgraph_reads
 
-__all__ = ["check_quant_readers"]
+__all__ = ["check_quant_readers", "refuse_quantized_after_import"]
 
 _SHAPE_ONLY = ("Shape", "Size")  # read a tensor's shape, never its values
 #: onnxruntime's fusions of a quantized graph (SessionOptions.optimized_model_filepath saves them)
 _FUSED = ("DynamicQuantizeMatMul", "MatMulIntegerToFloat", "QGemm", "QLinearMatMul", "QLinearConv", "QAttention")
+
+
+def refuse_quantized_after_import(graph, info: ModelInfo) -> None:
+    """Raise :class:`FormatError` if ``info`` is an imported float model's (no ``edge quantize`` twin: those may
+    keep every target float, ``AddQDQPairToWeight``) and ``graph`` holds quantized weights: an integer op other than
+    a Q/DQ pair (``MatMulNBits``, ``MatMulInteger``, ``QLinearConv``, ...) or a ``DequantizeLinear`` of a stored
+    tensor. Q/DQ pairs on activations only leave every weight float: such a file loads, and is described."""
+    if "imported" not in info.extra or "quantization" in info.extra:
+        return
+    found = set(quantized_ops(graph)) - _ACTIVATION_QDQ
+    if weights := _dequantized_weights(graph):
+        found.add(f"DequantizeLinear of stored integers ({', '.join(weights[:3])})")
+    if found:
+        raise FormatError(
+            f"model {info.name!r} was made adapter-ready by `edge import-onnx`, but its graph has "
+            f"{', '.join(sorted(found))}: it was quantized after export by another tool, which records no grids for "
+            "adapters; quantize the imported float model with `edge quantize` (exporters.quantize_onnx) instead"
+        )
+
+
+#: quantized ops that may act on activations alone (a Q/DQ pair a tool put on a float model's activations)
+_ACTIVATION_QDQ = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"}
+
+
+def _dequantized_weights(graph) -> list[str]:
+    """Stored tensors (initializers, ``Constant`` outputs) that a ``DequantizeLinear`` of ``graph`` or of its
+    If/Loop/Scan bodies reads as its integers."""
+    import onnx
+
+    graphs, nodes, stored = [graph], [], set()
+    while graphs:
+        g = graphs.pop()
+        stored.update(t.name for t in g.initializer)
+        for node in g.node:
+            nodes.append(node)
+            if node.op_type == "Constant":
+                stored.update(node.output)
+            for attr in node.attribute:
+                graphs.extend([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs))
+    return sorted({n.input[0] for n in nodes if n.op_type == "DequantizeLinear" and n.input and n.input[0] in stored})
 
 
 def check_quant_readers(proto, info: ModelInfo) -> None:

@@ -67,6 +67,7 @@ from runtimes.onnx_file import (
     verify_fingerprint,
     writable_dtypes,
 )
+from runtimes.onnx_quant import refuse_quantized_after_import
 from runtimes.ort_footprint import OrtParts, ort_parts
 from runtimes.ort_providers import ORT_PROVIDERS
 from runtimes.ort_session import OrtSessions, asked_cpu_arena
@@ -101,6 +102,7 @@ class OrtBackend(OrtSessions, ArenaBackend):
         with model_buffer(path) as (buf, _):
             proto, inits = parse_graph(buf)
             info = onnx_info(proto)
+            refuse_quantized_after_import(proto.graph, info)  # a load refuses it on its weights' fingerprint
             # the file's records of its writable tensors checked as a load checks them (nothing allocated): a file
             # whose dims or data types lie is refused here too, not described as loadable (`edge inspect`, engines)
             writable_dtypes(inits, *_writable(info))

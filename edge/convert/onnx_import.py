@@ -283,6 +283,8 @@ def _find_weights(graph, arrays: Mapping[str, np.ndarray]):
             value = producer[value].input[0]
         if value in arrays and floating(arrays[value].dtype) and arrays[value].dtype != np.float32:
             skipped.setdefault(value, f"stored as {arrays[value].dtype} (only float32 weights are adapted)")
+        elif value in arrays and arrays[value].dtype in (np.int8, np.uint8) and any(c.op_type == "Cast" for c in chain):
+            skipped.setdefault(value, f"stored as {arrays[value].dtype}, cast to float with no scale (not adapted)")
         if value not in arrays or arrays[value].dtype != np.float32 or arrays[value].size < 2:
             continue
         try:
