@@ -84,13 +84,7 @@ class ShiraHead(Method):
         if not self.counts.any():  # first update: the head's bias, read off the model's own outputs
             if logits is None:
                 raise ConfigError("the first shira-head update needs the model's logits to recover the head bias")
-            resid = logits.astype(np.float64) - f_new.astype(np.float64) @ w0.T
-            bias = resid.mean(0)
-            if np.abs(resid - bias).max() > 1e-3 * max(1.0, float(np.abs(logits).max())):
-                raise ConfigError(
-                    f"shira-head needs logits = features @ {self.ctx.head_name}^T + bias, but this model's "
-                    "logits are not that; use ncm, slda or ranpac"
-                )
+            bias = _head_bias(logits.astype(np.float64), f_new.astype(np.float64) @ w0.T, self.ctx.head_name)
         f = np.concatenate([f_new, self.tensors["replay_features"]]).astype(np.float64)
         y_new, y = y, np.concatenate([y, self.tensors["replay_labels"]])
         onehot = np.eye(w0.shape[0])[y]
@@ -148,6 +142,40 @@ class ShiraHead(Method):
         if self._cache is None:
             self._cache = self.merged_weight()
         return f.astype(np.float32, copy=False) @ self._cache.T + self.tensors["bias"]
+
+
+def _head_bias(out: np.ndarray, scores: np.ndarray, head: str) -> np.ndarray:
+    """The head's bias from the model's output ``out`` and ``scores = f W^T``: ``out = scores + b``, or its Softmax or
+    LogSoftmax (a model that serves probabilities: the bias up to a constant, which they do not see). The output's
+    kind is decided first, from every row (one row fits a bias of any kind exactly); a row whose probabilities
+    underflowed to 0 (a confident input) tells nothing of the bias and is left out."""
+    lse = np.log(np.exp(out - out.max(1, keepdims=True)).sum(1)) + out.max(1)
+    if np.abs(lse).max() < 1e-4:  # log-probabilities: out = z - logsumexp(z)
+        logp, kind = out, "LogSoftmax"
+    elif out.min() >= 0 and np.abs(out.sum(1) - 1).max() < 1e-4:  # probabilities: out = softmax(z)
+        rows = (out > 1e-30).all(1)
+        if not rows.any():
+            raise ConfigError(
+                "shira-head reads the head's bias off the model's probabilities, but every sample's underflowed to 0 "
+                "for some class (confident inputs); give samples the model is less sure of, or use ncm, slda or ranpac"
+            )
+        logp, scores, kind = np.log(out[rows]), scores[rows], "Softmax"
+    else:
+        logp, kind = None, "logits"
+    if logp is None:
+        resid = out - scores
+        tol = 1e-3 * max(1.0, float(np.abs(out).max()))
+    else:  # z - logsumexp(z) - scores = b - logsumexp(z): centred per row, b - mean(b)
+        resid = logp - scores
+        resid -= resid.mean(1, keepdims=True)
+        tol = 1e-3 * max(1.0, float(np.abs(logp).max()))
+    bias = resid.mean(0)
+    if np.abs(resid - bias).max() > tol:
+        raise ConfigError(
+            f"shira-head needs logits = features @ {head}^T + bias (or their Softmax or LogSoftmax), but this model's "
+            f"outputs (read as {kind}) are not that; use ncm, slda or ranpac"
+        )
+    return bias
 
 
 # -- the head a shira-head update trains ------------------------------------------------------------------------

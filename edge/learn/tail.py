@@ -5,13 +5,15 @@ the classifier weight and the last linear layer before it (``MatMul``, ``Gemm`` 
 1x1 ``Conv``, 1-D or 2-D), with the ops between them, everything else frozen. :func:`find_tail` walks
 back from the logits output:
 
-* after the classifier: its bias ``Add`` and shape-only ops (and a final ``Softmax`` or ``LogSoftmax`` over
-  the classes: the tail ends at the scores it normalises);
+* after the classifier: its bias ``Add`` and shape-only ops; after a 1x1-conv classifier over a feature map
+  (SqueezeNet's), also ``Relu``/``Clip`` and the mean pooling to one score per class (and a final ``Softmax`` or
+  ``LogSoftmax`` over the classes: the tail ends at the scores it normalises, so it is never applied twice);
 * the classifier: a ``MatMul``/``Gemm``/1x1 ``Conv`` reading one of the model's parameters
   (:class:`~edge.format.modelinfo.ModelInfo` tensors);
 * between the last linear and the classifier (:data:`SUPPORTED`): ``Add`` (a bias, or a
   residual: the branch read by other nodes too is the skip, a frozen input of the tail),
-  ``Relu``, ``Gelu`` (also written out in ``Div``/``Erf``/``Add``/``Mul``, as torch exports it below
+  ``Relu``, ``Clip`` with constant bounds (ReLU6, hardtanh), ``Tanh`` (a pooler), ``Gelu`` (also written out in
+  ``Div``/``Erf``/``Add``/``Mul``, as torch exports it below
   opset 20: :mod:`edge.learn.graph_patterns`), ``LayerNormalization``, ``BatchNormalization`` (inference),
   ``ReduceMean`` and ``GlobalAveragePool`` (mean pooling), ``Reshape`` (to a constant shape, or to ``[batch, k]``
   with the batch read from ``Shape`` at run time, as torch writes ``flatten(1)`` of a dynamic batch:
@@ -57,10 +59,12 @@ from edge.learn.tail_ops import Linear, Op, reshape
 __all__ = ["SUPPORTED", "TAIL_SPACE", "Linear", "Tail", "find_tail", "remember"]
 
 SUPPORTED = (
-    "MatMul Gemm Conv(1x1) Add Relu Gelu LayerNormalization BatchNormalization ReduceMean GlobalAveragePool "
+    "MatMul Gemm Conv(1x1) Add Relu Clip Tanh Gelu LayerNormalization BatchNormalization ReduceMean GlobalAveragePool "
     "Reshape Flatten Squeeze Unsqueeze Identity".split()
 )
 _SHAPE = ("Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity")
+# after the classifier: its bias, reshapes, and (a 1x1-conv classifier over a map) an activation and the mean pooling
+_POST = ("bias", "identity", "reshape", "flatten", "squeeze", "unsqueeze", "relu", "clip", "mean")
 
 
 # -- the tail -----------------------------------------------------------------------------------------
@@ -101,7 +105,14 @@ class Tail:
         """``(output of steps[stop - 1], saved per step)`` from ``x``, the input of ``steps[start]``."""
         saved = []
         for step in self.steps[start:stop]:
-            x, s = step.forward(x, side, weights)
+            try:
+                x, s = step.forward(x, side, weights)
+            except ValueError as e:  # numpy's reshape or broadcast of a shape the walk misread: never a bare error
+                where = f"{step.kind} node {step.node!r}" if isinstance(step, Op) else f"the layer of {step.param!r}"
+                raise ConfigError(
+                    f"the device trainer's tail cannot run {where} on a tensor of shape {list(x.shape)} ({e}); train "
+                    "only what the runtime serves: ncm, slda or ranpac over taps (edge update --taps auto)"
+                ) from e
             saved.append(s)
         return x, saved
 
@@ -144,6 +155,9 @@ def find_tail(proto, info) -> Tail:
                 consts[n.output[0]] = reshape(kind, c, consts[n.input[0]])
     params = {t.initializer: p for p, t in info.tensors.items()}
     batch_dim = LeadingDims(proto)
+    inits = {i.name for i in g.initializer}
+    dims = {batch_dim(i.name) for i in g.input if i.name not in inits}
+    fixed = next(iter(dims)) if len(dims) == 1 and isinstance(next(iter(dims)), int) else None  # the file's batch
     producer = {o: n for n in g.node for o in n.output}
     consumers: dict[str, int] = {}
     for n in g.node:
@@ -223,6 +237,18 @@ def find_tail(proto, info) -> Tail:
             return Op("residual", n.name, {"tensor": y if single[0] == x else x}), single[0]
         if op == "Relu":
             return Op("relu", n.name), first
+        if op == "Tanh":  # a pooler (BERT's: Dense then tanh) between the last linear and the classifier
+            return Op("tanh", n.name), first
+        if op == "Clip":  # ReLU6 (MobileNet), hardtanh: bounds from attributes below opset 11, else constant inputs
+            bounds = [a.get("min", -math.inf), a.get("max", math.inf)]
+            for k, i in enumerate(n.input[1:3]):
+                if i and i not in consts:
+                    return f"{name(n)} (its bounds are not constants)", first
+                if i:
+                    bounds[k] = float(np.asarray(consts[i]).reshape(-1)[0]) if consts[i].size == 1 else math.nan
+            if any(math.isnan(b) for b in bounds):
+                return f"{name(n)} (its bounds are not scalars)", first
+            return Op("clip", n.name, {"lo": bounds[0], "hi": bounds[1]}), first
         if op == "Gelu":
             return Op("gelu", n.name, {"tanh": a.get("approximate", "none") == "tanh"}), first
         if op == "Mul" and (x := erf_gelu_input(n, producer, consts)) is not None:  # GELU below opset 20
@@ -258,6 +284,8 @@ def find_tail(proto, info) -> Tail:
                 if n.input[1] not in consts:
                     return f"{name(n)} (shape or axes not constant, nor a flatten to [batch, k])", first
                 c["shape" if op == "Reshape" else "axes"] = [int(v) for v in consts[n.input[1]]]
+                if op == "Reshape" and fixed and c["shape"][:1] == [fixed] and -1 not in c["shape"][1:]:
+                    c["shape"][0] = -1  # a file that fixes its batch: its rows (the trainer runs them all at once)
             if op == "Unsqueeze" and c["axes"] is None:
                 return f"{name(n)} (no axes)", first
             return Op(op.lower(), n.name, c), first
@@ -274,10 +302,11 @@ def find_tail(proto, info) -> Tail:
             classifier, cls_in = lin, n.input[0]
             break
         s, t = step(n) if lin is None else (lin, None)
-        if isinstance(s, str) or s.kind not in ("bias", "identity", "reshape", "flatten", "squeeze", "unsqueeze"):
+        if isinstance(s, str) or s.kind not in _POST:
             raise ConfigError(
                 f"{where}: the output {logits!r} is computed by {s if isinstance(s, str) else name(n)}, not by a "
-                "linear classifier (MatMul, Gemm or 1x1 Conv on a model parameter) followed by a bias or reshapes"
+                "linear classifier (MatMul, Gemm or 1x1 Conv on a model parameter) followed by a bias, reshapes, "
+                "Relu/Clip or mean pooling (a 1x1-conv classifier pooled over the map, as SqueezeNet's)"
             )
         post.insert(0, s)
     # between the last linear layer and the classifier

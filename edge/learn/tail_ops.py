@@ -1,7 +1,8 @@
 """The steps of a device trainer's tail (:mod:`edge.learn.tail`): each a numpy forward and backward.
 
 :class:`Linear` is a trainable layer (``y = x @ M + b`` on the channel axis); :class:`Op` a parameter-free op
-(bias, residual, ReLU, GELU, inference BatchNormalization, LayerNormalization, mean pooling, reshapes), in float64
+(bias, residual, ReLU, ReLU6 and other constant-bound ``Clip``, ``Tanh`` (a pooler), GELU, inference
+BatchNormalization, LayerNormalization, mean pooling, reshapes), in float64
 or the dtype of ``astype``. :func:`reshape` applies a shape-only op (also to the graph's constants).
 """
 
@@ -74,6 +75,12 @@ class Op:
             return x + side[c["tensor"]], None
         if k == "relu":
             return np.maximum(x, 0.0), x > 0
+        if k == "clip":  # ReLU6, hardtanh: the gradient passes strictly inside the bounds, as torch's
+            lo, hi = c["lo"], c["hi"]
+            return np.clip(x, lo, hi).astype(x.dtype, copy=False), (x > lo) & (x < hi)
+        if k == "tanh":
+            y = np.tanh(x)
+            return y, y
         if k == "gelu":
             return (x * _gelu_cdf(x, c["tanh"])).astype(x.dtype, copy=False), x
         if k == "affine":  # BatchNormalization at inference: per channel (axis 1)
@@ -94,8 +101,10 @@ class Op:
         k, c = self.kind, self.c
         if k in ("bias", "residual"):
             return dy
-        if k == "relu":
+        if k in ("relu", "clip"):
             return dy * saved
+        if k == "tanh":
+            return dy * (1.0 - saved * saved)
         if k == "gelu":
             x = saved
             if c["tanh"]:  # 0.5 x (1 + tanh(k (x + 0.044715 x^3)))

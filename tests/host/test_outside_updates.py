@@ -211,7 +211,8 @@ def _blobs(n: int, seed: int, shift: float = 0.0):
 
 
 @pytest.mark.parametrize(
-    "act,op", [(nn.SiLU(), "Mul"), (nn.Sigmoid(), "Sigmoid"), (nn.LeakyReLU(0.1), "LeakyRelu"), (nn.Tanh(), "Tanh")]
+    "act,op",
+    [(nn.SiLU(), "Mul"), (nn.Sigmoid(), "Sigmoid"), (nn.LeakyReLU(0.1), "LeakyRelu")],  # Tanh: a pooler
 )
 def test_an_activation_outside_the_set_is_named_and_the_head_still_trains(tmp_path, act, op):
     torch.manual_seed(0)
@@ -305,8 +306,8 @@ def _tokens(n: int, seed: int):
 @pytest.mark.parametrize(
     "kind,params,stop",
     [
-        ("bert", ("classifier.weight",), "Tanh"),  # the pooler's dense + Tanh: only the classifier trains
-        ("roberta", ("classifier.out_proj.weight",), "Tanh"),
+        ("bert", ("bert.pooler.dense.weight", "classifier.weight"), None),  # through the pooler's Tanh
+        ("roberta", ("classifier.dense.weight", "classifier.out_proj.weight"), None),
         ("distilbert", ("pre_classifier.weight", "classifier.weight"), None),
         ("electra", ("classifier.dense.weight", "classifier.out_proj.weight"), None),
     ],
