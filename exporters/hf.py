@@ -32,11 +32,11 @@ from pathlib import Path
 
 import torch
 
-from edge.errors import ConfigError, FormatError, RegistryError
+from edge.errors import ConfigError, ExportValidationError, FormatError, RegistryError
 from edge.format.io import atomic_write_bytes, load_json, read_bounded
 from edge.format.modelinfo import ModelInfo
 from exporters.hf_audio import AUDIO_INPUTS, audio_example
-from exporters.hf_checks import check_settings, check_weights, load_checkpoint
+from exporters.hf_checks import check_seq_len, check_settings, check_weights, image_side, load_checkpoint
 from exporters.hf_pool import check_encoder, check_tokens
 from exporters.hf_settings import sentence_transformers_settings
 from exporters.lora_slots import add_lora_slots, lora_slot_names
@@ -144,7 +144,7 @@ class PooledEncoder(torch.nn.Module):
                 )
             out = pooled.flatten(1)
             return (torch.nn.functional.normalize(out, p=2, dim=-1) if self.normalize else out,)
-        hidden = outputs.last_hidden_state
+        hidden = getattr(outputs, "last_hidden_state", None)
         check_tokens(type(getattr(self, self.prefix)).__name__, self.pooling, hidden, mask, outputs)
         if self.pooling == "cls":
             out = hidden[:, 0]
@@ -162,11 +162,9 @@ class TextEncoder(PooledEncoder):
     modality = "text"
     input_names = _TEXT_INPUTS
 
-    def forward(self, input_ids, attention_mask, token_type_ids=None):
-        kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
-        if token_type_ids is not None:
-            kwargs["token_type_ids"] = token_type_ids
-        return self._pool(getattr(self, self.prefix)(**kwargs), attention_mask)
+    def forward(self, input_ids, second=None, third=None):  # input_names' order: FNet's second is token_type_ids
+        kwargs = dict(zip(self.input_names, (input_ids, second, third)[: len(self.input_names)], strict=True))
+        return self._pool(getattr(self, self.prefix)(**kwargs), kwargs.get("attention_mask"))
 
 
 class VisionEncoder(PooledEncoder):
@@ -308,7 +306,7 @@ def export_hf_encoder(
         info["lora_slots"] = {"rank": int(lora_rank), "targets": list(lora_slots)}
     dynamic_axes = None
     if encoder.modality == "text":
-        _check_seq_len(model, seq_len)
+        check_seq_len(model, seq_len, _PADDED_POSITIONS)
         batch = 2 if file_format == "onnx" else 1  # with 1, torch.export specialises some batches (Funnel) to 1
         examples = _text_examples(model, encoder.input_names, seq_len, tokenizer, batch)
         info["seq_len"] = None if dynamic_seq else int(seq_len)
@@ -321,7 +319,7 @@ def export_hf_encoder(
         example, shape = audio_example(model, encoder.input_names[0], audio_length)
         examples, info = (example,), {**info, **shape}
     else:
-        side = int(image_size or getattr(model.config, "image_size", 224))
+        side = image_side(model, image_size)
         channels = int(getattr(model.config, "num_channels", 3))
         # batch 2: with a batch of 1, torch.export guards some models (ConvNeXt) into an empty batch range
         examples = (torch.randn(2, channels, side, side, generator=torch.Generator().manual_seed(0)),)
@@ -331,17 +329,18 @@ def export_hf_encoder(
         kwargs["dynamic_axes"] = dynamic_axes
     if file_format == "onnx":
         kwargs["opset"] = ATTENTION[attention][1]
-    result = _EXPORTERS[file_format]()(
-        encoder,
-        examples,
-        path,
-        input_names=encoder.input_names,
-        output_names=("embeddings",),
-        name=name,
-        extra={**info, **(extra or {})},
-        slots=slots,
-        **kwargs,
-    )
+    try:
+        result = _EXPORTERS[file_format]()(
+            encoder, examples, path, input_names=encoder.input_names, output_names=("embeddings",), name=name,
+            extra={**info, **(extra or {})}, slots=slots, **kwargs,
+        )  # fmt: skip
+    except ExportValidationError as e:  # onnxruntime's fused Attention kernel refusing the graph (LayoutLM)
+        if attention != "fused" or "Attention node" not in str(e):
+            raise
+        raise ExportValidationError(
+            f"{e} It failed in onnxruntime's fused Attention kernel (attention='fused', the default for text): "
+            "pass attention='decomposed' (edge export --attention decomposed)"
+        ) from e
     if tokenizer is not None and encoder.modality == "text":
         atomic_write_bytes(path.with_name(info["tokenizer"]), Path(tokenizer).read_bytes())
     return result
@@ -366,7 +365,9 @@ def _set_attention(model: torch.nn.Module, attention: str, explicit: bool) -> st
     when ``fused`` was asked for, and exported ``decomposed`` when it was only the default.
     """
     impl = ATTENTION[attention][0]
-    if _attn_running(model) != impl and hasattr(model, "set_attn_implementation"):
+    # a model without transformers' AttentionInterface only warns (a line on stderr under -q) and keeps its own
+    can_set = getattr(model, "_can_set_attn_implementation", lambda: hasattr(model, "set_attn_implementation"))
+    if _attn_running(model) != impl and can_set():
         try:
             model.set_attn_implementation(impl)
         except (ValueError, ImportError) as e:
@@ -412,20 +413,6 @@ class _NoPooler(torch.nn.Module):
         return hidden[..., :0]
 
 
-def _check_seq_len(model: torch.nn.Module, seq_len: int) -> None:
-    config = model.config
-    limit = getattr(config, "max_position_embeddings", None)
-    if limit is None:
-        return
-    if getattr(config, "model_type", None) in _PADDED_POSITIONS:
-        limit -= int(getattr(config, "pad_token_id", 1) or 0) + 1
-    if seq_len > limit:
-        raise ConfigError(
-            f"seq_len {seq_len} is longer than {getattr(config, 'model_type', type(model).__name__)}'s "
-            f"{limit} positions (max_position_embeddings {config.max_position_embeddings}); use seq_len <= {limit}"
-        )
-
-
 def _tflite_exporter():
     from exporters.tflite import export_tflite
 
@@ -445,9 +432,16 @@ def _text_examples(model, input_names, seq_len: int, tokenizer, batch: int) -> t
         from edge.text import Tokenizer
 
         arrays = Tokenizer.from_file(tokenizer, seq_len=seq_len).encode([_EXAMPLE_TEXT, _EXAMPLE_TEXT[:20]][:batch])
+        vocab = getattr(model.config, "vocab_size", None)
+        if vocab and int(arrays["input_ids"].max()) >= int(vocab):  # another model's tokenizer
+            raise ConfigError(
+                f"tokenizer {tokenizer} gives ids up to {int(arrays['input_ids'].max())}, beyond the model's "
+                f"vocab_size {vocab}: it is another model's; pass the tokenizer.json saved with this model"
+            )
         return tuple(torch.from_numpy(arrays[n]) for n in input_names)
     gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(1, int(model.config.vocab_size), (batch, seq_len), generator=gen)
+    vocab = getattr(model.config, "vocab_size", None) or 256  # no vocabulary (Canine reads code points): bytes
+    ids = torch.randint(1, int(vocab), (batch, seq_len), generator=gen)
     mask = torch.ones(batch, seq_len, dtype=torch.int64)
     mask[0, seq_len - seq_len // 4 :] = 0  # some padding, so masked pooling is exercised
     arrays = {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids)}

@@ -15,16 +15,18 @@ Host side: imports torch.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import numbers
 from pathlib import Path
 
 import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
-from edge.errors import ConfigError, FormatError
+from edge.errors import ConfigError, EdgeError, FormatError
 
-__all__ = ["SETTINGS", "load_checkpoint", "check_weights", "check_settings"]
+__all__ = ["SETTINGS", "load_checkpoint", "check_weights", "check_settings", "check_seq_len", "image_side"]
 
 log = logging.getLogger(__name__)
 
@@ -126,10 +128,11 @@ class _Reads(TorchFunctionMode):
 def check_weights(encoder: torch.nn.Module, examples: tuple, unloaded, source: object) -> None:
     """Refuse (:class:`FormatError`) when ``encoder(*examples)`` reads a weight of ``unloaded``
     (:func:`load_checkpoint`): the export would hold random values for it."""
+    reads = _Reads()
+    with torch.no_grad(), reads if unloaded else contextlib.nullcontext():
+        _probe(encoder, examples)
     if not unloaded:
         return
-    with torch.no_grad(), _Reads() as reads:
-        encoder(*examples)
     read = reads.storages - {0}
     used = [(n, why) for n, t, why in unloaded if t.untyped_storage().data_ptr() in read]
     unused = [n for n, t, _ in unloaded if t.untyped_storage().data_ptr() not in read]
@@ -142,6 +145,73 @@ def check_weights(encoder: torch.nn.Module, examples: tuple, unloaded, source: o
             f"there in another shape, so they would be exported random: {shown}. Give the complete checkpoint "
             "of this architecture (config.json with the weights save_pretrained wrote beside it, named as the "
             "config's model class names them)"
+        )
+
+
+#: the setting (and ``edge export`` flag) that sizes each kind's example inputs
+_SIZES = {
+    "text": "seq_len (--seq-len)",
+    "vision": "image_size (--image-size)",
+    "audio": "audio_length (--audio-length)",
+}
+
+
+def _probe(encoder: torch.nn.Module, examples: tuple) -> None:
+    """Run ``encoder`` once on the example inputs: a model that fails on them (it needs inputs the exporter does not
+    give, such as a layout model's ``bbox`` or a two-tower model's other tower, or the inputs are too small for it)
+    is a :class:`ConfigError` saying which inputs were given and what to do, not the library's traceback later."""
+    try:
+        encoder(*examples)
+    except (EdgeError, MemoryError, RecursionError, torch.OutOfMemoryError):  # not the inputs' fault
+        raise
+    except Exception as e:  # noqa: BLE001 -- any library error here is the model refusing the inputs it was given
+        backbone = getattr(encoder, getattr(encoder, "prefix", ""), encoder)
+        what = f"{type(backbone).__name__} ({getattr(getattr(backbone, 'config', None), 'model_type', '?')})"
+        given = ", ".join(f"{n} {list(t.shape)}" for n, t in zip(encoder.input_names, examples, strict=False))
+        raise ConfigError(
+            f"{what} fails on the {encoder.modality} inputs export_hf_encoder gives it ({given}): "
+            f"{type(e).__name__}: {' '.join(str(e).split())[:200]}. If it needs other inputs (a layout model's bbox, "
+            "a two-tower model's other tower), wrap it in a torch module that takes what it needs and export that with "
+            f"exporters.export_onnx; if the inputs are too small for it, pass a larger {_SIZES[encoder.modality]}"
+        ) from e
+
+
+def image_side(model: torch.nn.Module, image_size: int | None) -> int:
+    """The square example image's side: ``image_size`` given, else the config's (an int, or a square pair as Hiera's
+    ``[224, 224]``), else 224. A config of another shape is refused: the export takes square images."""
+    side = image_size or getattr(model.config, "image_size", None) or 224
+    if isinstance(side, (list, tuple)) and len(side) == 2 and side[0] == side[1]:
+        side = side[0]
+    if isinstance(side, bool) or not isinstance(side, numbers.Integral):
+        raise ConfigError(
+            f"{type(model).__name__}'s config.image_size is {side!r}, not a square side: export_hf_encoder exports "
+            "square images; pass image_size= (edge export --image-size N) if the model takes them, else wrap it and "
+            "export it with exporters.export_onnx"
+        )
+    return int(side)
+
+
+def check_seq_len(model: torch.nn.Module, seq_len: int, padded: tuple[str, ...] = ()) -> None:
+    """Refuse ``seq_len`` beyond ``model``'s position table. Models whose position ids start after the padding index
+    (RoBERTa's ``create_position_ids_from_input_ids``: ``padded`` model types, or any whose position embedding has a
+    ``padding_idx``, as Data2Vec-text's and XLM-R-XL's) have that many positions fewer."""
+    config = model.config
+    limit = getattr(config, "max_position_embeddings", None)
+    if limit is None:
+        return
+    offsets = [
+        m.padding_idx + 1
+        for n, m in model.named_modules()
+        if n.endswith("position_embeddings") and isinstance(getattr(m, "padding_idx", None), int)  # I-BERT's too
+    ]
+    if getattr(config, "model_type", None) in padded:
+        offsets.append(int(getattr(config, "pad_token_id", 1) or 0) + 1)
+    limit -= max(offsets, default=0)
+    if seq_len > limit:
+        raise ConfigError(
+            f"seq_len {seq_len} is longer than {getattr(config, 'model_type', type(model).__name__)}'s "
+            f"{limit} positions (max_position_embeddings {config.max_position_embeddings}); use seq_len <= {limit} "
+            f"(edge export --seq-len {limit})"
         )
 
 

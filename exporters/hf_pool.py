@@ -16,6 +16,17 @@ def check_tokens(model: str, pooling: str, hidden: torch.Tensor, mask: torch.Ten
     pooled output, else a wrapper of the user's own); masked ``mean`` needs one row per input token (FunnelBaseModel
     pools its sequence to fewer tokens than the attention mask has: weighing them by it would fail or mislead).
     """
+    if hidden is None and isinstance(outputs, tuple):  # config.return_dict False, or torchscript True
+        raise ConfigError(
+            f"{model} returns a tuple, not transformers' model output (its config sets return_dict=False or "
+            "torchscript=True): set return_dict=True and torchscript=False in its config.json and export again"
+        )
+    if hidden is None:  # a backbone (HGNetV2Backbone): feature maps only
+        raise ConfigError(
+            f"{model} returns {type(outputs).__name__} without a last_hidden_state (a backbone's feature maps), which "
+            f"pooling {pooling!r} needs: wrap it in a torch module that pools the map you want and export that with "
+            "exporters.export_onnx (README 'Your own model')"
+        )
     if pooling == "none":
         return
     if hidden.dim() != 3:

@@ -53,7 +53,7 @@ def _valid(name: str) -> bool:
 
 def _digest(a: np.ndarray) -> tuple:
     a = np.ascontiguousarray(a, dtype=np.float32)
-    return tuple(a.shape), hashlib.sha256(memoryview(a).cast("B")).hexdigest()
+    return tuple(a.shape), hashlib.sha256(memoryview(a).cast("B") if a.size else b"").hexdigest()
 
 
 def name_by_value(found, arrays, params: Mapping[str, np.ndarray]):
