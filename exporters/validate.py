@@ -9,6 +9,7 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
+from edge.convert.onnx_source import PROTOBUF_LIMIT
 from edge.errors import ConfigError
 
 __all__ = ["check_arguments", "compare", "flatten_outputs", "second_batch", "with_source"]
@@ -46,6 +47,13 @@ def check_arguments(model, example_inputs, input_names, output_names, dynamic_ax
         json.dumps(dict(extra or {}))
     except (TypeError, ValueError) as e:
         raise ConfigError(f"extra must be a JSON-serialisable mapping (stored as file metadata): {e}") from e
+    state = {t.data_ptr(): t.numel() * t.element_size() for t in model.state_dict().values() if t.numel()}
+    if sum(state.values()) > PROTOBUF_LIMIT:  # one tensor shared by two names counts once
+        raise ConfigError(
+            f"{type(model).__name__} holds {sum(state.values()):,} bytes of weights, over protobuf's 2 GB limit on "
+            "one ONNX file; an adapter-ready file holds its weights inline (the device runtime reads no external "
+            "data), so models this large are not supported: export a smaller model"
+        )
     with torch.no_grad():
         n_out = len(flatten_outputs(model(*example_inputs)))
     if n_out != len(output_names):

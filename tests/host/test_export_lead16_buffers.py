@@ -26,7 +26,8 @@ from exporters.hf_checks import load_checkpoint  # noqa: E402
 ESM = dict(vocab_size=33, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
 
 
-def test_a_buffer_the_model_computes_may_be_missing_from_the_checkpoint(tmp_path):
+def esm_without_inv_freq(tmp_path):
+    """ESM with rotary embeddings saved whole (``full``) and without its ``inv_freq`` buffer (``part``)."""
     torch.manual_seed(0)
     cfg = T.EsmConfig(**ESM, position_embedding_type="rotary", pad_token_id=1, mask_token_id=32)
     T.EsmModel(cfg).save_pretrained(tmp_path / "full")
@@ -38,6 +39,16 @@ def test_a_buffer_the_model_computes_may_be_missing_from_the_checkpoint(tmp_path
     save_file(kept, tmp_path / "part" / "model.safetensors", metadata={"format": "pt"})
     model, report = load_checkpoint(T.AutoModel, tmp_path / "part")
     assert report["unloaded"] == []  # reported missing by transformers, computed by the model: not unloaded
+    return tmp_path
+
+
+def test_a_buffer_the_model_computes_is_not_counted_as_missing(tmp_path):
+    esm_without_inv_freq(tmp_path)
+
+
+@pytest.mark.slow  # two exports, 10-25 s
+def test_a_checkpoint_without_a_computed_buffer_exports_the_same_model(tmp_path):
+    esm_without_inv_freq(tmp_path)
     info = export_hf_encoder(tmp_path / "part", tmp_path / "m.onnx", pooling="mean", seq_len=8, progress=False)
     assert (tmp_path / "m.onnx").is_file() and info.name
     full = export_hf_encoder(tmp_path / "full", tmp_path / "f.onnx", pooling="mean", seq_len=8, progress=False)

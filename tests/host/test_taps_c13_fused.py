@@ -180,6 +180,7 @@ def test_shape_inference_leaves_no_files_in_the_working_folder(tmp_path, monkeyp
     assert sorted(p.name for p in work.iterdir()) == []
 
 
+@pytest.mark.slow  # 18-45 s for one MobileViT export; test_hf_matrix's MobileViT taps (slow too) check the same pass
 def test_auto_on_mobilevit_passes_over_its_folded_tokens_and_says_which_set_it_took(tmp_path, caplog):
     from test_hf_families import FAMILIES, build
 
