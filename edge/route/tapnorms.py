@@ -54,7 +54,18 @@ def norms(model) -> list[tuple[str, str]]:
     for n in model.graph.node:  # the transposes around a residual Add: ConvNeXt's sum is then channels-last)
         if n.op_type == "Transpose" and len(_perm(n)) == 4 or n.op_type in _LAST_OPS and last.intersection(n.input):
             last.update(n.output)
-    return [(i, o) for i, o in found if i not in last]
+    stored = _stored_values(model)  # a norm of a stored table (DeBERTa-v2's, SEW-D's rel_embeddings) is no token's
+    return [(i, o) for i, o in found if i not in last and i not in stored]
+
+
+def _stored_values(model) -> set[str]:
+    """The main graph's stored tensors and what it computes from them alone (in graph order): the same for every
+    input. A name no node computes (an optional output an optimizer dropped) is not among them."""
+    stored = {t.name for t in model.graph.initializer}
+    for n in model.graph.node:
+        if all(i in stored for i in n.input if i):  # a Constant node has no inputs: its output is stored
+            stored.update(n.output)
+    return stored
 
 
 def _affine(out: str, users: dict, ops: Sequence[str]) -> str:

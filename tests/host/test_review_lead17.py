@@ -175,3 +175,32 @@ def test_hf_export_names_the_cause_not_the_example_size(tmp_path):
     with pytest.raises(torch.OutOfMemoryError):
         export_hf_encoder(model, tmp_path / "c.onnx", seq_len=16, progress=False)
     assert not any(tmp_path.iterdir())
+
+
+def test_deberta_v3s_norm_of_its_relative_position_table_is_no_tap(tmp_path):
+    """DeBERTa-v2/v3 (and SEW-D) layer-norm their stored relative-position table (``norm_rel_ebd``): that norm was
+    taken as a token norm, so ``auto`` and ``attn`` taps were refused ("a stored weight, not an activation")."""
+    T = pytest.importorskip("transformers")
+    torch = pytest.importorskip("torch")
+    import onnxruntime as ort
+
+    from edge.route.taps import FEATURES, tap_model
+    from exporters.hf import export_hf_encoder
+
+    torch.manual_seed(0)
+    cfg = T.DebertaV2Config(
+        vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        relative_attention=True, norm_rel_ebd="layer_norm", position_buckets=8, max_relative_positions=16,
+        pos_att_type=["p2c", "c2p"],
+    )  # fmt: skip
+    export_hf_encoder(T.DebertaV2Model(cfg).eval(), tmp_path / "m.onnx", seq_len=16, pooling="mean", progress=False)
+    tapped = tap_model(tmp_path / "m.onnx", tmp_path / "t.onnx", "auto")
+    stored = {t.name for t in onnx.load(str(tmp_path / "m.onnx")).graph.initializer}
+    assert tapped.tap_set == "auto (attn)" and len(tapped.tensors) == 2 and not stored & set(tapped.tensors)
+    rng = np.random.default_rng(0)
+    feeds = {"input_ids": rng.integers(1, 100, (3, 16)), "attention_mask": np.ones((3, 16), np.int64)}
+    feeds["token_type_ids"] = np.zeros((3, 16), np.int64)
+    session = ort.InferenceSession(str(tapped.path), providers=["CPUExecutionProvider"])
+    names = {i.name for i in session.get_inputs()}
+    (f,) = session.run([FEATURES], {k: v for k, v in feeds.items() if k in names})
+    assert f.shape == (3, tapped.width) and np.abs(f[0] - f[1]).max() > 1e-3  # features of the inputs, not a table
