@@ -28,21 +28,11 @@ from edge.convert.onnx_import import import_onnx  # noqa: E402
 from edge.errors import ConfigError, FormatError  # noqa: E402
 from edge.runtime import Runtime  # noqa: E402
 from exporters.quantize import quantize_onnx  # noqa: E402
-from tests.host.test_int8_T17_shared import switch_exactly  # noqa: E402
+from tests.host.test_int8_T17_shared import Encoder, switch_exactly  # noqa: E402
 from tests.host.test_outside_int8 import _adapter, _q, _Reader, _stored  # noqa: E402
 from tests.host.test_outside_onnx_exports import cnn  # noqa: E402
 
 STRATEGIES = ("hybrid", "bound", "rebuild")
-
-
-class Encoder(nn.Module):
-    def __init__(self):
-        super().__init__()
-        layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
-        self.e, self.h = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False), nn.Linear(16, 3)
-
-    def forward(self, x):
-        return self.h(self.e(x).mean(1))
 
 
 class MiniLM(nn.Module):  # MiniLM's shape, scaled down: BertConfig, random weights, mean pooled
