@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from edge.errors import ConfigError, ExportValidationError, FormatError
 from edge.format.modelinfo import META_KEY, ModelInfo, TensorInfo, fingerprint, onnx_info
 from edge.format.onnx_graph import consumers, keep_only, set_metadata, subgraph_reads
+from edge.format.onnx_scaffold import drop_unread, simplify
 from exporters.validate import check_arguments, compare, flatten_outputs, second_batch, with_source
 
 __all__ = ["export_onnx", "load_model_info", "ATTENTION", "ATTENTION_OPSET", "OPSET", "IR_VERSION"]
@@ -110,6 +111,7 @@ def export_onnx(
         steps.set_postfix_str("post-process")
         tensors = _fold_weight_transposes(proto, model)
         _attention_3d(proto)
+        simplify(proto.graph)  # zero biases of bias-less convs, CastLike constants: onnxruntime folds neither
         unknown = [s for s in slots if s not in tensors]
         if unknown:
             raise ConfigError(f"slots {unknown} are not 2-D+ parameters of the model; known: {sorted(tensors)[:10]}")
@@ -315,19 +317,8 @@ def _attention_3d(proto: onnx.ModelProto) -> int:
         )
         count += 1
     keep_only(graph.node, lambda n: not (n.output and n.output[0] in dropped and n.op_type in ("Reshape", "Transpose")))
-    _drop_dead_nodes(graph, protected)
+    drop_unread(graph, protected)
     return count
-
-
-def _drop_dead_nodes(graph, protected: set[str]) -> None:
-    """Remove nodes none of whose outputs is read any more (the shape arithmetic of removed Reshapes)."""
-    while True:
-        read = {i for n in graph.node for i in n.input} | protected
-        if all(any(o in read for o in n.output) for n in graph.node):
-            break
-        keep_only(graph.node, lambda n, read=read: any(o in read for o in n.output))
-    produced = {o for n in graph.node for o in n.output} | {i.name for i in graph.input}
-    keep_only(graph.value_info, lambda v: v.name in produced)
 
 
 def _name_tied(graph: onnx.GraphProto, model: torch.nn.Module) -> None:

@@ -22,6 +22,7 @@ import numpy as np
 from edge.errors import FormatError
 from edge.format.modelinfo import ModelInfo, fingerprint
 from edge.format.onnx_graph import quantized_ops
+from edge.format.textweights import hashable
 from runtimes.lines import aligned_offsets, arena_group
 from runtimes.onnx_quant import check_quant_readers
 
@@ -289,13 +290,20 @@ def verify_fingerprint(
     points), hashed as they are rather than decoded again (an int8 MiniLM's 78 of its 141)."""
     from onnx import numpy_helper
 
+    sparse = [s.values.name[:80] for s in proto.graph.sparse_initializer]  # edge import-onnx stores them dense
+    if sparse:  # onnxruntime would run one in place of the initializer of its name, unhashed
+        raise FormatError(
+            f"model {info.name!r} holds sparse initializer(s) {sparse[:5]}, which its weights fingerprint does not "
+            "cover (an edge import-onnx before this release left them sparse, or the file was changed after it): "
+            "import the original file again (edge import-onnx stores them dense, in the fingerprint)"
+        )
     heads = {t.initializer for t in info.tensors.values() if t.head}  # runtime-owned (edge.route.taps): not weights
     tensors = {k: v for k, v in live.items() if k not in heads}
     decoded = decoded or {}
     for t in proto.graph.initializer:
         if t.name not in tensors and t.name not in heads:
             tensors[t.name] = decoded[t.name] if t.name in decoded else numpy_helper.to_array(t)
-    got = fingerprint(tensors)
+    got = fingerprint(hashable(tensors))  # a string initializer (class labels) by its values
     if got != info.fingerprint:
         raise FormatError(
             f"model {info.name!r}: weights fingerprint {got} differs from the exported {info.fingerprint}; "
@@ -324,8 +332,10 @@ def strip_node_metadata(proto) -> None:
     scopes; ``doc_string``), control flow bodies too: onnxruntime keeps it in every session (digits ViT int8: 102 KB
     of its 142 KB graph, 0.14 MB per session; issue 18). The model's own metadata (its ModelInfo) stays. 0.13 ms for
     that graph's 189 nodes (ClearField; walking every node's attributes for subgraphs tripled it)."""
+    proto.ClearField("doc_string")  # the model's and each graph's too: a converter's may be megabytes (issue B18)
     graphs = [proto.graph]
     while graphs:
+        graphs[-1].ClearField("doc_string")
         for node in graphs.pop().node:
             node.ClearField("metadata_props")
             node.ClearField("doc_string")

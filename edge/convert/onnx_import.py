@@ -13,7 +13,8 @@ Without a state dict targets keep their ONNX names (made valid adapter target na
 ``model/dense/MatMul:0`` is ``model.dense.MatMul:0``, :mod:`edge.convert.onnx_names`); with one (safetensors, or an
 HF folder's ``model.safetensors``; never pickle) each is named after the torch parameter of equal value, as
 :mod:`exporters.tflite` maps tensors. Ambiguous, unmatched and missing names are reported in
-:class:`ImportReport`, never guessed.
+:class:`ImportReport`, never guessed. What onnxruntime could not load (an opset before 7, no outputs, a name defined
+twice, ...) is refused first, and sparse weights are stored dense (:mod:`edge.convert.onnx_foreign`).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import numpy as np
 
 from edge.convert.onnx_bnmeta import drop_bn_folded
 from edge.convert.onnx_foldcheck import check_same_outputs
+from edge.convert.onnx_foreign import check_graph, densify_sparse, foreign_metadata, trim_doc_strings
 from edge.convert.onnx_names import adapter_names, name_by_value, select
 from edge.convert.onnx_source import (
     control_flow_weights,
@@ -46,6 +48,8 @@ from edge.convert.onnx_source import (
 from edge.errors import AdapterMismatchError, ConfigError, FormatError
 from edge.format.modelinfo import META_KEY, ModelInfo, TensorInfo, fingerprint
 from edge.format.onnx_graph import consumers, keep_only, set_metadata, subgraph_reads
+from edge.format.onnx_scaffold import simplify
+from edge.format.textweights import hashable
 
 __all__ = ["ImportReport", "import_onnx", "make_adapter_ready", "read_state_dict", "WEIGHT_INPUTS"]
 
@@ -163,7 +167,8 @@ def make_adapter_ready(
     """Edit ``proto`` (an ``onnx.ModelProto``) in place as :func:`import_onnx` does, and return the report."""
     from onnx import numpy_helper
 
-    meta = next((p.value for p in proto.metadata_props if p.key == META_KEY), None)
+    replaced = foreign_metadata(proto, name)  # another tool's value under this project's key: taken over, said
+    meta = next((p.value for p in proto.metadata_props if p.key == META_KEY), None) if replaced is None else None
     if meta is not None:
         if ModelInfo.from_json(meta).float_fingerprint is None:  # not an `edge quantize` twin: quantized elsewhere?
             refuse_quantized(proto.graph, name)  # (onnxruntime's quantizers keep the metadata they found)
@@ -171,6 +176,8 @@ def make_adapter_ready(
             f"ONNX model {name!r} already carries {META_KEY!r} metadata (exported or imported by this project): "
             "load it with edge.Runtime as it is, or import the original file"
         )
+    check_graph(proto, name)  # what onnxruntime could not load is refused here, not written to fail at load
+    sparse = densify_sparse(proto, name)  # sparse weights stored dense: in the fingerprint, and targets
     inlined = inline_functions(proto, name)  # torch's export_modules_as_functions: weights read inside functions
     graph = proto.graph
     refuse_quantized(graph, name)
@@ -188,12 +195,15 @@ def make_adapter_ready(
             f"ONNX model {name!r} stores a weight its declared shape does not fit ({e}); re-export it"
         ) from e
 
-    found, skipped, dead = _find_weights(graph, arrays)
+    scaffold = simplify(graph)  # torch dynamo's zero conv biases and CastLike constants, which onnxruntime keeps
+    found, skipped, dead, rewire = _find_weights(graph, arrays)
     for k, why in {**recurrent_weights(graph, arrays), **control_flow_weights(graph, arrays)}.items():  # said
         if k not in found:
             skipped.setdefault(k, why)
     folded = [k for k, view in found.items() if view.fold is not None]
     before = proto.SerializeToString() if folded else b""  # for the check after folding: a whole copy, so only then
+    for node, slot, value in rewire:  # after the copy: the graph checked against is the one given
+        node.input[slot] = value
     for k in folded:
         arrays[k] = np.ascontiguousarray(found[k].fold)
         inits[k].CopyFrom(numpy_helper.from_array(arrays[k], k))
@@ -222,6 +232,10 @@ def make_adapter_ready(
         extra["imported"]["constants_hoisted"] = hoisted
     if inlined:
         extra["imported"]["functions_inlined"] = inlined
+    extra["imported"].update({"sparse_densified": sparse} if sparse else {})
+    extra["imported"].update({"scaffolding": scaffold} if any(scaffold.values()) else {})
+    extra["imported"].update({"doc_strings_cut": cut} if (cut := trim_doc_strings(proto)) else {})
+    extra["imported"].update({"replaced_metadata": replaced} if replaced is not None else {})
     if relabelled:
         extra["imported"]["nodes_renamed"] = relabelled
         log.warning("%s: %d node(s) repeated another node's name and were renamed", name, relabelled)
@@ -233,7 +247,7 @@ def make_adapter_ready(
             key.get(a, renamed.get(a, a)): key.get(b, renamed.get(b, b)) for a, b in tied.items()
         }
         log.warning("%s: targets hold the same values as others (tied or identical): %s", name, tied)
-    info = ModelInfo(name, fingerprint(arrays), tensors, *io_names, extra)
+    info = ModelInfo(name, fingerprint(hashable(arrays)), tensors, *io_names, extra)  # skl2onnx labels too
     set_metadata(proto, META_KEY, info.to_json())
     if folded:
         check_same_outputs(before, proto)
@@ -263,6 +277,7 @@ def _find_weights(graph, arrays: Mapping[str, np.ndarray]):
     found: dict[str, _View] = {}
     skipped: dict[str, str] = {}
     dead: set[str] = set()  # outputs of folded Transpose/Reshape chains
+    rewire: list[tuple] = []  # (node, input slot, initializer) it reads once folded
     left: set[str] = set()  # MatMul's left operand (W @ x): said, not adapted
     gathered: dict[str, str] = {}  # read by a Gather that is no row lookup: said unless another reader adapts it
     foreign: dict[str, tuple[str, str]] = {}  # read by an op of another domain, in a layout not known: (domain, where)
@@ -305,7 +320,7 @@ def _find_weights(graph, arrays: Mapping[str, np.ndarray]):
             if any(n in protected or len(users.get(n, [])) != 1 for n in names):
                 skipped[value] = f"read through {'/'.join(view.ops[:-1])} in a layout the metadata cannot record"
                 continue
-            node.input[slot] = value  # the op reads the (permuted) initializer directly
+            rewire.append((node, slot, value))  # the op will read the (permuted) initializer directly
             dead.update(names[1:])
         prior = found.get(value)
         if prior is not None and (prior.shape, prior.transposed) != (view.shape, view.transposed):
@@ -327,7 +342,7 @@ def _find_weights(graph, arrays: Mapping[str, np.ndarray]):
         skipped.setdefault(value, f"{where}, whose weight layout is not known here{hint}")
     for value in skipped:
         found.pop(value, None)
-    return found, skipped, dead
+    return found, skipped, dead, rewire
 
 
 class _NotAWeight(Exception):

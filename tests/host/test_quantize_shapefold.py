@@ -1,5 +1,6 @@
-"""A weight read by Shape (torch's dynamo export of a bias-less Conv: every HF CNN) is quantized once, not kept
-twice: the int8 file holds no float copy of a conv weight and is smaller than the float file."""
+"""A weight read by Shape (torch's dynamo export of a bias-less Conv: every HF CNN, before the exporter dropped those
+zero biases) is quantized once, not kept twice: the int8 file holds no float copy of a conv weight and is smaller
+than the float file."""
 
 from __future__ import annotations
 
@@ -31,7 +32,8 @@ def test_an_hf_resnet_int8_twin_keeps_no_float_copy_of_its_convs(tmp_path):
     shape_reads = [
         n for n in onnx.load(str(src)).graph.node if n.op_type == "Shape" and n.input[0] in _float_weights(src)
     ]
-    assert shape_reads, "the export no longer reads conv weights' shapes: this test lost its subject"
+    assert not shape_reads  # the zero biases built from them are dropped at export (edge.format.onnx_scaffold);
+    # files exported before that, or elsewhere and not imported, still read them: _fold_shape_reads, tested below
     x = np.random.default_rng(0).standard_normal((4, 3, 32, 32)).astype(np.float32)
     rep = quantize_onnx(src, out, mode="dynamic", check={"pixel_values": x}, min_cosine=0.9)
     assert not _float_weights(out)  # every conv weight stored once, as int8
