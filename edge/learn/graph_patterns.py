@@ -8,6 +8,8 @@
   ``Concat(Reshape(Squeeze(Shape(x, start=0, end=1)), [-1]), [k])``, TorchScript as
   ``Concat(Unsqueeze(Gather(Shape(h), 0)), [-1])``), proven to keep the batch axis and merge the rest.
   :class:`LeadingDims` tells the dimension 0 the graph records for a tensor.
+* :func:`silu_input`: SiLU (swish) written out, ``x * Sigmoid(x)``, as both torch exporters emit ``nn.SiLU``
+  (EfficientNet's activation).
 * :func:`depends`: whether one graph tensor is computed from another.
 """
 
@@ -18,7 +20,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-__all__ = ["LeadingDims", "batch_flatten", "depends", "erf_gelu_input"]
+__all__ = ["LeadingDims", "batch_flatten", "depends", "erf_gelu_input", "silu_input"]
 
 
 def _scalar(consts: Mapping[str, np.ndarray], name: str, value: float) -> bool:
@@ -61,6 +63,18 @@ def erf_gelu_input(node, producer: Mapping, consts: Mapping) -> str | None:
         for x, s in (rest, rest[::-1]):
             if _erf_term(s, x, producer, consts):
                 return x
+    return None
+
+
+def silu_input(node, producer: Mapping, consumers: Mapping) -> str | None:
+    """The tensor ``x`` when ``Mul`` node ``node`` is ``x * Sigmoid(x)`` and the Sigmoid is read only there."""
+    if node.op_type != "Mul" or len(node.input) != 2:
+        return None
+    for k in (0, 1):
+        sig = producer.get(node.input[k])
+        x = node.input[1 - k]
+        if sig is not None and sig.op_type == "Sigmoid" and sig.input[0] == x and consumers.get(sig.output[0]) == 1:
+            return x
     return None
 
 

@@ -12,7 +12,9 @@ back from the logits output:
   (:class:`~edge.format.modelinfo.ModelInfo` tensors);
 * between the last linear and the classifier (:data:`SUPPORTED`): ``Add`` (a bias, or a
   residual: the branch read by other nodes too is the skip, a frozen input of the tail),
-  ``Relu``, ``Clip`` with constant bounds (ReLU6, hardtanh), ``Tanh`` (a pooler), ``Gelu`` (also written out in
+  ``Relu``, ``Clip`` with constant bounds (ReLU6, hardtanh), ``Tanh`` (a pooler), ``HardSwish`` (MobileNetV3),
+  SiLU written as ``x * Sigmoid(x)`` (EfficientNet), ``Mul`` by a constant (ConvNeXt's layer scale), ``Transpose``
+  keeping the batch axis first (ConvNeXt's channels-last block), ``Gelu`` (also written out in
   ``Div``/``Erf``/``Add``/``Mul``, as torch exports it below
   opset 20: :mod:`edge.learn.graph_patterns`), ``LayerNormalization``, ``BatchNormalization`` (inference),
   ``ReduceMean`` and ``GlobalAveragePool`` (mean pooling), ``Reshape`` (to a constant shape, or to ``[batch, k]``
@@ -52,14 +54,15 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from edge.errors import ConfigError
-from edge.learn.graph_patterns import LeadingDims, batch_flatten, depends, erf_gelu_input
+from edge.learn.graph_patterns import LeadingDims, batch_flatten, depends, erf_gelu_input, silu_input
 from edge.learn.space import LAYER_SETS, Arch
 from edge.learn.tail_ops import Linear, Op, reshape
 
 __all__ = ["SUPPORTED", "TAIL_SPACE", "Linear", "Tail", "find_tail", "remember"]
 
 SUPPORTED = (
-    "MatMul Gemm Conv(1x1) Add Relu Clip Tanh Gelu LayerNormalization BatchNormalization ReduceMean GlobalAveragePool "
+    "MatMul Gemm Conv(1x1) Add Mul(constant) Relu Clip Tanh HardSwish SiLU(Mul,Sigmoid) Gelu LayerNormalization "
+    "BatchNormalization ReduceMean GlobalAveragePool Transpose(batch first) "
     "Reshape Flatten Squeeze Unsqueeze Identity".split()
 )
 _SHAPE = ("Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity")
@@ -153,6 +156,8 @@ def find_tail(proto, info) -> Tail:
                 c["shape" if n.op_type == "Reshape" else "axes"] = [int(v) for v in consts[n.input[1]]]
             with contextlib.suppress(ValueError):  # a shape that does not apply: not a constant the tail needs
                 consts[n.output[0]] = reshape(kind, c, consts[n.input[0]])
+        elif (v := _fold_zero_bias(n, consts)) is not None:
+            consts[n.output[0]] = v
     params = {t.initializer: p for p, t in info.tensors.items()}
     batch_dim = LeadingDims(proto)
     inits = {i.name for i in g.initializer}
@@ -250,9 +255,22 @@ def find_tail(proto, info) -> Tail:
                 return f"{name(n)} (its bounds are not scalars)", first
             return Op("clip", n.name, {"lo": bounds[0], "hi": bounds[1]}), first
         if op == "Gelu":
-            return Op("gelu", n.name, {"tanh": a.get("approximate", "none") == "tanh"}), first
+            how = a.get("approximate", "none")  # onnx gives string attributes as bytes
+            return Op("gelu", n.name, {"tanh": (how.decode() if isinstance(how, bytes) else how) == "tanh"}), first
         if op == "Mul" and (x := erf_gelu_input(n, producer, consts)) is not None:  # GELU below opset 20
             return Op("gelu", n.name, {"tanh": False}), x
+        if op == "HardSwish":
+            return Op("hardswish", n.name), first
+        if op == "Mul" and len(n.input) == 2 and (n.input[0] in consts) != (n.input[1] in consts):
+            c, x = (n.input[0], n.input[1]) if n.input[0] in consts else (n.input[1], n.input[0])
+            return Op("scale", n.name, {"s": consts[c]}), x  # a constant scale: ConvNeXt's layer scale (gamma)
+        if op == "Transpose":  # ConvNeXt's channels-last block back to NCHW; the rows stay rows
+            perm = [int(v) for v in a.get("perm", [])]
+            if not perm or perm[0] != 0:
+                return f"{name(n)} (perm {perm or 'reversed'}: it moves the batch axis)", first
+            return Op("transpose", n.name, {"perm": perm}), first
+        if op == "Mul" and (x := silu_input(n, producer, consumers)) is not None:  # nn.SiLU, both exporters
+            return Op("silu", n.name), x
         if op == "LayerNormalization":
             if n.input[1] not in consts or (len(n.input) > 2 and n.input[2] and n.input[2] not in consts):
                 return f"{name(n)} (scale or bias not constant)", first
@@ -306,7 +324,7 @@ def find_tail(proto, info) -> Tail:
             raise ConfigError(
                 f"{where}: the output {logits!r} is computed by {s if isinstance(s, str) else name(n)}, not by a "
                 "linear classifier (MatMul, Gemm or 1x1 Conv on a model parameter) followed by a bias, reshapes, "
-                "Relu/Clip or mean pooling (a 1x1-conv classifier pooled over the map, as SqueezeNet's)"
+                "Relu/Clip or mean pooling (a 1x1-conv classifier pooled over the map, as SqueezeNet's)" + _int8(info)
             )
         post.insert(0, s)
     # between the last linear layer and the classifier
@@ -331,6 +349,49 @@ def find_tail(proto, info) -> Tail:
     if last is None:
         return Tail((classifier, *post), 0, cls_in, (), logits, why)
     return Tail((last, *mid, classifier, *post), 1 + len(mid), n.input[0], residuals, logits)
+
+
+def _int8(info) -> str:
+    """What to do instead when the model is an int8 twin (its classifier is a MatMulInteger or a QDQ chain)."""
+    if not any(t.quant is not None for t in info.tensors.values()):
+        return ""
+    return (
+        f"; model {info.name!r} has int8 weights (an edge quantize twin): the device trainer trains float weights, so "
+        "grow on the float model it was quantized from, or learn on this one with edge update --method ncm, slda or "
+        "ranpac"
+    )
+
+
+_FOLD_MAX = 1 << 20  # elements: an Expand of constants larger than this is not a bias the tail needs
+
+
+def _fold_zero_bias(n, consts: dict) -> np.ndarray | None:
+    """The constant a ``Shape``/``CastLike``/``Expand`` node computes from constants, else None.
+
+    torch's dynamo exporter (unoptimized, as :func:`exporters.onnx.export_onnx` runs it) writes the zero bias of a
+    ``bias=False`` conv as ``Expand(CastLike(0, x), Expand(Shape(weight, 0, 1), [1]))``; folded here, so the conv
+    before a BatchNorm is a layer of the tail (it was "its bias is not a constant"). ``CastLike`` to the type of an
+    activation is folded only for zeros and ones (the same values in every type, bool too).
+    """
+    from onnx import helper
+
+    op, ins = n.op_type, list(n.input)
+    a = {k.name: helper.get_attribute_value(k) for k in n.attribute}
+    if op == "Shape" and ins and ins[0] in consts:
+        return np.asarray(consts[ins[0]].shape[a.get("start", 0) : a.get("end")], np.float64)
+    if op == "CastLike" and len(ins) == 2 and ins[0] in consts:
+        v = consts[ins[0]]
+        return v if v.size <= _FOLD_MAX and np.all((v == 0) | (v == 1)) else None
+    if op == "Expand" and len(ins) == 2 and ins[0] in consts and ins[1] in consts:
+        shape = consts[ins[1]].reshape(-1)
+        if shape.size > 8 or np.any(shape < 0) or np.any(shape != np.round(shape)):
+            return None
+        try:
+            out = np.broadcast_shapes(consts[ins[0]].shape, tuple(int(s) for s in shape))
+        except ValueError:
+            return None
+        return np.broadcast_to(consts[ins[0]], out).copy() if math.prod(out) <= _FOLD_MAX else None
+    return None
 
 
 # -- layer sets ---------------------------------------------------------------------------------------

@@ -1,7 +1,9 @@
 """The steps of a device trainer's tail (:mod:`edge.learn.tail`): each a numpy forward and backward.
 
 :class:`Linear` is a trainable layer (``y = x @ M + b`` on the channel axis); :class:`Op` a parameter-free op
-(bias, residual, ReLU, ReLU6 and other constant-bound ``Clip``, ``Tanh`` (a pooler), GELU, inference
+(bias, residual, ReLU, ReLU6 and other constant-bound ``Clip``, ``Tanh`` (a pooler), GELU, ``HardSwish`` and SiLU
+(MobileNetV3's and EfficientNet's activations), a constant scale and a
+``Transpose`` (ConvNeXt's layer scale and channels-last block), inference
 BatchNormalization, LayerNormalization, mean pooling, reshapes), in float64
 or the dtype of ``astype``. :func:`reshape` applies a shape-only op (also to the graph's constants).
 """
@@ -83,6 +85,11 @@ class Op:
             return y, y
         if k == "gelu":
             return (x * _gelu_cdf(x, c["tanh"])).astype(x.dtype, copy=False), x
+        if k == "hardswish":  # x * clip(x / 6 + 1/2, 0, 1) (ONNX HardSwish, torch's Hardswish)
+            return (x * np.clip(x / 6.0 + 0.5, 0.0, 1.0)).astype(x.dtype, copy=False), x
+        if k == "silu":  # x * sigmoid(x)
+            s = 0.5 * (1.0 + np.tanh(0.5 * x))  # the logistic function without overflow for large |x|
+            return (x * s).astype(x.dtype, copy=False), (x, s)
         if k == "affine":  # BatchNormalization at inference: per channel (axis 1)
             shape = (-1,) + (1,) * (x.ndim - 2)
             return x * c["s"].reshape(shape) + c["t"].reshape(shape), None
@@ -92,6 +99,12 @@ class Op:
             inv = 1.0 / np.sqrt((xc * xc).mean(axes, keepdims=True) + c["eps"])
             x_hat = xc * inv
             return x_hat * c["gamma"] + c["beta"], (x_hat, inv, axes)
+        if k == "scale":  # per element or channel; one that would grow the tensor is no scale (named by the caller)
+            if np.broadcast_shapes(x.shape, np.shape(c["s"])) != x.shape:
+                raise ValueError(f"a constant of shape {list(np.shape(c['s']))} would broadcast it")
+            return x * c["s"], None
+        if k == "transpose":
+            return np.transpose(x, c["perm"]), None
         if k == "mean":
             axes = tuple(a % x.ndim for a in (c["axes"] if c["axes"] is not None else range(2, x.ndim)))
             return x.mean(axes, keepdims=c["keepdims"]), (x.shape, axes)
@@ -113,6 +126,16 @@ class Op:
                 return dy * (0.5 * (1.0 + th) + 0.5 * x * (1.0 - th * th) * du)
             g = _gelu_cdf(x, False) + x * np.exp(-0.5 * x * x) / math.sqrt(2 * math.pi)
             return (dy * g).astype(dy.dtype, copy=False)
+        if k == "hardswish":  # torch's: 0 up to -3 (inclusive), x / 3 + 1/2 below 3, 1 from 3 on
+            x = saved
+            return (dy * np.where(x <= -3.0, 0.0, np.where(x < 3.0, x / 3.0 + 0.5, 1.0))).astype(dy.dtype, copy=False)
+        if k == "silu":
+            x, s = saved
+            return (dy * (s * (1.0 + x * (1.0 - s)))).astype(dy.dtype, copy=False)
+        if k == "scale":
+            return dy * c["s"]
+        if k == "transpose":
+            return np.transpose(dy, np.argsort(c["perm"]))
         if k == "affine":
             return dy * c["s"].reshape((-1,) + (1,) * (dy.ndim - 2))
         if k == "layernorm":

@@ -82,7 +82,10 @@ def _affine(out: str, users: dict, ops: Sequence[str]) -> str:
 
 
 #: ops that keep a channels-last map channels-last (ConvNeXt's block between its two Transposes)
-_LAST_OPS = frozenset("Add Sub Mul Div Identity MatMul LayerNormalization Gelu QuickGelu FastGelu BiasGelu".split())
+_LAST_OPS = frozenset(  # (an int8 twin's QDQ pairs carry a channels-last map too)
+    "Add Sub Mul Div Identity MatMul LayerNormalization Gelu QuickGelu FastGelu BiasGelu QuantizeLinear "
+    "DequantizeLinear".split()
+)
 
 
 #: prefix of a tap on the sum a fused norm normalises that the saved graph does not keep (``expose_sums``)

@@ -14,7 +14,8 @@ Taps for any exported model, three ways:
   strided Conv/pool nodes above it, found without shapes), ``residual`` after each
   residual block (a sum of two maps, or the activation that alone reads it). Maps end
   where a global pool, reshape or linear layer starts; they run on through a channel split or
-  shuffle (ShuffleNet) and a channels-last block (ConvNeXt: Transpose to NHWC and back);
+  shuffle (ShuffleNet) and a channels-last block (ConvNeXt: Transpose to NHWC and back), and through an
+  ``edge quantize`` twin's integer ops (static QDQ pairs, dynamic ``ConvInteger``): the float model's stages;
 * **by the model's own declaration** at export time: ``declared`` reads the tensor names
   an exporter put in ``ModelInfo.extra["taps"]``;
 * ``first``: the first of ``auto``'s taps alone, the cheapest to serve (one pooled tensor,
@@ -115,13 +116,18 @@ _MAP_OPS = frozenset(
 #: carry a map's level without being maps: a channel split (SplitToSequence, then SequenceAt gives 4-D maps) and a
 #: channel shuffle (ShuffleNet: Reshape to 5-D, Transpose, Reshape back to a 4-D map)
 _CARRY_OPS = frozenset(("SplitToSequence", "SequenceAt", "Reshape", "Transpose"))
+#: an ``edge quantize`` twin's maps: static QDQ puts ``QuantizeLinear -> DequantizeLinear`` on them, dynamic mode
+#: computes a conv as ``DynamicQuantizeLinear -> ConvInteger -> Cast -> Mul (scales)``; the integer tensors carry a
+#: map's level (and the input's pixels stay pixels) but are never taps, the float ones (DQ, Cast to float) are maps
+_INT_OPS = frozenset(("QuantizeLinear", "DynamicQuantizeLinear", "ConvInteger"))
+_FLOATS = frozenset((1, 10, 11, 16))  # TensorProto FLOAT, FLOAT16, DOUBLE, BFLOAT16
 
 
 def _stride(node) -> int:
     """The largest stride of a Conv, MaxPool or AveragePool node (1 for any other op)."""
     from onnx import helper
 
-    if node.op_type not in ("Conv", "FusedConv", "MaxPool", "AveragePool"):
+    if node.op_type not in ("Conv", "FusedConv", "ConvInteger", "MaxPool", "AveragePool"):
         return 1
     strides = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "strides"), [1])
     return max(strides, default=1)
@@ -143,6 +149,7 @@ def _feature_maps(model, last_sums: bool = False, lost: list | None = None) -> l
     to_last, to_first = [0, *range(2, r), 1], [0, r - 1, *range(1, r - 1)]  # [0, 2, 3, 1] and [0, 3, 1, 2] in 2-D
     level = {i.name: 0 for i in model.graph.input if rank.get(i.name) == r and i.name not in inits}
     out, last, sums = [], set(), set()  # last: channels-last maps (ConvNeXt: Transpose to NHWC, LN, MLP, to NCHW)
+    ints: set[str] = set()  # integer maps (a twin's quantized ones, a Cast to an integer type): levels, never taps
     raw = set(level)  # the input and its layout changes (tf2onnx's NHWC -> NCHW Transpose): pixels, not features
     flat = {i.name for i in model.graph.input if rank.get(i.name) == r - 1 and i.name not in inits}  # [B, L] audio
     shape_of = {n.output[0]: n.input[0] for n in model.graph.node if n.op_type == "Shape" and _whole(n)}
@@ -170,6 +177,8 @@ def _feature_maps(model, last_sums: bool = False, lost: list | None = None) -> l
             level[node.output[0]] = max(ins)
             if src in raw:
                 raw.add(node.output[0])
+            elif src in ints:
+                ints.add(node.output[0])
             elif node.output[0] not in last:
                 out.append((node.output[0], max(ins), False))
             continue
@@ -180,10 +189,23 @@ def _feature_maps(model, last_sums: bool = False, lost: list | None = None) -> l
                 out.append((node.output[0], max(ins), True))
                 sums.add(node.output[0])
             continue
+        if ins and (node.op_type in _INT_OPS or node.op_type in ("DequantizeLinear", "Cast")):
+            o, lv = node.output[0], max(ins) + (_stride(node) > 1)
+            if rank.get(o) in (r, r + 1) and node.input[0] in level:  # r + 1: inside a channel shuffle
+                level[o] = lv
+                floats = node.op_type not in _INT_OPS and _float_out(node)
+                if not floats:
+                    ints.add(o)
+                if node.input[0] in raw:
+                    raw.add(o)  # the input quantized: still pixels
+                elif rank.get(o) == r and floats:
+                    out.append((o, lv, False))
+            continue
         carry = node.op_type in _CARRY_OPS
         if not (node.op_type in _MAP_OPS or carry) or not ins:
             continue
         lv = max(ins) + (_stride(node) > 1)
+        integer = any(i in ints for i in node.input)  # an op on integers (a clamp, a sum) gives integers
         if lost is not None and not carry and node.output and node.output[0] not in rank:
             lost.append(node)  # a map read by a map op whose output inference could not size: the maps end here
         for o in node.output:
@@ -196,7 +218,9 @@ def _feature_maps(model, last_sums: bool = False, lost: list | None = None) -> l
                 and rank.get(node.input[0]) == r + 1
             ):
                 level[o] = lv
-                if node.op_type != "Pad":  # a padded map's border is zeros, not features: its input is the tap
+                if integer:
+                    ints.add(o)
+                elif node.op_type != "Pad":  # a padded map's border is zeros, not features: its input is the tap
                     out.append((o, lv, _is_sum(node, level)))
     told = Layouts(model)  # a rank-3 input read by a conv and by token layers alike: its token tensors are not maps
     return [m for m in out if (told(m[0]) == LAST) == (m[0] in sums)]
@@ -210,7 +234,12 @@ def _whole(shape_node) -> bool:
 #: ops that leave a raw input raw (a waveform sliced or cast is still the waveform)
 _SAME = ("Slice", "Identity", "Cast")
 #: convolutions: the rank of their outputs is the rank of a model's feature maps
-_CONVS = ("Conv", "FusedConv")
+_CONVS = ("Conv", "FusedConv", "ConvInteger")
+
+
+def _float_out(node) -> bool:
+    """Whether a ``DequantizeLinear`` or ``Cast`` node gives floats (a Cast to an integer type is no tap)."""
+    return node.op_type == "DequantizeLinear" or any(a.name == "to" and a.i in _FLOATS for a in node.attribute)
 
 
 def _is_sum(node, level) -> bool:

@@ -244,11 +244,12 @@ _LAST_OPS = frozenset(
     "LayerNormalization RMSNormalization SimplifiedLayerNormalization SkipLayerNormalization "
     "SkipSimplifiedLayerNormalization EmbedLayerNormalization Attention MultiHeadAttention".split()
 )
-#: ops whose output keeps its inputs' layout: element-wise ops, and those that slice, join or pad along an axis
+#: ops whose output keeps its inputs' layout: element-wise ops (an int8 twin's QuantizeLinear/DequantizeLinear
+#: pairs too), and those that slice, join or pad along an axis
 _SAME_OPS = frozenset(
     "Relu Clip LeakyRelu PRelu Sigmoid HardSigmoid HardSwish Tanh Elu Selu Celu Gelu FastGelu QuickGelu BiasGelu "
     "BiasAdd Erf Softplus Softsign Mish Neg Abs Sqrt Exp Log Reciprocal Cast Identity Dropout Add Sub Mul Div Pow "
-    "Max Min Mean Sum Where Concat Split Slice Pad".split()
+    "Max Min Mean Sum Where Concat Split Slice Pad QuantizeLinear DequantizeLinear".split()
 )
 _DOMAINS = ("", "ai.onnx", "com.microsoft")
 _DEPTH = 400  # a walk longer than this stops (a tap's layout is then not told): Python's recursion limit is 1000

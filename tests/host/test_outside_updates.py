@@ -212,7 +212,7 @@ def _blobs(n: int, seed: int, shift: float = 0.0):
 
 @pytest.mark.parametrize(
     "act,op",
-    [(nn.SiLU(), "Mul"), (nn.Sigmoid(), "Sigmoid"), (nn.LeakyReLU(0.1), "LeakyRelu")],  # Tanh: a pooler
+    [(nn.ELU(), "Elu"), (nn.Sigmoid(), "Sigmoid"), (nn.LeakyReLU(0.1), "LeakyRelu")],  # Tanh, SiLU, HardSwish: in it
 )
 def test_an_activation_outside_the_set_is_named_and_the_head_still_trains(tmp_path, act, op):
     torch.manual_seed(0)
