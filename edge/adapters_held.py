@@ -27,7 +27,7 @@ from edge.errors import AdapterMismatchError, ConfigError
 from edge.format.adapter import Adapter, DenseDelta, load_adapter
 from edge.fusion import RECORD_BYTES, Layout, Prepared, check_finite, entry_bytes, merged, plain_name
 
-__all__ = ["AdapterHolder", "HeldBuffers"]
+__all__ = ["AdapterHolder", "HeldBuffers", "check_clip"]
 
 log = logging.getLogger("edge.runtime")
 
@@ -107,6 +107,28 @@ class HeldBuffers:
         self.total -= self._objects.pop(id(p))
 
 
+def check_clip(clip: object) -> None:
+    """``clip`` must be a bool (or 0/1): a string from a config file (``"no"``) is true and would clip silently."""
+    if not isinstance(clip, (bool, np.bool_)) and not (type(clip) is int and clip in (0, 1)):
+        raise ConfigError(f"clip must be True or False, got {type(clip).__name__} {clip!r:.40}")
+
+
+def _check_path(path: object) -> None:
+    """An adapter file's path: a ``str``, ``bytes`` or ``os.PathLike`` without NUL characters (else ConfigError)."""
+    try:
+        text = os.fsdecode(path) if isinstance(path, (str, bytes, os.PathLike)) else None
+    except TypeError:  # a PathLike whose __fspath__ gives no path
+        text = None
+    if text is None:
+        raise ConfigError(
+            f"load_adapter takes an adapter file's path or an edge.format.adapter.Adapter, got {type(path).__name__}"
+        )
+    if "\0" in text:
+        raise ConfigError(
+            f"adapter path ({len(text)} characters) contains a NUL character: pass the file's path, not its bytes"
+        )
+
+
 def _cost(buffer: object) -> int:
     """What a held buffer takes: its data and header (``sys.getsizeof``) and the record :class:`HeldBuffers` keeps."""
     return sys.getsizeof(buffer) + RECORD_BYTES
@@ -160,9 +182,11 @@ class AdapterHolder:
         that one's bytes are not counted.
         """
         self._check_open()
+        check_clip(clip)
         if in_memory := isinstance(adapter, Adapter):
             self._policy.check_in_memory(adapter.name)
         else:  # signature, then every declared target against this model, before any array is decoded
+            _check_path(adapter)
             adapter = load_adapter(adapter, policy=self._policy, model=self.info, max_bytes=self._max_adapter_bytes)
         adapter = fusion.kept(adapter, copy=in_memory)  # read-only; a caller's own copied first, validated again
         adapter.check_against(self.info)

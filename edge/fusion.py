@@ -37,7 +37,7 @@ import numpy as np
 
 from edge.errors import ConfigError, SaturationError
 from edge.format.adapter import Adapter, DenseDelta, SparseDelta
-from edge.format.modelinfo import QUANT_DTYPES
+from edge.format.modelinfo import QUANT_DTYPES, read_only
 
 __all__ = [
     "Fused",
@@ -231,7 +231,7 @@ def objects(p: Prepared) -> tuple[dict[int, object], int]:
             continue
         if type(o) is tuple and len(o) == 3 and isinstance(o[1], np.ndarray) and id(o[1]) not in seen:  # a write's
             n += SHARE_BYTES  # part (arena view, positions, values): runtimes.lines shares the positions
-        refs = gc.get_referents(o) + (list(o) if type(o) is dict else [])  # str keys: not among the referents
+        refs = gc.get_referents(o) + (list(o) if isinstance(o, dict) else [])  # str keys: not referents
         if getattr(type(o), "__dictoffset__", 0) and not _INLINE and hasattr(o, "__dict__"):  # an instance's dict
             refs = [r for r in refs if r is not o.__dict__] + list(o.__dict__.values())
         n += sys.getsizeof(o) + _attribute_bytes(o, refs)
@@ -285,7 +285,9 @@ def kept(adapter: Adapter, *, copy: bool) -> Adapter:
     """``adapter`` as a runtime keeps it: every array read-only, so writing into what ``Runtime.adapter`` returns
     raises. ``copy=True`` (an ``Adapter`` the caller built and still holds) rebuilds it from plain copies of its
     arrays as the library's own classes, validated again: neither a thread changing the caller's arrays during
-    ``load_adapter`` nor a subclass (of ``Adapter``, its deltas or ``ndarray``) can slip past the checks."""
+    ``load_adapter`` nor a subclass (of ``Adapter``, its deltas or ``ndarray``) can slip past the checks. Its
+    mappings (``tensors``, ``shapes``, ``info``, ``encodings``) are made read-only (:func:`read_only`): a delta put
+    into what ``Runtime.adapter`` returns would be counted as held and break the unload that gives it back."""
     if copy:
         tensors = {}
         for k, d in dict(adapter.tensors).items():
@@ -300,6 +302,8 @@ def kept(adapter: Adapter, *, copy: bool) -> Adapter:
         for f in fields(d):
             if isinstance(v := getattr(d, f.name), np.ndarray):
                 v.setflags(write=False)
+    for n in ("tensors", "shapes", "info", "encodings"):  # the runtime's own object now: its mappings read-only too,
+        object.__setattr__(adapter, n, read_only(getattr(adapter, n)))  # so what a held adapter keeps cannot change
     return adapter
 
 

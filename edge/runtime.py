@@ -26,15 +26,15 @@ from pathlib import Path
 import numpy as np
 
 from edge import cpu_int8
-from edge.adapters_held import AdapterHolder, HeldBuffers
+from edge.adapters_held import AdapterHolder, HeldBuffers, check_clip
 from edge.engine_cache import cached_engine, explicit_engine
 from edge.errors import ConfigError, EdgeError, OutOfMemoryError, RuntimeClosedError
 from edge.format.adapter import max_adapter_bytes
 from edge.format.feeds import FeedChecker, input_specs, names_only
 from edge.format.io import read_bounded
-from edge.format.modelinfo import ModelInfo, ReadOnlyDict
+from edge.format.modelinfo import ModelInfo, ReadOnlyDict, read_only
 from edge.format.signing import SignaturePolicy
-from edge.fusion import Prepared, SaturationError, check_finite, fuse, merge_weights, normalise
+from edge.fusion import Prepared, SaturationError, check_finite, fuse, merge_weights, normalise, plain_name
 from edge.heads import head_names, head_writes
 
 __all__ = ["Runtime", "RuntimeClosedError", "SaturationError", "merge_weights"]
@@ -134,7 +134,10 @@ class Runtime(AdapterHolder):
         # the real inputs, read by the backend while loading (no second walk of the file)
         self._inputs = self.backend.input_specs if owned else input_specs(backend, data)
         tensors = ReadOnlyDict(self.backend.info.tensors)  # read-only: what set_head and adapters are checked against
-        self._info: ModelInfo = replace(self.backend.info, also_fits=self.engine_choice.twins, tensors=tensors)
+        extra = read_only(self.backend.info.extra)  # read-only too: it says which fingerprints adapters may name
+        self._info: ModelInfo = replace(
+            self.backend.info, also_fits=self.engine_choice.twins, tensors=tensors, extra=extra
+        )
         self.model_path, self._file_mb = path, path.stat().st_size / 2**20  # a budget's model part, unpredicted
         if backend == "onnxruntime":  # its U8S8 int8 kernels saturate on x86 without VNNI: say so at load
             cpu_int8.warn_u8s8_saturation(self.info, path.name, read=self.backend.read)
@@ -185,13 +188,16 @@ class Runtime(AdapterHolder):
         ``None`` or ``{}`` restores the base model; a name fuses one adapter; a mapping fuses several with weights
         (``W + a1*S1 + a2*S2``). ``head`` also writes detector-head tensors in the same step (:meth:`set_head`), so
         no inference sees the new weights with the old head. The switch either completes or changes nothing: all
-        checks and arithmetic happen before the first write. On a quantized model, fused values outside the integer
-        range raise :class:`~edge.fusion.SaturationError` unless ``clip=True`` (clipped, counted in :attr:`clipped`);
-        a single adapter at weight 1 keeps the clip it was loaded with (its writes are prepared at load).
+        checks and arithmetic happen before the first write, and one cut short puts back the weights and head it
+        found. On a quantized model, fused values outside the integer range raise
+        :class:`~edge.fusion.SaturationError` unless ``clip=True`` (a bool; clipped, counted in :attr:`clipped`); a
+        single adapter at weight 1 keeps the clip it was loaded with (its writes are prepared at load).
         """
         self._check_open()
         target = normalise(spec)
-        head_write = self.backend.prepare(head_writes(self.info, head)) if head else None
+        check_clip(clip)
+        writes = [] if head is None else head_writes(self.info, head)  # checked whatever it is ({} writes nothing)
+        head_write = self.backend.prepare(writes) if writes else None
         with self._lock:
             self._check_open()
             p = self._adapters.get(spec) if type(spec) is str else None  # the common case: one lookup
@@ -212,11 +218,13 @@ class Runtime(AdapterHolder):
                 apply = self.backend.prepare([WeightWrite(t, touched[t][0], v) for t, v in f.values.items()])
                 restore = self.backend.prepare([WeightWrite(t, pos, b) for t, (pos, b) in touched.items()])
             undo = self._empty if fast and p.layout is self._layout else self._restore  # all its entries rewritten
+            heads = () if head_write is None else (head_write,)
+            old_heads = self._heads_now(writes)  # the head as it is: put back with the old state if the write fails
             try:
-                self.backend.write(undo, apply, *(() if head_write is None else (head_write,)))
+                self.backend.write(undo, apply, *heads)
             except BaseException:  # cut short (a Ctrl-C between two writes) or failed: back to the state it found
-                self.backend.write(undo, restore, self._apply)  # base values at both states' entries, then the old's
-                raise
+                self.backend.write(undo, restore, self._apply, *self._head_back(old_heads))  # base values at both
+                raise  # states' entries, then the old state's, and its head
             self._restore, self._touched, self._active, self.clipped = restore, touched, target, clipped
             self._layout, self._apply = p.layout if fast else None, apply
         if clipped and not fast:  # a single adapter's clipping was reported when it loaded
@@ -230,10 +238,28 @@ class Runtime(AdapterHolder):
         and outside the model fingerprint.
         """
         self._check_open()
-        write = self.backend.prepare(head_writes(self.info, values))
+        writes = head_writes(self.info, values)
+        write = self.backend.prepare(writes)
         with self._lock:
             self._check_open()
-            self.backend.write(write)
+            old = self._heads_now(writes)
+            try:
+                self.backend.write(write)
+            except BaseException:  # cut short between two head tensors: the head it found, whole
+                self.backend.write(*self._head_back(old))
+                raise
+
+    def _heads_now(self, writes: list) -> list:
+        """Copies of the current values of the head tensors ``writes`` write (none: empty). Under the lock; only
+        prepared (:meth:`_head_back`) when a write fails: a switch with a head costs one copy of it (kept no longer:
+        a wide head is megabytes)."""
+        return [(w.tensor, self.backend.read(w.tensor).copy()) for w in writes]
+
+    def _head_back(self, old: list) -> tuple:
+        """The prepared write that puts back the head values :meth:`_heads_now` copied."""
+        from runtimes import WeightWrite
+
+        return (self.backend.prepare([WeightWrite(t, None, v) for t, v in old]),) if old else ()
 
     @property
     def heads(self) -> list[str]:
@@ -299,22 +325,27 @@ class Runtime(AdapterHolder):
             raise
 
     def _check_outputs(self, outputs) -> tuple[str, ...]:
-        """``outputs`` as distinct model output names, remembered for the next call (a few fixed lists)."""
+        """``outputs`` as distinct model output names, remembered for the next call (a few fixed lists). Names are
+        taken as plain ``str``: a subclass can compare equal to an output while its characters, which the engine
+        binds by, name something else, and a list of them remembered would answer every later call for that list."""
         allowed = self.backend.output_names
-        ok = isinstance(outputs, Sequence) and not isinstance(outputs, str) and all(isinstance(n, str) for n in outputs)
-        unknown = [n for n in outputs if n not in allowed][:8] if ok else []
-        if not ok or unknown or not outputs:
+        ok = isinstance(outputs, Sequence) and not isinstance(outputs, str)
+        given = tuple(outputs) if ok else ()  # one pass over the caller's sequence
+        ok = ok and all(isinstance(n, str) for n in given)
+        names = tuple(dict.fromkeys(plain_name(n, "output name") for n in given)) if ok else ()
+        unknown = [n for n in names if n not in allowed][:8]
+        if not ok or unknown or not names:
             what = f"{unknown} are not outputs of" if unknown else f"outputs={outputs!r:.80} names no output of"
             raise ConfigError(f"{what} model {self.info.name!r}; pass a list of its outputs: {allowed}")
-        if len(self._fetch) < 64:
-            self._fetch[tuple(outputs)] = tuple(dict.fromkeys(outputs))
-        return tuple(dict.fromkeys(outputs))
+        if len(self._fetch) < 64:  # under the plain characters: a numpy str_ list hits it; a posing one never sets it
+            self._fetch[tuple(str.__str__(n) for n in given)] = names
+        return names
 
     def weights(self, param: str) -> np.ndarray:
         """Current value of a source parameter in its source layout (a copy; a folded channel scale left in; the
         integers of a quantized one, dequantize with ``info.tensors[param].dequantize``)."""
         self._check_open()
-        t = self.info.tensors.get(param)
+        t = self.info.tensors.get(param) if isinstance(param, str) else None  # (an unhashable one: refused too)
         if t is None:
             raise ConfigError(f"{str(param)[:80]!r} is not a parameter of model {self.info.name!r}")
         return t.from_stored(self.backend.read(t.initializer))

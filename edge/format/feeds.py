@@ -150,7 +150,7 @@ def check_feeds(feeds: object, specs: Mapping[str, InputSpec], weights: frozense
         feeds = {names[0]: feeds}
     if not isinstance(feeds, Mapping):
         raise ConfigError(f"feeds must be a dict of input name -> array, got {type(feeds).__name__}")
-    unknown = [k for k in feeds if k not in specs]
+    unknown = [k for k in feeds if not isinstance(k, str) or k not in specs]  # (an unhashable key: refused too)
     if unknown:
         shown = [str(k)[:80] for k in unknown[:5]]
         hit = [k for k in shown if k in weights]
@@ -167,7 +167,7 @@ def check_feeds(feeds: object, specs: Mapping[str, InputSpec], weights: frozense
     out = {}
     for name, spec in specs.items():
         x = feeds[name]
-        if not isinstance(x, np.ndarray):
+        if type(x) is not np.ndarray:  # a subclass (a memmap) as a plain view: its own shape or ndim may lie
             try:
                 x = np.asarray(x)
             except (TypeError, ValueError) as e:

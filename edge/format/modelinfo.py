@@ -31,8 +31,10 @@ __all__ = [
     "ModelInfo",
     "QuantInfo",
     "ReadOnlyDict",
+    "ReadOnlyList",
     "TensorInfo",
     "fingerprint",
+    "read_only",
     "source_fingerprint",
     "META_KEY",
     "MODEL_FORMAT",
@@ -270,17 +272,56 @@ class TensorInfo:
         )
 
 
+def _refuse(self, *args, **kwargs):
+    raise TypeError(
+        f"this {type(self).__name__} is read-only (a runtime's model description or held adapter); build a new "
+        "Runtime to serve another model, or copy it (dict(...), list(...)) to change your own"
+    )
+
+
 class ReadOnlyDict(dict):
     """A dict that refuses changes: the tensors a runtime checks adapters and heads against (``Runtime.info``), so
     no caller can make a weight a head or move a target. It pickles (to a child process) as a plain dict."""
 
-    def _refuse(self, *args, **kwargs):
-        raise TypeError("this model description is read-only; build a new Runtime to serve another model")
-
+    __slots__ = ()  # no instance dict: as small as a dict
     __setitem__ = __delitem__ = __ior__ = clear = pop = popitem = setdefault = update = _refuse
 
     def __reduce__(self):
         return dict, (dict(self),)
+
+
+class ReadOnlyList(list):
+    """A list that refuses changes, inside a :func:`read_only` description. It pickles as a plain list."""
+
+    __slots__ = ()
+    __setitem__ = __delitem__ = __iadd__ = __imul__ = append = extend = insert = pop = remove = clear = _refuse
+    sort = reverse = _refuse
+
+    def __reduce__(self):
+        return list, (list(self),)
+
+
+#: how deep :func:`read_only` follows nested mappings and lists
+READ_ONLY_DEPTH = 64
+
+
+def read_only(value: object, depth: int = 0) -> object:
+    """``value`` with every mapping and list in it, nested, copied read-only (:class:`ReadOnlyDict`,
+    :class:`ReadOnlyList`): what a runtime hands out of a model's metadata (``Runtime.info.extra``, which decides
+    the fingerprints an adapter may name, :attr:`ModelInfo.fits`) and of a held adapter (its ``tensors``,
+    ``shapes``, ``info``), so a caller cannot edit what loads and switches were checked against. Nested deeper than
+    :data:`READ_ONLY_DEPTH` (or a cycle, infinitely deep) is a ``FormatError``, never a bare RecursionError. For a
+    plain, editable copy: ``json.loads(info.to_json())`` or ``copy.deepcopy``."""
+    if depth > READ_ONLY_DEPTH:
+        raise FormatError(
+            f"a model description or adapter info nests mappings and lists more than {READ_ONLY_DEPTH} deep (or "
+            "refers to itself): pass plain JSON-like metadata"
+        )
+    if isinstance(value, Mapping):
+        return ReadOnlyDict({k: read_only(v, depth + 1) for k, v in value.items()})
+    if isinstance(value, list):
+        return ReadOnlyList(read_only(v, depth + 1) for v in value)
+    return value
 
 
 @dataclass(frozen=True)
