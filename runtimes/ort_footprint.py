@@ -45,6 +45,14 @@ rungs h192-l3 and h320-l4 (fp32, dynamic int8): bound and rebuild +0.6 to +10 %,
 the sub-MB digits ViT and CNN (fp32, dynamic and static int8): 0 to +0.6 MB bound and rebuild, up to +1.3 MB hybrid.
 No figure under by more than 1.2 %. In one earlier round (load 5-8) every MiniLM process held 4-5 MB more and BERT
 h320-l4 int8's bound and rebuild 5.3 MB more (the heap's state, not the model): then bound was 4 % under.
+On models exported from torch by ``exporters.onnx`` (same method, median of 2 rounds): a ResNet-18-shaped CNN
+(45 MB), a MobileNetV2-shaped one (13 MB), their dynamic int8 twins and a 1-D audio CNN hold 1.8-2.25x their activation
+peak, not 4.5 (no hidden scratch: :data:`CONV_ARENA_FACTOR`); a model indexing a 24 MB parameter (``table[ids]``)
+holds a transposed copy of it in the bound session (``per_run``); a BERT-base-shaped encoder with 2 layers and a
+dynamic sequence is predicted at its position table's length (512 tokens) but sizes the products of two activations
+(attention scores) as their larger input: 16-19 % under at 512 tokens (dynamic int8: 29-33 %), 19-40 % over at 128
+(int8: 56-110 %), adapters included. Export such a model with inputs of a fixed length, or with ``opset=23`` (one
+Attention node, as the calibration models are; not measured here).
 Not counted: the Python process and onnxruntime's libraries (paid once a process, whatever the model), the adapters
 held (:attr:`edge.Runtime.adapter_bytes`), and a batch larger than ``batch`` (activations grow with it).
 """
@@ -68,6 +76,10 @@ SESSION_MB = 0.4
 NODE_BYTES = 4400
 CONSTANT_BYTES = 4800
 ARENA_FACTOR = 4.5
+#: the same for a convolutional graph whose every activation is a graph tensor sized from the graph
+#: (:func:`_convolutional`): measured 1.8-2.25x its peak (fp32 and dynamic int8 ResNet-18-shaped, a MobileNetV2-shaped
+#: CNN, a 1-D audio CNN); with ``ARENA_FACTOR`` their ``bound`` was predicted 26-56 % over
+CONV_ARENA_FACTOR = 2.4
 _MB = 2**20
 _F4 = 4
 #: bytes an element of each TensorProto element type (FLOAT, UINT8, INT8, UINT16, INT16, INT32, INT64, BOOL,
@@ -75,6 +87,10 @@ _F4 = 4
 _ITEM = {1: 4, 2: 1, 3: 1, 4: 2, 5: 2, 6: 4, 7: 8, 9: 1, 10: 2, 11: 8, 12: 4, 13: 8, 16: 2}
 _PACKS = {"MatMul", "Gemm", "MatMulInteger"}
 _SAME_SHAPE = {"DequantizeLinear", "Cast", "Identity"}  # a folded constant of its first input's shape
+_FIRST = {"Reshape", "Squeeze", "Unsqueeze", "Flatten"}  # input 0's elements, whatever the shape input
+#: folded from the weights in the bound session too: a weight's shape is fixed, and its dequantized copy is made
+#: per run next to its MatMul in both sessions (static int8 MiniLM's bound figure, fitted with it folded, is within 1 %)
+_KEEPS_FOLDED = {"Shape", "Size", "DequantizeLinear"}
 
 
 @dataclass(frozen=True)
@@ -86,21 +102,25 @@ class OrtParts:
     activations: int  # largest sum of live activations at the batch
     nodes: int  # nodes of the graph
     constants: int  # initializers of the graph, writable or not
+    #: what the bound session computes from its weights on every run (a transposed table: :func:`_peak`)
+    per_run: int = 0
+    arena_factor: float = ARENA_FACTOR  # a session's memory per byte of the activation peak
 
-    def session_mb(self) -> float:
-        """One session's own memory: its fixed part, its nodes, its initializers and its activations."""
-        return (
-            SESSION_MB
-            + (NODE_BYTES * self.nodes + CONSTANT_BYTES * self.constants + ARENA_FACTOR * self.activations) / _MB
-        )
+    def session_mb(self, bound: bool = False) -> float:
+        """One session's own memory: its fixed part, its nodes, its initializers and its activations (``bound``: the
+        bound session's, with what it computes from its weights every run)."""
+        own = NODE_BYTES * self.nodes + CONSTANT_BYTES * self.constants + self.arena_factor * self.activations
+        return SESSION_MB + (own + (self.per_run if bound else 0)) / _MB
 
     def mb(self, strategy: str) -> float:
         """Predicted resident MB under ``strategy``."""
         if strategy not in STRATEGIES:
             raise ConfigError(f"unknown onnxruntime strategy {strategy!r}; allowed: {', '.join(STRATEGIES)}")
-        sessions = 2 if strategy == "hybrid" else 1
         packed = 0 if strategy == "bound" else self.packed
-        return (self.weights + packed) / _MB + sessions * self.session_mb()
+        sessions = (self.session_mb(bound=True) if strategy != "rebuild" else 0) + (
+            self.session_mb() if strategy != "bound" else 0
+        )
+        return (self.weights + packed) / _MB + sessions
 
 
 def ort_parts(proto, shapes: Mapping[str, tuple[tuple[int, ...], np.dtype]], fed: set[str], batch: int = 1) -> OrtParts:
@@ -110,7 +130,28 @@ def ort_parts(proto, shapes: Mapping[str, tuple[tuple[int, ...], np.dtype]], fed
     weights = sum(prod(s) * np.dtype(d).itemsize for s, d in shapes.values())
     g = proto.graph
     constants = len({t.name for t in g.initializer} | set(shapes))
-    return OrtParts(weights, _packed(proto, shapes, fed), _peak(proto, shapes, batch), len(g.node), constants)
+    peak, per_run = _peak(proto, shapes, batch)
+    factor = CONV_ARENA_FACTOR if _convolutional(g, shapes) else ARENA_FACTOR
+    return OrtParts(weights, _packed(proto, shapes, fed), peak, len(g.node), constants, per_run, factor)
+
+
+#: ops whose working memory is no graph tensor, or whose output the walk cannot size from the graph
+_HIDDEN = {"Attention", "MultiHeadAttention", "GroupQueryAttention", "LSTM", "GRU", "RNN", "Loop", "Scan", "If"}
+
+
+def _convolutional(g, shapes) -> bool:
+    """Whether the graph convolves and its activations are all graph tensors the walk sizes: no attention or
+    recurrent op (their scores and states are kernel scratch) and no product of two activations (sized as the larger
+    one, short of e.g. attention scores: ``ARENA_FACTOR`` absorbs that)."""
+    const = {t.name for t in g.initializer} | set(shapes)
+    convolves = False
+    for n in g.node:
+        if n.op_type in _HIDDEN or n.op_type == "Einsum":
+            return False
+        if n.op_type in _PACKS and (len(n.input) < 2 or n.input[1] not in const):
+            return False
+        convolves = convolves or n.op_type in ("Conv", "ConvInteger", "QLinearConv")
+    return convolves
 
 
 def _packed(proto, shapes, fed: set[str]) -> int:
@@ -137,8 +178,13 @@ def _packed(proto, shapes, fed: set[str]) -> int:
     return sum(packs.get(k, prod(s) * np.dtype(d).itemsize) for k, (s, d) in consts.items())
 
 
-def _peak(proto, shapes, batch: int) -> int:
-    """The largest sum of activation tensors alive at once, running the nodes in graph order at ``batch``."""
+def _peak(proto, shapes, batch: int) -> tuple[int, int]:
+    """The largest sum of activation tensors alive at once, running the nodes in graph order at ``batch``; and the
+    bytes the bound session computes from the weights on every run (its weights are graph inputs, so nothing computed
+    from them is folded at build): each output of a node folded from a weight, at its first input's size (torch.onnx
+    writes ``table[ids]`` as ``GatherND(Transpose(table))``: a transposed copy of the table a run), but for
+    ``Shape``/``Size`` (a weight's shape is fixed) and ``DequantizeLinear`` (its copy is made per run next to its
+    MatMul in both sessions: static int8 MiniLM's bound figure, fitted without it, is within 1 %)."""
     g = proto.graph
     const = {t.name: tuple(t.dims) for t in g.initializer} | {k: tuple(s) for k, (s, _) in shapes.items()}
     known = {}  # tensor -> (elements, bytes an element), from the graph's own value infos
@@ -148,11 +194,16 @@ def _peak(proto, shapes, batch: int) -> int:
     inputs = [v.name for v in g.input if v.name not in const]
     keep = {v.name for v in g.output} | set(inputs)
     nodes = []  # the nodes that run (not folded), with their inputs and outputs read once
+    per_run, size = 0, {k: prod(s) * np.dtype(d).itemsize for k, (s, d) in shapes.items()}  # weights, and from them
     for n in g.node:
         ins, outs = list(n.input), [o for o in n.output if o]
         if n.op_type == "Constant" or ins and all(i in const for i in ins if i):
             same = const.get(ins[0], ()) if ins and n.op_type in _SAME_SHAPE else ()
             const.update((o, same) for o in outs)  # folded at build: a constant, not an activation
+            if n.op_type not in _KEEPS_FOLDED and any(i in size for i in ins):  # but a bound session's every run
+                first = size.get(ins[0], prod(const.get(ins[0], ())) * _F4)
+                size.update((o, first) for o in outs)
+                per_run += first * len(outs)
         else:
             nodes.append((n, ins, outs))
     last = {i: k for k, (_, ins, _) in enumerate(nodes) for i in ins}
@@ -171,7 +222,13 @@ def _peak(proto, shapes, batch: int) -> int:
         peak = max(peak, now)
         for o in ends.pop(k, ()):
             now -= live.pop(o)
-    return peak
+    return peak, per_run
+
+
+def _strides(node) -> int:
+    """The product of a Conv's or pool's ``strides`` (1 without): its output has that many times fewer positions (with
+    ``same`` padding; as many or one more per axis on an odd one: ``ARENA_FACTOR`` covers it)."""
+    return max(prod(next((list(a.ints) for a in node.attribute if a.name == "strides"), [1])), 1)
 
 
 def _bytes(size: tuple[int, int] | None) -> int:
@@ -197,10 +254,16 @@ def _declared(value, batch: int) -> tuple[int, int] | None:
 
 def _propagated(node, j: int, known, const) -> tuple[int, int]:
     """(elements, bytes an element) of output ``j`` of ``node`` when the graph does not declare it, by op family:
-    a product with a constant right-hand side [K, N] maps K to N, a ``Conv`` its input channels to its output ones
-    (as if at stride 1), ``Concat`` sums, ``Gather`` from a constant table takes a row an index,
-    ``DynamicQuantizeLinear`` makes bytes (and two scalars), ``Cast`` its ``to`` type; every other op is taken as
-    elementwise (its largest activation input, in that input's type)."""
+    a product with a constant right-hand side [K, N] maps K to N, a ``Conv`` its input channels to its output ones,
+    a ``Conv`` or pool divides the positions by its strides (a dynamic int8 ResNet-18's stem, whose value info
+    ``edge quantize`` drops, was counted at stride 1: 4x its output, 4.5x the whole footprint), ``Concat`` sums,
+    ``Gather`` from a constant table takes a row an index, ``DynamicQuantizeLinear`` makes bytes (and two scalars),
+    ``Cast`` its ``to`` type, ``CastLike`` its first input's shape in its second's type (torch.onnx casts a scalar
+    like the activation before every Conv and Clip: taken as elementwise, each was counted at the activation's size,
+    2.6x the peak on a MobileNetV2), ``Shape`` a few int64s and ``Reshape`` (and its kin, :data:`_FIRST`) its first
+    input (an activation's ``Shape`` taken as elementwise fed the Reshape after it: 3x the activations a layer on a
+    BERT-base-shaped encoder with a dynamic sequence, 121 MB for 2 layers); every other op is taken as elementwise
+    (its largest activation input, in that input's type)."""
     ins = [known[i] for i in node.input if i in known]
     big = max(ins, default=(0, 4))
     op = node.op_type
@@ -209,6 +272,14 @@ def _propagated(node, j: int, known, const) -> tuple[int, int]:
     if op == "Cast":
         to = next((a.i for a in node.attribute if a.name == "to"), 1)
         return big[0], _ITEM.get(to, 4)
+    if op in ("Shape", "Size"):  # a few int64s, whatever the size of what they describe
+        return 8, 8
+    if op in _FIRST and node.input[0] in known:  # the same elements, whatever the shape input's size
+        return known[node.input[0]]
+    if op == "CastLike":  # input 0's shape in input 1's type: torch.onnx's scalar bias and clip bounds, not x's size
+        first = node.input[0]
+        size = known[first][0] if first in known else prod(const.get(first, ()))
+        return size, known.get(node.input[1], (0, 4))[1]
     if op == "Concat":
         return sum(e for e, _ in ins), big[1]
     w = const.get(node.input[1]) if len(node.input) > 1 else None
@@ -218,7 +289,9 @@ def _propagated(node, j: int, known, const) -> tuple[int, int]:
         return max(a[0] // max(k, 1), 1) * cols, 4
     if op in ("Conv", "ConvInteger") and w and len(w) > 2 and node.input[0] in known:  # [C_out, C_in/group, k...]
         group = next((a.i for a in node.attribute if a.name == "group"), 1)
-        return max(known[node.input[0]][0] // max(w[1] * group, 1), 1) * w[0], 4  # stride 1: never under
+        return max(known[node.input[0]][0] // max(w[1] * group * _strides(node), 1), 1) * w[0], 4
+    if op in ("MaxPool", "AveragePool", "LpPool"):
+        return max(big[0] // _strides(node), 1), big[1]
     if op == "Gather" and node.input[0] in const and node.input[1] in known:
         return known[node.input[1]][0] * prod(const[node.input[0]][1:]), 4
     return big
