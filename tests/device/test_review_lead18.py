@@ -67,3 +67,16 @@ def test_numpy_str_output_names_are_served_under_plain_names(kit):
         for _ in range(2):  # the second call takes the list remembered by the first
             out = rt.run({"x": X}, outputs=[np.str_(name)])
             assert [type(k) for k in out] == [str] and np.array_equal(out[name], want)
+
+
+def test_string_weights_hash_by_value_and_never_as_a_numeric_tensor_of_the_same_bytes():
+    from edge.format.modelinfo import fingerprint
+    from edge.format.textweights import hashable
+
+    labels = np.array(["cat", "dog"], dtype=object)
+    same = fingerprint(hashable({"labels": labels.copy()}))
+    assert same == fingerprint(hashable({"labels": np.array(["cat", "dog"], dtype=object)}))  # values, not pointers
+    assert same != fingerprint(hashable({"labels": np.array(["cat", "eel"], dtype=object)}))
+    encoded = hashable({"labels": labels})["labels"]
+    forged = np.frombuffer(encoded.tobytes(), np.uint8)  # a numeric tensor holding the encoding's bytes
+    assert fingerprint({"labels": forged}) != same
