@@ -305,3 +305,22 @@ def torch_grads(m: nn.Module, x: np.ndarray, y: np.ndarray, params) -> tuple[flo
     loss.backward()
     named = dict(m.named_parameters())
     return loss.item(), {p: named[p].grad.numpy().astype(np.float64) for p in params}
+
+
+def assert_finite_differences(dt, x: np.ndarray, y: np.ndarray, picks: int = 2, eps: float = 1e-4) -> None:
+    """Each tail parameter's gradient from ``dt.loss_and_grads`` at its largest entry and ``picks`` random ones
+    equals central finite differences of the loss (a DeviceTrainer ``dt``, float32 samples ``x``, labels ``y``)."""
+    import pytest
+
+    base = dt.base_weights()
+    _, grads = dt.loss_and_grads(x, y, base)
+    rng = np.random.default_rng(0)
+    for p in dt.params:
+        g = grads[p]
+        for flat in [int(np.argmax(np.abs(g))), *rng.choice(g.size, picks, replace=False)]:
+            i = np.unravel_index(flat, g.shape)
+            plus, minus = {**base, p: base[p].copy()}, {**base, p: base[p].copy()}
+            plus[p][i] += eps
+            minus[p][i] -= eps
+            fd = (dt.loss_and_grads(x, y, plus)[0] - dt.loss_and_grads(x, y, minus)[0]) / (2 * eps)
+            assert g[i] == pytest.approx(fd, rel=1e-4, abs=1e-8), (p, i)

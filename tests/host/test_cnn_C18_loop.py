@@ -18,7 +18,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 onnx = pytest.importorskip("onnx")
-from cnn_C18_zoo import build, digits, legacy, torch_grads  # noqa: E402
+from cnn_C18_zoo import assert_finite_differences, build, digits, legacy, torch_grads  # noqa: E402
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 from edge.format.modelinfo import onnx_info  # noqa: E402
@@ -82,20 +82,7 @@ def test_tail_reaches_the_layer_before_the_activation_with_torch_gradients(model
 
 def test_tail_gradients_through_silu_equal_finite_differences(models):
     _, path, _, x, y = models["efficientnet"]
-    dt = DeviceTrainer(path)
-    xb, yb = (1.0 - x[700:716]).astype(np.float32), y[700:716]
-    base = dt.base_weights()
-    _, grads = dt.loss_and_grads(xb, yb, base)
-    rng = np.random.default_rng(0)
-    for p in dt.params:
-        g = grads[p]
-        for flat in [int(np.argmax(np.abs(g))), *rng.choice(g.size, 2, replace=False)]:
-            i, eps = np.unravel_index(flat, g.shape), 1e-4
-            plus, minus = {**base, p: base[p].copy()}, {**base, p: base[p].copy()}
-            plus[p][i] += eps
-            minus[p][i] -= eps
-            fd = (dt.loss_and_grads(xb, yb, plus)[0] - dt.loss_and_grads(xb, yb, minus)[0]) / (2 * eps)
-            assert g[i] == pytest.approx(fd, rel=1e-4, abs=1e-8), (p, i)
+    assert_finite_differences(DeviceTrainer(path), (1.0 - x[700:716]).astype(np.float32), y[700:716])
 
 
 def _zero_bias_graph(path, expand_to=None):

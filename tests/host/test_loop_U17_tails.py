@@ -23,6 +23,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("onnx")
+from cnn_C18_zoo import assert_finite_differences  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 from torch import nn  # noqa: E402
 
@@ -193,20 +194,7 @@ def test_tail_found_and_its_gradients_equal_torch_autograd(models, data, name):
 def test_tail_gradients_equal_finite_differences(models, data, name):
     _, path = models[name]
     _, y, xs = data
-    dt = DeviceTrainer(path)
-    x, yy = xs[700:716], y[700:716]
-    base = dt.base_weights()
-    _, grads = dt.loss_and_grads(x, yy, base)
-    rng = np.random.default_rng(0)
-    for p in dt.params:
-        g = grads[p]
-        for flat in [int(np.argmax(np.abs(g))), *rng.choice(g.size, 2, replace=False)]:
-            i, eps = np.unravel_index(flat, g.shape), 1e-4
-            plus, minus = {**base, p: base[p].copy()}, {**base, p: base[p].copy()}
-            plus[p][i] += eps
-            minus[p][i] -= eps
-            fd = (dt.loss_and_grads(x, yy, plus)[0] - dt.loss_and_grads(x, yy, minus)[0]) / (2 * eps)
-            assert g[i] == pytest.approx(fd, rel=1e-4, abs=1e-8), (p, i)
+    assert_finite_differences(DeviceTrainer(path), xs[700:716], y[700:716])
 
 
 @pytest.mark.parametrize(
