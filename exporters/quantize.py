@@ -41,7 +41,6 @@ from edge.errors import ConfigError, ExportValidationError
 from edge.format.io import atomic_write_bytes
 from edge.format.modelinfo import META_KEY, ModelInfo, QuantInfo, fingerprint, onnx_info
 from edge.format.onnx_graph import consumers, set_metadata
-from edge.format.textweights import hashable
 from exporters.quantize_check import COMPUTE as _COMPUTE
 from exporters.quantize_check import check_quantized
 from exporters.quantize_graph import dynamic_ready, fit_ceil_pools, refuse_quantized_input
@@ -250,7 +249,7 @@ def quantize_onnx(
         extra["quantization"]["float_nodes"] = asked
     qinfo = replace(
         info,
-        fingerprint=fingerprint(hashable({k: v for k, v in stored.items() if k not in heads})),
+        fingerprint=fingerprint({k: v for k, v in stored.items() if k not in heads}),
         tensors=tensors,
         extra=extra,
     )

@@ -22,7 +22,6 @@ import numpy as np
 from edge.errors import FormatError
 from edge.format.modelinfo import ModelInfo, fingerprint
 from edge.format.onnx_graph import quantized_ops
-from edge.format.textweights import hashable
 from runtimes.lines import aligned_offsets, arena_group
 from runtimes.onnx_quant import check_quant_readers
 
@@ -303,7 +302,7 @@ def verify_fingerprint(
     for t in proto.graph.initializer:
         if t.name not in tensors and t.name not in heads:
             tensors[t.name] = decoded[t.name] if t.name in decoded else numpy_helper.to_array(t)
-    got = fingerprint(hashable(tensors))  # a string initializer (class labels) by its values
+    got = fingerprint(tensors)
     if got != info.fingerprint:
         raise FormatError(
             f"model {info.name!r}: weights fingerprint {got} differs from the exported {info.fingerprint}; "

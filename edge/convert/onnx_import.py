@@ -49,7 +49,6 @@ from edge.errors import AdapterMismatchError, ConfigError, FormatError
 from edge.format.modelinfo import META_KEY, ModelInfo, TensorInfo, fingerprint
 from edge.format.onnx_graph import consumers, keep_only, set_metadata, subgraph_reads
 from edge.format.onnx_scaffold import simplify
-from edge.format.textweights import hashable
 
 __all__ = ["ImportReport", "import_onnx", "make_adapter_ready", "read_state_dict", "WEIGHT_INPUTS"]
 
@@ -247,7 +246,7 @@ def make_adapter_ready(
             key.get(a, renamed.get(a, a)): key.get(b, renamed.get(b, b)) for a, b in tied.items()
         }
         log.warning("%s: targets hold the same values as others (tied or identical): %s", name, tied)
-    info = ModelInfo(name, fingerprint(hashable(arrays)), tensors, *io_names, extra)  # skl2onnx labels too
+    info = ModelInfo(name, fingerprint(arrays), tensors, *io_names, extra)  # skl2onnx labels too
     set_metadata(proto, META_KEY, info.to_json())
     if folded:
         check_same_outputs(before, proto)

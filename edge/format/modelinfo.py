@@ -47,7 +47,7 @@ MODEL_VERSION = 1
 
 
 def fingerprint(tensors: Mapping[str, np.ndarray]) -> str:
-    """Content hash of a model's stored weights: names, dtypes, shapes and bytes.
+    """Content hash of a model's stored weights: names, dtypes, shapes and bytes (strings by value).
 
     Computed over the tensors *as stored in the exported file* (after any layout
     change), sorted by name, so host and device agree without torch.
@@ -55,10 +55,23 @@ def fingerprint(tensors: Mapping[str, np.ndarray]) -> str:
     h = hashlib.sha256()
     for name in sorted(tensors):
         arr = np.ascontiguousarray(tensors[name])
+        if arr.dtype.kind == "O":  # onnx's STRING tensors (skl2onnx's class labels): by value, not by pointer
+            arr = _text_bytes(arr)
         h.update(name.encode())
         h.update(b"\0" + arr.dtype.str.encode() + b"\0" + repr(tuple(arr.shape)).encode() + b"\0")
         h.update(memoryview(arr).cast("B") if arr.size else b"")  # an empty weight (no registers)
     return "sha256:" + h.hexdigest()[:32]
+
+
+def _text_bytes(a: np.ndarray) -> np.ndarray:
+    """An object array (onnx reads STRING tensors as such: its buffer holds pointers, different on every read) as a
+    length-prefixed UTF-8 encoding of its shape and items, typed ``S1``: no ONNX initializer reads as that type, so
+    no numeric tensor of the same bytes hashes alike, and a changed label still changes the fingerprint."""
+    parts = [b"str", repr(tuple(a.shape)).encode()]
+    for item in a.reshape(-1):
+        b = item if isinstance(item, bytes) else str(item).encode("utf-8", "surrogatepass")
+        parts += [len(b).to_bytes(8, "little"), b]
+    return np.frombuffer(b"".join(parts), "S1")
 
 
 def source_fingerprint(state: Mapping[str, np.ndarray]) -> str:
