@@ -193,13 +193,16 @@ class Runtime(AdapterHolder):
         :class:`~edge.fusion.SaturationError` unless ``clip=True`` (a bool; clipped, counted in :attr:`clipped`); a
         single adapter at weight 1 keeps the clip it was loaded with (its writes are prepared at load).
         """
-        self._check_open()
-        target = normalise(spec)
-        check_clip(clip)
+        if self._closed:  # the checks inline, their calls only to raise: right after a background build every
+            self._check_open()  # call of a switch is a run of cache misses (~1-2 us each; A19)
+        target = {spec: 1.0} if type(spec) is str else normalise(spec)  # a plain str: what normalise gives
+        if clip is not True and clip is not False:
+            check_clip(clip)
         writes = [] if head is None else head_writes(self.info, head)  # checked whatever it is ({} writes nothing)
         head_write = self.backend.prepare(writes) if writes else None
         with self._lock:
-            self._check_open()
+            if self._closed:
+                self._check_open()
             p = self._adapters.get(spec) if type(spec) is str else None  # the common case: one lookup
             if p is None and len(target) == 1 and next(iter(target.values())) == 1.0:  # e.g. {"a": 1.0}
                 p = self._adapters.get(next(iter(target)))
@@ -219,7 +222,7 @@ class Runtime(AdapterHolder):
                 restore = self.backend.prepare([WeightWrite(t, pos, b) for t, (pos, b) in touched.items()])
             undo = self._empty if fast and p.layout is self._layout else self._restore  # all its entries rewritten
             heads = () if head_write is None else (head_write,)
-            old_heads = self._heads_now(writes)  # the head as it is: put back with the old state if the write fails
+            old_heads = self._heads_now(writes) if writes else []  # the head as it is: put back if the write fails
             try:
                 self.backend.write(undo, apply, *heads)
             except BaseException:  # cut short (a Ctrl-C between two writes) or failed: back to the state it found
@@ -322,6 +325,13 @@ class Runtime(AdapterHolder):
                 raise RuntimeClosedError(f"this runtime ({self.model_path.name}) was closed during the run") from e
             if type(e).__name__ == "InvalidArgument" and type(e).__module__.startswith("onnxruntime"):
                 raise ConfigError(f"onnxruntime refused the inputs: {e}") from e
+            free = [s.name for s in self._inputs.values() if s.dtype is not None and s.shape is None]
+            if free and type(e).__name__ == "Fail" and type(e).__module__.startswith("onnxruntime"):
+                first = (str(e).strip().splitlines() or [""])[0][:300]  # a kernel's refusal of a shape it was fed
+                raise ConfigError(
+                    f"the model could not run these inputs ({first}); input(s) {free[:5]} declare no shape in the "
+                    "model file, so their shapes are not checked before a run: feed the shapes the model was made for"
+                ) from e
             raise
 
     def _check_outputs(self, outputs) -> tuple[str, ...]:

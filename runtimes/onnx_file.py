@@ -22,6 +22,7 @@ import numpy as np
 from edge.errors import FormatError
 from edge.format.modelinfo import ModelInfo, fingerprint
 from edge.format.onnx_graph import quantized_ops
+from edge.format.onnx_proto import elem_type, load_model, pb2, to_array, value_info
 from runtimes.lines import aligned_offsets, arena_group
 from runtimes.onnx_quant import check_quant_readers
 
@@ -71,15 +72,11 @@ def parse_graph(buf):
 
 def parse_graph_bytes(buf):
     """:func:`parse_graph`'s two results and the serialised model without initializers (:func:`graph_bytes`)."""
-    import onnx
-
     try:
         small, inits = _split(buf)
-        return onnx.load_model_from_string(small), inits, small
     except (ValueError, IndexError, UnicodeDecodeError) as e:
         raise FormatError(f"not a readable ONNX model: {e}") from e
-    except Exception as e:  # protobuf raises DecodeError and friends
-        raise FormatError(f"not a readable ONNX model: {e}") from e
+    return load_model(small), inits, small
 
 
 def _split(buf) -> tuple[bytes, dict[str, Stored]]:
@@ -183,9 +180,7 @@ def _varint_bytes(x: int) -> bytes:
 
 
 def tensor_proto(buf, stored: Stored):
-    import onnx
-
-    return onnx.TensorProto.FromString(bytes(buf[stored.span[0] : stored.span[1]]))
+    return pb2().TensorProto.FromString(bytes(buf[stored.span[0] : stored.span[1]]))
 
 
 #: ONNX data types a writable tensor may have (TensorProto FLOAT, UINT8, INT8): float weights, quantized ones
@@ -251,8 +246,6 @@ def take_writable(
     ``dtypes`` names the element type each tensor must have (``"int8"`` for a quantized target);
     every other writable tensor must be float32 (checked first: :func:`writable_dtypes`).
     """
-    from onnx import numpy_helper
-
     want = writable_dtypes(inits, writable, dtypes)
     offset, live, totals = {}, {}, {}
     for dt in set(want.values()):  # every tensor on a cache line, the arena too: a structured mask's blocks are lines
@@ -270,7 +263,7 @@ def take_writable(
                 view.byteswap(inplace=True)
         else:  # float_data / int32_data: rare, let onnx decode it (its count checked: a short list is no shape)
             try:
-                values = numpy_helper.to_array(tensor_proto(buf, t)).reshape(-1)
+                values = to_array(tensor_proto(buf, t)).reshape(-1)
             except (ValueError, TypeError) as e:
                 raise FormatError(
                     f"initializer {name!r}: its stored values do not fill its shape {list(t.dims)} ({e}); the file "
@@ -287,27 +280,43 @@ def verify_fingerprint(
     """Check the weights (``live`` arena views, the graph's other initializers) against ``info.fingerprint``.
     ``decoded``: graph initializers already decoded from these very protos (:func:`quant_constants`' scales and zero
     points), hashed as they are rather than decoded again (an int8 MiniLM's 78 of its 141)."""
-    from onnx import numpy_helper
-
-    sparse = [s.values.name[:80] for s in proto.graph.sparse_initializer]  # edge import-onnx stores them dense
-    if sparse:  # onnxruntime would run one in place of the initializer of its name, unhashed
-        raise FormatError(
-            f"model {info.name!r} holds sparse initializer(s) {sparse[:5]}, which its weights fingerprint does not "
-            "cover (an edge import-onnx before this release left them sparse, or the file was changed after it): "
-            "import the original file again (edge import-onnx stores them dense, in the fingerprint)"
+    sparse = _sparse_tensors(proto)  # edge import-onnx stores them all dense (bodies too), size-checked
+    if sparse:  # onnxruntime would run one unhashed, densified at load whatever dims it declares (a 359-byte file
+        raise FormatError(  # with a body Constant of [65536, 1024] took 778 MB at session load)
+            f"model {info.name!r} holds sparse tensor(s) {sparse[:5]}, which its weights fingerprint does not "
+            "cover and onnxruntime would make dense at load, unchecked (an edge import-onnx before this release left "
+            "them sparse, or the file was changed after it): import the original file again (edge import-onnx "
+            "stores them dense, their size checked)"
         )
     heads = {t.initializer for t in info.tensors.values() if t.head}  # runtime-owned (edge.route.taps): not weights
     tensors = {k: v for k, v in live.items() if k not in heads}
     decoded = decoded or {}
     for t in proto.graph.initializer:
         if t.name not in tensors and t.name not in heads:
-            tensors[t.name] = decoded[t.name] if t.name in decoded else numpy_helper.to_array(t)
+            tensors[t.name] = decoded[t.name] if t.name in decoded else to_array(t)
     got = fingerprint(tensors)
     if got != info.fingerprint:
         raise FormatError(
             f"model {info.name!r}: weights fingerprint {got} differs from the exported {info.fingerprint}; "
             f"the file was modified after export ({_modified_how(proto, info)})"
         )
+
+
+def _sparse_tensors(proto) -> list[str]:
+    """Names of the model's sparse initializers and ``Constant`` sparse values: in the main graph, in local functions
+    and in every graph an op holds (If/Loop/Scan, SequenceMap, contrib ops), at any depth."""
+    out = [s.values.name[:80] for s in proto.graph.sparse_initializer]
+    todo = [proto.graph.node, *(f.node for f in proto.functions)]
+    while todo:
+        for n in todo.pop():
+            for a in n.attribute:
+                if a.name == "sparse_value" and n.op_type == "Constant":
+                    out.append(n.output[0][:80] if n.output else "?")
+                elif a.type in (a.GRAPH, a.GRAPHS):
+                    for g in [a.g] if a.type == a.GRAPH else a.graphs:
+                        out += [s.values.name[:80] for s in g.sparse_initializer]
+                        todo.append(g.node)
+    return out
 
 
 def _modified_how(proto, info: ModelInfo) -> str:
@@ -347,20 +356,13 @@ _CONTROL_FLOW = {"If", "Loop", "Scan", "SequenceMap"}  # the standard operators 
 
 def add_inputs(proto, names: Sequence[str], live: Mapping[str, np.ndarray]) -> None:
     """Declare ``names`` as graph inputs of their stored shape and element type."""
-    from onnx import helper
-
-    proto.graph.input.extend(
-        helper.make_tensor_value_info(k, helper.np_dtype_to_tensor_dtype(live[k].dtype), list(live[k].shape))
-        for k in names
-    )
+    proto.graph.input.extend(value_info(k, elem_type(live[k].dtype), list(live[k].shape)) for k in names)
 
 
 def quant_constants(proto, info: ModelInfo) -> dict[str, np.ndarray]:
     """The scale and zero-point initializers the metadata names, read-only, checked to exist and be finite."""
-    from onnx import numpy_helper
-
     wanted = {n for t in info.tensors.values() if t.quant is not None for n in (t.quant.scale, t.quant.zero_point)}
-    found = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer if t.name in wanted}
+    found = {t.name: to_array(t) for t in proto.graph.initializer if t.name in wanted}
     missing = sorted(wanted - set(found))
     if missing:
         raise FormatError(f"model {info.name!r} names quantization constants it does not have: {missing[:5]}")
@@ -382,11 +384,9 @@ def quant_constants(proto, info: ModelInfo) -> dict[str, np.ndarray]:
 
 def external_stub(name: str, arr: np.ndarray, location: str):
     """An initializer with no data: onnxruntime takes its values from ``add_external_initializers``."""
-    import onnx
-    from onnx import helper
-
-    t = onnx.TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(arr.dtype), dims=list(arr.shape))
-    t.data_location = onnx.TensorProto.EXTERNAL
+    proto = pb2().TensorProto
+    t = proto(name=name, data_type=elem_type(arr.dtype), dims=list(arr.shape))
+    t.data_location = proto.EXTERNAL
     entry = t.external_data.add()
     entry.key, entry.value = "location", location
     return t

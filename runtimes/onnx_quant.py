@@ -55,8 +55,6 @@ _ACTIVATION_QDQ = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"
 def _dequantized_weights(graph) -> list[str]:
     """Stored tensors (initializers, ``Constant`` outputs) that a ``DequantizeLinear`` of ``graph`` or of its
     If/Loop/Scan bodies reads as its integers."""
-    import onnx
-
     graphs, nodes, stored = [graph], [], set()
     while graphs:
         g = graphs.pop()
@@ -66,7 +64,7 @@ def _dequantized_weights(graph) -> list[str]:
             if node.op_type == "Constant":
                 stored.update(node.output)
             for attr in node.attribute:
-                graphs.extend([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs))
+                graphs.extend([attr.g] if attr.type == attr.GRAPH else list(attr.graphs))
     return sorted({n.input[0] for n in nodes if n.op_type == "DequantizeLinear" and n.input and n.input[0] in stored})
 
 

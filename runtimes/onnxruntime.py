@@ -55,6 +55,7 @@ import numpy as np
 from edge.errors import BackendUnavailableError, ConfigError
 from edge.format.feeds import onnx_input_specs
 from edge.format.modelinfo import ModelInfo, onnx_info
+from edge.format.onnx_proto import load_model, pb2
 from runtimes import onnx_file as _file
 from runtimes.base import BACKENDS, SMALL_MODEL_BYTES, ArenaBackend, BackendOptions, model_buffer
 from runtimes.loading import release_pages
@@ -110,14 +111,20 @@ class OrtBackend(OrtSessions, ArenaBackend):
 
     @classmethod
     def footprint_mb(
-        cls, model: bytes | str | os.PathLike | ModelInfo, strategy: str, providers: Sequence[str] = ()
+        cls,
+        model: bytes | str | os.PathLike | ModelInfo,
+        strategy: str,
+        providers: Sequence[str] = (),
+        dims: Mapping[str, int] | None = None,
     ) -> float:
         """Predicted resident memory (MB) that loading ``model`` with ``strategy`` adds to the process (on the CPU:
         ``providers`` change nothing here; another execution provider's device memory is not predicted).
 
         ``model`` is a path or the file bytes (the graph's parts, :mod:`runtimes.ort_footprint`), or a
         :class:`ModelInfo` (no graph: the weights, every writable weight counted as prepacked, and a rough
-        :data:`_SESSION_MB` a session: above the graph's prediction on every model measured there)."""
+        :data:`_SESSION_MB` a session: above the graph's prediction on every model measured there). ``dims``: the
+        length each dynamic input axis runs at (``{"seq": 256}``); else the model's ``max_seq_length`` or the graph's
+        bound; with none, a lower bound, logged as a warning saying what to pass (:mod:`runtimes.ort_lengths`)."""
         if isinstance(model, ModelInfo):
             sizes = {
                 t.initializer: (np.dtype(t.dtype).itemsize * prod(t.shape), t.slot) for t in model.tensors.values()
@@ -133,12 +140,16 @@ class OrtBackend(OrtSessions, ArenaBackend):
         shapes = {k: (tuple(inits[k].dims), ONNX_DTYPES.get(inits[k].dtype, _F4)) for k in writable}
         slots = {t.initializer for t in info.tensors.values() if t.slot}
         fed = slots | _only(_file.readers(proto, writable - slots), _GATHERED)  # as __init__ feeds them
-        return ort_parts(proto, shapes, fed).mb(strategy)
+        parts = ort_parts(proto, shapes, fed, dims=dims)
+        if parts.unsized:  # an engine choice under a budget weighs this figure too (edge.engine_budget)
+            log.warning("%s", parts.unsized)
+        return parts.mb(strategy)
 
     def __init__(self, model: bytes | str | os.PathLike, options: BackendOptions) -> None:
         try:
-            import onnx  # noqa: F401  (runtimes.onnx_file reads the graph with it)
             import onnxruntime as ort
+
+            pb2()  # runtimes.onnx_file reads the graph with onnx's protobuf classes (edge.format.onnx_proto)
         except ImportError as e:
             raise BackendUnavailableError(f"the onnxruntime backend needs onnx and onnxruntime: {e}") from e
         self._ort = ort
@@ -338,9 +349,7 @@ class OrtBackend(OrtSessions, ArenaBackend):
         strategy = _check_strategy(strategy or self._strategy)
         with self._parts_lock:
             if self._parts is None:
-                import onnx
-
-                self._parts = self._footprint_parts(onnx.ModelProto.FromString(self._parts_graph))
+                self._parts = self._footprint_parts(load_model(self._parts_graph))
                 self._parts_graph = b""
         return self._parts.mb(strategy)
 
@@ -348,6 +357,8 @@ class OrtBackend(OrtSessions, ArenaBackend):
         """The strategy to load with: the one asked, checked against ``options.memory_mb`` (:meth:`_check_budget`),
         or for ``auto`` the default, or under a budget the first of :attr:`AUTO_ORDER` whose prediction fits it.
         Called with the graph parsed (``self._parts`` set when there is a budget) and no weight read yet."""
+        if self._parts is not None and self._parts.unsized:  # a dynamic axis of no known length (ort_lengths)
+            log.warning("%s; memory budget %g MB weighs that lower bound", self._parts.unsized, options.memory_mb)
         if options.strategy != "auto":
             self._check_budget(options, options.strategy)
             return options.strategy

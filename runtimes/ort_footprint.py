@@ -19,7 +19,8 @@ which (:meth:`OrtParts.mb`):
     The largest sum of activation tensors alive at once when the nodes run in graph order, at ``batch``; a tensor
     lives from the node that writes it to the last that reads it, the graph's inputs and outputs throughout; what
     constants alone compute (folded when the session is built) is not an activation. Sizes come from the graph's
-    own value infos (torch.onnx writes most) with the batch axis fixed, the others from their inputs by op family
+    own value infos (torch.onnx writes most) with the batch axis fixed and any other dynamic one at the length it runs
+    at (:mod:`runtimes.ort_lengths`), the others from their inputs by op family
     (:func:`_propagated`), not from onnx's shape inference: its operator schema registry, built at its first use,
     stays resident (3.6-5 MB a process, measured) and would cost more than the prediction is worth. Each session
     holds that times :data:`ARENA_FACTOR`: its BFC arena (grown in chunks; the first run allocates tensor by tensor
@@ -48,13 +49,22 @@ h320-l4 int8's bound and rebuild 5.3 MB more (the heap's state, not the model): 
 On models exported from torch by ``exporters.onnx`` (same method, median of 2 rounds): a ResNet-18-shaped CNN
 (45 MB), a MobileNetV2-shaped one (13 MB), their dynamic int8 twins and a 1-D audio CNN hold 1.8-2.25x their activation
 peak, not 4.5 (no hidden scratch: :data:`CONV_ARENA_FACTOR`); a model indexing a 24 MB parameter (``table[ids]``)
-holds a transposed copy of it in the bound session (``per_run``); a BERT-base-shaped encoder with 2 layers and a
-dynamic sequence is predicted at its position table's length (512 tokens) but sizes the products of two activations
-(attention scores) as their larger input: 16-19 % under at 512 tokens (dynamic int8: 29-33 %), 19-40 % over at 128
-(int8: 56-110 %), adapters included. Export such a model with inputs of a fixed length, or with ``opset=23`` (one
-Attention node, as the calibration models are; not measured here).
+holds a transposed copy of it in the bound session (``per_run``). A model with a dynamic input axis (a text encoder
+exported with ``--dynamic-seq``) is sized at the length it runs at (:func:`runtimes.ort_lengths.run_axes`: ``dims``
+given, else the ``max_seq_length`` its export records, else the graph's bound, else a lower bound: a one-step run,
+said where a budget weighs it): its value infos
+(``[batch, seq, hidden]``, decomposed attention's scores ``[batch, heads, seq, seq]``) sized from it. Measured at
+64-512 tokens (same method, one round; adapters included) on BERT/RoBERTa h256-l4, DistilBERT h192-l3, BERT h128-l2
+with decomposed attention: bound -9 to +21 %, rebuild -13 to +16 %, hybrid -5 to +41 %; their dynamic int8 twins
+(128 and 512 tokens): bound -8 to +23 %, rebuild -14 to +16 %, hybrid -5 to +50 %; a fused (opset 23) BERT h256-l4:
+bound 0 to +10 %, rebuild -2 to +6 %, hybrid 0 to +16 %. The most over is hybrid at 512 tokens (its two sessions
+share heap, above), the most under rebuild at 128-256 tokens (a session holds more than 4.5x a small peak and less
+than that of a large one: fitted alone on these rows, :data:`ARENA_FACTOR` comes out at 4.5 again). A model exported
+at a fixed 512 tokens is predicted as its dynamic twin at 512, within 1 %. Before, every ``seq``-sized tensor went
+unsized: a 1-token run, 9-16 % under at 64 tokens and 34-85 % under at 512.
 Not counted: the Python process and onnxruntime's libraries (paid once a process, whatever the model), the adapters
-held (:attr:`edge.Runtime.adapter_bytes`), and a batch larger than ``batch`` (activations grow with it).
+held (:attr:`edge.Runtime.adapter_bytes`), and a batch larger than ``batch`` or a sequence longer than the length
+predicted at (activations grow with them; attention scores with the length's square).
 """
 
 from __future__ import annotations
@@ -66,6 +76,7 @@ from math import prod
 import numpy as np
 
 from edge.errors import ConfigError
+from runtimes.ort_lengths import dim_value, run_axes
 
 __all__ = ["ARENA_FACTOR", "CONSTANT_BYTES", "NODE_BYTES", "SESSION_MB", "STRATEGIES", "OrtParts", "ort_parts"]
 
@@ -82,6 +93,9 @@ ARENA_FACTOR = 4.5
 CONV_ARENA_FACTOR = 2.4
 _MB = 2**20
 _F4 = 4
+#: a tensor's elements are counted up to this (a hostile file's dims, 2**62 each or an expression of them, would
+#: overflow the float of the prediction); a tensor that large fits no device anyway
+_MAX_ELEMENTS = 2**62
 #: bytes an element of each TensorProto element type (FLOAT, UINT8, INT8, UINT16, INT16, INT32, INT64, BOOL,
 #: FLOAT16, DOUBLE, UINT32, UINT64, BFLOAT16)
 _ITEM = {1: 4, 2: 1, 3: 1, 4: 2, 5: 2, 6: 4, 7: 8, 9: 1, 10: 2, 11: 8, 12: 4, 13: 8, 16: 2}
@@ -105,10 +119,14 @@ class OrtParts:
     #: what the bound session computes from its weights on every run (a transposed table: :func:`_peak`)
     per_run: int = 0
     arena_factor: float = ARENA_FACTOR  # a session's memory per byte of the activation peak
+    #: why the activations are a lower bound (a dynamic input axis of no known length, its tensors not counted:
+    #: runtimes.ort_lengths; said where a memory budget weighs the prediction), else ""
+    unsized: str = ""
 
     def session_mb(self, bound: bool = False) -> float:
         """One session's own memory: its fixed part, its nodes, its initializers and its activations (``bound``: the
-        bound session's, with what it computes from its weights every run)."""
+        bound session's, with what it computes from its weights every run). With :attr:`unsized` set, a lower bound:
+        the tensors along an axis of unknown length are not counted (a one-step run)."""
         own = NODE_BYTES * self.nodes + CONSTANT_BYTES * self.constants + self.arena_factor * self.activations
         return SESSION_MB + (own + (self.per_run if bound else 0)) / _MB
 
@@ -123,16 +141,27 @@ class OrtParts:
         return (self.weights + packed) / _MB + sessions
 
 
-def ort_parts(proto, shapes: Mapping[str, tuple[tuple[int, ...], np.dtype]], fed: set[str], batch: int = 1) -> OrtParts:
+def ort_parts(
+    proto,
+    shapes: Mapping[str, tuple[tuple[int, ...], np.dtype]],
+    fed: set[str],
+    batch: int = 1,
+    dims: Mapping[str, int] | None = None,
+) -> OrtParts:
     """The parts of the model ``proto``'s footprint. ``proto``: its ``ModelProto`` without the writable tensors'
     data (they may be absent, data-less stubs or graph inputs; not modified); ``shapes``: each writable tensor's
-    shape and dtype; ``fed``: those fed to the prepacked session as inputs (slots, embedding tables)."""
+    shape and dtype; ``fed``: those fed to the prepacked session as inputs (slots, embedding tables); ``dims``: the
+    length each dynamic axis of the inputs runs at (``{"seq": 256}``), else :func:`runtimes.ort_lengths.run_axes`
+    finds it (the model's ``max_seq_length``, the graph's own bound); if none does, the parts say why
+    (:attr:`OrtParts.unsized`) and their :meth:`~OrtParts.mb` is a lower bound (the tensors along that axis not
+    counted, as before lengths were known)."""
     weights = sum(prod(s) * np.dtype(d).itemsize for s, d in shapes.values())
     g = proto.graph
     constants = len({t.name for t in g.initializer} | set(shapes))
-    peak, per_run = _peak(proto, shapes, batch)
+    axes, unsized = run_axes(proto, shapes, dims, batch)
+    peak, per_run = _peak(proto, shapes, axes)
     factor = CONV_ARENA_FACTOR if _convolutional(g, shapes) else ARENA_FACTOR
-    return OrtParts(weights, _packed(proto, shapes, fed), peak, len(g.node), constants, per_run, factor)
+    return OrtParts(weights, _packed(proto, shapes, fed), peak, len(g.node), constants, per_run, factor, unsized)
 
 
 #: ops whose working memory is no graph tensor, or whose output the walk cannot size from the graph
@@ -178,7 +207,7 @@ def _packed(proto, shapes, fed: set[str]) -> int:
     return sum(packs.get(k, prod(s) * np.dtype(d).itemsize) for k, (s, d) in consts.items())
 
 
-def _peak(proto, shapes, batch: int) -> tuple[int, int]:
+def _peak(proto, shapes, axes: Mapping[str, int]) -> tuple[int, int]:
     """The largest sum of activation tensors alive at once, running the nodes in graph order at ``batch``; and the
     bytes the bound session computes from the weights on every run (its weights are graph inputs, so nothing computed
     from them is folded at build): each output of a node folded from a weight, at its first input's size (torch.onnx
@@ -188,8 +217,9 @@ def _peak(proto, shapes, batch: int) -> tuple[int, int]:
     g = proto.graph
     const = {t.name: tuple(t.dims) for t in g.initializer} | {k: tuple(s) for k, (s, _) in shapes.items()}
     known = {}  # tensor -> (elements, bytes an element), from the graph's own value infos
+    dims = dict(axes)  # symbolic dim -> its length, each expression evaluated once
     for v in (*g.value_info, *g.output, *g.input):
-        if v.name not in const and (got := _declared(v, batch)) is not None:
+        if v.name not in const and (got := _declared(v, dims)) is not None:
             known[v.name] = got
     inputs = [v.name for v in g.input if v.name not in const]
     keep = {v.name for v in g.output} | set(inputs)
@@ -214,7 +244,8 @@ def _peak(proto, shapes, batch: int) -> tuple[int, int]:
         for j, o in enumerate(outs):
             if o not in live:
                 if o not in known:
-                    known[o] = _propagated(n, j, known, const)
+                    elements, item = _propagated(n, j, known, const)
+                    known[o] = min(elements, _MAX_ELEMENTS), item
                 live[o] = _bytes(known[o])
                 now += live[o]
                 if o not in keep:
@@ -235,21 +266,27 @@ def _bytes(size: tuple[int, int] | None) -> int:
     return 0 if size is None else size[0] * size[1]
 
 
-def _declared(value, batch: int) -> tuple[int, int] | None:
+def _declared(value, axes: dict[str, int | None]) -> tuple[int, int] | None:
     """(elements, bytes an element) of a value info whose shape is known once the batch axis (the first, or one
-    named ``batch``) is fixed; None if another axis is unknown or there is no shape."""
+    named ``batch``) and the inputs' dynamic axes (``axes``: name -> length) are fixed, torch's expressions of them
+    too (``Min(512, seq)``: :func:`runtimes.ort_lengths.dim_value`); None if another axis is unknown or there is no
+    shape. Each expression's value (or None) is added to ``axes``: a graph repeats a few thousand times."""
     t = value.type.tensor_type
     if not t.HasField("shape") or not t.elem_type:
         return None
     n = 1
     for i, d in enumerate(t.shape.dim):
+        if not d.HasField("dim_value") and d.dim_param not in axes:
+            axes[d.dim_param] = dim_value(d.dim_param, axes)
         if d.HasField("dim_value"):
             n *= max(d.dim_value, 1)
-        elif i == 0 or d.dim_param == "batch":
-            n *= batch
+        elif (v := axes[d.dim_param]) is not None:
+            n *= v
+        elif i == 0:
+            n *= axes["batch"]
         else:
             return None
-    return n, _ITEM.get(t.elem_type, 4)
+    return min(n, _MAX_ELEMENTS), _ITEM.get(t.elem_type, 4)
 
 
 def _propagated(node, j: int, known, const) -> tuple[int, int]:

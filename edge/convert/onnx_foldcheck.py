@@ -31,6 +31,14 @@ def check_same_outputs(before: bytes, proto) -> None:
         except (KeyError, TypeError, ValueError):
             log.warning("the folded graph was not checked: input %r has element type %s", v.name[:80], v.type)
             return
+        if not v.type.tensor_type.HasField("shape"):  # not even a rank to make an input of: said, not guessed
+            log.warning(
+                "the folded graph was not checked against the original: input %r declares no shape (not even its "
+                "rank); run both on your data to compare, or give the input a shape before importing "
+                "(model.graph.input[i].CopyFrom(onnx.helper.make_tensor_value_info(name, elem_type, dims)))",
+                v.name[:80],
+            )
+            return
         shape = [d.dim_value if d.dim_value > 0 else 2 for d in v.type.tensor_type.shape.dim]
         total += prod(shape) * max(dtype.itemsize, 4)  # Python ints: a hostile shape is not allocated
         if total > MAX_CHECK_BYTES:  # the inputs together: forty of 255 MB each are 10 GB

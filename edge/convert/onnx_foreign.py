@@ -5,19 +5,23 @@ do, never written to fail later at load (or to run with a weight left out of the
 :func:`foreign_metadata` takes over a ``metadata_props`` entry another tool wrote under this project's key;
 :func:`check_graph` refuses what onnxruntime cannot load or edge.Runtime cannot feed (an IR version or opset newer than
 onnx knows, an opset before 7 that onnxruntime cannot load, a node domain with no opset declared, no outputs, a name
-defined twice, an input that is no tensor or has no shape); :func:`densify_sparse` stores ``sparse_initializer``
-weights and ``Constant`` nodes' ``sparse_value`` dense, their size checked before anything is allocated, so they
-are in the fingerprint (it hashes the graph's initializers) and can be targets.
+defined twice, an input that is no tensor; an input with no shape at all, as converters write fully dynamic ones, is
+kept: edge.Runtime then checks its feeds' dtype only); :func:`densify_sparse` stores ``sparse_initializer``
+weights and ``Constant`` nodes' ``sparse_value`` dense, their total size checked against protobuf's 2 GB limit
+before anything is allocated, so they are in the fingerprint (it hashes the graph's initializers) and can be
+targets; :func:`trim_doc_strings` cuts every doc string the file holds.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from functools import cache
 from math import prod
 
 import numpy as np
 
+from edge.convert.onnx_source import PROTOBUF_LIMIT
 from edge.errors import ConfigError, FormatError
 from edge.format.modelinfo import META_KEY, MODEL_FORMAT
 
@@ -27,7 +31,8 @@ log = logging.getLogger("edge.convert.onnx_import")
 
 #: the oldest default-domain opset onnxruntime guarantees to run (older files fail at load: e.g. Gemm-6)
 MIN_OPSET = 7
-_DENSE_LIMIT = (1 << 31) - 1  # protobuf's limit on one file: a dense weight past it could never be written
+#: the largest dimension a sparse tensor may declare (no real weight has a longer axis)
+_MAX_DIM = 2**31 - 1
 DOC_LIMIT = 4096  # characters of a doc_string kept (a converter's may be megabytes: held by every session)
 
 
@@ -87,7 +92,6 @@ def check_graph(proto, name: str) -> None:
             f"ONNX model {name!r} declares no graph outputs, so a run could return nothing; re-export it with its "
             "outputs (torch.onnx.export(..., output_names=[...]))"
         )
-    inits = {t.name for t in graph.initializer}
     for v in graph.input:
         if v.type.WhichOneof("value") != "tensor_type":
             kind = (v.type.WhichOneof("value") or "").removesuffix("_type")
@@ -95,11 +99,10 @@ def check_graph(proto, name: str) -> None:
                 f"ONNX model {name!r}: input {v.name[:80]!r} is {'a ' + kind if kind else 'of no type'}, not a tensor "
                 "(edge.Runtime feeds tensors only); re-export the model with tensor inputs"
             )
-        if not v.type.tensor_type.HasField("shape") and v.name not in inits:
+        if not v.type.tensor_type.elem_type:  # (no shape is fine: any rank, its dtype checked at every run)
             raise ConfigError(
-                f"ONNX model {name!r}: input {v.name[:80]!r} declares no shape (not even its rank), which edge.Runtime "
-                "checks every feed against; re-export it with input shapes (symbolic dims such as 'batch' are fine), "
-                "or set them: onnx.tools.update_model_dims.update_inputs_outputs_dims(model, {name: [dims]}, {})"
+                f"ONNX model {name!r}: input {v.name[:80]!r} declares no element type, so no feed can be checked or "
+                "run; re-export the model with typed inputs"
             )
     _defined_once(graph, name)
 
@@ -138,41 +141,77 @@ def _defined_once(graph, name: str) -> None:
 
 
 def densify_sparse(proto, name: str) -> list[str]:
-    """Store the graph's ``sparse_initializer`` tensors as dense initializers, and ``Constant`` nodes' ``sparse_value``
-    as ``value``; return the initializers made dense. Dims, indices and data sizes are checked before allocating."""
+    """Store the ``sparse_initializer`` tensors of the graph and its If/Loop/Scan bodies as dense initializers, and
+    ``Constant`` nodes' ``sparse_value`` (bodies too: onnxruntime densifies them at load) as ``value``; return the main
+    graph's initializers made dense. Every tensor's dims, data type and indices are checked, and their dense sizes
+    summed against :data:`PROTOBUF_LIMIT` with the rest of the model, before anything is allocated."""
     from onnx import helper
 
-    graph = proto.graph
-    taken = {t.name for t in graph.initializer}
+    graphs = _graphs(proto.graph)
+    found = [(g, sp, None) for g in graphs for sp in g.sparse_initializer]
+    found += [
+        (g, a.sparse_tensor, n)
+        for g in graphs
+        for n in g.node
+        if n.op_type == "Constant" and n.domain in ("", "ai.onnx")
+        for a in n.attribute
+        if a.name == "sparse_value"
+    ]
+    if not found:
+        return []
+    sizes = [_dense_bytes(sp, name) for _, sp, _ in found]  # each checked; nothing allocated yet
+    rest = proto.ByteSize() - sum(sp.ByteSize() for _, sp, _ in found)
+    if rest + sum(sizes) > PROTOBUF_LIMIT:
+        big = max(range(len(found)), key=sizes.__getitem__)
+        sp = found[big][1]
+        raise FormatError(
+            f"ONNX model {name!r}: sparse tensor {sp.values.name[:80]!r} of dims {list(sp.dims)[:8]} is "
+            f"{sizes[big]:,} bytes stored dense ({len(found)} sparse tensor(s): {sum(sizes):,} bytes dense, with the "
+            f"model's other {rest:,} bytes), over protobuf's 2 GB limit ({PROTOBUF_LIMIT:,} bytes) on the one "
+            "self-contained file edge imports to; export the model with its weights dense, under that limit "
+            "(a sparse tensor declaring dims it does not hold is a broken or hostile file)"
+        )
     made: list[str] = []
-    for sp in graph.sparse_initializer:
+    taken = {t.name for g in graphs for t in g.initializer}
+    for g, sp, node in found:
         dense = _dense(sp, name)
+        if node is not None:
+            dense.name = node.output[0] if node.output else dense.name
+            node.ClearField("attribute")
+            node.attribute.append(helper.make_attribute("value", dense))
+            continue
         if dense.name in taken:
             raise FormatError(
                 f"ONNX model {name!r}: {dense.name[:80]!r} is both an initializer and a sparse initializer; export "
                 "the model again"
             )
         taken.add(dense.name)
-        graph.initializer.append(dense)
-        made.append(dense.name)
-    graph.ClearField("sparse_initializer")
-    for node in graph.node:
-        if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
-            for attr in node.attribute:
-                if attr.name == "sparse_value":
-                    dense = _dense(attr.sparse_tensor, name)
-                    dense.name = node.output[0] if node.output else dense.name
-                    node.ClearField("attribute")
-                    node.attribute.append(helper.make_attribute("value", dense))
-                    break
+        g.initializer.append(dense)
+        made += [dense.name] if g is proto.graph else []
+    for g in graphs:
+        g.ClearField("sparse_initializer")
     if made:
         log.info("%s: %d sparse initializer(s) stored dense: %s", name, len(made), made[:5])
     return made
 
 
-def _dense(sp, name: str):
-    """One SparseTensorProto as a dense TensorProto (values at their indices, zero elsewhere)."""
-    from onnx import TensorProto, helper, numpy_helper
+def _graphs(graph) -> list:
+    """``graph`` and every If/Loop/Scan body in it, nested ones too."""
+    from onnx import AttributeProto
+
+    out, todo = [], [graph]
+    while todo:
+        g = todo.pop()
+        out.append(g)
+        for n in g.node:
+            for a in n.attribute:
+                todo += [a.g] if a.type == AttributeProto.GRAPH else list(a.graphs)
+    return out
+
+
+def _dense_bytes(sp, name: str) -> int:
+    """The dense size of one SparseTensorProto, from its header alone (dims, data types): nothing allocated."""
+    from onnx import TensorProto, helper
 
     what = f"ONNX model {name!r}: sparse tensor {sp.values.name[:80]!r}"
     if any(t.data_location == TensorProto.EXTERNAL for t in (sp.values, sp.indices)):
@@ -180,16 +219,30 @@ def _dense(sp, name: str):
             f"{what} keeps its values in external data, which is not read for sparse tensors; save the model with "
             "its sparse tensors inline (onnx.save(model, path, save_as_external_data=False))"
         )
-    dims = [int(d) for d in sp.dims]
+    integers = (TensorProto.INT64, TensorProto.INT32, TensorProto.INT16, TensorProto.INT8, TensorProto.UINT64)
+    if sp.indices.data_type not in (*integers, TensorProto.UINT32, TensorProto.UINT16, TensorProto.UINT8):
+        raise FormatError(  # (onnxruntime reads any integer type; each is made int64 here)
+            f"{what}: its indices are of ONNX data type {sp.indices.data_type}, not an integer type (ONNX asks for "
+            "int64); export the model again"
+        )
     try:
         item = helper.tensor_dtype_to_np_dtype(sp.values.data_type).itemsize
     except (KeyError, TypeError, ValueError):
         raise FormatError(f"{what} has values of unknown ONNX data type {sp.values.data_type}") from None
-    if any(d < 0 for d in dims) or prod(dims) * item > _DENSE_LIMIT:  # Python ints: checked before allocating
-        raise ConfigError(
-            f"{what} declares dims {dims[:8]}: stored dense that is over protobuf's 2 GB limit on one ONNX file "
-            f"({_DENSE_LIMIT:,} bytes), which edge imports to; export the model with dense weights of a smaller size"
+    dims = [int(d) for d in sp.dims]
+    if any(d < 0 or d > _MAX_DIM for d in dims):  # [0, 2**62] is empty, yet no array of that shape can be made
+        raise FormatError(
+            f"{what} declares dims {dims[:8]}: a negative dimension or one over {_MAX_DIM:,}; export the model again"
         )
+    return prod(dims) * item  # Python ints: a hostile shape cannot wrap around
+
+
+def _dense(sp, name: str):
+    """One SparseTensorProto (checked by :func:`_dense_bytes`) as a dense TensorProto (zero but at its indices)."""
+    from onnx import numpy_helper
+
+    what = f"ONNX model {name!r}: sparse tensor {sp.values.name[:80]!r}"
+    dims = [int(d) for d in sp.dims]
     try:
         values = numpy_helper.to_array(sp.values).reshape(-1)
         indices = numpy_helper.to_array(sp.indices).astype(np.int64, copy=False)
@@ -213,11 +266,49 @@ def _dense(sp, name: str):
 
 
 def trim_doc_strings(proto) -> int:
-    """Cut the model's, its graph's and its nodes' ``doc_string`` to :data:`DOC_LIMIT` characters (the device
-    runtime reads and parses the file whole); return how many were cut."""
-    cut = 0
-    for holder in [proto, proto.graph, *proto.graph.node]:
-        if len(holder.doc_string) > DOC_LIMIT:
-            holder.doc_string = holder.doc_string[:DOC_LIMIT] + " [cut by edge import-onnx]"
+    """Cut every ``doc_string`` the model holds to :data:`DOC_LIMIT` characters: the model's, its graphs' (If/Loop/Scan
+    bodies too), nodes', attributes', initializers', value infos' and functions' (the device runtime reads and parses
+    the file whole, and a session holds the graph); return how many were cut. Tensors' data is never read."""
+    cut, todo = 0, [proto]
+    while todo:
+        m = todo.pop()  # (TrainingInfoProto, SparseTensorProto: no doc_string of their own, only deeper)
+        if "doc_string" in m.DESCRIPTOR.fields_by_name and len(m.doc_string) > DOC_LIMIT:
+            m.doc_string = m.doc_string[:DOC_LIMIT] + " [cut by edge import-onnx]"
             cut += 1
+        for field, repeated in _message_fields().get(m.DESCRIPTOR.full_name, ()):
+            if repeated:
+                todo += getattr(m, field)
+            elif m.HasField(field):
+                todo.append(getattr(m, field))
     return cut
+
+
+@cache
+def _message_fields() -> dict[str, tuple]:
+    """ONNX message type -> ``(field, repeated)`` of its fields holding messages that hold a ``doc_string`` (there
+    or deeper)."""
+    import onnx
+
+    def holds(desc, seen) -> bool:
+        if "doc_string" in desc.fields_by_name:
+            return True
+        seen.add(desc.full_name)
+        return any(
+            f.message_type and f.message_type.full_name not in seen and holds(f.message_type, seen) for f in desc.fields
+        )
+
+    out, todo = {}, [onnx.ModelProto.DESCRIPTOR]
+    while todo:
+        desc = todo.pop()
+        if desc.full_name in out:
+            continue
+        fields = [f for f in desc.fields if f.message_type and holds(f.message_type, set())]
+        out[desc.full_name] = tuple((f.name, _repeated(f)) for f in fields)
+        todo += [f.message_type for f in fields]
+    return out
+
+
+def _repeated(field) -> bool:
+    """Whether a protobuf field is repeated (``is_repeated`` from protobuf 6, ``label`` before)."""
+    is_repeated = getattr(field, "is_repeated", None)
+    return bool(is_repeated) if is_repeated is not None else field.label == field.LABEL_REPEATED

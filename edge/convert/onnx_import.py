@@ -45,6 +45,8 @@ from edge.convert.onnx_source import (
     weights_off_inputs,
     why_no_weights,
 )
+from edge.convert.onnx_valueinfo import drop_stale_value_info
+from edge.convert.state_dict import read_state_dict
 from edge.errors import AdapterMismatchError, ConfigError, FormatError
 from edge.format.modelinfo import META_KEY, ModelInfo, TensorInfo, fingerprint
 from edge.format.onnx_graph import consumers, keep_only, set_metadata, subgraph_reads
@@ -59,7 +61,6 @@ WEIGHT_INPUTS = {"MatMul": 1, "Gemm": 1, "Conv": 1, "ConvTranspose": 1, "Gather"
 #: onnxruntime's fused ops (a file saved with ``optimized_model_filepath``) -> the op whose weight layout they keep
 FUSED = {"FusedConv": "Conv", "FusedGemm": "Gemm", "FusedMatMul": "MatMul"}
 _PASS_THROUGH = ("Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Cast")
-_MAX_STATE_DICT = 1 << 36  # bytes per safetensors file (the whole file is read into memory)
 
 
 @dataclass(frozen=True)
@@ -73,39 +74,6 @@ class ImportReport:
     missing: tuple[str, ...] = ()  # 2-D+ parameters stored in no target (folded by the exporter, or unused)
     skipped: Mapping[str, str] = field(default_factory=dict)  # weight initializer -> why it is not a target
     folded: tuple[str, ...] = ()  # initializers stored permuted so the graph reads them directly
-
-
-def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Floating-point tensors of a ``.safetensors`` file, or of ``model.safetensors`` in a Hugging Face folder.
-
-    Pickle checkpoints (``.bin``, ``.pt``) are refused: loading them runs code.
-    """
-    from edge.format.io import read_safetensors
-
-    path = Path(path)
-    if path.is_dir():
-        files = sorted(path.glob("model*.safetensors"))
-        if not files:
-            pickles = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt"))
-            hint = f" (found {pickles}: pickle, refused; re-save with safetensors)" if pickles else ""
-            raise FormatError(f"{path} has no model.safetensors{hint}")
-    elif path.exists() and not path.is_file():  # a FIFO, socket or device: named as what it is, never read
-        from edge.format.paths import not_a
-
-        raise FormatError(f"{path} {not_a(path, 'a .safetensors file or a Hugging Face model folder')}")
-    elif path.suffix != ".safetensors" and path.exists():  # a missing path: read_safetensors names it
-        raise FormatError(
-            f"{path}: state dicts are read from .safetensors files only (pickle runs code when loaded); "
-            "save one with safetensors.torch.save_file(model.state_dict(), 'model.safetensors')"
-        )
-    else:
-        files = [path]
-    out: dict[str, np.ndarray] = {}
-    for f in files:
-        for k, v in read_safetensors(f, _MAX_STATE_DICT, what="state dict").items():
-            if v.dtype.kind == "f":
-                out[k] = np.asarray(v, dtype=np.float32)
-    return out
 
 
 def import_onnx(
@@ -176,8 +144,8 @@ def make_adapter_ready(
             "load it with edge.Runtime as it is, or import the original file"
         )
     check_graph(proto, name)  # what onnxruntime could not load is refused here, not written to fail at load
-    sparse = densify_sparse(proto, name)  # sparse weights stored dense: in the fingerprint, and targets
     inlined = inline_functions(proto, name)  # torch's export_modules_as_functions: weights read inside functions
+    sparse = densify_sparse(proto, name)  # sparse weights stored dense (a function's too, inlined first): targets
     graph = proto.graph
     refuse_quantized(graph, name)
     hoisted = hoist_constants(graph, WEIGHT_INPUTS, _PASS_THROUGH)  # weights an exporter left in Constant nodes
@@ -234,6 +202,7 @@ def make_adapter_ready(
     extra["imported"].update({"sparse_densified": sparse} if sparse else {})
     extra["imported"].update({"scaffolding": scaffold} if any(scaffold.values()) else {})
     extra["imported"].update({"doc_strings_cut": cut} if (cut := trim_doc_strings(proto)) else {})
+    extra["imported"].update({"value_info_dropped": stale} if (stale := drop_stale_value_info(proto)) else {})
     extra["imported"].update({"replaced_metadata": replaced} if replaced is not None else {})
     if relabelled:
         extra["imported"]["nodes_renamed"] = relabelled

@@ -7,7 +7,8 @@ slots are graph inputs too, so a feed dict is checked against the model's *real*
 names (a weight, a slot or any other name is refused), dtype (exactly the model's, in
 native byte order; integers are converted to the model's integer type when every value
 fits, as token ids are int64 from a tokenizer and int32 in a converted TFLite model),
-rank, fixed dimensions and consistent symbolic ones. Arrays that are not C-contiguous
+rank, fixed dimensions and consistent symbolic ones (an ONNX input that declares no shape at all, as converters
+write fully dynamic ones, takes any rank: its dtype is checked). Arrays that are not C-contiguous
 are copied. Every refusal is a :class:`~edge.errors.ConfigError`.
 
 :func:`run_batched` runs many samples through a runtime in chunks, of the batch size the model's file fixes when it
@@ -63,7 +64,7 @@ class InputSpec:
 
     name: str
     dtype: np.dtype | None  # None: unknown (a backend without a reader), only the name is checked
-    shape: tuple[int | str, ...] | None
+    shape: tuple[int | str, ...] | None  # None: any rank (an ONNX input declaring no shape), the dtype is checked
 
 
 def input_specs(backend: str, model: bytes) -> dict[str, InputSpec] | None:
@@ -83,18 +84,10 @@ def names_only(names) -> dict[str, InputSpec]:
 def onnx_input_specs(model, names: tuple[str, ...] | None = None) -> dict[str, InputSpec]:
     """Specs of the graph inputs ``names`` (default: those its :class:`ModelInfo` lists) of an ONNX model's bytes
     (or of the ``onnx.ModelProto`` already parsed from them)."""
-    import onnx
-    from onnx import helper
-
     from edge.format.modelinfo import onnx_info
+    from edge.format.onnx_proto import is_model, load_model, np_dtype
 
-    if isinstance(model, onnx.ModelProto):
-        proto = model
-    else:
-        try:
-            proto = onnx.load_model_from_string(model)
-        except Exception as e:  # protobuf's DecodeError and friends
-            raise FormatError(f"not a readable ONNX model: {e}") from e
+    proto = model if is_model(model) else load_model(model)
     names = onnx_info(proto).inputs if names is None else names
     graph_inputs = {i.name: i for i in proto.graph.input}
     out = {}
@@ -104,14 +97,14 @@ def onnx_input_specs(model, names: tuple[str, ...] | None = None) -> dict[str, I
             raise FormatError(f"model metadata lists input {name!r}, which the ONNX graph lacks or is not a tensor")
         tt = vi.type.tensor_type
         try:
-            dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tt.elem_type))
+            dtype = np_dtype(tt.elem_type)
         except (KeyError, TypeError, ValueError) as e:
             raise FormatError(f"ONNX input {name!r} has an unsupported element type {tt.elem_type}") from e
         dims = tuple(
             int(d.dim_value) if d.HasField("dim_value") and d.dim_value > 0 else (d.dim_param or f"?{i}")
             for i, d in enumerate(tt.shape.dim)
         )
-        out[name] = InputSpec(name, dtype, dims)
+        out[name] = InputSpec(name, dtype, dims if tt.HasField("shape") else None)  # no shape: not even a rank
     return out
 
 
@@ -184,6 +177,9 @@ def check_feeds(feeds: object, specs: Mapping[str, InputSpec], weights: frozense
             x = _narrow(name, x, spec.dtype)  # token ids: int64 from a tokenizer, int32 in a converted model
         if x.dtype != spec.dtype:
             raise ConfigError(f"input {name!r} must be {spec.dtype}, got {x.dtype}; {dtype_hint(x.dtype, spec.dtype)}")
+        if spec.shape is None:  # the model declares no shape for it (any rank): the backend checks what it runs
+            out[name] = x if x.flags.c_contiguous else np.ascontiguousarray(x)
+            continue
         if x.ndim != len(spec.shape):
             raise ConfigError(f"input {name!r} must have {len(spec.shape)} dimensions {_show(spec)}, got {x.shape}")
         for i, (got, want) in enumerate(zip(x.shape, spec.shape)):
@@ -282,24 +278,24 @@ def _narrow(name: str, x: np.ndarray, dtype: np.dtype) -> np.ndarray:
 
 
 def _show(spec: InputSpec) -> str:
-    return "[" + ", ".join(str(d) for d in spec.shape) + "]"
+    return "of any shape" if spec.shape is None else "[" + ", ".join(str(d) for d in spec.shape) + "]"
 
 
 def output_width(model, name: str) -> int | None:
     """The last dimension of output ``name`` as declared in an ONNX model, if it is fixed (else None; None too for a
     file that is not ONNX). ``model``: the ``onnx.ModelProto`` already parsed (its graph suffices), or a path, read
     bounded (a FIFO, ``/dev/zero`` or a folder is a :class:`FormatError` naming what it is, never a hang)."""
-    import onnx
+    from edge.format.onnx_proto import is_model, load_model
 
-    if isinstance(model, onnx.ModelProto):
+    if is_model(model):
         proto = model
     else:
         from edge.format.io import read_bounded
 
         data = read_bounded(model, 1 << 40, what="model file")
         try:
-            proto = onnx.load_model_from_string(data)
-        except Exception:  # protobuf's DecodeError and friends: not an ONNX file (a .tflite)
+            proto = load_model(data)
+        except FormatError:  # not an ONNX file (a .tflite)
             return None
     for o in proto.graph.output:
         if o.name == name:
@@ -331,6 +327,11 @@ def generate_inputs(
     rng = np.random.default_rng(seed)
     feeds = {}
     for name, spec in specs.items():
+        if spec.shape is None:
+            raise ConfigError(
+                f"input {name!r} of {Path(model).name} declares no shape (not even its rank), so none can be "
+                "generated for it; pass --inputs X.npz with one array per input"
+            )
         shape = tuple(d if isinstance(d, int) else batch for d in spec.shape)
         if np.prod(shape, dtype=np.float64) * max(spec.dtype.itemsize, 8) > MAX_GENERATED_BYTES:
             raise ConfigError(
@@ -365,7 +366,7 @@ def run_batched(
 
 def fixed_batch(shapes) -> int | None:
     """The batch size the input ``shapes`` all fix (their first dimension, one and the same int), else None."""
-    firsts = {s[0] if s else None for s in shapes}
+    firsts = {s[0] if s else None for s in shapes}  # (None: an input of any shape fixes nothing)
     b = firsts.pop() if len(firsts) == 1 else None
     return b if isinstance(b, int) and b > 0 else None
 

@@ -71,12 +71,10 @@ def consumers(graph) -> dict[str, list]:
 
 def subgraph_reads(graph) -> set[str]:
     """Names read by nodes inside If/Loop/Scan bodies, which the main graph's consumer map does not see."""
-    import onnx
-
     names: set[str] = set()
     for node in graph.node:
         for attr in node.attribute:
-            for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
+            for sub in [attr.g] if attr.type == attr.GRAPH else list(attr.graphs):
                 names.update(i for n in sub.node for i in n.input)
                 names |= subgraph_reads(sub)
     return names
@@ -84,8 +82,6 @@ def subgraph_reads(graph) -> set[str]:
 
 def quantized_ops(graph) -> list[str]:
     """The quantized op types of ``graph`` and of its If/Loop/Scan bodies (sorted; empty for a float graph)."""
-    import onnx
-
     found: set[str] = set()
     graphs = [graph]
     while graphs:
@@ -93,7 +89,7 @@ def quantized_ops(graph) -> list[str]:
             if node.op_type in QUANTIZED_OPS or node.op_type.startswith(QUANTIZED_PREFIXES):
                 found.add(node.op_type)
             for attr in node.attribute:
-                graphs.extend([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs))
+                graphs.extend([attr.g] if attr.type == attr.GRAPH else list(attr.graphs))
     return sorted(found)
 
 

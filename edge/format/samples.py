@@ -257,10 +257,12 @@ def check_headers(path, headers: Mapping[str, tuple], inputs: tuple[str, ...], s
                 f"{path}: {key!r} holds {shape[0]} samples for {y_shape[0]} labels in 'y'; give one label per sample"
             )
         spec = (specs or {}).get(name)
-        if spec is None or spec.dtype is None or spec.shape is None:
+        if spec is None or spec.dtype is None:
             continue
         if dtype.newbyteorder("=") != spec.dtype and not (dtype.kind in "iu" and spec.dtype.kind in "iu"):
             raise ConfigError(f"{path}: {key!r} is {dtype}; input {name!r} takes {spec.dtype} (save it as that)")
+        if spec.shape is None:  # the model declares no shape for it (any rank): its dtype is all there is to check
+            continue
         fixed = [d if isinstance(d, int) else None for d in spec.shape[1:]]
         if len(shape) != len(spec.shape) or any(w is not None and g != w for g, w in zip(shape[1:], fixed)):
             takes = ", ".join(str(d) for d in spec.shape[1:])

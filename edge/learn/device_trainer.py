@@ -108,7 +108,7 @@ class DeviceTrainer:
         batch: int = 256,
         threads: int | None = 1,
     ) -> None:
-        from edge.convert.onnx_source import read_onnx
+        from edge.convert.onnx_read import read_model
         from edge.format.modelinfo import onnx_info
 
         if epochs < 1 or lr <= 0 or weight_decay < 0 or batch < 1:
@@ -116,7 +116,7 @@ class DeviceTrainer:
                 f"the device trainer needs epochs >= 1, lr > 0, weight_decay >= 0, batch >= 1; got {epochs}, {lr}, "
                 f"{weight_decay}, {batch}"
             )
-        self._proto = read_onnx(model_path)  # bounded, regular files only: a FIFO or /dev/zero is a FormatError
+        self._proto = read_model(model_path)  # bounded, regular files only: a FIFO or /dev/zero is a FormatError
         self.info = info if info is not None else onnx_info(self._proto)
         self.epochs, self.lr, self.weight_decay, self.seed, self.batch = epochs, lr, weight_decay, seed, batch
         self.threads = threads
@@ -125,10 +125,14 @@ class DeviceTrainer:
         self._session = None
 
     def __getstate__(self) -> dict:  # an onnxruntime session does not pickle
-        return {**self.__dict__, "_session": None}
+        # the graph as bytes: pickle would import its class's module, onnx.onnx_ml_pb2, running all of onnx's
+        # __init__ (ml_dtypes) in GrowthJob's child before its first step; parsed back with the classes alone
+        return {**self.__dict__, "_session": None, "_proto": self._proto.SerializeToString()}
 
     def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
+        from edge.format.onnx_proto import load_model
+
+        self.__dict__.update(state, _proto=load_model(state["_proto"]))
         remember(self.info, self._tail)  # the tail layer sets, in a child process too
 
     @property
@@ -223,17 +227,17 @@ class DeviceTrainer:
 
     def _run_session(self):
         if self._session is None:
-            import onnx
             import onnxruntime as ort
-            from onnx import TensorProto, helper
 
-            exposed = onnx.ModelProto()
+            from edge.format.onnx_proto import pb2, value_info
+
+            exposed = pb2().ModelProto()
             exposed.CopyFrom(self._proto)
             have = {o.name for o in exposed.graph.output}
             t = self._tail
             for name in (t.input, *t.residuals, t.logits):
                 if name not in have:
-                    exposed.graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, None))
+                    exposed.graph.output.append(value_info(name, 1, None))  # FLOAT, any shape
             so = ort.SessionOptions()
             so.intra_op_num_threads = self.threads or 0
             so.log_severity_level = 3

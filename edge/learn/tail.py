@@ -53,7 +53,9 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from edge.convert.onnx_read import attribute_value
 from edge.errors import ConfigError
+from edge.format.onnx_proto import to_array
 from edge.learn.graph_patterns import LeadingDims, batch_flatten, depends, erf_gelu_input, silu_input
 from edge.learn.space import LAYER_SETS, Arch
 from edge.learn.tail_ops import Linear, Op, reshape
@@ -137,19 +139,17 @@ class Tail:
 
 def find_tail(proto, info) -> Tail:
     """The tail of the model (see the module doc); ConfigError when no linear classifier makes its logits."""
-    from onnx import helper, numpy_helper
-
     g = proto.graph
     where = f"model {info.name!r}"
-    consts = {i.name: numpy_helper.to_array(i).astype(np.float64) for i in g.initializer}
+    consts = {i.name: to_array(i).astype(np.float64) for i in g.initializer}
     for n in g.node:  # constants, and the small shape arithmetic exporters leave on them
         if n.op_type == "Constant" and n.attribute:
-            v = helper.get_attribute_value(n.attribute[0])
-            v = numpy_helper.to_array(v) if n.attribute[0].name == "value" else np.asarray(v)
+            v = attribute_value(n.attribute[0])
+            v = to_array(v) if n.attribute[0].name == "value" else np.asarray(v)
             if v.dtype.kind in "biuf":  # not strings or sparse tensors
                 consts[n.output[0]] = v.astype(np.float64)
         elif n.op_type in ("Reshape", "Identity", "Cast", "Squeeze", "Unsqueeze") and all(i in consts for i in n.input):
-            a = {k.name: helper.get_attribute_value(k) for k in n.attribute}
+            a = {k.name: attribute_value(k) for k in n.attribute}
             kind = "identity" if n.op_type == "Cast" else n.op_type.lower()
             c = {"axes": a.get("axes"), "allowzero": a.get("allowzero", 0)}
             if len(n.input) > 1:
@@ -179,7 +179,7 @@ def find_tail(proto, info) -> Tail:
     if (n := producer.get(logits)) is not None and n.op_type in ("Softmax", "LogSoftmax"):
         # probabilities out: the tail ends at the scores they normalise (softmax cross-entropy on those)
         opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 13)
-        axis = next((helper.get_attribute_value(a) for a in n.attribute if a.name == "axis"), -1 if opset >= 13 else 1)
+        axis = next((attribute_value(a) for a in n.attribute if a.name == "axis"), -1 if opset >= 13 else 1)
         out = next(o.type.tensor_type for o in g.output if o.name == logits)
         rank = len(out.shape.dim) if out.HasField("shape") else 0
         if axis != -1 and not (rank and axis % rank == rank - 1):
@@ -190,7 +190,7 @@ def find_tail(proto, info) -> Tail:
         logits = n.input[0]
 
     def attrs(n) -> dict:
-        return {a.name: helper.get_attribute_value(a) for a in n.attribute}
+        return {a.name: attribute_value(a) for a in n.attribute}
 
     def name(n) -> str:
         return f"{n.op_type} node {n.name or n.output[0]!r}"
@@ -373,10 +373,8 @@ def _fold_zero_bias(n, consts: dict) -> np.ndarray | None:
     before a BatchNorm is a layer of the tail (it was "its bias is not a constant"). ``CastLike`` to the type of an
     activation is folded only for zeros and ones (the same values in every type, bool too).
     """
-    from onnx import helper
-
     op, ins = n.op_type, list(n.input)
-    a = {k.name: helper.get_attribute_value(k) for k in n.attribute}
+    a = {k.name: attribute_value(k) for k in n.attribute}
     if op == "Shape" and ins and ins[0] in consts:
         return np.asarray(consts[ins[0]].shape[a.get("start", 0) : a.get("end")], np.float64)
     if op == "CastLike" and len(ins) == 2 and ins[0] in consts:

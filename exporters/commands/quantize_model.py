@@ -48,8 +48,9 @@ def refuse(src: Path, info, specs, args) -> None:
 
 
 def read_model(data: bytes, fmt: str, src: Path):
-    """(ModelInfo, input specs) of a model's bytes; FormatError for a damaged file or one without our metadata."""
-    from edge.errors import FormatError
+    """(ModelInfo, input specs) of a model's bytes; FormatError for a damaged file or one without our metadata
+    (ConfigError: an input or output declaring no shape, which onnx.checker refuses)."""
+    from edge.errors import ConfigError, FormatError
     from edge.format.feeds import onnx_input_specs, tflite_input_specs
 
     if fmt == "tflite":
@@ -75,6 +76,19 @@ def read_model(data: bytes, fmt: str, src: Path):
         raise FormatError(
             f"{src.name} keeps {external[:3]} in external data files; quantize takes one self-contained file, "
             "as exporters.export_onnx writes"
+        )
+    free = [
+        v.name
+        for v in (*proto.graph.input, *proto.graph.output)
+        if v.type.HasField("tensor_type") and not v.type.tensor_type.HasField("shape")  # (skl2onnx's maps: no tensor)
+    ]
+    if free:  # edge.Runtime runs such a file (its feeds' dtype checked); onnx's checker, so the quantizer, refuses it
+        raise ConfigError(
+            f"{src.name}: input/output {free[0][:80]!r} declares no shape (not even its rank), which onnx's checker "
+            "refuses (edge quantize checks its output with it); give the original its shapes (symbolic dims are "
+            "fine: model.graph.input[i].CopyFrom(onnx.helper.make_tensor_value_info(name, elem_type, ['batch', ...])), "
+            "outputs likewise) "
+            "and import it again (same weights, same fingerprint: its adapters still load)"
         )
     try:
         onnx.checker.check_model(proto)
