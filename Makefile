@@ -51,6 +51,7 @@ bench: $(STAMP) $(TFLITE_VENV)/.installed registry
 	$(BIN)/python -m pytest -q -m slow
 	$(BIN)/edge bench switch --peers --json bench-switch.json --md BENCHMARKS.md
 	$(BIN)/edge bench memory --json bench-memory.json --md BENCHMARKS.md
+	$(BIN)/edge bench coldstart --json bench-coldstart.json --md BENCHMARKS.md
 	$(BIN)/edge bench masks --json bench-masks.json --md BENCHMARKS.md
 	$(BIN)/edge bench update --json bench-update.json --md BENCHMARKS.md
 	$(BIN)/edge bench ood --minilm --json bench-ood.json --md BENCHMARKS.md

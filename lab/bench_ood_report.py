@@ -66,7 +66,8 @@ def markdown(r: dict) -> str:
         f"({', '.join(f'`{n}`' for n in r.get('fetched', ['logits', 'edge.vote']))}), the taps-only runs the logits "
         "and the features.",
         "",
-        "Batch 1 (a sensor stream on a device) is the headline. Overheads are medians over 40 rounds of "
+        "Batch 1 (a sensor stream on a device) is the headline. Overheads are medians over "
+        f"{o.get('batch1', {}).get('rounds', 40)} rounds of "
         "per-round ratios (each round times every contestant in a block, in random order); the pooled p50 "
         "and p10 of all runs are shown for comparison. A tap on a "
         "tensor that onnxruntime would otherwise fuse away (e.g. the Add before the last LayerNormalization, "
@@ -135,6 +136,13 @@ def markdown(r: dict) -> str:
         + f"; at batch {r['batch']} {o['batch' + str(r['batch'])]['overhead_pct']:.1f} %"
         + (
             f"; on MiniLM {r['minilm']['overhead_pct']:.1f} % at batch 1 (goal <= 3 %): **{met('minilm_overhead')}**"
+            + (
+                " (interquartile range {:.1f} to {:.1f} %)".format(
+                    *r["minilm"]["per_batch"]["batch1"]["overhead_pct_iqr"]
+                )
+                if "overhead_pct_iqr" in r["minilm"]["per_batch"].get("batch1", {})
+                else ""
+            )
             if "minilm" in r
             else ""
         )

@@ -17,7 +17,10 @@ import numpy as np
 
 from edge.machine import load_average
 
-__all__ = ["detection_overhead", "encoder_overhead", "paired_pct", "time_rounds"]
+__all__ = ["ROUNDS", "detection_overhead", "encoder_overhead", "paired_pct", "time_rounds"]
+
+#: paired rounds of the digits encoder's detection overhead (each round times every contestant in a block)
+ROUNDS = 40
 
 
 def detection_overhead(model, rt, tapped, domains, batch, backend, threads, runs, router) -> dict:
@@ -99,7 +102,7 @@ def _time_pipelines(plain, bare, headed, det, bip, x, runs, fetches) -> dict:
         "numpy": numpy_scored,
         "bipolar": bipolar,
     }
-    t, per_round = time_rounds(contestants, runs, rounds=40)
+    t, per_round = time_rounds(contestants, runs, rounds=ROUNDS)
     m = {k: p50(v) for k, v in t.items()}
     q = {k: float(np.percentile(v, 10)) for k, v in t.items()}  # the least disturbed runs: a quiet-machine view
 
@@ -113,6 +116,7 @@ def _time_pipelines(plain, bare, headed, det, bip, x, runs, fetches) -> dict:
         "numpy_ms": m["numpy"],
         "overhead_pct": paired("graph"),
         "overhead_pct_iqr": paired_iqr(per_round, "graph"),
+        "rounds": ROUNDS,
         "overhead_pct_pooled_p50": 100.0 * (m["graph"] / m["plain"] - 1.0),
         "overhead_pct_p10": 100.0 * (q["graph"] / q["plain"] - 1.0),
         "taps_pct": paired("tapped"),
@@ -199,6 +203,7 @@ def encoder_overhead(
             "plain_ms": p50(t["plain"]),
             "headed_ms": p50(t["headed"]),
             "overhead_pct": paired_pct(per_round, "headed"),
+            "overhead_pct_iqr": paired_iqr(per_round, "headed"),
             "overhead_pct_pooled_p50": 100.0 * (p50(t["headed"]) / p50(t["plain"]) - 1.0),
             # the head alone, over the taps-only model: tapping can change what onnxruntime fuses in the
             # encoder itself (on MiniLM the attn taps keep 6 of 12 SkipLayerNormalization fusions out)

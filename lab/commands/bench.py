@@ -17,6 +17,7 @@ BENCHES = {
     "update": "lab.bench_update:cli",
     "lowbit": "lab.bench_lowbit:cli",
     "memory": "lab.bench_memory:cli",
+    "coldstart": "lab.bench_coldstart:cli",
     "fleet": "lab.bench_fleet:cli",
     "masks": "lab.bench_masks:cli",
     "quantized": "lab.bench_quantized:cli",
@@ -24,9 +25,10 @@ BENCHES = {
 }
 
 #: benchmarks that take no ``--backend``: engines compares every engine beside the model, update runs the demo's
-#: ``.onnx`` on onnxruntime (its sections are about numpy updates, not engines), fleet runs no model (nor threads)
-NO_ENGINE = {"engines", "update", "fleet"}
-NO_THREADS = {"fleet"}
+#: ``.onnx`` on onnxruntime (its sections are about numpy updates, not engines), fleet runs no model (nor threads),
+#: coldstart runs ``edge.Runtime(model)`` and a plain session as a user writes them (their default engine and threads)
+NO_ENGINE = {"engines", "update", "fleet", "coldstart"}
+NO_THREADS = {"fleet", "coldstart"}
 
 #: why benchmarks pin an engine rather than follow ``edge.Runtime``'s default
 BACKEND_WHY = (
