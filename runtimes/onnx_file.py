@@ -21,7 +21,7 @@ import numpy as np
 
 from edge.errors import FormatError
 from edge.format.modelinfo import ModelInfo, fingerprint
-from edge.format.onnx_graph import quantized_ops
+from edge.format.onnx_graph import graphs, quantized_ops
 from edge.format.onnx_proto import elem_type, load_model, pb2, to_array, value_info
 from runtimes.lines import aligned_offsets, arena_group
 from runtimes.onnx_quant import check_quant_readers
@@ -305,18 +305,11 @@ def verify_fingerprint(
 def _sparse_tensors(proto) -> list[str]:
     """Names of the model's sparse initializers and ``Constant`` sparse values: in the main graph, in local functions
     and in every graph an op holds (If/Loop/Scan, SequenceMap, contrib ops), at any depth."""
-    out = [s.values.name[:80] for s in proto.graph.sparse_initializer]
-    todo = [proto.graph.node, *(f.node for f in proto.functions)]
-    while todo:
-        for n in todo.pop():
-            for a in n.attribute:
-                if a.name == "sparse_value" and n.op_type == "Constant":
-                    out.append(n.output[0][:80] if n.output else "?")
-                elif a.type in (a.GRAPH, a.GRAPHS):
-                    for g in [a.g] if a.type == a.GRAPH else a.graphs:
-                        out += [s.values.name[:80] for s in g.sparse_initializer]
-                        todo.append(g.node)
-    return out
+    every = graphs(proto.graph, proto.functions)
+    nodes = [*(n for g in every for n in g.node), *(n for f in proto.functions for n in f.node)]
+    out = [s.values.name[:80] for g in every for s in g.sparse_initializer]
+    constants = [n for n in nodes if n.op_type == "Constant" and any(a.name == "sparse_value" for a in n.attribute)]
+    return out + [n.output[0][:80] if n.output else "?" for n in constants]
 
 
 def _modified_how(proto, info: ModelInfo) -> str:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from edge.errors import FormatError
 from edge.format.modelinfo import ModelInfo, TensorInfo
-from edge.format.onnx_graph import consumers, quantized_ops, subgraph_reads
+from edge.format.onnx_graph import consumers, graphs, quantized_ops, subgraph_reads
 
 __all__ = ["check_quant_readers", "refuse_quantized_after_import"]
 
@@ -55,16 +55,11 @@ _ACTIVATION_QDQ = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"
 def _dequantized_weights(graph) -> list[str]:
     """Stored tensors (initializers, ``Constant`` outputs) that a ``DequantizeLinear`` of ``graph`` or of its
     If/Loop/Scan bodies reads as its integers."""
-    graphs, nodes, stored = [graph], [], set()
-    while graphs:
-        g = graphs.pop()
-        stored.update(t.name for t in g.initializer)
-        for node in g.node:
-            nodes.append(node)
-            if node.op_type == "Constant":
-                stored.update(node.output)
-            for attr in node.attribute:
-                graphs.extend([attr.g] if attr.type == attr.GRAPH else list(attr.graphs))
+    every = graphs(graph)
+    nodes = [n for g in every for n in g.node]
+    stored = {t.name for g in every for t in g.initializer} | {
+        o for n in nodes if n.op_type == "Constant" for o in n.output
+    }
     return sorted({n.input[0] for n in nodes if n.op_type == "DequantizeLinear" and n.input and n.input[0] in stored})
 
 

@@ -24,6 +24,7 @@ import numpy as np
 from edge.convert.onnx_source import PROTOBUF_LIMIT
 from edge.errors import ConfigError, FormatError
 from edge.format.modelinfo import META_KEY, MODEL_FORMAT
+from edge.format.onnx_graph import graphs as all_graphs
 
 __all__ = ["MIN_OPSET", "check_graph", "densify_sparse", "foreign_metadata", "trim_doc_strings"]
 
@@ -147,7 +148,7 @@ def densify_sparse(proto, name: str) -> list[str]:
     summed against :data:`PROTOBUF_LIMIT` with the rest of the model, before anything is allocated."""
     from onnx import helper
 
-    graphs = _graphs(proto.graph)
+    graphs = all_graphs(proto.graph)
     found = [(g, sp, None) for g in graphs for sp in g.sparse_initializer]
     found += [
         (g, a.sparse_tensor, n)
@@ -193,20 +194,6 @@ def densify_sparse(proto, name: str) -> list[str]:
     if made:
         log.info("%s: %d sparse initializer(s) stored dense: %s", name, len(made), made[:5])
     return made
-
-
-def _graphs(graph) -> list:
-    """``graph`` and every If/Loop/Scan body in it, nested ones too."""
-    from onnx import AttributeProto
-
-    out, todo = [], [graph]
-    while todo:
-        g = todo.pop()
-        out.append(g)
-        for n in g.node:
-            for a in n.attribute:
-                todo += [a.g] if a.type == AttributeProto.GRAPH else list(a.graphs)
-    return out
 
 
 def _dense_bytes(sp, name: str) -> int:

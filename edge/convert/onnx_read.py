@@ -44,27 +44,16 @@ def _external(proto) -> bool:
     """Whether a tensor onnx's loader would read from an external file is in ``proto``: initializers (sparse ones'
     values and indices too) and node attributes' tensors of the main graph, of local functions and of every graph
     inside them (If/Loop/Scan bodies), as ``onnx.external_data_helper`` walks them."""
+    from edge.format.onnx_graph import graphs
 
-    def ext(t) -> bool:
-        return t.data_location == _EXTERNAL
-
-    todo, nodes = [proto.graph], [f.node for f in proto.functions]
-    while todo or nodes:
-        if todo:
-            g = todo.pop()
-            if any(ext(t) for t in g.initializer) or any(ext(s.values) or ext(s.indices) for s in g.sparse_initializer):
-                return True
-            nodes.append(g.node)
-            continue
-        for node in nodes.pop():
-            for a in node.attribute:
-                if (a.HasField("t") and ext(a.t)) or any(ext(t) for t in a.tensors):
-                    return True
-                if a.HasField("sparse_tensor") and (ext(a.sparse_tensor.values) or ext(a.sparse_tensor.indices)):
-                    return True
-                todo += [a.g] if a.HasField("g") else []
-                todo += list(a.graphs)
-    return False
+    every = graphs(proto.graph, proto.functions)
+    tensors = [t for g in every for t in g.initializer]
+    sparse = [s for g in every for s in g.sparse_initializer]
+    for n in (*(n for g in every for n in g.node), *(n for f in proto.functions for n in f.node)):
+        for a in n.attribute:
+            tensors += [a.t, *a.tensors] if a.HasField("t") else a.tensors
+            sparse += [a.sparse_tensor, *a.sparse_tensors] if a.HasField("sparse_tensor") else a.sparse_tensors
+    return any(t.data_location == _EXTERNAL for t in (*tensors, *(x for s in sparse for x in (s.values, s.indices))))
 
 
 def attribute_value(attr):

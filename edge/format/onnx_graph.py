@@ -80,17 +80,25 @@ def subgraph_reads(graph) -> set[str]:
     return names
 
 
+def graphs(graph, functions=()) -> list:
+    """``graph`` and every graph a node of it holds (If/Loop/Scan bodies, any op's graph attribute), nested ones too;
+    with ``functions`` (a model's local functions), the graphs their nodes hold as well."""
+
+    def held(nodes) -> list:
+        return [g for n in nodes for a in n.attribute for g in ([a.g] if a.type == a.GRAPH else a.graphs)]
+
+    out, todo = [], [graph, *held(n for f in functions for n in f.node)]
+    while todo:
+        g = todo.pop()
+        out.append(g)
+        todo += held(g.node)
+    return out
+
+
 def quantized_ops(graph) -> list[str]:
     """The quantized op types of ``graph`` and of its If/Loop/Scan bodies (sorted; empty for a float graph)."""
-    found: set[str] = set()
-    graphs = [graph]
-    while graphs:
-        for node in graphs.pop().node:
-            if node.op_type in QUANTIZED_OPS or node.op_type.startswith(QUANTIZED_PREFIXES):
-                found.add(node.op_type)
-            for attr in node.attribute:
-                graphs.extend([attr.g] if attr.type == attr.GRAPH else list(attr.graphs))
-    return sorted(found)
+    ops = {n.op_type for g in graphs(graph) for n in g.node}
+    return sorted(op for op in ops if op in QUANTIZED_OPS or op.startswith(QUANTIZED_PREFIXES))
 
 
 def set_metadata(proto, key: str, value: str) -> None:
