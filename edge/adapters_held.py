@@ -19,13 +19,16 @@ import os
 import sys
 from collections.abc import Mapping
 from dataclasses import fields
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from edge import fusion
 from edge.errors import AdapterMismatchError, ConfigError
-from edge.format.adapter import Adapter, DenseDelta, load_adapter
-from edge.fusion import RECORD_BYTES, Layout, Prepared, check_finite, entry_bytes, merged, plain_name
+from edge.format.feeds import plain_name
+
+if TYPE_CHECKING:  # at run time imported by the first adapter held, loaded or named: a Runtime that only runs a model
+    from edge.format.adapter import Adapter  # imports neither (the adapter format, fusion, their 8 dataclasses)
+    from edge.fusion import Layout, Prepared
 
 __all__ = ["AdapterHolder", "HeldBuffers", "check_clip"]
 
@@ -65,18 +68,24 @@ class HeldBuffers:
     def walk(p: Prepared, name: str) -> tuple[dict[int, object], int]:
         """``p``'s buffers by ``id`` and the bytes of its own objects (:func:`edge.fusion.objects`), its name and its
         records: a load walks its adapter once and hands the walk to :meth:`new_bytes` and :meth:`add`."""
+        from edge import fusion
+
         owners, objects = fusion.objects(p)
-        return owners, objects + sys.getsizeof(name) + _ADAPTER_RECORDS
+        return owners, objects + sys.getsizeof(name) + _adapter_records()
 
     def new_bytes(self, walked: tuple[dict[int, object], int], leaving: Prepared | None = None) -> int:
         """Bytes an adapter (its :meth:`walk`) would add: its buffers no held adapter but ``leaving`` holds, and its
         own objects."""
         owners, objects = walked
+        from edge import fusion
+
         gone = {} if leaving is None else {k for k in fusion.data_owners(leaving) if self._buffers[k][1] == 1}
         return sum(_cost(o) for k, o in owners.items() if k not in self._buffers or k in gone) + objects
 
     def only(self, p: Prepared) -> int:
         """Bytes that only ``p`` (held) holds: what unloading it frees."""
+        from edge import fusion
+
         mine = (o for k, o in fusion.data_owners(p).items() if self._buffers[k][1] == 1)
         return sum(_cost(o) for o in mine) + self._objects[id(p)]
 
@@ -91,6 +100,8 @@ class HeldBuffers:
         self._layouts.setdefault(p.layout.key, {}).setdefault(p.layout, {})[id(p)] = p
 
     def remove(self, p: Prepared) -> None:
+        from edge import fusion
+
         layouts = self._layouts[p.layout.key]
         del layouts[p.layout][id(p)]
         if not layouts[p.layout]:
@@ -131,19 +142,26 @@ def _check_path(path: object) -> None:
 
 def _cost(buffer: object) -> int:
     """What a held buffer takes: its data and header (``sys.getsizeof``) and the record :class:`HeldBuffers` keeps."""
+    from edge.fusion import RECORD_BYTES
+
     return sys.getsizeof(buffer) + RECORD_BYTES
 
 
-#: a held adapter's records: its entries in the runtime's adapters, in HeldBuffers' objects and in its layouts, and
-#: the two dicts a new layout takes there
-_ADAPTER_RECORDS = 3 * RECORD_BYTES + 2 * sys.getsizeof({0: 0})
+def _adapter_records() -> int:
+    """A held adapter's records: its entries in the runtime's adapters, in HeldBuffers' objects and in its layouts,
+    and the two dicts a new layout takes there."""
+    from edge.fusion import RECORD_BYTES
+
+    return 3 * RECORD_BYTES + 2 * sys.getsizeof({0: 0})
 
 
 class AdapterHolder:
     """Mixin of :class:`~edge.runtime.Runtime`: its adapters. The runtime sets ``_adapters``, ``_active``, ``_held``
-    (:class:`HeldBuffers`), ``_touched``, ``_lock``, ``_policy``, ``_max_adapter_bytes``, ``_budget_mb`` (None: no
-    budget), ``_file_mb`` (the model file's size), ``_auto`` (the strategy was asked as auto), ``device``,
-    ``backend``, ``info`` and ``model_path``."""
+    (:class:`HeldBuffers`), ``_touched``, ``_lock``, ``_policy``, ``_budget_mb`` (None: no budget), ``_file_mb``
+    (the model file's size), ``_auto`` (the strategy was asked as auto), ``device``, ``backend``, ``info`` and
+    ``model_path``; ``_max_adapter_bytes`` too, or None: computed at the first adapter file loaded."""
+
+    _max_adapter_bytes: int | None = None
 
     adapters = property(lambda self: sorted(self._adapters), doc="The names of the loaded adapters, sorted.")
 
@@ -163,6 +181,8 @@ class AdapterHolder:
         """Bytes of data each loaded adapter keeps (its arrays, base values and prepared writes; never the model's
         weights): an array adapters on one mask share counts with the one loaded first (:func:`edge.fusion.held_bytes`;
         what growth plans per entry). A memory budget also counts the objects holding the data (``footprint``)."""
+        from edge import fusion
+
         held = dict(self._adapters)
         return dict(zip(held, fusion.held_bytes(held.values()), strict=True))
 
@@ -181,12 +201,19 @@ class AdapterHolder:
         :class:`~edge.errors.ConfigError` (the module doc); one loaded under the name of a held one replaces it, so
         that one's bytes are not counted.
         """
+        from edge import fusion
+        from edge.format.adapter import Adapter, DenseDelta, load_adapter
+
         self._check_open()
         check_clip(clip)
         if in_memory := isinstance(adapter, Adapter):
             self._policy.check_in_memory(adapter.name)
         else:  # signature, then every declared target against this model, before any array is decoded
             _check_path(adapter)
+            if self._max_adapter_bytes is None:  # the largest file that can fit the model (edge.format.adapter)
+                from edge.format.adapter import max_adapter_bytes
+
+                self._max_adapter_bytes = max_adapter_bytes(self.info)
             adapter = load_adapter(adapter, policy=self._policy, model=self.info, max_bytes=self._max_adapter_bytes)
         adapter = fusion.kept(adapter, copy=in_memory)  # read-only; a caller's own copied first, validated again
         adapter.check_against(self.info)
@@ -254,6 +281,8 @@ class AdapterHolder:
         the objects holding them, and per entry a float32 delta and the new value; the first on its positions also an
         int32 position and the base value (:func:`edge.fusion.entry_bytes`, ``prepared=False``; the file's part is
         its arrays, counted as they are). :meth:`HeldBuffers.new_bytes` counts all that and more once prepared."""
+        from edge.fusion import entry_bytes
+
         arrays = [getattr(d, f.name) for d in adapter.tensors.values() for f in fields(d)]
         mine = [adapter, adapter.tensors, adapter.shapes, adapter.info, adapter.encodings, *adapter.tensors.values()]
         n = sum(sys.getsizeof(o) for o in {id(o): o for o in mine}.values())
@@ -308,6 +337,7 @@ class AdapterHolder:
         adapters), so it is read in steps of ``_BASE_CHUNK`` entries, each under the lock, and a
         large adapter's load holds up a switch in another thread for one step at most.
         """
+        from edge.fusion import Layout, Prepared, check_finite, merged
         from runtimes import WeightWrite
 
         base, new, clipped = {} if twin is None else dict(twin.base), {}, 0

@@ -22,30 +22,51 @@ When they do not, the reason says so.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 import time
 from dataclasses import replace
 from pathlib import Path
 
-from edge.engines import (
-    MARGIN,
-    EngineChoice,
-    compare_engines,
-    decide,
-    find_engines,
-    generated_feeds,
-    runtime_version,
-    twins_of,
-    unmeasured,
-)
+from edge.engine_choice import MARGIN, EngineChoice
 from edge.errors import ConfigError, EdgeError
 
 __all__ = ["FORMAT", "VERSION", "cache_folder", "cached_engine", "choice_key", "explicit_engine"]
 
 log = logging.getLogger("edge.engines")
+
+#: the measuring side (:mod:`edge.engines`), imported on the first choice that needs it, not by a plain load
+#: (:func:`explicit_engine`); read here through :func:`_m` on every call, so a test may replace one as this module's
+#: own name (``monkeypatch.setattr(engine_cache, "decide", ...)``) or as edge.engines' (nothing copied to go stale)
+_MEASURING = (
+    "compare_engines",
+    "decide",
+    "find_engines",
+    "generated_feeds",
+    "runtime_version",
+    "twins_of",
+    "unmeasured",
+)
+
+
+def _m(name: str):
+    """The measuring function ``name``: one set on this module (a test's replacement), else edge.engines' as of now
+    (an edge.engines function found here is one a test's undo put back: edge.engines' current one wins)."""
+    own = globals().get(name)
+    if own is not None and getattr(own, "__module__", None) != "edge.engines":
+        return own
+    from edge import engines
+
+    return getattr(engines, name)
+
+
+def __getattr__(name: str):
+    if name in _MEASURING:
+        from edge import engines
+
+        return getattr(engines, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 FORMAT, VERSION = "edge.engine-choice", 3  # 2: twins; 3: threads=None runs a tiny model on 1 thread (measured anew)
 _MAX_BYTES = 1 << 20  # a choice file is a few KB
@@ -91,7 +112,7 @@ def choice_key(found, profile=None, threads: int | None = None, margin: float = 
     return {
         "files": files,
         "machine": [m["arch"], m["cpu"], m["cores"]],
-        "libraries": sorted({runtime_version(e.backend) for e in found}),
+        "libraries": sorted({_m("runtime_version")(e.backend) for e in found}),
         "threads": threads,
         "profile": None if profile is None else [profile.name, [b.backend for b in profile.backends]],
         "margin": margin,
@@ -121,19 +142,22 @@ def cached_engine(
     from runtimes import get_backend
 
     profile = device if device is None or isinstance(device, DeviceProfile) else load_profile(device)
-    found, skipped = find_engines(model, profile)
+    found, skipped = _m("find_engines")(model, profile)
     if strategy != "auto":
         for e in list(found):
             offered = get_backend(e.backend).STRATEGIES
             if strategy not in offered:
                 found.remove(e)
                 skipped[e.backend] = f"strategy {strategy!r} asked; {e.backend} offers {', '.join(offered)}"
-    only = unmeasured(model, found, skipped)
+    only = _m("unmeasured")(model, found, skipped)
     if only is not None:  # one engine: the backend's own check weighs it against the budget
         return only
     key = choice_key(found, profile, threads, margin)
     if profile is not None and enforce_memory_budget:  # which engines fit, and at what they are measured
         key["budget"] = [profile.budgets.memory_mb, strategy]
+    import hashlib
+    import json
+
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
     measure = {"threads": threads, "rounds": rounds, "runs": runs}
     path = Path(folder) if folder is not None else cache_folder()
@@ -142,11 +166,11 @@ def cached_engine(
     if kept is not None:
         return kept
     fits = fit_budget(found, skipped, profile, strategy, enforce_memory_budget)  # before any is built to be measured
-    choice = unmeasured(model, fits, skipped)  # one fits: kept too, so the next load predicts nothing again
-    figures = None if choice else compare_engines(fits, generated_feeds(fits), profile=profile, **measure)
-    choice = choice or decide(fits, figures, skipped, margin)
+    choice = _m("unmeasured")(model, fits, skipped)  # one fits: kept too, so the next load predicts nothing again
+    figures = None if choice else _m("compare_engines")(fits, _m("generated_feeds")(fits), profile=profile, **measure)
+    choice = choice or _m("decide")(fits, figures, skipped, margin)
     chosen = next(e for e in found if e.backend == choice.backend)  # twins among all files: their adapters fit
-    choice = replace(choice, twins=twins_of(found, chosen))
+    choice = replace(choice, twins=_m("twins_of")(found, chosen))
     choice = replace(choice, reason=choice.reason + _adapters_note(choice, Path(model), found))
     stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     record = {
@@ -202,7 +226,7 @@ def _read(path: Path, key: dict, found, skipped) -> EngineChoice | None:
         comparison = rec.get("comparison") if isinstance(rec.get("comparison"), dict) else None
         kept = rec.get("skipped") if isinstance(rec.get("skipped"), dict) else {}  # e.g. left out for the budget
         skipped = {**{k: v for k, v in kept.items() if isinstance(k, str) and isinstance(v, str)}, **skipped}
-        return EngineChoice(chosen.backend, chosen.path, reason, comparison, skipped, twins_of(found, chosen))
+        return EngineChoice(chosen.backend, chosen.path, reason, comparison, skipped, _m("twins_of")(found, chosen))
     except (OSError, ValueError, KeyError, TypeError, EdgeError) as e:
         log.warning("engine choice in %s not used (%s); measuring again", path, e)
         return None

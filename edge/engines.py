@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edge.engine_choice import MARGIN, EngineChoice
 from edge.errors import BackendUnavailableError, ConfigError
 from edge.format.feeds import check_feeds
 from edge.machine import load_average
@@ -53,7 +54,6 @@ __all__ = [
 
 log = logging.getLogger("edge.engines")
 
-MARGIN = 0.03  # an engine earlier in the profile's order wins when at most this much slower (paired p50)
 _MAX_MODEL_BYTES = 1 << 40  # as edge.runtime: model files are trusted; the limit keeps a device file finite
 
 
@@ -66,18 +66,6 @@ class EngineFile:
     fingerprint: str | None = field(default=None, compare=False)  # the file's own: adapters name it
     source: str | None = field(default=None, compare=False)  # ModelInfo.source_fingerprint: twins share it
     strategy: str = field(default="rebuild", compare=False)  # what it is measured at (edge.engine_budget.fit_budget)
-
-
-@dataclass(frozen=True)
-class EngineChoice:
-    """The engine chosen for a model, why, the figures behind it and what was left out."""
-
-    backend: str
-    path: Path
-    reason: str
-    comparison: dict | None = None  # compare_engines' result; None when only one engine could run
-    skipped: Mapping[str, str] = field(default_factory=dict)  # backend -> why it was not a candidate
-    twins: tuple[str, ...] = ()  # fingerprints of the candidates exported from the same weights: their adapters fit
 
 
 def find_engines(model: str | os.PathLike, profile=None) -> tuple[list[EngineFile], dict[str, str]]:

@@ -37,6 +37,7 @@ import numpy as np
 
 from edge.errors import ConfigError, SaturationError
 from edge.format.adapter import Adapter, DenseDelta, SparseDelta
+from edge.format.feeds import plain_name as plain_name  # re-exported: adapters_held, runtime
 from edge.format.modelinfo import QUANT_DTYPES, read_only
 
 __all__ = [
@@ -341,17 +342,6 @@ def check_finite(values: Mapping[str, np.ndarray], what: str) -> None:
         raise ConfigError(
             f"{what} gives non-finite weights in {bad[:5]} (overflow); nothing was changed. Use smaller weights"
         )
-
-
-def plain_name(name, what: str = "adapter name") -> str:
-    """``name`` as a plain ``str``. A ``str`` subclass may answer ``==`` and ``hash`` differently from one call to
-    the next, so two look-ups of one name (is it active? is it held?) could disagree and an active adapter be
-    dropped while still fused; its plain copy cannot. Anything but a string raises :class:`ConfigError`."""
-    if type(name) is str:
-        return name
-    if not isinstance(name, str):
-        raise ConfigError(f"{what} must be a string, got {type(name).__name__} {name!r:.80}")
-    return str.__str__(name)  # str's own: never the subclass's __str__
 
 
 def normalise(spec) -> dict[str, float]:

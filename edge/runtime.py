@@ -22,27 +22,60 @@ import threading
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from edge import cpu_int8
 from edge.adapters_held import AdapterHolder, HeldBuffers, check_clip
 from edge.engine_cache import cached_engine, explicit_engine
-from edge.errors import ConfigError, EdgeError, OutOfMemoryError, RuntimeClosedError
-from edge.format.adapter import max_adapter_bytes
-from edge.format.feeds import FeedChecker, input_specs, names_only
+from edge.errors import ConfigError, EdgeError, OutOfMemoryError, RuntimeClosedError, SaturationError
+from edge.format.feeds import FeedChecker, input_specs, names_only, plain_name
 from edge.format.io import read_bounded
 from edge.format.modelinfo import ModelInfo, ReadOnlyDict, read_only
 from edge.format.signing import SignaturePolicy
-from edge.fusion import Prepared, SaturationError, check_finite, fuse, merge_weights, normalise, plain_name
 from edge.heads import head_names, head_writes
 
-__all__ = ["Runtime", "RuntimeClosedError", "SaturationError", "merge_weights"]
+if TYPE_CHECKING:
+    from edge.fusion import Prepared
+
+__all__ = ["Runtime", "RuntimeClosedError", "SaturationError", "merge_weights"]  # noqa: F822 (merge_weights: __getattr__)
 
 log = logging.getLogger("edge.runtime")
 _ND = np.ndarray  # one global lookup on the hot path of run
+#: onnxruntime's errors of a run that failed in a kernel on what it was fed (its status codes' Python types)
+_ORT_RUN_FAILURES = ("Fail", "RuntimeException", "EPFail")
 
 MAX_MODEL_BYTES = 1 << 40  # model files are trusted; the limit only keeps a device file from being read forever
+_fusion = None  # edge.fusion, imported by the first switch or adapter (_fused): a Runtime that only runs never does
+
+
+def _fused():
+    global _fusion
+    from edge import fusion
+
+    _fusion = fusion
+    return fusion
+
+
+def __getattr__(name: str):
+    if name == "merge_weights":  # edge.fusion's (edge.merge_weights, `from edge.runtime import merge_weights`)
+        return _fused().merge_weights
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _timeout(timeout) -> float | None:
+    """A wait's ``timeout`` in seconds as threading takes it: None (no limit), or a real number (negative: 0; over
+    threading's limit or infinite: None); anything else, nan included, a :class:`ConfigError`."""
+    if timeout is None:
+        return None
+    if (
+        isinstance(timeout, bool)
+        or not isinstance(timeout, (int, float, np.integer, np.floating))
+        or timeout != timeout
+    ):
+        raise ConfigError(f"a wait's timeout is None or a number of seconds >= 0; given {timeout!r}")
+    return None if timeout >= threading.TIMEOUT_MAX else max(float(timeout), 0.0)
 
 
 class Runtime(AdapterHolder):
@@ -148,7 +181,7 @@ class Runtime(AdapterHolder):
         self._backend_checks = bool(getattr(self.backend, "CHECKS_FEEDS", False))  # it checks off its fast path
         self._fetch: dict = {None: None}  # outputs lists checked by run -> their distinct names (None: all)
         self._closed = False
-        self._max_adapter_bytes = max_adapter_bytes(self.info)
+        self._max_adapter_bytes = None  # computed at the first adapter file (edge.adapters_held)
         self._adapters: dict[str, Prepared] = {}
         self._held = HeldBuffers()  # the bytes they keep, each buffer once
         self._active: dict[str, float] = {}
@@ -195,7 +228,7 @@ class Runtime(AdapterHolder):
         """
         if self._closed:  # the checks inline, their calls only to raise: right after a background build every
             self._check_open()  # call of a switch is a run of cache misses (~1-2 us each; A19)
-        target = {spec: 1.0} if type(spec) is str else normalise(spec)  # a plain str: what normalise gives
+        target = {spec: 1.0} if type(spec) is str else (_fusion or _fused()).normalise(spec)  # str: as normalise
         if clip is not True and clip is not False:
             check_clip(clip)
         writes = [] if head is None else head_writes(self.info, head)  # checked whatever it is ({} writes nothing)
@@ -215,8 +248,9 @@ class Runtime(AdapterHolder):
             else:
                 from runtimes import WeightWrite
 
-                f = fuse(self._parts(target), clip=clip, what=f"fusing {target}")
-                check_finite(f.values, f"fusing {target}")
+                fusion = _fusion or _fused()
+                f = fusion.fuse(self._parts(target), clip=clip, what=f"fusing {target}")
+                fusion.check_finite(f.values, f"fusing {target}")
                 touched, clipped = f.touched, f.clipped
                 apply = self.backend.prepare([WeightWrite(t, touched[t][0], v) for t, v in f.values.items()])
                 restore = self.backend.prepare([WeightWrite(t, pos, b) for t, (pos, b) in touched.items()])
@@ -292,9 +326,20 @@ class Runtime(AdapterHolder):
         return parts
 
     def wait_settled(self, timeout: float | None = None) -> bool:
-        """Wait for any background work the strategy does after a switch (True when done)."""
+        """Wait for any background work the strategy does after a switch (True when done): from then on runs are
+        served at full speed."""
         self._check_open()
-        return self.backend.wait_settled(timeout)
+        done = self.backend.wait_settled(_timeout(timeout))
+        self._closed and self._check_open()  # closed by another thread while this one waited
+        return done
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        """Wait until the backend has no background work in flight (True when none): :meth:`wait_settled`, and the
+        session ``hybrid`` builds for switches after the first run (memory measured after this holds both)."""
+        self._check_open()
+        done = self.backend.wait_idle(_timeout(timeout))
+        self._closed and self._check_open()
+        return done
 
     # -- inference ---------------------------------------------------------------------------
     def run(
@@ -325,13 +370,14 @@ class Runtime(AdapterHolder):
                 raise RuntimeClosedError(f"this runtime ({self.model_path.name}) was closed during the run") from e
             if type(e).__name__ == "InvalidArgument" and type(e).__module__.startswith("onnxruntime"):
                 raise ConfigError(f"onnxruntime refused the inputs: {e}") from e
-            free = [s.name for s in self._inputs.values() if s.dtype is not None and s.shape is None]
-            if free and type(e).__name__ == "Fail" and type(e).__module__.startswith("onnxruntime"):
-                first = (str(e).strip().splitlines() or [""])[0][:300]  # a kernel's refusal of a shape it was fed
-                raise ConfigError(
-                    f"the model could not run these inputs ({first}); input(s) {free[:5]} declare no shape in the "
-                    "model file, so their shapes are not checked before a run: feed the shapes the model was made for"
-                ) from e
+            if type(e).__module__.startswith("onnxruntime") and type(e).__name__ in _ORT_RUN_FAILURES:
+                from edge import run_errors  # a shape problem of shape-less inputs only when it plausibly is
+
+                free = [s.name for s in self._inputs.values() if s.dtype is not None and s.shape is None]
+                if free:
+                    raise run_errors.run_failure(e, free, self.info.name, self.model_path) from e
+                named = {s.name: s.shape for s in self._inputs.values() if any(type(d) is str for d in s.shape or ())}
+                raise run_errors.checked_failure(e, self.info.name, named) from e
             raise
 
     def _check_outputs(self, outputs) -> tuple[str, ...]:

@@ -22,6 +22,9 @@ answer and, for ``edge.Runtime``, ``VmHWM`` once its background work settled, an
 Rounds: each contestant once per round, order rotated every round; ratios to ``onnxruntime`` are paired within a
 round (median and 95 % bootstrap interval, :func:`lab.bench_memory.spread`). The file cache is warm (one untimed
 child per contestant first; page caches are not dropped): a device's first boot reads its libraries from storage too.
+The bytecode of ``edge`` and ``runtimes`` is compiled first (:func:`compile_bytecode`), as ``pip install`` compiles
+an installed package: an untimed child cannot write it when ``PYTHONDONTWRITEBYTECODE`` is set, and every child
+would compile each module of a source tree again (about 25 ms of CPU on the digits model's load path here).
 """
 
 from __future__ import annotations
@@ -107,12 +110,28 @@ if kind != "python":
 out.update(t0=T0, cpu_ms=(cpu.user + cpu.system) * 1e3, rss_mb=rss, hwm_mb=hwm,
            modules=len(mods), heavy=[m for m in heavy if m in mods])
 if settle is not None:
-    out.update(settled_at_answer=settle.wait_settled(0), strategy=settle.strategy, backend=settle.backend.name)
-    settle.wait_settled()
-out["hwm_settled_mb"] = status()[1]
+    out.update(settled_at_answer=settle.wait_settled(0), idle_at_answer=settle.wait_idle(0),
+               strategy=settle.strategy, backend=settle.backend.name)
+    settle.wait_idle()
+out["hwm_settled_mb"] = max(hwm, status()[1])  # VmHWM can read lower later (the kernel updates it lazily)
 print(json.dumps(out), flush=True)
 os._exit(0)
 """
+
+
+def compile_bytecode() -> str:
+    """Compile the bytecode of the ``edge`` and ``runtimes`` packages where they are installed (as ``pip install``
+    does; written whatever ``PYTHONDONTWRITEBYTECODE`` says); return what was done, for the report."""
+    import compileall
+
+    import edge
+    import runtimes
+
+    dirs = [Path(m.__file__).parent for m in (edge, runtimes)]
+    failed = [d.name for d in dirs if not compileall.compile_dir(str(d), quiet=2)]  # a read-only install: its own
+    if failed:  # bytecode (pip's) is what its children read; said in the report, not hidden
+        return f"{', '.join(failed)} not compiled by the bench (read-only or a syntax error): as installed"
+    return f"{', '.join(d.name for d in dirs)} compiled before the rounds (as pip install does)"
 
 
 def bench_coldstart(model_path: str | Path, feeds: dict, *, rounds: int = ROUNDS, progress: bool = True) -> dict:
@@ -126,6 +145,7 @@ def bench_coldstart(model_path: str | Path, feeds: dict, *, rounds: int = ROUNDS
         raise ConfigError(f"bench coldstart needs --rounds >= 1; given {rounds}")
     if not model_path.is_file():
         raise ConfigError(f"bench coldstart runs a model file; {model_path} is not a regular file: give an .onnx")
+    compiled = compile_bytecode()
     got: dict[str, list[dict]] = {k: [] for k in CONTESTANTS}
     load_before, t0 = load_average(), time.perf_counter()
     steps = bar(total=(rounds + 1) * len(CONTESTANTS), desc=f"bench coldstart {model_path.stem}", disable=not progress)
@@ -145,8 +165,9 @@ def bench_coldstart(model_path: str | Path, feeds: dict, *, rounds: int = ROUNDS
         for f in ("heavy", "heavy_imported"):  # the modules any round imported (by the answer; after the imports)
             med[f] = [m for m in HEAVY if any(m in x.get(f, ()) for x in runs)]
         med.update({k: runs[-1][k] for k in ("strategy", "backend") if k in runs[-1]})
-        if "settled_at_answer" in runs[-1]:
-            med["settled_at_answer"] = sum(bool(x["settled_at_answer"]) for x in runs)
+        for f in ("settled_at_answer", "idle_at_answer"):
+            if f in runs[-1]:
+                med[f] = sum(bool(x[f]) for x in runs)
         if kind != "onnxruntime":
             for f in ("wall_ms", "hwm_mb"):
                 ratio = [_ratio(a[f], b[f]) for a, b in zip(runs, got["onnxruntime"])]
@@ -158,6 +179,7 @@ def bench_coldstart(model_path: str | Path, feeds: dict, *, rounds: int = ROUNDS
         "model_mb": round(model_path.stat().st_size / 2**20, 2),
         "rounds": rounds,
         "file_cache": "warm",
+        "bytecode": compiled,
         "wall_s": round(time.perf_counter() - t0, 1),
         "load_avg": {"before": load_before, "after": load_average()},
         "contestants": figures,
@@ -266,9 +288,11 @@ def markdown(result: dict) -> str:
         f"ratios with its 95 % bootstrap interval. Start: spawn to the child's first statement (the interpreter); "
         f"imports, inputs (np.load of the .npz), construction, first run: the child's own clock. CPU: the process's "
         f"CPU time to the first answer, every thread (os.times: 10 ms ticks). Resident and peak (VmRSS, VmHWM) at the "
-        f"first answer; settled peak: VmHWM once the runtime's background work is done. edge.Runtime ran backend "
-        f"{rt.get('backend', '-')}, strategy {rt.get('strategy', '-')} (settled at the first answer in "
-        f"{rt.get('settled_at_answer', '-')} of {result['rounds']} rounds).",
+        f"first answer; settled peak: VmHWM once the runtime has no background work in flight (`Runtime.wait_idle`: "
+        f"hybrid's session for switches, built after the first answer, included). edge.Runtime ran backend "
+        f"{rt.get('backend', '-')}, strategy {rt.get('strategy', '-')} (serving at full speed at the first answer in "
+        f"{rt.get('settled_at_answer', '-')} of {result['rounds']} rounds; its background build done by then in "
+        f"{rt.get('idle_at_answer', '-')}). Bytecode: {result.get('bytecode', '-')}.",
         "",
         "| contestant | first answer ms | x onnxruntime | start ms | imports ms | inputs ms | construction ms "
         "| first run ms | CPU ms | resident after imports MB | resident MB | peak MB | settled peak MB "

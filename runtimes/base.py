@@ -150,6 +150,11 @@ class Backend(ABC):
         """Block until any background work after a write is done (True if settled)."""
         return True
 
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        """Block until no background work is in flight (True if none): :meth:`wait_settled`, plus any build the
+        backend began on its own after load (``hybrid``'s bound session, begun by the first run)."""
+        return self.wait_settled(timeout)
+
     @property
     def threads(self) -> int | None:
         """The intra-op threads the backend runs on, as resolved (``None``: the library's default, all cores; a
@@ -353,3 +358,4 @@ class ArenaBackend(Rebuilds, Backend):
         with self._lock:
             self._static = None
             self._release()
+        self._settled.set()  # a waiter on a rebuild the close cut short returns (and its Runtime says closed)

@@ -21,7 +21,8 @@ import numpy as np
 
 from edge.errors import FormatError
 from edge.format.modelinfo import ModelInfo, fingerprint
-from edge.format.onnx_graph import graphs, quantized_ops
+from edge.format.onnx_dtypes import refuse_unstored
+from edge.format.onnx_graph import quantized_ops, refuse_sparse
 from edge.format.onnx_proto import elem_type, load_model, pb2, to_array, value_info
 from runtimes.lines import aligned_offsets, arena_group
 from runtimes.onnx_quant import check_quant_readers
@@ -280,14 +281,8 @@ def verify_fingerprint(
     """Check the weights (``live`` arena views, the graph's other initializers) against ``info.fingerprint``.
     ``decoded``: graph initializers already decoded from these very protos (:func:`quant_constants`' scales and zero
     points), hashed as they are rather than decoded again (an int8 MiniLM's 78 of its 141)."""
-    sparse = _sparse_tensors(proto)  # edge import-onnx stores them all dense (bodies too), size-checked
-    if sparse:  # onnxruntime would run one unhashed, densified at load whatever dims it declares (a 359-byte file
-        raise FormatError(  # with a body Constant of [65536, 1024] took 778 MB at session load)
-            f"model {info.name!r} holds sparse tensor(s) {sparse[:5]}, which its weights fingerprint does not "
-            "cover and onnxruntime would make dense at load, unchecked (an edge import-onnx before this release left "
-            "them sparse, or the file was changed after it): import the original file again (edge import-onnx "
-            "stores them dense, their size checked)"
-        )
+    refuse_sparse(proto, info.name)  # (the backend's load refuses them first, verify or not: onnxruntime densifies)
+    refuse_unstored(((f"initializer {t.name[:80]!r}", t) for t in proto.graph.initializer), f"model {info.name!r}")
     heads = {t.initializer for t in info.tensors.values() if t.head}  # runtime-owned (edge.route.taps): not weights
     tensors = {k: v for k, v in live.items() if k not in heads}
     decoded = decoded or {}
@@ -300,16 +295,6 @@ def verify_fingerprint(
             f"model {info.name!r}: weights fingerprint {got} differs from the exported {info.fingerprint}; "
             f"the file was modified after export ({_modified_how(proto, info)})"
         )
-
-
-def _sparse_tensors(proto) -> list[str]:
-    """Names of the model's sparse initializers and ``Constant`` sparse values: in the main graph, in local functions
-    and in every graph an op holds (If/Loop/Scan, SequenceMap, contrib ops), at any depth."""
-    every = graphs(proto.graph, proto.functions)
-    nodes = [*(n for g in every for n in g.node), *(n for f in proto.functions for n in f.node)]
-    out = [s.values.name[:80] for g in every for s in g.sparse_initializer]
-    constants = [n for n in nodes if n.op_type == "Constant" and any(a.name == "sparse_value" for a in n.attribute)]
-    return out + [n.output[0][:80] if n.output else "?" for n in constants]
 
 
 def _modified_how(proto, info: ModelInfo) -> str:

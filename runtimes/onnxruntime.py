@@ -46,6 +46,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections.abc import Mapping, Sequence
 from math import prod
 from pathlib import Path
@@ -55,6 +56,7 @@ import numpy as np
 from edge.errors import BackendUnavailableError, ConfigError
 from edge.format.feeds import onnx_input_specs
 from edge.format.modelinfo import ModelInfo, onnx_info
+from edge.format.onnx_graph import refuse_sparse
 from edge.format.onnx_proto import load_model, pb2
 from runtimes import onnx_file as _file
 from runtimes.base import BACKENDS, SMALL_MODEL_BYTES, ArenaBackend, BackendOptions, model_buffer
@@ -168,6 +170,7 @@ class OrtBackend(OrtSessions, ArenaBackend):
             nbytes = len(buf)  # the whole model (not only its writable tensors) decides a tiny model's threads
             proto, inits, _ = parse_graph_bytes(buf)
             self.info = onnx_info(proto)
+            refuse_sparse(proto, self.info.name)  # verify or not: onnxruntime would densify them unchecked at load
             self.check_precision(options)  # from the graph, before the weights are read into the arena
             self.input_specs = onnx_input_specs(proto, self.info.inputs)  # the real inputs, from the graph parsed once
             writable, dtypes = _writable(self.info)
@@ -318,6 +321,16 @@ class OrtBackend(OrtSessions, ArenaBackend):
             self._start_bound()
         super().write(*prepared)
 
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        """Settled, and hybrid's bound session built once the first run or write asked for it (a build not asked
+        for is no work in flight: the thread waits for the go)."""
+        if self._bound_asked and not self._bound_ready.is_set():
+            start = time.monotonic()
+            if not self._bound_ready.wait(timeout):
+                return False
+            timeout = None if timeout is None else max(0.0, timeout - (time.monotonic() - start))
+        return self.wait_settled(timeout)
+
     def _start_bound(self) -> None:
         self._bound_asked = True  # run() asks once: set() takes a lock and notifies
         if self._rebuilder is not None and not self._go_bound.is_set():
@@ -329,6 +342,7 @@ class OrtBackend(OrtSessions, ArenaBackend):
         if self._strategy == "hybrid":
             self._go_bound.set()  # the thread waiting for it returns; super().close() joins it
         super().close()
+        self._bound_ready.set()  # wait_idle's waiters return too
 
     def _rebuild_loop(self) -> None:
         """Hybrid's one background thread: the bound session first (once asked), then the rebuilds after writes.

@@ -11,6 +11,11 @@ if "EDGE_ENGINE_CACHE" not in os.environ:
     _choices = tempfile.mkdtemp(prefix="edge-engine-choices-")
     os.environ["EDGE_ENGINE_CACHE"] = _choices
     atexit.register(shutil.rmtree, _choices, True)
+# `edge update --taps` keeps its tapped copies (edge.route.tapcache): the same, out of ~/.cache/edge/taps
+if "EDGE_TAP_CACHE" not in os.environ:
+    _taps = tempfile.mkdtemp(prefix="edge-tap-cache-")
+    os.environ["EDGE_TAP_CACHE"] = _taps
+    atexit.register(shutil.rmtree, _taps, True)
 
 sys.path.insert(0, str(Path(__file__).parent))
 

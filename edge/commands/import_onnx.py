@@ -25,7 +25,33 @@ def register(sub) -> None:
     p.add_argument("--targets", nargs="+", help="keep only these weights (globs, or module names/suffixes)")
     p.add_argument("--name", help="model name in the metadata (default: the file name without suffix)")
     p.add_argument("--strict", action="store_true", help="fail when a name is unmatched, ambiguous or missing")
+    p.add_argument(
+        "--max-dense-mb",
+        type=_cap,
+        default=None,
+        metavar="MB",
+        help="the most MB the model's sparse tensors may take stored dense, all together (default 2048, protobuf's "
+        "limit); they are also refused when storing them would not fit this machine's free memory",
+    )
     p.set_defaults(func=run)
+
+
+def _cap(text: str) -> float:
+    """``--max-dense-mb``: a number of MB in the range :func:`edge.convert.onnx_densify.check_cap` takes (argparse
+    turns the error into exit 2 and one line)."""
+    import argparse
+
+    from edge.convert.onnx_densify import check_cap
+    from edge.errors import ConfigError
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--max-dense-mb takes a number of MB, got {text!r}; e.g. 512") from None
+    try:
+        return check_cap(value, "--max-dense-mb")
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def run(args) -> int:
@@ -40,6 +66,7 @@ def run(args) -> int:
             targets=args.targets,
             name=args.name,
             strict=args.strict,
+            **({} if args.max_dense_mb is None else {"max_dense_mb": args.max_dense_mb}),
         )
     summary = {
         "out": str(args.out),

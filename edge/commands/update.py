@@ -28,7 +28,9 @@ def register(sub) -> None:
         "--taps",
         help="learn over these feature taps instead of the model's 'features' output (for a model exported with "
         "logits only): a tap set (auto, stages, attn, ...; NAME:K) or comma-separated tensor names; the tapped copy "
-        "is the same model (same fingerprint: states and adapters apply to the file given)",
+        "is the same model (same fingerprint: states and adapters apply to the file given); it is kept in the tap "
+        "cache ($EDGE_TAP_CACHE, else ~/.cache/edge/taps; at most $EDGE_TAP_CACHE_MB megabytes, default 2048, 0: "
+        "none), so a later run over the same model bytes and taps neither taps again nor imports onnx",
     )
     u.add_argument(
         "--tap-layout",
@@ -96,35 +98,43 @@ def _run(args, rt, budget, source, limit, limit_from, options) -> int:
 
 
 def _tapped(args, stack, options) -> Path:
-    """The model to run: ``--model``, or with ``--taps`` its tapped copy in a temporary folder (removed after)."""
+    """The model to run: ``--model``, or with ``--taps`` its tapped copy, kept between runs (a later run with the
+    same model bytes and tap arguments taps nothing and imports no onnx: :mod:`edge.route.tapcache`)."""
     from edge.errors import ConfigError
 
     if not args.taps:
         if args.tap_layout:
             raise ConfigError("--tap-layout says the layout of a tap: it needs --taps (the taps to learn over)")
         return args.model
-    import tempfile
-
-    from edge.route.taps import FEATURES, tap_model
-    from edge.route.tapsets import TAP_SETS
+    from edge.route.tapcache import tapped_copy
 
     if args.model.suffix.lower() != ".onnx":  # it was read as ONNX: 'Wire format was corrupt'
         raise ConfigError(
             f"--taps adds feature outputs to an ONNX graph; {args.model} is not a .onnx file: pass its .onnx twin "
             "(edge update --model M.onnx --taps ...), or a model with a 'features' output (-o feature_output=NAME)"
         )
-
-    spec = args.taps if args.taps.partition(":")[0] in TAP_SETS.names() else [t for t in args.taps.split(",") if t]
     layout: dict[str, str] = {}
     for tensor, value in map(_tap_layout, args.tap_layout):
         if layout.setdefault(tensor, value) != value:  # never the last one silently
             raise ConfigError(
                 f"--tap-layout gives tap {tensor!r} two layouts ({layout[tensor]} and {value}); give it one"
             )
-    folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="edge-update-")))
-    options.setdefault("feature_output", FEATURES)
+    path, features = tapped_copy(
+        args.model, args.taps, layout, lambda src, dst: _tap(src, dst, args.taps, layout), stack
+    )
+    options.setdefault("feature_output", features)
+    return path
+
+
+def _tap(src: Path, dst: Path, taps: str, layout: dict[str, str]) -> str:
+    """Write the tapped copy of ``src`` at ``dst`` (imports onnx); returns its feature output."""
+    from edge.errors import ConfigError
+    from edge.route.taps import tap_model
+    from edge.route.tapsets import TAP_SETS
+
+    spec = taps if taps.partition(":")[0] in TAP_SETS.names() else [t for t in taps.split(",") if t]
     try:
-        return tap_model(args.model, folder / args.model.name, spec, layout=layout or None).path
+        return tap_model(src, dst, spec, layout=layout or None).features
     except ConfigError as e:  # tap_model speaks Python (layout={...}); say the flag too
         if "pass layout={" not in str(e):
             raise

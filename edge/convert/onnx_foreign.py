@@ -6,10 +6,9 @@ do, never written to fail later at load (or to run with a weight left out of the
 :func:`check_graph` refuses what onnxruntime cannot load or edge.Runtime cannot feed (an IR version or opset newer than
 onnx knows, an opset before 7 that onnxruntime cannot load, a node domain with no opset declared, no outputs, a name
 defined twice, an input that is no tensor; an input with no shape at all, as converters write fully dynamic ones, is
-kept: edge.Runtime then checks its feeds' dtype only); :func:`densify_sparse` stores ``sparse_initializer``
-weights and ``Constant`` nodes' ``sparse_value`` dense, their total size checked against protobuf's 2 GB limit
-before anything is allocated, so they are in the fingerprint (it hashes the graph's initializers) and can be
-targets; :func:`trim_doc_strings` cuts every doc string the file holds.
+kept: edge.Runtime then checks its feeds' dtype only); :func:`densify_sparse` (:mod:`edge.convert.onnx_densify`)
+stores sparse tensors dense, within protobuf's limit, the caller's cap and the memory left; :func:`trim_doc_strings`
+cuts every doc string the file holds.
 """
 
 from __future__ import annotations
@@ -17,14 +16,10 @@ from __future__ import annotations
 import json
 import logging
 from functools import cache
-from math import prod
 
-import numpy as np
-
-from edge.convert.onnx_source import PROTOBUF_LIMIT
+from edge.convert.onnx_densify import densify_sparse
 from edge.errors import ConfigError, FormatError
 from edge.format.modelinfo import META_KEY, MODEL_FORMAT
-from edge.format.onnx_graph import graphs as all_graphs
 
 __all__ = ["MIN_OPSET", "check_graph", "densify_sparse", "foreign_metadata", "trim_doc_strings"]
 
@@ -32,8 +27,6 @@ log = logging.getLogger("edge.convert.onnx_import")
 
 #: the oldest default-domain opset onnxruntime guarantees to run (older files fail at load: e.g. Gemm-6)
 MIN_OPSET = 7
-#: the largest dimension a sparse tensor may declare (no real weight has a longer axis)
-_MAX_DIM = 2**31 - 1
 DOC_LIMIT = 4096  # characters of a doc_string kept (a converter's may be megabytes: held by every session)
 
 
@@ -139,117 +132,6 @@ def _defined_once(graph, name: str) -> None:
                 "one of them in the exporting code, or export the model again"
             )
         seen[value] = what
-
-
-def densify_sparse(proto, name: str) -> list[str]:
-    """Store the ``sparse_initializer`` tensors of the graph and its If/Loop/Scan bodies as dense initializers, and
-    ``Constant`` nodes' ``sparse_value`` (bodies too: onnxruntime densifies them at load) as ``value``; return the main
-    graph's initializers made dense. Every tensor's dims, data type and indices are checked, and their dense sizes
-    summed against :data:`PROTOBUF_LIMIT` with the rest of the model, before anything is allocated."""
-    from onnx import helper
-
-    graphs = all_graphs(proto.graph)
-    found = [(g, sp, None) for g in graphs for sp in g.sparse_initializer]
-    found += [
-        (g, a.sparse_tensor, n)
-        for g in graphs
-        for n in g.node
-        if n.op_type == "Constant" and n.domain in ("", "ai.onnx")
-        for a in n.attribute
-        if a.name == "sparse_value"
-    ]
-    if not found:
-        return []
-    sizes = [_dense_bytes(sp, name) for _, sp, _ in found]  # each checked; nothing allocated yet
-    rest = proto.ByteSize() - sum(sp.ByteSize() for _, sp, _ in found)
-    if rest + sum(sizes) > PROTOBUF_LIMIT:
-        big = max(range(len(found)), key=sizes.__getitem__)
-        sp = found[big][1]
-        raise FormatError(
-            f"ONNX model {name!r}: sparse tensor {sp.values.name[:80]!r} of dims {list(sp.dims)[:8]} is "
-            f"{sizes[big]:,} bytes stored dense ({len(found)} sparse tensor(s): {sum(sizes):,} bytes dense, with the "
-            f"model's other {rest:,} bytes), over protobuf's 2 GB limit ({PROTOBUF_LIMIT:,} bytes) on the one "
-            "self-contained file edge imports to; export the model with its weights dense, under that limit "
-            "(a sparse tensor declaring dims it does not hold is a broken or hostile file)"
-        )
-    made: list[str] = []
-    taken = {t.name for g in graphs for t in g.initializer}
-    for g, sp, node in found:
-        dense = _dense(sp, name)
-        if node is not None:
-            dense.name = node.output[0] if node.output else dense.name
-            node.ClearField("attribute")
-            node.attribute.append(helper.make_attribute("value", dense))
-            continue
-        if dense.name in taken:
-            raise FormatError(
-                f"ONNX model {name!r}: {dense.name[:80]!r} is both an initializer and a sparse initializer; export "
-                "the model again"
-            )
-        taken.add(dense.name)
-        g.initializer.append(dense)
-        made += [dense.name] if g is proto.graph else []
-    for g in graphs:
-        g.ClearField("sparse_initializer")
-    if made:
-        log.info("%s: %d sparse initializer(s) stored dense: %s", name, len(made), made[:5])
-    return made
-
-
-def _dense_bytes(sp, name: str) -> int:
-    """The dense size of one SparseTensorProto, from its header alone (dims, data types): nothing allocated."""
-    from onnx import TensorProto, helper
-
-    what = f"ONNX model {name!r}: sparse tensor {sp.values.name[:80]!r}"
-    if any(t.data_location == TensorProto.EXTERNAL for t in (sp.values, sp.indices)):
-        raise FormatError(
-            f"{what} keeps its values in external data, which is not read for sparse tensors; save the model with "
-            "its sparse tensors inline (onnx.save(model, path, save_as_external_data=False))"
-        )
-    integers = (TensorProto.INT64, TensorProto.INT32, TensorProto.INT16, TensorProto.INT8, TensorProto.UINT64)
-    if sp.indices.data_type not in (*integers, TensorProto.UINT32, TensorProto.UINT16, TensorProto.UINT8):
-        raise FormatError(  # (onnxruntime reads any integer type; each is made int64 here)
-            f"{what}: its indices are of ONNX data type {sp.indices.data_type}, not an integer type (ONNX asks for "
-            "int64); export the model again"
-        )
-    try:
-        item = helper.tensor_dtype_to_np_dtype(sp.values.data_type).itemsize
-    except (KeyError, TypeError, ValueError):
-        raise FormatError(f"{what} has values of unknown ONNX data type {sp.values.data_type}") from None
-    dims = [int(d) for d in sp.dims]
-    if any(d < 0 or d > _MAX_DIM for d in dims):  # [0, 2**62] is empty, yet no array of that shape can be made
-        raise FormatError(
-            f"{what} declares dims {dims[:8]}: a negative dimension or one over {_MAX_DIM:,}; export the model again"
-        )
-    return prod(dims) * item  # Python ints: a hostile shape cannot wrap around
-
-
-def _dense(sp, name: str):
-    """One SparseTensorProto (checked by :func:`_dense_bytes`) as a dense TensorProto (zero but at its indices)."""
-    from onnx import numpy_helper
-
-    what = f"ONNX model {name!r}: sparse tensor {sp.values.name[:80]!r}"
-    dims = [int(d) for d in sp.dims]
-    try:
-        values = numpy_helper.to_array(sp.values).reshape(-1)
-        indices = numpy_helper.to_array(sp.indices).astype(np.int64, copy=False)
-    except (ValueError, TypeError) as e:
-        raise FormatError(f"{what}: its values or indices do not fit their declared shapes ({e})") from e
-    n = prod(dims)
-    if indices.ndim == 2 and indices.shape == (values.size, len(dims)) and dims:  # [NNZ, rank] coordinates
-        if (indices < 0).any() or (indices >= np.array(dims)).any():
-            raise FormatError(f"{what}: an index is outside its dims {dims}; export the model again")
-        indices = np.ravel_multi_index(tuple(indices.T), dims)
-    elif indices.ndim != 1 or indices.size != values.size:
-        raise FormatError(
-            f"{what}: {values.size} values but indices of shape {list(indices.shape)} (want [{values.size}] or "
-            f"[{values.size}, {len(dims)}]); export the model again"
-        )
-    if indices.size and (indices.min() < 0 or indices.max() >= n):
-        raise FormatError(f"{what}: an index is outside its {n} elements (dims {dims}); export the model again")
-    dense = np.zeros(n, values.dtype)
-    dense[indices] = values
-    return numpy_helper.from_array(dense.reshape(dims), sp.values.name)
 
 
 def trim_doc_strings(proto) -> int:

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from edge.convert.onnx_bnmeta import drop_bn_folded
+from edge.convert.onnx_densify import DEFAULT_MAX_DENSE_MB, check_sparse
 from edge.convert.onnx_foldcheck import check_same_outputs
 from edge.convert.onnx_foreign import check_graph, densify_sparse, foreign_metadata, trim_doc_strings
 from edge.convert.onnx_names import adapter_names, name_by_value, select
@@ -49,6 +50,7 @@ from edge.convert.onnx_valueinfo import drop_stale_value_info
 from edge.convert.state_dict import read_state_dict
 from edge.errors import AdapterMismatchError, ConfigError, FormatError
 from edge.format.modelinfo import META_KEY, ModelInfo, TensorInfo, fingerprint
+from edge.format.onnx_dtypes import refuse_undefined, refuse_unstored
 from edge.format.onnx_graph import consumers, keep_only, set_metadata, subgraph_reads
 from edge.format.onnx_scaffold import simplify
 
@@ -84,6 +86,7 @@ def import_onnx(
     targets: Sequence[str] | None = None,
     name: str | None = None,
     strict: bool = False,
+    max_dense_mb: float = DEFAULT_MAX_DENSE_MB,
 ) -> ImportReport:
     """Write ``src`` to ``out`` with adapter metadata; return what was found.
 
@@ -96,9 +99,12 @@ def import_onnx(
             names or suffixes as PEFT's ``target_modules``); each must match something.
         name: model name in the metadata (default: the file's stem).
         strict: raise, rather than keep ONNX names, when a name is unmatched, ambiguous or missing.
+        max_dense_mb: the most MB the file's sparse tensors may take stored dense (all together); they are also
+            refused when storing them would not fit the memory this process can still use (:mod:`edge.memory_room`).
 
     Raises:
-        FormatError: ``src`` is not a readable ONNX file, or the state dict is not safetensors.
+        FormatError: ``src`` is not a readable ONNX file, its sparse tensors are too large stored dense (over
+            ``max_dense_mb`` or the memory left), or the state dict is not safetensors.
         ConfigError: a ``targets`` pattern matches nothing, the graph has no weight to adapt or is quantized (even
             in part), or ``out`` is not writable.
         AdapterMismatchError: ``strict`` and some names could not be matched (nothing is written).
@@ -108,14 +114,9 @@ def import_onnx(
     src = Path(src)
     proto = read_onnx(src)
     params = read_state_dict(state_dict) if isinstance(state_dict, (str, os.PathLike)) else state_dict
-    report = make_adapter_ready(proto, params=params, targets=targets, name=name or src.stem)
+    report = make_adapter_ready(proto, params=params, targets=targets, name=name or src.stem, max_dense_mb=max_dense_mb)
     if strict and (report.unmatched or report.ambiguous or report.missing):
-        raise AdapterMismatchError(
-            f"{src}: {len(report.unmatched)} target(s) match no parameter {list(report.unmatched)[:5]}, "
-            f"{len(report.ambiguous)} name(s) are ambiguous {dict(list(report.ambiguous.items())[:3])}, "
-            f"{len(report.missing)} parameter(s) are stored in no target {list(report.missing)[:5]}; "
-            f"nothing was written. Without strict those weights keep their ONNX names"
-        )
+        raise AdapterMismatchError(_strict_refusal(src, report))
     try:
         atomic_write_bytes(out, proto.SerializeToString())
     except OSError as e:
@@ -124,12 +125,34 @@ def import_onnx(
     return report
 
 
+def _strict_refusal(src: Path, report: ImportReport) -> str:
+    """Why ``--strict`` refused ``src``: only the kinds of mismatch found, each with what it means without strict."""
+    parts = []
+    if report.unmatched:
+        parts.append(f"{len(report.unmatched)} target(s) match no parameter {list(report.unmatched)[:5]}")
+    if report.ambiguous:
+        parts.append(f"{len(report.ambiguous)} name(s) are ambiguous {dict(list(report.ambiguous.items())[:3])}")
+    if report.missing:
+        parts.append(
+            f"{len(report.missing)} parameter(s) reach no adapter target {list(report.missing)[:5]} (the exporter "
+            "folded or reshaped them into other values, or the graph does not use them): an adapter trained on "
+            "them cannot be applied to this file"
+        )
+    without = []
+    if report.unmatched or report.ambiguous:
+        without.append("the targets named above keep their ONNX names")
+    if report.missing:
+        without.append("the file is written with the targets it has")
+    return f"{src}: {'; '.join(parts)}; nothing was written. Without --strict {' and '.join(without)}"
+
+
 def make_adapter_ready(
     proto,
     *,
     params: Mapping[str, np.ndarray] | None = None,
     targets: Sequence[str] | None = None,
     name: str = "model",
+    max_dense_mb: float = DEFAULT_MAX_DENSE_MB,
 ) -> ImportReport:
     """Edit ``proto`` (an ``onnx.ModelProto``) in place as :func:`import_onnx` does, and return the report."""
     from onnx import numpy_helper
@@ -138,14 +161,17 @@ def make_adapter_ready(
     meta = next((p.value for p in proto.metadata_props if p.key == META_KEY), None) if replaced is None else None
     if meta is not None:
         if ModelInfo.from_json(meta).float_fingerprint is None:  # not an `edge quantize` twin: quantized elsewhere?
-            refuse_quantized(proto.graph, name)  # (onnxruntime's quantizers keep the metadata they found)
+            refuse_quantized(proto.graph, name, proto.functions)  # (onnxruntime's quantizers keep it)
         raise ConfigError(
             f"ONNX model {name!r} already carries {META_KEY!r} metadata (exported or imported by this project): "
             "load it with edge.Runtime as it is, or import the original file"
         )
+    check_sparse(proto, name, max_dense_mb=max_dense_mb)  # first: a sparse tensor may declare gigabytes
     check_graph(proto, name)  # what onnxruntime could not load is refused here, not written to fail at load
     inlined = inline_functions(proto, name)  # torch's export_modules_as_functions: weights read inside functions
-    sparse = densify_sparse(proto, name)  # sparse weights stored dense (a function's too, inlined first): targets
+    sparse = densify_sparse(
+        proto, name, max_dense_mb=max_dense_mb
+    )  # sparse weights stored dense (a function's too, inlined first): targets
     graph = proto.graph
     refuse_quantized(graph, name)
     hoisted = hoist_constants(graph, WEIGHT_INPUTS, _PASS_THROUGH)  # weights an exporter left in Constant nodes
@@ -155,6 +181,8 @@ def make_adapter_ready(
     if not inits:
         raise ConfigError(f"ONNX model {name!r} stores no initializers: there are no weights to adapt")
     weights_off_inputs(proto)  # IR < 4 style: initializers listed as inputs
+    held = [(f"initializer {k[:80]!r}", t) for k, t in inits.items()]
+    refuse_undefined(held, f"ONNX model {name!r}")  # a type onnx cannot decode: its to_array raises KeyError
     try:
         arrays = {k: numpy_helper.to_array(t) for k, t in inits.items()}
     except (ValueError, TypeError) as e:  # data that does not fit its declared shape or type
@@ -215,6 +243,8 @@ def make_adapter_ready(
             key.get(a, renamed.get(a, a)): key.get(b, renamed.get(b, b)) for a, b in tied.items()
         }
         log.warning("%s: targets hold the same values as others (tied or identical): %s", name, tied)
+    # what the fingerprint cannot hash (bfloat16, float8, int4): checked after the weights' own refusals, which say more
+    refuse_unstored(held, f"ONNX model {name!r}", graph=graph)
     info = ModelInfo(name, fingerprint(arrays), tensors, *io_names, extra)  # skl2onnx labels too
     set_metadata(proto, META_KEY, info.to_json())
     if folded:

@@ -188,13 +188,14 @@ def unique_node_names(graph) -> int:
     return renamed
 
 
-def refuse_quantized(graph, name: str) -> None:
-    """Raise :class:`ConfigError` if ``graph`` is already quantized, even in part (some ops left in float).
+def refuse_quantized(graph, name: str, functions=()) -> None:
+    """Raise :class:`ConfigError` if ``graph`` (or one of the model's local ``functions``) is already quantized, even in
+    part (some ops left in float).
 
     Its integer weights carry no record of their grids, and importing only its float weights would leave the
     quantized layers silently without adapters: the float model it was made from is the one to import.
     """
-    quantized = quantized_ops(graph)  # If/Loop/Scan bodies too: a quantized body would otherwise pass unsaid
+    quantized = quantized_ops(graph, functions)  # If/Loop/Scan bodies too: a quantized body would otherwise pass unsaid
     if quantized:
         raise ConfigError(
             f"ONNX model {name!r} is already quantized ({', '.join(quantized)}): import the float model it was made "
@@ -204,13 +205,19 @@ def refuse_quantized(graph, name: str) -> None:
 
 
 def why_no_weights(graph, arrays: Mapping[str, np.ndarray]) -> str:
-    """What to do about a graph with no float32 weight initializer to adapt ('' if nothing is known)."""
-    low = sorted({str(a.dtype) for a in arrays.values() if a.dtype != np.float32 and floating(a.dtype)})
+    """What to do about a graph with no float32 weight initializer to adapt ('' if nothing is known): weights of
+    another float type, or of a type only ``ml_dtypes`` reads (float8, int4: weight-only storage cast to float)."""
+    low = sorted({str(a.dtype) for a in arrays.values() if a.dtype != np.float32 and (floating(a.dtype) or _ml(a))})
     if low:
         return (
             f"; its weights are {'/'.join(low)}: export the model in float32 (model.float() before torch.onnx.export)"
         )
     return ""
+
+
+def _ml(a: np.ndarray) -> bool:
+    """Whether onnx read ``a`` as one of ``ml_dtypes``' types (float8, int4, ...), not numpy's own."""
+    return a.dtype.type.__module__.startswith("ml_dtypes")
 
 
 def floating(dtype: np.dtype) -> bool:
@@ -243,28 +250,30 @@ def control_flow_weights(graph, arrays: Mapping[str, np.ndarray]) -> dict[str, s
     The import follows the main graph's ops only; a body's own initializers, and the main graph's weights a body reads
     (unless the main graph also reads them as a weight), would otherwise be left out without a word.
     """
+    out: dict[str, str] = {}
+    _body_weights(graph, "", arrays, out)
+    return out
+
+
+def _body_weights(g, where: str, arrays, out: dict[str, str]) -> None:
+    """:func:`control_flow_weights` for the bodies of ``g``'s nodes, at any depth (a function, not a closure: a
+    recursive closure is a reference cycle, which held ``arrays``, every weight, until a gc pass)."""
     from onnx import AttributeProto
 
-    out: dict[str, str] = {}
-
-    def visit(g, where: str) -> None:
-        for node in g.node:
-            for attr in node.attribute:
-                subs = [attr.g] if attr.type == AttributeProto.GRAPH else list(attr.graphs)
-                for sub in subs:
-                    at = f"{where}{node.op_type} {node.name or node.output[0]!r}"
-                    why = f"read inside the {attr.name} of {at}: weights of control-flow bodies are not adapted"
-                    for t in sub.initializer:
-                        if t.data_type in _FLOATS and len(t.dims) >= 2:
-                            out.setdefault(t.name, why.replace("read inside", "stored in"))
-                    for name in {i for n in sub.node for i in n.input}:
-                        a = arrays.get(name)
-                        if a is not None and a.dtype.kind == "f" and a.ndim >= 2:
-                            out.setdefault(name, why)
-                    visit(sub, f"{at} > ")
-
-    visit(graph, "")
-    return out
+    for node in g.node:
+        for attr in node.attribute:
+            subs = [attr.g] if attr.type == AttributeProto.GRAPH else list(attr.graphs)
+            for sub in subs:
+                at = f"{where}{node.op_type} {node.name or node.output[0]!r}"
+                why = f"read inside the {attr.name} of {at}: weights of control-flow bodies are not adapted"
+                for t in sub.initializer:
+                    if t.data_type in _FLOATS and len(t.dims) >= 2:
+                        out.setdefault(t.name, why.replace("read inside", "stored in"))
+                for name in {i for n in sub.node for i in n.input}:
+                    a = arrays.get(name)
+                    if a is not None and a.dtype.kind == "f" and a.ndim >= 2:
+                        out.setdefault(name, why)
+                _body_weights(sub, f"{at} > ", arrays, out)
 
 
 #: ONNX's recurrent ops -> the inputs holding their weights (W, R, B)

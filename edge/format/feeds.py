@@ -40,11 +40,24 @@ __all__ = [
     "output_width",
     "fixed_batch",
     "pad_rows",
+    "plain_name",
     "run_batched",
     "tflite_input_specs",
 ]
 
 MAX_GENERATED_BYTES = 1 << 30  # inputs generate_inputs makes (float64 while drawn); larger ones come from a file
+
+
+def plain_name(name, what: str = "adapter name") -> str:
+    """``name`` as a plain ``str``. A ``str`` subclass may answer ``==`` and ``hash`` differently from one call to
+    the next, so two look-ups of one name (is it active? is it held?) could disagree and an active adapter be
+    dropped while still fused; its plain copy cannot. Anything but a string raises :class:`ConfigError`. Here, not
+    in :mod:`edge.fusion` (which re-exports it): a run checking its outputs' names does not import the fusion."""
+    if type(name) is str:
+        return name
+    if not isinstance(name, str):
+        raise ConfigError(f"{what} must be a string, got {type(name).__name__} {name!r:.80}")
+    return str.__str__(name)  # str's own: never the subclass's __str__
 
 
 def dtype_hint(got: np.dtype, want: np.dtype) -> str:

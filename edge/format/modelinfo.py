@@ -16,7 +16,6 @@ exported from (``extra["source_fingerprint"]``): float files with the same one a
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 import math
@@ -254,6 +253,8 @@ class TensorInfo:
             d["perm"] = list(self.perm)
         if self.channel_scale is not None:  # exact float32 bytes, compact
             raw = np.asarray(self.channel_scale, dtype="<f4").tobytes()
+            import base64  # only a folded channel scale needs it
+
             d["channel_scale"] = base64.b64encode(raw).decode("ascii")
         if self.quant is not None:
             d["quant"] = self.quant._json()
@@ -269,6 +270,8 @@ class TensorInfo:
         if scale is not None:
             if not isinstance(scale, str) or len(scale) != 4 * math.ceil(4 * shape[0] / 3):
                 raise ValueError(f"channel_scale is not {shape[0]} base64-encoded float32 values")
+            import base64
+
             values = np.frombuffer(base64.b64decode(scale, validate=True), dtype="<f4")
             if not np.all(np.isfinite(values)) or not np.all(values != 0):
                 raise ValueError("channel_scale holds a zero or non-finite value")
@@ -423,7 +426,9 @@ def onnx_info(proto) -> ModelInfo:
             return ModelInfo.from_json(p.value)
     from edge.format.onnx_graph import quantized_ops
 
-    if quantized := quantized_ops(proto.graph):  # `edge import-onnx` would refuse it: say what to do at once
+    if quantized := quantized_ops(
+        proto.graph, proto.functions
+    ):  # `edge import-onnx` would refuse it: say what to do at once
         raise FormatError(
             f"ONNX model {proto.graph.name!r} has no {META_KEY!r} metadata and was quantized by another tool "
             f"({', '.join(quantized)}), which records no grids for adapters: import the float model it was made from "

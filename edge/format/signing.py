@@ -19,7 +19,6 @@ policy is built: a key must be a canonical encoding of a curve point of large or
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 import os
@@ -185,6 +184,8 @@ def sign_file(adapter_path: str | os.PathLike, private_key_path: str | os.PathLi
     if not isinstance(key, ed25519.Ed25519PrivateKey):
         raise ConfigError(f"{private_key_path} is not an Ed25519 private key")
     data = read_bounded(adapter_path, MAX_SIGNED_BYTES, what="file to sign")
+    import base64  # here and in _verify_one: a runtime's load (SignaturePolicy.resolve) never needs it
+
     pub = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
     sig = {
         "format": SIG_FORMAT,
@@ -263,6 +264,8 @@ def _parse(signature: bytes, source: str) -> dict:
 
 
 def _verify_one(data: bytes, sig: dict, trusted: list[bytes], source: str) -> str:
+    import base64
+
     _, ed25519 = _crypto()
     try:
         raw_sig = base64.b64decode(sig["signature"], validate=True)

@@ -110,6 +110,7 @@ class DeviceTrainer:
     ) -> None:
         from edge.convert.onnx_read import read_model
         from edge.format.modelinfo import onnx_info
+        from edge.format.onnx_graph import refuse_sparse
 
         if epochs < 1 or lr <= 0 or weight_decay < 0 or batch < 1:
             raise ConfigError(
@@ -118,6 +119,7 @@ class DeviceTrainer:
             )
         self._proto = read_model(model_path)  # bounded, regular files only: a FIFO or /dev/zero is a FormatError
         self.info = info if info is not None else onnx_info(self._proto)
+        refuse_sparse(self._proto, self.info.name)  # its onnxruntime session would densify them, unchecked
         self.epochs, self.lr, self.weight_decay, self.seed, self.batch = epochs, lr, weight_decay, seed, batch
         self.threads = threads
         self._tail: Tail = find_tail(self._proto, self.info)

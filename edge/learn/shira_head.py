@@ -192,11 +192,7 @@ def head_context(runtime, head: str, dim: int, logits: str | None) -> tuple[Cont
     head's source layout ``(shape, view)`` for :func:`source_indices`; :class:`ConfigError` when it cannot train it."""
     info = runtime.info
     if head not in info.tensors:
-        reads = [k for k, t in info.tensors.items() if head_view(t.shape, dim) is not None]
-        raise ConfigError(
-            f"shira-head trains the head {head!r}, which model {info.name!r} cannot rewrite (its tensors that "
-            f"read {dim}-wide features: {reads[:8]}); pass head=NAME (edge update: -o head=NAME)"
-        )
+        raise ConfigError(_no_head(info, head, dim, logits))
     if info.tensors[head].channel_scale is not None:
         raise ConfigError(
             f"head {head!r} of model {info.name!r} has a BatchNorm folded into it (import-onnx's channel_scale); "
@@ -222,6 +218,35 @@ def head_context(runtime, head: str, dim: int, logits: str | None) -> tuple[Cont
         )
     shape, w = tuple(w.shape), w.reshape(w.shape[0], -1)
     return Context(dim, w.T.copy() if view == "transposed" else w, head), (shape, view)
+
+
+def _no_head(info, head: str, dim: int, logits: str | None) -> str:
+    """Why ``head`` cannot be trained when the model has no such target, and what to pass: a name only when some
+    target reads ``dim``-wide features; a model without a logits output either (one that outputs an embedding)
+    is told it has no head to train, not to name one."""
+    reads = [k for k, t in info.tensors.items() if head_view(t.shape, dim) is not None]
+    if logits is None:
+        seen = (
+            f"its tensors that read {dim}-wide features: {reads[:8]}"
+            if reads
+            else f"none of its tensors reads {dim}-wide features"
+        )
+        return (
+            f"shira-head trains the head {head!r}, a classifier's, and model {info.name!r} has no such tensor and no "
+            f"logits output (its outputs: {list(info.outputs)}; {seen}): a model that outputs embeddings has no head "
+            "to train, use ncm, slda or ranpac; for one whose head makes logits, pass head=NAME and logit_output=NAME "
+            "(edge update: -o head=NAME -o logit_output=NAME)"
+        )
+    if not reads:
+        return (
+            f"shira-head trains the head {head!r}, which model {info.name!r} cannot rewrite, and none of its tensors "
+            f"reads the {dim}-wide features given: learn over the features its head reads (edge update: --taps NAME "
+            "-o head=NAME), or use ncm, slda or ranpac"
+        )
+    return (
+        f"shira-head trains the head {head!r}, which model {info.name!r} cannot rewrite (its tensors that "
+        f"read {dim}-wide features: {reads[:8]}); pass head=NAME (edge update: -o head=NAME)"
+    )
 
 
 def source_indices(indices: np.ndarray, layout: tuple) -> np.ndarray:

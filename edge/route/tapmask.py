@@ -78,10 +78,14 @@ def check_tokens(g, mask: str, taps: list) -> None:
     want = want if isinstance(want, int) else None  # two names of dimensions may still be equal
     for tensor, shape in taps:
         if isinstance(want, int) and isinstance(shape[1], int) and shape[1] != want:
+            # the CLI takes no mask=None: name the taps given that do have one position per token, as --taps takes them
+            ok = [t for t, s in taps if s[1] == want]
+            named = f" (of those given: {','.join(ok)}; edge update: --taps {','.join(ok)})" if ok else ""
             raise ConfigError(
                 f"tap {tensor!r} of model {g.name!r} has {shape[1]!r} positions where the mask {mask!r} has "
                 f"{want!r} (the model pools its sequence): it cannot be averaged over the real tokens; pass "
-                "mask=None (an average over every position, padding included) or taps with one position per token"
+                f"mask=None (an average over every position, padding included) or taps with one position per "
+                f"token{named}"
             )
 
 

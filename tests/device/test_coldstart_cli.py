@@ -35,6 +35,26 @@ import json
 print(json.dumps({"code": 0, "added": added}))
 """
 HEAVY = ("torch", "numpy", "onnx", "onnxruntime", "yaml", "safetensors", "transformers", "cryptography", "tuf", "oras")
+#: what neither ``from edge import Runtime`` nor a model's load and first run imports (M20): the measuring side of
+#: ``backend="auto"`` (:mod:`edge.engines`; an explicit choice needs only :mod:`edge.engine_choice`), what a file
+#: write takes (tempfile, with shutil, random, bz2 and lzma: ~5 ms) and base64 (a signature's or a channel scale's)
+#: what a load and first answer leave out: edge's measuring, adapter and fusion modules (with the first switch or
+#: adapter); and what `from edge import Runtime` itself does not import (onnxruntime may: its version's business)
+NOT_ON_LOAD = ("edge.engines", "edge.fusion", "edge.format.adapter", "edge.format.deltas")
+NOT_ON_IMPORT = NOT_ON_LOAD + ("tempfile", "shutil", "random", "bz2", "lzma", "base64")
+#: ``from edge import Runtime``, then a float model loaded and run once, as the cold-start bench's child does
+LOAD_AND_RUN = """
+import sys
+import numpy as np
+before = set(sys.modules)
+from edge import Runtime
+imported = sorted(set(sys.modules) - before)
+rt = Runtime(sys.argv[1])
+out = rt.run({"x": np.ones((1, 10), np.float32)})
+added = sorted(set(sys.modules) - before)
+import json
+print(json.dumps({"imported": imported, "added": added, "shape": list(out["logits"].shape)}))
+"""
 HOST = ("exporters", "lab")
 #: what joining the host and lab commands imports: their packages and command modules (argparse only), no more
 REGISTRATION = ("exporters", "exporters.commands", "lab", "lab.commands")
@@ -140,3 +160,18 @@ def test_an_entry_point_reusing_a_device_commands_name_is_refused_in_one_line(mo
     err = capsys.readouterr().err
     assert len(err.splitlines()) == 1 and "'keygen' is registered twice" in err
     assert "edge.commands.sign" in err and "somepkg.commands:register" in err
+
+
+def test_from_edge_import_runtime_and_a_first_answer_import_no_measuring_and_no_writing_tools():
+    model = ROOT / "tests" / "golden" / "tiny-mlp-v1.onnx"
+    r = subprocess.run(
+        [sys.executable, "-c", LOAD_AND_RUN, str(model)], capture_output=True, text=True, cwd=ROOT, timeout=120
+    )
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout.splitlines()[-1])
+    assert out["shape"] == [1, 2]
+    assert "edge.runtime" in out["imported"] and "edge.engine_choice" in out["imported"]
+    assert not [m for m in out["imported"] if m in NOT_ON_IMPORT], out["imported"]
+    assert not [m for m in out["added"] if m in NOT_ON_LOAD], out["added"]
+    assert "onnxruntime" in out["added"] and not _under(out["added"], HOST + ("torch",)), out["added"]
+    assert [m for m in out["added"] if m.split(".")[0] == "onnx"] == ["onnx.onnx_ml_pb2"]  # its classes, alone

@@ -221,6 +221,16 @@ def test_folded_batchnorm_is_matched_by_its_channel_scale_and_equal_weights_are_
     with pytest.raises(AdapterMismatchError, match="nothing was written"):
         import_onnx(tmp_path / "bn.onnx", tmp_path / "strict.onnx", state_dict=params, strict=True)
     assert not (tmp_path / "strict.onnx").exists()
+    # only a parameter that reaches no target: the refusal names that alone, not ONNX names kept
+    only = {k: v for k, v in params.items() if not k.startswith(("copy_of", "not_conv1"))}
+    only["unused.weight"] = np.ones((3, 5), np.float32)
+    with pytest.raises(AdapterMismatchError) as refused:
+        import_onnx(tmp_path / "bn.onnx", tmp_path / "strict.onnx", state_dict=only, strict=True)
+    said = str(refused.value)
+    assert "1 parameter(s) reach no adapter target ['unused.weight']" in said, said
+    assert "match no parameter" not in said and "ambiguous" not in said and "ONNX names" not in said
+    assert said.endswith("Without --strict the file is written with the targets it has")
+    assert not (tmp_path / "strict.onnx").exists()
 
 
 @pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript", "dynamo"])

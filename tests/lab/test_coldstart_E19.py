@@ -40,6 +40,9 @@ def _check(r: dict, rounds: int) -> None:
         if rounds == 1:  # the child's phases fit in the parent's wall time from spawn to answer
             assert phases + (f["start_ms"] or 0) <= f["wall_ms"] + 1.0, name
     assert c["edge.Runtime"]["backend"] == "onnxruntime" and c["edge.Runtime"]["strategy"]
+    rt = c["edge.Runtime"]  # rounds at full speed at the answer, rounds with no background build left by then
+    assert 0 <= rt["idle_at_answer"] <= rt["settled_at_answer"] <= rounds
+    assert r["bytecode"].endswith(("(as pip install does)", ": as installed"))  # edge and runtimes compiled
     for name in ("python", "edge.Runtime"):  # paired ratios to the plain session of the same round
         x = c[name]["wall_x"]
         ratios = np.asarray(r["rounds_wall_ms"][name]) / np.asarray(r["rounds_wall_ms"]["onnxruntime"])
