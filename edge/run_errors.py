@@ -36,14 +36,10 @@ _SOURCE = re.compile(r"^\S+\.(?:cc|cpp|h):\d+\s+(?:[^\[(]*::[^\[(]*\([^)]*\)\s*(
 def run_failure(e: BaseException, free: Sequence[str], model: str, path: Path | None) -> ConfigError:
     """The one-line error for onnxruntime's ``Fail`` ``e`` running ``model`` (file ``path``) whose inputs ``free``
     declare no shape."""
-    text = str(e).strip()
-    first = _gist((text.splitlines() or [type(e).__name__])[0])
-    status = text.partition("Status Message:")[2] or text
-    node = _NODE.search(text)
+    first, status, node, where = _read(e)
     reads = _node_inputs(path, node.group(2)) if node is not None else None
     fed = [n for n in free if reads is not None and n in reads]
     free = list(free)[:5]
-    where = f" in its {node.group(1)} node {node.group(2)[:80]!r}" if node is not None else ""
     if _VALUE_WORDS.search(status):
         direct = f" (the node reads input(s) {fed[:5]} directly)" if fed else ""
         return ConfigError(
@@ -70,11 +66,7 @@ def checked_failure(e: BaseException, model: str, named: dict[str, tuple]) -> Co
     """The one-line error for onnxruntime's failure ``e`` running ``model`` when every input declares its shape.
     ``named``: the inputs whose shapes hold dimensions by name (``{"ids": ("batch", "seq")}``), whose sizes are free
     and so were not checked: a text longer than a position table, a batch another input does not share."""
-    text = str(e).strip()
-    first = _gist((text.splitlines() or [type(e).__name__])[0])
-    status = text.partition("Status Message:")[2] or text
-    node = _NODE.search(text)
-    where = f" in its {node.group(1)} node {node.group(2)[:80]!r}" if node is not None else ""
+    first, status, node, where = _read(e)
     sized = ", ".join(f"{k} {list(v)}" for k, v in list(named.items())[:5])
     size = (
         f"a size the model was not made for (input(s) {sized} take any size along their named dimensions, which "
@@ -94,6 +86,16 @@ def checked_failure(e: BaseException, model: str, named: dict[str, tuple]) -> Co
         f"onnxruntime failed running model {model!r}{where} ({first}); {why}: {fix}, or run the file with "
         "onnxruntime directly for the node's whole message"
     )
+
+
+def _read(e: BaseException) -> tuple:
+    """onnxruntime's message ``e`` read: its first line (:func:`_gist`), its status message, the failing node's match
+    (op type, name) or None, and " in its OP node 'NAME'" for the error's wording ("" when no node is named)."""
+    text = str(e).strip()
+    first = _gist((text.splitlines() or [type(e).__name__])[0])
+    node = _NODE.search(text)
+    where = f" in its {node.group(1)} node {node.group(2)[:80]!r}" if node is not None else ""
+    return first, text.partition("Status Message:")[2] or text, node, where
 
 
 def _gist(line: str, keep: int = 300) -> str:

@@ -22,7 +22,7 @@ import numpy as np
 from edge.errors import FormatError
 from edge.format.modelinfo import ModelInfo, fingerprint
 from edge.format.onnx_dtypes import refuse_unstored
-from edge.format.onnx_graph import quantized_ops, refuse_sparse
+from edge.format.onnx_graph import quantized_ops
 from edge.format.onnx_proto import elem_type, load_model, pb2, to_array, value_info
 from runtimes.lines import aligned_offsets, arena_group
 from runtimes.onnx_quant import check_quant_readers
@@ -281,7 +281,6 @@ def verify_fingerprint(
     """Check the weights (``live`` arena views, the graph's other initializers) against ``info.fingerprint``.
     ``decoded``: graph initializers already decoded from these very protos (:func:`quant_constants`' scales and zero
     points), hashed as they are rather than decoded again (an int8 MiniLM's 78 of its 141)."""
-    refuse_sparse(proto, info.name)  # (the backend's load refuses them first, verify or not: onnxruntime densifies)
     refuse_unstored(((f"initializer {t.name[:80]!r}", t) for t in proto.graph.initializer), f"model {info.name!r}")
     heads = {t.initializer for t in info.tensors.values() if t.head}  # runtime-owned (edge.route.taps): not weights
     tensors = {k: v for k, v in live.items() if k not in heads}
