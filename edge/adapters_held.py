@@ -162,6 +162,7 @@ class AdapterHolder:
     ``model_path``; ``_max_adapter_bytes`` too, or None: computed at the first adapter file loaded."""
 
     _max_adapter_bytes: int | None = None
+    _bounds: dict[str, tuple[int, int]] | None = None  # int_bounds, computed at the first use
 
     adapters = property(lambda self: sorted(self._adapters), doc="The names of the loaded adapters, sorted.")
 
@@ -203,6 +204,7 @@ class AdapterHolder:
         """
         from edge import fusion
         from edge.format.adapter import Adapter, DenseDelta, load_adapter
+        from edge.format.qrange import check_qvalues
 
         self._check_open()
         check_clip(clip)
@@ -220,6 +222,12 @@ class AdapterHolder:
         name = adapter.name if name is None else name
         if not isinstance(name, str) or not (name := plain_name(name)):  # held, looked up, removed: one plain str
             raise ConfigError(f"adapter name must be a non-empty string, got {name!r}")
+        ints = {
+            k: (d.qvalues, self.int_bounds()[self.info.tensors[k].initializer])
+            for k, d in adapter.tensors.items()
+            if getattr(d, "qvalues", None) is not None
+        }  # every target checked: the error names them all
+        check_qvalues(name, ints)  # e.g. -128 in a symmetric int8 weight (edge.format.qrange)
         index, delta = {}, {}
         for tname, d in adapter.tensors.items():
             t = self.info.tensors[tname]
@@ -351,9 +359,8 @@ class AdapterHolder:
                     base[tname][i : i + _BASE_CHUNK] = self._base_at(tname, pos[i : i + _BASE_CHUNK])
             if delta[tname].dtype.kind in "iu":  # integer adapter: its steps from the base, exact
                 delta[tname] = (delta[tname].astype(np.int64) - base[tname]).astype(np.float32)
-            new[tname], n = merged(
-                tname, base[tname], np.float32(0) + delta[tname], clip=clip, what=f"adapter {name!r}"
-            )
+            acc, what = np.float32(0) + delta[tname], f"adapter {name!r}"
+            new[tname], n = merged(tname, base[tname], acc, clip=clip, what=what, bounds=self.int_bounds().get(tname))
             clipped += n
         check_finite(new, f"adapter {name!r} added to the base weights")
         if clipped:
@@ -364,6 +371,17 @@ class AdapterHolder:
         restore = self.backend.prepare([WeightWrite(t, index[t], base[t]) for t in index])
         touched = {t: (index[t], base[t]) for t in index}
         return Prepared(adapter, index, delta, base, apply, restore, touched, clipped, Layout(key))
+
+    def int_bounds(self) -> Mapping[str, tuple[int, int]]:
+        """Per quantized stored tensor, the integers its weights may hold (:func:`edge.format.qrange.weight_bounds`:
+        ``[-127, 127]`` for a symmetric int8 one), from the zero points the backend holds; what a fused switch passes
+        to :func:`edge.fusion.fuse`. Computed once (zero points never change)."""
+        if self._bounds is None:
+            from edge.format.qrange import weight_bounds
+
+            q = {t.initializer: t.quant for t in self.info.tensors.values() if t.quant is not None}
+            self._bounds = {k: weight_bounds(v.dtype, self.backend.constant(v.zero_point)) for k, v in q.items()}
+        return self._bounds
 
     def _base_at(self, tname: str, pos: np.ndarray) -> np.ndarray:
         base = self.backend.read(tname).reshape(-1)[pos].copy()

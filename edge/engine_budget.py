@@ -3,11 +3,12 @@
 :func:`edge.engines.compare_engines` builds every candidate engine to time it; on a small device that build alone
 can exceed ``budgets.memory_mb``. :func:`fit_budget` predicts each candidate's footprint from its file (the backend's
 ``footprint_mb``: the graph or the tensor table, no weights read, on the providers the profile gives it here, its
-fallback policy applied), takes the strategy the runtime would run under the budget (the one asked, the profile's,
-else ``auto``'s first that fits) and leaves out, with the reason logged and kept in ``skipped``, every engine with
-none; the others are measured at their full-speed steady state (``rebuild``) when the runtime would serve one
-(``hybrid``, ``rebuild``), else at the strategy it would run (``bound``, ``builtin``). When no candidate fits, the
-refusal is the :class:`~edge.errors.ConfigError` a single backend gives.
+fallback policy applied, at the sizes the engine's ``dims`` fix), takes the strategy the runtime would run under
+the budget (the one asked, the profile's, else ``auto``'s first that fits) and leaves out, with the reason logged
+and kept in ``skipped``, every engine with none; the others are measured at their full-speed steady state
+(``rebuild``) when the runtime would serve one (``hybrid``, ``rebuild``), else at the strategy it would run
+(``bound``, ``builtin``). When no candidate fits, the refusal is the :class:`~edge.errors.ConfigError` a single
+backend gives.
 """
 
 from __future__ import annotations
@@ -42,11 +43,12 @@ def fit_budget(found: list, skipped: dict, profile, strategy: str = "auto", enfo
         order = (cls.AUTO_ORDER or (cls.DEFAULT_STRATEGY,)) if asked == "auto" else (asked,)
         providers = _providers(profile, e.backend, pref)  # LiteRT on ["CPU"]: nothing packed
         size_mb, predicted, serving = e.path.stat().st_size / 2**20, {}, None
+        sizes = {"dims": dict(e.dims)} if getattr(e, "dims", ()) else {}  # the lengths it runs at (edge.dims)
         if size_mb > budget:  # its weights alone: nothing of it is read to predict more
             needs = f"its file alone is {size_mb:.1f} MB"
         else:
             for s in order:  # lightest last: stop at the first that fits (each prediction parses the file)
-                predicted[s] = cls.footprint_mb(e.path, s, providers)
+                predicted[s] = cls.footprint_mb(e.path, s, providers, **sizes)
                 if predicted[s] is None or predicted[s] <= budget:
                     serving = s
                     break

@@ -6,11 +6,17 @@ file (``$EDGE_ENGINE_CACHE``, else ``$EDGE_CACHE/engines``, else ``~/.cache/edge
 atomically. The file's key is everything the choice depends on: each candidate file (backend,
 resolved path, size, modification time, inode: a rewritten file is another), the machine
 (architecture, CPU model, cores), each backend's library version, the thread count, the device
-profile (name and backend order), the margin, and with a memory budget the budget and the strategy asked
-(which engines fit it, and at what each is measured: :mod:`edge.engine_budget`). Any change measures again. A
+profile (name and backend order), the margin, with a memory budget the budget and the strategy asked
+(which engines fit it, and at what each is measured: :mod:`edge.engine_budget`), and the named dimensions fixed
+(``dims``, :mod:`edge.dims`: measured at those sizes; a .tflite, which takes none, skipped). Any change measures
+again. A
 file that cannot be read, fails its checks or names an engine not among the candidates is measured again, with a
 warning; a choice that cannot be stored is still used, with a warning and the reason in
-:attr:`EngineChoice.reason`.
+:attr:`EngineChoice.reason`. The choice steers which file runs, so a cache folder others can write (another
+owner, group- or world-writable, or such a parent: :mod:`edge.cache_trust`), or one that cannot be made or
+checked, is neither read nor written: warned once per process, every load measures; a choice file that is a link,
+another user's (root's is read) or writable by others is measured again. The folder is resolved once (links,
+``..``) and only the resolved path is used; it is made 0700 when missing; it is this user's own, not shared.
 
 With ``strategy`` other than ``auto``, only the engines whose backend offers it are candidates (the
 others are listed in ``skipped``). One candidate is chosen without measuring. Each file has its own
@@ -25,9 +31,12 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
 
+from edge.cache_trust import entry_problem, trusted_cache, warn_once
+from edge.dims_apply import with_dims
 from edge.engine_choice import MARGIN, EngineChoice
 from edge.errors import ConfigError, EdgeError
 
@@ -53,7 +62,7 @@ def _m(name: str):
     """The measuring function ``name``: one set on this module (a test's replacement), else edge.engines' as of now
     (an edge.engines function found here is one a test's undo put back: edge.engines' current one wins)."""
     own = globals().get(name)
-    if own is not None and getattr(own, "__module__", None) != "edge.engines":
+    if own is not None and getattr(own, "__module__", None) not in ("edge.engines", "edge.engine_feeds"):
         return own
     from edge import engines
 
@@ -130,19 +139,24 @@ def cached_engine(
     runs: int = 10,
     folder: str | os.PathLike | None = None,
     enforce_memory_budget: bool = True,
+    dims: Mapping[str, int] | None = None,
 ) -> EngineChoice:
     """The engine ``backend="auto"`` runs ``model`` on: measured the first time, read from the cache after.
 
     ``device`` is a profile (name, path or DeviceProfile) or None. Raises :class:`BackendUnavailableError`
     when no engine here can run it (with ``strategy``). Under the profile's ``budgets.memory_mb`` (unless
     ``enforce_memory_budget`` is False) an engine whose predicted footprint does not fit is left out before it is
-    built (:func:`edge.engine_budget.fit_budget`; a :class:`ConfigError` when none fits)."""
+    built (:func:`edge.engine_budget.fit_budget`; a :class:`ConfigError` when none fits). ``dims`` (the caller's,
+    :mod:`edge.dims`; over the profile's ``dims`` that apply: :func:`~edge.dims_apply.with_dims`) are part of the
+    key: every candidate is predicted, built and timed with those sizes fixed, on inputs of those sizes; an engine
+    that takes no dims (a .tflite) is then skipped, with why."""
     from edge.devices import DeviceProfile, load_profile
     from edge.engine_budget import fit_budget
     from runtimes import get_backend
 
     profile = device if device is None or isinstance(device, DeviceProfile) else load_profile(device)
     found, skipped = _m("find_engines")(model, profile)
+    found = with_dims(found, skipped, getattr(profile, "dims", None), dims)  # edge.dims_apply
     if strategy != "auto":
         for e in list(found):
             offered = get_backend(e.backend).STRATEGIES
@@ -155,14 +169,23 @@ def cached_engine(
     key = choice_key(found, profile, threads, margin)
     if profile is not None and enforce_memory_budget:  # which engines fit, and at what they are measured
         key["budget"] = [profile.budgets.memory_mb, strategy]
+    fixed = {k: v for e in found for k, v in e.dims}  # what applies (the profile's: the names the files declare)
+    if fixed:  # other sizes, another choice (without: the key of a load without dims, its kept choice still read)
+        key["dims"] = dict(sorted(fixed.items()))  # as it reads back from the JSON
     import hashlib
     import json
 
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
     measure = {"threads": threads, "rounds": rounds, "runs": runs}
-    path = Path(folder) if folder is not None else cache_folder()
-    path = path / f"{Path(model).stem[:64]}-{digest}.json"
-    kept = _read(path, key, found, skipped)
+    given = Path(folder) if folder is not None else cache_folder()
+    try:  # a folder others can write is neither read nor written (warned once per process): its choice steers
+        root = trusted_cache(given, what="engine cache", env="EDGE_ENGINE_CACHE", log=log)  # resolved: used alone
+    except OSError as e:  # cannot be made or checked (read-only, a loop, too long): not used either
+        root = None
+        warn_once(str(given), log, "the engine cache %s is not used (%s); every load measures", given, e)
+    trusted = root is not None
+    path = (root or given) / f"{Path(model).stem[:64]}-{digest}.json"
+    kept = _read(path, key, found, skipped) if trusted else None
     if kept is not None:
         return kept
     fits = fit_budget(found, skipped, profile, strategy, enforce_memory_budget)  # before any is built to be measured
@@ -184,14 +207,18 @@ def cached_engine(
         "comparison": figures,
         "skipped": dict(choice.skipped),
     }
-    from edge.format.io import write_json
+    from edge.format.io import atomic_write_bytes
 
-    try:
-        write_json(path, record)
-        note = f"{'measured' if figures else 'chosen'} {stamp}, kept in {path}"
-    except OSError as e:
-        log.warning("engine choice for %s not kept (%s); the next load measures again", Path(model).name, e)
-        note = f"{'measured' if figures else 'chosen'} {stamp}, not kept ({e})"
+    done = "measured" if figures else "chosen"
+    if not trusted:  # said once, by trusted_cache
+        note = f"{done} {stamp}, not kept (the engine cache {given} is not used: see the warning)"
+    else:
+        try:  # 0644 whatever mode the file it replaces had (one others could write is not read back)
+            atomic_write_bytes(path, (json.dumps(record, indent=1) + "\n").encode(), mode=0o644, parents=False)
+            note = f"{done} {stamp}, kept in {path}"
+        except OSError as e:
+            log.warning("engine choice for %s not kept (%s); the next load measures again", Path(model).name, e)
+            note = f"{done} {stamp}, not kept ({e})"
     return replace(choice, reason=f"{choice.reason} [{note}]")
 
 
@@ -212,9 +239,12 @@ def _read(path: Path, key: dict, found, skipped) -> EngineChoice | None:
     """The choice kept in ``path`` if it is for ``key`` and names a candidate; None (logged why) otherwise."""
     from edge.format.io import load_json, read_bounded
 
-    if not path.exists():
+    if not os.path.lexists(path):
         return None
     try:
+        why = entry_problem(path)  # a link is not followed, nor a file another user wrote or could rewrite
+        if why:
+            raise ValueError(why)
         rec = load_json(read_bounded(path, _MAX_BYTES, what="engine choice"), source=str(path))
         ok = isinstance(rec, dict) and rec.get("format") == FORMAT and rec.get("version") == VERSION
         if not ok or rec.get("key") != key:

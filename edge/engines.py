@@ -14,7 +14,8 @@ the profile's tolerances on the feeds measured; anything left out is named with 
 runs each engine at its full-speed steady state (strategy ``rebuild``: the session a ``hybrid``
 runtime serves once settled), in interleaved rounds, with the load average recorded. Under a device profile's
 memory budget, an engine whose predicted footprint does not fit is left out before it is built, and one that fits
-only a lighter strategy is measured at it (:mod:`edge.engine_budget`). The choice
+only a lighter strategy is measured at it (:mod:`edge.engine_budget`). An engine with ``dims``
+(:attr:`EngineFile.dims`, :mod:`edge.dims`) is predicted, built and fed at those sizes. The choice
 is the fastest by paired p50 ratio, except that an engine earlier in the profile's order wins
 when within ``margin`` of it. Device side only: numpy and the backends.
 """
@@ -31,6 +32,8 @@ from pathlib import Path
 import numpy as np
 
 from edge.engine_choice import MARGIN, EngineChoice
+from edge.engine_feeds import cast_feeds as _cast_feeds
+from edge.engine_feeds import feeds_for, generated_feeds
 from edge.errors import BackendUnavailableError, ConfigError
 from edge.format.feeds import check_feeds
 from edge.machine import load_average
@@ -54,8 +57,6 @@ __all__ = [
 
 log = logging.getLogger("edge.engines")
 
-_MAX_MODEL_BYTES = 1 << 40  # as edge.runtime: model files are trusted; the limit keeps a device file finite
-
 
 @dataclass(frozen=True)
 class EngineFile:
@@ -66,6 +67,7 @@ class EngineFile:
     fingerprint: str | None = field(default=None, compare=False)  # the file's own: adapters name it
     source: str | None = field(default=None, compare=False)  # ModelInfo.source_fingerprint: twins share it
     strategy: str = field(default="rebuild", compare=False)  # what it is measured at (edge.engine_budget.fit_budget)
+    dims: tuple[tuple[str, int], ...] = field(default=(), compare=False)  # named dims fixed (edge.engine_dims)
 
 
 def find_engines(model: str | os.PathLike, profile=None) -> tuple[list[EngineFile], dict[str, str]]:
@@ -275,17 +277,21 @@ def twins_of(found: Sequence[EngineFile], chosen: EngineFile) -> tuple[str, ...]
 
 
 def engine_report(
-    model, profile, feeds, threads: int | None = None, rounds: int = 5, runs: int = 10, choice=None
+    model, profile, feeds, threads: int | None = None, rounds: int = 5, runs: int = 10, choice=None, dims=None
 ) -> dict | None:
     """For ``edge profile``: the engines found for ``model``, compared when more than one can run it, and the
     choice ``backend="auto"`` makes here (``choice``, when that was already made). None when no other backend
-    is listed or installed, or ``rounds`` or ``runs`` is 0 (no comparison asked for)."""
+    is listed or installed, or ``rounds`` or ``runs`` is 0 (no comparison asked for). ``dims``: the caller's, over
+    the profile's, applied as auto applies them (:func:`edge.engine_cache.with_dims`: built and fed at those sizes;
+    an engine that takes none skipped, with why)."""
     if choice is None:
         if not rounds or not runs:
             return None
+        from edge.dims_apply import with_dims
         from edge.engine_budget import fit_budget
 
         found, skipped = find_engines(model, profile)
+        found = with_dims(found, skipped, getattr(profile, "dims", None), dims)
         found = fit_budget(found, skipped, profile)  # before any is built to be compared
         if len(found) < 2:
             return {"comparison": None, "skipped": skipped, "choice": None} if skipped else None
@@ -340,29 +346,12 @@ def format_engines(report: dict) -> list[str]:
     return lines
 
 
-def feeds_for(engine: EngineFile, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """``feeds`` in the dtypes ``engine``'s file takes: only integer casts that keep every value (a model exported
-    for LiteRT may take int32 token ids where its ONNX file takes int64); any other mismatch is a ConfigError."""
-    from edge.format.feeds import input_specs
-    from edge.format.io import read_bounded
-
-    if engine.backend == "onnxruntime":
-        from runtimes.base import model_buffer
-        from runtimes.onnx_file import graph_bytes
-
-        with model_buffer(engine.path) as (buf, _):
-            specs = input_specs(engine.backend, graph_bytes(buf))
-    else:
-        specs = input_specs(engine.backend, read_bounded(engine.path, _MAX_MODEL_BYTES, what="model file"))
-    return _cast_feeds(feeds, specs or {}, engine)
-
-
 # -- helpers ---------------------------------------------------------------------------------------------------------
 def _open(engine: EngineFile, profile, threads: int | None):
     """The engine's backend at the strategy it is measured at (full speed, rebuild, unless the memory budget admits
     only a lighter one), as the profile configures it, and its input specs."""
-    from edge.format.feeds import input_specs, names_only
-    from edge.format.io import read_bounded
+    from edge.engine_feeds import file_specs
+    from edge.format.feeds import names_only
     from runtimes import BackendOptions, get_backend
 
     options = BackendOptions(threads=threads, strategy=engine.strategy)
@@ -370,47 +359,14 @@ def _open(engine: EngineFile, profile, threads: int | None):
         options = replace(
             profile.backend_options(engine.backend), strategy=engine.strategy, threads=threads or profile.threads
         )
-    if engine.backend == "onnxruntime":  # reads its weights from the file itself; the graph alone gives the inputs
-        from runtimes.base import model_buffer
-        from runtimes.onnx_file import graph_bytes
+    options = replace(options, dims=dict(engine.dims) or None)  # every session measured with the sizes fixed
+    specs, data = file_specs(engine.backend, engine.path)
+    if engine.dims:
+        from edge.dims import fix_specs
 
-        with model_buffer(engine.path) as (buf, _):
-            specs = input_specs(engine.backend, graph_bytes(buf))
-        data = engine.path
-    else:
-        data = read_bounded(engine.path, _MAX_MODEL_BYTES, what="model file")
-        specs = input_specs(engine.backend, data)
+        specs = fix_specs(specs or {}, dict(engine.dims), engine.path.name)
     backend = get_backend(engine.backend)(data, options)
     return backend, specs or names_only(backend.info.inputs or tuple(backend.input_names))
-
-
-def _cast_feeds(feeds: Mapping[str, np.ndarray], specs, engine: EngineFile) -> dict[str, np.ndarray]:
-    """``feeds`` in the dtypes ``engine`` takes; only integer-to-integer casts that keep every value."""
-    out = {}
-    for name, x in feeds.items():
-        x = np.asarray(x)
-        want = specs[name].dtype if name in specs else None
-        if want is not None and want != x.dtype:
-            y = x.astype(want)
-            if x.dtype.kind not in "iu" or want.kind not in "iu" or not np.array_equal(y, x):
-                raise ConfigError(
-                    f"input {name!r} is {x.dtype}, {engine.path.name} on {engine.backend} takes {want}; "
-                    "give inputs that both engines take"
-                )
-            x = y
-        out[name] = x
-    return out
-
-
-def generated_feeds(engines: Sequence[EngineFile]) -> dict[str, np.ndarray]:
-    """Inputs made from the metadata of the first .onnx file among ``engines`` (ConfigError if there is none)."""
-    from edge.format.feeds import generate_inputs
-    from runtimes import read_model_info
-
-    onnx = next((e for e in engines if e.path.suffix == ".onnx"), None)
-    if onnx is None:
-        raise ConfigError("inputs can be generated only from an .onnx file; pass feeds (an .npz with --inputs)")
-    return generate_inputs(onnx.path, read_model_info(onnx.path, onnx.backend).inputs)
 
 
 def _timed(backend, feeds, n: int) -> list[float]:

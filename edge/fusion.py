@@ -12,7 +12,8 @@ turned, at load, into a delta in *grid steps* at each entry:
   axis ``QuantInfo.axis``), i.e. requantization onto the base grid.
 
 Fused: ``q = base + rint(sum_i(alpha_i * steps_i))`` (round half to even). A value outside
-the integer type's range is refused with :class:`SaturationError` (nothing is written), or,
+the tensor's integer range (:func:`edge.format.qrange.weight_bounds`: ``[-127, 127]`` for a
+symmetric int8 weight, else the type's) is refused with :class:`SaturationError` (nothing is written), or,
 when the caller passes ``clip=True``, clipped and counted (:attr:`Fused.clipped`). Undo writes
 the saved base integers, bit-exact.
 
@@ -38,7 +39,8 @@ import numpy as np
 from edge.errors import ConfigError, SaturationError
 from edge.format.adapter import Adapter, DenseDelta, SparseDelta
 from edge.format.feeds import plain_name as plain_name  # re-exported: adapters_held, runtime
-from edge.format.modelinfo import QUANT_DTYPES, read_only
+from edge.format.modelinfo import read_only
+from edge.format.qrange import SAFE_BOUNDS
 
 __all__ = [
     "Fused",
@@ -73,12 +75,18 @@ class Fused:
     clipped: int = 0
 
 
-def merged(tname: str, base: np.ndarray, acc: np.ndarray, *, clip: bool, what: str) -> tuple[np.ndarray, int]:
-    """``base`` plus the fused delta ``acc`` (float32; grid steps for an integer ``base``), and entries clipped."""
+def merged(
+    tname: str, base: np.ndarray, acc: np.ndarray, *, clip: bool, what: str, bounds: tuple[int, int] | None = None
+) -> tuple[np.ndarray, int]:
+    """``base`` plus the fused delta ``acc`` (float32; grid steps for an integer ``base``), and entries clipped.
+
+    ``bounds``: the tensor's range (:func:`edge.format.qrange.weight_bounds`: ``[-127, 127]`` for a symmetric int8
+    weight, else the type's). None: the range no kernel misreads, ``[-127, 127]`` for int8 (an asymmetric weight
+    may also hold -128: its caller passes its bounds), uint8's whole range."""
     if base.dtype.kind == "f":
         with np.errstate(over="ignore", invalid="ignore"):
             return base + acc, 0
-    lo, hi = QUANT_DTYPES[str(base.dtype)]
+    lo, hi = SAFE_BOUNDS[str(base.dtype)] if bounds is None else bounds
     if not np.isfinite(acc).all():
         raise ConfigError(f"{what} gives non-finite grid steps in {tname!r}; nothing was changed")
     q = base.astype(np.int64) + np.rint(np.clip(acc, -(1 << 20), 1 << 20)).astype(np.int64)
@@ -93,9 +101,16 @@ def merged(tname: str, base: np.ndarray, acc: np.ndarray, *, clip: bool, what: s
     return np.clip(q, lo, hi).astype(base.dtype), n
 
 
-def fuse(parts: Mapping[str, list[tuple[np.ndarray, np.ndarray, np.ndarray]]], *, clip: bool, what: str) -> Fused:
+def fuse(
+    parts: Mapping[str, list[tuple[np.ndarray, np.ndarray, np.ndarray]]],
+    *,
+    clip: bool,
+    what: str,
+    bounds: Mapping[str, tuple[int, int]] | None = None,
+) -> Fused:
     """Several weighted adapters at once: ``parts`` maps a stored tensor to (positions, alpha * delta, base) per
-    adapter; overlapping positions add their deltas, then each entry is merged once with its base value."""
+    adapter; overlapping positions add their deltas, then each entry is merged once with its base value, within
+    ``bounds[tensor]`` (:meth:`edge.adapters_held.AdapterHolder.int_bounds`; a tensor not in it: :func:`merged`'s)."""
     touched, values, clipped = {}, {}, 0
     for tname, plist in parts.items():
         allpos = np.concatenate([q for q, _, _ in plist])
@@ -105,7 +120,7 @@ def fuse(parts: Mapping[str, list[tuple[np.ndarray, np.ndarray, np.ndarray]]], *
             np.add.at(acc, inv, np.concatenate([v for _, v, _ in plist]))
         base = np.concatenate([b for _, _, b in plist])[first]
         touched[tname] = (pos, base)
-        values[tname], n = merged(tname, base, acc, clip=clip, what=what)
+        values[tname], n = merged(tname, base, acc, clip=clip, what=what, bounds=(bounds or {}).get(tname))
         clipped += n
     return Fused(touched, values, clipped)
 

@@ -22,9 +22,10 @@ from pathlib import Path
 
 import numpy as np
 
+from edge.engine_feeds import cast_feeds
 from edge.engines import runtime_version
 from edge.errors import AdapterMismatchError, ConfigError
-from edge.format.adapter import inspect_adapter
+from edge.format.adapter import adapter_header, max_adapter_bytes
 from edge.format.feeds import generate_inputs
 from edge.format.samples import read_npz
 from edge.machine import load_average, machine, peak_rss_mb, status_mb
@@ -69,6 +70,7 @@ def profile_model(
     backend: str | None = None,
     config: ProfileConfig = ProfileConfig(),
     devices_dir: Sequence[str | os.PathLike] = (),
+    dims: Mapping[str, int] | None = None,
 ) -> dict:
     """Measure ``model`` under ``device`` (profile name, YAML path or DeviceProfile); returns a JSON-able dict.
 
@@ -76,11 +78,12 @@ def profile_model(
     chose (measured before the timed load on generated inputs, kept for the device; ``inputs`` and
     ``config.engine_rounds`` do not change it) with its twins' adapters; an adapter that fits neither raises before
     any timing. A backend named (default: the file's suffix) runs alone and the engines beside it are compared
-    (``result["engines"]``, ``engine_report``).
+    (``result["engines"]``, ``engine_report``). ``dims``: named input dimensions fixed to sizes, as
+    ``Runtime(dims=...)`` takes them (over the profile's); generated inputs take those sizes.
     """
     from edge.devices import check_fits, load_profile
     from edge.engine_cache import cached_engine
-    from edge.engines import EngineFile, engine_report, feeds_for
+    from edge.engines import EngineFile, engine_report
     from edge.format.paths import not_a
     from edge.runtime import Runtime
 
@@ -97,24 +100,32 @@ def profile_model(
     check_fits(model, profile)  # as Runtime(model, device=...) does: a file over the memory budget is never read
     chosen = None
     if backend == "auto":  # measured here before the timed load; Runtime below reads the choice back as a device does
-        cached_engine(model, device=profile)
+        cached_engine(model, device=profile, dims=dims)  # the key Runtime's choice has (the profile's dims in it)
     else:
         backend = backend or _backend_for(model)  # Runtime applies the profile's fallback policy to it
 
     rss_before = status_mb("VmRSS")
     t0 = time.perf_counter()
-    rt = Runtime(model, backend=backend, device=profile)  # options, fallback, keys, budget: as on the device itself
+    rt = Runtime(
+        model, backend=backend, device=profile, dims=dims
+    )  # options, fallback, keys, budget: as on the device itself
     load_ms = _ms(t0)
-    asked = model  # inputs are generated from the file asked for (an .onnx beside a chosen .tflite)
+    asked, read = model, [None] * len(adapters)  # read: each adapter's one read, when auto checked it first
     if backend == "auto":  # the engine Runtime chose, and its file: adapters for its twins load on it
         chosen, model, backend = rt.engine_choice, rt.engine_choice.path, rt.engine_choice.backend
     try:
         options = profile.backend_options(backend, quiet=True)  # what the report says ran (Runtime logged it)
-        own = getattr(rt.backend, "input_specs", None) if model == asked else None  # read with the graph at load
-        feeds, input_source = _feeds(asked, rt.info.inputs, inputs, config, own)
-        feeds = feeds_for(EngineFile(backend, model), feeds) if chosen else feeds  # e.g. int32 ids for LiteRT
+        # inputs from the engine that runs (its specs, read at load, carry the dims' sizes), not the file asked for
+        own = getattr(rt.backend, "input_specs", None) or None
+        _check_batch(config, inputs, rt.dims)
+        feeds, input_source = _feeds(model, rt.info.inputs, inputs, config, own)
+        if chosen and inputs is not None:  # given for the file asked: in the dtypes the chosen one takes
+            feeds = cast_feeds(feeds, own or {}, EngineFile(backend, model))  # e.g. int32 ids for LiteRT
         fits = rt.info.fits
-        if chosen and (stray := [str(a) for a in adapters if inspect_adapter(a)["base_fingerprint"] not in fits]):
+        # an adapter is read through the runtime's signature policy (unsigned: refused before a byte is parsed),
+        # once: auto checks that each fits the chosen file, and that read is what is loaded
+        read = [_read(rt, a) for a in adapters] if chosen else read
+        if chosen and (stray := [str(a) for a, r in zip(adapters, read) if r[1].get("base_fingerprint") not in fits]):
             hint = f"--backend {_backend_for(asked)} profiles {asked.name} itself"
             raise AdapterMismatchError(f"adapter(s) {stray} do not fit {model.name}, chosen by auto: {hint}")
         t0 = time.perf_counter()
@@ -135,8 +146,9 @@ def profile_model(
                 latency.append(_ms(t0))
                 pb.update()
             per_adapter, switch_all = [], []
-            for path in adapters:
-                figures, switches = _profile_adapter(rt, path, feeds, config, pb)
+            for i, path in enumerate(adapters):
+                figures, switches = _profile_adapter(rt, path, feeds, config, pb, read[i])
+                read[i] = None  # its bytes are loaded: not kept for the rest of the run
                 per_adapter.append(figures)
                 switch_all += switches
             held_bytes = rt.adapter_bytes  # once, all held: per adapter it walked every adapter held (n^2)
@@ -150,8 +162,10 @@ def profile_model(
     finally:
         rt.close()
 
-    accuracy = _check_against_cpu(model, backend, providers, profile, feeds, reference)
-    engines = engine_report(model, profile, feeds, options.threads, config.engine_rounds, config.engine_runs, chosen)
+    accuracy = _check_against_cpu(model, backend, providers, profile, feeds, reference, rt.dims)
+    engines = engine_report(  # the engines beside it, under the dims auto applies (edge.engine_cache.with_dims)
+        model, profile, feeds, options.threads, config.engine_rounds, config.engine_runs, chosen, dims=dims
+    )
     result = {
         "format": PROFILE_FORMAT,
         "version": PROFILE_VERSION,
@@ -169,6 +183,7 @@ def profile_model(
         "backend": backend,
         "runtime": runtime_version(backend),
         "strategy": strategy,
+        "dims": dict(rt.dims),  # named input dimensions fixed to sizes (edge.dims; the profile's and --dim)
         "threads": options.threads,
         "providers_requested": list(options.providers),
         "providers": providers,
@@ -194,19 +209,43 @@ def profile_model(
     return result
 
 
-def _profile_adapter(rt, path: Path, feeds, config: ProfileConfig, pb) -> tuple[dict, list[float]]:
+def _read(rt, path: Path):
+    """``path`` read once through ``rt``'s signature policy, bounded by the largest adapter of its model: the file
+    (:class:`~edge.format.signing.ReadFile`, which ``rt.load_adapter`` takes without reading it again, its kept
+    signature checked again in memory), its metadata and the read's time (ms). An unsigned or wrongly signed file is
+    a SignatureError before any byte of it is parsed."""
+    t0 = time.perf_counter()
+    held = rt.policy.read_file(path, max_adapter_bytes(rt.info))
+    return held, adapter_header(held.data, str(path)), _ms(t0)
+
+
+def _check_batch(config: ProfileConfig, inputs, dims: Mapping[str, int]) -> None:
+    """``--batch`` sizes the named dimensions generated inputs leave free; one ``dims`` fixes (``--dim batch=M``, or
+    the profile's) wins, so a ``--batch`` that contradicts it is refused rather than ignored."""
+    fixed = dims.get("batch")
+    if inputs is None and config.batch != 1 and fixed is not None and fixed != config.batch:
+        raise ConfigError(
+            f"--batch {config.batch} contradicts dims batch={fixed} (--dim or the device profile's dims), which every "
+            f"session runs at: drop --batch, or give --dim batch={config.batch}"
+        )
+
+
+def _profile_adapter(rt, path: Path, feeds, config: ProfileConfig, pb, read=None) -> tuple[dict, list[float]]:
     """Load one adapter (kept loaded: the device holds every adapter it serves, and its memory budget counts
-    them), then ``switches`` times: switch to it, run once, wait until settled, switch back.
+    them), then ``switches`` times: switch to it, run once, wait until settled, switch back. Its name and its load
+    come from one read of the file (:func:`_read`; ``read``: the one auto's fit check made, not read again).
 
     Returns its figures and the raw switch times (for the percentile over all adapters).
     """
-    own = inspect_adapter(path)["name"]  # adapters stay loaded, as on the device: a name taken gets a suffix
+    t0 = time.perf_counter()  # the load's time: the read and the signature check included, as before
+    held, head, read_ms = read or _read(rt, path)
+    t0 -= read_ms / 1e3 if read else 0.0  # a read made earlier counts in the load's time too
+    own = str(head.get("name", path.stem))  # adapters stay loaded, as on the device: a name taken gets a suffix
     name, n, taken = own, 1, set(rt.adapters)
     while name in taken:  # never the name of one held: loading under it would replace that adapter
         n += 1
         name = f"{own}#{n}"
-    t0 = time.perf_counter()
-    name = rt.load_adapter(path, name, clip=config.clip)  # under a memory budget: refused past it (ConfigError)
+    name = rt.load_adapter(held, name, clip=config.clip)  # under a memory budget: refused past it (ConfigError)
     load_ms = _ms(t0)
     switch, first_run, settle, back = [], [], [], []
     for _ in range(config.switches):
@@ -228,7 +267,7 @@ def _profile_adapter(rt, path: Path, feeds, config: ProfileConfig, pb) -> tuple[
     figures = {
         "name": name,
         "path": str(path),
-        "bytes": path.stat().st_size,
+        "bytes": len(held.data),  # the bytes read and loaded
         "held_bytes": None,  # filled in once every adapter is held (what an adapter shares counts with the first)
         "load_ms": load_ms,
         "clipped": clipped,
@@ -268,7 +307,7 @@ def _feeds(model: Path, names: Sequence[str], inputs, config: ProfileConfig, spe
 
 
 # -- checks ------------------------------------------------------------------------------------
-def _check_against_cpu(model, backend, providers, profile, feeds, outputs) -> dict | None:
+def _check_against_cpu(model, backend, providers, profile, feeds, outputs, dims=None) -> dict | None:
     """Outputs of the providers that ran vs the same model on the backend's CPU provider (skipped if CPU ran)."""
     from edge.runtime import Runtime
     from runtimes import get_backend
@@ -276,7 +315,7 @@ def _check_against_cpu(model, backend, providers, profile, feeds, outputs) -> di
     cpu = get_backend(backend).CPU_PROVIDER
     if cpu is None or providers == [cpu]:
         return None
-    with Runtime(model, backend=backend, providers=[cpu]) as ref:
+    with Runtime(model, backend=backend, providers=[cpu], dims=dims) as ref:
         expected = ref.run(feeds)
     checks = {k: profile.tolerances.check(outputs[k], expected[k]) for k in expected}
     return {

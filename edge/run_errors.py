@@ -62,10 +62,12 @@ def run_failure(e: BaseException, free: Sequence[str], model: str, path: Path | 
     )
 
 
-def checked_failure(e: BaseException, model: str, named: dict[str, tuple]) -> ConfigError:
+def checked_failure(e: BaseException, model: str, named: dict[str, tuple], dims=None) -> ConfigError:
     """The one-line error for onnxruntime's failure ``e`` running ``model`` when every input declares its shape.
     ``named``: the inputs whose shapes hold dimensions by name (``{"ids": ("batch", "seq")}``), whose sizes are free
-    and so were not checked: a text longer than a position table, a batch another input does not share."""
+    and so were not checked: a text longer than a position table, a batch another input does not share. ``dims``: the
+    named dimensions the runtime fixed (:mod:`edge.dims`): a size that contradicts a fixed axis of the graph fails
+    in a kernel, so the error names them."""
     first, status, node, where = _read(e)
     sized = ", ".join(f"{k} {list(v)}" for k, v in list(named.items())[:5])
     size = (
@@ -82,6 +84,8 @@ def checked_failure(e: BaseException, model: str, named: dict[str, tuple]) -> Co
         why, fix = size, "feed the sizes the model was made for"
     else:
         why, fix = f"either {size} or {value}", "feed the sizes the model was made for and check the values fed"
+    if dims:
+        why, fix = f"{why}, or dims {dict(dims)} fix a size the graph contradicts", f"{fix}; check the dims"
     return ConfigError(
         f"onnxruntime failed running model {model!r}{where} ({first}); {why}: {fix}, or run the file with "
         "onnxruntime directly for the node's whole message"

@@ -93,6 +93,7 @@ class Runtime(AdapterHolder):
         trusted_keys: Iterable[str | bytes] | None = None,
         device=None,
         enforce_memory_budget: bool = True,
+        dims: Mapping[str, int] | None = None,
     ) -> None:
         """Load ``model`` on ``backend``.
 
@@ -112,7 +113,12 @@ class Runtime(AdapterHolder):
         (:func:`edge.engine_cache.cached_engine`); files exported from the same weights are twins, so an adapter made
         for either loads on the one that runs (:attr:`ModelInfo.also_fits`). The default ``backend=None`` is
         ``"auto"`` with a ``device`` and else the backend of ``model``'s suffix (``.onnx``: onnxruntime, ``.tflite``:
-        LiteRT). :attr:`engine_choice` says which engine runs and why."""
+        LiteRT). :attr:`engine_choice` says which engine runs and why. ``dims`` fixes the model's named input
+        dimensions to sizes in every session (``{"batch": 1, "sequence": 128}``, :mod:`edge.dims`; over the profile's
+        ``dims`` per name, which apply only to the names the file declares, on a backend that takes dims: the others
+        are skipped, logged; :attr:`dims` says what applies): a name no input declares, a size outside 1..2**31-1, or
+        a backend that takes none (a ``.tflite``) is a ``ConfigError``, and so is a feed of another size; the model
+        and its adapters are unchanged."""
         from runtimes import BackendOptions, backend_for_path, get_backend
 
         self.device, self.fallback_warning, profile_options = None, None, None  # fallback_warning: str | None
@@ -122,15 +128,21 @@ class Runtime(AdapterHolder):
             self.device = device if isinstance(device, DeviceProfile) else load_profile(device)
             if enforce_memory_budget:  # a file over the budget: refused before it is read, whatever the strategy
                 check_fits(model, self.device)
+        from edge.dims import check_dims
+        from edge.dims_apply import applying
+
+        dims = check_dims(dims)  # checked before any read; the profile's apply per file and backend (edge.dims)
         given, budget_kw = backend is not None, {"enforce_memory_budget": enforce_memory_budget}
         if not given:  # a device: the engine measured fastest on it; else the file's own engine
             backend = "auto" if self.device is not None else backend_for_path(model)
         self.engine_choice = (  # which engine runs and why; "auto": measured once, then read from a cache
-            cached_engine(model, device=self.device, threads=threads, strategy=strategy, **budget_kw)
+            cached_engine(model, device=self.device, threads=threads, strategy=strategy, dims=dims, **budget_kw)
             if backend == "auto"
             else explicit_engine(backend, model, given)
         )
         backend, model = self.engine_choice.backend, self.engine_choice.path
+        #: the named dimensions fixed in every session: ``dims`` over the profile's that apply to this file here
+        self.dims = applying(backend, model, getattr(self.device, "dims", None), dims)  # dims to one without: refused
         if self.device is not None:
             opts = self.device.backend_options(backend)
             threads = threads if threads is not None else opts.threads
@@ -144,7 +156,12 @@ class Runtime(AdapterHolder):
         budget = self.device.budgets.memory_mb if self.device is not None and enforce_memory_budget else None
         self._budget_mb, self._auto = budget, strategy == "auto"  # what the model and the adapters held must fit
         options = BackendOptions(
-            threads=threads, strategy=strategy, providers=tuple(providers), verify=verify, memory_mb=budget
+            threads=threads,
+            strategy=strategy,
+            providers=tuple(providers),
+            verify=verify,
+            memory_mb=budget,
+            dims=self.dims or None,
         )
         if profile_options is not None:
             options = replace(
@@ -166,6 +183,10 @@ class Runtime(AdapterHolder):
             ) from e
         # the real inputs, read by the backend while loading (no second walk of the file)
         self._inputs = self.backend.input_specs if owned else input_specs(backend, data)
+        if self.dims and not owned and self._inputs:  # the sizes fixed in the specs too: a feed of another refused
+            from edge.dims import fix_specs
+
+            self._inputs = fix_specs(self._inputs, self.dims, path.name)
         tensors = ReadOnlyDict(self.backend.info.tensors)  # read-only: what set_head and adapters are checked against
         extra = read_only(self.backend.info.extra)  # read-only too: it says which fingerprints adapters may name
         self._info: ModelInfo = replace(
@@ -249,7 +270,7 @@ class Runtime(AdapterHolder):
                 from runtimes import WeightWrite
 
                 fusion = _fusion or _fused()
-                f = fusion.fuse(self._parts(target), clip=clip, what=f"fusing {target}")
+                f = fusion.fuse(self._parts(target), clip=clip, what=f"fusing {target}", bounds=self.int_bounds())
                 fusion.check_finite(f.values, f"fusing {target}")
                 touched, clipped = f.touched, f.clipped
                 apply = self.backend.prepare([WeightWrite(t, touched[t][0], v) for t, v in f.values.items()])
@@ -377,7 +398,7 @@ class Runtime(AdapterHolder):
                 if free:
                     raise run_errors.run_failure(e, free, self.info.name, self.model_path) from e
                 named = {s.name: s.shape for s in self._inputs.values() if any(type(d) is str for d in s.shape or ())}
-                raise run_errors.checked_failure(e, self.info.name, named) from e
+                raise run_errors.checked_failure(e, self.info.name, named, self.dims) from e
             raise
 
     def _check_outputs(self, outputs) -> tuple[str, ...]:

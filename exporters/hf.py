@@ -36,9 +36,10 @@ from edge.errors import ConfigError, ExportValidationError, FormatError, Registr
 from edge.format.io import atomic_write_bytes, load_json, read_bounded
 from edge.format.modelinfo import ModelInfo
 from exporters.hf_audio import AUDIO_INPUTS, audio_example
-from exporters.hf_checks import check_seq_len, check_settings, check_weights, image_side, load_checkpoint
+from exporters.hf_checks import check_seq_len, check_settings, check_weights, image_side, load_checkpoint, read_storages
 from exporters.hf_pool import check_encoder, check_tokens
 from exporters.hf_settings import sentence_transformers_settings
+from exporters.hf_unused import drop_unread, prepare, say_dropped, unused_refusal
 from exporters.lora_slots import add_lora_slots, lora_slot_names
 from exporters.onnx import ATTENTION, export_onnx
 
@@ -140,7 +141,7 @@ class PooledEncoder(torch.nn.Module):
             if pooled is None:
                 raise ConfigError(
                     f"{type(getattr(self, self.prefix)).__name__} returns no pooler_output; "
-                    "choose pooling 'mean' or 'cls' (or a model built with its pooling layer)"
+                    "choose pooling='mean' or 'cls' (CLI: --pooling mean|cls), or a model built with its pooling layer"
                 )
             out = pooled.flatten(1)
             return (torch.nn.functional.normalize(out, p=2, dim=-1) if self.normalize else out,)
@@ -255,6 +256,10 @@ def export_hf_encoder(
             the model's output, ``seq_len`` beyond the model's position embeddings, or a setting the model's kind
             does not take (``image_size`` for text...: :data:`exporters.hf_checks.SETTINGS`).
         FormatError: the exported graph reads a weight the checkpoint folder did not hold.
+
+    Weights the forward never reads on the exported inputs (LUKE's entity tables on text) are left out with a
+    warning naming them; weights it computes with but drops (MRA without its CUDA kernel) are a ConfigError
+    (:mod:`exporters.hf_unused`).
     """
     given = {"seq_len": seq_len, "dynamic_seq": dynamic_seq, "image_size": image_size, "audio_length": audio_length}
     given["tokenizer"], seq_len = tokenizer, (128 if seq_len is None else seq_len)  # given: checked after wrap
@@ -286,7 +291,7 @@ def export_hf_encoder(
         attention = _set_attention(model, attention, explicit=file_format != "onnx")  # fused is ONNX only
     else:
         _set_attention(model, attention, explicit=True)
-    _prepare(model, pooling)
+    prepare(model, pooling)
     encoder = PooledEncoder.wrap(
         model, pooling=pooling, normalize=settings.get("normalize", False) if normalize is None else normalize
     ).eval()
@@ -324,7 +329,12 @@ def export_hf_encoder(
         # batch 2: with a batch of 1, torch.export guards some models (ConvNeXt) into an empty batch range
         examples = (torch.randn(2, channels, side, side, generator=torch.Generator().manual_seed(0)),)
         info["image_size"] = side
-    check_weights(encoder, examples, settings.get("unloaded"), info["source"])
+    read = check_weights(encoder, examples, settings.get("unloaded"), info["source"])
+    other = None  # a dynamic length: the weights read at another length must be the same
+    if dynamic_axes:
+        other = max(1, seq_len // 2) if seq_len > 1 else 2
+        other = (other, read_storages(encoder, _text_examples(model, encoder.input_names, other, None, batch)))
+    dropped = drop_unread(encoder, read, info["source"], other)
     if dynamic_axes:
         kwargs["dynamic_axes"] = dynamic_axes
     if file_format == "onnx":
@@ -335,12 +345,15 @@ def export_hf_encoder(
             extra={**info, **(extra or {})}, slots=slots, **kwargs,
         )  # fmt: skip
     except ExportValidationError as e:  # onnxruntime's fused Attention kernel refusing the graph (LayoutLM)
+        if (refusal := unused_refusal(e, encoder, info["source"])) is not None:
+            raise refusal from e
         if attention != "fused" or "Attention node" not in str(e):
             raise
         raise ExportValidationError(
             f"{e} It failed in onnxruntime's fused Attention kernel (attention='fused', the default for text): "
             "pass attention='decomposed' (edge export --attention decomposed)"
         ) from e
+    say_dropped(dropped, info["source"])
     if tokenizer is not None and encoder.modality == "text":
         atomic_write_bytes(path.with_name(info["tokenizer"]), Path(tokenizer).read_bytes())
     return result
@@ -353,8 +366,8 @@ def _default_pooling(model: torch.nn.Module) -> str:
     raise ConfigError(
         f"architecture {model_type!r} ({type(model).__name__}) is not one export_hf_encoder knows how to pool; "
         f"supported: {', '.join(sorted(ARCHITECTURES))}. If you know how it defines its embedding, pass pooling= "
-        "('pooler' for the model's pooler_output, 'cls', 'mean' over tokens) or call "
-        "exporters.hf.register_architecture; otherwise wrap it yourself and use exporters.export_onnx"
+        "('mean' over tokens, 'cls' its first token, 'pooler' its pooler_output; CLI: --pooling mean|cls|pooler) or "
+        "call exporters.hf.register_architecture; otherwise wrap it yourself and use exporters.export_onnx"
     )
 
 
@@ -378,7 +391,7 @@ def _set_attention(model: torch.nn.Module, attention: str, explicit: bool) -> st
     if explicit:
         raise ConfigError(
             f"{type(model).__name__} cannot run {impl!r} attention, which attention={attention!r} needs; "
-            f"pass attention={other!r}"
+            f"pass attention={other!r} (CLI: --attention {other})"
         )
     log.info("%s cannot run %r attention: exporting it %s", type(model).__name__, impl, other)
     return _set_attention(model, other, explicit=True)
@@ -386,31 +399,6 @@ def _set_attention(model: torch.nn.Module, attention: str, explicit: bool) -> st
 
 def _attn_running(model: torch.nn.Module) -> str:
     return getattr(model.config, "_attn_implementation", None) or "eager"
-
-
-def _prepare(model: torch.nn.Module, pooling: str) -> None:
-    """Drop parameters the embedding does not use."""
-    pooler = getattr(model, "pooler", None)
-    if pooling != "pooler" and pooler is not None and any(True for _ in pooler.parameters()):
-        model.pooler = _NoPooler()  # BERT's and ViT's dense+tanh poolers feed classifiers, not embedders
-    if getattr(model, "contact_head", None) is not None:  # ESM: contacts come from attention maps, not embeddings
-        model.contact_head = None
-    for module in model.modules():
-        if isinstance(getattr(module, "attention_bias_cache", None), dict):  # LeViT's eval cache: a constant
-            module.get_attention_biases = lambda _device=None, m=module: m.attention_biases[:, m.attention_bias_idxs]
-        # ViT, Swin and Dinov2 masked-image-modelling tokens, wav2vec2's SpecAugment embedding: unused without a mask
-        for key in ("mask_token", "masked_spec_embed"):
-            if (token := module._parameters.get(key)) is not None:
-                del module._parameters[key]
-                module.register_buffer(key, token.detach(), persistent=False)
-
-
-class _NoPooler(torch.nn.Module):
-    """A dropped pooler, for models that call theirs anyway (SqueezeBERT) or feed it to an activation (ALBERT's
-    tanh): an empty slice of its input, which no exported output reads."""
-
-    def forward(self, hidden: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        return hidden[..., :0]
 
 
 def _tflite_exporter():

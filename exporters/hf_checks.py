@@ -15,7 +15,6 @@ Host side: imports torch.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import numbers
 from pathlib import Path
@@ -26,7 +25,15 @@ from torch.utils._pytree import tree_leaves
 
 from edge.errors import ConfigError, EdgeError, FormatError
 
-__all__ = ["SETTINGS", "load_checkpoint", "check_weights", "check_settings", "check_seq_len", "image_side"]
+__all__ = [
+    "SETTINGS",
+    "load_checkpoint",
+    "check_weights",
+    "read_storages",
+    "check_settings",
+    "check_seq_len",
+    "image_side",
+]
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +118,13 @@ def _tensor(model: torch.nn.Module, name: str) -> torch.Tensor | None:
     return None
 
 
+#: tensor properties (their ``__get__``) and methods that read a tensor's metadata, not its values
+_METADATA = frozenset(
+    ("__get__", "__len__", "size", "dim", "ndimension", "numel", "nelement", "element_size", "stride")
+    + ("is_floating_point", "is_complex", "is_signed", "is_contiguous", "storage_offset", "get_device")
+)
+
+
 class _Reads(TorchFunctionMode):
     """Records the storages of every tensor a torch function (or tensor method) is called with."""
 
@@ -119,21 +133,28 @@ class _Reads(TorchFunctionMode):
         self.storages: set[int] = set()
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", None) in _METADATA:  # reads no values (XLNet's self.dtype asks its mask_emb)
+            return func(*args, **(kwargs or {}))
         for leaf in tree_leaves((args, kwargs or {})):
             if isinstance(leaf, torch.Tensor) and not leaf.is_meta:
                 self.storages.add(leaf.untyped_storage().data_ptr())
         return func(*args, **(kwargs or {}))
 
 
-def check_weights(encoder: torch.nn.Module, examples: tuple, unloaded, source: object) -> None:
-    """Refuse (:class:`FormatError`) when ``encoder(*examples)`` reads a weight of ``unloaded``
-    (:func:`load_checkpoint`): the export would hold random values for it."""
+def read_storages(encoder: torch.nn.Module, examples: tuple) -> set[int]:
+    """The storages (``untyped_storage().data_ptr()``) of every tensor ``encoder(*examples)`` reads (:func:`_probe`)."""
     reads = _Reads()
-    with torch.no_grad(), reads if unloaded else contextlib.nullcontext():
+    with torch.no_grad(), reads:
         _probe(encoder, examples)
+    return reads.storages - {0}
+
+
+def check_weights(encoder: torch.nn.Module, examples: tuple, unloaded, source: object) -> set[int]:
+    """Refuse (:class:`FormatError`) when ``encoder(*examples)`` reads a weight of ``unloaded``
+    (:func:`load_checkpoint`): the export would hold random values for it. Returns the storages it read."""
+    read = read_storages(encoder, examples)
     if not unloaded:
-        return
-    read = reads.storages - {0}
+        return read
     used = [(n, why) for n, t, why in unloaded if t.untyped_storage().data_ptr() in read]
     unused = [n for n, t, _ in unloaded if t.untyped_storage().data_ptr() not in read]
     if unused:
@@ -146,6 +167,7 @@ def check_weights(encoder: torch.nn.Module, examples: tuple, unloaded, source: o
             "of this architecture (config.json with the weights save_pretrained wrote beside it, named as the "
             "config's model class names them)"
         )
+    return read
 
 
 #: the setting (and ``edge export`` flag) that sizes each kind's example inputs
@@ -197,7 +219,7 @@ def check_seq_len(model: torch.nn.Module, seq_len: int, padded: tuple[str, ...] 
     ``padding_idx``, as Data2Vec-text's and XLM-R-XL's) have that many positions fewer."""
     config = model.config
     limit = getattr(config, "max_position_embeddings", None)
-    if limit is None:
+    if limit is None or limit <= 0:  # transformers' "no limit" (XLNet's -1: relative positions, any length)
         return
     offsets = [
         m.padding_idx + 1

@@ -31,7 +31,7 @@ def check_tokens(model: str, pooling: str, hidden: torch.Tensor, mask: torch.Ten
         return
     if hidden.dim() != 3:
         advice = (
-            "Use pooling='pooler' (the model's own pooled output)"
+            "Use pooling='pooler' (CLI: --pooling pooler), the model's own pooled output"
             if getattr(outputs, "pooler_output", None) is not None
             else "It has no pooler_output either: wrap it in a torch module that averages the map over its spatial "
             "axes and export that with exporters.export_onnx (README 'Your own model')"
@@ -43,8 +43,8 @@ def check_tokens(model: str, pooling: str, hidden: torch.Tensor, mask: torch.Ten
     if pooling == "mean" and mask is not None and hidden.shape[1] != mask.shape[1]:
         raise ConfigError(
             f"{model} returns {hidden.shape[1]} tokens for {mask.shape[1]} input tokens (it pools the sequence): "
-            "pooling 'mean' cannot weigh them by the attention mask. Pass pooling='cls' (its first token), or export "
-            "the model that keeps one token per input (FunnelModel, not FunnelBaseModel)"
+            "pooling 'mean' cannot weigh them by the attention mask. Pass pooling='cls' (CLI: --pooling cls), its "
+            "first token, or export the model that keeps one token per input (FunnelModel, not FunnelBaseModel)"
         )
 
 

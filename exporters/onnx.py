@@ -30,6 +30,8 @@ from edge.errors import ConfigError, ExportValidationError, FormatError
 from edge.format.modelinfo import META_KEY, ModelInfo, TensorInfo, fingerprint, onnx_info
 from edge.format.onnx_graph import consumers, keep_only, set_metadata, subgraph_reads
 from edge.format.onnx_scaffold import drop_unread, simplify
+from exporters.onnx_ops import translations
+from exporters.quiet import library_prints
 from exporters.validate import check_arguments, compare, flatten_outputs, second_batch, with_source
 
 __all__ = ["export_onnx", "load_model_info", "ATTENTION", "ATTENTION_OPSET", "OPSET", "IR_VERSION"]
@@ -172,18 +174,20 @@ def _torch_export(
         shapes.append(axes or None)
 
     try:
-        program = torch.onnx.export(
-            model,
-            example_inputs,
-            dynamo=True,
-            optimize=False,
-            external_data=False,
-            verbose=False,
-            opset_version=opset,
-            input_names=list(input_names),
-            output_names=list(output_names),
-            dynamic_shapes=tuple(shapes) if dims else None,
-        )
+        with library_prints("torch.onnx.export"):  # a failed trace's FX graph, printed to stderr: not under --quiet
+            program = torch.onnx.export(
+                model,
+                example_inputs,
+                dynamo=True,
+                optimize=False,
+                external_data=False,
+                verbose=False,
+                opset_version=opset,
+                input_names=list(input_names),
+                output_names=list(output_names),
+                dynamic_shapes=tuple(shapes) if dims else None,
+                custom_translation_table=translations(),  # aten ops torch mistranslates (exporters.onnx_ops)
+            )
     except torch.onnx.OnnxExporterError as e:  # its message: pages of advice for torch developers
         summary = str(e).split("## Exception summary", 1)[-1].strip().splitlines() or [type(e).__name__]
         inner = getattr(model, str(getattr(model, "prefix", "")), model)  # exporters.hf wraps the model it names
@@ -212,12 +216,14 @@ def _fold_weight_transposes(proto: onnx.ModelProto, model: torch.nn.Module) -> d
     params = dict(model.named_parameters())
     missing = [n for n in params if n not in initializers]
     if missing:
-        raise ExportValidationError(
+        err = ExportValidationError(
             f"{len(missing)} parameter(s) are not initializers of the exported graph: {missing[:10]}"
             f"{' ...' if len(missing) > 10 else ''}. Parameters unused by forward() are dropped by the exporter: "
             "remove those modules or parameters (set the attribute to None, e.g. wav2vec2/HuBERT/WavLM's training-only "
             "masked_spec_embed: model.masked_spec_embed = None) before exporting."
         )
+        err.parameters = missing  # exporters.hf_unused words it for edge export
+        raise err
 
     users = consumers(graph)
     protected = subgraph_reads(graph) | {o.name for o in graph.output}

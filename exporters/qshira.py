@@ -37,17 +37,23 @@ from torch import nn
 
 from edge.errors import AdapterMismatchError, ConfigError
 from edge.format.modelinfo import ModelInfo, onnx_info
+from edge.format.qrange import weight_bounds
 from exporters.data import Loss, batches, call, check_reiterable, loss_value
 
 __all__ = [
     "ActGrid",
     "OpGrid",
     "QuantBase",
+    "TRAINER_VERSION",
     "activation_grid",
     "int_shira_adapter",
     "quantized_base",
     "train_shira_int",
 ]
+
+#: what :func:`train_shira_int` writes; a cache of its adapters keys on it. 2: symmetric int8 weights (zero point
+#: 0) get integers in [-127, 127] (1 wrote -128, which runtimes now refuse: edge.format.qrange)
+TRAINER_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -57,7 +63,7 @@ class QuantBase:
     q: np.ndarray  # the integers
     scale: np.ndarray  # broadcastable to q (one value, or one per channel along the quantized axis)
     zero_point: np.ndarray  # same shape as scale
-    bounds: tuple[int, int]
+    bounds: tuple[int, int]  # the weights' range: edge.format.qrange.weight_bounds (symmetric int8: [-127, 127])
     dtype: str
 
     def dequantized(self) -> np.ndarray:
@@ -77,7 +83,7 @@ def quantized_base(path: str | os.PathLike) -> tuple[ModelInfo, dict[str, QuantB
         s = numpy_helper.to_array(inits[t.quant.scale]).astype(np.float32).reshape(shape)
         z = numpy_helper.to_array(inits[t.quant.zero_point]).reshape(shape)
         q = t.from_stored(numpy_helper.to_array(inits[t.initializer]))
-        out[pname] = QuantBase(q, s, z, t.quant.bounds, t.quant.dtype)
+        out[pname] = QuantBase(q, s, z, t.quant.weight_bounds(z), t.quant.dtype)  # symmetric int8: [-127, 127]
     if not out:
         raise ConfigError(f"{path} has no quantized targets: quantize it first (exporters.quantize.quantize_onnx)")
     return info, out
@@ -227,7 +233,8 @@ def train_shira_int(
             b = base[k]
             s = torch.as_tensor(np.broadcast_to(b.scale, b.q.shape)[tuple(i.numpy() for i in idx)].copy())
             q = torch.as_tensor(b.q[tuple(i.numpy() for i in idx)].astype(np.float32))
-            grid[k] = (s, q, float(b.bounds[0]), float(b.bounds[1]))
+            lo, hi = weight_bounds(b.dtype, b.zero_point)  # a QuantBase made by hand: never past its grid either
+            grid[k] = (s, q, float(max(lo, b.bounds[0])), float(min(hi, b.bounds[1])))
     deltas = {k: torch.zeros(idx[0].numel(), requires_grad=True) for k, idx in index.items()}
     opt = torch.optim.AdamW(deltas.values(), lr=lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(seed)

@@ -11,17 +11,26 @@ logging (``torchvision is not installed. Skipping torchvision::nms``) and Python
   model) are ignored, and so are ``UserWarning`` raised inside torch or onnxscript (exporter notes: the exported
   file is validated against torch afterwards, so a wrong trace fails loudly instead).
 
+- what torch prints straight to ``sys.stderr``/``sys.stdout`` during ``torch.onnx.export`` (a failed trace's whole
+  FX graph, hundreds of lines, before the one-line error: Longformer's data-dependent guard) is held back:
+  :func:`library_prints` around the export call, while a :func:`quiet_host` block runs (logged at DEBUG).
+
 This project's own warnings (``exporters.*``, ``edge.*`` loggers) are untouched. Everything is put back on exit.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
+import io
 import logging
 import warnings
 from collections.abc import Iterator
 
-__all__ = ["quiet_host", "QUIET_LOGGERS"]
+__all__ = ["quiet_host", "library_prints", "QUIET_LOGGERS"]
+
+log = logging.getLogger(__name__)
+_QUIET = contextvars.ContextVar("exporters_quiet", default=False)
 
 #: loggers of the export's libraries held to errors while quiet
 QUIET_LOGGERS = ("torch", "onnxscript", "onnx_ir")
@@ -37,6 +46,7 @@ def quiet_host(enabled: bool = True) -> Iterator[None]:
     _import_torch()  # torch's import resets its loggers' levels: set ours after it
     bar_was = hf.is_progress_bar_enabled() if hf is not None else None
     levels = {name: logging.getLogger(name).level for name in QUIET_LOGGERS}
+    token = _QUIET.set(True)
     try:
         if hf is not None:
             hf.disable_progress_bar()
@@ -48,10 +58,27 @@ def quiet_host(enabled: bool = True) -> Iterator[None]:
             warnings.filterwarnings("ignore", category=UserWarning, module=r"(torch|onnxscript|onnx_ir)(\.|$)")
             yield
     finally:
+        _QUIET.reset(token)
         for name, level in levels.items():
             logging.getLogger(name).setLevel(level)
         if hf is not None and bar_was:
             hf.enable_progress_bar()
+
+
+@contextlib.contextmanager
+def library_prints(what: str) -> Iterator[None]:
+    """Inside a :func:`quiet_host` block, hold back what the libraries print to ``sys.stdout``/``sys.stderr`` while
+    this block runs (logged at DEBUG); outside one, nothing changes."""
+    if not _QUIET.get():
+        yield
+        return
+    held = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(held), contextlib.redirect_stdout(held):
+            yield
+    finally:
+        if text := held.getvalue().strip():
+            log.debug("%s printed %d line(s), held back by --quiet:\n%s", what, text.count("\n") + 1, text)
 
 
 def _import_torch() -> None:

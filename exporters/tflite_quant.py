@@ -182,7 +182,8 @@ def tflite_quantized_base(path: str | os.PathLike):
             fold = np.asarray(t.channel_scale, np.float32).reshape([-1] + [1] * (len(t.shape) - 1))
             s = (s / fold).astype(np.float32)
             z = np.broadcast_to(z, np.broadcast_shapes(z.shape, s.shape)).copy()
-        out[pname] = QuantBase(t.from_stored(stored[t.initializer]), s, z, t.quant.bounds, t.quant.dtype)
+        bounds = t.quant.weight_bounds(z)  # LiteRT's int8 weights are symmetric: [-127, 127]
+        out[pname] = QuantBase(t.from_stored(stored[t.initializer]), s, z, bounds, t.quant.dtype)
     if not out:
         raise ConfigError(f"{path} has no quantized targets: quantize it first (exporters.quantize_tflite)")
     return info, out

@@ -148,11 +148,12 @@ def _accuracy(be: QuantBackend, rt: Runtime, path: Path, d, name: str | None) ->
 
 
 def _int_adapters(be: QuantBackend, path: Path, opts: dict, model, targets, cfg, domains) -> dict:
-    """Integer SHiRA per domain trained on ``path``'s own grid (cached beside it): domain -> adapter file."""
+    """Integer SHiRA per domain trained on ``path``'s own grid (cached beside it, keyed on the trainer's version:
+    ``exporters.qshira.TRAINER_VERSION``): domain -> adapter file."""
     import torch
 
     from exporters import shira
-    from exporters.qshira import int_shira_adapter, train_shira_int
+    from exporters.qshira import TRAINER_VERSION, int_shira_adapter, train_shira_int
 
     info, qbase = be.quantized_base(path)
     grids = be.activation_grid(path) if opts.get("train_activations") else None
@@ -161,7 +162,7 @@ def _int_adapters(be: QuantBackend, path: Path, opts: dict, model, targets, cfg,
     torch.set_num_threads(1)  # small models: one thread trains fastest on a shared machine
     try:
         for dn in cfg.domains:
-            out = path.parent / f"{path.stem}.ishira-{dn}.safetensors"
+            out = path.parent / f"{path.stem}.ishira{TRAINER_VERSION}-{dn}.safetensors"  # a new trainer: retrained
             if not out.exists():
                 d = domains[dn]
                 masks = shira.make_masks(

@@ -29,9 +29,11 @@ the word-embedding table int8 too, ``EMBEDDING_LOOKUP``), per base:
   ``.tflite`` file's own grid (:func:`exporters.train_shira_int`, the demo's mask, density, epochs and
   learning rate) on int8; ``mean_acc_requantized``: the fp32 adapters requantized at load (the float path).
   Measured on XNNPACK (strategy ``rebuild``: what a settled ``hybrid`` runtime serves);
-  ``mean_acc_adapted_builtin`` on the built-in kernels (what serves in hybrid's settle window). They differ on a
-  dynamic-range base: XNNPACK quantizes each activation row asymmetrically, the built-in kernel symmetrically
-  (``asymmetric_quantize_inputs`` off, so that it reads the int8 weights at every run).
+  ``mean_acc_adapted_builtin`` on the built-in kernels (what serves in hybrid's settle window). They differ a
+  little on a dynamic-range base: XNNPACK quantizes each activation row asymmetrically, the built-in kernel
+  symmetrically (``asymmetric_quantize_inputs`` off, so that it reads the int8 weights at every run). The
+  built-in kernel also misreads -128 in a symmetric int8 weight, which integer adapters no longer write
+  (:mod:`edge.format.qrange`; demo ViT: 0.844 vs 0.845, 0.789 with the old trainer's -128 entries).
 
 ``edge bench quantized --backend tflite`` (through :func:`run_litert`) or
 ``python -m lab.bench_quantized_litert [--model vit|cnn|minilm|all] [--json P] [--md P]`` (section

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edge.cache_trust import make_levels
 from edge.errors import ConfigError, EdgeError
 from edge.format.modelinfo import ModelInfo
 
@@ -119,7 +120,7 @@ def _prepare(cache: Path, cfg: DemoConfig, progress: bool, backend: str | None) 
 
     torch.manual_seed(cfg.seed)
     root = Path(cache) / (f"digits-{cfg.key()}" if cfg.model == "vit" else f"{cfg.name}-{cfg.key()}")
-    root.mkdir(parents=True, exist_ok=True)
+    make_levels(root, 0o755)  # each missing level without group/other write, whatever the umask (002 too)
     (root / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
     domains = load_domains(cfg.domains, seed=cfg.seed)
 

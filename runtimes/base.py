@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from edge.errors import BackendUnavailableError
 from edge.format.modelinfo import ModelInfo
 from edge.registry import Registry
 from runtimes.lines import compile_write, fold_narrow, merge_positions, share_positions
@@ -57,11 +58,16 @@ class BackendOptions:
     rebuild_delay_ms: float = 2.0  # hybrid: debounce between a write and the background rebuild
     memory_mb: float | None = None  # memory budget: strategy "auto" picks what the model's predicted footprint fits
     precision: str = "any"  # "fp32" or "int8": the model precision the device runs (NPUs: int8 only); "any"
+    dims: Mapping[str, int] | None = None  # named input dimensions fixed to sizes in every session (edge.dims)
 
     def __post_init__(self) -> None:
         from edge.machine import check_threads
 
         check_threads(self.threads)
+        if self.dims:
+            from edge.dims import check_dims
+
+            check_dims(self.dims)
 
 
 @dataclass(frozen=True)
@@ -79,6 +85,7 @@ class Backend(ABC):
     name: str = ""
     STRATEGIES: tuple[str, ...] = ()
     DEFAULT_STRATEGY: str = ""
+    TAKES_DIMS = False  # BackendOptions.dims honoured in every session; a backend without refuses them (ConfigError)
 
     info: ModelInfo  # read from the model file by the backend
 
@@ -344,6 +351,20 @@ class ArenaBackend(Rebuilds, Backend):
                 self._settled.clear()
                 if not self._watching:  # a polling rebuild thread sees the new generation: no wake on this path
                     self._wake.notify()
+
+    def _rebuilt(self):
+        """Strategy ``rebuild`` with no session for the current weights (a write's build failed, and so did the build
+        of the switch's recovery write, both out of memory most likely): the session built now, by the run asking,
+        under the lock it holds. rebuild holds one session at a time (what its footprint and a memory budget count),
+        so a write drops the stale one before building and nothing old is kept to serve meanwhile; a build that fails
+        here raises its typed error again (``OutOfMemoryError``), and the next run builds again (memory may be back).
+        """
+        if self._closed:
+            raise BackendUnavailableError(f"the {self.name} backend of {self.info.name!r} is closed")
+        self._static = None
+        self._static = self._build_fresh()
+        self._static_gen = self._generation
+        return self._static
 
     def wait_settled(self, timeout: float | None = None) -> bool:
         return self._settled.wait(timeout)

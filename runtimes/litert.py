@@ -170,6 +170,12 @@ class LiteRTBackend(ArenaBackend):
             raise ConfigError(
                 f"unknown tflite strategy {options.strategy!r}; allowed: auto, {', '.join(self.STRATEGIES)}"
             )
+        if options.dims:  # never ignored: a .tflite's shapes are fixed at export and its dimensions have no names
+            raise ConfigError(
+                f"dims {dict(options.dims)} fix named dimensions of an ONNX model; a .tflite's shapes are fixed "
+                "when it is exported (-1 marks a dynamic one, without a name): drop dims, or run the .onnx file "
+                "(backend='onnxruntime')"
+            )
         self._want_xnnpack = _check_providers(options.providers)
         if strategy == "builtin" and options.providers and self._want_xnnpack:
             raise ConfigError("strategy 'builtin' runs without the XNNPACK delegate; do not ask for XNNPACK with it")
@@ -358,10 +364,10 @@ class LiteRTBackend(ArenaBackend):
     def _serving(self) -> Session:
         if self._static is not None and self._static_gen == self._generation:
             return self._static
-        if self._builtin is None:
-            raise BackendUnavailableError(
-                "no current LiteRT interpreter: the backend is closed, or the last rebuild failed (see the log)"
-            )
+        if self._strategy == "rebuild":  # the last build failed: built now, or its error again (ArenaBackend._rebuilt)
+            return self._rebuilt()
+        if self._builtin is None:  # hybrid and builtin hold the built-in kernels' interpreter until closed
+            raise BackendUnavailableError(f"no current LiteRT interpreter for {self.info.name!r}: it is closed")
         return self._builtin
 
     def _build(self, *, delegate: bool) -> Session:

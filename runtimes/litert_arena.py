@@ -29,6 +29,7 @@ import numpy as np
 
 from edge.errors import FormatError
 from edge.format.modelinfo import ModelInfo, fingerprint
+from edge.format.qrange import QUANT_DTYPES
 from edge.format.tflite import SCALE, ZERO_POINT, TfliteModel, fingerprint_arrays, quant_arrays
 from runtimes.lines import HUGE_MIN, advise_huge
 
@@ -171,7 +172,7 @@ def quant_constants(fb: TfliteModel, info: ModelInfo) -> dict[str, np.ndarray]:
         n = 1 if q.axis is None else t.shape[q.axis]
         if scale.size != n or not (np.isfinite(scale).all() and (scale > 0).all()):
             raise FormatError(f"{name}: scale {q.scale!r} is not {n} positive finite float32 value(s)")
-        lo, hi = q.bounds
+        lo, hi = QUANT_DTYPES[q.dtype]  # a zero point's range: the type's whole one
         if zp.size != n or zp.min() < lo or zp.max() > hi:
             raise FormatError(f"{name}: zero point {q.zero_point!r} is not {n} {q.dtype} value(s)")
         out[q.scale], out[q.zero_point] = scale, zp.astype(q.dtype)

@@ -99,7 +99,7 @@ def _split(buf) -> tuple[bytes, dict[str, Stored]]:
                 else:
                     kept.append(bytes(buf[gat:gb]))
             body = b"".join(kept)
-            parts.append(_varint_bytes(7 << 3 | 2) + _varint_bytes(len(body)) + body)
+            parts.append(varint_bytes(7 << 3 | 2) + varint_bytes(len(body)) + body)
         else:
             parts.append(bytes(buf[at:b]))
     release(len(buf))
@@ -171,7 +171,7 @@ def _varint(buf, i: int) -> tuple[int, int]:
         shift += 7
 
 
-def _varint_bytes(x: int) -> bytes:
+def varint_bytes(x: int) -> bytes:
     out = bytearray()
     while x > 0x7F:
         out.append(x & 0x7F | 0x80)

@@ -53,6 +53,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edge.dims import fix_specs
 from edge.errors import BackendUnavailableError, ConfigError
 from edge.format.feeds import onnx_input_specs
 from edge.format.modelinfo import ModelInfo, onnx_info
@@ -85,6 +86,7 @@ class OrtBackend(OrtSessions, ArenaBackend):
     name = "onnxruntime"
     STRATEGIES = ("hybrid", "bound", "rebuild")
     DEFAULT_STRATEGY = "hybrid"
+    TAKES_DIMS = True  # named input dimensions fixed by free dimension overrides (edge.dims)
     AUTO_ORDER = ("hybrid", "bound")
     FREE_STALE_BEFORE_BUILD = True  # a stale prepacked session never serves again (runs check the generation)
     REBUILD_FAILED = "background session rebuild failed; staying on the bound session"
@@ -173,6 +175,11 @@ class OrtBackend(OrtSessions, ArenaBackend):
             refuse_sparse(proto, self.info.name)  # verify or not: onnxruntime would densify them unchecked at load
             self.check_precision(options)  # from the graph, before the weights are read into the arena
             self.input_specs = onnx_input_specs(proto, self.info.inputs)  # the real inputs, from the graph parsed once
+            if options.dims:  # named dimensions fixed to sizes (edge.dims): names checked, sizes in specs and sessions
+                self.dims, self.input_specs = (
+                    dict(options.dims),
+                    fix_specs(self.input_specs, options.dims, self.info.name),
+                )
             writable, dtypes = _writable(self.info)
             kept = set(inits) - set(writable)  # small constants (biases, shapes): kept in the graph, taken before
             proto.graph.initializer.extend(tensor_proto(buf, t) for k, t in inits.items() if k in kept)
@@ -186,7 +193,8 @@ class OrtBackend(OrtSessions, ArenaBackend):
             self._parts: OrtParts | None = None  # the footprint's parts (runtimes.ort_footprint), from the graph
             self._parts_graph, self._parts_lock = b"", threading.Lock()
             if options.memory_mb is not None:  # the budget is met from the graph and the dims, before the weights
-                self._parts = ort_parts(proto, {k: (inits[k].dims, want[k]) for k in writable}, self._fed)
+                shapes = {k: (inits[k].dims, want[k]) for k in writable}
+                self._parts = ort_parts(proto, shapes, self._fed, dims=self.dims)
             self._strategy = strategy = self._budgeted_strategy(options)
             arenas, self._offset, self._live = take_writable(buf, inits, writable, read, dtypes)
         self._arena = arenas.get(_F4, np.empty(0, _F4))  # float weights; quantized ones in an integer arena
@@ -295,17 +303,20 @@ class OrtBackend(OrtSessions, ArenaBackend):
     def run(self, feeds: Mapping[str, np.ndarray], outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
         names = self._output_names if outputs is None else outputs
         with self._lock:
-            if (s := self._static) is not None and self._static_gen == self._generation:
+            s = self._static if self._static_gen == self._generation else None
+            if s is None and self._strategy == "rebuild":  # the last build failed: built now, or its error again
+                s = self._rebuilt()
+            if s is not None:
                 outs = s._edge_run(names, {**feeds, **self._fed_feeds} if self._fed_feeds else feeds, None)
                 if not self._bound_asked:
                     self._start_bound()
                 return dict(zip(names, outs))
             self._bound_ready.wait()  # hybrid right after load: the bound session is still being built
             if (b := self._binding) is None:
-                raise BackendUnavailableError(
-                    "no current onnxruntime session: the backend is closed, or its bound session could not be "
-                    f"built ({self._bound_error!r})"
+                why = (
+                    "it is closed" if self._closed else f"its bound session could not be built ({self._bound_error!r})"
                 )
+                raise BackendUnavailableError(f"no current onnxruntime session for {self.info.name!r}: {why}")
             for k, v in feeds.items():
                 b.bind_cpu_input(k, np.ascontiguousarray(v))
             if self._bound_fetch != tuple(names):  # outputs stay bound from run to run: drop the others
@@ -383,7 +394,7 @@ class OrtBackend(OrtSessions, ArenaBackend):
 
     def _footprint_parts(self, proto) -> OrtParts:
         """The parts of this model's footprint, from its weight-less graph ``proto`` (not modified)."""
-        return ort_parts(proto, {k: (v.shape, v.dtype) for k, v in self._live.items()}, self._fed)
+        return ort_parts(proto, {k: (v.shape, v.dtype) for k, v in self._live.items()}, self._fed, dims=self.dims)
 
     def _check_providers(self, asked: Sequence[str]) -> list[str]:
         available = self._ort.get_available_providers()

@@ -72,10 +72,13 @@ def out_of_memory(e: BaseException) -> bool:
     return isinstance(e, MemoryError) or any(k in str(e).lower() for k in _ALLOC_FAILED)
 
 
-def cannot_load(e: Exception, model: str, strategy: str | None = None) -> FormatError | OutOfMemoryError:
-    """onnxruntime's refusal of a model's graph (its Fail, InvalidGraph, NotImplemented...), said as a FormatError;
-    an allocation that failed (:func:`out_of_memory`) is said as an :class:`~edge.errors.OutOfMemoryError`: the file
-    is fine, the device is short of memory."""
+def cannot_load(
+    e: Exception, model: str, strategy: str | None = None, dims=None
+) -> ConfigError | FormatError | OutOfMemoryError:
+    """onnxruntime's refusal of a model's graph (its Fail, InvalidGraph, NotImplemented...), said as a FormatError,
+    or with ``dims`` fixed (:mod:`edge.dims`) as a ConfigError naming them (sizes the graph's shapes contradict: the
+    file loads without them); an allocation that failed (:func:`out_of_memory`) is said as an
+    :class:`~edge.errors.OutOfMemoryError`: the file is fine, the device is short of memory."""
     if out_of_memory(e):
         how = f" with strategy {strategy!r}" if strategy else ""
         return OutOfMemoryError(
@@ -84,22 +87,30 @@ def cannot_load(e: Exception, model: str, strategy: str | None = None) -> Format
             "budgets.memory_mb in the device profile to what the device can spare (strategy auto then picks one "
             "that fits), or give the process more memory"
         )
+    if dims:
+        return ConfigError(
+            f"onnxruntime cannot load model {model!r} with dims {dict(dims)}: {str(e)[:600]}; a size fixed there may "
+            "contradict a fixed axis of the graph: check the sizes the model was made for, or load without dims"
+        )
     return FormatError(
         f"onnxruntime cannot load model {model!r}: {e}; check the file with onnx.checker.check_model, or import the "
         "original export again (edge import-onnx)"
     )
 
 
-def session_options(ort, threads: int | None, *, cpu_arena: bool = True):
+def session_options(ort, threads: int | None, *, cpu_arena: bool = True, dims=None):
     """onnxruntime ``SessionOptions`` as the backend makes them: ``threads`` intra-op threads (None: onnxruntime's
-    default, all cores), warnings and errors logged, its CPU arena unless ``cpu_arena`` is False. A plain session
-    compared with the runtime can be made with the same (``edge bench memory`` does)."""
+    default, all cores), warnings and errors logged, its CPU arena unless ``cpu_arena`` is False, the graph inputs'
+    dimensions named in ``dims`` fixed to their sizes (:mod:`edge.dims`; onnxruntime's free dimension overrides). A
+    plain session compared with the runtime can be made with the same (``edge bench memory`` does)."""
     so = ort.SessionOptions()
     if threads:
         so.intra_op_num_threads = int(threads)
     so.log_severity_level = 3
     if not cpu_arena:
         so.enable_cpu_mem_arena = False
+    for name, size in (dims or {}).items():
+        so.add_free_dimension_override_by_name(name, int(size))
     return so
 
 
@@ -124,6 +135,8 @@ class OrtSessions:
     cpu_arena = True
     #: the arena a device profile asks for (the CPU provider's ``use_arena``), on every session; None: not asked
     arena_asked: bool | None = None
+    #: named input dimensions fixed to sizes (``BackendOptions.dims``, :mod:`edge.dims`), on every session
+    dims: dict[str, int] = {}
 
     def _stub_location(self) -> str:
         """The file name the prepacked graph's data-less initializers point at (:func:`_stub`), in its folder."""
@@ -138,7 +151,7 @@ class OrtSessions:
         """The options of every session of this backend; a ``prepacked`` (full-speed) session of a small model
         without onnxruntime's CPU arena (:attr:`cpu_arena`), unless a profile asked (:attr:`arena_asked`)."""
         arena = self.arena_asked if self.arena_asked is not None else self.cpu_arena or not prepacked
-        return session_options(self._ort, self._threads, cpu_arena=arena)
+        return session_options(self._ort, self._threads, cpu_arena=arena, dims=self.dims)
 
     def _make_bound(self, model: bytes, go: threading.Event | None = None) -> None:
         """The session with every writable tensor a graph input, bound to the arena (zero copy). In the background:
@@ -166,7 +179,7 @@ class OrtSessions:
             if threading.current_thread() is not self._rebuilder:
                 if isinstance(e, EdgeError):  # a provider that did not start (check_registered)
                     raise
-                raise cannot_load(e, self.info.name, self._strategy) from e
+                raise cannot_load(e, self.info.name, self._strategy, self.dims) from e
             log.exception("building the bound session failed; switches of constant weights cannot be served")
             self._bound_error = e
         else:
@@ -201,7 +214,7 @@ class OrtSessions:
             )
         except Exception as e:  # onnxruntime's Fail and friends
             if not self.shares_weights or out_of_memory(e):  # copying the weights would take more memory still
-                raise cannot_load(e, self.info.name, self._strategy) from e
+                raise cannot_load(e, self.info.name, self._strategy, self.dims) from e
             self.shares_weights = False
             try:  # a model onnxruntime refuses whatever the weights: said as that, not as the in-place way failing
                 sess = self._build_fresh()

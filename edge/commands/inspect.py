@@ -28,9 +28,38 @@ def run(args) -> int:
             )
 
         check_regular(path, what="model file")  # onnx opens the file itself: no FIFO or device may reach it
-        print(json.dumps(json.loads(read_model_info(path).to_json()), indent=1))
+        shown = json.loads(read_model_info(path).to_json())
+        shown.update(input_shapes(path))
+        print(json.dumps(shown, indent=1))
         return 0
     from edge.format.adapter import inspect_adapter
 
     print(json.dumps(inspect_adapter(path), indent=1))
     return 0
+
+
+def input_shapes(path: Path) -> dict:
+    """``input_shapes`` (per input: ``shape``, a size, a dimension's name such as ``"batch"``, or null for a free
+    axis without a name; ``dtype``) and ``dims`` (per named dimension, the inputs that declare it: the names
+    ``Runtime(dims=...)`` and ``--dim`` fix) of the model at ``path``, read from its graph or tensor table, never its
+    weights. A .tflite's dimensions have no names (its first is shown as ``batch``: the runtime takes any batch)."""
+    from edge.dims import declared
+    from edge.engine_feeds import file_specs
+    from runtimes import backend_for_path
+
+    backend = backend_for_path(path)
+    specs, _ = file_specs(backend, path)
+    shapes = {}
+    for name, spec in (specs or {}).items():
+        shape = (
+            None
+            if spec.shape is None
+            else [None if isinstance(d, str) and d.startswith("?") else d for d in spec.shape]
+        )
+        shapes[name] = {"shape": shape, "dtype": None if spec.dtype is None else str(spec.dtype)}
+    named = {}
+    if backend == "onnxruntime":
+        for name, ds in declared(specs or {}).items():
+            for d in ds:
+                named.setdefault(d, []).append(name)
+    return {"input_shapes": shapes, "dims": named}

@@ -23,7 +23,21 @@ def register(sub) -> None:
     p.add_argument("--warmup", type=int, default=20, help="untimed runs before timing (default 20)")
     p.add_argument("--switches", type=int, default=20, help="timed switches per adapter (default 20)")
     p.add_argument("--inputs", type=Path, help=".npz with one array per model input (default: generated)")
-    p.add_argument("--batch", type=int, default=1, help="size of symbolic dimensions in generated inputs (default 1)")
+    p.add_argument(
+        "--batch",
+        type=int,
+        default=1,
+        help="size of the named dimensions generated inputs leave free (default 1); those --dim or the profile's dims "
+        "fix keep their size: --batch N with dims batch=M is refused",
+    )
+    p.add_argument(
+        "--dim",
+        action="append",
+        default=[],
+        metavar="NAME=SIZE",
+        help="fix the model's named input dimension NAME to SIZE in every session (repeatable; over the profile's "
+        "dims), as edge.Runtime(MODEL, dims={NAME: SIZE}); generated inputs take these sizes",
+    )
     p.add_argument(
         "--backend",
         default=None,
@@ -70,6 +84,9 @@ def run(args) -> int:
     for flag, most in _MOST.items():  # 10**20 runs is a typo, not a measurement: refused, not run for ever
         if getattr(args, flag) > most:
             raise ConfigError(f"--{flag.replace('_', '-')} must be at most {most}, got {getattr(args, flag)}")
+    from edge.dims import parse_dim_flags
+
+    dims = parse_dim_flags(args.dim)
     cfg = ProfileConfig(
         runs=args.runs,
         warmup=args.warmup,
@@ -87,6 +104,7 @@ def run(args) -> int:
         backend=args.backend or "auto",  # --device is always given: Runtime's rule for no backend with a device
         config=cfg,
         devices_dir=args.devices_dir,
+        dims=dims,
     )
     md = format_markdown(result)
     print(md)

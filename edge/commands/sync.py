@@ -104,7 +104,8 @@ def run(args) -> int:
         print(json.dumps(rep.to_dict(), indent=1, sort_keys=True))
     else:
         print(
-            f"{rep.status}: release {rep.release}, {len(rep.installed)} installed, {len(rep.unchanged)} unchanged, "
+            f"{rep.status}: {'no verified release' if rep.release is None else f'release {rep.release}'}, "
+            f"{len(rep.installed)} installed, {len(rep.unchanged)} unchanged, "
             f"{len(rep.removed)} removed, {len(rep.refused)} refused, {len(rep.failed)} failed; "
             f"{rep.bytes_total} bytes in {rep.seconds:.2f} s"
         )

@@ -13,7 +13,12 @@ into the graph). Measured (VmHWM of ``edge import-onnx`` in a child process, spa
 from files of 475-790 bytes): 4.0x the dense size before, 3.0x after, with the import's fingerprint arrays no longer
 kept alive by a reference cycle (:func:`edge.convert.onnx_source.control_flow_weights`) and If nodes no longer
 copied by :func:`edge.format.onnx_graph.keep_only`; what is left is the model itself, the import's arrays of its
-weights, and protobuf's serialization of the file (its buffer and the bytes written).
+weights, and protobuf's serialization of the file (its buffer and the bytes written). Since C21 a main-graph sparse
+initializer is held dense once, out of the message, and written streamed (:mod:`edge.convert.onnx_weights`): peak
+beyond what was read (measured, 128 MB dense of 50% non-zeros: +335 MB, its 192 MB of values and indices copied as
+read; 512 MB declared by a 475-byte file: +0.1 MB, its zero pages never touched), checked at 1.1x the dense bytes plus
+1.6x the stored ones; a Constant's or a body's stays in the message (+604 MB for 128 MB at 50%: the dense array, its
+bytes and protobuf's copy, 3x; 512 MB declared: 2.0x), checked at 3.1x.
 """
 
 from __future__ import annotations
@@ -25,20 +30,25 @@ from numbers import Real
 import numpy as np
 
 from edge.convert.onnx_source import PROTOBUF_LIMIT
+from edge.convert.onnx_weights import hold
 from edge.errors import ConfigError, FormatError
 from edge.format.onnx_dtypes import STORED, type_name
 from edge.format.onnx_graph import graphs as all_graphs
 
-__all__ = ["DEFAULT_MAX_DENSE_MB", "PEAK_FACTOR", "check_cap", "check_sparse", "densify_sparse"]
+__all__ = ["DEFAULT_MAX_DENSE_MB", "PEAK_FACTOR", "PEAK_HELD", "check_cap", "check_sparse", "densify_sparse"]
 
 log = logging.getLogger("edge.convert.onnx_import")
 
 #: the default cap on all sparse tensors of a file stored dense: protobuf's limit on the file written, so no model
 #: that can be imported at all hits it; pass less on a small device
 DEFAULT_MAX_DENSE_MB = 2048.0
-#: peak resident memory of an import per byte densified (measured on 512 MB and 1 GB of sparse tensors, main graph
-#: or If bodies: 3.01x, the import's fingerprint arrays and the file's serialization included; 4.0x before)
-PEAK_FACTOR = 3.1
+#: resident memory an import takes beyond what it has read, per byte: of a sparse tensor stored dense in the message
+#: (a Constant's, an If/Loop/Scan body's: its bytes, protobuf's copy and, as it is written, its raw_data read out),
+#: of one the main graph holds as an initializer (dense once, out of the message: :mod:`edge.convert.onnx_weights`),
+#: of the sparse tensors' own values and indices (copied as they are read; counted by their size in memory, 8 bytes
+#: an int64 stored as a 1-byte varint: S21) and of the rest of the model. Measured in
+#: module doc; 3.1 for every byte densified before (the whole message copied by its serialization)
+PEAK_FACTOR, PEAK_HELD, PEAK_STORED, PEAK_REST = 3.1, 1.1, 1.6, 0.2
 #: the cap :func:`check_cap` takes is under this many MB
 MAX_CAP_MB = 2**40
 #: the largest dimension a sparse tensor may declare (no real weight has a longer axis)
@@ -46,15 +56,19 @@ _MAX_DIM = 2**31 - 1
 _HINT = "(a sparse tensor declaring dims it does not hold is a broken or hostile file)"
 
 
-def densify_sparse(proto, name: str, *, max_dense_mb: float = DEFAULT_MAX_DENSE_MB, room=None) -> list[str]:
+def densify_sparse(
+    proto, name: str, *, max_dense_mb: float = DEFAULT_MAX_DENSE_MB, room=None, outside=None
+) -> list[str]:
     """Store the ``sparse_initializer`` tensors of the graph and its If/Loop/Scan bodies as dense initializers, and
     ``Constant`` nodes' ``sparse_value`` (bodies too: onnxruntime densifies them at load) as ``value``; return the main
     graph's initializers made dense. Every tensor's dims, data type and indices are checked, and their dense sizes
     summed against protobuf's limit, ``max_dense_mb`` and the memory left (module doc) before anything is allocated.
-    ``room``: ``(bytes, where)`` to check against instead of :func:`edge.memory_room.memory_room`'s (tests)."""
+    ``room``: ``(bytes, where)`` to check against instead of :func:`edge.memory_room.memory_room`'s (tests).
+    ``outside``: the main graph's large weights held out of the message (:mod:`edge.convert.onnx_weights`), where
+    the main graph's dense ones go too."""
     from onnx import AttributeProto
 
-    found = check_sparse(proto, name, max_dense_mb=max_dense_mb, room=room)
+    found = check_sparse(proto, name, max_dense_mb=max_dense_mb, room=room, outside=outside)
     if not found:
         return []
     graphs = all_graphs(proto.graph)
@@ -75,7 +89,8 @@ def densify_sparse(proto, name: str, *, max_dense_mb: float = DEFAULT_MAX_DENSE_
                 "in the exporting code, or export the model again"
             )
         taken[sp.values.name] = "two sparse initializers"
-        _fill(g.initializer.add(), sp, sp.values.name, name)  # written in place: never copied into the graph
+        main = outside if g is proto.graph else None
+        _fill(g.initializer.add(), sp, sp.values.name, name, main)  # written in place: never copied into the graph
         made += [sp.values.name] if g is proto.graph else []
     for g in graphs:
         g.ClearField("sparse_initializer")
@@ -84,11 +99,12 @@ def densify_sparse(proto, name: str, *, max_dense_mb: float = DEFAULT_MAX_DENSE_
     return made
 
 
-def check_sparse(proto, name: str, *, max_dense_mb: float = DEFAULT_MAX_DENSE_MB, room=None) -> list:
+def check_sparse(proto, name: str, *, max_dense_mb: float = DEFAULT_MAX_DENSE_MB, room=None, outside=None) -> list:
     """Check the sparse tensors :func:`densify_sparse` would store dense (local functions' too, not yet inlined),
     nothing allocated: each one's header, and their total against the bounds (module doc). Return ``(graph, sparse
     tensor, Constant node or None)`` for the main graph and its bodies. Called first, before anything (onnxruntime
-    too: an old opset's check loads the file) could densify them."""
+    too: an old opset's check loads the file) could densify them. ``outside``: the model's weights held out of the
+    message (:mod:`edge.convert.onnx_weights`), counted with the rest of the model."""
     max_dense_mb = check_cap(max_dense_mb)
     found = _sparse(all_graphs(proto.graph), ())
     held = [
@@ -97,7 +113,7 @@ def check_sparse(proto, name: str, *, max_dense_mb: float = DEFAULT_MAX_DENSE_MB
     every = found + _sparse([sub for g in held for sub in all_graphs(g)], proto.functions)
     if every:
         sizes = [_dense_bytes(sp, name) for _, sp, _ in every]  # each checked; nothing allocated yet
-        _check_bounds(proto, every, sizes, name, max_dense_mb, room)
+        _check_bounds(proto, every, sizes, name, max_dense_mb, room, outside)
     return found
 
 
@@ -126,7 +142,7 @@ def _sparse(graphs, functions) -> list:
     ]
 
 
-def _check_bounds(proto, found, sizes, name: str, max_dense_mb: float, room) -> None:
+def _check_bounds(proto, found, sizes, name: str, max_dense_mb: float, room, outside=None) -> None:
     """Refuse, naming the largest tensor, a total dense size over protobuf's limit, the cap, or the memory left."""
     total = sum(sizes)
     big = max(range(len(found)), key=sizes.__getitem__)
@@ -135,7 +151,12 @@ def _check_bounds(proto, found, sizes, name: str, max_dense_mb: float, room) -> 
         f"ONNX model {name!r}: sparse tensor {sp.values.name[:80]!r} of dims {list(sp.dims)[:8]} is {sizes[big]:,} "
         f"bytes stored dense ({len(found)} sparse tensor(s): {total:,} bytes dense"
     )
-    rest = proto.ByteSize() - sum(s.ByteSize() for _, s, _ in found)
+    from edge.convert.onnx_weights import will_hold
+    from edge.convert.onnx_write import message_size
+
+    wire = sum(message_size(s) for _, s, _ in found)  # (no ByteSize: upb serializes a message to count it)
+    rest = message_size(proto, outside) - wire
+    stored = sum(_in_memory(s.values) + _in_memory(s.indices, 8 * (s.indices.data_type != 7)) for _, s, _ in found)
     if rest + total > PROTOBUF_LIMIT:
         raise FormatError(
             f"{what}, with the model's other {rest:,} bytes), over protobuf's 2 GB limit ({PROTOBUF_LIMIT:,} bytes) on "
@@ -154,15 +175,39 @@ def _check_bounds(proto, found, sizes, name: str, max_dense_mb: float, room) -> 
         from edge.memory_room import memory_room
 
         room = memory_room()
-    need = int(PEAK_FACTOR * total + (PEAK_FACTOR - 1) * rest)  # the rest is read in already, copied twice more
+    held = sum(
+        n for (g, sp, node), n in zip(found, sizes) if node is None and g is proto.graph and will_hold(sp, n, outside)
+    )
+    need = int(PEAK_HELD * held + PEAK_FACTOR * (total - held) + PEAK_STORED * stored + PEAK_REST * rest)
     if room is not None and need > room[0]:
         raise FormatError(
-            f"{what}); importing it takes about {PEAK_FACTOR:g}x that at peak ({need:,} bytes with the rest of the "
+            f"{what}); importing it takes about {need / total:.1f}x that at peak ({need:,} bytes with the rest of the "
             f"model), over the "
             f"{room[0]:,} bytes this process can still use ({room[1]}); import it where more memory is free (close "
             f"other programs, raise the container's memory limit, or use a larger machine), or export its weights "
             f"dense {_HINT}"
         )
+
+
+#: bytes an element of a TensorProto's typed field takes in memory (in the message, then in to_array's array)
+_WIDTH = {"float_data": 4, "int32_data": 4, "int64_data": 8, "uint64_data": 8, "double_data": 8}
+
+
+def _in_memory(t, made: int = 0) -> int:
+    """The bytes a sparse tensor's values or indices take in memory: the raw_data's, 4 or 8 per element of a typed
+    field (not the file's varints: 1 byte for a small int64, 8 in the message and in to_array's copy), plus ``made``
+    per element for what they are turned into (int64 indices)."""
+    count = sum(len(getattr(t, k)) for k in _WIDTH)
+    typed = sum(len(getattr(t, k)) * w for k, w in _WIDTH.items())
+    raw = len(t.raw_data)
+    if raw and made:
+        from onnx import helper
+
+        try:
+            count += raw // helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+        except (KeyError, TypeError, ValueError):
+            count += raw
+    return raw + typed + made * count
 
 
 def _dense_bytes(sp, name: str) -> int:
@@ -206,7 +251,7 @@ def _dense_bytes(sp, name: str) -> int:
 _RAW = {1, 2, 3, 4, 5, 6, 7, 9, 10, 11, 12, 13, 16}
 
 
-def _fill(t, sp, tname: str, name: str) -> None:
+def _fill(t, sp, tname: str, name: str, outside=None) -> None:
     """Write one SparseTensorProto (checked by :func:`_dense_bytes`) into the empty TensorProto ``t``, dense (zero but
     at its indices): one dense buffer at a time, handed to protobuf and freed."""
     from onnx import numpy_helper
@@ -236,6 +281,8 @@ def _fill(t, sp, tname: str, name: str) -> None:
     if sp.values.data_type in _RAW:
         t.name, t.data_type = tname, sp.values.data_type
         t.dims.extend(dims)
+        if hold(t, dense, outside):  # the one copy, held out of the message (edge.convert.onnx_weights)
+            return
         t.raw_data = dense.tobytes()  # the one full copy (protobuf takes bytes only), freed on return
     else:
         t.CopyFrom(numpy_helper.from_array(dense.reshape(dims), tname))

@@ -30,9 +30,12 @@ import numpy as np
 from edge.convert.onnx_bnmeta import drop_bn_folded
 from edge.convert.onnx_densify import DEFAULT_MAX_DENSE_MB, check_sparse
 from edge.convert.onnx_foldcheck import check_same_outputs
-from edge.convert.onnx_foreign import check_graph, densify_sparse, foreign_metadata, trim_doc_strings
+from edge.convert.onnx_foreign import MIN_OPSET, check_graph, densify_sparse, foreign_metadata, trim_doc_strings
+from edge.convert.onnx_layout import NotAWeight as _NotAWeight
+from edge.convert.onnx_layout import apply_op as _apply
 from edge.convert.onnx_names import adapter_names, name_by_value, select
 from edge.convert.onnx_source import (
+    PROTOBUF_LIMIT,
     control_flow_weights,
     floating,
     hoist_body_initializers,
@@ -47,6 +50,8 @@ from edge.convert.onnx_source import (
     why_no_weights,
 )
 from edge.convert.onnx_valueinfo import drop_stale_value_info
+from edge.convert.onnx_weights import restore, weight_arrays
+from edge.convert.onnx_write import write_model
 from edge.convert.state_dict import read_state_dict
 from edge.errors import AdapterMismatchError, ConfigError, FormatError
 from edge.format.modelinfo import META_KEY, ModelInfo, TensorInfo, fingerprint
@@ -112,17 +117,25 @@ def import_onnx(
     from edge.format.io import atomic_write_bytes
 
     src = Path(src)
-    proto = read_onnx(src)
+    outside: dict = {}  # the large weights' bytes, held once, out of the message (edge.convert.onnx_weights)
+    proto = read_onnx(src, outside=outside)
     params = read_state_dict(state_dict) if isinstance(state_dict, (str, os.PathLike)) else state_dict
-    report = make_adapter_ready(proto, params=params, targets=targets, name=name or src.stem, max_dense_mb=max_dense_mb)
+    report = make_adapter_ready(
+        proto, params=params, targets=targets, name=name or src.stem, max_dense_mb=max_dense_mb, outside=outside
+    )
     if strict and (report.unmatched or report.ambiguous or report.missing):
         raise AdapterMismatchError(_strict_refusal(src, report))
-    try:
-        atomic_write_bytes(out, proto.SerializeToString())
+    try:  # streamed, the held weights in place: the bytes SerializeToString gives, without a whole copy of them
+        atomic_write_bytes(out, lambda f: write_model(f, proto, outside, PROTOBUF_LIMIT))
     except OSError as e:
         raise ConfigError(f"cannot write {out}: {e.strerror or e}; give --out a file path in a writable folder") from e
     log.info("imported %s -> %s: %d targets, %s", src, out, len(report.info.tensors), report.info.fingerprint)
     return report
+
+
+def _old_opset(proto) -> bool:
+    opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+    return opset is not None and opset < MIN_OPSET
 
 
 def _strict_refusal(src: Path, report: ImportReport) -> str:
@@ -153,8 +166,10 @@ def make_adapter_ready(
     targets: Sequence[str] | None = None,
     name: str = "model",
     max_dense_mb: float = DEFAULT_MAX_DENSE_MB,
+    outside: dict | None = None,
 ) -> ImportReport:
-    """Edit ``proto`` (an ``onnx.ModelProto``) in place as :func:`import_onnx` does, and return the report."""
+    """Edit ``proto`` (an ``onnx.ModelProto``) in place as :func:`import_onnx` does, and return the report.
+    ``outside``: the bytes of large initializers held out of ``proto`` (:func:`read_onnx`'s), kept in step."""
     from onnx import numpy_helper
 
     replaced = foreign_metadata(proto, name)  # another tool's value under this project's key: taken over, said
@@ -166,11 +181,15 @@ def make_adapter_ready(
             f"ONNX model {name!r} already carries {META_KEY!r} metadata (exported or imported by this project): "
             "load it with edge.Runtime as it is, or import the original file"
         )
-    check_sparse(proto, name, max_dense_mb=max_dense_mb)  # first: a sparse tensor may declare gigabytes
+    check_sparse(
+        proto, name, max_dense_mb=max_dense_mb, outside=outside
+    )  # first: a sparse tensor may declare gigabytes
+    if outside and _old_opset(proto):  # onnxruntime is handed the whole model to say whether it can load it
+        restore(proto, outside)
     check_graph(proto, name)  # what onnxruntime could not load is refused here, not written to fail at load
     inlined = inline_functions(proto, name)  # torch's export_modules_as_functions: weights read inside functions
     sparse = densify_sparse(
-        proto, name, max_dense_mb=max_dense_mb
+        proto, name, max_dense_mb=max_dense_mb, outside=outside
     )  # sparse weights stored dense (a function's too, inlined first): targets
     graph = proto.graph
     refuse_quantized(graph, name)
@@ -184,7 +203,7 @@ def make_adapter_ready(
     held = [(f"initializer {k[:80]!r}", t) for k, t in inits.items()]
     refuse_undefined(held, f"ONNX model {name!r}")  # a type onnx cannot decode: its to_array raises KeyError
     try:
-        arrays = {k: numpy_helper.to_array(t) for k, t in inits.items()}
+        arrays = weight_arrays(inits, outside)  # views of the bytes held outside: no copy
     except (ValueError, TypeError) as e:  # data that does not fit its declared shape or type
         raise FormatError(
             f"ONNX model {name!r} stores a weight its declared shape does not fit ({e}); re-export it"
@@ -196,6 +215,8 @@ def make_adapter_ready(
         if k not in found:
             skipped.setdefault(k, why)
     folded = [k for k, view in found.items() if view.fold is not None]
+    if folded and outside:
+        restore(proto, outside)  # onnxruntime runs the model before and after: whole
     before = proto.SerializeToString() if folded else b""  # for the check after folding: a whole copy, so only then
     for node, slot, value in rewire:  # after the copy: the graph checked against is the one given
         node.input[slot] = value
@@ -343,10 +364,6 @@ def _find_weights(graph, arrays: Mapping[str, np.ndarray]):
     return found, skipped, dead, rewire
 
 
-class _NotAWeight(Exception):
-    pass
-
-
 def _kind(node) -> str | None:
     """The standard op whose weight layout ``node`` reads (itself, or what an onnxruntime fused op fuses)."""
     if node.domain in ("", "ai.onnx"):
@@ -403,46 +420,3 @@ def _direct_layout(op: str, ndim: int, attrs) -> bool | None:
 def _gather_axis(attrs, ndim: int) -> int:
     axis = attrs.get("axis", 0)
     return axis + ndim if axis < 0 else axis
-
-
-def _apply(op, idx: np.ndarray, arrays, producer) -> np.ndarray:
-    kind = op.op_type
-    attrs = {a.name: a for a in op.attribute}
-    if kind == "Identity" or kind == "Cast" and attrs["to"].i == 1:  # a float32 weight cast to float32: as stored
-        return idx
-    if kind == "Cast":  # what the op reads is another type than the stored float32: an adapter could not reach it
-        raise _NotAWeight(
-            f"cast to ONNX data type {attrs['to'].i} before its reader (only weights read as float32 are adapted)"
-        )
-    if kind == "Transpose":
-        perm = list(attrs["perm"].ints) if "perm" in attrs else None
-        return np.transpose(idx, perm)
-    if kind == "Flatten":
-        axis = attrs["axis"].i if "axis" in attrs else 1
-        axis = axis + idx.ndim if axis < 0 else axis
-        return idx.reshape(int(np.prod(idx.shape[:axis])), -1)
-    if kind in ("Squeeze", "Unsqueeze"):
-        axes = _const(op.input[1], arrays, producer) if len(op.input) > 1 else attrs.get("axes")
-        axes = list(axes.ints) if hasattr(axes, "ints") else (None if axes is None else [int(a) for a in axes])
-        if kind == "Squeeze":
-            return np.squeeze(idx, axis=tuple(axes) if axes else None)
-        return np.expand_dims(idx, axis=tuple(axes))
-    shape = [int(s) for s in _const(op.input[1], arrays, producer)]  # Reshape
-    if not (attrs["allowzero"].i if "allowzero" in attrs else 0):
-        shape = [idx.shape[i] if s == 0 else s for i, s in enumerate(shape)]
-    return idx.reshape(shape)
-
-
-def _const(value: str, arrays, producer) -> np.ndarray:
-    if value in arrays:
-        return arrays[value]
-    node = producer.get(value)
-    if node is not None and node.op_type == "Constant":
-        from onnx import numpy_helper
-
-        for a in node.attribute:
-            if a.name == "value":
-                return numpy_helper.to_array(a.t)
-            if a.name == "value_ints":
-                return np.array(a.ints, np.int64)
-    raise _NotAWeight(f"its {value!r} shape operand is computed at run time")

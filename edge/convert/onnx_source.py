@@ -50,26 +50,36 @@ MAX_MODEL_BYTES = 1 << 40  # as edge.runtime: the limit keeps a device file fini
 _FLOATS = (1, 10, 11, 16)  # onnx.TensorProto FLOAT, FLOAT16, DOUBLE, BFLOAT16
 
 
-def read_onnx(src: str | os.PathLike, limit: int = MAX_MODEL_BYTES):
-    """The ``onnx.ModelProto`` of the regular file ``src``, external data (beside it) read in."""
+def read_onnx(src: str | os.PathLike, limit: int = MAX_MODEL_BYTES, outside: dict | None = None):
+    """The ``onnx.ModelProto`` of the regular file ``src``, external data (beside it) read in. ``outside``: a dict
+    to put the large weights' bytes in instead of the message (:mod:`edge.convert.onnx_weights`: read in pieces)."""
     import onnx
     from onnx.external_data_helper import load_external_data_for_model
 
+    from edge.convert.onnx_weights import load_external, read_model
     from edge.format.io import read_bounded
 
     src = Path(src)
-    data = read_bounded(src, limit, what="ONNX model")
-    try:
-        proto = onnx.load_model_from_string(data)
-    except Exception as e:  # protobuf's DecodeError and friends
-        raise FormatError(f"{src} is not a readable ONNX file: {e}") from e
+    if outside is None:
+        data = read_bounded(src, limit, what="ONNX model")
+        try:
+            proto = onnx.load_model_from_string(data)
+        except Exception as e:  # protobuf's DecodeError and friends
+            raise FormatError(f"{src} is not a readable ONNX file: {e}") from e
+        size = len(data)
+        del data
+    else:
+        proto, size = read_model(src, limit, outside, PROTOBUF_LIMIT)
     if not proto.graph.node:
         raise FormatError(
-            f"{src} is not an ONNX model: its graph has no nodes ({len(data)} bytes); give an exported .onnx file"
+            f"{src} is not an ONNX model: its graph has no nodes ({size} bytes); give an exported .onnx file"
         )
-    _refuse_over_protobuf_limit(proto, len(data), src)  # before its external data is read: it may be gigabytes
+    _refuse_over_protobuf_limit(proto, size, src)  # before its external data is read: it may be gigabytes
     try:
-        load_external_data_for_model(proto, os.fspath(src.parent))
+        if outside is None:
+            load_external_data_for_model(proto, os.fspath(src.parent))
+        else:
+            load_external(proto, outside, os.fspath(src.parent))
     except Exception as e:  # onnx's checks: outside the folder, not a regular file, past its end
         hint = "keep the data files the exporter wrote beside the model"
         if "symbolic link" in str(e):  # a Hugging Face hub cache links every file of a snapshot into blobs/
@@ -230,18 +240,27 @@ def tied_copies(names, arrays: Mapping[str, np.ndarray]) -> dict[str, str]:
 
     An exporter stores a tied weight (an embedding reused as the output projection) as two initializers, so an
     adapter on one copy leaves the other as it was; identical untrained copies look the same and are named too."""
-    seen: dict[tuple, str] = {}
+    seen: dict[tuple, list[str]] = {}
     out: dict[str, str] = {}
     for k in names:
         a = arrays[k]
         forms = [a, a.T] if a.ndim == 2 else [a]
-        keys = [(f.shape, hash(f.tobytes())) for f in forms]  # tobytes: C order, of the transpose too
-        same = (seen[key] for key, f in zip(keys, forms) if key in seen and np.array_equal(f, arrays[seen[key]]))
+        keys = [_tie_key(f) for f in forms]  # of the transpose too; the values then compared in full
+        same = (o for key, f in zip(keys, forms) for o in seen.get(key, ()) if np.array_equal(f, arrays[o]))
         if (other := next(same, None)) is not None:
             out[k] = other
         else:
-            seen.setdefault(keys[0], k)
+            seen.setdefault(keys[0], []).append(k)
     return out
+
+
+def _tie_key(a: np.ndarray) -> tuple:
+    """Shape, dtype and the first row and column (first and last 64 entries of other ranks): no copy of a weight, to
+    keep the import's peak memory at one copy of the weights (:mod:`edge.convert.onnx_weights`)."""
+    if a.ndim == 2 and a.size:
+        return a.shape, a.dtype.str, a[0].tobytes(), a[:, 0].tobytes()
+    flat = a.reshape(-1) if a.flags.c_contiguous else a.ravel()
+    return a.shape, a.dtype.str, flat[:64].tobytes(), flat[-64:].tobytes()
 
 
 def control_flow_weights(graph, arrays: Mapping[str, np.ndarray]) -> dict[str, str]:

@@ -105,19 +105,31 @@ class DeviceProfile:
     source: Path | None = None  # the file it was read from
     trusted_keys: tuple[str, ...] = ()  # when set, only adapters signed by these Ed25519 keys load
     fleet: FleetSource | None = None  # where `edge sync --device NAME` pulls adapters from
+    #: named input dimensions fixed to sizes in every session (edge.dims), of the names a model declares, on a backend
+    #: that takes dims (others skipped, logged; Runtime.dims shows what applies); Runtime(dims=...) wins per name
+    dims: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))
 
     def preference(self, backend: str) -> BackendPreference | None:
         """This profile's entry for ``backend``, or None if it does not list it."""
         return next((b for b in self.backends if b.backend == backend), None)
 
-    def backend_options(self, backend: str, available: Sequence[str] | None = None, *, quiet: bool = False):
+    def backend_options(self, backend: str, available: Sequence[str] | None = None, *, quiet: bool = False, model=None):
         """:class:`runtimes.base.BackendOptions` for ``backend`` on this machine, fallback policy applied.
 
         ``available`` lists the providers present here (default: probed). Provider options
         go in ``provider_options`` (one dict per provider, aligned with ``providers``);
         ``fallback_warning`` holds the warning if one was logged (``quiet``: returned, not logged).
+        ``dims``: the profile's, for a backend that takes dims (else None); with ``model`` (its file) only the
+        names it declares, as ``Runtime(model, device=...)`` applies them (:func:`edge.dims.applying`).
         """
+        from runtimes import TABLE, get_backend
         from runtimes.base import BackendOptions
+
+        dims = None
+        if self.dims and backend in TABLE and getattr(get_backend(backend), "TAKES_DIMS", False):
+            from edge.dims_apply import applying
+
+            dims = dict(self.dims) if model is None else applying(backend, model, self.dims, None)
 
         specs, warning = resolve_providers(self, backend, available, quiet=quiet)
         pref = self.preference(backend)
@@ -129,6 +141,7 @@ class DeviceProfile:
             provider_options=tuple(dict(s.options) for s in specs),
             device=self.name,
             fallback_warning=warning,
+            dims=dims or None,
         )
 
 

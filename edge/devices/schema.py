@@ -3,6 +3,11 @@
 Every check names what was given and what is allowed: unknown keys, missing fields,
 unknown architecture, fallback, backend, provider (per backend) and, where the runtime
 documents them, provider options (each backend's ``PROVIDERS``, :mod:`runtimes`).
+``dims`` (optional) maps a model's named input dimensions to the sizes every session fixes them at
+(``dims: {batch: 1, sequence: 128}``, :mod:`edge.dims`): whole numbers from 1 to 2**31-1, checked here. They apply
+to every model loaded on the device, each by the names it declares: a name a model lacks, or a backend that takes no
+dims (a .tflite), is skipped for that model (logged once at INFO; ``Runtime.dims`` shows what applies), whereas an
+explicit ``dims=`` (``--dim``) naming a dimension the model lacks is refused.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from edge.devices.profile import (
     ProviderSpec,
     Tolerances,
 )
+from edge.dims import check_dims
 from edge.errors import ConfigError
 from edge.format.names import check_name, split_reference
 from edge.machine import check_threads
@@ -44,6 +50,7 @@ _TOP = {
     "channel": False,
     "tuf_root": False,
     "registry_insecure": False,
+    "dims": False,
 }
 
 
@@ -97,6 +104,7 @@ def from_dict(data: object, source: Path | None = None) -> DeviceProfile:
         description=_text(d.get("description"), "description"),
         source=source,
         trusted_keys=tuple(keys),
+        dims=MappingProxyType(check_dims(d.get("dims"), "dims (named input dimension -> size)")),
     )
 
 

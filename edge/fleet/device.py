@@ -40,10 +40,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from edge.errors import AdapterMismatchError, ConfigError, FormatError, SignatureError, WriteError
+from edge.fleet import blobstore
 from edge.fleet.deadline import Deadline
 from edge.fleet.deadline import client as bounded_client
 from edge.fleet.device_files import disk_reason as _disk_reason
-from edge.fleet.device_files import free_bytes as _free_bytes
 from edge.fleet.device_files import locked as _locked
 from edge.fleet.device_files import read_plan as _read_plan
 from edge.fleet.device_files import sane_state as _sane_state
@@ -51,7 +51,16 @@ from edge.fleet.device_files import sha256_file as _sha256
 from edge.fleet.device_files import sig_path as _sig_path
 from edge.fleet.device_files import stamp as _stamp
 from edge.fleet.device_files import write_json as _write_json
-from edge.fleet.device_state import check_root, durable_updater, load_state, prepare_folders, sweep
+from edge.fleet.device_state import (
+    check_root,
+    device_slot,
+    durable_updater,
+    load_state,
+    other_plans,
+    prepare_folders,
+    source_mismatch,
+    sweep,
+)
 from edge.fleet.oci import (
     FleetConfig,
     FleetError,
@@ -66,6 +75,7 @@ from edge.fleet.oci import (
 __all__ = ["SyncReport", "sync", "STATE_DIR"]
 
 STATE_DIR = ".edge-sync"  # inside the adapter folder: state.json, plan.json, tuf/, head/, blobs/, partial/
+# a --cache elsewhere (shared by devices): state.json and plan.json per adapter folder, in devices/<key>/ (device_slot)
 
 
 @dataclass
@@ -140,6 +150,7 @@ def sync(
     adapter_dir = Path(adapter_dir)
     cache = Path(cache_dir) if cache_dir else adapter_dir / STATE_DIR
     prepare_folders(adapter_dir, cache, create_parents)
+    own = cache.resolve() == (adapter_dir / STATE_DIR).resolve()  # the folder's own cache, not a shared --cache
     report = SyncReport(
         registry=f"{config.registry}/{config.repository}", channel=config.channel, fingerprint=fingerprint
     )
@@ -150,29 +161,34 @@ def sync(
                 _locked(cache / ".lock", deadline.remaining()),  # a shared --cache: one sync at a time
             ):
                 sweep(adapter_dir, cache)  # temp files of killed writes: no other sync can be writing now
-                s = _Sync(config, adapter_dir, cache, fingerprint, info, report, on_chunk)
+                s = _Sync(config, adapter_dir, cache, device_slot(adapter_dir, cache, own), fingerprint, info, report)
+                s.hook, s.source["adapters"] = on_chunk, "." if own else str(adapter_dir.resolve())
                 if trusted_keys is not None:
                     from edge.format.signing import load_public_key
 
                     s.trusted = [load_public_key(k) for k in trusted_keys]
                 s.run(prune, deadline)
-    except Timeout as e:
-        raise FleetError(
+    except Timeout as e:  # cut by its deadline as any other wait is: offline, exit 1 (README, edge sync)
+        report.status = "offline"
+        report.reason = (
             f"another sync is running (it holds {e.lock_file}); this one waited {time.perf_counter() - t0:.0f} s, "
             "until its deadline (--deadline): try again later"
-        ) from e
+        )
     report.seconds = round(time.perf_counter() - t0, 4)
     return report
 
 
 class _Sync:
-    def __init__(self, config: FleetConfig, adapter_dir: Path, cache: Path, fp: str, info, report: SyncReport, hook):
-        self.cfg, self.dir, self.cache, self.fp, self.info = config, adapter_dir, cache, fp, info
-        self.r, self.hook = report, hook
-        self.state = load_state(cache, adapter_dir)  # rebuilt, if torn, from what the disk still proves
-        if not _sane_state(self.state, cache / "state.json"):  # entries of another shape: set aside, rebuilt
-            self.state = load_state(cache, adapter_dir)
+    def __init__(self, config: FleetConfig, adapter_dir: Path, cache: Path, slot: Path, fp: str, info, report):
+        self.cfg, self.dir, self.cache, self.slot, self.fp, self.info = config, adapter_dir, cache, slot, fp, info
+        self.r, self.hook = report, None
+        self.source = {"registry": config.registry, "repository": config.repository, "channel": config.channel}
+        self.source["fingerprint"] = fp
+        self.state = load_state(slot, adapter_dir, cache)  # rebuilt, if torn, from what the disk still proves
+        if not _sane_state(self.state, slot / "state.json"):  # entries of another shape: set aside, rebuilt
+            self.state = load_state(slot, adapter_dir, cache)
         self.trusted: list[bytes] | None = None
+        self.others: set[str] | None = None  # the blobs other folders' plans want (read at the first install)
 
     # -- the four steps ---------------------------------------------------------------------------------------
     def run(self, prune: bool, deadline: Deadline) -> None:
@@ -193,7 +209,7 @@ class _Sync:
                 return
             finally:
                 self.r.bytes_metadata, self.r.head = meta_client.bytes_in, fetcher.head_source
-            _write_json(self.cache / "plan.json", plan)
+            _write_json(self.slot / "plan.json", plan | {"source": self.source})
             self._apply(plan, blob_client, prune)
         finally:
             self.r.bytes_adapters = blob_client.bytes_in
@@ -234,6 +250,8 @@ class _Sync:
                 for path in signed.targets:
                     if path.startswith(prefix):
                         tf = up.get_targetinfo(path)  # the verified TargetFile, from ngclient's trusted set
+                        if tf is None:  # listed in a bin it does not hash to: ngclient looks for it elsewhere
+                            raise FleetSecurityError(f"bin {role} lists {path[:120]}, a path of another bin")
                         targets[path] = tf
             snapshot = Metadata.from_file(str(meta_dir / "snapshot.json")).signed.version
         except RegistryUnreachableError:
@@ -242,17 +260,20 @@ class _Sync:
             if fetcher.unreachable is not None:
                 raise fetcher.unreachable from e
             if isinstance(e, tx.DownloadHTTPError) and e.status_code == 404:
-                raise FleetError(
-                    f"no TUF metadata in {self.cfg.registry}/{self.cfg.tuf_repository} ({e}); "
-                    "has the host run `edge release init` and `edge push`?"
-                ) from e
+                where = f"{self.cfg.registry}/{self.cfg.tuf_repository}"
+                if fetcher.head_read:  # the head is there: a file it names is not (a mirror or GC lost it)
+                    raise FleetError(f"the TUF metadata in {where} is incomplete: {e}; push a release again") from e
+                fix = "has the host run `edge release init` and `edge push`?"
+                raise FleetError(f"no TUF metadata in {where} ({e}); {fix}") from e
             raise FleetSecurityError(f"TUF metadata download refused: {type(e).__name__}: {e}") from e
         except (tx.RepositoryError, FleetSecurityError) as e:
             raise FleetSecurityError(f"TUF verification failed: {type(e).__name__}: {e}") from e
-        except (OSError, ValueError) as e:  # a full or read-only disk: the head cache, ngclient saving what it verified
-            if isinstance(e, WriteError) or getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+        except OSError as e:  # a full or read-only disk: the head cache, ngclient saving what it verified
+            if isinstance(e, WriteError) or e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
                 raise WriteError(_disk_reason(meta_dir, e)) from e
             raise FleetError(f"cannot read the TUF metadata cache in {meta_dir}: {e}") from e
+        except ValueError as e:  # the registry's metadata, not the disk (the cache holds only what ngclient verified)
+            raise FleetSecurityError(f"TUF metadata refused: {type(e).__name__}: {str(e)[:200]}") from e
         self.r.release = int(snapshot)
         out: dict[str, dict] = {}
         for path, tf in sorted(targets.items()):  # "x.safetensors" sorts before "x.safetensors.sig"
@@ -280,14 +301,20 @@ class _Sync:
             if have and have["sha256"] == t["sha256"] and have.get("sig") == sig and self._present(name, have):
                 self.r.unchanged.append(name)
                 continue
+            # floors hold across channels and mirrors of one folder: a channel switch or a stale mirror never downgrades
             if have and have.get("fingerprint", self.fp) == self.fp and t["version"] < have["version"]:
                 self._refuse(name, f"release version {t['version']} is older than the installed {have['version']}")
                 continue
             try:
-                blob = self._fetch(name, t, client)
-                if "sig" in t:
-                    sig_blob = self._fetch(f"{name} (signature)", t["sig"], client)
+                blob = blobstore.fetch(self.cache, name, t, client, self.r, self.hook)
+                sig_ok = "sig" in t and blobstore.cached(_sig_path(blob), t["sig"]["sha256"], int(t["sig"]["length"]))
+                if "sig" in t and not sig_ok:  # beside its blob already when an earlier install failed
+                    sig_blob = blobstore.fetch(self.cache, f"{name} (signature)", t["sig"], client, self.r, self.hook)
                     os.replace(sig_blob, _sig_path(blob))
+                elif (
+                    "sig" not in t
+                ):  # one left by an earlier install of a signed target with these bytes is not this release's
+                    blobstore.drop(_sig_path(blob), quiet=True)
                 self._check_adapter(name, blob)
             except RegistryUnreachableError as e:
                 self.r.failed.append({"name": name, "reason": str(e)})
@@ -308,19 +335,15 @@ class _Sync:
                 self.r.failed.append({"name": name, "reason": _disk_reason(self.dir, e)})
             except FormatError as e:  # the verified blob or signature swapped since (a FIFO, a longer file)
                 self._refuse(name, str(e))
-        wanted = {t["sha256"] for t in plan["targets"].values()} | {
-            t["sig"]["sha256"] for t in plan["targets"].values() if "sig" in t
-        }
-        for p in [*(self.cache / "partial").glob("*.part"), *(self.cache / "blobs").glob("*")]:  # gone: none
-            if p.name.split(".")[0] not in wanted:  # left by an older release
-                p.unlink(missing_ok=True)
+        # left by an older release: what no device's plan in this cache wants (another's partial downloads stay)
+        blobstore.clean(self.cache, blobstore.plans_wanting(self.cache, plan, other_plans(self.cache, self.slot)))
         if prune:
             for name in sorted(set(installed) - set(plan["targets"])):
                 (self.dir / f"{name}.safetensors").unlink(missing_ok=True)
                 _sig_path(self.dir / f"{name}.safetensors").unlink(missing_ok=True)
                 del installed[name]
                 self.r.removed.append(name)
-                _write_json(self.cache / "state.json", self.state)
+                _write_json(self.slot / "state.json", self.state)
         self.r.stale = sorted(n for n, e in installed.items() if e.get("fingerprint", self.fp) != self.fp)
         offline = self.r.status == "offline"
         if self.r.refused:
@@ -334,9 +357,12 @@ class _Sync:
     def _offline(self) -> None:
         """Registry unreachable: complete the last verified plan from downloaded blobs, if it has not expired."""
         self.r.status = "offline"
-        plan = _read_plan(self.cache / "plan.json")
+        plan = _read_plan(self.slot / "plan.json")
         if not plan:
             self.r.reason += "; no verified release in the cache yet"
+            return
+        if (other := source_mismatch(plan, self.source, own=self.slot == self.cache)) is not None:
+            self.r.reason += f"; the cached release is {other}, nothing installed from it"
             return
         if datetime.fromisoformat(plan["expires"]) <= datetime.now(timezone.utc):
             self.r.reason += f"; the cached release expired at {plan['expires']}, nothing installed from it"
@@ -351,57 +377,11 @@ class _Sync:
         try:
             st = path.stat()
             return st.st_size == have["length"] and (_stamp(st) == have.get("stamp") or _sha256(path) == have["sha256"])
-        except OSError:
+        except (OSError, FormatError):  # gone, or no regular file: installed again
             return False
 
     def _refuse(self, name: str, reason: str) -> None:
         self.r.refused.append({"name": name, "reason": reason})
-
-    def _fetch(self, name: str, t: dict, client: OciClient | None) -> Path:
-        """The verified blob in ``<cache>/blobs``: from the cache, else downloaded (resumed if partial)."""
-        sha, length = t["sha256"], int(t["length"])
-        done = self.cache / "blobs" / sha
-        if done.exists():
-            if _sha256(done) == sha and done.stat().st_size == length:
-                return done
-            done.unlink()
-        if client is None:
-            raise RegistryUnreachableError(f"{name}: not in the cache and the registry is unreachable")
-        part = self.cache / "partial" / f"{sha}.part"
-        free = _free_bytes(self.cache)  # a signed length the disk cannot hold fails before any byte moves
-        need = 2 * length - (part.stat().st_size if part.exists() else 0)  # the blob, then its installed copy
-        if free is not None and need > free:
-            raise OSError(28, f"{name} needs {need} bytes, {free} are free")
-        for _attempt in (0, 1):  # a resumed file that fails the hash is retried once from byte 0
-            start = part.stat().st_size if part.exists() else 0
-            if start > length:
-                part.unlink()
-                start = 0
-            if start:
-                self.r.resumed += 1
-                self.r.bytes_resumed_from += start
-            if start < length:
-                with open(part, "ab") as f:
-                    got = start
-                    for data in client.blob_chunks(f"sha256:{sha}", start, on_chunk=self.hook, length=length):
-                        got += len(data)
-                        if got > length:
-                            f.truncate(0)
-                            raise FleetSecurityError(f"{name}: the registry sent more than the {length} bytes signed")
-                        f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
-            if part.stat().st_size < length:  # the connection ended early without an error: resume next time
-                if start and part.stat().st_size == start:  # nothing past `start` (HTTP 416): the blob is short
-                    raise FleetSecurityError(f"{name}: the registry's blob ends at byte {start}, {length} were signed")
-                raise RegistryUnreachableError(f"{name}: download ended at byte {part.stat().st_size} of {length}")
-            if _sha256(part) == sha:
-                os.replace(part, done)
-                return done
-            part.unlink()
-            if not start:  # a fresh download that does not match the signed hash: tampered
-                break
-        raise FleetSecurityError(f"{name}: downloaded bytes do not match the sha256 signed in the TUF targets")
 
     def _check_adapter(self, name: str, blob: Path) -> None:
         from edge.format.adapter import load_adapter
@@ -434,12 +414,15 @@ class _Sync:
         atomic_write_bytes(dst, data)
         if new_sig is not None:
             atomic_write_bytes(_sig_path(dst), new_sig)  # then exactly the published signature
-        sig.unlink(missing_ok=True)
         entry = {"sha256": t["sha256"], "version": t["version"], "length": t["length"], "fingerprint": self.fp}
         self.state["adapters"][name] = entry | {"stamp": _stamp(dst.stat())}
         if "sig" in t:
             self.state["adapters"][name]["sig"] = t["sig"]["sha256"]
-        self.state["release"] = self.r.release
-        _write_json(self.cache / "state.json", self.state)
+        self.state["release"], self.state["source"] = self.r.release, self.source  # who wrote it last
+        _write_json(self.slot / "state.json", self.state)
         self.r.installed.append({"name": name, "version": t["version"], "bytes": t["length"]})
-        blob.unlink(missing_ok=True)  # installed: the adapter folder is the copy now
+        if self.others is None:  # installed: the adapter folder is the copy now, unless another folder's plan wants it
+            self.others = blobstore.plans_wanting(self.cache, {}, other_plans(self.cache, self.slot))
+        if t["sha256"] not in self.others:  # else clean() deletes it once no plan wants it
+            blob.unlink(missing_ok=True)
+            sig.unlink(missing_ok=True)

@@ -50,8 +50,12 @@ def disk_reason(where: Path, e: OSError) -> str:
 
 
 def sha256_file(path: Path) -> str:
+    """The sha256 of the regular file ``path`` (anything else, a FIFO included, is a FormatError: never a hang)."""
+    from edge.format.io import open_regular
+
+    fd, _ = open_regular(path, what="file to hash")
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open(fd, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
@@ -60,12 +64,13 @@ def sha256_file(path: Path) -> str:
 MAX_STATE_BYTES = 64 << 20  # state.json and plan.json: a few hundred bytes per adapter
 
 
-def read_json(path: Path) -> dict | None:
+def read_json(path: Path, aside: bool = True) -> dict | None:
     """The JSON in ``path``, or None if there is none. Bytes that are not JSON at all (torn by a power cut on storage
     that ignored fsync, flash wear), or JSON this project never writes (nested past its depth limit, duplicated keys,
     NaN), are moved aside to ``NAME.unreadable`` (replacing an earlier one), with a warning, and read as none: the
     next sync rebuilds what they recorded, with no one at the device. Read bounded, as a regular file only: a FIFO,
-    device or folder in its place, or a file over the limit, is a :class:`FleetError` (nothing is moved)."""
+    device or folder in its place, or a file over the limit, is a :class:`FleetError` (nothing is moved). With
+    ``aside=False`` (another folder's file) nothing is ever moved: unreadable JSON is read as none, with a warning."""
     from edge.errors import FormatError
     from edge.format.io import load_json, read_bounded
 
@@ -78,7 +83,7 @@ def read_json(path: Path) -> dict | None:
     try:
         return load_json(data, source=f"sync state {path}")
     except FormatError as e:  # not UTF-8, not JSON, or JSON no sync wrote
-        return _aside(path, e)
+        return _aside(path, e) if aside else log.warning("%s ignored: %s", path, e)
 
 
 def _aside(path: Path, e: Exception) -> None:
@@ -92,16 +97,20 @@ def _aside(path: Path, e: Exception) -> None:
     return None
 
 
-def read_plan(path: Path) -> dict | None:
+def read_plan(path: Path, aside: bool = True) -> dict | None:
     """The last verified plan (``plan.json``, as ``_Sync._verified_plan`` writes it: ``release``, a timezone-aware
     ISO ``expires``, ``targets`` of ``{sha256, length, version, path, [sig]}``), or None if there is none. JSON of
     another shape is moved aside as :func:`read_json` moves unreadable bytes (an offline sync then has no verified
-    release to complete, and says so), never a bare TypeError or KeyError in the middle of a sync."""
-    plan = read_json(path)
+    release to complete, and says so), never a bare TypeError or KeyError in the middle of a sync. ``aside=False``:
+    as :func:`read_json`, nothing moved (another folder's plan, maybe written by a newer edge)."""
+    plan = read_json(path, aside)
     if plan is None:
         return None
-    problem = _plan_problem(plan)
-    return plan if problem is None else _aside(path, FleetError(f"not a sync plan: {problem}"))
+    if (problem := _plan_problem(plan)) is None:
+        return plan
+    if not aside:
+        return log.warning("%s ignored: not a sync plan: %s", path, problem)
+    return _aside(path, FleetError(f"not a sync plan: {problem}"))
 
 
 def sane_state(state: dict, path: Path) -> bool:
@@ -143,6 +152,9 @@ def _plan_problem(plan) -> str | None:
             return f"expires {plan['expires'][:40]!r} has no time zone"
     except ValueError:
         return f"expires {plan['expires'][:40]!r} is no ISO date"
+    source = plan.get("source", {})  # absent in plans written before sync recorded it
+    if not isinstance(source, dict) or not all(isinstance(v, str) for v in source.values()):
+        return "a source that is not an object of strings"
     targets = plan.get("targets")
     if not isinstance(targets, dict):
         return "no targets object"

@@ -4,8 +4,11 @@
   (``create_parents``): a missing parent is most often a card or disk that is not mounted, and creating it would
   put the adapters on the root disk underneath the mount point.
 - The sync state (``state.json``): per installed adapter its sha256 and release version, the floor no release may
-  go below. One torn by a power cut (set aside by :func:`~edge.fleet.device_files.read_json`) or deleted is rebuilt
-  from what the disk still proves: an installed file whose sha256 is a target of the last verified plan
+  go below, beside the last verified plan (``plan.json``, with its source: registry, repository, channel, model
+  fingerprint, adapter folder). Both are kept per adapter folder (:func:`device_slot`): in its own cache, or in a
+  ``--cache`` devices share, under ``devices/<key>/``; floors hold across channels and mirrors of one folder. A
+  state torn by a power cut (set aside by :func:`~edge.fleet.device_files.read_json`) or deleted is rebuilt from
+  what the disk still proves: an installed file whose sha256 is a target of the last verified plan
   (``plan.json``) or of TUF's trusted metadata (``tuf/``, read before the refresh replaces it) gets that target's
   version back, the highest if several name it; a file nothing names gets no floor and is downloaded again.
 - TUF's trusted metadata: python-tuf 7 writes it with a temp file and a rename but no fsync, so storage that
@@ -19,6 +22,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
 import re
 from pathlib import Path
 
@@ -26,7 +31,16 @@ from edge.errors import ConfigError, FormatError
 from edge.fleet.device_files import log, read_json, sha256_file, sig_path, stamp, write_json
 from edge.fleet.oci import FleetError
 
-__all__ = ["prepare_folders", "load_state", "durable_updater", "check_root", "sweep"]
+__all__ = [
+    "prepare_folders",
+    "device_slot",
+    "other_plans",
+    "source_mismatch",
+    "load_state",
+    "durable_updater",
+    "check_root",
+    "sweep",
+]
 
 MAX_METADATA_BYTES = 5_000_000  # ngclient's targets_max_length: no bin this device verified was larger
 _TARGET = re.compile(r"^[^/]+/(?P<fp>[0-9a-f]{16,64})/(?P<name>[^/]+)\.safetensors(?P<sig>\.sig)?$")
@@ -48,8 +62,8 @@ def prepare_folders(adapter_dir: Path, cache: Path, create_parents: bool) -> Non
     try:
         for folder in (adapter_dir, cache):
             folder.mkdir(parents=create_parents, exist_ok=True)
-        for sub in ("tuf", "blobs", "partial"):
-            (cache / sub).mkdir(exist_ok=True)
+        for sub in ("tuf", "blobs", "partial", "head", "devices"):
+            _real_folder(cache / sub, make=sub not in ("head", "devices"))
     except OSError as e:  # a file in the way, no permission, a read-only or full disk
         from edge.format.paths import kind
 
@@ -58,23 +72,188 @@ def prepare_folders(adapter_dir: Path, cache: Path, create_parents: bool) -> Non
         raise ConfigError(f"cannot use {e.filename} as a sync folder: {why}; give a writable folder") from e
 
 
-def load_state(cache: Path, adapter_dir: Path) -> dict:
-    """``state.json``; when there is none (first sync, torn, deleted), the floors the files on disk prove."""
-    state = read_json(cache / "state.json")
+def _real_folder(path: Path, make: bool = True) -> None:
+    """``path`` as a real folder: a symlink (never followed), file or FIFO in its place is removed and the folder made
+    again, so a cleanup or write in it can never reach another folder's files."""
+    import os
+    import stat
+
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        if not make:
+            return
+        try:
+            path.mkdir()
+            return
+        except FileExistsError:  # another device's sync sharing the cache made it meanwhile: checked as found
+            st = os.lstat(path)
+    if stat.S_ISDIR(st.st_mode):
+        return
+    path.unlink()
+    log.warning("removed %s from the sync cache: it was not a folder (a symlink, file or FIFO); made it again", path)
+    path.mkdir()
+
+
+SLOT_ID = ".edge-sync-id"  # in the adapter folder: which devices/<id>/ of a shared --cache is this folder's
+_ID = re.compile(r"^(?:[0-9a-f]{32}|[0-9a-f]{64})$")
+
+
+def device_slot(adapter_dir: Path, cache: Path, own: bool) -> Path:
+    """Where one adapter folder's ``state.json`` and ``plan.json`` live: its own cache (``.edge-sync``) itself, or in
+    a ``--cache`` devices may share, ``devices/<id>/``, ``<id>`` the random hex kept in the folder's own
+    ``.edge-sync-id`` (made on its first sync): each folder keeps its own version floors, prune and offline plan,
+    whatever path it is mounted at, and two folders mounted at one path keep two. A slot of the earlier layout
+    (``devices/<sha256 of the resolved path, 16 hex>``) moves to the id the first time it is seen."""
+    if own:
+        return cache
+    key = _slot_id(adapter_dir)
+    slot = cache / "devices" / key
+    try:
+        _real_folder(cache / "devices")
+        old = cache / "devices" / hashlib.sha256(str(adapter_dir.resolve()).encode()).hexdigest()[:16]
+        if not os.path.lexists(slot) and old.is_dir() and not old.is_symlink():
+            old.rename(slot)
+            log.warning("sync state of %s moved from %s to %s (keyed by %s)", adapter_dir, old.name, key, SLOT_ID)
+        _real_folder(slot)
+    except OSError as e:
+        raise ConfigError(f"cannot use {slot} as a sync folder: {e.strerror}; give a writable --cache") from e
+    return slot
+
+
+def _slot_id(adapter_dir: Path) -> str:
+    import secrets
+
+    from edge.format.io import atomic_write_bytes, read_bounded
+
+    path = adapter_dir / SLOT_ID
+    try:
+        data = read_bounded(path, 128, what="sync id")  # a regular file, bounded, never a FIFO
+    except FormatError as e:
+        if not isinstance(e.__cause__, FileNotFoundError):
+            raise ConfigError(f"{e}; delete it (this folder's version floors then start again)") from e
+        key = secrets.token_hex(16)
+        atomic_write_bytes(path, (key + "\n").encode())
+        return key
+    text = data.decode("ascii", "replace").strip()
+    if not _ID.match(text):
+        raise ConfigError(
+            f"{path} holds {text[:70]!r}, not the 32 or 64 lowercase hex digits sync writes there: restore it, or "
+            "delete it (this folder's version floors in the shared --cache then start again)"
+        )
+    return text
+
+
+def other_plans(cache: Path, slot: Path) -> list[Path]:
+    """The other adapter folders' ``plan.json`` in a shared cache (and one from before plans were per folder)."""
+    import os
+
+    try:
+        keys = sorted(os.listdir(cache / "devices"))[:10_000]
+    except OSError:
+        keys = []
+    found = [cache / "plan.json", *(cache / "devices" / k / "plan.json" for k in keys)]
+    return [p for p in found if p != slot / "plan.json" and p.exists()]
+
+
+def source_mismatch(plan: dict, wanted: dict, own: bool = False) -> str | None:
+    """How a cached plan's ``source`` differs from this sync's (registry, repository, channel, fingerprint,
+    adapters), or None when it is this sync's. A plan from before sources were recorded is this sync's only in the
+    folder's ``own`` cache (no other folder writes there) and when every target is of this channel and model."""
+    recorded = plan.get("source")
+    if recorded is None and own:
+        prefix = f"{wanted['channel']}/{wanted['fingerprint'].split(':')[-1]}/"
+        if all(t["path"].startswith(prefix) for t in plan["targets"].values()):
+            return None
+    if not isinstance(recorded, dict):
+        return "from before sync recorded its source (registry, channel, model): the next online sync replaces it"
+    for key, value in wanted.items():  # "adapters" names the folder for people: the slot already is this folder's
+        if key != "adapters" and recorded.get(key) != value:
+            return f"for {key} {str(recorded.get(key))[:120]!r}, not this sync's {value[:120]!r}"
+    return None
+
+
+def load_state(slot: Path, adapter_dir: Path, cache: Path | None = None) -> dict:
+    """``state.json`` in ``slot``; when there is none (first sync, torn, deleted), the floors the files on disk prove.
+
+    In a shared ``cache``, a ``state.json`` of the layout before floors were kept per adapter folder (one for the
+    whole cache) is migrated entry by entry: this folder keeps the old version as the floor of every name it has a
+    file of (whatever its bytes now), and of every name when it is the first folder to migrate and no other slot
+    exists (the old cache most likely had one device). The old ``state.json`` and ``plan.json`` are then renamed
+    ``*.migrated`` (read by the other folders' migrations, no longer keeping blobs from cleanup)."""
+    state = read_json(slot / "state.json")
     if state is None:
-        state = {"adapters": _rebuild(cache, adapter_dir)}
+        legacy = _legacy(cache) if cache is not None and cache != slot else None
+        state = {"adapters": _rebuild(slot, adapter_dir, cache, legacy)}
+        if legacy is not None:
+            _migrated(slot, adapter_dir, cache, legacy, state["adapters"])
         if state["adapters"]:  # saved now: the refresh about to run replaces the metadata that proved it
-            write_json(cache / "state.json", state)
+            write_json(slot / "state.json", state)
             found = ", ".join(f"{n} {e['version']}" for n, e in sorted(state["adapters"].items()))
             log.warning("sync state rebuilt from the verified metadata on disk: %s", found[:400])
+        if legacy is not None:
+            _retire(cache)
     if not isinstance(state, dict) or not isinstance(state.get("adapters"), dict):
-        raise FleetError(f"sync state {cache / 'state.json'} is not a sync state; delete it to start over")
+        raise FleetError(f"sync state {slot / 'state.json'} is not a sync state; delete it to start over")
     return state
 
 
-def _rebuild(cache: Path, adapter_dir: Path) -> dict:
+def _legacy(cache: Path):
+    for name in ("state.json", "state.json.migrated"):
+        if (old := read_json(cache / name, aside=False)) is not None:
+            return old
+    return None
+
+
+def _migrated(slot: Path, adapter_dir: Path, cache: Path, legacy, out: dict) -> None:
+    """Floors of the one-per-cache ``state.json`` (see :func:`load_state`), never below what the files prove."""
+    import os
+
+    old = legacy.get("adapters") if isinstance(legacy, dict) else None
+    try:
+        alone = [k for k in os.listdir(cache / "devices") if k != slot.name] == []
+    except OSError:
+        alone = False
+    kept = []
+    for name, e in (old if isinstance(old, dict) else {}).items():
+        if not (isinstance(name, str) and isinstance(e, dict) and _rows(f"c/{'0' * 16}/{name}.safetensors", e)):
+            continue
+        if not (alone or os.path.lexists(adapter_dir / f"{name}.safetensors")):
+            continue
+        if name in out and out[name]["version"] >= e["version"]:
+            continue
+        length = e.get("length") if isinstance(e.get("length"), int) else 0
+        entry = out.get(name) or {"sha256": e["sha256"], "length": length}
+        entry |= {k: e[k] for k in ("fingerprint", "sig") if isinstance(e.get(k), str) and k not in entry}
+        out[name] = entry | {"version": e["version"]}
+        kept.append(f"{name} {e['version']}")
+    if kept:
+        log.warning("version floors kept from the one-per-cache state.json of %s: %s", cache, ", ".join(kept)[:400])
+
+
+def _retire(cache: Path) -> None:
+    """Rename the one-per-cache ``state.json``/``plan.json`` ``*.migrated``: their blobs are no longer kept."""
+    import os
+
+    for name in ("state.json", "plan.json"):
+        try:
+            os.replace(cache / name, cache / f"{name}.migrated")
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            log.warning("cannot rename %s to %s.migrated: %s", cache / name, name, e.strerror)
+
+
+def _rebuild(slot: Path, adapter_dir: Path, cache: Path | None, legacy) -> dict:
     proofs: dict[str, list[dict]] = {}
-    for source in _verified_targets(cache):
+    old = legacy.get("adapters") if isinstance(legacy, dict) else None
+    for name, e in (old if isinstance(old, dict) else {}).items():
+        if isinstance(e, dict) and _rows("c/" + "0" * 16 + f"/{name}.safetensors", e):  # typed as sync writes it
+            fp = e.get("fingerprint") if isinstance(e.get("fingerprint"), str) else None
+            proofs.setdefault(name, []).append(
+                {"sha256": e["sha256"], "version": e["version"], "fingerprint": fp, "sig": e.get("sig")}
+            )
+    for source in _verified_targets(slot, cache if cache is not None else slot):
         sigs = {(fp, name): sha for fp, name, sha, _, is_sig in source if is_sig}
         for fp, name, sha, version, is_sig in source:
             if not is_sig:
@@ -87,22 +266,26 @@ def _rebuild(cache: Path, adapter_dir: Path) -> dict:
             continue
         try:
             st, sha = path.stat(), sha256_file(path)
-        except OSError:
+        except (OSError, FormatError):
             continue
         best = max((p for p in proofs[name] if p["sha256"] == sha), key=lambda p: p["version"], default=None)
         if best is None:
             continue
-        entry = {"sha256": sha, "version": best["version"], "length": st.st_size, "fingerprint": best["fingerprint"]}
+        entry = {"sha256": sha, "version": best["version"], "length": st.st_size}
+        entry |= {"fingerprint": best["fingerprint"]} if best["fingerprint"] else {}
         sig = sig_path(path)
-        if best["sig"] and sig.is_file() and sha256_file(sig) == best["sig"]:
-            entry["sig"] = best["sig"]
+        try:
+            if best["sig"] and sig.is_file() and sha256_file(sig) == best["sig"]:
+                entry["sig"] = best["sig"]
+        except (OSError, FormatError):
+            pass
         out[name] = entry | {"stamp": stamp(st)}
     return out
 
 
-def _verified_targets(cache: Path):
+def _verified_targets(slot: Path, cache: Path):
     """Per source (the last plan, each targets file of TUF's trusted set): ``(fp, name, sha256, version, is_sig)``."""
-    plan = read_json(cache / "plan.json")
+    plan = read_json(slot / "plan.json")
     if isinstance(plan, dict) and isinstance(plan.get("targets"), dict):
         rows = []
         for t in plan["targets"].values():

@@ -296,7 +296,7 @@ class OciClient:
                 raise FleetSecurityError(f"the registry's blob {digest} is {total} bytes, {length} were signed")
             got = start
             try:
-                for data in r.iter_content(chunk):
+                for data in _pieces(r, chunk):  # as they arrive: a cut mid-chunk keeps what came
                     self.bytes_in += len(data)
                     got += len(data)
                     if on_chunk is not None:
@@ -320,6 +320,24 @@ class OciClient:
         if "sha256:" + hashlib.sha256(out).hexdigest() != digest:
             raise FleetSecurityError(f"blob {digest} from {self.base_url} does not match its digest")
         return bytes(out)
+
+
+def _pieces(r, chunk: int) -> Iterator[bytes]:
+    """The body of the streamed response ``r`` in pieces of at most ``chunk`` bytes, each yielded as soon as the
+    socket gives it (urllib3's ``read1``: one receive). ``iter_content(chunk)`` waits for a whole chunk, so a
+    download cut by the deadline lost up to 64 KiB, and a link slower than a chunk per ``--deadline`` never
+    finished. Errors come as ``requests`` exceptions, as from ``iter_content``."""
+    import requests
+    from urllib3.exceptions import HTTPError
+
+    while True:
+        try:
+            data = r.raw.read1(chunk, decode_content=True)
+        except (HTTPError, OSError) as e:  # a shut or reset socket, a broken chunked body
+            raise requests.ConnectionError(str(e)) from e
+        if not data:
+            return
+        yield data
 
 
 def _http_error(status: int, message: str) -> FleetError:

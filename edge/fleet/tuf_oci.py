@@ -194,7 +194,10 @@ def _bundle_doc(doc, what: str) -> tuple[int, dict[str, bytes]]:
     for name, body in files.items():
         if not (isinstance(name, str) and _FILE.match(name) and isinstance(body, str)):
             raise FleetSecurityError(f"{what} holds a malformed entry {str(name)[:80]!r}")
-        out[name] = body.encode("utf-8")
+        try:
+            out[name] = body.encode("utf-8")
+        except UnicodeEncodeError as e:  # a lone surrogate ("\ud800"): JSON allows it, no metadata holds it
+            raise FleetSecurityError(f"{what}: {name} holds text that is not UTF-8 ({e.reason})") from e
     return root, out
 
 
@@ -202,11 +205,16 @@ def _descriptor(desc, media: str, what: str) -> dict:
     if not isinstance(desc, dict) or desc.get("mediaType") != media:
         raise FleetSecurityError(f"{what} is not a TUF head artifact (want a {media} descriptor)")
     digest, size = desc.get("digest"), desc.get("size")
-    if not isinstance(digest, str) or not digest.startswith("sha256:") or type(size) is not int or size < 0:
-        raise FleetSecurityError(f"{what} has a malformed {media} descriptor")
+    if not _digest(digest) or type(size) is not int or size < 0:
+        raise FleetSecurityError(f"{what} has a malformed {media} descriptor (digest {str(digest)[:80]!r})")
     if size > _MAX_BUNDLE:
         raise FleetSecurityError(f"{what}: the {media} blob is {size} bytes, over the {_MAX_BUNDLE} allowed")
     return desc
+
+
+def _digest(digest) -> bool:
+    """``sha256:`` and 64 lowercase hex: nothing else from a manifest becomes part of a URL path."""
+    return isinstance(digest, str) and re.fullmatch(r"sha256:[0-9a-f]{64}", digest) is not None
 
 
 def _fetcher_base():
@@ -232,6 +240,7 @@ class OciMetadataFetcher(_fetcher_base()):  # type: ignore[misc]
         self.tuf_dir = Path(tuf_dir) if tuf_dir is not None else None
         self.unreachable: RegistryUnreachableError | None = None
         self.head_source = ""
+        self.head_read = False  # the head manifest was there: a 404 after it is a file it names, not "no release"
         self._head: tuple[int, dict[str, bytes]] | None = None
 
     def _fetch(self, url: str) -> Iterator[bytes]:
@@ -262,6 +271,7 @@ class OciMetadataFetcher(_fetcher_base()):  # type: ignore[misc]
         what = f"{self.client.repository}:{HEAD_TAG}"
         cached = self._cached_head()
         got = self.client.manifest_bytes(HEAD_TAG, etag=cached["manifest"] if cached else None)
+        self.head_read = True
         if got is None:  # 304: the registry still serves the manifest we hold
             self._head, self.head_source = (cached["root"], cached["files"]), "not-modified"
             return self._head
@@ -321,7 +331,13 @@ class OciMetadataFetcher(_fetcher_base()):  # type: ignore[misc]
             return cached["root"], cached["files"]
         else:
             self.head_source = "blob"
-            bundle = self.client.blob_bytes(config["digest"], _MAX_BUNDLE)
+            try:
+                bundle = self.client.blob_bytes(config["digest"], _MAX_BUNDLE)
+            except FileNotFoundError as e:  # not "no release yet": the head is there, its bundle is not
+                raise FileNotFoundError(
+                    f"{what} names the bundle blob {config['digest']}, which the registry does not have "
+                    "(garbage-collected, or a mirror that did not copy it)"
+                ) from e
         return decode_bundle(bundle, what)
 
     def _cached_head(self) -> dict | None:
@@ -358,7 +374,7 @@ class OciMetadataFetcher(_fetcher_base()):  # type: ignore[misc]
         if not layers or not isinstance(layers[0], dict) or layers[0].get("mediaType") != MEDIA["tuf_metadata"]:
             raise FleetSecurityError(f"{self.client.repository}:{tag} is not a TUF metadata artifact")
         digest, size = layers[0].get("digest"), layers[0].get("size")
-        if not isinstance(digest, str) or not digest.startswith("sha256:") or type(size) is not int:
+        if not _digest(digest) or type(size) is not int:
             raise FleetSecurityError(f"{self.client.repository}:{tag} has a malformed layer")
         if size > _MAX_METADATA:
             raise FleetSecurityError(

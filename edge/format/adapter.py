@@ -57,6 +57,7 @@ __all__ = [
     "adapter_from_bytes",
     "check_targets",
     "inspect_adapter",
+    "adapter_header",
 ]
 
 ADAPTER_FORMAT = "edge.adapter"
@@ -326,6 +327,12 @@ def _declared(meta: dict, source: str) -> tuple[str, dict[str, tuple[int, ...]],
     if unknown:
         raise FormatError(f"{source}: encodings name targets that are not declared: {unknown[:5]}")
     return method, shapes, encodings
+
+
+def adapter_header(data: bytes, source: str = "<bytes>") -> dict:
+    """The metadata record of an adapter file's bytes (bounded JSON header: ``name``, ``base_fingerprint``, ...),
+    checked for its format and version; the tensors are not read. Verify the bytes first (a policy's ``read``)."""
+    return _read_metadata(data, source)
 
 
 def _read_metadata(data: bytes, source: str) -> dict:

@@ -197,7 +197,7 @@ def check_feeds(feeds: object, specs: Mapping[str, InputSpec], weights: frozense
             raise ConfigError(f"input {name!r} must have {len(spec.shape)} dimensions {_show(spec)}, got {x.shape}")
         for i, (got, want) in enumerate(zip(x.shape, spec.shape)):
             if isinstance(want, int) and got != want:
-                raise ConfigError(f"input {name!r} has shape {x.shape}; the model takes {_show(spec)}")
+                raise ConfigError(f"input {name!r} has shape {x.shape}; the model takes {_show(spec)}{_fixed(want)}")
             if isinstance(want, str):
                 if got == 0:
                     raise ConfigError(f"input {name!r} has shape {x.shape}: dimension {i} is empty")
@@ -288,6 +288,17 @@ def _narrow(name: str, x: np.ndarray, dtype: np.dtype) -> np.ndarray:
             f"range [{info.min}, {info.max}]"
         )
     return x.astype(dtype)
+
+
+def _fixed(want: int) -> str:
+    """What a dimension fixed by the runtime's dims (:class:`edge.dims.FixedDim`, which has a name) means."""
+    name = getattr(want, "name", None)
+    if name is None:
+        return ""
+    return (
+        f": dimension {name!r} is fixed to {int(want)} by dims (Runtime(dims=...), --dim or the device profile's "
+        "dims); feed that size, or load the model with another"
+    )
 
 
 def _show(spec: InputSpec) -> str:

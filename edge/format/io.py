@@ -38,16 +38,19 @@ __all__ = [
 ]
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, mode: int | None = None) -> Path:
+def atomic_write_bytes(path: str | os.PathLike, data, *, mode: int | None = None, parents: bool = True) -> Path:
     """Write ``data`` to ``path`` so that a crash leaves either the old file or the new one.
 
     ``mode``: the file's permissions from its first byte (e.g. ``0o600`` for a private key); by default those of
     the file it replaces, else ``0o644``. A path that is a FIFO, device or socket is refused, not replaced.
+    Missing folders above it are made (default mode) unless ``parents`` is False (a cache made its own ``0700``:
+    a folder missing there is a :class:`~edge.errors.WriteError`, not made anew).
 
     Temp files are named ``.NAME.PID.*.tmp``; ones left by writers that no longer run
     (killed mid-write) are removed first. A write the system refuses (``path`` is a folder, its folder is a file
     or not writable, the disk is full) raises :class:`~edge.errors.WriteError` naming the path and leaves
-    whatever was there before.
+    whatever was there before. ``data`` may also be a callable taking the open binary file, which writes the
+    content in pieces (``edge import-onnx`` streams a model's weights so: no whole copy of the file in memory).
     """
     path = Path(path)
     try:
@@ -55,7 +58,8 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, mode: int | None
             raise IsADirectoryError(21, "is a folder", str(path))
         if path.exists() and not path.is_file():  # a rename would replace the FIFO or device (/dev/null as root)
             raise OSError(errno.EINVAL, "is not a regular file (a FIFO, device or socket)", str(path))
-        path.parent.mkdir(parents=True, exist_ok=True)
+        if parents:
+            path.parent.mkdir(parents=True, exist_ok=True)
         _remove_stale_temps(path)
         import tempfile  # here: with shutil, random, bz2 and lzma it is ~5 ms a load never needs
 
@@ -67,7 +71,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, mode: int | None
             mode = path.stat().st_mode & 0o777 if path.exists() else 0o644  # mkstemp makes 0600
         os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            data(f) if callable(data) else f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

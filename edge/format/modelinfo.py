@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from edge.errors import FormatError
+from edge.format.qrange import QUANT_DTYPES, SAFE_BOUNDS, weight_bounds
 
 __all__ = [
     "ModelInfo",
@@ -82,10 +83,6 @@ def source_fingerprint(state: Mapping[str, np.ndarray]) -> str:
     return "source:" + fingerprint(state).removeprefix("sha256:")
 
 
-#: integer dtypes a quantized weight may be stored in, with their range
-QUANT_DTYPES = {"int8": (-128, 127), "uint8": (0, 255)}
-
-
 @dataclass(frozen=True)
 class QuantInfo:
     """How a quantized target is stored: ``real = (q - zero_point) * scale``.
@@ -108,7 +105,11 @@ class QuantInfo:
 
     @property
     def bounds(self) -> tuple[int, int]:
-        return QUANT_DTYPES[self.dtype]
+        """Integers no kernel misreads (int8 [-127, 127], uint8 [0, 255]); :meth:`weight_bounds`: the weight's own."""
+        return SAFE_BOUNDS[self.dtype]
+
+    def weight_bounds(self, zero_point: np.ndarray) -> tuple[int, int]:
+        return weight_bounds(self.dtype, zero_point)  # symmetric int8 (zero point 0): [-127, 127]
 
     def _json(self) -> dict:
         return {"scale": self.scale, "zero_point": self.zero_point, "dtype": self.dtype, "axis": self.axis}

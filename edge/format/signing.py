@@ -23,13 +23,14 @@ import hashlib
 import json
 import os
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from edge.errors import ConfigError, FormatError, SignatureError
 from edge.format.io import atomic_write_bytes, load_json, read_bounded
 
 __all__ = [
+    "ReadFile",
     "SignaturePolicy",
     "check_public_key",
     "generate_key",
@@ -318,8 +319,21 @@ class SignaturePolicy:
         return self.keys is not None
 
     def read(self, path: str | os.PathLike, limit: int, *, what: str = "adapter file") -> bytes:
-        """The bytes of ``path`` (bounded read), verified against the policy before anyone parses them."""
-        data = read_bounded(path, limit, what=what)
+        """The bytes of ``path`` (bounded read), verified against the policy before anyone parses them. A
+        :class:`ReadFile` this very policy read (:meth:`read_file`; identity, not an equal policy) gives its bytes,
+        not read again, but verified again (its kept signature, one Ed25519 check in memory): a ReadFile anyone
+        built or altered never passes bytes the keys did not sign. Any other ReadFile is read anew from its path."""
+        if isinstance(path, ReadFile) and path.policy is self:
+            data, sig = path.data, path.signature  # taken once: what is checked is what is returned
+            if type(data) is bytes and (sig is None or type(sig) is bytes) and len(data) <= limit:
+                if self.keys is not None:
+                    verify_bytes(data, sig, list(self.keys), source=path.path)
+                return data
+        return self._read(path, limit, what)[0]
+
+    def _read(self, path: str | os.PathLike, limit: int, what: str) -> tuple[bytes, bytes | None]:
+        """``path``'s bytes (bounded) and, when the policy requires signatures, its signature file's, verified."""
+        data, sig = read_bounded(path, limit, what=what), None
         if self.keys is not None:
             sig_path = signature_path(path)
             try:
@@ -329,7 +343,14 @@ class SignaturePolicy:
             except FormatError as e:  # a FIFO, a device, a folder or a huge file where the signature should be
                 raise SignatureError(str(e)) from e
             verify_bytes(data, sig, list(self.keys), source=os.fspath(path))
-        return data
+        return data, sig
+
+    def read_file(self, path: str | os.PathLike, limit: int, *, what: str = "adapter file") -> ReadFile:
+        """``path`` read once and verified (:meth:`read`), as a path that gives those bytes to whatever reads it
+        through this same policy object next (``rt.load_adapter(held)`` of the runtime whose ``rt.policy`` made it):
+        its name and its load come from one read. It keeps the signature, which :meth:`read` checks again."""
+        data, sig = self._read(path, limit, what)
+        return ReadFile(os.fspath(path), data, self, sig)
 
     def check_in_memory(self, name: str) -> None:
         """Refuse an in-memory adapter (it cannot be verified) when signatures are required."""
@@ -338,3 +359,24 @@ class SignaturePolicy:
                 f"this runtime requires signed adapter files; an in-memory Adapter ({name!r}) "
                 "cannot be verified: save and sign it, then load the file"
             )
+
+
+@dataclass(frozen=True, eq=False)
+class ReadFile(os.PathLike):
+    """An adapter file's path with the bytes ``policy`` read from it and verified (:meth:`SignaturePolicy.read_file`),
+    and the signature they were verified with. Read through that same policy object (a runtime's ``load_adapter``),
+    it gives those bytes, verified again against the signature kept (in memory, no second read of the file), instead
+    of reading the path again: a file swapped after the first read is never paired with what was taken from it. Any
+    other policy, an equal one too, reads the path anew. Anyone can build one: it is trusted for nothing, since
+    the bytes it carries pass only with a signature by a key the policy trusts."""
+
+    path: str
+    data: bytes = field(repr=False)
+    policy: SignaturePolicy = field(repr=False)
+    signature: bytes | None = field(default=None, repr=False)  # the .sig file's bytes (None: the policy needs none)
+
+    def __fspath__(self) -> str:
+        return self.path
+
+    def __str__(self) -> str:
+        return self.path

@@ -22,7 +22,12 @@ the cache's own names are touched); a write that finds the disk full removes lea
 tried once more. A copy bigger than the cap alone is not kept (said once). A run that waits for another run
 making the same entry says so.
 A cache whose lock or folder cannot be written is warned about and the run taps into a temporary folder, as
-before. A model whose bytes cannot be hashed or parsed is tapped uncached, so :func:`edge.route.taps.tap_model`
+before. So is, warned once per process, a folder others could write (another owner, group- or world-writable,
+or such a parent: :mod:`edge.cache_trust`): a record beside the copy proves nothing to whoever can write both;
+nothing in it is read, written or pruned. The folder is resolved once (links, ``..``) and only the resolved path
+is used. An entry whose folder, record or tapped file is a link, another user's (root's is used) or writable by
+others is tapped again. The cache's folders are made 0700; it is one user's, not shared between users.
+A model whose bytes cannot be hashed or parsed is tapped uncached, so :func:`edge.route.taps.tap_model`
 reports what is wrong with it.
 """
 
@@ -39,6 +44,7 @@ import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
+from edge.cache_trust import entry_problem, trusted_cache
 from edge.errors import ConfigError, EdgeError, FormatError, WriteError
 from edge.route.tapkey import FORMAT, TAP_FORMAT, file_sha256, source_key
 from edge.route.taplock import EntryLock
@@ -57,6 +63,10 @@ _FULL = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))  # no room on the
 
 class _Busy(Exception):
     """The entry needs tapping again but other runs are using it."""
+
+
+class _Untrusted(Exception):
+    """Others can write the cache folder (:mod:`edge.cache_trust`): not used."""
 
 
 def cache_folder() -> Path:
@@ -102,12 +112,17 @@ def tapped_copy(
         log.info("tapping %s uncached: %s", model, e)
         return _scratch(model, tap, stack)
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
-    root = Path(folder) if folder is not None else cache_folder()
-    entry, dst = root / digest, root / digest / model.name
-    try:
+    given = Path(folder) if folder is not None else cache_folder()
+    try:  # the resolved folder, each level checked: only it is used from here on (warned once when not trusted)
+        root = trusted_cache(given, what="tap cache", env="EDGE_TAP_CACHE", log=log)
+        if root is None:
+            raise _Untrusted
+        entry, dst = root / digest, root / digest / model.name
         owned = prepare(root)  # made with its marker; else only the cache's own names there are touched
         lock = stack.enter_context(EntryLock(root / f"{digest}.lock"))
         features = _wait(lock, entry, key)
+    except _Untrusted:  # nothing in it is read, written or pruned
+        return _scratch(model, tap, stack)
     except (OSError, _Busy) as e:  # a WriteError too: a symlink planted, a read-only cache, no flock there
         why = "it is in use by another run" if isinstance(e, _Busy) else e
         log.warning("tapped copy of %s not kept (%s); this run taps into a temporary folder", model.name, why)
@@ -209,6 +224,9 @@ def _kept(entry: Path, key: dict, *, warn: bool) -> str | None:
         size, sha, features = rec.get("size"), rec.get("sha256"), rec.get("features")
         if not (isinstance(size, int) and isinstance(sha, str) and isinstance(features, str) and features):
             raise ValueError("its record lacks the tapped file's size, sha256 or feature output")
+        why = entry_problem(entry / key["name"])  # never a link followed out, nor a file others can rewrite
+        if why:
+            raise ValueError(f"the tapped file {key['name']}: {why}")
         if file_sha256(entry / key["name"], what="tapped model", size=size)[1] != sha:
             raise ValueError("the tapped file's sha256 is not the one recorded (it was modified)")
         return features
@@ -223,7 +241,9 @@ def _publish(path: Path, entry: Path, record: dict) -> None:
     from edge.format.io import write_json
 
     clear(entry)
-    entry.mkdir(parents=True)
+    if os.path.lexists(entry):  # another user's (an old `sudo -E` run's) left in the user's cache: say how to fix
+        raise WriteError(f"{entry} cannot be replaced (not yours); remove it: sudo rm -r {entry}")
+    entry.mkdir(0o700)  # in the cache folder, made (0700 too) by trusted_cache
     dst = entry / path.name
     try:
         os.link(path, dst)  # the same file system: no copy

@@ -4,8 +4,9 @@ That is the sha256 of the model file; for each external data file it names, its 
 ranges its tensors declare (``offset``/``length``; to the end of the file without a length: what onnx reads), so a
 4 GB data file whose tensors take 64 bytes costs a 64-byte read; its file name, the tap arguments, :data:`TAP_FORMAT`,
 the package version, a hash of every ``.py`` file of the installed ``edge`` package (about 3 ms for ~110 files) and
-the installed onnx and onnxruntime distributions (their ``*.dist-info`` folder names: onnx is not imported, nor is
-``importlib.metadata``, ~30 ms). A model whose external data would pass protobuf's 2 GB limit (as declared by its
+the installed onnx, onnxruntime, protobuf (it serializes the tapped bytes) and numpy distributions (their
+``*.dist-info`` folder names: onnx is not imported, nor is ``importlib.metadata``, ~30 ms).
+A model whose external data would pass protobuf's 2 GB limit (as declared by its
 tensors' shapes, or by the ranges they read) is refused (:class:`ConfigError`) before any of it is read, as
 :func:`edge.convert.onnx_source.read_onnx` would refuse it.
 """
@@ -31,7 +32,15 @@ _CHUNK = 1 << 20
 PROTOBUF_LIMIT = (1 << 31) - 1  # as edge.convert.onnx_source (not imported here: it imports numpy's onnx side)
 #: bytes per element of ONNX element types (others, STRING and the 4/8-bit ones: 1, as read_onnx counts them)
 _ITEM = {1: 4, 4: 2, 5: 2, 6: 4, 7: 8, 10: 2, 11: 8, 12: 4, 13: 8, 14: 8, 15: 16, 16: 2}
-_DISTS = {"onnx": "", "onnxruntime": "([-_][a-z0-9_]+)?"}  # onnxruntime-gpu, onnxruntime_openvino, ...
+#: distribution -> (module found to locate it, name pattern of its flavours: onnxruntime-gpu, onnxruntime_openvino);
+#: protobuf serializes the tapped bytes (its output is not stable across versions: "Proto Serialization Is Not
+#: Canonical", protobuf.dev); numpy computes the constants the tap folds (edge.route.tapfold)
+_DISTS = {
+    "onnx": ("onnx", ""),
+    "onnxruntime": ("onnxruntime", "([-_][a-z0-9_]+)?"),
+    "protobuf": ("google.protobuf", ""),
+    "numpy": ("numpy", ""),
+}
 
 
 def source_key(model: Path, taps: str, layout: Mapping[str, str]) -> dict:
@@ -78,20 +87,21 @@ def code_digest(root: Path) -> str:
 
 
 def dist_versions() -> list[str]:
-    """The ``NAME-VERSION.dist-info`` folders of onnx and onnxruntime (any onnxruntime flavour) beside where they
-    are installed, found without importing them; ``importlib.metadata`` only when no such folder is there."""
+    """The ``NAME-VERSION.dist-info`` folders of onnx, onnxruntime (any flavour), protobuf and numpy beside where
+    they are installed, found without importing them; ``importlib.metadata`` only when no such folder is there; and
+    ``$PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION`` when set."""
     import importlib.util
 
     out = []
-    for name, flavour in _DISTS.items():
+    for name, (module, flavour) in _DISTS.items():
         try:
-            spec = importlib.util.find_spec(name)
+            spec = importlib.util.find_spec(module)
         except (ImportError, ValueError):
             spec = None
         if spec is None or not spec.submodule_search_locations:
             out.append(f"{name}: not installed")
             continue
-        site = Path(next(iter(spec.submodule_search_locations))).parent
+        site = Path(next(iter(spec.submodule_search_locations))).parents[module.count(".")]
         pattern = re.compile(rf"{name}{flavour}-[^-]+\.(dist|egg)-info", re.IGNORECASE)
         try:
             found = sorted(e.name for e in os.scandir(site) if pattern.fullmatch(e.name))
@@ -105,7 +115,8 @@ def dist_versions() -> list[str]:
             except importlib.metadata.PackageNotFoundError:
                 found = [f"{name}: no distribution"]
         out += found
-    return out
+    impl = os.environ.get("PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION")  # upb, cpp or python: each serializes its own way
+    return out + ([f"protobuf implementation: {impl}"] if impl else [])
 
 
 def file_sha256(path: Path, *, what: str, size: int | None = None) -> tuple[int, str]:

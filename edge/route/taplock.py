@@ -34,7 +34,10 @@ class EntryLock:
         flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.fd = os.open(self.path, flags, 0o644)
+            try:
+                self.fd = os.open(self.path, flags, 0o644)
+            except PermissionError:  # root's (an old sudo run's) in the user's cache: flock works on a read-only fd
+                self.fd = os.open(self.path, os.O_RDONLY | (flags & ~(os.O_RDWR | os.O_CREAT)))
         except OSError as e:
             link = " (a symbolic link: remove it)" if os.path.islink(self.path) else ""
             raise WriteError(f"cannot write the lock {self.path}{link}: {e.strerror or e}") from e

@@ -18,6 +18,7 @@ import re
 import shutil
 from pathlib import Path
 
+from edge.cache_trust import entry_problem, make_private
 from edge.errors import EdgeError, WriteError
 from edge.route.tapkey import FORMAT, TAP_FORMAT
 from edge.route.taplock import EntryLock
@@ -46,7 +47,7 @@ def prepare(root: Path) -> bool:
     cache's names."""
     try:
         if not os.path.lexists(root):
-            root.mkdir(parents=True, exist_ok=True)
+            make_private(root)  # 0700, as edge.cache_trust.trusted_cache makes it
         elif not root.is_dir():
             raise NotADirectoryError(errno.ENOTDIR, "not a folder")
         if os.path.isfile(root / MARKER) and not os.path.islink(root / MARKER):
@@ -96,10 +97,15 @@ def _mark(root: Path) -> bool:
 
 
 def read_record(entry: Path) -> dict:
-    """The entry's record (bounded read); OSError, ValueError or EdgeError saying why not."""
+    """The entry's record (bounded read); OSError, ValueError or EdgeError saying why not. An entry folder or record
+    that is a link, another user's (not root's) or writable by others is not read
+    (:func:`edge.cache_trust.entry_problem`)."""
     from edge.format.io import load_json, read_bounded
 
     path = entry / RECORD
+    for what, why in (("entry", entry_problem(entry)), ("record", entry_problem(path))):
+        if why:
+            raise ValueError(f"its {what} is not used: {why}")
     rec = load_json(read_bounded(path, _MAX_RECORD, what="tap cache record"), source=str(path))
     if not (isinstance(rec, dict) and rec.get("format") == FORMAT and rec.get("version") == TAP_FORMAT):
         raise ValueError("another format or version")
@@ -197,6 +203,8 @@ def _remove(root: Path, name: str, why: str) -> bool:
             if not lock.try_exclusive():
                 return False
             clear(root / name)
+            if os.path.lexists(root / name):  # another user's (root's, an old sudo run's): not removable by us
+                return False
             os.unlink(root / f"{name}.lock")
     except OSError:
         return False

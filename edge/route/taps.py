@@ -219,7 +219,7 @@ def tap_model(
 
     src, dst, taps = check_args(src, dst, taps, head, mask, layout)  # types first: a ConfigError naming the argument
     model = read_onnx(src)  # a regular file, bounded; FormatError naming it otherwise
-    taps, used = resolve_tap_set(model, taps)
+    taps, used = resolve_tap_set(model, taps, source=src)
     if not taps:
         raise ConfigError(f"no taps given for model {model.graph.name!r}; pass a tap set name or tensor names")
     taken = {o.name for o in model.graph.output} | {i.name for i in model.graph.input}

@@ -268,7 +268,7 @@ def _stages(model) -> list[str]:
         n = lost[0]
         log.warning(
             "tap set 'stages' on model %r: the feature maps end at %s node %r (onnx's shape inference does not size "
-            "its output), so later stages are missing; pass taps=[tensor names] for them",
+            "its output), so later stages are missing; pass taps=[tensor names] for them (edge update --taps A,B)",
             model.graph.name,
             n.op_type,
             n.name or n.output[0],
@@ -316,7 +316,13 @@ def _attn_in(model) -> list[str]:
     return outs[0 : 2 * (len(outs) // 2) : 2]
 
 
-def _auto(model) -> tuple[str, list[str]]:
+def _label(model, source=None) -> str:
+    """How a message names the model: its graph's name, and its file when the caller knows it (an exported graph's
+    name, ``main_graph``, tells nobody which file)."""
+    return f"model {model.graph.name!r}" + (f" ({source})" if source is not None else "")
+
+
+def _auto(model, source=None) -> tuple[str, list[str]]:
     """``auto``'s set and taps: the model's declared taps, else after each transformer block's attention, else after
     each CNN stage; a set whose taps fold something into the batch axis (MobileViT's transformer: patches, 4 rows an
     input) is passed over for the next, with a warning, since its rows are not the inputs."""
@@ -327,24 +333,26 @@ def _auto(model) -> tuple[str, list[str]]:
         if found and not bad:
             if folded:
                 log.warning(
-                    "tap set 'auto' on model %r: %s; tapping %r instead", model.graph.name, "; ".join(folded), name
+                    "tap set 'auto' on %s: %s; tapping %r instead", _label(model, source), "; ".join(folded), name
                 )
             return name, found
         if bad:
             folded.append(f"{name!r} taps {bad[0][0]!r} with first axis {bad[0][1]!r}, not the batch")
     if folded:
-        raise ConfigError(f"tap set 'auto' on model {model.graph.name!r}: {'; '.join(folded)}; pass tensor names "
-                          "that are batch first")  # fmt: skip
+        raise ConfigError(f"tap set 'auto' on {_label(model, source)}: {'; '.join(folded)}; pass tensor names that "
+                          "are batch first (taps=[names], edge update --taps A,B)")  # fmt: skip
     return "auto", []
 
 
 def _folded(model, taps: Sequence[str]) -> list[tuple[str, object]]:
-    """The taps whose first axis provably is not the model's batch (:func:`edge.format.onnx_graph.batch_folded`)."""
+    """The taps whose first axis provably is not the model's batch (:func:`edge.format.onnx_graph.batch_folded`), or
+    is a fixed size when the batch is not (XLNet's time-major ``[seq, batch, hidden]`` stream)."""
     from edge.format.onnx_graph import batch_dim, batch_folded
 
     shapes, batch = tensor_shapes(model), batch_dim(model)
     firsts = [(t, (shapes.get(t) or (batch,))[0]) for t in taps]
-    return [(t, d) for t, d in firsts if d != batch and batch_folded(d, batch)]
+    fixed = isinstance(batch, str)  # a dynamic batch: a fixed first axis is another axis
+    return [(t, d) for t, d in firsts if d != batch and (batch_folded(d, batch) or (fixed and isinstance(d, int)))]
 
 
 #: named tap choices: name -> function(onnx.ModelProto) -> tensor names. With pre-LN blocks
@@ -379,15 +387,15 @@ def resolve_taps(model, taps: str | Sequence[str] = "auto") -> list[str]:
     return resolve_tap_set(model, taps)[0]
 
 
-def resolve_tap_set(model, taps: str | Sequence[str] = "auto") -> tuple[list[str], str]:
+def resolve_tap_set(model, taps: str | Sequence[str] = "auto", source=None) -> tuple[list[str], str]:
     """:func:`resolve_taps`, and which set gave the names: ``taps`` itself, ``"auto (stages)"`` for the set ``auto``
-    or ``first`` chose, ``"names"`` for an explicit list."""
+    or ``first`` chose, ``"names"`` for an explicit list. ``source``: the model's file, for messages."""
     if not isinstance(taps, str):
         return list(dict.fromkeys(taps)), "names"
     find, count = tap_set(taps)
     used = taps
     if taps.partition(":")[0] in ("auto", "first"):
-        chosen, found = _auto(model)
+        chosen, found = _auto(model, source)
         found, used = (found if taps.startswith("auto") else found[:1]), f"{taps} ({chosen})"
     else:
         found = find(model)
@@ -395,11 +403,11 @@ def resolve_tap_set(model, taps: str | Sequence[str] = "auto") -> tuple[list[str
     if not names:
         some = [t for t, _, _ in _feature_maps(model)][-4:] or _norm_inputs(model)[-4:]
         raise ConfigError(
-            f"tap set {taps!r} finds nothing in model {model.graph.name!r}: no taps declared at export "
+            f"tap set {taps!r} finds nothing in {_label(model, source)}: no taps declared at export "
             f"(ModelInfo.extra['taps']), {len(_norm_inputs(model))} norms of tokens (LayerNormalization, RMS norms) "
             "(attn, mlp-in, blocks, all), "
-            f"{len(_stages(model))} CNN stages (stages, residual); pass taps=[tensor names] (intermediate tensors, "
-            f"batch first{', e.g. ' + str(some) if some else ''}){_nchwc(model)}"
+            f"{len(_stages(model))} CNN stages (stages, residual); pass taps=[tensor names] (edge update --taps A,B: "
+            f"intermediate tensors, batch first{', e.g. ' + ','.join(some) if some else ''}){_nchwc(model)}"
         )
     return names, used
 

@@ -7,6 +7,7 @@ Every network connection goes to 127.0.0.1. The registry binary comes from the p
 from __future__ import annotations
 
 import argparse
+import atexit
 import base64
 import hashlib
 import json
@@ -14,6 +15,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -38,6 +40,21 @@ pytestmark = pytest.mark.skipif(registry_binary() is None, reason=SKIP_REASON)
 REPO = "edge/adapters"
 
 
+_RELEASED: dict[int, Path] = {}
+
+
+def _released(bits: int) -> Path:
+    """A registry's storage, TUF folder and keys as ``init_release`` leaves them, made once a session per ``bits``
+    and copied by every :class:`Fleet` (its keys and uploads took about a second a fleet, the copy milliseconds)."""
+    if bits not in _RELEASED:
+        root = Path(tempfile.mkdtemp(prefix="edge-fleet-release-"))
+        atexit.register(shutil.rmtree, root, True)
+        with LocalRegistry(root / "registry") as reg:
+            init_release(reg.host, REPO, root / "tuf", root / "keys", bits=bits, insecure=True)
+        _RELEASED[bits] = root
+    return _RELEASED[bits]
+
+
 class Fleet:
     """A registry, a host (keys, TUF folder, model, adapters) and helpers to push and to sync devices."""
 
@@ -47,8 +64,9 @@ class Fleet:
         self.info = make_model(self.model, d_in=d, d_hid=d)
         self.nbytes = nbytes
         self.files = [self.adapter(i, seed=i) for i in range(n)]
+        for part in ("registry", "tuf", "keys"):  # what init_release(bits=bits) leaves: 2**bits hash bins
+            shutil.copytree(_released(bits) / part, tmp / part)
         self.reg = LocalRegistry(tmp / "registry").start()
-        init_release(self.reg.host, REPO, tmp / "tuf", tmp / "keys", bits=bits, insecure=True)  # 8 hash bins
 
     def adapter(self, i: int, seed: int, nbytes: int | None = None) -> Path:
         return make_adapter(self.info, self.tmp / f"a{i:02d}.safetensors", f"a{i:02d}", nbytes or self.nbytes, seed)

@@ -7,6 +7,8 @@ initializer of 512 MB dense peaked at +2,054 MB (4.0x: dense numpy, a TensorProt
 the import's fingerprint arrays alive, the serialization), two If-body Constants of 512 MB each at +4,103 MB, and
 ``Runtime(path, verify=False)`` of an imported file with such a body Constant added at +2,575 MB (onnxruntime
 densified it at load). After: 3.0x (+1,542 MB and +3,078 MB), refused when 3x does not fit; the load refuses at once.
+C21: a main-graph sparse initializer is held dense once, out of the message (``edge.convert.onnx_weights``), and
+checked at :data:`PEAK_HELD` (1.1x); Constants and bodies still at :data:`PEAK_FACTOR` (3.1x).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 import edge.memory_room  # noqa: E402
 from edge.cli import main  # noqa: E402
-from edge.convert.onnx_densify import DEFAULT_MAX_DENSE_MB, PEAK_FACTOR  # noqa: E402
+from edge.convert.onnx_densify import DEFAULT_MAX_DENSE_MB, PEAK_HELD  # noqa: E402
 from edge.convert.onnx_import import import_onnx  # noqa: E402
 from edge.errors import ConfigError, FormatError  # noqa: E402
 from edge.runtime import Runtime  # noqa: E402
@@ -105,7 +107,7 @@ def room(monkeypatch):
 
 
 def test_one_sparse_initializer_over_the_memory_left_is_refused_naming_all(tmp_path, room, capsys):
-    room.set(1024)  # a 1 GB board: 512 MB dense takes ~1.5 GB at peak
+    room.set(512)  # a board with 512 MB left: 512 MB dense takes ~563 MB at peak
     src = _save(
         mlp([helper.make_node("Identity", ["bomb"], ["so"])], ["so"], [_sparse("bomb", [128 * MB])]),
         tmp_path / "m.onnx",
@@ -114,20 +116,20 @@ def test_one_sparse_initializer_over_the_memory_left_is_refused_naming_all(tmp_p
     msg = _refused(src, tmp_path / "o.onnx", "sparse tensor 'bomb' of dims")
     assert "[134217728] is 536,870,912 bytes stored dense (1 sparse tensor(s): 536,870,912 bytes dense)" in msg
     need = int(re.search(r"at peak \(([\d,]+) bytes", msg)[1].replace(",", ""))
-    assert PEAK_FACTOR * 536_870_912 <= need < PEAK_FACTOR * 536_870_912 + 4096  # the model's few other bytes
-    assert f"over the {1024 * MB:,} bytes this process can still use (MemAvailable in /proc/meminfo)" in msg
+    assert PEAK_HELD * 536_870_912 <= need < PEAK_HELD * 536_870_912 + 4096  # the model's few other bytes
+    assert f"over the {512 * MB:,} bytes this process can still use (MemAvailable in /proc/meminfo)" in msg
     assert "import it where more memory is free" in msg and "export its weights dense" in msg
     line = _one_line(["import-onnx", str(src), "--out", str(tmp_path / "o.onnx")], capsys)
     assert "'bomb'" in line and "this process can still use" in line
 
 
 def test_the_bound_comes_from_the_cgroup_when_that_is_tighter(tmp_path, room):
-    room.set(150, "the cgroup memory limit /sys/fs/cgroup/memory.max: 256 MB, 56 MB used")
+    room.set(60, "the cgroup memory limit /sys/fs/cgroup/memory.max: 256 MB, 196 MB used")
     src = _save(
         mlp([helper.make_node("Identity", ["s"], ["so"])], ["so"], [_sparse("s", [16 * MB])]), tmp_path / "m.onnx"
     )
     msg = _refused(src, tmp_path / "o.onnx", "67,108,864 bytes stored dense")
-    assert f"{150 * MB:,} bytes this process can still use (the cgroup memory limit /sys/fs/cgroup/memory.max" in msg
+    assert f"{60 * MB:,} bytes this process can still use (the cgroup memory limit /sys/fs/cgroup/memory.max" in msg
 
 
 def test_several_sparse_tensors_bodies_and_constants_are_summed_against_the_cap(tmp_path, room, capsys):

@@ -130,7 +130,7 @@ def test_a_new_model_under_the_same_adapter_folder_takes_its_own_versions(fleet)
 
 
 def test_a_full_disk_installs_what_fits_keeps_the_rest_as_it_was_and_resumes(fleet, monkeypatch):
-    from edge.fleet import device
+    from edge.fleet import blobstore
     from edge.format import io
 
     fleet.push()
@@ -147,7 +147,7 @@ def test_a_full_disk_installs_what_fits_keeps_the_rest_as_it_was_and_resumes(fle
 
     full_after_one.n = 0
     monkeypatch.setattr(io, "atomic_write_bytes", full_after_one)
-    monkeypatch.setattr(device, "_free_bytes", lambda path: None)  # no statvfs: only the write itself can tell
+    monkeypatch.setattr(blobstore, "free_bytes", lambda path: None)  # no statvfs: only the write itself can tell
     rep = fleet.sync("dev")
     assert rep.status == "partial" and len(rep.installed) == 1 and len(rep.failed) == 2
     assert all("No space left" in x["reason"] and "sync again" in x["reason"] for x in rep.failed)

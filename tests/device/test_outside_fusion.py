@@ -5,7 +5,8 @@ rule (README "Guarantees"; :mod:`edge.fusion`; :mod:`edge.runtime`).
 Reference, per touched entry, over the active adapters in the order given:
 float: ``w = base + acc``, ``acc = 0 + sum_i(float32(alpha_i) * delta_i)`` in float32 (a folded channel scale
 applied to the delta first); quantized: ``q = base + rint(acc)`` with ``acc`` in grid steps (an integer adapter:
-``qvalues - base``; a float one: ``delta / scale``), out of range -> ``SaturationError`` (or clipped with
+``qvalues - base``; a float one: ``delta / scale``), out of the weight's range (symmetric int8: [-127, 127])
+-> ``SaturationError`` (or clipped with
 ``clip``); a fusion that is not finite -> ``ConfigError``; a failed call changes nothing. Weights are compared
 bit for bit (``-0.0`` and NaN payloads included) and outputs against a plain onnxruntime / LiteRT session on a
 file with exactly those weights written in (after ``wait_settled``).
@@ -31,6 +32,7 @@ import _tiny_tflite  # noqa: E402
 from edge.errors import AdapterMismatchError, ConfigError, EdgeError, FormatError, RuntimeClosedError  # noqa: E402
 from edge.format.adapter import Adapter, SparseDelta  # noqa: E402
 from edge.format.modelinfo import TensorInfo  # noqa: E402
+from edge.format.qrange import weight_bounds  # noqa: E402
 from edge.fusion import SaturationError, normalise  # noqa: E402
 from edge.runtime import Runtime  # noqa: E402
 
@@ -43,8 +45,9 @@ ALPHAS = (1.0, 1.0, 0.5, -1.0, 0.0, -0.0, 2.5, 1e-3, 1e30)
 # plain session in the last bits: compared bit for bit with a fresh runtime of the strategy, and close to plain on
 # float models with weights of sane size (with a 3e38 weight kernels overflow differently: 1e17 against 0.1).
 # Not on int8 ones (KERNEL_GAP, a finding of this audit): on the dynamic-range int8 ViT (.tflite) the built-in
-# kernels differ from XNNPACK by 4.4e-2 on the base logits and by up to 1.8 with an adapter clipped to the
-# range's ends, and hybrid's settle window runs them too.
+# kernels differ from XNNPACK by 4.4e-2 on the base logits (up to 1.8 with an adapter clipped to -128 before
+# symmetric int8 weights were held to [-127, 127]: tests/device/test_int8range_I21_litert.py), and hybrid's settle
+# window runs them too.
 UNPACKED = ("bound", "builtin")
 SCALE = int(os.environ.get("EDGE_AUDIT_SCALE", "1"))  # more examples for a longer hunt (the suite runs 1)
 TINY = float(np.finfo(np.float32).smallest_subnormal)
@@ -109,7 +112,7 @@ def reference(m, pairs, clip: bool) -> tuple[dict[str, np.ndarray], int]:
         else:
             if not np.isfinite(acc).all():
                 raise ConfigError("not finite")
-            lo, hi = np.iinfo(base.dtype).min, np.iinfo(base.dtype).max
+            lo, hi = m.bounds[k]
             q = base[pos].astype(np.int64) + np.rint(np.clip(acc, -(1 << 20), 1 << 20)).astype(np.int64)
             n = int(((q < lo) | (q > hi)).sum())
             if n and not clip:
@@ -130,6 +133,11 @@ class Model:
         with Runtime(path, strategy="rebuild") as rt:
             self.info, self.threads = rt.info, rt.backend.threads
             self.scales = {k: rt.backend.constant(t.quant.scale) for k, t in rt.info.tensors.items() if t.quant}
+            self.bounds = {  # a symmetric int8 weight (zero point 0) holds [-127, 127] (edge.format.qrange)
+                k: weight_bounds(t.quant.dtype, rt.backend.constant(t.quant.zero_point))
+                for k, t in rt.info.tensors.items()
+                if t.quant
+            }
             self.outputs = list(rt.backend.output_names)
         self.targets = sorted(k for k, t in self.info.tensors.items() if not t.slot and not t.head)
         self.base = {k: v for k, v in self.tiny.base_weights(path, self.info).items() if k in self.targets}
@@ -280,7 +288,7 @@ def make_adapter(m: Model, name: str, seed: int, shared, kind: str, integer: boo
         q = None
         if integer and t.quant is not None:
             base = m.base[k].reshape(-1)[flat].astype(np.int64)
-            lo, hi = np.iinfo(m.base[k].dtype).min, np.iinfo(m.base[k].dtype).max
+            lo, hi = m.bounds[k]  # an integer adapter past its weight's range is refused (edge.format.qrange)
             step = rng.integers(-40, 41, n) if kind != "big" else rng.choice([-255, 255], n)  # big: the range's ends
             q = np.clip(base + step, lo, hi).astype(m.base[k].dtype)
         tensors[str(k)], shapes[str(k)] = SparseDelta(idx, _values(rng, n, kind), q), tuple(t.shape)

@@ -40,7 +40,7 @@ FAST = ProfileConfig(runs=9, warmup=2, switches=2, progress=False, engine_rounds
 SCHEMA = {
     "format", "version", "model", "device", "machine", "load_avg", "backend", "runtime", "strategy", "threads",
     "providers_requested", "providers", "inputs", "load_ms", "first_inference_ms", "latency_ms", "adapters",
-    "switch_p95_ms", "memory", "accuracy", "engines", "budgets",
+    "switch_p95_ms", "memory", "accuracy", "engines", "budgets", "dims",
 }  # fmt: skip
 STATS = {"n", "p50", "p95", "p99", "mean", "min", "max", "samples", "warmup"}
 

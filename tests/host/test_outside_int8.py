@@ -316,7 +316,7 @@ def _expected(info, base, inits, pairs):
         if t.quant is None:
             w[hit] = base[k][hit] + acc[hit]
         else:
-            lo, hi = t.quant.bounds
+            lo, hi = t.quant.weight_bounds(inits[t.quant.zero_point])  # symmetric int8: [-127, 127]
             q = base[k].astype(np.int64) + np.rint(acc).astype(np.int64)
             clipped += int((hit & ((q < lo) | (q > hi))).sum())
             w[hit] = np.clip(q, lo, hi)[hit].astype(base[k].dtype)

@@ -54,6 +54,21 @@ def _export(path, dims: int, export: str) -> np.ndarray:
     return x.numpy()
 
 
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """``(dims, export) -> (path, x)``: each export made once for the module (both tests below read the same ones;
+    tap_model writes its own file)."""
+    made = {}
+
+    def get(dims: int, export: str):
+        if (dims, export) not in made:
+            path = tmp_path_factory.mktemp(f"gn-{dims}-{export}") / "gn.onnx"
+            made[dims, export] = path, _export(path, dims, export)
+        return made[dims, export]
+
+    return get
+
+
 def _raw(path, tensors) -> ort.InferenceSession:
     m = onnx.load(path)
     m.graph.output.extend(onnx.helper.make_empty_tensor_value_info(t) for t in tensors)
@@ -62,9 +77,10 @@ def _raw(path, tensors) -> ort.InferenceSession:
 
 @pytest.mark.parametrize("export", list(EXPORTS))
 @pytest.mark.parametrize("dims", [2, 1])
-def test_a_groupnorm_cnn_gets_a_stage_per_resolution_each_pooled_over_its_spatial_axes(tmp_path, dims, export):
-    path = tmp_path / "gn.onnx"
-    x = _export(path, dims, export)
+def test_a_groupnorm_cnn_gets_a_stage_per_resolution_each_pooled_over_its_spatial_axes(
+    exported, tmp_path, dims, export
+):
+    path, x = exported(dims, export)
     t = tap_model(path, tmp_path / "gn.tapped.onnx", "stages")
     assert len(t.tensors) == 3 and t.width == 8 + 16 + 16
     raw = _raw(path, t.tensors).run(list(t.tensors), {"x": x})
@@ -77,9 +93,8 @@ def test_a_groupnorm_cnn_gets_a_stage_per_resolution_each_pooled_over_its_spatia
 
 @pytest.mark.parametrize("export", ["script-17", "dynamo-18"])
 @pytest.mark.parametrize("dims", [2, 1])
-def test_the_map_after_the_last_groupnorm_is_tapped_by_name_as_channels_first(tmp_path, dims, export):
-    path = tmp_path / "gn.onnx"
-    x = _export(path, dims, export)
+def test_the_map_after_the_last_groupnorm_is_tapped_by_name_as_channels_first(exported, tmp_path, dims, export):
+    path, x = exported(dims, export)
     last = "relu_2" if export.startswith("dynamo") else "/Relu_2_output_0"  # relu(GroupNorm(conv)), read by a mean
     t = tap_model(path, tmp_path / "gn.tapped.onnx", [last])
     assert t.width == 16

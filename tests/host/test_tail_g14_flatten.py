@@ -77,6 +77,19 @@ def _export(tmp_path, dims: int, flatten: str, exporter: str):
     return path, x
 
 
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """``(dims, flatten, exporter) -> (path, x)``, each made once for the module (read, never written, by the tests)."""
+    made = {}
+
+    def get(dims: int, flatten: str, exporter: str):
+        if (dims, flatten, exporter) not in made:
+            made[dims, flatten, exporter] = _export(tmp_path_factory.mktemp("tail"), dims, flatten, exporter)
+        return made[dims, flatten, exporter]
+
+    return get
+
+
 def _flatten_node(path) -> onnx.NodeProto:
     g = onnx.load(str(path)).graph
     producer = {o: n for n in g.node for o in n.output}
@@ -95,8 +108,8 @@ CASES = [
 
 
 @pytest.mark.parametrize(("dims", "flatten", "exporter"), CASES)
-def test_the_tail_reaches_the_1x1_conv_past_a_flatten_to_a_computed_shape(tmp_path, dims, flatten, exporter):
-    path, x = _export(tmp_path, dims, flatten, exporter)
+def test_the_tail_reaches_the_1x1_conv_past_a_flatten_to_a_computed_shape(exported, dims, flatten, exporter):
+    path, x = exported(dims, flatten, exporter)
     node = _flatten_node(path)
     assert node.op_type == "Reshape"  # the exporter's flatten: its shape is computed, not a constant
     assert node.input[1] not in {i.name for i in onnx.load(str(path)).graph.initializer}
@@ -122,10 +135,10 @@ def test_the_tail_reaches_the_1x1_conv_past_a_flatten_to_a_computed_shape(tmp_pa
             assert grads[p][i] == pytest.approx(fd, rel=1e-4, abs=1e-8), (p, i)
 
 
-def test_an_adapter_of_the_1d_tail_runs_in_the_runtime_as_the_trainer_computes_it(tmp_path):
+def test_an_adapter_of_the_1d_tail_runs_in_the_runtime_as_the_trainer_computes_it(exported):
     from edge.runtime import Runtime
 
-    path, x = _export(tmp_path, 1, "flatten", "dynamo")
+    path, x = exported(1, "flatten", "dynamo")  # the export the first case above checks
     tr = DeviceTrainer(path, epochs=20)
     y = np.arange(len(x)) % CLASSES
     a = tr.train(Arch("shira", 0.5, "tail"), x, y, "grown")
