@@ -30,6 +30,7 @@ goal: give each user (and root) a folder of their own. Systems without ``os.gete
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import shlex
@@ -71,9 +72,35 @@ def _private_group(gid: int, me: int) -> bool:
         import pwd
 
         pw, gr = pwd.getpwuid(me), grp.getgrgid(gid)
-    except (ImportError, KeyError):
+        if not (gid == pw.pw_gid and gr.gr_name == pw.pw_name and set(gr.gr_mem) <= {pw.pw_name}):
+            return False
+        if not _local_accounts():
+            return False
+        # gr_mem lists supplementary members only: an account whose primary group it is can write it too
+        return not any(o.pw_gid == gid and o.pw_uid != me for o in pwd.getpwall())
+    except (ImportError, KeyError, OSError):  # not enumerable (NSS, LDAP): in doubt, not private
         return False
-    return gid == pw.pw_gid and gr.gr_name == pw.pw_name and set(gr.gr_mem) <= {pw.pw_name}
+
+
+_LOCAL = {"files", "systemd", "compat"}  # sources pwd.getpwall and grp read in full
+
+
+def _local_accounts(conf: str = "/etc/nsswitch.conf") -> bool:
+    """Whether the accounts and groups come from sources read in full (no LDAP, sssd, NIS, winbind): only then can
+    the members of a group be listed. No nsswitch.conf (glibc's default: files) counts as local."""
+    from edge.errors import FormatError
+    from edge.format.io import read_bounded
+
+    try:
+        text = read_bounded(conf, 65_536, what="nsswitch.conf").decode("utf-8", "replace")
+    except (FormatError, OSError) as e:  # unreadable, over the limit: in doubt
+        return isinstance(e.__cause__, FileNotFoundError)
+    for line in text.splitlines():
+        db, _, sources = line.split("#", 1)[0].partition(":")
+        words = {w for w in sources.split() if not w.startswith("[")}
+        if db.strip() in ("passwd", "group") and not words <= _LOCAL:
+            return False
+    return True
 
 
 def _writable_by_others(st: os.stat_result, me: int | None = None) -> str:
@@ -98,7 +125,7 @@ def _level_problem(path: str, st: os.stat_result, me: int, *, leaf: bool) -> tup
     sticky = st.st_mode & stat.S_ISVTX
     if sticky and not leaf:  # /tmp above the cache: others cannot rename or remove the user's names in it
         return None
-    others = _writable_by_others(st, me)
+    others = _writable_by_others(st, None if leaf else me)  # the cache folder itself must be the user's alone
     if not others:
         return None
     if leaf and sticky:  # /tmp, /dev/shm: a shared folder, never to be chmod-ed
@@ -114,8 +141,10 @@ def _problems(real: str, me: int, *, strict: bool) -> list[tuple[str, str, str]]
     while True:
         try:
             st = os.lstat(path)
-        except (FileNotFoundError, NotADirectoryError):  # not made yet, or under a file (that level says so)
-            if strict:
+        except OSError as e:  # not made yet, under a file or a link loop (that level says so)
+            if e.errno not in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
+                raise
+            if strict and e.errno != errno.ELOOP:
                 found.append((f"{path} is not there (removed while it was checked)", "own", path))
             st = None
         why = _level_problem(path, st, me, leaf=leaf) if st is not None else None
@@ -196,7 +225,7 @@ def trusted_cache(folder: str | os.PathLike, *, what: str, env: str, log: loggin
         found = _problems(real, me, strict=True)
         if not found:
             return Path(real)
-    given, real = os.path.join(os.getcwd(), os.fspath(folder)), os.path.realpath(folder)  # as given: '..' kept
+    given, real = _as_given(folder), os.path.realpath(folder)  # as given: '..' kept
     where = given if real == given else f"{given} (it leads to {real})"
     warn_once(
         given,
@@ -209,6 +238,17 @@ def trusted_cache(folder: str | os.PathLike, *, what: str, env: str, log: loggin
         _advice(found, env),
     )
     return None
+
+
+def _as_given(folder: str | os.PathLike) -> str:
+    """``folder`` made absolute, '..' kept; as given when the working folder is gone."""
+    text = os.fspath(folder)
+    if os.path.isabs(text):
+        return text
+    try:
+        return os.path.join(os.getcwd(), text)
+    except OSError:
+        return text
 
 
 def entry_problem(path: str | os.PathLike) -> str | None:

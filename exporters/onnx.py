@@ -407,7 +407,15 @@ def _validate(model, example_inputs, file, input_names, output_names, dynamic_ba
 
     options = ort.SessionOptions()
     options.log_severity_level = 4  # run errors are raised (and shown once, in our line), not logged too
-    session = ort.InferenceSession(os.fspath(file), options, providers=["CPUExecutionProvider"])
+    try:
+        session = ort.InferenceSession(os.fspath(file), options, providers=["CPUExecutionProvider"])
+    except Exception as e:  # onnxruntime's Fail/InvalidGraph: the exporter wrote a graph it cannot load
+        said = (str(e) or type(e).__name__).splitlines()[0][:300]
+        raise ExportValidationError(
+            f"onnxruntime cannot load the exported graph: {said}. The file was not written. An op was mistranslated: "
+            "export with attention='decomposed' (edge export --attention decomposed), or export with "
+            "torch.onnx.export(dynamo=False) and bring the file in with edge import-onnx"
+        ) from e
     got_in = tuple(i.name for i in session.get_inputs())
     got_out = tuple(o.name for o in session.get_outputs())
     if got_in != input_names or got_out != output_names:

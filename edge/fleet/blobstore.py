@@ -211,5 +211,7 @@ def clean(cache: Path, wanted: set[str]) -> None:
                     log.warning("%s is a folder, not a file sync wrote: left in place", cache / sub / n)
                 except (FileNotFoundError, PermissionError):
                     pass
+                except OSError as e:  # EBUSY (a mount on it), EROFS: the installs done stand, cleaned next time
+                    log.warning("%s not removed: %s", cache / sub / n, e.strerror)
         finally:
             os.close(fd)

@@ -302,8 +302,9 @@ class _Sync:
                 self.r.unchanged.append(name)
                 continue
             # floors hold across channels and mirrors of one folder: a channel switch or a stale mirror never downgrades
-            if have and have.get("fingerprint", self.fp) == self.fp and t["version"] < have["version"]:
-                self._refuse(name, f"release version {t['version']} is older than the installed {have['version']}")
+            floor, was = have or self.state.get("floors", {}).get(name), "installed" if have else "migrated floor"
+            if floor and floor.get("fingerprint", self.fp) == self.fp and t["version"] < floor["version"]:
+                self._refuse(name, f"release version {t['version']} is older than the {was} {floor['version']}")
                 continue
             try:
                 blob = blobstore.fetch(self.cache, name, t, client, self.r, self.hook)

@@ -22,7 +22,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 from pathlib import Path
@@ -30,6 +29,7 @@ from pathlib import Path
 from edge.errors import ConfigError, FormatError
 from edge.fleet.device_files import log, read_json, sha256_file, sig_path, stamp, write_json
 from edge.fleet.oci import FleetError
+from edge.fleet.slot_id import SLOT_ID, device_slot, real_folder  # noqa: F401 (SLOT_ID: kept importable here)
 
 __all__ = [
     "prepare_folders",
@@ -42,6 +42,7 @@ __all__ = [
     "sweep",
 ]
 
+MIGRATED = "migrated.json"  # in a slot: the one-per-cache state was read for it once, never again
 MAX_METADATA_BYTES = 5_000_000  # ngclient's targets_max_length: no bin this device verified was larger
 _TARGET = re.compile(r"^[^/]+/(?P<fp>[0-9a-f]{16,64})/(?P<name>[^/]+)\.safetensors(?P<sig>\.sig)?$")
 
@@ -63,85 +64,13 @@ def prepare_folders(adapter_dir: Path, cache: Path, create_parents: bool) -> Non
         for folder in (adapter_dir, cache):
             folder.mkdir(parents=create_parents, exist_ok=True)
         for sub in ("tuf", "blobs", "partial", "head", "devices"):
-            _real_folder(cache / sub, make=sub not in ("head", "devices"))
+            real_folder(cache / sub, make=sub not in ("head", "devices"))
     except OSError as e:  # a file in the way, no permission, a read-only or full disk
         from edge.format.paths import kind
 
         found = kind(e.filename) if e.filename else None
         why = f"it is {found}, not a folder" if found not in (None, "a folder") else e.strerror
         raise ConfigError(f"cannot use {e.filename} as a sync folder: {why}; give a writable folder") from e
-
-
-def _real_folder(path: Path, make: bool = True) -> None:
-    """``path`` as a real folder: a symlink (never followed), file or FIFO in its place is removed and the folder made
-    again, so a cleanup or write in it can never reach another folder's files."""
-    import os
-    import stat
-
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        if not make:
-            return
-        try:
-            path.mkdir()
-            return
-        except FileExistsError:  # another device's sync sharing the cache made it meanwhile: checked as found
-            st = os.lstat(path)
-    if stat.S_ISDIR(st.st_mode):
-        return
-    path.unlink()
-    log.warning("removed %s from the sync cache: it was not a folder (a symlink, file or FIFO); made it again", path)
-    path.mkdir()
-
-
-SLOT_ID = ".edge-sync-id"  # in the adapter folder: which devices/<id>/ of a shared --cache is this folder's
-_ID = re.compile(r"^(?:[0-9a-f]{32}|[0-9a-f]{64})$")
-
-
-def device_slot(adapter_dir: Path, cache: Path, own: bool) -> Path:
-    """Where one adapter folder's ``state.json`` and ``plan.json`` live: its own cache (``.edge-sync``) itself, or in
-    a ``--cache`` devices may share, ``devices/<id>/``, ``<id>`` the random hex kept in the folder's own
-    ``.edge-sync-id`` (made on its first sync): each folder keeps its own version floors, prune and offline plan,
-    whatever path it is mounted at, and two folders mounted at one path keep two. A slot of the earlier layout
-    (``devices/<sha256 of the resolved path, 16 hex>``) moves to the id the first time it is seen."""
-    if own:
-        return cache
-    key = _slot_id(adapter_dir)
-    slot = cache / "devices" / key
-    try:
-        _real_folder(cache / "devices")
-        old = cache / "devices" / hashlib.sha256(str(adapter_dir.resolve()).encode()).hexdigest()[:16]
-        if not os.path.lexists(slot) and old.is_dir() and not old.is_symlink():
-            old.rename(slot)
-            log.warning("sync state of %s moved from %s to %s (keyed by %s)", adapter_dir, old.name, key, SLOT_ID)
-        _real_folder(slot)
-    except OSError as e:
-        raise ConfigError(f"cannot use {slot} as a sync folder: {e.strerror}; give a writable --cache") from e
-    return slot
-
-
-def _slot_id(adapter_dir: Path) -> str:
-    import secrets
-
-    from edge.format.io import atomic_write_bytes, read_bounded
-
-    path = adapter_dir / SLOT_ID
-    try:
-        data = read_bounded(path, 128, what="sync id")  # a regular file, bounded, never a FIFO
-    except FormatError as e:
-        if not isinstance(e.__cause__, FileNotFoundError):
-            raise ConfigError(f"{e}; delete it (this folder's version floors then start again)") from e
-        key = secrets.token_hex(16)
-        atomic_write_bytes(path, (key + "\n").encode())
-        return key
-    text = data.decode("ascii", "replace").strip()
-    if not _ID.match(text):
-        raise ConfigError(
-            f"{path} holds {text[:70]!r}, not the 32 or 64 lowercase hex digits sync writes there: restore it, or "
-            "delete it (this folder's version floors in the shared --cache then start again)"
-        )
-    return text
 
 
 def other_plans(cache: Path, slot: Path) -> list[Path]:
@@ -177,22 +106,30 @@ def load_state(slot: Path, adapter_dir: Path, cache: Path | None = None) -> dict
     """``state.json`` in ``slot``; when there is none (first sync, torn, deleted), the floors the files on disk prove.
 
     In a shared ``cache``, a ``state.json`` of the layout before floors were kept per adapter folder (one for the
-    whole cache) is migrated entry by entry: this folder keeps the old version as the floor of every name it has a
-    file of (whatever its bytes now), and of every name when it is the first folder to migrate and no other slot
-    exists (the old cache most likely had one device). The old ``state.json`` and ``plan.json`` are then renamed
-    ``*.migrated`` (read by the other folders' migrations, no longer keeping blobs from cleanup)."""
+    whole cache) is migrated once per slot (``migrated.json`` marks it: deleting ``state.json`` later starts the
+    floors again from the files): a folder holding at least one file the old state names keeps the old version as
+    the floor of every name it has a file of (whatever its bytes now), and of the other names as floors only
+    (``floors``: not installed, so prune and stale never name them) when no other slot exists (the old cache most
+    likely had one device); a folder with none of its files gets none.
+    The old ``state.json`` and ``plan.json`` are then renamed ``*.migrated`` (read by the other folders' first
+    migrations, no longer keeping blobs from cleanup)."""
     state = read_json(slot / "state.json")
+    shared = cache is not None and cache != slot
+    first = shared and not os.path.lexists(slot / MIGRATED)  # a slot never having had a state: migrated once
     if state is None:
-        legacy = _legacy(cache) if cache is not None and cache != slot else None
+        legacy = _legacy(cache) if first else None
         state = {"adapters": _rebuild(slot, adapter_dir, cache, legacy)}
-        if legacy is not None:
-            _migrated(slot, adapter_dir, cache, legacy, state["adapters"])
-        if state["adapters"]:  # saved now: the refresh about to run replaces the metadata that proved it
-            write_json(slot / "state.json", state)
+        if state["adapters"]:
             found = ", ".join(f"{n} {e['version']}" for n, e in sorted(state["adapters"].items()))
-            log.warning("sync state rebuilt from the verified metadata on disk: %s", found[:400])
+            log.warning("sync state rebuilt from the files on disk and the verified metadata: %s", found[:400])
+        if legacy is not None:
+            _migrated(slot, adapter_dir, cache, legacy, state)
+        if state["adapters"] or state.get("floors"):  # saved now: the refresh about to run replaces the proof
+            write_json(slot / "state.json", state)
         if legacy is not None:
             _retire(cache)
+    if first:
+        write_json(slot / MIGRATED, {"migrated": True})
     if not isinstance(state, dict) or not isinstance(state.get("adapters"), dict):
         raise FleetError(f"sync state {slot / 'state.json'} is not a sync state; delete it to start over")
     return state
@@ -205,20 +142,25 @@ def _legacy(cache: Path):
     return None
 
 
-def _migrated(slot: Path, adapter_dir: Path, cache: Path, legacy, out: dict) -> None:
+def _migrated(slot: Path, adapter_dir: Path, cache: Path, legacy, state: dict) -> None:
     """Floors of the one-per-cache ``state.json`` (see :func:`load_state`), never below what the files prove."""
-    import os
-
     old = legacy.get("adapters") if isinstance(legacy, dict) else None
-    try:
+    old = old if isinstance(old, dict) else {}
+    old = {n: e for n, e in old.items() if isinstance(e, dict) and _rows(f"c/{'0' * 16}/{n}.safetensors", e)}
+    held = {n for n in old if os.path.lexists(adapter_dir / f"{n}.safetensors")}
+    try:  # the first folder to migrate, no other slot: the old cache most likely had one device
         alone = [k for k in os.listdir(cache / "devices") if k != slot.name] == []
     except OSError:
         alone = False
-    kept = []
-    for name, e in (old if isinstance(old, dict) else {}).items():
-        if not (isinstance(name, str) and isinstance(e, dict) and _rows(f"c/{'0' * 16}/{name}.safetensors", e)):
+    out, floors, kept, only = state["adapters"], state.setdefault("floors", {}), [], []
+    for name, e in sorted(old.items()) if held else []:  # a folder with none of its files was not that device
+        if name not in held and not alone:  # another folder's adapter, most likely
             continue
-        if not (alone or os.path.lexists(adapter_dir / f"{name}.safetensors")):
+        if name not in held:  # no file: a floor only (not installed: prune and stale do not name it)
+            floors[name] = {"version": e["version"]} | (
+                {"fingerprint": e["fingerprint"]} if isinstance(e.get("fingerprint"), str) else {}
+            )
+            only.append(f"{name} {e['version']}")
             continue
         if name in out and out[name]["version"] >= e["version"]:
             continue
@@ -227,8 +169,15 @@ def _migrated(slot: Path, adapter_dir: Path, cache: Path, legacy, out: dict) -> 
         entry |= {k: e[k] for k in ("fingerprint", "sig") if isinstance(e.get(k), str) and k not in entry}
         out[name] = entry | {"version": e["version"]}
         kept.append(f"{name} {e['version']}")
-    if kept:
-        log.warning("version floors kept from the one-per-cache state.json of %s: %s", cache, ", ".join(kept)[:400])
+    if not floors:
+        del state["floors"]
+    if kept or only:
+        log.warning(
+            "version floors kept from the one-per-cache state.json of %s, which names files this folder holds: %s%s",
+            cache,
+            ", ".join(kept)[:300] or "none installed",
+            f"; floors only (no file here, nothing installed): {', '.join(only)[:300]}" if only else "",
+        )
 
 
 def _retire(cache: Path) -> None:

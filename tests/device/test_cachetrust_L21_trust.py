@@ -143,6 +143,8 @@ def test_the_private_group_rule(monkeypatch):
     groups = {1000: ["alice", []], 1001: ["staff", []], 1002: ["alice2", []]}
     monkeypatch.setattr(pwd, "getpwuid", lambda uid: users[uid])
     monkeypatch.setattr(grp, "getgrgid", lambda gid: grp.struct_group((groups[gid][0], "x", gid, groups[gid][1])))
+    monkeypatch.setattr(pwd, "getpwall", lambda: list(users.values()))  # this machine's accounts play no part
+    monkeypatch.setattr(cache_trust, "_local_accounts", lambda *a: True)  # nor its nsswitch.conf
     assert cache_trust._private_group(1000, 1000)  # alice's own group, no other members
     groups[1000][1] = ["alice"]
     assert cache_trust._private_group(1000, 1000)  # listing herself changes nothing

@@ -113,7 +113,10 @@ def test_a_state_of_the_one_per_cache_layout_is_migrated_per_folder_by_the_files
     (cache / "state.json").write_text(json.dumps(old))
     assert _sync(fleet, canary, "canary", cache).status == "current"
     # the first folder to migrate (no other slot yet: the old cache may have had one device) keeps every old floor
-    assert {n: e["version"] for n, e in _state(canary, cache)["adapters"].items()} == {"a00": 7, "a01": 2}
+    assert {n: e["version"] for n, e in _state(canary, cache)["adapters"].items()} == {"a00": 7}
+    assert _state(canary, cache)["floors"] == {
+        "a01": {"version": 2, "fingerprint": old["adapters"]["a01"]["fingerprint"]}
+    }
     assert not (cache / "state.json").exists() and (cache / "state.json.migrated").is_file()  # R21 #8: retired
     # R21 #4: its a00 file (other bytes) keeps the old floor 7 (HEAD refused a00 2 here): never lowered by migrating
     assert _sync(fleet, stable, "stable", cache).status == "current"
