@@ -2,10 +2,10 @@
 
 The id is random hex kept in the folder's own ``.edge-sync-id`` (made on its first sync). A link in its place is
 refused (never followed: two folders would share one slot). The slot records the folder it belongs to
-(``folder.json``: ``st_dev``/``st_ino`` of the adapter folder and its resolved path). A folder whose device and inode
-and path all differ from that record is a copy (``cp -a``, a cloned card): it is warned about and given an id of its
-own, its floors rebuilt from its own files; the original's slot is never touched. A folder moved (same inode) or a
-card mounted elsewhere (same path) keeps its slot.
+(``folder.json``: ``st_dev``/``st_ino`` of the adapter folder and its resolved path). A folder whose inode and path
+both differ from that record is a copy (``cp -a``, a cloned card): it is warned about and given an id of its
+own, its floors rebuilt from its own files; the original's slot is never touched. A folder moved (same inode), or a
+card mounted at another path, even as another device number (same inode), keeps its slot.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def device_slot(adapter_dir: Path, cache: Path, own: bool) -> Path:
         was = read_json(slot / "folder.json")
         if (
             isinstance(was, dict)
-            and (was.get("dev"), was.get("ino")) != (me["dev"], me["ino"])
+            and was.get("ino") != me["ino"]  # not st_dev: a card's device number may change from one mount to the next
             and was.get("path") != real
         ):
             key = _new_id(adapter_dir)

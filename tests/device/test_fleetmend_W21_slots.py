@@ -139,3 +139,17 @@ def test_a_copys_prune_never_lowers_the_originals_floor(tmp_path_factory):
         assert sorted(state["adapters"]) == ["a00", "a01"]  # the original's floors untouched
     finally:
         f.close()
+
+
+def test_a_card_mounted_elsewhere_as_another_device_number_keeps_its_slot(tmp_path):
+    """A removable card's st_dev can change from one mount to the next (sdb1, then sdc1) while its inodes stay: the
+    same folder at another path is not a copy, so it keeps its floors (the lead, session 21)."""
+    cache, a = tmp_path / "cache", tmp_path / "sd"
+    for d in (a, cache):
+        d.mkdir()
+    slot = device_slot(a, cache, False)
+    record = json.loads((slot / "folder.json").read_text())
+    record.update(dev=record["dev"] + 1, path="/media/sd-before-reboot")  # the last mount: another device number
+    (slot / "folder.json").write_text(json.dumps(record))
+    assert device_slot(a, cache, False) == slot
+    assert json.loads((slot / "folder.json").read_text())["dev"] == os.stat(a).st_dev  # the record follows it
