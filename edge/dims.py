@@ -27,7 +27,6 @@ __all__ = [
     "check_dims",
     "declared",
     "fix_specs",
-    "merged",
     "parse_dim_flags",
 ]
 
@@ -87,12 +86,6 @@ def check_dims(dims: object, what: str = "dims") -> dict[str, int]:
             raise ConfigError(f"{what}[{name!r}] is {value}; a size is from 1 to {MAX_SIZE}")
         out[name] = int(value)
     return out
-
-
-def merged(profile: Mapping[str, int] | None, given: object) -> dict[str, int]:
-    """The profile's dims with the caller's ``given`` (checked) over them, per name: every name of both. What a
-    runtime runs with is the part that applies to its file and backend (:func:`edge.dims_apply.applying`)."""
-    return {**(profile or {}), **check_dims(given)}
 
 
 def declared(specs: Mapping) -> dict[str, list[str]]:

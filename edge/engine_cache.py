@@ -36,7 +36,6 @@ from dataclasses import replace
 from pathlib import Path
 
 from edge.cache_trust import entry_problem, trusted_cache, warn_once
-from edge.dims_apply import with_dims
 from edge.engine_choice import MARGIN, EngineChoice
 from edge.errors import ConfigError, EdgeError
 
@@ -156,6 +155,8 @@ def cached_engine(
 
     profile = device if device is None or isinstance(device, DeviceProfile) else load_profile(device)
     found, skipped = _m("find_engines")(model, profile)
+    from edge.dims_apply import with_dims  # here: a plain load (explicit_engine) needs none of it
+
     found = with_dims(found, skipped, getattr(profile, "dims", None), dims)  # edge.dims_apply
     if strategy != "auto":
         for e in list(found):

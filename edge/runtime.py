@@ -128,10 +128,12 @@ class Runtime(AdapterHolder):
             self.device = device if isinstance(device, DeviceProfile) else load_profile(device)
             if enforce_memory_budget:  # a file over the budget: refused before it is read, whatever the strategy
                 check_fits(model, self.device)
-        from edge.dims import check_dims
-        from edge.dims_apply import applying
+        profile_dims = getattr(self.device, "dims", None)
+        if dims is not None or profile_dims:  # fixed sizes (edge.dims): a load without them imports none of it
+            from edge.dims import check_dims
+            from edge.dims_apply import applying
 
-        dims = check_dims(dims)  # checked before any read; the profile's apply per file and backend (edge.dims)
+            dims = check_dims(dims)  # checked before any read; the profile's apply per file and backend (edge.dims)
         given, budget_kw = backend is not None, {"enforce_memory_budget": enforce_memory_budget}
         if not given:  # a device: the engine measured fastest on it; else the file's own engine
             backend = "auto" if self.device is not None else backend_for_path(model)
@@ -142,7 +144,7 @@ class Runtime(AdapterHolder):
         )
         backend, model = self.engine_choice.backend, self.engine_choice.path
         #: the named dimensions fixed in every session: ``dims`` over the profile's that apply to this file here
-        self.dims = applying(backend, model, getattr(self.device, "dims", None), dims)  # dims to one without: refused
+        self.dims = applying(backend, model, profile_dims, dims) if dims or profile_dims else {}  # one without: refused
         if self.device is not None:
             opts = self.device.backend_options(backend)
             threads = threads if threads is not None else opts.threads

@@ -53,7 +53,6 @@ from pathlib import Path
 
 import numpy as np
 
-from edge.dims import fix_specs
 from edge.errors import BackendUnavailableError, ConfigError
 from edge.format.feeds import onnx_input_specs
 from edge.format.modelinfo import ModelInfo, onnx_info
@@ -176,6 +175,8 @@ class OrtBackend(OrtSessions, ArenaBackend):
             self.check_precision(options)  # from the graph, before the weights are read into the arena
             self.input_specs = onnx_input_specs(proto, self.info.inputs)  # the real inputs, from the graph parsed once
             if options.dims:  # named dimensions fixed to sizes (edge.dims): names checked, sizes in specs and sessions
+                from edge.dims import fix_specs
+
                 self.dims, self.input_specs = (
                     dict(options.dims),
                     fix_specs(self.input_specs, options.dims, self.info.name),

@@ -8,41 +8,25 @@ import logging
 import os
 import stat
 
-import _tiny
 import pytest
 
 import edge.engine_cache as ec
 from edge import cache_trust
 
 pytest.importorskip("ai_edge_litert")
-import _tiny_tflite  # noqa: E402
 
-NOBODY = 65534
+from _cachetest import NOBODY, count_measuring, engine_pair  # noqa: E402
 
 
 @pytest.fixture()
 def pair(tmp_path, monkeypatch):
-    monkeypatch.setattr(cache_trust, "_WARNED", set())
     monkeypatch.setattr(cache_trust, "_private_group", lambda gid, me: False)  # a shared group (L21 tests the other)
-    monkeypatch.setenv("EDGE_ENGINE_CACHE", str(tmp_path / "c" / "choices"))
-    _tiny.make_mlp(tmp_path / "m.onnx", seed=3)
-    _tiny_tflite.make_mlp(tmp_path / "m.tflite", seed=3)
-    return tmp_path / "m.onnx"
+    return engine_pair(tmp_path, monkeypatch)
 
 
 @pytest.fixture()
 def measured(monkeypatch):
-    """How many times engines were measured (the real measuring, counted)."""
-    from edge import engines
-
-    count = [0]
-
-    def counting(*a, **k):
-        count[0] += 1
-        return engines.compare_engines(*a, **k)
-
-    monkeypatch.setattr(ec, "compare_engines", counting)
-    return count
+    return count_measuring(monkeypatch)
 
 
 def _choose(pair):

@@ -14,24 +14,11 @@ import stat
 from pathlib import Path
 
 import pytest
+from _cachetest import NOBODY, as_root
+from _cachetest import CountingTap as _Tap
 
 from edge import cache_trust
 from edge.route import tapcache, tapkey, tapprune
-
-NOBODY = 65534
-as_root = pytest.mark.skipif(
-    not hasattr(os, "geteuid") or os.geteuid() != 0, reason="making a folder of another uid needs root (os.chown)"
-)
-
-
-class _Tap:
-    def __init__(self):
-        self.calls = 0
-
-    def __call__(self, src: Path, dst: Path) -> str:
-        self.calls += 1
-        dst.write_bytes(src.read_bytes() + b"tapped")
-        return "edge.features"
 
 
 @pytest.fixture(autouse=True)

@@ -10,7 +10,6 @@ import logging
 import os
 import stat
 
-import _tiny
 import pytest
 
 import edge.engine_cache as ec
@@ -19,32 +18,18 @@ from edge.errors import WriteError
 from edge.format.io import atomic_write_bytes
 
 pytest.importorskip("ai_edge_litert")
-import _tiny_tflite  # noqa: E402
 
-NOBODY = 65534
+from _cachetest import NOBODY, count_measuring, engine_pair  # noqa: E402
 
 
 @pytest.fixture()
 def pair(tmp_path, monkeypatch):
-    monkeypatch.setattr(cache_trust, "_WARNED", set())
-    monkeypatch.setenv("EDGE_ENGINE_CACHE", str(tmp_path / "c" / "choices"))
-    _tiny.make_mlp(tmp_path / "m.onnx", seed=3)
-    _tiny_tflite.make_mlp(tmp_path / "m.tflite", seed=3)
-    return tmp_path / "m.onnx"
+    return engine_pair(tmp_path, monkeypatch)
 
 
 @pytest.fixture()
 def measured(monkeypatch):
-    from edge import engines
-
-    count = [0]
-
-    def counting(*a, **k):
-        count[0] += 1
-        return engines.compare_engines(*a, **k)
-
-    monkeypatch.setattr(ec, "compare_engines", counting)
-    return count
+    return count_measuring(monkeypatch)
 
 
 def _warned(caplog) -> list[str]:

@@ -13,22 +13,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from _cachetest import CountingTap as _Tap
 
 from edge.errors import ConfigError
 from edge.route import tapcache, tapkey, tapprune
 from edge.route.taplock import EntryLock
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-class _Tap:
-    def __init__(self):
-        self.calls = 0
-
-    def __call__(self, src: Path, dst: Path) -> str:
-        self.calls += 1
-        dst.write_bytes(src.read_bytes() + b"tapped")
-        return "edge.features"
 
 
 def _model(path: Path, text: str, times: int = 64) -> Path:
